@@ -1,0 +1,450 @@
+//! Spans chained `[0,10) → [10,20) → [20,30)` against candle-transformers'
+//! own models, on the real SmolLM2 GGUF and on tiny random models (GGUF and
+//! safetensors) that these tests write themselves.
+//!
+//! Tolerance: with the same prompt chunking, GGUF logits must be bit-identical
+//! to `quantized_llama::ModelWeights` (max |diff| = 0). Safetensors models are
+//! compared with `llama::Llama`, whose attention code is written differently
+//! (it casts to f32 and masks with a scalar); we allow 1e-4 there and report
+//! the measured difference.
+#![allow(clippy::unwrap_used)]
+
+use anyhow::Result;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use pollen_shard::{
+    BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, SpanCache, WeightMode,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn exact() -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::Exact,
+    }
+}
+
+/// A pipeline of spans in this process, one cache per span per session.
+struct Chain {
+    ends: ClientEnds,
+    spans: Vec<BlockSpan>,
+}
+
+impl Chain {
+    fn load(path: &Path, cuts: &[usize]) -> Result<Self> {
+        let file = ModelFile::open(path)?;
+        let ends = ClientEnds::load(&file, &exact())?;
+        let spans = cuts
+            .windows(2)
+            .map(|w| {
+                BlockSpan::load(
+                    &file,
+                    BlockRange {
+                        start: w[0],
+                        end: w[1],
+                    },
+                    &exact(),
+                    &mut |_, _| {},
+                )
+            })
+            .collect::<pollen_shard::Result<Vec<_>>>()?;
+        Ok(Self { ends, spans })
+    }
+
+    fn session(&self) -> Vec<SpanCache> {
+        self.spans
+            .iter()
+            .map(|s| s.new_cache(CacheLimits::default()))
+            .collect()
+    }
+
+    fn step(&self, caches: &mut [SpanCache], tokens: &[u32], pos: usize) -> Result<Tensor> {
+        let mut h = self.ends.embed(tokens)?;
+        for (span, cache) in self.spans.iter().zip(caches.iter_mut()) {
+            h = span.forward(&h, pos, cache)?;
+        }
+        Ok(self.ends.logits(&h)?)
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(ClientEnds::max_abs_diff(a, b)?)
+}
+
+fn argmax(t: &Tensor) -> Result<u32> {
+    Ok(t.argmax(0)?.to_scalar::<u32>()?)
+}
+
+/// Runs two interleaved sessions through the chain and two reference models,
+/// returning the largest logit difference seen.
+fn compare_gguf(path: &Path, cuts: &[usize], prompts: [&[u32]; 2], steps: usize) -> Result<f32> {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let load_ref = || -> Result<ModelWeights> {
+        let mut f = std::fs::File::open(path)?;
+        let ct = gguf_file::Content::read(&mut f)?;
+        Ok(ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)?)
+    };
+    let mut refs = [load_ref()?, load_ref()?];
+    let chain = Chain::load(path, cuts)?;
+    let mut sessions = [chain.session(), chain.session()];
+    let mut worst = 0f32;
+    let mut next = [0u32; 2];
+    let mut pos = [0usize; 2];
+    for s in 0..2 {
+        let input = Tensor::new(prompts[s], &Device::Cpu)?.unsqueeze(0)?;
+        let want = refs[s].forward(&input, 0)?.squeeze(0)?;
+        let got = chain.step(&mut sessions[s], prompts[s], 0)?;
+        worst = worst.max(max_diff(&want, &got)?);
+        next[s] = argmax(&want)?;
+        pos[s] = prompts[s].len();
+    }
+    for _ in 0..steps {
+        for s in 0..2 {
+            let input = Tensor::new(&[next[s]], &Device::Cpu)?.unsqueeze(0)?;
+            let want = refs[s].forward(&input, pos[s])?.squeeze(0)?;
+            let got = chain.step(&mut sessions[s], &[next[s]], pos[s])?;
+            worst = worst.max(max_diff(&want, &got)?);
+            next[s] = argmax(&want)?;
+            pos[s] += 1;
+        }
+    }
+    Ok(worst)
+}
+
+#[test]
+fn real_smollm2_spans_match_candle_transformers_bit_for_bit() -> Result<()> {
+    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let file = ModelFile::open(&path)?;
+    let tok = pollen_shard::PollenTokenizer::from_model(&file)?;
+    let a = pollen_shard::generate::prompt_ids(&tok, "What is the capital of France?", true)?;
+    let b = tok.encode("The quick brown fox jumps over the lazy dog. Once upon a time")?;
+    let worst = compare_gguf(&path, &[0, 10, 20, 30], [&a, &b], 16)?;
+    eprintln!("SmolLM2 Q4_1, spans 0:10,10:20,20:30: max |logit diff| = {worst}");
+    assert_eq!(
+        worst, 0.0,
+        "chained spans must be bit-identical to the reference"
+    );
+    Ok(())
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pollen-shard-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small deterministic pseudo-random tensor.
+fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+const TINY_HIDDEN: usize = 64;
+const TINY_FF: usize = 128;
+const TINY_HEADS: usize = 4;
+const TINY_KV: usize = 2;
+const TINY_BLOCKS: usize = 6;
+const TINY_VOCAB: usize = 96;
+
+/// Writes a tiny llama GGUF with weights of type `dtype` (norms in f32).
+fn write_tiny_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
+    use gguf_file::Value as V;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut seed = 1;
+    let mut q = |name: String,
+                 shape: &[usize],
+                 dtype: GgmlDType,
+                 scale: f32|
+     -> Result<(String, QTensor)> {
+        seed += 1;
+        let t = rand_tensor(shape, seed, scale)?;
+        Ok((name, QTensor::quantize(&t, dtype)?))
+    };
+    let kv = TINY_KV * TINY_HIDDEN / TINY_HEADS;
+    tensors.push(q(
+        "token_embd.weight".into(),
+        &[TINY_VOCAB, TINY_HIDDEN],
+        dtype,
+        1.0,
+    )?);
+    tensors.push(q(
+        "output_norm.weight".into(),
+        &[TINY_HIDDEN],
+        GgmlDType::F32,
+        1.0,
+    )?);
+    for i in 0..TINY_BLOCKS {
+        let p = format!("blk.{i}");
+        tensors.push(q(
+            format!("{p}.attn_norm.weight"),
+            &[TINY_HIDDEN],
+            GgmlDType::F32,
+            1.0,
+        )?);
+        tensors.push(q(
+            format!("{p}.ffn_norm.weight"),
+            &[TINY_HIDDEN],
+            GgmlDType::F32,
+            1.0,
+        )?);
+        tensors.push(q(
+            format!("{p}.attn_q.weight"),
+            &[TINY_HIDDEN, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.attn_k.weight"),
+            &[kv, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.attn_v.weight"),
+            &[kv, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.attn_output.weight"),
+            &[TINY_HIDDEN, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.ffn_gate.weight"),
+            &[TINY_FF, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.ffn_up.weight"),
+            &[TINY_FF, TINY_HIDDEN],
+            dtype,
+            0.2,
+        )?);
+        tensors.push(q(
+            format!("{p}.ffn_down.weight"),
+            &[TINY_HIDDEN, TINY_FF],
+            dtype,
+            0.2,
+        )?);
+    }
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("general.name", V::String("tiny".into())),
+        ("llama.attention.head_count", V::U32(TINY_HEADS as u32)),
+        ("llama.attention.head_count_kv", V::U32(TINY_KV as u32)),
+        ("llama.block_count", V::U32(TINY_BLOCKS as u32)),
+        ("llama.embedding_length", V::U32(TINY_HIDDEN as u32)),
+        ("llama.feed_forward_length", V::U32(TINY_FF as u32)),
+        (
+            "llama.rope.dimension_count",
+            V::U32((TINY_HIDDEN / TINY_HEADS) as u32),
+        ),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("llama.rope.freq_base", V::F32(10000.0)),
+        ("llama.context_length", V::U32(256)),
+    ];
+    let mut f = std::fs::File::create(path)?;
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(())
+}
+
+#[test]
+fn tiny_random_gguf_spans_match_reference() -> Result<()> {
+    let dir = tmp_dir("tiny-gguf");
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::F32] {
+        let path = dir.join(format!("tiny-{dtype:?}.gguf"));
+        write_tiny_gguf(&path, dtype)?;
+        let worst = compare_gguf(
+            &path,
+            &[0, 2, 4, 6],
+            [&[1, 5, 9, 3, 7, 2, 8], &[4, 4, 11, 60]],
+            16,
+        )?;
+        eprintln!("tiny {dtype:?}: max |logit diff| = {worst}");
+        assert_eq!(worst, 0.0, "{dtype:?}");
+    }
+    Ok(())
+}
+
+fn write_tiny_safetensors(dir: &Path, dtype: DType) -> Result<()> {
+    let kv = TINY_KV * TINY_HIDDEN / TINY_HEADS;
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut seed = 100;
+    let mut add = |name: String, shape: &[usize], scale: f32| -> Result<()> {
+        seed += 1;
+        map.insert(name, rand_tensor(shape, seed, scale)?.to_dtype(dtype)?);
+        Ok(())
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        &[TINY_VOCAB, TINY_HIDDEN],
+        1.0,
+    )?;
+    add("model.norm.weight".into(), &[TINY_HIDDEN], 1.0)?;
+    add("lm_head.weight".into(), &[TINY_VOCAB, TINY_HIDDEN], 0.5)?;
+    for i in 0..TINY_BLOCKS {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[TINY_HIDDEN], 1.0)?;
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[TINY_HIDDEN],
+            1.0,
+        )?;
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[TINY_HIDDEN, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[TINY_HIDDEN, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[TINY_FF, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            &[TINY_FF, TINY_HIDDEN],
+            0.2,
+        )?;
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            &[TINY_HIDDEN, TINY_FF],
+            0.2,
+        )?;
+    }
+    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": TINY_HIDDEN, "intermediate_size": TINY_FF,
+        "num_hidden_layers": TINY_BLOCKS, "num_attention_heads": TINY_HEADS,
+        "num_key_value_heads": TINY_KV, "vocab_size": TINY_VOCAB,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn tiny_random_safetensors_spans_match_reference() -> Result<()> {
+    use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let dir = tmp_dir(&format!("tiny-st-{dtype:?}"));
+        write_tiny_safetensors(&dir, dtype)?;
+        let cfg: LlamaConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+        let cfg = cfg.into_config(false);
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let reference = Llama::load(vb, &cfg)?;
+        let chain = Chain::load(&dir, &[0, 2, 4, 6])?;
+        let mut worst = 0f32;
+        let prompts: [&[u32]; 2] = [&[3, 1, 4, 1, 5, 9, 2, 6], &[2, 7, 1, 8]];
+        let mut caches = [
+            Cache::new(true, DType::F32, &cfg, &Device::Cpu)?,
+            Cache::new(true, DType::F32, &cfg, &Device::Cpu)?,
+        ];
+        let mut sessions = [chain.session(), chain.session()];
+        let mut next = [0u32; 2];
+        let mut pos = [0usize; 2];
+        for s in 0..2 {
+            let input = Tensor::new(prompts[s], &Device::Cpu)?.unsqueeze(0)?;
+            let want = reference.forward(&input, 0, &mut caches[s])?.squeeze(0)?;
+            let got = chain.step(&mut sessions[s], prompts[s], 0)?;
+            worst = worst.max(max_diff(&want, &got)?);
+            next[s] = argmax(&want)?;
+            pos[s] = prompts[s].len();
+        }
+        for _ in 0..16 {
+            for s in 0..2 {
+                let input = Tensor::new(&[next[s]], &Device::Cpu)?.unsqueeze(0)?;
+                let want = reference
+                    .forward(&input, pos[s], &mut caches[s])?
+                    .squeeze(0)?;
+                let got = chain.step(&mut sessions[s], &[next[s]], pos[s])?;
+                worst = worst.max(max_diff(&want, &got)?);
+                next[s] = argmax(&want)?;
+                pos[s] += 1;
+            }
+        }
+        eprintln!("tiny safetensors {dtype:?}: max |logit diff| = {worst}");
+        assert!(worst <= 1e-4, "{dtype:?}: {worst}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_span_reads_only_its_own_blocks() -> Result<()> {
+    let dir = tmp_dir("span-only");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
+    let file = ModelFile::open(&path)?;
+    let whole = BlockSpan::load(
+        &file,
+        BlockRange { start: 0, end: 6 },
+        &exact(),
+        &mut |_, _| {},
+    )?;
+    let part = BlockSpan::load(
+        &file,
+        BlockRange { start: 2, end: 4 },
+        &exact(),
+        &mut |_, _| {},
+    )?;
+    assert_eq!(part.weight_bytes() * 3, whole.weight_bytes());
+    // A span loads even when other blocks' bytes are garbage: corrupt block 0.
+    let loc = file.locate("blk.0.attn_q.weight")?;
+    let mut bytes = std::fs::read(&path)?;
+    for b in &mut bytes[loc.offset as usize..(loc.offset + loc.len) as usize] {
+        *b = 0xFF;
+    }
+    let corrupt = dir.join("corrupt.gguf");
+    std::fs::write(&corrupt, &bytes)?;
+    let file = ModelFile::open(&corrupt)?;
+    let mut log = Vec::new();
+    let span = BlockSpan::load(
+        &file,
+        BlockRange { start: 3, end: 6 },
+        &exact(),
+        &mut |d, t| log.push((d, t)),
+    )?;
+    assert_eq!(log, vec![(1, 3), (2, 3), (3, 3)]);
+    let mut cache = span.new_cache(CacheLimits::default());
+    let h = span.forward(
+        &Tensor::ones((1, 2, TINY_HIDDEN), DType::F32, &Device::Cpu)?,
+        0,
+        &mut cache,
+    )?;
+    assert_eq!(h.dims(), &[1, 2, TINY_HIDDEN]);
+    let _ = h.i((0, 1, 0))?;
+    Ok(())
+}
