@@ -1,0 +1,596 @@
+//! The messages peers exchange: the version handshake, inference sessions and announcement
+//! requests, plus the checks every message passes before it is sent or after it is received.
+//!
+//! Every message here is a [`crate::WireMessage`]: [`crate::encode_frame`] validates it
+//! before encoding and [`crate::decode_frame`] after decoding, so a node never sends what a
+//! peer would refuse and never hands on what it should have refused.
+
+use crate::PROTOCOL_VERSION;
+use crate::announce::SignedAnnouncement;
+use crate::error::{ErrorCode, ProtocolError};
+use crate::hidden::{HiddenStates, WireDType};
+use crate::limits::{
+    MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_ERROR_MESSAGE_LEN, MAX_IDLE_TIMEOUT_MS,
+    MAX_INFER_REQUEST_BYTES, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
+};
+use crate::types::{BlockRange, ModelId, PeerIdBytes, Roles, SessionId};
+
+/// Why a message is not acceptable (too long, too many, inconsistent).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// A string or byte field is longer than its limit.
+    #[error("{what} is {len} bytes long; the limit is {max}")]
+    TooLong {
+        /// Which field.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A list has more entries than its limit.
+    #[error("{what} has {count} entries; the limit is {max}")]
+    TooMany {
+        /// Which list.
+        what: &'static str,
+        /// Its length.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A peer id is empty or longer than [`MAX_PEER_ID_BYTES`].
+    #[error("peer id of {len} bytes is not plausible (expected 1 to {MAX_PEER_ID_BYTES})")]
+    BadPeerId {
+        /// Its length.
+        len: usize,
+    },
+    /// An `Open` names no server.
+    #[error("route is empty")]
+    EmptyRoute,
+    /// An `Open`'s receiving hop is not in its route.
+    #[error("hop {hop} is outside a route of {hops} hops")]
+    HopOutOfRange {
+        /// The hop index given.
+        hop: u32,
+        /// The route's length.
+        hops: usize,
+    },
+    /// Consecutive hops of a route do not chain (one's end is not the next one's start).
+    #[error("route does not chain: hop {index} ends at block {end}, hop {next} starts at block {start}", next = index + 1)]
+    RouteGap {
+        /// The index of the first of the two hops.
+        index: usize,
+        /// Where it ends.
+        end: u32,
+        /// Where the next one starts.
+        start: u32,
+    },
+    /// A session budget field is out of its allowed range.
+    #[error("session budget {what} = {value} is outside 1..={max}")]
+    BadBudget {
+        /// Which field.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The largest allowed value.
+        max: u64,
+    },
+    /// A number in an announcement is not meaningful (negative or not finite throughput).
+    #[error("{what} is {value}, which is not a finite non-negative number")]
+    BadNumber {
+        /// Which field.
+        what: &'static str,
+        /// The value given.
+        value: f32,
+    },
+    /// An announcement's block range does not lie inside its model.
+    #[error("block range {blocks} lies outside a model of {num_blocks} blocks")]
+    RangeOutsideModel {
+        /// The range announced.
+        blocks: BlockRange,
+        /// The model's block count.
+        num_blocks: u32,
+    },
+}
+
+impl From<&MessageError> for ProtocolError {
+    /// How a server reports a request it refuses: a route gap is a span mismatch, a budget
+    /// beyond limits is over budget, anything else a bad request.
+    fn from(e: &MessageError) -> Self {
+        let code = match e {
+            MessageError::RouteGap { .. } | MessageError::RangeOutsideModel { .. } => {
+                ErrorCode::SpanMismatch
+            }
+            MessageError::BadBudget { .. } => ErrorCode::OverBudget,
+            _ => ErrorCode::BadRequest,
+        };
+        ProtocolError::new(code, e.to_string())
+    }
+}
+
+pub(crate) fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), MessageError> {
+    if len > max {
+        Err(MessageError::TooLong { what, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+pub(crate) fn check_count(
+    what: &'static str,
+    count: usize,
+    max: usize,
+) -> Result<(), MessageError> {
+    if count > max {
+        Err(MessageError::TooMany { what, count, max })
+    } else {
+        Ok(())
+    }
+}
+
+pub(crate) fn check_peer(peer: &PeerIdBytes) -> Result<(), MessageError> {
+    if peer.is_plausible() {
+        Ok(())
+    } else {
+        Err(MessageError::BadPeerId { len: peer.0.len() })
+    }
+}
+
+pub(crate) fn check_addrs(addrs: &[String]) -> Result<(), MessageError> {
+    check_count("address list", addrs.len(), MAX_ADDRS)?;
+    for a in addrs {
+        check_len("address", a.len(), MAX_ADDR_LEN)?;
+    }
+    Ok(())
+}
+
+fn check_error(e: &ProtocolError) -> Result<(), MessageError> {
+    check_len("error message", e.message.len(), MAX_ERROR_MESSAGE_LEN)
+}
+
+/// The first message on a [`crate::HELLO_PROTOCOL`] stream, sent by the side that opens
+/// it; the other side answers with a [`HelloReply`].
+///
+/// Its wire layout is frozen across protocol versions (later versions may only add data
+/// in a trailing extension blob that older peers skip), so peers of any two versions can
+/// decode each other's hello and refuse with a clear error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The model the sender serves or wants, if it is tied to one (bootstrap nodes are not).
+    pub model_id: Option<ModelId>,
+    /// What the sender does in the swarm.
+    pub roles: Roles,
+    /// Free-form software name and version, for logs (at most [`MAX_AGENT_LEN`] bytes).
+    pub agent: String,
+}
+
+impl Hello {
+    /// A hello for this crate's [`PROTOCOL_VERSION`].
+    pub fn new(model_id: Option<ModelId>, roles: Roles, agent: impl Into<String>) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            model_id,
+            roles,
+            agent: agent.into(),
+        }
+    }
+
+    /// Checks the field limits.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        check_len("agent", self.agent.len(), MAX_AGENT_LEN)
+    }
+}
+
+/// Whether a peer that sent `remote` may talk to us, who sent (or would send) `local`.
+///
+/// Both sides run it: the answering side before it replies (and refuses with the error),
+/// the opening side on the reply's hello (see [`HelloReply::into_result`]). Fails with
+/// [`ErrorCode::VersionMismatch`] ("protocol version mismatch: we speak 1, peer speaks 2")
+/// when versions differ, and [`ErrorCode::UnknownModel`] when both name a model and the
+/// models differ.
+pub fn negotiate(local: &Hello, remote: &Hello) -> Result<(), ProtocolError> {
+    if local.version != remote.version {
+        return Err(ProtocolError::version_mismatch(
+            local.version,
+            remote.version,
+        ));
+    }
+    if let (Some(ours), Some(theirs)) = (&local.model_id, &remote.model_id)
+        && ours != theirs
+    {
+        return Err(ProtocolError::new(
+            ErrorCode::UnknownModel,
+            format!("model mismatch: we have model {ours}, peer has model {theirs}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The answer to a [`Hello`]. Its layout is frozen like the hello's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloReply {
+    /// The peer accepts and introduces itself.
+    Accept(Hello),
+    /// The peer refuses, saying why (for example a version mismatch).
+    Refuse(ProtocolError),
+}
+
+impl HelloReply {
+    /// The answering side's reply to `remote`, given its own hello `local`: accept with
+    /// `local`, or refuse with the error of [`negotiate`].
+    pub fn answer(local: &Hello, remote: &Hello) -> Self {
+        match negotiate(local, remote) {
+            Ok(()) => HelloReply::Accept(local.clone()),
+            Err(e) => HelloReply::Refuse(e),
+        }
+    }
+
+    /// The opening side's view of the reply, given its own hello `local`: the peer's hello
+    /// if both sides agree, or the error (the peer's refusal, or our own objection to the
+    /// peer's hello).
+    pub fn into_result(self, local: &Hello) -> Result<Hello, ProtocolError> {
+        match self {
+            HelloReply::Accept(remote) => negotiate(local, &remote).map(|()| remote),
+            HelloReply::Refuse(e) => Err(e),
+        }
+    }
+
+    /// Checks the field limits.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            HelloReply::Accept(h) => h.validate(),
+            HelloReply::Refuse(e) => check_error(e),
+        }
+    }
+}
+
+/// One server of an inference route: who it is, which blocks it runs, where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteHop {
+    /// The server's peer id.
+    pub peer: PeerIdBytes,
+    /// The blocks it runs for this session.
+    pub blocks: BlockRange,
+    /// Multiaddrs to reach it (the previous hop dials it), at most [`MAX_ADDRS`].
+    pub addrs: Vec<String>,
+}
+
+impl RouteHop {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_peer(&self.peer)?;
+        check_addrs(&self.addrs)
+    }
+}
+
+/// What a session may consume on a server; the server refuses with
+/// [`ErrorCode::OverBudget`] past it and frees the session after the idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionBudget {
+    /// Most tokens (prompt and generated) the session's KV cache may hold.
+    pub max_tokens: u32,
+    /// Largest frame body the session may send, in bytes (at most
+    /// [`MAX_INFER_REQUEST_BYTES`]).
+    pub max_message_bytes: u32,
+    /// How long the server keeps an idle session, in milliseconds (at most
+    /// [`MAX_IDLE_TIMEOUT_MS`]).
+    pub idle_timeout_ms: u32,
+}
+
+impl SessionBudget {
+    /// Checks that every field is non-zero and within the protocol limits.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        let fields = [
+            (
+                "max_tokens",
+                u64::from(self.max_tokens),
+                u64::from(u32::MAX),
+            ),
+            (
+                "max_message_bytes",
+                u64::from(self.max_message_bytes),
+                MAX_INFER_REQUEST_BYTES as u64,
+            ),
+            (
+                "idle_timeout_ms",
+                u64::from(self.idle_timeout_ms),
+                u64::from(MAX_IDLE_TIMEOUT_MS),
+            ),
+        ];
+        for (what, value, max) in fields {
+            if value == 0 || value > max {
+                return Err(MessageError::BadBudget { what, value, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a client (or the previous server of a route) sends on an
+/// [`crate::INFER_PROTOCOL`] stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InferRequest {
+    /// Opens a session on the receiving server (`route[hop]`), which opens the rest of the
+    /// route (`route[hop + 1..]`) itself and forwards activations to the next hop.
+    Open {
+        /// The session's id, chosen by the client.
+        session: SessionId,
+        /// The model, which the server must serve.
+        model_id: ModelId,
+        /// Every server of the session, in order; consecutive hops' blocks chain.
+        route: Vec<RouteHop>,
+        /// The index in `route` of the server receiving this request.
+        hop: u32,
+        /// What the session may consume.
+        budget: SessionBudget,
+        /// The dtype of hidden states on this session.
+        wire_dtype: WireDType,
+    },
+    /// Runs hidden states through the server's span: a prefill chunk or one decode step.
+    Forward {
+        /// The session.
+        session: SessionId,
+        /// The position of the first token of `hidden` in the sequence.
+        position: u32,
+        /// The client's step counter, echoed in the [`InferResponse::Output`].
+        step: u64,
+        /// The input hidden states, `[batch, tokens, hidden]`.
+        hidden: HiddenStates,
+    },
+    /// Ends the session and frees its cache.
+    Close {
+        /// The session.
+        session: SessionId,
+    },
+}
+
+impl InferRequest {
+    /// The session this request belongs to.
+    pub fn session(&self) -> SessionId {
+        match self {
+            InferRequest::Open { session, .. }
+            | InferRequest::Forward { session, .. }
+            | InferRequest::Close { session } => *session,
+        }
+    }
+
+    /// Checks limits and consistency: a non-empty, chaining route of at most
+    /// [`MAX_ROUTE_HOPS`] hops that contains `hop`, plausible peer ids and addresses, and a
+    /// valid budget. (Hidden states are valid by construction.)
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            InferRequest::Open {
+                route, hop, budget, ..
+            } => {
+                if route.is_empty() {
+                    return Err(MessageError::EmptyRoute);
+                }
+                check_count("route", route.len(), MAX_ROUTE_HOPS)?;
+                if usize::try_from(*hop).map_or(true, |h| h >= route.len()) {
+                    return Err(MessageError::HopOutOfRange {
+                        hop: *hop,
+                        hops: route.len(),
+                    });
+                }
+                for h in route {
+                    h.validate()?;
+                }
+                for (index, pair) in route.windows(2).enumerate() {
+                    let (end, start) = (pair[0].blocks.end(), pair[1].blocks.start());
+                    if end != start {
+                        return Err(MessageError::RouteGap { index, end, start });
+                    }
+                }
+                budget.validate()
+            }
+            InferRequest::Forward { .. } | InferRequest::Close { .. } => Ok(()),
+        }
+    }
+}
+
+/// What a server answers on an [`crate::INFER_PROTOCOL`] stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InferResponse {
+    /// The session is open along the rest of the route.
+    Opened {
+        /// The session.
+        session: SessionId,
+        /// How many more tokens the server's cache could take for it.
+        free_tokens: u32,
+    },
+    /// The output hidden states of a [`InferRequest::Forward`] (from the last server of the
+    /// route, the input to the model's final norm and head).
+    Output {
+        /// The session.
+        session: SessionId,
+        /// The request's step counter.
+        step: u64,
+        /// The position of the first token of `hidden`.
+        position: u32,
+        /// The output hidden states, same shape as the input.
+        hidden: HiddenStates,
+    },
+    /// The session is closed and its cache freed.
+    Closed {
+        /// The session.
+        session: SessionId,
+    },
+    /// The request failed.
+    Error(ProtocolError),
+}
+
+impl InferResponse {
+    /// The session this response belongs to (`None` for an error).
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            InferResponse::Opened { session, .. }
+            | InferResponse::Output { session, .. }
+            | InferResponse::Closed { session } => Some(*session),
+            InferResponse::Error(_) => None,
+        }
+    }
+
+    /// Checks the field limits.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            InferResponse::Error(e) => check_error(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Asks a peer (on [`crate::ANNOUNCE_PROTOCOL`]) for its current announcement for a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnounceRequest {
+    /// The model asked about.
+    pub model_id: ModelId,
+}
+
+impl AnnounceRequest {
+    /// Always valid; present for symmetry with the other messages.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        Ok(())
+    }
+}
+
+/// The answer to an [`AnnounceRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnnounceResponse {
+    /// The peer's current signed announcement for the model (verify it before use).
+    Announcement(Box<SignedAnnouncement>),
+    /// The peer does not serve that model.
+    NotServing,
+}
+
+impl AnnounceResponse {
+    /// Checks the field limits.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            AnnounceResponse::Announcement(a) => a.announcement.validate(),
+            AnnounceResponse::NotServing => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn hello(version: u32, model: u8) -> Hello {
+        Hello {
+            version,
+            model_id: Some(ModelId::from_bytes([model; 32])),
+            roles: Roles::SERVER,
+            agent: "test".into(),
+        }
+    }
+
+    #[test]
+    fn different_versions_refuse_each_other_on_both_sides() {
+        let v1 = hello(1, 7);
+        let v2 = hello(2, 7);
+        // The answering side (v2) refuses v1's hello.
+        let reply = HelloReply::answer(&v2, &v1);
+        let HelloReply::Refuse(err) = &reply else {
+            panic!("expected a refusal, got {reply:?}");
+        };
+        assert_eq!(err.code, ErrorCode::VersionMismatch);
+        assert_eq!(
+            err.message,
+            "protocol version mismatch: we speak 2, peer speaks 1"
+        );
+        // The opening side (v1) gets the refusal as its error.
+        assert_eq!(
+            reply.into_result(&v1).unwrap_err().code,
+            ErrorCode::VersionMismatch
+        );
+        // Had the answering side wrongly accepted, the opening side still refuses.
+        let err = HelloReply::Accept(v2.clone()).into_result(&v1).unwrap_err();
+        assert_eq!(
+            err.message,
+            "protocol version mismatch: we speak 1, peer speaks 2"
+        );
+    }
+
+    #[test]
+    fn same_version_accepts() {
+        let a = hello(PROTOCOL_VERSION, 1);
+        let b = Hello::new(None, Roles::BOOTSTRAP, "boot");
+        let reply = HelloReply::answer(&b, &a);
+        assert_eq!(reply.into_result(&a).unwrap(), b);
+        let c = hello(PROTOCOL_VERSION, 2);
+        assert_eq!(negotiate(&a, &c).unwrap_err().code, ErrorCode::UnknownModel);
+    }
+
+    fn hop(start: u32, end: u32) -> RouteHop {
+        RouteHop {
+            peer: PeerIdBytes(vec![1; 38]),
+            blocks: BlockRange::new(start, end).unwrap(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+        }
+    }
+
+    fn open(route: Vec<RouteHop>, hop: u32) -> InferRequest {
+        InferRequest::Open {
+            session: SessionId(9),
+            model_id: ModelId::from_bytes([0; 32]),
+            route,
+            hop,
+            budget: SessionBudget {
+                max_tokens: 2048,
+                max_message_bytes: 1 << 20,
+                idle_timeout_ms: 30_000,
+            },
+            wire_dtype: WireDType::F32,
+        }
+    }
+
+    #[test]
+    fn open_validation() {
+        assert!(open(vec![hop(0, 10), hop(10, 30)], 1).validate().is_ok());
+        assert_eq!(open(vec![], 0).validate(), Err(MessageError::EmptyRoute));
+        assert!(matches!(
+            open(vec![hop(0, 10)], 1).validate(),
+            Err(MessageError::HopOutOfRange { hop: 1, hops: 1 })
+        ));
+        let gap = open(vec![hop(0, 10), hop(11, 30)], 0)
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            gap.to_string(),
+            "route does not chain: hop 0 ends at block 10, hop 1 starts at block 11"
+        );
+        assert_eq!(ProtocolError::from(&gap).code, ErrorCode::SpanMismatch);
+        let mut bad = hop(0, 30);
+        bad.addrs = vec!["x".into(); MAX_ADDRS + 1];
+        assert!(matches!(
+            open(vec![bad], 0).validate(),
+            Err(MessageError::TooMany { .. })
+        ));
+        let mut bad = hop(0, 30);
+        bad.peer = PeerIdBytes(vec![]);
+        assert!(matches!(
+            open(vec![bad], 0).validate(),
+            Err(MessageError::BadPeerId { len: 0 })
+        ));
+        let InferRequest::Open { budget, .. } = open(vec![hop(0, 1)], 0) else {
+            unreachable!()
+        };
+        let zero = SessionBudget {
+            max_tokens: 0,
+            ..budget
+        };
+        assert_eq!(
+            zero.validate().unwrap_err().to_string(),
+            "session budget max_tokens = 0 is outside 1..=4294967295"
+        );
+        let long = SessionBudget {
+            idle_timeout_ms: MAX_IDLE_TIMEOUT_MS + 1,
+            ..budget
+        };
+        assert!(long.validate().is_err());
+    }
+}

@@ -1,0 +1,699 @@
+//! Property tests of the frame codec: every message round-trips, `encoded_len` is exact,
+//! arbitrary and mutated bytes never panic, and hostile length claims fail fast with a clear
+//! error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Cursor;
+
+use pollen_protocol::limits::{
+    MAX_ADDRS, MAX_AGENT_LEN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_HIDDEN_BYTES,
+};
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, CodecError, ErrorCode, Hello,
+    HelloReply, HiddenError, HiddenStates, InferRequest, InferResponse, MessageError, ModelId,
+    PeerIdBytes, ProtocolError, Roles, RouteHop, SessionBudget, SessionId, SignedAnnouncement,
+    WireDType, WireMessage, check_frame_len, decode_body, decode_frame, encode_frame, encoded_len,
+    read_frame,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+/// Round-trip cases per message type.
+const ROUND_TRIP_CASES: u32 = 128;
+/// Random-bytes cases per message type.
+const FUZZ_CASES: u32 = 512;
+
+// ---- Strategies ----
+
+fn model_id() -> impl Strategy<Value = ModelId> {
+    any::<[u8; 32]>().prop_map(ModelId::from_bytes)
+}
+
+fn peer() -> impl Strategy<Value = PeerIdBytes> {
+    vec(any::<u8>(), 1..=64).prop_map(PeerIdBytes)
+}
+
+fn text(max_chars: usize) -> impl Strategy<Value = String> {
+    // Any Unicode, including multi-byte characters; at most 4 bytes per char.
+    proptest::string::string_regex(&format!(".{{0,{max_chars}}}")).unwrap()
+}
+
+fn addrs() -> impl Strategy<Value = Vec<String>> {
+    vec(text(60), 0..=MAX_ADDRS)
+}
+
+fn dtype() -> impl Strategy<Value = WireDType> {
+    prop_oneof![
+        Just(WireDType::F32),
+        Just(WireDType::F16),
+        Just(WireDType::BF16)
+    ]
+}
+
+fn hidden() -> impl Strategy<Value = HiddenStates> {
+    (dtype(), vec(1u32..=6, 1..=4)).prop_flat_map(|(dtype, shape)| {
+        let len = HiddenStates::byte_len_for(dtype, &shape).unwrap();
+        vec(any::<u8>(), len)
+            .prop_map(move |data| HiddenStates::new(dtype, shape.clone(), data).unwrap())
+    })
+}
+
+fn protocol_error() -> impl Strategy<Value = ProtocolError> {
+    (proptest::sample::select(ErrorCode::ALL.to_vec()), text(200))
+        .prop_map(|(code, message)| ProtocolError::new(code, message))
+}
+
+fn hello() -> impl Strategy<Value = Hello> {
+    (
+        any::<u32>(),
+        proptest::option::of(model_id()),
+        any::<u8>(),
+        text(MAX_AGENT_LEN / 4),
+    )
+        .prop_map(|(version, model_id, roles, agent)| Hello {
+            version,
+            model_id,
+            roles: Roles::from_bits(roles),
+            agent,
+        })
+}
+
+fn hello_reply() -> impl Strategy<Value = HelloReply> {
+    prop_oneof![
+        hello().prop_map(HelloReply::Accept),
+        protocol_error().prop_map(HelloReply::Refuse),
+    ]
+}
+
+fn session() -> impl Strategy<Value = SessionId> {
+    any::<u64>().prop_map(SessionId)
+}
+
+fn route() -> impl Strategy<Value = Vec<RouteHop>> {
+    (0u32..100, vec((peer(), 1u32..20, addrs()), 1..=6)).prop_map(|(first, hops)| {
+        let mut start = first;
+        hops.into_iter()
+            .map(|(peer, len, addrs)| {
+                let blocks = BlockRange::new(start, start + len).unwrap();
+                start += len;
+                RouteHop {
+                    peer,
+                    blocks,
+                    addrs,
+                }
+            })
+            .collect()
+    })
+}
+
+fn budget() -> impl Strategy<Value = SessionBudget> {
+    (1u32.., 1u32..=(MAX_FRAME_BYTES as u32), 1u32..=600_000).prop_map(
+        |(max_tokens, max_message_bytes, idle_timeout_ms)| SessionBudget {
+            max_tokens,
+            max_message_bytes,
+            idle_timeout_ms,
+        },
+    )
+}
+
+fn infer_request() -> impl Strategy<Value = InferRequest> {
+    prop_oneof![
+        (
+            session(),
+            model_id(),
+            route(),
+            any::<u32>(),
+            budget(),
+            dtype()
+        )
+            .prop_map(|(session, model_id, route, hop, budget, wire_dtype)| {
+                let hop = hop % route.len() as u32;
+                InferRequest::Open {
+                    session,
+                    model_id,
+                    route,
+                    hop,
+                    budget,
+                    wire_dtype,
+                }
+            }),
+        (session(), any::<u32>(), any::<u64>(), hidden()).prop_map(
+            |(session, position, step, hidden)| InferRequest::Forward {
+                session,
+                position,
+                step,
+                hidden,
+            }
+        ),
+        session().prop_map(|session| InferRequest::Close { session }),
+    ]
+}
+
+fn infer_response() -> impl Strategy<Value = InferResponse> {
+    prop_oneof![
+        (session(), any::<u32>()).prop_map(|(session, free_tokens)| InferResponse::Opened {
+            session,
+            free_tokens
+        }),
+        (session(), any::<u64>(), any::<u32>(), hidden()).prop_map(
+            |(session, step, position, hidden)| InferResponse::Output {
+                session,
+                step,
+                position,
+                hidden,
+            }
+        ),
+        session().prop_map(|session| InferResponse::Closed { session }),
+        protocol_error().prop_map(InferResponse::Error),
+    ]
+}
+
+fn announcement() -> impl Strategy<Value = Announcement> {
+    (
+        (peer(), model_id(), text(60), 0u32..200, 1u32..50, 0u32..10),
+        (0.0f32..1e6, any::<u32>(), any::<u32>(), addrs()),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(
+                (peer, model_id, model_name, start, len, extra),
+                (throughput, free_sessions, free_cache_tokens, addrs),
+                (issued_at_ms, expires_at_ms, seq),
+            )| Announcement {
+                peer,
+                model_id,
+                model_name,
+                num_blocks: start + len + extra,
+                blocks: BlockRange::new(start, start + len).unwrap(),
+                throughput,
+                free_sessions,
+                free_cache_tokens,
+                addrs,
+                issued_at_ms,
+                expires_at_ms,
+                seq,
+            },
+        )
+}
+
+fn signed_announcement() -> impl Strategy<Value = SignedAnnouncement> {
+    // The codec does not verify signatures; random keys and signatures must round-trip.
+    (announcement(), any::<[u8; 32]>(), vec(any::<u8>(), 64)).prop_map(
+        |(announcement, public_key, sig)| SignedAnnouncement {
+            announcement,
+            public_key,
+            signature: sig.try_into().unwrap(),
+        },
+    )
+}
+
+fn announce_response() -> impl Strategy<Value = AnnounceResponse> {
+    prop_oneof![
+        signed_announcement().prop_map(|a| AnnounceResponse::Announcement(Box::new(a))),
+        Just(AnnounceResponse::NotServing),
+    ]
+}
+
+// ---- Round trips ----
+
+fn round_trip<M: WireMessage + PartialEq + std::fmt::Debug>(msg: &M) {
+    let frame = encode_frame(msg).unwrap();
+    assert_eq!(encoded_len(msg), frame.len(), "encoded_len of {msg:?}");
+    let prefix = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+    assert_eq!(prefix, frame.len() - 4);
+    assert_eq!(&decode_frame::<M>(&frame).unwrap(), msg);
+    assert_eq!(&decode_body::<M>(&frame[4..]).unwrap(), msg);
+    assert_eq!(
+        &read_frame::<M, _>(Cursor::new(&frame), usize::MAX).unwrap(),
+        msg
+    );
+    // One byte too many after the frame, or inside the body, is an error.
+    let mut longer = frame.clone();
+    longer.push(0);
+    assert!(matches!(
+        decode_frame::<M>(&longer),
+        Err(CodecError::TrailingBytes { extra: 1, .. })
+    ));
+    let body_len = u32::try_from(longer.len() - 4).unwrap();
+    longer[..4].copy_from_slice(&body_len.to_le_bytes());
+    assert!(matches!(
+        decode_frame::<M>(&longer),
+        Err(CodecError::TrailingBytes { extra: 1, .. })
+    ));
+    // Every proper prefix of the frame is an error, never a panic.
+    for cut in [0, 1, 3, 4, frame.len() / 2, frame.len() - 1] {
+        assert!(decode_frame::<M>(&frame[..cut]).is_err());
+        assert!(read_frame::<M, _>(Cursor::new(&frame[..cut]), usize::MAX).is_err());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(ROUND_TRIP_CASES))]
+
+    #[test]
+    fn hello_round_trips(m in hello()) { round_trip(&m) }
+
+    #[test]
+    fn hello_reply_round_trips(m in hello_reply()) { round_trip(&m) }
+
+    #[test]
+    fn infer_request_round_trips(m in infer_request()) { round_trip(&m) }
+
+    #[test]
+    fn infer_response_round_trips(m in infer_response()) { round_trip(&m) }
+
+    #[test]
+    fn signed_announcement_round_trips(m in signed_announcement()) { round_trip(&m) }
+
+    #[test]
+    fn announce_request_round_trips(model_id in model_id()) {
+        round_trip(&AnnounceRequest { model_id })
+    }
+
+    #[test]
+    fn announce_response_round_trips(m in announce_response()) { round_trip(&m) }
+
+    #[test]
+    fn hidden_states_reject_mismatched_lengths(
+        dtype in dtype(),
+        shape in vec(1u32..=8, 1..=4),
+        delta in -3i64..=3,
+    ) {
+        let expected = HiddenStates::byte_len_for(dtype, &shape).unwrap();
+        let len = (expected as i64 + delta).max(0) as usize;
+        let result = HiddenStates::new(dtype, shape.clone(), vec![0; len]);
+        if len == expected {
+            prop_assert!(result.is_ok());
+        } else {
+            let is_length_mismatch = matches!(result, Err(HiddenError::LengthMismatch { .. }));
+            prop_assert!(is_length_mismatch);
+        }
+    }
+
+    #[test]
+    fn f32_conversion_round_trips(values in vec(any::<f32>().prop_filter("not NaN", |v| !v.is_nan()), 1..64)) {
+        let n = values.len() as u32;
+        let h = HiddenStates::from_f32(&values, vec![1, n], WireDType::F32).unwrap();
+        prop_assert_eq!(h.to_f32(), values);
+    }
+}
+
+// ---- Random and mutated bytes ----
+
+/// Decodes `bytes` as every message type, through every entry point; only checks that
+/// nothing panics.
+fn decode_all(bytes: &[u8]) {
+    fn one<M: WireMessage>(bytes: &[u8]) {
+        let _ = decode_frame::<M>(bytes);
+        let _ = decode_body::<M>(bytes);
+        let _ = read_frame::<M, _>(Cursor::new(bytes), usize::MAX);
+    }
+    one::<Hello>(bytes);
+    one::<HelloReply>(bytes);
+    one::<InferRequest>(bytes);
+    one::<InferResponse>(bytes);
+    one::<SignedAnnouncement>(bytes);
+    one::<AnnounceRequest>(bytes);
+    one::<AnnounceResponse>(bytes);
+}
+
+/// Puts a correct length prefix in front of `body`.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(FUZZ_CASES))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+        decode_all(&bytes);
+        decode_all(&framed(&bytes));
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(
+        m in infer_request(),
+        flips in vec((any::<usize>(), any::<u8>()), 1..8),
+    ) {
+        let mut frame = encode_frame(&m).unwrap();
+        for (at, byte) in flips {
+            // Keep the prefix intact so the body decoder sees the mutation.
+            let i = 4 + at % (frame.len() - 4);
+            frame[i] = byte;
+        }
+        decode_all(&frame);
+    }
+
+    #[test]
+    fn mutated_announcements_never_panic(
+        m in signed_announcement(),
+        flips in vec((any::<usize>(), any::<u8>()), 1..8),
+    ) {
+        let mut frame = encode_frame(&AnnounceResponse::Announcement(Box::new(m))).unwrap();
+        for (at, byte) in flips {
+            let i = 4 + at % (frame.len() - 4);
+            frame[i] = byte;
+        }
+        decode_all(&frame);
+    }
+}
+
+// ---- Hostile length claims ----
+
+/// bincode's varint encoding of `n` (standard config).
+fn varint(n: u64) -> Vec<u8> {
+    match n {
+        0..=250 => vec![n as u8],
+        251..=0xffff => [&[251u8][..], &(n as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(n as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &n.to_le_bytes()].concat(),
+    }
+}
+
+const HUGE: [u64; 3] = [u32::MAX as u64, u64::MAX, MAX_FRAME_BYTES as u64 + 1];
+
+fn expect_malformed<M: WireMessage + std::fmt::Debug>(body: &[u8], needle: &str) {
+    let err = decode_frame::<M>(&framed(body)).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, CodecError::Malformed { .. }),
+        "expected Malformed for {}, got {err:?}",
+        M::NAME
+    );
+    assert!(
+        text.contains(needle),
+        "{text:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn length_prefix_of_u32_max_is_refused_before_reading() {
+    let frame = [0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    for max in [MAX_FRAME_BYTES, MAX_HELLO_BYTES] {
+        assert!(matches!(
+            check_frame_len(u32::MAX, max),
+            Err(CodecError::FrameTooLarge { len, .. }) if len == u32::MAX as u64
+        ));
+    }
+    let err = decode_frame::<InferRequest>(&frame).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("frame body of 4294967295 bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")
+    );
+    // read_frame refuses after the prefix and reads nothing more.
+    let mut cursor = Cursor::new(frame.to_vec());
+    assert!(matches!(
+        read_frame::<Hello, _>(&mut cursor, usize::MAX),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+    assert_eq!(cursor.position(), 4);
+    // A hello frame of 4 KiB + 1 is refused even though an infer frame of that size is fine.
+    let len = (MAX_HELLO_BYTES as u32 + 1).to_le_bytes();
+    assert!(matches!(
+        decode_frame::<Hello>(&len),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+    assert!(matches!(
+        decode_frame::<InferRequest>(&len),
+        Err(CodecError::Truncated { .. })
+    ));
+    // The caller's own cap (a session budget) applies too.
+    let small = encode_frame(&InferRequest::Close {
+        session: SessionId(1),
+    })
+    .unwrap();
+    assert_eq!(small.len(), 4 + 9);
+    assert!(read_frame::<InferRequest, _>(Cursor::new(&small), 9).is_ok());
+    assert!(matches!(
+        read_frame::<InferRequest, _>(Cursor::new(&small), 8),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn huge_claimed_lengths_inside_bodies_fail_fast() {
+    for n in HUGE {
+        // Hello: agent length.
+        let mut body = vec![1, 0, 0];
+        body.extend(varint(n));
+        expect_malformed::<Hello>(&body, "agent claims length");
+
+        // Hello: extensions length.
+        let mut body = vec![1, 0, 0, 0];
+        body.extend(varint(n));
+        expect_malformed::<Hello>(&body, "hello extensions claims length");
+
+        // Forward: shape length.
+        let mut body = vec![1];
+        body.extend([0; 8]); // session
+        body.extend([0, 0]); // position, step
+        body.push(0); // f32
+        body.extend(varint(n));
+        expect_malformed::<InferRequest>(&body, "hidden states shape claims length");
+
+        // Forward: data length (shape [1, 1, 576] needs 2304 bytes).
+        let mut body = vec![1];
+        body.extend([0; 8]);
+        body.extend([0, 0, 0, 3, 1, 1]);
+        body.extend(varint(576));
+        body.extend(varint(n));
+        expect_malformed::<InferRequest>(&body, "hidden states claim");
+
+        // Open: route length.
+        let mut body = vec![0];
+        body.extend([0; 8]);
+        body.extend([7; 32]);
+        body.extend(varint(n));
+        expect_malformed::<InferRequest>(&body, "route claims length");
+
+        // Open: one hop's peer id length, then its address count.
+        let mut body = vec![0];
+        body.extend([0; 8]);
+        body.extend([7; 32]);
+        body.push(1);
+        let mut peer = body.clone();
+        peer.extend(varint(n));
+        expect_malformed::<InferRequest>(&peer, "peer id claims length");
+        body.extend([1, 9, 0, 1]); // peer [9], blocks [0, 1)
+        body.extend(varint(n));
+        expect_malformed::<InferRequest>(&body, "address list claims length");
+
+        // Error response: message length.
+        let mut body = vec![3, 7];
+        body.extend(varint(n));
+        expect_malformed::<InferResponse>(&body, "error message claims length");
+
+        // Announcement: model name length.
+        let mut body = vec![0, 1, 9];
+        body.extend([7; 32]);
+        body.extend(varint(n));
+        expect_malformed::<AnnounceResponse>(&body, "model name claims length");
+    }
+}
+
+#[test]
+fn hidden_shape_that_disagrees_with_its_bytes_is_refused() {
+    let h = HiddenStates::from_f32(&[0.5; 576], vec![1, 1, 576], WireDType::F32).unwrap();
+    let frame = encode_frame(&InferResponse::Output {
+        session: SessionId(1),
+        step: 0,
+        position: 0,
+        hidden: h,
+    })
+    .unwrap();
+    // Declare 2 tokens instead of 1: the shape now needs 4608 bytes, the blob says 2304.
+    let shape_at = frame.windows(4).position(|w| w == [3, 1, 1, 251]).unwrap();
+    let mut bad = frame.clone();
+    bad[shape_at + 2] = 2;
+    let err = decode_frame::<InferResponse>(&bad).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "malformed infer response: hidden states claim 2304 bytes but shape [1, 2, 576] of f32 needs 4608"
+    );
+    // A zero dimension or five dimensions are refused too.
+    let mut zero = frame.clone();
+    zero[shape_at + 1] = 0;
+    assert!(
+        decode_frame::<InferResponse>(&zero)
+            .unwrap_err()
+            .to_string()
+            .contains("zero dimension")
+    );
+    // A shape beyond the byte limit is refused before its bytes are read.
+    let mut body = vec![1];
+    body.extend([0; 8]);
+    body.extend([0, 0, 0, 2]);
+    body.extend(varint(u32::MAX as u64));
+    body.extend(varint(u32::MAX as u64));
+    body.extend(varint(16));
+    let err = decode_frame::<InferRequest>(&framed(&body)).unwrap_err();
+    assert!(err.to_string().contains("larger than the limit"), "{err}");
+}
+
+#[test]
+fn unknown_codes_and_tags_are_clear_errors() {
+    // InferResponse::Error with code 42.
+    let err = decode_frame::<InferResponse>(&framed(&[3, 42, 0])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "malformed infer response: unknown error code 42"
+    );
+    let err = decode_frame::<InferRequest>(&framed(&[9])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "malformed infer request: unknown infer request variant tag 9"
+    );
+    let mut body = vec![1];
+    body.extend([0; 8]);
+    body.extend([0, 0, 5]);
+    let err = decode_frame::<InferRequest>(&framed(&body)).unwrap_err();
+    assert!(
+        err.to_string().ends_with("unknown wire dtype tag 5"),
+        "{err}"
+    );
+    let err = decode_frame::<InferRequest>(&framed(&[1, 0])).unwrap_err();
+    assert!(err.to_string().contains("body ends early"), "{err}");
+}
+
+#[test]
+fn invalid_messages_are_refused_on_both_ends() {
+    let hop = |start, end| RouteHop {
+        peer: PeerIdBytes(vec![1; 38]),
+        blocks: BlockRange::new(start, end).unwrap(),
+        addrs: vec![],
+    };
+    let open = InferRequest::Open {
+        session: SessionId(1),
+        model_id: ModelId::from_bytes([0; 32]),
+        route: vec![hop(0, 10), hop(12, 30)],
+        hop: 0,
+        budget: SessionBudget {
+            max_tokens: 100,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 1000,
+        },
+        wire_dtype: WireDType::F32,
+    };
+    let err = encode_frame(&open).unwrap_err();
+    assert!(matches!(
+        err,
+        CodecError::Invalid {
+            source: MessageError::RouteGap { .. },
+            ..
+        }
+    ));
+    assert_eq!(err.to_protocol_error().code, ErrorCode::SpanMismatch);
+    // Make the same frame by hand (from a valid one) and check the receiver refuses it too.
+    let InferRequest::Open {
+        session,
+        model_id,
+        budget,
+        wire_dtype,
+        ..
+    } = open.clone()
+    else {
+        unreachable!()
+    };
+    let ok = InferRequest::Open {
+        session,
+        model_id,
+        route: vec![hop(0, 10), hop(10, 30)],
+        hop: 0,
+        budget,
+        wire_dtype,
+    };
+    let mut frame = encode_frame(&ok).unwrap();
+    let at = frame.windows(3).position(|w| w == [1, 10, 30]).unwrap();
+    frame[at + 1] = 12;
+    assert!(matches!(
+        decode_frame::<InferRequest>(&frame),
+        Err(CodecError::Invalid {
+            source: MessageError::RouteGap { .. },
+            ..
+        })
+    ));
+
+    let long_agent = Hello::new(None, Roles::CLIENT, "x".repeat(MAX_AGENT_LEN + 1));
+    assert!(matches!(
+        encode_frame(&long_agent),
+        Err(CodecError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn a_future_hello_with_extensions_still_decodes() {
+    let future = Hello {
+        version: 2,
+        model_id: Some(ModelId::from_bytes([5; 32])),
+        roles: Roles::from_bits(0x10) | Roles::SERVER,
+        agent: "pollen/9.0".into(),
+    };
+    let mut frame = encode_frame(&future).unwrap();
+    // Version 1 writes empty extensions (a single 0); a later version fills them.
+    assert_eq!(frame.pop(), Some(0));
+    frame.extend([3, 0xaa, 0xbb, 0xcc]);
+    let len = (frame.len() as u32 - 4).to_le_bytes();
+    frame[..4].copy_from_slice(&len);
+    let decoded = decode_frame::<Hello>(&frame).unwrap();
+    assert_eq!(decoded, future);
+    // ...so the version-1 side can refuse it with a clear error.
+    let ours = Hello::new(
+        Some(ModelId::from_bytes([5; 32])),
+        Roles::SERVER,
+        "pollen/0.1",
+    );
+    let reply = HelloReply::answer(&ours, &decoded);
+    let frame = encode_frame(&reply).unwrap();
+    let back = decode_frame::<HelloReply>(&frame).unwrap();
+    assert_eq!(
+        back.into_result(&future).unwrap_err().to_string(),
+        "version_mismatch: protocol version mismatch: we speak 1, peer speaks 2"
+    );
+}
+
+#[test]
+fn largest_prefill_fits_and_one_more_byte_does_not() {
+    // 4096 tokens × 4096 hidden × f32 = 64 MiB: the largest hidden state accepted.
+    let data = vec![0u8; MAX_HIDDEN_BYTES];
+    let h = HiddenStates::new(WireDType::F32, vec![1, 4096, 4096], data).unwrap();
+    let msg = InferRequest::Forward {
+        session: SessionId(3),
+        position: 0,
+        step: 0,
+        hidden: h,
+    };
+    let frame = encode_frame(&msg).unwrap();
+    assert_eq!(frame.len(), encoded_len(&msg));
+    assert!(frame.len() <= MAX_FRAME_BYTES + 4);
+    assert_eq!(decode_frame::<InferRequest>(&frame).unwrap(), msg);
+    assert!(matches!(
+        HiddenStates::new(WireDType::F32, vec![1, 4097, 4096], vec![]),
+        Err(HiddenError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn eof_is_distinguished_from_truncation() {
+    assert!(matches!(
+        read_frame::<Hello, _>(Cursor::new(Vec::new()), usize::MAX),
+        Err(CodecError::Eof)
+    ));
+    assert!(matches!(
+        read_frame::<Hello, _>(Cursor::new(vec![5, 0]), usize::MAX),
+        Err(CodecError::Truncated {
+            expected: 4,
+            actual: 2
+        })
+    ));
+    assert!(matches!(
+        read_frame::<Hello, _>(Cursor::new(vec![5, 0, 0, 0, 1]), usize::MAX),
+        Err(CodecError::Truncated {
+            expected: 9,
+            actual: 5
+        })
+    ));
+}
