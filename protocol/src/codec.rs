@@ -49,8 +49,8 @@ use crate::hidden::{HiddenStates, WireDType};
 use crate::limits::{
     MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_ANNOUNCE_REQUEST_BYTES,
     MAX_ANNOUNCE_RESPONSE_BYTES, MAX_ANNOUNCEMENT_BYTES, MAX_ERROR_MESSAGE_LEN, MAX_HELLO_BYTES,
-    MAX_HIDDEN_DIMS, MAX_INFER_REQUEST_BYTES, MAX_INFER_RESPONSE_BYTES, MAX_MODEL_NAME_LEN,
-    MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
+    MAX_HIDDEN_DIMS, MAX_INFER_REQUEST_BYTES, MAX_INFER_RESPONSE_BYTES, MAX_LIST_ANNOUNCEMENTS,
+    MAX_MODEL_NAME_LEN, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
 };
 use crate::messages::{
     AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse,
@@ -883,12 +883,43 @@ impl Wire for SignedAnnouncement {
 
 impl Wire for AnnounceRequest {
     fn put<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
-        self.model_id.put(e)
+        match self {
+            AnnounceRequest::Get { model_id } => {
+                put_tag(e, 0)?;
+                model_id.put(e)
+            }
+            AnnounceRequest::Publish(a) => {
+                put_tag(e, 1)?;
+                a.put(e)
+            }
+            AnnounceRequest::List { model_id } => {
+                put_tag(e, 2)?;
+                match model_id {
+                    None => put_tag(e, 0),
+                    Some(m) => {
+                        put_tag(e, 1)?;
+                        m.put(e)
+                    }
+                }
+            }
+        }
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
-        Ok(AnnounceRequest {
-            model_id: ModelId::get(d)?,
-        })
+        match get_tag(d)? {
+            0 => Ok(AnnounceRequest::Get {
+                model_id: ModelId::get(d)?,
+            }),
+            1 => SignedAnnouncement::get(d).map(|a| AnnounceRequest::Publish(Box::new(a))),
+            2 => {
+                let model_id = match get_tag(d)? {
+                    0 => None,
+                    1 => Some(ModelId::get(d)?),
+                    t => return Err(unknown_tag("model filter", t)),
+                };
+                Ok(AnnounceRequest::List { model_id })
+            }
+            t => Err(unknown_tag("announce request", t)),
+        }
     }
 }
 
@@ -900,12 +931,28 @@ impl Wire for AnnounceResponse {
                 a.put(e)
             }
             AnnounceResponse::NotServing => put_tag(e, 1),
+            AnnounceResponse::Accepted => put_tag(e, 2),
+            AnnounceResponse::Refused(err) => {
+                put_tag(e, 3)?;
+                err.put(e)
+            }
+            AnnounceResponse::List(list) => {
+                put_tag(e, 4)?;
+                put_list(e, list)
+            }
         }
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
         match get_tag(d)? {
             0 => SignedAnnouncement::get(d).map(|a| AnnounceResponse::Announcement(Box::new(a))),
             1 => Ok(AnnounceResponse::NotServing),
+            2 => Ok(AnnounceResponse::Accepted),
+            3 => ProtocolError::get(d).map(AnnounceResponse::Refused),
+            4 => Ok(AnnounceResponse::List(get_list(
+                d,
+                MAX_LIST_ANNOUNCEMENTS,
+                "announcement list",
+            )?)),
             t => Err(unknown_tag("announce response", t)),
         }
     }

@@ -57,11 +57,18 @@ pub const MAX_HELLO_BYTES: usize = 4 * KIB;
 /// stays far under Kademlia's default record limit of 65 KiB.
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 16 * KIB;
 
-/// Largest [`crate::AnnounceRequest`] body: a tag and a model id (34 bytes).
-pub const MAX_ANNOUNCE_REQUEST_BYTES: usize = 256;
+/// Largest [`crate::AnnounceRequest`] body: a tag and one signed announcement.
+pub const MAX_ANNOUNCE_REQUEST_BYTES: usize = MAX_ANNOUNCEMENT_BYTES + 16;
 
-/// Largest [`crate::AnnounceResponse`] body: a tag and one signed announcement.
-pub const MAX_ANNOUNCE_RESPONSE_BYTES: usize = MAX_ANNOUNCEMENT_BYTES + 16;
+/// Most announcements in one [`crate::AnnounceResponse::List`]: a model served by 1,000
+/// servers in spans of a tenth of its blocks has ~100 announcements per tenth; 1,024
+/// covers a whole model's swarm at that size in one answer.
+pub const MAX_LIST_ANNOUNCEMENTS: usize = 1024;
+
+/// Largest [`crate::AnnounceResponse`] body. A typical announcement is 200–400 bytes
+/// (one or two addresses), so 1,024 of them fit in well under 1 MiB; 4 MiB bounds a list
+/// of fatter ones. Senders trim a list to fit.
+pub const MAX_ANNOUNCE_RESPONSE_BYTES: usize = 4 * MIB;
 
 /// Headroom above [`MAX_HIDDEN_BYTES`] for everything in an inference frame that is not
 /// the hidden-state blob. The largest such part is an `Open` with [`MAX_ROUTE_HOPS`] hops of

@@ -441,17 +441,35 @@ impl InferResponse {
     }
 }
 
-/// Asks a peer (on [`crate::ANNOUNCE_PROTOCOL`]) for its current announcement for a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AnnounceRequest {
-    /// The model asked about.
-    pub model_id: ModelId,
+/// A request on [`crate::ANNOUNCE_PROTOCOL`]: how announcements spread.
+///
+/// Servers push their signed announcement to the peers they know (bootstraps
+/// first) with `Publish`; anyone asks a peer for what it knows with `List`, or
+/// for the peer's own announcement with `Get`. Receivers verify every
+/// announcement themselves: a relayed list is a hint, not a proof.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnnounceRequest {
+    /// The receiver's own current announcement for a model.
+    Get {
+        /// The model asked about.
+        model_id: ModelId,
+    },
+    /// Store this announcement until it expires.
+    Publish(Box<SignedAnnouncement>),
+    /// Every unexpired announcement the receiver holds, for one model or all.
+    List {
+        /// Only this model, or every model when `None`.
+        model_id: Option<ModelId>,
+    },
 }
 
 impl AnnounceRequest {
-    /// Always valid; present for symmetry with the other messages.
+    /// Checks the field limits.
     pub fn validate(&self) -> Result<(), MessageError> {
-        Ok(())
+        match self {
+            AnnounceRequest::Publish(a) => a.announcement.validate(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -462,6 +480,12 @@ pub enum AnnounceResponse {
     Announcement(Box<SignedAnnouncement>),
     /// The peer does not serve that model.
     NotServing,
+    /// A published announcement was verified and stored.
+    Accepted,
+    /// A published announcement was refused (bad signature, expired, replayed...).
+    Refused(ProtocolError),
+    /// Announcements the peer holds, at most [`crate::limits::MAX_LIST_ANNOUNCEMENTS`].
+    List(Vec<SignedAnnouncement>),
 }
 
 impl AnnounceResponse {
@@ -469,7 +493,18 @@ impl AnnounceResponse {
     pub fn validate(&self) -> Result<(), MessageError> {
         match self {
             AnnounceResponse::Announcement(a) => a.announcement.validate(),
-            AnnounceResponse::NotServing => Ok(()),
+            AnnounceResponse::Refused(e) => check_error(e),
+            AnnounceResponse::List(list) => {
+                if list.len() > crate::limits::MAX_LIST_ANNOUNCEMENTS {
+                    return Err(MessageError::TooMany {
+                        what: "announcements",
+                        count: list.len(),
+                        max: crate::limits::MAX_LIST_ANNOUNCEMENTS,
+                    });
+                }
+                list.iter().try_for_each(|a| a.announcement.validate())
+            }
+            AnnounceResponse::NotServing | AnnounceResponse::Accepted => Ok(()),
         }
     }
 }

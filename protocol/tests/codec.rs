@@ -212,6 +212,8 @@ fn announce_response() -> impl Strategy<Value = AnnounceResponse> {
     prop_oneof![
         signed_announcement().prop_map(|a| AnnounceResponse::Announcement(Box::new(a))),
         Just(AnnounceResponse::NotServing),
+        Just(AnnounceResponse::Accepted),
+        prop::collection::vec(signed_announcement(), 0..3).prop_map(AnnounceResponse::List),
     ]
 }
 
@@ -268,7 +270,7 @@ proptest! {
 
     #[test]
     fn announce_request_round_trips(model_id in model_id()) {
-        round_trip(&AnnounceRequest { model_id })
+        round_trip(&AnnounceRequest::Get { model_id })
     }
 
     #[test]
