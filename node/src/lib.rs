@@ -4,6 +4,13 @@
 //! This crate is where the model engine (`pollen-shard`) meets the wire
 //! format (`pollen-protocol`); neither of those knows about the other.
 
+pub mod bootstrap;
+pub mod client;
+pub mod demo;
 pub mod manifest;
+pub mod net;
 pub mod progress;
+pub mod serve;
+pub mod status;
 pub mod threads;
+pub mod wire;

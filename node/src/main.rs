@@ -7,6 +7,7 @@ use pollen_shard::generate::{GenerateParams, prompt_ids};
 use pollen_shard::{LoadOptions, LocalModel, ModelFile, SamplingParams, WeightMode};
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Pollen: run open language models across volunteers' machines.
 #[derive(Parser, Debug)]
@@ -24,6 +25,99 @@ enum Command {
     Manifest(ManifestArgs),
     /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1) if absent and print its path.
     FetchModel,
+    /// Serve a span of the model's blocks to the swarm.
+    Serve(ServeArgs),
+    /// Show what the swarm serves: per model, who holds which blocks, and the gaps.
+    Status(StatusArgs),
+    /// The local mesh demo: a bootstrap and three servers on 127.0.0.1, one question.
+    Demo(DemoArgs),
+    /// Run a bootstrap node (the same as the `pollen-bootstrap` binary).
+    Bootstrap(BootstrapArgs),
+}
+
+/// A bootstrap node's settings.
+#[derive(Args, Debug)]
+struct BootstrapArgs {
+    /// Address to listen on (repeatable). Default: all interfaces, TCP port 4001 and QUIC port 4001.
+    #[arg(long = "listen")]
+    listen: Vec<libp2p::Multiaddr>,
+    /// Identity key file, created on first run (mode 0600). Default: $POLLEN_CACHE_DIR/bootstrap.key.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Serve /health (JSON) and a status page over HTTP on this address, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+/// How to reach the swarm.
+#[derive(Args, Debug, Clone)]
+struct SwarmArgs {
+    /// Bootstrap peer to join through, with its /p2p/ id (repeatable).
+    #[arg(long = "bootstrap")]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    /// Do not look for peers on the local network with mDNS (on by default).
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// Blocks to serve, as A:B (half-open: 0:10 is blocks 0 to 9).
+    #[arg(long)]
+    blocks: String,
+    /// Address to listen on (repeatable). Default: all interfaces, a free TCP port and a free QUIC port.
+    #[arg(long = "listen")]
+    listen: Vec<libp2p::Multiaddr>,
+    /// Identity key file, created on first run (mode 0600). Default: $POLLEN_CACHE_DIR/identity.key.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Most concurrent inference sessions.
+    #[arg(long, default_value_t = 16)]
+    max_sessions: usize,
+    /// Most tokens (prompt and answer) per session.
+    #[arg(long, default_value_t = 2048)]
+    max_session_tokens: usize,
+    /// Seconds an idle session is kept.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout: u64,
+    /// Seconds an announcement stays valid (renewed every third of it).
+    #[arg(long, default_value_t = 30)]
+    announce_ttl: u64,
+    /// Seconds running sessions get to finish after Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    grace: u64,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// Only this model id.
+    #[arg(long)]
+    model: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for peers (mDNS discovery needs a moment).
+    #[arg(long, default_value_t = 3)]
+    wait: u64,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// The question to ask through the swarm.
+    #[arg(long, default_value = "Give me three tips for staying healthy.")]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 96)]
+    max_tokens: usize,
 }
 
 /// Where the model is and how to run it.
@@ -49,6 +143,14 @@ struct ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+    /// Hidden states on the wire: f32 (exact, default), f16 or bf16 (half the bytes).
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
+    /// Seconds to wait for servers covering every block.
+    #[arg(long, default_value_t = 20)]
+    route_wait: u64,
     /// Run every block in this process instead of through the swarm.
     #[arg(long)]
     local: bool,
@@ -113,21 +215,8 @@ fn load_options(args: &ModelArgs) -> Result<LoadOptions> {
     })
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
-    if !args.local {
-        bail!("swarm generation is not available in this build yet: pass --local to run the whole model in this process");
-    }
-    let path = resolve_model(&args.model.model)?;
-    let opts = load_options(&args.model)?;
-    let pb = progress::bar("loading", 0);
-    let model = LocalModel::load(&path, &opts, &mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })
-    .with_context(|| format!("loading {}", path.display()))?;
-    pb.finish_and_clear();
-    let prompt = prompt_ids(&model.tokenizer, &args.prompt, args.chat)?;
-    let params = GenerateParams {
+fn generate_params(args: &GenerateArgs) -> GenerateParams {
+    GenerateParams {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -139,18 +228,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
         stop_strings: args.stop.clone(),
         prefill_chunk: args.prefill_chunk,
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut write_failed = false;
-    let result = model.generate(&prompt, &params, &mut |text| {
-        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
-            write_failed = true;
-            return false;
-        }
-        true
-    })?;
-    let _ = writeln!(out);
+    }
+}
+
+/// Streams text to stdout; stops generation if stdout is gone.
+fn stdout_sink() -> impl FnMut(&str) -> bool {
+    move |text: &str| {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok()
+    }
+}
+
+fn print_stats(args: &GenerateArgs, result: &pollen_shard::generate::Generation) {
     if args.stats {
         eprintln!(
             "prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s ({:?})",
@@ -160,6 +249,179 @@ fn generate(args: GenerateArgs) -> Result<()> {
             result.decode_tokens_per_sec(),
             result.stop
         );
+    }
+}
+
+fn generate_local(args: GenerateArgs) -> Result<()> {
+    let path = resolve_model(&args.model.model)?;
+    let opts = load_options(&args.model)?;
+    let pb = progress::bar("loading", 0);
+    let model = LocalModel::load(&path, &opts, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })
+    .with_context(|| format!("loading {}", path.display()))?;
+    pb.finish_and_clear();
+    let prompt = prompt_ids(&model.tokenizer, &args.prompt, args.chat)?;
+    let result = model.generate(&prompt, &generate_params(&args), &mut stdout_sink())?;
+    println!();
+    print_stats(&args, &result);
+    Ok(())
+}
+
+async fn generate_swarm(args: GenerateArgs) -> Result<()> {
+    use pollen_node::client;
+    let path = resolve_model(&args.model.model)?;
+    let opts = load_options(&args.model)?;
+    let wire_dtype = match args.wire_dtype.to_ascii_lowercase().as_str() {
+        "f32" => pollen_protocol::WireDType::F32,
+        "f16" => pollen_protocol::WireDType::F16,
+        "bf16" => pollen_protocol::WireDType::BF16,
+        other => bail!("unknown --wire-dtype `{other}` (expected f32, f16 or bf16)"),
+    };
+    let load_path = path.clone();
+    let (ends, tokenizer, model_id) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let file = ModelFile::open(&load_path)?;
+        let tokenizer = pollen_shard::PollenTokenizer::from_model(&file)?;
+        let ends = pollen_shard::ClientEnds::load(&file, &opts)?;
+        let digest = pollen_shard::digest::digest(&file, &mut |_, _| {})?;
+        Ok((ends, tokenizer, manifest_from_digest(&digest).id()))
+    })
+    .await??;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
+    let num_blocks = ends.config().num_blocks;
+    let hops = client::discover_route(&handle, model_id, num_blocks, Duration::from_secs(args.route_wait)).await?;
+    tracing::info!(
+        "route: {}",
+        hops.iter().map(|h| format!("{}:{}@{}", h.start, h.end, h.peer)).collect::<Vec<_>>().join(" -> ")
+    );
+    let prompt = prompt_ids(&tokenizer, &args.prompt, args.chat)?;
+    let budget = (prompt.len() + args.max_tokens + 1) as u32;
+    let mut session = client::SwarmSession::open(handle, model_id, &hops, budget, ends.config().hidden_size, wire_dtype).await?;
+    let params = generate_params(&args);
+    let (session, result) = tokio::task::spawn_blocking(move || {
+        let r = pollen_shard::generate::generate(&ends, &tokenizer, &mut session, &prompt, &params, &mut stdout_sink());
+        (session, r)
+    })
+    .await?;
+    session.close().await;
+    cancel.cancel();
+    let result = result?;
+    println!();
+    print_stats(&args, &result);
+    Ok(())
+}
+
+async fn bootstrap(args: BootstrapArgs) -> Result<()> {
+    let listen = if args.listen.is_empty() {
+        ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    } else {
+        args.listen
+    };
+    let cfg = pollen_node::bootstrap::BootstrapConfig {
+        listen,
+        identity: args
+            .identity
+            .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("bootstrap.key")),
+        http: args.http,
+        mdns: !args.no_mdns,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let kill = tokio_util::sync::CancellationToken::new();
+    watch_signals(stop.clone(), kill);
+    pollen_node::bootstrap::run(cfg, stop).await
+}
+
+fn default_listen() -> Vec<libp2p::Multiaddr> {
+    ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect()
+}
+
+/// Cancels `stop` on the first Ctrl-C or SIGTERM and `kill` on the second.
+fn watch_signals(stop: tokio_util::sync::CancellationToken, kill: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        for n in 0..2 {
+            #[cfg(unix)]
+            {
+                let term_recv = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term_recv => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            if n == 0 {
+                eprintln!("stopping (press Ctrl-C again to exit at once)");
+                stop.cancel();
+            } else {
+                kill.cancel();
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let path = resolve_model(&args.model.model)?;
+    let cfg = pollen_node::serve::ServeConfig {
+        model: path,
+        blocks: args.blocks.clone(),
+        load: load_options(&args.model)?,
+        listen: if args.listen.is_empty() { default_listen() } else { args.listen.clone() },
+        bootstrap: args.swarm.bootstrap.clone(),
+        identity: args
+            .identity
+            .clone()
+            .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("identity.key")),
+        mdns: !args.swarm.no_mdns,
+        max_sessions: args.max_sessions.max(1),
+        max_session_tokens: args.max_session_tokens.max(1),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        announce_ttl: Duration::from_secs(args.announce_ttl.clamp(3, 600)),
+        grace: Duration::from_secs(args.grace),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let kill = tokio_util::sync::CancellationToken::new();
+    watch_signals(stop.clone(), kill.clone());
+    pollen_node::serve::run(cfg, stop, kill).await
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(m) => Some(m.parse::<pollen_protocol::ModelId>().map_err(|e| anyhow::anyhow!("--model: {e}"))?),
+        None => None,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = pollen_node::client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
+    if args.swarm.bootstrap.is_empty() {
+        // mDNS only: give discovery its moment.
+        tokio::time::sleep_until(deadline).await;
+    }
+    let book = handle.gather(model).await?;
+    cancel.cancel();
+    let status = pollen_node::status::to_json(&book, pollen_node::net::unix_ms());
+    if args.json {
+        println!("{status}");
+    } else {
+        use std::io::IsTerminal;
+        print!("{}", pollen_node::status::to_text(&status, std::io::stdout().is_terminal()));
     }
     Ok(())
 }
@@ -200,6 +462,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Generate(g) => g.model.threads,
+        Command::Serve(s) => Some(s.model.threads.unwrap_or(1)),
         _ => None,
     }
     .unwrap_or_else(threads::available_cores);
@@ -211,11 +474,28 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) if args.local => generate_local(args),
+        Command::Generate(args) => runtime.block_on(generate_swarm(args)),
         Command::Manifest(args) => manifest(args),
         Command::FetchModel => resolve_model(&None).map(|p| println!("{}", p.display())),
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Demo(args) => runtime.block_on(pollen_node::demo::run(args.prompt, args.max_tokens)),
+        Command::Bootstrap(args) => runtime.block_on(bootstrap(args)),
     };
+    runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,742 @@
+//! The libp2p side of a node.
+//!
+//! One task owns the [`Swarm`] and runs its event loop; the rest of the
+//! program holds a cloneable [`NetHandle`] that sends it commands with
+//! `oneshot` replies (the shape of rust-libp2p's file-sharing example).
+//! Inbound inference requests come out of [`Net::inbound`], a bounded queue;
+//! when it is full the loop answers `busy` at once instead of queueing more.
+
+pub mod book;
+pub mod codec;
+pub mod identity;
+
+use anyhow::{Context, Result, anyhow};
+use book::{AnnouncementBook, now_ms};
+use codec::FrameCodec;
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, identify, identity::Keypair, kad, mdns,
+    noise, ping, relay, tcp, yamux,
+};
+use pollen_protocol::{
+    ANNOUNCE_PROTOCOL, AnnounceRequest, AnnounceResponse, ErrorCode, INFER_PROTOCOL, InferRequest,
+    InferResponse, ModelId, ProtocolError, SignedAnnouncement, VerifiedAnnouncement,
+};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Frames of the inference protocol.
+pub type InferCodec = FrameCodec<InferRequest, InferResponse>;
+/// Frames of the announcement protocol.
+pub type AnnounceCodec = FrameCodec<AnnounceRequest, AnnounceResponse>;
+
+/// Identify's protocol name for Pollen nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/pollen/id/1";
+/// Kademlia's protocol name for the Pollen DHT.
+pub const KAD_PROTOCOL: &str = "/pollen/kad/1";
+/// Depth of the inbound inference queue before the node answers `busy`.
+pub const INBOUND_QUEUE: usize = 256;
+
+/// What a node is, which decides its DHT mode and extra services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Asks for text; DHT client mode.
+    Client,
+    /// Serves blocks; DHT server mode.
+    Server,
+    /// Entry point: DHT server, relay and AutoNAT server.
+    Bootstrap,
+}
+
+/// Everything the network layer needs to start.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The node's identity.
+    pub keypair: Keypair,
+    /// Addresses to listen on (none for a pure client).
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers to dial (with `/p2p/<id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// The node's role.
+    pub role: Role,
+    /// Longest wait for an inference answer (a prefill on a slow CPU takes seconds).
+    pub infer_timeout: Duration,
+}
+
+/// The composed protocols of a Pollen node.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Exchanges listen addresses and protocols with every peer.
+    pub identify: identify::Behaviour,
+    /// Keeps connections alive and measures round-trip times for routing.
+    pub ping: ping::Behaviour,
+    /// The DHT: peer routing across the swarm.
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Finds peers on the local network (off with `--no-mdns`).
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Relay v2 server for nodes behind NAT (bootstrap nodes only).
+    pub relay: Toggle<relay::Behaviour>,
+    /// AutoNAT: tells peers whether they are reachable (server on bootstrap nodes).
+    pub autonat: Toggle<autonat::Behaviour>,
+    /// Publishing and listing signed announcements.
+    pub announce: request_response::Behaviour<AnnounceCodec>,
+    /// Inference sessions.
+    pub infer: request_response::Behaviour<InferCodec>,
+}
+
+/// An inference request that arrived from a peer.
+#[derive(Debug)]
+pub struct InboundInfer {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The request.
+    pub request: InferRequest,
+    /// Where the answer goes (through [`NetHandle::respond`]).
+    pub channel: ResponseChannel<InferResponse>,
+}
+
+/// A connected peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its id.
+    pub peer: PeerId,
+    /// Last measured round-trip time.
+    pub rtt: Option<Duration>,
+    /// Agent string from identify.
+    pub agent: Option<String>,
+}
+
+enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, String>>,
+    },
+    Announce {
+        peer: PeerId,
+        request: AnnounceRequest,
+        reply: oneshot::Sender<Result<AnnounceResponse, String>>,
+    },
+    Infer {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: InferRequest,
+        reply: oneshot::Sender<Result<InferResponse, String>>,
+    },
+    Respond {
+        channel: ResponseChannel<InferResponse>,
+        response: InferResponse,
+    },
+    SetOwn {
+        announcement: Option<SignedAnnouncement>,
+    },
+    Book {
+        model: Option<ModelId>,
+        reply: oneshot::Sender<Vec<VerifiedAnnouncement>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// A cloneable handle to the task that owns the swarm.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+/// A started network: its handle and its inbound inference queue.
+#[derive(Debug)]
+pub struct Net {
+    /// Commands go here.
+    pub handle: NetHandle,
+    /// Inference requests from peers.
+    pub inbound: mpsc::Receiver<InboundInfer>,
+}
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl NetHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        timeout: Duration,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| anyhow!("the network task has stopped"))?;
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| anyhow!("no answer from the network task within {timeout:?}"))?
+            .map_err(|_| anyhow!("the network task has stopped"))
+    }
+
+    /// Dials `addr` once; the peer id on success.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId> {
+        let a = addr.clone();
+        self.call(|reply| Command::Dial { addr: a, reply }, COMMAND_TIMEOUT)
+            .await?
+            .map_err(|e| anyhow!("cannot reach {addr}: {e}"))
+    }
+
+    /// Dials `addr`, retrying with exponential backoff for up to `patience`.
+    pub async fn dial_with_retry(&self, addr: &Multiaddr, patience: Duration) -> Result<PeerId> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.dial(addr.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(e) if tokio::time::Instant::now() + delay >= deadline => {
+                    return Err(e.context(format!("gave up on bootstrap {addr} after {patience:?}")));
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Sends an announcement request to `peer`.
+    pub async fn announce(&self, peer: PeerId, request: AnnounceRequest) -> Result<AnnounceResponse> {
+        self.call(
+            |reply| Command::Announce {
+                peer,
+                request,
+                reply,
+            },
+            COMMAND_TIMEOUT,
+        )
+        .await?
+        .map_err(|e| anyhow!("announce request to {peer}: {e}"))
+    }
+
+    /// Sends an inference request to `peer` (dialing `addrs` if needed).
+    pub async fn infer(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: InferRequest,
+        timeout: Duration,
+    ) -> Result<InferResponse> {
+        self.call(
+            |reply| Command::Infer {
+                peer,
+                addrs,
+                request,
+                reply,
+            },
+            timeout + Duration::from_secs(5),
+        )
+        .await?
+        .map_err(|e| anyhow!("inference request to {peer}: {e}"))
+    }
+
+    /// Answers an inbound inference request.
+    pub async fn respond(&self, channel: ResponseChannel<InferResponse>, response: InferResponse) {
+        let _ = self.tx.send(Command::Respond { channel, response }).await;
+    }
+
+    /// Sets (or withdraws) this node's own announcement and publishes it to every connected peer.
+    pub async fn set_own_announcement(&self, announcement: Option<SignedAnnouncement>) -> Result<()> {
+        self.tx
+            .send(Command::SetOwn { announcement })
+            .await
+            .map_err(|_| anyhow!("the network task has stopped"))
+    }
+
+    /// The verified announcements this node holds.
+    pub async fn book(&self, model: Option<ModelId>) -> Result<Vec<VerifiedAnnouncement>> {
+        self.call(|reply| Command::Book { model, reply }, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// Connected peers with their round-trip times.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        self.call(|reply| Command::Peers { reply }, COMMAND_TIMEOUT).await
+    }
+
+    /// Addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.call(|reply| Command::ListenAddrs { reply }, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// Asks every connected peer for its announcements (of `model` or all),
+    /// stores the valid ones and returns the node's whole book.
+    pub async fn gather(&self, model: Option<ModelId>) -> Result<Vec<VerifiedAnnouncement>> {
+        let peers = self.peers().await?;
+        let asks = peers.iter().map(|p| {
+            let h = self.clone();
+            let peer = p.peer;
+            async move { (peer, h.announce(peer, AnnounceRequest::List { model_id: model }).await) }
+        });
+        for (peer, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(AnnounceResponse::List(list)) => {
+                    for signed in list {
+                        let _ = self
+                            .announce_local(signed)
+                            .await
+                            .map_err(|e| tracing::debug!("from {peer}: {e}"));
+                    }
+                }
+                Ok(other) => tracing::debug!("{peer} answered a list request with {other:?}"),
+                Err(e) => tracing::debug!("{e:#}"),
+            }
+        }
+        self.book(model).await
+    }
+
+    async fn announce_local(&self, signed: SignedAnnouncement) -> Result<()> {
+        let me = self.peer_id;
+        match self.announce(me, AnnounceRequest::Publish(Box::new(signed))).await? {
+            AnnounceResponse::Accepted => Ok(()),
+            AnnounceResponse::Refused(e) => Err(anyhow!("{}", e.message)),
+            other => Err(anyhow!("unexpected answer {other:?}")),
+        }
+    }
+}
+
+/// Builds the swarm and starts its task; stops when `cancel` fires.
+pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
+    let peer_id = cfg.keypair.public().to_peer_id();
+    let role = cfg.role;
+    let use_mdns = cfg.mdns;
+    let infer_timeout = cfg.infer_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("building the TCP transport")?
+        .with_quic()
+        .with_dns()
+        .context("building the DNS resolver")?
+        .with_behaviour(|key| {
+            let local = key.public().to_peer_id();
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("pollen/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
+            kad.set_mode(Some(match role {
+                Role::Client => kad::Mode::Client,
+                Role::Server | Role::Bootstrap => kad::Mode::Server,
+            }));
+            let mdns = if use_mdns {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+            } else {
+                None
+            };
+            let relay = (role == Role::Bootstrap).then(|| relay::Behaviour::new(local, relay::Config::default()));
+            let autonat = (role == Role::Bootstrap).then(|| {
+                autonat::Behaviour::new(
+                    local,
+                    autonat::Config {
+                        only_global_ips: false,
+                        ..Default::default()
+                    },
+                )
+            });
+            let rr = |timeout: Duration| {
+                request_response::Config::default()
+                    .with_request_timeout(timeout)
+                    .with_max_concurrent_streams(256)
+            };
+            Ok(Behaviour {
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                kad,
+                mdns: mdns.into(),
+                relay: relay.into(),
+                autonat: autonat.into(),
+                announce: request_response::Behaviour::new(
+                    [(StreamProtocol::new(ANNOUNCE_PROTOCOL), ProtocolSupport::Full)],
+                    rr(Duration::from_secs(20)),
+                ),
+                infer: request_response::Behaviour::new(
+                    [(StreamProtocol::new(INFER_PROTOCOL), ProtocolSupport::Full)],
+                    rr(infer_timeout),
+                ),
+            })
+        })
+        .map_err(|e| anyhow!("building the node's protocols: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    let (tx, rx) = mpsc::channel(1024);
+    let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let handle = NetHandle { tx, peer_id };
+    let event_loop = EventLoop {
+        swarm,
+        commands: rx,
+        inbound: inbound_tx,
+        pending_dials: HashMap::new(),
+        pending_announce: HashMap::new(),
+        pending_infer: HashMap::new(),
+        book: AnnouncementBook::default(),
+        own: None,
+        connected: HashMap::new(),
+        agents: HashMap::new(),
+        listen_addrs: Vec::new(),
+        bootstraps: HashSet::new(),
+    };
+    tokio::spawn(event_loop.run(cancel));
+    for addr in &cfg.bootstrap {
+        if let Some(libp2p::multiaddr::Protocol::P2p(p)) = addr.iter().last() {
+            let _ = p;
+        }
+    }
+    Ok(Net { handle, inbound })
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<InboundInfer>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
+    pending_announce: HashMap<OutboundRequestId, oneshot::Sender<Result<AnnounceResponse, String>>>,
+    pending_infer: HashMap<OutboundRequestId, oneshot::Sender<Result<InferResponse, String>>>,
+    book: AnnouncementBook,
+    own: Option<SignedAnnouncement>,
+    connected: HashMap<PeerId, Option<Duration>>,
+    agents: HashMap<PeerId, String>,
+    listen_addrs: Vec<Multiaddr>,
+    bootstraps: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut prune = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = prune.tick() => self.book.prune(),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+            }
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn publish_to(&mut self, peer: PeerId) {
+        if let Some(own) = &self.own {
+            let req = AnnounceRequest::Publish(Box::new(own.clone()));
+            self.swarm.behaviour_mut().announce.send_request(&peer, req);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::unknown_peer_id().address(addr).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::Announce {
+                peer,
+                request,
+                reply,
+            } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ = reply.send(Ok(self.answer_announce(peer, request)));
+                } else {
+                    let id = self.swarm.behaviour_mut().announce.send_request(&peer, request);
+                    self.pending_announce.insert(id, reply);
+                }
+            }
+            Command::Infer {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a);
+                }
+                let id = self.swarm.behaviour_mut().infer.send_request(&peer, request);
+                self.pending_infer.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .infer
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!("an inference answer found its requester gone");
+                }
+            }
+            Command::SetOwn { announcement } => {
+                match &announcement {
+                    Some(a) => {
+                        if let Err(e) = self.book.insert(a.clone()) {
+                            tracing::warn!("own announcement refused by our own book: {e}");
+                        }
+                    }
+                    None => {
+                        let me = *self.swarm.local_peer_id();
+                        self.book.remove_peer(&me);
+                    }
+                }
+                self.own = announcement;
+                let peers: Vec<PeerId> = self.connected.keys().copied().collect();
+                for p in peers {
+                    self.publish_to(p);
+                }
+            }
+            Command::Book { model, reply } => {
+                let _ = reply.send(self.book.list(model.as_ref()));
+            }
+            Command::Peers { reply } => {
+                let peers = self
+                    .connected
+                    .iter()
+                    .map(|(p, rtt)| PeerInfo {
+                        peer: *p,
+                        rtt: *rtt,
+                        agent: self.agents.get(p).cloned(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+        }
+    }
+
+    fn answer_announce(&mut self, peer: PeerId, request: AnnounceRequest) -> AnnounceResponse {
+        match request {
+            AnnounceRequest::Get { model_id } => match &self.own {
+                Some(own) if own.announcement.model_id == model_id => {
+                    AnnounceResponse::Announcement(Box::new(own.clone()))
+                }
+                _ => AnnounceResponse::NotServing,
+            },
+            AnnounceRequest::Publish(signed) => match self.book.insert(*signed) {
+                Ok(()) => AnnounceResponse::Accepted,
+                Err(e) => {
+                    if !e.contains("duplicate") && !e.contains("older") && !e.contains("stale") {
+                        tracing::warn!("ignored an announcement from {peer}: {e}");
+                    } else {
+                        tracing::debug!("ignored an announcement from {peer}: {e}");
+                    }
+                    AnnounceResponse::Refused(ProtocolError::new(ErrorCode::BadRequest, e))
+                }
+            },
+            AnnounceRequest::List { model_id } => {
+                let mut list: Vec<SignedAnnouncement> = self
+                    .book
+                    .list(model_id.as_ref())
+                    .into_iter()
+                    .map(VerifiedAnnouncement::into_signed)
+                    .collect();
+                list.truncate(pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS);
+                while !list.is_empty()
+                    && pollen_protocol::encoded_len(&AnnounceResponse::List(list.clone()))
+                        > pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES
+                {
+                    list.truncate(list.len() / 2);
+                }
+                AnnounceResponse::List(list)
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                    self.bootstraps.insert(peer_id);
+                }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                }
+                let fresh = self.connected.insert(peer_id, None).is_none();
+                if fresh {
+                    self.publish_to(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            SwarmEvent::Behaviour(ev) => self.behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn behaviour_event(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.agents.insert(peer_id, info.agent_version.clone());
+                let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
+                if speaks_kad {
+                    for a in info.listen_addrs.into_iter().take(16) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                if let Some(slot) = self.connected.get_mut(&peer) {
+                    *slot = Some(rtt);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if peer == *self.swarm.local_peer_id() {
+                        continue;
+                    }
+                    self.swarm.add_peer_address(peer, addr.clone());
+                    if !self.connected.contains_key(&peer) {
+                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
+            BehaviourEvent::Announce(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let answer = self.answer_announce(peer, request);
+                        let _ = self.swarm.behaviour_mut().announce.send_response(channel, answer);
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.pending_announce.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Announce(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_announce.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            BehaviourEvent::Infer(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let job = InboundInfer {
+                            peer,
+                            request,
+                            channel,
+                        };
+                        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+                            self.inbound.try_send(job)
+                        {
+                            let busy = InferResponse::Error(ProtocolError::new(
+                                ErrorCode::Busy,
+                                "this server is not taking inference requests now".to_string(),
+                            ));
+                            let _ = self.swarm.behaviour_mut().infer.send_response(job.channel, busy);
+                        }
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.pending_infer.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Infer(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_infer.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            BehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. }) => {
+                tracing::debug!("inference request from {peer} failed: {error}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `now` in milliseconds, for announcements.
+pub fn unix_ms() -> u64 {
+    now_ms()
+}
