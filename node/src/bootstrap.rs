@@ -133,7 +133,10 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
         // Coverage bar: one cell per block, gaps in red.
         let mut covered = vec![0u32; n as usize];
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
-            let (a, b) = (s["blocks"][0].as_u64().unwrap_or(0), s["blocks"][1].as_u64().unwrap_or(0));
+            let (a, b) = (
+                s["blocks"][0].as_u64().unwrap_or(0),
+                s["blocks"][1].as_u64().unwrap_or(0),
+            );
             for i in a..b.min(n) {
                 covered[i as usize] += 1;
             }
@@ -141,13 +144,18 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
         body.push_str("<div class=bar>");
         for (i, c) in covered.iter().enumerate() {
             let class = if *c == 0 { "gap" } else { "ok" };
-            body.push_str(&format!("<span class={class} title='block {i}: {c} servers'></span>"));
+            body.push_str(&format!(
+                "<span class={class} title='block {i}: {c} servers'></span>"
+            ));
         }
         body.push_str("</div>");
         let gaps = m["uncovered"].as_array().cloned().unwrap_or_default();
         if !gaps.is_empty() {
             let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
-            body.push_str(&format!("<p class=gaptext>Uncovered blocks: {}</p>", text.join(", ")));
+            body.push_str(&format!(
+                "<p class=gaptext>Uncovered blocks: {}</p>",
+                text.join(", ")
+            ));
         }
         body.push_str("<table><tr><th>peer</th><th>blocks</th><th>tokens/s</th><th>free sessions</th><th>age</th></tr>");
         for s in m["servers"].as_array().cloned().unwrap_or_default() {

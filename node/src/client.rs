@@ -73,7 +73,14 @@ pub fn route(
         let gaps = crate::status::gaps(&covered);
         bail!(
             "no chain of servers covers blocks 0:{num_blocks} (uncovered: {})",
-            if gaps.is_empty() { "none, but spans do not line up".to_string() } else { gaps.iter().map(|(a, b)| format!("{a}:{b}")).collect::<Vec<_>>().join(", ") }
+            if gaps.is_empty() {
+                "none, but spans do not line up".to_string()
+            } else {
+                gaps.iter()
+                    .map(|(a, b)| format!("{a}:{b}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         );
     }
     let mut hops = Vec::new();
@@ -128,7 +135,10 @@ pub async fn connect(
             .into_iter()
             .filter_map(|r| r.err().map(|e| format!("{e:#}")))
             .collect();
-        bail!("cannot reach any bootstrap peer:\n  {}", errors.join("\n  "));
+        bail!(
+            "cannot reach any bootstrap peer:\n  {}",
+            errors.join("\n  ")
+        );
     }
     Ok(handle)
 }
@@ -182,7 +192,10 @@ impl SwarmSession {
         hidden_size: usize,
         wire_dtype: WireDType,
     ) -> Result<Self> {
-        let first = hops.first().cloned().ok_or_else(|| anyhow!("empty route"))?;
+        let first = hops
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("empty route"))?;
         let route: Vec<RouteHop> = hops
             .iter()
             .map(|h| -> Result<RouteHop> {
@@ -208,7 +221,12 @@ impl SwarmSession {
             wire_dtype,
         };
         match handle
-            .infer(first.peer, first.addrs.clone(), req, Duration::from_secs(60))
+            .infer(
+                first.peer,
+                first.addrs.clone(),
+                req,
+                Duration::from_secs(60),
+            )
             .await?
         {
             InferResponse::Opened { .. } => {}
@@ -241,7 +259,9 @@ impl SwarmSession {
             .infer(self.first.peer, self.first.addrs.clone(), req, self.timeout)
             .await?
         {
-            InferResponse::Output { hidden, .. } => from_wire(&hidden, self.hidden_size, &Device::Cpu),
+            InferResponse::Output { hidden, .. } => {
+                from_wire(&hidden, self.hidden_size, &Device::Cpu)
+            }
             InferResponse::Error(e) => bail!("{:?}: {}", e.code, e.message),
             other => bail!("unexpected answer to a step: {other:?}"),
         }

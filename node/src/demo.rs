@@ -18,11 +18,16 @@ impl Mesh {
         for c in &mut self.children {
             if let Some(pid) = c.id() {
                 // SIGTERM lets servers drain; kill_on_drop is the backstop.
-                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
             }
         }
         for c in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                .await
+                .is_err()
+            {
                 let _ = c.kill().await;
             }
         }
@@ -53,11 +58,19 @@ pub async fn run(prompt: String, max_tokens: usize) -> Result<()> {
     let model = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
     let dir = std::env::temp_dir().join(format!("pollen-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut mesh = Mesh { children: Vec::new() };
+    let mut mesh = Mesh {
+        children: Vec::new(),
+    };
     let result = async {
         eprintln!("starting a bootstrap node on 127.0.0.1");
         let mut boot = Command::new(&exe)
-            .args(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity"])
+            .args([
+                "bootstrap",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--identity",
+            ])
             .arg(dir.join("bootstrap.key"))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -67,7 +80,16 @@ pub async fn run(prompt: String, max_tokens: usize) -> Result<()> {
         eprintln!("bootstrap at {addr}");
         for (i, blocks) in ["0:10", "10:20", "20:30"].iter().enumerate() {
             let mut server = Command::new(&exe)
-                .args(["serve", "--threads", "1", "--no-mdns", "--blocks", blocks, "--bootstrap", &addr])
+                .args([
+                    "serve",
+                    "--threads",
+                    "1",
+                    "--no-mdns",
+                    "--blocks",
+                    blocks,
+                    "--bootstrap",
+                    &addr,
+                ])
                 .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--model"])
                 .arg(&model)
                 .arg("--identity")
@@ -81,8 +103,22 @@ pub async fn run(prompt: String, max_tokens: usize) -> Result<()> {
         }
         eprintln!("asking through the swarm: {prompt}");
         let status = Command::new(&exe)
-            .args(["generate", "--chat", "--no-mdns", "--threads", "1", "--bootstrap", &addr])
-            .args(["--max-tokens", &max_tokens.to_string(), "--prompt", &prompt, "--model"])
+            .args([
+                "generate",
+                "--chat",
+                "--no-mdns",
+                "--threads",
+                "1",
+                "--bootstrap",
+                &addr,
+            ])
+            .args([
+                "--max-tokens",
+                &max_tokens.to_string(),
+                "--prompt",
+                &prompt,
+                "--model",
+            ])
             .arg(&model)
             .kill_on_drop(true)
             .status()

@@ -235,7 +235,9 @@ fn generate_params(args: &GenerateArgs) -> GenerateParams {
 fn stdout_sink() -> impl FnMut(&str) -> bool {
     move |text: &str| {
         let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok()
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_ok()
     }
 }
 
@@ -289,19 +291,44 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
     })
     .await??;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let handle = client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
+    let handle =
+        client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
     let num_blocks = ends.config().num_blocks;
-    let hops = client::discover_route(&handle, model_id, num_blocks, Duration::from_secs(args.route_wait)).await?;
+    let hops = client::discover_route(
+        &handle,
+        model_id,
+        num_blocks,
+        Duration::from_secs(args.route_wait),
+    )
+    .await?;
     tracing::info!(
         "route: {}",
-        hops.iter().map(|h| format!("{}:{}@{}", h.start, h.end, h.peer)).collect::<Vec<_>>().join(" -> ")
+        hops.iter()
+            .map(|h| format!("{}:{}@{}", h.start, h.end, h.peer))
+            .collect::<Vec<_>>()
+            .join(" -> ")
     );
     let prompt = prompt_ids(&tokenizer, &args.prompt, args.chat)?;
     let budget = (prompt.len() + args.max_tokens + 1) as u32;
-    let mut session = client::SwarmSession::open(handle, model_id, &hops, budget, ends.config().hidden_size, wire_dtype).await?;
+    let mut session = client::SwarmSession::open(
+        handle,
+        model_id,
+        &hops,
+        budget,
+        ends.config().hidden_size,
+        wire_dtype,
+    )
+    .await?;
     let params = generate_params(&args);
     let (session, result) = tokio::task::spawn_blocking(move || {
-        let r = pollen_shard::generate::generate(&ends, &tokenizer, &mut session, &prompt, &params, &mut stdout_sink());
+        let r = pollen_shard::generate::generate(
+            &ends,
+            &tokenizer,
+            &mut session,
+            &prompt,
+            &params,
+            &mut stdout_sink(),
+        );
         (session, r)
     })
     .await?;
@@ -344,10 +371,14 @@ fn default_listen() -> Vec<libp2p::Multiaddr> {
 }
 
 /// Cancels `stop` on the first Ctrl-C or SIGTERM and `kill` on the second.
-fn watch_signals(stop: tokio_util::sync::CancellationToken, kill: tokio_util::sync::CancellationToken) {
+fn watch_signals(
+    stop: tokio_util::sync::CancellationToken,
+    kill: tokio_util::sync::CancellationToken,
+) {
     tokio::spawn(async move {
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         for n in 0..2 {
             #[cfg(unix)]
             {
@@ -383,7 +414,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         model: path,
         blocks: args.blocks.clone(),
         load: load_options(&args.model)?,
-        listen: if args.listen.is_empty() { default_listen() } else { args.listen.clone() },
+        listen: if args.listen.is_empty() {
+            default_listen()
+        } else {
+            args.listen.clone()
+        },
         bootstrap: args.swarm.bootstrap.clone(),
         identity: args
             .identity
@@ -404,11 +439,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 async fn status(args: StatusArgs) -> Result<()> {
     let model = match &args.model {
-        Some(m) => Some(m.parse::<pollen_protocol::ModelId>().map_err(|e| anyhow::anyhow!("--model: {e}"))?),
+        Some(m) => Some(
+            m.parse::<pollen_protocol::ModelId>()
+                .map_err(|e| anyhow::anyhow!("--model: {e}"))?,
+        ),
         None => None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let handle = pollen_node::client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
+    let handle =
+        pollen_node::client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone())
+            .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
     if args.swarm.bootstrap.is_empty() {
         // mDNS only: give discovery its moment.
@@ -421,7 +461,10 @@ async fn status(args: StatusArgs) -> Result<()> {
         println!("{status}");
     } else {
         use std::io::IsTerminal;
-        print!("{}", pollen_node::status::to_text(&status, std::io::stdout().is_terminal()));
+        print!(
+            "{}",
+            pollen_node::status::to_text(&status, std::io::stdout().is_terminal())
+        );
     }
     Ok(())
 }
@@ -492,7 +535,9 @@ fn main() -> std::process::ExitCode {
         Command::FetchModel => resolve_model(&None).map(|p| println!("{}", p.display())),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Status(args) => runtime.block_on(status(args)),
-        Command::Demo(args) => runtime.block_on(pollen_node::demo::run(args.prompt, args.max_tokens)),
+        Command::Demo(args) => {
+            runtime.block_on(pollen_node::demo::run(args.prompt, args.max_tokens))
+        }
         Command::Bootstrap(args) => runtime.block_on(bootstrap(args)),
     };
     runtime.shutdown_timeout(Duration::from_millis(200));

@@ -107,7 +107,17 @@ impl Server {
                 hop,
                 budget,
                 wire_dtype,
-            } => self.open(session, model_id, route, hop as usize, budget.max_tokens, wire_dtype).await,
+            } => {
+                self.open(
+                    session,
+                    model_id,
+                    route,
+                    hop as usize,
+                    budget.max_tokens,
+                    wire_dtype,
+                )
+                .await
+            }
             InferRequest::Forward {
                 session,
                 position,
@@ -135,7 +145,10 @@ impl Server {
             return err(ErrorCode::Busy, "this server is shutting down");
         }
         if model_id != self.model_id {
-            return err(ErrorCode::UnknownModel, format!("this server serves model {}, not {model_id}", self.model_id));
+            return err(
+                ErrorCode::UnknownModel,
+                format!("this server serves model {}, not {model_id}", self.model_id),
+            );
         }
         let Some(me) = route.get(hop) else {
             return err(ErrorCode::BadRequest, "hop outside the route");
@@ -144,11 +157,18 @@ impl Server {
         if me.blocks.start() as usize != range.start || me.blocks.end() as usize != range.end {
             return err(
                 ErrorCode::SpanMismatch,
-                format!("this server holds blocks {range}, the route asks for {}:{}", me.blocks.start(), me.blocks.end()),
+                format!(
+                    "this server holds blocks {range}, the route asks for {}:{}",
+                    me.blocks.start(),
+                    me.blocks.end()
+                ),
             );
         }
         if parse_peer(&me.peer).ok() != Some(self.me) {
-            return err(ErrorCode::BadRequest, "the route names another peer at this hop");
+            return err(
+                ErrorCode::BadRequest,
+                "the route names another peer at this hop",
+            );
         }
         let limits = CacheLimits {
             max_tokens: (max_tokens as usize).min(self.cfg.max_session_tokens),
@@ -166,10 +186,16 @@ impl Server {
                 return err(ErrorCode::Internal, "session table poisoned");
             };
             if sessions.contains_key(&session) {
-                return err(ErrorCode::BadRequest, format!("session {} is already open", session.0));
+                return err(
+                    ErrorCode::BadRequest,
+                    format!("session {} is already open", session.0),
+                );
             }
             if sessions.len() >= self.cfg.max_sessions {
-                return err(ErrorCode::Busy, format!("this server is full ({} sessions)", self.cfg.max_sessions));
+                return err(
+                    ErrorCode::Busy,
+                    format!("this server is full ({} sessions)", self.cfg.max_sessions),
+                );
             }
             sessions.insert(
                 session,
@@ -195,7 +221,11 @@ impl Server {
                 },
                 wire_dtype,
             };
-            match self.net.infer(peer, addrs, req, Duration::from_secs(30)).await {
+            match self
+                .net
+                .infer(peer, addrs, req, Duration::from_secs(30))
+                .await
+            {
                 Ok(InferResponse::Opened { free_tokens, .. }) => free = free.min(free_tokens),
                 Ok(InferResponse::Error(e)) => {
                     self.remove(session);
@@ -203,7 +233,10 @@ impl Server {
                 }
                 Ok(other) => {
                     self.remove(session);
-                    return err(ErrorCode::Internal, format!("next server answered {other:?}"));
+                    return err(
+                        ErrorCode::Internal,
+                        format!("next server answered {other:?}"),
+                    );
                 }
                 Err(e) => {
                     self.remove(session);
@@ -217,9 +250,18 @@ impl Server {
         }
     }
 
-    async fn forward(&self, session: SessionId, position: u32, step: u64, hidden: HiddenStates) -> InferResponse {
+    async fn forward(
+        &self,
+        session: SessionId,
+        position: u32,
+        step: u64,
+        hidden: HiddenStates,
+    ) -> InferResponse {
         let Some(entry) = self.get(session) else {
-            return err(ErrorCode::UnknownSession, format!("no open session {}", session.0));
+            return err(
+                ErrorCode::UnknownSession,
+                format!("no open session {}", session.0),
+            );
         };
         let mut s = entry.lock().await;
         s.last_used = Instant::now();
@@ -244,7 +286,9 @@ impl Server {
                 s.cache = cache;
                 o
             }
-            Err(pollen_shard::ShardError::CacheFull { detail }) => return err(ErrorCode::OverBudget, detail),
+            Err(pollen_shard::ShardError::CacheFull { detail }) => {
+                return err(ErrorCode::OverBudget, detail);
+            }
             Err(e @ pollen_shard::ShardError::PositionMismatch { .. }) => {
                 return err(ErrorCode::BadRequest, e.to_string());
             }
@@ -269,7 +313,11 @@ impl Server {
                     step,
                     hidden: wire,
                 };
-                match self.net.infer(peer, addrs, req, Duration::from_secs(120)).await {
+                match self
+                    .net
+                    .infer(peer, addrs, req, Duration::from_secs(120))
+                    .await
+                {
                     Ok(resp) => resp,
                     Err(e) => err(ErrorCode::Internal, format!("next server {peer}: {e:#}")),
                 }
@@ -283,7 +331,12 @@ impl Server {
             if let Some((peer, addrs)) = next {
                 let _ = self
                     .net
-                    .infer(peer, addrs, InferRequest::Close { session }, Duration::from_secs(10))
+                    .infer(
+                        peer,
+                        addrs,
+                        InferRequest::Close { session },
+                        Duration::from_secs(10),
+                    )
                     .await;
             }
         }
@@ -294,7 +347,10 @@ impl Server {
         let idle = self.cfg.idle_timeout;
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.retain(|id, s| {
-                let keep = s.try_lock().map(|s| s.last_used.elapsed() < idle).unwrap_or(true);
+                let keep = s
+                    .try_lock()
+                    .map(|s| s.last_used.elapsed() < idle)
+                    .unwrap_or(true);
                 if !keep {
                     tracing::info!("closing session {} after {idle:?} idle", id.0);
                 }
@@ -303,7 +359,13 @@ impl Server {
         }
     }
 
-    fn announcement(&self, addrs: &[Multiaddr], throughput: f32, ttl: Duration, seq: u64) -> Announcement {
+    fn announcement(
+        &self,
+        addrs: &[Multiaddr],
+        throughput: f32,
+        ttl: Duration,
+        seq: u64,
+    ) -> Announcement {
         let now = now_ms();
         let range = self.span.range();
         let free_sessions = if self.draining.load(Ordering::Relaxed) {
@@ -316,10 +378,12 @@ impl Server {
             model_id: self.model_id,
             model_name: self.span.config().name.chars().take(200).collect(),
             num_blocks: self.span.config().num_blocks as u32,
-            blocks: WireRange::new(range.start as u32, range.end as u32).unwrap_or_else(|_| unreachable_range()),
+            blocks: WireRange::new(range.start as u32, range.end as u32)
+                .unwrap_or_else(|_| unreachable_range()),
             throughput,
             free_sessions,
-            free_cache_tokens: (free_sessions as usize * self.cfg.max_session_tokens).min(u32::MAX as usize) as u32,
+            free_cache_tokens: (free_sessions as usize * self.cfg.max_session_tokens)
+                .min(u32::MAX as usize) as u32,
             addrs: addrs.iter().take(16).map(|a| a.to_string()).collect(),
             issued_at_ms: now,
             expires_at_ms: now + ttl.as_millis() as u64,
@@ -335,7 +399,11 @@ fn unreachable_range() -> WireRange {
 
 /// Measures this span's decode speed (tokens/s through these blocks alone).
 fn measure_throughput(span: &BlockSpan) -> f32 {
-    let Ok(x) = candle_core::Tensor::zeros((1, 1, span.config().hidden_size), candle_core::DType::F32, span.device()) else {
+    let Ok(x) = candle_core::Tensor::zeros(
+        (1, 1, span.config().hidden_size),
+        candle_core::DType::F32,
+        span.device(),
+    ) else {
         return 0.0;
     };
     let mut cache = span.new_cache(CacheLimits::default());
@@ -421,7 +489,12 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
     let mut seq = 1u64;
     let sign = |a: Announcement| SignedAnnouncement::sign(a, &secret).map_err(|e| anyhow!("{e}"));
     handle
-        .set_own_announcement(Some(sign(server.announcement(&addrs, throughput, cfg.announce_ttl, seq))?))
+        .set_own_announcement(Some(sign(server.announcement(
+            &addrs,
+            throughput,
+            cfg.announce_ttl,
+            seq,
+        ))?))
         .await?;
     let range = server.span.range();
     println!("ready peer {me} model {model_id} blocks {range} throughput {throughput:.1}");

@@ -60,7 +60,10 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                     })
                 })
                 .collect();
-            let name = anns.first().map(|a| a.model_name.clone()).unwrap_or_default();
+            let name = anns
+                .first()
+                .map(|a| a.model_name.clone())
+                .unwrap_or_default();
             json!({
                 "id": id,
                 "name": name,
@@ -87,7 +90,10 @@ pub fn to_text(status: &Value, color: bool) -> String {
             m["name"].as_str().unwrap_or("?"),
             m["num_blocks"]
         ));
-        out.push_str(&format!("  {:<54} {:>9} {:>12} {:>8}\n", "peer", "blocks", "tokens/s", "age"));
+        out.push_str(&format!(
+            "  {:<54} {:>9} {:>12} {:>8}\n",
+            "peer", "blocks", "tokens/s", "age"
+        ));
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
             out.push_str(&format!(
                 "  {:<54} {:>9} {:>12.1} {:>7.0}s\n",
@@ -119,7 +125,10 @@ mod tests {
 
     #[test]
     fn gaps_are_maximal_runs() {
-        assert_eq!(gaps(&[true, false, false, true, false]), vec![(1, 3), (4, 5)]);
+        assert_eq!(
+            gaps(&[true, false, false, true, false]),
+            vec![(1, 3), (4, 5)]
+        );
         assert!(gaps(&[true, true]).is_empty());
         assert_eq!(gaps(&[false, false]), vec![(0, 2)]);
     }

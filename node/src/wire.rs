@@ -7,7 +7,10 @@ use pollen_protocol::{HiddenStates, WireDType};
 /// A `(1, n, hidden)` tensor as a frame payload of `dtype`.
 pub fn to_wire(t: &Tensor, dtype: WireDType) -> Result<HiddenStates> {
     let dims: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
-    let values = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let values = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
     HiddenStates::from_f32(&values, dims, dtype).map_err(|e| anyhow!("{e}"))
 }
 

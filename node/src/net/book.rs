@@ -40,7 +40,9 @@ impl AnnouncementBook {
     /// Verifies `signed` and keeps it; a clear reason when refused.
     pub fn insert(&mut self, signed: SignedAnnouncement) -> Result<(), String> {
         let now = now_ms();
-        let verified = signed.verify(now, &self.policy).map_err(|e| e.to_string())?;
+        let verified = signed
+            .verify(now, &self.policy)
+            .map_err(|e| e.to_string())?;
         self.replay.check(&verified).map_err(|e| e.to_string())?;
         let key = (verified.peer.clone(), verified.model_id);
         if !self.entries.contains_key(&key) && self.entries.len() >= MAX_BOOK_ENTRIES {

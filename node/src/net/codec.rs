@@ -40,7 +40,11 @@ async fn read_message<M: WireMessage, T: AsyncRead + Unpin + Send>(io: &mut T) -
     if body.len() != len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("{} frame ended after {} of {len} bytes", M::NAME, body.len()),
+            format!(
+                "{} frame ended after {} of {len} bytes",
+                M::NAME,
+                body.len()
+            ),
         ));
     }
     decode_body::<M>(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
@@ -50,7 +54,10 @@ fn encode<M: WireMessage>(msg: &M) -> io::Result<Vec<u8>> {
     encode_frame(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: io::Result<Vec<u8>>) -> io::Result<()> {
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    frame: io::Result<Vec<u8>>,
+) -> io::Result<()> {
     io.write_all(&frame?).await?;
     io.flush().await
 }

@@ -6,19 +6,20 @@
 //! Inbound inference requests come out of [`Net::inbound`], a bounded queue;
 //! when it is full the loop answers `busy` at once instead of queueing more.
 
+mod behaviour;
 pub mod book;
 pub mod codec;
 pub mod identity;
 
 use anyhow::{Context, Result, anyhow};
+pub use behaviour::{Behaviour, BehaviourEvent};
 use book::{AnnouncementBook, now_ms};
 use codec::FrameCodec;
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, identify, identity::Keypair, kad, mdns,
     noise, ping, relay, tcp, yamux,
@@ -28,6 +29,8 @@ use pollen_protocol::{
     InferResponse, ModelId, ProtocolError, SignedAnnouncement, VerifiedAnnouncement,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -70,27 +73,6 @@ pub struct NetConfig {
     pub role: Role,
     /// Longest wait for an inference answer (a prefill on a slow CPU takes seconds).
     pub infer_timeout: Duration,
-}
-
-/// The composed protocols of a Pollen node.
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    /// Exchanges listen addresses and protocols with every peer.
-    pub identify: identify::Behaviour,
-    /// Keeps connections alive and measures round-trip times for routing.
-    pub ping: ping::Behaviour,
-    /// The DHT: peer routing across the swarm.
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
-    /// Finds peers on the local network (off with `--no-mdns`).
-    pub mdns: Toggle<mdns::tokio::Behaviour>,
-    /// Relay v2 server for nodes behind NAT (bootstrap nodes only).
-    pub relay: Toggle<relay::Behaviour>,
-    /// AutoNAT: tells peers whether they are reachable (server on bootstrap nodes).
-    pub autonat: Toggle<autonat::Behaviour>,
-    /// Publishing and listing signed announcements.
-    pub announce: request_response::Behaviour<AnnounceCodec>,
-    /// Inference sessions.
-    pub infer: request_response::Behaviour<InferCodec>,
 }
 
 /// An inference request that arrived from a peer.
@@ -150,11 +132,32 @@ enum Command {
     },
 }
 
+/// Message counters of one node, for measuring what discovery costs.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Announcement requests received.
+    pub announce_in: AtomicU64,
+    /// Announcement requests sent.
+    pub announce_out: AtomicU64,
+    /// Inference requests received.
+    pub infer_in: AtomicU64,
+    /// Inference requests sent.
+    pub infer_out: AtomicU64,
+}
+
+impl NetStats {
+    /// Announcement messages sent and received so far.
+    pub fn announce_messages(&self) -> u64 {
+        self.announce_in.load(Ordering::Relaxed) + self.announce_out.load(Ordering::Relaxed)
+    }
+}
+
 /// A cloneable handle to the task that owns the swarm.
 #[derive(Clone, Debug)]
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    stats: Arc<NetStats>,
 }
 
 /// A started network: its handle and its inbound inference queue.
@@ -172,6 +175,11 @@ impl NetHandle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// This node's message counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
     }
 
     async fn call<T>(
@@ -206,7 +214,9 @@ impl NetHandle {
             match self.dial(addr.clone()).await {
                 Ok(p) => return Ok(p),
                 Err(e) if tokio::time::Instant::now() + delay >= deadline => {
-                    return Err(e.context(format!("gave up on bootstrap {addr} after {patience:?}")));
+                    return Err(
+                        e.context(format!("gave up on bootstrap {addr} after {patience:?}"))
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("{e:#}; retrying in {delay:?}");
@@ -218,7 +228,11 @@ impl NetHandle {
     }
 
     /// Sends an announcement request to `peer`.
-    pub async fn announce(&self, peer: PeerId, request: AnnounceRequest) -> Result<AnnounceResponse> {
+    pub async fn announce(
+        &self,
+        peer: PeerId,
+        request: AnnounceRequest,
+    ) -> Result<AnnounceResponse> {
         self.call(
             |reply| Command::Announce {
                 peer,
@@ -258,7 +272,10 @@ impl NetHandle {
     }
 
     /// Sets (or withdraws) this node's own announcement and publishes it to every connected peer.
-    pub async fn set_own_announcement(&self, announcement: Option<SignedAnnouncement>) -> Result<()> {
+    pub async fn set_own_announcement(
+        &self,
+        announcement: Option<SignedAnnouncement>,
+    ) -> Result<()> {
         self.tx
             .send(Command::SetOwn { announcement })
             .await
@@ -273,7 +290,8 @@ impl NetHandle {
 
     /// Connected peers with their round-trip times.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
-        self.call(|reply| Command::Peers { reply }, COMMAND_TIMEOUT).await
+        self.call(|reply| Command::Peers { reply }, COMMAND_TIMEOUT)
+            .await
     }
 
     /// Addresses this node listens on.
@@ -289,7 +307,13 @@ impl NetHandle {
         let asks = peers.iter().map(|p| {
             let h = self.clone();
             let peer = p.peer;
-            async move { (peer, h.announce(peer, AnnounceRequest::List { model_id: model }).await) }
+            async move {
+                (
+                    peer,
+                    h.announce(peer, AnnounceRequest::List { model_id: model })
+                        .await,
+                )
+            }
         });
         for (peer, answer) in futures::future::join_all(asks).await {
             match answer {
@@ -310,7 +334,10 @@ impl NetHandle {
 
     async fn announce_local(&self, signed: SignedAnnouncement) -> Result<()> {
         let me = self.peer_id;
-        match self.announce(me, AnnounceRequest::Publish(Box::new(signed))).await? {
+        match self
+            .announce(me, AnnounceRequest::Publish(Box::new(signed)))
+            .await?
+        {
             AnnounceResponse::Accepted => Ok(()),
             AnnounceResponse::Refused(e) => Err(anyhow!("{}", e.message)),
             other => Err(anyhow!("unexpected answer {other:?}")),
@@ -343,7 +370,8 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
             );
             let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
+            let mut kad =
+                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
             kad.set_mode(Some(match role {
                 Role::Client => kad::Mode::Client,
                 Role::Server | Role::Bootstrap => kad::Mode::Server,
@@ -353,7 +381,8 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
             } else {
                 None
             };
-            let relay = (role == Role::Bootstrap).then(|| relay::Behaviour::new(local, relay::Config::default()));
+            let relay = (role == Role::Bootstrap)
+                .then(|| relay::Behaviour::new(local, relay::Config::default()));
             let autonat = (role == Role::Bootstrap).then(|| {
                 autonat::Behaviour::new(
                     local,
@@ -370,13 +399,18 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
             };
             Ok(Behaviour {
                 identify,
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                ),
                 kad,
                 mdns: mdns.into(),
                 relay: relay.into(),
                 autonat: autonat.into(),
                 announce: request_response::Behaviour::new(
-                    [(StreamProtocol::new(ANNOUNCE_PROTOCOL), ProtocolSupport::Full)],
+                    [(
+                        StreamProtocol::new(ANNOUNCE_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
                     rr(Duration::from_secs(20)),
                 ),
                 infer: request_response::Behaviour::new(
@@ -395,8 +429,14 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
     }
     let (tx, rx) = mpsc::channel(1024);
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
-    let handle = NetHandle { tx, peer_id };
+    let stats = Arc::new(NetStats::default());
+    let handle = NetHandle {
+        tx,
+        peer_id,
+        stats: stats.clone(),
+    };
     let event_loop = EventLoop {
+        stats,
         swarm,
         commands: rx,
         inbound: inbound_tx,
@@ -411,15 +451,11 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
         bootstraps: HashSet::new(),
     };
     tokio::spawn(event_loop.run(cancel));
-    for addr in &cfg.bootstrap {
-        if let Some(libp2p::multiaddr::Protocol::P2p(p)) = addr.iter().last() {
-            let _ = p;
-        }
-    }
     Ok(Net { handle, inbound })
 }
 
 struct EventLoop {
+    stats: Arc<NetStats>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<InboundInfer>,
@@ -454,6 +490,7 @@ impl EventLoop {
     fn publish_to(&mut self, peer: PeerId) {
         if let Some(own) = &self.own {
             let req = AnnounceRequest::Publish(Box::new(own.clone()));
+            self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
             self.swarm.behaviour_mut().announce.send_request(&peer, req);
         }
     }
@@ -480,7 +517,12 @@ impl EventLoop {
                 if peer == *self.swarm.local_peer_id() {
                     let _ = reply.send(Ok(self.answer_announce(peer, request)));
                 } else {
-                    let id = self.swarm.behaviour_mut().announce.send_request(&peer, request);
+                    self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .announce
+                        .send_request(&peer, request);
                     self.pending_announce.insert(id, reply);
                 }
             }
@@ -493,7 +535,12 @@ impl EventLoop {
                 for a in addrs {
                     self.swarm.add_peer_address(peer, a);
                 }
-                let id = self.swarm.behaviour_mut().infer.send_request(&peer, request);
+                self.stats.infer_out.fetch_add(1, Ordering::Relaxed);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .infer
+                    .send_request(&peer, request);
                 self.pending_infer.insert(id, reply);
             }
             Command::Respond { channel, response } => {
@@ -601,7 +648,10 @@ impl EventLoop {
                     self.bootstraps.insert(peer_id);
                 }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address.clone());
                 }
                 let fresh = self.connected.insert(peer_id, None).is_none();
                 if fresh {
@@ -610,12 +660,10 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.connected.remove(&peer_id);
-                }
+                self.connected.remove(&peer_id);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -658,28 +706,35 @@ impl EventLoop {
                     }
                     self.swarm.add_peer_address(peer, addr.clone());
                     if !self.connected.contains_key(&peer) {
-                        let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
                     }
                 }
             }
-            BehaviourEvent::Announce(request_response::Event::Message { peer, message, .. }) => {
-                match message {
-                    request_response::Message::Request {
-                        request, channel, ..
-                    } => {
-                        let answer = self.answer_announce(peer, request);
-                        let _ = self.swarm.behaviour_mut().announce.send_response(channel, answer);
-                    }
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    } => {
-                        if let Some(reply) = self.pending_announce.remove(&request_id) {
-                            let _ = reply.send(Ok(response));
-                        }
+            BehaviourEvent::Announce(request_response::Event::Message {
+                peer, message, ..
+            }) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.stats.announce_in.fetch_add(1, Ordering::Relaxed);
+                    let answer = self.answer_announce(peer, request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .announce
+                        .send_response(channel, answer);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_announce.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
                     }
                 }
-            }
+            },
             BehaviourEvent::Announce(request_response::Event::OutboundFailure {
                 request_id,
                 error,
@@ -694,19 +749,26 @@ impl EventLoop {
                     request_response::Message::Request {
                         request, channel, ..
                     } => {
+                        self.stats.infer_in.fetch_add(1, Ordering::Relaxed);
                         let job = InboundInfer {
                             peer,
                             request,
                             channel,
                         };
-                        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-                            self.inbound.try_send(job)
+                        if let Err(
+                            mpsc::error::TrySendError::Full(job)
+                            | mpsc::error::TrySendError::Closed(job),
+                        ) = self.inbound.try_send(job)
                         {
                             let busy = InferResponse::Error(ProtocolError::new(
                                 ErrorCode::Busy,
                                 "this server is not taking inference requests now".to_string(),
                             ));
-                            let _ = self.swarm.behaviour_mut().infer.send_response(job.channel, busy);
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .infer
+                                .send_response(job.channel, busy);
                         }
                     }
                     request_response::Message::Response {
@@ -728,7 +790,9 @@ impl EventLoop {
                     let _ = reply.send(Err(error.to_string()));
                 }
             }
-            BehaviourEvent::Infer(request_response::Event::InboundFailure { peer, error, .. }) => {
+            BehaviourEvent::Infer(request_response::Event::InboundFailure {
+                peer, error, ..
+            }) => {
                 tracing::debug!("inference request from {peer} failed: {error}");
             }
             _ => {}

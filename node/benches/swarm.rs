@@ -1,0 +1,266 @@
+//! Swarm bench: decode (128 tokens) and prefill (512-token prompt) speed of the
+//! whole model in this process against a 3-server swarm on 127.0.0.1
+//! (a bootstrap node and servers of blocks 0:10, 10:20, 20:30 as separate
+//! processes, 1 thread each), and the per-hop overhead: median step time
+//! through the swarm minus the compute time of the spans, over the hops.
+//!
+//! `cargo bench -p pollen-node --bench swarm [-- --quick]`
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use candle_core::Tensor;
+use pollen_node::client::{self, SwarmSession};
+use pollen_protocol::WireDType;
+use pollen_shard::{
+    BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, PollenTokenizer,
+};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], prefix: &str) -> (Kill, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pollen"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with(prefix))
+        .unwrap();
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (Kill(child), line)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn prompt_ids(tok: &PollenTokenizer, n: usize) -> Vec<u32> {
+    let text = "Pollen runs open language models across volunteers' machines, so that no single entity holds the model. ";
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(tok.encode(text).unwrap());
+    }
+    ids.truncate(n);
+    ids
+}
+
+fn main() {
+    // One thread for this process's kernels, as each server gets.
+    // SAFETY: first thing in main, before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (decode_n, prefill_n) = if quick { (32, 128) } else { (128, 512) };
+    let model = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+    let m = model.display().to_string();
+    let opts = LoadOptions::default();
+    let file = ModelFile::open(&model).unwrap();
+    let tok = PollenTokenizer::from_model(&file).unwrap();
+    let ends = ClientEnds::load(&file, &opts).unwrap();
+    let cfg = file.config().unwrap();
+    let prefill_ids = prompt_ids(&tok, prefill_n);
+
+    // Local: every block in this process; also each span alone, for compute times.
+    let spans: Vec<BlockSpan> = [(0, 10), (10, 20), (20, 30)]
+        .iter()
+        .map(|&(a, b)| {
+            BlockSpan::load(
+                &file,
+                BlockRange { start: a, end: b },
+                &opts,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        })
+        .collect();
+    let run_local = |spans: &[BlockSpan]| {
+        let mut caches: Vec<_> = spans
+            .iter()
+            .map(|s| s.new_cache(CacheLimits::default()))
+            .collect();
+        let t = Instant::now();
+        let mut h = ends.embed(&prefill_ids).unwrap();
+        for (s, c) in spans.iter().zip(caches.iter_mut()) {
+            h = s.forward(&h, 0, c).unwrap();
+        }
+        let mut next = ends
+            .logits(&h)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        let prefill = t.elapsed().as_secs_f64();
+        let mut steps = Vec::new();
+        let mut span_times = vec![Vec::new(); spans.len()];
+        for i in 0..decode_n {
+            let t = Instant::now();
+            let mut h = ends.embed(&[next]).unwrap();
+            for (k, (s, c)) in spans.iter().zip(caches.iter_mut()).enumerate() {
+                let ts = Instant::now();
+                h = s.forward(&h, prefill_n + i, c).unwrap();
+                span_times[k].push(ts.elapsed().as_secs_f64());
+            }
+            next = ends
+                .logits(&h)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            steps.push(t.elapsed().as_secs_f64());
+        }
+        let total: f64 = steps.iter().sum();
+        let span_med: f64 = span_times.iter_mut().map(|v| median(v)).sum();
+        (prefill, total, median(&mut steps), span_med)
+    };
+    let (l_prefill, l_total, l_step, span_compute) = run_local(&spans);
+
+    // The swarm.
+    let dir = std::env::temp_dir().join(format!("pollen-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bk = dir.join("b.key").display().to_string();
+    let (_boot, addr) = spawn(
+        &[
+            "bootstrap",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--identity",
+            &bk,
+        ],
+        "/ip4/",
+    );
+    let mut servers = Vec::new();
+    for (i, blocks) in ["0:10", "10:20", "20:30"].iter().enumerate() {
+        let key = dir.join(format!("s{i}.key")).display().to_string();
+        let (p, _) = spawn(
+            &[
+                "serve",
+                "--threads",
+                "1",
+                "--no-mdns",
+                "--blocks",
+                blocks,
+                "--bootstrap",
+                &addr,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--model",
+                &m,
+                "--identity",
+                &key,
+            ],
+            "ready",
+        );
+        servers.push(p);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let model_id = pollen_node::manifest::manifest_from_digest(
+        &pollen_shard::digest::digest(&file, &mut |_, _| {}).unwrap(),
+    )
+    .id();
+    let mut rows = Vec::new();
+    for dtype in [WireDType::F32, WireDType::F16] {
+        let (prefill, total, step) = rt.block_on(async {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let addr: libp2p::Multiaddr = addr.parse().unwrap();
+            let handle = client::connect(&[addr], false, cancel.clone())
+                .await
+                .unwrap();
+            let hops =
+                client::discover_route(&handle, model_id, cfg.num_blocks, Duration::from_secs(20))
+                    .await
+                    .unwrap();
+            let budget = (prefill_n + decode_n + 8) as u32;
+            let mut s = SwarmSession::open(handle, model_id, &hops, budget, cfg.hidden_size, dtype)
+                .await
+                .unwrap();
+            let t = Instant::now();
+            let h = s.step(&ends.embed(&prefill_ids).unwrap(), 0).await.unwrap();
+            let mut next = ends
+                .logits(&h)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            let prefill = t.elapsed().as_secs_f64();
+            let mut steps = Vec::new();
+            for i in 0..decode_n {
+                let t = Instant::now();
+                let x: Tensor = ends.embed(&[next]).unwrap();
+                let h = s.step(&x, prefill_n + i).await.unwrap();
+                next = ends
+                    .logits(&h)
+                    .unwrap()
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap();
+                steps.push(t.elapsed().as_secs_f64());
+            }
+            s.close().await;
+            cancel.cancel();
+            let total: f64 = steps.iter().sum();
+            (prefill, total, median(&mut steps))
+        });
+        rows.push((dtype, prefill, total, step));
+    }
+    println!(
+        "swarm bench: {m}, prefill {prefill_n} tokens, decode {decode_n} tokens, 1 thread per process"
+    );
+    println!();
+    println!("| setup | prefill tok/s | decode tok/s | median step ms | vs local decode |");
+    println!("| --- | --- | --- | --- | --- |");
+    let local_tps = decode_n as f64 / l_total;
+    println!(
+        "| local (one process) | {:.1} | {:.1} | {:.2} | 1.00x |",
+        prefill_n as f64 / l_prefill,
+        local_tps,
+        l_step * 1e3
+    );
+    for (dtype, prefill, total, step) in &rows {
+        let tps = decode_n as f64 / total;
+        println!(
+            "| 3-server swarm, {dtype:?} hidden states | {:.1} | {:.1} | {:.2} | {:.2}x |",
+            prefill_n as f64 / prefill,
+            tps,
+            step * 1e3,
+            tps / local_tps
+        );
+    }
+    println!();
+    let ends_time = l_step - span_compute;
+    for (dtype, _, _, step) in &rows {
+        let overhead = step - span_compute - ends_time;
+        println!(
+            "per-hop overhead ({dtype:?}): ({:.3} ms swarm step - {:.3} ms span compute - {:.3} ms client ends) / 3 hops = {:.3} ms",
+            step * 1e3,
+            span_compute * 1e3,
+            ends_time * 1e3,
+            overhead * 1e3 / 3.0
+        );
+    }
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,147 @@
+//! Announcements over real in-process swarms on 127.0.0.1: a verified one is
+//! listed; unsigned, forged, expired and replayed ones are refused and never
+//! listed.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use libp2p::identity::Keypair;
+use pollen_node::net::{self, NetConfig, NetHandle, Role};
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, ModelId, PeerIdBytes,
+    SignedAnnouncement,
+};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+async fn node(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
+    let key = Keypair::generate_ed25519();
+    let net = net::start(
+        NetConfig {
+            keypair: key.clone(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![],
+            mdns: false,
+            role,
+            infer_timeout: Duration::from_secs(5),
+        },
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    (net.handle, key)
+}
+
+fn announcement(
+    key: &Keypair,
+    blocks: (u32, u32),
+    issued: u64,
+    ttl: u64,
+    seq: u64,
+) -> Announcement {
+    Announcement {
+        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
+        model_id: ModelId::from_bytes([7; 32]),
+        model_name: "test".into(),
+        num_blocks: 30,
+        blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
+        throughput: 100.0,
+        free_sessions: 4,
+        free_cache_tokens: 8192,
+        addrs: vec![],
+        issued_at_ms: issued,
+        expires_at_ms: issued + ttl,
+        seq,
+    }
+}
+
+fn sign(key: &Keypair, a: Announcement) -> SignedAnnouncement {
+    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(key).unwrap()).unwrap()
+}
+
+async fn publish(from: &NetHandle, to: libp2p::PeerId, s: SignedAnnouncement) -> AnnounceResponse {
+    from.announce(to, AnnounceRequest::Publish(Box::new(s)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn only_verified_fresh_announcements_are_listed() {
+    let cancel = CancellationToken::new();
+    let (boot, _) = node(Role::Bootstrap, &cancel).await;
+    let (server, key) = node(Role::Server, &cancel).await;
+    let addr = boot.listen_addrs().await.unwrap()[0].clone();
+    let boot_id = server
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(boot.peer_id())))
+        .await
+        .unwrap();
+    let now = net::unix_ms();
+
+    // A good one.
+    let good = sign(&key, announcement(&key, (0, 10), now, 30_000, 1));
+    assert_eq!(
+        publish(&server, boot_id, good.clone()).await,
+        AnnounceResponse::Accepted
+    );
+
+    // Forged: a field changed after signing.
+    let mut forged = sign(&key, announcement(&key, (10, 20), now + 1, 30_000, 2));
+    forged.announcement.blocks = BlockRange::new(0, 30).unwrap();
+    assert!(matches!(
+        publish(&server, boot_id, forged).await,
+        AnnounceResponse::Refused(_)
+    ));
+
+    // Unsigned: an all-zero signature.
+    let mut unsigned = sign(&key, announcement(&key, (10, 20), now + 2, 30_000, 3));
+    unsigned.signature = [0; 64];
+    assert!(matches!(
+        publish(&server, boot_id, unsigned).await,
+        AnnounceResponse::Refused(_)
+    ));
+
+    // Someone else's peer id under our key.
+    let other = Keypair::generate_ed25519();
+    let mut theirs = sign(&other, announcement(&other, (10, 20), now + 3, 30_000, 4));
+    theirs.public_key = good.public_key;
+    assert!(matches!(
+        publish(&server, boot_id, theirs).await,
+        AnnounceResponse::Refused(_)
+    ));
+
+    // Expired long ago.
+    let old = sign(&key, announcement(&key, (10, 20), now - 600_000, 60_000, 5));
+    assert!(matches!(
+        publish(&server, boot_id, old).await,
+        AnnounceResponse::Refused(_)
+    ));
+
+    // A replay of the good one.
+    assert!(matches!(
+        publish(&server, boot_id, good).await,
+        AnnounceResponse::Refused(_)
+    ));
+
+    match server
+        .announce(boot_id, AnnounceRequest::List { model_id: None })
+        .await
+        .unwrap()
+    {
+        AnnounceResponse::List(list) => {
+            assert_eq!(list.len(), 1, "only the good announcement is listed");
+            assert_eq!(list[0].announcement.blocks, BlockRange::new(0, 10).unwrap());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // A short-lived one disappears when it expires.
+    let brief = sign(&key, announcement(&key, (0, 10), now + 10, 1_000, 6));
+    assert_eq!(
+        publish(&server, boot_id, brief).await,
+        AnnounceResponse::Accepted
+    );
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(
+        boot.book(None).await.unwrap().is_empty(),
+        "expired entries are not listed"
+    );
+    cancel.cancel();
+}

@@ -1,0 +1,107 @@
+//! A real swarm on 127.0.0.1: a bootstrap node and three servers as separate
+//! processes. Coverage appears, a killed server's span goes uncovered, and a
+//! restarted server keeps its peer id; servers without a bootstrap find each
+//! other by mDNS; an unreachable bootstrap is a clear error.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn bootstrap_and_three_servers_cover_expire_and_return() {
+    let dir = temp_dir("swarm");
+    let (_boot, addr) = bootstrap(&dir, true);
+    let ttl = ["--announce-ttl", "6"];
+    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("s0.key"), &ttl);
+    let (mut s1, ready1) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
+    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("s2.key"), &ttl);
+
+    let took = wait_for(Duration::from_secs(10), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
+    });
+    let took = took.expect("full coverage within 10 s of the last server being ready");
+    eprintln!("full coverage seen {took:?} after the last server was ready");
+
+    s1.kill9();
+    let took = wait_for(Duration::from_secs(20), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, _)| gaps == vec![(10, 20)])
+    });
+    let took =
+        took.expect("the killed server's span shows as uncovered within its announcement's expiry");
+    eprintln!("blocks 10:20 uncovered {took:?} after kill -9 (announcement TTL 6 s)");
+
+    let (_s1b, ready1b) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
+    assert_eq!(
+        peer_of(&ready1),
+        peer_of(&ready1b),
+        "same key file, same peer id"
+    );
+    let took = wait_for(Duration::from_secs(10), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
+    });
+    assert!(took.is_some(), "covered again after the restart");
+}
+
+/// mDNS multicasts on every non-loopback interface, so this test runs in a
+/// private network namespace (`unshare -n`) whose only link is a veth pair:
+/// no packet leaves the machine. Without root or `unshare` it is skipped.
+#[test]
+fn three_servers_without_bootstrap_find_each_other_by_mdns() {
+    if std::env::var_os("POLLEN_IN_NETNS").is_none() {
+        let _ = model(); // fetch outside the namespace, which has no network
+        let setup = "ip link set lo up && ip link add v0 type veth peer name v1 \
+            && ip addr add 10.200.0.1/24 dev v0 && ip link set v0 up && ip link set v1 up \
+            && ip route add 224.0.0.0/4 dev v0";
+        let probe = std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", setup])
+            .output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "skipped: cannot make a private network namespace (needs root, unshare and ip)"
+            );
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let script = format!(
+            "{setup} && exec {} --exact three_servers_without_bootstrap_find_each_other_by_mdns --nocapture",
+            exe.display()
+        );
+        let status = std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .env("POLLEN_IN_NETNS", "1")
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the mDNS test failed inside its network namespace"
+        );
+        return;
+    }
+    let dir = temp_dir("mdns");
+    let any = ["--listen", "/ip4/0.0.0.0/tcp/0"];
+    let (_s0, _) = server(None, "0:10", &dir.join("m0.key"), &any);
+    let (_s1, _) = server(None, "10:20", &dir.join("m1.key"), &any);
+    let (_s2, _) = server(None, "20:30", &dir.join("m2.key"), &any);
+    let took = wait_for(Duration::from_secs(30), || {
+        coverage(&status(None)).is_some_and(|(gaps, n)| gaps.is_empty() && n >= 3)
+    });
+    assert!(took.is_some(), "mDNS discovery shows all three spans");
+    eprintln!("mDNS: full coverage seen after {took:?}");
+}
+
+#[test]
+fn unreachable_bootstrap_is_a_clear_error() {
+    let addr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDXv1U1YU278upnNXMeoWMmzCsN275mvUurr2DZaoHH75";
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(pollen())
+        .args(["status", "--no-mdns", "--bootstrap", addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(addr), "the error names the address: {err}");
+    assert!(err.contains("gave up"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
