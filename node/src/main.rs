@@ -133,9 +133,10 @@ struct ModelArgs {
     /// CPU threads for the model's kernels. Default: every core this process may use.
     #[arg(long)]
     threads: Option<usize>,
-    /// Weights in memory: `q8_0` (default) requantizes types that lack a fast CPU kernel
-    /// (Q4_1, Q5_x) to Q8_0 at load; `exact` keeps the file's arithmetic bit for bit.
-    #[arg(long, default_value = "q8_0")]
+    /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's AVX-512 VNNI
+    /// kernels (Q4_1 kept at 4 bits); `exact` keeps candle's arithmetic bit for bit;
+    /// `q8_0`/`q4_0` requantize types candle has no fast kernel for.
+    #[arg(long, default_value = "fast")]
     weights: String,
 }
 

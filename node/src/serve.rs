@@ -50,7 +50,8 @@ pub struct ServeConfig {
 }
 
 struct Session {
-    cache: SpanCache,
+    /// Taken out while a step computes (the step holds the session's lock).
+    cache: Option<SpanCache>,
     next: Option<(PeerId, Vec<Multiaddr>)>,
     wire_dtype: WireDType,
     last_used: Instant,
@@ -200,7 +201,7 @@ impl Server {
             sessions.insert(
                 session,
                 Arc::new(Mutex::new(Session {
-                    cache: self.span.new_cache(limits),
+                    cache: Some(self.span.new_cache(limits)),
                     next: next.clone(),
                     wire_dtype,
                     last_used: Instant::now(),
@@ -270,7 +271,12 @@ impl Server {
             Err(e) => return err(ErrorCode::BadRequest, e.to_string()),
         };
         let span = self.span.clone();
-        let mut cache = s.cache.clone();
+        let Some(mut cache) = s.cache.take() else {
+            return err(
+                ErrorCode::Internal,
+                "session cache lost by an earlier failure",
+            );
+        };
         let pos = position as usize;
         let result = tokio::task::spawn_blocking(move || {
             let out = span.forward(&input, pos, &mut cache);
@@ -281,11 +287,10 @@ impl Server {
             Ok(r) => r,
             Err(e) => return err(ErrorCode::Internal, format!("compute task failed: {e}")),
         };
+        // The span leaves the cache as it was when a step fails.
+        s.cache = Some(cache);
         let out = match out {
-            Ok(o) => {
-                s.cache = cache;
-                o
-            }
+            Ok(o) => o,
             Err(pollen_shard::ShardError::CacheFull { detail }) => {
                 return err(ErrorCode::OverBudget, detail);
             }

@@ -41,10 +41,10 @@ pub fn default_system_prompt(tok: &PollenTokenizer) -> Option<String> {
 /// Renders `messages` as ChatML and opens the assistant's turn.
 pub fn render_chatml(tok: &PollenTokenizer, messages: &[Message]) -> String {
     let mut out = String::new();
-    if messages.first().is_none_or(|m| m.role != "system") {
-        if let Some(system) = default_system_prompt(tok) {
-            out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
-        }
+    if messages.first().is_none_or(|m| m.role != "system")
+        && let Some(system) = default_system_prompt(tok)
+    {
+        out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
     }
     for m in messages {
         out.push_str(&format!(

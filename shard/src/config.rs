@@ -58,13 +58,13 @@ impl ModelConfig {
         if self.hidden_size == 0 || self.num_heads == 0 || self.num_kv_heads == 0 {
             return bad("zero hidden size or head count".into());
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "hidden size {} is not a multiple of {} heads",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.num_heads, self.num_kv_heads
@@ -73,7 +73,8 @@ impl ModelConfig {
         if self.num_blocks == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return bad("zero blocks, vocabulary or MLP size".into());
         }
-        if self.rope_dim == 0 || self.rope_dim > self.head_dim() || self.rope_dim % 2 != 0 {
+        if self.rope_dim == 0 || self.rope_dim > self.head_dim() || !self.rope_dim.is_multiple_of(2)
+        {
             return bad(format!(
                 "rope dimension {} does not fit head size",
                 self.rope_dim

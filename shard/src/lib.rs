@@ -11,6 +11,7 @@
 //! Hidden states go in and out as candle tensors; the node crate turns them
 //! into frames.
 
+mod attention;
 pub mod chat;
 pub mod config;
 pub mod device;
@@ -18,6 +19,7 @@ pub mod digest;
 pub mod error;
 pub mod fetch;
 pub mod generate;
+pub mod kernels;
 pub mod llama;
 pub mod sampling;
 pub mod tokenizer;

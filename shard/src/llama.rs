@@ -15,14 +15,15 @@
 //!   we refuse a position that is not the cache's length instead.
 
 use crate::config::{BlockRange, ModelConfig};
+use crate::kernels::PackedMatrix;
 use crate::weights::{ModelFile, Weight};
 use crate::{Result, ShardError};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use std::sync::Arc;
 
-/// How weights are kept in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How weights are kept in memory. The default is [`WeightMode::Fast`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
     /// As stored in the file: bit-identical to candle-transformers' own model.
     Exact,
@@ -30,12 +31,16 @@ pub enum WeightMode {
     /// Q8_1) are requantized at load to this type, which has one. Logits move
     /// slightly (measured in the engine bench); the text rarely does.
     Requantize(GgmlDType),
-}
-
-impl Default for WeightMode {
-    fn default() -> Self {
-        Self::Requantize(GgmlDType::Q8_0)
-    }
+    /// Q4_0, Q4_1 and Q8_0 weights keep their values but are repacked at load
+    /// for this crate's own AVX-512 VNNI kernel ([`crate::kernels`]); Q5_0,
+    /// Q5_1 and Q8_1 become 8-bit asymmetric quants. Activations are quantized
+    /// per 32 values as candle does, so logits differ from exact only by
+    /// rounding (summation order, fused attention; measured in the engine
+    /// bench). Uses the same growable KV cache and fused attention as
+    /// `Requantize`.
+    /// On CPUs without AVX-512 VNNI this behaves as `Requantize(Q8_0)`.
+    #[default]
+    Fast,
 }
 
 impl WeightMode {
@@ -44,13 +49,14 @@ impl WeightMode {
         let t = text.trim().to_ascii_lowercase();
         Ok(match t.as_str() {
             "exact" => Self::Exact,
+            "fast" => Self::Fast,
             "q8_0" | "q8" => Self::Requantize(GgmlDType::Q8_0),
             "q4_0" => Self::Requantize(GgmlDType::Q4_0),
             "q4k" | "q4_k" => Self::Requantize(GgmlDType::Q4K),
             "q6k" | "q6_k" => Self::Requantize(GgmlDType::Q6K),
             _ => {
                 return Err(ShardError::BadInput(format!(
-                    "unknown weight mode `{text}` (expected exact, q8_0, q4_0, q4k or q6k)"
+                    "unknown weight mode `{text}` (expected fast, exact, q8_0, q4_0, q4k or q6k)"
                 )));
             }
         })
@@ -61,6 +67,7 @@ impl std::fmt::Display for WeightMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Exact => f.write_str("exact"),
+            Self::Fast => f.write_str("fast"),
             Self::Requantize(d) => write!(f, "{}", format!("{d:?}").to_ascii_lowercase()),
         }
     }
@@ -102,25 +109,36 @@ impl Default for CacheLimits {
     }
 }
 
+/// Weights of a matrix product: candle's own, or packed for our kernel.
+#[derive(Debug, Clone)]
+enum LinearInner {
+    Candle(QMatMul),
+    Packed(Arc<PackedMatrix>),
+}
+
 /// A matrix product with a stored weight, quantized or dense.
 #[derive(Debug, Clone)]
 struct Linear {
-    inner: QMatMul,
+    inner: LinearInner,
     span: tracing::Span,
 }
 
 impl Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
-        self.inner.forward(xs)
+        match &self.inner {
+            LinearInner::Candle(m) => m.forward(xs),
+            LinearInner::Packed(p) => xs.contiguous()?.apply_op1_no_bwd(p.as_ref()),
+        }
     }
 
     fn bytes(&self) -> usize {
         match &self.inner {
-            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            LinearInner::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearInner::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
+            LinearInner::Packed(p) => p.bytes(),
         }
     }
 }
@@ -167,8 +185,19 @@ fn linear_from(
             let q = match mode {
                 WeightMode::Exact => q,
                 WeightMode::Requantize(t) => requantize(q, t)?,
+                WeightMode::Fast => {
+                    let packable = needs_requant(q.dtype())
+                        || matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q8_0);
+                    if packable && let Some(p) = PackedMatrix::pack(&q)? {
+                        return Ok(Linear {
+                            inner: LinearInner::Packed(Arc::new(p)),
+                            span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+                        });
+                    }
+                    requantize(q, GgmlDType::Q8_0)?
+                }
             };
-            QMatMul::from_qtensor(q)?
+            LinearInner::Candle(QMatMul::from_qtensor(q)?)
         }
         Weight::Dense(t) => {
             if t.dims() != [rows, cols] {
@@ -178,7 +207,7 @@ fn linear_from(
                     expected: vec![rows, cols],
                 });
             }
-            QMatMul::Tensor(t)
+            LinearInner::Candle(QMatMul::Tensor(t))
         }
     };
     Ok(Linear {
@@ -210,17 +239,79 @@ fn load_vector(file: &ModelFile, name: &str, len: usize, device: &Device) -> Res
     Ok(t)
 }
 
+/// Projections of the same input: separate products (exact mode, op for op
+/// as the reference) or one fused packed product whose output is split.
+#[derive(Debug, Clone)]
+enum Projections<const N: usize> {
+    Separate([Linear; N]),
+    Fused(Linear, [usize; N]),
+}
+
+impl<const N: usize> Projections<N> {
+    fn new(parts: [Linear; N], fuse: bool) -> Self {
+        if fuse {
+            let packed: Vec<&PackedMatrix> = parts
+                .iter()
+                .filter_map(|l| match &l.inner {
+                    LinearInner::Packed(p) => Some(p.as_ref()),
+                    LinearInner::Candle(_) => None,
+                })
+                .collect();
+            if packed.len() == N
+                && let Some(m) = PackedMatrix::concat(&packed)
+            {
+                let widths = std::array::from_fn(|i| packed[i].n());
+                return Self::Fused(
+                    Linear {
+                        inner: LinearInner::Packed(Arc::new(m)),
+                        span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+                    },
+                    widths,
+                );
+            }
+        }
+        Self::Separate(parts)
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let out: Vec<Tensor> = match self {
+            Self::Separate(ls) => ls
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<candle_core::Result<_>>()?,
+            Self::Fused(l, widths) => {
+                let y = l.forward(x)?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(N);
+                for &w in widths {
+                    out.push(y.narrow(D::Minus1, at, w)?);
+                    at += w;
+                }
+                out
+            }
+        };
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("projection count".into()))
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Separate(ls) => ls.iter().map(Linear::bytes).sum(),
+            Self::Fused(l, _) => l.bytes(),
+        }
+    }
+}
+
 /// One transformer block's weights.
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v.
+    qkv: Projections<3>,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// gate, up.
+    gate_up: Projections<2>,
     w_down: Linear,
     span_attn: tracing::Span,
     span_mlp: tracing::Span,
@@ -233,6 +324,9 @@ struct Shared {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
+    /// Non-exact modes: growable KV buffers and grouped attention without
+    /// repeated keys (see [`Block::attention_fast`]).
+    fast: bool,
 }
 
 fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -258,6 +352,23 @@ fn causal_mask(seq_len: usize, index_pos: usize, device: &Device) -> Result<Tens
     Ok(Tensor::from_slice(&mask, (seq_len, kv_len), device)?)
 }
 
+/// `mask[i][j] = -inf` where query `i` (at position `index_pos + i`) must not see key `j`, else 0.
+fn causal_mask_additive(seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+    let kv_len = index_pos + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j > index_pos + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_slice(&mask, (seq_len, kv_len), device)?)
+}
+
 fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     if n_rep == 1 {
         Ok(xs)
@@ -273,15 +384,22 @@ impl Block {
         let h = cfg.hidden_size;
         let kv = cfg.num_kv_heads * cfg.head_dim();
         let ff = cfg.intermediate_size;
+        let fuse = opts.mode == WeightMode::Fast;
+        let qkv = [
+            load_linear(file, &n.wq, h, h, opts)?,
+            load_linear(file, &n.wk, kv, h, opts)?,
+            load_linear(file, &n.wv, kv, h, opts)?,
+        ];
+        let gate_up = [
+            load_linear(file, &n.w_gate, ff, h, opts)?,
+            load_linear(file, &n.w_up, ff, h, opts)?,
+        ];
         Ok(Self {
             attn_norm: load_vector(file, &n.attn_norm, h, &opts.device)?,
-            wq: load_linear(file, &n.wq, h, h, opts)?,
-            wk: load_linear(file, &n.wk, kv, h, opts)?,
-            wv: load_linear(file, &n.wv, kv, h, opts)?,
+            qkv: Projections::new(qkv, fuse),
             wo: load_linear(file, &n.wo, h, h, opts)?,
             ffn_norm: load_vector(file, &n.ffn_norm, h, &opts.device)?,
-            w_gate: load_linear(file, &n.w_gate, ff, h, opts)?,
-            w_up: load_linear(file, &n.w_up, ff, h, opts)?,
+            gate_up: Projections::new(gate_up, fuse),
             w_down: load_linear(file, &n.w_down, h, ff, opts)?,
             span_attn: tracing::span!(tracing::Level::TRACE, "attn"),
             span_mlp: tracing::span!(tracing::Level::TRACE, "mlp"),
@@ -289,18 +407,10 @@ impl Block {
     }
 
     fn bytes(&self) -> usize {
-        [
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.w_gate,
-            &self.w_up,
-            &self.w_down,
-        ]
-        .iter()
-        .map(|l| l.bytes())
-        .sum::<usize>()
+        self.qkv.bytes()
+            + self.wo.bytes()
+            + self.gate_up.bytes()
+            + self.w_down.bytes()
             + (self.attn_norm.elem_count() + self.ffn_norm.elem_count()) * 4
     }
 
@@ -328,9 +438,7 @@ impl Block {
         let cfg = &sh.cfg;
         let head_dim = cfg.head_dim();
         let (b_sz, seq_len, n_embd) = x.dims3()?;
-        let q = self.wq.forward(x)?;
-        let k = self.wk.forward(x)?;
-        let v = self.wv.forward(x)?;
+        let [q, k, v] = self.qkv.forward(x)?;
         let q = q
             .reshape((b_sz, seq_len, cfg.num_heads, head_dim))?
             .transpose(1, 2)?;
@@ -368,24 +476,110 @@ impl Block {
         self.wo.forward(&y)
     }
 
+    /// Attention for the non-exact modes. The KV cache is a pair of buffers
+    /// `(1, kv_heads, capacity, head_dim)` written in place and grown by
+    /// doubling; queries are grouped per KV head `(1, kv_heads, n_rep * seq,
+    /// head_dim)` so keys and values are never repeated or copied; `mask` is
+    /// additive `(seq, kv_len)`.
+    fn attention_fast(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+        kv_cache: &mut Option<(Tensor, Tensor)>,
+        max_tokens: usize,
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let _enter = self.span_attn.enter();
+        let cfg = &sh.cfg;
+        let head_dim = cfg.head_dim();
+        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let (n_head, n_kv) = (cfg.num_heads, cfg.num_kv_heads);
+        let [q, k, v] = self.qkv.forward(x)?;
+        let q = q
+            .reshape((b_sz, seq_len, n_head, head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rotary(&q, pos, sh)?;
+        let k = self.rotary(&k, pos, sh)?;
+        let need = pos + seq_len;
+        let (kb, vb) = match kv_cache.take() {
+            Some((kb, vb)) if kb.dim(2)? >= need => (kb, vb),
+            old => {
+                let cap = need.next_power_of_two().clamp(64, max_tokens.max(need));
+                let shape = (b_sz, n_kv, cap, head_dim);
+                let kb = Tensor::zeros(shape, DType::F32, x.device())?;
+                let vb = Tensor::zeros(shape, DType::F32, x.device())?;
+                if let Some((ok, ov)) = old
+                    && pos > 0
+                {
+                    kb.slice_set(&ok.narrow(2, 0, pos)?.contiguous()?, 2, 0)?;
+                    vb.slice_set(&ov.narrow(2, 0, pos)?.contiguous()?, 2, 0)?;
+                }
+                (kb, vb)
+            }
+        };
+        kb.slice_set(&k, 2, pos)?;
+        vb.slice_set(&v, 2, pos)?;
+        let keys = kb.narrow(2, 0, need)?;
+        let values = vb.narrow(2, 0, need)?;
+        if seq_len == 1 && x.device().is_cpu() {
+            let op = crate::attention::DecodeAttention {
+                len: need,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
+            let y = q.apply_op3_no_bwd(&kb, &vb, &op)?;
+            *kv_cache = Some((kb, vb));
+            return self.wo.forward(&y);
+        }
+        *kv_cache = Some((kb, vb));
+        let n_rep = n_head / n_kv;
+        let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
+        let att = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let att = match mask {
+            None => att,
+            Some(mask) => att
+                .reshape((b_sz, n_kv, n_rep, seq_len, need))?
+                .broadcast_add(mask)?
+                .reshape((b_sz, n_kv, n_rep * seq_len, need))?,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&values)?;
+        let y = y
+            .reshape((b_sz, n_head, seq_len, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, n_embd))?;
+        self.wo.forward(&y)
+    }
+
     fn forward(
         &self,
         x: Tensor,
         mask: Option<&Tensor>,
         pos: usize,
         kv_cache: &mut Option<(Tensor, Tensor)>,
+        max_tokens: usize,
         sh: &Shared,
     ) -> candle_core::Result<Tensor> {
         let eps = sh.cfg.rms_norm_eps as f32;
         let residual = &x;
         let h = candle_nn::ops::rms_norm(&x, &self.attn_norm, eps)?;
-        let attn = self.attention(&h, mask, pos, kv_cache, sh)?;
+        let attn = if sh.fast {
+            self.attention_fast(&h, mask, pos, kv_cache, max_tokens, sh)?
+        } else {
+            self.attention(&h, mask, pos, kv_cache, sh)?
+        };
         let x = (attn + residual)?;
         let _enter = self.span_mlp.enter();
         let residual = &x;
         let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
-        let gate = self.w_gate.forward(&h)?;
-        let up = self.w_up.forward(&h)?;
+        let [gate, up] = self.gate_up.forward(&h)?;
         let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
         h + residual
     }
@@ -402,13 +596,47 @@ pub struct BlockSpan {
 }
 
 /// One session's KV cache for one span.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SpanCache {
     range: BlockRange,
+    /// Exact mode: keys and values `(1, kv_heads, len, head_dim)`. Fast
+    /// modes: buffers `(1, kv_heads, capacity, head_dim)` written in place,
+    /// of which the first `len` positions are valid.
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     limits: CacheLimits,
     bytes_per_token: usize,
+    fast: bool,
+}
+
+impl Clone for SpanCache {
+    /// A clone owns its keys and values: fast-mode buffers are written in
+    /// place, so they are copied rather than shared.
+    fn clone(&self) -> Self {
+        let layers = if self.fast {
+            self.layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().and_then(|(k, v)| match (k.copy(), v.copy()) {
+                        (Ok(k), Ok(v)) => Some((k, v)),
+                        // Cannot happen on a working device; an empty layer
+                        // would make the next step fail loudly, never silently.
+                        _ => None,
+                    })
+                })
+                .collect()
+        } else {
+            self.layers.clone()
+        };
+        Self {
+            range: self.range,
+            layers,
+            len: self.len,
+            limits: self.limits,
+            bytes_per_token: self.bytes_per_token,
+            fast: self.fast,
+        }
+    }
 }
 
 impl SpanCache {
@@ -452,6 +680,14 @@ impl SpanCache {
         if len >= self.len {
             return Ok(());
         }
+        if self.fast {
+            // Positions from `len` on are overwritten by the next steps.
+            self.len = len;
+            if len == 0 {
+                self.clear();
+            }
+            return Ok(());
+        }
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.narrow(2, 0, len)?;
             *v = v.narrow(2, 0, len)?;
@@ -491,6 +727,7 @@ impl BlockSpan {
                 cos,
                 sin,
                 neg_inf,
+                fast: opts.mode != WeightMode::Exact,
             },
             device: opts.device.clone(),
             weight_bytes,
@@ -529,6 +766,7 @@ impl BlockSpan {
             len: 0,
             limits,
             bytes_per_token: self.shared.cfg.kv_bytes_per_token_per_block() * self.blocks.len(),
+            fast: self.shared.fast,
         }
     }
 
@@ -547,7 +785,7 @@ impl BlockSpan {
                 cfg.hidden_size
             )));
         }
-        if cache.range != self.range {
+        if cache.range != self.range || cache.fast != self.shared.fast {
             return Err(ShardError::BadInput(format!(
                 "a cache for blocks {} used with blocks {}",
                 cache.range, self.range
@@ -580,13 +818,16 @@ impl BlockSpan {
         let hidden = hidden.to_device(&self.device)?.to_dtype(DType::F32)?;
         let mask = if seq == 1 {
             None
+        } else if self.shared.fast {
+            Some(causal_mask_additive(seq, pos, &self.device)?)
         } else {
             Some(causal_mask(seq, pos, &self.device)?)
         };
+        let max_tokens = cache.limits.max_tokens;
         let saved = cache.layers.clone();
         let mut x = hidden;
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            match block.forward(x, mask.as_ref(), pos, kv, &self.shared) {
+            match block.forward(x, mask.as_ref(), pos, kv, max_tokens, &self.shared) {
                 Ok(y) => x = y,
                 Err(e) => {
                     cache.layers = saved;

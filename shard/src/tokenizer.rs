@@ -173,10 +173,9 @@ impl PollenTokenizer {
             .metadata
             .get("tokenizer.ggml.eos_token_id")
             .and_then(as_u32)
+            && !tok.stop_ids.contains(&eos)
         {
-            if !tok.stop_ids.contains(&eos) {
-                tok.stop_ids.push(eos);
-            }
+            tok.stop_ids.push(eos);
         }
         Ok(tok)
     }

@@ -317,7 +317,7 @@ fn gguf_tensor_len(info: &gguf_file::TensorInfo) -> Result<u64> {
     let dtype = info.ggml_dtype;
     let elems = info.shape.elem_count();
     let bs = dtype.block_size();
-    if bs == 0 || elems % bs != 0 {
+    if bs == 0 || !elems.is_multiple_of(bs) {
         return Err(ShardError::BadInput(format!(
             "tensor of {elems} elements is not a whole number of {dtype:?} blocks"
         )));
