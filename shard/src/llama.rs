@@ -512,7 +512,7 @@ impl Block {
         let (kb, vb) = match kv_cache.take() {
             Some((kb, vb)) if kb.dim(2)? >= need => (kb, vb),
             old => {
-                let cap = need.next_power_of_two().clamp(64, max_tokens.max(need));
+                let cap = need.next_power_of_two().max(64).min(max_tokens.max(need));
                 let shape = (b_sz, n_kv, cap, head_dim);
                 let kb = Tensor::zeros(shape, DType::F32, x.device())?;
                 let vb = Tensor::zeros(shape, DType::F32, x.device())?;

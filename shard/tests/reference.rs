@@ -69,7 +69,10 @@ impl Chain {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok(ClientEnds::max_abs_diff(a, b)?)
+    Ok(ClientEnds::max_abs_diff(
+        &a.flatten_all()?,
+        &b.flatten_all()?,
+    )?)
 }
 
 fn argmax(t: &Tensor) -> Result<u32> {
@@ -446,5 +449,65 @@ fn a_span_reads_only_its_own_blocks() -> Result<()> {
     )?;
     assert_eq!(h.dims(), &[1, 2, TINY_HIDDEN]);
     let _ = h.i((0, 1, 0))?;
+    Ok(())
+}
+
+/// The fast mode's in-place cache: small session limits, growth past the
+/// first buffer, truncation and replay, and clones that do not share state.
+#[test]
+fn fast_cache_grows_truncates_and_clones_independently() -> Result<()> {
+    let dir = tmp_dir("fast-cache");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
+    let file = ModelFile::open(&path)?;
+    let fast = LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::Fast,
+    };
+    let span = BlockSpan::load(
+        &file,
+        BlockRange { start: 0, end: 6 },
+        &fast,
+        &mut |_, _| {},
+    )?;
+    let ends = ClientEnds::load(&file, &fast)?;
+    let tokens: Vec<u32> = (0..80).map(|i| (i * 7 % 90) as u32).collect();
+    // Reference: the whole sequence one token at a time in a roomy cache.
+    let mut roomy = span.new_cache(CacheLimits::default());
+    let mut want = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        want.push(span.forward(&ends.embed(&[*t])?, i, &mut roomy)?);
+    }
+    // A session limit below the first buffer size (62 < 64) works, and says when it is full.
+    let mut small = span.new_cache(CacheLimits {
+        max_tokens: 62,
+        ..CacheLimits::default()
+    });
+    for (i, t) in tokens[..62].iter().enumerate() {
+        let got = span.forward(&ends.embed(&[*t])?, i, &mut small)?;
+        assert_eq!(max_diff(&got, &want[i])?, 0.0, "step {i}");
+    }
+    let full = span.forward(&ends.embed(&[tokens[62]])?, 62, &mut small);
+    assert!(matches!(
+        full,
+        Err(pollen_shard::ShardError::CacheFull { .. })
+    ));
+    // A clone diverges on its own; truncating replays the same results.
+    let mut a = span.new_cache(CacheLimits::default());
+    for (i, t) in tokens[..70].iter().enumerate() {
+        span.forward(&ends.embed(&[*t])?, i, &mut a)?;
+    }
+    let mut b = a.clone();
+    span.forward(&ends.embed(&[5])?, 70, &mut b)?;
+    let got = span.forward(&ends.embed(&[tokens[70]])?, 70, &mut a)?;
+    assert_eq!(
+        max_diff(&got, &want[70])?,
+        0.0,
+        "the clone must not touch the original"
+    );
+    a.truncate(40)?;
+    assert_eq!(a.len(), 40);
+    let got = span.forward(&ends.embed(&[tokens[40]])?, 40, &mut a)?;
+    assert_eq!(max_diff(&got, &want[40])?, 0.0, "replay after truncate");
     Ok(())
 }
