@@ -72,7 +72,10 @@ async fn main() {
     let window = Duration::from_secs(arg("--window", 30));
     let cancel = CancellationToken::new();
     let (boot, _) = start(Role::Bootstrap, &cancel).await;
-    let boot_addr = boot.listen_addrs().await.unwrap()[0]
+    let boot_addr = boot
+        .wait_listening(1, Duration::from_secs(5))
+        .await
+        .unwrap()[0]
         .clone()
         .with(Protocol::P2p(boot.peer_id()));
 

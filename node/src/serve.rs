@@ -483,14 +483,9 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
         });
     }
     // Wait for the listeners to report their addresses.
-    let mut addrs = Vec::new();
-    for _ in 0..50 {
-        addrs = handle.listen_addrs().await?;
-        if addrs.len() >= cfg.listen.len().max(1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addrs = handle
+        .wait_listening(cfg.listen.len().max(1), Duration::from_secs(2))
+        .await?;
     let mut seq = 1u64;
     let sign = |a: Announcement| SignedAnnouncement::sign(a, &secret).map_err(|e| anyhow!("{e}"));
     handle

@@ -68,7 +68,11 @@ async fn only_verified_fresh_announcements_are_listed() {
     let cancel = CancellationToken::new();
     let (boot, _) = node(Role::Bootstrap, &cancel).await;
     let (server, key) = node(Role::Server, &cancel).await;
-    let addr = boot.listen_addrs().await.unwrap()[0].clone();
+    let addr = boot
+        .wait_listening(1, Duration::from_secs(5))
+        .await
+        .unwrap()[0]
+        .clone();
     let boot_id = server
         .dial(addr.with(libp2p::multiaddr::Protocol::P2p(boot.peer_id())))
         .await

@@ -300,6 +300,18 @@ impl NetHandle {
             .await
     }
 
+    /// Waits until the node listens on at least `count` addresses (or `timeout` passes).
+    pub async fn wait_listening(&self, count: usize, timeout: Duration) -> Result<Vec<Multiaddr>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let addrs = self.listen_addrs().await?;
+            if addrs.len() >= count || tokio::time::Instant::now() >= deadline {
+                return Ok(addrs);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Asks every connected peer for its announcements (of `model` or all),
     /// stores the valid ones and returns the node's whole book.
     pub async fn gather(&self, model: Option<ModelId>) -> Result<Vec<VerifiedAnnouncement>> {
@@ -448,7 +460,7 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
         connected: HashMap::new(),
         agents: HashMap::new(),
         listen_addrs: Vec::new(),
-        bootstraps: HashSet::new(),
+        publish_targets: HashSet::new(),
     };
     tokio::spawn(event_loop.run(cancel));
     Ok(Net { handle, inbound })
@@ -467,7 +479,10 @@ struct EventLoop {
     connected: HashMap<PeerId, Option<Duration>>,
     agents: HashMap<PeerId, String>,
     listen_addrs: Vec<Multiaddr>,
-    bootstraps: HashSet<PeerId>,
+    /// Peers this node publishes its announcement to: the bootstraps it
+    /// dialed and the LAN peers mDNS found. Everyone else asks with `List`,
+    /// so a renewal costs one message per bootstrap, not one per connection.
+    publish_targets: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -567,7 +582,12 @@ impl EventLoop {
                     }
                 }
                 self.own = announcement;
-                let peers: Vec<PeerId> = self.connected.keys().copied().collect();
+                let peers: Vec<PeerId> = self
+                    .connected
+                    .keys()
+                    .filter(|p| self.publish_targets.contains(p))
+                    .copied()
+                    .collect();
                 for p in peers {
                     self.publish_to(p);
                 }
@@ -645,7 +665,7 @@ impl EventLoop {
             } => {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
-                    self.bootstraps.insert(peer_id);
+                    self.publish_targets.insert(peer_id);
                 }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.swarm
@@ -654,7 +674,7 @@ impl EventLoop {
                         .add_address(&peer_id, address.clone());
                 }
                 let fresh = self.connected.insert(peer_id, None).is_none();
-                if fresh {
+                if fresh && self.publish_targets.contains(&peer_id) {
                     self.publish_to(peer_id);
                 }
             }
@@ -705,7 +725,12 @@ impl EventLoop {
                         continue;
                     }
                     self.swarm.add_peer_address(peer, addr.clone());
-                    if !self.connected.contains_key(&peer) {
+                    let new_target = self.publish_targets.insert(peer);
+                    if self.connected.contains_key(&peer) {
+                        if new_target {
+                            self.publish_to(peer);
+                        }
+                    } else {
                         let _ = self
                             .swarm
                             .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
