@@ -12,7 +12,10 @@ use std::time::Duration;
 #[test]
 fn bootstrap_and_three_servers_cover_expire_and_return() {
     let dir = temp_dir("swarm");
-    let (_boot, addr) = bootstrap(&dir, true);
+    let (boot, addr) = bootstrap(&dir, true);
+    let http = boot
+        .line_with("http ", Duration::from_secs(10))
+        .replacen("http ", "", 1);
     let ttl = ["--announce-ttl", "6"];
     let (_s0, _) = server(Some(&addr), "0:10", &dir.join("s0.key"), &ttl);
     let (mut s1, ready1) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
@@ -24,6 +27,17 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     let took = took.expect("full coverage within 10 s of the last server being ready");
     eprintln!("full coverage seen {took:?} after the last server was ready");
 
+    // The bootstrap's own view over HTTP: /health as JSON, and the HTML page.
+    let health: serde_json::Value = serde_json::from_str(&http_get(&http, "/health")).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(coverage(&health), Some((vec![], 3)));
+    let page = http_get(&http, "/");
+    assert!(
+        page.contains("Pollen swarm") && page.contains(&peer_of(&ready1)),
+        "{page}"
+    );
+    assert!(!page.contains("Uncovered"));
+
     s1.kill9();
     let took = wait_for(Duration::from_secs(20), || {
         coverage(&status(Some(&addr))).is_some_and(|(gaps, _)| gaps == vec![(10, 20)])
@@ -31,6 +45,7 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     let took =
         took.expect("the killed server's span shows as uncovered within its announcement's expiry");
     eprintln!("blocks 10:20 uncovered {took:?} after kill -9 (announcement TTL 6 s)");
+    assert!(http_get(&http, "/").contains("Uncovered blocks: 10:20"));
 
     let (_s1b, ready1b) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
     assert_eq!(

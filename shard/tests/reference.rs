@@ -511,3 +511,75 @@ fn fast_cache_grows_truncates_and_clones_independently() -> Result<()> {
     assert_eq!(max_diff(&got, &want[40])?, 0.0, "replay after truncate");
     Ok(())
 }
+
+#[test]
+fn smollm2_tokenizer_keeps_chatml_and_splits_digits() -> Result<()> {
+    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let tok = pollen_shard::PollenTokenizer::from_model(&ModelFile::open(&path)?)?;
+    // No prefix space: `system` right after the special token, not `Ġsystem`.
+    assert_eq!(tok.encode("<|im_start|>system\n")?, vec![1, 9690, 198]);
+    assert_eq!(tok.encode("<|im_end|>")?, vec![2]);
+    // Digits one by one.
+    assert_eq!(tok.encode("12345")?.len(), 5);
+    let text = "Hello, world! 2024 — naïve café ✓";
+    assert_eq!(tok.decode(&tok.encode(text)?)?, text);
+    let prompt = pollen_shard::generate::prompt_ids(&tok, "Hi", true)?;
+    let rendered = tok.decode(&prompt)?;
+    assert!(
+        rendered.starts_with("system\nYou are a helpful AI assistant named SmolLM"),
+        "{rendered:?}"
+    );
+    assert!(tok.stop_ids().contains(&2));
+    Ok(())
+}
+
+#[test]
+fn bad_files_give_clear_errors() -> Result<()> {
+    let dir = tmp_dir("bad-files");
+    let err =
+        |r: pollen_shard::Result<ModelFile>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let missing = err(ModelFile::open(&dir.join("nope.gguf")));
+    assert!(
+        missing.contains("cannot open model file") && missing.contains("nope.gguf"),
+        "{missing}"
+    );
+
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
+    let bytes = std::fs::read(&path)?;
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100])?;
+    let truncated = err(ModelFile::open(&cut));
+    assert!(
+        truncated.contains("truncated") && truncated.contains("ends at byte"),
+        "{truncated}"
+    );
+    std::fs::write(&cut, &bytes[..64])?;
+    let header = err(ModelFile::open(&cut));
+    assert!(header.contains("not a valid model"), "{header}");
+
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, b"definitely not a model")?;
+    assert!(err(ModelFile::open(&junk)).contains("neither a GGUF file"));
+
+    // An architecture the engine does not implement.
+    let gpt2 = dir.join("gpt2.gguf");
+    {
+        use gguf_file::Value as V;
+        let t = QTensor::quantize(&rand_tensor(&[8, 32], 1, 1.0)?, GgmlDType::F32)?;
+        let mut f = std::fs::File::create(&gpt2)?;
+        gguf_file::write(
+            &mut f,
+            &[("general.architecture", &V::String("gpt2".into()))],
+            &[("token_embd.weight", &t)],
+        )?;
+    }
+    let file = ModelFile::open(&gpt2)?;
+    let arch = file
+        .config()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(arch.contains("unsupported architecture `gpt2`"), "{arch}");
+    Ok(())
+}
