@@ -37,6 +37,7 @@ async fn start(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
             mdns: false,
             role,
             infer_timeout: Duration::from_secs(5),
+            protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         cancel.clone(),
     )

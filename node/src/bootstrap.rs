@@ -44,6 +44,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             mdns: cfg.mdns,
             role: Role::Bootstrap,
             infer_timeout: Duration::from_secs(30),
+            protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         net_cancel.clone(),
     )

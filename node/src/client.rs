@@ -118,6 +118,7 @@ pub async fn connect(
             mdns,
             role: Role::Client,
             infer_timeout: Duration::from_secs(120),
+            protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         cancel,
     )

@@ -454,6 +454,7 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
             mdns: cfg.mdns,
             role: Role::Server,
             infer_timeout: Duration::from_secs(120),
+            protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         net_cancel.clone(),
     )

@@ -13,6 +13,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 async fn node(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
+    node_of_version(role, cancel, pollen_protocol::PROTOCOL_VERSION).await
+}
+
+async fn node_of_version(
+    role: Role,
+    cancel: &CancellationToken,
+    version: u32,
+) -> (NetHandle, Keypair) {
     let key = Keypair::generate_ed25519();
     let net = net::start(
         NetConfig {
@@ -22,6 +30,7 @@ async fn node(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
             mdns: false,
             role,
             infer_timeout: Duration::from_secs(5),
+            protocol_version: version,
         },
         cancel.clone(),
     )
@@ -147,5 +156,34 @@ async fn only_verified_fresh_announcements_are_listed() {
         boot.book(None).await.unwrap().is_empty(),
         "expired entries are not listed"
     );
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn nodes_of_different_protocol_versions_refuse_each_other_on_both_sides() {
+    let cancel = CancellationToken::new();
+    let (old, _) = node(Role::Server, &cancel).await;
+    let (new, _) =
+        node_of_version(Role::Server, &cancel, pollen_protocol::PROTOCOL_VERSION + 1).await;
+    let addr = old.wait_listening(1, Duration::from_secs(5)).await.unwrap()[0].clone();
+    new.dial(addr.with(libp2p::multiaddr::Protocol::P2p(old.peer_id())))
+        .await
+        .unwrap();
+    let mut seen = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        seen = (old.refusals().await.unwrap(), new.refusals().await.unwrap());
+        if !seen.0.is_empty() && !seen.1.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (on_old, on_new) = seen;
+    assert_eq!(on_old.len(), 1, "the old node refuses the new one");
+    assert_eq!(on_new.len(), 1, "the new node learns it was refused");
+    for (_, reason) in on_old.iter().chain(&on_new) {
+        assert!(reason.contains("protocol version mismatch"), "{reason}");
+    }
+    assert_eq!(on_old[0].0, new.peer_id());
+    assert_eq!(on_new[0].0, old.peer_id());
     cancel.cancel();
 }

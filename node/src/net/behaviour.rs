@@ -2,7 +2,7 @@
 //! derive macro generates an undocumented event enum.)
 #![allow(missing_docs)]
 
-use super::{AnnounceCodec, InferCodec};
+use super::{AnnounceCodec, HelloCodec, InferCodec};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{autonat, identify, kad, mdns, ping, relay, request_response};
@@ -22,6 +22,8 @@ pub struct Behaviour {
     pub relay: Toggle<relay::Behaviour>,
     /// AutoNAT: tells peers whether they are reachable (server on bootstrap nodes).
     pub autonat: Toggle<autonat::Behaviour>,
+    /// The version handshake every connection starts with.
+    pub hello: request_response::Behaviour<HelloCodec>,
     /// Publishing and listing signed announcements.
     pub announce: request_response::Behaviour<AnnounceCodec>,
     /// Inference sessions.

@@ -25,8 +25,9 @@ use libp2p::{
     noise, ping, relay, tcp, yamux,
 };
 use pollen_protocol::{
-    ANNOUNCE_PROTOCOL, AnnounceRequest, AnnounceResponse, ErrorCode, INFER_PROTOCOL, InferRequest,
-    InferResponse, ModelId, ProtocolError, SignedAnnouncement, VerifiedAnnouncement,
+    ANNOUNCE_PROTOCOL, AnnounceRequest, AnnounceResponse, ErrorCode, HELLO_PROTOCOL, Hello,
+    HelloReply, INFER_PROTOCOL, InferRequest, InferResponse, ModelId, ProtocolError, Roles,
+    SignedAnnouncement, VerifiedAnnouncement,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 pub type InferCodec = FrameCodec<InferRequest, InferResponse>;
 /// Frames of the announcement protocol.
 pub type AnnounceCodec = FrameCodec<AnnounceRequest, AnnounceResponse>;
+/// Frames of the version handshake.
+pub type HelloCodec = FrameCodec<Hello, HelloReply>;
 
 /// Identify's protocol name for Pollen nodes.
 pub const IDENTIFY_PROTOCOL: &str = "/pollen/id/1";
@@ -73,6 +76,8 @@ pub struct NetConfig {
     pub role: Role,
     /// Longest wait for an inference answer (a prefill on a slow CPU takes seconds).
     pub infer_timeout: Duration,
+    /// The protocol version this node speaks ([`pollen_protocol::PROTOCOL_VERSION`]; tests change it).
+    pub protocol_version: u32,
 }
 
 /// An inference request that arrived from a peer.
@@ -129,6 +134,9 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Refusals {
+        reply: oneshot::Sender<Vec<(PeerId, String)>>,
     },
 }
 
@@ -300,6 +308,12 @@ impl NetHandle {
             .await
     }
 
+    /// Peers refused (or refusing us) at the version handshake, with the reason.
+    pub async fn refusals(&self) -> Result<Vec<(PeerId, String)>> {
+        self.call(|reply| Command::Refusals { reply }, COMMAND_TIMEOUT)
+            .await
+    }
+
     /// Waits until the node listens on at least `count` addresses (or `timeout` passes).
     pub async fn wait_listening(&self, count: usize, timeout: Duration) -> Result<Vec<Multiaddr>> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -363,6 +377,16 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
     let role = cfg.role;
     let use_mdns = cfg.mdns;
     let infer_timeout = cfg.infer_timeout;
+    let hello = Hello {
+        version: cfg.protocol_version,
+        model_id: None,
+        roles: match cfg.role {
+            Role::Client => Roles::CLIENT,
+            Role::Server => Roles::SERVER,
+            Role::Bootstrap => Roles::BOOTSTRAP,
+        },
+        agent: format!("pollen/{}", env!("CARGO_PKG_VERSION")),
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -418,6 +442,10 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
                 mdns: mdns.into(),
                 relay: relay.into(),
                 autonat: autonat.into(),
+                hello: request_response::Behaviour::new(
+                    [(StreamProtocol::new(HELLO_PROTOCOL), ProtocolSupport::Full)],
+                    rr(Duration::from_secs(10)),
+                ),
                 announce: request_response::Behaviour::new(
                     [(
                         StreamProtocol::new(ANNOUNCE_PROTOCOL),
@@ -449,6 +477,8 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
     };
     let event_loop = EventLoop {
         stats,
+        hello,
+        refused: HashMap::new(),
         swarm,
         commands: rx,
         inbound: inbound_tx,
@@ -466,8 +496,13 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
     Ok(Net { handle, inbound })
 }
 
+/// Most refused peers remembered.
+const MAX_REFUSALS: usize = 256;
+
 struct EventLoop {
     stats: Arc<NetStats>,
+    hello: Hello,
+    refused: HashMap<PeerId, String>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<InboundInfer>,
@@ -610,6 +645,9 @@ impl EventLoop {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
             }
+            Command::Refusals { reply } => {
+                let _ = reply.send(self.refused.iter().map(|(p, r)| (*p, r.clone())).collect());
+            }
         }
     }
 
@@ -674,6 +712,13 @@ impl EventLoop {
                         .add_address(&peer_id, address.clone());
                 }
                 let fresh = self.connected.insert(peer_id, None).is_none();
+                if fresh {
+                    let hello = self.hello.clone();
+                    self.swarm
+                        .behaviour_mut()
+                        .hello
+                        .send_request(&peer_id, hello);
+                }
                 if fresh && self.publish_targets.contains(&peer_id) {
                     self.publish_to(peer_id);
                 }
@@ -699,8 +744,38 @@ impl EventLoop {
         }
     }
 
+    fn refuse(&mut self, peer: PeerId, reason: String) {
+        tracing::error!("peer {peer}: {reason}");
+        if self.refused.len() < MAX_REFUSALS || self.refused.contains_key(&peer) {
+            self.refused.insert(peer, reason);
+        }
+    }
+
     fn behaviour_event(&mut self, ev: BehaviourEvent) {
         match ev {
+            BehaviourEvent::Hello(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let reply = HelloReply::answer(&self.hello, &request);
+                        if let HelloReply::Refuse(e) = &reply {
+                            self.refuse(peer, format!("refused: {}", e.message));
+                        }
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .hello
+                            .send_response(channel, reply);
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        if let Err(e) = response.into_result(&self.hello) {
+                            self.refuse(peer, format!("refused: {}", e.message));
+                            let _ = self.swarm.disconnect_peer_id(peer);
+                        }
+                    }
+                }
+            }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
                 let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
@@ -775,6 +850,15 @@ impl EventLoop {
                         request, channel, ..
                     } => {
                         self.stats.infer_in.fetch_add(1, Ordering::Relaxed);
+                        if let Some(reason) = self.refused.get(&peer) {
+                            let e = ProtocolError::new(ErrorCode::VersionMismatch, reason.clone());
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .infer
+                                .send_response(channel, InferResponse::Error(e));
+                            return;
+                        }
                         let job = InboundInfer {
                             peer,
                             request,
