@@ -47,3 +47,34 @@ fn swarm_text_equals_local_text_and_eight_clients_share_the_servers() {
         assert_eq!(got, local[i % PROMPTS.len()], "client {i}");
     }
 }
+
+/// A server's session limit is a clear error before any step runs.
+#[test]
+fn a_request_over_the_servers_session_limit_is_a_clear_error() {
+    let dir = temp_dir("limits");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let limit = ["--max-session-tokens", "40"];
+    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("l0.key"), &[]);
+    let (_s1, _) = server(Some(&addr), "10:20", &dir.join("l1.key"), &limit);
+    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("l2.key"), &[]);
+    let out = std::process::Command::new(pollen())
+        .args([
+            "generate",
+            "--no-mdns",
+            "--bootstrap",
+            &addr,
+            "--max-tokens",
+            "64",
+            "--prompt",
+            "Hello there",
+        ])
+        .arg("--model")
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("allow 40 tokens per session"), "{err}");
+    // Within the limit it works.
+    assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
+}

@@ -107,6 +107,7 @@ fn main() {
             .unwrap();
         let prefill = t.elapsed().as_secs_f64();
         let mut steps = Vec::new();
+        let mut tokens = vec![next];
         let mut span_times = vec![Vec::new(); spans.len()];
         for i in 0..decode_n {
             let t = Instant::now();
@@ -123,13 +124,14 @@ fn main() {
                 .unwrap()
                 .to_scalar::<u32>()
                 .unwrap();
+            tokens.push(next);
             steps.push(t.elapsed().as_secs_f64());
         }
         let total: f64 = steps.iter().sum();
         let span_med: f64 = span_times.iter_mut().map(|v| median(v)).sum();
-        (prefill, total, median(&mut steps), span_med)
+        (prefill, total, median(&mut steps), span_med, tokens)
     };
-    let (l_prefill, l_total, l_step, span_compute) = run_local(&spans);
+    let (l_prefill, l_total, l_step, span_compute, local_tokens) = run_local(&spans);
 
     // The swarm.
     let dir = std::env::temp_dir().join(format!("pollen-bench-{}", std::process::id()));
@@ -180,8 +182,13 @@ fn main() {
     )
     .id();
     let mut rows = Vec::new();
-    for dtype in [WireDType::F32, WireDType::F16] {
-        let (prefill, total, step) = rt.block_on(async {
+    // F32 runs greedily; the compressed modes are fed F32's tokens (teacher
+    // forcing) so their logits can be compared step by step.
+    let mut reference: Option<(Vec<u32>, Vec<Vec<f32>>)> = None;
+    let mut divergence = Vec::new();
+    for dtype in [WireDType::F32, WireDType::F16, WireDType::BF16] {
+        let forced = reference.as_ref().map(|(t, _)| t.clone());
+        let (prefill, total, step, tokens, logits) = rt.block_on(async {
             let cancel = tokio_util::sync::CancellationToken::new();
             let addr: libp2p::Multiaddr = addr.parse().unwrap();
             let handle = client::connect(&[addr], false, cancel.clone())
@@ -197,33 +204,52 @@ fn main() {
                 .unwrap();
             let t = Instant::now();
             let h = s.step(&ends.embed(&prefill_ids).unwrap(), 0).await.unwrap();
-            let mut next = ends
-                .logits(&h)
-                .unwrap()
-                .argmax(0)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
+            let l = ends.logits(&h).unwrap();
+            let mut next = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
             let prefill = t.elapsed().as_secs_f64();
+            let mut tokens = vec![next];
+            let mut logits = vec![l.to_vec1::<f32>().unwrap()];
             let mut steps = Vec::new();
             for i in 0..decode_n {
+                if let Some(f) = &forced {
+                    next = f[i];
+                }
                 let t = Instant::now();
                 let x: Tensor = ends.embed(&[next]).unwrap();
                 let h = s.step(&x, prefill_n + i).await.unwrap();
-                next = ends
-                    .logits(&h)
-                    .unwrap()
-                    .argmax(0)
-                    .unwrap()
-                    .to_scalar::<u32>()
-                    .unwrap();
+                let l = ends.logits(&h).unwrap();
+                next = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
                 steps.push(t.elapsed().as_secs_f64());
+                tokens.push(next);
+                logits.push(l.to_vec1::<f32>().unwrap());
             }
             s.close().await;
             cancel.cancel();
             let total: f64 = steps.iter().sum();
-            (prefill, total, median(&mut steps))
+            (prefill, total, median(&mut steps), tokens, logits)
         });
+        match &reference {
+            None => {
+                assert_eq!(
+                    tokens, local_tokens,
+                    "greedy tokens through the swarm (f32) must equal local"
+                );
+                reference = Some((tokens, logits));
+            }
+            Some((ref_tokens, ref_logits)) => {
+                let worst = ref_logits
+                    .iter()
+                    .zip(&logits)
+                    .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+                    .fold(0f32, f32::max);
+                let agree = ref_tokens
+                    .iter()
+                    .zip(&tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                divergence.push((dtype, worst, agree, ref_tokens.len()));
+            }
+        }
         rows.push((dtype, prefill, total, step));
     }
     println!(
@@ -260,6 +286,19 @@ fn main() {
             ends_time * 1e3,
             overhead * 1e3 / 3.0
         );
+    }
+    println!();
+    println!(
+        "f32 hidden states: greedy tokens through the swarm equal local ({} tokens)",
+        local_tokens.len()
+    );
+    println!();
+    println!(
+        "| wire dtype | max abs logit diff vs f32 (same tokens) | greedy tokens equal before first difference |"
+    );
+    println!("| --- | --- | --- |");
+    for (dtype, worst, agree, n) in divergence {
+        println!("| {dtype:?} | {worst:.4} | {agree} of {n} |");
     }
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);

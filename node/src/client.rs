@@ -230,6 +230,20 @@ impl SwarmSession {
             )
             .await?
         {
+            InferResponse::Opened { free_tokens, .. } if free_tokens < max_tokens => {
+                let _ = handle
+                    .infer(
+                        first.peer,
+                        first.addrs.clone(),
+                        InferRequest::Close { session },
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                bail!(
+                    "the servers on this route allow {free_tokens} tokens per session, and this request \
+                     needs up to {max_tokens} (prompt plus --max-tokens): ask for fewer tokens"
+                );
+            }
             InferResponse::Opened { .. } => {}
             InferResponse::Error(e) => bail!("opening the session: {:?}: {}", e.code, e.message),
             other => bail!("unexpected answer to open: {other:?}"),
