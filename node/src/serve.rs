@@ -60,6 +60,7 @@ struct Session {
 /// A running server's shared state.
 struct Server {
     span: Arc<BlockSpan>,
+    wire_blocks: WireRange,
     model_id: ModelId,
     me: PeerId,
     net: NetHandle,
@@ -372,7 +373,6 @@ impl Server {
         seq: u64,
     ) -> Announcement {
         let now = now_ms();
-        let range = self.span.range();
         let free_sessions = if self.draining.load(Ordering::Relaxed) {
             0
         } else {
@@ -383,8 +383,7 @@ impl Server {
             model_id: self.model_id,
             model_name: self.span.config().name.chars().take(200).collect(),
             num_blocks: self.span.config().num_blocks as u32,
-            blocks: WireRange::new(range.start as u32, range.end as u32)
-                .unwrap_or_else(|_| unreachable_range()),
+            blocks: self.wire_blocks,
             throughput,
             free_sessions,
             free_cache_tokens: (free_sessions as usize * self.cfg.max_session_tokens)
@@ -395,11 +394,6 @@ impl Server {
             seq,
         }
     }
-}
-
-fn unreachable_range() -> WireRange {
-    // Spans are validated at load; this is only a type-level fallback.
-    WireRange::new(0, 1).unwrap_or_else(|_| unreachable_range())
 }
 
 /// Measures this span's decode speed (tokens/s through these blocks alone).
@@ -461,7 +455,11 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
     .await?;
     let handle = net.handle.clone();
     let mut inbound = net.inbound;
+    let range = span.range();
+    let wire_blocks =
+        WireRange::new(range.start as u32, range.end as u32).map_err(|e| anyhow!("{e}"))?;
     let server = Arc::new(Server {
+        wire_blocks,
         span: Arc::new(span),
         model_id,
         me,
