@@ -17,7 +17,7 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
         .line_with("http ", Duration::from_secs(10))
         .replacen("http ", "", 1);
     let ttl = ["--announce-ttl", "6"];
-    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("s0.key"), &ttl);
+    let (mut s0, _) = server(Some(&addr), "0:10", &dir.join("s0.key"), &ttl);
     let (mut s1, ready1) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
     let (_s2, _) = server(Some(&addr), "20:30", &dir.join("s2.key"), &ttl);
 
@@ -57,6 +57,14 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
         coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
     });
     assert!(took.is_some(), "covered again after the restart");
+
+    // SIGTERM: the server withdraws its announcement and exits 0.
+    let status_code = s0.terminate(Duration::from_secs(15));
+    assert!(status_code.is_some_and(|s| s.success()), "a drained server exits 0: {status_code:?}");
+    let took = wait_for(Duration::from_secs(5), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, _)| gaps == vec![(0, 10)])
+    });
+    assert!(took.is_some(), "a stopped server's span is gone within seconds, not a TTL");
 }
 
 /// mDNS multicasts on every non-loopback interface, so this test runs in a

@@ -52,6 +52,28 @@ async fn first_line_with(child: &mut Child, prefix: &str, what: &str) -> Result<
     found.with_context(|| format!("{what} exited before it was ready"))
 }
 
+/// Resolves on SIGTERM or SIGHUP (a closed terminal), so the mesh is stopped then too.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
+}
+
 /// Runs the demo.
 pub async fn run(prompt: String, max_tokens: usize) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the pollen binary")?;
@@ -131,6 +153,7 @@ pub async fn run(prompt: String, max_tokens: usize) -> Result<()> {
     let outcome = tokio::select! {
         r = result => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminated() => Err(anyhow::anyhow!("terminated")),
     };
     eprintln!("stopping the mesh");
     mesh.stop().await;

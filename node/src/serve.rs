@@ -332,7 +332,7 @@ impl Server {
     }
 
     async fn close(&self, session: SessionId) -> InferResponse {
-        if let Some(entry) = self.remove(session) {
+        if let Some(entry) = self.get(session) {
             let next = entry.lock().await.next.clone();
             if let Some((peer, addrs)) = next {
                 let _ = self
@@ -345,6 +345,8 @@ impl Server {
                     )
                     .await;
             }
+            // Removed only now, so a draining server waits for the close to travel on.
+            self.remove(session);
         }
         InferResponse::Closed { session }
     }
@@ -469,18 +471,62 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
         draining: AtomicBool::new(false),
         steps: AtomicU64::new(0),
     });
-    for addr in &cfg.bootstrap {
-        let h = handle.clone();
-        let addr = addr.clone();
-        tokio::spawn(async move {
-            loop {
-                match h.dial_with_retry(&addr, Duration::from_secs(60)).await {
-                    Ok(_) => break,
-                    Err(e) => tracing::warn!("{e:#}"),
-                }
+    // Bootstraps are dialed now and again whenever the connection is gone, so
+    // a restarted bootstrap learns of this server at its next renewal.
+    let bootstraps: Vec<(Option<PeerId>, Multiaddr)> = cfg
+        .bootstrap
+        .iter()
+        .map(|a| {
+            let id = a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            (id, a.clone())
+        })
+        .collect();
+    let dial_missing = |handle: NetHandle, bootstraps: Vec<(Option<PeerId>, Multiaddr)>| async move {
+        let connected: Vec<PeerId> = handle
+            .peers()
+            .await
+            .map(|p| p.into_iter().map(|p| p.peer).collect())
+            .unwrap_or_default();
+        for (id, addr) in bootstraps {
+            if id.is_some_and(|id| connected.contains(&id)) {
+                continue;
             }
-        });
-    }
+            let h = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = h.dial_with_retry(&addr, Duration::from_secs(8)).await {
+                    tracing::warn!("{e:#}");
+                }
+            });
+        }
+    };
+    dial_missing(handle.clone(), bootstraps.clone()).await;
+    // At most this many requests are computed or forwarded at once; beyond it
+    // the server answers `busy` instead of queueing without bound.
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions.max(1) * 2));
+    let dispatch = |job: InboundInfer| {
+        let server = server.clone();
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    server.handle(job).await;
+                });
+            }
+            Err(_) => {
+                let net = server.net.clone();
+                tokio::spawn(async move {
+                    net.respond(
+                        job.channel,
+                        err(ErrorCode::Busy, "this server is saturated; try another"),
+                    )
+                    .await;
+                });
+            }
+        }
+    };
     // Wait for the listeners to report their addresses.
     let addrs = handle
         .wait_listening(cfg.listen.len().max(1), Duration::from_secs(2))
@@ -508,13 +554,14 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
             _ = stop.cancelled() => break,
             _ = kill.cancelled() => break,
             _ = renew.tick() => {
+                dial_missing(handle.clone(), bootstraps.clone()).await;
                 seq += 1;
                 let addrs = handle.listen_addrs().await.unwrap_or_default();
                 handle.set_own_announcement(Some(sign(server.announcement(&addrs, throughput, cfg.announce_ttl, seq))?)).await?;
             }
             _ = reap.tick() => server.reap_idle(),
             job = inbound.recv() => match job {
-                Some(job) => { tokio::spawn(server.clone().handle(job)); }
+                Some(job) => dispatch(job),
                 None => bail!("the network task stopped"),
             },
         }
@@ -525,13 +572,15 @@ pub async fn run(cfg: ServeConfig, stop: CancellationToken, kill: CancellationTo
     seq += 1;
     let addrs = handle.listen_addrs().await.unwrap_or_default();
     let goodbye = sign(server.announcement(&addrs, throughput, Duration::from_secs(2), seq))?;
-    handle.set_own_announcement(Some(goodbye)).await?;
+    handle
+        .set_own_announcement_and_wait(Some(goodbye), Duration::from_secs(3))
+        .await?;
     let deadline = Instant::now() + cfg.grace;
     while server.session_count() > 0 && Instant::now() < deadline && !kill.is_cancelled() {
         tokio::select! {
             _ = kill.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            job = inbound.recv() => if let Some(job) = job { tokio::spawn(server.clone().handle(job)); },
+            job = inbound.recv() => if let Some(job) = job { dispatch(job) },
         }
         server.reap_idle();
     }

@@ -15,7 +15,7 @@ use std::ops::Deref;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::limits::MAX_MODEL_NAME_LEN;
-use crate::messages::{MessageError, check_addrs, check_len, check_peer};
+use crate::messages::{MessageError, check_addrs, check_count, check_len, check_peer};
 use crate::types::{BlockRange, ModelId, PeerIdBytes};
 
 /// The domain tag in front of the canonical bytes of every signed announcement, so that
@@ -72,6 +72,11 @@ impl Announcement {
         check_peer(&self.peer)?;
         check_len("model name", self.model_name.len(), MAX_MODEL_NAME_LEN)?;
         check_addrs(&self.addrs)?;
+        check_count(
+            "model blocks",
+            self.num_blocks as usize,
+            crate::limits::MAX_MANIFEST_BLOCKS,
+        )?;
         if !self.blocks.fits_in(self.num_blocks) {
             return Err(MessageError::RangeOutsideModel {
                 blocks: self.blocks,

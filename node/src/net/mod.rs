@@ -124,6 +124,8 @@ enum Command {
     },
     SetOwn {
         announcement: Option<SignedAnnouncement>,
+        /// Answered once every publish target has acknowledged (or failed).
+        done: Option<oneshot::Sender<()>>,
     },
     Book {
         model: Option<ModelId>,
@@ -202,7 +204,7 @@ impl NetHandle {
             .map_err(|_| anyhow!("the network task has stopped"))?;
         tokio::time::timeout(timeout, rx)
             .await
-            .map_err(|_| anyhow!("no answer from the network task within {timeout:?}"))?
+            .map_err(|_| anyhow!("no answer within {timeout:?}"))?
             .map_err(|_| anyhow!("the network task has stopped"))
     }
 
@@ -249,7 +251,8 @@ impl NetHandle {
             },
             COMMAND_TIMEOUT,
         )
-        .await?
+        .await
+        .map_err(|e| anyhow!("announce request to {peer}: {e}"))?
         .map_err(|e| anyhow!("announce request to {peer}: {e}"))
     }
 
@@ -270,7 +273,8 @@ impl NetHandle {
             },
             timeout + Duration::from_secs(5),
         )
-        .await?
+        .await
+        .map_err(|e| anyhow!("inference request to {peer}: {e}"))?
         .map_err(|e| anyhow!("inference request to {peer}: {e}"))
     }
 
@@ -285,9 +289,31 @@ impl NetHandle {
         announcement: Option<SignedAnnouncement>,
     ) -> Result<()> {
         self.tx
-            .send(Command::SetOwn { announcement })
+            .send(Command::SetOwn {
+                announcement,
+                done: None,
+            })
             .await
             .map_err(|_| anyhow!("the network task has stopped"))
+    }
+
+    /// Like [`Self::set_own_announcement`], then waits (at most `timeout`) until
+    /// every publish target has answered: used to withdraw before exiting.
+    pub async fn set_own_announcement_and_wait(
+        &self,
+        announcement: Option<SignedAnnouncement>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SetOwn {
+                announcement,
+                done: Some(tx),
+            })
+            .await
+            .map_err(|_| anyhow!("the network task has stopped"))?;
+        let _ = tokio::time::timeout(timeout, rx).await;
+        Ok(())
     }
 
     /// The verified announcements this node holds.
@@ -428,10 +454,10 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
                     },
                 )
             });
-            let rr = |timeout: Duration| {
+            let rr = |timeout: Duration, streams: usize| {
                 request_response::Config::default()
                     .with_request_timeout(timeout)
-                    .with_max_concurrent_streams(256)
+                    .with_max_concurrent_streams(streams)
             };
             Ok(Behaviour {
                 identify,
@@ -444,18 +470,18 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
                 autonat: autonat.into(),
                 hello: request_response::Behaviour::new(
                     [(StreamProtocol::new(HELLO_PROTOCOL), ProtocolSupport::Full)],
-                    rr(Duration::from_secs(10)),
+                    rr(Duration::from_secs(10), 4),
                 ),
                 announce: request_response::Behaviour::new(
                     [(
                         StreamProtocol::new(ANNOUNCE_PROTOCOL),
                         ProtocolSupport::Full,
                     )],
-                    rr(Duration::from_secs(20)),
+                    rr(Duration::from_secs(20), 32),
                 ),
                 infer: request_response::Behaviour::new(
                     [(StreamProtocol::new(INFER_PROTOCOL), ProtocolSupport::Full)],
-                    rr(infer_timeout),
+                    rr(infer_timeout, 32),
                 ),
             })
         })
@@ -491,6 +517,7 @@ pub async fn start(cfg: NetConfig, cancel: CancellationToken) -> Result<Net> {
         agents: HashMap::new(),
         listen_addrs: Vec::new(),
         publish_targets: HashSet::new(),
+        publish_waiters: Vec::new(),
     };
     tokio::spawn(event_loop.run(cancel));
     Ok(Net { handle, inbound })
@@ -518,6 +545,7 @@ struct EventLoop {
     /// dialed and the LAN peers mDNS found. Everyone else asks with `List`,
     /// so a renewal costs one message per bootstrap, not one per connection.
     publish_targets: HashSet<PeerId>,
+    publish_waiters: Vec<(HashSet<OutboundRequestId>, oneshot::Sender<()>)>,
 }
 
 impl EventLoop {
@@ -537,11 +565,24 @@ impl EventLoop {
         tracing::debug!("network task stopped");
     }
 
-    fn publish_to(&mut self, peer: PeerId) {
-        if let Some(own) = &self.own {
-            let req = AnnounceRequest::Publish(Box::new(own.clone()));
-            self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
-            self.swarm.behaviour_mut().announce.send_request(&peer, req);
+    fn publish_to(&mut self, peer: PeerId) -> Option<OutboundRequestId> {
+        let own = self.own.as_ref()?;
+        let req = AnnounceRequest::Publish(Box::new(own.clone()));
+        self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
+        Some(self.swarm.behaviour_mut().announce.send_request(&peer, req))
+    }
+
+    /// A publish was answered or failed: wake whoever waits for its batch.
+    fn publish_settled(&mut self, id: OutboundRequestId) {
+        for (ids, _) in &mut self.publish_waiters {
+            ids.remove(&id);
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.publish_waiters)
+            .into_iter()
+            .partition(|(ids, _)| ids.is_empty());
+        self.publish_waiters = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(());
         }
     }
 
@@ -604,7 +645,7 @@ impl EventLoop {
                     tracing::debug!("an inference answer found its requester gone");
                 }
             }
-            Command::SetOwn { announcement } => {
+            Command::SetOwn { announcement, done } => {
                 match &announcement {
                     Some(a) => {
                         if let Err(e) = self.book.insert(a.clone()) {
@@ -623,8 +664,16 @@ impl EventLoop {
                     .filter(|p| self.publish_targets.contains(p))
                     .copied()
                     .collect();
-                for p in peers {
-                    self.publish_to(p);
+                let ids: HashSet<OutboundRequestId> = peers
+                    .into_iter()
+                    .filter_map(|p| self.publish_to(p))
+                    .collect();
+                if let Some(done) = done {
+                    if ids.is_empty() {
+                        let _ = done.send(());
+                    } else if self.publish_waiters.len() < 16 {
+                        self.publish_waiters.push((ids, done));
+                    }
                 }
             }
             Command::Book { model, reply } => {
@@ -671,19 +720,20 @@ impl EventLoop {
                 }
             },
             AnnounceRequest::List { model_id } => {
-                let mut list: Vec<SignedAnnouncement> = self
+                // One pass: stop before the answer would outgrow its frame limit.
+                let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
+                let mut used = 0;
+                let list: Vec<SignedAnnouncement> = self
                     .book
                     .list(model_id.as_ref())
                     .into_iter()
+                    .take(pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS)
                     .map(VerifiedAnnouncement::into_signed)
+                    .take_while(|a| {
+                        used += pollen_protocol::encoded_len(a);
+                        used <= budget
+                    })
                     .collect();
-                list.truncate(pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS);
-                while !list.is_empty()
-                    && pollen_protocol::encoded_len(&AnnounceResponse::List(list.clone()))
-                        > pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES
-                {
-                    list.truncate(list.len() / 2);
-                }
                 AnnounceResponse::List(list)
             }
         }
@@ -729,6 +779,10 @@ impl EventLoop {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.agents.remove(&peer_id);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -794,6 +848,11 @@ impl EventLoop {
                     *slot = Some(rtt);
                 }
             }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (peer, _) in gone {
+                    self.publish_targets.remove(&peer);
+                }
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     if peer == *self.swarm.local_peer_id() {
@@ -843,6 +902,7 @@ impl EventLoop {
                 if let Some(reply) = self.pending_announce.remove(&request_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }
+                self.publish_settled(request_id);
             }
             BehaviourEvent::Infer(request_response::Event::Message { peer, message, .. }) => {
                 match message {
