@@ -399,7 +399,7 @@ fn watch_signals(
             #[cfg(not(unix))]
             let _ = tokio::signal::ctrl_c().await;
             if n == 0 {
-                eprintln!("stopping (press Ctrl-C again to exit at once)");
+                eprintln!("stopping: draining sessions (a second Ctrl-C exits at once)");
                 stop.cancel();
             } else {
                 kill.cancel();
