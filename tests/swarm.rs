@@ -46,6 +46,23 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
         took.expect("the killed server's span shows as uncovered within its announcement's expiry");
     eprintln!("blocks 10:20 uncovered {took:?} after kill -9 (announcement TTL 6 s)");
     assert!(http_get(&http, "/").contains("Uncovered blocks: 10:20"));
+    // The same page in a real browser: the gap is drawn in red, the live servers listed.
+    match browser_dom(&http) {
+        Some(dom) => {
+            assert!(dom.contains("<h1>Pollen swarm</h1>"), "{dom}");
+            assert!(dom.contains("Uncovered blocks: 10:20"), "{dom}");
+            assert_eq!(
+                dom.matches("class=\"gap\"").count(),
+                10,
+                "ten red cells for blocks 10..20"
+            );
+            assert!(
+                !dom.contains(&peer_of(&ready1)),
+                "the dead server is not listed"
+            );
+        }
+        None => eprintln!("no Chromium here: the status page was checked over HTTP only"),
+    }
 
     let (_s1b, ready1b) = server(Some(&addr), "10:20", &dir.join("s1.key"), &ttl);
     assert_eq!(
@@ -60,11 +77,17 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
 
     // SIGTERM: the server withdraws its announcement and exits 0.
     let status_code = s0.terminate(Duration::from_secs(15));
-    assert!(status_code.is_some_and(|s| s.success()), "a drained server exits 0: {status_code:?}");
+    assert!(
+        status_code.is_some_and(|s| s.success()),
+        "a drained server exits 0: {status_code:?}"
+    );
     let took = wait_for(Duration::from_secs(5), || {
         coverage(&status(Some(&addr))).is_some_and(|(gaps, _)| gaps == vec![(0, 10)])
     });
-    assert!(took.is_some(), "a stopped server's span is gone within seconds, not a TTL");
+    assert!(
+        took.is_some(),
+        "a stopped server's span is gone within seconds, not a TTL"
+    );
 }
 
 /// mDNS multicasts on every non-loopback interface, so this test runs in a

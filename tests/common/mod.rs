@@ -240,3 +240,35 @@ pub fn http_get(base: &str, path: &str) -> String {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default()
 }
+
+/// The page at `url` as headless Chromium renders it (its DOM), or `None`
+/// when no Chromium is installed (`.ci/run` installs it).
+pub fn browser_dom(url: &str) -> Option<String> {
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+    let profile = temp_dir("chromium");
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_dir_all(&profile);
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
