@@ -14,6 +14,55 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// A bootstrap node's command-line settings (shared by `pollen bootstrap`
+/// and the `pollen-bootstrap` binary).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BootstrapArgs {
+    /// Address to listen on (repeatable). Default: all interfaces, TCP port 4001 and QUIC port 4001.
+    #[arg(long = "listen")]
+    pub listen: Vec<Multiaddr>,
+    /// Identity key file, created on first run (mode 0600), so the peer id survives restarts.
+    /// Default: $POLLEN_CACHE_DIR/bootstrap.key.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Serve /health (JSON) and a status page over HTTP on this address, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+impl BootstrapArgs {
+    /// The settings with their defaults filled in.
+    pub fn config(&self) -> BootstrapConfig {
+        let listen = if self.listen.is_empty() {
+            ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        } else {
+            self.listen.clone()
+        };
+        BootstrapConfig {
+            listen,
+            identity: self
+                .identity
+                .clone()
+                .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("bootstrap.key")),
+            http: self.http,
+            mdns: !self.no_mdns,
+        }
+    }
+}
+
+/// Runs a bootstrap node from its command line until Ctrl-C or SIGTERM.
+pub async fn run_cli(args: &BootstrapArgs) -> Result<()> {
+    let stop = CancellationToken::new();
+    crate::signals::watch(stop.clone(), CancellationToken::new());
+    run(args.config(), stop).await
+}
+
 /// How a bootstrap node runs.
 #[derive(Debug, Clone)]
 pub struct BootstrapConfig {

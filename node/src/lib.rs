@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod net;
 pub mod progress;
 pub mod serve;
+pub mod signals;
 pub mod status;
 pub mod threads;
 pub mod wire;

@@ -32,24 +32,7 @@ enum Command {
     /// The local mesh demo: a bootstrap and three servers on 127.0.0.1, one question.
     Demo(DemoArgs),
     /// Run a bootstrap node (the same as the `pollen-bootstrap` binary).
-    Bootstrap(BootstrapArgs),
-}
-
-/// A bootstrap node's settings.
-#[derive(Args, Debug)]
-struct BootstrapArgs {
-    /// Address to listen on (repeatable). Default: all interfaces, TCP port 4001 and QUIC port 4001.
-    #[arg(long = "listen")]
-    listen: Vec<libp2p::Multiaddr>,
-    /// Identity key file, created on first run (mode 0600). Default: $POLLEN_CACHE_DIR/bootstrap.key.
-    #[arg(long)]
-    identity: Option<PathBuf>,
-    /// Serve /health (JSON) and a status page over HTTP on this address, e.g. 127.0.0.1:8080.
-    #[arg(long)]
-    http: Option<std::net::SocketAddr>,
-    /// Do not look for peers on the local network with mDNS.
-    #[arg(long)]
-    no_mdns: bool,
+    Bootstrap(pollen_node::bootstrap::BootstrapArgs),
 }
 
 /// How to reach the swarm.
@@ -341,72 +324,11 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-async fn bootstrap(args: BootstrapArgs) -> Result<()> {
-    let listen = if args.listen.is_empty() {
-        ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect()
-    } else {
-        args.listen
-    };
-    let cfg = pollen_node::bootstrap::BootstrapConfig {
-        listen,
-        identity: args
-            .identity
-            .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("bootstrap.key")),
-        http: args.http,
-        mdns: !args.no_mdns,
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let kill = tokio_util::sync::CancellationToken::new();
-    watch_signals(stop.clone(), kill);
-    pollen_node::bootstrap::run(cfg, stop).await
-}
-
 fn default_listen() -> Vec<libp2p::Multiaddr> {
     ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
         .iter()
         .filter_map(|a| a.parse().ok())
         .collect()
-}
-
-/// Cancels `stop` on the first Ctrl-C or SIGTERM and `kill` on the second.
-fn watch_signals(
-    stop: tokio_util::sync::CancellationToken,
-    kill: tokio_util::sync::CancellationToken,
-) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        for n in 0..2 {
-            #[cfg(unix)]
-            {
-                let term_recv = async {
-                    match term.as_mut() {
-                        Some(t) => {
-                            t.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term_recv => {}
-                }
-            }
-            #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
-            if n == 0 {
-                eprintln!("stopping: draining sessions (a second Ctrl-C exits at once)");
-                stop.cancel();
-            } else {
-                kill.cancel();
-                std::process::exit(130);
-            }
-        }
-    });
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -434,7 +356,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let kill = tokio_util::sync::CancellationToken::new();
-    watch_signals(stop.clone(), kill.clone());
+    pollen_node::signals::watch(stop.clone(), kill.clone());
     pollen_node::serve::run(cfg, stop, kill).await
 }
 
@@ -539,7 +461,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => {
             runtime.block_on(pollen_node::demo::run(args.prompt, args.max_tokens))
         }
-        Command::Bootstrap(args) => runtime.block_on(bootstrap(args)),
+        Command::Bootstrap(args) => runtime.block_on(pollen_node::bootstrap::run_cli(&args)),
     };
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {

@@ -1,0 +1,39 @@
+//! Ctrl-C and SIGTERM: the first stops a role politely, the second exits at once.
+
+use tokio_util::sync::CancellationToken;
+
+/// Cancels `stop` on the first Ctrl-C or SIGTERM; on the second, cancels
+/// `kill` and exits the process with status 130.
+pub fn watch(stop: CancellationToken, kill: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        for n in 0..2 {
+            #[cfg(unix)]
+            {
+                let term_recv = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term_recv => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            if n == 0 {
+                eprintln!("stopping: draining sessions (a second Ctrl-C exits at once)");
+                stop.cancel();
+            } else {
+                kill.cancel();
+                std::process::exit(130);
+            }
+        }
+    });
+}
