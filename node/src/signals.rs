@@ -28,7 +28,7 @@ pub fn watch(stop: CancellationToken, kill: CancellationToken) {
             #[cfg(not(unix))]
             let _ = tokio::signal::ctrl_c().await;
             if n == 0 {
-                eprintln!("stopping: draining sessions (a second Ctrl-C exits at once)");
+                eprintln!("stopping (a second Ctrl-C exits at once)");
                 stop.cancel();
             } else {
                 kill.cancel();
