@@ -11,7 +11,11 @@ use std::time::Duration;
 
 /// Pollen: run open language models across volunteers' machines.
 #[derive(Parser, Debug)]
-#[command(name = "pollen", version, about, long_about = None)]
+#[command(
+    name = "pollen",
+    version,
+    about = "Pollen: run open language models across volunteers' machines, so no one holds the whole model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -113,7 +117,8 @@ struct ModelArgs {
     /// Device: cpu, cuda, cuda:N or metal (GPU builds need the cuda/metal feature).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads for the model's kernels. Default: every core this process may use.
+    /// CPU threads for the model's kernels. Default: 1 for `serve` (servers sharing a machine
+    /// must not fight over cores), every core this process may use otherwise.
     #[arg(long)]
     threads: Option<usize>,
     /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's AVX-512 VNNI
