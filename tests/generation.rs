@@ -78,3 +78,44 @@ fn a_request_over_the_servers_session_limit_is_a_clear_error() {
     // Within the limit it works.
     assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
 }
+
+/// Ctrl-C on a client mid-answer frees its session on every server at once:
+/// with one session per server, the next client gets in without waiting for
+/// the idle timeout.
+#[test]
+fn an_interrupted_client_frees_its_session() {
+    use std::io::Read;
+    let dir = temp_dir("interrupt");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let one = ["--max-sessions", "1"];
+    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("i0.key"), &one);
+    let (_s1, _) = server(Some(&addr), "10:20", &dir.join("i1.key"), &one);
+    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("i2.key"), &one);
+    let mut a = std::process::Command::new(pollen())
+        .args([
+            "generate",
+            "--no-mdns",
+            "--bootstrap",
+            &addr,
+            "--max-tokens",
+            "1500",
+        ])
+        .args([
+            "--prompt",
+            "Here is a list of one thousand numbers: 1, 2, 3,",
+            "--model",
+        ])
+        .arg(model())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    a.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &a.id().to_string()])
+        .status();
+    let status = a.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted mid-answer");
+    assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
+}

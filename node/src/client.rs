@@ -284,6 +284,30 @@ impl SwarmSession {
 
     /// Closes the session on every server.
     pub async fn close(&self) {
+        self.closer().close().await;
+    }
+
+    /// A handle that can close this session from elsewhere (on Ctrl-C, say).
+    pub fn closer(&self) -> SessionCloser {
+        SessionCloser {
+            handle: self.handle.clone(),
+            session: self.session,
+            first: self.first.clone(),
+        }
+    }
+}
+
+/// Closes one session along its route.
+#[derive(Debug, Clone)]
+pub struct SessionCloser {
+    handle: NetHandle,
+    session: SessionId,
+    first: Hop,
+}
+
+impl SessionCloser {
+    /// Asks the route's first server to close the session (it tells the rest).
+    pub async fn close(&self) {
         let _ = self
             .handle
             .infer(
@@ -292,7 +316,7 @@ impl SwarmSession {
                 InferRequest::Close {
                     session: self.session,
                 },
-                Duration::from_secs(10),
+                Duration::from_secs(5),
             )
             .await;
     }

@@ -309,6 +309,15 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
     )
     .await?;
     let params = generate_params(&args);
+    // Ctrl-C mid-answer frees the servers' caches now, not at their idle timeout.
+    let closer = session.closer();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            closer.close().await;
+            println!();
+            std::process::exit(130);
+        }
+    });
     let (session, result) = tokio::task::spawn_blocking(move || {
         let r = pollen_shard::generate::generate(
             &ends,
