@@ -447,13 +447,7 @@ fn main() -> std::process::ExitCode {
     }
     .unwrap_or_else(threads::available_cores);
     threads::configure(threads);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("POLLEN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error")),
-        )
-        .init();
+    pollen_node::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
