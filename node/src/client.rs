@@ -274,8 +274,30 @@ impl SwarmSession {
             .infer(self.first.peer, self.first.addrs.clone(), req, self.timeout)
             .await?
         {
-            InferResponse::Output { hidden, .. } => {
-                from_wire(&hidden, self.hidden_size, &Device::Cpu)
+            InferResponse::Output {
+                session,
+                step,
+                position,
+                hidden: out,
+            } => {
+                if session != self.session || step != self.step || position as usize != pos {
+                    bail!(
+                        "the route answered session {} step {step} at {position}, \
+                         but we asked for session {} step {} at {pos}",
+                        session.0,
+                        self.session.0,
+                        self.step
+                    );
+                }
+                let out = from_wire(&out, self.hidden_size, &Device::Cpu)?;
+                if out.dims() != hidden.dims() {
+                    bail!(
+                        "the route answered {:?} hidden states for {:?}",
+                        out.dims(),
+                        hidden.dims()
+                    );
+                }
+                Ok(out)
             }
             InferResponse::Error(e) => bail!("{:?}: {}", e.code, e.message),
             other => bail!("unexpected answer to a step: {other:?}"),
