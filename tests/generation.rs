@@ -19,9 +19,7 @@ const PROMPTS: [(&str, bool); 4] = [
 fn swarm_text_equals_local_text_and_eight_clients_share_the_servers() {
     let dir = temp_dir("gen");
     let (_boot, addr) = bootstrap(&dir, false);
-    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("g0.key"), &[]);
-    let (_s1, _) = server(Some(&addr), "10:20", &dir.join("g1.key"), &[]);
-    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("g2.key"), &[]);
+    let _servers = three_servers(Some(&addr), &dir, "g", [&[], &[], &[]]);
 
     let mut local = Vec::new();
     for (prompt, chat) in PROMPTS {
@@ -54,9 +52,7 @@ fn a_request_over_the_servers_session_limit_is_a_clear_error() {
     let dir = temp_dir("limits");
     let (_boot, addr) = bootstrap(&dir, false);
     let limit = ["--max-session-tokens", "40"];
-    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("l0.key"), &[]);
-    let (_s1, _) = server(Some(&addr), "10:20", &dir.join("l1.key"), &limit);
-    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("l2.key"), &[]);
+    let _servers = three_servers(Some(&addr), &dir, "l", [&[], &limit, &[]]);
     let out = std::process::Command::new(pollen())
         .args([
             "generate",
@@ -88,9 +84,7 @@ fn an_interrupted_client_frees_its_session() {
     let dir = temp_dir("interrupt");
     let (_boot, addr) = bootstrap(&dir, false);
     let one = ["--max-sessions", "1"];
-    let (_s0, _) = server(Some(&addr), "0:10", &dir.join("i0.key"), &one);
-    let (_s1, _) = server(Some(&addr), "10:20", &dir.join("i1.key"), &one);
-    let (_s2, _) = server(Some(&addr), "20:30", &dir.join("i2.key"), &one);
+    let _servers = three_servers(Some(&addr), &dir, "i", [&one, &one, &one]);
     let mut a = std::process::Command::new(pollen())
         .args([
             "generate",

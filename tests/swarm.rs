@@ -127,9 +127,7 @@ fn three_servers_without_bootstrap_find_each_other_by_mdns() {
     }
     let dir = temp_dir("mdns");
     let any = ["--listen", "/ip4/0.0.0.0/tcp/0"];
-    let (_s0, _) = server(None, "0:10", &dir.join("m0.key"), &any);
-    let (_s1, _) = server(None, "10:20", &dir.join("m1.key"), &any);
-    let (_s2, _) = server(None, "20:30", &dir.join("m2.key"), &any);
+    let _servers = three_servers(None, &dir, "m", [&any, &any, &any]);
     let took = wait_for(Duration::from_secs(30), || {
         coverage(&status(None)).is_some_and(|(gaps, n)| gaps.is_empty() && n >= 3)
     });

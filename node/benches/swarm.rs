@@ -41,6 +41,10 @@ fn spawn(args: &[&str], prefix: &str) -> (Kill, String) {
     (Kill(child), line)
 }
 
+fn greedy(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -98,13 +102,7 @@ fn main() {
         for (s, c) in spans.iter().zip(caches.iter_mut()) {
             h = s.forward(&h, 0, c).unwrap();
         }
-        let mut next = ends
-            .logits(&h)
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar::<u32>()
-            .unwrap();
+        let mut next = greedy(&ends.logits(&h).unwrap());
         let prefill = t.elapsed().as_secs_f64();
         let mut steps = Vec::new();
         let mut tokens = vec![next];
@@ -117,13 +115,7 @@ fn main() {
                 h = s.forward(&h, prefill_n + i, c).unwrap();
                 span_times[k].push(ts.elapsed().as_secs_f64());
             }
-            next = ends
-                .logits(&h)
-                .unwrap()
-                .argmax(0)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
+            next = greedy(&ends.logits(&h).unwrap());
             tokens.push(next);
             steps.push(t.elapsed().as_secs_f64());
         }
@@ -205,7 +197,7 @@ fn main() {
             let t = Instant::now();
             let h = s.step(&ends.embed(&prefill_ids).unwrap(), 0).await.unwrap();
             let l = ends.logits(&h).unwrap();
-            let mut next = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            let mut next = greedy(&l);
             let prefill = t.elapsed().as_secs_f64();
             let mut tokens = vec![next];
             let mut logits = vec![l.to_vec1::<f32>().unwrap()];
@@ -218,7 +210,7 @@ fn main() {
                 let x: Tensor = ends.embed(&[next]).unwrap();
                 let h = s.step(&x, prefill_n + i).await.unwrap();
                 let l = ends.logits(&h).unwrap();
-                next = l.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+                next = greedy(&l);
                 steps.push(t.elapsed().as_secs_f64());
                 tokens.push(next);
                 logits.push(l.to_vec1::<f32>().unwrap());

@@ -272,3 +272,21 @@ pub fn browser_dom(url: &str) -> Option<String> {
     let _ = std::fs::remove_dir_all(&profile);
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The three servers of the test mesh (blocks 0:10, 10:20, 20:30), each with
+/// its own key in `dir` and its own extra arguments; they are ready on return.
+pub fn three_servers(
+    bootstrap: Option<&str>,
+    dir: &Path,
+    tag: &str,
+    extra: [&[&str]; 3],
+) -> Vec<(Proc, String)> {
+    ["0:10", "10:20", "20:30"]
+        .iter()
+        .zip(extra)
+        .enumerate()
+        .map(|(i, (blocks, extra))| {
+            server(bootstrap, blocks, &dir.join(format!("{tag}{i}.key")), extra)
+        })
+        .collect()
+}
