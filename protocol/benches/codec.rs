@@ -21,6 +21,7 @@ fn forward(tokens: u32, dtype: WireDType) -> InferRequest {
         position: 35,
         step: 7,
         hidden: HiddenStates::from_f32(&values, vec![1, tokens, HIDDEN], dtype).unwrap(),
+        last_row_only: true,
     }
 }
 

@@ -14,13 +14,13 @@ use std::ops::Deref;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::limits::MAX_MODEL_NAME_LEN;
+use crate::limits::{MAX_COMPUTE_LEN, MAX_MODEL_NAME_LEN, MAX_PEER_RTTS};
 use crate::messages::{MessageError, check_addrs, check_count, check_len, check_peer};
 use crate::types::{BlockRange, ModelId, PeerIdBytes};
 
 /// The domain tag in front of the canonical bytes of every signed announcement, so that
 /// an announcement signature can never be mistaken for a signature over anything else.
-pub const ANNOUNCE_DOMAIN_TAG: &[u8] = b"pollen-announce-v1";
+pub const ANNOUNCE_DOMAIN_TAG: &[u8] = b"pollen-announce-v2";
 
 /// The libp2p peer id of an ed25519 public key, as raw bytes.
 ///
@@ -33,6 +33,16 @@ pub fn peer_id_bytes_for_ed25519(public_key: &[u8; 32]) -> PeerIdBytes {
     bytes.extend_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
     bytes.extend_from_slice(public_key);
     PeerIdBytes(bytes)
+}
+
+/// A round-trip time a server measured to another server: the edge that activations
+/// cross when the other serves the span after this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRtt {
+    /// The other server.
+    pub peer: PeerIdBytes,
+    /// The measured round trip, in microseconds.
+    pub rtt_us: u32,
 }
 
 /// What a server announces about itself for one model.
@@ -56,6 +66,13 @@ pub struct Announcement {
     pub free_cache_tokens: u32,
     /// Multiaddrs to reach it, at most [`crate::limits::MAX_ADDRS`].
     pub addrs: Vec<String>,
+    /// How it computes: the weight arithmetic of its span (`exact`, `fast-vnni`, `q8_0`, …,
+    /// at most [`MAX_COMPUTE_LEN`] bytes). Servers of different modes give different
+    /// numbers, so a client routes only through servers of its own mode.
+    pub compute: String,
+    /// Round-trip times to servers of the spans that start where this one ends, at most
+    /// [`MAX_PEER_RTTS`]: the edges a route through this server would cross.
+    pub next_rtts: Vec<PeerRtt>,
     /// When it was issued, in milliseconds since the Unix epoch.
     pub issued_at_ms: u64,
     /// When it stops being valid, in milliseconds since the Unix epoch.
@@ -72,6 +89,11 @@ impl Announcement {
         check_peer(&self.peer)?;
         check_len("model name", self.model_name.len(), MAX_MODEL_NAME_LEN)?;
         check_addrs(&self.addrs)?;
+        check_len("compute mode", self.compute.len(), MAX_COMPUTE_LEN)?;
+        check_count("round-trip times", self.next_rtts.len(), MAX_PEER_RTTS)?;
+        for r in &self.next_rtts {
+            check_peer(&r.peer)?;
+        }
         check_count(
             "model blocks",
             self.num_blocks as usize,
@@ -98,7 +120,8 @@ impl Announcement {
     /// peer id (bytes), model id (32), model name (bytes, UTF-8), `num_blocks` (u32),
     /// `blocks.start` (u32), `blocks.end` (u32), throughput (`f32::to_bits`, u32),
     /// `free_sessions` (u32), `free_cache_tokens` (u32), address count (u64) then each
-    /// address (bytes), `issued_at_ms` (u64), `expires_at_ms` (u64), `seq` (u64).
+    /// address (bytes), compute mode (bytes), round-trip count (u64) then each as peer id
+    /// (bytes) and `rtt_us` (u32), `issued_at_ms` (u64), `expires_at_ms` (u64), `seq` (u64).
     pub fn canonical_bytes(&self) -> Vec<u8> {
         fn bytes(out: &mut Vec<u8>, b: &[u8]) {
             out.extend_from_slice(&(b.len() as u64).to_le_bytes());
@@ -121,6 +144,12 @@ impl Announcement {
         out.extend_from_slice(&(self.addrs.len() as u64).to_le_bytes());
         for a in &self.addrs {
             bytes(&mut out, a.as_bytes());
+        }
+        bytes(&mut out, self.compute.as_bytes());
+        out.extend_from_slice(&(self.next_rtts.len() as u64).to_le_bytes());
+        for r in &self.next_rtts {
+            bytes(&mut out, &r.peer.0);
+            out.extend_from_slice(&r.rtt_us.to_le_bytes());
         }
         for n in [self.issued_at_ms, self.expires_at_ms, self.seq] {
             out.extend_from_slice(&n.to_le_bytes());
@@ -518,6 +547,8 @@ mod tests {
             free_sessions: 8,
             free_cache_tokens: 16_384,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            compute: "fast-vnni".into(),
+            next_rtts: vec![],
             issued_at_ms: NOW,
             expires_at_ms: NOW + 120_000,
             seq: 1,

@@ -27,9 +27,10 @@
 //!   u16 code and a message.
 //! - `HiddenStates`: dtype tag (u8), shape (list of u32, 1 to 4), then the data as one
 //!   blob whose length must equal what the shape and dtype need.
-//! - `InferRequest`: 0 `Open` / 1 `Forward` / 2 `Close`; `InferResponse`: 0 `Opened` /
-//!   1 `Output` / 2 `Closed` / 3 `Error`; fields in declaration order, session ids as 8
-//!   little-endian bytes.
+//! - `InferRequest`: 0 `Open` / 1 `Forward` / 2 `Close` / 3 `Attach`; `InferResponse`:
+//!   0 `Opened` / 1 `Output` / 2 `Closed` / 3 `Error` / 4 `Ack` / 5 `HopFailed` /
+//!   6 `Attached`; fields in declaration order, session ids as 8 little-endian bytes,
+//!   booleans as one byte.
 //! - `SignedAnnouncement`: the announcement's fields in declaration order, then the 32-byte
 //!   public key and 64-byte signature.
 
@@ -43,14 +44,14 @@ use bincode::enc::{Encoder, EncoderImpl};
 use bincode::error::{DecodeError, EncodeError};
 use bincode::{Decode, Encode};
 
-use crate::announce::{Announcement, SignedAnnouncement};
+use crate::announce::{Announcement, PeerRtt, SignedAnnouncement};
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hidden::{HiddenStates, WireDType};
 use crate::limits::{
     MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_ANNOUNCE_REQUEST_BYTES,
-    MAX_ANNOUNCE_RESPONSE_BYTES, MAX_ANNOUNCEMENT_BYTES, MAX_ERROR_MESSAGE_LEN, MAX_HELLO_BYTES,
-    MAX_HIDDEN_DIMS, MAX_INFER_REQUEST_BYTES, MAX_INFER_RESPONSE_BYTES, MAX_LIST_ANNOUNCEMENTS,
-    MAX_MODEL_NAME_LEN, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
+    MAX_ANNOUNCE_RESPONSE_BYTES, MAX_ANNOUNCEMENT_BYTES, MAX_COMPUTE_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_HELLO_BYTES, MAX_HIDDEN_DIMS, MAX_INFER_REQUEST_BYTES, MAX_INFER_RESPONSE_BYTES,
+    MAX_LIST_ANNOUNCEMENTS, MAX_MODEL_NAME_LEN, MAX_PEER_ID_BYTES, MAX_PEER_RTTS, MAX_ROUTE_HOPS,
 };
 use crate::messages::{
     AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse,
@@ -692,13 +693,15 @@ impl Wire for RouteHop {
     fn put<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
         self.peer.put(e)?;
         self.blocks.put(e)?;
-        put_strings(e, &self.addrs)
+        put_strings(e, &self.addrs)?;
+        self.step_us.encode(e)
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
         Ok(RouteHop {
             peer: PeerIdBytes::get(d)?,
             blocks: BlockRange::get(d)?,
             addrs: get_addrs(d)?,
+            step_us: u32::decode(d)?,
         })
     }
 }
@@ -728,6 +731,8 @@ impl Wire for InferRequest {
                 hop,
                 budget,
                 wire_dtype,
+                compute,
+                client,
             } => {
                 put_tag(e, 0)?;
                 session.put(e)?;
@@ -735,22 +740,30 @@ impl Wire for InferRequest {
                 put_list(e, route)?;
                 hop.encode(e)?;
                 budget.put(e)?;
-                wire_dtype.put(e)
+                wire_dtype.put(e)?;
+                put_bytes(e, compute.as_bytes())?;
+                client.put(e)
             }
             InferRequest::Forward {
                 session,
                 position,
                 step,
                 hidden,
+                last_row_only,
             } => {
                 put_tag(e, 1)?;
                 session.put(e)?;
                 position.encode(e)?;
                 step.encode(e)?;
-                hidden.put(e)
+                hidden.put(e)?;
+                last_row_only.encode(e)
             }
             InferRequest::Close { session } => {
                 put_tag(e, 2)?;
+                session.put(e)
+            }
+            InferRequest::Attach { session } => {
+                put_tag(e, 3)?;
                 session.put(e)
             }
         }
@@ -764,14 +777,20 @@ impl Wire for InferRequest {
                 hop: u32::decode(d)?,
                 budget: SessionBudget::get(d)?,
                 wire_dtype: WireDType::get(d)?,
+                compute: get_string(d, MAX_COMPUTE_LEN, "compute mode")?,
+                client: PeerIdBytes::get(d)?,
             }),
             1 => Ok(InferRequest::Forward {
                 session: SessionId::get(d)?,
                 position: u32::decode(d)?,
                 step: u64::decode(d)?,
                 hidden: HiddenStates::get(d)?,
+                last_row_only: bool::decode(d)?,
             }),
             2 => Ok(InferRequest::Close {
+                session: SessionId::get(d)?,
+            }),
+            3 => Ok(InferRequest::Attach {
                 session: SessionId::get(d)?,
             }),
             t => Err(unknown_tag("infer request", t)),
@@ -810,6 +829,29 @@ impl Wire for InferResponse {
                 put_tag(e, 3)?;
                 err.put(e)
             }
+            InferResponse::Ack { session, step } => {
+                put_tag(e, 4)?;
+                session.put(e)?;
+                step.encode(e)
+            }
+            InferResponse::HopFailed {
+                session,
+                step,
+                hop,
+                peer,
+                error,
+            } => {
+                put_tag(e, 5)?;
+                session.put(e)?;
+                step.encode(e)?;
+                hop.encode(e)?;
+                peer.put(e)?;
+                error.put(e)
+            }
+            InferResponse::Attached { session } => {
+                put_tag(e, 6)?;
+                session.put(e)
+            }
         }
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
@@ -828,6 +870,20 @@ impl Wire for InferResponse {
                 session: SessionId::get(d)?,
             }),
             3 => ProtocolError::get(d).map(InferResponse::Error),
+            4 => Ok(InferResponse::Ack {
+                session: SessionId::get(d)?,
+                step: u64::decode(d)?,
+            }),
+            5 => Ok(InferResponse::HopFailed {
+                session: SessionId::get(d)?,
+                step: u64::decode(d)?,
+                hop: u32::decode(d)?,
+                peer: PeerIdBytes::get(d)?,
+                error: ProtocolError::get(d)?,
+            }),
+            6 => Ok(InferResponse::Attached {
+                session: SessionId::get(d)?,
+            }),
             t => Err(unknown_tag("infer response", t)),
         }
     }
@@ -844,6 +900,8 @@ impl Wire for Announcement {
         self.free_sessions.encode(e)?;
         self.free_cache_tokens.encode(e)?;
         put_strings(e, &self.addrs)?;
+        put_bytes(e, self.compute.as_bytes())?;
+        put_list(e, &self.next_rtts)?;
         self.issued_at_ms.encode(e)?;
         self.expires_at_ms.encode(e)?;
         self.seq.encode(e)
@@ -859,9 +917,24 @@ impl Wire for Announcement {
             free_sessions: u32::decode(d)?,
             free_cache_tokens: u32::decode(d)?,
             addrs: get_addrs(d)?,
+            compute: get_string(d, MAX_COMPUTE_LEN, "compute mode")?,
+            next_rtts: get_list(d, MAX_PEER_RTTS, "round-trip times")?,
             issued_at_ms: u64::decode(d)?,
             expires_at_ms: u64::decode(d)?,
             seq: u64::decode(d)?,
+        })
+    }
+}
+
+impl Wire for PeerRtt {
+    fn put<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
+        self.peer.put(e)?;
+        self.rtt_us.encode(e)
+    }
+    fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
+        Ok(PeerRtt {
+            peer: PeerIdBytes::get(d)?,
+            rtt_us: u32::decode(d)?,
         })
     }
 }

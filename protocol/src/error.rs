@@ -33,6 +33,11 @@ pub enum ErrorCode {
     Internal = 8,
     /// A wait timed out (for example on the next server of a route).
     Timeout = 9,
+    /// The peer could not be reached, or its connection broke mid-session.
+    Unreachable = 10,
+    /// The peers compute with different weight arithmetic (see
+    /// [`crate::Announcement::compute`]), so their results would differ.
+    ComputeMismatch = 11,
 }
 
 /// A numeric error code that this version does not know.
@@ -42,7 +47,7 @@ pub struct UnknownErrorCode(pub u16);
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::VersionMismatch,
         ErrorCode::UnknownModel,
         ErrorCode::SpanMismatch,
@@ -52,6 +57,8 @@ impl ErrorCode {
         ErrorCode::BadRequest,
         ErrorCode::Internal,
         ErrorCode::Timeout,
+        ErrorCode::Unreachable,
+        ErrorCode::ComputeMismatch,
     ];
 
     /// The stable numeric value that travels on the wire.
@@ -71,6 +78,8 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Internal => "internal",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::Unreachable => "unreachable",
+            ErrorCode::ComputeMismatch => "compute_mismatch",
         }
     }
 }
@@ -135,7 +144,7 @@ mod tests {
     #[test]
     fn codes_are_stable() {
         let numbers: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
-        assert_eq!(numbers, (1..=9).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=11).collect::<Vec<u16>>());
         for c in ErrorCode::ALL {
             assert_eq!(ErrorCode::try_from(c.as_u16()), Ok(c));
         }

@@ -34,7 +34,7 @@ mod hex;
 mod types;
 
 pub use announce::{
-    AnnounceError, Announcement, FreshnessPolicy, ReplayGuard, SignedAnnouncement,
+    AnnounceError, Announcement, FreshnessPolicy, PeerRtt, ReplayGuard, SignedAnnouncement,
     VerifiedAnnouncement, peer_id_bytes_for_ed25519,
 };
 pub use codec::{
@@ -56,7 +56,7 @@ pub use types::{
 ///
 /// Two peers talk only if their versions are equal; [`negotiate`] checks it during the
 /// [`Hello`] exchange. Bump it whenever any message layout or meaning changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The libp2p protocol name of the version handshake.
 ///
@@ -66,29 +66,17 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// of failing protocol selection with no explanation.
 pub const HELLO_PROTOCOL: &str = "/pollen/hello/1";
 
-/// The libp2p protocol name of inference sessions ([`InferRequest`] / [`InferResponse`]).
+/// The libp2p protocol name of inference session streams: [`InferRequest`]s down,
+/// [`InferResponse`]s up, one stream per session and hop (see [`InferRequest`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const INFER_PROTOCOL: &str = "/pollen/infer/1";
+pub const INFER_PROTOCOL: &str = "/pollen/infer/2";
 
 /// The libp2p protocol name for asking a peer directly for its current signed announcement
 /// ([`AnnounceRequest`] / [`AnnounceResponse`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/1";
-
-/// The prefix of DHT keys under which servers of a model are found; see
-/// [`dht_key_for_model`]. Its version is [`PROTOCOL_VERSION`].
-pub const DHT_MODEL_KEY_PREFIX: &[u8] = b"/pollen/model/1/";
-
-/// The DHT key under which servers of `model` provide (and clients look up) announcements:
-/// [`DHT_MODEL_KEY_PREFIX`] followed by the model id as 64 lowercase hex digits.
-pub fn dht_key_for_model(model: &ModelId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(DHT_MODEL_KEY_PREFIX.len() + 64);
-    key.extend_from_slice(DHT_MODEL_KEY_PREFIX);
-    key.extend_from_slice(model.to_string().as_bytes());
-    key
-}
+pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/2";
 
 #[cfg(test)]
 mod tests {
@@ -100,14 +88,5 @@ mod tests {
         assert!(INFER_PROTOCOL.ends_with(&v));
         assert!(ANNOUNCE_PROTOCOL.ends_with(&v));
         assert!(HELLO_PROTOCOL.starts_with("/pollen/hello/"));
-        assert!(DHT_MODEL_KEY_PREFIX.ends_with(format!("{v}/").as_bytes()));
-    }
-
-    #[test]
-    fn dht_key_is_prefix_plus_hex() {
-        let id = ModelId::from_bytes([0xab; 32]);
-        let key = dht_key_for_model(&id);
-        assert_eq!(&key[..16], b"/pollen/model/1/");
-        assert_eq!(&key[16..], "ab".repeat(32).as_bytes());
     }
 }

@@ -30,6 +30,14 @@ pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 /// Longest display name of a model in an announcement (a file or repository name).
 pub const MAX_MODEL_NAME_LEN: usize = 256;
 
+/// Longest name of a compute mode in an announcement or a session (`exact`, `fast-vnni`,
+/// `q8_0`, …): short identifiers, compared for equality only.
+pub const MAX_COMPUTE_LEN: usize = 32;
+
+/// Most measured round-trip times to next-span servers in one announcement. A server
+/// measures the few servers whose spans start where its own ends; 16 is plenty.
+pub const MAX_PEER_RTTS: usize = 16;
+
 /// Longest architecture name in a manifest (`llama`, `qwen2`, …).
 pub const MAX_ARCHITECTURE_LEN: usize = 64;
 

@@ -10,8 +10,8 @@ use crate::announce::SignedAnnouncement;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hidden::{HiddenStates, WireDType};
 use crate::limits::{
-    MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_ERROR_MESSAGE_LEN, MAX_IDLE_TIMEOUT_MS,
-    MAX_INFER_REQUEST_BYTES, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
+    MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_IDLE_TIMEOUT_MS, MAX_INFER_REQUEST_BYTES, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
 };
 use crate::types::{BlockRange, ModelId, PeerIdBytes, Roles, SessionId};
 
@@ -256,6 +256,10 @@ pub struct RouteHop {
     pub blocks: BlockRange,
     /// Multiaddrs to reach it (the previous hop dials it), at most [`MAX_ADDRS`].
     pub addrs: Vec<String>,
+    /// Its announced time per token over its span (one over its throughput), in
+    /// microseconds: the hop before it derives from it how long to wait for its
+    /// [`InferResponse::Ack`].
+    pub step_us: u32,
 }
 
 impl RouteHop {
@@ -308,8 +312,15 @@ impl SessionBudget {
     }
 }
 
-/// What a client (or the previous server of a route) sends on an
-/// [`crate::INFER_PROTOCOL`] stream.
+/// What travels down a session stream on [`crate::INFER_PROTOCOL`]: from the client to the
+/// route's first server, and from each server to the next.
+///
+/// A session's data path: the client opens a stream to `route[0]` and sends `Open`; each
+/// server opens a stream to the next hop and passes `Open` on; the client then opens a
+/// second stream straight to the last hop and sends `Attach`. Each `Forward` goes down
+/// the chain (every server sends its output straight to the next), and the last server
+/// sends the `Output` up the attach stream to the client. Nothing travels back along the
+/// chain but small [`InferResponse::Ack`]s and failures, so no server waits on another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InferRequest {
     /// Opens a session on the receiving server (`route[hop]`), which opens the rest of the
@@ -327,6 +338,12 @@ pub enum InferRequest {
         budget: SessionBudget,
         /// The dtype of hidden states on this session.
         wire_dtype: WireDType,
+        /// The compute mode every server of the route must run (see
+        /// [`crate::Announcement::compute`]).
+        compute: String,
+        /// The client that opened the session: the only peer that may `Attach` to it. The
+        /// first server checks it against the stream's remote peer.
+        client: PeerIdBytes,
     },
     /// Runs hidden states through the server's span: a prefill chunk or one decode step.
     Forward {
@@ -338,9 +355,18 @@ pub enum InferRequest {
         step: u64,
         /// The input hidden states, `[batch, tokens, hidden]`.
         hidden: HiddenStates,
+        /// The last server returns only the last token's row (all a client needs to pick
+        /// the next token), not every row of a prefill chunk.
+        last_row_only: bool,
     },
-    /// Ends the session and frees its cache.
+    /// Ends the session and frees its cache (passed on down the chain).
     Close {
+        /// The session.
+        session: SessionId,
+    },
+    /// On a stream from the client to the last server of a route: send this session's
+    /// outputs up this stream.
+    Attach {
         /// The session.
         session: SessionId,
     },
@@ -352,7 +378,8 @@ impl InferRequest {
         match self {
             InferRequest::Open { session, .. }
             | InferRequest::Forward { session, .. }
-            | InferRequest::Close { session } => *session,
+            | InferRequest::Close { session }
+            | InferRequest::Attach { session } => *session,
         }
     }
 
@@ -362,7 +389,12 @@ impl InferRequest {
     pub fn validate(&self) -> Result<(), MessageError> {
         match self {
             InferRequest::Open {
-                route, hop, budget, ..
+                route,
+                hop,
+                budget,
+                compute,
+                client,
+                ..
             } => {
                 if route.is_empty() {
                     return Err(MessageError::EmptyRoute);
@@ -383,25 +415,29 @@ impl InferRequest {
                         return Err(MessageError::RouteGap { index, end, start });
                     }
                 }
+                check_len("compute mode", compute.len(), MAX_COMPUTE_LEN)?;
+                check_peer(client)?;
                 budget.validate()
             }
-            InferRequest::Forward { .. } | InferRequest::Close { .. } => Ok(()),
+            InferRequest::Forward { .. }
+            | InferRequest::Close { .. }
+            | InferRequest::Attach { .. } => Ok(()),
         }
     }
 }
 
-/// What a server answers on an [`crate::INFER_PROTOCOL`] stream.
+/// What travels up a session stream on [`crate::INFER_PROTOCOL`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InferResponse {
     /// The session is open along the rest of the route.
     Opened {
         /// The session.
         session: SessionId,
-        /// How many more tokens the server's cache could take for it.
+        /// How many more tokens the server's cache (and every later server's) could take.
         free_tokens: u32,
     },
     /// The output hidden states of a [`InferRequest::Forward`] (from the last server of the
-    /// route, the input to the model's final norm and head).
+    /// route, up the attach stream: the input to the model's final norm and head).
     Output {
         /// The session.
         session: SessionId,
@@ -409,7 +445,8 @@ pub enum InferResponse {
         step: u64,
         /// The position of the first token of `hidden`.
         position: u32,
-        /// The output hidden states, same shape as the input.
+        /// The output hidden states: every row of the input, or only the last one when
+        /// the request asked for `last_row_only`.
         hidden: HiddenStates,
     },
     /// The session is closed and its cache freed.
@@ -417,8 +454,36 @@ pub enum InferResponse {
         /// The session.
         session: SessionId,
     },
-    /// The request failed.
+    /// The request failed at the server at the far end of this stream.
     Error(ProtocolError),
+    /// The server at the far end of this stream computed step `step` and handed its output
+    /// on. The sender of a `Forward` times each step by these.
+    Ack {
+        /// The session.
+        session: SessionId,
+        /// The step done.
+        step: u64,
+    },
+    /// A server of the route failed: itself, or the one after it (which it could not reach,
+    /// or which went silent). Passed up the chain unchanged to the client, so that the
+    /// client knows which hop to route around.
+    HopFailed {
+        /// The session.
+        session: SessionId,
+        /// The step in flight when it failed (0 while opening).
+        step: u64,
+        /// The index of the failed hop in the route.
+        hop: u32,
+        /// Its peer id.
+        peer: PeerIdBytes,
+        /// What went wrong.
+        error: ProtocolError,
+    },
+    /// The attach stream is accepted: outputs of the session will come up it.
+    Attached {
+        /// The session.
+        session: SessionId,
+    },
 }
 
 impl InferResponse {
@@ -427,7 +492,10 @@ impl InferResponse {
         match self {
             InferResponse::Opened { session, .. }
             | InferResponse::Output { session, .. }
-            | InferResponse::Closed { session } => Some(*session),
+            | InferResponse::Closed { session }
+            | InferResponse::Ack { session, .. }
+            | InferResponse::HopFailed { session, .. }
+            | InferResponse::Attached { session } => Some(*session),
             InferResponse::Error(_) => None,
         }
     }
@@ -436,6 +504,10 @@ impl InferResponse {
     pub fn validate(&self) -> Result<(), MessageError> {
         match self {
             InferResponse::Error(e) => check_error(e),
+            InferResponse::HopFailed { peer, error, .. } => {
+                check_peer(peer)?;
+                check_error(error)
+            }
             _ => Ok(()),
         }
     }
@@ -565,6 +637,7 @@ mod tests {
             peer: PeerIdBytes(vec![1; 38]),
             blocks: BlockRange::new(start, end).unwrap(),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            step_us: 10_000,
         }
     }
 
@@ -580,6 +653,8 @@ mod tests {
                 idle_timeout_ms: 30_000,
             },
             wire_dtype: WireDType::F32,
+            compute: "fast-vnni".into(),
+            client: PeerIdBytes(vec![2; 38]),
         }
     }
 

@@ -7,14 +7,14 @@
 use std::io::Cursor;
 
 use pollen_protocol::limits::{
-    MAX_ADDRS, MAX_AGENT_LEN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_HIDDEN_BYTES,
+    MAX_ADDRS, MAX_AGENT_LEN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_HIDDEN_BYTES, MAX_PEER_RTTS,
 };
 use pollen_protocol::{
     AnnounceRequest, AnnounceResponse, Announcement, BlockRange, CodecError, ErrorCode, Hello,
     HelloReply, HiddenError, HiddenStates, InferRequest, InferResponse, MessageError, ModelId,
-    PeerIdBytes, ProtocolError, Roles, RouteHop, SessionBudget, SessionId, SignedAnnouncement,
-    WireDType, WireMessage, check_frame_len, decode_body, decode_frame, encode_frame, encoded_len,
-    read_frame,
+    PROTOCOL_VERSION, PeerIdBytes, PeerRtt, ProtocolError, Roles, RouteHop, SessionBudget,
+    SessionId, SignedAnnouncement, WireDType, WireMessage, check_frame_len, decode_body,
+    decode_frame, encode_frame, encoded_len, read_frame,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -101,6 +101,7 @@ fn route() -> impl Strategy<Value = Vec<RouteHop>> {
                     peer,
                     blocks,
                     addrs,
+                    step_us: 20_000,
                 }
             })
             .collect()
@@ -125,28 +126,42 @@ fn infer_request() -> impl Strategy<Value = InferRequest> {
             route(),
             any::<u32>(),
             budget(),
-            dtype()
+            dtype(),
+            ("[a-z0-9_-]{0,32}", peer()),
         )
-            .prop_map(|(session, model_id, route, hop, budget, wire_dtype)| {
-                let hop = hop % route.len() as u32;
-                InferRequest::Open {
+            .prop_map(
+                |(session, model_id, route, hop, budget, wire_dtype, (compute, client))| {
+                    let hop = hop % route.len() as u32;
+                    InferRequest::Open {
+                        session,
+                        model_id,
+                        route,
+                        hop,
+                        budget,
+                        wire_dtype,
+                        compute,
+                        client,
+                    }
+                }
+            ),
+        (
+            session(),
+            any::<u32>(),
+            any::<u64>(),
+            hidden(),
+            any::<bool>()
+        )
+            .prop_map(|(session, position, step, hidden, last_row_only)| {
+                InferRequest::Forward {
                     session,
-                    model_id,
-                    route,
-                    hop,
-                    budget,
-                    wire_dtype,
+                    position,
+                    step,
+                    hidden,
+                    last_row_only,
                 }
             }),
-        (session(), any::<u32>(), any::<u64>(), hidden()).prop_map(
-            |(session, position, step, hidden)| InferRequest::Forward {
-                session,
-                position,
-                step,
-                hidden,
-            }
-        ),
         session().prop_map(|session| InferRequest::Close { session }),
+        session().prop_map(|session| InferRequest::Attach { session }),
     ]
 }
 
@@ -166,6 +181,24 @@ fn infer_response() -> impl Strategy<Value = InferResponse> {
         ),
         session().prop_map(|session| InferResponse::Closed { session }),
         protocol_error().prop_map(InferResponse::Error),
+        (session(), any::<u64>()).prop_map(|(session, step)| InferResponse::Ack { session, step }),
+        (
+            session(),
+            any::<u64>(),
+            any::<u32>(),
+            peer(),
+            protocol_error()
+        )
+            .prop_map(
+                |(session, step, hop, peer, error)| InferResponse::HopFailed {
+                    session,
+                    step,
+                    hop,
+                    peer,
+                    error,
+                }
+            ),
+        session().prop_map(|session| InferResponse::Attached { session }),
     ]
 }
 
@@ -174,12 +207,20 @@ fn announcement() -> impl Strategy<Value = Announcement> {
         (peer(), model_id(), text(60), 0u32..200, 1u32..50, 0u32..10),
         (0.0f32..1e6, any::<u32>(), any::<u32>(), addrs()),
         (any::<u64>(), any::<u64>(), any::<u64>()),
+        (
+            "[a-z0-9_-]{0,32}",
+            proptest::collection::vec(
+                (peer(), any::<u32>()).prop_map(|(peer, rtt_us)| PeerRtt { peer, rtt_us }),
+                0..=MAX_PEER_RTTS,
+            ),
+        ),
     )
         .prop_map(
             |(
                 (peer, model_id, model_name, start, len, extra),
                 (throughput, free_sessions, free_cache_tokens, addrs),
                 (issued_at_ms, expires_at_ms, seq),
+                (compute, next_rtts),
             )| Announcement {
                 peer,
                 model_id,
@@ -190,6 +231,8 @@ fn announcement() -> impl Strategy<Value = Announcement> {
                 free_sessions,
                 free_cache_tokens,
                 addrs,
+                compute,
+                next_rtts,
                 issued_at_ms,
                 expires_at_ms,
                 seq,
@@ -567,6 +610,7 @@ fn invalid_messages_are_refused_on_both_ends() {
         peer: PeerIdBytes(vec![1; 38]),
         blocks: BlockRange::new(start, end).unwrap(),
         addrs: vec![],
+        step_us: 100_000,
     };
     let open = InferRequest::Open {
         session: SessionId(1),
@@ -579,6 +623,8 @@ fn invalid_messages_are_refused_on_both_ends() {
             idle_timeout_ms: 1000,
         },
         wire_dtype: WireDType::F32,
+        compute: "exact".into(),
+        client: PeerIdBytes(vec![2; 38]),
     };
     let err = encode_frame(&open).unwrap_err();
     assert!(matches!(
@@ -595,6 +641,8 @@ fn invalid_messages_are_refused_on_both_ends() {
         model_id,
         budget,
         wire_dtype,
+        compute,
+        client,
         ..
     } = open.clone()
     else {
@@ -607,6 +655,8 @@ fn invalid_messages_are_refused_on_both_ends() {
         hop: 0,
         budget,
         wire_dtype,
+        compute,
+        client,
     };
     let mut frame = encode_frame(&ok).unwrap();
     let at = frame.windows(3).position(|w| w == [1, 10, 30]).unwrap();
@@ -629,20 +679,20 @@ fn invalid_messages_are_refused_on_both_ends() {
 #[test]
 fn a_future_hello_with_extensions_still_decodes() {
     let future = Hello {
-        version: 2,
+        version: PROTOCOL_VERSION + 1,
         model_id: Some(ModelId::from_bytes([5; 32])),
         roles: Roles::from_bits(0x10) | Roles::SERVER,
         agent: "pollen/9.0".into(),
     };
     let mut frame = encode_frame(&future).unwrap();
-    // Version 1 writes empty extensions (a single 0); a later version fills them.
+    // This version writes empty extensions (a single 0); a later version fills them.
     assert_eq!(frame.pop(), Some(0));
     frame.extend([3, 0xaa, 0xbb, 0xcc]);
     let len = (frame.len() as u32 - 4).to_le_bytes();
     frame[..4].copy_from_slice(&len);
     let decoded = decode_frame::<Hello>(&frame).unwrap();
     assert_eq!(decoded, future);
-    // ...so the version-1 side can refuse it with a clear error.
+    // ...so this version can refuse it with a clear error.
     let ours = Hello::new(
         Some(ModelId::from_bytes([5; 32])),
         Roles::SERVER,
@@ -653,7 +703,10 @@ fn a_future_hello_with_extensions_still_decodes() {
     let back = decode_frame::<HelloReply>(&frame).unwrap();
     assert_eq!(
         back.into_result(&future).unwrap_err().to_string(),
-        "version_mismatch: protocol version mismatch: we speak 1, peer speaks 2"
+        format!(
+            "version_mismatch: protocol version mismatch: we speak {PROTOCOL_VERSION}, peer speaks {}",
+            PROTOCOL_VERSION + 1
+        )
     );
 }
 
@@ -667,6 +720,7 @@ fn largest_prefill_fits_and_one_more_byte_does_not() {
         position: 0,
         step: 0,
         hidden: h,
+        last_row_only: true,
     };
     let frame = encode_frame(&msg).unwrap();
     assert_eq!(frame.len(), encoded_len(&msg));
