@@ -20,12 +20,45 @@
 //! The SIMD kernel needs AVX-512 F/BW/VNNI and F16C, detected at run time;
 //! [`PackedMatrix::pack`] returns `None` on other machines (the caller then
 //! keeps candle's kernels). The scalar path computes the same integer sums
-//! and is what the unit tests check the SIMD path against.
-#![allow(unsafe_code)]
+//! and is what the unit tests check the SIMD path against. The SIMD kernel
+//! lives in `avx512.rs`, the crate's one file of unsafe code; this one packs,
+//! detects and dispatches, in safe code.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use half::f16;
+use std::sync::{Mutex, PoisonError};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Off x86-64 there is no SIMD kernel: the proof of one cannot be made.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    use super::{Activations, PackedMatrix, TILE};
+
+    /// Proof that this CPU runs the SIMD kernel; none can exist here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Vnni {}
+
+    impl Vnni {
+        /// Never found off x86-64.
+        pub(super) fn detect() -> Option<Self> {
+            None
+        }
+
+        /// Unreachable: no `Vnni` exists.
+        pub(super) fn tile(
+            self,
+            _: &PackedMatrix,
+            _: usize,
+            _: &Activations,
+            _: &mut [[f32; TILE]],
+        ) {
+            match self {}
+        }
+    }
+}
 
 /// Output rows per tile.
 pub const TILE: usize = 16;
@@ -283,37 +316,38 @@ impl PackedMatrix {
     pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "lhs length");
         assert_eq!(dst.len(), m * self.n, "dst length");
-        let act = Activations::quantize(x, m, self.k);
-        let simd = simd_available();
         let n_tiles = self.n / TILE;
-        let dst_addr = dst.as_mut_ptr() as usize;
-        let work = |tiles: std::ops::Range<usize>| {
-            let mut out = vec![[0f32; TILE]; m];
-            for t in tiles {
-                if simd {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `simd` says the CPU has every feature the kernel enables.
-                    unsafe {
-                        avx512::tile(self, t, &act, &mut out)
-                    };
-                } else {
-                    self.tile_scalar(t, &act, &mut out);
-                }
-                for (row, o) in out.iter().enumerate() {
-                    // SAFETY: tile `t` owns columns `t*16..t*16+16` of every row, and
-                    // each tile is handed to exactly one worker, so no two writes alias;
-                    // `dst` has `m * n` elements (checked above) and outlives the pool call.
-                    unsafe {
-                        let p = (dst_addr as *mut f32).add(row * self.n + t * TILE);
-                        std::ptr::copy_nonoverlapping(o.as_ptr(), p, TILE);
+        if m == 0 || n_tiles == 0 {
+            return;
+        }
+        let act = Activations::quantize(x, m, self.k);
+        let simd = avx512::Vnni::detect();
+        // Tile-major results: tile `t`'s 16 columns of every row at `t * m..`,
+        // one slot per tile, so workers write disjoint slots without sharing.
+        let mut tiles = vec![[0f32; TILE]; n_tiles * m];
+        {
+            let slots: Vec<Mutex<&mut [[f32; TILE]]>> =
+                tiles.chunks_exact_mut(m).map(Mutex::new).collect();
+            let work = |range: std::ops::Range<usize>| {
+                for t in range {
+                    // Each tile is handed to one worker: the lock is never contended.
+                    let mut out = slots[t].lock().unwrap_or_else(PoisonError::into_inner);
+                    match simd {
+                        Some(vnni) => vnni.tile(self, t, &act, &mut out),
+                        None => self.tile_scalar(t, &act, &mut out),
                     }
                 }
+            };
+            if n_tiles * m < 64 {
+                work(0..n_tiles);
+            } else {
+                candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
             }
-        };
-        if n_tiles * m < 64 {
-            work(0..n_tiles);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
+        }
+        for (t, out) in tiles.chunks_exact(m).enumerate() {
+            for (row, o) in out.iter().enumerate() {
+                dst[row * self.n + t * TILE..][..TILE].copy_from_slice(o);
+            }
         }
     }
 
@@ -428,113 +462,6 @@ impl Activations {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
-    use std::arch::x86_64::*;
-
-    /// Rows of activations processed against one loaded weight block.
-    const ROWS: usize = 4;
-
-    /// Computes tile `t` (16 output columns) for every activation row.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F, BW, VNNI and F16C.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    pub(super) unsafe fn tile(
-        w: &PackedMatrix,
-        t: usize,
-        act: &Activations,
-        out: &mut [[f32; TILE]],
-    ) {
-        let m = out.len();
-        let mut row = 0;
-        while row + ROWS <= m {
-            // SAFETY: rows `row..row+ROWS` exist; CPU features as required above.
-            unsafe { rows::<ROWS>(w, t, act, row, &mut out[row..row + ROWS]) };
-            row += ROWS;
-        }
-        while row < m {
-            // SAFETY: as above, one row.
-            unsafe { rows::<1>(w, t, act, row, &mut out[row..row + 1]) };
-            row += 1;
-        }
-    }
-
-    /// # Safety
-    /// CPU features as for [`tile`]; `row + R <= out.len()` rows of `act`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    #[inline]
-    unsafe fn rows<const R: usize>(
-        w: &PackedMatrix,
-        t: usize,
-        act: &Activations,
-        row: usize,
-        out: &mut [[f32; TILE]],
-    ) {
-        let k = w.k;
-        let kb = k / BLOCK;
-        let per = 1 + w.bits.q_lines();
-        let first = t * kb * per;
-        // Bounds: every line read below is in `first..first + kb * per`.
-        assert!(first + kb * per <= w.lines.len());
-        assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
-        assert!(out.len() >= R);
-        let lines = w.lines[first..].as_ptr() as *const u8;
-        let nib = _mm512_set1_epi8(0x0F);
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..kb {
-            // SAFETY: `base` points at this (tile, block)'s `per` lines, in bounds
-            // (asserted above); unaligned loads need no alignment.
-            unsafe {
-                let base = lines.add(b * per * 64);
-                let sc = _mm512_loadu_si512(base as *const __m512i);
-                let dv = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-                let mv = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(sc));
-                let mut wq = [_mm512_setzero_si512(); 8];
-                match w.bits {
-                    Bits::Four => {
-                        for i in 0..4 {
-                            let v = _mm512_loadu_si512(base.add(64 * (1 + i)) as *const __m512i);
-                            wq[i] = _mm512_and_si512(v, nib);
-                            wq[4 + i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
-                        }
-                    }
-                    Bits::Eight => {
-                        for (g, q) in wq.iter_mut().enumerate() {
-                            *q = _mm512_loadu_si512(base.add(64 * (1 + g)) as *const __m512i);
-                        }
-                    }
-                }
-                // Four-byte groups of activations for line order: value 4g..4g+4
-                // for 8-bit line g; for 4-bit, low nibbles of line i are values
-                // 4i.. and high nibbles 16+4i.., i.e. group i and group 4+i: the
-                // same order as `wq` above.
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xp = act.q.as_ptr().add((row + r) * k + b * BLOCK) as *const i32;
-                    let mut s0 = _mm512_setzero_si512();
-                    let mut s1 = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        let a0 = _mm512_set1_epi32(xp.add(g).read_unaligned());
-                        let a1 = _mm512_set1_epi32(xp.add(4 + g).read_unaligned());
-                        s0 = _mm512_dpbusd_epi32(s0, wq[g], a0);
-                        s1 = _mm512_dpbusd_epi32(s1, wq[4 + g], a1);
-                    }
-                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                    let dx = *act.d.get_unchecked((row + r) * kb + b);
-                    let sx = *act.s.get_unchecked((row + r) * kb + b);
-                    *acc = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(dx)), isum, *acc);
-                    *acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), *acc);
-                }
-            }
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            // SAFETY: `o` holds exactly 16 f32s.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -588,15 +515,16 @@ mod tests {
         for (a, b) in got_scalar.iter().zip(&want) {
             assert!((a - b).abs() < tol, "{dtype:?} scalar {a} vs f32 {b}");
         }
-        if simd_available() {
-            let mut got = vec![0f32; m * n];
-            packed.matmul(&x, m, &mut got);
-            for (a, b) in got.iter().zip(&got_scalar) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{dtype:?} simd {a} vs scalar {b}"
-                );
-            }
+        // The dispatch (SIMD where the CPU has it, on the thread pool for
+        // larger products) against the scalar tiles.
+        let mut got = vec![0f32; m * n];
+        packed.matmul(&x, m, &mut got);
+        for (a, b) in got.iter().zip(&got_scalar) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{dtype:?} matmul {a} vs scalar {b} (simd: {})",
+                simd_available()
+            );
         }
     }
 
@@ -617,6 +545,8 @@ mod tests {
             for m in [1, 3, 5, 9] {
                 check(dtype, m, 48, k);
             }
+            // Enough tiles times rows to run on the thread pool.
+            check(dtype, 9, 128, k);
         }
     }
 

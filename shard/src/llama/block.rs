@@ -1,0 +1,276 @@
+//! One transformer block: its weights, and attention plus MLP over a step
+//! of hidden states with that block's slice of a session's KV cache.
+
+use super::cache::{self, LayerKv};
+use super::linear::{Linear, Projections, load_linear, load_vector};
+use super::options::{LoadOptions, WeightMode};
+use crate::Result;
+use crate::config::ModelConfig;
+use crate::weights::ModelFile;
+use candle_core::{DType, Device, Tensor};
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+pub(super) struct Block {
+    attn_norm: Tensor,
+    /// q, k, v.
+    qkv: Projections<3>,
+    wo: Linear,
+    ffn_norm: Tensor,
+    /// gate, up.
+    gate_up: Projections<2>,
+    w_down: Linear,
+    span_attn: tracing::Span,
+    span_mlp: tracing::Span,
+}
+
+/// The shared constants every block of a model uses.
+#[derive(Debug, Clone)]
+pub(super) struct Shared {
+    pub(super) cfg: ModelConfig,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) neg_inf: Tensor,
+    /// Non-exact modes: growable KV buffers and grouped attention without
+    /// repeated keys (see [`Block::attention_fast`]).
+    pub(super) fast: bool,
+}
+
+pub(super) fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<_> = (0..cfg.rope_dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / cfg.rope_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let n = cfg.max_seq_len;
+    let idx_theta = Tensor::arange(0, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+/// `mask[i][j] = 1` where query `i` (at position `index_pos + i`) must not see key `j`.
+pub(super) fn causal_mask(seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+    let kv_len = index_pos + seq_len;
+    let mask: Vec<u8> = (0..seq_len)
+        .flat_map(|i| (0..kv_len).map(move |j| u8::from(j > index_pos + i)))
+        .collect();
+    Ok(Tensor::from_slice(&mask, (seq_len, kv_len), device)?)
+}
+
+/// `mask[i][j] = -inf` where query `i` (at position `index_pos + i`) must not see key `j`, else 0.
+pub(super) fn causal_mask_additive(
+    seq_len: usize,
+    index_pos: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let kv_len = index_pos + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j > index_pos + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_slice(&mask, (seq_len, kv_len), device)?)
+}
+
+fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        Ok(xs)
+    } else {
+        let (b_sz, n_kv_head, seq_len, head_dim) = xs.dims4()?;
+        Tensor::cat(&vec![&xs; n_rep], 2)?.reshape((b_sz, n_kv_head * n_rep, seq_len, head_dim))
+    }
+}
+
+impl Block {
+    pub(super) fn load(
+        file: &ModelFile,
+        i: usize,
+        cfg: &ModelConfig,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let n = file.block_names(i);
+        let h = cfg.hidden_size;
+        let kv = cfg.num_kv_heads * cfg.head_dim();
+        let ff = cfg.intermediate_size;
+        let fuse = opts.mode == WeightMode::Fast;
+        let qkv = [
+            load_linear(file, &n.wq, h, h, opts)?,
+            load_linear(file, &n.wk, kv, h, opts)?,
+            load_linear(file, &n.wv, kv, h, opts)?,
+        ];
+        let gate_up = [
+            load_linear(file, &n.w_gate, ff, h, opts)?,
+            load_linear(file, &n.w_up, ff, h, opts)?,
+        ];
+        Ok(Self {
+            attn_norm: load_vector(file, &n.attn_norm, h, &opts.device)?,
+            qkv: Projections::new(qkv, fuse),
+            wo: load_linear(file, &n.wo, h, h, opts)?,
+            ffn_norm: load_vector(file, &n.ffn_norm, h, &opts.device)?,
+            gate_up: Projections::new(gate_up, fuse),
+            w_down: load_linear(file, &n.w_down, h, ff, opts)?,
+            span_attn: tracing::span!(tracing::Level::TRACE, "attn"),
+            span_mlp: tracing::span!(tracing::Level::TRACE, "mlp"),
+        })
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.qkv.bytes()
+            + self.wo.bytes()
+            + self.gate_up.bytes()
+            + self.w_down.bytes()
+            + (self.attn_norm.elem_count() + self.ffn_norm.elem_count()) * 4
+    }
+
+    fn rotary(&self, x: &Tensor, pos: usize, sh: &Shared) -> candle_core::Result<Tensor> {
+        let (_b, _h, seq_len, _d) = x.dims4()?;
+        let cos = sh.cos.narrow(0, pos, seq_len)?;
+        let sin = sh.sin.narrow(0, pos, seq_len)?;
+        let x = x.contiguous()?;
+        if sh.cfg.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        }
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+        kv_cache: &mut LayerKv,
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let _enter = self.span_attn.enter();
+        let cfg = &sh.cfg;
+        let head_dim = cfg.head_dim();
+        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let [q, k, v] = self.qkv.forward(x)?;
+        let q = q
+            .reshape((b_sz, seq_len, cfg.num_heads, head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, cfg.num_kv_heads, head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, cfg.num_kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rotary(&q, pos, sh)?;
+        let k = self.rotary(&k, pos, sh)?;
+        let (k, v) = cache::append(kv_cache, k, v, pos)?;
+        let n_rep = cfg.num_heads / cfg.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                mask.where_cond(&sh.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
+        self.wo.forward(&y)
+    }
+
+    /// Attention for the non-exact modes. The KV cache is a pair of buffers
+    /// `(1, kv_heads, capacity, head_dim)` written in place and grown by
+    /// doubling; queries are grouped per KV head `(1, kv_heads, n_rep * seq,
+    /// head_dim)` so keys and values are never repeated or copied; `mask` is
+    /// additive `(seq, kv_len)`.
+    fn attention_fast(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+        kv_cache: &mut LayerKv,
+        max_tokens: usize,
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let _enter = self.span_attn.enter();
+        let cfg = &sh.cfg;
+        let head_dim = cfg.head_dim();
+        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let (n_head, n_kv) = (cfg.num_heads, cfg.num_kv_heads);
+        let [q, k, v] = self.qkv.forward(x)?;
+        let q = q
+            .reshape((b_sz, seq_len, n_head, head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rotary(&q, pos, sh)?;
+        let k = self.rotary(&k, pos, sh)?;
+        let need = pos + seq_len;
+        let (kb, vb) = cache::write_in_place(kv_cache, &k, &v, pos, max_tokens)?;
+        let keys = kb.narrow(2, 0, need)?;
+        let values = vb.narrow(2, 0, need)?;
+        if seq_len == 1 && x.device().is_cpu() {
+            let op = crate::attention::DecodeAttention {
+                len: need,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
+            let y = q.apply_op3_no_bwd(&kb, &vb, &op)?;
+            return self.wo.forward(&y);
+        }
+        let n_rep = n_head / n_kv;
+        let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
+        let att = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let att = match mask {
+            None => att,
+            Some(mask) => att
+                .reshape((b_sz, n_kv, n_rep, seq_len, need))?
+                .broadcast_add(mask)?
+                .reshape((b_sz, n_kv, n_rep * seq_len, need))?,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&values)?;
+        let y = y
+            .reshape((b_sz, n_head, seq_len, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, n_embd))?;
+        self.wo.forward(&y)
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+        kv_cache: &mut LayerKv,
+        max_tokens: usize,
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let eps = sh.cfg.rms_norm_eps as f32;
+        let residual = &x;
+        let h = candle_nn::ops::rms_norm(&x, &self.attn_norm, eps)?;
+        let attn = if sh.fast {
+            self.attention_fast(&h, mask, pos, kv_cache, max_tokens, sh)?
+        } else {
+            self.attention(&h, mask, pos, kv_cache, sh)?
+        };
+        let x = (attn + residual)?;
+        let _enter = self.span_mlp.enter();
+        let residual = &x;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
+        let [gate, up] = self.gate_up.forward(&h)?;
+        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        h + residual
+    }
+}
