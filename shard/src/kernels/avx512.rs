@@ -1,0 +1,131 @@
+//! The AVX-512 VNNI kernel of [`PackedMatrix`], and the crate's only unsafe
+//! code: SIMD intrinsics need `unsafe`, and so does calling a function
+//! compiled for CPU features the build does not assume. The rest of the
+//! crate reaches the kernel through [`Vnni`], which exists only where those
+//! features were detected at run time, so every call is sound by
+//! construction.
+#![allow(unsafe_code)]
+
+use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
+use std::arch::x86_64::*;
+
+/// Proof that this CPU has AVX-512 F, BW, VNNI and F16C.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Vnni(());
+
+impl Vnni {
+    /// The proof, where [`super::simd_available`] finds every feature.
+    pub(super) fn detect() -> Option<Self> {
+        super::simd_available().then_some(Self(()))
+    }
+
+    /// Computes tile `t` of `w` (16 output columns) for every activation row
+    /// of `act`, one row of `out` each.
+    pub(super) fn tile(
+        self,
+        w: &PackedMatrix,
+        t: usize,
+        act: &Activations,
+        out: &mut [[f32; TILE]],
+    ) {
+        // SAFETY: a `Vnni` is only made where the CPU has every feature the
+        // kernel enables; the kernel checks its own bounds.
+        unsafe { tile(w, t, act, out) }
+    }
+}
+
+/// Rows of activations processed against one loaded weight block.
+const ROWS: usize = 4;
+
+/// Computes tile `t` (16 output columns) for every activation row.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VNNI and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+    let m = out.len();
+    let mut row = 0;
+    while row + ROWS <= m {
+        // SAFETY: rows `row..row+ROWS` exist; CPU features as required above.
+        unsafe { rows::<ROWS>(w, t, act, row, &mut out[row..row + ROWS]) };
+        row += ROWS;
+    }
+    while row < m {
+        // SAFETY: as above, one row.
+        unsafe { rows::<1>(w, t, act, row, &mut out[row..row + 1]) };
+        row += 1;
+    }
+}
+
+/// # Safety
+/// CPU features as for [`tile`]; `row + R <= out.len()` rows of `act`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
+unsafe fn rows<const R: usize>(
+    w: &PackedMatrix,
+    t: usize,
+    act: &Activations,
+    row: usize,
+    out: &mut [[f32; TILE]],
+) {
+    let k = w.k;
+    let kb = k / BLOCK;
+    let per = 1 + w.bits.q_lines();
+    let first = t * kb * per;
+    // Bounds: every line read below is in `first..first + kb * per`.
+    assert!(first + kb * per <= w.lines.len());
+    assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
+    assert!(out.len() >= R);
+    let lines = w.lines[first..].as_ptr() as *const u8;
+    let nib = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        // SAFETY: `base` points at this (tile, block)'s `per` lines, in bounds
+        // (asserted above); unaligned loads need no alignment.
+        unsafe {
+            let base = lines.add(b * per * 64);
+            let sc = _mm512_loadu_si512(base as *const __m512i);
+            let dv = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+            let mv = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(sc));
+            let mut wq = [_mm512_setzero_si512(); 8];
+            match w.bits {
+                Bits::Four => {
+                    for i in 0..4 {
+                        let v = _mm512_loadu_si512(base.add(64 * (1 + i)) as *const __m512i);
+                        wq[i] = _mm512_and_si512(v, nib);
+                        wq[4 + i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                    }
+                }
+                Bits::Eight => {
+                    for (g, q) in wq.iter_mut().enumerate() {
+                        *q = _mm512_loadu_si512(base.add(64 * (1 + g)) as *const __m512i);
+                    }
+                }
+            }
+            // Four-byte groups of activations for line order: value 4g..4g+4
+            // for 8-bit line g; for 4-bit, low nibbles of line i are values
+            // 4i.. and high nibbles 16+4i.., i.e. group i and group 4+i: the
+            // same order as `wq` above.
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xp = act.q.as_ptr().add((row + r) * k + b * BLOCK) as *const i32;
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for g in 0..4 {
+                    let a0 = _mm512_set1_epi32(xp.add(g).read_unaligned());
+                    let a1 = _mm512_set1_epi32(xp.add(4 + g).read_unaligned());
+                    s0 = _mm512_dpbusd_epi32(s0, wq[g], a0);
+                    s1 = _mm512_dpbusd_epi32(s1, wq[4 + g], a1);
+                }
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let dx = *act.d.get_unchecked((row + r) * kb + b);
+                let sx = *act.s.get_unchecked((row + r) * kb + b);
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(dx)), isum, *acc);
+                *acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), *acc);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` holds exactly 16 f32s.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+}

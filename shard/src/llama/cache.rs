@@ -1,0 +1,273 @@
+//! A session's keys and values for one span, and the bounds on them.
+//!
+//! Exact mode keeps each block's keys and values as tensors concatenated
+//! step by step, as the reference does. The other modes keep growable
+//! buffers `(1, kv_heads, capacity, head_dim)` written in place, of which
+//! the first `len` positions are valid; capacity doubles as needed, up to the
+//! session's token limit.
+
+use crate::config::BlockRange;
+use crate::{Result, ShardError};
+use candle_core::{DType, Tensor};
+
+/// Bounds on one session's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Most tokens (prompt plus generated) a session may hold.
+    pub max_tokens: usize,
+    /// Most bytes of keys and values a session may hold in this span.
+    pub max_bytes: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            max_tokens: 2048,
+            max_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// One session's KV cache for one span.
+#[derive(Debug)]
+pub struct SpanCache {
+    range: BlockRange,
+    /// Exact mode: keys and values `(1, kv_heads, len, head_dim)`. Fast
+    /// modes: buffers `(1, kv_heads, capacity, head_dim)` written in place,
+    /// of which the first `len` positions are valid.
+    layers: Vec<LayerKv>,
+    len: usize,
+    limits: CacheLimits,
+    bytes_per_token: usize,
+    fast: bool,
+}
+
+impl Clone for SpanCache {
+    /// A clone owns its keys and values: fast-mode buffers are written in
+    /// place, so they are copied rather than shared.
+    fn clone(&self) -> Self {
+        let layers = if self.fast {
+            self.layers
+                .iter()
+                .map(|l| {
+                    l.as_ref().and_then(|(k, v)| match (k.copy(), v.copy()) {
+                        (Ok(k), Ok(v)) => Some((k, v)),
+                        // Cannot happen on a working device; an empty layer
+                        // would make the next step fail loudly, never silently.
+                        _ => None,
+                    })
+                })
+                .collect()
+        } else {
+            self.layers.clone()
+        };
+        Self {
+            range: self.range,
+            layers,
+            len: self.len,
+            limits: self.limits,
+            bytes_per_token: self.bytes_per_token,
+            fast: self.fast,
+        }
+    }
+}
+
+impl SpanCache {
+    /// An empty cache for `blocks` blocks of `range`.
+    pub(super) fn new(
+        range: BlockRange,
+        blocks: usize,
+        limits: CacheLimits,
+        bytes_per_token: usize,
+        fast: bool,
+    ) -> Self {
+        Self {
+            range,
+            layers: vec![None; blocks],
+            len: 0,
+            limits,
+            bytes_per_token,
+            fast,
+        }
+    }
+
+    /// Checks that a step of `seq` tokens at `pos`, run by blocks `range`
+    /// (in a fast mode or not), fits this cache; returns its length after.
+    pub(super) fn check_step(
+        &self,
+        range: BlockRange,
+        fast: bool,
+        pos: usize,
+        seq: usize,
+    ) -> Result<usize> {
+        if self.range != range || self.fast != fast {
+            return Err(ShardError::BadInput(format!(
+                "a cache for blocks {} used with blocks {range}",
+                self.range
+            )));
+        }
+        if pos != self.len {
+            return Err(ShardError::PositionMismatch {
+                cached: self.len,
+                got: pos,
+            });
+        }
+        let new_len = self.len + seq;
+        if new_len > self.limits.max_tokens {
+            return Err(ShardError::CacheFull {
+                detail: format!(
+                    "{new_len} tokens exceed the session limit of {} tokens",
+                    self.limits.max_tokens
+                ),
+            });
+        }
+        if new_len * self.bytes_per_token > self.limits.max_bytes {
+            return Err(ShardError::CacheFull {
+                detail: format!(
+                    "{} bytes of keys and values exceed the session limit of {} bytes",
+                    new_len * self.bytes_per_token,
+                    self.limits.max_bytes
+                ),
+            });
+        }
+        Ok(new_len)
+    }
+
+    /// Runs one step's blocks, `f`, over the layers. On success the cache
+    /// holds `new_len` tokens; on error its layers are put back as they were.
+    pub(super) fn step<T>(
+        &mut self,
+        new_len: usize,
+        f: impl FnOnce(&mut [LayerKv]) -> Result<T>,
+    ) -> Result<T> {
+        let saved = self.layers.clone();
+        match f(&mut self.layers) {
+            Ok(out) => {
+                self.len = new_len;
+                Ok(out)
+            }
+            Err(e) => {
+                self.layers = saved;
+                Err(e)
+            }
+        }
+    }
+
+    /// Tokens the cache holds (the next position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.len * self.bytes_per_token
+    }
+
+    /// The bounds this cache enforces.
+    pub fn limits(&self) -> CacheLimits {
+        self.limits
+    }
+
+    /// Tokens that may still be added.
+    pub fn free_tokens(&self) -> usize {
+        let by_bytes = self.limits.max_bytes / self.bytes_per_token.max(1);
+        self.limits
+            .max_tokens
+            .min(by_bytes)
+            .saturating_sub(self.len)
+    }
+
+    /// Empties the cache, keeping its limits.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+
+    /// Drops every position from `len` on, so those steps can be run again.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        if self.fast {
+            // Positions from `len` on are overwritten by the next steps.
+            self.len = len;
+            if len == 0 {
+                self.clear();
+            }
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?;
+            *v = v.narrow(2, 0, len)?;
+        }
+        if len == 0 {
+            self.clear();
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// One block's keys and values in a [`SpanCache`].
+pub(super) type LayerKv = Option<(Tensor, Tensor)>;
+
+/// Exact mode: appends keys and values `(1, kv_heads, seq, head_dim)` for
+/// positions `pos..` to the layer's and returns all of them. A position-0
+/// step starts afresh, as the reference does.
+pub(super) fn append(
+    layer: &mut LayerKv,
+    k: Tensor,
+    v: Tensor,
+    pos: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (k, v) = match layer.as_ref() {
+        Some((k_cache, v_cache)) if pos > 0 => (
+            Tensor::cat(&[k_cache, &k], 2)?,
+            Tensor::cat(&[v_cache, &v], 2)?,
+        ),
+        _ => (k, v),
+    };
+    *layer = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
+/// Other modes: writes keys and values `(1, kv_heads, seq, head_dim)` for
+/// positions `pos..` into the layer's buffers in place, first growing them
+/// (doubling, at least 64 positions, at most `max_tokens` unless more are
+/// needed) when they are too short. Returns the whole buffers; positions
+/// from `pos + seq` on hold stale values.
+pub(super) fn write_in_place(
+    layer: &mut LayerKv,
+    k: &Tensor,
+    v: &Tensor,
+    pos: usize,
+    max_tokens: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b_sz, n_kv, seq_len, head_dim) = k.dims4()?;
+    let need = pos + seq_len;
+    let (kb, vb) = match layer.take() {
+        Some((kb, vb)) if kb.dim(2)? >= need => (kb, vb),
+        old => {
+            let cap = need.next_power_of_two().max(64).min(max_tokens.max(need));
+            let shape = (b_sz, n_kv, cap, head_dim);
+            let kb = Tensor::zeros(shape, DType::F32, k.device())?;
+            let vb = Tensor::zeros(shape, DType::F32, k.device())?;
+            if let Some((ok, ov)) = old
+                && pos > 0
+            {
+                kb.slice_set(&ok.narrow(2, 0, pos)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&ov.narrow(2, 0, pos)?.contiguous()?, 2, 0)?;
+            }
+            (kb, vb)
+        }
+    };
+    kb.slice_set(k, 2, pos)?;
+    vb.slice_set(v, 2, pos)?;
+    *layer = Some((kb.clone(), vb.clone()));
+    Ok((kb, vb))
+}

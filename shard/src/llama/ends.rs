@@ -1,0 +1,137 @@
+//! [`ClientEnds`]: what a client runs itself, before the first block and
+//! after the last: embeddings, final norm and output head.
+
+use super::linear::{Linear, linear_from, load_linear, load_vector};
+use super::options::LoadOptions;
+use crate::config::ModelConfig;
+use crate::weights::{ModelFile, Weight};
+use crate::{Result, ShardError};
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+/// The client's ends of the model: embeddings, final norm and output head.
+#[derive(Debug)]
+pub struct ClientEnds {
+    cfg: ModelConfig,
+    embeddings: Tensor,
+    final_norm: Tensor,
+    head: Linear,
+    device: Device,
+}
+
+impl ClientEnds {
+    /// Loads the embeddings, final norm and head, and no block.
+    pub fn load(file: &ModelFile, opts: &LoadOptions) -> Result<Self> {
+        let cfg = file.config()?;
+        let emb_name = file.embeddings_name();
+        let emb = file.read_weight(emb_name, &opts.device)?;
+        let (emb_dense, head) = match emb {
+            Weight::Quantized(q) => {
+                let dense = q.dequantize(&opts.device)?;
+                let head = if cfg.tied_embeddings {
+                    Some(linear_from(
+                        Weight::Quantized(q),
+                        emb_name,
+                        cfg.vocab_size,
+                        cfg.hidden_size,
+                        opts.mode,
+                    )?)
+                } else {
+                    None
+                };
+                (dense, head)
+            }
+            Weight::Dense(t) => {
+                let head = if cfg.tied_embeddings {
+                    Some(linear_from(
+                        Weight::Dense(t.clone()),
+                        emb_name,
+                        cfg.vocab_size,
+                        cfg.hidden_size,
+                        opts.mode,
+                    )?)
+                } else {
+                    None
+                };
+                (t, head)
+            }
+        };
+        if emb_dense.dims() != [cfg.vocab_size, cfg.hidden_size] {
+            return Err(ShardError::ShapeMismatch {
+                name: emb_name.into(),
+                got: emb_dense.dims().to_vec(),
+                expected: vec![cfg.vocab_size, cfg.hidden_size],
+            });
+        }
+        let head = match head {
+            Some(h) => h,
+            None => load_linear(
+                file,
+                file.head_name(),
+                cfg.vocab_size,
+                cfg.hidden_size,
+                opts,
+            )?,
+        };
+        let final_norm = load_vector(file, file.final_norm_name(), cfg.hidden_size, &opts.device)?;
+        Ok(Self {
+            cfg,
+            embeddings: emb_dense,
+            final_norm,
+            head,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// The model's architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Device of the tensors.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        (self.embeddings.elem_count() + self.final_norm.elem_count()) * 4 + self.head.bytes()
+    }
+
+    /// Hidden states `(1, n, hidden)` for `tokens`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(ShardError::BadInput("no tokens to embed".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ShardError::BadInput(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let values = self.embeddings.index_select(&ids.flatten_all()?, 0)?;
+        Ok(values.reshape((1, tokens.len(), self.cfg.hidden_size))?)
+    }
+
+    /// Logits `(vocab,)` of the last position of hidden states `(1, n, hidden)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (_b, seq, h) = hidden.dims3()?;
+        if h != self.cfg.hidden_size || seq == 0 {
+            return Err(ShardError::BadInput(format!(
+                "hidden states of shape {:?} for a model of width {}",
+                hidden.dims(),
+                self.cfg.hidden_size
+            )));
+        }
+        let hidden = hidden.to_device(&self.device)?;
+        let x = candle_nn::ops::rms_norm(&hidden, &self.final_norm, self.cfg.rms_norm_eps as f32)?;
+        let x = x.i((.., seq - 1, ..))?;
+        let logits = self.head.forward(&x)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// The largest absolute difference between two logit vectors (for tests).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()?)
+    }
+}

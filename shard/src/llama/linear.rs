@@ -1,0 +1,209 @@
+//! The matrix products of a block: candle's own (quantized or dense), or
+//! packed for this crate's kernel ([`crate::kernels`]), and projections of
+//! one input fused into one product.
+
+use super::options::{LoadOptions, WeightMode};
+use crate::kernels::PackedMatrix;
+use crate::weights::{ModelFile, Weight};
+use crate::{Result, ShardError};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{D, Device, Module, Tensor};
+use std::sync::Arc;
+
+/// Weights of a matrix product: candle's own, or packed for our kernel.
+#[derive(Debug, Clone)]
+enum LinearInner {
+    Candle(QMatMul),
+    Packed(Arc<PackedMatrix>),
+}
+
+/// A matrix product with a stored weight, quantized or dense.
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    inner: LinearInner,
+    span: tracing::Span,
+}
+
+impl Linear {
+    pub(super) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _enter = self.span.enter();
+        match &self.inner {
+            LinearInner::Candle(m) => m.forward(xs),
+            LinearInner::Packed(p) => xs.contiguous()?.apply_op1_no_bwd(p.as_ref()),
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        match &self.inner {
+            LinearInner::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearInner::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            LinearInner::Packed(p) => p.bytes(),
+        }
+    }
+}
+
+fn needs_requant(d: GgmlDType) -> bool {
+    matches!(
+        d,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
+    )
+}
+
+fn requantize(q: QTensor, target: GgmlDType) -> Result<QTensor> {
+    let last = q.shape().dims().last().copied().unwrap_or(0);
+    if !needs_requant(q.dtype()) || last % target.block_size() != 0 {
+        return Ok(q);
+    }
+    let dense = q.dequantize(&Device::Cpu)?;
+    let out = QTensor::quantize(&dense, target)?;
+    if q.device().is_cpu() {
+        Ok(out)
+    } else {
+        let dense = out.dequantize(&Device::Cpu)?;
+        Ok(QTensor::quantize_onto(&dense, target, &q.device())?)
+    }
+}
+
+pub(super) fn linear_from(
+    weight: Weight,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    mode: WeightMode,
+) -> Result<Linear> {
+    let inner = match weight {
+        Weight::Quantized(q) => {
+            let dims = q.shape().dims().to_vec();
+            if dims != [rows, cols] {
+                return Err(ShardError::ShapeMismatch {
+                    name: name.into(),
+                    got: dims,
+                    expected: vec![rows, cols],
+                });
+            }
+            let q = match mode {
+                WeightMode::Exact => q,
+                WeightMode::Requantize(t) => requantize(q, t)?,
+                WeightMode::Fast => {
+                    let packable = needs_requant(q.dtype())
+                        || matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q8_0);
+                    if packable && let Some(p) = PackedMatrix::pack(&q)? {
+                        return Ok(Linear {
+                            inner: LinearInner::Packed(Arc::new(p)),
+                            span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+                        });
+                    }
+                    requantize(q, GgmlDType::Q8_0)?
+                }
+            };
+            LinearInner::Candle(QMatMul::from_qtensor(q)?)
+        }
+        Weight::Dense(t) => {
+            if t.dims() != [rows, cols] {
+                return Err(ShardError::ShapeMismatch {
+                    name: name.into(),
+                    got: t.dims().to_vec(),
+                    expected: vec![rows, cols],
+                });
+            }
+            LinearInner::Candle(QMatMul::Tensor(t))
+        }
+    };
+    Ok(Linear {
+        inner,
+        span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+    })
+}
+
+pub(super) fn load_linear(
+    file: &ModelFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    opts: &LoadOptions,
+) -> Result<Linear> {
+    let w = file.read_weight(name, &opts.device)?;
+    linear_from(w, name, rows, cols, opts.mode)
+}
+
+pub(super) fn load_vector(
+    file: &ModelFile,
+    name: &str,
+    len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = file.read_weight(name, device)?.into_dense(device)?;
+    if t.dims() != [len] {
+        return Err(ShardError::ShapeMismatch {
+            name: name.into(),
+            got: t.dims().to_vec(),
+            expected: vec![len],
+        });
+    }
+    Ok(t)
+}
+
+/// Projections of the same input: separate products (exact mode, op for op
+/// as the reference) or one fused packed product whose output is split.
+#[derive(Debug, Clone)]
+pub(super) enum Projections<const N: usize> {
+    Separate([Linear; N]),
+    Fused(Linear, [usize; N]),
+}
+
+impl<const N: usize> Projections<N> {
+    pub(super) fn new(parts: [Linear; N], fuse: bool) -> Self {
+        if fuse {
+            let packed: Vec<&PackedMatrix> = parts
+                .iter()
+                .filter_map(|l| match &l.inner {
+                    LinearInner::Packed(p) => Some(p.as_ref()),
+                    LinearInner::Candle(_) => None,
+                })
+                .collect();
+            if packed.len() == N
+                && let Some(m) = PackedMatrix::concat(&packed)
+            {
+                let widths = std::array::from_fn(|i| packed[i].n());
+                return Self::Fused(
+                    Linear {
+                        inner: LinearInner::Packed(Arc::new(m)),
+                        span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+                    },
+                    widths,
+                );
+            }
+        }
+        Self::Separate(parts)
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let out: Vec<Tensor> = match self {
+            Self::Separate(ls) => ls
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<candle_core::Result<_>>()?,
+            Self::Fused(l, widths) => {
+                let y = l.forward(x)?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(N);
+                for &w in widths {
+                    out.push(y.narrow(D::Minus1, at, w)?);
+                    at += w;
+                }
+                out
+            }
+        };
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("projection count".into()))
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Self::Separate(ls) => ls.iter().map(Linear::bytes).sum(),
+            Self::Fused(l, _) => l.bytes(),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! How a model is loaded: onto which device, and with which weight layout.
+
+use crate::{Result, ShardError};
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+
+/// How weights are kept in memory. The default is [`WeightMode::Fast`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightMode {
+    /// As stored in the file: bit-identical to candle-transformers' own model.
+    Exact,
+    /// Quantized types without a fast CPU kernel in candle (Q4_1, Q5_0, Q5_1,
+    /// Q8_1) are requantized at load to this type, which has one. Logits move
+    /// slightly (measured in the engine bench); the text rarely does.
+    Requantize(GgmlDType),
+    /// Q4_0, Q4_1 and Q8_0 weights keep their values but are repacked at load
+    /// for this crate's own AVX-512 VNNI kernel ([`crate::kernels`]); Q5_0,
+    /// Q5_1 and Q8_1 become 8-bit asymmetric quants. Activations are quantized
+    /// per 32 values as candle does, so logits differ from exact only by
+    /// rounding (summation order, fused attention; measured in the engine
+    /// bench). Uses the same growable KV cache and fused attention as
+    /// `Requantize`.
+    /// On CPUs without AVX-512 VNNI this behaves as `Requantize(Q8_0)`.
+    #[default]
+    Fast,
+}
+
+impl WeightMode {
+    /// Parses `exact`, `q8_0`, `q4_0`, `q4k`... as the CLI takes it.
+    pub fn parse(text: &str) -> Result<Self> {
+        let t = text.trim().to_ascii_lowercase();
+        Ok(match t.as_str() {
+            "exact" => Self::Exact,
+            "fast" => Self::Fast,
+            "q8_0" | "q8" => Self::Requantize(GgmlDType::Q8_0),
+            "q4_0" => Self::Requantize(GgmlDType::Q4_0),
+            "q4k" | "q4_k" => Self::Requantize(GgmlDType::Q4K),
+            "q6k" | "q6_k" => Self::Requantize(GgmlDType::Q6K),
+            _ => {
+                return Err(ShardError::BadInput(format!(
+                    "unknown weight mode `{text}` (expected fast, exact, q8_0, q4_0, q4k or q6k)"
+                )));
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for WeightMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact => f.write_str("exact"),
+            Self::Fast => f.write_str("fast"),
+            Self::Requantize(d) => write!(f, "{}", format!("{d:?}").to_ascii_lowercase()),
+        }
+    }
+}
+
+/// Where and how to load weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Device for weights, caches and activations.
+    pub device: Device,
+    /// Exact or requantized weights.
+    pub mode: WeightMode,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            mode: WeightMode::default(),
+        }
+    }
+}
