@@ -15,8 +15,8 @@ use std::ops::Deref;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::limits::{MAX_COMPUTE_LEN, MAX_MODEL_NAME_LEN, MAX_PEER_RTTS};
-use crate::messages::{MessageError, check_addrs, check_count, check_len, check_peer};
 use crate::types::{BlockRange, ModelId, PeerIdBytes};
+use crate::validate::{MessageError, check_addrs, check_count, check_len, check_peer};
 
 /// The domain tag in front of the canonical bytes of every signed announcement, so that
 /// an announcement signature can never be mistaken for a signature over anything else.

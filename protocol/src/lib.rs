@@ -13,6 +13,7 @@
 //!
 //! - [`limits`]: every size limit, with the reasoning behind each number.
 //! - [`codec`]: length-prefixed frames, the only place that knows the body encoding.
+//! - `validate`: [`MessageError`] and the field checks that messages and announcements share.
 //! - [`messages`]: handshake, inference session and error messages.
 //! - [`hidden`]: hidden states as raw little-endian bytes with a shape and a dtype.
 //! - [`manifest`]: the model manifest and its canonical bytes.
@@ -32,6 +33,7 @@ pub mod messages;
 
 mod hex;
 mod types;
+mod validate;
 
 pub use announce::{
     AnnounceError, Announcement, FreshnessPolicy, PeerRtt, ReplayGuard, SignedAnnouncement,

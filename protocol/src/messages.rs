@@ -1,5 +1,6 @@
 //! The messages peers exchange: the version handshake, inference sessions and announcement
-//! requests, plus the checks every message passes before it is sent or after it is received.
+//! requests, and each message's `validate`, built on the checks in `validate.rs` (whose
+//! [`MessageError`] is re-exported here).
 //!
 //! Every message here is a [`crate::WireMessage`]: [`crate::encode_frame`] validates it
 //! before encoding and [`crate::decode_frame`] after decoding, so a node never sends what a
@@ -10,144 +11,13 @@ use crate::announce::SignedAnnouncement;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hidden::{HiddenStates, WireDType};
 use crate::limits::{
-    MAX_ADDR_LEN, MAX_ADDRS, MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_IDLE_TIMEOUT_MS, MAX_INFER_REQUEST_BYTES, MAX_PEER_ID_BYTES, MAX_ROUTE_HOPS,
+    MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_IDLE_TIMEOUT_MS, MAX_INFER_REQUEST_BYTES, MAX_ROUTE_HOPS,
 };
 use crate::types::{BlockRange, ModelId, PeerIdBytes, Roles, SessionId};
+use crate::validate::{check_addrs, check_count, check_error, check_len, check_peer};
 
-/// Why a message is not acceptable (too long, too many, inconsistent).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum MessageError {
-    /// A string or byte field is longer than its limit.
-    #[error("{what} is {len} bytes long; the limit is {max}")]
-    TooLong {
-        /// Which field.
-        what: &'static str,
-        /// Its length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// A list has more entries than its limit.
-    #[error("{what} has {count} entries; the limit is {max}")]
-    TooMany {
-        /// Which list.
-        what: &'static str,
-        /// Its length.
-        count: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// A peer id is empty or longer than [`MAX_PEER_ID_BYTES`].
-    #[error("peer id of {len} bytes is not plausible (expected 1 to {MAX_PEER_ID_BYTES})")]
-    BadPeerId {
-        /// Its length.
-        len: usize,
-    },
-    /// An `Open` names no server.
-    #[error("route is empty")]
-    EmptyRoute,
-    /// An `Open`'s receiving hop is not in its route.
-    #[error("hop {hop} is outside a route of {hops} hops")]
-    HopOutOfRange {
-        /// The hop index given.
-        hop: u32,
-        /// The route's length.
-        hops: usize,
-    },
-    /// Consecutive hops of a route do not chain (one's end is not the next one's start).
-    #[error("route does not chain: hop {index} ends at block {end}, hop {next} starts at block {start}", next = index + 1)]
-    RouteGap {
-        /// The index of the first of the two hops.
-        index: usize,
-        /// Where it ends.
-        end: u32,
-        /// Where the next one starts.
-        start: u32,
-    },
-    /// A session budget field is out of its allowed range.
-    #[error("session budget {what} = {value} is outside 1..={max}")]
-    BadBudget {
-        /// Which field.
-        what: &'static str,
-        /// The value given.
-        value: u64,
-        /// The largest allowed value.
-        max: u64,
-    },
-    /// A number in an announcement is not meaningful (negative or not finite throughput).
-    #[error("{what} is {value}, which is not a finite non-negative number")]
-    BadNumber {
-        /// Which field.
-        what: &'static str,
-        /// The value given.
-        value: f32,
-    },
-    /// An announcement's block range does not lie inside its model.
-    #[error("block range {blocks} lies outside a model of {num_blocks} blocks")]
-    RangeOutsideModel {
-        /// The range announced.
-        blocks: BlockRange,
-        /// The model's block count.
-        num_blocks: u32,
-    },
-}
-
-impl From<&MessageError> for ProtocolError {
-    /// How a server reports a request it refuses: a route gap is a span mismatch, a budget
-    /// beyond limits is over budget, anything else a bad request.
-    fn from(e: &MessageError) -> Self {
-        let code = match e {
-            MessageError::RouteGap { .. } | MessageError::RangeOutsideModel { .. } => {
-                ErrorCode::SpanMismatch
-            }
-            MessageError::BadBudget { .. } => ErrorCode::OverBudget,
-            _ => ErrorCode::BadRequest,
-        };
-        ProtocolError::new(code, e.to_string())
-    }
-}
-
-pub(crate) fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), MessageError> {
-    if len > max {
-        Err(MessageError::TooLong { what, len, max })
-    } else {
-        Ok(())
-    }
-}
-
-pub(crate) fn check_count(
-    what: &'static str,
-    count: usize,
-    max: usize,
-) -> Result<(), MessageError> {
-    if count > max {
-        Err(MessageError::TooMany { what, count, max })
-    } else {
-        Ok(())
-    }
-}
-
-pub(crate) fn check_peer(peer: &PeerIdBytes) -> Result<(), MessageError> {
-    if peer.is_plausible() {
-        Ok(())
-    } else {
-        Err(MessageError::BadPeerId { len: peer.0.len() })
-    }
-}
-
-pub(crate) fn check_addrs(addrs: &[String]) -> Result<(), MessageError> {
-    check_count("address list", addrs.len(), MAX_ADDRS)?;
-    for a in addrs {
-        check_len("address", a.len(), MAX_ADDR_LEN)?;
-    }
-    Ok(())
-}
-
-fn check_error(e: &ProtocolError) -> Result<(), MessageError> {
-    check_len("error message", e.message.len(), MAX_ERROR_MESSAGE_LEN)
-}
+// Defined in `validate` (which `announce` shares); its public path stays here.
+pub use crate::validate::MessageError;
 
 /// The first message on a [`crate::HELLO_PROTOCOL`] stream, sent by the side that opens
 /// it; the other side answers with a [`HelloReply`].
@@ -254,7 +124,8 @@ pub struct RouteHop {
     pub peer: PeerIdBytes,
     /// The blocks it runs for this session.
     pub blocks: BlockRange,
-    /// Multiaddrs to reach it (the previous hop dials it), at most [`MAX_ADDRS`].
+    /// Multiaddrs to reach it (the previous hop dials it), at most
+    /// [`crate::limits::MAX_ADDRS`].
     pub addrs: Vec<String>,
     /// Its announced time per token over its span (one over its throughput), in
     /// microseconds: the hop before it derives from it how long to wait for its
@@ -585,6 +456,7 @@ impl AnnounceResponse {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::limits::MAX_ADDRS;
 
     fn hello(version: u32, model: u8) -> Hello {
         Hello {

@@ -290,7 +290,7 @@ pub(super) mod sealed {
     use bincode::enc::Encoder;
     use bincode::error::{DecodeError, EncodeError};
 
-    use crate::messages::MessageError;
+    use crate::validate::MessageError;
 
     /// A type with a wire encoding.
     pub trait Wire: Sized {
