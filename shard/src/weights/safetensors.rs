@@ -207,16 +207,17 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, StEntry)>> {
                 });
             }
         };
+        // Every dimension must be a whole number that fits this machine;
+        // one that is not is an error, not a dimension dropped.
         let shape: Vec<usize> = info
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| {
+            .and_then(|a| {
                 a.iter()
-                    .filter_map(|d| d.as_u64())
-                    .map(|d| d as usize)
-                    .collect()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
             })
-            .ok_or_else(|| fmt(format!("tensor `{name}` has no shape")))?;
+            .ok_or_else(|| fmt(format!("tensor `{name}` has no valid shape")))?;
         let offs: Vec<u64> = info
             .get("data_offsets")
             .and_then(|s| s.as_array())
@@ -236,15 +237,21 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, StEntry)>> {
                 e.saturating_sub(s)
             )));
         }
-        let (start, end) = (data_start + s, data_start + e);
-        if end > file_len {
-            return Err(ShardError::Truncated {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "tensor `{name}` ends at byte {end} but the file has {file_len} bytes"
-                ),
-            });
-        }
+        // Offsets come from the file: add them without overflow. `s <= e`,
+        // so once `end` fits, `start` does.
+        let end = match data_start.checked_add(e) {
+            Some(end) if end <= file_len => end,
+            _ => {
+                return Err(ShardError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "tensor `{name}` ends {e} bytes after the header, \
+                         but the file has {file_len} bytes"
+                    ),
+                });
+            }
+        };
+        let start = data_start + s;
         out.push((
             name.clone(),
             StEntry {
@@ -258,4 +265,65 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(String, StEntry)>> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Writes a safetensors file with this JSON header and `data` after it.
+    fn write(name: &str, header: &str, data: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pollen-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn err(path: &Path) -> String {
+        read_safetensors_header(path).err().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_well_formed_header_reads() {
+        let path = write(
+            "ok.safetensors",
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+            &[0; 16],
+        );
+        let entries = read_safetensors_header(&path).unwrap();
+        assert_eq!(entries.len(), 1);
+        let (name, e) = &entries[0];
+        assert_eq!(
+            (name.as_str(), &e.shape[..], e.end - e.start),
+            ("w", &[2, 2][..], 16)
+        );
+    }
+
+    #[test]
+    fn offsets_past_any_file_are_an_error_not_an_overflow() {
+        let max = u64::MAX;
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[2],"data_offsets":[{},{max}]}}}}"#,
+            max - 8
+        );
+        let path = write("huge.safetensors", &header, &[0; 8]);
+        let e = err(&path);
+        assert!(e.contains("truncated") && e.contains("`w`"), "{e}");
+    }
+
+    #[test]
+    fn a_dimension_that_is_not_a_whole_number_is_an_error() {
+        for (i, shape) in [r#"[2,"x"]"#, "[2,-1]", "[2,1.5]"].iter().enumerate() {
+            let header =
+                format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,8]}}}}"#);
+            let path = write(&format!("shape{i}.safetensors"), &header, &[0; 8]);
+            let e = err(&path);
+            assert!(e.contains("no valid shape"), "{shape}: {e}");
+        }
+    }
 }
