@@ -15,6 +15,7 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     let (boot, addr) = bootstrap(&dir, true);
     let http = boot
         .line_with("http ", Duration::from_secs(10))
+        .unwrap()
         .replacen("http ", "", 1);
     let ttl = ["--announce-ttl", "6"];
     let (mut s0, _) = server(Some(&addr), "0:10", &dir.join("s0.key"), &ttl);
@@ -33,7 +34,7 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     assert_eq!(coverage(&health), Some((vec![], 3)));
     let page = http_get(&http, "/");
     assert!(
-        page.contains("Pollen swarm") && page.contains(&peer_of(&ready1)),
+        page.contains("Pollen swarm") && page.contains(peer_of(&ready1)),
         "{page}"
     );
     assert!(!page.contains("Uncovered"));
@@ -57,7 +58,7 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
                 "ten red cells for blocks 10..20"
             );
             assert!(
-                !dom.contains(&peer_of(&ready1)),
+                !dom.contains(peer_of(&ready1)),
                 "the dead server is not listed"
             );
         }

@@ -29,25 +29,22 @@ async fn start(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
     } else {
         vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()]
     };
-    let net = net::start(
+    let (handle, _task) = net::start(
         NetConfig {
             keypair: key.clone(),
             listen,
-            bootstrap: vec![],
             mdns: false,
             role,
-            infer_timeout: Duration::from_secs(5),
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         cancel.clone(),
     )
-    .await
     .unwrap();
-    (net.handle, key)
+    (handle, key)
 }
 
 fn announce(key: &Keypair, i: u32, seq: u64, ttl_ms: u64) -> SignedAnnouncement {
-    let now = net::unix_ms();
+    let now = pollen_node::clock::unix_ms();
     let start = (i * 3) % 30;
     let a = Announcement {
         peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
@@ -59,6 +56,8 @@ fn announce(key: &Keypair, i: u32, seq: u64, ttl_ms: u64) -> SignedAnnouncement 
         free_sessions: 8,
         free_cache_tokens: 16384,
         addrs: vec![format!("/ip4/127.0.0.1/tcp/{}", 10000 + i)],
+        compute: "fast-vnni".into(),
+        next_rtts: vec![],
         issued_at_ms: now,
         expires_at_ms: now + ttl_ms,
         seq,

@@ -8,38 +8,15 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use candle_core::Tensor;
-use pollen_node::client::{self, SwarmSession};
+use pollen_node::client::{ClientConfig, SwarmClient};
+use pollen_node::mesh::{LocalMesh, THREE_SPANS};
 use pollen_protocol::WireDType;
 use pollen_shard::{
     BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, PollenTokenizer,
 };
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], prefix: &str) -> (Kill, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pollen"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with(prefix))
-        .unwrap();
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (Kill(child), line)
-}
 
 fn greedy(logits: &Tensor) -> u32 {
     logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
@@ -70,13 +47,12 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let (decode_n, prefill_n) = if quick { (32, 128) } else { (128, 512) };
-    let model = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+    let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let m = model.display().to_string();
     let opts = LoadOptions::default();
     let file = ModelFile::open(&model).unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
     let ends = ClientEnds::load(&file, &opts).unwrap();
-    let cfg = file.config().unwrap();
     let prefill_ids = prompt_ids(&tok, prefill_n);
 
     // Local: every block in this process; also each span alone, for compute times.
@@ -127,52 +103,15 @@ fn main() {
 
     // The swarm.
     let dir = std::env::temp_dir().join(format!("pollen-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bk = dir.join("b.key").display().to_string();
-    let (_boot, addr) = spawn(
-        &[
-            "bootstrap",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--identity",
-            &bk,
-        ],
-        "/ip4/",
-    );
-    let mut servers = Vec::new();
-    for (i, blocks) in ["0:10", "10:20", "20:30"].iter().enumerate() {
-        let key = dir.join(format!("s{i}.key")).display().to_string();
-        let (p, _) = spawn(
-            &[
-                "serve",
-                "--threads",
-                "1",
-                "--no-mdns",
-                "--blocks",
-                blocks,
-                "--bootstrap",
-                &addr,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--model",
-                &m,
-                "--identity",
-                &key,
-            ],
-            "ready",
-        );
-        servers.push(p);
-    }
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
+    let mut mesh = LocalMesh::start(&exe, &model, &dir, "s", &THREE_SPANS, &[]).unwrap();
+    let addr = mesh.addr.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let model_id = pollen_node::manifest::manifest_from_digest(
-        &pollen_shard::digest::digest(&file, &mut |_, _| {}).unwrap(),
-    )
-    .id();
+    let mut prefill_bytes = None;
     let mut rows = Vec::new();
     // F32 runs greedily; the compressed modes are fed F32's tokens (teacher
     // forcing) so their logits can be compared step by step.
@@ -180,25 +119,34 @@ fn main() {
     let mut divergence = Vec::new();
     for dtype in [WireDType::F32, WireDType::F16, WireDType::BF16] {
         let forced = reference.as_ref().map(|(t, _)| t.clone());
-        let (prefill, total, step, tokens, logits) = rt.block_on(async {
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let addr: libp2p::Multiaddr = addr.parse().unwrap();
-            let handle = client::connect(&[addr], false, cancel.clone())
-                .await
-                .unwrap();
-            let hops =
-                client::discover_route(&handle, model_id, cfg.num_blocks, Duration::from_secs(20))
-                    .await
-                    .unwrap();
+        let (prefill, total, step, tokens, logits, bytes) = rt.block_on(async {
+            let client = SwarmClient::connect(ClientConfig {
+                model: model.clone(),
+                load: opts.clone(),
+                bootstrap: vec![addr.parse().unwrap()],
+                mdns: false,
+                wire_dtype: dtype,
+                route_wait: Duration::from_secs(20),
+            })
+            .await
+            .unwrap();
+            let hops = client.discover_route().await.unwrap();
             let budget = (prefill_n + decode_n + 8) as u32;
-            let mut s = SwarmSession::open(handle, model_id, &hops, budget, cfg.hidden_size, dtype)
-                .await
-                .unwrap();
+            let mut s = client.open_session(&hops, budget).await.unwrap();
+            let stats = client.net().stats().clone();
+            let before = (
+                stats.bytes_out.load(Ordering::Relaxed),
+                stats.bytes_in.load(Ordering::Relaxed),
+            );
             let t = Instant::now();
             let h = s.step(&ends.embed(&prefill_ids).unwrap(), 0).await.unwrap();
             let l = ends.logits(&h).unwrap();
             let mut next = greedy(&l);
             let prefill = t.elapsed().as_secs_f64();
+            let bytes = (
+                stats.bytes_out.load(Ordering::Relaxed) - before.0,
+                stats.bytes_in.load(Ordering::Relaxed) - before.1,
+            );
             let mut tokens = vec![next];
             let mut logits = vec![l.to_vec1::<f32>().unwrap()];
             let mut steps = Vec::new();
@@ -216,10 +164,13 @@ fn main() {
                 logits.push(l.to_vec1::<f32>().unwrap());
             }
             s.close().await;
-            cancel.cancel();
+            client.shutdown().await;
             let total: f64 = steps.iter().sum();
-            (prefill, total, median(&mut steps), tokens, logits)
+            (prefill, total, median(&mut steps), tokens, logits, bytes)
         });
+        if dtype == WireDType::F32 {
+            prefill_bytes = Some(bytes);
+        }
         match &reference {
             None => {
                 assert_eq!(
@@ -292,6 +243,26 @@ fn main() {
     for (dtype, worst, agree, n) in divergence {
         println!("| {dtype:?} | {worst:.4} | {agree} of {n} |");
     }
-    drop(servers);
+    if let Some((out, back)) = prefill_bytes {
+        // Each server sends the whole prefill on to the next; only the last row comes back.
+        let hops = THREE_SPANS.len() as u64;
+        println!();
+        println!(
+            "bytes on the wire for the {prefill_n}-token f32 prefill: client sent {out}, received {back}; \
+             the chain carried {} in all ({hops} hops of {out} plus the answer)",
+            out * hops + back
+        );
+    }
+    // An idle server's polite stop: SIGTERM to exit (withdrawal acknowledged, no session).
+    std::thread::sleep(Duration::from_secs(1));
+    let (server, _) = &mut mesh.servers[0];
+    let t = Instant::now();
+    let status = server.terminate(Duration::from_secs(30));
+    println!();
+    println!(
+        "idle server, SIGTERM to exit: {:.0} ms ({status:?})",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    mesh.stop(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -49,7 +49,7 @@ impl BootstrapArgs {
             identity: self
                 .identity
                 .clone()
-                .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("bootstrap.key")),
+                .unwrap_or_else(|| crate::fetch::cache_dir().join("bootstrap.key")),
             http: self.http,
             mdns: !self.no_mdns,
         }
@@ -85,21 +85,16 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     let keypair = net::identity::load_or_create(&cfg.identity)?;
     let me = keypair.public().to_peer_id();
     let net_cancel = stop.child_token();
-    let net = net::start(
+    let (handle, net_task) = net::start(
         NetConfig {
             keypair,
             listen: cfg.listen.clone(),
-            bootstrap: Vec::new(),
             mdns: cfg.mdns,
             role: Role::Bootstrap,
-            infer_timeout: Duration::from_secs(30),
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
         },
         net_cancel.clone(),
-    )
-    .await?;
-    drop(net.inbound);
-    let handle = net.handle;
+    )?;
     let mut addrs = Vec::new();
     for _ in 0..100 {
         addrs = handle.listen_addrs().await?;
@@ -118,6 +113,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     for a in addrs.iter().filter(|a| **a != first) {
         println!("also {a}/p2p/{me}");
     }
+    let mut http_task = None;
     if let Some(http) = cfg.http {
         let listener = tokio::net::TcpListener::bind(http)
             .await
@@ -129,21 +125,25 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             .route("/", get(page))
             .with_state(handle.clone());
         let stop_http = stop.clone();
-        tokio::spawn(async move {
+        http_task = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop_http.cancelled().await })
                 .await;
-        });
+        }));
     }
     stop.cancelled().await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     net_cancel.cancel();
+    let _ = net_task.await;
     Ok(())
 }
 
 async fn swarm_json(handle: &NetHandle) -> serde_json::Value {
     let book = handle.book(None).await.unwrap_or_default();
     let peers = handle.peers().await.map(|p| p.len()).unwrap_or(0);
-    let mut v = crate::status::to_json(&book, net::unix_ms());
+    let mut v = crate::status::to_json(&book, crate::clock::unix_ms());
     v["peer"] = serde_json::json!(handle.peer_id().to_string());
     v["connected_peers"] = serde_json::json!(peers);
     v["status"] = serde_json::json!("ok");

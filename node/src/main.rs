@@ -191,7 +191,7 @@ struct ManifestArgs {
 fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
     match model {
         Some(p) => Ok(p.clone()),
-        None => Ok(pollen_shard::fetch::ensure_default_model(&mut |line| {
+        None => Ok(pollen_node::fetch::ensure_default_model(&mut |line| {
             eprintln!("{line}")
         })?),
     }
@@ -221,7 +221,7 @@ fn generate_params(args: &GenerateArgs) -> GenerateParams {
 }
 
 /// Streams text to stdout; stops generation if stdout is gone.
-fn stdout_sink() -> impl FnMut(&str) -> bool {
+fn stdout_sink() -> impl FnMut(&str) -> bool + Send {
     move |text: &str| {
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())
@@ -261,77 +261,35 @@ fn generate_local(args: GenerateArgs) -> Result<()> {
 }
 
 async fn generate_swarm(args: GenerateArgs) -> Result<()> {
-    use pollen_node::client;
-    let path = resolve_model(&args.model.model)?;
-    let opts = load_options(&args.model)?;
+    use pollen_node::client::{ClientConfig, SwarmClient};
     let wire_dtype = match args.wire_dtype.to_ascii_lowercase().as_str() {
         "f32" => pollen_protocol::WireDType::F32,
         "f16" => pollen_protocol::WireDType::F16,
         "bf16" => pollen_protocol::WireDType::BF16,
         other => bail!("unknown --wire-dtype `{other}` (expected f32, f16 or bf16)"),
     };
-    let load_path = path.clone();
-    let (ends, tokenizer, model_id) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let file = ModelFile::open(&load_path)?;
-        let tokenizer = pollen_shard::PollenTokenizer::from_model(&file)?;
-        let ends = pollen_shard::ClientEnds::load(&file, &opts)?;
-        let digest = pollen_shard::digest::digest(&file, &mut |_, _| {})?;
-        Ok((ends, tokenizer, manifest_from_digest(&digest).id()))
-    })
-    .await??;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let handle =
-        client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone()).await?;
-    let num_blocks = ends.config().num_blocks;
-    let hops = client::discover_route(
-        &handle,
-        model_id,
-        num_blocks,
-        Duration::from_secs(args.route_wait),
-    )
-    .await?;
-    tracing::info!(
-        "route: {}",
-        hops.iter()
-            .map(|h| format!("{}:{}@{}", h.start, h.end, h.peer))
-            .collect::<Vec<_>>()
-            .join(" -> ")
-    );
-    let prompt = prompt_ids(&tokenizer, &args.prompt, args.chat)?;
-    let budget = (prompt.len() + args.max_tokens + 1) as u32;
-    let mut session = client::SwarmSession::open(
-        handle,
-        model_id,
-        &hops,
-        budget,
-        ends.config().hidden_size,
+    let client = SwarmClient::connect(ClientConfig {
+        model: resolve_model(&args.model.model)?,
+        load: load_options(&args.model)?,
+        bootstrap: args.swarm.bootstrap.clone(),
+        mdns: !args.swarm.no_mdns,
         wire_dtype,
-    )
+        route_wait: Duration::from_secs(args.route_wait),
+    })
     .await?;
+    let prompt = prompt_ids(&client.model().tokenizer, &args.prompt, args.chat)?;
     let params = generate_params(&args);
-    // Ctrl-C mid-answer frees the servers' caches now, not at their idle timeout.
-    let closer = session.closer();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            closer.close().await;
+    // Ctrl-C mid-answer: exiting closes the connections, and every server frees the
+    // session as soon as its stream breaks.
+    let mut sink = stdout_sink();
+    let result = tokio::select! {
+        r = client.generate(&prompt, &params, &mut sink) => r,
+        _ = tokio::signal::ctrl_c() => {
             println!();
             std::process::exit(130);
         }
-    });
-    let (session, result) = tokio::task::spawn_blocking(move || {
-        let r = pollen_shard::generate::generate(
-            &ends,
-            &tokenizer,
-            &mut session,
-            &prompt,
-            &params,
-            &mut stdout_sink(),
-        );
-        (session, r)
-    })
-    .await?;
-    session.close().await;
-    cancel.cancel();
+    };
+    client.shutdown().await;
     let result = result?;
     println!();
     print_stats(&args, &result);
@@ -360,18 +318,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
         identity: args
             .identity
             .clone()
-            .unwrap_or_else(|| pollen_shard::fetch::cache_dir().join("identity.key")),
+            .unwrap_or_else(|| pollen_node::fetch::cache_dir().join("identity.key")),
         mdns: !args.swarm.no_mdns,
         max_sessions: args.max_sessions.max(1),
         max_session_tokens: args.max_session_tokens.max(1),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         announce_ttl: Duration::from_secs(args.announce_ttl.clamp(3, 600)),
         grace: Duration::from_secs(args.grace),
+        compute_slots: args.model.threads.unwrap_or(1),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let kill = tokio_util::sync::CancellationToken::new();
     pollen_node::signals::watch(stop.clone(), kill.clone());
-    pollen_node::serve::run(cfg, stop, kill).await
+    Ok(pollen_node::serve::run(cfg, stop, kill).await?)
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
@@ -383,7 +342,7 @@ async fn status(args: StatusArgs) -> Result<()> {
         None => None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let handle =
+    let (handle, net_task) =
         pollen_node::client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone())
             .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
@@ -393,7 +352,8 @@ async fn status(args: StatusArgs) -> Result<()> {
     }
     let book = handle.gather(model).await?;
     cancel.cancel();
-    let status = pollen_node::status::to_json(&book, pollen_node::net::unix_ms());
+    let _ = net_task.await;
+    let status = pollen_node::status::to_json(&book, pollen_node::clock::unix_ms());
     if args.json {
         println!("{status}");
     } else {

@@ -55,6 +55,7 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                         "free_sessions": a.free_sessions,
                         "free_cache_tokens": a.free_cache_tokens,
                         "addrs": a.addrs,
+                        "compute": a.compute,
                         "age_s": now_ms.saturating_sub(a.issued_at_ms) as f64 / 1000.0,
                         "expires_in_s": a.expires_at_ms.saturating_sub(now_ms) as f64 / 1000.0,
                     })
@@ -91,15 +92,16 @@ pub fn to_text(status: &Value, color: bool) -> String {
             m["num_blocks"]
         ));
         out.push_str(&format!(
-            "  {:<54} {:>9} {:>12} {:>8}\n",
-            "peer", "blocks", "tokens/s", "age"
+            "  {:<54} {:>9} {:>12} {:>14} {:>8}\n",
+            "peer", "blocks", "tokens/s", "compute", "age"
         ));
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
             out.push_str(&format!(
-                "  {:<54} {:>9} {:>12.1} {:>7.0}s\n",
+                "  {:<54} {:>9} {:>12.1} {:>14} {:>7.0}s\n",
                 s["peer"].as_str().unwrap_or("?"),
                 format!("{}:{}", s["blocks"][0], s["blocks"][1]),
                 s["throughput"].as_f64().unwrap_or(0.0),
+                s["compute"].as_str().unwrap_or("?"),
                 s["age_s"].as_f64().unwrap_or(0.0)
             ));
         }

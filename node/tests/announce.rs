@@ -22,21 +22,18 @@ async fn node_of_version(
     version: u32,
 ) -> (NetHandle, Keypair) {
     let key = Keypair::generate_ed25519();
-    let net = net::start(
+    let (handle, _task) = net::start(
         NetConfig {
             keypair: key.clone(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![],
             mdns: false,
             role,
-            infer_timeout: Duration::from_secs(5),
             protocol_version: version,
         },
         cancel.clone(),
     )
-    .await
     .unwrap();
-    (net.handle, key)
+    (handle, key)
 }
 
 fn announcement(
@@ -56,6 +53,8 @@ fn announcement(
         free_sessions: 4,
         free_cache_tokens: 8192,
         addrs: vec![],
+        compute: "fast-vnni".into(),
+        next_rtts: vec![],
         issued_at_ms: issued,
         expires_at_ms: issued + ttl,
         seq,
@@ -86,7 +85,7 @@ async fn only_verified_fresh_announcements_are_listed() {
         .dial(addr.with(libp2p::multiaddr::Protocol::P2p(boot.peer_id())))
         .await
         .unwrap();
-    let now = net::unix_ms();
+    let now = pollen_node::clock::unix_ms();
 
     // A good one.
     let good = sign(&key, announcement(&key, (0, 10), now, 30_000, 1));

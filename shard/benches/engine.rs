@@ -7,6 +7,11 @@
 //! memory are its own.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+/// The default model's fetch and the cache folder, shared with the node (which owns them).
+#[path = "../../node/src/fetch.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod fetch;
+
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use pollen_shard::{
@@ -246,7 +251,7 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let (prompt_len, decode) = if quick { (32, 32) } else { (128, 128) };
     let reps = if quick { 1 } else { 2 };
     println!(

@@ -111,6 +111,7 @@ impl Generation {
 }
 
 /// Holds back text that might be the start of a stop string.
+#[derive(Debug)]
 struct StopFilter {
     stops: Vec<String>,
     pending: String,
@@ -153,8 +154,204 @@ impl StopFilter {
     }
 }
 
-/// Generates from `prompt` token ids. `on_text` gets each piece of text as it
-/// is decided and returns `false` to stop early.
+/// What one [`Generator::feed`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Text to show now (may be empty while a multi-byte character or a possible stop
+    /// string is held back); generation goes on with [`Generator::next_input`].
+    Text(String),
+    /// Generation ended; the last text to show and why it ended.
+    Done(String, StopReason),
+}
+
+/// Generation one step at a time: sync math only, so that the caller decides how the
+/// blocks run (in this process, or across a swarm with async I/O in between).
+///
+/// Loop: [`Generator::next_input`] gives the hidden states to run through every block and
+/// their position; the blocks' output goes to [`Generator::feed`], which samples the next
+/// token and returns its text. [`Generator::finish`] gives the result. The generator holds
+/// no reference to the model's ends or tokenizer; they are passed to each call, so it can
+/// move between threads.
+#[derive(Debug)]
+pub struct Generator {
+    prompt: Vec<u32>,
+    chunk: usize,
+    fed_prompt: usize,
+    params: GenerateParams,
+    sampler: Sampler,
+    context: Vec<u32>,
+    tokens: Vec<u32>,
+    stream: TextStream,
+    filter: StopFilter,
+    text: String,
+    pos: usize,
+    next: Option<u32>,
+    stop: Option<StopReason>,
+    started: Instant,
+    prefill_time: Option<Duration>,
+    decode_started: Option<Instant>,
+}
+
+impl Generator {
+    /// A generation of `prompt` token ids with `params`.
+    pub fn new(prompt: &[u32], params: &GenerateParams) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(ShardError::BadInput("the prompt is empty".into()));
+        }
+        let chunk = if params.prefill_chunk == 0 {
+            prompt.len()
+        } else {
+            params.prefill_chunk
+        };
+        Ok(Self {
+            prompt: prompt.to_vec(),
+            chunk,
+            fed_prompt: 0,
+            params: params.clone(),
+            sampler: Sampler::new(params.sampling.clone()),
+            context: prompt.to_vec(),
+            tokens: Vec::new(),
+            stream: TextStream::new(),
+            filter: StopFilter {
+                stops: params.stop_strings.clone(),
+                pending: String::new(),
+            },
+            text: String::new(),
+            pos: 0,
+            next: None,
+            stop: None,
+            started: Instant::now(),
+            prefill_time: None,
+            decode_started: None,
+        })
+    }
+
+    /// Whether the output of the next input is only a prompt chunk whose logits are not
+    /// needed (every prefill chunk but the last).
+    pub fn input_is_inner_chunk(&self) -> bool {
+        self.fed_prompt + self.chunk < self.prompt.len()
+    }
+
+    /// The hidden states `(1, n, hidden)` to run through every block next, and the
+    /// position of their first token; `None` once generation has ended.
+    pub fn next_input(&mut self, ends: &ClientEnds) -> Result<Option<(Tensor, usize)>> {
+        if self.stop.is_some() {
+            return Ok(None);
+        }
+        if self.fed_prompt < self.prompt.len() {
+            let end = (self.fed_prompt + self.chunk).min(self.prompt.len());
+            let hidden = ends.embed(&self.prompt[self.fed_prompt..end])?;
+            let pos = self.pos;
+            self.pos = end;
+            self.fed_prompt = end;
+            return Ok(Some((hidden, pos)));
+        }
+        let Some(next) = self.next else {
+            return Err(ShardError::BadInput(
+                "next_input called twice without feed".into(),
+            ));
+        };
+        let pos = self.pos;
+        self.pos += 1;
+        Ok(Some((ends.embed(&[next])?, pos)))
+    }
+
+    /// Takes the blocks' output for the last input (every row, or only the last row: the
+    /// head reads the last), samples the next token and returns its text.
+    pub fn feed(
+        &mut self,
+        ends: &ClientEnds,
+        tok: &PollenTokenizer,
+        output: &Tensor,
+    ) -> Result<Step> {
+        if let Some(stop) = self.stop {
+            return Ok(Step::Done(String::new(), stop));
+        }
+        if self.fed_prompt < self.prompt.len() {
+            // An inner prefill chunk: its output only filled the caches.
+            return Ok(Step::Text(String::new()));
+        }
+        let logits = ends.logits(output)?.to_vec1::<f32>()?;
+        if logits.iter().any(|x| !x.is_finite()) {
+            return Err(ShardError::Pipeline(
+                "the blocks returned hidden states that give non-finite logits".into(),
+            ));
+        }
+        let next = self.sampler.sample(&logits, &self.context);
+        if self.prefill_time.is_none() {
+            self.prefill_time = Some(self.started.elapsed());
+            self.decode_started = Some(Instant::now());
+        }
+        if self.tokens.len() >= self.params.max_tokens {
+            return self.end_with(tok, StopReason::Length);
+        }
+        if tok.stop_ids().contains(&next) {
+            return self.end_with(tok, StopReason::EndOfTurn);
+        }
+        self.tokens.push(next);
+        self.context.push(next);
+        self.next = Some(next);
+        let mut out = String::new();
+        if let Some(piece) = self.stream.push(tok, next)? {
+            let (safe, hit) = self.filter.push(&piece);
+            out = safe;
+            self.text.push_str(&out);
+            if hit {
+                self.stop = Some(StopReason::StopString);
+                return Ok(Step::Done(out, StopReason::StopString));
+            }
+        }
+        if self.tokens.len() >= self.params.max_tokens
+            && let Step::Done(rest, stop) = self.end_with(tok, StopReason::Length)?
+        {
+            out.push_str(&rest);
+            return Ok(Step::Done(out, stop));
+        }
+        Ok(Step::Text(out))
+    }
+
+    /// Ends the generation early (the caller stopped reading); the held-back text is
+    /// dropped.
+    pub fn cancel(&mut self) {
+        if self.stop.is_none() {
+            self.stop = Some(StopReason::Cancelled);
+        }
+    }
+
+    /// Ends with `stop`, flushing the text held back by the decoder and the stop filter.
+    fn end_with(&mut self, tok: &PollenTokenizer, mut stop: StopReason) -> Result<Step> {
+        let mut out = String::new();
+        if let Some(piece) = self.stream.finish(tok)? {
+            let (safe, hit) = self.filter.push(&piece);
+            out.push_str(&safe);
+            if hit {
+                stop = StopReason::StopString;
+            }
+        }
+        if stop != StopReason::StopString {
+            out.push_str(&self.filter.finish());
+        }
+        self.text.push_str(&out);
+        self.stop = Some(stop);
+        Ok(Step::Done(out, stop))
+    }
+
+    /// The result so far (complete once a [`Step::Done`] was returned).
+    pub fn finish(&self) -> Generation {
+        let prefill_time = self.prefill_time.unwrap_or_else(|| self.started.elapsed());
+        Generation {
+            prompt_tokens: self.prompt.len(),
+            tokens: self.tokens.clone(),
+            text: self.text.clone(),
+            stop: self.stop.unwrap_or(StopReason::Cancelled),
+            prefill_time,
+            decode_time: self.decode_started.map(|t| t.elapsed()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Generates from `prompt` token ids with every block behind `blocks`. `on_text` gets
+/// each piece of text as it is decided and returns `false` to stop early.
 pub fn generate(
     ends: &ClientEnds,
     tok: &PollenTokenizer,
@@ -163,93 +360,23 @@ pub fn generate(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(ShardError::BadInput("the prompt is empty".into()));
-    }
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut context: Vec<u32> = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut stream = TextStream::new();
-    let mut filter = StopFilter {
-        stops: params.stop_strings.clone(),
-        pending: String::new(),
-    };
-    let mut text = String::new();
-    let mut emit = |piece: &str, text: &mut String| -> bool {
-        if piece.is_empty() {
-            return true;
-        }
-        text.push_str(piece);
-        on_text(piece)
-    };
-
-    let started = Instant::now();
-    let chunk = if params.prefill_chunk == 0 {
-        prompt.len()
-    } else {
-        params.prefill_chunk
-    };
-    let mut pos = 0;
-    let mut last = None;
-    for piece in prompt.chunks(chunk) {
-        let hidden = ends.embed(piece)?;
-        last = Some(blocks.forward(&hidden, pos)?);
-        pos += piece.len();
-    }
-    let last = last.ok_or_else(|| ShardError::BadInput("the prompt is empty".into()))?;
-    let logits = ends.logits(&last)?.to_vec1::<f32>()?;
-    let mut next = sampler.sample(&logits, &context);
-    let prefill_time = started.elapsed();
-    let decode_started = Instant::now();
-    let mut stop = StopReason::Length;
-    while tokens.len() < params.max_tokens {
-        if tok.stop_ids().contains(&next) {
-            stop = StopReason::EndOfTurn;
-            break;
-        }
-        tokens.push(next);
-        context.push(next);
-        if let Some(piece) = stream.push(tok, next)? {
-            let (out, hit) = filter.push(&piece);
-            if !emit(&out, &mut text) {
-                stop = StopReason::Cancelled;
-                break;
-            }
-            if hit {
-                stop = StopReason::StopString;
-                break;
-            }
-        }
-        if tokens.len() >= params.max_tokens {
-            break;
-        }
-        let hidden = ends.embed(&[next])?;
+    let mut g = Generator::new(prompt, params)?;
+    while let Some((hidden, pos)) = g.next_input(ends)? {
         let out = blocks.forward(&hidden, pos)?;
-        pos += 1;
-        let logits = ends.logits(&out)?.to_vec1::<f32>()?;
-        next = sampler.sample(&logits, &context);
-    }
-    if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
-        if let Some(piece) = stream.finish(tok)? {
-            let (out, hit) = filter.push(&piece);
-            emit(&out, &mut text);
-            if hit {
-                stop = StopReason::StopString;
+        match g.feed(ends, tok, &out)? {
+            Step::Text(t) => {
+                if !t.is_empty() && !on_text(&t) {
+                    g.cancel();
+                }
+            }
+            Step::Done(t, _) => {
+                if !t.is_empty() {
+                    on_text(&t);
+                }
             }
         }
-        if stop != StopReason::StopString {
-            let rest = filter.finish();
-            emit(&rest, &mut text);
-        }
     }
-    Ok(Generation {
-        prompt_tokens: prompt.len(),
-        tokens,
-        text,
-        stop,
-        prefill_time,
-        decode_time: decode_started.elapsed(),
-    })
+    Ok(g.finish())
 }
 
 /// The whole model in one process: client ends, every block, tokenizer.

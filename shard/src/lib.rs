@@ -17,7 +17,6 @@ pub mod config;
 pub mod device;
 pub mod digest;
 pub mod error;
-pub mod fetch;
 pub mod generate;
 pub mod kernels;
 pub mod llama;

@@ -4,6 +4,11 @@
 //! first, not as peers that silently stop finding each other.
 #![allow(clippy::unwrap_used)]
 
+/// The default model's fetch and the cache folder, shared with the node (which owns them).
+#[path = "../../node/src/fetch.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod fetch;
+
 use anyhow::Result;
 use pollen_shard::ModelFile;
 use pollen_shard::digest::{Hash, ModelDigest, digest};
@@ -28,7 +33,7 @@ fn whole(d: &ModelDigest) -> Hash {
 
 #[test]
 fn default_model_digest_is_pinned() -> Result<()> {
-    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
     let file = ModelFile::open(&path)?;
     let d = digest(&file, &mut |_, _| {})?;
     assert_eq!(d.blocks.len(), 30);

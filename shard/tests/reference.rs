@@ -9,6 +9,11 @@
 //! the measured difference.
 #![allow(clippy::unwrap_used)]
 
+/// The default model's fetch and the cache folder, shared with the node (which owns them).
+#[path = "../../node/src/fetch.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod fetch;
+
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -117,7 +122,7 @@ fn compare_gguf(path: &Path, cuts: &[usize], prompts: [&[u32]; 2], steps: usize)
 
 #[test]
 fn real_smollm2_spans_match_candle_transformers_bit_for_bit() -> Result<()> {
-    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
     let file = ModelFile::open(&path)?;
     let tok = pollen_shard::PollenTokenizer::from_model(&file)?;
     let a = pollen_shard::generate::prompt_ids(&tok, "What is the capital of France?", true)?;
@@ -514,7 +519,7 @@ fn fast_cache_grows_truncates_and_clones_independently() -> Result<()> {
 
 #[test]
 fn smollm2_tokenizer_keeps_chatml_and_splits_digits() -> Result<()> {
-    let path = pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
     let tok = pollen_shard::PollenTokenizer::from_model(&ModelFile::open(&path)?)?;
     // No prefix space: `system` right after the special token, not `Ġsystem`.
     assert_eq!(tok.encode("<|im_start|>system\n")?, vec![1, 9690, 198]);

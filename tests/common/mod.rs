@@ -1,11 +1,17 @@
 //! Helpers for tests that run Pollen's binaries as real processes on 127.0.0.1.
-#![allow(dead_code, clippy::unwrap_used, missing_docs, unreachable_pub)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    missing_docs,
+    unreachable_pub
+)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+pub use pollen_node::mesh::{Proc, peer_of};
 
 /// The `pollen` binary Cargo built for these tests.
 pub fn pollen() -> PathBuf {
@@ -14,7 +20,7 @@ pub fn pollen() -> PathBuf {
 
 /// The default model, fetched if absent.
 pub fn model() -> PathBuf {
-    pollen_shard::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap()
+    pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap()
 }
 
 /// A fresh folder for one test's keys.
@@ -28,128 +34,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// A child process whose stdout lines arrive on a channel; killed on drop.
-pub struct Proc {
-    pub child: Child,
-    lines: mpsc::Receiver<String>,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines: rx,
-            name: name.into(),
-        }
-    }
-
-    /// The first stdout line starting with `prefix`, within `timeout`.
-    pub fn line_with(&self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "{}: no line starting with {prefix:?} within {timeout:?} ({e})",
-                    self.name
-                ),
-            }
-        }
-    }
-
-    /// SIGKILL, like a machine that dies.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM and the exit status.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A bootstrap node on 127.0.0.1; returns it and its dialable address.
 pub fn bootstrap(dir: &Path, http: bool) -> (Proc, String) {
-    let mut cmd = Command::new(pollen());
-    cmd.args([
-        "bootstrap",
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--identity",
-    ])
-    .arg(dir.join("bootstrap.key"));
-    if http {
-        cmd.args(["--http", "127.0.0.1:0"]);
-    }
-    let p = Proc::spawn("bootstrap", &mut cmd);
-    let addr = p.line_with("/ip4/", Duration::from_secs(30));
-    (p, addr)
+    pollen_node::mesh::bootstrap(&pollen(), dir, http).unwrap()
 }
 
 /// A server of `blocks`; returns it and its `ready` line.
 pub fn server(bootstrap: Option<&str>, blocks: &str, key: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut cmd = Command::new(pollen());
-    cmd.args([
-        "serve",
-        "--threads",
-        "1",
-        "--blocks",
-        blocks,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-    ])
-    .arg("--model")
-    .arg(model())
-    .arg("--identity")
-    .arg(key)
-    .args(extra);
-    if let Some(b) = bootstrap {
-        cmd.args(["--no-mdns", "--bootstrap", b]);
-    }
-    let p = Proc::spawn(&format!("server {blocks}"), &mut cmd);
-    let ready = p.line_with("ready", Duration::from_secs(120));
-    (p, ready)
-}
-
-/// The peer id in a server's `ready` line.
-pub fn peer_of(ready: &str) -> String {
-    ready.split_whitespace().nth(2).unwrap().to_string()
+    pollen_node::mesh::server(&pollen(), &model(), bootstrap, blocks, key, extra).unwrap()
 }
 
 /// `pollen status --json` through `bootstrap` (or mDNS when `None`).
@@ -281,7 +173,7 @@ pub fn three_servers(
     tag: &str,
     extra: [&[&str]; 3],
 ) -> Vec<(Proc, String)> {
-    ["0:10", "10:20", "20:30"]
+    pollen_node::mesh::THREE_SPANS
         .iter()
         .zip(extra)
         .enumerate()

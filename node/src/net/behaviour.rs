@@ -2,7 +2,7 @@
 //! derive macro generates an undocumented event enum.)
 #![allow(missing_docs)]
 
-use super::{AnnounceCodec, HelloCodec, InferCodec};
+use super::{AnnounceCodec, HelloCodec};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{autonat, identify, kad, mdns, ping, relay, request_response};
@@ -26,6 +26,7 @@ pub struct Behaviour {
     pub hello: request_response::Behaviour<HelloCodec>,
     /// Publishing and listing signed announcements.
     pub announce: request_response::Behaviour<AnnounceCodec>,
-    /// Inference sessions.
-    pub infer: request_response::Behaviour<InferCodec>,
+    /// Session streams (`/pollen/infer/2`), opened and accepted through its `Control`
+    /// outside the swarm task, so that no session waits on the event loop.
+    pub stream: libp2p_stream::Behaviour,
 }

@@ -1,21 +1,38 @@
 //! The announcements a node has verified: who serves which blocks of which
 //! model, until when. Bounded; expired entries are dropped.
 
+use crate::clock::unix_ms as now_ms;
 use libp2p::PeerId;
 use pollen_protocol::{
-    FreshnessPolicy, ModelId, PeerIdBytes, ReplayGuard, SignedAnnouncement, VerifiedAnnouncement,
+    AnnounceError, FreshnessPolicy, ModelId, PeerIdBytes, ReplayGuard, SignedAnnouncement,
+    VerifiedAnnouncement,
 };
 use std::collections::HashMap;
 
 /// Most announcements a node keeps (1,000 servers × a few models fit).
 pub const MAX_BOOK_ENTRIES: usize = 16_384;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Why the book refused an announcement.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BookError {
+    /// The announcement failed verification, or is not newer than the one held.
+    #[error(transparent)]
+    Refused(#[from] AnnounceError),
+    /// The book holds [`MAX_BOOK_ENTRIES`] unexpired announcements.
+    #[error("announcement book is full ({MAX_BOOK_ENTRIES} entries)")]
+    Full,
+}
+
+impl BookError {
+    /// Whether this is the ordinary echo of an announcement already held (a renewal seen
+    /// twice, through two peers): not worth a warning.
+    pub fn is_routine(&self) -> bool {
+        matches!(
+            self,
+            BookError::Refused(AnnounceError::Duplicate { .. } | AnnounceError::Stale { .. })
+        )
+    }
 }
 
 /// Verified announcements by (peer, model).
@@ -38,17 +55,15 @@ impl Default for AnnouncementBook {
 
 impl AnnouncementBook {
     /// Verifies `signed` and keeps it; a clear reason when refused.
-    pub fn insert(&mut self, signed: SignedAnnouncement) -> Result<(), String> {
+    pub fn insert(&mut self, signed: SignedAnnouncement) -> Result<(), BookError> {
         let now = now_ms();
-        let verified = signed
-            .verify(now, &self.policy)
-            .map_err(|e| e.to_string())?;
-        self.replay.check(&verified).map_err(|e| e.to_string())?;
+        let verified = signed.verify(now, &self.policy)?;
+        self.replay.check(&verified)?;
         let key = (verified.peer.clone(), verified.model_id);
         if !self.entries.contains_key(&key) && self.entries.len() >= MAX_BOOK_ENTRIES {
             self.prune();
             if self.entries.len() >= MAX_BOOK_ENTRIES {
-                return Err("announcement book is full".into());
+                return Err(BookError::Full);
             }
         }
         self.entries.insert(key, verified);

@@ -30,7 +30,10 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
     }
 }
 
-async fn read_message<M: WireMessage, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
+/// Reads one frame of `M`: its message and its body length.
+pub(crate) async fn read_message<M: WireMessage, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<(M, usize)> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = check_frame_len(u32::from_le_bytes(len), M::MAX_BYTES)
@@ -47,14 +50,17 @@ async fn read_message<M: WireMessage, T: AsyncRead + Unpin + Send>(io: &mut T) -
             ),
         ));
     }
-    decode_body::<M>(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    let msg = decode_body::<M>(&body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok((msg, len))
 }
 
 fn encode<M: WireMessage>(msg: &M) -> io::Result<Vec<u8>> {
     encode_frame(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(
+/// Writes one encoded frame and flushes.
+pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     frame: io::Result<Vec<u8>>,
 ) -> io::Result<()> {
@@ -75,14 +81,14 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io).await
+        read_message(io).await.map(|(m, _)| m)
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io).await
+        read_message(io).await.map(|(m, _)| m)
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>

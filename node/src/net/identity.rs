@@ -1,27 +1,65 @@
 //! The node's persistent ed25519 identity: one key file, created on first run
 //! with mode 0600, giving the same peer id after every restart.
 
-use anyhow::{Context, Result, bail};
 use libp2p::identity::Keypair;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why the identity key could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The file could not be read, created or written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds something else.
+    #[error("{} is not a Pollen identity key ({reason})", path.display())]
+    NotAKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
 
 /// Loads the key in `path`, or creates it (and its folder) if absent.
-pub fn load_or_create(path: &Path) -> Result<Keypair> {
+pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
+    let io = |what, source| IdentityError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_a_key = |reason: String| IdentityError::NotAKey {
+        path: path.to_path_buf(),
+        reason,
+    };
     if path.exists() {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let key = Keypair::from_protobuf_encoding(&bytes)
-            .with_context(|| format!("{} is not a Pollen identity key", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|e| io("reading", e))?;
+        let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| not_a_key(e.to_string()))?;
         if key.clone().try_into_ed25519().is_err() {
-            bail!("{} holds a key that is not ed25519", path.display());
+            return Err(not_a_key("not an ed25519 key".into()));
         }
         return Ok(key);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     let key = Keypair::generate_ed25519();
-    let bytes = key.to_protobuf_encoding().context("encoding the new key")?;
+    let bytes = key
+        .to_protobuf_encoding()
+        .map_err(|e| not_a_key(format!("cannot encode a new key: {e}")))?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -29,25 +67,18 @@ pub fn load_or_create(path: &Path) -> Result<Keypair> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(&bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts.open(path).map_err(|e| io("creating", e))?;
+    f.write_all(&bytes).map_err(|e| io("writing", e))?;
     Ok(key)
 }
 
-/// The 32-byte ed25519 secret of a key, which signs announcements.
-pub fn ed25519_secret(key: &Keypair) -> Result<[u8; 32]> {
-    let kp = key
-        .clone()
-        .try_into_ed25519()
-        .map_err(|_| anyhow::anyhow!("the identity key is not ed25519"))?;
+/// The 32-byte ed25519 secret of a key, which signs announcements (`None` for a key of
+/// another type).
+pub fn ed25519_secret(key: &Keypair) -> Option<[u8; 32]> {
+    let kp = key.clone().try_into_ed25519().ok()?;
     let bytes = kp.secret();
     let slice: &[u8] = bytes.as_ref();
-    slice
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("ed25519 secret of unexpected length"))
+    slice.try_into().ok()
 }
 
 #[cfg(test)]

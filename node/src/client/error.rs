@@ -1,0 +1,111 @@
+//! What can go wrong for a client, keeping the failing hop and peer.
+
+use crate::blocks::BlockRange;
+use crate::net::NetError;
+use libp2p::PeerId;
+use pollen_protocol::{ErrorCode, ModelId};
+
+/// Which server of a route failed, and how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hop {hop} (blocks {blocks}, peer {peer}) failed: {code}: {message}")]
+pub struct HopFailure {
+    /// Its index in the route.
+    pub hop: usize,
+    /// Its peer id.
+    pub peer: PeerId,
+    /// Its blocks.
+    pub blocks: BlockRange,
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// In words.
+    pub message: String,
+}
+
+/// A failure of a generation through the swarm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No chain of announced servers covers every block.
+    #[error("{}", no_route_text(.model, .uncovered, .servers, .misaligned))]
+    NoRoute {
+        /// The model.
+        model: ModelId,
+        /// Blocks no usable server covers.
+        uncovered: Vec<BlockRange>,
+        /// Servers announced for the model.
+        servers: usize,
+        /// Every block is covered, but no chain of spans lines up end to start.
+        misaligned: bool,
+    },
+    /// A server of the route failed.
+    #[error(transparent)]
+    HopFailed(Box<HopFailure>),
+    /// The servers of the route cannot hold this many tokens for one session.
+    #[error(
+        "the servers on this route allow {free_tokens} tokens per session, and this request needs up to {needed} (prompt plus --max-tokens): ask for fewer tokens"
+    )]
+    OverBudget {
+        /// What the route allows.
+        free_tokens: u32,
+        /// What the request needs.
+        needed: u32,
+    },
+    /// A server answered something the protocol does not allow here.
+    #[error("peer {peer}: {message}")]
+    Protocol {
+        /// Who.
+        peer: PeerId,
+        /// What.
+        message: String,
+    },
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The model's ends failed (loading, embedding, head, tokenizer).
+    #[error(transparent)]
+    Model(#[from] pollen_shard::ShardError),
+    /// Hidden states could not be converted.
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+    /// No bootstrap could be reached and mDNS is off.
+    #[error("{0}")]
+    NoEntry(String),
+    /// A compute task panicked.
+    #[error("a compute task failed: {0}")]
+    Task(String),
+}
+
+fn no_route_text(
+    model: &ModelId,
+    uncovered: &[BlockRange],
+    servers: &usize,
+    misaligned: &bool,
+) -> String {
+    let gaps = if *misaligned {
+        "none, but the spans do not line up".to_string()
+    } else {
+        uncovered
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "no chain of servers covers every block of model {model} (uncovered: {gaps}); {servers} servers announced"
+    )
+}
+
+impl ClientError {
+    /// Whether a fresh attempt might succeed (a hop failed, the swarm lacks blocks, a
+    /// server was busy) rather than the request itself being wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::NoRoute { .. } | ClientError::Net(_) => true,
+            ClientError::HopFailed(f) => matches!(
+                f.code,
+                ErrorCode::Busy | ErrorCode::Timeout | ErrorCode::Unreachable | ErrorCode::Internal
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The client role: find the servers of a model, route a chain over them, and generate
+//! through it with only the model's ends (embeddings, final norm, head, tokenizer) in
+//! this process.
+//!
+//! [`SwarmClient`] connects once and serves many generations, concurrently, from async
+//! code: the math of each step (embedding, head, sampling) runs in blocking tasks, the
+//! network I/O in between is async, and nothing blocks on a runtime.
+//!
+//! Rooms: [`route`] picks the chain, [`session`] runs one session along it, [`error`]
+//! says what went wrong and where.
+
+pub mod error;
+pub mod route;
+pub mod session;
+
+pub use error::{ClientError, HopFailure};
+pub use route::{Hop, route};
+pub use session::SwarmSession;
+
+use crate::net::{self, NetConfig, NetHandle, Role};
+use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::{ModelId, VerifiedAnnouncement, WireDType};
+use pollen_shard::generate::{GenerateParams, Generation, Generator, Step};
+use pollen_shard::{ClientEnds, LoadOptions, ModelFile, PollenTokenizer};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a client tries each bootstrap before giving up on it.
+const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(15);
+/// How long the client waits for ping to measure candidate first and last hops.
+const MEASURE_WAIT: Duration = Duration::from_millis(400);
+/// Most candidate first (and last) hops measured.
+const MEASURE_CANDIDATES: usize = 8;
+
+/// How a client connects and computes.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The model file (its ends are loaded; its manifest gives the id asked for).
+    pub model: PathBuf,
+    /// Device and weight mode of the ends, which also decide the compute mode asked for.
+    pub load: LoadOptions,
+    /// Bootstrap peers to join through.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Find peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Hidden states on the wire.
+    pub wire_dtype: WireDType,
+    /// How long to wait for servers that cover every block.
+    pub route_wait: Duration,
+}
+
+/// The parts of the model a client holds.
+#[derive(Debug)]
+pub struct ClientModel {
+    /// Embeddings, final norm and head.
+    pub ends: ClientEnds,
+    /// The tokenizer.
+    pub tokenizer: PollenTokenizer,
+    /// The model id servers announce.
+    pub model_id: ModelId,
+    /// The compute mode every server of a route must run.
+    pub compute: String,
+}
+
+impl ClientModel {
+    /// Loads the ends and the id of the model at `path` (blocking).
+    pub fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<Self, ClientError> {
+        let file = ModelFile::open(path)?;
+        Ok(Self {
+            tokenizer: PollenTokenizer::from_model(&file)?,
+            ends: ClientEnds::load(&file, opts)?,
+            model_id: crate::model::model_id(path, &mut |_, _| {})?,
+            compute: crate::model::compute_mode(opts),
+        })
+    }
+}
+
+/// A client connected to the swarm: many generations, one connection.
+pub struct SwarmClient {
+    net: NetHandle,
+    model: Arc<ClientModel>,
+    cfg: ClientConfig,
+    cancel: CancellationToken,
+    net_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SwarmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SwarmClient({})", self.net.peer_id())
+    }
+}
+
+/// Starts a client node and dials `bootstrap`; fails if none answers (with mDNS off).
+pub async fn connect(
+    bootstrap: &[Multiaddr],
+    mdns: bool,
+    cancel: CancellationToken,
+) -> Result<(NetHandle, tokio::task::JoinHandle<()>), ClientError> {
+    if bootstrap.is_empty() && !mdns {
+        return Err(ClientError::NoEntry(
+            "no way to find the swarm: give --bootstrap ADDR or allow mDNS".into(),
+        ));
+    }
+    let cfg = NetConfig {
+        mdns,
+        ..NetConfig::new(Role::Client)
+    };
+    let (handle, task) = net::start(cfg, cancel)?;
+    let dials = bootstrap
+        .iter()
+        .map(|a| handle.dial_with_retry(a, BOOTSTRAP_PATIENCE));
+    let results = futures::future::join_all(dials).await;
+    if !bootstrap.is_empty() && results.iter().all(|r| r.is_err()) {
+        let errors: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        return Err(ClientError::NoEntry(format!(
+            "cannot reach any bootstrap peer:\n  {}",
+            errors.join("\n  ")
+        )));
+    }
+    Ok((handle, task))
+}
+
+impl SwarmClient {
+    /// Loads the model's ends and joins the swarm.
+    pub async fn connect(cfg: ClientConfig) -> Result<Self, ClientError> {
+        let (path, opts) = (cfg.model.clone(), cfg.load.clone());
+        let model = tokio::task::spawn_blocking(move || ClientModel::load(&path, &opts))
+            .await
+            .map_err(|e| ClientError::Task(e.to_string()))??;
+        let cancel = CancellationToken::new();
+        let (net, net_task) = connect(&cfg.bootstrap, cfg.mdns, cancel.clone()).await?;
+        Ok(Self {
+            net,
+            model: Arc::new(model),
+            cfg,
+            cancel,
+            net_task,
+        })
+    }
+
+    /// The network handle.
+    pub fn net(&self) -> &NetHandle {
+        &self.net
+    }
+
+    /// The model's ends, tokenizer and id.
+    pub fn model(&self) -> &Arc<ClientModel> {
+        &self.model
+    }
+
+    /// Gathers announcements until a route covers every block, or `route_wait` passes.
+    pub async fn discover_route(&self) -> Result<Vec<Hop>, ClientError> {
+        let m = &self.model;
+        let num_blocks = m.ends.config().num_blocks;
+        let deadline = Instant::now() + self.cfg.route_wait;
+        loop {
+            let book = self.net.gather(Some(m.model_id)).await?;
+            let rtts = self.measure_ends(&book, num_blocks).await;
+            match route(&book, m.model_id, num_blocks, &m.compute, &rtts) {
+                Ok(r) => return Ok(r),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+    }
+
+    /// Round trips to the candidate first and last hops, where there is a choice: they
+    /// are dialed, and ping measures them.
+    async fn measure_ends(
+        &self,
+        book: &[VerifiedAnnouncement],
+        num_blocks: usize,
+    ) -> HashMap<PeerId, Duration> {
+        let ends = |first: bool| -> Vec<(PeerId, Vec<Multiaddr>)> {
+            book.iter()
+                .filter(|a| a.compute == self.model.compute && a.free_sessions > 0)
+                .filter(|a| {
+                    if first {
+                        a.blocks.start() == 0
+                    } else {
+                        a.blocks.end() as usize == num_blocks
+                    }
+                })
+                .filter_map(|a| {
+                    let p = PeerId::from_bytes(&a.peer.0).ok()?;
+                    Some((p, a.addrs.iter().filter_map(|s| s.parse().ok()).collect()))
+                })
+                .take(MEASURE_CANDIDATES)
+                .collect()
+        };
+        let mut candidates = Vec::new();
+        for first in [true, false] {
+            let c = ends(first);
+            if c.len() > 1 {
+                candidates.extend(c);
+            }
+        }
+        let measured = |peers: &[crate::net::PeerInfo]| -> HashMap<PeerId, Duration> {
+            peers
+                .iter()
+                .filter_map(|p| Some((p.peer, p.rtt?)))
+                .collect()
+        };
+        if candidates.is_empty() {
+            return measured(&self.net.peers().await.unwrap_or_default());
+        }
+        for (peer, addrs) in &candidates {
+            let _ = self.net.add_addresses(*peer, addrs.clone(), true).await;
+        }
+        let deadline = Instant::now() + MEASURE_WAIT;
+        loop {
+            let rtts = measured(&self.net.peers().await.unwrap_or_default());
+            if Instant::now() >= deadline || candidates.iter().all(|(p, _)| rtts.contains_key(p)) {
+                return rtts;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Opens a session of at most `max_tokens` tokens along `route`.
+    pub async fn open_session(
+        &self,
+        route: &[Hop],
+        max_tokens: u32,
+    ) -> Result<SwarmSession, ClientError> {
+        let m = &self.model;
+        SwarmSession::open(
+            &self.net,
+            m.model_id,
+            &m.compute,
+            route,
+            max_tokens,
+            m.ends.config().hidden_size,
+            self.cfg.wire_dtype,
+        )
+        .await
+    }
+
+    /// Generates from `prompt` token ids through the swarm. `on_text` gets each piece of
+    /// text as it is decided and returns `false` to stop early.
+    pub async fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, ClientError> {
+        let route = self.discover_route().await?;
+        tracing::info!(
+            "route: {}",
+            route
+                .iter()
+                .map(|h| format!("{}@{}", h.blocks, h.peer))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+        let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
+        let mut session = self.open_session(&route, budget).await?;
+        let result = self.run(&mut session, prompt, params, on_text).await;
+        session.close().await;
+        result
+    }
+
+    /// The generation loop over an open session.
+    async fn run(
+        &self,
+        session: &mut SwarmSession,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, ClientError> {
+        let mut generator = Generator::new(prompt, params)?;
+        loop {
+            // Embedding one token is a row lookup: cheap enough to do here.
+            let Some((input, pos)) = generator.next_input(&self.model.ends)? else {
+                break;
+            };
+            let out = session.step(&input, pos).await?;
+            // The head and sampling are real work: off the async threads.
+            let model = self.model.clone();
+            let (g, step) = tokio::task::spawn_blocking(move || {
+                let step = generator.feed(&model.ends, &model.tokenizer, &out);
+                (generator, step)
+            })
+            .await
+            .map_err(|e| ClientError::Task(e.to_string()))?;
+            generator = g;
+            match step? {
+                Step::Text(t) => {
+                    if !t.is_empty() && !on_text(&t) {
+                        generator.cancel();
+                    }
+                }
+                Step::Done(t, _) => {
+                    if !t.is_empty() {
+                        on_text(&t);
+                    }
+                }
+            }
+        }
+        Ok(generator.finish())
+    }
+
+    /// Leaves the swarm: stops the network task and waits for it.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let _ = self.net_task.await;
+    }
+}

@@ -1,0 +1,302 @@
+//! Routing: the cheapest chain of announced spans that covers every block of a model.
+//!
+//! A route's cost per token is the sum of its servers' announced times per token plus the
+//! round trips its hidden states cross: client to the first server and the last server
+//! back to the client (measured by the client), and each server to the next (measured by
+//! the server before, and announced). Unmeasured edges count [`DEFAULT_RTT`].
+
+use super::error::ClientError;
+use crate::blocks::BlockRange;
+use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::{ModelId, VerifiedAnnouncement};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The round trip assumed for an edge nobody measured.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(2);
+/// Slowest throughput believed, in tokens per second (a zero would divide by zero).
+const MIN_THROUGHPUT: f64 = 0.01;
+
+/// One server on a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// The server.
+    pub peer: PeerId,
+    /// Its blocks.
+    pub blocks: BlockRange,
+    /// Where to reach it.
+    pub addrs: Vec<Multiaddr>,
+    /// Its announced time per token, in microseconds.
+    pub step_us: u32,
+}
+
+fn seconds_per_token(a: &VerifiedAnnouncement) -> f64 {
+    let tps = f64::from(a.throughput);
+    1.0 / if tps.is_finite() {
+        tps.max(MIN_THROUGHPUT)
+    } else {
+        MIN_THROUGHPUT
+    }
+}
+
+/// The cheapest chain over `announcements` that covers blocks `[0, num_blocks)` of
+/// `model`, using only servers that compute as `compute` does and have a free session.
+/// `client_rtts` are the round trips the client measured to servers.
+pub fn route(
+    announcements: &[VerifiedAnnouncement],
+    model: ModelId,
+    num_blocks: usize,
+    compute: &str,
+    client_rtts: &HashMap<PeerId, Duration>,
+) -> Result<Vec<Hop>, ClientError> {
+    struct Node<'a> {
+        a: &'a VerifiedAnnouncement,
+        peer: PeerId,
+        start: usize,
+        end: usize,
+    }
+    let mut nodes: Vec<Node<'_>> = announcements
+        .iter()
+        .filter(|a| {
+            a.model_id == model
+                && a.free_sessions > 0
+                && a.num_blocks as usize == num_blocks
+                && a.compute == compute
+                && a.blocks.end() as usize <= num_blocks
+        })
+        .filter_map(|a| {
+            Some(Node {
+                peer: PeerId::from_bytes(&a.peer.0).ok()?,
+                start: a.blocks.start() as usize,
+                end: a.blocks.end() as usize,
+                a,
+            })
+        })
+        .collect();
+    nodes.sort_by_key(|n| (n.start, n.end));
+    let client_rtt = |p: &PeerId| {
+        client_rtts
+            .get(p)
+            .copied()
+            .unwrap_or(DEFAULT_RTT)
+            .as_secs_f64()
+    };
+    let edge = |from: &Node<'_>, to: &Node<'_>| {
+        let to_bytes = to.peer.to_bytes();
+        from.a
+            .next_rtts
+            .iter()
+            .find(|r| r.peer.0 == to_bytes)
+            .map(|r| f64::from(r.rtt_us) / 1e6)
+            .unwrap_or(DEFAULT_RTT.as_secs_f64())
+    };
+    // best[i]: cost of the cheapest chain covering [0, end_i) that ends with node i.
+    let mut best: Vec<Option<(f64, Option<usize>)>> = vec![None; nodes.len()];
+    let mut by_end: HashMap<usize, Vec<usize>> = HashMap::new();
+    for i in 0..nodes.len() {
+        let n = &nodes[i];
+        let own = seconds_per_token(n.a);
+        best[i] = if n.start == 0 {
+            Some((client_rtt(&n.peer) + own, None))
+        } else {
+            by_end
+                .get(&n.start)
+                .into_iter()
+                .flatten()
+                .filter_map(|&j| best[j].map(|(c, _)| (c + edge(&nodes[j], n) + own, Some(j))))
+                .min_by(|x, y| x.0.total_cmp(&y.0))
+        };
+        by_end.entry(n.end).or_default().push(i);
+    }
+    let last = (0..nodes.len())
+        .filter(|&i| nodes[i].end == num_blocks)
+        .filter_map(|i| best[i].map(|(c, _)| (c + client_rtt(&nodes[i].peer), i)))
+        .min_by(|x, y| x.0.total_cmp(&y.0));
+    let Some((_, mut at)) = last else {
+        let covered: Vec<bool> = (0..num_blocks)
+            .map(|b| nodes.iter().any(|n| n.start <= b && b < n.end))
+            .collect();
+        let uncovered = crate::status::gaps(&covered)
+            .into_iter()
+            .map(|(start, end)| BlockRange { start, end })
+            .collect::<Vec<_>>();
+        return Err(ClientError::NoRoute {
+            model,
+            misaligned: uncovered.is_empty(),
+            uncovered,
+            servers: announcements.iter().filter(|a| a.model_id == model).count(),
+        });
+    };
+    let mut hops = Vec::new();
+    loop {
+        let n = &nodes[at];
+        hops.push(Hop {
+            peer: n.peer,
+            blocks: BlockRange {
+                start: n.start,
+                end: n.end,
+            },
+            addrs: n.a.addrs.iter().filter_map(|s| s.parse().ok()).collect(),
+            step_us: (seconds_per_token(n.a) * 1e6).min(f64::from(u32::MAX)) as u32,
+        });
+        match best[at].and_then(|(_, prev)| prev) {
+            Some(prev) => at = prev,
+            None => break,
+        }
+    }
+    hops.reverse();
+    Ok(hops)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use pollen_protocol::{
+        Announcement, BlockRange as WireRange, FreshnessPolicy, PeerRtt, SignedAnnouncement,
+        peer_id_bytes_for_ed25519,
+    };
+
+    const MODEL: ModelId = ModelId::from_bytes([7; 32]);
+
+    struct Server {
+        key: [u8; 32],
+        peer: PeerId,
+    }
+
+    fn server(n: u8) -> Server {
+        let key = [n; 32];
+        let bytes =
+            peer_id_bytes_for_ed25519(&SigningKey::from_bytes(&key).verifying_key().to_bytes());
+        Server {
+            key,
+            peer: PeerId::from_bytes(&bytes.0).unwrap(),
+        }
+    }
+
+    fn ann(
+        s: &Server,
+        start: u32,
+        end: u32,
+        tps: f32,
+        rtts: &[(&Server, u32)],
+    ) -> VerifiedAnnouncement {
+        let now = crate::clock::unix_ms();
+        let a = Announcement {
+            peer: pollen_protocol::PeerIdBytes(s.peer.to_bytes()),
+            model_id: MODEL,
+            model_name: "m".into(),
+            num_blocks: 30,
+            blocks: WireRange::new(start, end).unwrap(),
+            throughput: tps,
+            free_sessions: 1,
+            free_cache_tokens: 1000,
+            addrs: vec![],
+            compute: "exact/cpu".into(),
+            next_rtts: rtts
+                .iter()
+                .map(|(p, us)| PeerRtt {
+                    peer: pollen_protocol::PeerIdBytes(p.peer.to_bytes()),
+                    rtt_us: *us,
+                })
+                .collect(),
+            issued_at_ms: now,
+            expires_at_ms: now + 30_000,
+            seq: 1,
+        };
+        SignedAnnouncement::sign(a, &s.key)
+            .unwrap()
+            .verify(now, &FreshnessPolicy::default())
+            .unwrap()
+    }
+
+    fn spans(r: &[Hop]) -> Vec<(usize, usize)> {
+        r.iter().map(|h| (h.blocks.start, h.blocks.end)).collect()
+    }
+
+    #[test]
+    fn chains_three_spans_and_prefers_the_faster_server() {
+        let (a, b, c, d) = (server(1), server(2), server(3), server(4));
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[]),
+            ann(&b, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+            ann(&d, 10, 30, 20.0, &[]),
+        ];
+        let r = route(&book, MODEL, 30, "exact/cpu", &HashMap::new()).unwrap();
+        assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
+        assert_eq!(r[1].peer, b.peer);
+        assert_eq!(r[0].step_us, 10_000);
+    }
+
+    #[test]
+    fn measured_edges_steer_the_route() {
+        let (a, b1, b2, c) = (server(1), server(2), server(3), server(4));
+        // b1 is a little faster, but the edge a -> b1 is slow (50 ms) and a -> b2 fast.
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[(&b1, 50_000), (&b2, 100)]),
+            ann(&b1, 10, 20, 110.0, &[]),
+            ann(&b2, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+        ];
+        let r = route(&book, MODEL, 30, "exact/cpu", &HashMap::new()).unwrap();
+        assert_eq!(r[1].peer, b2.peer);
+        // Without measurements the faster b1 wins.
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[]),
+            ann(&b1, 10, 20, 110.0, &[]),
+            ann(&b2, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+        ];
+        let r = route(&book, MODEL, 30, "exact/cpu", &HashMap::new()).unwrap();
+        assert_eq!(r[1].peer, b1.peer);
+        // A slow measured first hop makes a two-hop route through d cheaper.
+        let d = server(5);
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[]),
+            ann(&b1, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+            ann(&d, 0, 20, 50.0, &[]),
+        ];
+        let rtts = HashMap::from([(a.peer, Duration::from_millis(200))]);
+        let r = route(&book, MODEL, 30, "exact/cpu", &rtts).unwrap();
+        assert_eq!(spans(&r), vec![(0, 20), (20, 30)]);
+    }
+
+    #[test]
+    fn gaps_other_modes_and_full_servers_are_reported() {
+        let (a, b, c) = (server(1), server(2), server(3));
+        let mut full = ann(&c, 20, 30, 100.0, &[]);
+        let book = vec![ann(&a, 0, 10, 100.0, &[]), ann(&b, 10, 20, 100.0, &[])];
+        let err = route(&book, MODEL, 30, "exact/cpu", &HashMap::new()).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::NoRoute { uncovered, .. } if uncovered == &vec![BlockRange { start: 20, end: 30 }]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("uncovered: 20:30"), "{err}");
+        // The last span exists but computes differently: still uncovered for us.
+        let mut book2 = book.clone();
+        book2.push(ann(&c, 20, 30, 100.0, &[]));
+        assert!(route(&book2, MODEL, 30, "fast-vnni/cpu", &HashMap::new()).is_err());
+        assert!(route(&book2, MODEL, 30, "exact/cpu", &HashMap::new()).is_ok());
+        // A full server is skipped.
+        full = {
+            let now = crate::clock::unix_ms();
+            let mut x = full.announcement().clone();
+            x.free_sessions = 0;
+            x.seq = 2;
+            SignedAnnouncement::sign(x, &c.key)
+                .unwrap()
+                .verify(now, &FreshnessPolicy::default())
+                .unwrap()
+        };
+        let mut book3 = book.clone();
+        book3.push(full);
+        assert!(route(&book3, MODEL, 30, "exact/cpu", &HashMap::new()).is_err());
+        // Spans that cover every block but do not line up.
+        let book4 = vec![ann(&a, 0, 12, 100.0, &[]), ann(&b, 10, 30, 100.0, &[])];
+        let err = route(&book4, MODEL, 30, "exact/cpu", &HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("do not line up"), "{err}");
+    }
+}

@@ -1,0 +1,367 @@
+//! A client's session along a route: one stream to the first server (steps go down it,
+//! acknowledgements and failures come up) and one to the last server (outputs come up).
+//!
+//! Each step is timed twice: the first server must acknowledge it within its timeout
+//! (derived from its announced pace), and the output must arrive within the sum of every
+//! hop's timeout. Servers time the hops after them the same way, so a hang is reported
+//! by the hop before the one that hangs, naming it.
+
+use super::error::ClientError;
+use super::route::Hop;
+use crate::net::NetHandle;
+use crate::net::stream::{self, FrameReader, FrameWriter};
+use crate::serve::session::{OPEN_TIMEOUT, SEND_TIMEOUT, ack_timeout};
+use crate::wire::{from_wire, to_wire};
+use candle_core::{Device, Tensor};
+use libp2p::PeerId;
+use pollen_protocol::{
+    ErrorCode, InferRequest, InferResponse, ModelId, PeerIdBytes, RouteHop, SessionBudget,
+    SessionId, WireDType,
+};
+use std::io;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// How long a client keeps its session on a server between steps.
+const IDLE_TIMEOUT_MS: u32 = 120_000;
+
+/// An open session along a route.
+pub struct SwarmSession {
+    session: SessionId,
+    route: Vec<Hop>,
+    hidden_size: usize,
+    wire_dtype: WireDType,
+    first: FrameWriter,
+    ups: mpsc::Receiver<io::Result<InferResponse>>,
+    outputs: mpsc::Receiver<io::Result<InferResponse>>,
+    tasks: JoinSet<()>,
+    step: u64,
+    free_tokens: u32,
+}
+
+impl std::fmt::Debug for SwarmSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SwarmSession({}, {} hops)",
+            self.session,
+            self.route.len()
+        )
+    }
+}
+
+fn pump(tasks: &mut JoinSet<()>, mut rx: FrameReader) -> mpsc::Receiver<io::Result<InferResponse>> {
+    let (tx, out) = mpsc::channel(16);
+    tasks.spawn(async move {
+        loop {
+            let item = rx.recv::<InferResponse>().await;
+            let end = item.is_err();
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    out
+}
+
+impl SwarmSession {
+    /// A failure of hop `hop` of this route.
+    fn hop_failed(&self, hop: usize, code: ErrorCode, message: impl Into<String>) -> ClientError {
+        hop_error(&self.route, hop, code, message.into())
+    }
+
+    /// Opens a session for `model` along `route`: at most `max_tokens` tokens, hidden
+    /// states as `wire_dtype`, every server computing as `compute`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        net: &NetHandle,
+        model: ModelId,
+        compute: &str,
+        route: &[Hop],
+        max_tokens: u32,
+        hidden_size: usize,
+        wire_dtype: WireDType,
+    ) -> Result<Self, ClientError> {
+        let (first, last) = match (route.first(), route.last()) {
+            (Some(f), Some(l)) => (f.clone(), l.clone()),
+            _ => {
+                return Err(ClientError::Protocol {
+                    peer: net.peer_id(),
+                    message: "empty route".into(),
+                });
+            }
+        };
+        let wire_route = route
+            .iter()
+            .map(|h| {
+                Ok(RouteHop {
+                    peer: PeerIdBytes(h.peer.to_bytes()),
+                    blocks: crate::blocks::to_wire(h.blocks).map_err(|e| {
+                        ClientError::Protocol {
+                            peer: h.peer,
+                            message: e.to_string(),
+                        }
+                    })?,
+                    addrs: h.addrs.iter().take(16).map(|a| a.to_string()).collect(),
+                    step_us: h.step_us,
+                })
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let session = SessionId(rand::random());
+        let last_index = route.len() - 1;
+        let fail = |hop: usize, code, msg: String| hop_error(route, hop, code, msg);
+        let stream = net
+            .open_session_stream(first.peer, first.addrs.clone(), OPEN_TIMEOUT)
+            .await
+            .map_err(|e| fail(0, ErrorCode::Unreachable, e.to_string()))?;
+        let (mut rx, mut tx) = stream::split(stream, first.peer, net.stats().clone());
+        let open = InferRequest::Open {
+            session,
+            model_id: model,
+            route: wire_route,
+            hop: 0,
+            budget: SessionBudget {
+                max_tokens,
+                max_message_bytes: pollen_protocol::limits::MAX_INFER_REQUEST_BYTES as u32,
+                idle_timeout_ms: IDLE_TIMEOUT_MS,
+            },
+            wire_dtype,
+            compute: compute.to_string(),
+            client: PeerIdBytes(net.peer_id().to_bytes()),
+        };
+        tx.send(&open, SEND_TIMEOUT)
+            .await
+            .map_err(|e| fail(0, ErrorCode::Unreachable, e.to_string()))?;
+        // Every hop opens the next before answering; allow for each.
+        let wait = OPEN_TIMEOUT * u32::try_from(route.len()).unwrap_or(1);
+        let free_tokens = match rx.recv_within::<InferResponse>(wait).await {
+            Ok(InferResponse::Opened { free_tokens, .. }) => free_tokens,
+            Ok(InferResponse::HopFailed {
+                hop, peer, error, ..
+            }) => return Err(named_failure(route, hop, &peer, error.code, error.message)),
+            Ok(InferResponse::Error(e)) => return Err(fail(0, e.code, e.message)),
+            Ok(other) => {
+                return Err(fail(
+                    0,
+                    ErrorCode::BadRequest,
+                    format!("answered Open with {other:?}"),
+                ));
+            }
+            Err(e) => return Err(fail(0, ErrorCode::Unreachable, e.to_string())),
+        };
+        if free_tokens < max_tokens {
+            tx.close().await;
+            return Err(ClientError::OverBudget {
+                free_tokens,
+                needed: max_tokens,
+            });
+        }
+        // The outputs come straight from the last server, on a stream we open to it.
+        let stream = net
+            .open_session_stream(last.peer, last.addrs.clone(), OPEN_TIMEOUT)
+            .await
+            .map_err(|e| fail(last_index, ErrorCode::Unreachable, e.to_string()))?;
+        let (mut out_rx, mut out_tx) = stream::split(stream, last.peer, net.stats().clone());
+        out_tx
+            .send(&InferRequest::Attach { session }, SEND_TIMEOUT)
+            .await
+            .map_err(|e| fail(last_index, ErrorCode::Unreachable, e.to_string()))?;
+        match out_rx.recv_within::<InferResponse>(OPEN_TIMEOUT).await {
+            Ok(InferResponse::Attached { .. }) => {}
+            Ok(InferResponse::Error(e)) => return Err(fail(last_index, e.code, e.message)),
+            Ok(other) => {
+                return Err(fail(
+                    last_index,
+                    ErrorCode::BadRequest,
+                    format!("answered Attach with {other:?}"),
+                ));
+            }
+            Err(e) => return Err(fail(last_index, ErrorCode::Unreachable, e.to_string())),
+        }
+        // The attach stream's writing half stays open (dropping it would end the stream).
+        let mut tasks = JoinSet::new();
+        let ups = pump(&mut tasks, rx);
+        let outputs = pump(&mut tasks, out_rx);
+        tasks.spawn(async move {
+            std::future::pending::<()>().await;
+            drop(out_tx);
+        });
+        Ok(Self {
+            session,
+            route: route.to_vec(),
+            hidden_size,
+            wire_dtype,
+            first: tx,
+            ups,
+            outputs,
+            tasks,
+            step: 0,
+            free_tokens,
+        })
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.session
+    }
+
+    /// The route.
+    pub fn route(&self) -> &[Hop] {
+        &self.route
+    }
+
+    /// Tokens the route's servers can hold for this session.
+    pub fn free_tokens(&self) -> u32 {
+        self.free_tokens
+    }
+
+    /// Runs `hidden` `(1, n, hidden)` at positions `pos..pos+n` through every block;
+    /// the last row of the output, `(1, 1, hidden)`.
+    pub async fn step(&mut self, hidden: &Tensor, pos: usize) -> Result<Tensor, ClientError> {
+        self.step += 1;
+        let step = self.step;
+        let tokens = hidden.dim(1).map_err(crate::wire::WireError::from)?;
+        let position = u32::try_from(pos).map_err(|_| ClientError::Protocol {
+            peer: self.route[0].peer,
+            message: format!("position {pos} does not fit the protocol"),
+        })?;
+        let req = InferRequest::Forward {
+            session: self.session,
+            position,
+            step,
+            hidden: to_wire(hidden, self.wire_dtype)?,
+            last_row_only: true,
+        };
+        self.first
+            .send(&req, SEND_TIMEOUT)
+            .await
+            .map_err(|e| self.hop_failed(0, ErrorCode::Unreachable, e.to_string()))?;
+        let now = Instant::now();
+        let first_timeout = ack_timeout(tokens, self.route[0].step_us);
+        let mut ack_deadline = Some(now + first_timeout);
+        let total = self
+            .route
+            .iter()
+            .map(|h| ack_timeout(tokens, h.step_us))
+            .sum::<std::time::Duration>();
+        let out_deadline = now + total;
+        let last = self.route.len() - 1;
+        let want_position = position + u32::try_from(tokens).unwrap_or(1).saturating_sub(1);
+        loop {
+            tokio::select! {
+                item = self.ups.recv() => match item {
+                    Some(Ok(InferResponse::Ack { step: s, .. })) => {
+                        if s >= step {
+                            ack_deadline = None;
+                        }
+                    }
+                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
+                        return Err(named_failure(&self.route, hop, &peer, error.code, error.message));
+                    }
+                    Some(Ok(InferResponse::Error(e))) => return Err(self.hop_failed(0, e.code, e.message)),
+                    Some(Ok(other)) => {
+                        return Err(self.hop_failed(0, ErrorCode::BadRequest, format!("sent {other:?} up the session stream")));
+                    }
+                    Some(Err(e)) => return Err(self.hop_failed(0, ErrorCode::Unreachable, format!("its stream broke: {e}"))),
+                    None => return Err(self.hop_failed(0, ErrorCode::Unreachable, "its stream ended")),
+                },
+                item = self.outputs.recv() => match item {
+                    Some(Ok(InferResponse::Output { session, step: s, position: p, hidden: out })) => {
+                        if s < step {
+                            continue; // a late answer to an earlier step
+                        }
+                        if session != self.session || s != step || p != want_position {
+                            return Err(self.hop_failed(last, ErrorCode::BadRequest, format!(
+                                "answered session {session} step {s} at {p}, but we asked for session {} step {step} at {want_position}",
+                                self.session
+                            )));
+                        }
+                        let out = from_wire(&out, self.hidden_size, &Device::Cpu)
+                            .map_err(|e| self.hop_failed(last, ErrorCode::BadRequest, e.to_string()))?;
+                        if out.dims() != [1, 1, self.hidden_size] {
+                            return Err(self.hop_failed(last, ErrorCode::BadRequest, format!(
+                                "answered {:?} hidden states for the last row", out.dims()
+                            )));
+                        }
+                        return Ok(out);
+                    }
+                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
+                        return Err(named_failure(&self.route, hop, &peer, error.code, error.message));
+                    }
+                    Some(Ok(InferResponse::Error(e))) => return Err(self.hop_failed(last, e.code, e.message)),
+                    Some(Ok(other)) => {
+                        return Err(self.hop_failed(last, ErrorCode::BadRequest, format!("sent {other:?} up the attach stream")));
+                    }
+                    Some(Err(e)) => return Err(self.hop_failed(last, ErrorCode::Unreachable, format!("its attach stream broke: {e}"))),
+                    None => return Err(self.hop_failed(last, ErrorCode::Unreachable, "its attach stream ended")),
+                },
+                _ = async { tokio::time::sleep_until(ack_deadline.unwrap_or(out_deadline)).await }, if ack_deadline.is_some() => {
+                    return Err(self.hop_failed(0, ErrorCode::Timeout, format!("no acknowledgement of step {step} within {first_timeout:?}")));
+                }
+                _ = tokio::time::sleep_until(out_deadline) => {
+                    return Err(self.hop_failed(last, ErrorCode::Timeout, format!("no output of step {step} within {total:?}")));
+                }
+            }
+        }
+    }
+
+    /// Closes the session on every server (the first passes it on) and waits, briefly,
+    /// for the acknowledgement.
+    pub async fn close(mut self) {
+        let close = InferRequest::Close {
+            session: self.session,
+        };
+        if self.first.send(&close, SEND_TIMEOUT).await.is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                while let Some(Ok(r)) = self.ups.recv().await {
+                    if matches!(r, InferResponse::Closed { .. }) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        self.first.close().await;
+        self.tasks.shutdown().await;
+    }
+}
+
+/// A failure of hop `hop` of `route`.
+fn hop_error(route: &[Hop], hop: usize, code: ErrorCode, message: String) -> ClientError {
+    match route.get(hop) {
+        Some(h) => ClientError::HopFailed(Box::new(super::error::HopFailure {
+            hop,
+            peer: h.peer,
+            blocks: h.blocks,
+            code,
+            message,
+        })),
+        None => ClientError::Protocol {
+            peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
+            message: format!(
+                "hop {hop} outside a route of {} hops: {message}",
+                route.len()
+            ),
+        },
+    }
+}
+
+/// A failure a server reported, checked against the route: the hop index and the peer
+/// must agree (a server cannot blame a hop that is not on the route).
+fn named_failure(
+    route: &[Hop],
+    hop: u32,
+    peer: &PeerIdBytes,
+    code: ErrorCode,
+    message: String,
+) -> ClientError {
+    let hop = hop as usize;
+    match route.get(hop) {
+        Some(h) if h.peer.to_bytes() == peer.0 => hop_error(route, hop, code, message),
+        _ => ClientError::Protocol {
+            peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
+            message: format!("reported a failure of hop {hop} that is not on the route: {message}"),
+        },
+    }
+}

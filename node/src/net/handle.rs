@@ -1,0 +1,383 @@
+//! The cloneable handle through which the rest of the node talks to the task that owns
+//! the swarm: commands with `oneshot` replies, each bounded by a timeout.
+
+use super::error::{NetError, NetResult};
+use libp2p::request_response::OutboundFailure;
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, INFER_PROTOCOL, ModelId, SignedAnnouncement,
+    VerifiedAnnouncement,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a command to the swarm task may take to be answered.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connected peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its id.
+    pub peer: PeerId,
+    /// Last measured round-trip time.
+    pub rtt: Option<Duration>,
+    /// Agent string from identify.
+    pub agent: Option<String>,
+}
+
+/// What the swarm task is asked to do.
+pub(super) enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<NetResult<PeerId>>,
+    },
+    /// Learn addresses of `peer`, and dial it when `connect` is set.
+    AddAddrs {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        connect: bool,
+        done: oneshot::Sender<()>,
+    },
+    Announce {
+        peer: PeerId,
+        request: AnnounceRequest,
+        reply: oneshot::Sender<Result<AnnounceResponse, OutboundFailure>>,
+    },
+    SetOwn {
+        announcement: Option<SignedAnnouncement>,
+        /// Answered once every publish target has acknowledged (or failed).
+        done: Option<oneshot::Sender<()>>,
+    },
+    Book {
+        model: Option<ModelId>,
+        reply: oneshot::Sender<Vec<VerifiedAnnouncement>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Refusals {
+        reply: oneshot::Sender<Vec<(PeerId, String)>>,
+    },
+}
+
+/// Message counters of one node, for measuring what discovery and sessions cost.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Announcement requests received.
+    pub announce_in: AtomicU64,
+    /// Announcement requests sent.
+    pub announce_out: AtomicU64,
+    /// Session frames received.
+    pub frames_in: AtomicU64,
+    /// Session frames sent.
+    pub frames_out: AtomicU64,
+    /// Bytes of session frames received (length prefixes included).
+    pub bytes_in: AtomicU64,
+    /// Bytes of session frames sent (length prefixes included).
+    pub bytes_out: AtomicU64,
+}
+
+impl NetStats {
+    /// Announcement messages sent and received so far.
+    pub fn announce_messages(&self) -> u64 {
+        self.announce_in.load(Ordering::Relaxed) + self.announce_out.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of session frames sent and received so far.
+    pub fn session_bytes(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed)
+    }
+}
+
+/// A cloneable handle to the task that owns the swarm.
+#[derive(Clone)]
+pub struct NetHandle {
+    pub(super) tx: mpsc::Sender<Command>,
+    pub(super) peer_id: PeerId,
+    pub(super) stats: Arc<NetStats>,
+    pub(super) control: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetHandle")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// This node's message counters.
+    pub fn stats(&self) -> &Arc<NetStats> {
+        &self.stats
+    }
+
+    async fn send(&self, cmd: Command) -> NetResult<()> {
+        self.tx.send(cmd).await.map_err(|_| NetError::Stopped)
+    }
+
+    async fn call<T>(
+        &self,
+        what: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        timeout: Duration,
+    ) -> NetResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| NetError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+            })?
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Dials `addr` once; the peer id on success.
+    pub async fn dial(&self, addr: Multiaddr) -> NetResult<PeerId> {
+        let what = format!("dialing {addr}");
+        self.call(
+            &what,
+            |reply| Command::Dial { addr, reply },
+            COMMAND_TIMEOUT,
+        )
+        .await?
+    }
+
+    /// Dials `addr`, retrying with exponential backoff for up to `patience`.
+    pub async fn dial_with_retry(&self, addr: &Multiaddr, patience: Duration) -> NetResult<PeerId> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.dial(addr.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(e) if tokio::time::Instant::now() + delay >= deadline => {
+                    return Err(NetError::GaveUp {
+                        addr: addr.clone(),
+                        patience,
+                        last: Box::new(e),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Remembers `addrs` for `peer`; dials it too when `connect` is set (so that ping
+    /// measures its round-trip time).
+    pub async fn add_addresses(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        connect: bool,
+    ) -> NetResult<()> {
+        self.call(
+            "adding addresses",
+            |done| Command::AddAddrs {
+                peer,
+                addrs,
+                connect,
+                done,
+            },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Opens a session stream (`/pollen/infer/2`) to `peer`, dialing `addrs` if not
+    /// connected, within `timeout`.
+    pub async fn open_session_stream(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        timeout: Duration,
+    ) -> NetResult<libp2p::Stream> {
+        // The stream behaviour dials by peer id; the addresses must be known first.
+        if !addrs.is_empty() {
+            self.add_addresses(peer, addrs, false).await?;
+        }
+        let mut control = self.control.clone();
+        tokio::time::timeout(
+            timeout,
+            control.open_stream(peer, StreamProtocol::new(INFER_PROTOCOL)),
+        )
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: format!("opening a session stream to {peer}"),
+            after: timeout,
+        })?
+        .map_err(|source| NetError::OpenStream { peer, source })
+    }
+
+    /// Inbound session streams; only one caller may accept them.
+    pub fn accept_session_streams(&self) -> NetResult<libp2p_stream::IncomingStreams> {
+        self.control
+            .clone()
+            .accept(StreamProtocol::new(INFER_PROTOCOL))
+            .map_err(|e| NetError::Setup {
+                what: "accepting session streams".into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Sends an announcement request to `peer` (answered locally when `peer` is us).
+    pub async fn announce(
+        &self,
+        peer: PeerId,
+        request: AnnounceRequest,
+    ) -> NetResult<AnnounceResponse> {
+        self.call(
+            &format!("announce request to {peer}"),
+            |reply| Command::Announce {
+                peer,
+                request,
+                reply,
+            },
+            COMMAND_TIMEOUT,
+        )
+        .await?
+        .map_err(|source| NetError::Request {
+            protocol: "announce",
+            peer,
+            source,
+        })
+    }
+
+    /// Sets (or withdraws) this node's own announcement and publishes it to its targets.
+    pub async fn set_own_announcement(
+        &self,
+        announcement: Option<SignedAnnouncement>,
+    ) -> NetResult<()> {
+        self.send(Command::SetOwn {
+            announcement,
+            done: None,
+        })
+        .await
+    }
+
+    /// Like [`Self::set_own_announcement`], then waits (at most `timeout`) until every
+    /// publish target has answered: used to withdraw before exiting. Whether all answered.
+    pub async fn set_own_announcement_and_wait(
+        &self,
+        announcement: Option<SignedAnnouncement>,
+        timeout: Duration,
+    ) -> NetResult<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetOwn {
+            announcement,
+            done: Some(tx),
+        })
+        .await?;
+        Ok(matches!(
+            tokio::time::timeout(timeout, rx).await,
+            Ok(Ok(()))
+        ))
+    }
+
+    /// The verified announcements this node holds.
+    pub async fn book(&self, model: Option<ModelId>) -> NetResult<Vec<VerifiedAnnouncement>> {
+        self.call(
+            "reading the book",
+            |reply| Command::Book { model, reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Connected peers with their round-trip times.
+    pub async fn peers(&self) -> NetResult<Vec<PeerInfo>> {
+        self.call(
+            "listing peers",
+            |reply| Command::Peers { reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Addresses this node listens on.
+    pub async fn listen_addrs(&self) -> NetResult<Vec<Multiaddr>> {
+        self.call(
+            "listing addresses",
+            |reply| Command::ListenAddrs { reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Peers refused (or refusing us) at the version handshake, with the reason.
+    pub async fn refusals(&self) -> NetResult<Vec<(PeerId, String)>> {
+        self.call(
+            "listing refusals",
+            |reply| Command::Refusals { reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Waits until the node listens on at least `count` addresses (or `timeout` passes).
+    pub async fn wait_listening(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> NetResult<Vec<Multiaddr>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let addrs = self.listen_addrs().await?;
+            if addrs.len() >= count || tokio::time::Instant::now() >= deadline {
+                return Ok(addrs);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asks every connected peer for its announcements (of `model` or all), stores the
+    /// valid ones and returns the node's whole book.
+    pub async fn gather(&self, model: Option<ModelId>) -> NetResult<Vec<VerifiedAnnouncement>> {
+        let peers = self.peers().await?;
+        let asks = peers.iter().map(|p| {
+            let h = self.clone();
+            let peer = p.peer;
+            async move {
+                (
+                    peer,
+                    h.announce(peer, AnnounceRequest::List { model_id: model })
+                        .await,
+                )
+            }
+        });
+        for (peer, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(AnnounceResponse::List(list)) => {
+                    for signed in list {
+                        let me = self.peer_id;
+                        match self
+                            .announce(me, AnnounceRequest::Publish(Box::new(signed)))
+                            .await
+                        {
+                            Ok(AnnounceResponse::Accepted) => {}
+                            Ok(other) => tracing::debug!("from {peer}: {other:?}"),
+                            Err(e) => tracing::debug!("from {peer}: {e}"),
+                        }
+                    }
+                }
+                Ok(other) => tracing::debug!("{peer} answered a list request with {other:?}"),
+                Err(e) => tracing::debug!("{e}"),
+            }
+        }
+        self.book(model).await
+    }
+}

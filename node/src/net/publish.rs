@@ -1,0 +1,156 @@
+//! Announcement policy: this node's own announcement, the peers it is pushed to, the
+//! waiters for a withdrawal's acknowledgements, and the answers to announcement
+//! requests from the book of verified announcements.
+
+use super::book::AnnouncementBook;
+use libp2p::PeerId;
+use libp2p::request_response::OutboundRequestId;
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, ErrorCode, ProtocolError, SignedAnnouncement,
+    VerifiedAnnouncement,
+};
+use std::collections::{HashMap, HashSet};
+use tokio::sync::oneshot;
+
+/// Most withdrawals waited on at once.
+const MAX_WAITERS: usize = 16;
+
+/// The announcement side of a node.
+#[derive(Debug, Default)]
+pub struct Publisher {
+    /// Verified announcements this node holds.
+    pub book: AnnouncementBook,
+    own: Option<SignedAnnouncement>,
+    /// Peers this node publishes its announcement to: the bootstraps it dialed and the
+    /// LAN peers mDNS found. Everyone else asks with `List`, so a renewal costs one
+    /// message per bootstrap, not one per connection.
+    targets: HashSet<PeerId>,
+    /// Publishes in flight, each with the waiter (if any) of its batch.
+    in_flight: HashMap<OutboundRequestId, usize>,
+    waiters: HashMap<usize, (usize, oneshot::Sender<()>)>,
+    next_waiter: usize,
+}
+
+impl Publisher {
+    /// Sets (or withdraws, with `None`) this node's own announcement, as peer `me`.
+    pub fn set_own(&mut self, me: &PeerId, announcement: Option<SignedAnnouncement>) {
+        match &announcement {
+            Some(a) => {
+                if let Err(e) = self.book.insert(a.clone()) {
+                    tracing::warn!("own announcement refused by our own book: {e}");
+                }
+            }
+            None => self.book.remove_peer(me),
+        }
+        self.own = announcement;
+    }
+
+    /// The request that publishes our announcement, if we have one.
+    pub fn publish_request(&self) -> Option<AnnounceRequest> {
+        self.own
+            .as_ref()
+            .map(|own| AnnounceRequest::Publish(Box::new(own.clone())))
+    }
+
+    /// Makes `peer` a publish target; whether it is new.
+    pub fn add_target(&mut self, peer: PeerId) -> bool {
+        self.targets.insert(peer)
+    }
+
+    /// Stops publishing to `peer`.
+    pub fn remove_target(&mut self, peer: &PeerId) {
+        self.targets.remove(peer);
+    }
+
+    /// Whether `peer` is a publish target.
+    pub fn is_target(&self, peer: &PeerId) -> bool {
+        self.targets.contains(peer)
+    }
+
+    /// Records publishes sent as one batch; `done` fires when all have settled
+    /// (answered or failed). With no publish in the batch it fires at once.
+    pub fn track(&mut self, ids: Vec<OutboundRequestId>, done: Option<oneshot::Sender<()>>) {
+        let Some(done) = done else {
+            for id in ids {
+                self.in_flight.insert(id, usize::MAX);
+            }
+            return;
+        };
+        if ids.is_empty() || self.waiters.len() >= MAX_WAITERS {
+            let _ = done.send(());
+            return;
+        }
+        let w = self.next_waiter;
+        self.next_waiter = self.next_waiter.wrapping_add(1);
+        self.waiters.insert(w, (ids.len(), done));
+        for id in ids {
+            self.in_flight.insert(id, w);
+        }
+    }
+
+    /// A publish was answered (accepted or refused) or failed: wake whoever waits for
+    /// its batch once the batch is complete.
+    pub fn settled(&mut self, id: OutboundRequestId) {
+        let Some(w) = self.in_flight.remove(&id) else {
+            return;
+        };
+        let complete = match self.waiters.get_mut(&w) {
+            Some((left, _)) => {
+                *left = left.saturating_sub(1);
+                *left == 0
+            }
+            None => false,
+        };
+        if complete && let Some((_, done)) = self.waiters.remove(&w) {
+            let _ = done.send(());
+        }
+    }
+
+    /// Whether `id` is one of our publishes.
+    pub fn is_publish(&self, id: &OutboundRequestId) -> bool {
+        self.in_flight.contains_key(id)
+    }
+
+    /// The answer to an announcement request from `peer`.
+    pub fn answer(&mut self, peer: &PeerId, request: AnnounceRequest) -> AnnounceResponse {
+        match request {
+            AnnounceRequest::Get { model_id } => match &self.own {
+                Some(own) if own.announcement.model_id == model_id => {
+                    AnnounceResponse::Announcement(Box::new(own.clone()))
+                }
+                _ => AnnounceResponse::NotServing,
+            },
+            AnnounceRequest::Publish(signed) => match self.book.insert(*signed) {
+                Ok(()) => AnnounceResponse::Accepted,
+                Err(e) => {
+                    if e.is_routine() {
+                        tracing::debug!("ignored an announcement from {peer}: {e}");
+                    } else {
+                        tracing::warn!("ignored an announcement from {peer}: {e}");
+                    }
+                    AnnounceResponse::Refused(ProtocolError::new(
+                        ErrorCode::BadRequest,
+                        e.to_string(),
+                    ))
+                }
+            },
+            AnnounceRequest::List { model_id } => {
+                // One pass: stop before the answer would outgrow its frame limit.
+                let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
+                let mut used = 0;
+                let list: Vec<SignedAnnouncement> = self
+                    .book
+                    .list(model_id.as_ref())
+                    .into_iter()
+                    .take(pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS)
+                    .map(VerifiedAnnouncement::into_signed)
+                    .take_while(|a| {
+                        used += pollen_protocol::encoded_len(a);
+                        used <= budget
+                    })
+                    .collect();
+                AnnounceResponse::List(list)
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Session streams: Pollen frames over one libp2p stream per session and hop, split
+//! into a reader and a writer so that each side can run in its own task.
+//!
+//! Every read is a 4-byte length checked against the message type's limit before a
+//! buffer is allocated, then exactly that many bytes (see [`super::codec`]); every read
+//! and write is bounded in time by the caller.
+
+use super::codec::{read_message, write_frame};
+use super::handle::NetStats;
+use futures::io::{ReadHalf, WriteHalf};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream};
+use pollen_protocol::WireMessage;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The reading half of a session stream.
+pub struct FrameReader {
+    io: ReadHalf<Stream>,
+    peer: PeerId,
+    stats: Arc<NetStats>,
+}
+
+/// The writing half of a session stream.
+pub struct FrameWriter {
+    io: WriteHalf<Stream>,
+    peer: PeerId,
+    stats: Arc<NetStats>,
+}
+
+impl std::fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrameReader({})", self.peer)
+    }
+}
+
+impl std::fmt::Debug for FrameWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrameWriter({})", self.peer)
+    }
+}
+
+/// Splits a session stream with `peer` into its two halves.
+pub fn split(stream: Stream, peer: PeerId, stats: Arc<NetStats>) -> (FrameReader, FrameWriter) {
+    let (r, w) = stream.split();
+    (
+        FrameReader {
+            io: r,
+            peer,
+            stats: stats.clone(),
+        },
+        FrameWriter { io: w, peer, stats },
+    )
+}
+
+fn timed_out(what: &str, after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what}: nothing within {after:?}"),
+    )
+}
+
+impl FrameReader {
+    /// The peer at the other end.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The next frame; `UnexpectedEof` when the peer closed the stream.
+    pub async fn recv<M: WireMessage>(&mut self) -> io::Result<M> {
+        let (msg, len) = read_message::<M, _>(&mut self.io).await?;
+        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(len as u64 + 4, Ordering::Relaxed);
+        Ok(msg)
+    }
+
+    /// The next frame within `timeout`.
+    pub async fn recv_within<M: WireMessage>(&mut self, timeout: Duration) -> io::Result<M> {
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| timed_out(M::NAME, timeout))?
+    }
+}
+
+impl FrameWriter {
+    /// The peer at the other end.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Sends one frame within `timeout` (a peer that stops reading cannot hold us).
+    pub async fn send<M: WireMessage>(&mut self, msg: &M, timeout: Duration) -> io::Result<()> {
+        let frame = pollen_protocol::encode_frame(msg)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let n = frame.len() as u64;
+        tokio::time::timeout(timeout, write_frame(&mut self.io, Ok(frame)))
+            .await
+            .map_err(|_| timed_out(M::NAME, timeout))??;
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes our side of the stream (the peer reads end of stream), within 1 s.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.close()).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! What a server says about itself: its speed, measured at start; its round-trip times
+//! to the servers of the spans after its own, measured by ping; and the signed
+//! announcement built from them, renewed at a third of its lifetime.
+
+use super::Server;
+use crate::clock::unix_ms;
+use crate::net::NetHandle;
+use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::limits::{MAX_ADDRS, MAX_MODEL_NAME_LEN, MAX_PEER_RTTS};
+use pollen_protocol::{Announcement, PeerIdBytes, PeerRtt};
+use pollen_shard::{BlockSpan, CacheLimits};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// `name` cut to at most `max` bytes, at a character boundary.
+pub fn cut_to_bytes(name: &str, max: usize) -> &str {
+    let mut cut = name.len().min(max);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &name[..cut]
+}
+
+/// Measures this span's decode speed (tokens/s through these blocks alone).
+pub fn measure_throughput(span: &BlockSpan) -> f32 {
+    let Ok(x) = candle_core::Tensor::zeros(
+        (1, 1, span.config().hidden_size),
+        candle_core::DType::F32,
+        span.device(),
+    ) else {
+        return 0.0;
+    };
+    let mut cache = span.new_cache(CacheLimits::default());
+    let _ = span.forward(&x, 0, &mut cache);
+    let started = Instant::now();
+    let steps = 8;
+    for i in 1..=steps {
+        if span.forward(&x, i, &mut cache).is_err() {
+            return 0.0;
+        }
+    }
+    steps as f32 / started.elapsed().as_secs_f32().max(1e-6)
+}
+
+impl Server {
+    /// This server's announcement, valid for `ttl`.
+    pub(super) fn announcement(
+        &self,
+        addrs: &[Multiaddr],
+        next_rtts: Vec<PeerRtt>,
+        ttl: Duration,
+        seq: u64,
+    ) -> Announcement {
+        let now = unix_ms();
+        let free_sessions = if self.draining.load(Ordering::Relaxed) {
+            0
+        } else {
+            u32::try_from(self.table.free()).unwrap_or(u32::MAX)
+        };
+        let cfg = self.span.config();
+        Announcement {
+            peer: PeerIdBytes(self.me.to_bytes()),
+            model_id: self.model_id,
+            model_name: cut_to_bytes(&cfg.name, MAX_MODEL_NAME_LEN).to_string(),
+            num_blocks: u32::try_from(cfg.num_blocks).unwrap_or(u32::MAX),
+            blocks: self.wire_blocks,
+            throughput: self.throughput,
+            free_sessions,
+            free_cache_tokens: u32::try_from(
+                (free_sessions as usize).saturating_mul(self.cfg.max_session_tokens),
+            )
+            .unwrap_or(u32::MAX),
+            addrs: addrs
+                .iter()
+                .take(MAX_ADDRS)
+                .map(|a| a.to_string())
+                .collect(),
+            compute: self.compute.clone(),
+            next_rtts,
+            issued_at_ms: now,
+            expires_at_ms: now + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            seq,
+        }
+    }
+}
+
+/// Finds the servers whose spans start where this one ends (from the bootstraps' books),
+/// connects to them so that ping measures them, and returns the round-trip times measured
+/// so far, at most [`MAX_PEER_RTTS`].
+pub(crate) async fn next_hop_rtts(net: &NetHandle, server: &Server) -> Vec<PeerRtt> {
+    let Ok(book) = net.gather(Some(server.model_id)).await else {
+        return Vec::new();
+    };
+    let end = server.wire_blocks.end();
+    let next: Vec<(PeerId, Vec<Multiaddr>)> = book
+        .iter()
+        .filter(|a| a.blocks.start() == end && a.compute == server.compute)
+        .filter_map(|a| {
+            let peer = PeerId::from_bytes(&a.peer.0).ok()?;
+            let addrs = a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
+            Some((peer, addrs))
+        })
+        .take(MAX_PEER_RTTS)
+        .collect();
+    for (peer, addrs) in &next {
+        let _ = net.add_addresses(*peer, addrs.clone(), true).await;
+    }
+    let peers = net.peers().await.unwrap_or_default();
+    next.iter()
+        .filter_map(|(peer, _)| {
+            let rtt = peers.iter().find(|p| p.peer == *peer)?.rtt?;
+            Some(PeerRtt {
+                peer: PeerIdBytes(peer.to_bytes()),
+                rtt_us: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_are_cut_by_bytes_at_a_character_boundary() {
+        assert_eq!(cut_to_bytes("SmolLM2", 256), "SmolLM2");
+        let long = "é".repeat(200); // 400 bytes
+        let cut = cut_to_bytes(&long, MAX_MODEL_NAME_LEN);
+        assert_eq!(cut.len(), 256);
+        assert!(cut.chars().all(|c| c == 'é'));
+        let odd = format!("a{}", "é".repeat(200));
+        assert_eq!(cut_to_bytes(&odd, MAX_MODEL_NAME_LEN).len(), 255);
+    }
+}

@@ -1,0 +1,302 @@
+//! The server role: hold a span of blocks, announce it, and run inference sessions,
+//! each step's output sent straight on to the next hop.
+//!
+//! Rooms: this file is the lifecycle (load, start, serve, drain, stop); [`sessions`] is
+//! the session table; [`session`] the data path of one session; [`announce`] what the
+//! server announces.
+//!
+//! Shutdown is a tree: `stop` (first Ctrl-C) drains — the announcement is withdrawn, new
+//! sessions are refused, running ones get `grace` to finish; `kill` (second Ctrl-C)
+//! cancels every session at once. Every task the server starts lives in one of its
+//! `JoinSet`s and is awaited before `run` returns.
+
+pub mod announce;
+pub mod session;
+pub mod sessions;
+
+use crate::blocks;
+use crate::net::stream::FrameWriter;
+use crate::net::{self, NetConfig, NetError, NetHandle, Role};
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::{BlockRange as WireRange, ModelId, SignedAnnouncement};
+use pollen_shard::{BlockRange, BlockSpan, LoadOptions, ModelFile, ShardError};
+use sessions::SessionTable;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How a server runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Model file.
+    pub model: PathBuf,
+    /// Blocks to serve, `A:B`.
+    pub blocks: String,
+    /// Weights and device.
+    pub load: LoadOptions,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Identity key file.
+    pub identity: PathBuf,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
+    /// Most tokens per session.
+    pub max_session_tokens: usize,
+    /// Sessions idle this long are closed.
+    pub idle_timeout: Duration,
+    /// Announcements are valid this long and renewed at a third of it.
+    pub announce_ttl: Duration,
+    /// On Ctrl-C, running sessions get this long to finish.
+    pub grace: Duration,
+    /// Spans computed at once (the compute permits); the rest wait their turn.
+    pub compute_slots: usize,
+}
+
+/// Why a server could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The identity key file could not be read or created.
+    #[error(transparent)]
+    Identity(#[from] net::identity::IdentityError),
+    /// The model or the span could not be loaded.
+    #[error("loading the span: {0}")]
+    Load(#[from] ShardError),
+    /// The network could not start, or stopped.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The span cannot be announced.
+    #[error("span: {0}")]
+    Span(#[from] pollen_protocol::BlockRangeError),
+    /// The loading task panicked.
+    #[error("the loading task failed: {0}")]
+    Task(String),
+}
+
+/// A running server's shared state.
+pub(crate) struct Server {
+    span: Arc<BlockSpan>,
+    wire_blocks: WireRange,
+    model_id: ModelId,
+    compute: String,
+    throughput: f32,
+    me: PeerId,
+    net: NetHandle,
+    table: Arc<SessionTable<FrameWriter>>,
+    cfg: ServeConfig,
+    draining: AtomicBool,
+    steps: AtomicU64,
+    permits: Semaphore,
+}
+
+/// The bootstraps of `cfg`, with their peer ids where the address names one.
+fn bootstrap_peers(addrs: &[Multiaddr]) -> Vec<(Option<PeerId>, Multiaddr)> {
+    addrs
+        .iter()
+        .map(|a| {
+            let id = a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            (id, a.clone())
+        })
+        .collect()
+}
+
+/// Dials the bootstraps we are not connected to (again, after a bootstrap restarts).
+async fn dial_missing(
+    net: &NetHandle,
+    bootstraps: &[(Option<PeerId>, Multiaddr)],
+    tasks: &mut JoinSet<()>,
+) {
+    let connected: Vec<PeerId> = net
+        .peers()
+        .await
+        .map(|p| p.into_iter().map(|p| p.peer).collect())
+        .unwrap_or_default();
+    for (id, addr) in bootstraps {
+        if id.is_some_and(|id| connected.contains(&id)) {
+            continue;
+        }
+        let (net, addr) = (net.clone(), addr.clone());
+        tasks.spawn(async move {
+            if let Err(e) = net.dial_with_retry(&addr, Duration::from_secs(8)).await {
+                tracing::warn!("{e}");
+            }
+        });
+    }
+}
+
+/// Loads the span and the model id (blocking: call from a blocking task).
+fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
+    let file = ModelFile::open(&cfg.model)?;
+    let num_blocks = file.config()?.num_blocks;
+    let range = BlockRange::parse(&cfg.blocks, num_blocks)?;
+    let pb = crate::progress::bar("loading", range.len());
+    let span = BlockSpan::load(&file, range, &cfg.load, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    let id = crate::model::model_id(&cfg.model, &mut |_, _| {})?;
+    let tps = announce::measure_throughput(&span);
+    Ok((span, id, tps))
+}
+
+/// Runs a server until `stop` fires (first Ctrl-C); `kill` (second Ctrl-C) ends it at once.
+pub async fn run(
+    cfg: ServeConfig,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) -> Result<(), ServeError> {
+    let keypair = net::identity::load_or_create(&cfg.identity)?;
+    let secret = net::identity::ed25519_secret(&keypair).ok_or_else(|| {
+        net::identity::IdentityError::NotAKey {
+            path: cfg.identity.clone(),
+            reason: "not an ed25519 key".into(),
+        }
+    })?;
+    let me = keypair.public().to_peer_id();
+    let load_cfg = cfg.clone();
+    let (span, model_id, throughput) = tokio::task::spawn_blocking(move || load(&load_cfg))
+        .await
+        .map_err(|e| ServeError::Task(e.to_string()))??;
+    let net_cancel = kill.child_token();
+    let (handle, net_task) = net::start(
+        NetConfig {
+            keypair,
+            listen: cfg.listen.clone(),
+            mdns: cfg.mdns,
+            role: Role::Server,
+            protocol_version: pollen_protocol::PROTOCOL_VERSION,
+        },
+        net_cancel.clone(),
+    )?;
+    let mut incoming = handle.accept_session_streams()?;
+    let server = Arc::new(Server {
+        wire_blocks: blocks::to_wire(span.range())?,
+        span: Arc::new(span),
+        model_id,
+        compute: crate::model::compute_mode(&cfg.load),
+        throughput,
+        me,
+        net: handle.clone(),
+        table: SessionTable::new(cfg.max_sessions.max(1)),
+        cfg: cfg.clone(),
+        draining: AtomicBool::new(false),
+        steps: AtomicU64::new(0),
+        permits: Semaphore::new(cfg.compute_slots.max(1)),
+    });
+    let bootstraps = bootstrap_peers(&cfg.bootstrap);
+    let mut background = JoinSet::new();
+    dial_missing(&handle, &bootstraps, &mut background).await;
+    // Session streams: one task each, at most this many at once (sessions, plus attach
+    // and refused streams in flight); beyond it a new stream is dropped at once.
+    let mut sessions = JoinSet::new();
+    let max_streams = cfg.max_sessions.max(1) * 2 + 8;
+    let sessions_cancel = kill.child_token();
+    let addrs = handle
+        .wait_listening(cfg.listen.len().max(1), Duration::from_secs(2))
+        .await?;
+    let mut seq = 1u64;
+    let sign = |a| SignedAnnouncement::sign(a, &secret);
+    let mut rtts = Vec::new();
+    match sign(server.announcement(&addrs, rtts.clone(), cfg.announce_ttl, seq)) {
+        Ok(a) => handle.set_own_announcement(Some(a)).await?,
+        Err(e) => tracing::error!("cannot sign the announcement: {e}"),
+    }
+    let range = server.span.range();
+    println!(
+        "ready peer {me} model {model_id} blocks {range} throughput {throughput:.1} compute {}",
+        server.compute
+    );
+    for a in &addrs {
+        println!("listening {a}/p2p/{me}");
+    }
+    let mut renew = tokio::time::interval(cfg.announce_ttl / 3);
+    renew.tick().await;
+    let mut renewals = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = kill.cancelled() => break,
+            _ = renew.tick() => {
+                dial_missing(&handle, &bootstraps, &mut background).await;
+                // Round trips to next-span servers: at the first renewal, then every third.
+                if renewals.is_multiple_of(3) {
+                    rtts = announce::next_hop_rtts(&handle, &server).await;
+                }
+                renewals += 1;
+                seq += 1;
+                let addrs = handle.listen_addrs().await.unwrap_or_default();
+                match sign(server.announcement(&addrs, rtts.clone(), cfg.announce_ttl, seq)) {
+                    Ok(a) => handle.set_own_announcement(Some(a)).await?,
+                    Err(e) => tracing::error!("cannot sign the announcement: {e}"),
+                }
+            }
+            Some(_) = background.join_next(), if !background.is_empty() => {}
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            stream = incoming.next() => match stream {
+                Some((peer, stream)) => {
+                    if sessions.len() >= max_streams {
+                        tracing::debug!("dropping a session stream from {peer}: {max_streams} open");
+                        continue;
+                    }
+                    let (server, cancel) = (server.clone(), sessions_cancel.child_token());
+                    sessions.spawn(session::serve_stream(server, peer, stream, cancel));
+                }
+                None => break,
+            },
+        }
+    }
+    // Drain: withdraw the announcement, refuse new sessions, let running ones finish.
+    server.draining.store(true, Ordering::Relaxed);
+    if !kill.is_cancelled() {
+        eprintln!("draining: withdrawing the announcement and refusing new sessions");
+        seq += 1;
+        let addrs = handle.listen_addrs().await.unwrap_or_default();
+        let goodbye = sign(server.announcement(&addrs, Vec::new(), Duration::from_secs(2), seq));
+        if let Ok(goodbye) = goodbye {
+            let acked = handle
+                .set_own_announcement_and_wait(Some(goodbye), Duration::from_secs(3))
+                .await?;
+            if !acked {
+                tracing::warn!("not every bootstrap acknowledged the withdrawal within 3 s");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + cfg.grace;
+        while !server.table.is_empty() && !kill.is_cancelled() {
+            tokio::select! {
+                _ = kill.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                stream = incoming.next() => if let Some((peer, stream)) = stream {
+                    // Attach streams of running sessions still arrive; new Opens are refused.
+                    if sessions.len() < max_streams {
+                        let (server, cancel) = (server.clone(), sessions_cancel.child_token());
+                        sessions.spawn(session::serve_stream(server, peer, stream, cancel));
+                    }
+                },
+            }
+        }
+    }
+    let left = server.table.len();
+    sessions_cancel.cancel();
+    while sessions.join_next().await.is_some() {}
+    background.shutdown().await;
+    net_cancel.cancel();
+    let _ = net_task.await;
+    eprintln!(
+        "stopped after {} steps; {left} sessions were still open",
+        server.steps.load(Ordering::Relaxed),
+    );
+    Ok(())
+}

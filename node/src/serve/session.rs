@@ -1,0 +1,814 @@
+//! One inference session on a server: the data path of one hop.
+//!
+//! A session arrives as a stream whose first frame is `Open`. The server checks it,
+//! takes a slot in the session table, opens a stream to the next hop and passes `Open`
+//! on, then answers `Opened` up. From then on the session's task reads `Forward`s from
+//! the stream above, computes its span, and sends the output straight on: down to the
+//! next hop, or (at the last hop) up the client's attach stream. It acknowledges each
+//! step up with `Ack` once the output has left, and times the next hop's `Ack`s: a
+//! next hop that breaks its stream or stays silent past its timeout (derived from its
+//! announced time per token) is reported up as `HopFailed`, naming it. No lock and no
+//! permit is held while waiting on another peer: the compute permit covers the span's
+//! arithmetic only.
+//!
+//! What a hop sent to the next is kept, bounded, in a [`SentLog`], so that a
+//! replacement's cache can be rebuilt by replaying it.
+
+use super::Server;
+use crate::net::stream::{self, FrameReader, FrameWriter};
+use crate::wire::{from_wire, last_row, to_wire};
+use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::{
+    ErrorCode, HiddenStates, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop,
+    SessionBudget, SessionId,
+};
+use pollen_shard::{CacheLimits, ShardError, SpanCache};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a new stream may take to send its first frame.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening the rest of a route may take.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long sending one frame may take before the peer counts as gone.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the last hop waits for its client's attach stream.
+pub const ATTACH_WAIT: Duration = Duration::from_secs(10);
+/// The fixed part of every acknowledgement timeout: scheduling, queueing, the network.
+pub const ACK_BASE: Duration = Duration::from_secs(5);
+/// Headroom over a hop's announced time per token.
+pub const ACK_SLOWDOWN: u32 = 4;
+/// Longest time per token believed from an announcement.
+const MAX_STEP: Duration = Duration::from_secs(1);
+/// Most bytes of hidden states a hop keeps for replay, per session.
+pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long a hop whose announced time per token is `step_us` may take to acknowledge a
+/// step of `tokens` tokens: [`ACK_BASE`] plus [`ACK_SLOWDOWN`] times its announced pace.
+pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
+    let per_token = Duration::from_micros(u64::from(step_us)).min(MAX_STEP);
+    let tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
+    ACK_BASE + per_token.saturating_mul(ACK_SLOWDOWN.saturating_mul(tokens))
+}
+
+/// The hidden states a hop sent to the next one, oldest first, kept so that a
+/// replacement of the next hop can be brought to the same state by replaying them.
+/// Bounded: past `max_bytes` the log gives up (and says so) rather than grow.
+#[derive(Debug)]
+pub struct SentLog {
+    entries: VecDeque<(u32, HiddenStates)>,
+    bytes: usize,
+    max_bytes: usize,
+    complete: bool,
+}
+
+impl SentLog {
+    /// An empty log that holds at most `max_bytes` of hidden states.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+            complete: true,
+        }
+    }
+
+    /// Records hidden states sent at `position`.
+    pub fn push(&mut self, position: u32, hidden: HiddenStates) {
+        if !self.complete {
+            return;
+        }
+        let n = hidden.data().len();
+        if self.bytes + n > self.max_bytes {
+            self.entries.clear();
+            self.bytes = 0;
+            self.complete = false;
+            return;
+        }
+        self.bytes += n;
+        self.entries.push_back((position, hidden));
+    }
+
+    /// Everything sent, in order, if all of it is still held.
+    pub fn replay(&self) -> Option<impl Iterator<Item = &(u32, HiddenStates)>> {
+        self.complete.then(|| self.entries.iter())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A failure to report up: which hop, and what.
+fn hop_failed(
+    session: SessionId,
+    step: u64,
+    hop: usize,
+    peer: &PeerId,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> InferResponse {
+    InferResponse::HopFailed {
+        session,
+        step,
+        hop: u32::try_from(hop).unwrap_or(u32::MAX),
+        peer: PeerIdBytes(peer.to_bytes()),
+        error: ProtocolError::new(code, message),
+    }
+}
+
+/// Serves one inbound session stream from `peer` until it ends.
+pub(super) async fn serve_stream(
+    server: Arc<Server>,
+    peer: PeerId,
+    stream: libp2p::Stream,
+    cancel: CancellationToken,
+) {
+    let (mut up_rx, mut up_tx) = stream::split(stream, peer, server.net.stats().clone());
+    let first = match up_rx.recv_within::<InferRequest>(FIRST_FRAME_TIMEOUT).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!("session stream from {peer}: {e}");
+            return;
+        }
+    };
+    match first {
+        InferRequest::Open {
+            session,
+            model_id,
+            route,
+            hop,
+            budget,
+            wire_dtype,
+            compute,
+            client,
+        } => {
+            let open = OpenRequest {
+                session,
+                model_id,
+                route,
+                hop: hop as usize,
+                budget,
+                wire_dtype,
+                compute,
+                client,
+            };
+            run_session(server, up_rx, up_tx, open, cancel).await;
+        }
+        InferRequest::Attach { session } => {
+            match server.table.attach(session, peer) {
+                Ok(slot) => {
+                    let ok = up_tx
+                        .send(&InferResponse::Attached { session }, SEND_TIMEOUT)
+                        .await;
+                    if ok.is_ok() && slot.send(up_tx).await.is_err() {
+                        tracing::debug!("session {session} ended before its client attached");
+                    }
+                }
+                Err(e) => {
+                    let code = match e {
+                        super::sessions::TableError::Unknown(_) => ErrorCode::UnknownSession,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    let reply = InferResponse::Error(ProtocolError::new(code, e.to_string()));
+                    let _ = up_tx.send(&reply, SEND_TIMEOUT).await;
+                }
+            }
+            // The attach stream's reading half carries nothing more.
+            drop(up_rx);
+        }
+        other => {
+            let e = ProtocolError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a session stream starts with Open or Attach, not {}",
+                    kind(&other)
+                ),
+            );
+            let _ = up_tx.send(&InferResponse::Error(e), SEND_TIMEOUT).await;
+        }
+    }
+}
+
+fn kind(r: &InferRequest) -> &'static str {
+    match r {
+        InferRequest::Open { .. } => "Open",
+        InferRequest::Forward { .. } => "Forward",
+        InferRequest::Close { .. } => "Close",
+        InferRequest::Attach { .. } => "Attach",
+    }
+}
+
+struct OpenRequest {
+    session: SessionId,
+    model_id: pollen_protocol::ModelId,
+    route: Vec<RouteHop>,
+    hop: usize,
+    budget: SessionBudget,
+    wire_dtype: pollen_protocol::WireDType,
+    compute: String,
+    client: PeerIdBytes,
+}
+
+/// The next hop of a route, parsed.
+struct NextHop {
+    index: usize,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    step_us: u32,
+}
+
+fn parse_peer(p: &PeerIdBytes) -> Result<PeerId, String> {
+    PeerId::from_bytes(&p.0).map_err(|e| format!("bad peer id in route: {e}"))
+}
+
+/// Checks an `Open` against this server: model, compute mode, span, who we are, who
+/// sent it. The next hop, if any.
+fn check_open(
+    server: &Server,
+    from: PeerId,
+    open: &OpenRequest,
+) -> Result<(PeerId, Option<NextHop>), ProtocolError> {
+    let bad = |code, msg: String| ProtocolError::new(code, msg);
+    if server.draining.load(Ordering::Relaxed) {
+        return Err(bad(ErrorCode::Busy, "this server is shutting down".into()));
+    }
+    if open.model_id != server.model_id {
+        return Err(bad(
+            ErrorCode::UnknownModel,
+            format!(
+                "this server serves model {}, not {}",
+                server.model_id, open.model_id
+            ),
+        ));
+    }
+    if open.compute != server.compute {
+        return Err(bad(
+            ErrorCode::ComputeMismatch,
+            format!(
+                "this server computes `{}`, the session asks for `{}`",
+                server.compute, open.compute
+            ),
+        ));
+    }
+    let me = open
+        .route
+        .get(open.hop)
+        .ok_or_else(|| bad(ErrorCode::BadRequest, "hop outside the route".into()))?;
+    let range = server.span.range();
+    if me.blocks.start() as usize != range.start || me.blocks.end() as usize != range.end {
+        return Err(bad(
+            ErrorCode::SpanMismatch,
+            format!(
+                "this server holds blocks {range}, the route asks for {}",
+                me.blocks
+            ),
+        ));
+    }
+    if parse_peer(&me.peer).ok() != Some(server.me) {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            "the route names another peer at this hop".into(),
+        ));
+    }
+    let client = parse_peer(&open.client).map_err(|e| bad(ErrorCode::BadRequest, e))?;
+    // A session belongs to its opener: the client opens the first hop, and each later
+    // hop is opened by the hop before it.
+    let opener = match open.hop {
+        0 => client,
+        h => parse_peer(&open.route[h - 1].peer).map_err(|e| bad(ErrorCode::BadRequest, e))?,
+    };
+    if from != opener {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("hop {} must be opened by {opener}, not {from}", open.hop),
+        ));
+    }
+    let next = match open.route.get(open.hop + 1) {
+        None => None,
+        Some(h) => Some(NextHop {
+            index: open.hop + 1,
+            peer: parse_peer(&h.peer).map_err(|e| bad(ErrorCode::BadRequest, e))?,
+            addrs: h.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+            step_us: h.step_us,
+        }),
+    };
+    Ok((client, next))
+}
+
+/// Opens the rest of the route at `next`: its stream halves and its free tokens, or the
+/// failure to send up.
+async fn open_next(
+    server: &Server,
+    open: &OpenRequest,
+    next: &NextHop,
+) -> Result<(FrameReader, FrameWriter, u32), InferResponse> {
+    let fail = |code, msg: String| hop_failed(open.session, 0, next.index, &next.peer, code, msg);
+    let stream = server
+        .net
+        .open_session_stream(next.peer, next.addrs.clone(), OPEN_TIMEOUT)
+        .await
+        .map_err(|e| fail(ErrorCode::Unreachable, e.to_string()))?;
+    let (mut rx, mut tx) = stream::split(stream, next.peer, server.net.stats().clone());
+    let req = InferRequest::Open {
+        session: open.session,
+        model_id: open.model_id,
+        route: open.route.clone(),
+        hop: u32::try_from(next.index).unwrap_or(u32::MAX),
+        budget: open.budget,
+        wire_dtype: open.wire_dtype,
+        compute: open.compute.clone(),
+        client: open.client.clone(),
+    };
+    tx.send(&req, SEND_TIMEOUT)
+        .await
+        .map_err(|e| fail(ErrorCode::Unreachable, e.to_string()))?;
+    match rx.recv_within::<InferResponse>(OPEN_TIMEOUT).await {
+        Ok(InferResponse::Opened { free_tokens, .. }) => Ok((rx, tx, free_tokens)),
+        Ok(f @ InferResponse::HopFailed { .. }) => Err(f),
+        Ok(InferResponse::Error(e)) => Err(fail(e.code, e.message)),
+        Ok(other) => Err(fail(
+            ErrorCode::BadRequest,
+            format!("answered Open with {other:?}"),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(fail(ErrorCode::Timeout, e.to_string()))
+        }
+        Err(e) => Err(fail(ErrorCode::Unreachable, e.to_string())),
+    }
+}
+
+/// Reads frames from `rx` into a bounded queue until the stream ends (the error is the
+/// last item) or the queue's receiver is dropped.
+fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
+    tasks: &mut JoinSet<()>,
+    mut rx: FrameReader,
+    depth: usize,
+) -> mpsc::Receiver<std::io::Result<M>> {
+    let (tx, out) = mpsc::channel(depth);
+    tasks.spawn(async move {
+        loop {
+            let item = rx.recv::<M>().await;
+            let end = item.is_err();
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    out
+}
+
+/// The downstream side of a session: the next hop's stream and the steps it has yet to
+/// acknowledge.
+struct Downstream {
+    hop: NextHop,
+    tx: FrameWriter,
+    rx: mpsc::Receiver<std::io::Result<InferResponse>>,
+    /// Steps sent and not yet acknowledged, with their deadlines.
+    waiting: VecDeque<(u64, Instant)>,
+    log: SentLog,
+}
+
+/// How a session ended, for the log.
+enum End {
+    Closed,
+    UpstreamGone(String),
+    Failed,
+    Idle,
+    Cancelled,
+}
+
+async fn run_session(
+    server: Arc<Server>,
+    up_rx: FrameReader,
+    mut up_tx: FrameWriter,
+    open: OpenRequest,
+    cancel: CancellationToken,
+) {
+    let session = open.session;
+    let from = up_rx.peer();
+    let refuse = |e: ProtocolError| hop_failed(session, 0, open.hop, &server.me, e.code, e.message);
+    let (client, next) = match check_open(&server, from, &open) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = up_tx.send(&refuse(e), SEND_TIMEOUT).await;
+            return;
+        }
+    };
+    let mut reservation = match server.table.open(session, client, next.is_none()) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = match e {
+                super::sessions::TableError::Full { .. } => ErrorCode::Busy,
+                _ => ErrorCode::BadRequest,
+            };
+            let _ = up_tx
+                .send(
+                    &refuse(ProtocolError::new(code, e.to_string())),
+                    SEND_TIMEOUT,
+                )
+                .await;
+            return;
+        }
+    };
+    let limits = CacheLimits {
+        max_tokens: (open.budget.max_tokens as usize).min(server.cfg.max_session_tokens),
+        ..CacheLimits::default()
+    };
+    let mut free = u32::try_from(limits.max_tokens).unwrap_or(u32::MAX);
+    let mut tasks = JoinSet::new();
+    let mut down = None;
+    if let Some(hop) = next {
+        match open_next(&server, &open, &hop).await {
+            Ok((rx, tx, next_free)) => {
+                free = free.min(next_free);
+                down = Some(Downstream {
+                    rx: pump(&mut tasks, rx, 16),
+                    tx,
+                    hop,
+                    waiting: VecDeque::new(),
+                    log: SentLog::new(SENT_LOG_MAX_BYTES),
+                });
+            }
+            Err(fail) => {
+                let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                return;
+            }
+        }
+    }
+    if up_tx
+        .send(
+            &InferResponse::Opened {
+                session,
+                free_tokens: free,
+            },
+            SEND_TIMEOUT,
+        )
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4);
+    let mut cache = Some(server.span.new_cache(limits));
+    let mut attach: Option<FrameWriter> = None;
+    let idle = server.cfg.idle_timeout;
+    let me = server.me;
+    let hop = open.hop;
+    let end = loop {
+        let ack_deadline = down
+            .as_ref()
+            .and_then(|d| d.waiting.front().map(|(_, t)| *t));
+        tokio::select! {
+            _ = cancel.cancelled() => break End::Cancelled,
+            _ = tokio::time::sleep(idle) => break End::Idle,
+            w = reservation.attached.recv() => {
+                if let Some(w) = w {
+                    attach = Some(w);
+                }
+            }
+            _ = async { tokio::time::sleep_until(ack_deadline.unwrap_or_else(Instant::now)).await },
+                if ack_deadline.is_some() => {
+                let Some(d) = down.as_mut() else { break End::Failed };
+                // Acknowledgements already queued are not timeouts.
+                let mut late = true;
+                while let Ok(item) = d.rx.try_recv() {
+                    if !downstream_event(d, item, &mut up_tx, session).await {
+                        break;
+                    }
+                    late = d.waiting.front().is_some_and(|(_, t)| *t <= Instant::now());
+                }
+                if late && let Some((step, _)) = d.waiting.front().copied() {
+                    let msg = format!(
+                        "no acknowledgement of step {step} within {:?}",
+                        ack_timeout(1, d.hop.step_us)
+                    );
+                    let fail = hop_failed(session, step, d.hop.index, &d.hop.peer, ErrorCode::Timeout, msg);
+                    let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                    break End::Failed;
+                }
+            }
+            item = async {
+                match down.as_mut() {
+                    Some(d) => d.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(d) = down.as_mut() else { break End::Failed };
+                let Some(item) = item else { break End::Failed };
+                if !downstream_event(d, item, &mut up_tx, session).await {
+                    break End::Failed;
+                }
+            }
+            item = up.recv() => {
+                let req = match item {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => break End::UpstreamGone(e.to_string()),
+                    None => break End::UpstreamGone("stream ended".into()),
+                };
+                match req {
+                    InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
+                        let Some(c) = cache.take() else { break End::Failed };
+                        let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
+                        let (c, result) = compute(&server, c, &hidden, position).await;
+                        cache = c;
+                        let out = match result {
+                            Ok(out) => out,
+                            Err(e) => {
+                                let fail = hop_failed(session, step, hop, &me, e.code, e.message);
+                                if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {
+                                    break End::Failed;
+                                }
+                                continue;
+                            }
+                        };
+                        server.steps.fetch_add(1, Ordering::Relaxed);
+                        let sent = match down.as_mut() {
+                            Some(d) => send_down(d, session, position, step, out, last_row_only, tokens, open.wire_dtype).await,
+                            None => send_output(&mut attach, &mut reservation, session, position, step, &out, last_row_only, open.wire_dtype).await,
+                        };
+                        if let Err(fail) = sent {
+                            let fail = match fail {
+                                Failure::Next(code, msg) => match down.as_ref() {
+                                    Some(d) => hop_failed(session, step, d.hop.index, &d.hop.peer, code, msg),
+                                    None => hop_failed(session, step, hop, &me, code, msg),
+                                },
+                                Failure::Here(code, msg) => hop_failed(session, step, hop, &me, code, msg),
+                            };
+                            let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                            break End::Failed;
+                        }
+                        if up_tx.send(&InferResponse::Ack { session, step }, SEND_TIMEOUT).await.is_err() {
+                            break End::UpstreamGone("cannot acknowledge".into());
+                        }
+                    }
+                    InferRequest::Close { session: s } if s == session => break End::Closed,
+                    other => {
+                        let e = ProtocolError::new(
+                            ErrorCode::BadRequest,
+                            format!("{} on an open session stream of session {session}", kind(&other)),
+                        );
+                        let _ = up_tx.send(&hop_failed(session, 0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
+                        break End::Failed;
+                    }
+                }
+            }
+        }
+    };
+    match &end {
+        End::Closed => tracing::debug!("session {session} closed"),
+        End::UpstreamGone(why) => tracing::info!("session {session}: the hop before left ({why})"),
+        End::Failed => tracing::info!("session {session} ended after a failure"),
+        End::Idle => tracing::info!("closing session {session} after {idle:?} idle"),
+        End::Cancelled => tracing::debug!("session {session} cancelled"),
+    }
+    // Pass the end on, so the rest of the chain frees its caches now.
+    if let Some(mut d) = down {
+        let _ =
+            d.tx.send(&InferRequest::Close { session }, SEND_TIMEOUT)
+                .await;
+        d.tx.close().await;
+    }
+    if matches!(end, End::Closed) {
+        let _ = up_tx
+            .send(&InferResponse::Closed { session }, SEND_TIMEOUT)
+            .await;
+    }
+    up_tx.close().await;
+    if let Some(a) = attach {
+        a.close().await;
+    }
+    drop(reservation);
+    tasks.shutdown().await;
+}
+
+/// Handles one frame from the next hop; `false` when the session cannot go on.
+async fn downstream_event(
+    d: &mut Downstream,
+    item: std::io::Result<InferResponse>,
+    up_tx: &mut FrameWriter,
+    session: SessionId,
+) -> bool {
+    let step = d.waiting.front().map(|(s, _)| *s).unwrap_or(0);
+    let fail = match item {
+        Ok(InferResponse::Ack { step: acked, .. }) => {
+            while d.waiting.front().is_some_and(|(s, _)| *s <= acked) {
+                d.waiting.pop_front();
+            }
+            return true;
+        }
+        Ok(InferResponse::Closed { .. }) => return true,
+        Ok(f @ InferResponse::HopFailed { .. }) => f,
+        Ok(InferResponse::Error(e)) => {
+            hop_failed(session, step, d.hop.index, &d.hop.peer, e.code, e.message)
+        }
+        Ok(other) => hop_failed(
+            session,
+            step,
+            d.hop.index,
+            &d.hop.peer,
+            ErrorCode::BadRequest,
+            format!("sent {other:?} on a session stream"),
+        ),
+        Err(e) => hop_failed(
+            session,
+            step,
+            d.hop.index,
+            &d.hop.peer,
+            ErrorCode::Unreachable,
+            format!("its stream broke: {e}"),
+        ),
+    };
+    let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+    false
+}
+
+/// A failure at this hop or at the next.
+enum Failure {
+    Here(ErrorCode, String),
+    Next(ErrorCode, String),
+}
+
+/// Runs the span over `hidden` at `position` under a compute permit. Gives back the cache
+/// (`None` if it was lost with a panicked compute task).
+async fn compute(
+    server: &Server,
+    mut cache: SpanCache,
+    hidden: &HiddenStates,
+    position: u32,
+) -> (
+    Option<SpanCache>,
+    Result<candle_core::Tensor, ProtocolError>,
+) {
+    let input = match from_wire(
+        hidden,
+        server.span.config().hidden_size,
+        server.span.device(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                Some(cache),
+                Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
+            );
+        }
+    };
+    let Ok(_permit) = server.permits.acquire().await else {
+        return (
+            Some(cache),
+            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+        );
+    };
+    let span = server.span.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let out = span.forward(&input, position as usize, &mut cache);
+        (cache, out)
+    })
+    .await;
+    match joined {
+        Err(e) => (
+            None,
+            Err(ProtocolError::new(
+                ErrorCode::Internal,
+                format!("compute task failed: {e}"),
+            )),
+        ),
+        // The span leaves the cache as it was when a step fails.
+        Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
+        Ok((cache, Err(e))) => {
+            let code = match &e {
+                ShardError::CacheFull { .. } => ErrorCode::OverBudget,
+                ShardError::PositionMismatch { .. } => ErrorCode::BadRequest,
+                _ => ErrorCode::Internal,
+            };
+            (Some(cache), Err(ProtocolError::new(code, e.to_string())))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_down(
+    d: &mut Downstream,
+    session: SessionId,
+    position: u32,
+    step: u64,
+    out: candle_core::Tensor,
+    last_row_only: bool,
+    tokens: usize,
+    dtype: pollen_protocol::WireDType,
+) -> Result<(), Failure> {
+    let hidden =
+        to_wire(&out, dtype).map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
+    let msg = InferRequest::Forward {
+        session,
+        position,
+        step,
+        hidden,
+        last_row_only,
+    };
+    d.tx.send(&msg, SEND_TIMEOUT)
+        .await
+        .map_err(|e| Failure::Next(ErrorCode::Unreachable, format!("sending step {step}: {e}")))?;
+    d.waiting
+        .push_back((step, Instant::now() + ack_timeout(tokens, d.hop.step_us)));
+    if let InferRequest::Forward { hidden, .. } = msg {
+        d.log.push(position, hidden);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_output(
+    attach: &mut Option<FrameWriter>,
+    reservation: &mut super::sessions::Reservation<FrameWriter>,
+    session: SessionId,
+    position: u32,
+    step: u64,
+    out: &candle_core::Tensor,
+    last_row_only: bool,
+    dtype: pollen_protocol::WireDType,
+) -> Result<(), Failure> {
+    if attach.is_none() {
+        match tokio::time::timeout(ATTACH_WAIT, reservation.attached.recv()).await {
+            Ok(Some(w)) => *attach = Some(w),
+            _ => {
+                return Err(Failure::Here(
+                    ErrorCode::BadRequest,
+                    format!("the client did not attach within {ATTACH_WAIT:?}"),
+                ));
+            }
+        }
+    }
+    let (rows, position) = if last_row_only {
+        let n = u32::try_from(out.dim(1).unwrap_or(1)).unwrap_or(1);
+        (last_row(out), position + n.saturating_sub(1))
+    } else {
+        (Ok(out.clone()), position)
+    };
+    let hidden = rows
+        .and_then(|r| to_wire(&r, dtype))
+        .map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
+    let msg = InferResponse::Output {
+        session,
+        step,
+        position,
+        hidden,
+    };
+    let Some(w) = attach.as_mut() else {
+        return Err(Failure::Here(
+            ErrorCode::Internal,
+            "no attach stream".into(),
+        ));
+    };
+    w.send(&msg, SEND_TIMEOUT).await.map_err(|e| {
+        Failure::Here(
+            ErrorCode::Unreachable,
+            format!("the client's attach stream broke: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use pollen_protocol::WireDType;
+
+    #[test]
+    fn ack_timeouts_follow_the_announced_pace() {
+        assert_eq!(ack_timeout(1, 0), ACK_BASE);
+        assert_eq!(ack_timeout(1, 10_000), ACK_BASE + Duration::from_millis(40));
+        assert_eq!(
+            ack_timeout(512, 10_000),
+            ACK_BASE + Duration::from_millis(40 * 512)
+        );
+        // A hop cannot buy itself more than a second per token by announcing a slow pace.
+        assert_eq!(ack_timeout(1, u32::MAX), ACK_BASE + 4 * MAX_STEP);
+    }
+
+    #[test]
+    fn sent_log_keeps_everything_until_its_cap_then_gives_up() {
+        let h = |n: u32| {
+            HiddenStates::from_f32(&vec![0.5; n as usize * 4], vec![1, n, 4], WireDType::F32)
+                .unwrap()
+        };
+        let mut log = SentLog::new(200);
+        log.push(0, h(5)); // 80 bytes
+        log.push(5, h(1)); // 16 bytes
+        let positions: Vec<u32> = log.replay().unwrap().map(|(p, _)| *p).collect();
+        assert_eq!(positions, vec![0, 5]);
+        assert_eq!(log.bytes(), 96);
+        log.push(6, h(7)); // 112 bytes: past the cap
+        assert!(log.replay().is_none());
+        assert_eq!(log.bytes(), 0);
+        log.push(13, h(1));
+        assert!(log.replay().is_none(), "a log with a hole stays unusable");
+    }
+}
