@@ -59,7 +59,8 @@ pub enum Role {
 pub struct NetConfig {
     /// The node's identity.
     pub keypair: Keypair,
-    /// Addresses to listen on (none for a pure client).
+    /// Addresses to listen on (none for a pure client). When there are some and all are
+    /// `/memory/N`, the node runs on the in-process transport ([`transport::uses_memory`]).
     pub listen: Vec<Multiaddr>,
     /// Discover peers on the LAN with mDNS.
     pub mdns: bool,

@@ -1,0 +1,528 @@
+//! Node behaviour below the process level: whole swarms in one process, on libp2p's
+//! in-process transport (every listen address is `/memory/0`, so no socket is opened),
+//! with exact assertions on what each node holds and answers.
+//!
+//! Each test runs under a hard bound ([`BOUND`]), so a lost message fails the test
+//! instead of hanging it.
+//!
+//! Time: these run on the real clock, because `tokio::time::pause` needs tokio's
+//! `test-util` feature, which node's dev-dependencies do not enable yet. They are
+//! written to pass unchanged under `#[tokio::test(start_paused = true)]` (checked with
+//! the feature on): every duration is measured with `tokio::time::Instant`, the virtual
+//! clock when paused, and the expiry test blocks the thread instead of sleeping, since
+//! the announcement book reads the wall clock (`pollen_node::clock::unix_ms`,
+//! `SystemTime`), which virtual time does not move. The session test stays on real
+//! time either way (see its comment).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use pollen_node::net::{self, NetConfig, NetHandle, Role};
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, ModelId, PeerIdBytes,
+    SignedAnnouncement, VerifiedAnnouncement,
+};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The longest any test may run before it counts as hung.
+const BOUND: Duration = Duration::from_secs(30);
+/// How long a node may take to report its listen address.
+const LISTEN_WAIT: Duration = Duration::from_secs(5);
+/// The model every announcement here is for.
+const MODEL: ModelId = ModelId::from_bytes([7; 32]);
+
+/// Runs `test` under [`BOUND`].
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(BOUND, test)
+        .await
+        .expect("the test hung past its bound");
+}
+
+/// A running node on the in-process transport.
+struct Node {
+    net: NetHandle,
+    key: Keypair,
+    /// Its listen address, with `/p2p/<id>`.
+    addr: Multiaddr,
+}
+
+impl Node {
+    async fn start(role: Role, version: u32, cancel: &CancellationToken) -> Node {
+        let key = Keypair::generate_ed25519();
+        let cfg = NetConfig {
+            keypair: key.clone(),
+            listen: vec!["/memory/0".parse().unwrap()],
+            mdns: false,
+            role,
+            protocol_version: version,
+        };
+        assert!(net::transport::uses_memory(&cfg));
+        let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
+        let addrs = net.wait_listening(1, LISTEN_WAIT).await.unwrap();
+        assert_eq!(addrs.len(), 1, "one listen address: {addrs:?}");
+        assert!(net::transport::is_memory(&addrs[0]), "{addrs:?}");
+        let addr = addrs[0].clone().with(Protocol::P2p(net.peer_id()));
+        Node { net, key, addr }
+    }
+
+    async fn current(role: Role, cancel: &CancellationToken) -> Node {
+        Self::start(role, pollen_protocol::PROTOCOL_VERSION, cancel).await
+    }
+
+    fn peer(&self) -> PeerId {
+        self.net.peer_id()
+    }
+
+    /// A signed announcement of blocks `[start, end)` of [`MODEL`], issued now.
+    fn announce(&self, blocks: (u32, u32), ttl_ms: u64, seq: u64) -> SignedAnnouncement {
+        let now = pollen_node::clock::unix_ms();
+        let a = Announcement {
+            peer: PeerIdBytes(self.peer().to_bytes()),
+            model_id: MODEL,
+            model_name: "test".into(),
+            num_blocks: 30,
+            blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
+            throughput: 100.0,
+            free_sessions: 4,
+            free_cache_tokens: 8192,
+            addrs: vec![self.addr.to_string()],
+            compute: "fast-vnni".into(),
+            next_rtts: vec![],
+            issued_at_ms: now,
+            expires_at_ms: now + ttl_ms,
+            seq,
+        };
+        let secret = net::identity::ed25519_secret(&self.key).unwrap();
+        SignedAnnouncement::sign(a, &secret).unwrap()
+    }
+}
+
+fn signed(list: Vec<VerifiedAnnouncement>) -> Vec<SignedAnnouncement> {
+    list.into_iter()
+        .map(VerifiedAnnouncement::into_signed)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_published_announcement_is_listed_by_the_bootstrap_and_gathered_by_a_client() {
+    bounded(async {
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let server = Node::current(Role::Server, &cancel).await;
+        let client = Node::current(Role::Client, &cancel).await;
+
+        assert_eq!(
+            server.net.dial(boot.addr.clone()).await.unwrap(),
+            boot.peer()
+        );
+        let own = server.announce((0, 10), 60_000, 1);
+        let acked = server
+            .net
+            .set_own_announcement_and_wait(Some(own.clone()), Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert!(acked, "the bootstrap acknowledges the publish");
+        assert_eq!(
+            signed(boot.net.book(None).await.unwrap()),
+            vec![own.clone()]
+        );
+
+        assert_eq!(
+            client.net.dial(boot.addr.clone()).await.unwrap(),
+            boot.peer()
+        );
+        let gathered = client.net.gather(Some(MODEL)).await.unwrap();
+        assert_eq!(gathered.len(), 1, "{gathered:?}");
+        let a = &gathered[0];
+        assert_eq!(a.peer, PeerIdBytes(server.peer().to_bytes()));
+        assert_eq!(a.model_id, MODEL);
+        assert_eq!(a.blocks, BlockRange::new(0, 10).unwrap());
+        assert_eq!(a.num_blocks, 30);
+        assert_eq!(a.free_sessions, 4);
+        assert_eq!(a.addrs, vec![server.addr.to_string()]);
+        assert_eq!(a.compute, "fast-vnni");
+        assert_eq!(a.seq, 1);
+        assert_eq!(signed(gathered), vec![own.clone()], "passed on unchanged");
+        // Another model's list is empty.
+        let other = ModelId::from_bytes([8; 32]);
+        assert!(client.net.gather(Some(other)).await.unwrap().is_empty());
+
+        // One publish reached the bootstrap, then two list requests from the client;
+        // the server sent exactly one message (a renewal costs one per bootstrap).
+        assert_eq!(boot.net.stats().announce_in.load(Ordering::Relaxed), 3);
+        assert_eq!(server.net.stats().announce_out.load(Ordering::Relaxed), 1);
+        assert_eq!(server.net.stats().announce_in.load(Ordering::Relaxed), 0);
+        cancel.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_announcement_leaves_every_book_when_it_expires() {
+    bounded(async {
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let server = Node::current(Role::Server, &cancel).await;
+        let client = Node::current(Role::Client, &cancel).await;
+        server.net.dial(boot.addr.clone()).await.unwrap();
+        client.net.dial(boot.addr.clone()).await.unwrap();
+
+        let brief = server.announce((0, 10), 1_000, 1);
+        let expires = brief.announcement.expires_at_ms;
+        assert!(
+            server
+                .net
+                .set_own_announcement_and_wait(Some(brief.clone()), Duration::from_secs(3))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            signed(boot.net.book(None).await.unwrap()),
+            vec![brief.clone()]
+        );
+        assert_eq!(signed(client.net.gather(None).await.unwrap()), vec![brief]);
+
+        // The book's clock is the wall clock, which paused tokio time does not move:
+        // block this thread (so no virtual time passes either) until it has expired.
+        let left = expires.saturating_sub(pollen_node::clock::unix_ms());
+        std::thread::sleep(Duration::from_millis(left + 50));
+        assert!(pollen_node::clock::unix_ms() > expires);
+
+        assert_eq!(boot.net.book(None).await.unwrap(), vec![]);
+        assert_eq!(server.net.book(None).await.unwrap(), vec![]);
+        assert_eq!(client.net.book(None).await.unwrap(), vec![]);
+        assert_eq!(client.net.gather(None).await.unwrap(), vec![]);
+        match client
+            .net
+            .announce(boot.peer(), AnnounceRequest::List { model_id: None })
+            .await
+            .unwrap()
+        {
+            AnnounceResponse::List(list) => assert_eq!(list, vec![]),
+            other => panic!("a list request answered with {other:?}"),
+        }
+        cancel.cancel();
+    })
+    .await;
+}
+
+/// Both ways of wording a version refusal that a node may record: the reason it gave
+/// (its own version first) or the reason the peer gave it (the peer's version first).
+fn version_refusals(ours: u32, theirs: u32) -> [String; 2] {
+    [
+        format!("refused: protocol version mismatch: we speak {ours}, peer speaks {theirs}"),
+        format!("refused: protocol version mismatch: we speak {theirs}, peer speaks {ours}"),
+    ]
+}
+
+#[tokio::test]
+async fn nodes_of_different_versions_refuse_each_other_and_both_say_why() {
+    bounded(async {
+        let cancel = CancellationToken::new();
+        let v = pollen_protocol::PROTOCOL_VERSION;
+        let old = Node::start(Role::Bootstrap, v, &cancel).await;
+        let new = Node::start(Role::Server, v + 1, &cancel).await;
+        // The connection itself succeeds; the handshake on it is refused.
+        assert_eq!(new.net.dial(old.addr.clone()).await.unwrap(), old.peer());
+
+        let (on_old, on_new) = loop {
+            let seen = (
+                old.net.refusals().await.unwrap(),
+                new.net.refusals().await.unwrap(),
+            );
+            if !seen.0.is_empty() && !seen.1.is_empty() {
+                break seen;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(on_old.len(), 1, "{on_old:?}");
+        assert_eq!(on_new.len(), 1, "{on_new:?}");
+        assert_eq!(on_old[0].0, new.peer());
+        assert_eq!(on_new[0].0, old.peer());
+        assert!(
+            version_refusals(v, v + 1).contains(&on_old[0].1),
+            "{on_old:?}"
+        );
+        assert!(
+            version_refusals(v + 1, v).contains(&on_new[0].1),
+            "{on_new:?}"
+        );
+
+        // A refused peer is disconnected, and is neither listed nor published to.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !(new.net.peers().await.unwrap().is_empty()
+                && old.net.peers().await.unwrap().is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(new.net.peers().await.unwrap().is_empty());
+        assert!(old.net.peers().await.unwrap().is_empty());
+        cancel.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_goodbye_returns_as_soon_as_the_bootstrap_answers() {
+    bounded(async {
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let server = Node::current(Role::Server, &cancel).await;
+        server.net.dial(boot.addr.clone()).await.unwrap();
+        let first = server.announce((0, 10), 60_000, 1);
+        server
+            .net
+            .set_own_announcement(Some(first.clone()))
+            .await
+            .unwrap();
+
+        // The goodbye, as a draining server sends it: no free session, short-lived.
+        let mut goodbye = server.announce((0, 10), 2_000, 2).announcement;
+        goodbye.free_sessions = 0;
+        goodbye.free_cache_tokens = 0;
+        let secret = net::identity::ed25519_secret(&server.key).unwrap();
+        let goodbye = SignedAnnouncement::sign(goodbye, &secret).unwrap();
+
+        let wait = Duration::from_secs(3);
+        let started = Instant::now();
+        let acked = server
+            .net
+            .set_own_announcement_and_wait(Some(goodbye.clone()), wait)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            acked,
+            "the bootstrap answered, so the wait says all answered"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "took {took:?} of a {wait:?} wait"
+        );
+        assert_eq!(
+            signed(boot.net.book(None).await.unwrap()),
+            vec![goodbye.clone()]
+        );
+
+        // A refused publish is an answer too: sending the same goodbye again is a
+        // replay the bootstrap refuses, and the wait still ends at once.
+        let started = Instant::now();
+        let acked = server
+            .net
+            .set_own_announcement_and_wait(Some(goodbye.clone()), wait)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(acked, "a refusal is an answer");
+        assert!(
+            took < Duration::from_secs(1),
+            "took {took:?} of a {wait:?} wait"
+        );
+        assert_eq!(signed(boot.net.book(None).await.unwrap()), vec![goodbye]);
+
+        // Publishes: the first announcement, the goodbye and its replay.
+        assert_eq!(boot.net.stats().announce_in.load(Ordering::Relaxed), 3);
+        cancel.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_goodbye_with_no_bootstrap_connected_returns_at_once() {
+    bounded(async {
+        let cancel = CancellationToken::new();
+        let server = Node::current(Role::Server, &cancel).await;
+        let started = Instant::now();
+        let acked = server
+            .net
+            .set_own_announcement_and_wait(
+                Some(server.announce((0, 10), 2_000, 1)),
+                Duration::from_secs(3),
+            )
+            .await
+            .unwrap();
+        assert!(acked, "nobody to wait for");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(server.net.stats().announce_out.load(Ordering::Relaxed), 0);
+        cancel.cancel();
+    })
+    .await;
+}
+
+/// The longest the session test may run: it loads the model three times (two spans
+/// and the local reference) and measures each span's speed.
+const SPAN_BOUND: Duration = Duration::from_secs(180);
+
+/// A whole chain: two `serve::run` servers holding the two halves of the default model,
+/// a bootstrap and a client, all on the in-process transport.
+///
+/// Real time, not paused: the servers load their spans and compute every step in
+/// `spawn_blocking`, which paused time does not wait for; with the clock paused, the
+/// runtime would look idle while a block computes and jump virtual time past every
+/// step timeout. The bound is generous for that reason and still finite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is_busy() {
+    use candle_core::{Device, Tensor};
+    use pollen_node::blocks::BlockRange as Blocks;
+    use pollen_node::client::error::HopFailure;
+    use pollen_node::client::{ClientError, SwarmSession, route};
+    use pollen_node::serve::{self, ServeConfig};
+    use pollen_protocol::{ErrorCode, WireDType};
+    use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile};
+    use std::collections::HashMap;
+
+    let test = async {
+        let model =
+            pollen_node::fetch::ensure_default_model(&mut |line| eprintln!("{line}")).unwrap();
+        let file = ModelFile::open(&model).unwrap();
+        let config = file.config().unwrap();
+        let (n, hidden) = (config.num_blocks, config.hidden_size);
+        let half = n / 2;
+        let model_id = pollen_node::model::model_id(&model, &mut |_, _| {}).unwrap();
+        let load = LoadOptions::default();
+        let compute = pollen_node::model::compute_mode(&load);
+
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let keys = std::env::temp_dir().join(format!(
+            "pollen-inprocess-{}-{}",
+            std::process::id(),
+            pollen_node::clock::unix_ms()
+        ));
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+        let servers: Vec<_> = [(0, half), (half, n)]
+            .into_iter()
+            .map(|(start, end)| {
+                let cfg = ServeConfig {
+                    model: model.clone(),
+                    blocks: format!("{start}:{end}"),
+                    load: load.clone(),
+                    listen: vec!["/memory/0".parse().unwrap()],
+                    bootstrap: vec![boot.addr.clone()],
+                    identity: keys.join(format!("server-{start}.key")),
+                    mdns: false,
+                    max_sessions: 1,
+                    max_session_tokens: 64,
+                    idle_timeout: Duration::from_secs(60),
+                    announce_ttl: Duration::from_secs(60),
+                    grace: Duration::from_secs(1),
+                    compute_slots: 1,
+                };
+                tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()))
+            })
+            .collect();
+
+        let client = Node::current(Role::Client, &cancel).await;
+        client.net.dial(boot.addr.clone()).await.unwrap();
+        let book = loop {
+            let book = client.net.gather(Some(model_id)).await.unwrap();
+            if book.len() == 2 {
+                break book;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for a in &book {
+            assert_eq!(a.model_id, model_id);
+            assert_eq!(a.num_blocks as usize, n);
+            assert_eq!(a.free_sessions, 1);
+            assert_eq!(a.compute, compute);
+        }
+        let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
+        let spans: Vec<Blocks> = hops.iter().map(|h| h.blocks).collect();
+        assert_eq!(
+            spans,
+            vec![
+                Blocks {
+                    start: 0,
+                    end: half
+                },
+                Blocks {
+                    start: half,
+                    end: n
+                }
+            ]
+        );
+
+        let open = || {
+            SwarmSession::open(
+                &client.net,
+                model_id,
+                &compute,
+                &hops,
+                16,
+                hidden,
+                WireDType::F32,
+            )
+        };
+        let mut session = open().await.unwrap();
+        assert_eq!(session.route(), &hops[..]);
+
+        // The same two tokens through the whole model in this process.
+        let whole =
+            BlockSpan::load(&file, Blocks { start: 0, end: n }, &load, &mut |_, _| {}).unwrap();
+        let mut cache = whole.new_cache(CacheLimits::default());
+        let xs: Vec<Tensor> = (0..2)
+            .map(|t| {
+                Tensor::arange(0f32, hidden as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(0.01, -2.0 + t as f64)
+                    .unwrap()
+                    .reshape((1, 1, hidden))
+                    .unwrap()
+            })
+            .collect();
+        for (pos, x) in xs.iter().enumerate() {
+            let want = whole.forward(x, pos, &mut cache).unwrap();
+            let got = session.step(x, pos).await.unwrap();
+            assert_eq!(got.dims(), &[1, 1, hidden]);
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "step at position {pos}"
+            );
+        }
+
+        // Each server holds one session: a second is refused by the first hop.
+        match open().await {
+            Err(ClientError::HopFailed(failure)) => assert_eq!(
+                *failure,
+                HopFailure {
+                    hop: 0,
+                    peer: hops[0].peer,
+                    blocks: hops[0].blocks,
+                    code: ErrorCode::Busy,
+                    message: "this server is full (1 sessions)".into(),
+                }
+            ),
+            other => panic!("a second session on full servers: {other:?}"),
+        }
+        // Closing frees the slot on both servers.
+        session.close().await;
+        let again = open().await.unwrap();
+        again.close().await;
+
+        // Draining: each server's goodbye is acknowledged at once, so both stop well
+        // before the goodbye's 3 s wait.
+        let started = Instant::now();
+        stop.cancel();
+        for server in servers {
+            server.await.unwrap().unwrap();
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "draining took {took:?}");
+        let left = boot.net.book(Some(model_id)).await.unwrap();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.iter().all(|a| a.free_sessions == 0), "{left:?}");
+        cancel.cancel();
+        let _ = std::fs::remove_dir_all(&keys);
+    };
+    tokio::time::timeout(SPAN_BOUND, test)
+        .await
+        .expect("the session test hung past its bound");
+}
