@@ -124,6 +124,7 @@ fn main() {
                 model: model.clone(),
                 load: opts.clone(),
                 bootstrap: vec![addr.parse().unwrap()],
+                listen: vec![],
                 mdns: false,
                 wire_dtype: dtype,
                 route_wait: Duration::from_secs(20),

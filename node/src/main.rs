@@ -272,6 +272,7 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
         model: resolve_model(&args.model.model)?,
         load: load_options(&args.model)?,
         bootstrap: args.swarm.bootstrap.clone(),
+        listen: Vec::new(),
         mdns: !args.swarm.no_mdns,
         wire_dtype,
         route_wait: Duration::from_secs(args.route_wait),

@@ -5,14 +5,12 @@
 //! Each test runs under a hard bound ([`BOUND`]), so a lost message fails the test
 //! instead of hanging it.
 //!
-//! Time: these run on the real clock, because `tokio::time::pause` needs tokio's
-//! `test-util` feature, which node's dev-dependencies do not enable yet. They are
-//! written to pass unchanged under `#[tokio::test(start_paused = true)]` (checked with
-//! the feature on): every duration is measured with `tokio::time::Instant`, the virtual
-//! clock when paused, and the expiry test blocks the thread instead of sleeping, since
-//! the announcement book reads the wall clock (`pollen_node::clock::unix_ms`,
-//! `SystemTime`), which virtual time does not move. The session test stays on real
-//! time either way (see its comment).
+//! Time: the swarm tests run with tokio's clock paused (`start_paused`): every
+//! duration is measured with `tokio::time::Instant`, the virtual clock, so "answered
+//! within 1 s" means within 1 s of timers, not of a loaded machine. The expiry test
+//! blocks the thread instead of sleeping, since the announcement book reads the wall
+//! clock (`pollen_node::clock::unix_ms`, `SystemTime`), which virtual time does not
+//! move. The session test runs on real time (see its comment).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use libp2p::identity::Keypair;
@@ -108,7 +106,7 @@ fn signed(list: Vec<VerifiedAnnouncement>) -> Vec<SignedAnnouncement> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_published_announcement_is_listed_by_the_bootstrap_and_gathered_by_a_client() {
     bounded(async {
         let cancel = CancellationToken::new();
@@ -162,7 +160,7 @@ async fn a_published_announcement_is_listed_by_the_bootstrap_and_gathered_by_a_c
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_announcement_leaves_every_book_when_it_expires() {
     bounded(async {
         let cancel = CancellationToken::new();
@@ -211,16 +209,16 @@ async fn an_announcement_leaves_every_book_when_it_expires() {
     .await;
 }
 
-/// Both ways of wording a version refusal that a node may record: the reason it gave
+/// Both refusals a node may record, each labelled with who refused: the reason it gave
 /// (its own version first) or the reason the peer gave it (the peer's version first).
 fn version_refusals(ours: u32, theirs: u32) -> [String; 2] {
     [
-        format!("refused: protocol version mismatch: we speak {ours}, peer speaks {theirs}"),
-        format!("refused: protocol version mismatch: we speak {theirs}, peer speaks {ours}"),
+        format!("we refused it: protocol version mismatch: we speak {ours}, peer speaks {theirs}"),
+        format!("it refused us: protocol version mismatch: we speak {theirs}, peer speaks {ours}"),
     ]
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn nodes_of_different_versions_refuse_each_other_and_both_say_why() {
     bounded(async {
         let cancel = CancellationToken::new();
@@ -268,7 +266,7 @@ async fn nodes_of_different_versions_refuse_each_other_and_both_say_why() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_goodbye_returns_as_soon_as_the_bootstrap_answers() {
     bounded(async {
         let cancel = CancellationToken::new();
@@ -333,7 +331,7 @@ async fn a_goodbye_returns_as_soon_as_the_bootstrap_answers() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_goodbye_with_no_bootstrap_connected_returns_at_once() {
     bounded(async {
         let cancel = CancellationToken::new();

@@ -45,6 +45,9 @@ pub struct ClientConfig {
     pub load: LoadOptions,
     /// Bootstrap peers to join through.
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses to listen on: none for an ordinary client (it only dials out);
+    /// `/memory/0` joins an in-process swarm.
+    pub listen: Vec<Multiaddr>,
     /// Find peers on the LAN with mDNS.
     pub mdns: bool,
     /// Hidden states on the wire.
@@ -100,6 +103,16 @@ pub async fn connect(
     mdns: bool,
     cancel: CancellationToken,
 ) -> Result<(NetHandle, tokio::task::JoinHandle<()>), ClientError> {
+    connect_listening(bootstrap, Vec::new(), mdns, cancel).await
+}
+
+/// Like [`connect`], listening on `listen` too.
+pub async fn connect_listening(
+    bootstrap: &[Multiaddr],
+    listen: Vec<Multiaddr>,
+    mdns: bool,
+    cancel: CancellationToken,
+) -> Result<(NetHandle, tokio::task::JoinHandle<()>), ClientError> {
     if bootstrap.is_empty() && !mdns {
         return Err(ClientError::NoEntry(
             "no way to find the swarm: give --bootstrap ADDR or allow mDNS".into(),
@@ -107,6 +120,7 @@ pub async fn connect(
     }
     let cfg = NetConfig {
         mdns,
+        listen,
         ..NetConfig::new(Role::Client)
     };
     let (handle, task) = net::start(cfg, cancel)?;
@@ -135,7 +149,8 @@ impl SwarmClient {
             .await
             .map_err(|e| ClientError::Task(e.to_string()))??;
         let cancel = CancellationToken::new();
-        let (net, net_task) = connect(&cfg.bootstrap, cfg.mdns, cancel.clone()).await?;
+        let (net, net_task) =
+            connect_listening(&cfg.bootstrap, cfg.listen.clone(), cfg.mdns, cancel.clone()).await?;
         Ok(Self {
             net,
             model: Arc::new(model),

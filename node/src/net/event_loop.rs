@@ -221,6 +221,8 @@ impl EventLoop {
 
     fn refuse(&mut self, peer: PeerId, reason: String) {
         tracing::error!("peer {peer}: {reason}");
+        // A peer we cannot talk to is no place to publish our announcement.
+        self.publisher.remove_target(&peer);
         if self.refused.len() < MAX_REFUSALS || self.refused.contains_key(&peer) {
             self.refused.insert(peer, reason);
         }
@@ -235,7 +237,7 @@ impl EventLoop {
                     } => {
                         let reply = HelloReply::answer(&self.hello, &request);
                         if let HelloReply::Refuse(e) = &reply {
-                            self.refuse(peer, format!("refused: {}", e.message));
+                            self.refuse(peer, format!("we refused it: {}", e.message));
                         }
                         let _ = self
                             .swarm
@@ -245,7 +247,7 @@ impl EventLoop {
                     }
                     request_response::Message::Response { response, .. } => {
                         if let Err(e) = response.into_result(&self.hello) {
-                            self.refuse(peer, format!("refused: {}", e.message));
+                            self.refuse(peer, format!("it refused us: {}", e.message));
                             let _ = self.swarm.disconnect_peer_id(peer);
                         }
                     }

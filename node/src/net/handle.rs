@@ -270,7 +270,10 @@ impl NetHandle {
     }
 
     /// Like [`Self::set_own_announcement`], then waits (at most `timeout`) until every
-    /// publish target has answered: used to withdraw before exiting. Whether all answered.
+    /// connected publish target has answered: a server withdraws before exiting by
+    /// publishing a short-lived goodbye this way. Whether all answered. (`None` only
+    /// forgets our announcement here: nothing is sent, and peers keep it until it
+    /// expires.)
     pub async fn set_own_announcement_and_wait(
         &self,
         announcement: Option<SignedAnnouncement>,

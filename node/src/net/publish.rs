@@ -68,7 +68,9 @@ impl Publisher {
     }
 
     /// Records publishes sent as one batch; `done` fires when all have settled
-    /// (answered or failed). With no publish in the batch it fires at once.
+    /// (answered or failed). With no publish in the batch (no publish target is
+    /// connected) it fires at once; with too many batches waited on already it is
+    /// dropped unanswered.
     pub fn track(&mut self, ids: Vec<OutboundRequestId>, done: Option<oneshot::Sender<()>>) {
         let Some(done) = done else {
             for id in ids {
@@ -76,8 +78,13 @@ impl Publisher {
             }
             return;
         };
-        if ids.is_empty() || self.waiters.len() >= MAX_WAITERS {
+        if ids.is_empty() {
             let _ = done.send(());
+            return;
+        }
+        if self.waiters.len() >= MAX_WAITERS {
+            // Dropped unanswered: the waiter learns that nobody confirmed.
+            drop(done);
             return;
         }
         let w = self.next_waiter;

@@ -2,8 +2,8 @@
 //! each step's output sent straight on to the next hop.
 //!
 //! Rooms: this file is the lifecycle (load, start, serve, drain, stop); [`sessions`] is
-//! the session table; [`session`] the data path of one session; [`announce`] what the
-//! server announces.
+//! the session table; [`session`] the data path of one session and `steps` its steps;
+//! [`sent_log`] what a hop keeps for replay; [`announce`] what the server announces.
 //!
 //! Shutdown is a tree: `stop` (first Ctrl-C) drains — the announcement is withdrawn, new
 //! sessions are refused, running ones get `grace` to finish; `kill` (second Ctrl-C)
@@ -11,8 +11,10 @@
 //! `JoinSet`s and is awaited before `run` returns.
 
 pub mod announce;
+pub mod sent_log;
 pub mod session;
 pub mod sessions;
+mod steps;
 
 use crate::blocks;
 use crate::net::stream::FrameWriter;

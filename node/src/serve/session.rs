@@ -12,17 +12,19 @@
 //! arithmetic only.
 //!
 //! What a hop sent to the next is kept, bounded, in a [`SentLog`], so that a
-//! replacement's cache can be rebuilt by replaying it.
+//! replacement's cache can be rebuilt by replaying it. The steps themselves (compute,
+//! send on, read back) are in [`super::steps`].
 
 use super::Server;
+use super::sent_log::SentLog;
+use super::steps::{Failure, compute, downstream_event, send_down, send_output};
 use crate::net::stream::{self, FrameReader, FrameWriter};
-use crate::wire::{from_wire, last_row, to_wire};
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{
-    ErrorCode, HiddenStates, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop,
-    SessionBudget, SessionId,
+    ErrorCode, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionBudget,
+    SessionId,
 };
-use pollen_shard::{CacheLimits, ShardError, SpanCache};
+use pollen_shard::CacheLimits;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -57,57 +59,8 @@ pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
     ACK_BASE + per_token.saturating_mul(ACK_SLOWDOWN.saturating_mul(tokens))
 }
 
-/// The hidden states a hop sent to the next one, oldest first, kept so that a
-/// replacement of the next hop can be brought to the same state by replaying them.
-/// Bounded: past `max_bytes` the log gives up (and says so) rather than grow.
-#[derive(Debug)]
-pub struct SentLog {
-    entries: VecDeque<(u32, HiddenStates)>,
-    bytes: usize,
-    max_bytes: usize,
-    complete: bool,
-}
-
-impl SentLog {
-    /// An empty log that holds at most `max_bytes` of hidden states.
-    pub fn new(max_bytes: usize) -> Self {
-        Self {
-            entries: VecDeque::new(),
-            bytes: 0,
-            max_bytes,
-            complete: true,
-        }
-    }
-
-    /// Records hidden states sent at `position`.
-    pub fn push(&mut self, position: u32, hidden: HiddenStates) {
-        if !self.complete {
-            return;
-        }
-        let n = hidden.data().len();
-        if self.bytes + n > self.max_bytes {
-            self.entries.clear();
-            self.bytes = 0;
-            self.complete = false;
-            return;
-        }
-        self.bytes += n;
-        self.entries.push_back((position, hidden));
-    }
-
-    /// Everything sent, in order, if all of it is still held.
-    pub fn replay(&self) -> Option<impl Iterator<Item = &(u32, HiddenStates)>> {
-        self.complete.then(|| self.entries.iter())
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
 /// A failure to report up: which hop, and what.
-fn hop_failed(
+pub(super) fn hop_failed(
     session: SessionId,
     step: u64,
     hop: usize,
@@ -218,11 +171,11 @@ struct OpenRequest {
 }
 
 /// The next hop of a route, parsed.
-struct NextHop {
-    index: usize,
-    peer: PeerId,
-    addrs: Vec<Multiaddr>,
-    step_us: u32,
+pub(super) struct NextHop {
+    pub(super) index: usize,
+    pub(super) peer: PeerId,
+    pub(super) addrs: Vec<Multiaddr>,
+    pub(super) step_us: u32,
 }
 
 fn parse_peer(p: &PeerIdBytes) -> Result<PeerId, String> {
@@ -367,13 +320,13 @@ fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
 
 /// The downstream side of a session: the next hop's stream and the steps it has yet to
 /// acknowledge.
-struct Downstream {
-    hop: NextHop,
-    tx: FrameWriter,
-    rx: mpsc::Receiver<std::io::Result<InferResponse>>,
+pub(super) struct Downstream {
+    pub(super) hop: NextHop,
+    pub(super) tx: FrameWriter,
+    pub(super) rx: mpsc::Receiver<std::io::Result<InferResponse>>,
     /// Steps sent and not yet acknowledged, with their deadlines.
-    waiting: VecDeque<(u64, Instant)>,
-    log: SentLog,
+    pub(super) waiting: VecDeque<(u64, Instant)>,
+    pub(super) log: SentLog,
 }
 
 /// How a session ended, for the log.
@@ -589,197 +542,10 @@ async fn run_session(
     tasks.shutdown().await;
 }
 
-/// Handles one frame from the next hop; `false` when the session cannot go on.
-async fn downstream_event(
-    d: &mut Downstream,
-    item: std::io::Result<InferResponse>,
-    up_tx: &mut FrameWriter,
-    session: SessionId,
-) -> bool {
-    let step = d.waiting.front().map(|(s, _)| *s).unwrap_or(0);
-    let fail = match item {
-        Ok(InferResponse::Ack { step: acked, .. }) => {
-            while d.waiting.front().is_some_and(|(s, _)| *s <= acked) {
-                d.waiting.pop_front();
-            }
-            return true;
-        }
-        Ok(InferResponse::Closed { .. }) => return true,
-        Ok(f @ InferResponse::HopFailed { .. }) => f,
-        Ok(InferResponse::Error(e)) => {
-            hop_failed(session, step, d.hop.index, &d.hop.peer, e.code, e.message)
-        }
-        Ok(other) => hop_failed(
-            session,
-            step,
-            d.hop.index,
-            &d.hop.peer,
-            ErrorCode::BadRequest,
-            format!("sent {other:?} on a session stream"),
-        ),
-        Err(e) => hop_failed(
-            session,
-            step,
-            d.hop.index,
-            &d.hop.peer,
-            ErrorCode::Unreachable,
-            format!("its stream broke: {e}"),
-        ),
-    };
-    let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
-    false
-}
-
-/// A failure at this hop or at the next.
-enum Failure {
-    Here(ErrorCode, String),
-    Next(ErrorCode, String),
-}
-
-/// Runs the span over `hidden` at `position` under a compute permit. Gives back the cache
-/// (`None` if it was lost with a panicked compute task).
-async fn compute(
-    server: &Server,
-    mut cache: SpanCache,
-    hidden: &HiddenStates,
-    position: u32,
-) -> (
-    Option<SpanCache>,
-    Result<candle_core::Tensor, ProtocolError>,
-) {
-    let input = match from_wire(
-        hidden,
-        server.span.config().hidden_size,
-        server.span.device(),
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            return (
-                Some(cache),
-                Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
-            );
-        }
-    };
-    let Ok(_permit) = server.permits.acquire().await else {
-        return (
-            Some(cache),
-            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
-        );
-    };
-    let span = server.span.clone();
-    let joined = tokio::task::spawn_blocking(move || {
-        let out = span.forward(&input, position as usize, &mut cache);
-        (cache, out)
-    })
-    .await;
-    match joined {
-        Err(e) => (
-            None,
-            Err(ProtocolError::new(
-                ErrorCode::Internal,
-                format!("compute task failed: {e}"),
-            )),
-        ),
-        // The span leaves the cache as it was when a step fails.
-        Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
-        Ok((cache, Err(e))) => {
-            let code = match &e {
-                ShardError::CacheFull { .. } => ErrorCode::OverBudget,
-                ShardError::PositionMismatch { .. } => ErrorCode::BadRequest,
-                _ => ErrorCode::Internal,
-            };
-            (Some(cache), Err(ProtocolError::new(code, e.to_string())))
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_down(
-    d: &mut Downstream,
-    session: SessionId,
-    position: u32,
-    step: u64,
-    out: candle_core::Tensor,
-    last_row_only: bool,
-    tokens: usize,
-    dtype: pollen_protocol::WireDType,
-) -> Result<(), Failure> {
-    let hidden =
-        to_wire(&out, dtype).map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
-    let msg = InferRequest::Forward {
-        session,
-        position,
-        step,
-        hidden,
-        last_row_only,
-    };
-    d.tx.send(&msg, SEND_TIMEOUT)
-        .await
-        .map_err(|e| Failure::Next(ErrorCode::Unreachable, format!("sending step {step}: {e}")))?;
-    d.waiting
-        .push_back((step, Instant::now() + ack_timeout(tokens, d.hop.step_us)));
-    if let InferRequest::Forward { hidden, .. } = msg {
-        d.log.push(position, hidden);
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_output(
-    attach: &mut Option<FrameWriter>,
-    reservation: &mut super::sessions::Reservation<FrameWriter>,
-    session: SessionId,
-    position: u32,
-    step: u64,
-    out: &candle_core::Tensor,
-    last_row_only: bool,
-    dtype: pollen_protocol::WireDType,
-) -> Result<(), Failure> {
-    if attach.is_none() {
-        match tokio::time::timeout(ATTACH_WAIT, reservation.attached.recv()).await {
-            Ok(Some(w)) => *attach = Some(w),
-            _ => {
-                return Err(Failure::Here(
-                    ErrorCode::BadRequest,
-                    format!("the client did not attach within {ATTACH_WAIT:?}"),
-                ));
-            }
-        }
-    }
-    let (rows, position) = if last_row_only {
-        let n = u32::try_from(out.dim(1).unwrap_or(1)).unwrap_or(1);
-        (last_row(out), position + n.saturating_sub(1))
-    } else {
-        (Ok(out.clone()), position)
-    };
-    let hidden = rows
-        .and_then(|r| to_wire(&r, dtype))
-        .map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
-    let msg = InferResponse::Output {
-        session,
-        step,
-        position,
-        hidden,
-    };
-    let Some(w) = attach.as_mut() else {
-        return Err(Failure::Here(
-            ErrorCode::Internal,
-            "no attach stream".into(),
-        ));
-    };
-    w.send(&msg, SEND_TIMEOUT).await.map_err(|e| {
-        Failure::Here(
-            ErrorCode::Unreachable,
-            format!("the client's attach stream broke: {e}"),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use pollen_protocol::WireDType;
 
     #[test]
     fn ack_timeouts_follow_the_announced_pace() {
@@ -791,24 +557,5 @@ mod tests {
         );
         // A hop cannot buy itself more than a second per token by announcing a slow pace.
         assert_eq!(ack_timeout(1, u32::MAX), ACK_BASE + 4 * MAX_STEP);
-    }
-
-    #[test]
-    fn sent_log_keeps_everything_until_its_cap_then_gives_up() {
-        let h = |n: u32| {
-            HiddenStates::from_f32(&vec![0.5; n as usize * 4], vec![1, n, 4], WireDType::F32)
-                .unwrap()
-        };
-        let mut log = SentLog::new(200);
-        log.push(0, h(5)); // 80 bytes
-        log.push(5, h(1)); // 16 bytes
-        let positions: Vec<u32> = log.replay().unwrap().map(|(p, _)| *p).collect();
-        assert_eq!(positions, vec![0, 5]);
-        assert_eq!(log.bytes(), 96);
-        log.push(6, h(7)); // 112 bytes: past the cap
-        assert!(log.replay().is_none());
-        assert_eq!(log.bytes(), 0);
-        log.push(13, h(1));
-        assert!(log.replay().is_none(), "a log with a hole stays unusable");
     }
 }

@@ -1,0 +1,202 @@
+//! The steps of a session's data path: computing the span under a compute permit,
+//! sending its output on (down to the next hop, or up the client's attach stream), and
+//! reading what the next hop says back.
+
+use super::Server;
+use super::session::{ATTACH_WAIT, Downstream, SEND_TIMEOUT, ack_timeout, hop_failed};
+use super::sessions::Reservation;
+use crate::net::stream::FrameWriter;
+use crate::wire::{from_wire, last_row, to_wire};
+use pollen_protocol::{
+    ErrorCode, HiddenStates, InferRequest, InferResponse, ProtocolError, SessionId, WireDType,
+};
+use pollen_shard::{ShardError, SpanCache};
+use tokio::time::Instant;
+
+/// Handles one frame from the next hop; `false` when the session cannot go on.
+pub(super) async fn downstream_event(
+    d: &mut Downstream,
+    item: std::io::Result<InferResponse>,
+    up_tx: &mut FrameWriter,
+    session: SessionId,
+) -> bool {
+    let step = d.waiting.front().map(|(s, _)| *s).unwrap_or(0);
+    let fail = match item {
+        Ok(InferResponse::Ack { step: acked, .. }) => {
+            while d.waiting.front().is_some_and(|(s, _)| *s <= acked) {
+                d.waiting.pop_front();
+            }
+            return true;
+        }
+        Ok(InferResponse::Closed { .. }) => return true,
+        Ok(f @ InferResponse::HopFailed { .. }) => f,
+        Ok(InferResponse::Error(e)) => {
+            hop_failed(session, step, d.hop.index, &d.hop.peer, e.code, e.message)
+        }
+        Ok(other) => hop_failed(
+            session,
+            step,
+            d.hop.index,
+            &d.hop.peer,
+            ErrorCode::BadRequest,
+            format!("sent {other:?} on a session stream"),
+        ),
+        Err(e) => hop_failed(
+            session,
+            step,
+            d.hop.index,
+            &d.hop.peer,
+            ErrorCode::Unreachable,
+            format!("its stream broke: {e}"),
+        ),
+    };
+    let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+    false
+}
+
+/// A failure at this hop or at the next.
+pub(super) enum Failure {
+    /// This hop failed.
+    Here(ErrorCode, String),
+    /// The next hop failed.
+    Next(ErrorCode, String),
+}
+
+/// Runs the span over `hidden` at `position` under a compute permit. Gives back the cache
+/// (`None` if it was lost with a panicked compute task).
+pub(super) async fn compute(
+    server: &Server,
+    mut cache: SpanCache,
+    hidden: &HiddenStates,
+    position: u32,
+) -> (
+    Option<SpanCache>,
+    Result<candle_core::Tensor, ProtocolError>,
+) {
+    let input = match from_wire(
+        hidden,
+        server.span.config().hidden_size,
+        server.span.device(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                Some(cache),
+                Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
+            );
+        }
+    };
+    let Ok(_permit) = server.permits.acquire().await else {
+        return (
+            Some(cache),
+            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+        );
+    };
+    let span = server.span.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let out = span.forward(&input, position as usize, &mut cache);
+        (cache, out)
+    })
+    .await;
+    match joined {
+        Err(e) => (
+            None,
+            Err(ProtocolError::new(
+                ErrorCode::Internal,
+                format!("compute task failed: {e}"),
+            )),
+        ),
+        // The span leaves the cache as it was when a step fails.
+        Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
+        Ok((cache, Err(e))) => {
+            let code = match &e {
+                ShardError::CacheFull { .. } => ErrorCode::OverBudget,
+                ShardError::PositionMismatch { .. } => ErrorCode::BadRequest,
+                _ => ErrorCode::Internal,
+            };
+            (Some(cache), Err(ProtocolError::new(code, e.to_string())))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send_down(
+    d: &mut Downstream,
+    session: SessionId,
+    position: u32,
+    step: u64,
+    out: candle_core::Tensor,
+    last_row_only: bool,
+    tokens: usize,
+    dtype: WireDType,
+) -> Result<(), Failure> {
+    let hidden =
+        to_wire(&out, dtype).map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
+    let msg = InferRequest::Forward {
+        session,
+        position,
+        step,
+        hidden,
+        last_row_only,
+    };
+    d.tx.send(&msg, SEND_TIMEOUT)
+        .await
+        .map_err(|e| Failure::Next(ErrorCode::Unreachable, format!("sending step {step}: {e}")))?;
+    d.waiting
+        .push_back((step, Instant::now() + ack_timeout(tokens, d.hop.step_us)));
+    if let InferRequest::Forward { hidden, .. } = msg {
+        d.log.push(position, hidden);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send_output(
+    attach: &mut Option<FrameWriter>,
+    reservation: &mut Reservation<FrameWriter>,
+    session: SessionId,
+    position: u32,
+    step: u64,
+    out: &candle_core::Tensor,
+    last_row_only: bool,
+    dtype: WireDType,
+) -> Result<(), Failure> {
+    if attach.is_none() {
+        match tokio::time::timeout(ATTACH_WAIT, reservation.attached.recv()).await {
+            Ok(Some(w)) => *attach = Some(w),
+            _ => {
+                return Err(Failure::Here(
+                    ErrorCode::BadRequest,
+                    format!("the client did not attach within {ATTACH_WAIT:?}"),
+                ));
+            }
+        }
+    }
+    let (rows, position) = if last_row_only {
+        let n = u32::try_from(out.dim(1).unwrap_or(1)).unwrap_or(1);
+        (last_row(out), position + n.saturating_sub(1))
+    } else {
+        (Ok(out.clone()), position)
+    };
+    let hidden = rows
+        .and_then(|r| to_wire(&r, dtype))
+        .map_err(|e| Failure::Here(ErrorCode::Internal, e.to_string()))?;
+    let msg = InferResponse::Output {
+        session,
+        step,
+        position,
+        hidden,
+    };
+    let Some(w) = attach.as_mut() else {
+        return Err(Failure::Here(
+            ErrorCode::Internal,
+            "no attach stream".into(),
+        ));
+    };
+    w.send(&msg, SEND_TIMEOUT).await.map_err(|e| {
+        Failure::Here(
+            ErrorCode::Unreachable,
+            format!("the client's attach stream broke: {e}"),
+        )
+    })
+}
