@@ -1,9 +1,9 @@
-//! The AVX-512 VNNI kernel of [`PackedMatrix`], and the crate's only unsafe
-//! code: SIMD intrinsics need `unsafe`, and so does calling a function
-//! compiled for CPU features the build does not assume. The rest of the
-//! crate reaches the kernel through [`Vnni`], which exists only where those
-//! features were detected at run time, so every call is sound by
-//! construction.
+//! The AVX-512 VNNI kernel of [`PackedMatrix`], and with `avx2.rs` the
+//! crate's only unsafe code: SIMD intrinsics need `unsafe`, and so does
+//! calling a function compiled for CPU features the build does not assume.
+//! The rest of the crate reaches the kernel through [`Vnni`], which exists
+//! only where those features were detected at run time, so every call is
+//! sound by construction.
 #![allow(unsafe_code)]
 
 use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
@@ -14,9 +14,9 @@ use std::arch::x86_64::*;
 pub(super) struct Vnni(());
 
 impl Vnni {
-    /// The proof, where [`super::simd_available`] finds every feature.
+    /// The proof, where the CPU has every feature the kernel enables.
     pub(super) fn detect() -> Option<Self> {
-        super::simd_available().then_some(Self(()))
+        super::path::cpu().vnni.then_some(Self(()))
     }
 
     /// Computes tile `t` of `w` (16 output columns) for every activation row

@@ -4,7 +4,7 @@
 //! files ship), and its Q8_0 kernels only use AVX-512 VNNI when the inner
 //! dimension is a multiple of 256 (576, this model's width, is not). This
 //! module keeps a weight matrix in one layout for all of them and multiplies
-//! it with int8 dot products (`vpdpbusd`):
+//! it with int8 dot products:
 //!
 //! - rows are grouped into tiles of 16, the inner dimension into blocks of 32;
 //! - each (row, block) stores unsigned quants `u` (4 or 8 bits), a scale `d`
@@ -17,27 +17,35 @@
 //!   activations, the same numbers), so the result differs from candle's
 //!   only by float rounding order.
 //!
-//! The SIMD kernel needs AVX-512 F/BW/VNNI and F16C, detected at run time;
-//! [`PackedMatrix::pack`] returns `None` on other machines (the caller then
-//! keeps candle's kernels). The scalar path computes the same integer sums
-//! and is what the unit tests check the SIMD path against. The SIMD kernel
-//! lives in `avx512.rs`, the crate's one file of unsafe code; this one packs,
-//! detects and dispatches, in safe code.
+//! Two SIMD kernels run this layout, chosen at run time ([`kernel_path`],
+//! forced by the `POLLEN_KERNEL` environment variable): AVX-512 VNNI
+//! (`vpdpbusd`, `avx512.rs`) and AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`),
+//! the crate's two files of unsafe code. Where neither runs,
+//! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
+//! kernels. Per output value, every path computes the same exact integer sum
+//! per block and then the same two fused multiply-adds in the same order, so
+//! the SIMD kernels and the scalar path here (the tests' reference) give
+//! bit-identical results. This file packs and dispatches, in safe code.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use half::f16;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
+mod path;
+pub use path::{KERNEL_ENV, KernelPath, active_path, kernel_path, simd_available};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-/// Off x86-64 there is no SIMD kernel: the proof of one cannot be made.
+/// Off x86-64 there is no SIMD kernel: no proof of one can be made.
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
     use super::{Activations, PackedMatrix, TILE};
 
-    /// Proof that this CPU runs the SIMD kernel; none can exist here.
+    /// Proof that this CPU runs the AVX-512 kernel; none can exist here.
     #[derive(Debug, Clone, Copy)]
     pub(super) enum Vnni {}
 
@@ -56,6 +64,65 @@ mod avx512 {
             _: &mut [[f32; TILE]],
         ) {
             match self {}
+        }
+    }
+}
+
+/// Off x86-64 there is no SIMD kernel: no proof of one can be made.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    use super::{Activations, PackedMatrix, TILE};
+
+    /// Proof that this CPU runs the AVX2 kernel; none can exist here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Avx2 {}
+
+    impl Avx2 {
+        /// Never found off x86-64.
+        pub(super) fn detect() -> Option<Self> {
+            None
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn tile(
+            self,
+            _: &PackedMatrix,
+            _: usize,
+            _: &Activations,
+            _: &mut [[f32; TILE]],
+        ) {
+            match self {}
+        }
+    }
+}
+
+/// A SIMD kernel, with the proof that this CPU runs it.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    Vnni(avx512::Vnni),
+    Avx2(avx2::Avx2),
+}
+
+impl Kernel {
+    /// The kernel of `path`, where this CPU runs it.
+    fn of(path: KernelPath) -> Option<Self> {
+        match path {
+            KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
+            KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
+            KernelPath::None => None,
+        }
+    }
+
+    /// The kernel of this process's [`kernel_path`].
+    fn active() -> Option<Self> {
+        static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+        *KERNEL.get_or_init(|| Self::of(kernel_path()))
+    }
+
+    fn tile(self, w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+        match self {
+            Self::Vnni(k) => k.tile(w, t, act, out),
+            Self::Avx2(k) => k.tile(w, t, act, out),
         }
     }
 }
@@ -113,25 +180,6 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
-/// Whether this CPU runs the SIMD kernel.
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// One (row, block) of a matrix being packed: scale, offset, quants.
 struct RowBlock {
     d: f16,
@@ -179,10 +227,10 @@ impl PackedMatrix {
     }
 
     /// Packs a 2-d CPU `QTensor`, or returns `None` when its shape does not
-    /// fit the layout (rows not a multiple of 16, columns not of 32) or the
-    /// CPU lacks the SIMD kernel.
+    /// fit the layout (rows not a multiple of 16, columns not of 32) or no
+    /// SIMD kernel runs here ([`kernel_path`] is [`KernelPath::None`]).
     pub fn pack(q: &QTensor) -> candle_core::Result<Option<Self>> {
-        if !simd_available() {
+        if Kernel::active().is_none() {
             return Ok(None);
         }
         Self::pack_any(q)
@@ -314,6 +362,11 @@ impl PackedMatrix {
 
     /// `dst (m, n) = x (m, k) · selfᵀ`, on candle's CPU thread pool.
     pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        self.matmul_on(Kernel::active(), x, m, dst);
+    }
+
+    /// [`Self::matmul`] on `kernel`, or on the scalar path for `None`.
+    fn matmul_on(&self, kernel: Option<Kernel>, x: &[f32], m: usize, dst: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "lhs length");
         assert_eq!(dst.len(), m * self.n, "dst length");
         let n_tiles = self.n / TILE;
@@ -321,7 +374,6 @@ impl PackedMatrix {
             return;
         }
         let act = Activations::quantize(x, m, self.k);
-        let simd = avx512::Vnni::detect();
         // Tile-major results: tile `t`'s 16 columns of every row at `t * m..`,
         // one slot per tile, so workers write disjoint slots without sharing.
         let mut tiles = vec![[0f32; TILE]; n_tiles * m];
@@ -332,8 +384,8 @@ impl PackedMatrix {
                 for t in range {
                     // Each tile is handed to one worker: the lock is never contended.
                     let mut out = slots[t].lock().unwrap_or_else(PoisonError::into_inner);
-                    match simd {
-                        Some(vnni) => vnni.tile(self, t, &act, &mut out),
+                    match kernel {
+                        Some(k) => k.tile(self, t, &act, &mut out),
                         None => self.tile_scalar(t, &act, &mut out),
                     }
                 }
@@ -382,7 +434,9 @@ impl PackedMatrix {
                     }
                     let d = f16_at(sc, 2 * r).to_f32();
                     let m = f16_at(sc, 32 + 2 * r).to_f32();
-                    *o += d * dx * isum as f32 + m * sx;
+                    // The SIMD kernels' steps: two fused multiply-adds.
+                    *o = (d * dx).mul_add(isum as f32, *o);
+                    *o = m.mul_add(sx, *o);
                 }
             }
         }
@@ -423,12 +477,14 @@ impl candle_core::CustomOp1 for PackedMatrix {
     }
 }
 
-/// Activations quantized per block of 32: int8 values, scales `d`, and
-/// `s = d * sum(q)` for the weights' offsets.
+/// Activations quantized per block of 32: int8 values, scales `d`,
+/// `s = d * sum(q)` for the weights' offsets, and `sum(q)` itself (the AVX2
+/// kernel's 8-bit path adds `128 * sum(q)` back to its signed products).
 struct Activations {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    sum: Vec<i32>,
 }
 
 impl Activations {
@@ -437,6 +493,7 @@ impl Activations {
         let mut q = vec![0i8; m * k];
         let mut d = vec![0f32; m * kb];
         let mut s = vec![0f32; m * kb];
+        let mut sums = vec![0i32; m * kb];
         for (i, (xs, qs)) in x
             .chunks_exact(BLOCK)
             .zip(q.chunks_exact_mut(BLOCK))
@@ -457,125 +514,11 @@ impl Activations {
             let scale = f16::from_f32(scale).to_f32();
             d[i] = scale;
             s[i] = scale * sum as f32;
+            sums[i] = sum;
         }
-        Self { q, d, s }
+        Self { q, d, s, sum: sums }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use candle_core::Tensor;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                out[i * n + j] = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
-            }
-        }
-        out
-    }
-
-    fn check(dtype: Option<GgmlDType>, m: usize, n: usize, k: usize) {
-        let mut seed = 7u64 + (m * 31 + n * 7 + k) as u64;
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
-        let packed = match dtype {
-            Some(d) => {
-                let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&t, d).unwrap();
-                PackedMatrix::pack_any(&q).unwrap().unwrap()
-            }
-            None => PackedMatrix::from_dense(&w, n, k),
-        };
-        let want = reference(&w, &x, m, n, k);
-        let act = Activations::quantize(&x, m, k);
-        let mut scalar = vec![[0f32; TILE]; m];
-        let mut got_scalar = vec![0f32; m * n];
-        for t in 0..n / TILE {
-            packed.tile_scalar(t, &act, &mut scalar);
-            for (r, o) in scalar.iter().enumerate() {
-                got_scalar[r * n + t * TILE..r * n + t * TILE + TILE].copy_from_slice(o);
-            }
-        }
-        // Quantization error bound: loose, relative to the size of the sums.
-        let tol = match dtype {
-            Some(GgmlDType::Q4_0 | GgmlDType::Q4_1) => 0.15,
-            _ => 0.03,
-        } * (k as f32).sqrt();
-        for (a, b) in got_scalar.iter().zip(&want) {
-            assert!((a - b).abs() < tol, "{dtype:?} scalar {a} vs f32 {b}");
-        }
-        // The dispatch (SIMD where the CPU has it, on the thread pool for
-        // larger products) against the scalar tiles.
-        let mut got = vec![0f32; m * n];
-        packed.matmul(&x, m, &mut got);
-        for (a, b) in got.iter().zip(&got_scalar) {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{dtype:?} matmul {a} vs scalar {b} (simd: {})",
-                simd_available()
-            );
-        }
-    }
-
-    #[test]
-    fn packed_products_match_scalar_and_f32() {
-        for dtype in [
-            Some(GgmlDType::Q4_1),
-            Some(GgmlDType::Q4_0),
-            Some(GgmlDType::Q8_0),
-            Some(GgmlDType::Q6K),
-            None,
-        ] {
-            let k = if dtype == Some(GgmlDType::Q6K) {
-                256
-            } else {
-                96
-            };
-            for m in [1, 3, 5, 9] {
-                check(dtype, m, 48, k);
-            }
-            // Enough tiles times rows to run on the thread pool.
-            check(dtype, 9, 128, k);
-        }
-    }
-
-    #[test]
-    fn q4_1_packing_is_exact() {
-        let mut seed = 3u64;
-        let (n, k) = (32, 64);
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-        let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
-        let p = PackedMatrix::pack_any(&q).unwrap().unwrap();
-        // One-hot activations read single weights back: d*u + m, as Q4_1 dequantizes.
-        let deq = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for col in [0, 5, 17, 31, 40] {
-            let mut x = vec![0f32; k];
-            x[col] = 1.0;
-            let act = Activations::quantize(&x, 1, k);
-            for tile in 0..n / TILE {
-                let mut out = vec![[0f32; TILE]; 1];
-                p.tile_scalar(tile, &act, &mut out);
-                for r in 0..TILE {
-                    let want = deq[tile * TILE + r][col];
-                    assert!((out[0][r] - want).abs() < 1e-3, "{} vs {want}", out[0][r]);
-                }
-            }
-        }
-    }
-}
+mod tests;

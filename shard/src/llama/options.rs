@@ -14,13 +14,15 @@ pub enum WeightMode {
     /// slightly (measured in the engine bench); the text rarely does.
     Requantize(GgmlDType),
     /// Q4_0, Q4_1 and Q8_0 weights keep their values but are repacked at load
-    /// for this crate's own AVX-512 VNNI kernel ([`crate::kernels`]); Q5_0,
+    /// for this crate's own AVX-512 VNNI or AVX2 kernels ([`crate::kernels`],
+    /// chosen at run time; the two give bit-identical results); Q5_0,
     /// Q5_1 and Q8_1 become 8-bit asymmetric quants. Activations are quantized
     /// per 32 values as candle does, so logits differ from exact only by
     /// rounding (summation order, fused attention; measured in the engine
     /// bench). Uses the same growable KV cache and fused attention as
     /// `Requantize`.
-    /// On CPUs without AVX-512 VNNI this behaves as `Requantize(Q8_0)`.
+    /// On CPUs with neither (or with `POLLEN_KERNEL=fallback`) this behaves
+    /// as `Requantize(Q8_0)`.
     #[default]
     Fast,
 }

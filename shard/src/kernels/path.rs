@@ -1,0 +1,220 @@
+//! Which kernel [`PackedMatrix`](super::PackedMatrix) runs on: detected once
+//! per process from the CPU's features, or forced by `POLLEN_KERNEL`.
+
+use std::sync::OnceLock;
+
+/// The environment variable that forces a kernel path: `avx512` (or
+/// `avx512-vnni`), `avx2`, `fallback` (or `none`), or `auto` (the default
+/// when unset). A path this CPU lacks is refused with a logged warning, and
+/// the automatic choice runs instead.
+pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
+
+/// A kernel path of the fast weight mode.
+///
+/// The SIMD paths compute the same integer dot products and the same float
+/// operations in the same order, so their results are bit-identical (tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KernelPath {
+    /// AVX-512 F, BW, VNNI and F16C: `vpdpbusd` on 16 output rows at once.
+    Avx512Vnni,
+    /// AVX2, FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 8 output rows at once.
+    Avx2,
+    /// No packed kernel: the fast mode runs as `Requantize(Q8_0)` on candle's
+    /// own kernels.
+    None,
+}
+
+impl KernelPath {
+    /// Every path, fastest first.
+    pub const ALL: [Self; 3] = [Self::Avx512Vnni, Self::Avx2, Self::None];
+
+    /// The path's name: `avx512-vnni`, `avx2` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Avx512Vnni => "avx512-vnni",
+            Self::Avx2 => "avx2",
+            Self::None => "none",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Self::Avx512Vnni => cpu().vnni,
+            Self::Avx2 => cpu().avx2,
+            Self::None => true,
+        }
+    }
+
+    /// Reads a value of [`KERNEL_ENV`]; `None` for `auto` or empty.
+    fn parse(text: &str) -> Result<Option<Self>, ()> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(None),
+            "avx512" | "avx512-vnni" | "avx512vnni" | "vnni" => Ok(Some(Self::Avx512Vnni)),
+            "avx2" => Ok(Some(Self::Avx2)),
+            "none" | "fallback" => Ok(Some(Self::None)),
+            _ => Err(()),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The CPU features the kernels need.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cpu {
+    /// AVX-512 F, BW, VNNI and F16C.
+    pub(super) vnni: bool,
+    /// AVX2, FMA and F16C.
+    pub(super) avx2: bool,
+}
+
+/// This CPU's features, detected once.
+pub(super) fn cpu() -> Cpu {
+    static CPU: OnceLock<Cpu> = OnceLock::new();
+    *CPU.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f16c = is_x86_feature_detected!("f16c");
+            Cpu {
+                vnni: f16c
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni"),
+                avx2: f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Cpu {
+                vnni: false,
+                avx2: false,
+            }
+        }
+    })
+}
+
+/// Chooses a path for `request` (the value of [`KERNEL_ENV`], if set) on a
+/// CPU with `cpu`'s features; the second value is a warning to log when the
+/// request cannot be honoured.
+pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<String>) {
+    let best = if cpu.vnni {
+        KernelPath::Avx512Vnni
+    } else if cpu.avx2 {
+        KernelPath::Avx2
+    } else {
+        KernelPath::None
+    };
+    let has = |p: KernelPath| match p {
+        KernelPath::Avx512Vnni => cpu.vnni,
+        KernelPath::Avx2 => cpu.avx2,
+        KernelPath::None => true,
+    };
+    match request.map(KernelPath::parse) {
+        None | Some(Ok(None)) => (best, None),
+        Some(Ok(Some(p))) if has(p) => (p, None),
+        Some(Ok(Some(p))) => (
+            best,
+            Some(format!(
+                "{KERNEL_ENV}={p}: this CPU lacks the features that path needs; using {best}"
+            )),
+        ),
+        Some(Err(())) => (
+            best,
+            Some(format!(
+                "{KERNEL_ENV}={:?} is not a kernel path (expected avx512, avx2, fallback or auto); using {best}",
+                request.unwrap_or_default()
+            )),
+        ),
+    }
+}
+
+/// The kernel path this process runs the fast weight mode on: the fastest
+/// one the CPU has, unless [`KERNEL_ENV`] forces another. Decided on first
+/// use and fixed for the life of the process.
+pub fn kernel_path() -> KernelPath {
+    static PATH: OnceLock<KernelPath> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let request = std::env::var(KERNEL_ENV).ok();
+        let (path, warning) = choose(request.as_deref(), cpu());
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+        tracing::debug!(kernel = path.as_str(), "fast-mode kernel path");
+        path
+    })
+}
+
+/// The name of the kernel path this process runs the fast weight mode on:
+/// `"avx512-vnni"`, `"avx2"` or `"none"` (fast mode runs as `q8_0` on
+/// candle's kernels). See [`kernel_path`].
+pub fn active_path() -> &'static str {
+    kernel_path().as_str()
+}
+
+/// Whether the fast weight mode runs on one of this crate's packed SIMD
+/// kernels here (AVX-512 VNNI or AVX2, per [`kernel_path`]). Where it is
+/// false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
+/// `Requantize(Q8_0)`.
+pub fn simd_available() -> bool {
+    kernel_path() != KernelPath::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOTH: Cpu = Cpu {
+        vnni: true,
+        avx2: true,
+    };
+    const AVX2: Cpu = Cpu {
+        vnni: false,
+        avx2: true,
+    };
+    const BARE: Cpu = Cpu {
+        vnni: false,
+        avx2: false,
+    };
+
+    #[test]
+    fn the_fastest_supported_path_is_chosen_unless_forced() {
+        assert_eq!(choose(None, BOTH), (KernelPath::Avx512Vnni, None));
+        assert_eq!(choose(Some("auto"), AVX2), (KernelPath::Avx2, None));
+        assert_eq!(choose(None, BARE), (KernelPath::None, None));
+        assert_eq!(choose(Some("avx2"), BOTH), (KernelPath::Avx2, None));
+        assert_eq!(
+            choose(Some(" AVX512 "), BOTH),
+            (KernelPath::Avx512Vnni, None)
+        );
+        assert_eq!(choose(Some("fallback"), BOTH), (KernelPath::None, None));
+        assert_eq!(choose(Some("none"), AVX2), (KernelPath::None, None));
+    }
+
+    #[test]
+    fn a_path_the_cpu_lacks_or_a_bad_name_is_refused_with_a_warning() {
+        let (p, w) = choose(Some("avx512"), AVX2);
+        assert_eq!(p, KernelPath::Avx2);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("avx2"), BARE);
+        assert_eq!(p, KernelPath::None);
+        assert!(w.is_some());
+        let (p, w) = choose(Some("neon"), BOTH);
+        assert_eq!(p, KernelPath::Avx512Vnni);
+        assert!(w.is_some_and(|w| w.contains("not a kernel path")));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for p in KernelPath::ALL {
+            assert_eq!(KernelPath::parse(p.as_str()), Ok(Some(p)));
+        }
+        assert!(simd_available() == (kernel_path() != KernelPath::None));
+        assert_eq!(active_path(), kernel_path().as_str());
+    }
+}

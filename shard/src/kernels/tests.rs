@@ -1,0 +1,244 @@
+//! Every kernel path against the scalar path, and the scalar path against
+//! f32 products.
+//!
+//! Tolerance: the SIMD kernels must equal the scalar path bit for bit (the
+//! integer sums are exact and the float steps are the same fused
+//! multiply-adds in the same order). The scalar path differs from an f32
+//! product only by the quantization of weights and activations, checked
+//! against a loose bound relative to the size of the sums.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use candle_core::Tensor;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
+        }
+    }
+    out
+}
+
+/// The SIMD kernels this CPU runs, whatever `POLLEN_KERNEL` says.
+fn kernels() -> Vec<(KernelPath, Kernel)> {
+    let found: Vec<_> = [KernelPath::Avx512Vnni, KernelPath::Avx2]
+        .into_iter()
+        .filter_map(|p| Kernel::of(p).map(|k| (p, k)))
+        .collect();
+    for p in [KernelPath::Avx512Vnni, KernelPath::Avx2] {
+        assert_eq!(found.iter().any(|(q, _)| *q == p), p.supported(), "{p}");
+        if !p.supported() {
+            eprintln!("kernel path {p} not on this CPU: not tested here");
+        }
+    }
+    found
+}
+
+fn pack(dtype: Option<GgmlDType>, w: &[f32], n: usize, k: usize) -> PackedMatrix {
+    match dtype {
+        Some(d) => {
+            let t = Tensor::from_vec(w.to_vec(), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, d).unwrap();
+            PackedMatrix::pack_any(&q).unwrap().unwrap()
+        }
+        None => PackedMatrix::from_dense(w, n, k),
+    }
+}
+
+/// Asserts `got` equals `want` bit for bit.
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: [{i}] {a} vs {b}");
+    }
+}
+
+/// Scalar path against f32, then every kernel (through the dispatch, on the
+/// thread pool for larger products) against the scalar path.
+fn check(dtype: Option<GgmlDType>, m: usize, n: usize, k: usize) {
+    let mut seed = 7u64 + (m * 31 + n * 7 + k) as u64;
+    let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let packed = pack(dtype, &w, n, k);
+    let want = reference(&w, &x, m, n, k);
+    let mut scalar = vec![0f32; m * n];
+    packed.matmul_on(None, &x, m, &mut scalar);
+    let tol = match dtype {
+        Some(GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) => 0.15,
+        _ => 0.03,
+    } * (k as f32).sqrt();
+    for (a, b) in scalar.iter().zip(&want) {
+        assert!((a - b).abs() < tol, "{dtype:?} scalar {a} vs f32 {b}");
+    }
+    for (path, kernel) in kernels() {
+        let mut got = vec![0f32; m * n];
+        packed.matmul_on(Some(kernel), &x, m, &mut got);
+        assert_bits(&got, &scalar, &format!("{path} {dtype:?} {m}x{n}x{k}"));
+    }
+}
+
+const TYPES: [Option<GgmlDType>; 4] = [
+    Some(GgmlDType::Q4_1),
+    Some(GgmlDType::Q4_0),
+    Some(GgmlDType::Q8_0),
+    None,
+];
+
+#[test]
+fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
+    for dtype in TYPES {
+        for m in [1, 2, 3, 4, 5, 7, 9] {
+            check(dtype, m, 48, 96);
+        }
+        // Enough tiles times rows to run on the thread pool.
+        check(dtype, 9, 128, 96);
+    }
+    // Types without a direct mapping are stored as 8-bit asymmetric quants.
+    for m in [1, 5] {
+        check(Some(GgmlDType::Q6K), m, 48, 256);
+        check(Some(GgmlDType::Q4K), m, 32, 512);
+    }
+}
+
+#[test]
+fn every_kernel_path_matches_the_scalar_path_on_the_models_shapes() {
+    // SmolLM2-135M: q/o 576×576, k/v 192×576, gate/up 1536×576, down 576×1536
+    // (rows × inner); one decode row, an odd prefill, a multiple of 4 plus 3.
+    for dtype in TYPES {
+        for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+            for m in [1, 3, 7] {
+                check(dtype, m, n, k);
+            }
+        }
+    }
+}
+
+/// The largest products the saturating 16-bit steps of the AVX2 kernel can
+/// meet: every quant at either end of its range, activations at ±127.
+#[test]
+fn extreme_quants_do_not_saturate() {
+    let (n, k) = (32, 64);
+    for bits in [Bits::Four, Bits::Eight] {
+        let top = match bits {
+            Bits::Four => 15,
+            Bits::Eight => 255,
+        };
+        let w = PackedMatrix::build(n, k, bits, |r, b| {
+            let mut u = [0u8; BLOCK];
+            for (j, u) in u.iter_mut().enumerate() {
+                *u = match r % 4 {
+                    0 => top,
+                    1 => 0,
+                    2 => [0, top][(j + b) % 2],
+                    _ => [1, top - 1, top / 2 + 1, top / 2][j % 4],
+                };
+            }
+            RowBlock {
+                d: f16::from_f32(0.01),
+                m: f16::from_f32(-0.5),
+                u,
+            }
+        });
+        for pattern in 0..4 {
+            let m = 5;
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| match pattern {
+                    0 => 1.0,
+                    1 => -1.0,
+                    2 => [1.0, -1.0][i % 2],
+                    _ => [1.0, -1.0][(i / 3) % 2],
+                })
+                .collect();
+            let mut scalar = vec![0f32; m * n];
+            w.matmul_on(None, &x, m, &mut scalar);
+            // The scalar path against the exact integer arithmetic.
+            let act = Activations::quantize(&x, m, k);
+            assert!(act.q.iter().all(|q| q.abs() == 127));
+            for (path, kernel) in kernels() {
+                let mut got = vec![0f32; m * n];
+                w.matmul_on(Some(kernel), &x, m, &mut got);
+                assert_bits(&got, &scalar, &format!("{path} {bits:?} pattern {pattern}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn the_scalar_path_is_exact_integer_arithmetic() {
+    // Weights and activations that quantize without error: d = 1, m = 0,
+    // x = ±127 (scale 1): every output is the integer dot product.
+    let (n, k, m) = (16, 64, 3);
+    let mut seed = 11u64;
+    let u: Vec<u8> = (0..n * k)
+        .map(|_| ((lcg(&mut seed) + 1.0) * 127.9) as u8)
+        .collect();
+    let w = PackedMatrix::build(n, k, Bits::Eight, |r, b| {
+        let mut q = [0u8; BLOCK];
+        q.copy_from_slice(&u[r * k + b * BLOCK..][..BLOCK]);
+        RowBlock {
+            d: f16::ONE,
+            m: f16::ZERO,
+            u: q,
+        }
+    });
+    let x: Vec<f32> = (0..m * k)
+        .map(|_| if lcg(&mut seed) > 0.0 { 127.0 } else { -127.0 })
+        .collect();
+    let mut got = vec![0f32; m * n];
+    w.matmul_on(None, &x, m, &mut got);
+    for i in 0..m {
+        for j in 0..n {
+            let want: i64 = (0..k)
+                .map(|l| i64::from(u[j * k + l]) * x[i * k + l] as i64)
+                .sum();
+            assert_eq!(got[i * n + j], want as f32, "row {i} col {j}");
+        }
+    }
+}
+
+#[test]
+fn q4_1_packing_is_exact() {
+    let mut seed = 3u64;
+    let (n, k) = (32, 64);
+    let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+    let p = PackedMatrix::pack_any(&q).unwrap().unwrap();
+    // One-hot activations read single weights back: d*u + m, as Q4_1 dequantizes.
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for col in [0, 5, 17, 31, 40] {
+        let mut x = vec![0f32; k];
+        x[col] = 1.0;
+        let act = Activations::quantize(&x, 1, k);
+        for tile in 0..n / TILE {
+            let mut out = vec![[0f32; TILE]; 1];
+            p.tile_scalar(tile, &act, &mut out);
+            for r in 0..TILE {
+                let want = deq[tile * TILE + r][col];
+                assert!((out[0][r] - want).abs() < 1e-3, "{} vs {want}", out[0][r]);
+            }
+        }
+    }
+}
+
+#[test]
+fn pack_follows_the_active_path() {
+    let t = Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let packed = PackedMatrix::pack(&q).unwrap();
+    assert_eq!(packed.is_some(), kernel_path() != KernelPath::None);
+    assert_eq!(Kernel::active().is_some(), simd_available());
+}
