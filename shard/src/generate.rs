@@ -186,6 +186,8 @@ pub struct Generator {
     text: String,
     pos: usize,
     next: Option<u32>,
+    /// Every input handed out so far: its position and token ids.
+    inputs: Vec<(usize, Vec<u32>)>,
     stop: Option<StopReason>,
     started: Instant,
     prefill_time: Option<Duration>,
@@ -219,6 +221,7 @@ impl Generator {
             text: String::new(),
             pos: 0,
             next: None,
+            inputs: Vec::new(),
             stop: None,
             started: Instant::now(),
             prefill_time: None,
@@ -240,8 +243,10 @@ impl Generator {
         }
         if self.fed_prompt < self.prompt.len() {
             let end = (self.fed_prompt + self.chunk).min(self.prompt.len());
-            let hidden = ends.embed(&self.prompt[self.fed_prompt..end])?;
+            let ids = &self.prompt[self.fed_prompt..end];
+            let hidden = ends.embed(ids)?;
             let pos = self.pos;
+            self.inputs.push((pos, ids.to_vec()));
             self.pos = end;
             self.fed_prompt = end;
             return Ok(Some((hidden, pos)));
@@ -253,6 +258,7 @@ impl Generator {
         };
         let pos = self.pos;
         self.pos += 1;
+        self.inputs.push((pos, vec![next]));
         Ok(Some((ends.embed(&[next])?, pos)))
     }
 
@@ -308,6 +314,14 @@ impl Generator {
             return Ok(Step::Done(out, stop));
         }
         Ok(Step::Text(out))
+    }
+
+    /// Every input handed out by [`Generator::next_input`] so far, in order: its position
+    /// and token ids. Running them again, in these same chunks, through fresh blocks
+    /// brings those blocks to the state the original ones had, bit for bit (same shapes,
+    /// same positions, same arithmetic): the replay that heals a broken route.
+    pub fn inputs(&self) -> &[(usize, Vec<u32>)] {
+        &self.inputs
     }
 
     /// Ends the generation early (the caller stopped reading); the held-back text is

@@ -18,6 +18,7 @@ pub use route::{Hop, route};
 pub use session::SwarmSession;
 
 use crate::net::{self, NetConfig, NetHandle, Role};
+use candle_core::Tensor;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{ModelId, VerifiedAnnouncement, WireDType};
 use pollen_shard::generate::{GenerateParams, Generation, Generator, Step};
@@ -35,6 +36,50 @@ const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(15);
 const MEASURE_WAIT: Duration = Duration::from_millis(400);
 /// Most candidate first (and last) hops measured.
 const MEASURE_CANDIDATES: usize = 8;
+/// Most new routes tried for one step before the client gives up.
+const MAX_HEALS_PER_STEP: usize = 8;
+/// How long a server that failed is left out of routes; doubled with each further
+/// failure, up to [`MAX_BAN`].
+const FIRST_BAN: Duration = Duration::from_secs(30);
+/// The longest ban.
+const MAX_BAN: Duration = Duration::from_secs(600);
+/// How long a busy server is left out of routes.
+const BUSY_BAN: Duration = Duration::from_secs(3);
+/// Most servers remembered as banned.
+const MAX_BANS: usize = 1024;
+
+/// Servers left out of routes for a while: those that failed (longer each time) and
+/// those that were busy (briefly).
+#[derive(Debug, Default)]
+struct Bans {
+    until: HashMap<PeerId, (Instant, u32)>,
+}
+
+impl Bans {
+    fn ban(&mut self, peer: PeerId, busy: bool) {
+        let now = Instant::now();
+        self.until.retain(|_, (t, _)| *t > now);
+        if self.until.len() >= MAX_BANS && !self.until.contains_key(&peer) {
+            return;
+        }
+        let (t, strikes) = self.until.entry(peer).or_insert((now, 0));
+        let wait = if busy {
+            BUSY_BAN
+        } else {
+            *strikes += 1;
+            FIRST_BAN
+                .saturating_mul(1 << (*strikes - 1).min(5))
+                .min(MAX_BAN)
+        };
+        *t = (*t).max(now + wait);
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        self.until
+            .get(peer)
+            .is_some_and(|(t, _)| *t > Instant::now())
+    }
+}
 
 /// How a client connects and computes.
 #[derive(Debug, Clone)]
@@ -87,6 +132,7 @@ pub struct SwarmClient {
     net: NetHandle,
     model: Arc<ClientModel>,
     cfg: ClientConfig,
+    bans: std::sync::Mutex<Bans>,
     cancel: CancellationToken,
     net_task: tokio::task::JoinHandle<()>,
 }
@@ -95,6 +141,15 @@ impl std::fmt::Debug for SwarmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SwarmClient({})", self.net.peer_id())
     }
+}
+
+/// A route as `0:10@peer -> 10:20@peer -> ...`, for logs.
+fn describe(route: &[Hop]) -> String {
+    route
+        .iter()
+        .map(|h| format!("{}@{}", h.blocks, h.peer))
+        .collect::<Vec<_>>()
+        .join(" -> ")
 }
 
 /// Starts a client node and dials `bootstrap`; fails if none answers (with mDNS off).
@@ -155,6 +210,7 @@ impl SwarmClient {
             net,
             model: Arc::new(model),
             cfg,
+            bans: std::sync::Mutex::new(Bans::default()),
             cancel,
             net_task,
         })
@@ -176,7 +232,8 @@ impl SwarmClient {
         let num_blocks = m.ends.config().num_blocks;
         let deadline = Instant::now() + self.cfg.route_wait;
         loop {
-            let book = self.net.gather(Some(m.model_id)).await?;
+            let mut book = self.net.gather(Some(m.model_id)).await?;
+            book.retain(|a| PeerId::from_bytes(&a.peer.0).is_ok_and(|p| !self.banned(&p)));
             let rtts = self.measure_ends(&book, num_blocks).await;
             match route(&book, m.model_id, num_blocks, &m.compute, &rtts) {
                 Ok(r) => return Ok(r),
@@ -258,36 +315,127 @@ impl SwarmClient {
         .await
     }
 
+    fn banned(&self, peer: &PeerId) -> bool {
+        self.bans.lock().map(|b| b.is_banned(peer)).unwrap_or(false)
+    }
+
+    /// Leaves the server a failure names out of routes for a while. Whether the failure
+    /// is one a new route can heal.
+    fn blame(&self, e: &ClientError) -> bool {
+        let Some(f) = (match e {
+            ClientError::HopFailed(f) => Some(f),
+            _ => None,
+        }) else {
+            return matches!(e, ClientError::Protocol { .. } | ClientError::Net(_));
+        };
+        use pollen_protocol::ErrorCode as C;
+        let (healable, busy) = match f.code {
+            C::Busy => (true, true),
+            C::Unreachable | C::Timeout | C::Internal | C::UnknownSession => (true, false),
+            // A server that answers nonsense or refuses what it announced.
+            C::BadRequest | C::SpanMismatch | C::UnknownModel | C::ComputeMismatch => (true, false),
+            _ => (false, false),
+        };
+        if healable && let Ok(mut b) = self.bans.lock() {
+            b.ban(f.peer, busy);
+        }
+        healable
+    }
+
+    /// A new session, of at most `budget` tokens, on a route around the servers that
+    /// failed, brought to the state of the old one by replaying `inputs` (in their
+    /// original chunks); the output of the last input. Gives up after
+    /// [`MAX_HEALS_PER_STEP`] routes, or when no route covers every block within
+    /// `route_wait`.
+    async fn heal(
+        &self,
+        failure: ClientError,
+        inputs: &[(usize, Vec<u32>)],
+        budget: u32,
+    ) -> Result<(SwarmSession, Tensor), ClientError> {
+        let started = Instant::now();
+        let mut failure = failure;
+        for _ in 0..MAX_HEALS_PER_STEP {
+            if !self.blame(&failure) {
+                return Err(failure);
+            }
+            tracing::warn!("{failure}; routing around it");
+            let route = self.discover_route().await?;
+            let mut session = match self.open_session(&route, budget).await {
+                Ok(s) => s,
+                Err(e) => {
+                    failure = e;
+                    continue;
+                }
+            };
+            let hidden = inputs
+                .iter()
+                .map(|(pos, ids)| Ok((self.model.ends.embed(ids)?, *pos)))
+                .collect::<Result<Vec<_>, ClientError>>()?;
+            match session.replay(&hidden).await {
+                Ok(out) => {
+                    tracing::warn!(
+                        "healed in {:?}: replayed {} inputs through {}",
+                        started.elapsed(),
+                        inputs.len(),
+                        describe(&route)
+                    );
+                    return Ok((session, out));
+                }
+                Err(e) => failure = e,
+            }
+        }
+        Err(failure)
+    }
+
     /// Generates from `prompt` token ids through the swarm. `on_text` gets each piece of
     /// text as it is decided and returns `false` to stop early.
+    ///
+    /// When a server of the route fails (it dies, hangs, leaves or is busy), the client
+    /// routes around it and replays what it had fed the route so far, in the same
+    /// chunks, into the new one: the text is the same as without the failure.
     pub async fn generate(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ClientError> {
-        let route = self.discover_route().await?;
-        tracing::info!(
-            "route: {}",
-            route
-                .iter()
-                .map(|h| format!("{}@{}", h.blocks, h.peer))
-                .collect::<Vec<_>>()
-                .join(" -> ")
-        );
         let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
-        let mut session = self.open_session(&route, budget).await?;
-        let result = self.run(&mut session, prompt, params, on_text).await;
+        let mut session = None;
+        let mut failure = None;
+        for _ in 0..MAX_HEALS_PER_STEP {
+            let route = self.discover_route().await?;
+            match self.open_session(&route, budget).await {
+                Ok(s) => {
+                    tracing::info!("route: {}", describe(&route));
+                    session = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    if !self.blame(&e) {
+                        return Err(e);
+                    }
+                    failure = Some(e);
+                }
+            }
+        }
+        let Some(mut session) = session else {
+            return Err(failure.unwrap_or_else(|| ClientError::NoEntry("no route".into())));
+        };
+        let result = self
+            .run(&mut session, prompt, params, budget, on_text)
+            .await;
         session.close().await;
         result
     }
 
-    /// The generation loop over an open session.
+    /// The generation loop over an open session, healing it when a hop fails.
     async fn run(
         &self,
         session: &mut SwarmSession,
         prompt: &[u32],
         params: &GenerateParams,
+        budget: u32,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ClientError> {
         let mut generator = Generator::new(prompt, params)?;
@@ -296,7 +444,17 @@ impl SwarmClient {
             let Some((input, pos)) = generator.next_input(&self.model.ends)? else {
                 break;
             };
-            let out = session.step(&input, pos).await?;
+            let out = match session.step(&input, pos).await {
+                Ok(out) => out,
+                Err(e) => {
+                    let (healed, out) = self.heal(e, generator.inputs(), budget).await?;
+                    let broken = std::mem::replace(session, healed);
+                    // Dropping the old session closes its streams: whatever is left of
+                    // the old route frees it at once.
+                    drop(broken);
+                    out
+                }
+            };
             // The head and sampling are real work: off the async threads.
             let model = self.model.clone();
             let (g, step) = tokio::task::spawn_blocking(move || {

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+/// How long a broken attach stream waits for the report of the failure that caused it.
+const CAUSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long a client keeps its session on a server between steps.
 const IDLE_TIMEOUT_MS: u32 = 120_000;
 
@@ -219,6 +221,52 @@ impl SwarmSession {
     /// Runs `hidden` `(1, n, hidden)` at positions `pos..pos+n` through every block;
     /// the last row of the output, `(1, 1, hidden)`.
     pub async fn step(&mut self, hidden: &Tensor, pos: usize) -> Result<Tensor, ClientError> {
+        let (step, want, tokens) = self.send_forward(hidden, pos).await?;
+        let first = ack_timeout(tokens, self.route[0].step_us);
+        let total = self.route_timeout(tokens);
+        self.await_output(step, want, first, total).await
+    }
+
+    /// Runs `inputs` (hidden states and their positions) through every block one after
+    /// the other, without waiting between them, so the hops work on them as a pipeline;
+    /// the last row of the last one's output. This is how a new route is brought to the
+    /// state of a broken one: the same inputs, in the same chunks.
+    pub async fn replay(&mut self, inputs: &[(Tensor, usize)]) -> Result<Tensor, ClientError> {
+        let mut last = None;
+        let mut total = std::time::Duration::ZERO;
+        let mut tokens_sent = 0;
+        for (hidden, pos) in inputs {
+            let (step, want, tokens) = self.send_forward(hidden, *pos).await?;
+            total += self.route_timeout(tokens);
+            tokens_sent += tokens;
+            last = Some((step, want));
+        }
+        let Some((step, want)) = last else {
+            return Err(ClientError::Protocol {
+                peer: self.route[0].peer,
+                message: "nothing to replay".into(),
+            });
+        };
+        // The first hop acknowledges the last input after computing every one before it.
+        let first = ack_timeout(tokens_sent, self.route[0].step_us);
+        self.await_output(step, want, first, total).await
+    }
+
+    /// How long `tokens` tokens may take through the whole route.
+    fn route_timeout(&self, tokens: usize) -> std::time::Duration {
+        self.route
+            .iter()
+            .map(|h| ack_timeout(tokens, h.step_us))
+            .sum()
+    }
+
+    /// Sends one `Forward` down the route: its step, the position of its last row, and
+    /// its token count.
+    async fn send_forward(
+        &mut self,
+        hidden: &Tensor,
+        pos: usize,
+    ) -> Result<(u64, u32, usize), ClientError> {
         self.step += 1;
         let step = self.step;
         let tokens = hidden.dim(1).map_err(crate::wire::WireError::from)?;
@@ -233,21 +281,46 @@ impl SwarmSession {
             hidden: to_wire(hidden, self.wire_dtype)?,
             last_row_only: true,
         };
-        self.first
-            .send(&req, SEND_TIMEOUT)
-            .await
-            .map_err(|e| self.hop_failed(0, ErrorCode::Unreachable, e.to_string()))?;
+        // While the frame goes out, listen up the chain: a hop that failed stops reading
+        // its stream, and its report (not our blocked write) names the hop to blame.
+        let (first, ups, route) = (&mut self.first, &mut self.ups, &self.route);
+        let send = first.send(&req, SEND_TIMEOUT);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                r = &mut send => {
+                    r.map_err(|e| hop_error(route, 0, ErrorCode::Unreachable, e.to_string()))?;
+                    break;
+                }
+                item = ups.recv() => match item {
+                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
+                        return Err(named_failure(route, hop, &peer, error.code, error.message));
+                    }
+                    Some(Ok(_)) => {} // an acknowledgement of an earlier step
+                    Some(Err(e)) => {
+                        return Err(hop_error(route, 0, ErrorCode::Unreachable, format!("its stream broke: {e}")));
+                    }
+                    None => return Err(hop_error(route, 0, ErrorCode::Unreachable, "its stream ended".into())),
+                },
+            }
+        }
+        let want = position + u32::try_from(tokens).unwrap_or(1).saturating_sub(1);
+        Ok((step, want, tokens))
+    }
+
+    /// Waits for the output of `step` (its last row at `want_position`): the first hop
+    /// must acknowledge it within `first_timeout`, the output arrive within `total`.
+    async fn await_output(
+        &mut self,
+        step: u64,
+        want_position: u32,
+        first_timeout: std::time::Duration,
+        total: std::time::Duration,
+    ) -> Result<Tensor, ClientError> {
         let now = Instant::now();
-        let first_timeout = ack_timeout(tokens, self.route[0].step_us);
         let mut ack_deadline = Some(now + first_timeout);
-        let total = self
-            .route
-            .iter()
-            .map(|h| ack_timeout(tokens, h.step_us))
-            .sum::<std::time::Duration>();
         let out_deadline = now + total;
         let last = self.route.len() - 1;
-        let want_position = position + u32::try_from(tokens).unwrap_or(1).saturating_sub(1);
         loop {
             tokio::select! {
                 item = self.ups.recv() => match item {
@@ -269,7 +342,7 @@ impl SwarmSession {
                 item = self.outputs.recv() => match item {
                     Some(Ok(InferResponse::Output { session, step: s, position: p, hidden: out })) => {
                         if s < step {
-                            continue; // a late answer to an earlier step
+                            continue; // an answer to an earlier step (a replay's, or a late one)
                         }
                         if session != self.session || s != step || p != want_position {
                             return Err(self.hop_failed(last, ErrorCode::BadRequest, format!(
@@ -293,8 +366,14 @@ impl SwarmSession {
                     Some(Ok(other)) => {
                         return Err(self.hop_failed(last, ErrorCode::BadRequest, format!("sent {other:?} up the attach stream")));
                     }
-                    Some(Err(e)) => return Err(self.hop_failed(last, ErrorCode::Unreachable, format!("its attach stream broke: {e}"))),
-                    None => return Err(self.hop_failed(last, ErrorCode::Unreachable, "its attach stream ended")),
+                    Some(Err(e)) => {
+                        let own = self.hop_failed(last, ErrorCode::Unreachable, format!("its attach stream broke: {e}"));
+                        return Err(self.upstream_cause(own).await);
+                    }
+                    None => {
+                        let own = self.hop_failed(last, ErrorCode::Unreachable, "its attach stream ended");
+                        return Err(self.upstream_cause(own).await);
+                    }
                 },
                 _ = async { tokio::time::sleep_until(ack_deadline.unwrap_or(out_deadline)).await }, if ack_deadline.is_some() => {
                     return Err(self.hop_failed(0, ErrorCode::Timeout, format!("no acknowledgement of step {step} within {first_timeout:?}")));
@@ -304,6 +383,41 @@ impl SwarmSession {
                 }
             }
         }
+    }
+
+    /// The attach stream broke: when a hop before the last one fails, the rest of the
+    /// chain closes behind it, so the last hop's stream may end before the report of
+    /// the real failure arrives. Waits briefly for that report (or for the first hop's
+    /// own stream to break) and blames the hop it names; otherwise `own`.
+    async fn upstream_cause(&mut self, own: ClientError) -> ClientError {
+        let route = &self.route;
+        let wait = tokio::time::timeout(CAUSE_WAIT, async {
+            loop {
+                match self.ups.recv().await {
+                    Some(Ok(InferResponse::HopFailed {
+                        hop, peer, error, ..
+                    })) => return named_failure(route, hop, &peer, error.code, error.message),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        return hop_error(
+                            route,
+                            0,
+                            ErrorCode::Unreachable,
+                            format!("its stream broke: {e}"),
+                        );
+                    }
+                    None => {
+                        return hop_error(
+                            route,
+                            0,
+                            ErrorCode::Unreachable,
+                            "its stream ended".into(),
+                        );
+                    }
+                }
+            }
+        });
+        wait.await.unwrap_or(own)
     }
 
     /// Closes the session on every server (the first passes it on) and waits, briefly,

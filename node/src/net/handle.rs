@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How long a command to the swarm task may take to be answered.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one peer may take to answer a `List` while gathering: a peer that hangs
+/// must not hold up discovery (or a server's renewal) for the request timeout.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connected peer.
 #[derive(Debug, Clone)]
@@ -355,11 +358,16 @@ impl NetHandle {
             let h = self.clone();
             let peer = p.peer;
             async move {
-                (
-                    peer,
-                    h.announce(peer, AnnounceRequest::List { model_id: model })
-                        .await,
-                )
+                let ask = h.announce(peer, AnnounceRequest::List { model_id: model });
+                let answer = tokio::time::timeout(GATHER_TIMEOUT, ask)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NetError::Timeout {
+                            what: format!("list request to {peer}"),
+                            after: GATHER_TIMEOUT,
+                        })
+                    });
+                (peer, answer)
             }
         });
         for (peer, answer) in futures::future::join_all(asks).await {

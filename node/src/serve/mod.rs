@@ -96,6 +96,9 @@ pub(crate) struct Server {
     table: Arc<SessionTable<FrameWriter>>,
     cfg: ServeConfig,
     draining: AtomicBool,
+    /// Fired when the server starts to drain: every session tells its client, which
+    /// moves the session elsewhere.
+    leaving: CancellationToken,
     steps: AtomicU64,
     permits: Semaphore,
 }
@@ -194,6 +197,7 @@ pub async fn run(
         table: SessionTable::new(cfg.max_sessions.max(1)),
         cfg: cfg.clone(),
         draining: AtomicBool::new(false),
+        leaving: CancellationToken::new(),
         steps: AtomicU64::new(0),
         permits: Semaphore::new(cfg.compute_slots.max(1)),
     });
@@ -259,8 +263,11 @@ pub async fn run(
             },
         }
     }
-    // Drain: withdraw the announcement, refuse new sessions, let running ones finish.
+    // Drain: withdraw the announcement, refuse new sessions, and ask the clients of
+    // running ones to move them elsewhere (they replay into a new route); whatever has
+    // not moved within the grace period is closed.
     server.draining.store(true, Ordering::Relaxed);
+    server.leaving.cancel();
     if !kill.is_cancelled() {
         eprintln!("draining: withdrawing the announcement and refusing new sessions");
         seq += 1;

@@ -415,6 +415,7 @@ async fn run_session(
     let idle = server.cfg.idle_timeout;
     let me = server.me;
     let hop = open.hop;
+    let mut told_leaving = false;
     let end = loop {
         let ack_deadline = down
             .as_ref()
@@ -422,6 +423,14 @@ async fn run_session(
         tokio::select! {
             _ = cancel.cancelled() => break End::Cancelled,
             _ = tokio::time::sleep(idle) => break End::Idle,
+            _ = server.leaving.cancelled(), if !told_leaving => {
+                // Not an error for the client: it moves the session to another route.
+                told_leaving = true;
+                let notice = hop_failed(session, 0, hop, &me, ErrorCode::Busy, "this server is leaving");
+                if up_tx.send(&notice, SEND_TIMEOUT).await.is_err() {
+                    break End::UpstreamGone("cannot tell it we leave".into());
+                }
+            }
             w = reservation.attached.recv() => {
                 if let Some(w) = w {
                     attach = Some(w);
