@@ -1,10 +1,12 @@
 //! Engine benchmark: prefill and decode speed, memory, and the fast mode's
 //! effect on logits, against candle-transformers' `quantized_llama` on the
-//! same file. Prints a table.
+//! same file. Prints a table, with the kernel path next to every figure: the
+//! fast mode runs once per packed kernel this CPU has (`POLLEN_KERNEL`), so
+//! one run compares them; `candle` marks candle's own kernels.
 //!
 //! `cargo bench -p pollen-shard --bench engine` (add `-- --quick` for a short run).
-//! Each row runs in a fresh child process so that thread settings and peak
-//! memory are its own.
+//! Each row runs in a fresh child process so that thread settings, peak
+//! memory and the kernel path are its own.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 /// The default model's fetch and the cache folder, shared with the node (which owns them).
@@ -14,6 +16,7 @@ mod fetch;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
+use pollen_shard::kernels::{KERNEL_ENV, KernelPath, active_path};
 use pollen_shard::{
     BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, PollenTokenizer,
     WeightMode,
@@ -38,6 +41,45 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The kernel a child in `mode` computes with: the packed path in fast
+/// mode (`none` means Q8_0 on candle's kernels), candle's own otherwise.
+fn kernel_of(mode: &str) -> &'static str {
+    match WeightMode::parse(mode) {
+        Ok(WeightMode::Fast) if active_path() != KernelPath::None.as_str() => active_path(),
+        _ => "candle",
+    }
+}
+
+/// The CPU's model name and the flags the kernels care about.
+fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let have: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| {
+            [
+                "avx2",
+                "fma",
+                "f16c",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512_vnni",
+                "avx_vnni",
+            ]
+            .contains(f)
+        })
+        .collect();
+    format!("{}; flags: {}", field("model name"), have.join(" "))
+}
+
 fn prompt(path: &Path, n: usize) -> Vec<u32> {
     let file = ModelFile::open(path).unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
@@ -53,7 +95,13 @@ fn argmax(logits: &Tensor) -> u32 {
     logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
 }
 
-/// One measurement in this process: prints `RESULT prefill decode rss`.
+/// The weight mode a child's kernel comes from (`exact` for candle's model).
+fn engine_mode<'a>(engine: &str, mode: &'a str) -> &'a str {
+    if engine == "candle" { "exact" } else { mode }
+}
+
+/// One measurement in this process: prints `KERNEL name` and
+/// `RESULT prefill decode rss`.
 fn child(engine: &str, mode: &str, path: &Path, prompt_len: usize, decode: usize) {
     let ids = prompt(path, prompt_len);
     let dev = Device::Cpu;
@@ -105,6 +153,7 @@ fn child(engine: &str, mode: &str, path: &Path, prompt_len: usize, decode: usize
         }
         (prefill, t1.elapsed().as_secs_f64())
     };
+    println!("KERNEL {}", kernel_of(engine_mode(engine, mode)));
     println!(
         "RESULT {:.3} {:.3} {:.1}",
         prompt_len as f64 / prefill_s,
@@ -124,6 +173,7 @@ fn child_span(path: &Path, start: usize, end: usize, mode: &str) {
     let span = BlockSpan::load(&file, BlockRange { start, end }, &opts, &mut |_, _| {}).unwrap();
     let rss = peak_rss_mb();
     let ends = ClientEnds::load(&file, &opts).unwrap();
+    println!("KERNEL {}", kernel_of(mode));
     println!(
         "RESULT {} {rss:.1} {}",
         span.weight_bytes(),
@@ -203,28 +253,58 @@ fn divergence(path: &Path, modes: &[&str], steps: usize) -> Vec<(String, usize, 
     out
 }
 
-fn run_child(args: &[String], threads: usize) -> Vec<f64> {
+/// Divergence in this process (on its kernel path): prints `KERNEL name`
+/// and a `DIV mode prompt worst agree` line per mode and prompt.
+fn child_divergence(path: &Path, modes: &[&str], steps: usize) {
+    println!("KERNEL {}", kernel_of("fast"));
+    for (mode, n, worst, agree) in divergence(path, modes, steps) {
+        println!("DIV {mode} {n} {worst} {agree}");
+    }
+}
+
+/// Runs this bench as a child with `args`, on `threads` threads and, where
+/// given, the forced kernel path; returns its stdout.
+fn spawn(args: &[String], threads: usize, kernel: Option<KernelPath>) -> String {
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
         .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+        .env("CANDLE_NUM_THREADS", threads.to_string());
+    match kernel {
+        Some(k) => cmd.env(KERNEL_ENV, k.as_str()),
+        None => cmd.env_remove(KERNEL_ENV),
+    };
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        panic!(
+            "child {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The kernel a child reported.
+fn kernel_line(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix("KERNEL "))
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Runs a measuring child; returns its `RESULT` figures and its kernel.
+fn run_child(args: &[String], threads: usize, kernel: Option<KernelPath>) -> (Vec<f64>, String) {
+    let text = spawn(args, threads, kernel);
     let line = text
         .lines()
         .find(|l| l.starts_with("RESULT"))
-        .unwrap_or_else(|| {
-            panic!(
-                "child {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    line.split_whitespace()
+        .unwrap_or_else(|| panic!("child {args:?} printed no result"));
+    let figures = line
+        .split_whitespace()
         .skip(1)
         .map(|v| v.parse().unwrap())
-        .collect()
+        .collect();
+    (figures, kernel_line(&text))
 }
 
 fn main() {
@@ -250,6 +330,12 @@ fn main() {
         );
         return;
     }
+    if args.first().map(String::as_str) == Some("--child-divergence") {
+        let path = PathBuf::from(&args[1]);
+        let modes: Vec<&str> = args[3..].iter().map(String::as_str).collect();
+        child_divergence(&path, &modes, args[2].parse().unwrap());
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let (prompt_len, decode) = if quick { (32, 32) } else { (128, 128) };
@@ -258,22 +344,29 @@ fn main() {
         "engine bench: {}, prompt {prompt_len} tokens, decode {decode} tokens, best of {reps}",
         path.display()
     );
+    println!("CPU: {}", cpu_line());
+    // The fast mode once per packed kernel this CPU has; without one it runs
+    // as q8_0, which has its own row.
+    let simd: Vec<KernelPath> = KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+        .collect();
+    let mut rows: Vec<(&str, &str, Option<KernelPath>)> = vec![("candle", "exact", None)];
+    rows.push(("pollen", "exact", None));
+    rows.extend(simd.iter().map(|&p| ("pollen", "fast", Some(p))));
+    rows.push(("pollen", "q8_0", None));
     println!();
     println!(
-        "| engine | weights | threads | prefill tok/s | decode tok/s | peak RSS MB | decode vs candle |"
+        "| engine | weights | kernel | threads | prefill tok/s | decode tok/s | peak RSS MB | decode vs candle |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for threads in [1usize, 2] {
         let mut candle_decode = f64::NAN;
-        for (engine, mode) in [
-            ("candle", "exact"),
-            ("pollen", "exact"),
-            ("pollen", "fast"),
-            ("pollen", "q8_0"),
-        ] {
+        for &(engine, mode, kernel) in &rows {
             let mut best = vec![0.0, 0.0, 0.0];
+            let mut ran = String::new();
             for _ in 0..reps {
-                let r = run_child(
+                let (r, k) = run_child(
                     &[
                         "--child".into(),
                         engine.into(),
@@ -283,7 +376,9 @@ fn main() {
                         decode.to_string(),
                     ],
                     threads,
+                    kernel,
                 );
+                ran = k;
                 if r[1] > best[1] {
                     best = r;
                 }
@@ -302,7 +397,7 @@ fn main() {
                 mode
             };
             println!(
-                "| {label} | {mode} | {threads} | {:.1} | {:.1} | {:.0} | {:.2}x |",
+                "| {label} | {mode} | {ran} | {threads} | {:.1} | {:.1} | {:.0} | {:.2}x |",
                 best[0],
                 best[1],
                 best[2],
@@ -311,12 +406,12 @@ fn main() {
         }
     }
     println!();
-    println!("| span | weights | block weight MB | peak RSS MB (span alone) |");
-    println!("| --- | --- | --- | --- |");
+    println!("| span | weights | kernel | block weight MB | peak RSS MB (span alone) |");
+    println!("| --- | --- | --- | --- | --- |");
     let mut whole = std::collections::HashMap::new();
     for mode in ["exact", "fast"] {
         for (a, b) in [(0usize, 30usize), (10, 20)] {
-            let r = run_child(
+            let (r, ran) = run_child(
                 &[
                     "--child-span".into(),
                     path.display().to_string(),
@@ -325,6 +420,7 @@ fn main() {
                     mode.into(),
                 ],
                 1,
+                None,
             );
             let mb = r[0] / 1e6;
             if (a, b) == (0, 30) {
@@ -332,14 +428,14 @@ fn main() {
             } else {
                 let (blocks, model) = whole[mode];
                 println!(
-                    "| {a}:{b} | {mode} | {mb:.1} ({:.1}% of all blocks' {blocks:.1}; {:.1}% of the whole model's {model:.1} with ends) | {:.0} |",
+                    "| {a}:{b} | {mode} | {ran} | {mb:.1} ({:.1}% of all blocks' {blocks:.1}; {:.1}% of the whole model's {model:.1} with ends) | {:.0} |",
                     100.0 * mb / blocks,
                     100.0 * mb / model,
                     r[1]
                 );
                 continue;
             }
-            println!("| {a}:{b} | {mode} | {mb:.1} | {:.0} |", r[1]);
+            println!("| {a}:{b} | {mode} | {ran} | {mb:.1} | {:.0} |", r[1]);
         }
     }
     println!();
@@ -350,10 +446,50 @@ fn main() {
     );
     println!();
     println!(
-        "| mode | prompt | max abs logit diff (same inputs) | greedy tokens equal before first difference |"
+        "| mode | kernel | prompt | max abs logit diff (same inputs) | greedy tokens equal before first difference |"
     );
-    println!("| --- | --- | --- | --- |");
-    for (mode, n, worst, agree) in divergence(&path, &["fast", "q8_0"], steps) {
-        println!("| {mode} | {} | {worst:.4} | {agree} of {steps} |", n + 1);
+    println!("| --- | --- | --- | --- | --- |");
+    // One child per packed kernel; the first also measures q8_0 (candle's kernels).
+    let mut runs: Vec<(Option<KernelPath>, Vec<&str>)> = simd
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            (
+                Some(p),
+                if i == 0 {
+                    vec!["fast", "q8_0"]
+                } else {
+                    vec!["fast"]
+                },
+            )
+        })
+        .collect();
+    if runs.is_empty() {
+        runs.push((None, vec!["fast", "q8_0"]));
+    }
+    for (kernel, modes) in runs {
+        let mut args = vec![
+            "--child-divergence".to_string(),
+            path.display().to_string(),
+            steps.to_string(),
+        ];
+        args.extend(modes.iter().map(|m| m.to_string()));
+        let text = spawn(&args, 1, kernel);
+        let ran = kernel_line(&text);
+        for line in text.lines().filter_map(|l| l.strip_prefix("DIV ")) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (mode, n, worst, agree) = (f[0], f[1], f[2], f[3]);
+            let n: usize = n.parse().unwrap();
+            let worst: f32 = worst.parse().unwrap();
+            let ran = if mode == "fast" {
+                ran.as_str()
+            } else {
+                "candle"
+            };
+            println!(
+                "| {mode} | {ran} | {} | {worst:.4} | {agree} of {steps} |",
+                n + 1
+            );
+        }
     }
 }
