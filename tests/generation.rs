@@ -8,13 +8,6 @@ mod common;
 
 use common::*;
 
-const PROMPTS: [(&str, bool); 4] = [
-    ("Give me three tips for staying healthy.", true),
-    ("What is the capital of France? Answer briefly.", true),
-    ("The history of the printing press begins", false),
-    ("def fibonacci(n):", false),
-];
-
 #[test]
 fn swarm_text_equals_local_text_and_eight_clients_share_the_servers() {
     let dir = temp_dir("gen");
@@ -75,41 +68,56 @@ fn a_request_over_the_servers_session_limit_is_a_clear_error() {
     assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
 }
 
-/// Ctrl-C on a client mid-answer frees its session on every server at once:
-/// with one session per server, the next client gets in without waiting for
-/// the idle timeout.
+/// A client that goes away mid-answer, by Ctrl-C or SIGKILL, frees its session on
+/// every server at once (its connection closes and each server's stream breaks): with
+/// one session per server, the next client gets in at once, never told "busy", without
+/// waiting for the idle timeout.
 #[test]
-fn an_interrupted_client_frees_its_session() {
+fn a_client_that_goes_away_frees_its_session() {
     use std::io::Read;
     let dir = temp_dir("interrupt");
     let (_boot, addr) = bootstrap(&dir, false);
     let one = ["--max-sessions", "1"];
     let _servers = three_servers(Some(&addr), &dir, "i", [&one, &one, &one]);
-    let mut a = std::process::Command::new(pollen())
-        .args([
-            "generate",
-            "--no-mdns",
-            "--bootstrap",
-            &addr,
-            "--max-tokens",
-            "1500",
-        ])
-        .args([
-            "--prompt",
-            "Here is a list of one thousand numbers: 1, 2, 3,",
-            "--model",
-        ])
-        .arg(model())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = [0u8; 1];
-    a.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &a.id().to_string()])
-        .status();
-    let status = a.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "interrupted mid-answer");
-    assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
+    for (signal, code) in [("-INT", Some(130)), ("-KILL", None)] {
+        let mut a = std::process::Command::new(pollen())
+            .args([
+                "generate",
+                "--no-mdns",
+                "--bootstrap",
+                &addr,
+                "--max-tokens",
+                "1500",
+            ])
+            .args([
+                "--prompt",
+                "Here is a list of one thousand numbers: 1, 2, 3,",
+                "--model",
+            ])
+            .arg(model())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        a.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+        let _ = std::process::Command::new("kill")
+            .args([signal, &a.id().to_string()])
+            .status();
+        let status = a.wait().unwrap();
+        assert_eq!(status.code(), code, "{signal} mid-answer");
+        let next = std::process::Command::new(pollen())
+            .args(["generate", "--no-mdns", "--bootstrap", &addr])
+            .args(["--max-tokens", "8", "--prompt", "Hello there", "--model"])
+            .arg(model())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&next.stderr);
+        assert!(next.status.success(), "after {signal}: {log}");
+        assert!(!next.stdout.is_empty());
+        assert!(
+            !log.contains("busy"),
+            "after {signal} the servers were still full: {log}"
+        );
+    }
 }

@@ -71,6 +71,11 @@ struct ServeArgs {
     /// Most tokens (prompt and answer) per session.
     #[arg(long, default_value_t = 2048)]
     max_session_tokens: usize,
+    /// Megabytes of KV cache all sessions together may hold; a session takes, when it
+    /// opens, the most its token limit needs, and one that does not fit is refused as
+    /// busy. Default: enough for --max-sessions full sessions of this span.
+    #[arg(long)]
+    max_cache_mb: Option<usize>,
     /// Seconds an idle session is kept.
     #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
@@ -327,6 +332,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         announce_ttl: Duration::from_secs(args.announce_ttl.clamp(3, 600)),
         grace: Duration::from_secs(args.grace),
         compute_slots: args.model.threads.unwrap_or(1),
+        max_cache_bytes: args.max_cache_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let kill = tokio_util::sync::CancellationToken::new();

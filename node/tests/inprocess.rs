@@ -411,6 +411,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                     announce_ttl: Duration::from_secs(60),
                     grace: Duration::from_secs(1),
                     compute_slots: 1,
+                    max_cache_bytes: None,
                 };
                 tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()))
             })

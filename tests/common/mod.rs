@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 
 pub use pollen_node::mesh::{Proc, peer_of};
 
+/// Chat and plain prompts whose swarm text is checked against local text.
+pub const PROMPTS: [(&str, bool); 4] = [
+    ("Give me three tips for staying healthy.", true),
+    ("What is the capital of France? Answer briefly.", true),
+    ("The history of the printing press begins", false),
+    ("def fibonacci(n):", false),
+];
+
 /// The `pollen` binary Cargo built for these tests.
 pub fn pollen() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pollen"))

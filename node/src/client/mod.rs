@@ -133,6 +133,7 @@ pub struct SwarmClient {
     model: Arc<ClientModel>,
     cfg: ClientConfig,
     bans: std::sync::Mutex<Bans>,
+    route_in_use: std::sync::Mutex<Option<Vec<Hop>>>,
     cancel: CancellationToken,
     net_task: tokio::task::JoinHandle<()>,
 }
@@ -211,6 +212,7 @@ impl SwarmClient {
             model: Arc::new(model),
             cfg,
             bans: std::sync::Mutex::new(Bans::default()),
+            route_in_use: std::sync::Mutex::new(None),
             cancel,
             net_task,
         })
@@ -315,6 +317,17 @@ impl SwarmClient {
         .await
     }
 
+    /// The route of the session opened (or healed) most recently.
+    pub fn route_in_use(&self) -> Option<Vec<Hop>> {
+        self.route_in_use.lock().ok().and_then(|r| r.clone())
+    }
+
+    fn set_route_in_use(&self, route: &[Hop]) {
+        if let Ok(mut r) = self.route_in_use.lock() {
+            *r = Some(route.to_vec());
+        }
+    }
+
     fn banned(&self, peer: &PeerId) -> bool {
         self.bans.lock().map(|b| b.is_banned(peer)).unwrap_or(false)
     }
@@ -374,6 +387,7 @@ impl SwarmClient {
                 .collect::<Result<Vec<_>, ClientError>>()?;
             match session.replay(&hidden).await {
                 Ok(out) => {
+                    self.set_route_in_use(&route);
                     tracing::warn!(
                         "healed in {:?}: replayed {} inputs through {}",
                         started.elapsed(),
@@ -408,6 +422,7 @@ impl SwarmClient {
             match self.open_session(&route, budget).await {
                 Ok(s) => {
                     tracing::info!("route: {}", describe(&route));
+                    self.set_route_in_use(&route);
                     session = Some(s);
                     break;
                 }

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Spans computed at once (the compute permits); the rest wait their turn.
     pub compute_slots: usize,
+    /// Bytes of KV cache all sessions together may hold (each session takes, at open,
+    /// the most its token limit needs); `None` for enough to fill every session.
+    pub max_cache_bytes: Option<usize>,
 }
 
 /// Why a server could not start or stopped early.
@@ -94,6 +97,8 @@ pub(crate) struct Server {
     me: PeerId,
     net: NetHandle,
     table: Arc<SessionTable<FrameWriter>>,
+    kv_budget: Arc<sessions::Budget>,
+    kv_per_token: usize,
     cfg: ServeConfig,
     draining: AtomicBool,
     /// Fired when the server starts to drain: every session tells its client, which
@@ -186,8 +191,16 @@ pub async fn run(
         net_cancel.clone(),
     )?;
     let mut incoming = handle.accept_session_streams()?;
+    let kv_per_token = span.config().kv_bytes_per_token_per_block() * span.range().len();
+    let kv_max = cfg.max_cache_bytes.unwrap_or_else(|| {
+        kv_per_token
+            .saturating_mul(cfg.max_session_tokens)
+            .saturating_mul(cfg.max_sessions.max(1))
+    });
     let server = Arc::new(Server {
         wire_blocks: blocks::to_wire(span.range())?,
+        kv_budget: sessions::Budget::new(kv_max),
+        kv_per_token,
         span: Arc::new(span),
         model_id,
         compute: crate::model::compute_mode(&cfg.load),
@@ -221,8 +234,11 @@ pub async fn run(
     }
     let range = server.span.range();
     println!(
-        "ready peer {me} model {model_id} blocks {range} throughput {throughput:.1} compute {}",
-        server.compute
+        "ready peer {me} model {model_id} blocks {range} throughput {throughput:.1} compute {} \
+         kv-budget {} MB ({} B a token)",
+        server.compute,
+        server.kv_budget.max() / (1024 * 1024),
+        server.kv_per_token
     );
     for a in &addrs {
         println!("listening {a}/p2p/{me}");

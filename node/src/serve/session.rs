@@ -375,6 +375,22 @@ async fn run_session(
         max_tokens: (open.budget.max_tokens as usize).min(server.cfg.max_session_tokens),
         ..CacheLimits::default()
     };
+    // The most this session's cache may hold comes out of the server's KV budget now,
+    // so that memory is promised before it is used, never overcommitted.
+    let need = limits.max_tokens.saturating_mul(server.kv_per_token);
+    let Some(_kv) = server.kv_budget.try_take(need) else {
+        let e = ProtocolError::new(
+            ErrorCode::Busy,
+            format!(
+                "this server's KV budget is full ({} of {} MB promised; this session needs {} MB)",
+                server.kv_budget.taken() / (1024 * 1024),
+                server.kv_budget.max() / (1024 * 1024),
+                need.div_ceil(1024 * 1024)
+            ),
+        );
+        let _ = up_tx.send(&refuse(e), SEND_TIMEOUT).await;
+        return;
+    };
     let mut free = u32::try_from(limits.max_tokens).unwrap_or(u32::MAX);
     let mut tasks = JoinSet::new();
     let mut down = None;

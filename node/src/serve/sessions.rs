@@ -217,3 +217,88 @@ mod tests {
         );
     }
 }
+
+/// A byte budget shared by every session of a server (their KV caches), taken at open
+/// for the most a session may hold and given back when it ends.
+#[derive(Debug)]
+pub struct Budget {
+    max: usize,
+    taken: std::sync::atomic::AtomicUsize,
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+#[derive(Debug)]
+pub struct BudgetGuard {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.budget
+            .taken
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            taken: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The budget in bytes.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes taken now.
+    pub fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes `bytes`, or `None` when that would pass the budget.
+    pub fn try_take(self: &Arc<Self>, bytes: usize) -> Option<BudgetGuard> {
+        use std::sync::atomic::Ordering;
+        let mut now = self.taken.load(Ordering::Acquire);
+        loop {
+            let next = now.checked_add(bytes).filter(|n| *n <= self.max)?;
+            match self
+                .taken
+                .compare_exchange(now, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Some(BudgetGuard {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(seen) => now = seen,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn takes_up_to_the_budget_and_gives_back_on_drop() {
+        let b = Budget::new(100);
+        let x = b.try_take(60).unwrap();
+        assert!(b.try_take(41).is_none());
+        let y = b.try_take(40).unwrap();
+        assert_eq!(b.taken(), 100);
+        assert!(b.try_take(1).is_none());
+        drop(x);
+        assert_eq!(b.taken(), 40);
+        assert!(b.try_take(usize::MAX).is_none(), "no overflow");
+        drop(y);
+        assert_eq!(b.taken(), 0);
+    }
+}
