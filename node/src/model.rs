@@ -9,13 +9,15 @@ use std::path::Path;
 
 /// The compute mode this node runs with `opts`, as announced and checked by peers: the
 /// weight arithmetic and the device kind. Two nodes give bit-identical hidden states only
-/// if their modes are equal. `fast` on a CPU without AVX-512 VNNI runs as `q8_0`.
+/// if their modes are equal. `fast` runs Pollen's packed kernels (AVX-512 VNNI or AVX2,
+/// bit-identical to each other, tested in shard); on a CPU with neither it runs as
+/// `q8_0`.
 pub fn compute_mode(opts: &LoadOptions) -> String {
     let mode = match opts.mode {
         WeightMode::Exact => "exact".to_string(),
         WeightMode::Requantize(t) => format!("{t:?}").to_ascii_lowercase(),
         WeightMode::Fast if opts.device.is_cpu() && pollen_shard::kernels::simd_available() => {
-            "fast-vnni".to_string()
+            "fast".to_string()
         }
         WeightMode::Fast if opts.device.is_cpu() => "q8_0".to_string(),
         WeightMode::Fast => "fast".to_string(),

@@ -39,7 +39,7 @@ fn compute_modes_name_the_arithmetic() {
     assert_eq!(compute_mode(&exact), "exact/cpu");
     let fast = compute_mode(&LoadOptions::default());
     assert!(
-        fast == "fast-vnni/cpu" || fast == "q8_0/cpu",
+        fast == "fast/cpu" || fast == "q8_0/cpu",
         "fast runs as its kernels or as q8_0: {fast}"
     );
     let q8 = LoadOptions {
