@@ -84,9 +84,6 @@ pub enum ShardError {
     /// Tokenizer could not be built or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// The default model could not be fetched.
-    #[error("fetching the default model failed: {0}")]
-    Fetch(String),
     /// A device that this build or machine does not have.
     #[error("device: {0}")]
     Device(String),

@@ -234,7 +234,10 @@ impl SwarmClient {
         let num_blocks = m.ends.config().num_blocks;
         let deadline = Instant::now() + self.cfg.route_wait;
         loop {
-            let mut book = self.net.gather(Some(m.model_id)).await?;
+            let mut book = self
+                .net
+                .gather_skipping(Some(m.model_id), |p| self.banned(p))
+                .await?;
             book.retain(|a| PeerId::from_bytes(&a.peer.0).is_ok_and(|p| !self.banned(&p)));
             let rtts = self.measure_ends(&book, num_blocks).await;
             match route(&book, m.model_id, num_blocks, &m.compute, &rtts) {

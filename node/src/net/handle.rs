@@ -353,7 +353,18 @@ impl NetHandle {
     /// Asks every connected peer for its announcements (of `model` or all), stores the
     /// valid ones and returns the node's whole book.
     pub async fn gather(&self, model: Option<ModelId>) -> NetResult<Vec<VerifiedAnnouncement>> {
-        let peers = self.peers().await?;
+        self.gather_skipping(model, |_| false).await
+    }
+
+    /// Like [`Self::gather`], without asking the peers `skip` names (banned ones, say,
+    /// which may not answer at all).
+    pub async fn gather_skipping(
+        &self,
+        model: Option<ModelId>,
+        skip: impl Fn(&PeerId) -> bool,
+    ) -> NetResult<Vec<VerifiedAnnouncement>> {
+        let mut peers = self.peers().await?;
+        peers.retain(|p| !skip(&p.peer));
         let asks = peers.iter().map(|p| {
             let h = self.clone();
             let peer = p.peer;

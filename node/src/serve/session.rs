@@ -43,11 +43,15 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the last hop waits for its client's attach stream.
 pub const ATTACH_WAIT: Duration = Duration::from_secs(10);
 /// The fixed part of every acknowledgement timeout: scheduling, queueing, the network.
-pub const ACK_BASE: Duration = Duration::from_secs(5);
+pub const ACK_BASE: Duration = Duration::from_secs(3);
 /// Headroom over a hop's announced time per token.
 pub const ACK_SLOWDOWN: u32 = 4;
 /// Longest time per token believed from an announcement.
 const MAX_STEP: Duration = Duration::from_secs(1);
+/// A session idle this long may be evicted to make room for a new one.
+pub const EVICT_AFTER_IDLE: Duration = Duration::from_secs(5);
+/// How long a new session waits for an evicted one to give its memory back.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
 /// Most bytes of hidden states a hop keeps for replay, per session.
 pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 
@@ -335,6 +339,7 @@ enum End {
     UpstreamGone(String),
     Failed,
     Idle,
+    Evicted,
     Cancelled,
 }
 
@@ -378,7 +383,16 @@ async fn run_session(
     // The most this session's cache may hold comes out of the server's KV budget now,
     // so that memory is promised before it is used, never overcommitted.
     let need = limits.max_tokens.saturating_mul(server.kv_per_token);
-    let Some(_kv) = server.kv_budget.try_take(need) else {
+    let mut kv = server.kv_budget.try_take(need);
+    // Full: make room by evicting idle sessions, the idlest first.
+    while kv.is_none() && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some() {
+        let deadline = Instant::now() + EVICT_WAIT;
+        while kv.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            kv = server.kv_budget.try_take(need);
+        }
+    }
+    let Some(_kv) = kv else {
         let e = ProtocolError::new(
             ErrorCode::Busy,
             format!(
@@ -439,6 +453,16 @@ async fn run_session(
         tokio::select! {
             _ = cancel.cancelled() => break End::Cancelled,
             _ = tokio::time::sleep(idle) => break End::Idle,
+            _ = reservation.evicted.cancelled() => {
+                let e = ProtocolError::new(
+                    ErrorCode::OverBudget,
+                    format!(
+                        "session {session} was evicted after being idle: this server needed its memory for a new session"
+                    ),
+                );
+                let _ = up_tx.send(&hop_failed(session, 0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
+                break End::Evicted;
+            }
             _ = server.leaving.cancelled(), if !told_leaving => {
                 // Not an error for the client: it moves the session to another route.
                 told_leaving = true;
@@ -493,6 +517,7 @@ async fn run_session(
                 };
                 match req {
                     InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
+                        reservation.touch();
                         let Some(c) = cache.take() else { break End::Failed };
                         let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
                         let (c, result) = compute(&server, c, &hidden, position).await;
@@ -545,6 +570,7 @@ async fn run_session(
         End::UpstreamGone(why) => tracing::info!("session {session}: the hop before left ({why})"),
         End::Failed => tracing::info!("session {session} ended after a failure"),
         End::Idle => tracing::info!("closing session {session} after {idle:?} idle"),
+        End::Evicted => tracing::info!("evicted idle session {session} to make room"),
         End::Cancelled => tracing::debug!("session {session} cancelled"),
     }
     // Pass the end on, so the rest of the chain frees its caches now.

@@ -8,7 +8,10 @@ use libp2p::PeerId;
 use pollen_protocol::SessionId;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Why the table refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +46,10 @@ struct Entry<A> {
     client: PeerId,
     last_hop: bool,
     attach: mpsc::Sender<A>,
+    /// When the session last did something.
+    active: Instant,
+    /// Fired to evict the session.
+    evict: CancellationToken,
 }
 
 /// Open sessions, at most `max`; `A` is what an attach hands to the session (a stream's
@@ -64,6 +71,17 @@ pub struct Reservation<A> {
     table: Arc<SessionTable<A>>,
     /// Attach streams for this session arrive here.
     pub attached: mpsc::Receiver<A>,
+    /// Fires when the server evicts this session to make room.
+    pub evicted: CancellationToken,
+}
+
+impl<A> Reservation<A> {
+    /// Marks the session active now (it is evicted last among idle ones).
+    pub fn touch(&self) {
+        if let Some(e) = self.table.lock().get_mut(&self.id) {
+            e.active = Instant::now();
+        }
+    }
 }
 
 impl<A> std::fmt::Debug for Reservation<A> {
@@ -124,19 +142,35 @@ impl<A> SessionTable<A> {
             return Err(TableError::Full { max: self.max });
         }
         let (tx, rx) = mpsc::channel(1);
+        let evicted = CancellationToken::new();
         entries.insert(
             id,
             Entry {
                 client,
                 last_hop,
                 attach: tx,
+                active: Instant::now(),
+                evict: evicted.clone(),
             },
         );
         Ok(Reservation {
             id,
             table: self.clone(),
             attached: rx,
+            evicted,
         })
+    }
+
+    /// Evicts the session idle the longest, if one has been idle at least `min_idle`
+    /// and is not being evicted already; how long it had been idle.
+    pub fn evict_idlest(&self, min_idle: Duration) -> Option<Duration> {
+        let entries = self.lock();
+        let (_, e) = entries
+            .iter()
+            .filter(|(_, e)| !e.evict.is_cancelled() && e.active.elapsed() >= min_idle)
+            .min_by_key(|(_, e)| e.active)?;
+        e.evict.cancel();
+        Some(e.active.elapsed())
     }
 
     /// Where `peer` hands its attach stream for session `id`: only the session's own
@@ -215,6 +249,26 @@ mod tests {
             t.attach(SessionId(7), owner).unwrap_err(),
             TableError::Unknown(SessionId(7))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_session_idle_longest_is_evicted_first() {
+        let t = SessionTable::<u8>::new(4);
+        let client = PeerId::random();
+        let a = t.open(SessionId(1), client, true).unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let b = t.open(SessionId(2), client, true).unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        a.touch();
+        // b has been idle 10 s, a 0 s.
+        assert_eq!(t.evict_idlest(Duration::from_secs(30)), None);
+        assert_eq!(
+            t.evict_idlest(Duration::from_secs(5)),
+            Some(Duration::from_secs(10))
+        );
+        assert!(b.evicted.is_cancelled() && !a.evicted.is_cancelled());
+        // b is being evicted already; a is not idle long enough.
+        assert_eq!(t.evict_idlest(Duration::from_secs(5)), None);
     }
 }
 
