@@ -227,8 +227,12 @@ pub async fn run(
         .await?;
     let mut seq = 1u64;
     let sign = |a| SignedAnnouncement::sign(a, &secret);
-    let mut rtts = Vec::new();
-    match sign(server.announcement(&addrs, rtts.clone(), cfg.announce_ttl, seq)) {
+    // Round trips to next-span servers are measured in the background (asking peers
+    // takes time, and a hung peer up to its timeout): this loop must keep accepting
+    // session streams meanwhile.
+    let rtts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let measuring = Arc::new(AtomicBool::new(false));
+    match sign(server.announcement(&addrs, Vec::new(), cfg.announce_ttl, seq)) {
         Ok(a) => handle.set_own_announcement(Some(a)).await?,
         Err(e) => tracing::error!("cannot sign the announcement: {e}"),
     }
@@ -253,13 +257,21 @@ pub async fn run(
             _ = renew.tick() => {
                 dial_missing(&handle, &bootstraps, &mut background).await;
                 // Round trips to next-span servers: at the first renewal, then every third.
-                if renewals.is_multiple_of(3) {
-                    rtts = announce::next_hop_rtts(&handle, &server).await;
+                if renewals.is_multiple_of(3) && !measuring.swap(true, Ordering::AcqRel) {
+                    let (h, s, r, m) = (handle.clone(), server.clone(), rtts.clone(), measuring.clone());
+                    background.spawn(async move {
+                        let measured = announce::next_hop_rtts(&h, &s).await;
+                        if let Ok(mut r) = r.lock() {
+                            *r = measured;
+                        }
+                        m.store(false, Ordering::Release);
+                    });
                 }
                 renewals += 1;
                 seq += 1;
                 let addrs = handle.listen_addrs().await.unwrap_or_default();
-                match sign(server.announcement(&addrs, rtts.clone(), cfg.announce_ttl, seq)) {
+                let current = rtts.lock().map(|r| r.clone()).unwrap_or_default();
+                match sign(server.announcement(&addrs, current, cfg.announce_ttl, seq)) {
                     Ok(a) => handle.set_own_announcement(Some(a)).await?,
                     Err(e) => tracing::error!("cannot sign the announcement: {e}"),
                 }
