@@ -49,20 +49,23 @@ const BUSY_BAN: Duration = Duration::from_secs(3);
 const MAX_BANS: usize = 1024;
 
 /// Servers left out of routes for a while: those that failed (longer each time) and
-/// those that were busy (briefly).
+/// those that were busy (briefly). A server whose connection broke (it crashed) is
+/// forgiven as soon as it announces itself again after the failure: it restarted.
 #[derive(Debug, Default)]
 struct Bans {
-    until: HashMap<PeerId, (Instant, u32)>,
+    /// Until when, how many failures, since when (Unix ms), forgiven by a new announcement.
+    until: HashMap<PeerId, (Instant, u32, u64, bool)>,
 }
 
 impl Bans {
-    fn ban(&mut self, peer: PeerId, busy: bool) {
+    fn ban(&mut self, peer: PeerId, busy: bool, crashed: bool) {
         let now = Instant::now();
-        self.until.retain(|_, (t, _)| *t > now);
+        self.until.retain(|_, (t, ..)| *t > now);
         if self.until.len() >= MAX_BANS && !self.until.contains_key(&peer) {
             return;
         }
-        let (t, strikes) = self.until.entry(peer).or_insert((now, 0));
+        let since = crate::clock::unix_ms();
+        let (t, strikes, at, forgivable) = self.until.entry(peer).or_insert((now, 0, since, true));
         let wait = if busy {
             BUSY_BAN
         } else {
@@ -72,12 +75,19 @@ impl Bans {
                 .min(MAX_BAN)
         };
         *t = (*t).max(now + wait);
+        *at = since;
+        *forgivable = *forgivable && (busy || crashed);
     }
 
-    fn is_banned(&self, peer: &PeerId) -> bool {
-        self.until
-            .get(peer)
-            .is_some_and(|(t, _)| *t > Instant::now())
+    /// Whether `peer` is left out; `issued_at_ms` is when its latest announcement was
+    /// issued, if one is at hand.
+    fn is_banned(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
+        match self.until.get(peer) {
+            Some((t, _, since, forgivable)) if *t > Instant::now() => {
+                !(*forgivable && issued_at_ms.is_some_and(|i| i > *since))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -332,7 +342,14 @@ impl SwarmClient {
     }
 
     fn banned(&self, peer: &PeerId) -> bool {
-        self.bans.lock().map(|b| b.is_banned(peer)).unwrap_or(false)
+        self.banned_since(peer, None)
+    }
+
+    fn banned_since(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
+        self.bans
+            .lock()
+            .map(|b| b.is_banned(peer, issued_at_ms))
+            .unwrap_or(false)
     }
 
     /// Leaves the server a failure names out of routes for a while. Whether the failure
@@ -353,7 +370,7 @@ impl SwarmClient {
             _ => (false, false),
         };
         if healable && let Ok(mut b) = self.bans.lock() {
-            b.ban(f.peer, busy);
+            b.ban(f.peer, busy, f.code == C::Unreachable);
         }
         healable
     }
@@ -502,5 +519,37 @@ impl SwarmClient {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         let _ = self.net_task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bans_grow_and_a_restarted_server_is_forgiven() {
+        let mut b = Bans::default();
+        let (crashed, hung, busy) = (PeerId::random(), PeerId::random(), PeerId::random());
+        b.ban(crashed, false, true);
+        b.ban(hung, false, false);
+        b.ban(busy, true, false);
+        let old = crate::clock::unix_ms().saturating_sub(60_000);
+        let fresh = crate::clock::unix_ms() + 1_000;
+        for p in [&crashed, &hung, &busy] {
+            assert!(b.is_banned(p, None));
+            assert!(
+                b.is_banned(p, Some(old)),
+                "an announcement from before the failure"
+            );
+        }
+        // Announcing again after the failure: a crashed (restarted) server comes back,
+        // a hung one does not.
+        assert!(!b.is_banned(&crashed, Some(fresh)));
+        assert!(b.is_banned(&hung, Some(fresh)));
+        // Each further failure doubles the ban.
+        let first = b.until[&hung].0;
+        b.ban(hung, false, false);
+        assert!(b.until[&hung].0 > first + Duration::from_secs(29));
+        assert_eq!(b.until[&hung].1, 2);
     }
 }
