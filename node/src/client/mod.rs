@@ -76,7 +76,19 @@ impl Bans {
         };
         *t = (*t).max(now + wait);
         *at = since;
-        *forgivable = *forgivable && (busy || crashed);
+        // The last failure decides: a broken connection is forgiven by a new announcement.
+        *forgivable = crashed;
+    }
+
+    /// Whether `peer` went away (its connection broke) and has not announced itself
+    /// since `issued_at_ms` shows.
+    fn is_gone(&self, peer: &PeerId, issued_at_ms: u64) -> bool {
+        match self.until.get(peer) {
+            Some((t, _, since, crashed)) if *t > Instant::now() => {
+                *crashed && issued_at_ms <= *since
+            }
+            _ => false,
+        }
     }
 
     /// Whether `peer` is left out; `issued_at_ms` is when its latest announcement was
@@ -248,9 +260,25 @@ impl SwarmClient {
                 .net
                 .gather_skipping(Some(m.model_id), |p| self.banned(p))
                 .await?;
-            book.retain(|a| PeerId::from_bytes(&a.peer.0).is_ok_and(|p| !self.banned(&p)));
-            let rtts = self.measure_ends(&book, num_blocks).await;
-            match route(&book, m.model_id, num_blocks, &m.compute, &rtts) {
+            book.retain(|a| PeerId::from_bytes(&a.peer.0).is_ok());
+            let peer = |a: &VerifiedAnnouncement| PeerId::from_bytes(&a.peer.0).ok();
+            // Banned servers are avoided; but a server that was only busy, slow or
+            // wrong once is better than no route at all. Servers that went away (and
+            // have not announced themselves since) are never used.
+            let preferred: Vec<VerifiedAnnouncement> = book
+                .iter()
+                .filter(|a| peer(a).is_some_and(|p| !self.banned_since(&p, Some(a.issued_at_ms))))
+                .cloned()
+                .collect();
+            let alive: Vec<VerifiedAnnouncement> = book
+                .iter()
+                .filter(|a| peer(a).is_some_and(|p| !self.gone(&p, a.issued_at_ms)))
+                .cloned()
+                .collect();
+            let rtts = self.measure_ends(&preferred, num_blocks).await;
+            let found = route(&preferred, m.model_id, num_blocks, &m.compute, &rtts)
+                .or_else(|_| route(&alive, m.model_id, num_blocks, &m.compute, &rtts));
+            match found {
                 Ok(r) => return Ok(r),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
@@ -343,6 +371,15 @@ impl SwarmClient {
 
     fn banned(&self, peer: &PeerId) -> bool {
         self.banned_since(peer, None)
+    }
+
+    /// Whether `peer`'s connection broke (it crashed or left) and it has not announced
+    /// itself since.
+    fn gone(&self, peer: &PeerId, issued_at_ms: u64) -> bool {
+        self.bans
+            .lock()
+            .map(|b| b.is_gone(peer, issued_at_ms))
+            .unwrap_or(false)
     }
 
     fn banned_since(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
@@ -450,6 +487,7 @@ impl SwarmClient {
                     if !self.blame(&e) {
                         return Err(e);
                     }
+                    tracing::warn!("{e}; trying another route");
                     failure = Some(e);
                 }
             }
