@@ -72,8 +72,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 2048)]
     max_session_tokens: usize,
     /// Megabytes of KV cache all sessions together may hold; a session takes, when it
-    /// opens, the most its token limit needs, and one that does not fit is refused as
-    /// busy. Default: enough for --max-sessions full sessions of this span.
+    /// opens, the most its token limit needs. When one does not fit, sessions idle for
+    /// 5 s or more are evicted, the idlest first, else it is refused as busy.
+    /// Default: enough for --max-sessions full sessions of this span.
     #[arg(long)]
     max_cache_mb: Option<usize>,
     /// Seconds an idle session is kept.
