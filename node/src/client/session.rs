@@ -113,11 +113,6 @@ impl SwarmSession {
         let session = SessionId(rand::random());
         let last_index = route.len() - 1;
         let fail = |hop: usize, code, msg: String| hop_error(route, hop, code, msg);
-        let stream = net
-            .open_session_stream(first.peer, first.addrs.clone(), OPEN_TIMEOUT)
-            .await
-            .map_err(|e| fail(0, ErrorCode::Unreachable, e.to_string()))?;
-        let (mut rx, mut tx) = stream::split(stream, first.peer, net.stats().clone());
         let open = InferRequest::Open {
             session,
             model_id: model,
@@ -132,23 +127,36 @@ impl SwarmSession {
             compute: compute.to_string(),
             client: PeerIdBytes(net.peer_id().to_bytes()),
         };
-        tx.send(&open, SEND_TIMEOUT)
-            .await
-            .map_err(|e| fail(0, ErrorCode::Unreachable, e.to_string()))?;
         // Every hop opens the next before answering; allow for each.
         let wait = OPEN_TIMEOUT * u32::try_from(route.len()).unwrap_or(1);
-        let free_tokens = match rx.recv_within::<InferResponse>(wait).await {
-            Ok(InferResponse::Opened { free_tokens, .. }) => free_tokens,
-            Ok(InferResponse::HopFailed {
-                hop, peer, error, ..
-            }) => return Err(named_failure(route, hop, &peer, error.code, error.message)),
-            Ok(InferResponse::Error(e)) => return Err(fail(0, e.code, e.message)),
-            Ok(other) => {
+        let opened = stream::open_with_reply::<_, InferResponse>(
+            net,
+            first.peer,
+            first.addrs.clone(),
+            &open,
+            OPEN_TIMEOUT,
+            wait,
+        )
+        .await;
+        let (rx, tx, free_tokens) = match opened {
+            Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => (rx, tx, free_tokens),
+            Ok((
+                _,
+                _,
+                InferResponse::HopFailed {
+                    hop, peer, error, ..
+                },
+            )) => return Err(named_failure(route, hop, &peer, error.code, error.message)),
+            Ok((_, _, InferResponse::Error(e))) => return Err(fail(0, e.code, e.message)),
+            Ok((_, _, other)) => {
                 return Err(fail(
                     0,
                     ErrorCode::BadRequest,
                     format!("answered Open with {other:?}"),
                 ));
+            }
+            Err(e @ stream::OpenError::Timeout(_)) => {
+                return Err(fail(0, ErrorCode::Timeout, e.to_string()));
             }
             Err(e) => return Err(fail(0, ErrorCode::Unreachable, e.to_string())),
         };
@@ -160,27 +168,30 @@ impl SwarmSession {
             });
         }
         // The outputs come straight from the last server, on a stream we open to it.
-        let stream = net
-            .open_session_stream(last.peer, last.addrs.clone(), OPEN_TIMEOUT)
-            .await
-            .map_err(|e| fail(last_index, ErrorCode::Unreachable, e.to_string()))?;
-        let (mut out_rx, mut out_tx) = stream::split(stream, last.peer, net.stats().clone());
-        out_tx
-            .send(&InferRequest::Attach { session }, SEND_TIMEOUT)
-            .await
-            .map_err(|e| fail(last_index, ErrorCode::Unreachable, e.to_string()))?;
-        match out_rx.recv_within::<InferResponse>(OPEN_TIMEOUT).await {
-            Ok(InferResponse::Attached { .. }) => {}
-            Ok(InferResponse::Error(e)) => return Err(fail(last_index, e.code, e.message)),
-            Ok(other) => {
+        let attached = stream::open_with_reply::<_, InferResponse>(
+            net,
+            last.peer,
+            last.addrs.clone(),
+            &InferRequest::Attach { session },
+            OPEN_TIMEOUT,
+            OPEN_TIMEOUT,
+        )
+        .await;
+        let (out_rx, out_tx) = match attached {
+            Ok((r, w, InferResponse::Attached { .. })) => (r, w),
+            Ok((_, _, InferResponse::Error(e))) => return Err(fail(last_index, e.code, e.message)),
+            Ok((_, _, other)) => {
                 return Err(fail(
                     last_index,
                     ErrorCode::BadRequest,
                     format!("answered Attach with {other:?}"),
                 ));
             }
+            Err(e @ stream::OpenError::Timeout(_)) => {
+                return Err(fail(last_index, ErrorCode::Timeout, e.to_string()));
+            }
             Err(e) => return Err(fail(last_index, ErrorCode::Unreachable, e.to_string())),
-        }
+        };
         // The attach stream's writing half stays open (dropping it would end the stream).
         let mut tasks = JoinSet::new();
         let ups = pump(&mut tasks, rx);

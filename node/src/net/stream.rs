@@ -110,3 +110,62 @@ impl FrameWriter {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.close()).await;
     }
 }
+
+/// How often a stream dropped unanswered is opened again.
+const OPEN_ATTEMPTS: u32 = 4;
+
+/// Why [`open_with_reply`] got no answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The stream could not be opened (the peer is unreachable).
+    #[error(transparent)]
+    Net(#[from] super::NetError),
+    /// The peer did not answer in time.
+    #[error("{0}")]
+    Timeout(io::Error),
+    /// The stream broke or ended before any answer, every time it was tried.
+    #[error("{0}")]
+    Broken(io::Error),
+}
+
+/// Opens a session stream to `peer`, sends `first` and reads the first answer, within
+/// `timeout` for the answer. The inbound queue of libp2p-stream holds one stream: a
+/// peer that gets several at the same instant drops the rest unanswered, so a stream
+/// that ends before any answer is opened again (up to 4 times, with a short backoff).
+pub async fn open_with_reply<Req, Resp>(
+    net: &super::NetHandle,
+    peer: PeerId,
+    addrs: Vec<libp2p::Multiaddr>,
+    first: &Req,
+    open_timeout: Duration,
+    timeout: Duration,
+) -> Result<(FrameReader, FrameWriter, Resp), OpenError>
+where
+    Req: WireMessage,
+    Resp: WireMessage,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let stream = net
+            .open_session_stream(peer, addrs.clone(), open_timeout)
+            .await?;
+        let (mut rx, mut tx) = split(stream, peer, net.stats().clone());
+        let answer = match tx.send(first, timeout).await {
+            Ok(()) => rx.recv_within::<Resp>(timeout).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(reply) => return Ok((rx, tx, reply)),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(OpenError::Timeout(e)),
+            Err(e) if attempt >= OPEN_ATTEMPTS => return Err(OpenError::Broken(e)),
+            Err(e) => {
+                tracing::debug!("session stream to {peer} ended unanswered ({e}); opening again");
+                let backoff = 20u64 << attempt;
+                let jitter = rand::random::<u64>() % backoff.max(1);
+                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+            }
+        }
+    }
+}

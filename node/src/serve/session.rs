@@ -268,12 +268,6 @@ async fn open_next(
     next: &NextHop,
 ) -> Result<(FrameReader, FrameWriter, u32), InferResponse> {
     let fail = |code, msg: String| hop_failed(open.session, 0, next.index, &next.peer, code, msg);
-    let stream = server
-        .net
-        .open_session_stream(next.peer, next.addrs.clone(), OPEN_TIMEOUT)
-        .await
-        .map_err(|e| fail(ErrorCode::Unreachable, e.to_string()))?;
-    let (mut rx, mut tx) = stream::split(stream, next.peer, server.net.stats().clone());
     let req = InferRequest::Open {
         session: open.session,
         model_id: open.model_id,
@@ -284,20 +278,24 @@ async fn open_next(
         compute: open.compute.clone(),
         client: open.client.clone(),
     };
-    tx.send(&req, SEND_TIMEOUT)
-        .await
-        .map_err(|e| fail(ErrorCode::Unreachable, e.to_string()))?;
-    match rx.recv_within::<InferResponse>(OPEN_TIMEOUT).await {
-        Ok(InferResponse::Opened { free_tokens, .. }) => Ok((rx, tx, free_tokens)),
-        Ok(f @ InferResponse::HopFailed { .. }) => Err(f),
-        Ok(InferResponse::Error(e)) => Err(fail(e.code, e.message)),
-        Ok(other) => Err(fail(
+    let answer = stream::open_with_reply::<_, InferResponse>(
+        &server.net,
+        next.peer,
+        next.addrs.clone(),
+        &req,
+        OPEN_TIMEOUT,
+        OPEN_TIMEOUT,
+    )
+    .await;
+    match answer {
+        Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => Ok((rx, tx, free_tokens)),
+        Ok((_, _, f @ InferResponse::HopFailed { .. })) => Err(f),
+        Ok((_, _, InferResponse::Error(e))) => Err(fail(e.code, e.message)),
+        Ok((_, _, other)) => Err(fail(
             ErrorCode::BadRequest,
             format!("answered Open with {other:?}"),
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            Err(fail(ErrorCode::Timeout, e.to_string()))
-        }
+        Err(e @ stream::OpenError::Timeout(_)) => Err(fail(ErrorCode::Timeout, e.to_string())),
         Err(e) => Err(fail(ErrorCode::Unreachable, e.to_string())),
     }
 }
