@@ -281,7 +281,12 @@ impl SwarmClient {
             match found {
                 Ok(r) => return Ok(r),
                 Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+                Err(_) => {
+                    // With jitter, so that clients that lost the same server do not
+                    // all come back at the same instant.
+                    let jitter = rand::random::<u64>() % 300;
+                    tokio::time::sleep(Duration::from_millis(200 + jitter)).await;
+                }
             }
         }
     }
