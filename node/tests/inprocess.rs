@@ -371,7 +371,9 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
     use pollen_node::client::error::HopFailure;
     use pollen_node::client::{ClientError, SwarmSession, route};
     use pollen_node::serve::{self, ServeConfig};
-    use pollen_protocol::{ErrorCode, WireDType};
+    use pollen_protocol::{
+        ErrorCode, InferRequest, InferResponse, RouteHop, SessionBudget, SessionId, WireDType,
+    };
     use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile};
     use std::collections::HashMap;
 
@@ -485,6 +487,69 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                 want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 "step at position {pos}"
             );
+        }
+
+        // A stranger can neither take the client's outputs nor open a route in its name.
+        let stranger = Node::current(Role::Client, &cancel).await;
+        let last = hops.last().unwrap();
+        let (_, _, answer) = pollen_node::net::stream::open_with_reply::<_, InferResponse>(
+            &stranger.net,
+            last.peer,
+            last.addrs.clone(),
+            &InferRequest::Attach {
+                session: session.id(),
+            },
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        match answer {
+            InferResponse::Error(e) => {
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                assert!(e.message.contains("belongs to another client"), "{e}");
+            }
+            other => panic!("a stranger's attach was answered {other:?}"),
+        }
+        let wire_route: Vec<RouteHop> = hops
+            .iter()
+            .map(|h| RouteHop {
+                peer: PeerIdBytes(h.peer.to_bytes()),
+                blocks: pollen_node::blocks::to_wire(h.blocks).unwrap(),
+                addrs: h.addrs.iter().map(|a| a.to_string()).collect(),
+                step_us: h.step_us,
+            })
+            .collect();
+        let in_its_name = InferRequest::Open {
+            session: SessionId(7),
+            model_id,
+            route: wire_route,
+            hop: 0,
+            budget: SessionBudget {
+                max_tokens: 16,
+                max_message_bytes: 1 << 20,
+                idle_timeout_ms: 10_000,
+            },
+            wire_dtype: WireDType::F32,
+            compute: compute.clone(),
+            client: PeerIdBytes(client.peer().to_bytes()),
+        };
+        let (_, _, answer) = pollen_node::net::stream::open_with_reply::<_, InferResponse>(
+            &stranger.net,
+            hops[0].peer,
+            hops[0].addrs.clone(),
+            &in_its_name,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        match answer {
+            InferResponse::HopFailed { hop: 0, error, .. } => {
+                assert_eq!(error.code, ErrorCode::BadRequest);
+                assert!(error.message.contains("must be opened by"), "{error}");
+            }
+            other => panic!("an open in another client's name was answered {other:?}"),
         }
 
         // Each server holds one session: a second is refused by the first hop.

@@ -94,18 +94,3 @@ fn no_route_text(
         "no chain of servers covers every block of model {model} (uncovered: {gaps}); {servers} servers announced"
     )
 }
-
-impl ClientError {
-    /// Whether a fresh attempt might succeed (a hop failed, the swarm lacks blocks, a
-    /// server was busy) rather than the request itself being wrong.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ClientError::NoRoute { .. } | ClientError::Net(_) => true,
-            ClientError::HopFailed(f) => matches!(
-                f.code,
-                ErrorCode::Busy | ErrorCode::Timeout | ErrorCode::Unreachable | ErrorCode::Internal
-            ),
-            _ => false,
-        }
-    }
-}

@@ -90,11 +90,6 @@ impl NetStats {
     pub fn announce_messages(&self) -> u64 {
         self.announce_in.load(Ordering::Relaxed) + self.announce_out.load(Ordering::Relaxed)
     }
-
-    /// Bytes of session frames sent and received so far.
-    pub fn session_bytes(&self) -> u64 {
-        self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed)
-    }
 }
 
 /// A cloneable handle to the task that owns the swarm.
