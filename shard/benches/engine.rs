@@ -181,6 +181,74 @@ fn child_span(path: &Path, start: usize, end: usize, mode: &str) {
     );
 }
 
+/// This process's resident set now, in MB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets this process's peak RSS to its current RSS (Linux `clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Prefill memory: one `n`-token prompt through blocks `start..end` in a
+/// fresh cache. Prints `RESULT step_peak_mb whole_peak_mb estimate_mb secs`:
+/// the peak RSS during the step over the RSS before it, the process's peak
+/// RSS (weights, ends where loaded, cache and step), and the engine's own
+/// estimate of the step's memory.
+fn child_prefill_mem(path: &Path, start: usize, end: usize, mode: &str, n: usize) {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::parse(mode).unwrap(),
+    };
+    let file = ModelFile::open(path).unwrap();
+    let cfg = file.config().unwrap();
+    let ids = prompt(path, n);
+    let span = BlockSpan::load(&file, BlockRange { start, end }, &opts, &mut |_, _| {}).unwrap();
+    // The whole model keeps its ends (as a local run does); a span gets its
+    // input from the ends, which are dropped before the step is measured.
+    let whole = (start, end) == (0, cfg.num_blocks);
+    let ends = ClientEnds::load(&file, &opts).unwrap();
+    let hidden = ends.embed(&ids).unwrap();
+    let ends = if whole {
+        Some(ends)
+    } else {
+        drop(ends);
+        reset_peak_rss();
+        None
+    };
+    let mut cache = span.new_cache(CacheLimits::default());
+    let estimate = step_estimate(&span, n, 0);
+    let load_peak = peak_rss_mb();
+    let before = rss_mb();
+    reset_peak_rss();
+    let t0 = Instant::now();
+    let h = span.forward(&hidden, 0, &mut cache).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let step_peak = peak_rss_mb() - before;
+    if let Some(ends) = &ends {
+        ends.logits(&h).unwrap();
+    }
+    let whole_peak = load_peak.max(peak_rss_mb());
+    println!("KERNEL {}", kernel_of(mode));
+    println!("RESULT {step_peak:.1} {whole_peak:.1} {estimate:.1} {secs:.2}");
+}
+
+/// The engine's estimate of a step's memory, in MB.
+fn step_estimate(span: &BlockSpan, n: usize, past: usize) -> f64 {
+    span.step_memory_bytes(n, past) as f64 / (1024.0 * 1024.0)
+}
+
 /// Chat-formatted questions for the divergence measurement.
 const QUESTIONS: [&str; 3] = [
     "What is the capital of France, and what is it famous for?",
@@ -330,6 +398,21 @@ fn main() {
         );
         return;
     }
+    if args.first().map(String::as_str) == Some("--child-prefill-mem") {
+        child_prefill_mem(
+            &PathBuf::from(&args[1]),
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+            &args[4],
+            args[5].parse().unwrap(),
+        );
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--prefill-memory") {
+        let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+        prefill_memory_table(&path, args.iter().any(|a| a == "--with-exact"));
+        return;
+    }
     if args.first().map(String::as_str) == Some("--child-divergence") {
         let path = PathBuf::from(&args[1]);
         let modes: Vec<&str> = args[3..].iter().map(String::as_str).collect();
@@ -337,6 +420,7 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let skip_prefill_memory = args.iter().any(|a| a == "--no-prefill-memory");
     let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let (prompt_len, decode) = if quick { (32, 32) } else { (128, 128) };
     let reps = if quick { 1 } else { 2 };
@@ -438,6 +522,10 @@ fn main() {
             println!("| {a}:{b} | {mode} | {ran} | {mb:.1} | {:.0} |", r[1]);
         }
     }
+    if !skip_prefill_memory {
+        println!();
+        prefill_memory_table(&path, false);
+    }
     println!();
     let steps = if quick { 16 } else { 64 };
     println!(
@@ -489,6 +577,55 @@ fn main() {
             println!(
                 "| {mode} | {ran} | {} | {worst:.4} | {agree} of {steps} |",
                 n + 1
+            );
+        }
+    }
+}
+
+/// The prefill-memory table: a 1,900-token prompt through a 10-block span
+/// and through the whole local model, fast mode on each kernel (and exact
+/// mode on the span with `with_exact`: slow, its attention is materialised).
+fn prefill_memory_table(path: &Path, with_exact: bool) {
+    const N: usize = 1900;
+    println!("Prefill memory, one {N}-token step, 1 thread:");
+    println!();
+    println!(
+        "| blocks | weights | kernel | step peak MB (over RSS before) | estimate MB (`step_memory_bytes`) | process peak MB | step s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut rows: Vec<(&str, Option<KernelPath>)> = KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+        .map(|p| ("fast", Some(p)))
+        .collect();
+    if with_exact {
+        rows.push(("exact", None));
+    }
+    for (mode, kernel) in rows {
+        for (a, b) in [(10usize, 20usize), (0, 30)] {
+            if mode == "exact" && (a, b) == (0, 30) {
+                continue;
+            }
+            let (r, ran) = run_child(
+                &[
+                    "--child-prefill-mem".into(),
+                    path.display().to_string(),
+                    a.to_string(),
+                    b.to_string(),
+                    mode.into(),
+                    N.to_string(),
+                ],
+                1,
+                kernel,
+            );
+            let what = if (a, b) == (0, 30) {
+                "0:30 + ends (local model)".to_string()
+            } else {
+                format!("{a}:{b}")
+            };
+            println!(
+                "| {what} | {mode} | {ran} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                r[0], r[2], r[1], r[3]
             );
         }
     }

@@ -588,3 +588,42 @@ fn bad_files_give_clear_errors() -> Result<()> {
     assert!(arch.contains("unsupported architecture `gpt2`"), "{arch}");
     Ok(())
 }
+
+/// A server's memory budget asks a span what a step will take: linear in the
+/// step's length in the fast mode (tiled attention), quadratic in exact mode
+/// (materialised scores), and nothing for the cache when it need not grow.
+#[test]
+fn step_memory_is_linear_in_the_fast_mode() -> Result<()> {
+    let dir = tmp_dir("step-memory");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
+    let file = ModelFile::open(&path)?;
+    let range = BlockRange { start: 0, end: 6 };
+    let load = |mode| {
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            mode,
+        };
+        BlockSpan::load(&file, range, &opts, &mut |_, _| {})
+    };
+    let (fast, exact) = (load(WeightMode::Fast)?, load(WeightMode::Exact)?);
+    for n in [256usize, 1024, 4096] {
+        // Past the cache (grown once, to a power of two), each token costs the same.
+        let f1 = fast.step_memory_bytes(n, 0);
+        let f2 = fast.step_memory_bytes(2 * n, 0);
+        assert!(f2 <= 2 * f1, "fast {n}: {f1} then {f2}");
+        let e1 = exact.step_memory_bytes(n, 0);
+        let e2 = exact.step_memory_bytes(2 * n, 0);
+        assert!(e2 > 3 * e1, "exact {n}: {e1} then {e2}");
+    }
+    // A decode step into a buffer with room grows no cache.
+    assert!(fast.step_memory_bytes(1, 100) < fast.step_memory_bytes(1, 128));
+    // Huge requests saturate instead of wrapping.
+    assert_eq!(exact.step_memory_bytes(usize::MAX, usize::MAX), usize::MAX);
+    // A real step fits its estimate (RSS is not measured here: the bench does).
+    let mut cache = fast.new_cache(CacheLimits::default());
+    let h = Tensor::ones((1, 40, TINY_HIDDEN), DType::F32, &Device::Cpu)?;
+    fast.forward(&h, 0, &mut cache)?;
+    assert!(fast.step_memory_bytes(40, 0) > cache.bytes());
+    Ok(())
+}

@@ -187,9 +187,12 @@ impl Block {
 
     /// Attention for the non-exact modes. The KV cache is a pair of buffers
     /// `(1, kv_heads, capacity, head_dim)` written in place and grown by
-    /// doubling; queries are grouped per KV head `(1, kv_heads, n_rep * seq,
-    /// head_dim)` so keys and values are never repeated or copied; `mask` is
-    /// additive `(seq, kv_len)`.
+    /// doubling. On the CPU, attention runs in tiles with an online softmax
+    /// ([`crate::attention`]): no score matrix, memory linear in the step's
+    /// length, and the same bits for a row however the prompt is chunked.
+    /// Elsewhere queries are grouped per KV head `(1, kv_heads, n_rep * seq,
+    /// head_dim)` so keys and values are never repeated or copied, and `mask`
+    /// is additive `(seq, kv_len)`.
     fn attention_fast(
         &self,
         x: &Tensor,
@@ -219,16 +222,16 @@ impl Block {
         let k = self.rotary(&k, pos, sh)?;
         let need = pos + seq_len;
         let (kb, vb) = cache::write_in_place(kv_cache, &k, &v, pos, max_tokens)?;
-        let keys = kb.narrow(2, 0, need)?;
-        let values = vb.narrow(2, 0, need)?;
-        if seq_len == 1 && x.device().is_cpu() {
-            let op = crate::attention::DecodeAttention {
-                len: need,
+        if x.device().is_cpu() {
+            let op = crate::attention::TiledAttention {
+                pos,
                 scale: 1.0 / (head_dim as f32).sqrt(),
             };
             let y = q.apply_op3_no_bwd(&kb, &vb, &op)?;
             return self.wo.forward(&y);
         }
+        let keys = kb.narrow(2, 0, need)?;
+        let values = vb.narrow(2, 0, need)?;
         let n_rep = n_head / n_kv;
         let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
         let att = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;

@@ -74,6 +74,69 @@ impl BlockSpan {
         self.weight_bytes
     }
 
+    /// An upper bound on the memory, in bytes, that one step of `n_tokens`
+    /// tokens after `past` cached ones takes in this span beyond the
+    /// weights and the keys and values the session already holds: the cache
+    /// buffers the step grows (the old ones live until the step succeeds, so
+    /// a failed step leaves the cache as it was), the widest moment of a
+    /// block's activations, and attention.
+    ///
+    /// Linear in `n_tokens` in the fast modes on the CPU (attention in tiles);
+    /// in exact mode (and off the CPU) attention materialises a
+    /// `(heads, n_tokens, past + n_tokens)` score matrix, and this grows with
+    /// its square. The engine bench (`--prefill-memory`) checks it against
+    /// the measured peak. A server's memory budget can refuse a step beyond
+    /// it before running it.
+    pub fn step_memory_bytes(&self, n_tokens: usize, past: usize) -> usize {
+        let cfg = &self.shared.cfg;
+        let f = 4usize; // f32
+        let (h, ff, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (heads, kv) = (cfg.num_heads, cfg.num_kv_heads * d);
+        let n = n_tokens;
+        let total = past.saturating_add(n);
+        let blocks = self.blocks.len();
+        // Keys and values: fast modes grow buffers by doubling (all blocks'
+        // new buffers, the old kept until the step ends); exact mode appends.
+        let kv_per_pos = 2 * kv * f * blocks;
+        let cache = if self.shared.fast {
+            let cap = |len: usize| len.checked_next_power_of_two().unwrap_or(len).max(64);
+            if past > 0 && cap(past) >= total {
+                0
+            } else {
+                cap(total).min(cfg.max_seq_len.max(total))
+            }
+        } else {
+            total
+        }
+        .saturating_mul(kv_per_pos);
+        // One block's widest moment: the step's input and residual, the fused
+        // gate/up product (its result and its tile-major scratch), the SiLU
+        // and its product, the down projection's input quantized and output;
+        // or, in attention, q/k/v with their rotary copies.
+        let mlp = f * (3 * h + 6 * ff) + ff + 2 * f * h;
+        let qkv = f * (3 * h + 4 * (h + 2 * kv));
+        let per_token = mlp.max(qkv) + f * h;
+        let activations = n.saturating_mul(per_token);
+        let attention = if self.shared.fast && self.device.is_cpu() {
+            crate::attention::TiledAttention::bytes(
+                n,
+                heads,
+                d,
+                candle_core::utils::get_num_threads(),
+            )
+        } else {
+            // Scores, their scaled and masked copies and the softmax (two
+            // live at once, counted three times for headroom), the mask, and
+            // repeated keys and values.
+            let scores = heads.saturating_mul(n).saturating_mul(total);
+            scores
+                .saturating_mul(3 * f)
+                .saturating_add(n.saturating_mul(total).saturating_mul(f))
+                .saturating_add(total.saturating_mul(2 * heads * d * f))
+        };
+        cache.saturating_add(activations).saturating_add(attention)
+    }
+
     /// A new, empty cache for one session.
     pub fn new_cache(&self, limits: CacheLimits) -> SpanCache {
         let limits = CacheLimits {
@@ -106,7 +169,8 @@ impl BlockSpan {
         }
         let new_len = cache.check_step(self.range, self.shared.fast, pos, seq)?;
         let hidden = hidden.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let mask = if seq == 1 {
+        let mask = if seq == 1 || (self.shared.fast && self.device.is_cpu()) {
+            // Fast mode on the CPU masks inside its tiled attention.
             None
         } else if self.shared.fast {
             Some(causal_mask_additive(seq, pos, &self.device)?)
