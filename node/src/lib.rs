@@ -11,8 +11,10 @@
 //! [`fetch`] and [`model`] (the model on disk), [`wire`] and [`blocks`] (conversions
 //! between the engine's and the wire's types), [`clock`], [`status`], [`signals`].
 
+pub mod backend;
 pub mod blocks;
 pub mod bootstrap;
+pub mod chat_template;
 pub mod client;
 pub mod clock;
 pub mod demo;

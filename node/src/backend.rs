@@ -1,0 +1,432 @@
+//! One way to generate for the API and the terminal chat: a whole model in this process
+//! (`--local`) or a long-lived [`SwarmClient`].
+//!
+//! [`Backend::start`] begins a generation and returns a [`GenStream`] of
+//! [`GenEvent`]s through a bounded channel. Generations run concurrently, each with its
+//! own session (its own KV cache locally, its own swarm session on every server of its
+//! route). Dropping the stream, or cancelling the token given to `start`, stops the
+//! generation: a swarm generation's session is dropped at once, which closes its streams,
+//! and every server of the route frees it.
+
+use crate::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+use crate::client::{ClientConfig, ClientError, SwarmClient};
+use pollen_protocol::{ErrorCode, ModelId};
+use pollen_shard::generate::{GenerateParams, Generation};
+use pollen_shard::{LoadOptions, LocalModel, ModelFile, PollenTokenizer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Pieces of text a generation may have waiting for a slow reader before it pauses.
+const EVENT_BUFFER: usize = 64;
+
+/// What went wrong, in the categories an API answers with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The prompt (with the tokens asked for) does not fit the model or the route.
+    #[error("{0}")]
+    PromptTooLong(String),
+    /// The request itself is wrong (an empty prompt, a conversation the template refuses).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The swarm has no chain of servers covering every block (or cannot be reached).
+    #[error("{0}")]
+    NoBlocks(String),
+    /// Too many generations at once, here or on the servers.
+    #[error("{0}")]
+    Busy(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<ClientError> for BackendError {
+    fn from(e: ClientError) -> Self {
+        let text = e.to_string();
+        match &e {
+            ClientError::NoRoute { .. } | ClientError::NoEntry(_) => Self::NoBlocks(text),
+            ClientError::OverBudget { .. } => Self::PromptTooLong(text),
+            ClientError::HopFailed(f) if f.code == ErrorCode::Busy => Self::Busy(text),
+            ClientError::Model(pollen_shard::ShardError::BadInput(_)) => Self::BadRequest(text),
+            _ => Self::Other(text),
+        }
+    }
+}
+
+impl From<pollen_shard::ShardError> for BackendError {
+    fn from(e: pollen_shard::ShardError) -> Self {
+        match e {
+            pollen_shard::ShardError::BadInput(m) => Self::BadRequest(m),
+            e => Self::Other(e.to_string()),
+        }
+    }
+}
+
+impl From<ChatTemplateError> for BackendError {
+    fn from(e: ChatTemplateError) -> Self {
+        match e {
+            ChatTemplateError::Refused(_) => Self::BadRequest(e.to_string()),
+            e => Self::Other(e.to_string()),
+        }
+    }
+}
+
+/// What a generation sends, in order: text, then one `Done` or one `Error`.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// A piece of the answer.
+    Text(String),
+    /// The generation ended; its token counts, stop reason and timing.
+    Done(Generation),
+    /// It failed (possibly after some text).
+    Error(BackendError),
+}
+
+/// The events of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct GenStream {
+    rx: mpsc::Receiver<GenEvent>,
+    _guard: tokio_util::sync::DropGuard,
+}
+
+impl GenStream {
+    /// The next event; `None` once the generation has ended and everything was read.
+    pub async fn recv(&mut self) -> Option<GenEvent> {
+        self.rx.recv().await
+    }
+
+    /// Reads to the end: the whole text and the result.
+    pub async fn collect(mut self) -> Result<Generation, BackendError> {
+        while let Some(ev) = self.recv().await {
+            match ev {
+                GenEvent::Text(_) => {}
+                GenEvent::Done(g) => return Ok(g),
+                GenEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(BackendError::Other(
+            "the generation ended without a result".into(),
+        ))
+    }
+}
+
+enum Engine {
+    Local(Arc<LocalModel>),
+    Swarm(Arc<SwarmClient>),
+}
+
+/// A model to generate with, locally or through the swarm.
+pub struct Backend {
+    engine: Engine,
+    tokenizer: PollenTokenizer,
+    template: ChatTemplate,
+    name: String,
+    model_id: Option<ModelId>,
+    max_seq_len: usize,
+    num_blocks: usize,
+    slots: Arc<Semaphore>,
+    max_concurrent: usize,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Backend({}, {})",
+            self.name,
+            if self.is_local() { "local" } else { "swarm" }
+        )
+    }
+}
+
+/// The model's short name: its file name without `.gguf`.
+fn model_name(path: &Path) -> String {
+    let stem = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    stem.strip_suffix(".gguf").unwrap_or(&stem).to_string()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Other(format!("a compute task failed: {e}")))?
+}
+
+/// The chat template of the model at `path`.
+fn template_of(path: &Path, tok: &PollenTokenizer) -> Result<ChatTemplate, BackendError> {
+    let file = ModelFile::open(path)?;
+    Ok(ChatTemplate::from_model(&file, tok))
+}
+
+impl Backend {
+    /// Loads the whole model at `path` into this process; at most `max_concurrent`
+    /// generations at once.
+    pub async fn local(
+        path: PathBuf,
+        opts: LoadOptions,
+        max_concurrent: usize,
+        progress: impl FnMut(usize, usize) + Send + 'static,
+    ) -> Result<Self, BackendError> {
+        let name = model_name(&path);
+        let (model, template) = blocking(move || {
+            let mut progress = progress;
+            let model = LocalModel::load(&path, &opts, &mut progress)?;
+            let template = template_of(&path, &model.tokenizer)?;
+            Ok((model, template))
+        })
+        .await?;
+        Ok(Self {
+            tokenizer: model.tokenizer.clone(),
+            max_seq_len: model.ends.config().max_seq_len,
+            num_blocks: model.ends.config().num_blocks,
+            engine: Engine::Local(Arc::new(model)),
+            template,
+            name,
+            model_id: None,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            max_concurrent: max_concurrent.max(1),
+        })
+    }
+
+    /// Joins the swarm with a client of `cfg`; at most `max_concurrent` generations at
+    /// once.
+    pub async fn swarm(cfg: ClientConfig, max_concurrent: usize) -> Result<Self, BackendError> {
+        let name = model_name(&cfg.model);
+        let path = cfg.model.clone();
+        let client = SwarmClient::connect(cfg).await?;
+        let tokenizer = client.model().tokenizer.clone();
+        let tok = tokenizer.clone();
+        let template = blocking(move || template_of(&path, &tok)).await?;
+        Ok(Self {
+            tokenizer,
+            max_seq_len: client.model().ends.config().max_seq_len,
+            num_blocks: client.model().ends.config().num_blocks,
+            model_id: Some(client.model().model_id),
+            engine: Engine::Swarm(Arc::new(client)),
+            template,
+            name,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            max_concurrent: max_concurrent.max(1),
+        })
+    }
+
+    /// Whether every block runs in this process.
+    pub fn is_local(&self) -> bool {
+        matches!(self.engine, Engine::Local(_))
+    }
+
+    /// The model's name (its file name without the extension).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The id servers announce the model under (swarm only).
+    pub fn model_id(&self) -> Option<ModelId> {
+        self.model_id
+    }
+
+    /// The swarm client (swarm only).
+    pub fn swarm_client(&self) -> Option<&Arc<SwarmClient>> {
+        match &self.engine {
+            Engine::Swarm(c) => Some(c),
+            Engine::Local(_) => None,
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &PollenTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The most tokens (prompt and answer) the model can attend to.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    /// How many blocks the model has.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Token ids of a conversation, its assistant turn opened.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, BackendError> {
+        let text = self.template.render(messages, true)?;
+        Ok(self.tokenizer.encode(&text)?)
+    }
+
+    /// Token ids of plain text.
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, BackendError> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+
+    /// Checks that `prompt` leaves room in the model's context; returns how many tokens
+    /// the answer may have (at most `max_tokens`, or all the room left when `None`).
+    pub fn answer_budget(
+        &self,
+        prompt_len: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<usize, BackendError> {
+        if prompt_len == 0 {
+            return Err(BackendError::BadRequest("the prompt is empty".into()));
+        }
+        let room = self.max_seq_len.saturating_sub(prompt_len);
+        if room == 0 {
+            return Err(BackendError::PromptTooLong(format!(
+                "the prompt has {prompt_len} tokens; this model's context holds {}",
+                self.max_seq_len
+            )));
+        }
+        match max_tokens {
+            Some(n) if n > room => Err(BackendError::PromptTooLong(format!(
+                "this model's context holds {} tokens; the prompt has {prompt_len} and {n} more were asked for (at most {room} fit)",
+                self.max_seq_len
+            ))),
+            Some(n) => Ok(n),
+            None => Ok(room),
+        }
+    }
+
+    /// Starts generating from `prompt` token ids. Fails at once (with `Busy`) when
+    /// `max_concurrent` generations are running. The generation stops when the returned
+    /// stream is dropped or `cancel` fires.
+    pub fn start(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        cancel: CancellationToken,
+    ) -> Result<GenStream, BackendError> {
+        self.answer_budget(prompt.len(), Some(params.max_tokens))?;
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            BackendError::Busy(format!(
+                "{} generations are running, the most this endpoint allows; try again shortly",
+                self.max_concurrent
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let cancel = cancel.child_token();
+        let guard = cancel.clone().drop_guard();
+        match &self.engine {
+            Engine::Local(model) => {
+                let model = model.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let mut sink = |text: &str| {
+                        !cancel.is_cancelled()
+                            && tx.blocking_send(GenEvent::Text(text.into())).is_ok()
+                    };
+                    let ev = match model.generate(&prompt, &params, &mut sink) {
+                        Ok(g) => GenEvent::Done(g),
+                        Err(e) => GenEvent::Error(e.into()),
+                    };
+                    let _ = tx.blocking_send(ev);
+                });
+            }
+            Engine::Swarm(client) => {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    swarm_generation(&client, &prompt, &params, &tx, &cancel).await;
+                });
+            }
+        }
+        Ok(GenStream { rx, _guard: guard })
+    }
+}
+
+/// Runs one swarm generation, sending its events to `tx`. The generation's future is
+/// dropped (and with it the session, which closes its streams on every server) as soon
+/// as the reader goes away or `cancel` fires, even in the middle of a step.
+async fn swarm_generation(
+    client: &SwarmClient,
+    prompt: &[u32],
+    params: &GenerateParams,
+    tx: &mpsc::Sender<GenEvent>,
+    cancel: &CancellationToken,
+) {
+    // The sink is called from async code: it must not wait. Text the channel has no room
+    // for waits here (at most the answer's length) and goes first next time.
+    let mut pending = String::new();
+    let mut sink = |text: &str| -> bool {
+        if tx.is_closed() || cancel.is_cancelled() {
+            return false;
+        }
+        pending.push_str(text);
+        match tx.try_send(GenEvent::Text(std::mem::take(&mut pending))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(GenEvent::Text(t))) => {
+                pending = t;
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    let result = tokio::select! {
+        r = client.generate(prompt, params, &mut sink) => Some(r),
+        () = tx.closed() => None,
+        () = cancel.cancelled() => None,
+    };
+    let Some(result) = result else {
+        tracing::debug!("generation cancelled; its session is closed");
+        return;
+    };
+    if !pending.is_empty() && tx.send(GenEvent::Text(pending)).await.is_err() {
+        return;
+    }
+    let ev = match result {
+        Ok(g) => GenEvent::Done(g),
+        Err(e) => GenEvent::Error(e.into()),
+    };
+    let _ = tx.send(ev).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn client_errors_map_to_api_categories() {
+        let id = ModelId::from_bytes([0; 32]);
+        let no_route = ClientError::NoRoute {
+            model: id,
+            uncovered: Vec::new(),
+            servers: 0,
+            misaligned: false,
+        };
+        assert!(matches!(
+            BackendError::from(no_route),
+            BackendError::NoBlocks(_)
+        ));
+        let over = ClientError::OverBudget {
+            free_tokens: 10,
+            needed: 20,
+        };
+        assert!(matches!(
+            BackendError::from(over),
+            BackendError::PromptTooLong(_)
+        ));
+        let busy = ClientError::HopFailed(Box::new(crate::client::HopFailure {
+            hop: 0,
+            peer: libp2p::PeerId::random(),
+            blocks: crate::blocks::BlockRange { start: 0, end: 10 },
+            code: ErrorCode::Busy,
+            message: "full".into(),
+        }));
+        assert!(matches!(BackendError::from(busy), BackendError::Busy(_)));
+        assert!(matches!(
+            BackendError::from(ClientError::Task("x".into())),
+            BackendError::Other(_)
+        ));
+    }
+}
