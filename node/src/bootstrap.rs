@@ -2,11 +2,12 @@
 //! Kademlia server, a relay v2 server and an AutoNAT server, and an HTTP page
 //! that shows which blocks of which model are served by whom.
 
-use crate::net::{self, NetConfig, NetHandle, Role};
+use crate::net::{self, NetConfig, NetHandle, Role, book};
 use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+use clap::builder::TypedValueParser as _;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use std::net::SocketAddr;
@@ -31,16 +32,72 @@ pub struct BootstrapArgs {
     /// Do not look for peers on the local network with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Require this token on the HTTP page and /health (`Authorization: Bearer TOKEN`, or
+    /// `?token=TOKEN`). A private mesh's page must be on a loopback address or have one.
+    #[arg(long, env = "POLLEN_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Most announcements held in all.
+    #[arg(long, default_value_t = book::MAX_BOOK_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(16..=1_048_576).map(|v| v as usize))]
+    pub max_announcements: usize,
+    /// Most announcements held for one announcing peer (one per model it serves).
+    #[arg(long, default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096).map(|v| v as usize))]
+    pub max_announcements_per_peer: usize,
+    /// Most announcements held that one connected peer sent (a flood of sybil keys over
+    /// one connection fills its own share, not the book).
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576).map(|v| v as usize))]
+    pub max_announcements_per_sender: usize,
+    /// Most announcements held that peers at one IP address sent.
+    #[arg(long, default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576).map(|v| v as usize))]
+    pub max_announcements_per_ip: usize,
+    /// Publishes a second one peer may send, sustained (a burst of 16 times as many,
+    /// at least 32, is allowed); an IP address may send 8 times as many. Beyond it
+    /// publishes are refused as busy.
+    #[arg(long, default_value_t = 2.0, value_parser = publish_rate)]
+    pub publish_rate: f64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub caps: crate::net::ConnectionCaps,
+}
+
+/// Parses a bootstrap address, which must name the bootstrap's peer id (`/p2p/…`): a
+/// node dials it and checks that the peer who answers is that one.
+pub fn parse_bootstrap_addr(s: &str) -> Result<Multiaddr, String> {
+    let addr: Multiaddr = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not a multiaddr: {e}"))?;
+    if !addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+        return Err(format!(
+            "`{s}` names no peer id: give the bootstrap's full address, ending in /p2p/<peer id>, \
+             as it prints it on its first line"
+        ));
+    }
+    Ok(addr)
+}
+
+fn publish_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && (0.01..=10_000.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0.01..=10000"))
+    }
 }
 
 impl BootstrapArgs {
     /// The settings with their defaults filled in.
     pub fn config(&self) -> BootstrapConfig {
         let listen = if self.listen.is_empty() {
-            ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect()
+            crate::net::private::default_listen(
+                ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect(),
+            )
         } else {
             self.listen.clone()
         };
@@ -51,7 +108,25 @@ impl BootstrapArgs {
                 .clone()
                 .unwrap_or_else(|| crate::fetch::cache_dir().join("bootstrap.key")),
             http: self.http,
+            http_token: self.http_token.clone(),
             mdns: !self.no_mdns,
+            limits: self.limits(),
+            caps: self.caps,
+        }
+    }
+
+    /// The caps of the announcement book from the flags.
+    pub fn limits(&self) -> book::BookLimits {
+        let burst = (self.publish_rate * 16.0).clamp(32.0, 1e6) as u32;
+        book::BookLimits {
+            max_entries: self.max_announcements,
+            per_peer: self.max_announcements_per_peer,
+            per_sender: self.max_announcements_per_sender,
+            per_ip: self.max_announcements_per_ip,
+            publish_burst: burst,
+            publish_per_s: self.publish_rate,
+            ip_publish_burst: burst.saturating_mul(8),
+            ip_publish_per_s: self.publish_rate * 8.0,
         }
     }
 }
@@ -72,8 +147,14 @@ pub struct BootstrapConfig {
     pub identity: PathBuf,
     /// Where to serve `/health` and the status page (none: no HTTP).
     pub http: Option<SocketAddr>,
+    /// A token the HTTP side requires (none: open).
+    pub http_token: Option<String>,
     /// mDNS on the LAN.
     pub mdns: bool,
+    /// Caps of the announcement book (per peer, per IP address, publish rates).
+    pub limits: book::BookLimits,
+    /// Connection caps.
+    pub caps: crate::net::ConnectionCaps,
 }
 
 fn is_tcp(a: &Multiaddr) -> bool {
@@ -82,6 +163,9 @@ fn is_tcp(a: &Multiaddr) -> bool {
 
 /// Runs until `stop` fires. Prints its dialable address as the first line of stdout.
 pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
+    if !book::set_process_limits(cfg.limits) {
+        tracing::debug!("the announcement book's caps were set already");
+    }
     let keypair = net::identity::load_or_create(&cfg.identity)?;
     let me = keypair.public().to_peer_id();
     let net_cancel = stop.child_token();
@@ -92,6 +176,8 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             mdns: cfg.mdns,
             role: Role::Bootstrap,
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
+            caps: cfg.caps,
+            ..NetConfig::new(Role::Bootstrap)
         },
         net_cancel.clone(),
     )?;
@@ -115,6 +201,8 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     }
     let mut http_task = None;
     if let Some(http) = cfg.http {
+        let mesh = crate::net::private::process_mesh();
+        crate::net::private::check_page(http, &mesh, cfg.http_token.as_deref())?;
         let listener = tokio::net::TcpListener::bind(http)
             .await
             .with_context(|| format!("cannot listen for HTTP on {http}"))?;
@@ -123,7 +211,9 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
         let app = axum::Router::new()
             .route("/health", get(health))
             .route("/", get(page))
+            .layer(axum::middleware::map_response(safe_headers))
             .with_state(handle.clone());
+        let app = crate::net::private::with_token(app, cfg.http_token.clone());
         let stop_http = stop.clone();
         http_task = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -140,6 +230,31 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// Headers on every HTTP answer: no content sniffing, no framing by other sites, and a
+/// content security policy that allows nothing but the page's own inline style (the page
+/// runs no script).
+async fn safe_headers(mut res: axum::response::Response) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let h = res.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; \
+             base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    res
+}
+
 async fn swarm_json(handle: &NetHandle) -> serde_json::Value {
     let book = handle.book(None).await.unwrap_or_default();
     let peers = handle.peers().await.map(|p| p.len()).unwrap_or(0);
@@ -147,6 +262,14 @@ async fn swarm_json(handle: &NetHandle) -> serde_json::Value {
     v["peer"] = serde_json::json!(handle.peer_id().to_string());
     v["connected_peers"] = serde_json::json!(peers);
     v["status"] = serde_json::json!("ok");
+    // Model names are chosen by peers: no control characters reach a page or a terminal.
+    if let Some(models) = v["models"].as_array_mut() {
+        for m in models {
+            if let Some(name) = m["name"].as_str() {
+                m["name"] = serde_json::json!(pollen_protocol::printable(name));
+            }
+        }
+    }
     v
 }
 
@@ -229,4 +352,34 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
 td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}}</style></head>\
 <body>{body}</body></html>"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_bootstrap_address_must_name_its_peer() {
+        let id = libp2p::PeerId::random();
+        let full = format!("/ip4/127.0.0.1/tcp/4001/p2p/{id}");
+        assert_eq!(parse_bootstrap_addr(&full).unwrap().to_string(), full);
+        let e = parse_bootstrap_addr("/ip4/127.0.0.1/tcp/4001").unwrap_err();
+        assert!(e.contains("names no peer id"), "{e}");
+        assert!(parse_bootstrap_addr("nonsense").is_err());
+    }
+
+    #[test]
+    fn publish_rates_are_range_checked() {
+        assert_eq!(publish_rate("2").unwrap(), 2.0);
+        assert!(publish_rate("0").is_err());
+        assert!(publish_rate("NaN").is_err());
+        assert!(publish_rate("1e9").is_err());
+    }
+
+    #[test]
+    fn the_page_strips_control_characters_from_peer_names() {
+        let name = "evil\u{1b}[31mred\u{7}";
+        assert_eq!(escape(&pollen_protocol::printable(name)), "evil[31mred");
+    }
 }

@@ -1,7 +1,10 @@
 //! `pollen`: serve blocks of a model to the swarm, or ask it for text.
 
+mod mesh_cmd;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use pollen_node::serve::sessions::cli as sessions_cli;
 use pollen_node::{manifest::manifest_from_digest, progress, threads};
 use pollen_shard::generate::{GenerateParams, prompt_ids};
 use pollen_shard::{LoadOptions, LocalModel, ModelFile, SamplingParams, WeightMode};
@@ -19,6 +22,12 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text or as one JSON object a line (for log shippers).
+    /// Which lines: POLLEN_LOG or RUST_LOG (e.g. `info`, `pollen_node=debug`; default `warn`).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: pollen_node::LogFormat,
+    #[command(flatten)]
+    mesh: pollen_node::net::private::MeshArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -35,15 +44,19 @@ enum Command {
     Status(StatusArgs),
     /// The local mesh demo: a bootstrap and three servers on 127.0.0.1, one question.
     Demo(DemoArgs),
+    /// Serve an OpenAI-compatible HTTP API and a web chat with a live swarm view.
+    Api(pollen_node::api::cli::ApiArgs),
     /// Run a bootstrap node (the same as the `pollen-bootstrap` binary).
     Bootstrap(pollen_node::bootstrap::BootstrapArgs),
+    /// A private mesh: create its swarm key, admit peers, rotate the key.
+    Mesh(mesh_cmd::MeshArgs),
 }
 
 /// How to reach the swarm.
 #[derive(Args, Debug, Clone)]
 struct SwarmArgs {
     /// Bootstrap peer to join through, with its /p2p/ id (repeatable).
-    #[arg(long = "bootstrap")]
+    #[arg(long = "bootstrap", value_parser = pollen_node::bootstrap::parse_bootstrap_addr)]
     bootstrap: Vec<libp2p::Multiaddr>,
     /// Do not look for peers on the local network with mDNS (on by default).
     #[arg(long)]
@@ -54,11 +67,31 @@ struct SwarmArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Test builds only: corrupt outputs, as KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    fault: Option<String>,
     #[command(flatten)]
     swarm: SwarmArgs,
-    /// Blocks to serve, as A:B (half-open: 0:10 is blocks 0 to 9).
+    #[command(flatten)]
+    net: pollen_node::net::NetOptions,
+    /// Blocks to serve, as A:B (half-open: 0:10 is blocks 0 to 9). Default: automatic
+    /// placement — measure this machine, read the swarm's coverage, hold the span that
+    /// helps the weakest blocks most, and move when the swarm needs it elsewhere.
     #[arg(long)]
-    blocks: String,
+    blocks: Option<String>,
+    /// Memory this server may use, weights and runtime (KV caches, activations) together,
+    /// like 2G or 512M. Automatic placement holds as many blocks as fit.
+    /// Default: half the memory available at start (on a GPU, set it).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Blocks to hold under automatic placement (overrides what --max-memory allows).
+    #[arg(long)]
+    num_blocks: Option<usize>,
+    /// Seconds between automatic placement's checks (jittered; a server leaving triggers
+    /// one sooner).
+    #[arg(long, default_value_t = 60, hide = true)]
+    rebalance_every: u64,
     /// Address to listen on (repeatable). Default: all interfaces, a free TCP port and a free QUIC port.
     #[arg(long = "listen")]
     listen: Vec<libp2p::Multiaddr>,
@@ -77,15 +110,31 @@ struct ServeArgs {
     /// Default: enough for --max-sessions full sessions of this span.
     #[arg(long)]
     max_cache_mb: Option<usize>,
-    /// Seconds an idle session is kept.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds an idle session is kept (1 to 600).
+    #[arg(long, default_value_t = 120, value_parser = sessions_cli::idle_timeout)]
     idle_timeout: u64,
+    /// Most sessions one client may hold open on this server, well below
+    /// --max-sessions so that no one client can take the server out of every route.
+    #[arg(long, default_value_t = 4, value_parser = sessions_cli::count)]
+    max_sessions_per_client: usize,
+    /// Most session streams one connected peer may hold open at once (a server before
+    /// this one carries one per session it routes here).
+    #[arg(long, default_value_t = 24, value_parser = sessions_cli::count)]
+    max_streams_per_peer: usize,
+    /// Seconds, per hop before this one, a session may stay open without a first step
+    /// before it is freed.
+    #[arg(long, default_value = "10", value_parser = sessions_cli::first_step_timeout)]
+    first_step_timeout: Duration,
     /// Seconds an announcement stays valid (renewed every third of it).
     #[arg(long, default_value_t = 30)]
     announce_ttl: u64,
     /// Seconds running sessions get to finish after Ctrl-C.
     #[arg(long, default_value_t = 30)]
     grace: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks
+    /// one, printed as `metrics http://...`). No authentication: keep it on a private address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -108,8 +157,8 @@ struct DemoArgs {
     /// The question to ask through the swarm.
     #[arg(long, default_value = "Give me three tips for staying healthy.")]
     prompt: String,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 96)]
+    /// Most tokens to generate (1 to 32768).
+    #[arg(long, default_value_t = 96, value_parser = sessions_cli::max_tokens)]
     max_tokens: usize,
 }
 
@@ -149,14 +198,19 @@ struct GenerateArgs {
     /// Run every block in this process instead of through the swarm.
     #[arg(long)]
     local: bool,
+    /// Probability (0 to 1) that a step is spot-checked: one span of the route is
+    /// computed again by another server of it, and a server caught disagreeing with
+    /// two others is banned and routed around. 0 turns spot checks off.
+    #[arg(long, default_value_t = pollen_node::client::DEFAULT_VERIFY, value_parser = parse_probability)]
+    verify: f64,
     /// The prompt.
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt in the model's chat template (ChatML, with its default system prompt).
     #[arg(long)]
     chat: bool,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate (1 to 32768).
+    #[arg(long, default_value_t = 128, value_parser = sessions_cli::max_tokens)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -192,6 +246,15 @@ struct ManifestArgs {
     /// Print one JSON object (with the model id as `id`).
     #[arg(long)]
     json: bool,
+}
+
+/// A probability from 0 to 1.
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        Ok(p) => Err(format!("{p} is not a probability (0 to 1)")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
@@ -282,6 +345,7 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
         mdns: !args.swarm.no_mdns,
         wire_dtype,
         route_wait: Duration::from_secs(args.route_wait),
+        verify: args.verify,
     })
     .await?;
     let prompt = prompt_ids(&client.model().tokenizer, &args.prompt, args.chat)?;
@@ -303,14 +367,26 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_size(text: &str) -> Result<u64, String> {
+    pollen_node::placement::memory::parse_size(text).map_err(|e| e.to_string())
+}
+
 fn default_listen() -> Vec<libp2p::Multiaddr> {
-    ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .collect()
+    pollen_node::net::private::default_listen(
+        ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect(),
+    )
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(spec) = &args.fault {
+        pollen_node::fault::Fault::parse(spec)
+            .and_then(pollen_node::fault::install)
+            .map_err(|e| anyhow::anyhow!("--fault: {e}"))?;
+    }
     let path = resolve_model(&args.model.model)?;
     let cfg = pollen_node::serve::ServeConfig {
         model: path,
@@ -334,11 +410,34 @@ async fn serve(args: ServeArgs) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         compute_slots: args.model.threads.unwrap_or(1),
         max_cache_bytes: args.max_cache_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        max_memory_bytes: args.max_memory,
+        num_blocks: args.num_blocks,
+        rebalance_every: Duration::from_secs(args.rebalance_every.max(1)),
+        peer_limits: pollen_node::serve::sessions::PeerLimits {
+            sessions_per_client: args.max_sessions_per_client,
+            streams_per_peer: args.max_streams_per_peer,
+            first_step_timeout: args.first_step_timeout,
+        },
+        net: args.net,
+    };
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let (bound, task) = pollen_node::metrics::listen(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}"))?;
+            println!("metrics http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let kill = tokio_util::sync::CancellationToken::new();
     pollen_node::signals::watch(stop.clone(), kill.clone());
-    Ok(pollen_node::serve::run(cfg, stop, kill).await?)
+    let result = pollen_node::serve::run(cfg, stop, kill).await;
+    if let Some(task) = metrics {
+        task.abort();
+    }
+    Ok(result?)
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
@@ -411,11 +510,19 @@ fn main() -> std::process::ExitCode {
     let threads = match &cli.command {
         Command::Generate(g) => g.model.threads,
         Command::Serve(s) => Some(s.model.threads.unwrap_or(1)),
+        Command::Api(a) => a.threads,
         _ => None,
     }
     .unwrap_or_else(threads::available_cores);
     threads::configure(threads);
-    pollen_node::init_logging();
+    pollen_node::init_logging_as(cli.log_format);
+    let mesh = match cli.mesh.install() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -438,12 +545,17 @@ fn main() -> std::process::ExitCode {
             runtime.block_on(pollen_node::demo::run(args.prompt, args.max_tokens))
         }
         Command::Bootstrap(args) => runtime.block_on(pollen_node::bootstrap::run_cli(&args)),
+        Command::Api(args) => runtime.block_on(pollen_node::api::cli::run(args)),
+        Command::Mesh(args) => mesh_cmd::run(args),
     };
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(pollen_node::client::ClientError::NoEntry(_)) = e.downcast_ref() {
+                eprintln!("{}", pollen_node::net::private::unreachable_hint(mesh));
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -58,6 +58,7 @@ impl Node {
             mdns: false,
             role,
             protocol_version: version,
+            ..NetConfig::new(role)
         };
         assert!(net::transport::uses_memory(&cfg));
         let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
@@ -401,19 +402,28 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
             .map(|(start, end)| {
                 let cfg = ServeConfig {
                     model: model.clone(),
-                    blocks: format!("{start}:{end}"),
+                    blocks: Some(format!("{start}:{end}")),
                     load: load.clone(),
                     listen: vec!["/memory/0".parse().unwrap()],
                     bootstrap: vec![boot.addr.clone()],
                     identity: keys.join(format!("server-{start}.key")),
                     mdns: false,
-                    max_sessions: 1,
+                    max_sessions: 2,
                     max_session_tokens: 64,
                     idle_timeout: Duration::from_secs(60),
                     announce_ttl: Duration::from_secs(60),
                     grace: Duration::from_secs(1),
                     compute_slots: 1,
                     max_cache_bytes: None,
+                    max_memory_bytes: None,
+                    num_blocks: None,
+                    rebalance_every: Duration::from_secs(60),
+                    peer_limits: serve::sessions::PeerLimits {
+                        sessions_per_client: 1,
+                        streams_per_peer: 8,
+                        first_step_timeout: Duration::from_secs(1),
+                    },
+                    net: Default::default(),
                 };
                 tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()))
             })
@@ -431,7 +441,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         for a in &book {
             assert_eq!(a.model_id, model_id);
             assert_eq!(a.num_blocks as usize, n);
-            assert_eq!(a.free_sessions, 1);
+            assert_eq!(a.free_sessions, 2);
             assert_eq!(a.compute, compute);
         }
         let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
@@ -523,7 +533,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         let in_its_name = InferRequest::Open {
             session: SessionId(7),
             model_id,
-            route: wire_route,
+            route: wire_route.clone(),
             hop: 0,
             budget: SessionBudget {
                 max_tokens: 16,
@@ -552,7 +562,56 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
             other => panic!("an open in another client's name was answered {other:?}"),
         }
 
-        // Each server holds one session: a second is refused by the first hop.
+        // Servers as proxies: an Open naming a peer that is no server as the next hop
+        // is refused, and that peer is never dialed.
+        let victim = Node::current(Role::Client, &cancel).await;
+        let mut to_victim = wire_route.clone();
+        to_victim[1].peer = PeerIdBytes(victim.peer().to_bytes());
+        to_victim[1].addrs = vec![victim.addr.to_string()];
+        let (_, _, answer) = pollen_node::net::stream::open_with_reply::<_, InferResponse>(
+            &stranger.net,
+            hops[0].peer,
+            hops[0].addrs.clone(),
+            &InferRequest::Open {
+                session: SessionId(8),
+                model_id,
+                route: to_victim,
+                hop: 0,
+                budget: SessionBudget {
+                    max_tokens: 16,
+                    max_message_bytes: 1 << 20,
+                    idle_timeout_ms: 10_000,
+                },
+                wire_dtype: WireDType::F32,
+                compute: compute.clone(),
+                client: PeerIdBytes(stranger.peer().to_bytes()),
+            },
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        match answer {
+            InferResponse::HopFailed {
+                hop: 1,
+                peer,
+                error,
+                ..
+            } => {
+                assert_eq!(peer.0, victim.peer().to_bytes());
+                assert_eq!(error.code, ErrorCode::BadRequest);
+                assert!(error.message.contains("no valid announcement"), "{error}");
+            }
+            other => panic!("an open through a non-server was answered {other:?}"),
+        }
+        let victims_peers = victim.net.peers().await.unwrap();
+        assert!(
+            victims_peers.iter().all(|p| p.peer != hops[0].peer),
+            "the server dialed the peer an Open named: {victims_peers:?}"
+        );
+
+        // One client holds at most its share of a server: a second session of the same
+        // client is refused by the first hop, though the server has room.
         match open().await {
             Err(ClientError::HopFailed(failure)) => assert_eq!(
                 *failure,
@@ -561,11 +620,63 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                     peer: hops[0].peer,
                     blocks: hops[0].blocks,
                     code: ErrorCode::Busy,
-                    message: "this server is full (1 sessions)".into(),
+                    message: format!(
+                        "client {} holds 1 sessions on this server already, the most one client may",
+                        client.peer()
+                    ),
                 }
             ),
-            other => panic!("a second session on full servers: {other:?}"),
+            other => panic!("a second session of one client: {other:?}"),
         }
+        // Session squatting: a session that never steps fills the last slot, and is
+        // freed within its first-step timeout (1 s a hop here), so others get in again.
+        let squat = SwarmSession::open(
+            &stranger.net,
+            model_id,
+            &compute,
+            &hops,
+            16,
+            hidden,
+            WireDType::F32,
+        )
+        .await
+        .unwrap();
+        let late = Node::current(Role::Client, &cancel).await;
+        let open_late = || {
+            SwarmSession::open(
+                &late.net,
+                model_id,
+                &compute,
+                &hops,
+                16,
+                hidden,
+                WireDType::F32,
+            )
+        };
+        match open_late().await {
+            Err(ClientError::HopFailed(f)) => {
+                assert_eq!(f.code, ErrorCode::Busy);
+                assert_eq!(f.message, "this server is full (2 sessions)");
+            }
+            other => panic!("an open on full servers: {other:?}"),
+        }
+        let squatted = Instant::now();
+        let mut late_session = None;
+        while squatted.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Ok(s) = open_late().await {
+                late_session = Some(s);
+                break;
+            }
+        }
+        let freed_after = squatted.elapsed();
+        let late_session = late_session.expect("the squatted slot was never freed");
+        assert!(
+            freed_after < Duration::from_secs(4),
+            "freed after {freed_after:?}"
+        );
+        drop(squat);
+        late_session.close().await;
         // Closing frees the slot on both servers.
         session.close().await;
         let again = open().await.unwrap();

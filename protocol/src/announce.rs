@@ -463,8 +463,46 @@ impl ReplayGuard {
 
     /// Accepts `a` if it is newer than the latest accepted from its peer for its model,
     /// and records it; otherwise fails with [`AnnounceError::Stale`] or
-    /// [`AnnounceError::Duplicate`].
+    /// [`AnnounceError::Duplicate`]. The same as [`ReplayGuard::admit`] then
+    /// [`ReplayGuard::record`].
     pub fn check(&mut self, a: &VerifiedAnnouncement) -> Result<(), AnnounceError> {
+        self.admit(a)?;
+        self.record(a);
+        Ok(())
+    }
+
+    /// Whether `a` is newer than the latest recorded from its peer for its model, without
+    /// recording it: a receiver that may still refuse `a` for other reasons (a full book, a
+    /// cap on its sender) records it with [`ReplayGuard::record`] only once it is accepted,
+    /// so that a refused announcement can be sent again later.
+    pub fn admit(&self, a: &VerifiedAnnouncement) -> Result<(), AnnounceError> {
+        let ann = a.announcement();
+        let Some(old) = self.latest.get(&(ann.peer.clone(), ann.model_id)) else {
+            return Ok(());
+        };
+        let (new_t, old_t) = ((ann.issued_at_ms, ann.seq), (old.issued_at_ms, old.seq));
+        if new_t == old_t {
+            return Err(AnnounceError::Duplicate {
+                peer: ann.peer.clone(),
+                issued_at_ms: ann.issued_at_ms,
+                seq: ann.seq,
+            });
+        }
+        if new_t < old_t {
+            return Err(AnnounceError::Stale {
+                peer: ann.peer.clone(),
+                issued_at_ms: ann.issued_at_ms,
+                seq: ann.seq,
+                latest_issued_at_ms: old.issued_at_ms,
+                latest_seq: old.seq,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records `a` as the latest accepted from its peer for its model (call after
+    /// [`ReplayGuard::admit`] passed and the announcement was accepted).
+    pub fn record(&mut self, a: &VerifiedAnnouncement) {
         let ann = a.announcement();
         let key = (ann.peer.clone(), ann.model_id);
         let new = Latest {
@@ -473,25 +511,10 @@ impl ReplayGuard {
             expires_at_ms: ann.expires_at_ms,
         };
         if let Some(old) = self.latest.get_mut(&key) {
-            let (new_t, old_t) = ((new.issued_at_ms, new.seq), (old.issued_at_ms, old.seq));
-            if new_t == old_t {
-                return Err(AnnounceError::Duplicate {
-                    peer: key.0,
-                    issued_at_ms: new.issued_at_ms,
-                    seq: new.seq,
-                });
+            if (new.issued_at_ms, new.seq) > (old.issued_at_ms, old.seq) {
+                *old = new;
             }
-            if new_t < old_t {
-                return Err(AnnounceError::Stale {
-                    peer: key.0,
-                    issued_at_ms: new.issued_at_ms,
-                    seq: new.seq,
-                    latest_issued_at_ms: old.issued_at_ms,
-                    latest_seq: old.seq,
-                });
-            }
-            *old = new;
-            return Ok(());
+            return;
         }
         if self.latest.len() >= self.capacity {
             let soonest = self
@@ -504,7 +527,6 @@ impl ReplayGuard {
             }
         }
         self.latest.insert(key, new);
-        Ok(())
     }
 
     /// Forgets entries whose announcements expired before `now_ms`.

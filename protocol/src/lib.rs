@@ -53,6 +53,7 @@ pub use messages::{
 pub use types::{
     BlockRange, BlockRangeError, ModelId, ModelIdParseError, PeerIdBytes, Roles, SessionId,
 };
+pub use validate::printable;
 
 /// The version of the Pollen wire protocol this crate speaks.
 ///

@@ -140,3 +140,35 @@ pub(crate) fn check_addrs(addrs: &[String]) -> Result<(), MessageError> {
 pub(crate) fn check_error(e: &ProtocolError) -> Result<(), MessageError> {
     check_len("error message", e.message.len(), MAX_ERROR_MESSAGE_LEN)
 }
+
+/// A peer-supplied string made safe to print to a terminal or a page: control characters
+/// (escape sequences, carriage returns, bidirectional overrides and the like) are dropped,
+/// and the rest kept. Use it on anything a peer chose (model names, agents) before
+/// showing it.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| {
+            !c.is_control()
+                && !matches!(
+                    c,
+                    '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_dropped() {
+        assert_eq!(printable("SmolLM2-135M"), "SmolLM2-135M");
+        assert_eq!(
+            printable("evil\u{1b}[2J\u{1b}]0;x\u{7}\r\nname"),
+            "evil[2J]0;xname"
+        );
+        assert_eq!(printable("a\u{202e}b\u{0}c"), "abc");
+        assert_eq!(printable("é 模型"), "é 模型");
+    }
+}

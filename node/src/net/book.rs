@@ -1,16 +1,104 @@
 //! The announcements a node has verified: who serves which blocks of which
-//! model, until when. Bounded; expired entries are dropped.
+//! model, until when. Bounded in all, and per peer: an announcing peer holds at most a few
+//! entries, and so does each peer and each IP address that sends them, whose publishes
+//! are also rate-limited by a token bucket. So a flood of random model ids or of sybil
+//! keys from one host fills its own share, never the book, and real servers still get in.
+//! Expired entries are dropped.
 
 use crate::clock::unix_ms as now_ms;
-use libp2p::PeerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{
-    AnnounceError, FreshnessPolicy, ModelId, PeerIdBytes, ReplayGuard, SignedAnnouncement,
-    VerifiedAnnouncement,
+    AnnounceError, ErrorCode, FreshnessPolicy, ModelId, PeerIdBytes, ReplayGuard,
+    SignedAnnouncement, VerifiedAnnouncement,
 };
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Most announcements a node keeps (1,000 servers × a few models fit).
 pub const MAX_BOOK_ENTRIES: usize = 16_384;
+
+/// Most rate buckets (peers and IP addresses) remembered; full ones are forgotten first.
+const MAX_BUCKETS: usize = 8192;
+
+/// How often a refusal of the same kind is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The caps of a book. The defaults are far above what a swarm of 1,000 servers needs:
+/// a server announces one or two models, renews every ten seconds or so, and rarely
+/// shares an IP address with more than a few others.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BookLimits {
+    /// Most entries in all.
+    pub max_entries: usize,
+    /// Most entries one announcing peer holds (one per model it serves).
+    pub per_peer: usize,
+    /// Most entries that arrived from one connected peer (its own, or relayed).
+    pub per_sender: usize,
+    /// Most entries that arrived from one IP address (peers behind one NAT share it).
+    pub per_ip: usize,
+    /// Publishes one peer may send at once, then `publish_per_s` a second.
+    pub publish_burst: u32,
+    /// Publishes a second one peer may send, sustained.
+    pub publish_per_s: f64,
+    /// Publishes one IP address may send at once, then `ip_publish_per_s` a second.
+    pub ip_publish_burst: u32,
+    /// Publishes a second one IP address may send, sustained.
+    pub ip_publish_per_s: f64,
+}
+
+impl Default for BookLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: MAX_BOOK_ENTRIES,
+            per_peer: 16,
+            per_sender: 64,
+            per_ip: 256,
+            publish_burst: 32,
+            publish_per_s: 2.0,
+            ip_publish_burst: 256,
+            ip_publish_per_s: 16.0,
+        }
+    }
+}
+
+static PROCESS_LIMITS: OnceLock<BookLimits> = OnceLock::new();
+
+/// Sets the limits of every book this process makes from now on (the bootstrap's and
+/// server's command-line flags); the first call wins. Returns whether it was set.
+pub fn set_process_limits(limits: BookLimits) -> bool {
+    PROCESS_LIMITS.set(limits).is_ok()
+}
+
+/// Which cap refused an announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cap {
+    /// Entries of one announcing peer.
+    Peer,
+    /// Entries sent by one connected peer.
+    Sender,
+    /// Entries sent from one IP address.
+    Ip,
+    /// Publishes a second from one peer.
+    PeerRate,
+    /// Publishes a second from one IP address.
+    IpRate,
+}
+
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cap::Peer => "announcements held for one peer",
+            Cap::Sender => "announcements held from one sending peer",
+            Cap::Ip => "announcements held from one IP address",
+            Cap::PeerRate => "publishes a second from one peer",
+            Cap::IpRate => "publishes a second from one IP address",
+        })
+    }
+}
 
 /// Why the book refused an announcement.
 #[derive(Debug, thiserror::Error)]
@@ -19,68 +107,358 @@ pub enum BookError {
     /// The announcement failed verification, or is not newer than the one held.
     #[error(transparent)]
     Refused(#[from] AnnounceError),
-    /// The book holds [`MAX_BOOK_ENTRIES`] unexpired announcements.
-    #[error("announcement book is full ({MAX_BOOK_ENTRIES} entries)")]
-    Full,
+    /// The book holds its most unexpired announcements.
+    #[error("announcement book is full ({0} entries)")]
+    Full(usize),
+    /// A cap per peer or per IP address is reached.
+    #[error("busy: at most {limit} {cap}; try again later")]
+    Capped {
+        /// Which cap.
+        cap: Cap,
+        /// Its value.
+        limit: f64,
+    },
 }
 
 impl BookError {
     /// Whether this is the ordinary echo of an announcement already held (a renewal seen
-    /// twice, through two peers): not worth a warning.
+    /// twice, through two peers), or a cap refusal (logged by the book at a rate limit):
+    /// not worth a warning each.
     pub fn is_routine(&self) -> bool {
         matches!(
             self,
             BookError::Refused(AnnounceError::Duplicate { .. } | AnnounceError::Stale { .. })
+                | BookError::Capped { .. }
         )
+    }
+
+    /// The wire code to answer with: `Busy` for a full book or a cap, `BadRequest` for an
+    /// announcement that is wrong.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BookError::Refused(_) => ErrorCode::BadRequest,
+            BookError::Full(_) | BookError::Capped { .. } => ErrorCode::Busy,
+        }
+    }
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant, burst: u32, per_s: f64) -> bool {
+        let burst = f64::from(burst);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_s).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, now: Instant, burst: u32, per_s: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens + elapsed * per_s >= f64::from(burst)
+    }
+}
+
+/// Takes a token from `key`'s bucket, keeping at most [`MAX_BUCKETS`] buckets.
+fn take<K: Hash + Eq + Copy>(
+    buckets: &mut HashMap<K, Bucket>,
+    key: K,
+    burst: u32,
+    per_s: f64,
+) -> bool {
+    let now = Instant::now();
+    if !buckets.contains_key(&key) && buckets.len() >= MAX_BUCKETS {
+        buckets.retain(|_, b| !b.is_full(now, burst, per_s));
+        if buckets.len() >= MAX_BUCKETS {
+            return false;
+        }
+    }
+    buckets
+        .entry(key)
+        .or_insert(Bucket {
+            tokens: f64::from(burst),
+            at: now,
+        })
+        .take(now, burst, per_s)
+}
+
+/// Logs refusals of one kind at most once per [`LOG_EVERY`], with how many were not
+/// logged in between.
+#[derive(Debug, Default)]
+pub struct RateLimitedLog {
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl RateLimitedLog {
+    /// Logs `message` under `kind` as a warning unless one of that kind was logged less
+    /// than ten seconds ago (then it is counted, and the count shown with the next one).
+    pub fn warn(&mut self, kind: &'static str, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        match self.last.get_mut(kind) {
+            Some((at, quiet)) if now.duration_since(*at) < LOG_EVERY => *quiet += 1,
+            Some((at, quiet)) => {
+                tracing::warn!("{} ({} more like it not shown)", message(), quiet);
+                *at = now;
+                *quiet = 0;
+            }
+            None => {
+                tracing::warn!("{}", message());
+                self.last.insert(kind, (now, 0));
+            }
+        }
+    }
+}
+
+/// An entry and where it came from.
+#[derive(Debug, Clone)]
+struct Entry {
+    ann: VerifiedAnnouncement,
+    sender: Option<PeerId>,
+    ip: Option<IpAddr>,
+}
+
+/// The IP address of a multiaddr, if it has one.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+fn bump<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: K, up: bool) {
+    if up {
+        *counts.entry(key).or_insert(0) += 1;
+    } else if let Some(n) = counts.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&key);
+        }
     }
 }
 
 /// Verified announcements by (peer, model).
 #[derive(Debug)]
 pub struct AnnouncementBook {
-    entries: HashMap<(PeerIdBytes, ModelId), VerifiedAnnouncement>,
+    entries: HashMap<(PeerIdBytes, ModelId), Entry>,
     replay: ReplayGuard,
     policy: FreshnessPolicy,
+    limits: BookLimits,
+    /// The IP address of each connected peer (none on the memory transport).
+    conns: HashMap<PeerId, Option<IpAddr>>,
+    per_peer: HashMap<PeerIdBytes, usize>,
+    per_sender: HashMap<PeerId, usize>,
+    per_ip: HashMap<IpAddr, usize>,
+    peer_rate: HashMap<PeerId, Bucket>,
+    ip_rate: HashMap<IpAddr, Bucket>,
+    log: RateLimitedLog,
 }
 
 impl Default for AnnouncementBook {
     fn default() -> Self {
-        Self {
-            entries: HashMap::new(),
-            replay: ReplayGuard::new(MAX_BOOK_ENTRIES),
-            policy: FreshnessPolicy::default(),
-        }
+        Self::with_limits(PROCESS_LIMITS.get().copied().unwrap_or_default())
     }
 }
 
 impl AnnouncementBook {
-    /// Verifies `signed` and keeps it; a clear reason when refused.
+    /// An empty book with these caps.
+    pub fn with_limits(limits: BookLimits) -> Self {
+        Self {
+            entries: HashMap::new(),
+            replay: ReplayGuard::new(limits.max_entries),
+            policy: FreshnessPolicy::default(),
+            limits,
+            conns: HashMap::new(),
+            per_peer: HashMap::new(),
+            per_sender: HashMap::new(),
+            per_ip: HashMap::new(),
+            peer_rate: HashMap::new(),
+            ip_rate: HashMap::new(),
+            log: RateLimitedLog::default(),
+        }
+    }
+
+    /// The caps of this book.
+    pub fn limits(&self) -> &BookLimits {
+        &self.limits
+    }
+
+    /// A connection to `peer` at `addr` is up: announcements it sends count against it
+    /// and against the address's IP.
+    pub fn connected(&mut self, peer: PeerId, addr: &Multiaddr) {
+        if self.conns.len() < MAX_BUCKETS || self.conns.contains_key(&peer) {
+            self.conns.insert(peer, ip_of(addr));
+        }
+    }
+
+    /// Every connection to `peer` is closed (what it sent stays until it expires).
+    pub fn disconnected(&mut self, peer: &PeerId) {
+        self.conns.remove(peer);
+    }
+
+    /// Verifies `signed` and keeps it, as this node's own (its own announcement, or one
+    /// it gathered itself from a list): no cap per sender applies.
     pub fn insert(&mut self, signed: SignedAnnouncement) -> Result<(), BookError> {
+        self.insert_entry(signed, None, None)
+    }
+
+    /// Verifies `signed`, published by `from`, and keeps it within the caps of `from`
+    /// and of its IP address; a clear reason when refused. A sender the book has no
+    /// connection for (this node itself) is not capped per sender.
+    pub fn insert_from(
+        &mut self,
+        from: &PeerId,
+        signed: SignedAnnouncement,
+    ) -> Result<(), BookError> {
+        let Some(ip) = self.conns.get(from).copied() else {
+            return self.insert(signed);
+        };
+        let l = self.limits;
+        let refused = if !take(&mut self.peer_rate, *from, l.publish_burst, l.publish_per_s) {
+            Some((Cap::PeerRate, l.publish_per_s))
+        } else if let Some(ip) = ip
+            && !take(
+                &mut self.ip_rate,
+                ip,
+                l.ip_publish_burst,
+                l.ip_publish_per_s,
+            )
+        {
+            Some((Cap::IpRate, l.ip_publish_per_s))
+        } else {
+            None
+        };
+        if let Some((cap, limit)) = refused {
+            self.log.warn("rate", || {
+                format!("refusing announcements from {from}: more than {limit} {cap}")
+            });
+            return Err(BookError::Capped { cap, limit });
+        }
+        self.insert_entry(signed, Some(*from), ip)
+    }
+
+    fn capped(&mut self, cap: Cap, limit: usize, who: String) -> BookError {
+        self.log.warn("cap", || {
+            format!("refusing an announcement from {who}: it holds {limit} {cap} already")
+        });
+        BookError::Capped {
+            cap,
+            limit: limit as f64,
+        }
+    }
+
+    fn insert_entry(
+        &mut self,
+        signed: SignedAnnouncement,
+        sender: Option<PeerId>,
+        ip: Option<IpAddr>,
+    ) -> Result<(), BookError> {
         let now = now_ms();
         let verified = signed.verify(now, &self.policy)?;
-        self.replay.check(&verified)?;
+        // Recorded by the replay guard only once accepted, below.
+        self.replay.admit(&verified)?;
         let key = (verified.peer.clone(), verified.model_id);
-        if !self.entries.contains_key(&key) && self.entries.len() >= MAX_BOOK_ENTRIES {
+        let old = self.entries.get(&key).map(|e| (e.sender, e.ip));
+        let l = self.limits;
+        if old.is_none() && self.per_peer.get(&key.0).copied().unwrap_or(0) >= l.per_peer {
+            return Err(self.capped(Cap::Peer, l.per_peer, key.0.to_string()));
+        }
+        if let Some(s) = sender
+            && old.is_none_or(|(os, _)| os != Some(s))
+            && self.per_sender.get(&s).copied().unwrap_or(0) >= l.per_sender
+        {
+            return Err(self.capped(Cap::Sender, l.per_sender, s.to_string()));
+        }
+        if let Some(i) = ip
+            && old.is_none_or(|(_, oi)| oi != Some(i))
+            && self.per_ip.get(&i).copied().unwrap_or(0) >= l.per_ip
+        {
+            return Err(self.capped(Cap::Ip, l.per_ip, i.to_string()));
+        }
+        if old.is_none() && self.entries.len() >= l.max_entries {
             self.prune();
-            if self.entries.len() >= MAX_BOOK_ENTRIES {
-                return Err(BookError::Full);
+            if self.entries.len() >= l.max_entries {
+                self.log.warn("full", || {
+                    format!("announcement book is full ({} entries)", l.max_entries)
+                });
+                return Err(BookError::Full(l.max_entries));
             }
         }
-        self.entries.insert(key, verified);
+        self.replay.record(&verified);
+        self.remove_key(&key);
+        bump(&mut self.per_peer, key.0.clone(), true);
+        if let Some(s) = sender {
+            bump(&mut self.per_sender, s, true);
+        }
+        if let Some(i) = ip {
+            bump(&mut self.per_ip, i, true);
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                ann: verified,
+                sender,
+                ip,
+            },
+        );
         Ok(())
+    }
+
+    fn forget_counts(&mut self, key: &(PeerIdBytes, ModelId), e: &Entry) {
+        bump(&mut self.per_peer, key.0.clone(), false);
+        if let Some(s) = e.sender {
+            bump(&mut self.per_sender, s, false);
+        }
+        if let Some(i) = e.ip {
+            bump(&mut self.per_ip, i, false);
+        }
+    }
+
+    fn remove_key(&mut self, key: &(PeerIdBytes, ModelId)) {
+        if let Some(e) = self.entries.remove(key) {
+            self.forget_counts(key, &e);
+        }
+    }
+
+    fn remove_where(&mut self, gone: impl Fn(&(PeerIdBytes, ModelId), &Entry) -> bool) {
+        let keys: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| gone(k, e))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.remove_key(&k);
+        }
     }
 
     /// Drops expired announcements.
     pub fn prune(&mut self) {
         let now = now_ms();
-        self.entries.retain(|_, a| a.expires_at_ms > now);
+        self.remove_where(|_, e| e.ann.expires_at_ms <= now);
         self.replay.prune(now);
+        let l = self.limits;
+        let at = Instant::now();
+        self.peer_rate
+            .retain(|_, b| !b.is_full(at, l.publish_burst, l.publish_per_s));
+        self.ip_rate
+            .retain(|_, b| !b.is_full(at, l.ip_publish_burst, l.ip_publish_per_s));
     }
 
     /// Drops every announcement of `peer` (it said goodbye).
     pub fn remove_peer(&mut self, peer: &PeerId) {
         let bytes = PeerIdBytes(peer.to_bytes());
-        self.entries.retain(|(p, _), _| *p != bytes);
+        self.remove_where(|(p, _), _| *p == bytes);
     }
 
     /// Unexpired announcements, of one model or all.
@@ -89,6 +467,7 @@ impl AnnouncementBook {
         let mut out: Vec<_> = self
             .entries
             .values()
+            .map(|e| &e.ann)
             .filter(|a| a.expires_at_ms > now)
             .filter(|a| model.is_none_or(|m| a.model_id == *m))
             .cloned()
@@ -103,6 +482,12 @@ impl AnnouncementBook {
         out
     }
 
+    /// The unexpired announcement of `peer` for `model`, if held.
+    pub fn get(&self, peer: &PeerId, model: &ModelId) -> Option<VerifiedAnnouncement> {
+        let e = self.entries.get(&(PeerIdBytes(peer.to_bytes()), *model))?;
+        (e.ann.expires_at_ms > now_ms()).then(|| e.ann.clone())
+    }
+
     /// Number of entries held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -111,5 +496,186 @@ impl AnnouncementBook {
     /// Whether no entry is held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use libp2p::identity::Keypair;
+    use pollen_protocol::{Announcement, BlockRange};
+
+    fn signed(key: &Keypair, model: u8, blocks: (u32, u32), seq: u64) -> SignedAnnouncement {
+        let now = now_ms();
+        let a = Announcement {
+            peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
+            model_id: ModelId::from_bytes([model; 32]),
+            model_name: "test".into(),
+            num_blocks: 30,
+            blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
+            throughput: 1e9,
+            free_sessions: 4,
+            free_cache_tokens: 8192,
+            addrs: vec![],
+            compute: "fast".into(),
+            next_rtts: vec![],
+            issued_at_ms: now,
+            expires_at_ms: now + 60_000,
+            seq,
+        };
+        let secret = crate::net::identity::ed25519_secret(key).unwrap();
+        SignedAnnouncement::sign(a, &secret).unwrap()
+    }
+
+    fn connect(book: &mut AnnouncementBook, ip: &str) -> PeerId {
+        let peer = PeerId::random();
+        book.connected(peer, &format!("/ip4/{ip}/tcp/4001").parse().unwrap());
+        peer
+    }
+
+    /// Registration flood: random model ids from one key over one connection.
+    #[test]
+    fn a_flood_of_model_ids_fills_only_its_own_share() {
+        let limits = BookLimits {
+            publish_burst: 100_000,
+            ip_publish_burst: 100_000,
+            ..BookLimits::default()
+        };
+        let mut book = AnnouncementBook::with_limits(limits);
+        let attacker = connect(&mut book, "192.0.2.66");
+        let key = Keypair::generate_ed25519();
+        let accepted = (0..200u32)
+            .filter(|i| {
+                book.insert_from(&attacker, signed(&key, (*i % 250) as u8, (0, 10), 1))
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(accepted, limits.per_peer);
+        let err = book
+            .insert_from(&attacker, signed(&key, 251, (0, 10), 1))
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Busy);
+        assert!(err.to_string().contains("for one peer"), "{err}");
+        // A real server still gets in, and is listed.
+        let server = connect(&mut book, "198.51.100.7");
+        let real = Keypair::generate_ed25519();
+        book.insert_from(&server, signed(&real, 1, (0, 30), 1))
+            .unwrap();
+        let listed = book.list(Some(&ModelId::from_bytes([1; 32])));
+        assert!(
+            listed
+                .iter()
+                .any(|a| a.peer == PeerIdBytes(real.public().to_peer_id().to_bytes()))
+        );
+    }
+
+    /// Sybil announcements: fresh keys for one span, over one connection and then over
+    /// many from one IP address.
+    #[test]
+    fn sybils_from_one_sender_or_one_ip_cannot_crowd_out_real_servers() {
+        let limits = BookLimits {
+            publish_burst: 100_000,
+            ip_publish_burst: 100_000,
+            ..BookLimits::default()
+        };
+        let mut book = AnnouncementBook::with_limits(limits);
+        let one = connect(&mut book, "192.0.2.66");
+        let accepted = (0..1100)
+            .filter(|_| {
+                let key = Keypair::generate_ed25519();
+                book.insert_from(&one, signed(&key, 1, (0, 10), 1)).is_ok()
+            })
+            .count();
+        assert_eq!(accepted, limits.per_sender);
+        // Many connections from the same address: the IP's share.
+        let mut from_ip = accepted;
+        for _ in 0..40 {
+            let conn = connect(&mut book, "192.0.2.66");
+            for _ in 0..limits.per_sender {
+                let key = Keypair::generate_ed25519();
+                if book.insert_from(&conn, signed(&key, 1, (0, 10), 1)).is_ok() {
+                    from_ip += 1;
+                }
+            }
+        }
+        assert_eq!(from_ip, limits.per_ip);
+        assert!(book.len() <= limits.per_ip);
+        // Real servers of the same span, from their own addresses, all get in and fit
+        // in one list answer.
+        for i in 0..100u8 {
+            let conn = connect(&mut book, &format!("198.51.100.{i}"));
+            book.insert_from(&conn, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
+                .unwrap();
+        }
+        let listed = book.list(Some(&ModelId::from_bytes([1; 32])));
+        assert_eq!(listed.len(), limits.per_ip + 100);
+        assert!(listed.len() <= pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS);
+    }
+
+    #[test]
+    fn publishes_are_rate_limited_per_peer_and_renewals_still_fit() {
+        let mut book = AnnouncementBook::default();
+        let peer = connect(&mut book, "192.0.2.1");
+        let key = Keypair::generate_ed25519();
+        let limits = *book.limits();
+        let mut ok = 0;
+        let mut busy = 0;
+        for seq in 1..=(limits.publish_burst as u64 + 10) {
+            match book.insert_from(&peer, signed(&key, 1, (0, 10), seq)) {
+                Ok(()) => ok += 1,
+                Err(BookError::Capped {
+                    cap: Cap::PeerRate, ..
+                }) => busy += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((ok, busy), (limits.publish_burst as usize, 10));
+        // Another peer is not slowed by it.
+        let other = connect(&mut book, "192.0.2.2");
+        book.insert_from(&other, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_refused_announcement_is_not_recorded_as_seen() {
+        let limits = BookLimits {
+            per_sender: 1,
+            ..BookLimits::default()
+        };
+        let mut book = AnnouncementBook::with_limits(limits);
+        let squatter = connect(&mut book, "192.0.2.1");
+        book.insert_from(
+            &squatter,
+            signed(&Keypair::generate_ed25519(), 1, (0, 10), 1),
+        )
+        .unwrap();
+        // Refused for the relay's cap...
+        let key = Keypair::generate_ed25519();
+        let a = signed(&key, 1, (10, 20), 1);
+        assert!(book.insert_from(&squatter, a.clone()).is_err());
+        // ...the same announcement is accepted later from its own server, not taken
+        // for a replay.
+        let own = connect(&mut book, "198.51.100.1");
+        book.insert_from(&own, a).unwrap();
+    }
+
+    #[test]
+    fn counts_follow_renewals_and_removals() {
+        let mut book = AnnouncementBook::with_limits(BookLimits {
+            per_sender: 2,
+            ..BookLimits::default()
+        });
+        let p = connect(&mut book, "192.0.2.1");
+        let key = Keypair::generate_ed25519();
+        for seq in 1..=5 {
+            book.insert_from(&p, signed(&key, 1, (0, 10), seq)).unwrap();
+        }
+        assert_eq!(book.len(), 1);
+        book.insert_from(&p, signed(&key, 2, (0, 10), 1)).unwrap();
+        assert!(book.insert_from(&p, signed(&key, 3, (0, 10), 1)).is_err());
+        book.remove_peer(&key.public().to_peer_id());
+        assert!(book.is_empty());
+        book.insert_from(&p, signed(&key, 3, (0, 10), 2)).unwrap();
     }
 }

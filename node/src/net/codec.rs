@@ -34,9 +34,18 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
 pub(crate) async fn read_message<M: WireMessage, T: AsyncRead + Unpin + Send>(
     io: &mut T,
 ) -> io::Result<(M, usize)> {
+    read_message_max(io, M::MAX_BYTES).await
+}
+
+/// Like [`read_message`], with a tighter limit than the message type's (a session's own
+/// cap): a longer frame is refused before its body is read.
+pub(crate) async fn read_message_max<M: WireMessage, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<(M, usize)> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
-    let len = check_frame_len(u32::from_le_bytes(len), M::MAX_BYTES)
+    let len = check_frame_len(u32::from_le_bytes(len), max.min(M::MAX_BYTES))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let mut body = Vec::with_capacity(len.min(64 * 1024));
     io.take(len as u64).read_to_end(&mut body).await?;

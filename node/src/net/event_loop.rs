@@ -176,6 +176,9 @@ impl EventLoop {
                         .kad
                         .add_address(&peer_id, address.clone());
                 }
+                self.publisher
+                    .book
+                    .connected(peer_id, endpoint.get_remote_address());
                 let fresh = self.connected.insert(peer_id, None).is_none();
                 if fresh {
                     let hello = self.hello.clone();
@@ -198,6 +201,7 @@ impl EventLoop {
             } => {
                 self.connected.remove(&peer_id);
                 self.agents.remove(&peer_id);
+                self.publisher.book.disconnected(&peer_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);

@@ -6,8 +6,7 @@ use super::book::AnnouncementBook;
 use libp2p::PeerId;
 use libp2p::request_response::OutboundRequestId;
 use pollen_protocol::{
-    AnnounceRequest, AnnounceResponse, ErrorCode, ProtocolError, SignedAnnouncement,
-    VerifiedAnnouncement,
+    AnnounceRequest, AnnounceResponse, ProtocolError, SignedAnnouncement, VerifiedAnnouncement,
 };
 use std::collections::{HashMap, HashSet};
 use tokio::sync::oneshot;
@@ -127,7 +126,7 @@ impl Publisher {
                 }
                 _ => AnnounceResponse::NotServing,
             },
-            AnnounceRequest::Publish(signed) => match self.book.insert(*signed) {
+            AnnounceRequest::Publish(signed) => match self.book.insert_from(peer, *signed) {
                 Ok(()) => AnnounceResponse::Accepted,
                 Err(e) => {
                     if e.is_routine() {
@@ -135,10 +134,7 @@ impl Publisher {
                     } else {
                         tracing::warn!("ignored an announcement from {peer}: {e}");
                     }
-                    AnnounceResponse::Refused(ProtocolError::new(
-                        ErrorCode::BadRequest,
-                        e.to_string(),
-                    ))
+                    AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
                 }
             },
             AnnounceRequest::List { model_id } => {

@@ -78,6 +78,17 @@ impl FrameReader {
         Ok(msg)
     }
 
+    /// The next frame, refused before its body is read when it is longer than `max`
+    /// bytes (a session's cap, tighter than the message type's).
+    pub async fn recv_max<M: WireMessage>(&mut self, max: usize) -> io::Result<M> {
+        let (msg, len) = super::codec::read_message_max::<M, _>(&mut self.io, max).await?;
+        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(len as u64 + 4, Ordering::Relaxed);
+        Ok(msg)
+    }
+
     /// The next frame within `timeout`.
     pub async fn recv_within<M: WireMessage>(&mut self, timeout: Duration) -> io::Result<M> {
         tokio::time::timeout(timeout, self.recv())

@@ -7,7 +7,9 @@ use crate::clock::unix_ms;
 use crate::net::NetHandle;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::limits::{MAX_ADDRS, MAX_MODEL_NAME_LEN, MAX_PEER_RTTS};
-use pollen_protocol::{Announcement, PeerIdBytes, PeerRtt};
+use pollen_protocol::{
+    Announcement, BlockRange, ModelId, PeerIdBytes, PeerRtt, VerifiedAnnouncement,
+};
 use pollen_shard::{BlockSpan, CacheLimits};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -81,6 +83,79 @@ impl Server {
             expires_at_ms: now + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             seq,
         }
+    }
+}
+
+/// How long asking the bootstraps for announcements may take when an `Open` names a next
+/// hop this server has no announcement of.
+pub const NEXT_HOP_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A new look-up is made at most this often; meanwhile the book's answer stands.
+pub const NEXT_HOP_LOOKUP_EVERY: Duration = Duration::from_secs(2);
+
+/// Where a server learns that a next hop is a server: its book of verified announcements
+/// (signature, expiry and replay checked on the way in), refreshed from the bootstraps
+/// when a next hop is missing, at most every [`NEXT_HOP_LOOKUP_EVERY`], bounded by
+/// [`NEXT_HOP_LOOKUP_TIMEOUT`].
+#[derive(Debug, Default)]
+pub struct NextHops {
+    last_lookup: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// What a next hop must be: a server of this model, compute mode and span.
+pub(crate) struct Wanted<'a> {
+    pub peer: PeerId,
+    pub model: ModelId,
+    pub compute: &'a str,
+    pub blocks: BlockRange,
+}
+
+impl NextHops {
+    /// The addresses of `want.peer` from its valid announcement for `want.model` that
+    /// covers `want.blocks` in the same compute mode; a clear reason when there is none.
+    pub(crate) async fn addresses(
+        &self,
+        net: &NetHandle,
+        want: &Wanted<'_>,
+    ) -> Result<Vec<Multiaddr>, String> {
+        let find = |book: &[VerifiedAnnouncement]| {
+            book.iter()
+                .filter(|a| PeerId::from_bytes(&a.peer.0).ok() == Some(want.peer))
+                .find(|a| {
+                    a.compute == want.compute
+                        && a.blocks.start() <= want.blocks.start()
+                        && a.blocks.end() >= want.blocks.end()
+                })
+                .cloned()
+        };
+        let mut found = find(&net.book(Some(want.model)).await.unwrap_or_default());
+        if found.is_none() {
+            let mut last = self.last_lookup.lock().await;
+            if last.is_none_or(|t| t.elapsed() >= NEXT_HOP_LOOKUP_EVERY) {
+                *last = Some(Instant::now());
+                let gathered =
+                    tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, net.gather(Some(want.model)))
+                        .await;
+                if let Ok(Ok(book)) = gathered {
+                    found = find(&book);
+                }
+            } else {
+                found = find(&net.book(Some(want.model)).await.unwrap_or_default());
+            }
+        }
+        let Some(a) = found else {
+            return Err(format!(
+                "the next hop {} has no valid announcement for model {} serving blocks {} in                  compute mode `{}`: this server forwards only to servers",
+                want.peer, want.model, want.blocks, want.compute
+            ));
+        };
+        let addrs: Vec<Multiaddr> = a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
+        if addrs.is_empty() {
+            return Err(format!(
+                "the next hop {} announces no address this server can dial",
+                want.peer
+            ));
+        }
+        Ok(addrs)
     }
 }
 

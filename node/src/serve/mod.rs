@@ -11,6 +11,7 @@
 //! `JoinSet`s and is awaited before `run` returns.
 
 pub mod announce;
+pub mod placing;
 pub mod sent_log;
 pub mod session;
 pub mod sessions;
@@ -37,8 +38,9 @@ use tokio_util::sync::CancellationToken;
 pub struct ServeConfig {
     /// Model file.
     pub model: PathBuf,
-    /// Blocks to serve, `A:B`.
-    pub blocks: String,
+    /// Blocks to serve, `A:B`; `None` chooses a span from the swarm's coverage and moves
+    /// it when the swarm needs it elsewhere ([`crate::placement`]).
+    pub blocks: Option<String>,
     /// Weights and device.
     pub load: LoadOptions,
     /// Listen addresses.
@@ -64,6 +66,22 @@ pub struct ServeConfig {
     /// Bytes of KV cache all sessions together may hold (each session takes, at open,
     /// the most its token limit needs); `None` for enough to fill every session.
     pub max_cache_bytes: Option<usize>,
+    /// Memory this server may use, weights and runtime together (`--max-memory`):
+    /// automatic placement fits as many blocks as this allows, and the runtime's KV
+    /// caches and activations live in what the weights leave. `None`: a safe share of
+    /// the memory free at start ([`crate::placement::memory::default_budget`]).
+    pub max_memory_bytes: Option<u64>,
+    /// Blocks to hold under automatic placement, overriding what `max_memory_bytes`
+    /// allows (`--num-blocks`).
+    pub num_blocks: Option<usize>,
+    /// How often automatic placement re-checks whether moving helps the swarm (jittered
+    /// by up to a quarter either way); a server leaving triggers a check sooner.
+    pub rebalance_every: Duration,
+    /// Caps per client and per peer: sessions, streams, and how soon a session that
+    /// never steps is freed.
+    pub peer_limits: sessions::PeerLimits,
+    /// Connection caps, and whether to run a relay.
+    pub net: net::NetOptions,
 }
 
 /// Why a server could not start or stopped early.
@@ -106,6 +124,8 @@ pub(crate) struct Server {
     leaving: CancellationToken,
     steps: AtomicU64,
     permits: Semaphore,
+    /// Where next hops are checked to be servers.
+    next_hops: announce::NextHops,
 }
 
 /// The bootstraps of `cfg`, with their peer ids where the address names one.
@@ -150,7 +170,7 @@ async fn dial_missing(
 fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     let file = ModelFile::open(&cfg.model)?;
     let num_blocks = file.config()?.num_blocks;
-    let range = BlockRange::parse(&cfg.blocks, num_blocks)?;
+    let range = BlockRange::parse(cfg.blocks.as_deref().unwrap_or_default(), num_blocks)?;
     let pb = crate::progress::bar("loading", range.len());
     let span = BlockSpan::load(&file, range, &cfg.load, &mut |d, _| {
         pb.set_position(d as u64)
@@ -159,6 +179,160 @@ fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     let id = crate::model::model_id(&cfg.model, &mut |_, _| {})?;
     let tps = announce::measure_throughput(&span);
     Ok((span, id, tps))
+}
+
+/// What automatic placement keeps while the server runs.
+struct Automatic {
+    num_blocks: usize,
+    len: usize,
+    measured: placing::Measured,
+}
+
+impl Automatic {
+    /// Tokens/s through a span of this server's length.
+    fn span_throughput(&self) -> f64 {
+        self.measured.decode_tps / self.len.max(1) as f64
+    }
+}
+
+/// Loads blocks `range` of the model (in a blocking task), with a progress bar.
+async fn load_span(
+    cfg: &ServeConfig,
+    range: std::ops::Range<usize>,
+) -> Result<BlockSpan, ServeError> {
+    let (path, opts) = (cfg.model.clone(), cfg.load.clone());
+    tokio::task::spawn_blocking(move || {
+        let file = ModelFile::open(&path)?;
+        let num_blocks = file.config()?.num_blocks;
+        let range = BlockRange::new(range.start, range.end, num_blocks)?;
+        let pb = crate::progress::bar("loading", range.len());
+        let span = BlockSpan::load(&file, range, &opts, &mut |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        Ok(span)
+    })
+    .await
+    .map_err(|e| ServeError::Task(e.to_string()))?
+}
+
+/// Automatic placement at start: measure this machine (or read the cached measurement),
+/// size the span to the memory budget, read the swarm's coverage through the
+/// bootstraps, choose the span and load it.
+async fn start_automatic(
+    cfg: &ServeConfig,
+    handle: &NetHandle,
+    bootstraps: &[(Option<PeerId>, Multiaddr)],
+    me: PeerId,
+    compute: &str,
+) -> Result<(BlockSpan, ModelId, f32, Automatic), ServeError> {
+    let (path, opts) = (cfg.model.clone(), cfg.load.clone());
+    let (threads, mode) = (cfg.compute_slots.max(1), compute.to_string());
+    let (config, model_id, (measured, cached)) =
+        tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+            let file = ModelFile::open(&path)?;
+            let config = file.config()?;
+            let id = crate::model::model_id(&path, &mut |_, _| {})?;
+            let measured = placing::measured(&file, &opts, &id, &mode, threads)?;
+            Ok((config, id, measured))
+        })
+        .await
+        .map_err(|e| ServeError::Task(e.to_string()))??;
+    let num_blocks = config.num_blocks;
+    let budget = cfg
+        .max_memory_bytes
+        .unwrap_or_else(crate::placement::memory::default_budget);
+    let per_block =
+        placing::bytes_per_block(&measured, &config, cfg.max_sessions, cfg.max_session_tokens);
+    let len = crate::placement::blocks_that_fit(num_blocks, budget, per_block, cfg.num_blocks);
+    println!(
+        "measured {:.0} tokens/s decode and {:.0} tokens/s prefill through one block ({}); \
+         {len} of {num_blocks} blocks {} (memory {}, {} a block with a full KV load)",
+        measured.decode_tps,
+        measured.prefill_tps,
+        if cached { "cached" } else { "measured now" },
+        if cfg.num_blocks.is_some() {
+            "asked for (--num-blocks)"
+        } else {
+            "fit"
+        },
+        placing::describe_budget(budget, cfg.max_memory_bytes.is_some()),
+        crate::placement::memory::format_size(per_block),
+    );
+    // The swarm's coverage, as the client reads it: through the bootstraps (or mDNS).
+    let dials = bootstraps
+        .iter()
+        .map(|(_, a)| handle.dial_with_retry(a, Duration::from_secs(8)));
+    for r in futures::future::join_all(dials).await {
+        if let Err(e) = r {
+            tracing::warn!("{e}");
+        }
+    }
+    if bootstraps.is_empty() && cfg.mdns {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let book = handle.gather(Some(model_id)).await.unwrap_or_else(|e| {
+        tracing::warn!("cannot read the swarm's coverage ({e}): choosing as if alone");
+        Vec::new()
+    });
+    let swarm = placing::holdings(&book, &model_id, compute, num_blocks, &me);
+    let auto = Automatic {
+        num_blocks,
+        len,
+        measured,
+    };
+    let throughput = auto.span_throughput();
+    let range = crate::placement::choose_span(num_blocks, &swarm, &me.to_bytes(), len, throughput);
+    let totals = crate::placement::totals(num_blocks, &swarm);
+    println!(
+        "placement: blocks {}:{} of {num_blocks}, next to {} servers ({} blocks were uncovered)",
+        range.start,
+        range.end,
+        swarm.len(),
+        crate::placement::uncovered(&totals),
+    );
+    let span = load_span(cfg, range).await?;
+    Ok((span, model_id, throughput as f32, auto))
+}
+
+/// A server's state for one span: a move to another span starts a new one, while the
+/// old one drains.
+fn tenure(
+    span: BlockSpan,
+    throughput: f32,
+    model_id: ModelId,
+    me: PeerId,
+    handle: &NetHandle,
+    cfg: &ServeConfig,
+) -> Result<Arc<Server>, ServeError> {
+    let kv_per_token = span.config().kv_bytes_per_token_per_block() * span.range().len();
+    let kv_max = cfg.max_cache_bytes.unwrap_or_else(|| {
+        kv_per_token
+            .saturating_mul(cfg.max_session_tokens)
+            .saturating_mul(cfg.max_sessions.max(1))
+    });
+    Ok(Arc::new(Server {
+        wire_blocks: blocks::to_wire(span.range())?,
+        kv_budget: sessions::Budget::new(sessions::memory_budget(
+            cfg.max_memory_bytes,
+            span.weight_bytes(),
+            kv_max,
+            span.step_memory_bytes(cfg.max_session_tokens, 0),
+            cfg.compute_slots,
+        )),
+        kv_per_token,
+        span: Arc::new(span),
+        model_id,
+        compute: crate::model::compute_mode(&cfg.load),
+        throughput,
+        me,
+        net: handle.clone(),
+        table: SessionTable::with_limits(cfg.max_sessions.max(1), cfg.peer_limits),
+        cfg: cfg.clone(),
+        draining: AtomicBool::new(false),
+        leaving: CancellationToken::new(),
+        steps: AtomicU64::new(0),
+        permits: Semaphore::new(cfg.compute_slots.max(1)),
+        next_hops: announce::NextHops::default(),
+    }))
 }
 
 /// Runs a server until `stop` fires (first Ctrl-C); `kill` (second Ctrl-C) ends it at once.
@@ -175,10 +349,6 @@ pub async fn run(
         }
     })?;
     let me = keypair.public().to_peer_id();
-    let load_cfg = cfg.clone();
-    let (span, model_id, throughput) = tokio::task::spawn_blocking(move || load(&load_cfg))
-        .await
-        .map_err(|e| ServeError::Task(e.to_string()))??;
     let net_cancel = kill.child_token();
     let (handle, net_task) = net::start(
         NetConfig {
@@ -187,35 +357,28 @@ pub async fn run(
             mdns: cfg.mdns,
             role: Role::Server,
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
+            caps: cfg.net.caps,
+            relay: cfg.net.relay,
+            ..NetConfig::new(Role::Server)
         },
         net_cancel.clone(),
     )?;
     let mut incoming = handle.accept_session_streams()?;
-    let kv_per_token = span.config().kv_bytes_per_token_per_block() * span.range().len();
-    let kv_max = cfg.max_cache_bytes.unwrap_or_else(|| {
-        kv_per_token
-            .saturating_mul(cfg.max_session_tokens)
-            .saturating_mul(cfg.max_sessions.max(1))
-    });
-    let server = Arc::new(Server {
-        wire_blocks: blocks::to_wire(span.range())?,
-        kv_budget: sessions::Budget::new(kv_max),
-        kv_per_token,
-        span: Arc::new(span),
-        model_id,
-        compute: crate::model::compute_mode(&cfg.load),
-        throughput,
-        me,
-        net: handle.clone(),
-        table: SessionTable::new(cfg.max_sessions.max(1)),
-        cfg: cfg.clone(),
-        draining: AtomicBool::new(false),
-        leaving: CancellationToken::new(),
-        steps: AtomicU64::new(0),
-        permits: Semaphore::new(cfg.compute_slots.max(1)),
-    });
     let bootstraps = bootstrap_peers(&cfg.bootstrap);
     let mut background = JoinSet::new();
+    let compute = crate::model::compute_mode(&cfg.load);
+    let (span, model_id, throughput, auto) = if cfg.blocks.is_some() {
+        let load_cfg = cfg.clone();
+        let (span, model_id, throughput) = tokio::task::spawn_blocking(move || load(&load_cfg))
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))??;
+        (span, model_id, throughput, None)
+    } else {
+        let (span, model_id, throughput, auto) =
+            start_automatic(&cfg, &handle, &bootstraps, me, &compute).await?;
+        (span, model_id, throughput, Some(auto))
+    };
+    let mut server = tenure(span, throughput, model_id, me, &handle, &cfg)?;
     dial_missing(&handle, &bootstraps, &mut background).await;
     // Session streams: one task each, at most this many at once (sessions, plus attach
     // and refused streams in flight); beyond it a new stream is dropped at once.
@@ -250,6 +413,32 @@ pub async fn run(
     let mut renew = tokio::time::interval(cfg.announce_ttl / 3);
     renew.tick().await;
     let mut renewals = 0u64;
+    // Automatic placement: a watcher asks for moves; a move loads the new span beside
+    // the old one, announces it, and only then tells the old span's sessions to leave.
+    let mut tenure_cancel = sessions_cancel.child_token();
+    let (place_tx, place_rx) =
+        tokio::sync::watch::channel((range.start..range.end, f64::from(throughput)));
+    let (move_tx, mut move_rx) = tokio::sync::mpsc::channel(1);
+    let mut loading: JoinSet<Result<(BlockSpan, crate::placement::Move<Vec<u8>>), ServeError>> =
+        JoinSet::new();
+    if let Some(a) = &auto {
+        let watch = placing::Watch {
+            net: handle.clone(),
+            me,
+            model_id,
+            compute: compute.clone(),
+            num_blocks: a.num_blocks,
+            every: cfg.rebalance_every,
+        };
+        background.spawn(placing::watch_swarm(
+            watch,
+            place_rx,
+            move_tx,
+            stop.child_token(),
+        ));
+    } else {
+        drop(move_tx);
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -276,6 +465,59 @@ pub async fn run(
                     Err(e) => tracing::error!("cannot sign the announcement: {e}"),
                 }
             }
+            Some(m) = move_rx.recv(), if loading.is_empty() => {
+                println!(
+                    "moving: loading blocks {}:{} to replace {}:{} (swarm bottleneck {:.1} -> {:.1} tokens/s)",
+                    m.to.start, m.to.end, m.from.start, m.from.end, m.bottleneck_before, m.bottleneck_after,
+                );
+                let cfg = cfg.clone();
+                loading.spawn(async move { Ok((load_span(&cfg, m.to.clone()).await?, m)) });
+            }
+            Some(done) = loading.join_next(), if !loading.is_empty() => {
+                let moved = done
+                    .map_err(|e| ServeError::Task(e.to_string()))
+                    .and_then(|r| r)
+                    .and_then(|(span, m)| {
+                        let t = auto.as_ref().map_or(0.0, Automatic::span_throughput);
+                        Ok((tenure(span, t as f32, model_id, me, &handle, &cfg)?, m, t))
+                    });
+                match moved {
+                    Ok((new, m, t)) => {
+                        let old = std::mem::replace(&mut server, new);
+                        if let Ok(mut r) = rtts.lock() {
+                            r.clear();
+                        }
+                        seq += 1;
+                        let addrs = handle.listen_addrs().await.unwrap_or_default();
+                        match sign(server.announcement(&addrs, Vec::new(), cfg.announce_ttl, seq)) {
+                            Ok(a) => handle.set_own_announcement(Some(a)).await?,
+                            Err(e) => tracing::error!("cannot sign the announcement: {e}"),
+                        }
+                        // The old span's sessions move elsewhere (their clients replay);
+                        // what has not moved within the grace period is closed, and the
+                        // old span's memory goes with its last session.
+                        old.draining.store(true, Ordering::Relaxed);
+                        old.leaving.cancel();
+                        let open = old.table.len();
+                        drop(old);
+                        let old_cancel = std::mem::replace(&mut tenure_cancel, sessions_cancel.child_token());
+                        let grace = cfg.grace;
+                        background.spawn(async move {
+                            tokio::time::sleep(grace).await;
+                            old_cancel.cancel();
+                        });
+                        println!(
+                            "moved blocks {}:{} -> {}:{} ({open} sessions asked to move; swarm bottleneck {:.1} -> {:.1} tokens/s)",
+                            m.from.start, m.from.end, m.to.start, m.to.end, m.bottleneck_before, m.bottleneck_after,
+                        );
+                        place_tx.send_replace((m.to, t));
+                    }
+                    Err(e) => {
+                        eprintln!("placement: the move failed, staying: {e}");
+                        place_tx.send_modify(|_| {});
+                    }
+                }
+            }
             Some(_) = background.join_next(), if !background.is_empty() => {}
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             stream = incoming.next() => match stream {
@@ -284,7 +526,7 @@ pub async fn run(
                         tracing::debug!("dropping a session stream from {peer}: {max_streams} open");
                         continue;
                     }
-                    let (server, cancel) = (server.clone(), sessions_cancel.child_token());
+                    let (server, cancel) = (server.clone(), tenure_cancel.child_token());
                     sessions.spawn(session::serve_stream(server, peer, stream, cancel));
                 }
                 None => break,
@@ -318,7 +560,7 @@ pub async fn run(
                 stream = incoming.next() => if let Some((peer, stream)) = stream {
                     // Attach streams of running sessions still arrive; new Opens are refused.
                     if sessions.len() < max_streams {
-                        let (server, cancel) = (server.clone(), sessions_cancel.child_token());
+                        let (server, cancel) = (server.clone(), tenure_cancel.child_token());
                         sessions.spawn(session::serve_stream(server, peer, stream, cancel));
                     }
                 },

@@ -52,6 +52,10 @@ const MAX_STEP: Duration = Duration::from_secs(1);
 pub const EVICT_AFTER_IDLE: Duration = Duration::from_secs(5);
 /// How long a new session waits for an evicted one to give its memory back.
 const EVICT_WAIT: Duration = Duration::from_secs(1);
+/// How long sending a refusal may take (a peer refused for holding too much gets no more).
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Room in a session's frame cap for everything in a `Forward` but its hidden states.
+const FRAME_OVERHEAD: usize = 64 * 1024;
 /// Most bytes of hidden states a hop keeps for replay, per session.
 pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 
@@ -72,6 +76,7 @@ pub(super) fn hop_failed(
     code: ErrorCode,
     message: impl Into<String>,
 ) -> InferResponse {
+    crate::metrics::global().error(crate::metrics::Side::Server, code);
     InferResponse::HopFailed {
         session,
         step,
@@ -89,6 +94,24 @@ pub(super) async fn serve_stream(
     cancel: CancellationToken,
 ) {
     let (mut up_rx, mut up_tx) = stream::split(stream, peer, server.net.stats().clone());
+    // One peer holds at most its share of the server's session streams.
+    let Some(_slot) = server.table.stream(peer) else {
+        let max = server.table.limits().streams_per_peer;
+        server.table.warn("streams", || {
+            format!(
+                "refusing a session stream from {peer}: it has {max} open, the most one peer may"
+            )
+        });
+        let e = ProtocolError::new(
+            ErrorCode::Busy,
+            format!(
+                "peer {peer} has {max} session streams open on this server, the most one peer may"
+            ),
+        );
+        let _ = up_tx.send(&InferResponse::Error(e), REFUSE_TIMEOUT).await;
+        up_tx.close().await;
+        return;
+    };
     let first = match up_rx.recv_within::<InferRequest>(FIRST_FRAME_TIMEOUT).await {
         Ok(m) => m,
         Err(e) => {
@@ -306,11 +329,12 @@ fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
     tasks: &mut JoinSet<()>,
     mut rx: FrameReader,
     depth: usize,
+    max_bytes: usize,
 ) -> mpsc::Receiver<std::io::Result<M>> {
     let (tx, out) = mpsc::channel(depth);
     tasks.spawn(async move {
         loop {
-            let item = rx.recv::<M>().await;
+            let item = rx.recv_max::<M>(max_bytes).await;
             let end = item.is_err();
             if tx.send(item).await.is_err() || end {
                 break;
@@ -337,6 +361,7 @@ enum End {
     UpstreamGone(String),
     Failed,
     Idle,
+    NeverStepped,
     Evicted,
     Cancelled,
 }
@@ -358,11 +383,45 @@ async fn run_session(
             return;
         }
     };
+    // The next hop must be a server: one with a valid announcement for this model that
+    // covers its span, dialed only at that announcement's addresses.
+    let next = match next {
+        None => None,
+        Some(mut hop) => {
+            let want = super::announce::Wanted {
+                peer: hop.peer,
+                model: open.model_id,
+                compute: &open.compute,
+                blocks: open.route[hop.index].blocks,
+            };
+            match server.next_hops.addresses(&server.net, &want).await {
+                Ok(addrs) => {
+                    hop.addrs = addrs;
+                    Some(hop)
+                }
+                Err(msg) => {
+                    server.table.warn("next-hop", || {
+                        format!("refusing session {session} from {from}: {msg}")
+                    });
+                    let fail =
+                        hop_failed(session, 0, hop.index, &hop.peer, ErrorCode::BadRequest, msg);
+                    let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                    return;
+                }
+            }
+        }
+    };
     let mut reservation = match server.table.open(session, client, next.is_none()) {
         Ok(r) => r,
         Err(e) => {
             let code = match e {
                 super::sessions::TableError::Full { .. } => ErrorCode::Busy,
+                super::sessions::TableError::ClientFull { .. } => {
+                    server.table.warn("client-sessions", || {
+                        format!("refusing session {session}: {e}")
+                    });
+                    ErrorCode::Busy
+                }
                 _ => ErrorCode::BadRequest,
             };
             let _ = up_tx
@@ -374,6 +433,7 @@ async fn run_session(
             return;
         }
     };
+    let _open = crate::metrics::global().session(crate::metrics::Side::Server);
     let limits = CacheLimits {
         max_tokens: (open.budget.max_tokens as usize).min(server.cfg.max_session_tokens),
         ..CacheLimits::default()
@@ -411,7 +471,7 @@ async fn run_session(
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
-                    rx: pump(&mut tasks, rx, 16),
+                    rx: pump(&mut tasks, rx, 16, usize::MAX),
                     tx,
                     hop,
                     waiting: VecDeque::new(),
@@ -437,12 +497,30 @@ async fn run_session(
     {
         return;
     }
-    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4);
+    // A frame longer than the session's token cap allows is refused before it is read.
+    let frame_cap = limits
+        .max_tokens
+        .saturating_mul(server.span.config().hidden_size)
+        .saturating_mul(4)
+        .saturating_add(FRAME_OVERHEAD)
+        .min(open.budget.max_message_bytes as usize);
+    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4, frame_cap);
     let mut cache = Some(server.span.new_cache(limits));
     let mut attach: Option<FrameWriter> = None;
-    let idle = server.cfg.idle_timeout;
+    let idle = server.cfg.idle_timeout.min(Duration::from_millis(u64::from(
+        open.budget.idle_timeout_ms,
+    )));
     let me = server.me;
     let hop = open.hop;
+    // A session that never steps is freed soon: each hop before this one has its first
+    // step to compute before this one gets it.
+    let first_step_wait = server
+        .table
+        .limits()
+        .first_step_timeout
+        .saturating_mul(u32::try_from(hop).unwrap_or(u32::MAX).saturating_add(1));
+    let first_step_by = Instant::now() + first_step_wait;
+    let mut stepped = false;
     let mut told_leaving = false;
     let end = loop {
         let ack_deadline = down
@@ -450,7 +528,21 @@ async fn run_session(
             .and_then(|d| d.waiting.front().map(|(_, t)| *t));
         tokio::select! {
             _ = cancel.cancelled() => break End::Cancelled,
-            _ = tokio::time::sleep(idle) => break End::Idle,
+            _ = tokio::time::sleep(if stepped {
+                idle
+            } else {
+                first_step_by.saturating_duration_since(Instant::now()).min(idle)
+            }) => {
+                if stepped || Instant::now() < first_step_by {
+                    break End::Idle;
+                }
+                let e = ProtocolError::new(
+                    ErrorCode::Timeout,
+                    format!("session {session} sent no step within {first_step_wait:?} of opening; freed"),
+                );
+                let _ = up_tx.send(&InferResponse::Error(e), REFUSE_TIMEOUT).await;
+                break End::NeverStepped;
+            }
             _ = reservation.evicted.cancelled() => {
                 let e = ProtocolError::new(
                     ErrorCode::OverBudget,
@@ -516,6 +608,21 @@ async fn run_session(
                 match req {
                     InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
                         reservation.touch();
+                        stepped = true;
+                        // Against the session's token cap before anything is decoded.
+                        let rows = hidden.shape().get(1).copied().unwrap_or(0) as usize;
+                        if rows == 0 || (position as usize).saturating_add(rows) > limits.max_tokens {
+                            let msg = format!(
+                                "a step of {rows} tokens at position {position} passes this session's cap of {} tokens",
+                                limits.max_tokens
+                            );
+                            let fail = hop_failed(session, step, hop, &me, ErrorCode::OverBudget, msg);
+                            if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() {
+                                break End::Failed;
+                            }
+                            continue;
+                        }
+                        let _timer = crate::metrics::global().server_step(hop);
                         let Some(c) = cache.take() else { break End::Failed };
                         let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
                         let (c, result) = compute(&server, c, &hidden, position).await;
@@ -531,6 +638,7 @@ async fn run_session(
                             }
                         };
                         server.steps.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::global().tokens_processed(tokens);
                         let sent = match down.as_mut() {
                             Some(d) => send_down(d, session, position, step, out, last_row_only, tokens, open.wire_dtype).await,
                             None => send_output(&mut attach, &mut reservation, session, position, step, &out, last_row_only, open.wire_dtype).await,
@@ -568,6 +676,9 @@ async fn run_session(
         End::UpstreamGone(why) => tracing::info!("session {session}: the hop before left ({why})"),
         End::Failed => tracing::info!("session {session} ended after a failure"),
         End::Idle => tracing::info!("closing session {session} after {idle:?} idle"),
+        End::NeverStepped => server.table.warn("never-stepped", || {
+            format!("freed session {session}: no step within {first_step_wait:?} of opening")
+        }),
         End::Evicted => tracing::info!("evicted idle session {session} to make room"),
         End::Cancelled => tracing::debug!("session {session} cancelled"),
     }

@@ -23,6 +23,14 @@ pub enum TableError {
         /// The table's capacity.
         max: usize,
     },
+    /// The client holds its most sessions here already.
+    #[error("client {client} holds {max} sessions on this server already, the most one client may")]
+    ClientFull {
+        /// The client.
+        client: PeerId,
+        /// The cap per client.
+        max: usize,
+    },
     /// A session of that id is open already.
     #[error("session {0} is already open")]
     Duplicate(SessionId),
@@ -52,11 +60,61 @@ struct Entry<A> {
     evict: CancellationToken,
 }
 
+/// The caps per peer of a server: what one client or one connected peer may hold, well
+/// below the server's own caps, so that no one peer can take a server out of every route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Most sessions open for one client (`--max-sessions-per-client`).
+    pub sessions_per_client: usize,
+    /// Most session streams open from one connected peer at once (`--max-streams-per-peer`):
+    /// a server before this one carries one per session it routes here, plus the
+    /// attach streams of its clients.
+    pub streams_per_peer: usize,
+    /// How long a session may stay open without a first step (`--first-step-timeout`),
+    /// per hop before this one (each has its prefill to compute first).
+    pub first_step_timeout: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            sessions_per_client: 4,
+            streams_per_peer: 24,
+            first_step_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Open sessions, at most `max`; `A` is what an attach hands to the session (a stream's
 /// writer in the server).
 pub struct SessionTable<A> {
     entries: Mutex<HashMap<SessionId, Entry<A>>>,
     max: usize,
+    limits: PeerLimits,
+    streams: Mutex<HashMap<PeerId, usize>>,
+    log: Mutex<crate::net::book::RateLimitedLog>,
+}
+
+/// A session stream's place in its peer's count, given back on drop.
+pub struct StreamGuard<A> {
+    peer: PeerId,
+    table: Arc<SessionTable<A>>,
+}
+
+impl<A> Drop for StreamGuard<A> {
+    fn drop(&mut self) {
+        let mut streams = self
+            .table
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = streams.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl<A> std::fmt::Debug for SessionTable<A> {
@@ -97,11 +155,48 @@ impl<A> Drop for Reservation<A> {
 }
 
 impl<A> SessionTable<A> {
-    /// A table of at most `max` sessions.
+    /// A table of at most `max` sessions, with the default caps per peer.
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_limits(max, PeerLimits::default())
+    }
+
+    /// A table of at most `max` sessions, and `limits` per peer.
+    pub fn with_limits(max: usize, limits: PeerLimits) -> Arc<Self> {
         Arc::new(Self {
             entries: Mutex::new(HashMap::new()),
             max,
+            limits,
+            streams: Mutex::new(HashMap::new()),
+            log: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Logs a refusal of kind `kind` at most every ten seconds (a flood of them would
+    /// otherwise fill the log).
+    pub fn warn(&self, kind: &'static str, message: impl FnOnce() -> String) {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .warn(kind, message);
+    }
+
+    /// The caps per peer.
+    pub fn limits(&self) -> &PeerLimits {
+        &self.limits
+    }
+
+    /// Counts a new session stream from `peer`; `None` when it has
+    /// [`PeerLimits::streams_per_peer`] open already.
+    pub fn stream(self: &Arc<Self>, peer: PeerId) -> Option<StreamGuard<A>> {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = streams.entry(peer).or_insert(0);
+        if *n >= self.limits.streams_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(StreamGuard {
+            peer,
+            table: self.clone(),
         })
     }
 
@@ -140,6 +235,13 @@ impl<A> SessionTable<A> {
         }
         if entries.len() >= self.max {
             return Err(TableError::Full { max: self.max });
+        }
+        let held = entries.values().filter(|e| e.client == client).count();
+        if held >= self.limits.sessions_per_client {
+            return Err(TableError::ClientFull {
+                client,
+                max: self.limits.sessions_per_client,
+            });
         }
         let (tx, rx) = mpsc::channel(1);
         let evicted = CancellationToken::new();
@@ -251,6 +353,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn one_client_holds_at_most_its_share_and_one_peer_its_streams() {
+        let limits = PeerLimits {
+            sessions_per_client: 2,
+            streams_per_peer: 3,
+            ..PeerLimits::default()
+        };
+        let t = SessionTable::<u8>::with_limits(16, limits);
+        let (squatter, honest) = (PeerId::random(), PeerId::random());
+        let _a = t.open(SessionId(1), squatter, true).unwrap();
+        let b = t.open(SessionId(2), squatter, true).unwrap();
+        assert_eq!(
+            t.open(SessionId(3), squatter, true).unwrap_err(),
+            TableError::ClientFull {
+                client: squatter,
+                max: 2
+            }
+        );
+        // Another client still gets in, and the squatter again once one ends.
+        let _c = t.open(SessionId(4), honest, true).unwrap();
+        drop(b);
+        let _d = t.open(SessionId(5), squatter, true).unwrap();
+        let streams: Vec<_> = (0..3).map(|_| t.stream(squatter).unwrap()).collect();
+        assert!(t.stream(squatter).is_none());
+        assert!(t.stream(honest).is_some());
+        drop(streams);
+        assert!(t.stream(squatter).is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_session_idle_longest_is_evicted_first() {
         let t = SessionTable::<u8>::new(4);
@@ -354,5 +485,102 @@ mod budget_tests {
         assert!(b.try_take(usize::MAX).is_none(), "no overflow");
         drop(y);
         assert_eq!(b.taken(), 0);
+    }
+}
+
+/// The server's one memory budget, for the KV caches and the in-flight activations of
+/// every session, in bytes.
+///
+/// With `--max-memory` it is what the weights leave of it. Otherwise it is the KV budget
+/// (`--max-cache-mb`, or enough for every session's full cache) plus room for
+/// `compute_slots` steps of a full prompt (`step_bytes`), so that activations are
+/// budgeted too without shrinking what the KV flag promises.
+pub fn memory_budget(
+    max_memory: Option<u64>,
+    weight_bytes: usize,
+    kv_bytes: usize,
+    step_bytes: usize,
+    compute_slots: usize,
+) -> usize {
+    match max_memory {
+        Some(m) => usize::try_from(m)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(weight_bytes),
+        None => kv_bytes.saturating_add(step_bytes.saturating_mul(compute_slots.max(1))),
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::memory_budget;
+
+    #[test]
+    fn the_budget_is_what_the_weights_leave_or_the_caches_and_steps() {
+        assert_eq!(memory_budget(Some(1000), 300, 5, 7, 2), 700);
+        assert_eq!(memory_budget(Some(100), 300, 5, 7, 2), 0);
+        assert_eq!(memory_budget(None, 300, 500, 70, 2), 640);
+        assert_eq!(memory_budget(None, 0, usize::MAX, 70, 2), usize::MAX);
+    }
+}
+
+/// Command-line value parsers for the caps, range-checked so that a typo is a clear error
+/// at start, not a server that refuses everything or holds a squatter for days.
+pub mod cli {
+    use std::time::Duration;
+
+    fn in_range(s: &str, what: &str, lo: u64, hi: u64) -> Result<u64, String> {
+        let v: u64 = s
+            .trim()
+            .parse()
+            .map_err(|e| format!("{what}: `{s}` is not a whole number ({e})"))?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{what} must be within {lo}..={hi}, not {v}"))
+        }
+    }
+
+    /// A count of at least 1 and at most 65,536 (sessions, streams).
+    pub fn count(s: &str) -> Result<usize, String> {
+        in_range(s, "the count", 1, 65_536).map(|v| v as usize)
+    }
+
+    /// A number of tokens to generate: 1..=32,768.
+    pub fn max_tokens(s: &str) -> Result<usize, String> {
+        in_range(s, "--max-tokens", 1, 32_768).map(|v| v as usize)
+    }
+
+    /// An idle timeout in seconds: 1..=600 (the protocol's longest).
+    pub fn idle_timeout(s: &str) -> Result<u64, String> {
+        let max = u64::from(pollen_protocol::limits::MAX_IDLE_TIMEOUT_MS) / 1000;
+        in_range(s, "--idle-timeout", 1, max)
+    }
+
+    /// Seconds a session may stay open without a first step: 1..=600.
+    pub fn first_step_timeout(s: &str) -> Result<Duration, String> {
+        in_range(s, "--first-step-timeout", 1, 600).map(Duration::from_secs)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used)]
+        use super::*;
+
+        #[test]
+        fn values_outside_their_range_are_refused_with_the_range() {
+            assert_eq!(count("4").unwrap(), 4);
+            assert_eq!(
+                count("0").unwrap_err(),
+                "the count must be within 1..=65536, not 0"
+            );
+            assert!(max_tokens("99999999999").is_err());
+            assert!(max_tokens("-1").is_err());
+            assert_eq!(idle_timeout("600").unwrap(), 600);
+            assert_eq!(
+                idle_timeout("601").unwrap_err(),
+                "--idle-timeout must be within 1..=600, not 601"
+            );
+            assert_eq!(first_step_timeout("3").unwrap(), Duration::from_secs(3));
+        }
     }
 }

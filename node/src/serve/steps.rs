@@ -73,6 +73,39 @@ pub(super) async fn compute(
     Option<SpanCache>,
     Result<candle_core::Tensor, ProtocolError>,
 ) {
+    let Ok(_permit) = server.permits.acquire().await else {
+        return (
+            Some(cache),
+            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+        );
+    };
+    // The step's activations come out of the server's one memory budget (with the KV
+    // caches), taken before its input is decoded, given back when it is done.
+    let shape = hidden.shape();
+    let rows = shape
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|&d| d as usize)
+        .fold(1usize, usize::saturating_mul);
+    let need = server.span.step_memory_bytes(rows, position as usize);
+    let Some(_memory) = server.kv_budget.try_take(need) else {
+        let mb = |b: usize| b.div_ceil(1024 * 1024);
+        let budget = &server.kv_budget;
+        return (
+            Some(cache),
+            Err(ProtocolError::new(
+                ErrorCode::OverBudget,
+                format!(
+                    "a step of {rows} tokens needs {} MB of working memory; this server's \
+                     memory budget has {} of {} MB free",
+                    mb(need),
+                    mb(budget.max().saturating_sub(budget.taken())),
+                    mb(budget.max())
+                ),
+            )),
+        );
+    };
     let input = match from_wire(
         hidden,
         server.span.config().hidden_size,
@@ -86,12 +119,14 @@ pub(super) async fn compute(
             );
         }
     };
-    let Ok(_permit) = server.permits.acquire().await else {
+    // NaN or infinities from the hop before are its fault: the client blames it.
+    if let Err(e) = crate::client::check::hidden(&input, 0, server.span.config().hidden_size) {
+        let msg = format!("{}: {e}", crate::client::check::NON_FINITE_INPUT);
         return (
             Some(cache),
-            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+            Err(ProtocolError::new(ErrorCode::BadRequest, msg)),
         );
-    };
+    }
     let span = server.span.clone();
     let joined = tokio::task::spawn_blocking(move || {
         let out = span.forward(&input, position as usize, &mut cache);
@@ -107,6 +142,9 @@ pub(super) async fn compute(
             )),
         ),
         // The span leaves the cache as it was when a step fails.
+        #[cfg(feature = "fault-injection")]
+        Ok((cache, Ok(out))) => (Some(cache), Ok(crate::fault::apply(out))),
+        #[cfg(not(feature = "fault-injection"))]
         Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
         Ok((cache, Err(e))) => {
             let code = match &e {
