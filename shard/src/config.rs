@@ -73,6 +73,20 @@ impl ModelConfig {
         if self.num_blocks == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return bad("zero blocks, vocabulary or MLP size".into());
         }
+        // Sizes come from the file: bound them before anything is sized by
+        // them (rope tables, cache accounting), so that products cannot
+        // overflow. The largest open models stay far inside.
+        for (what, v, max) in [
+            ("hidden size", self.hidden_size, 1 << 17),
+            ("MLP size", self.intermediate_size, 1 << 20),
+            ("head count", self.num_heads, 1 << 12),
+            ("block count", self.num_blocks, 1 << 12),
+            ("vocabulary", self.vocab_size, 1 << 24),
+        ] {
+            if v > max {
+                return bad(format!("{what} {v} exceeds the largest supported, {max}"));
+            }
+        }
         if self.rope_dim == 0 || self.rope_dim > self.head_dim() || !self.rope_dim.is_multiple_of(2)
         {
             return bad(format!(
@@ -250,5 +264,22 @@ mod tests {
             ModelConfig::from_hf_json(json, "x"),
             Err(ShardError::UnsupportedArchitecture(_))
         ));
+    }
+
+    #[test]
+    fn sizes_beyond_any_model_are_refused_before_anything_is_allocated() {
+        let json = |hidden: u64, heads: u64| {
+            format!(
+                r#"{{"model_type":"llama","hidden_size":{hidden},"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":{heads},"vocab_size":10}}"#
+            )
+        };
+        assert!(ModelConfig::from_hf_json(&json(8, 2), "x").is_ok());
+        let msg = ModelConfig::from_hf_json(&json(1 << 40, 1), "x")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("hidden size"), "{msg}");
+        assert!(ModelConfig::from_hf_json(&json(1 << 14, 1 << 13), "x").is_err());
     }
 }

@@ -39,16 +39,52 @@ pub(super) fn block_names(i: usize) -> BlockTensorNames {
     }
 }
 
+/// Bytes of a tensor's data, from its dimensions as the file states them:
+/// every product is checked, so huge dimensions are an error, not a wrap.
 fn gguf_tensor_len(info: &gguf_file::TensorInfo) -> Result<u64> {
     let dtype = info.ggml_dtype;
-    let elems = info.shape.elem_count();
-    let bs = dtype.block_size();
+    let dims = info.shape.dims();
+    let elems = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .ok_or_else(|| {
+            ShardError::BadInput(format!(
+                "tensor of shape {dims:?} has more elements than any file holds"
+            ))
+        })?;
+    let bs = dtype.block_size() as u64;
     if bs == 0 || !elems.is_multiple_of(bs) {
         return Err(ShardError::BadInput(format!(
             "tensor of {elems} elements is not a whole number of {dtype:?} blocks"
         )));
     }
-    Ok((elems / bs * dtype.type_size()) as u64)
+    (elems / bs)
+        .checked_mul(dtype.type_size() as u64)
+        .ok_or_else(|| {
+            ShardError::BadInput(format!(
+                "tensor of shape {dims:?} has more bytes than any file holds"
+            ))
+        })
+}
+
+/// Reads a GGUF header. candle's reader bounds counts and lengths by the
+/// file's size, but a few stated values (an alignment of 0) make it divide
+/// by zero or overflow: a header that panics it is a malformed header.
+fn read_header(r: &mut BufReader<std::fs::File>, path: &Path) -> Result<gguf_file::Content> {
+    let read =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(r)));
+    let fmt = |detail: String| ShardError::Format {
+        path: path.to_path_buf(),
+        detail,
+    };
+    match read {
+        Ok(Ok(content)) => Ok(content),
+        Ok(Err(e)) => Err(fmt(format!("cannot read the GGUF header: {e}"))),
+        Err(_) => Err(fmt(
+            "cannot read the GGUF header: impossible values (an alignment of 0, or offsets that overflow)"
+                .into(),
+        )),
+    }
 }
 
 fn supported_gguf_dtype(d: GgmlDType) -> bool {
@@ -78,10 +114,7 @@ impl GgufModel {
         let file = open_file(path)?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
         let mut r = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut r).map_err(|e| ShardError::Format {
-            path: path.to_path_buf(),
-            detail: format!("cannot read the GGUF header: {e}"),
-        })?;
+        let content = read_header(&mut r, path)?;
         for (name, info) in &content.tensor_infos {
             if !supported_gguf_dtype(info.ggml_dtype) {
                 return Err(ShardError::UnsupportedTensorType {
@@ -89,7 +122,10 @@ impl GgufModel {
                     dtype: format!("{:?}", info.ggml_dtype),
                 });
             }
-            let len = gguf_tensor_len(info)?;
+            let len = gguf_tensor_len(info).map_err(|e| ShardError::Format {
+                path: path.to_path_buf(),
+                detail: format!("tensor `{name}`: {e}"),
+            })?;
             let end = content
                 .tensor_data_offset
                 .checked_add(info.offset)
@@ -134,9 +170,18 @@ impl GgufModel {
             .tensor_infos
             .get(name)
             .ok_or_else(|| ShardError::MissingTensor(name.into()))?;
+        // Checked when the file was opened; checked again, never wrapped.
+        let offset = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .ok_or_else(|| ShardError::Format {
+                path: self.path.clone(),
+                detail: format!("tensor `{name}` has an impossible offset"),
+            })?;
         Ok(TensorLocation {
             path: self.path.clone(),
-            offset: self.content.tensor_data_offset + info.offset,
+            offset,
             len: gguf_tensor_len(info)?,
             dtype: format!("{:?}", info.ggml_dtype),
             shape: info.shape.dims().to_vec(),
@@ -231,5 +276,124 @@ impl GgufModel {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file written by hand, so that its numbers can lie.
+    struct Raw(Vec<u8>);
+
+    impl Raw {
+        fn new(tensors: u64, kvs: u64) -> Self {
+            let mut b = Vec::new();
+            b.extend(0x4655_4747u32.to_le_bytes());
+            b.extend(3u32.to_le_bytes());
+            b.extend(tensors.to_le_bytes());
+            b.extend(kvs.to_le_bytes());
+            Self(b)
+        }
+        fn string(&mut self, s: &str) -> &mut Self {
+            self.0.extend((s.len() as u64).to_le_bytes());
+            self.0.extend(s.as_bytes());
+            self
+        }
+        fn kv_u32(&mut self, key: &str, v: u32) -> &mut Self {
+            self.string(key);
+            self.0.extend(4u32.to_le_bytes());
+            self.0.extend(v.to_le_bytes());
+            self
+        }
+        fn kv_str(&mut self, key: &str, v: &str) -> &mut Self {
+            self.string(key);
+            self.0.extend(8u32.to_le_bytes());
+            self.string(v)
+        }
+        /// A tensor of f32 (type 0) of `dims` (innermost first) at `offset`.
+        fn tensor(&mut self, name: &str, dims: &[u64], offset: u64) -> &mut Self {
+            self.string(name);
+            self.0.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                self.0.extend(d.to_le_bytes());
+            }
+            self.0.extend(0u32.to_le_bytes());
+            self.0.extend(offset.to_le_bytes());
+            self
+        }
+        fn open(&mut self, tag: &str) -> Result<GgufModel> {
+            // Some data after the header, aligned.
+            self.0.extend([0u8; 256]);
+            let dir = std::env::temp_dir().join(format!("pollen-gguf-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{tag}.gguf"));
+            std::fs::write(&path, &self.0).unwrap();
+            GgufModel::open(&path)
+        }
+    }
+
+    fn err(r: Result<GgufModel>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_well_formed_hand_written_file_opens() {
+        let m = Raw::new(1, 1)
+            .kv_str("general.architecture", "llama")
+            .tensor("w", &[4, 2], 0)
+            .open("ok")
+            .unwrap();
+        let loc = m.locate("w").unwrap();
+        assert_eq!(loc.len, 32);
+        assert_eq!(loc.offset % 32, 0);
+    }
+
+    #[test]
+    fn huge_dimensions_are_an_error_not_an_overflow() {
+        let e = err(Raw::new(1, 0)
+            .tensor("w", &[1 << 33, 1 << 33], 0)
+            .open("dims"));
+        assert!(e.contains("more elements than any file holds"), "{e}");
+        // Elements fit in 64 bits, bytes do not.
+        let e = err(Raw::new(1, 0)
+            .tensor("w", &[1 << 31, 1 << 31], 0)
+            .open("bytes"));
+        assert!(e.contains("more bytes than any file holds"), "{e}");
+        let e = err(Raw::new(1, 0)
+            .tensor("w", &[1 << 20, 1 << 20], 0)
+            .open("big"));
+        assert!(e.contains("truncated") || e.contains("ends at byte"), "{e}");
+    }
+
+    #[test]
+    fn huge_offsets_are_an_error_not_an_overflow() {
+        for offset in [u64::MAX, u64::MAX - 31, 1 << 62] {
+            let e = err(Raw::new(1, 0).tensor("w", &[8], offset).open("offset"));
+            assert!(
+                e.contains("impossible offset") || e.contains("ends at byte"),
+                "{offset}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_zero_or_huge_alignment_is_an_error_not_a_panic() {
+        for align in [0u32, u32::MAX] {
+            let e = err(Raw::new(1, 1)
+                .kv_u32("general.alignment", align)
+                .tensor("w", &[8], 0)
+                .open("align"));
+            assert!(!e.is_empty(), "alignment {align} opened");
+        }
+    }
+
+    #[test]
+    fn lying_counts_are_an_error() {
+        let e = err(Raw::new(u64::MAX, u64::MAX).open("counts"));
+        assert!(e.contains("cannot read the GGUF header"), "{e}");
+        let e = err(Raw::new(1, 0).tensor("w", &[8; 2000], 0).open("ndims"));
+        assert!(e.contains("cannot read the GGUF header"), "{e}");
     }
 }
