@@ -11,6 +11,7 @@
 //! [`fetch`] and [`model`] (the model on disk), [`wire`] and [`blocks`] (conversions
 //! between the engine's and the wire's types), [`clock`], [`status`], [`signals`].
 
+pub mod api;
 pub mod backend;
 pub mod blocks;
 pub mod bootstrap;
@@ -18,23 +19,48 @@ pub mod chat_template;
 pub mod client;
 pub mod clock;
 pub mod demo;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod fetch;
 pub mod manifest;
 pub mod mesh;
 pub mod model;
 
-/// Logs to stderr, filtered by `POLLEN_LOG` (default: warnings, minus Kademlia's
-/// bootstrap chatter on a lone node).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("POLLEN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error")),
-        )
-        .init();
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
 }
+
+/// Logs to stderr as text, filtered by `POLLEN_LOG` or `RUST_LOG` (see
+/// [`init_logging_as`]).
+pub fn init_logging() {
+    init_logging_as(LogFormat::Text);
+}
+
+/// Logs to stderr in `format`, filtered by `POLLEN_LOG`, else `RUST_LOG` (the
+/// `tracing_subscriber::EnvFilter` syntax, such as `info` or `pollen_node=debug`); by
+/// default warnings, minus Kademlia's bootstrap chatter on a lone node.
+pub fn init_logging_as(format: LogFormat) {
+    let filter = ["POLLEN_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| tracing_subscriber::EnvFilter::try_from_env(var).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+pub mod metrics;
 pub mod net;
+pub mod placement;
 pub mod progress;
 pub mod serve;
 pub mod signals;

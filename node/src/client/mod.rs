@@ -9,13 +9,17 @@
 //! Rooms: [`route`] picks the chain, [`session`] runs one session along it, [`error`]
 //! says what went wrong and where.
 
+pub mod check;
 pub mod error;
 pub mod route;
 pub mod session;
+pub mod speed;
+pub mod verify;
 
 pub use error::{ClientError, HopFailure};
 pub use route::{Hop, route};
 pub use session::SwarmSession;
+pub use verify::{DEFAULT_VERIFY, VerifyStats};
 
 use crate::net::{self, NetConfig, NetHandle, Role};
 use candle_core::Tensor;
@@ -36,6 +40,10 @@ const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(15);
 const MEASURE_WAIT: Duration = Duration::from_millis(400);
 /// Most candidate first (and last) hops measured.
 const MEASURE_CANDIDATES: usize = 8;
+/// The round trip counted for a candidate first or last hop that did not answer a ping
+/// within [`MEASURE_WAIT`]: a server that announces an address nobody answers on is not
+/// believed to be close.
+const UNANSWERED_RTT: Duration = Duration::from_secs(1);
 /// Most new routes tried for one step before the client gives up.
 const MAX_HEALS_PER_STEP: usize = 8;
 /// How long a server that failed is left out of routes; doubled with each further
@@ -55,9 +63,29 @@ const MAX_BANS: usize = 1024;
 struct Bans {
     /// Until when, how many failures, since when (Unix ms), forgiven by a new announcement.
     until: HashMap<PeerId, (Instant, u32, u64, bool)>,
+    /// Servers caught with a wrong output, until when: never used while banned, even
+    /// when no other route exists.
+    lied: HashMap<PeerId, Instant>,
 }
 
 impl Bans {
+    /// Bans `peer` as [`Self::ban`] does, and leaves it out even of last-resort routes.
+    fn ban_liar(&mut self, peer: PeerId) {
+        self.ban(peer, false, false);
+        if let Some((t, ..)) = self.until.get(&peer) {
+            let t = *t;
+            self.lied.retain(|_, u| *u > Instant::now());
+            if self.lied.len() < MAX_BANS {
+                self.lied.insert(peer, t);
+            }
+        }
+    }
+
+    /// Whether `peer` was caught with a wrong output and is still banned.
+    fn is_liar(&self, peer: &PeerId) -> bool {
+        self.lied.get(peer).is_some_and(|t| *t > Instant::now())
+    }
+
     fn ban(&mut self, peer: PeerId, busy: bool, crashed: bool) {
         let now = Instant::now();
         self.until.retain(|_, (t, ..)| *t > now);
@@ -121,6 +149,9 @@ pub struct ClientConfig {
     pub wire_dtype: WireDType,
     /// How long to wait for servers that cover every block.
     pub route_wait: Duration,
+    /// Probability that a step is spot-checked on a second server of one of the route's
+    /// spans ([`DEFAULT_VERIFY`]; 0 turns spot checks off).
+    pub verify: f64,
 }
 
 /// The parts of the model a client holds.
@@ -156,6 +187,12 @@ pub struct SwarmClient {
     cfg: ClientConfig,
     bans: std::sync::Mutex<Bans>,
     route_in_use: std::sync::Mutex<Option<Vec<Hop>>>,
+    /// What this client measured of servers' speed.
+    speeds: std::sync::Mutex<speed::Speeds>,
+    /// The announcements of the latest route search (spot checks pick second servers
+    /// from it).
+    book: std::sync::Mutex<(Vec<VerifiedAnnouncement>, Option<Instant>)>,
+    verify_stats: std::sync::Mutex<VerifyStats>,
     cancel: CancellationToken,
     net_task: tokio::task::JoinHandle<()>,
 }
@@ -163,6 +200,16 @@ pub struct SwarmClient {
 impl std::fmt::Debug for SwarmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SwarmClient({})", self.net.peer_id())
+    }
+}
+
+/// Before the `attempt`-th try of a new route: none for the first two (a failed route
+/// is left at once for the next best), then 100 ms doubling up to 3.2 s, so that a
+/// server that has just joined has time to become known to the others.
+async fn retry_pause(attempt: usize) {
+    if attempt >= 2 {
+        let ms = 100u64 << (attempt - 2).min(5);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
@@ -235,6 +282,9 @@ impl SwarmClient {
             cfg,
             bans: std::sync::Mutex::new(Bans::default()),
             route_in_use: std::sync::Mutex::new(None),
+            speeds: std::sync::Mutex::new(speed::Speeds::default()),
+            book: std::sync::Mutex::new((Vec::new(), None)),
+            verify_stats: std::sync::Mutex::new(VerifyStats::default()),
             cancel,
             net_task,
         })
@@ -276,8 +326,20 @@ impl SwarmClient {
                 .cloned()
                 .collect();
             let rtts = self.measure_ends(&preferred, num_blocks).await;
-            let found = route(&preferred, m.model_id, num_blocks, &m.compute, &rtts)
-                .or_else(|_| route(&alive, m.model_id, num_blocks, &m.compute, &rtts));
+            let speeds = self
+                .speeds
+                .lock()
+                .map(|s| s.all().clone())
+                .unwrap_or_default();
+            let found = route::route_measured(
+                &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds,
+            )
+            .or_else(|_| {
+                route::route_measured(&alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds)
+            });
+            if let Ok(mut b) = self.book.lock() {
+                *b = (book, Some(Instant::now()));
+            }
             match found {
                 Ok(r) => return Ok(r),
                 Err(e) if Instant::now() >= deadline => return Err(e),
@@ -336,8 +398,14 @@ impl SwarmClient {
         }
         let deadline = Instant::now() + MEASURE_WAIT;
         loop {
-            let rtts = measured(&self.net.peers().await.unwrap_or_default());
-            if Instant::now() >= deadline || candidates.iter().all(|(p, _)| rtts.contains_key(p)) {
+            let mut rtts = measured(&self.net.peers().await.unwrap_or_default());
+            if candidates.iter().all(|(p, _)| rtts.contains_key(p)) {
+                return rtts;
+            }
+            if Instant::now() >= deadline {
+                for (p, _) in &candidates {
+                    rtts.entry(*p).or_insert(UNANSWERED_RTT);
+                }
                 return rtts;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -383,7 +451,7 @@ impl SwarmClient {
     fn gone(&self, peer: &PeerId, issued_at_ms: u64) -> bool {
         self.bans
             .lock()
-            .map(|b| b.is_gone(peer, issued_at_ms))
+            .map(|b| b.is_gone(peer, issued_at_ms) || b.is_liar(peer))
             .unwrap_or(false)
     }
 
@@ -397,6 +465,7 @@ impl SwarmClient {
     /// Leaves the server a failure names out of routes for a while. Whether the failure
     /// is one a new route can heal.
     fn blame(&self, e: &ClientError) -> bool {
+        crate::metrics::global().client_error(e);
         let Some(f) = (match e {
             ClientError::HopFailed(f) => Some(f),
             _ => None,
@@ -412,7 +481,11 @@ impl SwarmClient {
             _ => (false, false),
         };
         if healable && let Ok(mut b) = self.bans.lock() {
-            b.ban(f.peer, busy, f.code == C::Unreachable);
+            if f.message.starts_with(check::WRONG_OUTPUT) {
+                b.ban_liar(f.peer);
+            } else {
+                b.ban(f.peer, busy, f.code == C::Unreachable);
+            }
         }
         healable
     }
@@ -430,10 +503,11 @@ impl SwarmClient {
     ) -> Result<(SwarmSession, Tensor), ClientError> {
         let started = Instant::now();
         let mut failure = failure;
-        for _ in 0..MAX_HEALS_PER_STEP {
+        for attempt in 0..MAX_HEALS_PER_STEP {
             if !self.blame(&failure) {
                 return Err(failure);
             }
+            retry_pause(attempt).await;
             tracing::warn!("{failure}; routing around it");
             let route = self.discover_route().await?;
             let mut session = match self.open_session(&route, budget).await {
@@ -476,11 +550,41 @@ impl SwarmClient {
         params: &GenerateParams,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ClientError> {
+        self.generate_from(None, prompt, params, on_text).await
+    }
+
+    /// Like [`Self::generate`], starting on `route` (a route pinned by the caller, for
+    /// example one through a server under test) rather than the cheapest one; a failure
+    /// heals as usual, onto routes of the client's choice.
+    pub async fn generate_on(
+        &self,
+        route: Vec<Hop>,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, ClientError> {
+        self.generate_from(Some(route), prompt, params, on_text)
+            .await
+    }
+
+    async fn generate_from(
+        &self,
+        mut first: Option<Vec<Hop>>,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<Generation, ClientError> {
+        let _open = crate::metrics::global().session(crate::metrics::Side::Client);
         let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
         let mut session = None;
         let mut failure = None;
-        for _ in 0..MAX_HEALS_PER_STEP {
-            let route = self.discover_route().await?;
+        // A route that fails to open is left out, and the next best tried at once.
+        for attempt in 0..MAX_HEALS_PER_STEP {
+            retry_pause(attempt).await;
+            let route = match first.take() {
+                Some(r) => r,
+                None => self.discover_route().await?,
+            };
             match self.open_session(&route, budget).await {
                 Ok(s) => {
                     tracing::info!("route: {}", describe(&route));
@@ -504,6 +608,7 @@ impl SwarmClient {
             .run(&mut session, prompt, params, budget, on_text)
             .await;
         session.close().await;
+        crate::metrics::global().generation(&result);
         result
     }
 
@@ -522,8 +627,15 @@ impl SwarmClient {
             let Some((input, pos)) = generator.next_input(&self.model.ends)? else {
                 break;
             };
-            let out = match session.step(&input, pos).await {
-                Ok(out) => out,
+            let mut out = match session.step(&input, pos).await {
+                Ok(out) => {
+                    if let (Some((ack, total)), Ok(mut s)) =
+                        (session.last_timing(), self.speeds.lock())
+                    {
+                        s.record_step(session.route(), ack, total);
+                    }
+                    out
+                }
                 Err(e) => {
                     let (healed, out) = self.heal(e, generator.inputs(), budget).await?;
                     let broken = std::mem::replace(session, healed);
@@ -533,6 +645,18 @@ impl SwarmClient {
                     out
                 }
             };
+            self.count(|s| s.steps += 1);
+            if self.cfg.verify > 0.0 && rand::random::<f64>() < self.cfg.verify {
+                let route = session.route().to_vec();
+                let verdict = self
+                    .spot_check(&route, generator.inputs(), &out, budget)
+                    .await;
+                if let verify::Verdict::Wrong(e) = verdict {
+                    let (healed, healed_out) = self.heal(e, generator.inputs(), budget).await?;
+                    drop(std::mem::replace(session, healed));
+                    out = healed_out;
+                }
+            }
             // The head and sampling are real work: off the async threads.
             let model = self.model.clone();
             let (g, step) = tokio::task::spawn_blocking(move || {

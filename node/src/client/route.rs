@@ -1,9 +1,13 @@
 //! Routing: the cheapest chain of announced spans that covers every block of a model.
 //!
-//! A route's cost per token is the sum of its servers' announced times per token plus the
-//! round trips its hidden states cross: client to the first server and the last server
-//! back to the client (measured by the client), and each server to the next (measured by
-//! the server before, and announced). Unmeasured edges count [`DEFAULT_RTT`].
+//! A route's cost per token is the sum of its servers' times per token plus the round
+//! trips its hidden states cross: client to the first server and the last server back to
+//! the client (measured by the client), and each server to the next (measured by the
+//! server before, and announced). Unmeasured edges count [`DEFAULT_RTT`].
+//!
+//! A server's time per token is not taken on its word: it is the slower of what it
+//! announces and what this client measured of it ([`super::speed::Speeds`]); until it
+//! is measured, no server is believed faster than [`UNPROVEN_STEP_PER_BLOCK`] per block.
 
 use super::error::ClientError;
 use crate::blocks::BlockRange;
@@ -16,6 +20,10 @@ use std::time::Duration;
 pub const DEFAULT_RTT: Duration = Duration::from_millis(2);
 /// Slowest throughput believed, in tokens per second (a zero would divide by zero).
 const MIN_THROUGHPUT: f64 = 0.01;
+/// The fastest a server that this client has not measured yet is believed to be, per
+/// block and token: 20 µs (a 30-block span at 1,667 tokens/s). A claim of more is
+/// capped here until the server proves it.
+pub const UNPROVEN_STEP_PER_BLOCK: Duration = Duration::from_micros(20);
 
 /// One server on a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +38,22 @@ pub struct Hop {
     pub step_us: u32,
 }
 
+/// A server's time per token as this client believes it: the slower of what it
+/// announces and what it has proven (measured, or the unproven floor for its blocks).
+fn believed(
+    a: &VerifiedAnnouncement,
+    peer: &PeerId,
+    blocks: usize,
+    measured: &HashMap<PeerId, f64>,
+) -> f64 {
+    let proven = measured
+        .get(peer)
+        .copied()
+        .filter(|s| s.is_finite())
+        .unwrap_or(UNPROVEN_STEP_PER_BLOCK.as_secs_f64() * blocks as f64);
+    seconds_per_token(a).max(proven)
+}
+
 fn seconds_per_token(a: &VerifiedAnnouncement) -> f64 {
     let tps = f64::from(a.throughput);
     1.0 / if tps.is_finite() {
@@ -41,13 +65,36 @@ fn seconds_per_token(a: &VerifiedAnnouncement) -> f64 {
 
 /// The cheapest chain over `announcements` that covers blocks `[0, num_blocks)` of
 /// `model`, using only servers that compute as `compute` does and have a free session.
-/// `client_rtts` are the round trips the client measured to servers.
+/// `client_rtts` are the round trips the client measured to servers. Servers are
+/// believed no faster than [`UNPROVEN_STEP_PER_BLOCK`] per block.
 pub fn route(
     announcements: &[VerifiedAnnouncement],
     model: ModelId,
     num_blocks: usize,
     compute: &str,
     client_rtts: &HashMap<PeerId, Duration>,
+) -> Result<Vec<Hop>, ClientError> {
+    route_measured(
+        announcements,
+        model,
+        num_blocks,
+        compute,
+        client_rtts,
+        &HashMap::new(),
+    )
+}
+
+/// Like [`route`], with the times per token this client measured of servers
+/// (`measured`, seconds per token over each one's span): a server counts at the slower
+/// of its announced and its measured time, or, unmeasured, of its announced time and
+/// [`UNPROVEN_STEP_PER_BLOCK`] per block.
+pub fn route_measured(
+    announcements: &[VerifiedAnnouncement],
+    model: ModelId,
+    num_blocks: usize,
+    compute: &str,
+    client_rtts: &HashMap<PeerId, Duration>,
+    measured: &HashMap<PeerId, f64>,
 ) -> Result<Vec<Hop>, ClientError> {
     struct Node<'a> {
         a: &'a VerifiedAnnouncement,
@@ -95,7 +142,7 @@ pub fn route(
     let mut by_end: HashMap<usize, Vec<usize>> = HashMap::new();
     for i in 0..nodes.len() {
         let n = &nodes[i];
-        let own = seconds_per_token(n.a);
+        let own = believed(n.a, &n.peer, n.end - n.start, measured);
         best[i] = if n.start == 0 {
             Some((client_rtt(&n.peer) + own, None))
         } else {
@@ -262,6 +309,31 @@ mod tests {
         let rtts = HashMap::from([(a.peer, Duration::from_millis(200))]);
         let r = route(&book, MODEL, 30, "exact/cpu", &rtts).unwrap();
         assert_eq!(spans(&r), vec![(0, 20), (20, 30)]);
+    }
+
+    #[test]
+    fn a_claim_is_capped_until_measured_and_measurements_decide() {
+        let (a, b, c, liar) = (server(1), server(2), server(3), server(4));
+        // A 3-server chain at 100 tokens/s each, and one server claiming all 30 blocks
+        // at 1e9 tokens/s.
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[]),
+            ann(&b, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+            ann(&liar, 0, 30, 1e9, &[]),
+        ];
+        let none = HashMap::new();
+        // Unmeasured, the claim is believed only up to the floor (600 µs): still first.
+        let r = route(&book, MODEL, 30, "exact/cpu", &none).unwrap();
+        assert_eq!(r[0].peer, liar.peer);
+        // Measured at 1 s per token, it loses to the chain.
+        let measured = HashMap::from([(liar.peer, 1.0)]);
+        let r = route_measured(&book, MODEL, 30, "exact/cpu", &none, &measured).unwrap();
+        assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
+        // A server measured faster than it announces is still counted at its claim.
+        let measured = HashMap::from([(liar.peer, 1e-9), (a.peer, 1e-9)]);
+        let r = route_measured(&book, MODEL, 30, "exact/cpu", &none, &measured).unwrap();
+        assert_eq!(r[0].peer, liar.peer);
     }
 
     #[test]

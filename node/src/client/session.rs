@@ -27,6 +27,10 @@ use tokio::time::Instant;
 const CAUSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long a client keeps its session on a server between steps.
 const IDLE_TIMEOUT_MS: u32 = 120_000;
+/// How long reaching a route's first or last server may take: a server that announces
+/// an address nobody answers on costs this, not the whole open timeout, before the
+/// client tries another route.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An open session along a route.
 pub struct SwarmSession {
@@ -40,6 +44,10 @@ pub struct SwarmSession {
     tasks: JoinSet<()>,
     step: u64,
     free_tokens: u32,
+    /// The last one-token step: until the first hop acknowledged it, until its output.
+    timing: Option<(std::time::Duration, std::time::Duration)>,
+    /// When the first hop acknowledged the step being waited for.
+    acked_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for SwarmSession {
@@ -134,7 +142,7 @@ impl SwarmSession {
             first.peer,
             first.addrs.clone(),
             &open,
-            OPEN_TIMEOUT,
+            CONNECT_TIMEOUT,
             wait,
         )
         .await;
@@ -173,7 +181,7 @@ impl SwarmSession {
             last.peer,
             last.addrs.clone(),
             &InferRequest::Attach { session },
-            OPEN_TIMEOUT,
+            CONNECT_TIMEOUT,
             OPEN_TIMEOUT,
         )
         .await;
@@ -211,6 +219,8 @@ impl SwarmSession {
             tasks,
             step: 0,
             free_tokens,
+            timing: None,
+            acked_at: None,
         })
     }
 
@@ -232,10 +242,25 @@ impl SwarmSession {
     /// Runs `hidden` `(1, n, hidden)` at positions `pos..pos+n` through every block;
     /// the last row of the output, `(1, 1, hidden)`.
     pub async fn step(&mut self, hidden: &Tensor, pos: usize) -> Result<Tensor, ClientError> {
+        let _timer = crate::metrics::global().route_step();
+        let started = Instant::now();
+        self.timing = None;
         let (step, want, tokens) = self.send_forward(hidden, pos).await?;
         let first = ack_timeout(tokens, self.route[0].step_us);
         let total = self.route_timeout(tokens);
-        self.await_output(step, want, first, total).await
+        let out = self.await_output(step, want, first, total).await?;
+        if tokens == 1 {
+            let done = started.elapsed();
+            let ack = self.acked_at.map_or(done, |t| t.duration_since(started));
+            self.timing = Some((ack, done));
+        }
+        Ok(out)
+    }
+
+    /// How long the last step took, if it was one token: until the first hop
+    /// acknowledged it, and until its output arrived.
+    pub fn last_timing(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        self.timing
     }
 
     /// Runs `inputs` (hidden states and their positions) through every block one after
@@ -329,6 +354,7 @@ impl SwarmSession {
         total: std::time::Duration,
     ) -> Result<Tensor, ClientError> {
         let now = Instant::now();
+        self.acked_at = None;
         let mut ack_deadline = Some(now + first_timeout);
         let out_deadline = now + total;
         let last = self.route.len() - 1;
@@ -336,8 +362,9 @@ impl SwarmSession {
             tokio::select! {
                 item = self.ups.recv() => match item {
                     Some(Ok(InferResponse::Ack { step: s, .. })) => {
-                        if s >= step {
+                        if s >= step && ack_deadline.is_some() {
                             ack_deadline = None;
+                            self.acked_at = Some(Instant::now());
                         }
                     }
                     Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
@@ -363,9 +390,10 @@ impl SwarmSession {
                         }
                         let out = from_wire(&out, self.hidden_size, &Device::Cpu)
                             .map_err(|e| self.hop_failed(last, ErrorCode::BadRequest, e.to_string()))?;
-                        if out.dims() != [1, 1, self.hidden_size] {
+                        // Its shape and every value: a NaN would end the text silently.
+                        if let Err(e) = super::check::hidden(&out, 1, self.hidden_size) {
                             return Err(self.hop_failed(last, ErrorCode::BadRequest, format!(
-                                "answered {:?} hidden states for the last row", out.dims()
+                                "{} its output of step {step}: {e}", super::check::WRONG_OUTPUT
                             )));
                         }
                         return Ok(out);
@@ -483,7 +511,31 @@ fn named_failure(
 ) -> ClientError {
     let hop = hop as usize;
     match route.get(hop) {
-        Some(h) if h.peer.to_bytes() == peer.0 => hop_error(route, hop, code, message),
+        // A server that received NaN or infinities blames the hop before it.
+        Some(h)
+            if h.peer.to_bytes() == peer.0
+                && hop > 0
+                && message.starts_with(super::check::NON_FINITE_INPUT) =>
+        {
+            hop_error(
+                route,
+                hop - 1,
+                ErrorCode::BadRequest,
+                format!(
+                    "{} the next hop ({}) received from it: {message}",
+                    super::check::WRONG_OUTPUT,
+                    h.peer
+                ),
+            )
+        }
+        // Only the client's own findings are marked as wrong outputs.
+        Some(h) if h.peer.to_bytes() == peer.0 => {
+            let message = match message.strip_prefix(super::check::WRONG_OUTPUT) {
+                Some(rest) => format!("reported{rest}"),
+                None => message,
+            };
+            hop_error(route, hop, code, message)
+        }
         _ => ClientError::Protocol {
             peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
             message: format!("reported a failure of hop {hop} that is not on the route: {message}"),

@@ -1,0 +1,276 @@
+//! Spot checks: with probability p a step's output is computed again on a second route
+//! that differs from the session's in one span only, served by another server of that
+//! span. The client replays what it fed the session so far (the same inputs in the same
+//! chunks, so every other server computes exactly what it computed before) and compares
+//! the two outputs of the step.
+//!
+//! Same weight arithmetic (`compute`), same chunks and same wire dtype give bit-identical
+//! numbers, so the outputs must agree within [`TOLERANCE`] (relative to the output's
+//! largest value), which leaves room for nothing but rounding. When they disagree, a
+//! third server of the span decides: the odd one out is banned. When the session's own
+//! server was wrong, the session is re-routed with replay (the healing path), and the
+//! step's output comes from the new route. No protocol message is added: the client
+//! trusts only its own embeddings and the outputs that reach it, never a hop's report of
+//! what another hop computed.
+
+use super::error::{ClientError, HopFailure};
+use super::route::Hop;
+use super::{SwarmClient, SwarmSession};
+use candle_core::Tensor;
+use libp2p::PeerId;
+use pollen_protocol::{ErrorCode, VerifiedAnnouncement};
+
+/// Largest disagreement tolerated between two outputs of one step, relative to the
+/// largest absolute value of the output: 1e-5, about 80 f32 ulps at that value. Servers
+/// of one compute mode give identical numbers; anything past this is a different
+/// computation.
+pub const TOLERANCE: f32 = 1e-5;
+
+/// How old the announcements spot checks choose from may be before they are gathered
+/// again.
+const BOOK_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The default probability that a step is spot-checked.
+pub const DEFAULT_VERIFY: f64 = 0.05;
+
+/// What a spot check found.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Nothing to compare with, or the check could not run.
+    Skipped,
+    /// The second server agreed (or was the odd one out, and is banned).
+    Agreed,
+    /// The session's server at `hop` was the odd one out: it is banned, and the session
+    /// must be re-routed.
+    Wrong(ClientError),
+}
+
+/// Counts of spot checks, for reports and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyStats {
+    /// Steps checked against a second server.
+    pub checks: u64,
+    /// Checks where the two disagreed.
+    pub disagreements: u64,
+    /// Servers banned for a wrong output.
+    pub banned: u64,
+    /// Steps run.
+    pub steps: u64,
+    /// The step during which a server was first banned for a wrong output.
+    pub first_ban_step: Option<u64>,
+}
+
+/// A route like `route` with `hop` served by `by` instead.
+fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>> {
+    let peer = PeerId::from_bytes(&by.peer.0).ok()?;
+    let mut r = route.to_vec();
+    let h = r.get_mut(hop)?;
+    h.peer = peer;
+    h.addrs = by.addrs.iter().filter_map(|s| s.parse().ok()).collect();
+    let tps = f64::from(by.throughput);
+    h.step_us = if tps.is_finite() && tps > 0.0 {
+        (1e6 / tps).min(f64::from(u32::MAX)) as u32
+    } else {
+        u32::MAX
+    };
+    Some(r)
+}
+
+impl SwarmClient {
+    /// The announcements of the latest route search, gathered again when older than
+    /// [`BOOK_MAX_AGE`].
+    async fn fresh_book(&self) -> Vec<VerifiedAnnouncement> {
+        let stale = self
+            .book
+            .lock()
+            .map(|b| b.1.is_none_or(|t| t.elapsed() > BOOK_MAX_AGE))
+            .unwrap_or(true);
+        if stale {
+            let found = self
+                .net
+                .gather_skipping(Some(self.model.model_id), |p| self.banned(p))
+                .await;
+            if let (Ok(found), Ok(mut b)) = (found, self.book.lock()) {
+                *b = (found, Some(tokio::time::Instant::now()));
+            }
+        }
+        self.book.lock().map(|b| b.0.clone()).unwrap_or_default()
+    }
+
+    /// Other servers in `book` (not on `route`, not banned) that hold exactly
+    /// `route[hop]`'s blocks and compute as this client does.
+    fn alternatives(
+        &self,
+        book: &[VerifiedAnnouncement],
+        route: &[Hop],
+        hop: usize,
+    ) -> Vec<VerifiedAnnouncement> {
+        let Some(h) = route.get(hop) else {
+            return Vec::new();
+        };
+        let on_route = |p: &PeerId| route.iter().any(|r| &r.peer == p);
+        let book = book.to_vec();
+        book.into_iter()
+            .filter(|a| {
+                a.model_id == self.model.model_id
+                    && a.compute == self.model.compute
+                    && a.free_sessions > 0
+                    && a.blocks.start() as usize == h.blocks.start
+                    && a.blocks.end() as usize == h.blocks.end
+            })
+            .filter(|a| {
+                PeerId::from_bytes(&a.peer.0)
+                    .is_ok_and(|p| !on_route(&p) && !self.banned_since(&p, Some(a.issued_at_ms)))
+            })
+            .collect()
+    }
+
+    /// The output of the last of `inputs` through `route`, on a new session that is
+    /// closed afterwards.
+    async fn recompute(
+        &self,
+        route: &[Hop],
+        inputs: &[(usize, Vec<u32>)],
+        budget: u32,
+    ) -> Result<Tensor, ClientError> {
+        let mut s: SwarmSession = self.open_session(route, budget).await?;
+        let hidden = inputs
+            .iter()
+            .map(|(pos, ids)| Ok((self.model.ends.embed(ids)?, *pos)))
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let out = s.replay(&hidden).await;
+        s.close().await;
+        out
+    }
+
+    /// Spot-checks `out`, the session's output for the last of `inputs`, on `route`: one
+    /// span, chosen at random among those another server holds, is recomputed by another
+    /// server (and, on disagreement, by a third).
+    pub(super) async fn spot_check(
+        &self,
+        route: &[Hop],
+        inputs: &[(usize, Vec<u32>)],
+        out: &Tensor,
+        budget: u32,
+    ) -> Verdict {
+        let book = self.fresh_book().await;
+        let mut choices: Vec<(usize, Vec<VerifiedAnnouncement>)> = (0..route.len())
+            .map(|h| (h, self.alternatives(&book, route, h)))
+            .filter(|(_, alts)| !alts.is_empty())
+            .collect();
+        if choices.is_empty() {
+            tracing::debug!("spot check skipped: no span of the route has a second server");
+            return Verdict::Skipped;
+        }
+        let (hop, mut alts) = choices.swap_remove(rand::random::<u64>() as usize % choices.len());
+        let second = alts.swap_remove(rand::random::<u64>() as usize % alts.len());
+        let Some(second_route) = swap(route, hop, &second) else {
+            return Verdict::Skipped;
+        };
+        let suspect = route[hop].clone();
+        let witness = second_route[hop].clone();
+        let theirs = match self.recompute(&second_route, inputs, budget).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!("spot check of {} skipped: {e}", suspect.blocks);
+                self.blame(&e);
+                return Verdict::Skipped;
+            }
+        };
+        self.count(|s| s.checks += 1);
+        let agree = |a: &Tensor, b: &Tensor| {
+            super::check::relative_gap(a, b).is_some_and(|g| g <= TOLERANCE)
+        };
+        if agree(out, &theirs) {
+            return Verdict::Agreed;
+        }
+        self.count(|s| s.disagreements += 1);
+        let gap = super::check::relative_gap(out, &theirs);
+        tracing::warn!(
+            "spot check: blocks {} on {} and on {} disagree (relative gap {gap:?}); asking a third server",
+            suspect.blocks,
+            suspect.peer,
+            witness.peer
+        );
+        // A third server of the span decides.
+        let third = alts.into_iter().filter_map(|a| swap(route, hop, &a)).next();
+        let verdict = match third {
+            Some(third_route) => match self.recompute(&third_route, inputs, budget).await {
+                Ok(t) if agree(&t, &theirs) && !agree(&t, out) => Some(true),
+                Ok(t) if agree(&t, out) && !agree(&t, &theirs) => Some(false),
+                Ok(_) => None,
+                Err(e) => {
+                    self.blame(&e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let lied = |peer: PeerId, blocks| {
+            ClientError::HopFailed(Box::new(HopFailure {
+                hop,
+                peer,
+                blocks,
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "{} it disagreed with other servers of its blocks (spot check)",
+                    super::check::WRONG_OUTPUT
+                ),
+            }))
+        };
+        match verdict {
+            Some(false) => {
+                tracing::warn!(
+                    "spot check: banned peer {} (blocks {}): its output disagreed with two other servers",
+                    witness.peer,
+                    witness.blocks
+                );
+                self.blame(&lied(witness.peer, witness.blocks));
+                self.count(|s| {
+                    s.banned += 1;
+                    s.first_ban_step.get_or_insert(s.steps);
+                });
+                Verdict::Agreed
+            }
+            Some(true) => {
+                tracing::warn!(
+                    "spot check: banned peer {} (blocks {}): its output disagreed with two other servers",
+                    suspect.peer,
+                    suspect.blocks
+                );
+                self.count(|s| {
+                    s.banned += 1;
+                    s.first_ban_step.get_or_insert(s.steps);
+                });
+                // The session heals around it; healing bans it.
+                Verdict::Wrong(lied(suspect.peer, suspect.blocks))
+            }
+            None => {
+                // No third opinion: trust neither.
+                tracing::warn!(
+                    "spot check: no third server of blocks {} agreed with either; banned peers {} and {}",
+                    suspect.blocks,
+                    suspect.peer,
+                    witness.peer
+                );
+                self.blame(&lied(witness.peer, witness.blocks));
+                self.count(|s| {
+                    s.banned += 2;
+                    s.first_ban_step.get_or_insert(s.steps);
+                });
+                Verdict::Wrong(lied(suspect.peer, suspect.blocks))
+            }
+        }
+    }
+
+    pub(super) fn count(&self, f: impl FnOnce(&mut VerifyStats)) {
+        if let Ok(mut s) = self.verify_stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Spot-check counts since this client connected.
+    pub fn verify_stats(&self) -> VerifyStats {
+        self.verify_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}

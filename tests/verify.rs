@@ -1,0 +1,289 @@
+//! Hostile servers on a real swarm of processes, seen from the client:
+//! - a server that starts perturbing its outputs after a few steps (`--fault`, a flag
+//!   only test builds have) is caught by spot checks: the client bans it, names it, and
+//!   still prints the text of a local run;
+//! - a server that sends NaN is a failure of that server, healed around, never an empty
+//!   answer with exit status 0;
+//! - a forged announcement (a fresh key claiming all 30 blocks at 1e9 tokens/s, with an
+//!   address that never answers), published to the real bootstrap with the project's own
+//!   crates, does not keep the client from the real 3-server chain.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Each test runs a mesh of processes: one test at a time, or 2 cores thrash.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const PROMPT: &str = "What is the capital of France? Answer briefly.";
+const TOKENS: usize = 20;
+
+fn client(addr: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(pollen());
+    cmd.args([
+        "generate",
+        "--no-mdns",
+        "--threads",
+        "1",
+        "--bootstrap",
+        addr,
+    ])
+    .args([
+        "--chat",
+        "--max-tokens",
+        &TOKENS.to_string(),
+        "--prompt",
+        PROMPT,
+    ])
+    .arg("--model")
+    .arg(model())
+    .args(extra)
+    .env("POLLEN_LOG", "warn,pollen_node::client=info");
+    cmd
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A server that perturbs its outputs from its fourth step on sits among three servers
+/// of blocks 10:20. With every step spot-checked, it is caught the first time it lies,
+/// whether it serves the client's route (a third server sides with the second, and the
+/// route heals around it) or is asked to check another (the third sides with the
+/// route): either way it is banned by name, and the text equals a local run.
+#[test]
+fn a_server_that_perturbs_its_outputs_is_caught_and_banned() {
+    let _one = serial();
+    let want = generate(None, PROMPT, true, TOKENS);
+    assert!(!want.trim().is_empty());
+    let dir = temp_dir("verify-lie");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let liar = server(
+        Some(&addr),
+        "10:20",
+        &dir.join("liar.key"),
+        &["--fault", "perturb:3"],
+    );
+    let _rest = [
+        ("0:10", "a"),
+        ("10:20", "b"),
+        ("10:20", "c"),
+        ("20:30", "d"),
+    ]
+    .map(|(blocks, k)| server(Some(&addr), blocks, &dir.join(format!("{k}.key")), &[]));
+    let liar_peer = peer_of(&liar.1).to_string();
+
+    let out = client(&addr, &["--verify", "1"]).output().unwrap();
+    let (got, log) = text(&out);
+    eprintln!("{log}");
+    assert!(out.status.success(), "{log}");
+    assert_eq!(got, want, "the text of a local run");
+    assert!(
+        log.contains(&format!("banned peer {liar_peer}")),
+        "the client names the server it banned ({liar_peer}): {log}"
+    );
+    assert!(
+        !log.lines()
+            .filter(|l| l.contains("banned peer"))
+            .any(|l| !l.contains(&liar_peer)),
+        "only the liar is banned: {log}"
+    );
+}
+
+/// Runs `cmd`, starting `then` once its stderr has a line containing `marker`; its
+/// output.
+fn run_then(mut cmd: Command, marker: &str, then: impl FnOnce()) -> (Output, bool) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut seen = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) {
+        if line.contains(marker) {
+            seen = true;
+            break;
+        }
+    }
+    if seen {
+        then();
+    }
+    let mut out = child.wait_with_output().unwrap();
+    out.stderr = reader.join().unwrap().into_bytes();
+    (out, seen)
+}
+
+/// The only server of blocks 10:20 answers NaN from its first step. The server after it
+/// refuses the input and names it; the client bans it and heals onto a second server
+/// of 10:20 that joins meanwhile: the text of a local run, never an empty answer.
+#[test]
+fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
+    let _one = serial();
+    let want = generate(None, PROMPT, true, TOKENS);
+    let dir = temp_dir("verify-nan");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let nan = server(
+        Some(&addr),
+        "10:20",
+        &dir.join("nan.key"),
+        &["--fault", "nan:0"],
+    );
+    let _ends = [("0:10", "a"), ("20:30", "d")]
+        .map(|(blocks, k)| server(Some(&addr), blocks, &dir.join(format!("{k}.key")), &[]));
+    let nan_peer = peer_of(&nan.1).to_string();
+    let mut spare = None;
+    // The spare joins once the client has chosen its route (through the NaN server).
+    let (out, routed) = run_then(client(&addr, &["--verify", "0"]), "route: ", || {
+        spare = Some(server(Some(&addr), "10:20", &dir.join("b.key"), &[]));
+    });
+    let (got, log) = text(&out);
+    eprintln!("{log}");
+    assert!(routed, "the client logged no route: {log}");
+    assert!(
+        !(out.status.success() && got.trim().is_empty()),
+        "an empty answer with exit status 0: {log}"
+    );
+    assert!(out.status.success(), "{log}");
+    assert_eq!(got, want);
+    assert!(
+        log.contains(&nan_peer) && log.contains("NaN or infinite"),
+        "the NaN server ({nan_peer}) is named: {log}"
+    );
+}
+
+/// An attacker's announcement: a fresh key claims all 30 blocks at 1e9 tokens/s, with
+/// an address where a socket accepts connections and never speaks. Published to the
+/// real bootstrap over a real libp2p node (this crate's own), kept alive while held.
+struct Hijack {
+    _net: pollen_node::net::NetHandle,
+    _rt: tokio::runtime::Runtime,
+    _silent: std::net::TcpListener,
+    cancel: tokio_util::sync::CancellationToken,
+    peer: String,
+}
+
+impl Drop for Hijack {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn hijack(bootstrap: &str) -> Hijack {
+    use pollen_node::net::{self, NetConfig, Role};
+    use pollen_protocol::{BlockRange, PeerIdBytes, SignedAnnouncement};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("/ip4/127.0.0.1/tcp/{}", silent.local_addr().unwrap().port());
+    let secret: [u8; 32] = rand::random();
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret).unwrap();
+    let me = keypair.public().to_peer_id();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let boot: libp2p::Multiaddr = bootstrap.parse().unwrap();
+    let c = cancel.clone();
+    let net = rt.block_on(async move {
+        let (net, _task) = net::start(
+            NetConfig {
+                keypair,
+                ..NetConfig::new(Role::Server)
+            },
+            c,
+        )
+        .unwrap();
+        net.dial_with_retry(&boot, Duration::from_secs(15))
+            .await
+            .unwrap();
+        // A real server's announcement is the template: same model, same compute mode.
+        let book = net.gather(None).await.unwrap();
+        let mut a = book.first().expect("a real server").announcement().clone();
+        let now = pollen_node::clock::unix_ms();
+        let ttl = a.expires_at_ms - a.issued_at_ms;
+        a.peer = PeerIdBytes(me.to_bytes());
+        a.blocks = BlockRange::new(0, 30).unwrap();
+        a.throughput = 1e9;
+        a.addrs = vec![dead];
+        a.next_rtts = Vec::new();
+        a.issued_at_ms = now;
+        a.expires_at_ms = now + ttl;
+        a.seq = 1;
+        let model = a.model_id;
+        let signed = SignedAnnouncement::sign(a, &secret).unwrap();
+        net.set_own_announcement_and_wait(Some(signed), Duration::from_secs(10))
+            .await
+            .unwrap();
+        // The bootstrap holds it and hands it to everyone who asks.
+        let mut held = false;
+        for _ in 0..40 {
+            let book = net.gather(Some(model)).await.unwrap_or_default();
+            if book
+                .iter()
+                .any(|v| v.announcement().peer.0 == me.to_bytes())
+            {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(held, "the bootstrap took the forged announcement");
+        // The node keeps running (announcing) on the runtime's worker while held.
+        net
+    });
+    Hijack {
+        _net: net,
+        _rt: rt,
+        _silent: silent,
+        cancel,
+        peer: me.to_string(),
+    }
+}
+
+/// A forged claim of every block at 1e9 tokens/s does not keep the client from a
+/// working 3-server chain.
+#[test]
+fn a_forged_announcement_does_not_hijack_the_route() {
+    let _one = serial();
+    let want = generate(None, PROMPT, true, TOKENS);
+    let dir = temp_dir("verify-hijack");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let _servers = three_servers(Some(&addr), &dir, "h", [&[], &[], &[]]);
+    let attack = hijack(&addr);
+    let status = status(Some(&addr));
+    assert!(
+        status.to_string().contains(&attack.peer),
+        "the swarm lists the forged server: {status}"
+    );
+    let out = client(&addr, &[]).output().unwrap();
+    let (got, log) = text(&out);
+    eprintln!("{log}");
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        got, want,
+        "the text of a local run, despite the forged server"
+    );
+}
