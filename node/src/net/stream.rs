@@ -75,6 +75,7 @@ impl FrameReader {
         self.stats
             .bytes_in
             .fetch_add(len as u64 + 4, Ordering::Relaxed);
+        crate::metrics::global().received(len as u64 + 4);
         Ok(msg)
     }
 
@@ -86,6 +87,7 @@ impl FrameReader {
         self.stats
             .bytes_in
             .fetch_add(len as u64 + 4, Ordering::Relaxed);
+        crate::metrics::global().received(len as u64 + 4);
         Ok(msg)
     }
 
@@ -113,6 +115,7 @@ impl FrameWriter {
             .map_err(|_| timed_out(M::NAME, timeout))??;
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::global().sent(n);
         Ok(())
     }
 
