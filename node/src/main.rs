@@ -150,6 +150,10 @@ struct StatusArgs {
     /// Seconds to wait for peers (mDNS discovery needs a moment).
     #[arg(long, default_value_t = 3)]
     wait: u64,
+    /// Do not connect to each server to show how it is reached (`public`, `direct`
+    /// after hole punching through its NAT, `relayed`, or `unreachable`).
+    #[arg(long)]
+    no_reach: bool,
 }
 
 #[derive(Args, Debug)]
@@ -341,7 +345,8 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
         model: resolve_model(&args.model.model)?,
         load: load_options(&args.model)?,
         bootstrap: args.swarm.bootstrap.clone(),
-        listen: Vec::new(),
+        // Listening (on free ports) lets hole punching reach servers behind NAT.
+        listen: default_listen(),
         mdns: !args.swarm.no_mdns,
         wire_dtype,
         route_wait: Duration::from_secs(args.route_wait),
@@ -449,18 +454,29 @@ async fn status(args: StatusArgs) -> Result<()> {
         None => None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let (handle, net_task) =
-        pollen_node::client::connect(&args.swarm.bootstrap, !args.swarm.no_mdns, cancel.clone())
-            .await?;
+    // Listening (on free ports) lets hole punching reach servers behind NAT.
+    let (handle, net_task) = pollen_node::client::connect_listening(
+        &args.swarm.bootstrap,
+        default_listen(),
+        !args.swarm.no_mdns,
+        cancel.clone(),
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
     if args.swarm.bootstrap.is_empty() {
         // mDNS only: give discovery its moment.
         tokio::time::sleep_until(deadline).await;
     }
     let book = handle.gather(model).await?;
+    let reach = if args.no_reach {
+        Default::default()
+    } else {
+        pollen_node::status::reach(&handle, &book, Duration::from_secs(3)).await
+    };
     cancel.cancel();
     let _ = net_task.await;
-    let status = pollen_node::status::to_json(&book, pollen_node::clock::unix_ms());
+    let mut status = pollen_node::status::to_json(&book, pollen_node::clock::unix_ms());
+    pollen_node::status::with_reach(&mut status, &reach);
     if args.json {
         println!("{status}");
     } else {

@@ -181,6 +181,9 @@ fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     Ok((span, id, tps))
 }
 
+/// A span loaded for a move, and the move.
+type Loaded = (BlockSpan, crate::placement::Move<Vec<u8>>);
+
 /// What automatic placement keeps while the server runs.
 struct Automatic {
     num_blocks: usize,
@@ -419,8 +422,7 @@ pub async fn run(
     let (place_tx, place_rx) =
         tokio::sync::watch::channel((range.start..range.end, f64::from(throughput)));
     let (move_tx, mut move_rx) = tokio::sync::mpsc::channel(1);
-    let mut loading: JoinSet<Result<(BlockSpan, crate::placement::Move<Vec<u8>>), ServeError>> =
-        JoinSet::new();
+    let mut loading: JoinSet<Result<Loaded, ServeError>> = JoinSet::new();
     if let Some(a) = &auto {
         let watch = placing::Watch {
             net: handle.clone(),

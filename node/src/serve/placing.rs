@@ -1,0 +1,280 @@
+//! Automatic placement on a live server: what this machine can do (measured once per
+//! model and compute mode, cached), how many blocks fit, which span to take at start,
+//! and the watcher that tells the server when to move. The rule itself is
+//! [`crate::placement`]; this file is its I/O.
+
+use crate::fetch;
+use crate::net::NetHandle;
+use crate::placement::{self, Holding, Move, memory};
+use libp2p::PeerId;
+use pollen_protocol::{ModelId, VerifiedAnnouncement};
+use pollen_shard::{BlockRange, BlockSpan, CacheLimits, LoadOptions, ModelConfig, ModelFile};
+use rand::Rng;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// An announcement this short-lived is a goodbye (a draining server sends one of 2 s):
+/// placement counts its server as gone.
+const GOODBYE_LIFETIME_MS: u64 = 2_500;
+
+/// Cache folder kind for measurements.
+const CACHE_KIND: &str = "throughput";
+
+/// What this machine does with one block of the model.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Measured {
+    /// Decode: tokens/s through one block, one token at a time.
+    pub decode_tps: f64,
+    /// Prefill: tokens/s through one block, 64 tokens at once.
+    pub prefill_tps: f64,
+    /// Bytes one block's weights take in memory, as loaded.
+    pub block_weight_bytes: u64,
+}
+
+/// Tokens in the prefill measurement.
+const PREFILL_TOKENS: usize = 64;
+
+/// Measures one block (the first) of `file`: decode and prefill speed, and its weights'
+/// size. Blocking.
+pub fn measure(file: &ModelFile, load: &LoadOptions) -> Result<Measured, pollen_shard::ShardError> {
+    let cfg = file.config()?;
+    let span = BlockSpan::load(
+        file,
+        BlockRange::new(0, 1, cfg.num_blocks)?,
+        load,
+        &mut |_, _| {},
+    )?;
+    let hidden = cfg.hidden_size;
+    let device = span.device().clone();
+    let one = candle_core::Tensor::zeros((1, 1, hidden), candle_core::DType::F32, &device)?;
+    let mut cache = span.new_cache(CacheLimits::default());
+    span.forward(&one, 0, &mut cache)?;
+    // Decode: at least 32 steps and 0.2 s.
+    let started = Instant::now();
+    let mut steps = 0usize;
+    while steps < 32 || (started.elapsed() < Duration::from_millis(200) && steps < 4096) {
+        steps += 1;
+        span.forward(&one, steps, &mut cache)?;
+    }
+    let decode_tps = steps as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    // Prefill: a fresh cache each time, at least 3 runs and 0.2 s.
+    let many = candle_core::Tensor::zeros(
+        (1, PREFILL_TOKENS, hidden),
+        candle_core::DType::F32,
+        &device,
+    )?;
+    let mut cache = span.new_cache(CacheLimits::default());
+    span.forward(&many, 0, &mut cache)?;
+    let started = Instant::now();
+    let mut runs = 0usize;
+    while runs < 3 || (started.elapsed() < Duration::from_millis(200) && runs < 256) {
+        runs += 1;
+        let mut cache = span.new_cache(CacheLimits::default());
+        span.forward(&many, 0, &mut cache)?;
+    }
+    let prefill_tps = (runs * PREFILL_TOKENS) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok(Measured {
+        decode_tps,
+        prefill_tps,
+        block_weight_bytes: span.weight_bytes() as u64,
+    })
+}
+
+/// The cache key of a measurement: model, compute mode and threads.
+fn cache_key(model_id: &ModelId, compute: &str, threads: usize) -> String {
+    let compute: String = compute
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("{model_id}-{compute}-t{threads}.json")
+}
+
+/// This machine's measurement for the model: from the cache folder when there, else
+/// measured (a second or two) and cached. Blocking.
+pub fn measured(
+    file: &ModelFile,
+    load: &LoadOptions,
+    model_id: &ModelId,
+    compute: &str,
+    threads: usize,
+) -> Result<(Measured, bool), pollen_shard::ShardError> {
+    let key = cache_key(model_id, compute, threads);
+    let cached = fetch::read_cached(CACHE_KIND, &key)
+        .and_then(|t| serde_json::from_str::<Measured>(&t).ok())
+        .filter(|m| m.decode_tps.is_finite() && m.decode_tps > 0.0 && m.block_weight_bytes > 0);
+    if let Some(m) = cached {
+        return Ok((m, true));
+    }
+    let m = measure(file, load)?;
+    if let Ok(text) = serde_json::to_string(&m) {
+        fetch::write_cached(CACHE_KIND, &key, &text);
+    }
+    Ok((m, false))
+}
+
+/// Bytes one block needs at full load: its weights, and the KV cache of every session at
+/// its token limit.
+pub fn bytes_per_block(m: &Measured, cfg: &ModelConfig, sessions: usize, tokens: usize) -> u64 {
+    let kv = (cfg.kv_bytes_per_token_per_block() as u64)
+        .saturating_mul(tokens as u64)
+        .saturating_mul(sessions.max(1) as u64);
+    m.block_weight_bytes.saturating_add(kv)
+}
+
+/// A memory budget as people read it, with where it came from.
+pub fn describe_budget(budget: u64, given: bool) -> String {
+    let size = memory::format_size(budget);
+    if given {
+        format!("{size} (--max-memory)")
+    } else {
+        format!("{size} (half the memory available)")
+    }
+}
+
+/// The swarm's holdings of `model_id` in compute mode `compute` (the spans a route may
+/// chain with this server's), this server's own left out, goodbyes counted as gone.
+pub fn holdings(
+    book: &[VerifiedAnnouncement],
+    model_id: &ModelId,
+    compute: &str,
+    num_blocks: usize,
+    me: &PeerId,
+) -> Vec<Holding<Vec<u8>>> {
+    let me = me.to_bytes();
+    book.iter()
+        .filter(|a| a.model_id == *model_id && a.compute == compute)
+        .filter(|a| a.num_blocks as usize == num_blocks && a.peer.0 != me)
+        .filter(|a| a.expires_at_ms.saturating_sub(a.issued_at_ms) > GOODBYE_LIFETIME_MS)
+        .map(|a| Holding {
+            who: a.peer.0.clone(),
+            span: a.blocks.start() as usize..(a.blocks.end() as usize).min(num_blocks),
+            throughput: placement::sane_throughput(f64::from(a.throughput)),
+        })
+        .collect()
+}
+
+/// Where this server is: its span and its span throughput (tokens/s).
+pub type Place = (Range<usize>, f64);
+
+/// What the watcher needs to know.
+pub struct Watch {
+    /// The node's network.
+    pub net: NetHandle,
+    /// This server.
+    pub me: PeerId,
+    /// The model.
+    pub model_id: ModelId,
+    /// Its compute mode.
+    pub compute: String,
+    /// Blocks of the model.
+    pub num_blocks: usize,
+    /// Mean time between checks.
+    pub every: Duration,
+}
+
+/// Re-checks the swarm about every `every` (jittered by a quarter either way) and a few
+/// seconds after a server leaves; sends a move when [`placement::plan_move`] names this
+/// server, then waits until `place` changes (the move done) before checking again.
+pub async fn watch_swarm(
+    w: Watch,
+    mut place: watch::Receiver<Place>,
+    moves: mpsc::Sender<Move<Vec<u8>>>,
+    cancel: CancellationToken,
+) {
+    let me = w.me.to_bytes();
+    let poll = (w.every / 6).clamp(Duration::from_millis(500), Duration::from_secs(10));
+    let jittered = |base: Duration, spread: f64| {
+        base.mul_f64(1.0 + rand::rng().random_range(-spread..=spread))
+    };
+    let mut due = tokio::time::Instant::now() + jittered(w.every, 0.25);
+    let mut known: Option<Vec<Vec<u8>>> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(jittered(poll, 0.2)) => {}
+        }
+        let Ok(book) = w.net.gather(Some(w.model_id)).await else {
+            continue;
+        };
+        let mut swarm = holdings(&book, &w.model_id, &w.compute, w.num_blocks, &w.me);
+        let mut peers: Vec<Vec<u8>> = swarm.iter().map(|h| h.who.clone()).collect();
+        peers.sort();
+        if let Some(before) = &known {
+            let gone = before.iter().filter(|p| !peers.contains(p)).count();
+            if gone > 0 {
+                tracing::info!("{gone} server(s) left: checking placement soon");
+                let soon = tokio::time::Instant::now() + jittered(poll, 0.5);
+                due = due.min(soon);
+            }
+        }
+        known = Some(peers);
+        if tokio::time::Instant::now() < due {
+            continue;
+        }
+        due = tokio::time::Instant::now() + jittered(w.every, 0.25);
+        let (span, throughput) = place.borrow().clone();
+        swarm.push(Holding {
+            who: me.clone(),
+            span,
+            throughput,
+        });
+        let Some(m) = placement::plan_move(w.num_blocks, &swarm) else {
+            continue;
+        };
+        if m.who != me {
+            tracing::debug!("placement: another server should move first");
+            continue;
+        }
+        if moves.send(m).await.is_err() {
+            return;
+        }
+        // Wait for the move (or its failure: the server then sends the same place again).
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = place.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(300)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keys_are_file_names() {
+        let id = ModelId::from_bytes([7; 32]);
+        let key = cache_key(&id, "fast/cpu", 1);
+        assert!(key.ends_with("-fast-cpu-t1.json"), "{key}");
+        assert!(!key.contains('/'));
+    }
+
+    #[test]
+    fn a_block_costs_its_weights_and_a_full_kv_load() {
+        let m = Measured {
+            decode_tps: 1.0,
+            prefill_tps: 1.0,
+            block_weight_bytes: 1000,
+        };
+        let cfg = ModelConfig {
+            architecture: "llama".into(),
+            name: "tiny".into(),
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_heads: 1,
+            num_kv_heads: 1,
+            num_blocks: 4,
+            vocab_size: 10,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_dim: 8,
+            rope_interleaved: false,
+            tied_embeddings: true,
+            max_seq_len: 64,
+        };
+        // 2 × 1 head × 8 dims × 4 bytes = 64 bytes a token.
+        assert_eq!(bytes_per_block(&m, &cfg, 2, 10), 1000 + 64 * 20);
+    }
+}

@@ -1,0 +1,172 @@
+//! Automatic placement on a real swarm of processes: three servers started without
+//! `--blocks`, each able to hold 15 of the model's 30 blocks, cover all of it; when one
+//! is killed, the others move to cover it again, while a generation running across the
+//! move completes with the text of a local run.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const PROMPT: &str = "Here is a list of one thousand numbers: 1, 2, 3,";
+const TOKENS: usize = 200;
+
+/// The servers' spans in a status, by peer id.
+fn spans(status: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    status["models"][0]["servers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            (
+                s["peer"].as_str().unwrap_or_default().to_string(),
+                s["blocks"][0].as_u64().unwrap(),
+                s["blocks"][1].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A server that alone holds some block.
+fn sole_holder(spans: &[(String, u64, u64)]) -> Option<String> {
+    spans.iter().find_map(|(peer, a, b)| {
+        let alone = (*a..*b).any(|block| {
+            spans
+                .iter()
+                .filter(|(_, x, y)| (*x..*y).contains(&block))
+                .count()
+                == 1
+        });
+        alone.then(|| peer.clone())
+    })
+}
+
+#[test]
+fn servers_place_themselves_and_cover_again_after_one_leaves() {
+    let dir = temp_dir("placement");
+    let model = model();
+    let (_boot, addr) = bootstrap(&dir, false);
+    // All three start at once: each reads the swarm, chooses, and the swarm settles.
+    let started = Instant::now();
+    let mut servers: Vec<Proc> = (0..3)
+        .map(|i| {
+            let mut cmd = Command::new(pollen());
+            cmd.args([
+                "serve",
+                "--threads",
+                "1",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--identity")
+            .arg(dir.join(format!("place{i}.key")))
+            .args(["--num-blocks", "15", "--rebalance-every", "4"])
+            .args(["--announce-ttl", "6", "--grace", "20"])
+            .args(["--no-mdns", "--bootstrap", &addr]);
+            Proc::spawn(&format!("server {i}"), &mut cmd).unwrap()
+        })
+        .collect();
+    let mut readies: Vec<String> = servers
+        .iter()
+        .map(|s| s.line_with("ready", Duration::from_secs(120)).unwrap())
+        .collect();
+    eprintln!("{readies:#?}");
+    let covered = wait_for(Duration::from_secs(60), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
+    });
+    let covered = covered.expect("three servers without --blocks cover all 30 blocks");
+    eprintln!(
+        "full coverage {:.1} s after start ({:.1} s after the last was ready): {:?}",
+        started.elapsed().as_secs_f64(),
+        covered.as_secs_f64(),
+        spans(&status(Some(&addr)))
+    );
+    let before = spans(&status(Some(&addr)));
+    assert!(before.iter().all(|(_, a, b)| b - a == 15), "{before:?}");
+
+    // A generation through the swarm, running while a server dies and another moves.
+    let local = generate(None, PROMPT, false, TOKENS);
+    let mut client = Command::new(pollen())
+        .args([
+            "generate",
+            "--no-mdns",
+            "--threads",
+            "1",
+            "--bootstrap",
+            &addr,
+        ])
+        .args(["--max-tokens", &TOKENS.to_string(), "--prompt", PROMPT])
+        .args(["--route-wait", "60"])
+        .arg("--model")
+        .arg(&model)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4096);
+    let mut stdout = client.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut text = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    text.extend(rx.recv_timeout(Duration::from_secs(30)).unwrap());
+
+    // Kill a server that alone holds some blocks: the swarm has a hole.
+    let victim = sole_holder(&before).expect("some server holds blocks alone");
+    let i = readies
+        .iter()
+        .position(|l| peer_of(l) == victim)
+        .unwrap_or_else(|| panic!("no server is {victim}"));
+    readies.remove(i);
+    let mut dead = servers.remove(i);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    let killed = Instant::now();
+    eprintln!("killed {victim}");
+    let healed = wait_for(Duration::from_secs(60), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 2)
+    });
+    let healed = healed.expect("the other two cover all 30 blocks again within 60 s");
+    let after = spans(&status(Some(&addr)));
+    eprintln!(
+        "full coverage again {:.1} s after the kill: {after:?}",
+        healed.as_secs_f64()
+    );
+    assert!(healed <= Duration::from_secs(60));
+    let moved: Vec<String> = servers
+        .iter()
+        .filter_map(|s| s.line_with("moved blocks", Duration::from_secs(5)).ok())
+        .collect();
+    assert!(!moved.is_empty(), "a server said it moved");
+    eprintln!("{moved:?}");
+
+    // The generation completes with the local text.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(chunk) => text.extend(chunk),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(Instant::now() < deadline, "the generation did not finish");
+            }
+        }
+    }
+    let status = client.wait().unwrap();
+    assert!(status.success(), "the generation failed");
+    assert_eq!(String::from_utf8(text).unwrap(), local);
+    eprintln!(
+        "generation finished {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+}
