@@ -144,7 +144,8 @@ impl NextHops {
         }
         let Some(a) = found else {
             return Err(format!(
-                "the next hop {} has no valid announcement for model {} serving blocks {} in                  compute mode `{}`: this server forwards only to servers",
+                "the next hop {} has no valid announcement for model {} serving blocks {} in \
+                 compute mode `{}`: this server forwards only to servers",
                 want.peer, want.model, want.blocks, want.compute
             ));
         };

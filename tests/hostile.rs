@@ -1,0 +1,331 @@
+//! Hostile peers against a real swarm on 127.0.0.1: a bootstrap and three servers as
+//! separate processes, and a hostile client built from Pollen's own crates in this
+//! process. It floods the bootstrap with registrations of random model ids and with
+//! sybil announcements for a real span, squats sessions, and asks a server to open a
+//! route through a peer that is no server. None of it does harm: a new real server still
+//! gets in, every real server is still listed, a real client still generates the local
+//! text, and the server dials nothing the hostile client named.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use pollen_node::client::{ClientError, SwarmSession, route};
+use pollen_node::net::{self, NetConfig, NetHandle, Role};
+use pollen_protocol::{
+    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, ErrorCode, InferRequest,
+    InferResponse, ModelId, PeerIdBytes, RouteHop, SessionBudget, SessionId, SignedAnnouncement,
+    WireDType,
+};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The default caps of a bootstrap's book (see `pollen bootstrap --help`).
+const PER_SENDER: usize = 64;
+const PUBLISH_BURST: usize = 32;
+
+fn sybil(model: ModelId, blocks: (u32, u32), compute: &str, num_blocks: u32) -> SignedAnnouncement {
+    let key = Keypair::generate_ed25519();
+    let now = pollen_node::clock::unix_ms();
+    let a = Announcement {
+        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
+        model_id: model,
+        model_name: "sybil\u{1b}[2J".into(),
+        num_blocks,
+        blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
+        throughput: 1e9,
+        free_sessions: 1000,
+        free_cache_tokens: 1 << 30,
+        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+        compute: compute.into(),
+        next_rtts: vec![],
+        issued_at_ms: now,
+        expires_at_ms: now + 600_000,
+        seq: 1,
+    };
+    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(&key).unwrap()).unwrap()
+}
+
+/// Publishes every announcement over the one connection `net` has to `boot`; how many
+/// were accepted, and how many refused as busy.
+async fn flood(
+    net: &NetHandle,
+    boot: PeerId,
+    all: impl Iterator<Item = SignedAnnouncement>,
+) -> (usize, usize) {
+    let (mut accepted, mut busy) = (0, 0);
+    for a in all {
+        match net
+            .announce(boot, AnnounceRequest::Publish(Box::new(a)))
+            .await
+            .unwrap()
+        {
+            AnnounceResponse::Accepted => accepted += 1,
+            AnnounceResponse::Refused(e) if e.code == ErrorCode::Busy => busy += 1,
+            other => panic!("a flood publish was answered {other:?}"),
+        }
+    }
+    (accepted, busy)
+}
+
+/// Raw `GET /` from the bootstrap's HTTP side: its head and body.
+fn page_with_headers(http: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let hostport = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn hostile_peers_do_no_harm() {
+    let dir = temp_dir("hostile");
+    let (boot, boot_addr) = bootstrap(&dir, true);
+    let http = boot
+        .line_with("http ", Duration::from_secs(10))
+        .unwrap()
+        .replacen("http ", "", 1);
+    let quick = ["--first-step-timeout", "2"];
+    let servers = three_servers(Some(&boot_addr), &dir, "s", [&quick, &quick, &quick]);
+    wait_for(Duration::from_secs(15), || {
+        coverage(&status(Some(&boot_addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
+    })
+    .expect("the three servers cover the model");
+    let (prompt, chat) = PROMPTS[1];
+    let local = generate(None, prompt, chat, 12);
+
+    let model_path = model();
+    let model_id = pollen_node::model::model_id(&model_path, &mut |_, _| {}).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let boot_multiaddr: Multiaddr = boot_addr.parse().unwrap();
+    let (hostile, boot_peer) = rt.block_on(async {
+        let cfg = NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            ..NetConfig::new(Role::Client)
+        };
+        let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
+        let boot_peer = net.dial(boot_multiaddr.clone()).await.unwrap();
+        (net, boot_peer)
+    });
+    let real = rt.block_on(hostile.gather(Some(model_id))).unwrap();
+    assert_eq!(real.len(), 3, "{real:?}");
+    let compute = real[0].compute.clone();
+    let num_blocks = real[0].num_blocks;
+
+    // Registration flood: random model ids from fresh keys, then sybils for the real
+    // model's first span, all over one connection as fast as the bootstrap answers.
+    let started = Instant::now();
+    let (flood_ok, flood_busy) = rt.block_on(flood(
+        &hostile,
+        boot_peer,
+        (0..2000).map(|_| {
+            sybil(
+                ModelId::from_bytes(rand::random()),
+                (0, 10),
+                &compute,
+                num_blocks,
+            )
+        }),
+    ));
+    let (sybil_ok, sybil_busy) = rt.block_on(flood(
+        &hostile,
+        boot_peer,
+        (0..1100).map(|_| sybil(model_id, (0, 10), &compute, num_blocks)),
+    ));
+    let took = started.elapsed();
+    eprintln!(
+        "flood: {flood_ok} of 2000 accepted, {flood_busy} busy; sybils: {sybil_ok} of 1100 \
+         accepted, {sybil_busy} busy; {took:?}"
+    );
+    assert_eq!(flood_ok + flood_busy, 2000);
+    assert_eq!(sybil_ok + sybil_busy, 1100);
+    // The burst, then two a second for as long as the flood ran.
+    let rate_allows = PUBLISH_BURST + 2 * took.as_secs() as usize + 2;
+    assert!(
+        flood_ok + sybil_ok <= rate_allows.min(PER_SENDER),
+        "{flood_ok} + {sybil_ok}"
+    );
+
+    // A real new server still gets in, and every real server is listed.
+    let (_s3, ready) = server(Some(&boot_addr), "0:10", &dir.join("s3.key"), &quick);
+    let newcomer = peer_of(&ready).to_string();
+    wait_for(Duration::from_secs(15), || {
+        status(Some(&boot_addr))["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["servers"].as_array().cloned().unwrap_or_default())
+            .any(|s| s["peer"] == newcomer.as_str())
+    })
+    .expect("a new server gets into the book after the flood");
+    let listed = rt.block_on(hostile.gather(Some(model_id))).unwrap();
+    for (_, ready) in &servers {
+        let peer = PeerIdBytes(peer_of(ready).parse::<PeerId>().unwrap().to_bytes());
+        assert!(
+            listed.iter().any(|a| a.peer == peer),
+            "{} is listed",
+            peer_of(ready)
+        );
+    }
+
+    // The page is safe to show: its headers, and no control character from a peer.
+    let (head, body) = page_with_headers(&http);
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(head.contains("frame-ancestors 'none'"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(!body.contains('\u{1b}'));
+
+    // A real client still generates the local text.
+    let swarm = generate(Some(&boot_addr), prompt, chat, 12);
+    assert_eq!(swarm, local, "swarm text after the flood");
+
+    // Session squatting: the hostile client holds at most its share of each server,
+    // and a real client still gets through meanwhile.
+    let hidden = pollen_shard::ModelFile::open(&model_path)
+        .unwrap()
+        .config()
+        .unwrap()
+        .hidden_size;
+    let hops = route(
+        &listed
+            .iter()
+            .filter(|a| a.addrs.iter().all(|x| !x.ends_with("/tcp/1")))
+            .cloned()
+            .collect::<Vec<_>>(),
+        model_id,
+        num_blocks as usize,
+        &compute,
+        &HashMap::new(),
+    )
+    .unwrap();
+    let open = || {
+        SwarmSession::open(
+            &hostile,
+            model_id,
+            &compute,
+            &hops,
+            16,
+            hidden,
+            WireDType::F32,
+        )
+    };
+    let mut squatted = Vec::new();
+    let refusal = rt.block_on(async {
+        for _ in 0..16 {
+            match open().await {
+                Ok(s) => squatted.push(s),
+                Err(e) => return e,
+            }
+        }
+        panic!("16 sessions of one client were accepted");
+    });
+    match &refusal {
+        ClientError::HopFailed(f) => {
+            assert_eq!(f.code, ErrorCode::Busy, "{f:?}");
+            assert!(f.message.contains("the most one client may"), "{f:?}");
+        }
+        other => panic!("squatting was refused with {other:?}"),
+    }
+    assert_eq!(squatted.len(), 4, "the default cap per client");
+    let swarm = generate(Some(&boot_addr), prompt, chat, 12);
+    assert_eq!(swarm, local, "swarm text while a client squats");
+    // Sessions that never step are freed: 2 s a hop here, so within 6 s at the last.
+    std::thread::sleep(Duration::from_secs(7));
+    let again = rt.block_on(open());
+    assert!(
+        again.is_ok(),
+        "squatted sessions were freed: {:?}",
+        again.err()
+    );
+    drop(again);
+    drop(squatted);
+
+    // Servers as proxies: an Open naming as next hop a peer that is no server, at an
+    // address the attacker chose, is refused, and nothing is dialed there.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_addr = format!("/ip4/127.0.0.1/tcp/{}", trap.local_addr().unwrap().port());
+    let first = &hops[0];
+    let wire_first = RouteHop {
+        peer: PeerIdBytes(first.peer.to_bytes()),
+        blocks: pollen_node::blocks::to_wire(first.blocks).unwrap(),
+        addrs: first.addrs.iter().map(|a| a.to_string()).collect(),
+        step_us: first.step_us,
+    };
+    let nobody = RouteHop {
+        peer: PeerIdBytes(PeerId::random().to_bytes()),
+        blocks: BlockRange::new(wire_first.blocks.end(), num_blocks).unwrap(),
+        addrs: vec![trap_addr],
+        step_us: 1,
+    };
+    let request = InferRequest::Open {
+        session: SessionId(rand::random()),
+        model_id,
+        route: vec![wire_first, nobody.clone()],
+        hop: 0,
+        budget: SessionBudget {
+            max_tokens: 16,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 10_000,
+        },
+        wire_dtype: WireDType::F32,
+        compute: compute.clone(),
+        client: PeerIdBytes(hostile.peer_id().to_bytes()),
+    };
+    let answer = rt.block_on(net::stream::open_with_reply::<_, InferResponse>(
+        &hostile,
+        first.peer,
+        first.addrs.clone(),
+        &request,
+        Duration::from_secs(20),
+        Duration::from_secs(20),
+    ));
+    match answer {
+        Ok((
+            _,
+            _,
+            InferResponse::HopFailed {
+                hop: 1,
+                peer,
+                error,
+                ..
+            },
+        )) => {
+            assert_eq!(peer, nobody.peer);
+            assert_eq!(error.code, ErrorCode::BadRequest);
+            assert!(error.message.contains("no valid announcement"), "{error}");
+        }
+        Ok((_, _, other)) => panic!("an Open through a non-server was answered {other:?}"),
+        Err(e) => panic!("an Open through a non-server: {e}"),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the server dialed the address the hostile client named"
+    );
+
+    cancel.cancel();
+    drop(rt);
+    drop(servers);
+    drop(boot);
+    let _ = std::fs::remove_dir_all(&dir);
+}
