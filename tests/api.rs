@@ -1,0 +1,320 @@
+//! `pollen api` on a real 3-server swarm, driven by real clients: the official `openai`
+//! Python package (chat and completions, whole and streamed; greedy text equal to
+//! `pollen generate --local`), `curl -N` for the raw server-sent events, and the error
+//! statuses. A client that hangs up mid-stream frees its session on every server, and a
+//! swarm that lacks blocks answers 503. `--local` serves the same text.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+#[path = "py/venv.rs"]
+mod venv;
+
+use common::*;
+use pollen_node::chat_template::{ChatMessage, ChatTemplate, TemplateSource};
+use pollen_node::mesh::{LocalMesh, THREE_SPANS};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+/// Tokens per answer: enough to tell answers apart, short enough to be quick.
+const TOKENS: usize = 24;
+/// The servers' default session limit.
+const MAX_SESSIONS: u64 = 16;
+
+/// Starts `pollen api` on a free port with `extra` arguments; it and its base URL.
+pub fn start_api(extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(pollen());
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .arg("--model")
+        .arg(model())
+        .args(extra);
+    let p = Proc::spawn("api", &mut cmd).unwrap();
+    let line = p
+        .line_with("api http://", Duration::from_secs(120))
+        .unwrap();
+    let base = line.trim_start_matches("api ").trim().to_string();
+    (p, base)
+}
+
+/// `curl` with `args`; its stdout.
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "120"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// POSTs `body` to `base/path` with curl; the status code and the body.
+fn post(base: &str, path: &str, body: &str) -> (u16, String) {
+    let out = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+        "-w",
+        "\n%{http_code}",
+        &format!("{base}{path}"),
+    ]);
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+/// What `pollen generate --local` prints, without the newline it adds.
+fn local_text(prompt: &str, chat: bool) -> String {
+    let out = generate(None, prompt, chat, TOKENS);
+    out.strip_suffix('\n').unwrap_or(&out).to_string()
+}
+
+/// Free sessions per server, as the swarm's announcements say.
+fn free_sessions(addr: &str) -> Vec<u64> {
+    let st = status(Some(addr));
+    st["models"][0]["servers"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .map(|s| s["free_sessions"].as_u64().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The model's own template gives the same token ids as `pollen generate --chat`.
+#[test]
+fn chat_template_gives_the_ids_of_generate_chat() {
+    let file = pollen_shard::ModelFile::open(&model()).unwrap();
+    let tok = pollen_shard::PollenTokenizer::from_model(&file).unwrap();
+    let t = ChatTemplate::from_model(&file, &tok);
+    assert_eq!(t.source(), TemplateSource::Model);
+    for (prompt, _) in PROMPTS {
+        let text = t.render(&[ChatMessage::new("user", prompt)], true).unwrap();
+        assert_eq!(
+            tok.encode(&text).unwrap(),
+            pollen_shard::generate::prompt_ids(&tok, prompt, true).unwrap(),
+            "{prompt:?}"
+        );
+    }
+    // A system message replaces the template's default one.
+    let text = t
+        .render(
+            &[
+                ChatMessage::new("system", "Be terse."),
+                ChatMessage::new("user", "Hi"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert!(text.starts_with("<|im_start|>system\nBe terse.<|im_end|>"));
+    assert!(!text.contains("SmolLM"));
+}
+
+#[test]
+fn openai_clients_and_curl_on_a_real_swarm() {
+    let py = venv::python();
+    let dir = temp_dir("api");
+    let ttl: &[&str] = &["--announce-ttl", "3"];
+    let mut mesh = LocalMesh::start(
+        &pollen(),
+        &model(),
+        &dir,
+        "a",
+        &THREE_SPANS,
+        &[ttl, ttl, ttl],
+    )
+    .unwrap();
+    let (_api, base) = start_api(&[
+        "--no-mdns",
+        "--bootstrap",
+        &mesh.addr,
+        "--max-concurrent",
+        "2",
+        "--route-wait",
+        "3",
+    ]);
+    let prompts: Vec<(String, bool)> = PROMPTS.iter().map(|(p, c)| (p.to_string(), *c)).collect();
+    let want: Vec<String> = prompts.iter().map(|(p, c)| local_text(p, *c)).collect();
+
+    // /v1/models names the model every request must give.
+    let models: Value = serde_json::from_str(&curl(&[&format!("{base}/v1/models")])).unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(name, "SmolLM2-135M-Instruct.Q4_1");
+
+    // The official client: chat and completions, whole and streamed.
+    let out = Command::new(&py)
+        .arg(venv::scripts().join("openai_client.py"))
+        .args([&base, &name, &TOKENS.to_string()])
+        .arg(serde_json::to_string(&prompts).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai_client.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["models"], json!([name]));
+    for (case, want) in got["cases"].as_array().unwrap().iter().zip(&want) {
+        assert!(!want.trim().is_empty());
+        for mode in ["whole", "stream"] {
+            let c = &case[mode];
+            assert_eq!(c["text"].as_str().unwrap(), want, "{mode} {case}");
+            let n = c["completion_tokens"].as_u64().unwrap();
+            assert!(n > 0 && n <= TOKENS as u64, "{case}");
+            assert!(
+                ["stop", "length"].contains(&c["finish_reason"].as_str().unwrap()),
+                "{case}"
+            );
+        }
+        assert_eq!(
+            case["whole"]["completion_tokens"],
+            case["stream"]["completion_tokens"]
+        );
+    }
+    let errors = &got["errors"];
+    assert_eq!(errors["unknown_model"], 404, "{errors}");
+    assert_eq!(errors["too_long"], 400, "{errors}");
+    assert_eq!(errors["n_2"], 400, "{errors}");
+    assert_eq!(errors["busy"], 429, "{errors}");
+
+    // The raw stream with curl -N: `data: {json}` events, then `data: [DONE]`.
+    let body = json!({
+        "model": name,
+        "messages": [{"role": "user", "content": prompts[0].0}],
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let raw = curl(&[
+        "-N",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body.to_string(),
+        &format!("{base}/v1/chat/completions"),
+    ]);
+    let events: Vec<&str> = raw
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    assert!(events.iter().all(|e| e.starts_with("data: ")), "{raw}");
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{raw}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want[0]);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0, "{raw}");
+    assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+
+    // Errors in OpenAI's shape.
+    let (code, body) = post(&base, "/v1/chat/completions", "{not json");
+    assert_eq!(code, 400, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid")
+    );
+    let (code, body) = post(
+        &base,
+        "/v1/chat/completions",
+        &json!({"model": name, "messages": [], "max_tokens": 2}).to_string(),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": name, "prompt": "hi", "max_tokens": 100_000}).to_string(),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("context_length_exceeded"), "{body}");
+
+    // The page's headers.
+    let head = curl(&["-D", "-", "-o", "/dev/null", &format!("{base}/")]).to_lowercase();
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(head.contains("frame-ancestors 'none'"), "{head}");
+    assert!(head.contains("content-security-policy:"), "{head}");
+
+    // A client that hangs up mid-stream frees its session on every server.
+    let hostport = base.trim_start_matches("http://");
+    let mut sock = std::net::TcpStream::connect(hostport).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = json!({"model": name, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1500,
+        "temperature": 0, "stream": true})
+    .to_string();
+    write!(
+        sock,
+        "POST /v1/completions HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < 3 {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let f = free_sessions(&mesh.addr);
+            f.len() == 3 && f.iter().all(|&f| f < MAX_SESSIONS)
+        })
+        .is_some(),
+        "the stream's session never showed on every server"
+    );
+    drop(sock);
+    let freed = wait_for(Duration::from_secs(20), || {
+        let f = free_sessions(&mesh.addr);
+        f.len() == 3 && f.iter().all(|&f| f == MAX_SESSIONS)
+    });
+    assert!(
+        freed.is_some(),
+        "sessions left open after the client hung up: {:?}",
+        free_sessions(&mesh.addr)
+    );
+    eprintln!("every server freed the session {freed:?} after the client hung up");
+
+    // `--local` serves the same text through the same API.
+    let (_local, local_base) = start_api(&["--local"]);
+    let (code, body) = post(
+        &local_base,
+        "/v1/chat/completions",
+        &json!({"model": name, "messages": [{"role": "user", "content": prompts[1].0}],
+            "max_tokens": TOKENS, "temperature": 0})
+        .to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], want[1].as_str());
+
+    // A swarm that lacks blocks: 503.
+    mesh.servers[1].0.kill9();
+    let (code, body) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": name, "prompt": "Hello", "max_tokens": 4}).to_string(),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("swarm_incomplete"), "{body}");
+    mesh.stop(Duration::from_secs(5));
+}
