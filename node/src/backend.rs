@@ -321,6 +321,7 @@ impl Backend {
                 let model = model.clone();
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
+                    let _open = crate::metrics::global().session(crate::metrics::Side::Client);
                     let mut sink = |text: &str| {
                         !cancel.is_cancelled()
                             && tx.blocking_send(GenEvent::Text(text.into())).is_ok()
@@ -329,6 +330,9 @@ impl Backend {
                         Ok(g) => GenEvent::Done(g),
                         Err(e) => GenEvent::Error(e.into()),
                     };
+                    if let GenEvent::Done(g) = &ev {
+                        crate::metrics::global().tokens_generated(g.tokens.len());
+                    }
                     let _ = tx.blocking_send(ev);
                 });
             }
