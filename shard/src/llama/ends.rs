@@ -1,81 +1,91 @@
 //! [`ClientEnds`]: what a client runs itself, before the first block and
 //! after the last: embeddings, final norm and output head.
 
-use super::linear::{Linear, linear_from, load_linear, load_vector};
+use super::linear::{Linear, load_linear, load_vector};
 use super::options::LoadOptions;
 use crate::config::ModelConfig;
 use crate::weights::{ModelFile, Weight};
 use crate::{Result, ShardError};
+use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+/// The embedding table: kept in the file's quantized type (rows are
+/// dequantized when looked up, with the same arithmetic as dequantizing the
+/// whole table, so exact mode stays bit-identical), or dense as stored.
+#[derive(Debug)]
+enum Embeddings {
+    Quantized(QTensor),
+    Dense(Tensor),
+}
+
+impl Embeddings {
+    fn dims(&self) -> &[usize] {
+        match self {
+            Self::Quantized(q) => q.shape().dims(),
+            Self::Dense(t) => t.dims(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+            Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+
+    /// Rows `ids`, as f32 `(ids.len(), hidden)`.
+    fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quantized(q) => q.embedding(ids),
+            Self::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
+        }
+    }
+}
 
 /// The client's ends of the model: embeddings, final norm and output head.
 #[derive(Debug)]
 pub struct ClientEnds {
     cfg: ModelConfig,
-    embeddings: Tensor,
+    embeddings: Embeddings,
     final_norm: Tensor,
     head: Linear,
     device: Device,
 }
 
 impl ClientEnds {
-    /// Loads the embeddings, final norm and head, and no block.
+    /// Loads the embeddings, final norm and head, and no block. A quantized
+    /// embedding table stays quantized (a row is dequantized when a token
+    /// is embedded); a tied head is built from a second read of it, packed
+    /// for the fast kernels in the fast mode.
     pub fn load(file: &ModelFile, opts: &LoadOptions) -> Result<Self> {
         let cfg = file.config()?;
         let emb_name = file.embeddings_name();
-        let emb = file.read_weight(emb_name, &opts.device)?;
-        let (emb_dense, head) = match emb {
-            Weight::Quantized(q) => {
-                let dense = q.dequantize(&opts.device)?;
-                let head = if cfg.tied_embeddings {
-                    Some(linear_from(
-                        Weight::Quantized(q),
-                        emb_name,
-                        cfg.vocab_size,
-                        cfg.hidden_size,
-                        opts.mode,
-                    )?)
-                } else {
-                    None
-                };
-                (dense, head)
+        let embeddings = match file.read_weight(emb_name, &opts.device)? {
+            Weight::Quantized(q)
+                if q.rank() == 2 && q.shape().dims()[1] % q.dtype().block_size() == 0 =>
+            {
+                Embeddings::Quantized(q)
             }
-            Weight::Dense(t) => {
-                let head = if cfg.tied_embeddings {
-                    Some(linear_from(
-                        Weight::Dense(t.clone()),
-                        emb_name,
-                        cfg.vocab_size,
-                        cfg.hidden_size,
-                        opts.mode,
-                    )?)
-                } else {
-                    None
-                };
-                (t, head)
-            }
+            Weight::Quantized(q) => Embeddings::Dense(q.dequantize(&opts.device)?),
+            Weight::Dense(t) => Embeddings::Dense(t),
         };
-        if emb_dense.dims() != [cfg.vocab_size, cfg.hidden_size] {
+        if embeddings.dims() != [cfg.vocab_size, cfg.hidden_size] {
             return Err(ShardError::ShapeMismatch {
                 name: emb_name.into(),
-                got: emb_dense.dims().to_vec(),
+                got: embeddings.dims().to_vec(),
                 expected: vec![cfg.vocab_size, cfg.hidden_size],
             });
         }
-        let head = match head {
-            Some(h) => h,
-            None => load_linear(
-                file,
-                file.head_name(),
-                cfg.vocab_size,
-                cfg.hidden_size,
-                opts,
-            )?,
+        let head_name = if cfg.tied_embeddings {
+            emb_name
+        } else {
+            file.head_name()
         };
+        let head = load_linear(file, head_name, cfg.vocab_size, cfg.hidden_size, opts)?;
         let final_norm = load_vector(file, file.final_norm_name(), cfg.hidden_size, &opts.device)?;
         Ok(Self {
             cfg,
-            embeddings: emb_dense,
+            embeddings,
             final_norm,
             head,
             device: opts.device.clone(),
@@ -94,7 +104,7 @@ impl ClientEnds {
 
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
-        (self.embeddings.elem_count() + self.final_norm.elem_count()) * 4 + self.head.bytes()
+        self.embeddings.bytes() + self.final_norm.elem_count() * 4 + self.head.bytes()
     }
 
     /// Hidden states `(1, n, hidden)` for `tokens`.
@@ -108,8 +118,8 @@ impl ClientEnds {
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let values = self.embeddings.index_select(&ids.flatten_all()?, 0)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let values = self.embeddings.rows(&ids)?;
         Ok(values.reshape((1, tokens.len(), self.cfg.hidden_size))?)
     }
 
