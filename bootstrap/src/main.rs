@@ -14,11 +14,17 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     bootstrap: pollen_node::bootstrap::BootstrapArgs,
+    #[command(flatten)]
+    mesh: pollen_node::net::private::MeshArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     pollen_node::init_logging();
+    if let Err(e) = args.mesh.install() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -18,11 +18,12 @@ enum MeshCommand {
     /// Create a swarm key (256 bits, `/key/swarm/psk/1.0.0/` format, mode 0600) and
     /// print the lines with which members run a bootstrap, serve, generate and check status.
     Init(InitArgs),
-    /// Add a peer id to an allowlist file (created if absent). Running nodes pick the
-    /// change up within seconds, or at once on SIGHUP.
+    /// Add a peer id to the allowlist file given with --allow-peers (created if absent).
+    /// Running nodes pick the change up within seconds, or at once on SIGHUP.
     AddPeer(AddPeerArgs),
-    /// Replace the swarm key with a new one; the old key moves to FILE.previous and is
-    /// still accepted for the overlap, so members can move over without downtime.
+    /// Replace the swarm key in --swarm-key FILE with a new one; the old key moves to
+    /// FILE.previous and is still accepted for the overlap, so members can move over
+    /// without downtime.
     Rotate(RotateArgs),
 }
 
@@ -41,9 +42,6 @@ struct AddPeerArgs {
     /// $POLLEN_CACHE_DIR/identity.key, created if absent).
     #[arg(long, conflicts_with = "peer")]
     identity: Option<PathBuf>,
-    /// The allowlist file: one peer id a line, `#` comments.
-    #[arg(long)]
-    allow_peers: PathBuf,
     /// A comment written after the peer id (who it is).
     #[arg(long)]
     note: Option<String>,
@@ -51,9 +49,6 @@ struct AddPeerArgs {
 
 #[derive(Args, Debug)]
 struct RotateArgs {
-    /// The key file to rotate.
-    #[arg(long, env = private::SWARM_KEY_ENV)]
-    swarm_key: PathBuf,
     /// How long the old key stays accepted, e.g. 90m, 24h, 7d (plain numbers are seconds).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     overlap: Duration,
@@ -80,12 +75,26 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-/// Runs `pollen mesh`.
-pub(crate) fn run(args: MeshArgs) -> Result<()> {
+/// Runs `pollen mesh`; `mesh` holds the global `--swarm-key` and `--allow-peers`
+/// (the files `rotate` and `add-peer` change).
+pub(crate) fn run(args: MeshArgs, mesh: &private::MeshArgs) -> Result<()> {
     match args.command {
         MeshCommand::Init(a) => init(&a.out),
-        MeshCommand::AddPeer(a) => add_peer(a),
-        MeshCommand::Rotate(a) => rotate(&a.swarm_key, a.overlap),
+        MeshCommand::AddPeer(a) => {
+            let Some(allow) = &mesh.allow_peers else {
+                bail!("give the allowlist file to add to with --allow-peers FILE");
+            };
+            add_peer(a, allow)
+        }
+        MeshCommand::Rotate(a) => {
+            let Some(key) = &mesh.swarm_key else {
+                bail!(
+                    "give the key file to rotate with --swarm-key FILE (or {})",
+                    private::SWARM_KEY_ENV
+                );
+            };
+            rotate(key, a.overlap)
+        }
     }
 }
 
@@ -132,7 +141,7 @@ fn init(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn add_peer(a: AddPeerArgs) -> Result<()> {
+fn add_peer(a: AddPeerArgs, allow: &Path) -> Result<()> {
     let peer: libp2p::PeerId = match (&a.peer, &a.identity) {
         (Some(p), _) => p
             .parse()
@@ -143,13 +152,13 @@ fn add_peer(a: AddPeerArgs) -> Result<()> {
             .to_peer_id(),
         (None, None) => bail!("give the peer id to admit, or --identity KEYFILE"),
     };
-    if private::add_peer(&a.allow_peers, &peer, a.note.as_deref())? {
-        println!("added {peer} to {}", a.allow_peers.display());
+    if private::add_peer(allow, &peer, a.note.as_deref())? {
+        println!("added {peer} to {}", allow.display());
         println!(
             "running nodes with --allow-peers on this file admit it within seconds (or at once on SIGHUP)"
         );
     } else {
-        println!("{peer} is already in {}", a.allow_peers.display());
+        println!("{peer} is already in {}", allow.display());
     }
     Ok(())
 }

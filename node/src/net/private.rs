@@ -591,6 +591,8 @@ pub struct MeshConfig {
     pub allow: Option<Allowlist>,
     /// The gate's counters.
     pub gate_stats: Arc<GateStats>,
+    /// A client's identity (`--client-identity`); none: a fresh one per node.
+    pub identity: Option<Keypair>,
 }
 
 impl MeshConfig {
@@ -609,6 +611,7 @@ impl MeshConfig {
             keys,
             allow,
             gate_stats: Arc::default(),
+            identity: None,
         })
     }
 
@@ -650,6 +653,12 @@ pub struct MeshArgs {
     /// connections are closed. Default: none (every holder of the key is admitted).
     #[arg(long, global = true, value_name = "FILE")]
     pub allow_peers: Option<PathBuf>,
+    /// Identity key file of a client (generate, status, api, chat), created if absent
+    /// (mode 0600), so that allowlists can name it (`pollen mesh add-peer --identity
+    /// FILE`). Servers and bootstraps keep their own --identity. Default: a fresh
+    /// identity on every run.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub client_identity: Option<PathBuf>,
 }
 
 static PROCESS_MESH: std::sync::OnceLock<MeshConfig> = std::sync::OnceLock::new();
@@ -660,7 +669,14 @@ impl MeshArgs {
     /// generate, status, api, chat, bootstrap) joins the same mesh. Call once, before
     /// any node starts.
     pub fn install(&self) -> Result<&'static MeshConfig, PrivateError> {
-        let cfg = MeshConfig::load(self.swarm_key.as_deref(), self.allow_peers.as_deref())?;
+        let mut cfg = MeshConfig::load(self.swarm_key.as_deref(), self.allow_peers.as_deref())?;
+        if let Some(path) = &self.client_identity {
+            let keypair = super::identity::load_or_create(path).map_err(|e| PrivateError::Io {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+            cfg.identity = Some(keypair);
+        }
         if let Some(keys) = &cfg.keys {
             let k = keys.keys();
             tracing::info!(
@@ -670,6 +686,17 @@ impl MeshArgs {
             );
         }
         Ok(PROCESS_MESH.get_or_init(|| cfg))
+    }
+}
+
+impl MeshArgs {
+    /// [`MeshArgs::install`], unless `skip` (then the public default, nothing read).
+    pub fn install_unless(&self, skip: bool) -> Result<MeshConfig, PrivateError> {
+        if skip {
+            Ok(MeshConfig::default())
+        } else {
+            self.install().cloned()
+        }
     }
 }
 
