@@ -47,7 +47,7 @@ pub use error::{ErrorCode, ProtocolError, UnknownErrorCode};
 pub use hidden::{HiddenError, HiddenStates, WireDType};
 pub use manifest::{ArchConfig, Manifest, ManifestError};
 pub use messages::{
-    AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse,
+    AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse, ListCursor,
     MessageError, RouteHop, SessionBudget, negotiate,
 };
 pub use types::{

@@ -399,11 +399,45 @@ pub enum AnnounceRequest {
     },
     /// Store this announcement until it expires.
     Publish(Box<SignedAnnouncement>),
-    /// Every unexpired announcement the receiver holds, for one model or all.
+    /// Every unexpired announcement the receiver holds, for one model or all (at most
+    /// [`crate::limits::MAX_LIST_ANNOUNCEMENTS`]: a book that holds more answers
+    /// [`AnnounceRequest::ListPage`] in pages).
     List {
         /// Only this model, or every model when `None`.
         model_id: Option<ModelId>,
     },
+    /// One page of the announcements the receiver holds, in its list order (model id,
+    /// first block, peer id), starting after `after`; answered with
+    /// [`AnnounceResponse::Page`].
+    ListPage {
+        /// Only this model, or every model when `None`.
+        model_id: Option<ModelId>,
+        /// Where the previous page ended (`None` for the first page).
+        after: Option<ListCursor>,
+    },
+}
+
+/// A place in a book's list order: the (model id, first block, peer id) of the last
+/// announcement of a page.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListCursor {
+    /// The model.
+    pub model_id: ModelId,
+    /// The first block of the span.
+    pub start: u32,
+    /// The announcing peer.
+    pub peer: PeerIdBytes,
+}
+
+impl ListCursor {
+    /// The cursor just at `a`: a page after it starts with the announcement after `a`.
+    pub fn at(a: &crate::Announcement) -> Self {
+        Self {
+            model_id: a.model_id,
+            start: a.blocks.start(),
+            peer: a.peer.clone(),
+        }
+    }
 }
 
 impl AnnounceRequest {
@@ -411,6 +445,7 @@ impl AnnounceRequest {
     pub fn validate(&self) -> Result<(), MessageError> {
         match self {
             AnnounceRequest::Publish(a) => a.announcement.validate(),
+            AnnounceRequest::ListPage { after: Some(c), .. } => check_peer(&c.peer),
             _ => Ok(()),
         }
     }
@@ -429,6 +464,15 @@ pub enum AnnounceResponse {
     Refused(ProtocolError),
     /// Announcements the peer holds, at most [`crate::limits::MAX_LIST_ANNOUNCEMENTS`].
     List(Vec<SignedAnnouncement>),
+    /// One page of the announcements the peer holds, at most
+    /// [`crate::limits::MAX_LIST_ANNOUNCEMENTS`], and where the next page starts (`None`
+    /// after the last page).
+    Page {
+        /// The announcements of this page, in list order.
+        list: Vec<SignedAnnouncement>,
+        /// Ask for the page after this cursor next.
+        next: Option<ListCursor>,
+    },
 }
 
 impl AnnounceResponse {
@@ -437,7 +481,7 @@ impl AnnounceResponse {
         match self {
             AnnounceResponse::Announcement(a) => a.announcement.validate(),
             AnnounceResponse::Refused(e) => check_error(e),
-            AnnounceResponse::List(list) => {
+            AnnounceResponse::List(list) | AnnounceResponse::Page { list, next: None } => {
                 if list.len() > crate::limits::MAX_LIST_ANNOUNCEMENTS {
                     return Err(MessageError::TooMany {
                         what: "announcements",
@@ -446,6 +490,13 @@ impl AnnounceResponse {
                     });
                 }
                 list.iter().try_for_each(|a| a.announcement.validate())
+            }
+            AnnounceResponse::Page {
+                list,
+                next: Some(c),
+            } => {
+                check_peer(&c.peer)?;
+                AnnounceResponse::List(list.clone()).validate()
             }
             AnnounceResponse::NotServing | AnnounceResponse::Accepted => Ok(()),
         }

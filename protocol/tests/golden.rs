@@ -16,9 +16,9 @@ use std::fmt::Debug;
 
 use pollen_protocol::{
     AnnounceRequest, AnnounceResponse, Announcement, BlockRange, ErrorCode, Hello, HelloReply,
-    HiddenStates, InferRequest, InferResponse, ModelId, PeerIdBytes, PeerRtt, ProtocolError, Roles,
-    RouteHop, SessionBudget, SessionId, SignedAnnouncement, WireDType, WireMessage, decode_frame,
-    encode_frame, encoded_len, peer_id_bytes_for_ed25519,
+    HiddenStates, InferRequest, InferResponse, ListCursor, ModelId, PeerIdBytes, PeerRtt,
+    ProtocolError, Roles, RouteHop, SessionBudget, SessionId, SignedAnnouncement, WireDType,
+    WireMessage, decode_frame, encode_frame, encoded_len, peer_id_bytes_for_ed25519,
 };
 
 /// The ed25519 secret of the announcing server in every announcement fixture.
@@ -273,6 +273,34 @@ fn cases() -> Vec<Case> {
             "announce-response/list-empty",
             AnnounceResponse::List(vec![]),
         ),
+        case(
+            "announce-request/list-page-first",
+            AnnounceRequest::ListPage {
+                model_id: Some(model()),
+                after: None,
+            },
+        ),
+        case(
+            "announce-request/list-page-after",
+            AnnounceRequest::ListPage {
+                model_id: None,
+                after: Some(ListCursor::at(&announcement(6))),
+            },
+        ),
+        case(
+            "announce-response/page",
+            AnnounceResponse::Page {
+                list: vec![signed(7)],
+                next: Some(ListCursor::at(&announcement(7))),
+            },
+        ),
+        case(
+            "announce-response/page-last",
+            AnnounceResponse::Page {
+                list: vec![],
+                next: None,
+            },
+        ),
     ]
 }
 
@@ -407,4 +435,17 @@ const GOLDEN: &[(&str, &str)] = &[
         "9c020000040226002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f15536d6f6c4c4d322d3133354d2d496e7374727563741e0a1e00002a4208fb004001172f6970342f3132372e302e302e312f7463702f3430303105657861637402260405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829fbb0042605060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292afafd0068e5cf8b010000fdc03ce7cf8b01000004ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c787ab03dcb0a168bf7cf10b98f89344792388fcbd6ae7499bdd63934e446fd5516c6268f9885d492e065a274be221b3b4062b8e33cf92383efe18054f758dd0726002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f15536d6f6c4c4d322d3133354d2d496e7374727563741e0a1e00002a4208fb004001172f6970342f3132372e302e302e312f7463702f3430303105657861637402260405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829fbb0042605060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292afafd0068e5cf8b010000fdc03ce7cf8b01000005ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c84d6910370df19a4c3f20ef0a48ed94870b78d7a191d24a6a0fd7c5669bb1b56f3cb1c1def8537a6a2efe8619076ab4d8f7a927504624871338feed3c794fd03",
     ),
     ("announce-response/list-empty", "020000000400"),
+    (
+        "announce-request/list-page-first",
+        "230000000301000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f00",
+    ),
+    (
+        "announce-request/list-page-after",
+        "4b000000030001000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0a26002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c",
+    ),
+    (
+        "announce-response/page",
+        "98010000050126002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f15536d6f6c4c4d322d3133354d2d496e7374727563741e0a1e00002a4208fb004001172f6970342f3132372e302e302e312f7463702f3430303105657861637402260405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829fbb0042605060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292afafd0068e5cf8b010000fdc03ce7cf8b01000007ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c76be35c1648bac7fc97fe1d6234596cf9021f6caa3ce79008f7b48b43003e0884eb3da6fc342380a4fec240d80a9a2c017135dc4ce8250b2ceef2af0d776c60d01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0a26002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c",
+    ),
+    ("announce-response/page-last", "03000000050000"),
 ];

@@ -9,7 +9,7 @@ use crate::clock::unix_ms as now_ms;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{
-    AnnounceError, ErrorCode, FreshnessPolicy, ModelId, PeerIdBytes, ReplayGuard,
+    AnnounceError, ErrorCode, FreshnessPolicy, ListCursor, ModelId, PeerIdBytes, ReplayGuard,
     SignedAnnouncement, VerifiedAnnouncement,
 };
 use std::collections::HashMap;
@@ -482,6 +482,39 @@ impl AnnouncementBook {
         out
     }
 
+    /// One page of [`Self::list`]: the announcements after `after` in list order, as many
+    /// as fit `fits` (called with each in turn; at most
+    /// [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`]), and the cursor of the next
+    /// page when more remain.
+    pub fn page(
+        &self,
+        model: Option<&ModelId>,
+        after: Option<&ListCursor>,
+        mut fits: impl FnMut(&SignedAnnouncement) -> bool,
+    ) -> (Vec<SignedAnnouncement>, Option<ListCursor>) {
+        let key = |c: &ListCursor| (*c.model_id.as_bytes(), c.start, c.peer.0.clone());
+        let after = after.map(key);
+        let mut rest = self
+            .list(model)
+            .into_iter()
+            .filter(|a| after.as_ref().is_none_or(|k| key(&ListCursor::at(a)) > *k))
+            .peekable();
+        let mut page = Vec::new();
+        while let Some(a) = rest.peek() {
+            if page.len() >= pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS || !fits(a.signed()) {
+                break;
+            }
+            if let Some(a) = rest.next() {
+                page.push(a.into_signed());
+            }
+        }
+        let next = match (rest.peek(), page.last()) {
+            (Some(_), Some(last)) => Some(ListCursor::at(&last.announcement)),
+            _ => None,
+        };
+        (page, next)
+    }
+
     /// The unexpired announcement of `peer` for `model`, if held.
     pub fn get(&self, peer: &PeerId, model: &ModelId) -> Option<VerifiedAnnouncement> {
         let e = self.entries.get(&(PeerIdBytes(peer.to_bytes()), *model))?;
@@ -658,6 +691,41 @@ mod tests {
         // for a replay.
         let own = connect(&mut book, "198.51.100.1");
         book.insert_from(&own, a).unwrap();
+    }
+
+    #[test]
+    fn a_book_longer_than_a_list_answer_is_read_in_pages() {
+        let limits = BookLimits {
+            per_sender: 100_000,
+            per_ip: 100_000,
+            publish_burst: 100_000,
+            ip_publish_burst: 100_000,
+            ..BookLimits::default()
+        };
+        let mut book = AnnouncementBook::with_limits(limits);
+        let n = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS + 300;
+        for _ in 0..n {
+            let key = Keypair::generate_ed25519();
+            book.insert(signed(&key, 1, (0, 10), 1)).unwrap();
+        }
+        let model = ModelId::from_bytes([1; 32]);
+        let (first, next) = book.page(Some(&model), None, |_| true);
+        assert_eq!(first.len(), pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS);
+        let next = next.unwrap();
+        let (second, end) = book.page(Some(&model), Some(&next), |_| true);
+        assert_eq!((second.len(), end), (300, None));
+        let mut all: Vec<_> = first.into_iter().chain(second).collect();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        // A size limit ends a page early; the next one picks up where it stopped.
+        let mut left = 10;
+        let (small, next) = book.page(Some(&model), None, |_| {
+            left -= 1;
+            left >= 0
+        });
+        assert_eq!(small.len(), 10);
+        let (after, _) = book.page(Some(&model), next.as_ref(), |_| true);
+        assert_eq!(after[0], all[10]);
     }
 
     #[test]

@@ -18,6 +18,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one peer may take to answer a `List` while gathering: a peer that hangs
 /// must not hold up discovery (or a server's renewal) for the request timeout.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most pages of announcements read from one peer in a gather (16 × 1,024 covers the
+/// largest book).
+const MAX_LIST_PAGES: usize = 16;
 
 /// A connected peer.
 #[derive(Debug, Clone)]
@@ -363,18 +366,7 @@ impl NetHandle {
         let asks = peers.iter().map(|p| {
             let h = self.clone();
             let peer = p.peer;
-            async move {
-                let ask = h.announce(peer, AnnounceRequest::List { model_id: model });
-                let answer = tokio::time::timeout(GATHER_TIMEOUT, ask)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(NetError::Timeout {
-                            what: format!("list request to {peer}"),
-                            after: GATHER_TIMEOUT,
-                        })
-                    });
-                (peer, answer)
-            }
+            async move { (peer, h.list_pages(peer, model).await) }
         });
         for (peer, answer) in futures::future::join_all(asks).await {
             match answer {
@@ -396,5 +388,45 @@ impl NetHandle {
             }
         }
         self.book(model).await
+    }
+
+    /// Every announcement `peer` holds (of `model` or all), read in pages of at most
+    /// [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`], at most [`MAX_LIST_PAGES`]
+    /// pages, each within [`GATHER_TIMEOUT`]; as one list.
+    async fn list_pages(
+        &self,
+        peer: PeerId,
+        model: Option<ModelId>,
+    ) -> NetResult<AnnounceResponse> {
+        let mut all = Vec::new();
+        let mut after = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let ask = self.announce(
+                peer,
+                AnnounceRequest::ListPage {
+                    model_id: model,
+                    after: after.take(),
+                },
+            );
+            let answer = tokio::time::timeout(GATHER_TIMEOUT, ask)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(NetError::Timeout {
+                        what: format!("list request to {peer}"),
+                        after: GATHER_TIMEOUT,
+                    })
+                })?;
+            match answer {
+                AnnounceResponse::Page { list, next } => {
+                    all.extend(list);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+        Ok(AnnounceResponse::List(all))
     }
 }

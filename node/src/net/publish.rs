@@ -137,6 +137,15 @@ impl Publisher {
                     AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
                 }
             },
+            AnnounceRequest::ListPage { model_id, after } => {
+                let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 128;
+                let mut used = 0;
+                let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
+                    used += pollen_protocol::encoded_len(a);
+                    used <= budget
+                });
+                AnnounceResponse::Page { list, next }
+            }
             AnnounceRequest::List { model_id } => {
                 // One pass: stop before the answer would outgrow its frame limit.
                 let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;

@@ -22,8 +22,8 @@ use crate::limits::{
     MAX_LIST_ANNOUNCEMENTS, MAX_MODEL_NAME_LEN, MAX_PEER_ID_BYTES, MAX_PEER_RTTS, MAX_ROUTE_HOPS,
 };
 use crate::messages::{
-    AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse, RouteHop,
-    SessionBudget,
+    AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse, ListCursor,
+    RouteHop, SessionBudget,
 };
 use crate::types::{BlockRange, ModelId, PeerIdBytes, Roles, SessionId};
 
@@ -464,13 +464,12 @@ impl Wire for AnnounceRequest {
             }
             AnnounceRequest::List { model_id } => {
                 put_tag(e, 2)?;
-                match model_id {
-                    None => put_tag(e, 0),
-                    Some(m) => {
-                        put_tag(e, 1)?;
-                        m.put(e)
-                    }
-                }
+                put_model_filter(e, model_id)
+            }
+            AnnounceRequest::ListPage { model_id, after } => {
+                put_tag(e, 3)?;
+                put_model_filter(e, model_id)?;
+                put_cursor(e, after)
             }
         }
     }
@@ -487,6 +486,15 @@ impl Wire for AnnounceRequest {
                     t => return Err(unknown_tag("model filter", t)),
                 };
                 Ok(AnnounceRequest::List { model_id })
+            }
+            3 => {
+                let model_id = match get_tag(d)? {
+                    0 => None,
+                    1 => Some(ModelId::get(d)?),
+                    t => return Err(unknown_tag("model filter", t)),
+                };
+                let after = get_cursor(d)?;
+                Ok(AnnounceRequest::ListPage { model_id, after })
             }
             t => Err(unknown_tag("announce request", t)),
         }
@@ -510,6 +518,11 @@ impl Wire for AnnounceResponse {
                 put_tag(e, 4)?;
                 put_list(e, list)
             }
+            AnnounceResponse::Page { list, next } => {
+                put_tag(e, 5)?;
+                put_list(e, list)?;
+                put_cursor(e, next)
+            }
         }
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
@@ -523,7 +536,47 @@ impl Wire for AnnounceResponse {
                 MAX_LIST_ANNOUNCEMENTS,
                 "announcement list",
             )?)),
+            5 => {
+                let list = get_list(d, MAX_LIST_ANNOUNCEMENTS, "announcement page")?;
+                let next = get_cursor(d)?;
+                Ok(AnnounceResponse::Page { list, next })
+            }
             t => Err(unknown_tag("announce response", t)),
         }
+    }
+}
+
+fn put_model_filter<E: Encoder>(e: &mut E, model_id: &Option<ModelId>) -> Result<(), EncodeError> {
+    match model_id {
+        None => put_tag(e, 0),
+        Some(m) => {
+            put_tag(e, 1)?;
+            m.put(e)
+        }
+    }
+}
+
+/// A list cursor: a tag (0: none, 1: some), then model id, first block (u32), peer id.
+fn put_cursor<E: Encoder>(e: &mut E, c: &Option<ListCursor>) -> Result<(), EncodeError> {
+    match c {
+        None => put_tag(e, 0),
+        Some(c) => {
+            put_tag(e, 1)?;
+            c.model_id.put(e)?;
+            c.start.encode(e)?;
+            c.peer.put(e)
+        }
+    }
+}
+
+fn get_cursor<D: Decoder>(d: &mut D) -> Result<Option<ListCursor>, DecodeError> {
+    match get_tag(d)? {
+        0 => Ok(None),
+        1 => Ok(Some(ListCursor {
+            model_id: ModelId::get(d)?,
+            start: u32::decode(d)?,
+            peer: PeerIdBytes::get(d)?,
+        })),
+        t => Err(unknown_tag("list cursor", t)),
     }
 }
