@@ -46,6 +46,8 @@ enum Command {
     Demo(DemoArgs),
     /// Serve an OpenAI-compatible HTTP API and a web chat with a live swarm view.
     Api(pollen_node::api::cli::ApiArgs),
+    /// Chat in the terminal, streaming answers (`--local` runs the whole model here).
+    Chat(pollen_node::chat::ChatArgs),
     /// Run a bootstrap node (the same as the `pollen-bootstrap` binary).
     Bootstrap(pollen_node::bootstrap::BootstrapArgs),
     /// A private mesh: create its swarm key, admit peers, rotate the key.
@@ -86,7 +88,7 @@ struct ServeArgs {
     #[arg(long, value_parser = parse_size)]
     max_memory: Option<u64>,
     /// Blocks to hold under automatic placement (overrides what --max-memory allows).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "blocks")]
     num_blocks: Option<usize>,
     /// Seconds between automatic placement's checks (jittered; a server leaving triggers
     /// one sooner).
@@ -527,12 +529,17 @@ fn main() -> std::process::ExitCode {
         Command::Generate(g) => g.model.threads,
         Command::Serve(s) => Some(s.model.threads.unwrap_or(1)),
         Command::Api(a) => a.threads,
+        Command::Chat(c) => c.threads,
         _ => None,
     }
     .unwrap_or_else(threads::available_cores);
     threads::configure(threads);
     pollen_node::init_logging_as(cli.log_format);
-    let mesh = match cli.mesh.install() {
+    // `pollen mesh` edits the files the flags name; it starts no node.
+    let mesh = match cli
+        .mesh
+        .install_unless(matches!(cli.command, Command::Mesh(_)))
+    {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
@@ -562,7 +569,8 @@ fn main() -> std::process::ExitCode {
         }
         Command::Bootstrap(args) => runtime.block_on(pollen_node::bootstrap::run_cli(&args)),
         Command::Api(args) => runtime.block_on(pollen_node::api::cli::run(args)),
-        Command::Mesh(args) => mesh_cmd::run(args),
+        Command::Chat(args) => runtime.block_on(pollen_node::chat::run_cli(args)),
+        Command::Mesh(args) => mesh_cmd::run(args, &cli.mesh),
     };
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
@@ -570,7 +578,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             if let Some(pollen_node::client::ClientError::NoEntry(_)) = e.downcast_ref() {
-                eprintln!("{}", pollen_node::net::private::unreachable_hint(mesh));
+                eprintln!("{}", pollen_node::net::private::unreachable_hint(&mesh));
             }
             std::process::ExitCode::FAILURE
         }
