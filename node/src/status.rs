@@ -63,7 +63,8 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                 .collect();
             let name = anns
                 .first()
-                .map(|a| a.model_name.clone())
+                // Chosen by a peer: no control character reaches a terminal or a page.
+                .map(|a| pollen_protocol::printable(&a.model_name))
                 .unwrap_or_default();
             json!({
                 "id": id,

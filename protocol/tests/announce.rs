@@ -238,6 +238,35 @@ fn replay_guard_refuses_older_and_equal() {
 }
 
 #[test]
+fn admitting_does_not_record_only_recording_does() {
+    let s = secret(2);
+    let at = |seq: u64| {
+        let mut a = announcement(&s);
+        a.issued_at_ms = NOW;
+        a.expires_at_ms = NOW + 60_000;
+        a.seq = seq;
+        SignedAnnouncement::sign(a, &s)
+            .unwrap()
+            .verify(NOW, &policy())
+            .unwrap()
+    };
+    let mut g = ReplayGuard::new(16);
+    // Admitted but then refused for another reason: not recorded, so it may come again.
+    g.admit(&at(3)).unwrap();
+    g.admit(&at(3)).unwrap();
+    assert!(g.is_empty());
+    g.record(&at(3));
+    assert!(matches!(
+        g.admit(&at(3)),
+        Err(AnnounceError::Duplicate { .. })
+    ));
+    // Recording an older one never moves the guard back.
+    g.record(&at(1));
+    assert!(matches!(g.admit(&at(2)), Err(AnnounceError::Stale { .. })));
+    g.admit(&at(4)).unwrap();
+}
+
+#[test]
 fn replay_guard_is_bounded() {
     let p = policy();
     let mut g = ReplayGuard::new(4);
