@@ -1,7 +1,10 @@
 //! Automatic placement on a real swarm of processes: three servers started without
 //! `--blocks`, each able to hold 15 of the model's 30 blocks, cover all of it; when one
 //! is killed, the others move to cover it again, while a generation running across the
-//! move completes with the text of a local run.
+//! move completes with the text of a local run. Then two servers pinned with `--blocks`
+//! join one half: the server holding it alone moves to the other half, and the
+//! generation whose session it carried moves with it (replayed elsewhere), with the same
+//! text.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -14,6 +17,76 @@ use std::time::{Duration, Instant};
 
 const PROMPT: &str = "Here is a list of one thousand numbers: 1, 2, 3,";
 const TOKENS: usize = 200;
+/// Long enough to run while pinned servers start and the swarm takes a few checks.
+const LONG_TOKENS: usize = 500;
+
+/// `pollen generate` through the swarm, its stdout read as it comes.
+struct Generation {
+    child: std::process::Child,
+    out: mpsc::Receiver<Vec<u8>>,
+    text: Vec<u8>,
+}
+
+impl Generation {
+    fn start(addr: &str, model: &std::path::Path, tokens: usize) -> Generation {
+        let mut child = Command::new(pollen())
+            .args([
+                "generate",
+                "--no-mdns",
+                "--threads",
+                "1",
+                "--bootstrap",
+                addr,
+            ])
+            .args(["--max-tokens", &tokens.to_string(), "--prompt", PROMPT])
+            .args(["--route-wait", "60"])
+            .arg("--model")
+            .arg(model)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, out) = mpsc::sync_channel::<Vec<u8>>(4096);
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut g = Generation {
+            child,
+            out,
+            text: Vec::new(),
+        };
+        // Running: some text has come.
+        for _ in 0..2 {
+            let chunk = g.out.recv_timeout(Duration::from_secs(60)).unwrap();
+            g.text.extend(chunk);
+        }
+        g
+    }
+
+    /// Waits for the end; the whole text.
+    fn finish(mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            match self.out.recv_timeout(Duration::from_millis(200)) {
+                Ok(chunk) => self.text.extend(chunk),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    assert!(Instant::now() < deadline, "the generation did not finish");
+                }
+            }
+        }
+        assert!(
+            self.child.wait().unwrap().success(),
+            "the generation failed"
+        );
+        String::from_utf8(self.text).unwrap()
+    }
+}
 
 /// The servers' spans in a status, by peer id.
 fn spans(status: &serde_json::Value) -> Vec<(String, u64, u64)> {
@@ -93,34 +166,7 @@ fn servers_place_themselves_and_cover_again_after_one_leaves() {
 
     // A generation through the swarm, running while a server dies and another moves.
     let local = generate(None, PROMPT, false, TOKENS);
-    let mut client = Command::new(pollen())
-        .args([
-            "generate",
-            "--no-mdns",
-            "--threads",
-            "1",
-            "--bootstrap",
-            &addr,
-        ])
-        .args(["--max-tokens", &TOKENS.to_string(), "--prompt", PROMPT])
-        .args(["--route-wait", "60"])
-        .arg("--model")
-        .arg(&model)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4096);
-    let mut stdout = client.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut text = rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    text.extend(rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let running = Generation::start(&addr, &model, TOKENS);
 
     // Kill a server that alone holds some blocks: the swarm has a hole.
     let victim = sole_holder(&before).expect("some server holds blocks alone");
@@ -152,21 +198,43 @@ fn servers_place_themselves_and_cover_again_after_one_leaves() {
     eprintln!("{moved:?}");
 
     // The generation completes with the local text.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(chunk) => text.extend(chunk),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                assert!(Instant::now() < deadline, "the generation did not finish");
-            }
-        }
-    }
-    let status = client.wait().unwrap();
-    assert!(status.success(), "the generation failed");
-    assert_eq!(String::from_utf8(text).unwrap(), local);
+    assert_eq!(running.finish(), local);
     eprintln!(
         "generation finished {:.1} s after the kill",
         killed.elapsed().as_secs_f64()
     );
+
+    // Two servers pinned to one half, while a long generation runs through the server
+    // that holds it alone: that server is not needed there any more, and moves.
+    let (x, a, b) = after.iter().find(|(_, a, _)| *a == 0).cloned().unwrap();
+    let xi = readies.iter().position(|l| peer_of(l) == x).unwrap();
+    let local_long = generate(None, PROMPT, false, LONG_TOKENS);
+    let running = Generation::start(&addr, &model, LONG_TOKENS);
+    let pinned_at = Instant::now();
+    let _pinned: Vec<_> = (0..2)
+        .map(|i| {
+            server(
+                Some(&addr),
+                &format!("{a}:{b}"),
+                &dir.join(format!("pin{i}.key")),
+                &[],
+            )
+        })
+        .collect();
+    let moved = servers[xi]
+        .line_with("moved blocks", Duration::from_secs(90))
+        .expect("the server alone on the pinned half moves");
+    eprintln!(
+        "{:.1} s after the pinned servers started: {moved}",
+        pinned_at.elapsed().as_secs_f64()
+    );
+    let asked: usize = moved
+        .split_once('(')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(asked >= 1, "its session was asked to move: {moved}");
+    assert_eq!(running.finish(), local_long);
+    let last = status(Some(&addr));
+    assert_eq!(coverage(&last), Some((Vec::new(), 4)), "{:?}", spans(&last));
 }

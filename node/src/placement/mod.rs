@@ -246,11 +246,22 @@ pub fn plan_move_with_margin<K: AsRef<[u8]> + Ord + Clone>(
     holdings: &[Holding<K>],
     margin: f64,
 ) -> Option<Move<K>> {
+    plan_move_among(num_blocks, holdings, margin, |_| true)
+}
+
+/// [`plan_move_with_margin`], naming only servers that `movable` accepts (a server that
+/// was named and stayed put, pinned with `--blocks`, still counts for coverage).
+pub fn plan_move_among<K: AsRef<[u8]> + Ord + Clone>(
+    num_blocks: usize,
+    holdings: &[Holding<K>],
+    margin: f64,
+    movable: impl Fn(&K) -> bool,
+) -> Option<Move<K>> {
     let now = totals(num_blocks, holdings);
     let old = profile(&now);
     let bounds = boundaries(holdings);
     let mut best: Option<(Move<K>, Vec<f64>)> = None;
-    for h in holdings {
+    for h in holdings.iter().filter(|h| movable(&h.who)) {
         let t = sane_throughput(h.throughput);
         let mut without = now.clone();
         add(&mut without, &h.span, -t);
@@ -422,6 +433,21 @@ mod tests {
         assert_eq!(uncovered(&t), 0);
         // Settled means stable: another round changes nothing.
         assert_eq!(plan_move(40, &swarm), None);
+    }
+
+    #[test]
+    fn a_server_that_stays_put_is_passed_over() {
+        // 0..15 holds three, 15..30 one: server 1 would be named, but it is pinned.
+        let swarm = [
+            h(1, 0..15, 10.0),
+            h(2, 0..15, 10.0),
+            h(3, 0..15, 10.0),
+            h(4, 15..30, 10.0),
+        ];
+        assert_eq!(plan_move(30, &swarm).map(|m| m.who), Some([1]));
+        let m = plan_move_among(30, &swarm, MARGIN, |w| *w != [1]).expect("a move");
+        assert_eq!((m.who, m.to), ([2], 15..30));
+        assert_eq!(plan_move_among(30, &swarm, MARGIN, |w| *w == [4]), None);
     }
 
     #[test]

@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 /// placement counts its server as gone.
 const GOODBYE_LIFETIME_MS: u64 = 2_500;
 
+/// Checks in a row that may name the same other server, which stays put, before it
+/// counts as pinned (a server started with `--blocks` never moves); a mover that is
+/// only slow has moved well before.
+const NAMED_AND_STAYED: u32 = 2;
+
 /// Cache folder kind for measurements.
 const CACHE_KIND: &str = "throughput";
 
@@ -190,6 +195,9 @@ pub async fn watch_swarm(
     };
     let mut due = tokio::time::Instant::now() + jittered(w.every, 0.25);
     let mut known: Option<Vec<Vec<u8>>> = None;
+    // Servers named to move that stayed put: passed over while their span stays the same.
+    let mut pinned: Vec<(Vec<u8>, Range<usize>)> = Vec::new();
+    let mut named: Option<(Vec<u8>, Range<usize>, u32)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -220,13 +228,33 @@ pub async fn watch_swarm(
             span,
             throughput,
         });
-        let Some(m) = placement::plan_move(w.num_blocks, &swarm) else {
+        pinned.retain(|(p, span)| swarm.iter().any(|h| h.who == *p && h.span == *span));
+        let movable = |k: &Vec<u8>| !pinned.iter().any(|(p, _)| p == k);
+        let Some(m) = placement::plan_move_among(w.num_blocks, &swarm, placement::MARGIN, movable)
+        else {
+            named = None;
             continue;
         };
         if m.who != me {
-            tracing::debug!("placement: another server should move first");
+            let times = match &named {
+                Some((p, from, n)) if *p == m.who && *from == m.from => n + 1,
+                _ => 1,
+            };
+            if times >= NAMED_AND_STAYED {
+                let peer = PeerId::from_bytes(&m.who)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                tracing::info!("placement: {peer} stays put (pinned?): passing it over");
+                pinned.push((m.who, m.from));
+                named = None;
+                due = tokio::time::Instant::now() + jittered(poll, 0.2);
+            } else {
+                tracing::debug!("placement: another server should move first");
+                named = Some((m.who, m.from, times));
+            }
             continue;
         }
+        named = None;
         if moves.send(m).await.is_err() {
             return;
         }
