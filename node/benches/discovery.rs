@@ -1,15 +1,18 @@
 //! Discovery at scale, in one process: a bootstrap node and N lightweight
-//! servers (announcements only, no model) on 127.0.0.1. Prints the time until
-//! a new client sees all N, and announcement messages per node per minute at
+//! servers (announcements only, no model) on 127.0.0.1, serving two models. Prints
+//! the time until a new client sees all N through the bootstrap, the time until a
+//! client that knows only one server's address finds its model's servers in the DHT
+//! (provider records), and announcement and DHT messages per node per minute at
 //! steady state.
 //!
-//! `cargo bench -p pollen-node --bench discovery [-- --nodes 50 --ttl 30 --window 30]`
+//! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --ttl 30 --window 60]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use pollen_node::net::{self, NetConfig, NetHandle, Role};
 use pollen_protocol::{Announcement, BlockRange, ModelId, PeerIdBytes, SignedAnnouncement};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +39,7 @@ async fn start(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair) {
             mdns: false,
             role,
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
+            ..NetConfig::new(role)
         },
         cancel.clone(),
     )
@@ -67,9 +71,9 @@ fn announce(key: &Keypair, i: u32, seq: u64, ttl_ms: u64) -> SignedAnnouncement 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n = arg("--nodes", 50) as u32;
+    let n = arg("--nodes", 200) as u32;
     let ttl = Duration::from_secs(arg("--ttl", 30));
-    let window = Duration::from_secs(arg("--window", 30));
+    let window = Duration::from_secs(arg("--window", 60));
     let cancel = CancellationToken::new();
     let (boot, _) = start(Role::Bootstrap, &cancel).await;
     let boot_addr = boot
@@ -125,14 +129,45 @@ async fn main() {
     }
     let discovery = t0.elapsed();
 
-    // Steady state: count announcement messages over the window.
+    // The DHT: clients that know only one server's address look up the providers of
+    // model 0 (served by the even servers), with no bootstrap involved.
+    let holders = n.div_ceil(2) as usize;
+    let model = ModelId::from_bytes([0; 32]);
+    let mut lookups = Vec::new();
+    for trial in 0..5usize {
+        let (entry, _) = &servers[(trial * 37 + 11) % servers.len()];
+        let entry_addr = entry.listen_addrs().await.unwrap()[0]
+            .clone()
+            .with(Protocol::P2p(entry.peer_id()));
+        let (c, _) = start(Role::Client, &cancel).await;
+        let t = Instant::now();
+        c.dial(entry_addr).await.unwrap();
+        let mut found = Vec::new();
+        while found.is_empty() && t.elapsed() < Duration::from_secs(10) {
+            found = c.providers(model).await.unwrap();
+            if found.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let took = t.elapsed();
+        let reqs = c.stats().dht_lookup_requests.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let book = c.gather(Some(model)).await.unwrap().len();
+        lookups.push((took, found.len(), reqs, t.elapsed(), book));
+    }
+
+    // Steady state: count announcement and DHT messages over the window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: Vec<u64> = servers
         .iter()
         .map(|(h, _)| h.stats().announce_messages())
         .collect();
+    let dht_in = |h: &NetHandle| h.stats().dht_requests_in.load(Ordering::Relaxed);
+    let dht_before: u64 = servers.iter().map(|(h, _)| dht_in(h)).sum::<u64>() + dht_in(&boot);
+    let boot_dht_before = dht_in(&boot);
     let boot_before = boot.stats().announce_messages();
     tokio::time::sleep(window).await;
+    let dht_after: u64 = servers.iter().map(|(h, _)| dht_in(h)).sum::<u64>() + dht_in(&boot);
     let per_min = |d: u64| d as f64 * 60.0 / window.as_secs_f64();
     let server_rates: Vec<f64> = servers
         .iter()
@@ -161,5 +196,20 @@ async fn main() {
     println!("| announcement messages per server per minute | {mean:.1} |");
     println!("| announcement messages at the bootstrap per minute | {boot_rate:.1} |");
     println!("| announcements held by the bootstrap | {book} |");
+    for (took, found, reqs, gather, seen) in &lookups {
+        println!(
+            "| DHT: client knowing one server finds model 0's servers | {:.0} ms, {found} of {holders} providers, {reqs} requests; gather (connect + list) {:.0} ms, {seen} announcements |",
+            took.as_secs_f64() * 1000.0,
+            gather.as_secs_f64() * 1000.0
+        );
+    }
+    println!(
+        "| DHT requests received per node per minute (provider republish every 60 s, routing) | {:.1} |",
+        per_min(dht_after - dht_before) / (n as f64 + 1.0)
+    );
+    println!(
+        "| DHT requests received at the bootstrap per minute | {:.1} |",
+        per_min(dht_in(&boot) - boot_dht_before)
+    );
     cancel.cancel();
 }

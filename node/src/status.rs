@@ -1,8 +1,85 @@
 //! What the swarm serves: per model, which peers hold which blocks, and the gaps.
 
+use crate::net::{NetHandle, Path};
 use pollen_protocol::VerifiedAnnouncement;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Most servers [`reach`] connects to.
+const MAX_REACH_PROBES: usize = 256;
+
+/// How this node reaches each server of `book`, by peer id: `public` (a direct
+/// connection, and the server announces no relayed address), `direct` (it is behind NAT
+/// and hole punching gave a direct connection), `relayed` (only through a relay), or
+/// `unreachable`. Connects to each server (at most [`MAX_REACH_PROBES`]) and gives hole
+/// punching up to `patience`.
+pub async fn reach(
+    net: &NetHandle,
+    book: &[VerifiedAnnouncement],
+    patience: Duration,
+) -> HashMap<String, &'static str> {
+    let servers: Vec<(libp2p::PeerId, Vec<libp2p::Multiaddr>, bool)> = book
+        .iter()
+        .filter_map(|a| {
+            let peer = libp2p::PeerId::from_bytes(&a.peer.0).ok()?;
+            let addrs: Vec<libp2p::Multiaddr> =
+                a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
+            let behind_nat = a.addrs.iter().any(|s| s.contains("/p2p-circuit"));
+            Some((peer, addrs, behind_nat))
+        })
+        .take(MAX_REACH_PROBES)
+        .collect();
+    let probes = servers.iter().map(|(peer, addrs, behind_nat)| async move {
+        let _ = net.add_addresses(*peer, addrs.clone(), false).await;
+        let connected = tokio::time::timeout(patience, net.connect(*peer)).await;
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut path = match connected {
+            Ok(Ok(p)) => Some(p),
+            _ => None,
+        };
+        while path == Some(Path::Relayed) && tokio::time::Instant::now() < deadline {
+            match net.path(*peer).await {
+                Ok((p, true)) => path = p,
+                Ok((p, false)) => {
+                    path = p;
+                    break;
+                }
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let label = match (path, behind_nat) {
+            (Some(Path::Direct), false) => "public",
+            (Some(Path::Direct), true) => "direct",
+            (Some(Path::Relayed), _) => "relayed",
+            (None, _) => "unreachable",
+        };
+        (peer.to_string(), label)
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Adds each server's `reach` (from [`reach`]) to a status from [`to_json`].
+pub fn with_reach(status: &mut Value, reach: &HashMap<String, &'static str>) {
+    let Some(models) = status["models"].as_array_mut() else {
+        return;
+    };
+    for m in models {
+        let Some(servers) = m["servers"].as_array_mut() else {
+            continue;
+        };
+        for s in servers {
+            let label = s["peer"].as_str().and_then(|p| reach.get(p)).copied();
+            if let Some(label) = label {
+                s["reach"] = json!(label);
+            }
+        }
+    }
+}
 
 /// Maximal runs of `false` in `covered`, as half-open ranges.
 pub fn gaps(covered: &[bool]) -> Vec<(usize, usize)> {
@@ -93,17 +170,18 @@ pub fn to_text(status: &Value, color: bool) -> String {
             m["num_blocks"]
         ));
         out.push_str(&format!(
-            "  {:<54} {:>9} {:>12} {:>14} {:>8}\n",
-            "peer", "blocks", "tokens/s", "compute", "age"
+            "  {:<54} {:>9} {:>12} {:>14} {:>8} {:>11}\n",
+            "peer", "blocks", "tokens/s", "compute", "age", "reach"
         ));
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
             out.push_str(&format!(
-                "  {:<54} {:>9} {:>12.1} {:>14} {:>7.0}s\n",
+                "  {:<54} {:>9} {:>12.1} {:>14} {:>7.0}s {:>11}\n",
                 s["peer"].as_str().unwrap_or("?"),
                 format!("{}:{}", s["blocks"][0], s["blocks"][1]),
                 s["throughput"].as_f64().unwrap_or(0.0),
                 s["compute"].as_str().unwrap_or("?"),
-                s["age_s"].as_f64().unwrap_or(0.0)
+                s["age_s"].as_f64().unwrap_or(0.0),
+                s["reach"].as_str().unwrap_or("-")
             ));
         }
         let gaps = m["uncovered"].as_array().cloned().unwrap_or_default();

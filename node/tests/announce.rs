@@ -29,6 +29,7 @@ async fn node_of_version(
             mdns: false,
             role,
             protocol_version: version,
+            ..NetConfig::new(role)
         },
         cancel.clone(),
     )

@@ -3,8 +3,9 @@
 //! out the handle's commands. Session streams bypass it (see [`super::stream`]).
 
 use super::error::NetError;
-use super::handle::{Command, NetStats, PeerInfo};
+use super::handle::{Command, NetStats, Path, PeerInfo};
 use super::publish::Publisher;
+use super::reach::{Reach, is_relayed};
 use super::transport::KAD_PROTOCOL;
 use super::{Behaviour, BehaviourEvent};
 use futures::StreamExt;
@@ -12,9 +13,9 @@ use libp2p::core::ConnectedPoint;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
-use pollen_protocol::{AnnounceResponse, Hello, HelloReply};
-use std::collections::HashMap;
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, ping, relay};
+use pollen_protocol::{AnnounceResponse, Hello, HelloReply, ModelId};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,8 +26,37 @@ use tokio_util::sync::CancellationToken;
 const MAX_REFUSALS: usize = 256;
 /// Most addresses taken from one identify message.
 const MAX_IDENTIFY_ADDRS: usize = 16;
-/// How often expired announcements are dropped.
+/// How often expired announcements are dropped (and relay reservations reconsidered).
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// Most callers waiting for connections at once.
+const MAX_CONNECT_WAITERS: usize = 1024;
+/// Most DHT provider lookups in flight at once.
+const MAX_PROVIDER_QUERIES: usize = 64;
+/// Most providers one lookup collects.
+const MAX_PROVIDERS: usize = 256;
+
+/// One connection to a peer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Link {
+    relayed: bool,
+    rtt: Option<Duration>,
+}
+
+/// Whether `addr` could be dialed from elsewhere (not loopback, unspecified or
+/// link-local). Private ranges count: a LAN is somewhere too.
+fn is_public(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().all(|p| match p {
+        Protocol::Ip4(ip) => !(ip.is_loopback() || ip.is_unspecified() || ip.is_link_local()),
+        Protocol::Ip6(ip) => !(ip.is_loopback() || ip.is_unspecified()),
+        _ => true,
+    })
+}
+
+/// The DHT key of a model's provider records: its id.
+pub(super) fn model_key(model: &ModelId) -> kad::RecordKey {
+    kad::RecordKey::new(model.as_bytes())
+}
 
 pub(super) struct EventLoop {
     pub(super) stats: Arc<NetStats>,
@@ -42,6 +72,16 @@ pub(super) struct EventLoop {
     pub(super) connected: HashMap<PeerId, Option<Duration>>,
     pub(super) agents: HashMap<PeerId, String>,
     pub(super) listen_addrs: Vec<Multiaddr>,
+    pub(super) reach: Reach,
+    pub(super) links: HashMap<PeerId, HashMap<ConnectionId, Link>>,
+    /// Peers with a relayed connection whose hole punch has not ended yet.
+    pub(super) punching: HashSet<PeerId>,
+    pub(super) connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<Path, NetError>>>>,
+    pub(super) provider_queries: HashMap<kad::QueryId, (Vec<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    /// The model whose provider record we publish.
+    pub(super) providing: Option<ModelId>,
+    /// The address each connection we dialed went to.
+    pub(super) dialed_addrs: HashMap<ConnectionId, Multiaddr>,
 }
 
 impl EventLoop {
@@ -50,7 +90,10 @@ impl EventLoop {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = prune.tick() => self.publisher.book.prune(),
+                _ = prune.tick() => {
+                    self.publisher.book.prune();
+                    self.reserve_relays();
+                }
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
@@ -59,6 +102,58 @@ impl EventLoop {
             }
         }
         tracing::debug!("network task stopped");
+    }
+
+    /// The best path to `peer` (direct if any connection is), with its round-trip time.
+    fn best_link(&self, peer: &PeerId) -> Option<(Path, Option<Duration>)> {
+        let links = self.links.get(peer)?;
+        let direct = links.values().find(|l| !l.relayed);
+        let l = direct.or_else(|| links.values().next())?;
+        let path = if l.relayed {
+            Path::Relayed
+        } else {
+            Path::Direct
+        };
+        Some((path, l.rtt))
+    }
+
+    /// Listens through relays when this node is behind NAT and has too few slots.
+    fn reserve_relays(&mut self) {
+        for (relay, addr) in self.reach.to_reserve() {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    tracing::info!("reserving a relay slot: listening on {addr}");
+                    self.reach.reserving(relay, id);
+                }
+                Err(e) => tracing::warn!("cannot listen through relay {addr}: {e}"),
+            }
+        }
+    }
+
+    fn answer_connect_waiters(&mut self, peer: &PeerId, result: Result<Path, String>) {
+        for w in self.connect_waiters.remove(peer).unwrap_or_default() {
+            let _ = w.send(result.clone().map_err(|reason| NetError::Setup {
+                what: format!("connecting to {peer}"),
+                reason,
+            }));
+        }
+    }
+
+    /// Publishes (or stops publishing) the provider record of the model we serve.
+    fn provide(&mut self, model: Option<ModelId>) {
+        if self.providing == model {
+            return;
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if let Some(old) = self.providing.take() {
+            kad.stop_providing(&model_key(&old));
+        }
+        if let Some(m) = model {
+            match kad.start_providing(model_key(&m)) {
+                Ok(_) => self.providing = Some(m),
+                Err(e) => tracing::warn!("cannot publish a provider record: {e}"),
+            }
+        }
     }
 
     fn publish_to(&mut self, peer: PeerId) -> Option<OutboundRequestId> {
@@ -116,6 +211,9 @@ impl EventLoop {
                 }
             }
             Command::SetOwn { announcement, done } => {
+                if self.hello.roles != pollen_protocol::Roles::CLIENT {
+                    self.provide(announcement.as_ref().map(|a| a.announcement.model_id));
+                }
                 let me = *self.swarm.local_peer_id();
                 self.publisher.set_own(&me, announcement);
                 let peers: Vec<PeerId> = self
@@ -136,11 +234,15 @@ impl EventLoop {
             Command::Peers { reply } => {
                 let peers = self
                     .connected
-                    .iter()
-                    .map(|(p, rtt)| PeerInfo {
-                        peer: *p,
-                        rtt: *rtt,
-                        agent: self.agents.get(p).cloned(),
+                    .keys()
+                    .map(|p| {
+                        let (path, rtt) = self.best_link(p).unwrap_or((Path::Direct, None));
+                        PeerInfo {
+                            peer: *p,
+                            rtt,
+                            agent: self.agents.get(p).cloned(),
+                            path,
+                        }
                     })
                     .collect();
                 let _ = reply.send(peers);
@@ -151,6 +253,77 @@ impl EventLoop {
             Command::Refusals { reply } => {
                 let _ = reply.send(self.refused.iter().map(|(p, r)| (*p, r.clone())).collect());
             }
+            Command::Connect { peer, reply } => {
+                if let Some((path, _)) = self.best_link(&peer) {
+                    let _ = reply.send(Ok(path));
+                    return;
+                }
+                let waiting: usize = self.connect_waiters.values().map(Vec::len).sum();
+                if waiting >= MAX_CONNECT_WAITERS {
+                    let _ = reply.send(Err(NetError::Setup {
+                        what: format!("connecting to {peer}"),
+                        reason: "too many connections being made".into(),
+                    }));
+                    return;
+                }
+                match self.swarm.dial(DialOpts::peer_id(peer).build()) {
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                        self.connect_waiters.entry(peer).or_default().push(reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Setup {
+                            what: format!("connecting to {peer}"),
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::PathOf { peer, reply } => {
+                let path = self.best_link(&peer).map(|(p, _)| p);
+                let _ = reply.send((path, self.punching.contains(&peer)));
+            }
+            Command::Block { peer, blocked } => {
+                let gate = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    tracing::info!("blocking peer {peer}");
+                    gate.block_peer(peer);
+                } else {
+                    gate.unblock_peer(peer);
+                }
+            }
+            Command::Allow {
+                peer,
+                allowed,
+                reply,
+            } => {
+                let answer = match self.swarm.behaviour_mut().allowed.as_mut() {
+                    Some(gate) => {
+                        if allowed {
+                            gate.allow_peer(peer);
+                        } else {
+                            gate.disallow_peer(peer);
+                        }
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Providers { model, reply } => {
+                if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
+                    let _ = reply.send(Vec::new());
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(model_key(&model));
+                self.provider_queries.insert(id, (Vec::new(), reply));
+            }
+            Command::Reachability { reply } => {
+                let _ = reply.send(self.reach.status);
+            }
         }
     }
 
@@ -158,7 +331,24 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!("listening on {address}");
+                // A bootstrap is a public entry point: its listen addresses are its
+                // external ones (a relay hands them out in reservations).
+                if self.hello.roles == pollen_protocol::Roles::BOOTSTRAP
+                    && !is_relayed(&address)
+                    && !address.iter().any(|p| {
+                        matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+                    })
+                {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen_addrs.push(address);
+            }
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.reach.listener_closed(listener_id);
+            }
+            SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
+                // Addresses of providers found in the DHT, among others.
+                self.swarm.add_peer_address(peer_id, address);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -170,16 +360,37 @@ impl EventLoop {
                     let _ = reply.send(Ok(peer_id));
                     self.publisher.add_target(peer_id);
                 }
+                let relayed = endpoint.is_relayed();
+                self.links
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, Link { relayed, rtt: None });
+                if relayed
+                    && self
+                        .best_link(&peer_id)
+                        .is_some_and(|(p, _)| p == Path::Relayed)
+                {
+                    self.punching.insert(peer_id);
+                }
+                if let Some((path, _)) = self.best_link(&peer_id) {
+                    self.answer_connect_waiters(&peer_id, Ok(path));
+                }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.swarm
                         .behaviour_mut()
                         .kad
                         .add_address(&peer_id, address.clone());
+                    if self.dialed_addrs.len() < MAX_CONNECT_WAITERS {
+                        self.dialed_addrs.insert(connection_id, address.clone());
+                    }
                 }
                 self.publisher
                     .book
                     .connected(peer_id, endpoint.get_remote_address());
                 let fresh = self.connected.insert(peer_id, None).is_none();
+                if fresh {
+                    crate::metrics::global().peer_connected();
+                }
                 if fresh {
                     let hello = self.hello.clone();
                     self.swarm
@@ -196,12 +407,23 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.connected.remove(&peer_id);
-                self.agents.remove(&peer_id);
-                self.publisher.book.disconnected(&peer_id);
+                self.dialed_addrs.remove(&connection_id);
+                if let Some(links) = self.links.get_mut(&peer_id) {
+                    links.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    if self.connected.remove(&peer_id).is_some() {
+                        crate::metrics::global().peer_disconnected();
+                    }
+                    self.agents.remove(&peer_id);
+                    self.links.remove(&peer_id);
+                    self.punching.remove(&peer_id);
+                    self.reach.relay_gone(&peer_id);
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
@@ -209,8 +431,13 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 error,
-                ..
+                peer_id,
             } => {
+                if let Some(p) = peer_id
+                    && !self.links.contains_key(&p)
+                {
+                    self.answer_connect_waiters(&p, Err(error.to_string()));
+                }
                 if let Some((addr, reply)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(NetError::Dial {
                         addr,
@@ -257,8 +484,45 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
+                let runs_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                let dialed = self
+                    .links
+                    .get(&peer_id)
+                    .and_then(|l| l.get(&connection_id))
+                    .is_some_and(|l| !l.relayed);
+                if runs_relay {
+                    // The address we reached it on works from here; else its own
+                    // public listen addresses, dialed directly to see.
+                    match self.dialed_addrs.get(&connection_id).cloned() {
+                        Some(addr) if dialed => {
+                            self.reach.relay_found(peer_id, addr);
+                            self.reserve_relays();
+                        }
+                        _ if self.reach.wants_more() && !self.reach.is_candidate(&peer_id) => {
+                            let addrs: Vec<Multiaddr> = info
+                                .listen_addrs
+                                .iter()
+                                .filter(|a| !is_relayed(a) && is_public(a))
+                                .take(MAX_IDENTIFY_ADDRS)
+                                .cloned()
+                                .collect();
+                            if !addrs.is_empty() {
+                                let opts = DialOpts::peer_id(peer_id)
+                                    .addresses(addrs)
+                                    .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                                    .build();
+                                let _ = self.swarm.dial(opts);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
                 if speaks_kad {
                     for a in info.listen_addrs.into_iter().take(MAX_IDENTIFY_ADDRS) {
@@ -269,11 +533,110 @@ impl EventLoop {
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
-                ..
+                connection,
             }) => {
                 if let Some(slot) = self.connected.get_mut(&peer) {
                     *slot = Some(rtt);
                 }
+                if let Some(l) = self
+                    .links
+                    .get_mut(&peer)
+                    .and_then(|l| l.get_mut(&connection))
+                {
+                    l.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::AutonatClient(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => {
+                match &result {
+                    Ok(()) => tracing::info!("{server} dialed us back on {tested_addr}"),
+                    Err(e) => tracing::debug!("{server} could not dial us on {tested_addr}: {e}"),
+                }
+                self.reach.probed(result.is_ok());
+                self.reserve_relays();
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => {
+                tracing::info!("reserved a relay slot on {relay_peer_id}");
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                self.punching.remove(&remote_peer_id);
+                match result {
+                    Ok(direct) => {
+                        self.stats.hole_punch_ok.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("hole punched: a direct connection to {remote_peer_id}");
+                        // Sessions use the direct connection from now on: close the
+                        // relayed ones (libp2p-stream would pick either at random).
+                        let relayed: Vec<ConnectionId> = self
+                            .links
+                            .get(&remote_peer_id)
+                            .map(|l| {
+                                l.iter()
+                                    .filter(|(id, l)| l.relayed && **id != direct)
+                                    .map(|(id, _)| *id)
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        for id in relayed {
+                            self.swarm.close_connection(id);
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.hole_punch_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            "hole punch to {remote_peer_id} failed (staying relayed): {e}"
+                        );
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(r),
+                step,
+                stats,
+            }) => {
+                {
+                    if let Some((found, _)) = self.provider_queries.get_mut(&id)
+                        && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r
+                    {
+                        for p in providers {
+                            if found.len() < MAX_PROVIDERS && !found.contains(&p) {
+                                found.push(p);
+                            }
+                        }
+                    }
+                    // The first node that stores the model's records answers with all
+                    // it holds (up to the store's cap): enough to route, so the lookup
+                    // ends there rather than waiting on slow or unreachable peers.
+                    let enough = self
+                        .provider_queries
+                        .get(&id)
+                        .is_some_and(|(found, _)| !found.is_empty());
+                    if (step.last || enough)
+                        && let Some((found, reply)) = self.provider_queries.remove(&id)
+                    {
+                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                            q.finish();
+                        }
+                        self.stats
+                            .dht_lookup_requests
+                            .fetch_add(u64::from(stats.num_requests()), Ordering::Relaxed);
+                        let _ = reply.send(found);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::InboundRequest { .. }) => {
+                self.stats.dht_requests_in.fetch_add(1, Ordering::Relaxed);
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
                 for (peer, _) in gone {

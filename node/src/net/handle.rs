@@ -22,15 +22,46 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// largest book).
 const MAX_LIST_PAGES: usize = 16;
 
+/// How long a session open waits for hole punching to turn a relayed connection into
+/// a direct one before it runs through the relay.
+const HOLE_PUNCH_GRACE: Duration = Duration::from_secs(3);
+/// How long a DHT lookup of a model's providers may take while gathering.
+const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most providers found in the DHT that one gather connects to and asks.
+const MAX_PROVIDERS_ASKED: usize = 64;
+
+/// How this node reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// A direct connection (the peer is public, or hole punching succeeded).
+    Direct,
+    /// Only through a relay: every byte takes an extra hop.
+    Relayed,
+}
+
+/// Whether this node can be dialed from the internet, as AutoNAT found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reachability {
+    /// Not known yet (or this node does not listen).
+    Unknown,
+    /// A peer dialed one of our addresses back.
+    Public,
+    /// Dial-backs failed: this node is behind NAT and reserves relay slots.
+    Private,
+}
+
 /// A connected peer.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     /// Its id.
     pub peer: PeerId,
-    /// Last measured round-trip time.
+    /// Last measured round-trip time on the connection in use (through the relay when
+    /// relayed, so routing counts a relayed hop's extra latency).
     pub rtt: Option<Duration>,
     /// Agent string from identify.
     pub agent: Option<String>,
+    /// Direct or relayed.
+    pub path: Path,
 }
 
 /// What the swarm task is asked to do.
@@ -69,6 +100,32 @@ pub(super) enum Command {
     Refusals {
         reply: oneshot::Sender<Vec<(PeerId, String)>>,
     },
+    /// Connect to `peer` (by the addresses known for it) unless connected.
+    Connect {
+        peer: PeerId,
+        reply: oneshot::Sender<NetResult<Path>>,
+    },
+    /// The best path to `peer`, and whether a hole punch is still under way.
+    PathOf {
+        peer: PeerId,
+        reply: oneshot::Sender<(Option<Path>, bool)>,
+    },
+    /// Add `peer` to (or take it off) the block list; blocking disconnects it.
+    Block { peer: PeerId, blocked: bool },
+    /// Add `peer` to (or take it off) the allowlist, where there is one.
+    Allow {
+        peer: PeerId,
+        allowed: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Look up the providers of `model` in the DHT.
+    Providers {
+        model: ModelId,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Reachability {
+        reply: oneshot::Sender<Reachability>,
+    },
 }
 
 /// Message counters of one node, for measuring what discovery and sessions cost.
@@ -86,6 +143,14 @@ pub struct NetStats {
     pub bytes_in: AtomicU64,
     /// Bytes of session frames sent (length prefixes included).
     pub bytes_out: AtomicU64,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punch_ok: AtomicU64,
+    /// Hole punches that failed (the connection stays relayed).
+    pub hole_punch_failed: AtomicU64,
+    /// DHT requests this node's provider lookups sent.
+    pub dht_lookup_requests: AtomicU64,
+    /// DHT requests received (lookups, provider records, routing).
+    pub dht_requests_in: AtomicU64,
 }
 
 impl NetStats {
@@ -211,6 +276,24 @@ impl NetHandle {
         if !addrs.is_empty() {
             self.add_addresses(peer, addrs, false).await?;
         }
+        // Connect first: where the only way in is a relay, hole punching gets a moment
+        // to make a direct connection (the relayed one is then closed), so the session
+        // runs direct wherever the NATs allow.
+        let start = tokio::time::Instant::now();
+        if let Ok(Ok(Path::Relayed)) = tokio::time::timeout(timeout, self.connect(peer)).await {
+            let grace = start + HOLE_PUNCH_GRACE.min(timeout / 2);
+            while tokio::time::Instant::now() < grace {
+                match self.path(peer).await? {
+                    (Some(Path::Relayed), true) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let timeout = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
         let mut control = self.control.clone();
         tokio::time::timeout(
             timeout,
@@ -332,6 +415,102 @@ impl NetHandle {
         .await
     }
 
+    /// Connects to `peer` by the addresses known for it, unless connected; the path.
+    pub async fn connect(&self, peer: PeerId) -> NetResult<Path> {
+        self.call(
+            &format!("connecting to {peer}"),
+            |reply| Command::Connect { peer, reply },
+            COMMAND_TIMEOUT,
+        )
+        .await?
+    }
+
+    /// The best path to `peer` (`None` when not connected), and whether hole punching
+    /// on a relayed connection to it is still under way.
+    pub async fn path(&self, peer: PeerId) -> NetResult<(Option<Path>, bool)> {
+        self.call(
+            "reading a path",
+            |reply| Command::PathOf { peer, reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Refuses every connection from and to `peer` (and closes those open), until
+    /// [`Self::unblock_peer`].
+    pub async fn block_peer(&self, peer: PeerId) -> NetResult<()> {
+        self.send(Command::Block {
+            peer,
+            blocked: true,
+        })
+        .await
+    }
+
+    /// Takes `peer` off the block list.
+    pub async fn unblock_peer(&self, peer: PeerId) -> NetResult<()> {
+        self.send(Command::Block {
+            peer,
+            blocked: false,
+        })
+        .await
+    }
+
+    /// Allows `peer` to connect, where the node has an allowlist
+    /// ([`super::NetConfig::allow_peers`]); `false` when it has none (everyone may).
+    pub async fn allow_peer(&self, peer: PeerId) -> NetResult<bool> {
+        self.call(
+            "allowing a peer",
+            |reply| Command::Allow {
+                peer,
+                allowed: true,
+                reply,
+            },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Takes `peer` off the allowlist (and disconnects it); `false` without one.
+    pub async fn disallow_peer(&self, peer: PeerId) -> NetResult<bool> {
+        self.call(
+            "disallowing a peer",
+            |reply| Command::Allow {
+                peer,
+                allowed: false,
+                reply,
+            },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
+    /// The servers of `model` the DHT knows (provider records), at most
+    /// [`MAX_PROVIDERS_ASKED`]; empty when the lookup finds none within its timeout.
+    pub async fn providers(&self, model: ModelId) -> NetResult<Vec<PeerId>> {
+        match self
+            .call(
+                "looking up providers",
+                |reply| Command::Providers { model, reply },
+                PROVIDERS_TIMEOUT,
+            )
+            .await
+        {
+            Ok(p) => Ok(p),
+            Err(NetError::Timeout { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether this node is publicly reachable, as AutoNAT found.
+    pub async fn reachability(&self) -> NetResult<Reachability> {
+        self.call(
+            "reading reachability",
+            |reply| Command::Reachability { reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
     /// Waits until the node listens on at least `count` addresses (or `timeout` passes).
     pub async fn wait_listening(
         &self,
@@ -361,11 +540,22 @@ impl NetHandle {
         model: Option<ModelId>,
         skip: impl Fn(&PeerId) -> bool,
     ) -> NetResult<Vec<VerifiedAnnouncement>> {
-        let mut peers = self.peers().await?;
-        peers.retain(|p| !skip(&p.peer));
+        // The DHT first: the servers of the model, found from any peer we know, and
+        // connected to so that they can be asked below.
+        if let Some(m) = model {
+            let found = self.providers(m).await.unwrap_or_default();
+            let connects = found
+                .into_iter()
+                .filter(|p| *p != self.peer_id && !skip(p))
+                .take(MAX_PROVIDERS_ASKED)
+                .map(|p| tokio::time::timeout(GATHER_TIMEOUT, self.connect(p)));
+            futures::future::join_all(connects).await;
+        }
+        let mut peers: Vec<PeerId> = self.peers().await?.into_iter().map(|p| p.peer).collect();
+        peers.retain(|p| !skip(p));
         let asks = peers.iter().map(|p| {
             let h = self.clone();
-            let peer = p.peer;
+            let peer = *p;
             async move { (peer, h.list_pages(peer, model).await) }
         });
         for (peer, answer) in futures::future::join_all(asks).await {

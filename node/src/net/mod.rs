@@ -18,17 +18,19 @@ pub mod error;
 mod event_loop;
 pub mod handle;
 pub mod identity;
+pub mod private;
 pub mod publish;
+mod reach;
 pub mod stream;
 pub mod transport;
 
 pub use behaviour::{Behaviour, BehaviourEvent};
 pub use error::{NetError, NetResult};
-pub use handle::{NetHandle, NetStats, PeerInfo};
+pub use handle::{NetHandle, NetStats, Path, PeerInfo, Reachability};
 
 use codec::FrameCodec;
 use event_loop::EventLoop;
-use libp2p::{Multiaddr, identity::Keypair};
+use libp2p::{Multiaddr, PeerId, identity::Keypair};
 use pollen_protocol::{AnnounceRequest, AnnounceResponse, Hello, HelloReply, Roles};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,17 +70,95 @@ pub struct NetConfig {
     pub role: Role,
     /// The protocol version this node speaks ([`pollen_protocol::PROTOCOL_VERSION`]; tests change it).
     pub protocol_version: u32,
+    /// Caps on connections.
+    pub caps: ConnectionCaps,
+    /// Run a relay v2 server for nodes behind NAT (always on for bootstraps).
+    pub relay: bool,
+    /// When set, only these peers may connect (a private mesh's allowlist; more can be
+    /// allowed later with [`NetHandle::allow_peer`]).
+    pub allow_peers: Option<Vec<PeerId>>,
+    /// A private mesh's swarm key and allowlist file ([`private::MeshConfig`]);
+    /// [`NetConfig::new`] takes this process's ([`private::process_mesh`]: public unless
+    /// the binary installed `--swarm-key` or `--allow-peers`).
+    pub mesh: private::MeshConfig,
+}
+
+/// A server's network settings from its command line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args)]
+pub struct NetOptions {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub caps: ConnectionCaps,
+    /// Run a relay for nodes behind NAT (as every bootstrap does): use it on a server
+    /// with a public address, so that the swarm keeps relays when bootstraps are gone.
+    #[arg(long)]
+    pub relay: bool,
+}
+
+/// Caps on a node's connections, enforced by libp2p's connection-limits behaviour
+/// before any protocol runs. The defaults are far above what a swarm of a thousand
+/// servers needs (a node connects to the servers of its routes, a bootstrap to every
+/// server), so only a flood reaches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct ConnectionCaps {
+    /// Most connections established at once, in and out together.
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections)]
+    pub max_connections: u32,
+    /// Most connections established with one peer (a relayed and a direct one, TCP and
+    /// QUIC, both directions).
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections_per_peer)]
+    pub max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake at once.
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_pending_incoming)]
+    pub max_pending_incoming: u32,
+    /// Most outgoing dials in progress at once.
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_pending_outgoing)]
+    pub max_pending_outgoing: u32,
+}
+
+impl ConnectionCaps {
+    /// The defaults: 8,192 connections, 8 per peer, 256 pending each way.
+    pub const DEFAULT: ConnectionCaps = ConnectionCaps {
+        max_connections: 8192,
+        max_connections_per_peer: 8,
+        max_pending_incoming: 256,
+        max_pending_outgoing: 256,
+    };
+
+    /// libp2p's limits for these caps.
+    pub fn limits(&self) -> libp2p::connection_limits::ConnectionLimits {
+        libp2p::connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(self.max_connections))
+            .with_max_established_per_peer(Some(self.max_connections_per_peer))
+            .with_max_pending_incoming(Some(self.max_pending_incoming))
+            .with_max_pending_outgoing(Some(self.max_pending_outgoing))
+    }
+}
+
+impl Default for ConnectionCaps {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 impl NetConfig {
-    /// A configuration for `role` with a fresh identity, no listen address and no mDNS.
+    /// A configuration for `role` with a fresh identity (or this process's
+    /// `--client-identity`), this process's mesh, no listen address and no mDNS.
     pub fn new(role: Role) -> Self {
+        let mesh = private::process_mesh();
         Self {
-            keypair: Keypair::generate_ed25519(),
+            keypair: mesh
+                .identity
+                .clone()
+                .unwrap_or_else(Keypair::generate_ed25519),
             listen: Vec::new(),
             mdns: false,
             role,
             protocol_version: pollen_protocol::PROTOCOL_VERSION,
+            caps: ConnectionCaps::DEFAULT,
+            relay: false,
+            allow_peers: None,
+            mesh,
         }
     }
 }
@@ -101,6 +181,18 @@ pub fn start(
         },
         agent: format!("pollen/{}", env!("CARGO_PKG_VERSION")),
     };
+    if cfg.mesh.is_private() {
+        private::check_tcp_only(&cfg.listen).map_err(|e| NetError::Setup {
+            what: "a private mesh's listen addresses".into(),
+            reason: e.to_string(),
+        })?;
+        if transport::uses_memory(&cfg) {
+            return Err(NetError::Setup {
+                what: "a private mesh on the in-process transport".into(),
+                reason: "the swarm key runs on TCP only".into(),
+            });
+        }
+    }
     let mut swarm = transport::build(&cfg)?;
     for addr in &cfg.listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Setup {
@@ -129,6 +221,13 @@ pub fn start(
         connected: HashMap::new(),
         agents: HashMap::new(),
         listen_addrs: Vec::new(),
+        reach: reach::Reach::new(cfg.role, !cfg.listen.is_empty()),
+        links: HashMap::new(),
+        punching: std::collections::HashSet::new(),
+        connect_waiters: HashMap::new(),
+        provider_queries: HashMap::new(),
+        providing: None,
+        dialed_addrs: HashMap::new(),
     };
     let task = tokio::spawn(event_loop.run(cancel));
     Ok((handle, task))

@@ -15,7 +15,8 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::Config as SwarmConfig;
 use libp2p::{
-    Multiaddr, StreamProtocol, Swarm, autonat, identify, kad, mdns, noise, ping, relay, tcp, yamux,
+    Multiaddr, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr,
+    identify, kad, mdns, noise, ping, relay, tcp, yamux,
 };
 use pollen_protocol::{ANNOUNCE_PROTOCOL, HELLO_PROTOCOL};
 use std::time::Duration;
@@ -26,6 +27,13 @@ pub const IDENTIFY_PROTOCOL: &str = "/pollen/id/1";
 pub const KAD_PROTOCOL: &str = "/pollen/kad/1";
 /// How long a connection with no open stream is kept.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Provider records of a served model live this long without being republished ...
+const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(180);
+/// ... and are republished this often, so a server that leaves drops out of the DHT
+/// within minutes while one that stays never does.
+const PROVIDER_REPUBLISH: Duration = Duration::from_secs(60);
+/// Most providers of one model each DHT node keeps (libp2p's default is 20).
+const MAX_PROVIDERS_PER_MODEL: usize = 512;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -63,7 +71,7 @@ pub fn build(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
 /// The swarm on libp2p's in-process transport, upgraded like TCP (noise, yamux).
 /// mDNS stays off: it needs a UDP socket and could find nothing dialable here.
 fn build_in_memory(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
-    let role = cfg.role;
+    let cfg2 = cfg.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
         .with_other_transport(|key| -> Result<_, BoxError> {
@@ -73,7 +81,7 @@ fn build_in_memory(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
                 .multiplex(yamux::Config::default()))
         })
         .map_err(|e| setup("building the in-process transport", e))?
-        .with_behaviour(|key| behaviour(key, role, false))
+        .with_behaviour(|key| behaviour(key, &cfg2, false, None))
         .map_err(|e| setup("building the node's protocols", e))?
         .with_swarm_config(swarm_config)
         .build();
@@ -82,7 +90,9 @@ fn build_in_memory(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
 
 /// The swarm on TCP with noise and yamux, QUIC and DNS.
 fn build_on_network(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
-    let role = cfg.role;
+    if let Some(keys) = cfg.mesh.keys.clone() {
+        return build_private(cfg, keys);
+    }
     let use_mdns = cfg.mdns;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
         .with_tokio()
@@ -95,7 +105,34 @@ fn build_on_network(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
         .with_quic()
         .with_dns()
         .map_err(|e| setup("building the DNS resolver", e))?
-        .with_behaviour(|key| behaviour(key, role, use_mdns))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup("building the relay client", e))?
+        .with_behaviour(|key, relay_client| behaviour(key, cfg, use_mdns, Some(relay_client)))
+        .map_err(|e| setup("building the node's protocols", e))?
+        .with_swarm_config(swarm_config)
+        .build();
+    Ok(swarm)
+}
+
+/// A private mesh's swarm ([`super::private`]): TCP under the swarm key (pnet), then
+/// noise and yamux, and DNS and the relay client as on the public network; no QUIC,
+/// which cannot carry a pre-shared key.
+fn build_private(
+    cfg: &NetConfig,
+    keys: std::sync::Arc<super::private::KeyRing>,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let use_mdns = cfg.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_other_transport(|key| -> Result<_, BoxError> {
+            Ok(super::private::tcp_transport(key, keys)?)
+        })
+        .map_err(|e| setup("building the private mesh's TCP transport", e))?
+        .with_dns()
+        .map_err(|e| setup("building the DNS resolver", e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup("building the relay client", e))?
+        .with_behaviour(|key, relay_client| behaviour(key, cfg, use_mdns, Some(relay_client)))
         .map_err(|e| setup("building the node's protocols", e))?
         .with_swarm_config(swarm_config)
         .build();
@@ -106,8 +143,30 @@ fn swarm_config(c: SwarmConfig) -> SwarmConfig {
     c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
 }
 
-/// The composed protocols of a node with identity `key` and `role`.
-fn behaviour(key: &Keypair, role: Role, use_mdns: bool) -> Result<Behaviour, BoxError> {
+/// The relay server's limits: libp2p's defaults (16 circuits of 128 KiB for 2 minutes)
+/// suit signalling, not inference sessions that run through a relay when hole punching
+/// fails. Circuits stay capped per peer.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 1024,
+        max_reservations_per_peer: 4,
+        max_circuits: 256,
+        max_circuits_per_peer: 16,
+        max_circuit_duration: Duration::from_secs(60 * 60),
+        max_circuit_bytes: 1 << 30,
+        ..relay::Config::default()
+    }
+}
+
+/// The composed protocols of a node with `cfg`'s role and caps; `relay_client` is
+/// `None` on the in-process transport.
+fn behaviour(
+    key: &Keypair,
+    cfg: &NetConfig,
+    use_mdns: bool,
+    relay_client: Option<relay::client::Behaviour>,
+) -> Result<Behaviour, BoxError> {
+    let role = cfg.role;
     let local = key.public().to_peer_id();
     let agent = format!("pollen/{}", env!("CARGO_PKG_VERSION"));
     let identify = identify::Behaviour::new(
@@ -115,7 +174,16 @@ fn behaviour(key: &Keypair, role: Role, use_mdns: bool) -> Result<Behaviour, Box
     );
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_cfg.set_query_timeout(Duration::from_secs(30));
-    let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
+    kad_cfg.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+    kad_cfg.set_provider_publication_interval(Some(PROVIDER_REPUBLISH));
+    let store = kad::store::MemoryStore::with_config(
+        local,
+        kad::store::MemoryStoreConfig {
+            max_providers_per_key: MAX_PROVIDERS_PER_MODEL,
+            ..Default::default()
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(local, store, kad_cfg);
     kad.set_mode(Some(match role {
         Role::Client => kad::Mode::Client,
         Role::Server | Role::Bootstrap => kad::Mode::Server,
@@ -125,8 +193,14 @@ fn behaviour(key: &Keypair, role: Role, use_mdns: bool) -> Result<Behaviour, Box
     } else {
         None
     };
-    let relay =
-        (role == Role::Bootstrap).then(|| relay::Behaviour::new(local, relay::Config::default()));
+    let relay = (role == Role::Bootstrap || cfg.relay)
+        .then(|| relay::Behaviour::new(local, relay_config()));
+    let on_network = relay_client.is_some();
+    let listens = role != Role::Client;
+    let autonat_client = (on_network && listens).then(autonat::v2::client::Behaviour::default);
+    let autonat_server = (on_network && listens).then(autonat::v2::server::Behaviour::default);
+    let dcutr = on_network.then(|| dcutr::Behaviour::new(local));
+    let allowed = cfg.mesh.gate(cfg.allow_peers.as_deref());
     let autonat = (role == Role::Bootstrap).then(|| {
         autonat::Behaviour::new(
             local,
@@ -142,6 +216,9 @@ fn behaviour(key: &Keypair, role: Role, use_mdns: bool) -> Result<Behaviour, Box
             .with_max_concurrent_streams(streams)
     };
     Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(cfg.caps.limits()),
+        blocked: allow_block_list::Behaviour::default(),
+        allowed: allowed.into(),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
         kad,
@@ -160,5 +237,9 @@ fn behaviour(key: &Keypair, role: Role, use_mdns: bool) -> Result<Behaviour, Box
             rr(Duration::from_secs(20), 32),
         ),
         stream: libp2p_stream::Behaviour::new(),
+        relay_client: relay_client.into(),
+        dcutr: dcutr.into(),
+        autonat_client: autonat_client.into(),
+        autonat_server: autonat_server.into(),
     })
 }

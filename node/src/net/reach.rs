@@ -1,0 +1,128 @@
+//! Reachability: what AutoNAT says about this node, the relays it may reserve slots
+//! on, and the reservations it holds. A server that is not publicly reachable listens
+//! through up to [`MAX_RESERVATIONS`] relays (bootstraps, and servers started with
+//! `--relay`), so its announcement carries a relayed address that anyone can dial.
+
+use super::Role;
+use super::handle::Reachability;
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Relays a node behind NAT listens through at once.
+pub(super) const MAX_RESERVATIONS: usize = 2;
+/// Most relay candidates remembered.
+const MAX_CANDIDATES: usize = 32;
+/// A listening node that AutoNAT has not confirmed public within this long reserves
+/// relay slots anyway: being reachable through a relay beats not being reachable.
+const DECIDE_AFTER: Duration = Duration::from_secs(12);
+/// Failed dial-backs (with none succeeding) that make a node private.
+const FAILURES_TO_PRIVATE: u32 = 1;
+
+/// The reachability state of a node.
+#[derive(Debug)]
+pub(crate) struct Reach {
+    /// Whether this node should become reachable (a server that listens).
+    wants: bool,
+    pub(super) status: Reachability,
+    started: Instant,
+    failures: u32,
+    /// Peers that run a relay server, with the address we reached them on.
+    candidates: HashMap<PeerId, Multiaddr>,
+    /// Our relayed listeners, by relay.
+    reserved: HashMap<PeerId, ListenerId>,
+}
+
+/// Whether `addr` goes through a relay.
+pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+impl Reach {
+    /// The state of a node with `role` that listens (or not).
+    pub(crate) fn new(role: Role, listens: bool) -> Self {
+        Self {
+            wants: role == Role::Server && listens,
+            status: Reachability::Unknown,
+            started: Instant::now(),
+            failures: 0,
+            candidates: HashMap::new(),
+            reserved: HashMap::new(),
+        }
+    }
+
+    /// An AutoNAT dial-back of one of our addresses succeeded or failed.
+    pub(super) fn probed(&mut self, ok: bool) {
+        if ok {
+            if self.status != Reachability::Public {
+                tracing::info!("reachability: public (a peer dialed us back)");
+            }
+            self.status = Reachability::Public;
+        } else if self.status != Reachability::Public {
+            self.failures += 1;
+            if self.failures >= FAILURES_TO_PRIVATE && self.status != Reachability::Private {
+                tracing::info!("reachability: behind NAT (dial-backs fail); reserving relay slots");
+                self.status = Reachability::Private;
+            }
+        }
+    }
+
+    /// `peer`, reached on `addr`, runs a relay server.
+    pub(super) fn relay_found(&mut self, peer: PeerId, addr: Multiaddr) {
+        if is_relayed(&addr) {
+            return;
+        }
+        let addr: Multiaddr = addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        if self.candidates.len() < MAX_CANDIDATES || self.candidates.contains_key(&peer) {
+            self.candidates.insert(peer, addr);
+        }
+    }
+
+    /// `peer` disconnected or its listener closed: it is no longer a relay of ours.
+    pub(super) fn relay_gone(&mut self, peer: &PeerId) {
+        self.reserved.remove(peer);
+    }
+
+    /// Our relayed listener `id` closed.
+    pub(super) fn listener_closed(&mut self, id: ListenerId) {
+        self.reserved.retain(|_, l| *l != id);
+    }
+
+    /// The relayed addresses to listen on now (each `/…/p2p/RELAY/p2p-circuit`).
+    pub(super) fn to_reserve(&self) -> Vec<(PeerId, Multiaddr)> {
+        let private = self.status == Reachability::Private
+            || (self.status == Reachability::Unknown && self.started.elapsed() >= DECIDE_AFTER);
+        if !self.wants || !private || self.reserved.len() >= MAX_RESERVATIONS {
+            return Vec::new();
+        }
+        self.candidates
+            .iter()
+            .filter(|(p, _)| !self.reserved.contains_key(p))
+            .take(MAX_RESERVATIONS - self.reserved.len())
+            .map(|(p, a)| {
+                let addr = a.clone().with(Protocol::P2p(*p)).with(Protocol::P2pCircuit);
+                (*p, addr)
+            })
+            .collect()
+    }
+
+    /// Whether this node is behind NAT (or may be) and holds fewer slots than it wants.
+    pub(super) fn wants_more(&self) -> bool {
+        self.wants && self.status != Reachability::Public && self.reserved.len() < MAX_RESERVATIONS
+    }
+
+    /// Whether `peer` is a known relay.
+    pub(super) fn is_candidate(&self, peer: &PeerId) -> bool {
+        self.candidates.contains_key(peer)
+    }
+
+    /// We listen through `relay` with listener `id`.
+    pub(super) fn reserving(&mut self, relay: PeerId, id: ListenerId) {
+        self.reserved.insert(relay, id);
+    }
+}

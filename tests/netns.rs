@@ -1,0 +1,309 @@
+//! Pollen across an emulated internet: hosts in Linux network namespaces, NAT routers
+//! with nftables masquerade, documentation address ranges only (see
+//! `tests/common/netns.rs`). Skipped, with the reason, where namespaces cannot be made.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+
+use common::*;
+use netns::{Host, Nat, NatKind, Net};
+use std::path::Path;
+use std::time::Duration;
+
+/// The internet of a test, or `None` (after saying why) where it cannot be made.
+fn internet() -> Option<Net> {
+    match Net::new() {
+        Ok(n) => Some(n),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// A bootstrap on `host`; it and its dialable address.
+fn bootstrap_on(host: &Host, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = host.command(pollen());
+    cmd.args(["bootstrap", "--no-mdns", "--listen", &host.tcp()])
+        .args(["--listen", &host.quic(), "--identity"])
+        .arg(dir.join(format!("{}.key", host.ns)))
+        .args(extra);
+    let p = Proc::spawn(&format!("bootstrap on {}", host.ip), &mut cmd).unwrap();
+    let addr = p.line_with("/ip4/", Duration::from_secs(30)).unwrap();
+    (p, addr)
+}
+
+/// A server of `blocks` on `host`, joined through `bootstrap`; it and its `ready` line.
+fn server_on(
+    host: &Host,
+    bootstrap: &str,
+    blocks: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut cmd = host.command(pollen());
+    cmd.args(["serve", "--threads", "1", "--no-mdns", "--blocks", blocks])
+        .args(["--listen", &host.tcp(), "--listen", &host.quic()])
+        .args(["--bootstrap", bootstrap, "--model"])
+        .arg(model())
+        .arg("--identity")
+        .arg(dir.join(format!("{}.key", host.ns)))
+        .args(extra);
+    let p = Proc::spawn(&format!("server {blocks} on {}", host.ip), &mut cmd).unwrap();
+    let ready = p
+        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+        .unwrap();
+    (p, ready)
+}
+
+/// `pollen status --json` run on `host` through `entry`.
+fn status_on(host: &Host, entry: &str) -> serde_json::Value {
+    let out = host
+        .command(pollen())
+        .args([
+            "status",
+            "--json",
+            "--no-mdns",
+            "--bootstrap",
+            entry,
+            "--wait",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_server_on_another_host_is_seen_through_the_bootstrap() {
+    let Some(mut net) = internet() else { return };
+    let dir = temp_dir("netns-simple");
+    let boot_host = net.public_host("boot").unwrap();
+    let server_host = net.public_host("srv").unwrap();
+    let (_boot, addr) = bootstrap_on(&boot_host, &dir, &[]);
+    assert!(addr.starts_with("/ip4/198.51.100."), "{addr}");
+    let (_s, ready) = server_on(&server_host, &addr, "0:30", &dir, &["--announce-ttl", "6"]);
+    let seen = wait_for(Duration::from_secs(15), || {
+        coverage(&status_on(&boot_host, &addr)).is_some_and(|(gaps, n)| gaps.is_empty() && n == 1)
+    });
+    assert!(
+        seen.is_some(),
+        "the server on another host covers every block"
+    );
+    let status = status_on(&boot_host, &addr);
+    let s = &status["models"][0]["servers"][0];
+    assert_eq!(s["peer"], peer_of(&ready));
+    assert!(
+        s["addrs"].to_string().contains(&server_host.ip),
+        "announced on its own host's address: {s}"
+    );
+}
+
+/// `pollen generate` on `host` through `entry` (greedy, 1 thread); its stdout.
+fn generate_on(host: &Host, entry: &str, prompt: &str, max_tokens: usize) -> String {
+    let out = host
+        .command(pollen())
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--no-mdns",
+            "--bootstrap",
+            entry,
+        ])
+        .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
+        .args(["--route-wait", "60", "--model"])
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "generate on {} through {entry} failed: {}",
+        host.ip,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The generated text (the first line of `generate`'s output: stats follow).
+fn text(out: &str) -> &str {
+    out.lines().next().unwrap_or("")
+}
+
+/// How each server of `status` is reached, by peer id.
+fn reach_of(status: &serde_json::Value) -> Vec<(String, String)> {
+    status["models"][0]["servers"]
+        .as_array()
+        .map(|servers| {
+            servers
+                .iter()
+                .map(|s| {
+                    (
+                        s["peer"].as_str().unwrap_or("").to_string(),
+                        s["reach"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every server behind a NAT announces a relayed address.
+fn announces_relayed(status: &serde_json::Value, peers: &[&str]) -> bool {
+    let Some(servers) = status["models"][0]["servers"].as_array() else {
+        return false;
+    };
+    peers.iter().all(|p| {
+        servers
+            .iter()
+            .any(|s| s["peer"] == *p && s["addrs"].to_string().contains("/p2p-circuit"))
+    })
+}
+
+/// The swarm of cases (a)–(d): a bootstrap, server 0:10 (started with `--relay`) and a
+/// client host on the public segment; server 10:20 behind NAT A (192.0.2.0/24) and
+/// server 20:30 behind NAT B (203.0.113.0/24).
+struct World {
+    boot: Option<Proc>,
+    servers: Vec<(Proc, String)>,
+    addr: String,
+    client: Host,
+    _nats: Vec<Nat>,
+    // Last: the namespaces go after every process in them.
+    net: Net,
+}
+
+fn world(kind: NatKind, tag: &str) -> Option<World> {
+    let mut net = internet()?;
+    let dir = temp_dir(tag);
+    let boot_host = net.public_host("boot").unwrap();
+    let pub_host = net.public_host("s0").unwrap();
+    let client = net.public_host("cli").unwrap();
+    let mut nat_a = net.nat("nata", "192.0.2", kind).unwrap();
+    let mut nat_b = net.nat("natb", "203.0.113", kind).unwrap();
+    let a = net.private_host(&mut nat_a, "s1").unwrap();
+    let b = net.private_host(&mut nat_b, "s2").unwrap();
+    let (boot, addr) = bootstrap_on(&boot_host, &dir, &[]);
+    let ttl = ["--announce-ttl", "6"];
+    let relay = ["--announce-ttl", "6", "--relay"];
+    let servers = vec![
+        server_on(&pub_host, &addr, "0:10", &dir, &relay),
+        server_on(&a, &addr, "10:20", &dir, &ttl),
+        server_on(&b, &addr, "20:30", &dir, &ttl),
+    ];
+    Some(World {
+        boot: Some(boot),
+        servers,
+        addr,
+        client,
+        _nats: vec![nat_a, nat_b],
+        net,
+    })
+}
+
+impl World {
+    fn peer(&self, i: usize) -> &str {
+        peer_of(&self.servers[i].1)
+    }
+
+    /// Waits until every block is covered and the servers behind NAT announce relayed
+    /// addresses; the time it took.
+    fn wait_ready(&self) -> Duration {
+        let behind = [self.peer(1), self.peer(2)];
+        let took = wait_for(Duration::from_secs(60), || {
+            let st = status_on(&self.client, &self.addr);
+            coverage(&st).is_some_and(|(gaps, n)| gaps.is_empty() && n == 3)
+                && announces_relayed(&st, &behind)
+        });
+        took.expect("full coverage, with relayed addresses for the servers behind NAT, within 60 s")
+    }
+}
+
+const PROMPT: &str = "The history of the printing press begins";
+const TOKENS: usize = 16;
+
+/// (a) two servers behind two different NATs serve the middle and last spans, hole
+/// punching makes their links direct, and the answer equals `--local`; (d) the same
+/// with 1% loss (and 10 ms of delay where the kernel has netem); (c) with the
+/// bootstrap killed, a new client that knows only a server's address joins and gets
+/// the same answer.
+#[test]
+fn servers_behind_two_nats_serve_directly_and_survive_the_bootstrap() {
+    let local = text(&generate(None, PROMPT, false, TOKENS)).to_string();
+    let Some(mut w) = world(NatKind::Cone, "netns-cone") else {
+        return;
+    };
+    let took = w.wait_ready();
+    eprintln!("servers behind NAT announced relayed addresses {took:?} after start");
+
+    let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+    assert_eq!(text(&out), local, "(a) through two NATs");
+    let reach = reach_of(&status_on(&w.client, &w.addr));
+    eprintln!("reach: {reach:?}");
+    assert_eq!(reach.len(), 3, "every server is probed: {reach:?}");
+    for (peer, how) in &reach {
+        let want = if peer == w.peer(0) {
+            "public"
+        } else {
+            "direct"
+        };
+        assert_eq!(how, want, "{peer} is reached {how}, not {want}: {reach:?}");
+    }
+
+    // (d) loss, and delay where the kernel can.
+    w.net.set_loss(1).unwrap();
+    match w.net.can_delay() {
+        Ok(()) => w.net.set_delay(10).unwrap(),
+        Err(why) => eprintln!("(d) without delay: {why}"),
+    }
+    let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+    assert_eq!(text(&out), local, "(d) with 1% loss");
+    w.net.set_loss(0).unwrap();
+    let _ = w.net.set_delay(0);
+
+    // (c) the bootstrap dies; a new client knows only the public server's address.
+    w.boot.take().unwrap().kill9();
+    let s0 = w.servers[0]
+        .0
+        .line_with("listening /ip4/198.51.100.", Duration::from_secs(5))
+        .unwrap()
+        .replacen("listening ", "", 1);
+    let out = generate_on(&w.client, &s0, PROMPT, TOKENS);
+    assert_eq!(
+        text(&out),
+        local,
+        "(c) with the bootstrap gone, through a server"
+    );
+}
+
+/// (b) both NATs give every flow a random port, so hole punching cannot work: the
+/// answer goes through the relay, and is still the local one.
+#[test]
+fn servers_behind_symmetric_nats_serve_through_the_relay() {
+    let local = text(&generate(None, PROMPT, false, TOKENS)).to_string();
+    let Some(w) = world(NatKind::Symmetric, "netns-sym") else {
+        return;
+    };
+    let took = w.wait_ready();
+    eprintln!("servers behind NAT announced relayed addresses {took:?} after start");
+    let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+    assert_eq!(text(&out), local, "(b) through the relay");
+    let reach = reach_of(&status_on(&w.client, &w.addr));
+    eprintln!("reach: {reach:?}");
+    assert_eq!(reach.len(), 3, "every server is probed: {reach:?}");
+    for (peer, how) in &reach {
+        let want = if peer == w.peer(0) {
+            "public"
+        } else {
+            "relayed"
+        };
+        assert_eq!(how, want, "{peer} is reached {how}, not {want}: {reach:?}");
+    }
+}
