@@ -10,17 +10,19 @@
 //! - each (row, block) stores unsigned quants `u` (4 or 8 bits), a scale `d`
 //!   and an offset `m`, so that the weight is `d * u + m`. Q4_1 maps onto this
 //!   exactly (`u` = nibble), Q4_0 with `m = -8 d`, Q8_0 with `u = q + 128`,
-//!   `m = -128 d`; any other type is dequantized and stored as 8-bit
-//!   asymmetric quants (a small, measured change);
+//!   `m = -128 d`, Q4_K with `d = d·sc`, `m = -dmin·mn` per sub-block of
+//!   32 (those products rounded to f16); any other type is dequantized and
+//!   stored as 8-bit asymmetric quants (a small, measured change);
 //! - activations are quantized per block of 32 to int8 with a scale, as ggml
 //!   and candle do for every quantized product (candle's Q4_1 path uses Q8_1
 //!   activations, the same numbers), so the result differs from candle's
 //!   only by float rounding order.
 //!
-//! Two SIMD kernels run this layout, chosen at run time ([`kernel_path`],
+//! Three SIMD kernels run this layout, chosen at run time ([`kernel_path`],
 //! forced by the `POLLEN_KERNEL` environment variable): AVX-512 VNNI
-//! (`vpdpbusd`, `avx512.rs`) and AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`),
-//! the crate's two files of unsafe code. Where neither runs,
+//! (`vpdpbusd`, `avx512.rs`), AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`)
+//! and, on aarch64, NEON (`smull` + pairwise adds, `neon.rs`), the crate's
+//! three files of unsafe code. Where neither runs,
 //! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
 //! kernels. Per output value, every path computes the same exact integer sum
 //! per block and then the same two fused multiply-adds in the same order, so
@@ -39,6 +41,37 @@ pub use path::{KERNEL_ENV, KernelPath, active_path, kernel_path, simd_available}
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+/// Off aarch64 there is no NEON kernel: no proof of one can be made.
+#[cfg(not(target_arch = "aarch64"))]
+mod neon {
+    use super::{Activations, PackedMatrix, TILE};
+
+    /// Proof that this CPU runs the NEON kernel; none can exist here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Neon {}
+
+    impl Neon {
+        /// Never found off aarch64.
+        pub(super) fn detect() -> Option<Self> {
+            None
+        }
+
+        /// Unreachable: no `Neon` exists.
+        pub(super) fn tile(
+            self,
+            _: &PackedMatrix,
+            _: usize,
+            _: &Activations,
+            _: &mut [[f32; TILE]],
+        ) {
+            match self {}
+        }
+    }
+}
 
 /// Off x86-64 there is no SIMD kernel: no proof of one can be made.
 #[cfg(not(target_arch = "x86_64"))]
@@ -101,6 +134,7 @@ mod avx2 {
 enum Kernel {
     Vnni(avx512::Vnni),
     Avx2(avx2::Avx2),
+    Neon(neon::Neon),
 }
 
 impl Kernel {
@@ -109,6 +143,7 @@ impl Kernel {
         match path {
             KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
             KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
+            KernelPath::Neon => neon::Neon::detect().map(Self::Neon),
             KernelPath::None => None,
         }
     }
@@ -123,6 +158,7 @@ impl Kernel {
         match self {
             Self::Vnni(k) => k.tile(w, t, act, out),
             Self::Avx2(k) => k.tile(w, t, act, out),
+            Self::Neon(k) => k.tile(w, t, act, out),
         }
     }
 }
@@ -294,6 +330,43 @@ impl PackedMatrix {
                     RowBlock {
                         d,
                         m: f16::from_f32(-128.0 * d.to_f32()),
+                        u,
+                    }
+                })
+            }
+            GgmlDType::Q4K => {
+                // Super-blocks of 256: f16 `d` and `dmin`, 12 bytes of 6-bit
+                // sub-block scales and mins, 128 bytes of nibbles. Sub-block
+                // `s` (32 values) is the low (even `s`) or high nibbles of
+                // bytes `32 (s / 2)..`, weight `d·sc·u − dmin·mn`. The
+                // products are kept as f16 (within 2⁻¹¹ of candle's f32).
+                if k % 256 != 0 {
+                    return Ok(None);
+                }
+                let raw = q.data()?;
+                let supers = k / 256;
+                Self::build(n, k, Bits::Four, |r, b| {
+                    let at = (r * supers + b / 8) * 144;
+                    let blk = &raw[at..at + 144];
+                    let (d, dmin) = (f16_at(blk, 0).to_f32(), f16_at(blk, 2).to_f32());
+                    let sc = &blk[4..16];
+                    let s = b % 8;
+                    let (scale, min) = if s < 4 {
+                        (sc[s] & 63, sc[s + 4] & 63)
+                    } else {
+                        (
+                            (sc[s + 4] & 0x0F) | ((sc[s - 4] >> 6) << 4),
+                            (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4),
+                        )
+                    };
+                    let qs = &blk[16 + 32 * (s / 2)..16 + 32 * (s / 2) + 32];
+                    let mut u = [0u8; BLOCK];
+                    for (u, &q) in u.iter_mut().zip(qs) {
+                        *u = if s % 2 == 0 { q & 0x0F } else { q >> 4 };
+                    }
+                    RowBlock {
+                        d: f16::from_f32(d * f32::from(scale)),
+                        m: f16::from_f32(-(dmin * f32::from(min))),
                         u,
                     }
                 })

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 /// The environment variable that forces a kernel path: `avx512` (or
-/// `avx512-vnni`), `avx2`, `fallback` (or `none`), or `auto` (the default
+/// `avx512-vnni`), `avx2`, `neon`, `fallback` (or `none`), or `auto` (the default
 /// when unset). A path this CPU lacks is refused with a logged warning, and
 /// the automatic choice runs instead.
 pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
@@ -20,6 +20,8 @@ pub enum KernelPath {
     Avx512Vnni,
     /// AVX2, FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 8 output rows at once.
     Avx2,
+    /// NEON on aarch64: `smull` + pairwise adds on 4 output rows at once.
+    Neon,
     /// No packed kernel: the fast mode runs as `Requantize(Q8_0)` on candle's
     /// own kernels.
     None,
@@ -27,13 +29,14 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// Every path, fastest first.
-    pub const ALL: [Self; 3] = [Self::Avx512Vnni, Self::Avx2, Self::None];
+    pub const ALL: [Self; 4] = [Self::Avx512Vnni, Self::Avx2, Self::Neon, Self::None];
 
-    /// The path's name: `avx512-vnni`, `avx2` or `none`.
+    /// The path's name: `avx512-vnni`, `avx2`, `neon` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Avx512Vnni => "avx512-vnni",
             Self::Avx2 => "avx2",
+            Self::Neon => "neon",
             Self::None => "none",
         }
     }
@@ -43,6 +46,7 @@ impl KernelPath {
         match self {
             Self::Avx512Vnni => cpu().vnni,
             Self::Avx2 => cpu().avx2,
+            Self::Neon => cpu().neon,
             Self::None => true,
         }
     }
@@ -53,6 +57,7 @@ impl KernelPath {
             "" | "auto" => Ok(None),
             "avx512" | "avx512-vnni" | "avx512vnni" | "vnni" => Ok(Some(Self::Avx512Vnni)),
             "avx2" => Ok(Some(Self::Avx2)),
+            "neon" => Ok(Some(Self::Neon)),
             "none" | "fallback" => Ok(Some(Self::None)),
             _ => Err(()),
         }
@@ -72,6 +77,8 @@ pub(super) struct Cpu {
     pub(super) vnni: bool,
     /// AVX2, FMA and F16C.
     pub(super) avx2: bool,
+    /// NEON (aarch64).
+    pub(super) neon: bool,
 }
 
 /// This CPU's features, detected once.
@@ -87,13 +94,23 @@ pub(super) fn cpu() -> Cpu {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni"),
                 avx2: f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                neon: false,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
         {
             Cpu {
                 vnni: false,
                 avx2: false,
+                neon: std::arch::is_aarch64_feature_detected!("neon"),
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            Cpu {
+                vnni: false,
+                avx2: false,
+                neon: false,
             }
         }
     })
@@ -107,12 +124,15 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::Avx512Vnni
     } else if cpu.avx2 {
         KernelPath::Avx2
+    } else if cpu.neon {
+        KernelPath::Neon
     } else {
         KernelPath::None
     };
     let has = |p: KernelPath| match p {
         KernelPath::Avx512Vnni => cpu.vnni,
         KernelPath::Avx2 => cpu.avx2,
+        KernelPath::Neon => cpu.neon,
         KernelPath::None => true,
     };
     match request.map(KernelPath::parse) {
@@ -127,7 +147,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         Some(Err(())) => (
             best,
             Some(format!(
-                "{KERNEL_ENV}={:?} is not a kernel path (expected avx512, avx2, fallback or auto); using {best}",
+                "{KERNEL_ENV}={:?} is not a kernel path (expected avx512, avx2, neon, fallback or auto); using {best}",
                 request.unwrap_or_default()
             )),
         ),
@@ -151,14 +171,14 @@ pub fn kernel_path() -> KernelPath {
 }
 
 /// The name of the kernel path this process runs the fast weight mode on:
-/// `"avx512-vnni"`, `"avx2"` or `"none"` (fast mode runs as `q8_0` on
+/// `"avx512-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
 /// candle's kernels). See [`kernel_path`].
 pub fn active_path() -> &'static str {
     kernel_path().as_str()
 }
 
 /// Whether the fast weight mode runs on one of this crate's packed SIMD
-/// kernels here (AVX-512 VNNI or AVX2, per [`kernel_path`]). Where it is
+/// kernels here (AVX-512 VNNI, AVX2 or NEON, per [`kernel_path`]). Where it is
 /// false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
 /// `Requantize(Q8_0)`.
 pub fn simd_available() -> bool {
@@ -172,14 +192,22 @@ mod tests {
     const BOTH: Cpu = Cpu {
         vnni: true,
         avx2: true,
+        neon: false,
     };
     const AVX2: Cpu = Cpu {
         vnni: false,
         avx2: true,
+        neon: false,
     };
     const BARE: Cpu = Cpu {
         vnni: false,
         avx2: false,
+        neon: false,
+    };
+    const ARM: Cpu = Cpu {
+        vnni: false,
+        avx2: false,
+        neon: true,
     };
 
     #[test]
@@ -206,7 +234,14 @@ mod tests {
         assert!(w.is_some());
         let (p, w) = choose(Some("neon"), BOTH);
         assert_eq!(p, KernelPath::Avx512Vnni);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("sse9"), BOTH);
+        assert_eq!(p, KernelPath::Avx512Vnni);
         assert!(w.is_some_and(|w| w.contains("not a kernel path")));
+        assert_eq!(choose(None, ARM), (KernelPath::Neon, None));
+        let (p, w) = choose(Some("avx2"), ARM);
+        assert_eq!(p, KernelPath::Neon);
+        assert!(w.is_some());
     }
 
     #[test]

@@ -30,11 +30,12 @@ fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 
 /// The SIMD kernels this CPU runs, whatever `POLLEN_KERNEL` says.
 fn kernels() -> Vec<(KernelPath, Kernel)> {
-    let found: Vec<_> = [KernelPath::Avx512Vnni, KernelPath::Avx2]
+    let paths = [KernelPath::Avx512Vnni, KernelPath::Avx2, KernelPath::Neon];
+    let found: Vec<_> = paths
         .into_iter()
         .filter_map(|p| Kernel::of(p).map(|k| (p, k)))
         .collect();
-    for p in [KernelPath::Avx512Vnni, KernelPath::Avx2] {
+    for p in paths {
         assert_eq!(found.iter().any(|(q, _)| *q == p), p.supported(), "{p}");
         if !p.supported() {
             eprintln!("kernel path {p} not on this CPU: not tested here");
@@ -241,4 +242,79 @@ fn pack_follows_the_active_path() {
     let packed = PackedMatrix::pack(&q).unwrap();
     assert_eq!(packed.is_some(), kernel_path() != KernelPath::None);
     assert_eq!(Kernel::active().is_some(), simd_available());
+}
+
+/// The weights a packed matrix stands for, `d·u + m` per value.
+fn unpack(p: &PackedMatrix) -> Vec<f32> {
+    let (n, k) = (p.n, p.k);
+    let kb = k / BLOCK;
+    let per = 1 + p.bits.q_lines();
+    let mut w = vec![0f32; n * k];
+    for t in 0..n / TILE {
+        for b in 0..kb {
+            let base = (t * kb + b) * per;
+            for r in 0..TILE {
+                let d = f16_at(&p.lines[base].0, 2 * r).to_f32();
+                let m = f16_at(&p.lines[base].0, 32 + 2 * r).to_f32();
+                for v in 0..BLOCK {
+                    let u = match p.bits {
+                        Bits::Four => {
+                            let (i, j) = ((v % 16) / 4, v % 4);
+                            let byte = p.lines[base + 1 + i].0[4 * r + j];
+                            if v < 16 { byte & 0x0F } else { byte >> 4 }
+                        }
+                        Bits::Eight => p.lines[base + 1 + v / 4].0[4 * r + v % 4],
+                    };
+                    w[(t * TILE + r) * k + b * BLOCK + v] = d * f32::from(u) + m;
+                }
+            }
+        }
+    }
+    w
+}
+
+/// Q4_K keeps 4 bits per weight, and its weights are candle's own but for
+/// the sub-block scales and mins kept as f16 (relative error ≤ 2⁻¹¹ each).
+#[test]
+fn q4k_packs_to_four_bits_near_candles_weights() {
+    let (n, k) = (32, 512);
+    let mut seed = 11u64;
+    let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+    let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+    let want: Vec<f32> = want.to_vec1().unwrap();
+    let p = PackedMatrix::pack_any(&q).unwrap().unwrap();
+    assert_eq!(p.bits, Bits::Four);
+    let got = unpack(&p);
+    let amax = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() <= amax * 2e-3, "[{i}] {a} vs {b}");
+    }
+}
+
+/// Q4_0, Q4_1 and Q8_0 pack exactly: the packed weights are candle's.
+#[test]
+fn legacy_types_pack_exactly() {
+    let (n, k) = (32, 96);
+    let mut seed = 5u64;
+    let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = unpack(&PackedMatrix::pack_any(&q).unwrap().unwrap());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= b.abs() * 1e-3 + 1e-6,
+                "{dtype:?}: {a} vs {b}"
+            );
+        }
+    }
 }

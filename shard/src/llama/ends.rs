@@ -13,6 +13,8 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 /// dequantized when looked up, with the same arithmetic as dequantizing the
 /// whole table, so exact mode stays bit-identical), or dense as stored.
 #[derive(Debug)]
+// One per model: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Embeddings {
     Quantized(QTensor),
     Dense(Tensor),

@@ -87,8 +87,16 @@ pub(super) fn linear_from(
                 WeightMode::Exact => q,
                 WeightMode::Requantize(t) => requantize(q, t)?,
                 WeightMode::Fast => {
+                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants.
                     let packable = needs_requant(q.dtype())
-                        || matches!(q.dtype(), GgmlDType::Q4_0 | GgmlDType::Q8_0);
+                        || matches!(
+                            q.dtype(),
+                            GgmlDType::Q4_0
+                                | GgmlDType::Q8_0
+                                | GgmlDType::Q4K
+                                | GgmlDType::Q5K
+                                | GgmlDType::Q6K
+                        );
                     if packable && let Some(p) = PackedMatrix::pack(&q)? {
                         return Ok(Linear {
                             inner: LinearInner::Packed(Arc::new(p)),

@@ -15,8 +15,9 @@ pub enum WeightMode {
     Requantize(GgmlDType),
     /// Q4_0, Q4_1 and Q8_0 weights keep their values but are repacked at load
     /// for this crate's own AVX-512 VNNI or AVX2 kernels ([`crate::kernels`],
-    /// chosen at run time; the two give bit-identical results); Q5_0,
-    /// Q5_1 and Q8_1 become 8-bit asymmetric quants. Activations are quantized
+    /// chosen at run time; the two give bit-identical results); Q4_K keeps
+    /// 4 bits with its sub-block scales rounded to f16; Q5_0, Q5_1, Q8_1,
+    /// Q5_K and Q6_K become 8-bit asymmetric quants. Activations are quantized
     /// per 32 values as candle does, so logits differ from exact only by
     /// rounding (summation order, fused attention; measured in the engine
     /// bench). Uses the same growable KV cache and fused attention as

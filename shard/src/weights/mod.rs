@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 /// A weight as read from the file: quantized (GGUF) or dense (safetensors).
 #[derive(Debug)]
+// One per model or per tensor read: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Weight {
     /// A GGUF tensor in its stored type.
     Quantized(QTensor),
