@@ -58,6 +58,7 @@ pub fn init_logging_as(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+pub mod chat;
 pub mod metrics;
 pub mod net;
 pub mod placement;
