@@ -111,11 +111,11 @@ fn run_then(mut cmd: Command, marker: &str, then: impl FnOnce()) -> (Output, boo
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(4096);
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
+            let _ = tx.try_send(line.clone());
             all.push_str(&line);
             all.push('\n');
         }

@@ -3,7 +3,9 @@
 //! crate's dev-dependency on itself); `cargo build --release` has neither this module
 //! nor `pollen serve --fault`.
 //!
-//! A fault is process-wide: one server per process, as in the multi-process tests.
+//! A faulty server also claims [`CLAIM_FACTOR`] times its measured throughput, so that
+//! fresh clients route through it. A fault is process-wide: one server per process, as
+//! in the multi-process tests.
 
 use candle_core::Tensor;
 use std::sync::OnceLock;
@@ -71,6 +73,20 @@ pub fn install(fault: Fault) -> Result<(), String> {
     FAULT
         .set(fault)
         .map_err(|_| "a fault is already installed".to_string())
+}
+
+/// How much faster than it measured a faulty server claims to be: a liar also wants
+/// the traffic.
+pub const CLAIM_FACTOR: f32 = 100.0;
+
+/// The throughput this server announces: `measured`, or [`CLAIM_FACTOR`] times it when
+/// a fault is installed.
+pub fn claim(measured: f32) -> f32 {
+    if FAULT.get().is_some() {
+        measured * CLAIM_FACTOR
+    } else {
+        measured
+    }
 }
 
 /// One step's output, corrupted if the installed fault says so.

@@ -622,6 +622,8 @@ impl SwarmClient {
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ClientError> {
         let mut generator = Generator::new(prompt, params)?;
+        // The second session spot checks run on (dropping it closes its streams).
+        let mut shadow: Option<verify::Shadow> = None;
         loop {
             // Embedding one token is a row lookup: cheap enough to do here.
             let Some((input, pos)) = generator.next_input(&self.model.ends)? else {
@@ -649,7 +651,7 @@ impl SwarmClient {
             if self.cfg.verify > 0.0 && rand::random::<f64>() < self.cfg.verify {
                 let route = session.route().to_vec();
                 let verdict = self
-                    .spot_check(&route, generator.inputs(), &out, budget)
+                    .spot_check(&route, generator.inputs(), &out, budget, &mut shadow)
                     .await;
                 if let verify::Verdict::Wrong(e) = verdict {
                     let (healed, healed_out) = self.heal(e, generator.inputs(), budget).await?;
@@ -678,6 +680,9 @@ impl SwarmClient {
                     }
                 }
             }
+        }
+        if let Some(s) = shadow {
+            s.close().await;
         }
         Ok(generator.finish())
     }

@@ -60,6 +60,40 @@ pub struct VerifyStats {
     pub first_ban_step: Option<u64>,
 }
 
+/// Whether two outputs of one step agree within [`TOLERANCE`].
+fn agree(a: &Tensor, b: &Tensor) -> bool {
+    super::check::relative_gap(a, b).is_some_and(|g| g <= TOLERANCE)
+}
+
+/// The second session spot checks run on: the session's route with every span that
+/// another server holds served by another, fed what the session was fed, as far as the
+/// last check.
+pub(super) struct Shadow {
+    route: Vec<Hop>,
+    /// The swapped hops and their servers' announcements.
+    swapped: Vec<(usize, VerifiedAnnouncement)>,
+    session: SwarmSession,
+    /// Inputs fed so far.
+    fed: usize,
+}
+
+impl Shadow {
+    /// Whether this shadow still mirrors `route`: the same spans, the same servers where
+    /// not swapped, other servers where swapped.
+    fn fits(&self, route: &[Hop]) -> bool {
+        self.route.len() == route.len()
+            && self.route.iter().zip(route).enumerate().all(|(h, (s, r))| {
+                let swapped = self.swapped.iter().any(|(i, _)| *i == h);
+                s.blocks == r.blocks && (s.peer != r.peer) == swapped
+            })
+    }
+
+    /// Closes its session.
+    pub(super) async fn close(self) {
+        self.session.close().await;
+    }
+}
+
 /// A route like `route` with `hop` served by `by` instead.
 fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>> {
     let peer = PeerId::from_bytes(&by.peer.0).ok()?;
@@ -143,48 +177,140 @@ impl SwarmClient {
         out
     }
 
-    /// Spot-checks `out`, the session's output for the last of `inputs`, on `route`: one
-    /// span, chosen at random among those another server holds, is recomputed by another
-    /// server (and, on disagreement, by a third).
+    /// Spot-checks `out`, the session's output for the last of `inputs`, on `route`.
+    ///
+    /// The check runs on `shadow`: a second session, kept open across checks, on a route
+    /// where every span another server holds is served by another (chosen at random);
+    /// each check feeds it what it has not seen yet and compares the outputs. When they
+    /// disagree, each swapped span is checked alone, from scratch, to find the one that
+    /// differs, and a third server of that span decides.
     pub(super) async fn spot_check(
         &self,
         route: &[Hop],
         inputs: &[(usize, Vec<u32>)],
         out: &Tensor,
         budget: u32,
+        shadow: &mut Option<Shadow>,
     ) -> Verdict {
-        let book = self.fresh_book().await;
-        let mut choices: Vec<(usize, Vec<VerifiedAnnouncement>)> = (0..route.len())
-            .map(|h| (h, self.alternatives(&book, route, h)))
-            .filter(|(_, alts)| !alts.is_empty())
-            .collect();
-        if choices.is_empty() {
-            tracing::debug!("spot check skipped: no span of the route has a second server");
-            return Verdict::Skipped;
+        if shadow.as_ref().is_some_and(|s| !s.fits(route))
+            && let Some(s) = shadow.take()
+        {
+            s.session.close().await;
         }
-        let (hop, mut alts) = choices.swap_remove(rand::random::<u64>() as usize % choices.len());
-        let second = alts.swap_remove(rand::random::<u64>() as usize % alts.len());
-        let Some(second_route) = swap(route, hop, &second) else {
+        if shadow.is_none() {
+            let book = self.fresh_book().await;
+            let mut r = route.to_vec();
+            let mut swapped = Vec::new();
+            for h in 0..route.len() {
+                let mut alts = self.alternatives(&book, route, h);
+                if alts.is_empty() {
+                    continue;
+                }
+                let a = alts.swap_remove(rand::random::<u64>() as usize % alts.len());
+                if let Some(next) = swap(&r, h, &a) {
+                    r = next;
+                    swapped.push((h, a));
+                }
+            }
+            if swapped.is_empty() {
+                tracing::debug!("spot check skipped: no span of the route has a second server");
+                return Verdict::Skipped;
+            }
+            match self.open_session(&r, budget).await {
+                Ok(session) => {
+                    *shadow = Some(Shadow {
+                        route: r,
+                        swapped,
+                        session,
+                        fed: 0,
+                    });
+                }
+                Err(e) => {
+                    tracing::info!("spot check skipped: {e}");
+                    self.blame(&e);
+                    return Verdict::Skipped;
+                }
+            }
+        }
+        let Some(s) = shadow.as_mut() else {
             return Verdict::Skipped;
         };
-        let suspect = route[hop].clone();
-        let witness = second_route[hop].clone();
-        let theirs = match self.recompute(&second_route, inputs, budget).await {
+        let fed = s.fed.min(inputs.len());
+        let hidden = match inputs[fed..]
+            .iter()
+            .map(|(pos, ids)| Ok((self.model.ends.embed(ids)?, *pos)))
+            .collect::<Result<Vec<_>, ClientError>>()
+        {
+            Ok(h) if !h.is_empty() => h,
+            _ => return Verdict::Skipped,
+        };
+        let theirs = match s.session.replay(&hidden).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::info!("spot check of {} skipped: {e}", suspect.blocks);
+                tracing::info!("spot check skipped: {e}");
                 self.blame(&e);
+                *shadow = None;
                 return Verdict::Skipped;
             }
         };
+        s.fed = inputs.len();
         self.count(|s| s.checks += 1);
-        let agree = |a: &Tensor, b: &Tensor| {
-            super::check::relative_gap(a, b).is_some_and(|g| g <= TOLERANCE)
-        };
         if agree(out, &theirs) {
             return Verdict::Agreed;
         }
         self.count(|s| s.disagreements += 1);
+        let Some(s) = shadow.take() else {
+            return Verdict::Skipped;
+        };
+        s.session.close().await;
+        let single = s.swapped.len() == 1;
+        for (hop, witness) in s.swapped {
+            let known = single.then(|| theirs.clone());
+            match self
+                .check_span(route, hop, witness, known, inputs, out, budget)
+                .await
+            {
+                Verdict::Agreed => continue,
+                other => return other,
+            }
+        }
+        tracing::warn!("spot check: the routes disagree, but no single span does");
+        Verdict::Skipped
+    }
+
+    /// Checks `route[hop]` against `witness`, another server of its blocks: `theirs` is
+    /// the witness route's output when already known. On a disagreement a third server
+    /// decides.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_span(
+        &self,
+        route: &[Hop],
+        hop: usize,
+        witness: VerifiedAnnouncement,
+        theirs: Option<Tensor>,
+        inputs: &[(usize, Vec<u32>)],
+        out: &Tensor,
+        budget: u32,
+    ) -> Verdict {
+        let Some(second_route) = swap(route, hop, &witness) else {
+            return Verdict::Skipped;
+        };
+        let suspect = route[hop].clone();
+        let witness = second_route[hop].clone();
+        let theirs = match theirs {
+            Some(t) => t,
+            None => match self.recompute(&second_route, inputs, budget).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!("spot check of {} skipped: {e}", suspect.blocks);
+                    self.blame(&e);
+                    return Verdict::Skipped;
+                }
+            },
+        };
+        if agree(out, &theirs) {
+            return Verdict::Agreed;
+        }
         let gap = super::check::relative_gap(out, &theirs);
         tracing::warn!(
             "spot check: blocks {} on {} and on {} disagree (relative gap {gap:?}); asking a third server",
@@ -193,7 +319,12 @@ impl SwarmClient {
             witness.peer
         );
         // A third server of the span decides.
-        let third = alts.into_iter().filter_map(|a| swap(route, hop, &a)).next();
+        let book = self.fresh_book().await;
+        let third = self
+            .alternatives(&book, route, hop)
+            .into_iter()
+            .filter(|a| a.peer.0 != witness.peer.to_bytes())
+            .find_map(|a| swap(route, hop, &a));
         let verdict = match third {
             Some(third_route) => match self.recompute(&third_route, inputs, budget).await {
                 Ok(t) if agree(&t, &theirs) && !agree(&t, out) => Some(true),

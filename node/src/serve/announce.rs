@@ -66,7 +66,10 @@ impl Server {
             model_name: cut_to_bytes(&cfg.name, MAX_MODEL_NAME_LEN).to_string(),
             num_blocks: u32::try_from(cfg.num_blocks).unwrap_or(u32::MAX),
             blocks: self.wire_blocks,
+            #[cfg(not(feature = "fault-injection"))]
             throughput: self.throughput,
+            #[cfg(feature = "fault-injection")]
+            throughput: crate::fault::claim(self.throughput),
             free_sessions,
             free_cache_tokens: u32::try_from(
                 (free_sessions as usize).saturating_mul(self.cfg.max_session_tokens),
