@@ -177,7 +177,12 @@ fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     })?;
     pb.finish_and_clear();
     let id = crate::model::model_id(&cfg.model, &mut |_, _| {})?;
-    let tps = announce::measure_throughput(&span);
+    // The same measure as automatic placement's (one block, cached), so that pinned and
+    // placed servers announce comparable speeds.
+    let compute = crate::model::compute_mode(&cfg.load);
+    let threads = cfg.compute_slots.max(1);
+    let (measured, _) = placing::measured(&file, &cfg.load, &id, &compute, threads)?;
+    let tps = (measured.decode_tps / span.range().len().max(1) as f64) as f32;
     Ok((span, id, tps))
 }
 
