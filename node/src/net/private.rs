@@ -66,6 +66,9 @@ const WRITE_CHUNK: usize = 8 * 1024;
 const MAX_LOGGED_REFUSALS: usize = 4096;
 /// How often the allowlist's modification time is checked.
 const ALLOWLIST_POLL: Duration = Duration::from_secs(2);
+/// Longest a connection's whole upgrade (pnet, noise, yamux) may take: a peer that
+/// opens a socket and stays silent is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most lines an allowlist may have.
 const MAX_ALLOWLIST_LINES: usize = 100_000;
 
@@ -1036,6 +1039,7 @@ where
         .upgrade(upgrade::Version::V1Lazy)
         .authenticate(noise)
         .multiplex(yamux::Config::default())
+        .timeout(HANDSHAKE_TIMEOUT)
         .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
         .boxed())
 }
