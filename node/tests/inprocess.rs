@@ -499,6 +499,19 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
             );
         }
 
+        // A step past the session's token cap is refused before it is decoded.
+        let long = Tensor::zeros((1, 17, hidden), candle_core::DType::F32, &Device::Cpu).unwrap();
+        match session.step(&long, 2).await {
+            Err(ClientError::HopFailed(f)) => {
+                assert_eq!((f.hop, f.code), (0, ErrorCode::OverBudget), "{f:?}");
+                assert_eq!(
+                    f.message,
+                    "a step of 17 tokens at position 2 passes this session's cap of 16 tokens"
+                );
+            }
+            other => panic!("a step past the token cap: {other:?}"),
+        }
+
         // A stranger can neither take the client's outputs nor open a route in its name.
         let stranger = Node::current(Role::Client, &cancel).await;
         let last = hops.last().unwrap();
