@@ -228,6 +228,18 @@ pub struct Move<K> {
     pub bottleneck_before: f64,
     /// And after.
     pub bottleneck_after: f64,
+    /// Blocks at the bottleneck before (a move may leave the bottleneck as it is and
+    /// lift some of its blocks).
+    pub weakest_before: usize,
+    /// And after.
+    pub weakest_after: usize,
+}
+
+/// How many blocks of a profile (sorted ascending) are at its first value.
+fn at_bottleneck(profile: &[f64]) -> usize {
+    profile
+        .first()
+        .map_or(0, |b| profile.iter().take_while(|x| same(**x, *b)).count())
 }
 
 /// The one move the swarm should make now, if any clearly helps: see the module's rule.
@@ -290,6 +302,8 @@ pub fn plan_move_among<K: AsRef<[u8]> + Ord + Clone>(
                     to,
                     bottleneck_before: bottleneck(&now),
                     bottleneck_after: after,
+                    weakest_before: at_bottleneck(&old),
+                    weakest_after: at_bottleneck(&p),
                 },
                 p,
             ));
@@ -364,6 +378,7 @@ mod tests {
         assert_eq!(m.to, 15..30);
         assert_eq!(m.bottleneck_before, 0.0);
         assert_eq!(m.bottleneck_after, 10.0);
+        assert_eq!((m.weakest_before, m.weakest_after), (15, 30));
         // After it moved, nobody moves again.
         let swarm = [h(1, 15..30, 10.0), h(3, 0..15, 10.0)];
         assert_eq!(plan_move(30, &swarm), None);

@@ -474,8 +474,9 @@ pub async fn run(
             }
             Some(m) = move_rx.recv(), if loading.is_empty() => {
                 println!(
-                    "moving: loading blocks {}:{} to replace {}:{} (swarm bottleneck {:.1} -> {:.1} tokens/s)",
-                    m.to.start, m.to.end, m.from.start, m.from.end, m.bottleneck_before, m.bottleneck_after,
+                    "moving: loading blocks {}:{} to replace {}:{} (swarm bottleneck {:.1} tokens/s on {} blocks -> {:.1} on {})",
+                    m.to.start, m.to.end, m.from.start, m.from.end, m.bottleneck_before, m.weakest_before,
+                    m.bottleneck_after, m.weakest_after,
                 );
                 let cfg = cfg.clone();
                 loading.spawn(async move { Ok((load_span(&cfg, m.to.clone()).await?, m)) });
@@ -514,8 +515,9 @@ pub async fn run(
                             old_cancel.cancel();
                         });
                         println!(
-                            "moved blocks {}:{} -> {}:{} ({open} sessions asked to move; swarm bottleneck {:.1} -> {:.1} tokens/s)",
-                            m.from.start, m.from.end, m.to.start, m.to.end, m.bottleneck_before, m.bottleneck_after,
+                            "moved blocks {}:{} -> {}:{} ({open} sessions asked to move; swarm bottleneck {:.1} tokens/s on {} blocks -> {:.1} on {})",
+                            m.from.start, m.from.end, m.to.start, m.to.end, m.bottleneck_before, m.weakest_before,
+                            m.bottleneck_after, m.weakest_after,
                         );
                         place_tx.send_replace((m.to, t));
                     }
