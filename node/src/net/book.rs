@@ -296,7 +296,9 @@ impl AnnouncementBook {
     /// A connection to `peer` at `addr` is up: announcements it sends count against it
     /// and against the address's IP.
     pub fn connected(&mut self, peer: PeerId, addr: &Multiaddr) {
-        if self.conns.len() < MAX_BUCKETS || self.conns.contains_key(&peer) {
+        // Twice the most connections a node keeps (see `net::ConnectionCaps`), so that
+        // every connected peer is known (an unknown sender counts as this node itself).
+        if self.conns.len() < 2 * MAX_BUCKETS || self.conns.contains_key(&peer) {
             self.conns.insert(peer, ip_of(addr));
         }
     }

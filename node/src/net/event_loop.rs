@@ -420,6 +420,7 @@ impl EventLoop {
                         crate::metrics::global().peer_disconnected();
                     }
                     self.agents.remove(&peer_id);
+                    self.publisher.book.disconnected(&peer_id);
                     self.links.remove(&peer_id);
                     self.punching.remove(&peer_id);
                     self.reach.relay_gone(&peer_id);
