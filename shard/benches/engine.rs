@@ -408,6 +408,19 @@ fn main() {
         );
         return;
     }
+    if args.first().map(String::as_str) == Some("--batch") {
+        let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+        batch_table(&path);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--child-batch") {
+        child_batch(
+            &PathBuf::from(&args[1]),
+            args[2].parse().unwrap(),
+            args[3].parse().unwrap(),
+        );
+        return;
+    }
     if args.first().map(String::as_str) == Some("--prefill-memory") {
         let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
         prefill_memory_table(&path, args.iter().any(|a| a == "--with-exact"));
@@ -626,6 +639,78 @@ fn prefill_memory_table(path: &Path, with_exact: bool) {
             println!(
                 "| {what} | {mode} | {ran} | {:.0} | {:.0} | {:.0} | {:.1} |",
                 r[0], r[2], r[1], r[3]
+            );
+        }
+    }
+}
+
+/// Decode throughput of `sessions` sessions (each 64 tokens in) through the
+/// whole model's blocks, `steps` steps each: one at a time, then as one
+/// batch per step (`BlockSpan::forward_batch`). Prints `RESULT single batched`
+/// in aggregate tokens/s.
+fn child_batch(path: &Path, sessions: usize, steps: usize) {
+    let opts = LoadOptions::default();
+    let file = ModelFile::open(path).unwrap();
+    let cfg = file.config().unwrap();
+    let span = BlockSpan::load(&file, cfg.full_range(), &opts, &mut |_, _| {}).unwrap();
+    let h = cfg.hidden_size;
+    let prompt = Tensor::randn(0f32, 1.0, (1, 64, h), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 1, h), &Device::Cpu).unwrap();
+    let fresh = || {
+        (0..sessions)
+            .map(|_| {
+                let mut c = span.new_cache(CacheLimits::default());
+                span.forward(&prompt, 0, &mut c).unwrap();
+                c
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut caches = fresh();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        for c in caches.iter_mut() {
+            span.forward(&x, c.len(), c).unwrap();
+        }
+    }
+    let single = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
+    let mut caches = fresh();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> =
+            caches.iter_mut().map(|c| (&x, c.len(), c)).collect();
+        span.forward_batch(&mut batch).unwrap();
+    }
+    let batched = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
+    println!("KERNEL {}", kernel_of("fast"));
+    println!("RESULT {single:.1} {batched:.1}");
+}
+
+/// Batched decode against one session at a time, fast mode, 1 thread.
+fn batch_table(path: &Path) {
+    println!("Batched decode (BlockSpan::forward_batch), all 30 blocks, fast mode, 1 thread:");
+    println!();
+    println!("| sessions | kernel | one at a time, tok/s | one batch per step, tok/s | ratio |");
+    println!("| --- | --- | --- | --- | --- |");
+    for kernel in KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+    {
+        for sessions in [1usize, 8] {
+            let (r, ran) = run_child(
+                &[
+                    "--child-batch".into(),
+                    path.display().to_string(),
+                    sessions.to_string(),
+                    "32".into(),
+                ],
+                1,
+                Some(kernel),
+            );
+            println!(
+                "| {sessions} | {ran} | {:.1} | {:.1} | {:.2}x |",
+                r[0],
+                r[1],
+                r[1] / r[0]
             );
         }
     }

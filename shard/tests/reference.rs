@@ -627,3 +627,73 @@ fn step_memory_is_linear_in_the_fast_mode() -> Result<()> {
     assert!(fast.step_memory_bytes(40, 0) > cache.bytes());
     Ok(())
 }
+
+/// Several sessions' decode steps as one batch: one pass over the weights,
+/// each session's own cache, the same bits as stepping each alone, and no
+/// cache touched when one step of the batch is refused.
+#[test]
+fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
+    let dir = tmp_dir("batch");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q4_1)?;
+    let file = ModelFile::open(&path)?;
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::Fast,
+    };
+    let span = BlockSpan::load(
+        &file,
+        BlockRange { start: 1, end: 5 },
+        &opts,
+        &mut |_, _| {},
+    )?;
+    // Three sessions with different histories (one past the first buffer).
+    let mut caches: Vec<SpanCache> = Vec::new();
+    for (n, seed) in [(3usize, 1u64), (70, 2), (17, 3)] {
+        let mut c = span.new_cache(CacheLimits::default());
+        span.forward(&rand_tensor(&[1, n, TINY_HIDDEN], seed, 1.0)?, 0, &mut c)?;
+        caches.push(c);
+    }
+    for round in 0..3u64 {
+        let inputs: Vec<Tensor> = (0..3)
+            .map(|i| rand_tensor(&[1, 1, TINY_HIDDEN], 10 * round + i, 1.0))
+            .collect::<Result<_>>()?;
+        let mut alone = Vec::new();
+        for (c, x) in caches.iter().zip(&inputs) {
+            let mut c = c.clone();
+            alone.push(span.forward(x, c.len(), &mut c)?);
+        }
+        let lens: Vec<usize> = caches.iter().map(SpanCache::len).collect();
+        let mut steps: Vec<(&Tensor, usize, &mut SpanCache)> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(x, c)| (x, c.len(), c))
+            .collect();
+        let batched = span.forward_batch(&mut steps)?;
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert_eq!(b.dims(), &[1, 1, TINY_HIDDEN]);
+            assert_eq!(max_diff(a, b)?, 0.0, "round {round} session {i}");
+            assert_eq!(caches[i].len(), lens[i] + 1);
+        }
+    }
+    // A wrong position in the batch: refused, and no cache moves.
+    let lens: Vec<usize> = caches.iter().map(SpanCache::len).collect();
+    let x = rand_tensor(&[1, 1, TINY_HIDDEN], 99, 1.0)?;
+    let mut steps: Vec<(&Tensor, usize, &mut SpanCache)> = caches
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| (&x, c.len() + usize::from(i == 2), c))
+        .collect();
+    assert!(span.forward_batch(&mut steps).is_err());
+    assert_eq!(caches.iter().map(SpanCache::len).collect::<Vec<_>>(), lens);
+    // Exact mode refuses batches rather than change its op order.
+    let exact = BlockSpan::load(
+        &file,
+        BlockRange { start: 1, end: 5 },
+        &exact(),
+        &mut |_, _| {},
+    )?;
+    let mut c = exact.new_cache(CacheLimits::default());
+    assert!(exact.forward_batch(&mut [(&x, 0, &mut c)]).is_err());
+    Ok(())
+}

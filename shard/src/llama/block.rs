@@ -251,6 +251,57 @@ impl Block {
         self.wo.forward(&y)
     }
 
+    /// One decode step for each of several sessions at once, fast mode on
+    /// the CPU: `x` is `(1, sessions, hidden)`, row `i` at position
+    /// `items[i].0` with KV layer `items[i].1`. The matrix products run once
+    /// over all rows (one pass over the weights); rotary, the KV write and
+    /// attention run per session. Each row's numbers are those of a single
+    /// step (the products and norms are row by row).
+    pub(super) fn forward_batch(
+        &self,
+        x: Tensor,
+        items: &mut [(usize, &mut LayerKv)],
+        max_tokens: &[usize],
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let eps = sh.cfg.rms_norm_eps as f32;
+        let cfg = &sh.cfg;
+        let head_dim = cfg.head_dim();
+        let (n_head, n_kv) = (cfg.num_heads, cfg.num_kv_heads);
+        let residual = &x;
+        let h = candle_nn::ops::rms_norm(&x, &self.attn_norm, eps)?;
+        let y = {
+            let _enter = self.span_attn.enter();
+            let [q, k, v] = self.qkv.forward(&h)?;
+            let mut ys = Vec::with_capacity(items.len());
+            for (i, ((pos, kv), &max)) in items.iter_mut().zip(max_tokens).enumerate() {
+                let row = |t: &Tensor, heads: usize| {
+                    t.narrow(1, i, 1)?
+                        .reshape((1, 1, heads, head_dim))?
+                        .transpose(1, 2)
+                };
+                let q = self.rotary(&row(&q, n_head)?, *pos, sh)?;
+                let k = self.rotary(&row(&k, n_kv)?, *pos, sh)?;
+                let v = row(&v, n_kv)?.contiguous()?;
+                let (kb, vb) = cache::write_in_place(kv, &k, &v, *pos, max)?;
+                let op = crate::attention::TiledAttention {
+                    pos: *pos,
+                    scale: 1.0 / (head_dim as f32).sqrt(),
+                };
+                ys.push(q.apply_op3_no_bwd(&kb, &vb, &op)?);
+            }
+            let y = Tensor::cat(&ys, 1)?;
+            self.wo.forward(&y)?
+        };
+        let x = (y + residual)?;
+        let _enter = self.span_mlp.enter();
+        let residual = &x;
+        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
+        let [gate, up] = self.gate_up.forward(&h)?;
+        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        h + residual
+    }
+
     pub(super) fn forward(
         &self,
         x: Tensor,

@@ -153,6 +153,26 @@ impl SpanCache {
         }
     }
 
+    /// The layers, for a batched step that manages its own rollback.
+    pub(super) fn layers_mut(&mut self) -> &mut [LayerKv] {
+        &mut self.layers
+    }
+
+    /// A copy of the layers' handles, to put back if a step fails.
+    pub(super) fn snapshot(&self) -> Vec<LayerKv> {
+        self.layers.clone()
+    }
+
+    /// Ends a batched step: on success the cache holds `new_len` tokens, on
+    /// failure its layers are put back from `saved`.
+    pub(super) fn finish(&mut self, ok: bool, new_len: usize, saved: Vec<LayerKv>) {
+        if ok {
+            self.len = new_len;
+        } else {
+            self.layers = saved;
+        }
+    }
+
     /// Tokens the cache holds (the next position).
     pub fn len(&self) -> usize {
         self.len

@@ -186,6 +186,63 @@ impl BlockSpan {
             Ok(x)
         })
     }
+
+    /// One single-token step for each of several sessions at once, each with
+    /// its own cache: `steps[i]` is hidden states `(1, 1, hidden)`, the
+    /// position (the cache's length) and the cache. The matrix products run
+    /// once over all sessions' rows, so the weights are read once per batch
+    /// instead of once per session; rotary, the KV write and attention run
+    /// per session. Each session's output is bit-identical to its own
+    /// [`Self::forward`] step.
+    ///
+    /// Fast modes on the CPU only (exact mode keeps candle's op order). If
+    /// any step is refused or fails, no cache changes.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [(&Tensor, usize, &mut SpanCache)],
+    ) -> Result<Vec<Tensor>> {
+        if !self.shared.fast || !self.device.is_cpu() {
+            return Err(ShardError::BadInput(
+                "batched steps need a fast weight mode on the CPU".into(),
+            ));
+        }
+        let cfg = &self.shared.cfg;
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut new_lens = Vec::with_capacity(steps.len());
+        for (hidden, pos, cache) in steps.iter() {
+            if hidden.dims() != [1, 1, cfg.hidden_size] {
+                return Err(ShardError::BadInput(format!(
+                    "hidden states of shape {:?}, expected (1, 1, {}) in a batch",
+                    hidden.dims(),
+                    cfg.hidden_size
+                )));
+            }
+            new_lens.push(cache.check_step(self.range, true, *pos, 1)?);
+            rows.push(hidden.to_device(&self.device)?.to_dtype(DType::F32)?);
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max_tokens: Vec<usize> = steps.iter().map(|s| s.2.limits().max_tokens).collect();
+        let saved: Vec<_> = steps.iter().map(|s| s.2.snapshot()).collect();
+        let mut run = || -> Result<Tensor> {
+            let mut x = Tensor::cat(&rows, 1)?;
+            for (b, block) in self.blocks.iter().enumerate() {
+                let mut items: Vec<(usize, &mut _)> = steps
+                    .iter_mut()
+                    .map(|(_, pos, cache)| (*pos, &mut cache.layers_mut()[b]))
+                    .collect();
+                x = block.forward_batch(x, &mut items, &max_tokens, &self.shared)?;
+            }
+            Ok(x)
+        };
+        let out = run();
+        for ((step, saved), &len) in steps.iter_mut().zip(saved).zip(&new_lens) {
+            step.2.finish(out.is_ok(), len, saved);
+        }
+        let out = out?;
+        (0..steps.len()).map(|i| Ok(out.narrow(1, i, 1)?)).collect()
+    }
 }
 
 /// A span shared between sessions.
