@@ -19,6 +19,13 @@ const Q1: &str = "What is the capital of France? Answer briefly.";
 const Q2: &str = "And of Germany?";
 const LONG: &str = "Write a very long story about a dragon who learns to bake bread.";
 
+/// What the pane's shell prints when the command exits, before its status.
+const EXITED: &str = "[exit status ";
+/// The pane's shell: with job control on (`set -m`) it runs the command in a process
+/// group of its own in the terminal's foreground, as an interactive shell does, so
+/// Ctrl-C signals the command alone.
+const WRAPPER: &str = "set -m; \"$@\"; echo \"[exit status $?]\"; exec sleep 600";
+
 /// A tmux server of its own (its own socket) running one command in a pane of 200×50.
 struct Tmux {
     socket: String,
@@ -28,17 +35,14 @@ impl Tmux {
     fn start(dir: &Path, args: &[String]) -> Tmux {
         let socket = format!("pollen-chat-{}", dir.file_name().unwrap().to_string_lossy());
         let conf = dir.join("tmux.conf");
-        // The pane stays after the command exits, so that its status can be read.
-        std::fs::write(
-            &conf,
-            "set -g remain-on-exit on\nset -g history-limit 50000\n",
-        )
-        .unwrap();
+        std::fs::write(&conf, "set -g history-limit 50000\n").unwrap();
         let t = Tmux { socket };
         let status = Command::new("tmux")
             .args(["-L", &t.socket, "-f"])
             .arg(&conf)
             .args(["new-session", "-d", "-s", "chat", "-x", "200", "-y", "50"])
+            // A shell runs the command and prints its exit status; the pane stays.
+            .args(["sh", "-c", WRAPPER, "sh"])
             .args(args)
             .status()
             .expect("tmux is needed for this test (.ci/run installs it)");
@@ -92,40 +96,13 @@ impl Tmux {
         self.tmux(&["send-keys", "-t", "chat", keys]);
     }
 
-    /// The exit status of the command, once it has exited.
+    /// The exit status of the command, once it has exited (its shell prints it).
     fn exit_status(&self, timeout: Duration) -> i32 {
-        let start = Instant::now();
-        loop {
-            let s = self.tmux(&[
-                "display-message",
-                "-p",
-                "-t",
-                "chat",
-                "#{pane_dead} status=#{pane_dead_status} signal=#{pane_dead_signal}",
-            ]);
-            // The pane is dead once its terminal closes; the status comes when tmux
-            // has reaped the process, a moment later.
-            let field = |name: &str| {
-                s.split_once(name)
-                    .and_then(|(_, r)| r.split_whitespace().next())
-                    .map(str::to_string)
-            };
-            if let Some(code) = field("status=") {
-                return code.parse().unwrap();
-            }
-            if let Some(signal) = field("signal=") {
-                panic!(
-                    "the command ended by signal {signal}:\n{}",
-                    self.screen().join("\n")
-                );
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "still running after {timeout:?}:\n{}",
-                self.screen().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let s = self.wait("the command to exit", timeout, |s| {
+            s.iter().any(|l| l.starts_with(EXITED))
+        });
+        let line = s.iter().find(|l| l.starts_with(EXITED)).unwrap();
+        line[EXITED.len()..].trim_end_matches(']').parse().unwrap()
     }
 
     /// Asks `question` and waits for the answer and the next prompt; the answer's lines.
@@ -208,6 +185,20 @@ fn started(t: &Tmux) {
     });
 }
 
+/// `/reset`, and waits for the prompt (keys typed before it would be lost).
+fn reset(t: &Tmux) {
+    let before = t
+        .screen()
+        .iter()
+        .filter(|l| *l == "(a new conversation)")
+        .count();
+    t.type_text("/reset");
+    t.keys("Enter");
+    t.wait("the reset", Duration::from_secs(10), |s| {
+        s.iter().filter(|l| *l == "(a new conversation)").count() > before && is_prompt(s.last())
+    });
+}
+
 /// Stops a long answer with Ctrl-C once it has begun; the prompt comes back.
 fn stop_mid_answer(t: &Tmux) {
     let asked = format!("> {LONG}");
@@ -255,11 +246,7 @@ fn local_chat_streams_keeps_history_stops_resets_and_quits() {
     stop_mid_answer(&t);
 
     // After /reset the first question gets the first answer again: no history.
-    t.type_text("/reset");
-    t.keys("Enter");
-    t.wait("the reset", Duration::from_secs(10), |s| {
-        s.iter().any(|l| l == "(a new conversation)") && is_prompt(s.last())
-    });
+    reset(&t);
     assert_eq!(t.ask(Q1, Duration::from_secs(60)), as_shown(&want1));
 
     t.type_text("/quit");
@@ -307,8 +294,7 @@ fn swarm_chat_answers_like_local_and_ctrl_c_frees_the_route() {
     started(&t);
     assert_eq!(t.ask(Q1, Duration::from_secs(60)), as_shown(&want1));
     stop_mid_answer(&t);
-    t.type_text("/reset");
-    t.keys("Enter");
+    reset(&t);
     assert_eq!(t.ask(Q1, Duration::from_secs(60)), as_shown(&want1));
     t.type_text("/quit");
     t.keys("Enter");
