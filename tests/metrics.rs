@@ -2,7 +2,8 @@
 //! through it, and each server's `/metrics` scraped over HTTP: sessions, tokens, step
 //! latency samples (by hop) and bytes moved, and the text parses as OpenMetrics with the
 //! reference parser (Python's `prometheus_client`). The generation runs with
-//! `--log-format json`, and its log lines parse as JSON.
+//! `--log-format json`, and its log lines parse as JSON. Then the last server dies
+//! mid-answer, and the hop before it counts the failure by its error code.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -183,7 +184,7 @@ fn servers_export_metrics_that_move_with_a_generation_and_logs_can_be_json() {
     let pythonpath = prometheus_client_python();
     let dir = temp_dir("metrics");
     let (_boot, addr) = bootstrap(&dir, false);
-    let servers: Vec<_> = pollen_node::mesh::THREE_SPANS
+    let mut servers: Vec<_> = pollen_node::mesh::THREE_SPANS
         .iter()
         .enumerate()
         .map(|(i, blocks)| metered_server(&addr, blocks, &dir.join(format!("m{i}.key"))))
@@ -284,4 +285,54 @@ fn servers_export_metrics_that_move_with_a_generation_and_logs_can_be_json() {
         // A clean generation reports no failure by any code.
         assert!(!text.contains("pollen_errors_total{"), "{text}");
     }
+
+    // The last server dies mid-answer: the hop before it reports the failure up, and
+    // counts it by its code.
+    use std::io::Read;
+    let mut client = Command::new(pollen())
+        .args([
+            "generate",
+            "--no-mdns",
+            "--bootstrap",
+            &addr,
+            "--route-wait",
+            "1",
+        ])
+        .args(["--threads", "1", "--max-tokens", "1000"])
+        .args([
+            "--prompt",
+            "Here is a list of one thousand numbers: 1, 2, 3,",
+        ])
+        .arg("--model")
+        .arg(model())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    client
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    servers[2].0.kill9();
+    let _ = client.wait();
+    let url = &servers[1].1;
+    let mut text = String::new();
+    wait_for(Duration::from_secs(10), || {
+        text = scrape(url).1;
+        text.contains("pollen_errors_total{side=\"server\"")
+    })
+    .unwrap_or_else(|| panic!("the hop before the dead server counted no error:\n{text}"));
+    let counted = |code: &str| {
+        sample(
+            &text,
+            &format!("pollen_errors_total{{side=\"server\",code=\"{code}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(counted("unreachable") + counted("timeout") >= 1.0, "{text}");
+    check_grammar(&text);
+    parse_with_reference(&pythonpath, &text);
 }
