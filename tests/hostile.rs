@@ -323,6 +323,93 @@ fn hostile_peers_do_no_harm() {
         "the server dialed the address the hostile client named"
     );
 
+    // Memory: a server whose --max-memory leaves room for two sessions' caches and a
+    // short step refuses a long prefill with a clear error, and still runs short steps.
+    let tokens_cap = 256usize;
+    let span = pollen_shard::BlockSpan::load(
+        &pollen_shard::ModelFile::open(&model_path).unwrap(),
+        pollen_node::blocks::BlockRange { start: 20, end: 30 },
+        &pollen_shard::LoadOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let kv = span.config().kv_bytes_per_token_per_block() * 10 * tokens_cap;
+    let short = span.step_memory_bytes(1, 0);
+    let room = 2 * kv + 2 * short;
+    let long = (1..=tokens_cap)
+        .find(|&n| span.step_memory_bytes(n, 0) + kv > room)
+        .expect("some prefill passes the budget");
+    let max_memory = (span.weight_bytes() + room).to_string();
+    drop(span);
+    let (_tight, ready) = server(
+        Some(&boot_addr),
+        "20:30",
+        &dir.join("tight.key"),
+        &[
+            "--max-memory",
+            &max_memory,
+            "--max-session-tokens",
+            &tokens_cap.to_string(),
+        ],
+    );
+    let tight: PeerId = peer_of(&ready).parse().unwrap();
+    let (limited_hops, client) = rt.block_on(async {
+        let (client, _) = {
+            let cfg = NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                ..NetConfig::new(Role::Client)
+            };
+            let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
+            let b = net.dial(boot_multiaddr.clone()).await.unwrap();
+            (net, b)
+        };
+        let book = loop {
+            let book = client.gather(Some(model_id)).await.unwrap();
+            if book.iter().any(|a| a.peer.0 == tight.to_bytes()) {
+                break book;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut limited = hops.clone();
+        let last = book.iter().find(|a| a.peer.0 == tight.to_bytes()).unwrap();
+        limited[2].peer = tight;
+        limited[2].addrs = last.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        (limited, client)
+    });
+    let x = |n: usize| {
+        candle_core::Tensor::zeros(
+            (1, n, hidden),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let open_limited = || {
+        SwarmSession::open(
+            &client,
+            model_id,
+            &compute,
+            &limited_hops,
+            tokens_cap as u32,
+            hidden,
+            WireDType::F32,
+        )
+    };
+    rt.block_on(async {
+        let mut s = open_limited().await.unwrap();
+        match s.step(&x(long), 0).await {
+            Err(ClientError::HopFailed(f)) => {
+                assert_eq!((f.hop, f.code), (2, ErrorCode::OverBudget), "{f:?}");
+                assert!(f.message.contains("working memory"), "{f:?}");
+            }
+            other => panic!("a {long}-token prefill past the memory budget: {other:?}"),
+        }
+        s.close().await;
+        let mut s = open_limited().await.unwrap();
+        s.step(&x(1), 0).await.unwrap();
+        s.close().await;
+    });
+
     cancel.cancel();
     drop(rt);
     drop(servers);
