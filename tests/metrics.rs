@@ -336,3 +336,68 @@ fn servers_export_metrics_that_move_with_a_generation_and_logs_can_be_json() {
     check_grammar(&text);
     parse_with_reference(&pythonpath, &text);
 }
+
+/// `pollen api` serves the same metrics at `/metrics` on its own port: a local chat
+/// completion moves the client side's counters.
+#[test]
+fn the_api_serves_metrics_and_counts_its_generations() {
+    use std::io::{Read, Write};
+    let mut cmd = Command::new(pollen());
+    cmd.args([
+        "api",
+        "--local",
+        "--threads",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--model")
+    .arg(model());
+    let api = Proc::spawn("api", &mut cmd).unwrap();
+    let base = api
+        .line_with("api http://", Duration::from_secs(120))
+        .unwrap()
+        .trim_start_matches("api ")
+        .to_string();
+    let name = model().file_stem().unwrap().to_string_lossy().into_owned();
+    let body = serde_json::json!({
+        "model": name,
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    })
+    .to_string();
+    let hostport = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let answer: serde_json::Value =
+        serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let tokens = answer["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!(tokens >= 1.0, "{answer}");
+
+    let (ctype, text) = scrape(&format!("{base}/metrics"));
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    check_grammar(&text);
+    assert_eq!(sample(&text, "pollen_tokens_generated_total"), Some(tokens));
+    assert_eq!(
+        sample(&text, "pollen_sessions_total{side=\"client\"}"),
+        Some(1.0)
+    );
+    // The generation's task ends a moment after its answer went out.
+    wait_for(Duration::from_secs(10), || {
+        sample(
+            &scrape(&format!("{base}/metrics")).1,
+            "pollen_sessions_open{side=\"client\"}",
+        ) == Some(0.0)
+    })
+    .expect("the generation still counts as open");
+}
