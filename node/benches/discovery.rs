@@ -94,6 +94,7 @@ async fn main() {
         servers.push((h, key));
     }
     let joined = started.elapsed();
+    eprintln!("{n} servers started in {joined:?}");
     // Servers renew at a third of the TTL, as `pollen serve` does.
     for (i, (h, key)) in servers.iter().enumerate() {
         let (h, key) = (h.clone(), key.clone());
@@ -128,6 +129,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let discovery = t0.elapsed();
+    eprintln!("a new client saw {seen} through the bootstrap in {discovery:?}");
 
     // The DHT: clients that know only one server's address look up the providers of
     // model 0 (served by the even servers), with no bootstrap involved.
@@ -153,6 +155,7 @@ async fn main() {
         let reqs = c.stats().dht_lookup_requests.load(Ordering::Relaxed);
         let t = Instant::now();
         let book = c.gather(Some(model)).await.unwrap().len();
+        eprintln!("DHT lookup {trial}: {} providers in {took:?}", found.len());
         lookups.push((took, found.len(), reqs, t.elapsed(), book));
     }
 

@@ -51,7 +51,10 @@ impl Host {
         // Dial-backs and dials to private addresses fail by design here: keep their
         // warnings out of the test's output.
         if std::env::var_os("RUST_LOG").is_none() {
-            c.env("RUST_LOG", "warn,quinn_udp=error,libp2p_autonat=error");
+            c.env(
+                "RUST_LOG",
+                "warn,quinn_udp=error,libp2p_autonat=error,libp2p_kad=error",
+            );
         }
         c
     }
