@@ -18,7 +18,9 @@ use futures::StreamExt;
 use libp2p::swarm::{SwarmEvent, dial_opts::DialOpts};
 use libp2p::{Multiaddr, PeerId, Swarm, identity::Keypair};
 use pollen_node::mesh::{LocalMesh, THREE_SPANS};
-use pollen_node::net::private::{self, Allowlist, KeyRing, MeshConfig, SwarmKey, SwarmKeys};
+use pollen_node::net::private::{
+    self, Allowlist, GateStats, KeyRing, MeshConfig, SwarmKey, SwarmKeys,
+};
 use pollen_node::net::{self, NetConfig, Role};
 use std::collections::HashSet;
 use std::path::Path;
@@ -56,25 +58,35 @@ fn private_dialer(key: Keypair, swarm_key: SwarmKey) -> Dialer {
         .build()
 }
 
-/// Dials `addr` `n` times, one connection at a time (each closed before the next);
-/// returns how many the dialer saw established.
-async fn dial_n(swarm: &mut Dialer, addr: &Multiaddr, n: usize) -> usize {
+/// Dials `addr` `n` times, one connection at a time; returns how many the dialer saw
+/// established. An established connection is kept until the member's gate has decided
+/// on it (its counters move), then closed before the next try.
+async fn dial_n(swarm: &mut Dialer, addr: &Multiaddr, n: usize, gate: &GateStats) -> usize {
+    let decisions = || gate.admitted.load(Ordering::Relaxed) + gate.refused.load(Ordering::Relaxed);
     let mut established = 0;
     for _ in 0..n {
         swarm
             .dial(DialOpts::unknown_peer_id().address(addr.clone()).build())
             .unwrap();
+        let before = decisions();
         let deadline = tokio::time::sleep(Duration::from_secs(10));
         tokio::pin!(deadline);
         let mut open = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
         loop {
             tokio::select! {
                 _ = &mut deadline => break,
+                _ = tick.tick(), if open.is_some() => {
+                    if decisions() > before {
+                        if let Some(c) = open {
+                            swarm.close_connection(c);
+                        }
+                    }
+                }
                 ev = swarm.select_next_some() => match ev {
                     SwarmEvent::ConnectionEstablished { connection_id, .. } => {
                         established += 1;
                         open = Some(connection_id);
-                        swarm.close_connection(connection_id);
                     }
                     SwarmEvent::ConnectionClosed { connection_id, .. } if Some(connection_id) == open => break,
                     SwarmEvent::OutgoingConnectionError { .. } => break,
@@ -149,7 +161,7 @@ fn outsiders(n: usize) -> Vec<(String, u64, u64, usize, f64)> {
                 stats.refused.load(Ordering::Relaxed),
             );
             let t = Instant::now();
-            let seen = dial_n(&mut dialer, &addr, n).await;
+            let seen = dial_n(&mut dialer, &addr, n, &stats).await;
             let secs = t.elapsed().as_secs_f64();
             // Let the member finish any handshake still in flight before counting.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -246,8 +258,10 @@ fn main() {
         );
     }
     println!("(admitted counts connections the member's gate let through; outsiders must be 0,");
-    println!(" the member control {tries}. \"dialer saw open\": the stranger's noise handshake");
-    println!(" completes before the member's gate closes the connection.)");
+    println!(" the member control {tries}. \"dialer saw open\": a stranger with the key completes");
+    println!(
+        " its noise handshake before the member's gate closes the connection; no stream opens.)"
+    );
     println!();
 
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
