@@ -110,6 +110,11 @@ pub enum BookError {
     /// The book holds its most unexpired announcements.
     #[error("announcement book is full ({0} entries)")]
     Full(usize),
+    /// The sender has no connection this node keeps count of (its table of
+    /// connections is full, or the connection closed): refused, since no cap could
+    /// apply to it.
+    #[error("busy: this node is tracking its most connections; try again later")]
+    UntrackedSender,
     /// A cap per peer or per IP address is reached.
     #[error("busy: at most {limit} {cap}; try again later")]
     Capped {
@@ -129,6 +134,7 @@ impl BookError {
             self,
             BookError::Refused(AnnounceError::Duplicate { .. } | AnnounceError::Stale { .. })
                 | BookError::Capped { .. }
+                | BookError::UntrackedSender
         )
     }
 
@@ -137,7 +143,9 @@ impl BookError {
     pub fn code(&self) -> ErrorCode {
         match self {
             BookError::Refused(_) => ErrorCode::BadRequest,
-            BookError::Full(_) | BookError::Capped { .. } => ErrorCode::Busy,
+            BookError::Full(_) | BookError::Capped { .. } | BookError::UntrackedSender => {
+                ErrorCode::Busy
+            }
         }
     }
 }
@@ -297,7 +305,8 @@ impl AnnouncementBook {
     /// and against the address's IP.
     pub fn connected(&mut self, peer: PeerId, addr: &Multiaddr) {
         // Twice the most connections a node keeps (see `net::ConnectionCaps`), so that
-        // every connected peer is known (an unknown sender counts as this node itself).
+        // every connected peer is known; past that a new peer is not tracked, and what it
+        // sends is refused (see `insert_from`).
         if self.conns.len() < 2 * MAX_BUCKETS || self.conns.contains_key(&peer) {
             self.conns.insert(peer, ip_of(addr));
         }
@@ -314,16 +323,18 @@ impl AnnouncementBook {
         self.insert_entry(signed, None, None)
     }
 
-    /// Verifies `signed`, published by `from`, and keeps it within the caps of `from`
-    /// and of its IP address; a clear reason when refused. A sender the book has no
-    /// connection for (this node itself) is not capped per sender.
+    /// Verifies `signed`, published by the connected peer `from`, and keeps it within the
+    /// caps of `from` and of its IP address; a clear reason when refused. A sender the
+    /// book has no connection for (its table of connections was full when `from`
+    /// connected, or the connection is gone) is refused: uncounted, it would skip every
+    /// cap. This node's own announcements go through [`Self::insert`].
     pub fn insert_from(
         &mut self,
         from: &PeerId,
         signed: SignedAnnouncement,
     ) -> Result<(), BookError> {
         let Some(ip) = self.conns.get(from).copied() else {
-            return self.insert(signed);
+            return Err(BookError::UntrackedSender);
         };
         let l = self.limits;
         let refused = if !take(&mut self.peer_rate, *from, l.publish_burst, l.publish_per_s) {
@@ -669,6 +680,37 @@ mod tests {
         // Another peer is not slowed by it.
         let other = connect(&mut book, "192.0.2.2");
         book.insert_from(&other, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_sender_past_the_connection_table_is_refused_not_uncapped() {
+        let mut book = AnnouncementBook::default();
+        for i in 0..2 * MAX_BUCKETS {
+            let [a, b] = u16::try_from(i).unwrap().to_be_bytes();
+            connect(&mut book, &format!("10.0.{a}.{b}"));
+        }
+        let late = connect(&mut book, "192.0.2.9");
+        let err = book
+            .insert_from(&late, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
+            .unwrap_err();
+        assert!(matches!(err, BookError::UntrackedSender), "{err}");
+        assert_eq!(err.code(), ErrorCode::Busy);
+        assert!(book.is_empty());
+        // Nor is a sender whose connection closed before its request was answered.
+        let mut fresh = AnnouncementBook::default();
+        let gone = connect(&mut fresh, "198.51.100.1");
+        fresh.disconnected(&gone);
+        assert!(
+            fresh
+                .insert_from(&gone, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
+                .is_err()
+        );
+        // A tracked sender still gets in once a slot frees.
+        let first = *book.conns.keys().next().unwrap();
+        book.disconnected(&first);
+        let now = connect(&mut book, "192.0.2.10");
+        book.insert_from(&now, signed(&Keypair::generate_ed25519(), 1, (0, 10), 1))
             .unwrap();
     }
 
