@@ -113,6 +113,18 @@ pub(crate) struct Wanted<'a> {
 }
 
 impl NextHops {
+    /// Whether a lookup is due, taking the turn if so. The lock is held only for this:
+    /// a lookup of a bogus next hop may take its whole timeout, and other sessions'
+    /// opens must not wait behind it.
+    async fn lookup_due(&self) -> bool {
+        let mut last = self.last_lookup.lock().await;
+        let due = last.is_none_or(|t| t.elapsed() >= NEXT_HOP_LOOKUP_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
     /// The addresses of `want.peer` from its valid announcement for `want.model` that
     /// covers `want.blocks` in the same compute mode; a clear reason when there is none.
     pub(crate) async fn addresses(
@@ -132,9 +144,7 @@ impl NextHops {
         };
         let mut found = find(&net.book(Some(want.model)).await.unwrap_or_default());
         if found.is_none() {
-            let mut last = self.last_lookup.lock().await;
-            if last.is_none_or(|t| t.elapsed() >= NEXT_HOP_LOOKUP_EVERY) {
-                *last = Some(Instant::now());
+            if self.lookup_due().await {
                 let gathered =
                     tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, net.gather(Some(want.model)))
                         .await;
@@ -199,6 +209,15 @@ pub(crate) async fn next_hop_rtts(net: &NetHandle, server: &Server) -> Vec<PeerR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_lookup_per_interval_and_the_lock_is_not_held_through_it() {
+        let hops = NextHops::default();
+        assert!(hops.lookup_due().await);
+        // The turn is taken and the lock free again while that lookup runs.
+        assert!(hops.last_lookup.try_lock().is_ok());
+        assert!(!hops.lookup_due().await);
+    }
 
     #[test]
     fn long_names_are_cut_by_bytes_at_a_character_boundary() {
