@@ -301,10 +301,10 @@ fn allowlist_refuses_other_peers_and_drops_removed_ones() {
     let log = dir.join("bootstrap.log");
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg(format!(
+        .arg(
             "exec \"$0\" bootstrap --no-mdns --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0 \
-             --identity \"$1\" --swarm-key \"$2\" --allow-peers \"$3\" 2>\"$4\""
-        ))
+             --identity \"$1\" --swarm-key \"$2\" --allow-peers \"$3\" 2>\"$4\"",
+        )
         .arg(pollen())
         .arg(dir.join("bootstrap.key"))
         .arg(&key)

@@ -77,10 +77,10 @@ async fn dial_n(swarm: &mut Dialer, addr: &Multiaddr, n: usize, gate: &GateStats
             tokio::select! {
                 _ = &mut deadline => break,
                 _ = tick.tick(), if open.is_some() => {
-                    if decisions() > before {
-                        if let Some(c) = open {
-                            swarm.close_connection(c);
-                        }
+                    if decisions() > before
+                        && let Some(c) = open
+                    {
+                        swarm.close_connection(c);
                     }
                 }
                 ev = swarm.select_next_some() => match ev {
