@@ -56,6 +56,13 @@ const EVICT_WAIT: Duration = Duration::from_secs(1);
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Room in a session's frame cap for everything in a `Forward` but its hidden states.
 const FRAME_OVERHEAD: usize = 64 * 1024;
+/// Most bytes of one frame from the next hop. Only small frames travel back down a
+/// session's stream (`Ack`, `Closed`, `HopFailed`, `Error`: at most an error message of
+/// `MAX_ERROR_MESSAGE_LEN` bytes and a peer id); outputs go up the attach stream. A next
+/// hop sending more is refused before its frame is read.
+const DOWN_FRAME_MAX: usize = 16 * 1024;
+/// Most frames from the next hop read ahead of the session.
+const DOWN_DEPTH: usize = 4;
 /// Most bytes of hidden states a hop keeps for replay, per session.
 pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 
@@ -471,7 +478,7 @@ async fn run_session(
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
-                    rx: pump(&mut tasks, rx, 16, usize::MAX),
+                    rx: pump(&mut tasks, rx, DOWN_DEPTH, DOWN_FRAME_MAX),
                     tx,
                     hop,
                     waiting: VecDeque::new(),
@@ -717,5 +724,31 @@ mod tests {
         );
         // A hop cannot buy itself more than a second per token by announcing a slow pace.
         assert_eq!(ack_timeout(1, u32::MAX), ACK_BASE + 4 * MAX_STEP);
+    }
+
+    #[test]
+    fn the_largest_frame_a_next_hop_may_send_fits_its_cap() {
+        use pollen_protocol::limits::{MAX_ERROR_MESSAGE_LEN, MAX_PEER_ID_BYTES};
+        let error = ProtocolError::new(ErrorCode::Internal, "é".repeat(MAX_ERROR_MESSAGE_LEN / 2));
+        let largest = [
+            InferResponse::HopFailed {
+                session: SessionId(u64::MAX),
+                step: u64::MAX,
+                hop: u32::MAX,
+                peer: PeerIdBytes(vec![0xff; MAX_PEER_ID_BYTES]),
+                error: error.clone(),
+            },
+            InferResponse::Error(error),
+            InferResponse::Ack {
+                session: SessionId(u64::MAX),
+                step: u64::MAX,
+            },
+        ];
+        for msg in &largest {
+            msg.validate().unwrap();
+            let len = pollen_protocol::codec::encoded_len(msg);
+            assert!(len <= DOWN_FRAME_MAX, "{msg:?} takes {len} bytes");
+        }
+        const { assert!(DOWN_DEPTH <= 4) };
     }
 }
