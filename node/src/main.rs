@@ -123,8 +123,8 @@ struct ServeArgs {
     /// this one carries one per session it routes here).
     #[arg(long, default_value_t = 24, value_parser = sessions_cli::count)]
     max_streams_per_peer: usize,
-    /// Seconds, per hop before this one, a session may stay open without a first step
-    /// before it is freed.
+    /// Seconds, per hop before this one (at most 4 hops' worth), a session may stay open
+    /// without a first step before it is freed.
     #[arg(long, default_value = "10", value_parser = sessions_cli::first_step_timeout)]
     first_step_timeout: Duration,
     /// Seconds an announcement stays valid (renewed every third of it).

@@ -74,6 +74,21 @@ pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
     ACK_BASE + per_token.saturating_mul(ACK_SLOWDOWN.saturating_mul(tokens))
 }
 
+/// Most hops' worth of first-step time a session gets: the hop number is the opener's
+/// claim, so it may not stretch how long an unused session holds its slot.
+const FIRST_STEP_MAX_HOPS: u32 = 4;
+
+/// How long a session at `hop` may wait for its first step: `per_hop` for itself and
+/// each hop before it (each has its prefill to compute first), at most
+/// [`FIRST_STEP_MAX_HOPS`] times.
+fn first_step_wait(per_hop: Duration, hop: usize) -> Duration {
+    let hops = u32::try_from(hop)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
+        .min(FIRST_STEP_MAX_HOPS);
+    per_hop.saturating_mul(hops)
+}
+
 /// A failure to report up: which hop, and what.
 pub(super) fn hop_failed(
     session: SessionId,
@@ -521,11 +536,7 @@ async fn run_session(
     let hop = open.hop;
     // A session that never steps is freed soon: each hop before this one has its first
     // step to compute before this one gets it.
-    let first_step_wait = server
-        .table
-        .limits()
-        .first_step_timeout
-        .saturating_mul(u32::try_from(hop).unwrap_or(u32::MAX).saturating_add(1));
+    let first_step_wait = first_step_wait(server.table.limits().first_step_timeout, hop);
     let first_step_by = Instant::now() + first_step_wait;
     let mut stepped = false;
     let mut told_leaving = false;
@@ -724,6 +735,17 @@ mod tests {
         );
         // A hop cannot buy itself more than a second per token by announcing a slow pace.
         assert_eq!(ack_timeout(1, u32::MAX), ACK_BASE + 4 * MAX_STEP);
+    }
+
+    #[test]
+    fn the_first_step_wait_grows_with_the_hop_only_so_far() {
+        let per_hop = Duration::from_secs(10);
+        assert_eq!(first_step_wait(per_hop, 0), per_hop);
+        assert_eq!(first_step_wait(per_hop, 2), 3 * per_hop);
+        // A hop number named by the opener cannot hold a slot longer than this.
+        assert_eq!(first_step_wait(per_hop, 3), 4 * per_hop);
+        assert_eq!(first_step_wait(per_hop, 127), 4 * per_hop);
+        assert_eq!(first_step_wait(per_hop, usize::MAX), 4 * per_hop);
     }
 
     #[test]

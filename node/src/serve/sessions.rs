@@ -71,7 +71,8 @@ pub struct PeerLimits {
     /// attach streams of its clients.
     pub streams_per_peer: usize,
     /// How long a session may stay open without a first step (`--first-step-timeout`),
-    /// per hop before this one (each has its prefill to compute first).
+    /// per hop before this one (each has its prefill to compute first), for at most four
+    /// hops.
     pub first_step_timeout: Duration,
 }
 
