@@ -34,6 +34,10 @@ const MAX_CONNECT_WAITERS: usize = 1024;
 const MAX_PROVIDER_QUERIES: usize = 64;
 /// Most providers one lookup collects.
 const MAX_PROVIDERS: usize = 256;
+/// Providers after which a lookup stops early.
+const ENOUGH_PROVIDERS: usize = 32;
+/// How long a lookup that has found some providers keeps looking for more.
+const PROVIDERS_PATIENCE: Duration = Duration::from_secs(2);
 
 /// One connection to a peer.
 #[derive(Debug, Clone, Copy)]
@@ -199,7 +203,7 @@ impl EventLoop {
                 reply,
             } => {
                 if peer == *self.swarm.local_peer_id() {
-                    let _ = reply.send(Ok(self.publisher.answer(&peer, request)));
+                    let _ = reply.send(Ok(self.publisher.answer_local(&peer, request)));
                 } else {
                     self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
                     let id = self
@@ -616,13 +620,15 @@ impl EventLoop {
                             }
                         }
                     }
-                    // The first node that stores the model's records answers with all
-                    // it holds (up to the store's cap): enough to route, so the lookup
-                    // ends there rather than waiting on slow or unreachable peers.
-                    let enough = self
-                        .provider_queries
-                        .get(&id)
-                        .is_some_and(|(found, _)| !found.is_empty());
+                    // Records are spread over the nodes closest to the key (a young
+                    // DHT spreads them unevenly): collect until enough providers to
+                    // route, or until the lookup has taken its patience, rather than
+                    // waiting on slow or unreachable peers.
+                    let enough = self.provider_queries.get(&id).is_some_and(|(found, _)| {
+                        found.len() >= ENOUGH_PROVIDERS
+                            || (!found.is_empty()
+                                && stats.duration().unwrap_or_default() >= PROVIDERS_PATIENCE)
+                    });
                     if (step.last || enough)
                         && let Some((found, reply)) = self.provider_queries.remove(&id)
                     {

@@ -117,6 +117,22 @@ impl Publisher {
         self.in_flight.contains_key(id)
     }
 
+    /// The answer to an announcement request from this node itself: what it gathered
+    /// from a list goes into its book without a sender's caps (it has no connection to
+    /// count them against; the signature and freshness checks still apply).
+    pub fn answer_local(&mut self, me: &PeerId, request: AnnounceRequest) -> AnnounceResponse {
+        match request {
+            AnnounceRequest::Publish(signed) => match self.book.insert(*signed) {
+                Ok(()) => AnnounceResponse::Accepted,
+                Err(e) => {
+                    tracing::debug!("ignored a gathered announcement: {e}");
+                    AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
+                }
+            },
+            other => self.answer(me, other),
+        }
+    }
+
     /// The answer to an announcement request from `peer`.
     pub fn answer(&mut self, peer: &PeerId, request: AnnounceRequest) -> AnnounceResponse {
         match request {
