@@ -433,12 +433,13 @@ async fn run_session(
             }
         }
     };
-    let mut reservation = match server.table.open(session, client, next.is_none()) {
+    let mut reservation = match server.table.open(session, client, from, next.is_none()) {
         Ok(r) => r,
         Err(e) => {
             let code = match e {
                 super::sessions::TableError::Full { .. } => ErrorCode::Busy,
-                super::sessions::TableError::ClientFull { .. } => {
+                super::sessions::TableError::ClientFull { .. }
+                | super::sessions::TableError::OpenerFull { .. } => {
                     server.table.warn("client-sessions", || {
                         format!("refusing session {session}: {e}")
                     });

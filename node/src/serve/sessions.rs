@@ -31,6 +31,15 @@ pub enum TableError {
         /// The cap per client.
         max: usize,
     },
+    /// The peer that opened the session (the hop before this one) holds its most
+    /// sessions here already.
+    #[error("peer {opener} opened {max} sessions on this server already, the most one peer may")]
+    OpenerFull {
+        /// The opening peer.
+        opener: PeerId,
+        /// The cap per opener (the cap per client).
+        max: usize,
+    },
     /// A session of that id is open already.
     #[error("session {0} is already open")]
     Duplicate(SessionId),
@@ -52,6 +61,9 @@ pub enum TableError {
 
 struct Entry<A> {
     client: PeerId,
+    /// Who opened the session here: the client at the first hop, the hop before at a
+    /// later one.
+    opener: PeerId,
     last_hop: bool,
     attach: mpsc::Sender<A>,
     /// When the session last did something.
@@ -64,7 +76,9 @@ struct Entry<A> {
 /// below the server's own caps, so that no one peer can take a server out of every route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerLimits {
-    /// Most sessions open for one client (`--max-sessions-per-client`).
+    /// Most sessions open for one client (`--max-sessions-per-client`); past the first
+    /// hop the opening peer is held to twice this
+    /// ([`PeerLimits::sessions_per_opener`]).
     pub sessions_per_client: usize,
     /// Most session streams open from one connected peer at once (`--max-streams-per-peer`):
     /// a server before this one carries one per session it routes here, plus the
@@ -74,6 +88,16 @@ pub struct PeerLimits {
     /// per hop before this one (each has its prefill to compute first), for at most four
     /// hops.
     pub first_step_timeout: Duration,
+}
+
+impl PeerLimits {
+    /// Most sessions one peer may open here past the first hop: twice the share of a
+    /// client, since a server before this one carries several clients' sessions, each
+    /// held to its share there, so that one client squatting its share there still
+    /// leaves room for the others' sessions here.
+    pub fn sessions_per_opener(&self) -> usize {
+        self.sessions_per_client.saturating_mul(2)
+    }
 }
 
 impl Default for PeerLimits {
@@ -222,12 +246,19 @@ impl<A> SessionTable<A> {
         self.max.saturating_sub(self.len())
     }
 
-    /// Takes a slot for session `id` opened by `client`; `last_hop` when the session's
-    /// outputs leave from this server (so its client attaches here).
+    /// Takes a slot for session `id` of `client`, opened here by `opener` (the client
+    /// itself at the first hop, the hop before at a later one); `last_hop` when the
+    /// session's outputs leave from this server (so its client attaches here).
+    ///
+    /// The client is held to [`PeerLimits::sessions_per_client`]. Past the first hop the
+    /// client is only a name the opener gives, so the opener is held too, to
+    /// [`PeerLimits::sessions_per_opener`]: made-up client ids get it no further, and
+    /// naming a victim fills at most that much of the table.
     pub fn open(
         self: &Arc<Self>,
         id: SessionId,
         client: PeerId,
+        opener: PeerId,
         last_hop: bool,
     ) -> Result<Reservation<A>, TableError> {
         let mut entries = self.lock();
@@ -244,12 +275,20 @@ impl<A> SessionTable<A> {
                 max: self.limits.sessions_per_client,
             });
         }
+        if opener != client {
+            let max = self.limits.sessions_per_opener();
+            let opened = entries.values().filter(|e| e.opener == opener).count();
+            if opened >= max {
+                return Err(TableError::OpenerFull { opener, max });
+            }
+        }
         let (tx, rx) = mpsc::channel(1);
         let evicted = CancellationToken::new();
         entries.insert(
             id,
             Entry {
                 client,
+                opener,
                 last_hop,
                 attach: tx,
                 active: Instant::now(),
@@ -300,21 +339,21 @@ mod tests {
     fn slots_are_capped_and_freed_on_drop() {
         let t = SessionTable::<u8>::new(2);
         let client = PeerId::random();
-        let a = t.open(SessionId(1), client, true).unwrap();
-        let b = t.open(SessionId(2), client, false).unwrap();
+        let a = t.open(SessionId(1), client, client, true).unwrap();
+        let b = t.open(SessionId(2), client, client, false).unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t.free(), 0);
         assert_eq!(
-            t.open(SessionId(3), client, true).unwrap_err(),
+            t.open(SessionId(3), client, client, true).unwrap_err(),
             TableError::Full { max: 2 }
         );
         drop(a);
         assert_eq!(t.len(), 1);
         assert_eq!(
-            t.open(SessionId(2), client, true).unwrap_err(),
+            t.open(SessionId(2), client, client, true).unwrap_err(),
             TableError::Duplicate(SessionId(2))
         );
-        let _c = t.open(SessionId(3), client, true).unwrap();
+        let _c = t.open(SessionId(3), client, client, true).unwrap();
         drop(b);
         assert_eq!(t.len(), 1);
     }
@@ -324,8 +363,8 @@ mod tests {
         let t = SessionTable::<u8>::new(4);
         let owner = PeerId::random();
         let stranger = PeerId::random();
-        let mut last = t.open(SessionId(7), owner, true).unwrap();
-        let _middle = t.open(SessionId(8), owner, false).unwrap();
+        let mut last = t.open(SessionId(7), owner, owner, true).unwrap();
+        let _middle = t.open(SessionId(8), owner, owner, false).unwrap();
         assert_eq!(
             t.attach(SessionId(7), stranger).unwrap_err(),
             TableError::NotOwner {
@@ -363,19 +402,19 @@ mod tests {
         };
         let t = SessionTable::<u8>::with_limits(16, limits);
         let (squatter, honest) = (PeerId::random(), PeerId::random());
-        let _a = t.open(SessionId(1), squatter, true).unwrap();
-        let b = t.open(SessionId(2), squatter, true).unwrap();
+        let _a = t.open(SessionId(1), squatter, squatter, true).unwrap();
+        let b = t.open(SessionId(2), squatter, squatter, true).unwrap();
         assert_eq!(
-            t.open(SessionId(3), squatter, true).unwrap_err(),
+            t.open(SessionId(3), squatter, squatter, true).unwrap_err(),
             TableError::ClientFull {
                 client: squatter,
                 max: 2
             }
         );
         // Another client still gets in, and the squatter again once one ends.
-        let _c = t.open(SessionId(4), honest, true).unwrap();
+        let _c = t.open(SessionId(4), honest, honest, true).unwrap();
         drop(b);
-        let _d = t.open(SessionId(5), squatter, true).unwrap();
+        let _d = t.open(SessionId(5), squatter, squatter, true).unwrap();
         let streams: Vec<_> = (0..3).map(|_| t.stream(squatter).unwrap()).collect();
         assert!(t.stream(squatter).is_none());
         assert!(t.stream(honest).is_some());
@@ -383,13 +422,61 @@ mod tests {
         assert!(t.stream(squatter).is_some());
     }
 
+    #[test]
+    fn a_later_hop_caps_its_opener_as_well_as_the_named_client() {
+        let limits = PeerLimits {
+            sessions_per_client: 2,
+            ..PeerLimits::default()
+        };
+        let t = SessionTable::<u8>::with_limits(16, limits);
+        let (hop_before, victim) = (PeerId::random(), PeerId::random());
+        // An opener cannot dodge its cap by naming a fresh client for each session...
+        let made_up: Vec<_> = (0..4)
+            .map(|i| {
+                t.open(SessionId(i), PeerId::random(), hop_before, false)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            t.open(SessionId(9), PeerId::random(), hop_before, false)
+                .unwrap_err(),
+            TableError::OpenerFull {
+                opener: hop_before,
+                max: 4
+            }
+        );
+        // Naming a victim counts against the victim's share, but no further than the
+        // opener's own cap.
+        drop(made_up);
+        let squat: Vec<_> = (0..2)
+            .map(|i| {
+                t.open(SessionId(10 + i), victim, hop_before, false)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            t.open(SessionId(12), victim, victim, true).unwrap_err(),
+            TableError::ClientFull {
+                client: victim,
+                max: 2
+            }
+        );
+        // One client at its share through a server before this one leaves that server
+        // room for other clients' sessions here.
+        let _other = t
+            .open(SessionId(13), PeerId::random(), hop_before, false)
+            .unwrap();
+        drop(squat);
+        let _own = t.open(SessionId(14), victim, victim, true).unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_session_idle_longest_is_evicted_first() {
         let t = SessionTable::<u8>::new(4);
         let client = PeerId::random();
-        let a = t.open(SessionId(1), client, true).unwrap();
+        let a = t.open(SessionId(1), client, client, true).unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
-        let b = t.open(SessionId(2), client, true).unwrap();
+        let b = t.open(SessionId(2), client, client, true).unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
         a.touch();
         // b has been idle 10 s, a 0 s.
