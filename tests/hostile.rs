@@ -245,7 +245,7 @@ fn hostile_peers_do_no_harm() {
         }
         other => panic!("squatting was refused with {other:?}"),
     }
-    assert_eq!(squatted.len(), 4, "the default cap per client");
+    assert_eq!(squatted.len(), 8, "the default cap per client");
     let swarm = generate(Some(&boot_addr), prompt, chat, 12);
     assert_eq!(swarm, local, "swarm text while a client squats");
     // Sessions that never step are freed: 2 s a hop here, so within 6 s at the last.

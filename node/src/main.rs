@@ -115,9 +115,12 @@ struct ServeArgs {
     /// Seconds an idle session is kept (1 to 600).
     #[arg(long, default_value_t = 120, value_parser = sessions_cli::idle_timeout)]
     idle_timeout: u64,
-    /// Most sessions one client may hold open on this server, well below
-    /// --max-sessions so that no one client can take the server out of every route.
-    #[arg(long, default_value_t = 4, value_parser = sessions_cli::count)]
+    /// Most sessions one client may hold open on this server (and, twice this, one
+    /// server before this one may open here): below --max-sessions so that no one
+    /// client can take the server out of every route, yet room for an API gateway
+    /// running many generations under one identity. Default: half of the default
+    /// --max-sessions.
+    #[arg(long, default_value_t = 8, value_parser = sessions_cli::count)]
     max_sessions_per_client: usize,
     /// Most session streams one connected peer may hold open at once (a server before
     /// this one carries one per session it routes here).

@@ -103,7 +103,7 @@ impl PeerLimits {
 impl Default for PeerLimits {
     fn default() -> Self {
         Self {
-            sessions_per_client: 4,
+            sessions_per_client: 8,
             streams_per_peer: 24,
             first_step_timeout: Duration::from_secs(10),
         }
