@@ -188,10 +188,15 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
     assert_eq!(health(&http)["connected_peers"], 3);
 
     // Inside: status sees the three servers, and the answer is the local one.
-    let out = status_with(&addr, Some(&key), &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(coverage(&st), Some((vec![], 3)), "{st}");
+    // (Servers announce shortly after they connect: retried.)
+    let mut st = serde_json::Value::Null;
+    let seen = wait_for(Duration::from_secs(30), || {
+        let out = status_with(&addr, Some(&key), &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        st = serde_json::from_slice(&out.stdout).unwrap();
+        coverage(&st) == Some((vec![], 3))
+    });
+    assert!(seen.is_some(), "{st}");
     let out = generate_with(&addr, Some(&key), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), local);
@@ -339,10 +344,14 @@ fn allowlist_refuses_other_peers_and_drops_removed_ones() {
         dir.join("member.key").display().to_string(),
     ];
     let member: Vec<&str> = member.iter().map(String::as_str).collect();
-    let out = status_with(&addr, Some(&key), &member);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(coverage(&st), Some((vec![], 1)), "{st}");
+    let mut st = serde_json::Value::Null;
+    let seen = wait_for(Duration::from_secs(30), || {
+        let out = status_with(&addr, Some(&key), &member);
+        assert!(out.status.success(), "{}", stderr(&out));
+        st = serde_json::from_slice(&out.stdout).unwrap();
+        coverage(&st) == Some((vec![], 1))
+    });
+    assert!(seen.is_some(), "{st}");
     let s = stranger.display().to_string();
     let stranger_args = ["--client-identity", s.as_str()];
     for _ in 0..2 {
