@@ -19,6 +19,7 @@ use super::{SwarmClient, SwarmSession};
 use candle_core::Tensor;
 use libp2p::PeerId;
 use pollen_protocol::{ErrorCode, VerifiedAnnouncement};
+use rand::seq::SliceRandom;
 
 /// Largest disagreement tolerated between two outputs of one step, relative to the
 /// largest absolute value of the output: 1e-5, about 80 f32 ulps at that value. Servers
@@ -40,8 +41,8 @@ pub(super) enum Verdict {
     Skipped,
     /// The second server agreed (or was the odd one out, and is banned).
     Agreed,
-    /// The session's server at `hop` was the odd one out: it is banned, and the session
-    /// must be re-routed.
+    /// The session's server at `hop` was the odd one out (it is banned), or is in doubt
+    /// (it backs off): the session must be re-routed.
     Wrong(ClientError),
 }
 
@@ -108,6 +109,63 @@ fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>
         u32::MAX
     };
     Some(r)
+}
+
+/// Most third servers asked to settle one disagreement.
+const MAX_THIRDS: usize = 3;
+
+/// One of the two servers of a span whose outputs disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OddOne {
+    /// The session's own server.
+    Suspect,
+    /// The server it was checked against.
+    Witness,
+}
+
+/// What a third server's output says of a disagreement: the odd one out when it agrees
+/// with exactly one of the two, else nothing.
+fn ruling(agrees_with_suspect: bool, agrees_with_witness: bool) -> Option<OddOne> {
+    match (agrees_with_suspect, agrees_with_witness) {
+        (true, false) => Some(OddOne::Witness),
+        (false, true) => Some(OddOne::Suspect),
+        _ => None,
+    }
+}
+
+/// What a disagreement leads to.
+#[derive(Debug, PartialEq, Eq)]
+struct Sentence {
+    /// Banned as a liar: left out even of last-resort routes.
+    liar: Option<OddOne>,
+    /// Left out of routes for the ordinary backoff of a failed server, no more.
+    backoff: &'static [OddOne],
+    /// Whether the session moves off its server.
+    reroute: bool,
+}
+
+/// The sentence for a disagreement that a third server decided (`Some`) or did not.
+/// Undecided, either may be the honest one (a lying witness, and a third that failed or
+/// is missing), so neither is called a liar: the session still moves off its server,
+/// whose output is in doubt, and both sit out only the ordinary backoff.
+fn sentence(decided: Option<OddOne>) -> Sentence {
+    match decided {
+        Some(OddOne::Suspect) => Sentence {
+            liar: Some(OddOne::Suspect),
+            backoff: &[],
+            reroute: true,
+        },
+        Some(OddOne::Witness) => Sentence {
+            liar: Some(OddOne::Witness),
+            backoff: &[],
+            reroute: false,
+        },
+        None => Sentence {
+            liar: None,
+            backoff: &[OddOne::Suspect, OddOne::Witness],
+            reroute: true,
+        },
+    }
 }
 
 impl SwarmClient {
@@ -318,79 +376,102 @@ impl SwarmClient {
             suspect.peer,
             witness.peer
         );
-        // A third server of the span decides.
+        // A third server of the span decides; another is asked when one fails or agrees
+        // with neither, up to MAX_THIRDS, in random order.
         let book = self.fresh_book().await;
-        let third = self
+        let mut thirds: Vec<Vec<Hop>> = self
             .alternatives(&book, route, hop)
             .into_iter()
             .filter(|a| a.peer.0 != witness.peer.to_bytes())
-            .find_map(|a| swap(route, hop, &a));
-        let verdict = match third {
-            Some(third_route) => match self.recompute(&third_route, inputs, budget).await {
-                Ok(t) if agree(&t, &theirs) && !agree(&t, out) => Some(true),
-                Ok(t) if agree(&t, out) && !agree(&t, &theirs) => Some(false),
-                Ok(_) => None,
-                Err(e) => {
-                    self.blame(&e);
-                    None
+            .filter_map(|a| swap(route, hop, &a))
+            .collect();
+        thirds.shuffle(&mut rand::rng());
+        let mut decided = None;
+        for third_route in thirds.into_iter().take(MAX_THIRDS) {
+            match self.recompute(&third_route, inputs, budget).await {
+                Ok(t) => {
+                    decided = ruling(agree(&t, out), agree(&t, &theirs));
+                    if decided.is_some() {
+                        break;
+                    }
                 }
-            },
-            None => None,
-        };
-        let lied = |peer: PeerId, blocks| {
+                Err(e) => {
+                    tracing::info!(
+                        "spot check: a third server of {} failed: {e}",
+                        suspect.blocks
+                    );
+                    self.blame(&e);
+                }
+            }
+        }
+        let failure = |who: &Hop, message: String| {
             ClientError::HopFailed(Box::new(HopFailure {
                 hop,
-                peer,
-                blocks,
+                peer: who.peer,
+                blocks: who.blocks,
                 code: ErrorCode::BadRequest,
-                message: format!(
+                message,
+            }))
+        };
+        let sentence = sentence(decided);
+        let mut rerouted = None;
+        if let Some(odd) = sentence.liar {
+            let liar = match odd {
+                OddOne::Suspect => &suspect,
+                OddOne::Witness => &witness,
+            };
+            tracing::warn!(
+                "spot check: banned peer {} (blocks {}): its output disagreed with two other servers",
+                liar.peer,
+                liar.blocks
+            );
+            self.count(|s| {
+                s.banned += 1;
+                s.first_ban_step.get_or_insert(s.steps);
+            });
+            let lied = failure(
+                liar,
+                format!(
                     "{} it disagreed with other servers of its blocks (spot check)",
                     super::check::WRONG_OUTPUT
                 ),
-            }))
-        };
-        match verdict {
-            Some(false) => {
-                tracing::warn!(
-                    "spot check: banned peer {} (blocks {}): its output disagreed with two other servers",
-                    witness.peer,
-                    witness.blocks
-                );
-                self.blame(&lied(witness.peer, witness.blocks));
-                self.count(|s| {
-                    s.banned += 1;
-                    s.first_ban_step.get_or_insert(s.steps);
-                });
-                Verdict::Agreed
-            }
-            Some(true) => {
-                tracing::warn!(
-                    "spot check: banned peer {} (blocks {}): its output disagreed with two other servers",
-                    suspect.peer,
-                    suspect.blocks
-                );
-                self.count(|s| {
-                    s.banned += 1;
-                    s.first_ban_step.get_or_insert(s.steps);
-                });
+            );
+            match odd {
                 // The session heals around it; healing bans it.
-                Verdict::Wrong(lied(suspect.peer, suspect.blocks))
+                OddOne::Suspect => rerouted = Some(lied),
+                OddOne::Witness => {
+                    self.blame(&lied);
+                }
             }
-            None => {
-                // No third opinion: trust neither.
-                tracing::warn!(
-                    "spot check: no third server of blocks {} agreed with either; banned peers {} and {}",
-                    suspect.blocks,
-                    suspect.peer,
-                    witness.peer
-                );
-                self.blame(&lied(witness.peer, witness.blocks));
-                self.count(|s| {
-                    s.banned += 2;
-                    s.first_ban_step.get_or_insert(s.steps);
-                });
-                Verdict::Wrong(lied(suspect.peer, suspect.blocks))
+        }
+        for odd in sentence.backoff {
+            let doubted = match odd {
+                OddOne::Suspect => &suspect,
+                OddOne::Witness => &witness,
+            };
+            tracing::warn!(
+                "spot check: no third server of blocks {} decided between {} and {}; backing off from {} (not banned as a liar)",
+                suspect.blocks,
+                suspect.peer,
+                witness.peer,
+                doubted.peer
+            );
+            let doubt = failure(
+                doubted,
+                "its output disagreed with another server of its blocks, and no third decided (spot check)"
+                    .to_string(),
+            );
+            match odd {
+                // Healing leaves it out for the ordinary backoff.
+                OddOne::Suspect => rerouted = Some(doubt),
+                OddOne::Witness => {
+                    self.blame(&doubt);
+                }
             }
+        }
+        match rerouted {
+            Some(e) if sentence.reroute => Verdict::Wrong(e),
+            _ => Verdict::Agreed,
         }
     }
 
@@ -403,5 +484,33 @@ impl SwarmClient {
     /// Spot-check counts since this client connected.
     pub fn verify_stats(&self) -> VerifyStats {
         self.verify_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_third_opinion_names_the_one_it_disagrees_with() {
+        assert_eq!(ruling(true, false), Some(OddOne::Witness));
+        assert_eq!(ruling(false, true), Some(OddOne::Suspect));
+        assert_eq!(ruling(false, false), None);
+        assert_eq!(ruling(true, true), None);
+    }
+
+    #[test]
+    fn only_a_decided_disagreement_bans_a_liar() {
+        let s = sentence(Some(OddOne::Suspect));
+        assert_eq!(s.liar, Some(OddOne::Suspect));
+        assert!(s.backoff.is_empty() && s.reroute);
+        let s = sentence(Some(OddOne::Witness));
+        assert_eq!(s.liar, Some(OddOne::Witness));
+        assert!(s.backoff.is_empty() && !s.reroute);
+        // No third, or a third that failed: a lying witness gets no honest server banned.
+        let s = sentence(None);
+        assert_eq!(s.liar, None);
+        assert!(s.reroute);
+        assert_eq!(s.backoff, &[OddOne::Suspect, OddOne::Witness]);
     }
 }
