@@ -281,7 +281,14 @@ async fn start_automatic(
         tracing::warn!("cannot read the swarm's coverage ({e}): choosing as if alone");
         Vec::new()
     });
-    let swarm = placing::holdings(&book, &model_id, compute, num_blocks, &me);
+    let swarm = placing::holdings(
+        &book,
+        &model_id,
+        compute,
+        num_blocks,
+        &me,
+        measured.decode_tps,
+    );
     let auto = Automatic {
         num_blocks,
         len,
@@ -436,6 +443,7 @@ pub async fn run(
             compute: compute.clone(),
             num_blocks: a.num_blocks,
             every: cfg.rebalance_every,
+            block_tps: a.measured.decode_tps,
         };
         background.spawn(placing::watch_swarm(
             watch,

@@ -138,14 +138,37 @@ pub fn describe_budget(budget: u64, given: bool) -> String {
     }
 }
 
+/// How many times this server's own measured one-block throughput a peer's claimed
+/// throughput may count for in placement.
+pub const CLAIM_CAP_FACTOR: f64 = 4.0;
+
+/// A peer's claimed throughput (tokens/s through its span, counted for each block of it)
+/// as placement counts it: sane, and at most [`CLAIM_CAP_FACTOR`] times `own_block_tps`,
+/// this server's own measured throughput through one block. An honest server's span
+/// throughput is at most its one-block throughput, so this bounds how far a server that
+/// lies about its speed can make a span look covered and steer honest servers away from
+/// it, at the cost of undercounting a peer more than that much faster than this machine.
+/// Without a usable measure of its own, only [`placement::sane_throughput`] applies.
+pub fn capped_claim(claimed: f64, own_block_tps: f64) -> f64 {
+    let claimed = placement::sane_throughput(claimed);
+    if own_block_tps.is_finite() && own_block_tps > 0.0 {
+        claimed.min(placement::sane_throughput(own_block_tps * CLAIM_CAP_FACTOR))
+    } else {
+        claimed
+    }
+}
+
 /// The swarm's holdings of `model_id` in compute mode `compute` (the spans a route may
-/// chain with this server's), this server's own left out, goodbyes counted as gone.
+/// chain with this server's), this server's own left out, goodbyes counted as gone, each
+/// claimed throughput capped by [`capped_claim`] against `own_block_tps`, this server's
+/// measured one-block decode throughput.
 pub fn holdings(
     book: &[VerifiedAnnouncement],
     model_id: &ModelId,
     compute: &str,
     num_blocks: usize,
     me: &PeerId,
+    own_block_tps: f64,
 ) -> Vec<Holding<Vec<u8>>> {
     let me = me.to_bytes();
     book.iter()
@@ -155,7 +178,7 @@ pub fn holdings(
         .map(|a| Holding {
             who: a.peer.0.clone(),
             span: a.blocks.start() as usize..(a.blocks.end() as usize).min(num_blocks),
-            throughput: placement::sane_throughput(f64::from(a.throughput)),
+            throughput: capped_claim(f64::from(a.throughput), own_block_tps),
         })
         .collect()
 }
@@ -177,6 +200,9 @@ pub struct Watch {
     pub num_blocks: usize,
     /// Mean time between checks.
     pub every: Duration,
+    /// This server's measured decode throughput through one block (tokens/s): peers'
+    /// claims are capped against it ([`capped_claim`]).
+    pub block_tps: f64,
 }
 
 /// Re-checks the swarm about every `every` (jittered by a quarter either way) and a few
@@ -206,7 +232,14 @@ pub async fn watch_swarm(
         let Ok(book) = w.net.gather(Some(w.model_id)).await else {
             continue;
         };
-        let mut swarm = holdings(&book, &w.model_id, &w.compute, w.num_blocks, &w.me);
+        let mut swarm = holdings(
+            &book,
+            &w.model_id,
+            &w.compute,
+            w.num_blocks,
+            &w.me,
+            w.block_tps,
+        );
         let mut peers: Vec<Vec<u8>> = swarm.iter().map(|h| h.who.clone()).collect();
         peers.sort();
         if let Some(before) = &known {
@@ -277,6 +310,84 @@ mod tests {
         let key = cache_key(&id, "fast/cpu", 1);
         assert!(key.ends_with("-fast-cpu-t1.json"), "{key}");
         assert!(!key.contains('/'));
+    }
+
+    #[test]
+    fn claims_count_for_at_most_a_multiple_of_our_own_speed() {
+        // Ours: 100 tokens/s through one block; claims count for at most 400.
+        assert_eq!(capped_claim(50.0, 100.0), 50.0);
+        assert_eq!(capped_claim(400.0, 100.0), 400.0);
+        assert_eq!(capped_claim(1e5, 100.0), 100.0 * CLAIM_CAP_FACTOR);
+        assert_eq!(capped_claim(f64::NAN, 100.0), 0.0);
+        assert_eq!(capped_claim(-1.0, 100.0), 0.0);
+        // Without a measure of our own, only the sanity clamp applies.
+        assert_eq!(capped_claim(1e5, 0.0), 1e5);
+        assert_eq!(
+            capped_claim(1e300, f64::NAN),
+            placement::MAX_CLAIMED_THROUGHPUT
+        );
+    }
+
+    fn announced(n: u8, model_id: ModelId, blocks: (u32, u32), tps: f32) -> VerifiedAnnouncement {
+        use ed25519_dalek::SigningKey;
+        use pollen_protocol::{
+            Announcement, BlockRange as WireRange, FreshnessPolicy, SignedAnnouncement,
+            peer_id_bytes_for_ed25519,
+        };
+        let key = [n; 32];
+        let peer =
+            peer_id_bytes_for_ed25519(&SigningKey::from_bytes(&key).verifying_key().to_bytes());
+        let now = crate::clock::unix_ms();
+        let a = Announcement {
+            peer,
+            model_id,
+            model_name: "m".into(),
+            num_blocks: 20,
+            blocks: WireRange::new(blocks.0, blocks.1).expect("a range"),
+            throughput: tps,
+            free_sessions: 1,
+            free_cache_tokens: 1000,
+            addrs: vec![],
+            compute: "exact/cpu".into(),
+            next_rtts: vec![],
+            issued_at_ms: now,
+            expires_at_ms: now + 30_000,
+            seq: 1,
+        };
+        SignedAnnouncement::sign(a, &key)
+            .expect("signed")
+            .verify(now, &FreshnessPolicy::default())
+            .expect("verified")
+    }
+
+    #[test]
+    fn a_sybil_claiming_a_span_does_not_steer_a_joining_server_away() {
+        let id = ModelId::from_bytes([7; 32]);
+        // Blocks 0:10: only a sybil, claiming 100 000 tokens/s. Blocks 10:20: two honest
+        // servers of 300 each. This server does 100 through one block, 10 through ten.
+        let book = [
+            announced(1, id, (0, 10), 1e5),
+            announced(2, id, (10, 20), 300.0),
+            announced(3, id, (10, 20), 300.0),
+        ];
+        let me = PeerId::random();
+        let swarm = holdings(&book, &id, "exact/cpu", 20, &me, 100.0);
+        let totals = placement::totals(20, &swarm);
+        assert_eq!(totals[0], 400.0, "the claim counts for 4 × 100");
+        assert_eq!(
+            totals[10], 600.0,
+            "honest claims under the cap count in full"
+        );
+        let span = placement::choose_span(20, &swarm, &me.to_bytes(), 10, 10.0);
+        assert_eq!(
+            span,
+            0..10,
+            "it joins the span the sybil claimed, now the weakest"
+        );
+        // Uncapped, the claim would have sent it to 10:20.
+        let uncapped = holdings(&book, &id, "exact/cpu", 20, &me, 0.0);
+        let span = placement::choose_span(20, &uncapped, &me.to_bytes(), 10, 10.0);
+        assert_eq!(span, 10..20);
     }
 
     #[test]
