@@ -22,10 +22,33 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 /// How long one look at the swarm serves every page that asks.
 const VIEW_TTL: Duration = Duration::from_millis(1000);
 
-/// The latest swarm view and when it was taken.
+/// Longest one look at the swarm may take; past it the view says so.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The latest swarm view and when it was taken. One request at a time refreshes it;
+/// the others are answered with the view at hand meanwhile, so none waits on the
+/// swarm for longer than [`GATHER_TIMEOUT`].
 #[derive(Debug, Default)]
 pub struct SwarmViewCache {
-    latest: tokio::sync::Mutex<Option<(Instant, Value)>>,
+    latest: std::sync::Mutex<Option<(Instant, Value)>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl SwarmViewCache {
+    /// The view and its age, if any (the lock is held for a clone only).
+    fn get(&self) -> Option<(Instant, Value)> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, view: Value) {
+        *self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), view));
+    }
 }
 
 pub(super) fn routes() -> Router<Arc<ApiState>> {
@@ -149,25 +172,50 @@ async fn swarm(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     let Some(client) = state.backend.swarm_client() else {
         return Json(local_view(&state));
     };
-    let mut latest = state.swarm_view.latest.lock().await;
-    if let Some((at, v)) = latest.as_ref()
-        && at.elapsed() < VIEW_TTL
-    {
-        return Json(v.clone());
+    let cache = &state.swarm_view;
+    let fresh = |v: &Option<(Instant, Value)>| {
+        v.as_ref()
+            .filter(|(at, _)| at.elapsed() < VIEW_TTL)
+            .map(|(_, v)| v.clone())
+    };
+    let seen = cache.get();
+    if let Some(v) = fresh(&seen) {
+        return Json(v);
     }
-    let view = match client.net().gather(None).await {
-        Ok(book) => {
+    let _refresh = match cache.refreshing.try_lock() {
+        Ok(g) => g,
+        // Another request is refreshing: the stale view now, or, with none yet, the
+        // refresh's own result (it ends within GATHER_TIMEOUT).
+        Err(_) => match seen {
+            Some((_, v)) => return Json(v),
+            None => {
+                let g = cache.refreshing.lock().await;
+                if let Some((_, v)) = cache.get() {
+                    return Json(v);
+                }
+                g
+            }
+        },
+    };
+    if let Some(v) = fresh(&cache.get()) {
+        return Json(v);
+    }
+    let error = |e: String| json!({"mode": "swarm", "model": state.backend.name(), "models": [], "error": e});
+    let view = match tokio::time::timeout(GATHER_TIMEOUT, client.net().gather(None)).await {
+        Ok(Ok(book)) => {
             let mut v = enrich(crate::status::to_json(&book, crate::clock::unix_ms()));
             v["mode"] = json!("swarm");
             v["model"] = json!(state.backend.name());
             v["model_id"] = json!(state.backend.model_id().map(|id| id.to_string()));
             v
         }
-        Err(e) => {
-            json!({"mode": "swarm", "model": state.backend.name(), "models": [], "error": e.to_string()})
-        }
+        Ok(Err(e)) => error(e.to_string()),
+        Err(_) => error(format!(
+            "the swarm did not answer within {} s",
+            GATHER_TIMEOUT.as_secs()
+        )),
     };
-    *latest = Some((Instant::now(), view.clone()));
+    cache.set(view.clone());
     Json(view)
 }
 
