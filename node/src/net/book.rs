@@ -24,6 +24,12 @@ pub const MAX_BOOK_ENTRIES: usize = 16_384;
 /// Most rate buckets (peers and IP addresses) remembered; full ones are forgotten first.
 const MAX_BUCKETS: usize = 8192;
 
+/// List requests (pages) one peer may send at once: a whole gather of a full book
+/// (16 pages) twice over.
+pub const LIST_BURST: u32 = 32;
+/// List requests a second one peer may send, sustained.
+pub const LIST_PER_S: f64 = 2.0;
+
 /// How often a refusal of the same kind is logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -269,6 +275,7 @@ pub struct AnnouncementBook {
     per_ip: HashMap<IpAddr, usize>,
     peer_rate: HashMap<PeerId, Bucket>,
     ip_rate: HashMap<IpAddr, Bucket>,
+    list_rate: HashMap<PeerId, Bucket>,
     log: RateLimitedLog,
 }
 
@@ -292,6 +299,7 @@ impl AnnouncementBook {
             per_ip: HashMap::new(),
             peer_rate: HashMap::new(),
             ip_rate: HashMap::new(),
+            list_rate: HashMap::new(),
             log: RateLimitedLog::default(),
         }
     }
@@ -360,6 +368,25 @@ impl AnnouncementBook {
         self.insert_entry(signed, Some(*from), ip)
     }
 
+    /// Verifies `signed`, which this node gathered itself from `source`'s list, and keeps
+    /// it counted against `source`, which may hold at most `share` entries of this book
+    /// (so that one peer answering with pages of valid sybils fills its share, never
+    /// the book). No rate or IP cap applies: this node asked.
+    pub fn insert_gathered(
+        &mut self,
+        source: &PeerId,
+        signed: SignedAnnouncement,
+        share: usize,
+    ) -> Result<(), BookError> {
+        self.insert_capped(signed, Some(*source), None, share)
+    }
+
+    /// Takes a token from `peer`'s bucket of list requests ([`LIST_BURST`], then
+    /// [`LIST_PER_S`] a second); whether one was left.
+    pub fn take_list(&mut self, peer: &PeerId) -> bool {
+        take(&mut self.list_rate, *peer, LIST_BURST, LIST_PER_S)
+    }
+
     fn capped(&mut self, cap: Cap, limit: usize, who: String) -> BookError {
         self.log.warn("cap", || {
             format!("refusing an announcement from {who}: it holds {limit} {cap} already")
@@ -376,6 +403,17 @@ impl AnnouncementBook {
         sender: Option<PeerId>,
         ip: Option<IpAddr>,
     ) -> Result<(), BookError> {
+        let per_sender = self.limits.per_sender;
+        self.insert_capped(signed, sender, ip, per_sender)
+    }
+
+    fn insert_capped(
+        &mut self,
+        signed: SignedAnnouncement,
+        sender: Option<PeerId>,
+        ip: Option<IpAddr>,
+        per_sender: usize,
+    ) -> Result<(), BookError> {
         let now = now_ms();
         let verified = signed.verify(now, &self.policy)?;
         // Recorded by the replay guard only once accepted, below.
@@ -388,9 +426,9 @@ impl AnnouncementBook {
         }
         if let Some(s) = sender
             && old.is_none_or(|(os, _)| os != Some(s))
-            && self.per_sender.get(&s).copied().unwrap_or(0) >= l.per_sender
+            && self.per_sender.get(&s).copied().unwrap_or(0) >= per_sender
         {
-            return Err(self.capped(Cap::Sender, l.per_sender, s.to_string()));
+            return Err(self.capped(Cap::Sender, per_sender, s.to_string()));
         }
         if let Some(i) = ip
             && old.is_none_or(|(_, oi)| oi != Some(i))
@@ -466,6 +504,8 @@ impl AnnouncementBook {
             .retain(|_, b| !b.is_full(at, l.publish_burst, l.publish_per_s));
         self.ip_rate
             .retain(|_, b| !b.is_full(at, l.ip_publish_burst, l.ip_publish_per_s));
+        self.list_rate
+            .retain(|_, b| !b.is_full(at, LIST_BURST, LIST_PER_S));
     }
 
     /// Drops every announcement of `peer` (it said goodbye).
@@ -505,20 +545,36 @@ impl AnnouncementBook {
         after: Option<&ListCursor>,
         mut fits: impl FnMut(&SignedAnnouncement) -> bool,
     ) -> (Vec<SignedAnnouncement>, Option<ListCursor>) {
-        let key = |c: &ListCursor| (*c.model_id.as_bytes(), c.start, c.peer.0.clone());
-        let after = after.map(key);
-        let mut rest = self
-            .list(model)
-            .into_iter()
-            .filter(|a| after.as_ref().is_none_or(|k| key(&ListCursor::at(a)) > *k))
-            .peekable();
+        let now = now_ms();
+        fn order(a: &VerifiedAnnouncement) -> ([u8; 32], u32, &[u8]) {
+            (*a.model_id.as_bytes(), a.blocks.start(), &a.peer.0)
+        }
+        let after = after.map(|c| (*c.model_id.as_bytes(), c.start, c.peer.0.as_slice()));
+        // References only: the page is cloned, never the book. The smallest
+        // `MAX_LIST_ANNOUNCEMENTS + 1` past the cursor are picked in linear time, then
+        // sorted.
+        let mut rest: Vec<&VerifiedAnnouncement> = self
+            .entries
+            .values()
+            .map(|e| &e.ann)
+            .filter(|a| a.expires_at_ms > now)
+            .filter(|a| model.is_none_or(|m| a.model_id == *m))
+            .filter(|a| after.is_none_or(|k| order(a) > k))
+            .collect();
+        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
+        if rest.len() > max + 1 {
+            rest.select_nth_unstable_by(max, |a, b| order(a).cmp(&order(b)));
+            rest.truncate(max + 1);
+        }
+        rest.sort_by(|a, b| order(a).cmp(&order(b)));
+        let mut rest = rest.into_iter().peekable();
         let mut page = Vec::new();
         while let Some(a) = rest.peek() {
-            if page.len() >= pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS || !fits(a.signed()) {
+            if page.len() >= max || !fits(a.signed()) {
                 break;
             }
             if let Some(a) = rest.next() {
-                page.push(a.into_signed());
+                page.push(a.clone().into_signed());
             }
         }
         let next = match (rest.peek(), page.last()) {
@@ -789,5 +845,46 @@ mod tests {
         book.remove_peer(&key.public().to_peer_id());
         assert!(book.is_empty());
         book.insert_from(&p, signed(&key, 3, (0, 10), 2)).unwrap();
+    }
+
+    /// A peer answering a gather with many validly signed sybils fills only the share
+    /// it was given, and keeps it filled across gathers; another source still gets in.
+    #[test]
+    fn gathered_sybils_fill_only_their_sources_share() {
+        let mut book = AnnouncementBook::default();
+        let hostile = PeerId::random();
+        let stored = (0..300)
+            .filter(|_| {
+                let sybil = Keypair::generate_ed25519();
+                book.insert_gathered(&hostile, signed(&sybil, 1, (0, 10), 1), 64)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(stored, 64);
+        assert_eq!(book.len(), 64);
+        // A later gather from the same source adds nothing new...
+        let sybil = Keypair::generate_ed25519();
+        let err = book
+            .insert_gathered(&hostile, signed(&sybil, 1, (0, 10), 1), 64)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Busy);
+        // ...while an honest source's announcements, and renewals, are stored.
+        let honest = PeerId::random();
+        let server = Keypair::generate_ed25519();
+        book.insert_gathered(&honest, signed(&server, 1, (10, 20), 1), 64)
+            .unwrap();
+        book.insert_gathered(&honest, signed(&server, 1, (10, 20), 2), 64)
+            .unwrap();
+        assert_eq!(book.len(), 65);
+    }
+
+    #[test]
+    fn list_requests_are_rate_limited_per_peer() {
+        let mut book = AnnouncementBook::default();
+        let greedy = PeerId::random();
+        let granted = (0..100).filter(|_| book.take_list(&greedy)).count();
+        assert_eq!(granted, LIST_BURST as usize);
+        // Another peer is not held up by the first one's empty bucket.
+        assert!(book.take_list(&PeerId::random()));
     }
 }

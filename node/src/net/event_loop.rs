@@ -22,6 +22,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// Most entries of our book that one gather may take from a bootstrap (or another peer
+/// this node dialed by address or found on the LAN): two full list pages.
+const GATHER_TRUSTED_SHARE: usize = 2 * pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
 /// Most refused peers remembered.
 const MAX_REFUSALS: usize = 256;
 /// Most addresses taken from one identify message.
@@ -166,6 +169,17 @@ impl EventLoop {
         Some(self.swarm.behaviour_mut().announce.send_request(&peer, req))
     }
 
+    /// How many entries of our book what we gather from `peer` may hold: a bootstrap
+    /// (or other peer we dialed by address, or found on the LAN) two full pages, any
+    /// other peer what one sender may hold.
+    fn gather_share(&self, peer: &PeerId) -> usize {
+        if self.publisher.is_target(peer) {
+            GATHER_TRUSTED_SHARE
+        } else {
+            self.publisher.book.limits().per_sender
+        }
+    }
+
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Dial { addr, reply } => {
@@ -213,6 +227,17 @@ impl EventLoop {
                         .send_request(&peer, request);
                     self.pending_announce.insert(id, reply);
                 }
+            }
+            Command::GatherShare { peer, reply } => {
+                let _ = reply.send(self.gather_share(&peer));
+            }
+            Command::StoreGathered {
+                source,
+                list,
+                reply,
+            } => {
+                let share = self.gather_share(&source);
+                let _ = reply.send(self.publisher.store_gathered(&source, list, share));
             }
             Command::SetOwn { announcement, done } => {
                 if self.hello.roles != pollen_protocol::Roles::CLIENT {

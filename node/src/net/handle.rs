@@ -18,9 +18,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one peer may take to answer a `List` while gathering: a peer that hangs
 /// must not hold up discovery (or a server's renewal) for the request timeout.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most pages of announcements read from one peer in a gather (16 × 1,024 covers the
-/// largest book).
+/// Most pages of announcements read from one peer in a gather; in practice a peer's
+/// share of our book ([`super::event_loop`] decides it) ends the reading first.
 const MAX_LIST_PAGES: usize = 16;
+/// Most bytes of announcements one gather stores, from all peers together.
+const MAX_GATHER_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long a session open waits for hole punching to turn a relayed connection into
 /// a direct one before it runs through the relay.
@@ -81,6 +83,17 @@ pub(super) enum Command {
         peer: PeerId,
         request: AnnounceRequest,
         reply: oneshot::Sender<Result<AnnounceResponse, OutboundFailure>>,
+    },
+    /// How many entries of our book a gather may take from `peer`.
+    GatherShare {
+        peer: PeerId,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Announcements gathered from `source`'s list, to store within its share.
+    StoreGathered {
+        source: PeerId,
+        list: Vec<SignedAnnouncement>,
+        reply: oneshot::Sender<usize>,
     },
     SetOwn {
         announcement: Option<SignedAnnouncement>,
@@ -553,44 +566,61 @@ impl NetHandle {
         }
         let mut peers: Vec<PeerId> = self.peers().await?.into_iter().map(|p| p.peer).collect();
         peers.retain(|p| !skip(p));
+        // Each peer fills at most its share of our book (a bootstrap a page or two, any
+        // other peer what one sender may hold), and all of them at most
+        // MAX_GATHER_BYTES: one peer answering with pages of validly signed sybils
+        // cannot fill the book.
+        let budget = std::sync::atomic::AtomicUsize::new(MAX_GATHER_BYTES);
         let asks = peers.iter().map(|p| {
-            let h = self.clone();
             let peer = *p;
-            async move { (peer, h.list_pages(peer, model).await) }
+            let budget = &budget;
+            async move {
+                let share = self
+                    .call(
+                        "asking a gather share",
+                        |reply| Command::GatherShare { peer, reply },
+                        COMMAND_TIMEOUT,
+                    )
+                    .await?;
+                let list = self.list_pages(peer, model, share).await?;
+                let list = within_budget(list, budget);
+                self.call(
+                    "storing gathered announcements",
+                    |reply| Command::StoreGathered {
+                        source: peer,
+                        list,
+                        reply,
+                    },
+                    COMMAND_TIMEOUT,
+                )
+                .await
+            }
         });
-        for (peer, answer) in futures::future::join_all(asks).await {
-            match answer {
-                Ok(AnnounceResponse::List(list)) => {
-                    for signed in list {
-                        let me = self.peer_id;
-                        match self
-                            .announce(me, AnnounceRequest::Publish(Box::new(signed)))
-                            .await
-                        {
-                            Ok(AnnounceResponse::Accepted) => {}
-                            Ok(other) => tracing::debug!("from {peer}: {other:?}"),
-                            Err(e) => tracing::debug!("from {peer}: {e}"),
-                        }
-                    }
-                }
-                Ok(other) => tracing::debug!("{peer} answered a list request with {other:?}"),
-                Err(e) => tracing::debug!("{e}"),
+        for (peer, stored) in peers.iter().zip(futures::future::join_all(asks).await) {
+            match stored {
+                Ok(n) => tracing::debug!("gathered {n} new announcements from {peer}"),
+                Err(e) => tracing::debug!("gathering from {peer}: {e}"),
             }
         }
         self.book(model).await
     }
 
-    /// Every announcement `peer` holds (of `model` or all), read in pages of at most
-    /// [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`], at most [`MAX_LIST_PAGES`]
-    /// pages, each within [`GATHER_TIMEOUT`]; as one list.
+    /// The announcements `peer` holds (of `model` or all), at most `share` of them, read
+    /// in pages of at most [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`], at most
+    /// [`MAX_LIST_PAGES`] pages, each within [`GATHER_TIMEOUT`]; as one list. An answer
+    /// that is not a page (a refusal) ends it with what was read.
     async fn list_pages(
         &self,
         peer: PeerId,
         model: Option<ModelId>,
-    ) -> NetResult<AnnounceResponse> {
+        share: usize,
+    ) -> NetResult<Vec<SignedAnnouncement>> {
         let mut all = Vec::new();
         let mut after = None;
         for _ in 0..MAX_LIST_PAGES {
+            if all.len() >= share {
+                break;
+            }
             let ask = self.announce(
                 peer,
                 AnnounceRequest::ListPage {
@@ -614,9 +644,37 @@ impl NetHandle {
                         None => break,
                     }
                 }
-                other => return Ok(other),
+                AnnounceResponse::List(list) => {
+                    all.extend(list);
+                    break;
+                }
+                other => {
+                    tracing::debug!("{peer} answered a list request with {other:?}");
+                    break;
+                }
             }
         }
-        Ok(AnnounceResponse::List(all))
+        all.truncate(share);
+        Ok(all)
     }
+}
+
+/// The head of `list` that fits what is left of `budget` (bytes), taken from it.
+fn within_budget(
+    mut list: Vec<SignedAnnouncement>,
+    budget: &std::sync::atomic::AtomicUsize,
+) -> Vec<SignedAnnouncement> {
+    let mut keep = 0;
+    for a in &list {
+        let len = pollen_protocol::encoded_len(a);
+        let took = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            left.checked_sub(len)
+        });
+        if took.is_err() {
+            break;
+        }
+        keep += 1;
+    }
+    list.truncate(keep);
+    list
 }

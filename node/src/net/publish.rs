@@ -6,7 +6,8 @@ use super::book::AnnouncementBook;
 use libp2p::PeerId;
 use libp2p::request_response::OutboundRequestId;
 use pollen_protocol::{
-    AnnounceRequest, AnnounceResponse, ProtocolError, SignedAnnouncement, VerifiedAnnouncement,
+    AnnounceRequest, AnnounceResponse, ErrorCode, ListCursor, ModelId, ProtocolError,
+    SignedAnnouncement,
 };
 use std::collections::{HashMap, HashSet};
 use tokio::sync::oneshot;
@@ -129,8 +130,29 @@ impl Publisher {
                     AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
                 }
             },
+            // This node's own list requests are not rate-limited.
+            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after),
+            AnnounceRequest::List { model_id } => self.first_page(model_id),
             other => self.answer(me, other),
         }
+    }
+
+    /// Stores what this node gathered from `source`'s list, counted against `source`
+    /// with at most `share` entries held from it; how many were stored.
+    pub fn store_gathered(
+        &mut self,
+        source: &PeerId,
+        list: Vec<SignedAnnouncement>,
+        share: usize,
+    ) -> usize {
+        let mut stored = 0;
+        for signed in list {
+            match self.book.insert_gathered(source, signed, share) {
+                Ok(()) => stored += 1,
+                Err(e) => tracing::debug!("ignored an announcement gathered from {source}: {e}"),
+            }
+        }
+        stored
     }
 
     /// The answer to an announcement request from `peer`.
@@ -153,32 +175,43 @@ impl Publisher {
                     AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
                 }
             },
-            AnnounceRequest::ListPage { model_id, after } => {
-                let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 128;
-                let mut used = 0;
-                let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
-                    used += pollen_protocol::encoded_len(a);
-                    used <= budget
-                });
-                AnnounceResponse::Page { list, next }
+            AnnounceRequest::ListPage { .. } | AnnounceRequest::List { .. }
+                if !self.book.take_list(peer) =>
+            {
+                tracing::debug!("refused a list request from {peer}: too many a second");
+                AnnounceResponse::Refused(ProtocolError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "busy: at most {} list requests a second from one peer; try again later",
+                        super::book::LIST_PER_S
+                    ),
+                ))
             }
-            AnnounceRequest::List { model_id } => {
-                // One pass: stop before the answer would outgrow its frame limit.
-                let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
-                let mut used = 0;
-                let list: Vec<SignedAnnouncement> = self
-                    .book
-                    .list(model_id.as_ref())
-                    .into_iter()
-                    .take(pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS)
-                    .map(VerifiedAnnouncement::into_signed)
-                    .take_while(|a| {
-                        used += pollen_protocol::encoded_len(a);
-                        used <= budget
-                    })
-                    .collect();
-                AnnounceResponse::List(list)
-            }
+            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after),
+            AnnounceRequest::List { model_id } => self.first_page(model_id),
         }
+    }
+
+    /// The answer to a `ListPage` request.
+    fn page(&self, model_id: Option<ModelId>, after: Option<ListCursor>) -> AnnounceResponse {
+        let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 128;
+        let mut used = 0;
+        let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
+            used += pollen_protocol::encoded_len(a);
+            used <= budget
+        });
+        AnnounceResponse::Page { list, next }
+    }
+
+    /// The answer to a `List` request.
+    fn first_page(&self, model_id: Option<ModelId>) -> AnnounceResponse {
+        // The first page: stop before the answer would outgrow its frame limit.
+        let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
+        let mut used = 0;
+        let (list, _) = self.book.page(model_id.as_ref(), None, |a| {
+            used += pollen_protocol::encoded_len(a);
+            used <= budget
+        });
+        AnnounceResponse::List(list)
     }
 }
