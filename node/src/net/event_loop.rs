@@ -132,7 +132,10 @@ impl EventLoop {
                     tracing::info!("reserving a relay slot: listening on {addr}");
                     self.reach.reserving(relay, id);
                 }
-                Err(e) => tracing::warn!("cannot listen through relay {addr}: {e}"),
+                Err(e) => {
+                    tracing::warn!("cannot listen through relay {addr}: {e}");
+                    self.reach.relay_gone(&relay);
+                }
             }
         }
     }
@@ -520,7 +523,12 @@ impl EventLoop {
                 connection_id,
             }) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
-                let runs_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                // Only a peer this node dialed by address (a bootstrap, or a peer given on
+                // the command line) or found on the LAN becomes a relay candidate: any
+                // peer may claim the HOP protocol, and hostile relays would take the
+                // reservations of a node behind NAT.
+                let runs_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                    && self.publisher.is_target(&peer_id);
                 let dialed = self
                     .links
                     .get(&peer_id)

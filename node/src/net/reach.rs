@@ -83,14 +83,27 @@ impl Reach {
         }
     }
 
-    /// `peer` disconnected or its listener closed: it is no longer a relay of ours.
+    /// `peer` disconnected: it is no longer a relay of ours, nor a candidate (a dead or
+    /// hostile relay must not keep its place among the [`MAX_CANDIDATES`]; a live one
+    /// is found again when it reconnects and identifies itself).
     pub(super) fn relay_gone(&mut self, peer: &PeerId) {
         self.reserved.remove(peer);
+        self.candidates.remove(peer);
     }
 
-    /// Our relayed listener `id` closed.
+    /// Our relayed listener `id` closed: the reservation failed or ended, so its relay
+    /// is dropped from the candidates, and the next reservation goes to another.
     pub(super) fn listener_closed(&mut self, id: ListenerId) {
-        self.reserved.retain(|_, l| *l != id);
+        let gone: Vec<PeerId> = self
+            .reserved
+            .iter()
+            .filter(|(_, l)| **l == id)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.reserved.remove(&p);
+            self.candidates.remove(&p);
+        }
     }
 
     /// The relayed addresses to listen on now (each `/…/p2p/RELAY/p2p-circuit`).
@@ -124,5 +137,59 @@ impl Reach {
     /// We listen through `relay` with listener `id`.
     pub(super) fn reserving(&mut self, relay: PeerId, id: ListenerId) {
         self.reserved.insert(relay, id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn behind_nat() -> Reach {
+        let mut r = Reach::new(Role::Server, true);
+        r.probed(false);
+        r
+    }
+
+    fn addr(last: u8) -> Multiaddr {
+        format!("/ip4/198.51.100.{last}/tcp/4001").parse().unwrap()
+    }
+
+    /// A relay whose reservation fails is dropped, so that the next reservation goes
+    /// to another candidate instead of retrying a dead or hostile one forever.
+    #[test]
+    fn a_failed_reservation_drops_its_relay() {
+        let mut r = behind_nat();
+        let dead = PeerId::random();
+        r.relay_found(dead, addr(1));
+        let wanted = r.to_reserve();
+        assert_eq!(wanted.len(), 1);
+        let id = ListenerId::next();
+        r.reserving(dead, id);
+        r.listener_closed(id);
+        assert!(!r.is_candidate(&dead));
+        let live = PeerId::random();
+        r.relay_found(live, addr(2));
+        let wanted: Vec<PeerId> = r.to_reserve().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(wanted, vec![live]);
+    }
+
+    /// Candidates that disconnect leave room: a full table of gone relays does not
+    /// keep a live one out.
+    #[test]
+    fn disconnected_relays_leave_the_candidates() {
+        let mut r = behind_nat();
+        let gone: Vec<PeerId> = (0..MAX_CANDIDATES).map(|_| PeerId::random()).collect();
+        for (i, p) in gone.iter().enumerate() {
+            r.relay_found(*p, addr(i as u8 + 1));
+        }
+        let live = PeerId::random();
+        r.relay_found(live, addr(200));
+        assert!(!r.is_candidate(&live), "the table is full");
+        for p in &gone {
+            r.relay_gone(p);
+        }
+        r.relay_found(live, addr(200));
+        assert!(r.is_candidate(&live));
     }
 }
