@@ -112,6 +112,11 @@ impl GenStream {
     }
 }
 
+/// One generation slot of a [`Backend`], held from [`Backend::reserve`] until the
+/// generation started in it ends (or until dropped unused).
+#[derive(Debug)]
+pub struct Slot(tokio::sync::OwnedSemaphorePermit);
+
 enum Engine {
     Local(Arc<LocalModel>),
     Swarm(Arc<SwarmClient>),
@@ -297,6 +302,20 @@ impl Backend {
         }
     }
 
+    /// Takes one of the `max_concurrent` generation slots; fails at once (with `Busy`)
+    /// when every one is taken. A request takes its slot before any costly work on its
+    /// prompt (rendering, tokenizing), so a flood of requests costs at most
+    /// `max_concurrent` prompts' work at a time.
+    pub fn reserve(&self) -> Result<Slot, BackendError> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            BackendError::Busy(format!(
+                "{} generations are running, the most this endpoint allows; try again shortly",
+                self.max_concurrent
+            ))
+        })?;
+        Ok(Slot(permit))
+    }
+
     /// Starts generating from `prompt` token ids. Fails at once (with `Busy`) when
     /// `max_concurrent` generations are running. The generation stops when the returned
     /// stream is dropped or `cancel` fires.
@@ -307,12 +326,21 @@ impl Backend {
         cancel: CancellationToken,
     ) -> Result<GenStream, BackendError> {
         self.answer_budget(prompt.len(), Some(params.max_tokens))?;
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            BackendError::Busy(format!(
-                "{} generations are running, the most this endpoint allows; try again shortly",
-                self.max_concurrent
-            ))
-        })?;
+        let slot = self.reserve()?;
+        self.start_in(slot, prompt, params, cancel)
+    }
+
+    /// [`Backend::start`] in a slot taken earlier with [`Backend::reserve`]; the slot is
+    /// freed when the generation ends.
+    pub fn start_in(
+        &self,
+        slot: Slot,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        cancel: CancellationToken,
+    ) -> Result<GenStream, BackendError> {
+        self.answer_budget(prompt.len(), Some(params.max_tokens))?;
+        let permit = slot.0;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let cancel = cancel.child_token();
         let guard = cancel.clone().drop_guard();

@@ -6,7 +6,7 @@
 //! codes its clients expect.
 
 use super::ApiState;
-use crate::backend::{BackendError, GenEvent, GenStream};
+use crate::backend::{BackendError, GenEvent, GenStream, Slot};
 use crate::chat_template::ChatMessage;
 use axum::Router;
 use axum::body::Bytes;
@@ -381,14 +381,31 @@ fn messages(input: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
-async fn chat(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+/// Runs `f` (rendering or tokenizing a prompt of up to the body limit) off the async
+/// runtime.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::from(BackendError::Other(format!("a prompt task failed: {e}"))))?
+        .map_err(ApiError::from)
+}
+
+async fn chat(
+    State(state): State<Arc<ApiState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     check_model(&state, &req.common.model)?;
     let msgs = messages(req.messages)?;
-    let prompt = state.backend.chat_prompt(&msgs)?;
+    // The slot first: rendering and tokenizing a long conversation is the costly part.
+    let slot = state.backend.reserve()?;
+    let st = state.clone();
+    let prompt = off_runtime(move || st.backend.chat_prompt(&msgs)).await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_CHAT_TOKENS)?;
     let meta = meta(&state, Kind::Chat, &req.common);
-    run(&state, meta, prompt, p, req.common.stream).await
+    run(&state, slot, meta, prompt, p, req.common.stream).await
 }
 
 async fn completions(
@@ -407,10 +424,12 @@ async fn completions(
             ));
         }
     };
-    let prompt = state.backend.text_prompt(&text)?;
+    let slot = state.backend.reserve()?;
+    let st = state.clone();
+    let prompt = off_runtime(move || st.backend.text_prompt(&text)).await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_COMPLETION_TOKENS)?;
     let meta = meta(&state, Kind::Completion, &req.common);
-    run(&state, meta, prompt, p, req.common.stream).await
+    run(&state, slot, meta, prompt, p, req.common.stream).await
 }
 
 fn finish_reason(stop: StopReason) -> &'static str {
@@ -432,14 +451,16 @@ fn usage(g: &Generation) -> Value {
 /// event is in (so that a request the swarm cannot serve still gets its status code).
 async fn run(
     state: &ApiState,
+    slot: Slot,
     meta: Meta,
     prompt: Vec<u32>,
     params: GenerateParams,
     stream: bool,
 ) -> Result<Response, ApiError> {
-    let mut gen_stream = state
-        .backend
-        .start(prompt, params, state.shutdown.child_token())?;
+    let mut gen_stream =
+        state
+            .backend
+            .start_in(slot, prompt, params, state.shutdown.child_token())?;
     let first = gen_stream.recv().await;
     let first = match first {
         Some(GenEvent::Error(e)) => return Err(e.into()),
