@@ -117,6 +117,6 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     crate::signals::watch(stop.clone(), kill.clone());
-    super::serve(state, listener, stop).await?;
+    super::serve(state, listener, None, stop).await?;
     Ok(())
 }

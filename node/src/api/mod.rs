@@ -60,14 +60,75 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(axum::middleware::map_response(security_headers))
 }
 
-/// Serves `state` on `listener` until `stop` fires; `on_ready` gets the bound address.
+/// Whether a request naming `host` (its `Host` header) may reach a server bound to
+/// `bound`. On a loopback address only the loopback names and the bound address itself
+/// are accepted: a page whose own name an attacker re-points at 127.0.0.1 (DNS
+/// rebinding) sends its own name, and is refused. Elsewhere every name is accepted.
+pub fn host_allowed(host: &str, bound: SocketAddr) -> bool {
+    if !bound.ip().is_loopback() {
+        return true;
+    }
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip6, port)) if port.is_empty() || port.starts_with(':') => ip6,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, _port)) => name,
+            None => host,
+        }
+    };
+    let name = name.to_ascii_lowercase();
+    matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
+        || name.parse::<std::net::IpAddr>().ok() == Some(bound.ip())
+}
+
+/// `router` refusing (403, in OpenAI's error shape) requests whose `Host` names neither
+/// a loopback name nor `bound` when `bound` is a loopback address; see [`host_allowed`].
+/// A request without a `Host` (not a browser's) passes.
+pub fn with_host_check(router: Router, bound: SocketAddr) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .map(|h| h.to_str().unwrap_or("\u{fffd}").to_string())
+                .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()));
+            match host {
+                Some(h) if !host_allowed(&h, bound) => {
+                    let body = serde_json::json!({"error": {
+                        "message": format!(
+                            "this server answers only requests addressed to localhost or {bound}, not `{h}`"
+                        ),
+                        "type": "invalid_request_error",
+                        "param": null,
+                        "code": "host_not_allowed",
+                    }});
+                    axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::FORBIDDEN,
+                        axum::Json(body),
+                    ))
+                }
+                _ => next.run(req).await,
+            }
+        },
+    ))
+}
+
+/// Serves `state` on `listener` until `stop` fires. With `token`, every route answers
+/// 401 without it (`Authorization: Bearer TOKEN` or `?token=TOKEN`); on a loopback
+/// listener, requests for foreign host names get 403 ([`with_host_check`]).
 pub async fn serve(
     state: Arc<ApiState>,
     listener: tokio::net::TcpListener,
+    token: Option<String>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let bound = listener.local_addr()?;
     let shutdown = state.shutdown.clone();
-    let app = router(state);
+    let app = crate::net::private::with_token(router(state), token);
+    let app = with_host_check(app, bound).layer(axum::middleware::map_response(security_headers));
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -78,4 +139,40 @@ pub async fn serve(
         shutdown.cancel();
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn loopback_listeners_refuse_foreign_host_names() {
+        let lo = "127.0.0.1:8080".parse().unwrap_or_else(|_| unreachable!());
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:1",
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(host_allowed(ok, lo), "{ok}");
+        }
+        for bad in [
+            "evil.example:8080",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:8080",
+            "10.0.0.1:8080",
+            "[::1]x",
+            "",
+        ] {
+            assert!(!host_allowed(bad, lo), "{bad}");
+        }
+        let other = "127.0.0.2:9".parse().unwrap_or_else(|_| unreachable!());
+        assert!(host_allowed("127.0.0.2:9", other));
+        let wide = "0.0.0.0:9".parse().unwrap_or_else(|_| unreachable!());
+        assert!(host_allowed("anything.example", wide));
+    }
 }

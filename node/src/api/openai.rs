@@ -11,7 +11,7 @@ use crate::chat_template::ChatMessage;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -381,6 +381,28 @@ fn messages(input: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
+/// A POST body must say it is JSON: a cross-site page may send `text/plain` (or a form)
+/// without a CORS preflight, but not `application/json`.
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        kind: "invalid_request_error",
+        code: Some("unsupported_media_type"),
+        param: None,
+        message: format!(
+            "the request body must be JSON with `Content-Type: application/json` (got `{ct}`)"
+        ),
+    })
+}
+
 /// Runs `f` (rendering or tokenizing a prompt of up to the body limit) off the async
 /// runtime.
 async fn off_runtime<T: Send + 'static>(
@@ -394,8 +416,10 @@ async fn off_runtime<T: Send + 'static>(
 
 async fn chat(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    check_json(&headers)?;
     let req: ChatRequest = parse(&body)?;
     check_model(&state, &req.common.model)?;
     let msgs = messages(req.messages)?;
@@ -410,8 +434,10 @@ async fn chat(
 
 async fn completions(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    check_json(&headers)?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&state, &req.common.model)?;
     let text = match req.prompt {
