@@ -2,7 +2,9 @@
 //! Python package (chat and completions, whole and streamed; greedy text equal to
 //! `pollen generate --local`), `curl -N` for the raw server-sent events, and the error
 //! statuses. A client that hangs up mid-stream frees its session on every server, and a
-//! swarm that lacks blocks answers 503. `--local` serves the same text.
+//! swarm that lacks blocks answers 503. `--local` serves the same text. A private mesh's
+//! API refuses an open address without a token, and with one answers 401 without it;
+//! bodies that are not JSON get 415 and foreign host names (DNS rebinding) 403.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -317,4 +319,132 @@ fn openai_clients_and_curl_on_a_real_swarm() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("swarm_incomplete"), "{body}");
     mesh.stop(Duration::from_secs(5));
+}
+
+/// `curl` with `args`; the status code and the body.
+fn curl_code(args: &[&str]) -> (u16, String) {
+    let mut all = args.to_vec();
+    all.extend(["-w", "\n%{http_code}"]);
+    let out = curl(&all);
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
+    let dir = temp_dir("api-private");
+    let out = Command::new(pollen())
+        .args(["mesh", "init", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::path::absolute(dir.join("swarm.key")).unwrap();
+    let key = key.to_str().unwrap();
+
+    // An open address without a token: refused before anything loads.
+    let out = Command::new(pollen())
+        .env_remove("POLLEN_HTTP_TOKEN")
+        .args([
+            "api",
+            "--local",
+            "--swarm-key",
+            key,
+            "--listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refusing"), "{err}");
+
+    // With a token: 401 without it on every route, answers with it.
+    const TOKEN: &str = "s3cret-token-for-the-test";
+    let (_api, base) = start_api(&["--local", "--swarm-key", key, "--http-token", TOKEN]);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    for path in ["/v1/models", "/api/swarm", "/", "/metrics"] {
+        let (code, body) = curl_code(&[&format!("{base}{path}")]);
+        assert_eq!(code, 401, "{path}: {body}");
+        let (code, body) = curl_code(&[
+            "-H",
+            "Authorization: Bearer wrong-token-wrong-token",
+            &format!("{base}{path}"),
+        ]);
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    let (code, body) = curl_code(&["-H", &auth, &format!("{base}/v1/models")]);
+    assert_eq!(code, 200, "{body}");
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    let ask = json!({"model": name, "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2, "temperature": 0})
+    .to_string();
+    let url = format!("{base}/v1/chat/completions");
+    let (code, body) = curl_code(&[
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &ask,
+        &url,
+    ]);
+    assert_eq!(code, 200, "{body}");
+
+    // A cross-site "simple request" (text/plain, no preflight): 415 in OpenAI's shape.
+    for ct in [
+        "Content-Type: text/plain",
+        "Content-Type: application/x-www-form-urlencoded",
+    ] {
+        let (code, body) = curl_code(&["-H", &auth, "-H", ct, "-d", &ask, &url]);
+        assert_eq!(code, 415, "{ct}: {body}");
+        let err: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{body}");
+    }
+    let (code, body) = curl_code(&[
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json; charset=utf-8",
+        "-d",
+        "{not json",
+        &url,
+    ]);
+    assert_eq!(code, 400, "{body}");
+
+    // A rebinding page's own host name on the loopback listener: 403, on every route.
+    let port = base.rsplit(':').next().unwrap();
+    for host in [
+        format!("Host: evil.example:{port}"),
+        "Host: localhost.evil.example".into(),
+    ] {
+        let (code, body) = curl_code(&[
+            "-H",
+            &auth,
+            "-H",
+            &host,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &ask,
+            &url,
+        ]);
+        assert_eq!(code, 403, "{host}: {body}");
+        assert!(body.contains("host_not_allowed"), "{body}");
+        let (code, body) = curl_code(&["-H", &auth, "-H", &host, &format!("{base}/api/swarm")]);
+        assert_eq!(code, 403, "{host}: {body}");
+    }
+    let (code, body) = curl_code(&[
+        "-H",
+        &auth,
+        "-H",
+        &format!("Host: localhost:{port}"),
+        &format!("{base}/v1/models"),
+    ]);
+    assert_eq!(code, 200, "{body}");
 }

@@ -15,9 +15,16 @@ use tokio_util::sync::CancellationToken;
 #[derive(Args, Debug)]
 pub struct ApiArgs {
     /// Address to serve HTTP on. Port 0 picks a free one; the address is printed as
-    /// `api http://ADDR`. No authentication: keep it on a private address.
+    /// `api http://ADDR`. Without --http-token anyone who can reach it may use it: keep
+    /// it on a private address. In a private mesh (--swarm-key) it must be a loopback
+    /// address unless --http-token is given. On a loopback address, requests for other
+    /// host names (DNS rebinding) are refused with 403.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// Require this bearer token on every route (`Authorization: Bearer TOKEN`, or
+    /// `?token=TOKEN`); others get 401. At least 16 characters. Default: none.
+    #[arg(long, env = "POLLEN_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
     /// Bootstrap peer to join the swarm through, with its /p2p/ id (repeatable).
     #[arg(long = "bootstrap", value_parser = crate::bootstrap::parse_bootstrap_addr)]
     pub bootstrap: Vec<libp2p::Multiaddr>,
@@ -70,6 +77,14 @@ pub async fn run(args: ApiArgs) -> Result<()> {
         device: pollen_shard::device::parse_device(&args.device)?,
         mode: WeightMode::parse(&args.weights)?,
     };
+    // A private mesh's swarm view (peer ids, addresses, spans) and its generation are for
+    // its members: not on an open address without a token.
+    crate::net::private::check_page(
+        args.listen,
+        &crate::net::private::process_mesh(),
+        args.http_token.as_deref(),
+    )
+    .context("pollen api --listen")?;
     // Bind first: a taken port fails before minutes of loading.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -117,6 +132,6 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     crate::signals::watch(stop.clone(), kill.clone());
-    super::serve(state, listener, None, stop).await?;
+    super::serve(state, listener, args.http_token.clone(), stop).await?;
     Ok(())
 }
