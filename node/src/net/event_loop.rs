@@ -523,12 +523,13 @@ impl EventLoop {
                 connection_id,
             }) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
-                // Only a peer this node dialed by address (a bootstrap, or a peer given on
-                // the command line) or found on the LAN becomes a relay candidate: any
-                // peer may claim the HOP protocol, and hostile relays would take the
-                // reservations of a node behind NAT.
-                let runs_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
-                    && self.publisher.is_target(&peer_id);
+                let runs_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                // A peer this node dialed by address (a bootstrap, or a peer given on the
+                // command line) or found on the LAN is a trusted relay, reserved on first;
+                // any other peer may claim the HOP protocol, so only a few of those, ones
+                // this node dialed itself (servers it learned of), are kept, and none is
+                // dialed because of the claim alone.
+                let trusted = self.publisher.is_target(&peer_id);
                 let dialed = self
                     .links
                     .get(&peer_id)
@@ -539,10 +540,13 @@ impl EventLoop {
                     // public listen addresses, dialed directly to see.
                     match self.dialed_addrs.get(&connection_id).cloned() {
                         Some(addr) if dialed => {
-                            self.reach.relay_found(peer_id, addr);
+                            self.reach.relay_found(peer_id, addr, trusted);
                             self.reserve_relays();
                         }
-                        _ if self.reach.wants_more() && !self.reach.is_candidate(&peer_id) => {
+                        _ if trusted
+                            && self.reach.wants_more()
+                            && !self.reach.is_candidate(&peer_id) =>
+                        {
                             let addrs: Vec<Multiaddr> = info
                                 .listen_addrs
                                 .iter()

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub(super) const MAX_RESERVATIONS: usize = 2;
 /// Most relay candidates remembered.
 const MAX_CANDIDATES: usize = 32;
+/// Most of them that are not trusted (not a bootstrap, configured or LAN peer).
+const MAX_UNTRUSTED: usize = 8;
 /// A listening node that AutoNAT has not confirmed public within this long reserves
 /// relay slots anyway: being reachable through a relay beats not being reachable.
 const DECIDE_AFTER: Duration = Duration::from_secs(12);
@@ -29,8 +31,9 @@ pub(crate) struct Reach {
     pub(super) status: Reachability,
     started: Instant,
     failures: u32,
-    /// Peers that run a relay server, with the address we reached them on.
-    candidates: HashMap<PeerId, Multiaddr>,
+    /// Peers that run a relay server, with the address we reached them on and whether
+    /// they are trusted (reserved on first).
+    candidates: HashMap<PeerId, (Multiaddr, bool)>,
     /// Our relayed listeners, by relay.
     reserved: HashMap<PeerId, ListenerId>,
 }
@@ -69,8 +72,9 @@ impl Reach {
         }
     }
 
-    /// `peer`, reached on `addr`, runs a relay server.
-    pub(super) fn relay_found(&mut self, peer: PeerId, addr: Multiaddr) {
+    /// `peer`, reached on `addr`, runs a relay server; `trusted` when it is a bootstrap
+    /// or a peer this node was given (at most [`MAX_UNTRUSTED`] others are kept).
+    pub(super) fn relay_found(&mut self, peer: PeerId, addr: Multiaddr, trusted: bool) {
         if is_relayed(&addr) {
             return;
         }
@@ -78,8 +82,13 @@ impl Reach {
             .iter()
             .filter(|p| !matches!(p, Protocol::P2p(_)))
             .collect();
-        if self.candidates.len() < MAX_CANDIDATES || self.candidates.contains_key(&peer) {
-            self.candidates.insert(peer, addr);
+        if self.candidates.contains_key(&peer) {
+            self.candidates.insert(peer, (addr, trusted));
+            return;
+        }
+        let untrusted = self.candidates.values().filter(|(_, t)| !t).count();
+        if self.candidates.len() < MAX_CANDIDATES && (trusted || untrusted < MAX_UNTRUSTED) {
+            self.candidates.insert(peer, (addr, trusted));
         }
     }
 
@@ -113,11 +122,16 @@ impl Reach {
         if !self.wants || !private || self.reserved.len() >= MAX_RESERVATIONS {
             return Vec::new();
         }
-        self.candidates
+        let mut free: Vec<(&PeerId, &(Multiaddr, bool))> = self
+            .candidates
             .iter()
             .filter(|(p, _)| !self.reserved.contains_key(p))
+            .collect();
+        // Trusted relays first.
+        free.sort_by_key(|(_, (_, trusted))| !trusted);
+        free.into_iter()
             .take(MAX_RESERVATIONS - self.reserved.len())
-            .map(|(p, a)| {
+            .map(|(p, (a, _))| {
                 let addr = a.clone().with(Protocol::P2p(*p)).with(Protocol::P2pCircuit);
                 (*p, addr)
             })
@@ -161,7 +175,7 @@ mod tests {
     fn a_failed_reservation_drops_its_relay() {
         let mut r = behind_nat();
         let dead = PeerId::random();
-        r.relay_found(dead, addr(1));
+        r.relay_found(dead, addr(1), true);
         let wanted = r.to_reserve();
         assert_eq!(wanted.len(), 1);
         let id = ListenerId::next();
@@ -169,7 +183,7 @@ mod tests {
         r.listener_closed(id);
         assert!(!r.is_candidate(&dead));
         let live = PeerId::random();
-        r.relay_found(live, addr(2));
+        r.relay_found(live, addr(2), true);
         let wanted: Vec<PeerId> = r.to_reserve().into_iter().map(|(p, _)| p).collect();
         assert_eq!(wanted, vec![live]);
     }
@@ -181,15 +195,30 @@ mod tests {
         let mut r = behind_nat();
         let gone: Vec<PeerId> = (0..MAX_CANDIDATES).map(|_| PeerId::random()).collect();
         for (i, p) in gone.iter().enumerate() {
-            r.relay_found(*p, addr(i as u8 + 1));
+            r.relay_found(*p, addr(i as u8 + 1), true);
         }
         let live = PeerId::random();
-        r.relay_found(live, addr(200));
+        r.relay_found(live, addr(200), true);
         assert!(!r.is_candidate(&live), "the table is full");
         for p in &gone {
             r.relay_gone(p);
         }
-        r.relay_found(live, addr(200));
+        r.relay_found(live, addr(200), true);
         assert!(r.is_candidate(&live));
+    }
+
+    /// Peers that merely claim to run a relay hold at most a few candidate places, and
+    /// a bootstrap is reserved on before any of them.
+    #[test]
+    fn untrusted_relays_are_few_and_reserved_on_last() {
+        let mut r = behind_nat();
+        for i in 0..MAX_CANDIDATES {
+            r.relay_found(PeerId::random(), addr(i as u8 + 1), false);
+        }
+        assert_eq!(r.candidates.len(), MAX_UNTRUSTED);
+        let boot = PeerId::random();
+        r.relay_found(boot, addr(250), true);
+        let first = r.to_reserve().first().map(|(p, _)| *p);
+        assert_eq!(first, Some(boot));
     }
 }
