@@ -82,8 +82,8 @@ impl Reach {
             .iter()
             .filter(|p| !matches!(p, Protocol::P2p(_)))
             .collect();
-        if self.candidates.contains_key(&peer) {
-            self.candidates.insert(peer, (addr, trusted));
+        if let Some(known) = self.candidates.get_mut(&peer) {
+            *known = (addr, trusted);
             return;
         }
         let untrusted = self.candidates.values().filter(|(_, t)| !t).count();
