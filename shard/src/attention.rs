@@ -139,6 +139,85 @@ fn head_block(
     }
 }
 
+/// The shapes [`attend`] works on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    /// Query heads.
+    pub(crate) heads: usize,
+    /// Key/value heads (`heads` is a multiple).
+    pub(crate) kv_heads: usize,
+    /// Positions the KV buffers hold.
+    pub(crate) cap: usize,
+    /// Head width.
+    pub(crate) d: usize,
+}
+
+/// Attention of `seq` queries at positions `pos..` over KV buffers
+/// `(kv_heads, cap, d)`: `q` is head-major `(heads, seq, d)`, `out` is
+/// `(seq, heads * d)`. `head_major` is scratch, reused between calls.
+/// The caller checks that `pos + seq <= cap` and the slices' lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+    pos: usize,
+    scale: f32,
+    head_major: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let Dims {
+        heads,
+        kv_heads,
+        cap,
+        d,
+    } = dims;
+    let seq = q.len() / (heads * d);
+    let n_rep = heads / kv_heads;
+    let blocks = seq.div_ceil(QUERY_BLOCK);
+    // Head-major results: head `h`, rows `b * QUERY_BLOCK..` at one
+    // slot per (head, block), so workers write disjoint slots.
+    head_major.clear();
+    head_major.resize(heads * seq * d, 0.0);
+    {
+        let work = |item: usize, out: &mut [f32]| {
+            let (h, b) = (item / blocks, item % blocks);
+            let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(seq);
+            let g = h / n_rep;
+            let qh = &q[(h * seq + rows.start) * d..(h * seq + rows.end) * d];
+            let kg = &k[g * cap * d..(g + 1) * cap * d];
+            let vg = &v[g * cap * d..(g + 1) * cap * d];
+            head_block(qh, kg, vg, d, pos, rows, scale, out);
+        };
+        let items = heads * blocks;
+        // Key visits of the step: small steps stay on this thread.
+        let visits = heads * seq * (pos + seq);
+        let chunks = head_major
+            .chunks_mut(seq * d)
+            .flat_map(|h| h.chunks_mut(QUERY_BLOCK * d));
+        if visits < 1 << 15 {
+            for (item, out) in chunks.enumerate() {
+                work(item, out);
+            }
+        } else {
+            let slots: Vec<Mutex<&mut [f32]>> = chunks.map(Mutex::new).collect();
+            candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+                for item in range {
+                    // Each slot is handed to one worker: the lock is never contended.
+                    let mut out = slots[item].lock().unwrap_or_else(PoisonError::into_inner);
+                    work(item, &mut out);
+                }
+            });
+        }
+    }
+    for (h, rows) in head_major.chunks_exact(seq * d).enumerate() {
+        for (i, row) in rows.chunks_exact(d).enumerate() {
+            out[(i * heads + h) * d..][..d].copy_from_slice(row);
+        }
+    }
+}
+
 impl CustomOp3 for TiledAttention {
     fn name(&self) -> &'static str {
         "tiled-attention"
@@ -172,45 +251,23 @@ impl CustomOp3 for TiledAttention {
         let q = &q.as_slice::<f32>()?[q0..q1];
         let k = &k.as_slice::<f32>()?[k0..k1];
         let v = &v.as_slice::<f32>()?[v0..v1];
-        let n_rep = heads / kv_heads;
-        let blocks = seq.div_ceil(QUERY_BLOCK);
-        // Head-major results: head `h`, rows `b * QUERY_BLOCK..` at one
-        // slot per (head, block), so workers write disjoint slots.
-        let mut head_major = vec![0f32; heads * seq * d];
-        {
-            let slots: Vec<Mutex<&mut [f32]>> = head_major
-                .chunks_mut(seq * d)
-                .flat_map(|h| h.chunks_mut(QUERY_BLOCK * d))
-                .map(Mutex::new)
-                .collect();
-            let work = |items: std::ops::Range<usize>| {
-                for item in items {
-                    let (h, b) = (item / blocks, item % blocks);
-                    let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(seq);
-                    let g = h / n_rep;
-                    let qh = &q[(h * seq + rows.start) * d..(h * seq + rows.end) * d];
-                    let kg = &k[g * cap * d..(g + 1) * cap * d];
-                    let vg = &v[g * cap * d..(g + 1) * cap * d];
-                    // Each slot is handed to one worker: the lock is never contended.
-                    let mut out = slots[item].lock().unwrap_or_else(PoisonError::into_inner);
-                    head_block(qh, kg, vg, d, self.pos, rows, self.scale, &mut out);
-                }
-            };
-            let items = heads * blocks;
-            // Key visits of the step: small steps stay on this thread.
-            let visits = heads * seq * (self.pos + seq);
-            if visits < 1 << 15 {
-                work(0..items);
-            } else {
-                candle_core::utils::barrier_pool().execute_chunked(items, work);
-            }
-        }
+        let dims = Dims {
+            heads,
+            kv_heads,
+            cap,
+            d,
+        };
         let mut out = vec![0f32; seq * heads * d];
-        for (h, rows) in head_major.chunks_exact(seq * d).enumerate() {
-            for (i, row) in rows.chunks_exact(d).enumerate() {
-                out[(i * heads + h) * d..][..d].copy_from_slice(row);
-            }
-        }
+        attend(
+            q,
+            k,
+            v,
+            dims,
+            self.pos,
+            self.scale,
+            &mut Vec::new(),
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), Shape::from((1, seq, heads * d))))
     }
 }

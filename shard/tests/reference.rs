@@ -697,3 +697,39 @@ fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
     assert!(exact.forward_batch(&mut [(&x, 0, &mut c)]).is_err());
     Ok(())
 }
+
+/// The fused CPU path (norms into quantization, rotary with the KV write,
+/// attention over the cache buffers) gives the same bits as the op-by-op
+/// path, for a prompt that grows the cache past its first buffer, decode
+/// steps and a later chunk.
+#[test]
+fn fused_block_path_equals_op_by_op_bit_for_bit() -> Result<()> {
+    let dir = tmp_dir("fused");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q4_1)?;
+    let file = ModelFile::open(&path)?;
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::Fast,
+    };
+    let range = BlockRange { start: 0, end: 5 };
+    let mut fused = BlockSpan::load(&file, range, &opts, &mut |_, _| {})?;
+    let mut plain = BlockSpan::load(&file, range, &opts, &mut |_, _| {})?;
+    if !fused.set_fused(true) {
+        eprintln!("no packed kernel on this CPU: the fused path does not run here");
+        return Ok(());
+    }
+    assert!(!plain.set_fused(false));
+    let (mut cf, mut cp) = (
+        fused.new_cache(CacheLimits::default()),
+        plain.new_cache(CacheLimits::default()),
+    );
+    for (seed, n) in [(1u64, 70usize), (2, 1), (3, 1), (4, 5), (5, 1)] {
+        let x = rand_tensor(&[1, n, TINY_HIDDEN], seed, 1.0)?;
+        let a = fused.forward(&x, cf.len(), &mut cf)?;
+        let b = plain.forward(&x, cp.len(), &mut cp)?;
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(max_diff(&a, &b)?, 0.0, "step of {n} tokens (seed {seed})");
+    }
+    Ok(())
+}

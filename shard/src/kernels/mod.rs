@@ -441,37 +441,77 @@ impl PackedMatrix {
     /// [`Self::matmul`] on `kernel`, or on the scalar path for `None`.
     fn matmul_on(&self, kernel: Option<Kernel>, x: &[f32], m: usize, dst: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "lhs length");
+        let act = Activations::quantize(x, m, self.k);
+        self.product(kernel, &act, dst, &mut Vec::new(), false);
+    }
+
+    /// `dst (m, n) = act · selfᵀ` (or `+=` with `accumulate`) for quantized
+    /// activations, on candle's CPU thread pool. `scratch` holds the
+    /// tile-major results between calls (reused, so a step allocates once).
+    /// The value added to `dst` is the one [`Self::matmul`] stores, so a
+    /// residual added here has the bits of a separate addition.
+    pub(crate) fn matmul_quantized(
+        &self,
+        act: &Activations,
+        dst: &mut [f32],
+        scratch: &mut Vec<[f32; TILE]>,
+        accumulate: bool,
+    ) {
+        self.product(Kernel::active(), act, dst, scratch, accumulate);
+    }
+
+    fn product(
+        &self,
+        kernel: Option<Kernel>,
+        act: &Activations,
+        dst: &mut [f32],
+        tiles: &mut Vec<[f32; TILE]>,
+        accumulate: bool,
+    ) {
+        let m = act.rows;
+        assert_eq!(act.k, self.k, "activation width");
         assert_eq!(dst.len(), m * self.n, "dst length");
         let n_tiles = self.n / TILE;
         if m == 0 || n_tiles == 0 {
             return;
         }
-        let act = Activations::quantize(x, m, self.k);
         // Tile-major results: tile `t`'s 16 columns of every row at `t * m..`,
         // one slot per tile, so workers write disjoint slots without sharing.
-        let mut tiles = vec![[0f32; TILE]; n_tiles * m];
+        tiles.clear();
+        tiles.resize(n_tiles * m, [0f32; TILE]);
         {
-            let slots: Vec<Mutex<&mut [[f32; TILE]]>> =
-                tiles.chunks_exact_mut(m).map(Mutex::new).collect();
-            let work = |range: std::ops::Range<usize>| {
+            let work = |slots: &[Mutex<&mut [[f32; TILE]]>], range: std::ops::Range<usize>| {
                 for t in range {
                     // Each tile is handed to one worker: the lock is never contended.
                     let mut out = slots[t].lock().unwrap_or_else(PoisonError::into_inner);
                     match kernel {
-                        Some(k) => k.tile(self, t, &act, &mut out),
-                        None => self.tile_scalar(t, &act, &mut out),
+                        Some(k) => k.tile(self, t, act, &mut out),
+                        None => self.tile_scalar(t, act, &mut out),
                     }
                 }
             };
-            if n_tiles * m < 64 {
-                work(0..n_tiles);
+            let pool = candle_core::utils::barrier_pool();
+            if n_tiles * m < 64 || pool.n_workers() == 0 {
+                for (t, out) in tiles.chunks_exact_mut(m).enumerate() {
+                    match kernel {
+                        Some(k) => k.tile(self, t, act, out),
+                        None => self.tile_scalar(t, act, out),
+                    }
+                }
             } else {
-                candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
+                let slots: Vec<Mutex<&mut [[f32; TILE]]>> =
+                    tiles.chunks_exact_mut(m).map(Mutex::new).collect();
+                pool.execute_chunked(n_tiles, |r| work(&slots, r));
             }
         }
         for (t, out) in tiles.chunks_exact(m).enumerate() {
             for (row, o) in out.iter().enumerate() {
-                dst[row * self.n + t * TILE..][..TILE].copy_from_slice(o);
+                let d = &mut dst[row * self.n + t * TILE..][..TILE];
+                if accumulate {
+                    d.iter_mut().zip(o).for_each(|(d, o)| *d += o);
+                } else {
+                    d.copy_from_slice(o);
+                }
             }
         }
     }
@@ -553,43 +593,71 @@ impl candle_core::CustomOp1 for PackedMatrix {
 /// Activations quantized per block of 32: int8 values, scales `d`,
 /// `s = d * sum(q)` for the weights' offsets, and `sum(q)` itself (the AVX2
 /// kernel's 8-bit path adds `128 * sum(q)` back to its signed products).
-struct Activations {
+#[derive(Default)]
+pub(crate) struct Activations {
+    rows: usize,
+    k: usize,
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
     sum: Vec<i32>,
+    /// One row before quantization (for [`Self::quantize_rows_with`]).
+    row: Vec<f32>,
 }
 
 impl Activations {
     fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        let mut a = Self::default();
+        a.quantize_rows_with(m, k, |i, row| row.copy_from_slice(&x[i * k..(i + 1) * k]));
+        a
+    }
+
+    /// Quantizes `m` rows of width `k` (a multiple of 32), row `i` written
+    /// by `fill(i, row)` first: a norm or a gate fused into the
+    /// quantization, without a tensor in between. Reuses this value's
+    /// buffers. Row by row, so each row's quants are those of the whole.
+    pub(crate) fn quantize_rows_with(
+        &mut self,
+        m: usize,
+        k: usize,
+        mut fill: impl FnMut(usize, &mut [f32]),
+    ) {
         let kb = k / BLOCK;
-        let mut q = vec![0i8; m * k];
-        let mut d = vec![0f32; m * kb];
-        let mut s = vec![0f32; m * kb];
-        let mut sums = vec![0i32; m * kb];
-        for (i, (xs, qs)) in x
-            .chunks_exact(BLOCK)
-            .zip(q.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            // As ggml's (and candle's) Q8_0/Q8_1 activations: scale amax/127
-            // kept as f16, values rounded half away from zero.
-            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                let x = v * inv;
-                let r = (x + 0.5f32.copysign(x)).clamp(-127.0, 127.0) as i8;
-                sum += i32::from(r);
-                *q = r;
+        self.rows = m;
+        self.k = k;
+        self.q.resize(m * k, 0);
+        self.d.resize(m * kb, 0.0);
+        self.s.resize(m * kb, 0.0);
+        self.sum.resize(m * kb, 0);
+        self.row.resize(k, 0.0);
+        for i in 0..m {
+            fill(i, &mut self.row);
+            let qs = &mut self.q[i * k..(i + 1) * k];
+            for (b, (xs, qs)) in self
+                .row
+                .chunks_exact(BLOCK)
+                .zip(qs.chunks_exact_mut(BLOCK))
+                .enumerate()
+            {
+                // As ggml's (and candle's) Q8_0/Q8_1 activations: scale amax/127
+                // kept as f16, values rounded half away from zero.
+                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let mut sum = 0i32;
+                for (q, &v) in qs.iter_mut().zip(xs) {
+                    let x = v * inv;
+                    let r = (x + 0.5f32.copysign(x)).clamp(-127.0, 127.0) as i8;
+                    sum += i32::from(r);
+                    *q = r;
+                }
+                let scale = f16::from_f32(scale).to_f32();
+                let at = i * kb + b;
+                self.d[at] = scale;
+                self.s[at] = scale * sum as f32;
+                self.sum[at] = sum;
             }
-            let scale = f16::from_f32(scale).to_f32();
-            d[i] = scale;
-            s[i] = scale * sum as f32;
-            sums[i] = sum;
         }
-        Self { q, d, s, sum: sums }
     }
 }
 

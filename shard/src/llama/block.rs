@@ -2,6 +2,7 @@
 //! of hidden states with that block's slice of a session's KV cache.
 
 use super::cache::{self, LayerKv};
+use super::fused::FusedWeights;
 use super::linear::{Linear, Projections, load_linear, load_vector};
 use super::options::{LoadOptions, WeightMode};
 use crate::Result;
@@ -20,6 +21,8 @@ pub(super) struct Block {
     /// gate, up.
     gate_up: Projections<2>,
     w_down: Linear,
+    /// The norms' weights as plain values (for the fused CPU path).
+    norms: [Vec<f32>; 2],
     span_attn: tracing::Span,
     span_mlp: tracing::Span,
 }
@@ -110,15 +113,31 @@ impl Block {
             load_linear(file, &n.w_gate, ff, h, opts)?,
             load_linear(file, &n.w_up, ff, h, opts)?,
         ];
+        let attn_norm = load_vector(file, &n.attn_norm, h, &opts.device)?;
+        let ffn_norm = load_vector(file, &n.ffn_norm, h, &opts.device)?;
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
         Ok(Self {
-            attn_norm: load_vector(file, &n.attn_norm, h, &opts.device)?,
+            norms: [values(&attn_norm)?, values(&ffn_norm)?],
+            attn_norm,
             qkv: Projections::new(qkv, fuse),
             wo: load_linear(file, &n.wo, h, h, opts)?,
-            ffn_norm: load_vector(file, &n.ffn_norm, h, &opts.device)?,
+            ffn_norm,
             gate_up: Projections::new(gate_up, fuse),
             w_down: load_linear(file, &n.w_down, h, ff, opts)?,
             span_attn: tracing::span!(tracing::Level::TRACE, "attn"),
             span_mlp: tracing::span!(tracing::Level::TRACE, "mlp"),
+        })
+    }
+
+    /// The weights of the fused CPU path, where every product is packed.
+    pub(super) fn fused(&self) -> Option<FusedWeights<'_>> {
+        Some(FusedWeights {
+            attn_norm: &self.norms[0],
+            qkv: self.qkv.packed()?,
+            wo: self.wo.packed()?,
+            ffn_norm: &self.norms[1],
+            gate_up: self.gate_up.packed()?,
+            w_down: self.w_down.packed()?,
         })
     }
 

@@ -269,14 +269,40 @@ pub(super) fn write_in_place(
     max_tokens: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b_sz, n_kv, seq_len, head_dim) = k.dims4()?;
-    let need = pos + seq_len;
+    let (kb, vb) = reserve(
+        layer,
+        (b_sz, n_kv, head_dim),
+        pos,
+        pos + seq_len,
+        max_tokens,
+        k.device(),
+    )?;
+    kb.slice_set(k, 2, pos)?;
+    vb.slice_set(v, 2, pos)?;
+    *layer = Some((kb.clone(), vb.clone()));
+    Ok((kb, vb))
+}
+
+/// Other modes: the layer's buffers `(b, kv_heads, capacity, head_dim)`
+/// with room for positions `..need`, grown first where they are too short
+/// (doubling, at least 64 positions, at most `max_tokens` unless more are
+/// needed; positions `..pos` are kept). The layer keeps holding them (a
+/// write through the returned tensors lands in the cache).
+pub(super) fn reserve(
+    layer: &mut LayerKv,
+    (b_sz, n_kv, head_dim): (usize, usize, usize),
+    pos: usize,
+    need: usize,
+    max_tokens: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (kb, vb) = match layer.take() {
         Some((kb, vb)) if kb.dim(2)? >= need => (kb, vb),
         old => {
             let cap = need.next_power_of_two().max(64).min(max_tokens.max(need));
             let shape = (b_sz, n_kv, cap, head_dim);
-            let kb = Tensor::zeros(shape, DType::F32, k.device())?;
-            let vb = Tensor::zeros(shape, DType::F32, k.device())?;
+            let kb = Tensor::zeros(shape, DType::F32, device)?;
+            let vb = Tensor::zeros(shape, DType::F32, device)?;
             if let Some((ok, ov)) = old
                 && pos > 0
             {
@@ -286,8 +312,6 @@ pub(super) fn write_in_place(
             (kb, vb)
         }
     };
-    kb.slice_set(k, 2, pos)?;
-    vb.slice_set(v, 2, pos)?;
     *layer = Some((kb.clone(), vb.clone()));
     Ok((kb, vb))
 }

@@ -33,6 +33,14 @@ impl Linear {
         }
     }
 
+    /// The packed weights, where this product runs on this crate's kernel.
+    pub(super) fn packed(&self) -> Option<&PackedMatrix> {
+        match &self.inner {
+            LinearInner::Packed(p) => Some(p),
+            LinearInner::Candle(_) => None,
+        }
+    }
+
     pub(super) fn bytes(&self) -> usize {
         match &self.inner {
             LinearInner::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
@@ -185,6 +193,14 @@ impl<const N: usize> Projections<N> {
             }
         }
         Self::Separate(parts)
+    }
+
+    /// The fused product's packed weights (all projections' rows, in order).
+    pub(super) fn packed(&self) -> Option<&PackedMatrix> {
+        match self {
+            Self::Fused(l, _) => l.packed(),
+            Self::Separate(_) => None,
+        }
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<[Tensor; N]> {

@@ -23,6 +23,7 @@
 mod block;
 mod cache;
 mod ends;
+mod fused;
 mod linear;
 mod options;
 mod span;

@@ -2,7 +2,8 @@
 //! and the forward pass over them.
 
 use super::block::{Block, Shared, causal_mask, causal_mask_additive, rope_tables};
-use super::cache::{CacheLimits, SpanCache};
+use super::cache::{CacheLimits, LayerKv, SpanCache};
+use super::fused::{self, Rope, Scratch, Segment, cpu_f32};
 use super::options::{LoadOptions, WeightMode};
 use crate::config::{BlockRange, ModelConfig};
 use crate::weights::ModelFile;
@@ -18,6 +19,8 @@ pub struct BlockSpan {
     shared: Shared,
     device: Device,
     weight_bytes: usize,
+    /// Whether steps run the fused CPU path ([`super::fused`]).
+    fused: bool,
 }
 
 impl BlockSpan {
@@ -39,7 +42,12 @@ impl BlockSpan {
             progress(n + 1, range.len());
         }
         let weight_bytes = blocks.iter().map(Block::bytes).sum();
+        let fused = opts.mode != WeightMode::Exact
+            && opts.device.is_cpu()
+            && cfg.rope_dim == cfg.head_dim()
+            && blocks.iter().all(|b| b.fused().is_some());
         Ok(Self {
+            fused,
             range,
             blocks,
             shared: Shared {
@@ -52,6 +60,61 @@ impl BlockSpan {
             device: opts.device.clone(),
             weight_bytes,
         })
+    }
+
+    /// Turns the fused CPU path off or back on (where it is available) and
+    /// says whether it is on: for tests and benches comparing it with the
+    /// op-by-op path, which gives the same bits.
+    #[doc(hidden)]
+    pub fn set_fused(&mut self, on: bool) -> bool {
+        self.fused = on
+            && self.shared.fast
+            && self.device.is_cpu()
+            && self.shared.cfg.rope_dim == self.shared.cfg.head_dim()
+            && self.blocks.iter().all(|b| b.fused().is_some());
+        self.fused
+    }
+
+    /// Runs `segments` (one session's rows each, in `x`'s order) through
+    /// every block on the fused CPU path; `kv(b, i)` is segment `i`'s layer
+    /// for block `b`.
+    fn forward_fused(
+        &self,
+        hidden: &Tensor,
+        layers: &mut [&mut [LayerKv]],
+        segments: &[(usize, usize, usize)],
+    ) -> Result<Tensor> {
+        let (cos, cl) = self.shared.cos.storage_and_layout();
+        let (sin, sl) = self.shared.sin.storage_and_layout();
+        let rope = Rope {
+            cos: cpu_f32(&cos, cl)?,
+            sin: cpu_f32(&sin, sl)?,
+            interleaved: self.shared.cfg.rope_interleaved,
+        };
+        let mut x = fused::to_rows(hidden)?;
+        let mut scratch = Scratch::default();
+        for (b, block) in self.blocks.iter().enumerate() {
+            let Some(w) = block.fused() else {
+                return Err(ShardError::BadInput("block not packed".into()));
+            };
+            let mut segs: Vec<Segment<'_>> = layers
+                .iter_mut()
+                .zip(segments)
+                .map(|(l, &(pos, rows, max_tokens))| Segment {
+                    pos,
+                    rows,
+                    kv: &mut l[b],
+                    max_tokens,
+                })
+                .collect();
+            fused::block_forward(&w, &mut x, &mut segs, &self.shared, rope, &mut scratch)?;
+        }
+        let m = x.len() / self.shared.cfg.hidden_size;
+        Ok(Tensor::from_vec(
+            x,
+            (1, m, self.shared.cfg.hidden_size),
+            &self.device,
+        )?)
     }
 
     /// The blocks held.
@@ -178,6 +241,11 @@ impl BlockSpan {
             Some(causal_mask(seq, pos, &self.device)?)
         };
         let max_tokens = cache.limits().max_tokens;
+        if self.fused {
+            return cache.step(new_len, |layers| {
+                self.forward_fused(&hidden, &mut [layers], &[(pos, seq, max_tokens)])
+            });
+        }
         cache.step(new_len, |layers| {
             let mut x = hidden;
             for (block, kv) in self.blocks.iter().zip(layers) {
@@ -226,7 +294,18 @@ impl BlockSpan {
         let max_tokens: Vec<usize> = steps.iter().map(|s| s.2.limits().max_tokens).collect();
         let saved: Vec<_> = steps.iter().map(|s| s.2.snapshot()).collect();
         let mut run = || -> Result<Tensor> {
-            let mut x = Tensor::cat(&rows, 1)?;
+            let x = Tensor::cat(&rows, 1)?;
+            if self.fused {
+                let segments: Vec<_> = steps
+                    .iter()
+                    .zip(&max_tokens)
+                    .map(|((_, pos, _), &max)| (*pos, 1, max))
+                    .collect();
+                let mut layers: Vec<&mut [LayerKv]> =
+                    steps.iter_mut().map(|s| s.2.layers_mut()).collect();
+                return self.forward_fused(&x, &mut layers, &segments);
+            }
+            let mut x = x;
             for (b, block) in self.blocks.iter().enumerate() {
                 let mut items: Vec<(usize, &mut _)> = steps
                     .iter_mut()

@@ -1,0 +1,269 @@
+//! The fast modes' block on the CPU in a few fused passes over plain
+//! buffers, instead of about twenty candle ops (each with its tensor, its
+//! allocation and its dispatch) per block:
+//!
+//! 1. RMS norm computed row by row straight into the input quantization of
+//!    the fused q/k/v product;
+//! 2. rotary on keys while they are written into the in-place KV buffers,
+//!    values written in the same pass, and rotary on queries while they are
+//!    gathered head-major for attention;
+//! 3. tiled attention ([`crate::attention::attend`]) over the cache buffers
+//!    as they are, with no reshape or copy of keys and values;
+//! 4. output projection with the residual added in its result copy;
+//! 5. RMS norm into the gate/up product's quantization, SiLU(gate)·up into
+//!    the down projection's quantization, the residual added again.
+//!
+//! Buffers live in a [`Scratch`] reused by every block of a step. Every
+//! float operation is the one the candle ops perform, in the same order
+//! (candle's RMS norm, `rope`/`rope_i`, `silu`, and the packed product), so
+//! this path gives the same bits as the op-by-op one; a test checks that.
+
+use super::block::Shared;
+use super::cache::{self, LayerKv};
+use crate::attention::{self, Dims};
+use crate::kernels::{Activations, PackedMatrix, TILE};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
+
+/// One block's weights, where every product is packed.
+pub(super) struct FusedWeights<'a> {
+    pub(super) attn_norm: &'a [f32],
+    pub(super) qkv: &'a PackedMatrix,
+    pub(super) wo: &'a PackedMatrix,
+    pub(super) ffn_norm: &'a [f32],
+    pub(super) gate_up: &'a PackedMatrix,
+    pub(super) w_down: &'a PackedMatrix,
+}
+
+/// Buffers reused by every block of a step.
+#[derive(Default)]
+pub(super) struct Scratch {
+    act: Activations,
+    tiles: Vec<[f32; TILE]>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    attn: Vec<f32>,
+    head_major: Vec<f32>,
+    gate_up: Vec<f32>,
+}
+
+/// Rows of a step that belong to one session: `rows` tokens at positions
+/// `pos..`, with that session's KV layer for this block.
+pub(super) struct Segment<'a> {
+    pub(super) pos: usize,
+    pub(super) rows: usize,
+    pub(super) kv: &'a mut LayerKv,
+    pub(super) max_tokens: usize,
+}
+
+/// The rotary tables `(max_seq_len, head_dim / 2)`.
+#[derive(Clone, Copy)]
+pub(super) struct Rope<'a> {
+    pub(super) cos: &'a [f32],
+    pub(super) sin: &'a [f32],
+    pub(super) interleaved: bool,
+}
+
+impl Rope<'_> {
+    /// Rotates one head's row `src` (width `d`) at position `pos` into
+    /// `dst`: candle's `rope_i` (pairs side by side) or `rope` (halves).
+    #[inline]
+    fn apply(&self, src: &[f32], dst: &mut [f32], pos: usize) {
+        let half = src.len() / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        if self.interleaved {
+            for j in 0..half {
+                let (a, b) = (src[2 * j], src[2 * j + 1]);
+                dst[2 * j] = a * cos[j] - b * sin[j];
+                dst[2 * j + 1] = a * sin[j] + b * cos[j];
+            }
+        } else {
+            for j in 0..half {
+                let (a, b) = (src[j], src[j + half]);
+                dst[j] = a * cos[j] - b * sin[j];
+                dst[j + half] = a * sin[j] + b * cos[j];
+            }
+        }
+    }
+}
+
+/// A CPU tensor's contiguous f32 data.
+pub(super) fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(c) = s else {
+        candle_core::bail!("fused block: tensor not on the CPU")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused block: tensor not contiguous")
+    };
+    Ok(&c.as_slice::<f32>()?[a..b])
+}
+
+/// candle's RMS norm of one row: `x / sqrt(mean(x²) + eps) * w`.
+#[inline]
+fn rms_row(x: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+    let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    for ((d, &s), &a) in dst.iter_mut().zip(x).zip(w) {
+        *d = s / m * a;
+    }
+}
+
+/// candle's SiLU.
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Writes keys or values of a segment into a KV buffer `(1, kv_heads, cap,
+/// d)` at positions `pos..`, rotating them on the way where `rope` is set.
+/// `rows` are the q/k/v product's rows (width `stride`), the heads at
+/// column `col`.
+struct WriteKv<'a> {
+    rows: &'a [f32],
+    stride: usize,
+    col: usize,
+    pos: usize,
+    d: usize,
+    rope: Option<Rope<'a>>,
+}
+
+impl InplaceOp1 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "fused-kv-write"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (_, n_kv, cap, d) = layout.shape().dims4()?;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("kv write: buffer not contiguous")
+        };
+        let seq = self.rows.len() / self.stride;
+        if d != self.d || self.pos + seq > cap || self.col + n_kv * d > self.stride {
+            candle_core::bail!("kv write: {seq} rows at {} into {cap}", self.pos)
+        }
+        let CpuStorage::F32(buf) = storage else {
+            candle_core::bail!("kv write: buffer not f32")
+        };
+        let buf = &mut buf[a..b];
+        for (i, row) in self.rows.chunks_exact(self.stride).enumerate() {
+            for g in 0..n_kv {
+                let src = &row[self.col + g * d..self.col + (g + 1) * d];
+                let dst = &mut buf[(g * cap + self.pos + i) * d..][..d];
+                match &self.rope {
+                    Some(r) => r.apply(src, dst, self.pos + i),
+                    None => dst.copy_from_slice(src),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One block over `x` (`(m, hidden)` row-major, updated in place), whose
+/// rows are split into `segments` of consecutive positions of one session.
+pub(super) fn block_forward(
+    w: &FusedWeights<'_>,
+    x: &mut [f32],
+    segments: &mut [Segment<'_>],
+    sh: &Shared,
+    rope: Rope<'_>,
+    s: &mut Scratch,
+) -> candle_core::Result<()> {
+    let cfg = &sh.cfg;
+    let (h, d, ff) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (n_head, n_kv) = (cfg.num_heads, cfg.num_kv_heads);
+    let kvw = n_kv * d;
+    let qn = h + 2 * kvw;
+    let m = x.len() / h;
+    let eps = cfg.rms_norm_eps as f32;
+    if segments.iter().map(|g| g.rows).sum::<usize>() != m || w.qkv.n() != qn {
+        candle_core::bail!("fused block: rows or widths do not match");
+    }
+
+    // Attention: norm into the q/k/v product's input.
+    s.act.quantize_rows_with(m, h, |i, row| {
+        rms_row(&x[i * h..(i + 1) * h], w.attn_norm, eps, row)
+    });
+    s.qkv.resize(m * qn, 0.0);
+    w.qkv
+        .matmul_quantized(&s.act, &mut s.qkv, &mut s.tiles, false);
+    s.attn.resize(m * h, 0.0);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut row0 = 0;
+    for seg in segments.iter_mut() {
+        let rows = &s.qkv[row0 * qn..(row0 + seg.rows) * qn];
+        let (kb, vb) = cache::reserve(
+            seg.kv,
+            (1, n_kv, d),
+            seg.pos,
+            seg.pos + seg.rows,
+            seg.max_tokens,
+            &Device::Cpu,
+        )?;
+        let write = |col, rope| WriteKv {
+            rows,
+            stride: qn,
+            col,
+            pos: seg.pos,
+            d,
+            rope,
+        };
+        kb.inplace_op1(&write(h, Some(rope)))?;
+        vb.inplace_op1(&write(h + kvw, None))?;
+        // Queries, rotated, head-major for attention.
+        s.q.resize(n_head * seg.rows * d, 0.0);
+        for hd in 0..n_head {
+            for (i, row) in rows.chunks_exact(qn).enumerate() {
+                let dst = &mut s.q[(hd * seg.rows + i) * d..][..d];
+                rope.apply(&row[hd * d..(hd + 1) * d], dst, seg.pos + i);
+            }
+        }
+        let cap = kb.dim(2)?;
+        let (ks, kl) = kb.storage_and_layout();
+        let (vs, vl) = vb.storage_and_layout();
+        let dims = Dims {
+            heads: n_head,
+            kv_heads: n_kv,
+            cap,
+            d,
+        };
+        attention::attend(
+            &s.q,
+            cpu_f32(&ks, kl)?,
+            cpu_f32(&vs, vl)?,
+            dims,
+            seg.pos,
+            scale,
+            &mut s.head_major,
+            &mut s.attn[row0 * h..(row0 + seg.rows) * h],
+        );
+        row0 += seg.rows;
+    }
+    let attn = &s.attn;
+    s.act.quantize_rows_with(m, h, |i, row| {
+        row.copy_from_slice(&attn[i * h..(i + 1) * h])
+    });
+    w.wo.matmul_quantized(&s.act, x, &mut s.tiles, true);
+
+    // MLP: norm into gate/up, SiLU(gate)·up into down.
+    s.act.quantize_rows_with(m, h, |i, row| {
+        rms_row(&x[i * h..(i + 1) * h], w.ffn_norm, eps, row)
+    });
+    s.gate_up.resize(m * 2 * ff, 0.0);
+    w.gate_up
+        .matmul_quantized(&s.act, &mut s.gate_up, &mut s.tiles, false);
+    let gu = &s.gate_up;
+    s.act.quantize_rows_with(m, ff, |i, row| {
+        let (g, u) = gu[i * 2 * ff..(i + 1) * 2 * ff].split_at(ff);
+        for ((r, &g), &u) in row.iter_mut().zip(g).zip(u) {
+            *r = silu(g) * u;
+        }
+    });
+    w.w_down.matmul_quantized(&s.act, x, &mut s.tiles, true);
+    Ok(())
+}
+
+/// Reads a step's hidden states `(1, m, hidden)` into a buffer.
+pub(super) fn to_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
