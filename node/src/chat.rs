@@ -10,44 +10,20 @@
 //! does Ctrl-D or `/quit`. `/reset` starts a new conversation.
 
 use crate::backend::{Backend, BackendError, GenEvent};
+use crate::backend_args::BackendArgs;
 use crate::chat_template::ChatMessage;
-use crate::client::ClientConfig;
-use anyhow::{Context, bail};
+use pollen_shard::SamplingParams;
 use pollen_shard::generate::GenerateParams;
-use pollen_shard::{LoadOptions, SamplingParams, WeightMode};
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// `pollen chat [--bootstrap MULTIADDR]... [--local] [--max-tokens N] ...`.
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Bootstrap peer to join the swarm through, with its /p2p/ id (repeatable).
-    #[arg(long = "bootstrap", value_parser = crate::bootstrap::parse_bootstrap_addr)]
-    pub bootstrap: Vec<libp2p::Multiaddr>,
-    /// Do not look for peers on the local network with mDNS (on by default).
-    #[arg(long)]
-    pub no_mdns: bool,
-    /// Run every block in this process instead of through the swarm.
-    #[arg(long)]
-    pub local: bool,
-    /// Model file (.gguf) or safetensors folder. Default: SmolLM2-135M-Instruct Q4_1,
-    /// fetched into $POLLEN_CACHE_DIR on first use.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Device: cpu, cuda, cuda:N or metal (GPU builds need the cuda/metal feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// CPU threads for the model's kernels. Default: every core this process may use.
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Weights in memory: fast (default), exact, q8_0 or q4_0 (as for `pollen generate`).
-    #[arg(long, default_value = "fast")]
-    pub weights: String,
-    /// Hidden states on the wire: f32 (exact, default), f16 or bf16 (half the bytes).
-    #[arg(long, default_value = "f32")]
-    pub wire_dtype: String,
+    /// The model, and where and how its blocks run.
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Seconds an answer waits for servers covering every block.
     #[arg(long, default_value_t = 20)]
     pub route_wait: u64,
@@ -58,44 +34,11 @@ pub struct ChatArgs {
 
 /// Loads the model (or joins the swarm), then chats until the user leaves.
 pub async fn run_cli(args: ChatArgs) -> anyhow::Result<()> {
-    let model = match &args.model {
-        Some(p) => p.clone(),
-        None => crate::fetch::ensure_default_model(&mut |line| eprintln!("{line}"))?,
-    };
-    let load = LoadOptions {
-        device: pollen_shard::device::parse_device(&args.device)?,
-        mode: WeightMode::parse(&args.weights)?,
-    };
-    let backend = if args.local {
-        let pb = crate::progress::bar("loading", 0);
-        let bar = pb.clone();
-        let b = Backend::local(model.clone(), load, 1, move |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })
-        .await;
-        pb.finish_and_clear();
-        b
-    } else {
-        let wire_dtype = match args.wire_dtype.to_ascii_lowercase().as_str() {
-            "f32" => pollen_protocol::WireDType::F32,
-            "f16" => pollen_protocol::WireDType::F16,
-            "bf16" => pollen_protocol::WireDType::BF16,
-            other => bail!("unknown --wire-dtype `{other}` (expected f32, f16 or bf16)"),
-        };
-        let cfg = ClientConfig {
-            model: model.clone(),
-            load,
-            bootstrap: args.bootstrap.clone(),
-            listen: Vec::new(),
-            mdns: !args.no_mdns,
-            wire_dtype,
-            route_wait: Duration::from_secs(args.route_wait),
-            verify: crate::client::DEFAULT_VERIFY,
-        };
-        Backend::swarm(cfg, 1).await
-    }
-    .with_context(|| format!("loading {}", model.display()))?;
+    let prepared = args.backend.prepare()?;
+    let backend = args
+        .backend
+        .open(prepared, Duration::from_secs(args.route_wait), 1)
+        .await?;
     run(&backend, args.opts).await
 }
 

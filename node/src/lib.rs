@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod backend_args;
 pub mod blocks;
 pub mod bootstrap;
 pub mod chat_template;

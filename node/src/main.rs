@@ -531,8 +531,8 @@ fn main() -> std::process::ExitCode {
     let threads = match &cli.command {
         Command::Generate(g) => g.model.threads,
         Command::Serve(s) => Some(s.model.threads.unwrap_or(1)),
-        Command::Api(a) => a.threads,
-        Command::Chat(c) => c.threads,
+        Command::Api(a) => a.backend.threads,
+        Command::Chat(c) => c.backend.threads,
         _ => None,
     }
     .unwrap_or_else(threads::available_cores);
