@@ -86,6 +86,7 @@ pub struct Metrics {
     bytes_received: Counter,
     errors: Family<ErrorLabels, Counter>,
     peers_connected: Gauge,
+    batch_steps: Histogram,
 }
 
 impl Default for Metrics {
@@ -109,6 +110,7 @@ impl Metrics {
             bytes_received: Counter::default(),
             errors: Family::default(),
             peers_connected: Gauge::default(),
+            batch_steps: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +167,11 @@ impl Metrics {
             "Peers this node has a connection with",
             m.peers_connected.clone(),
         );
+        registry.register(
+            "batch_steps",
+            "On a server, the decode steps of different sessions computed in one pass over its weights (1: a step alone)",
+            m.batch_steps.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -198,6 +205,11 @@ impl Metrics {
         self.tokens_processed
             .get_or_create(&PhaseLabel { phase })
             .inc_by(tokens as u64);
+    }
+
+    /// A server computed `steps` sessions' decode steps in one pass over its weights.
+    pub fn batch(&self, steps: usize) {
+        self.batch_steps.observe(steps as f64);
     }
 
     /// Times a server's step at hop `hop` of its route, until the guard drops.

@@ -11,6 +11,7 @@
 //! `JoinSet`s and is awaited before `run` returns.
 
 pub mod announce;
+pub mod batch;
 pub mod placing;
 pub mod sent_log;
 pub mod session;
@@ -124,6 +125,8 @@ pub(crate) struct Server {
     leaving: CancellationToken,
     steps: AtomicU64,
     permits: Semaphore,
+    /// Decode steps waiting to be computed together.
+    batch: batch::Queue,
     /// Where next hops are checked to be servers.
     next_hops: announce::NextHops,
 }
@@ -334,6 +337,7 @@ fn tenure(
             cfg.compute_slots,
         )),
         kv_per_token,
+        batch: batch::Queue::new(&cfg.load),
         span: Arc::new(span),
         model_id,
         compute: crate::model::compute_mode(&cfg.load),

@@ -3,6 +3,7 @@
 //! reading what the next hop says back.
 
 use super::Server;
+use super::batch::{self, NotRun};
 use super::session::{ATTACH_WAIT, Downstream, SEND_TIMEOUT, ack_timeout, hop_failed};
 use super::sessions::Reservation;
 use crate::net::stream::FrameWriter;
@@ -63,24 +64,18 @@ pub(super) enum Failure {
 }
 
 /// Runs the span over `hidden` at `position` under a compute permit. Gives back the cache
-/// (`None` if it was lost with a panicked compute task).
+/// (`None` if it was lost with a panicked compute task). A one-token step is computed
+/// together with the other sessions' decode steps waiting at the same time
+/// ([`super::batch`]); its output is the same.
 pub(super) async fn compute(
     server: &Server,
-    mut cache: SpanCache,
+    cache: SpanCache,
     hidden: &HiddenStates,
     position: u32,
 ) -> (
     Option<SpanCache>,
     Result<candle_core::Tensor, ProtocolError>,
 ) {
-    let Ok(_permit) = server.permits.acquire().await else {
-        return (
-            Some(cache),
-            Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
-        );
-    };
-    // The step's activations come out of the server's one memory budget (with the KV
-    // caches), taken before its input is decoded, given back when it is done.
     let shape = hidden.shape();
     let rows = shape
         .iter()
@@ -88,6 +83,24 @@ pub(super) async fn compute(
         .skip(1)
         .map(|&d| d as usize)
         .fold(1usize, usize::saturating_mul);
+    // A batched step takes its permit in the batch; any other holds one from here on,
+    // so that steps waiting their turn hold no working memory.
+    let batched = rows == 1 && server.batch.batches();
+    let _permit = if batched {
+        None
+    } else {
+        match server.permits.acquire().await {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return (
+                    Some(cache),
+                    Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+                );
+            }
+        }
+    };
+    // The step's activations come out of the server's one memory budget (with the KV
+    // caches), taken before its input is decoded, given back when it is done.
     let need = server.span.step_memory_bytes(rows, position as usize);
     let Some(_memory) = server.kv_budget.try_take(need) else {
         let mb = |b: usize| b.div_ceil(1024 * 1024);
@@ -127,12 +140,27 @@ pub(super) async fn compute(
             Err(ProtocolError::new(ErrorCode::BadRequest, msg)),
         );
     }
-    let span = server.span.clone();
-    let joined = tokio::task::spawn_blocking(move || {
-        let out = span.forward(&input, position as usize, &mut cache);
-        (cache, out)
-    })
-    .await;
+    let joined = if batched {
+        match batch::decode(server, input, position as usize, cache).await {
+            Ok(r) => Ok(r),
+            Err(NotRun::Lost(e)) => Err(e),
+            Err(NotRun::Stopping(cache)) => {
+                return (
+                    Some(cache),
+                    Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+                );
+            }
+        }
+    } else {
+        let span = server.span.clone();
+        let mut cache = cache;
+        tokio::task::spawn_blocking(move || {
+            let out = span.forward(&input, position as usize, &mut cache);
+            (cache, out)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    };
     match joined {
         Err(e) => (
             None,

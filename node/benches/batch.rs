@@ -1,0 +1,280 @@
+//! Batching bench: aggregate decode tokens/s of 1, 2, 4 and 8 concurrent clients
+//! against one real server holding every block (`0:30`, one thread, its own process),
+//! with the server's batching of decode steps on and off.
+//!
+//! A bootstrap and two servers run on 127.0.0.1: one batching (the default) and one with
+//! `POLLEN_MAX_BATCH=1` (each step alone). Every round pins its sessions to one of them,
+//! the two alternating, so that both see the same machine. Each client is a session of
+//! this process's swarm client: it sends a short prompt (one multi-token step), then
+//! `--tokens` decode steps of one token each, fed from a fixed text (teacher forcing, so
+//! the client spends no time on its head and the server's throughput is what is
+//! measured). Aggregate tokens/s counts every client's decode steps, from the moment all
+//! prompts are done to the last output. Each session's last output is compared, byte for
+//! byte, between the two servers.
+//!
+//! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N]`
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use candle_core::Tensor;
+use pollen_node::client::route::Hop;
+use pollen_node::client::{ClientConfig, SwarmClient};
+use pollen_node::mesh::{Proc, peer_of};
+use pollen_node::serve::batch::MAX_BATCH_ENV;
+use pollen_protocol::WireDType;
+use pollen_shard::{BlockRange, ModelFile, PollenTokenizer};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CLIENTS: [usize; 4] = [1, 2, 4, 8];
+const PROMPT: usize = 8;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The CPU's model name and the flags the kernels care about.
+fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let wanted = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+    ];
+    let have: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    format!("{} ({})", field("model name"), have.join(" "))
+}
+
+/// A server of every block, one thread, batching up to `max_batch` decode steps
+/// (`None`: the default); it and its hop.
+fn server(
+    exe: &Path,
+    model: &Path,
+    boot: &str,
+    key: &Path,
+    max_batch: Option<&str>,
+) -> (Proc, Hop, String) {
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--no-mdns", "--bootstrap", boot])
+        .args(["--max-sessions-per-client", "16"])
+        .arg("--model")
+        .arg(model)
+        .arg("--identity")
+        .arg(key);
+    match max_batch {
+        Some(v) => cmd.env(MAX_BATCH_ENV, v),
+        None => cmd.env_remove(MAX_BATCH_ENV),
+    };
+    let p = Proc::spawn(&format!("server batch={max_batch:?}"), &mut cmd).unwrap();
+    let ready = p
+        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+        .unwrap();
+    let listening = p.line_with("listening", Duration::from_secs(10)).unwrap();
+    let addr = listening
+        .trim_start_matches("listening ")
+        .trim()
+        .to_string();
+    let hop = Hop {
+        peer: peer_of(&ready).parse().unwrap(),
+        blocks: BlockRange::new(0, 30, 30).unwrap(),
+        addrs: vec![addr.parse().unwrap()],
+        step_us: 0,
+    };
+    (p, hop, ready)
+}
+
+/// `n` sessions at once along `route`, each a prompt then `tokens` decode steps;
+/// aggregate decode tokens/s and each session's last output.
+async fn round(
+    client: &Arc<SwarmClient>,
+    route: &[Hop],
+    ids: &Arc<Vec<u32>>,
+    n: usize,
+    tokens: usize,
+) -> (f64, Vec<Vec<u8>>) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (client, route, ids, barrier) =
+            (client.clone(), route.to_vec(), ids.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let ends = &client.model().ends;
+            // Each session its own text: the fixed one, shifted.
+            let own: Vec<u32> = ids
+                .iter()
+                .cycle()
+                .skip(i * 7)
+                .take(PROMPT + tokens)
+                .copied()
+                .collect();
+            let mut s = client
+                .open_session(&route, (PROMPT + tokens + 8) as u32)
+                .await
+                .unwrap();
+            let prompt = ends.embed(&own[..PROMPT]).unwrap();
+            s.step(&prompt, 0).await.unwrap();
+            barrier.wait().await;
+            let mut last = None;
+            for (k, &t) in own[PROMPT..].iter().enumerate() {
+                let h = ends.embed(&[t]).unwrap();
+                last = Some(s.step(&h, PROMPT + k).await.unwrap());
+            }
+            s.close().await;
+            let last: Tensor = last.unwrap();
+            let bytes: Vec<u8> = last
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (Instant::now(), bytes)
+        }));
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut end = start;
+    let mut outs = Vec::new();
+    for t in tasks {
+        let (done, bytes) = t.await.unwrap();
+        end = end.max(done);
+        outs.push(bytes);
+    }
+    let secs = end.duration_since(start).as_secs_f64();
+    ((n * tokens) as f64 / secs, outs)
+}
+
+fn main() {
+    let tokens = arg("--tokens", 64);
+    let rounds = arg("--rounds", 3);
+    let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+    let file = ModelFile::open(&model).unwrap();
+    let tok = PollenTokenizer::from_model(&file).unwrap();
+    let text = "Pollen runs open language models across volunteers' machines, so that no single entity holds the model. Each server holds a span of blocks and computes it for every client that asks. ";
+    let ids = Arc::new(tok.encode(text).unwrap());
+
+    let dir = std::env::temp_dir().join(format!("pollen-bench-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
+    let (_boot, boot) = pollen_node::mesh::bootstrap(&exe, &dir, false).unwrap();
+    let (_on, on_hop, ready) = server(&exe, &model, &boot, &dir.join("on.key"), None);
+    let (_off, off_hop, _) = server(&exe, &model, &boot, &dir.join("off.key"), Some("1"));
+    let compute = ready
+        .split_whitespace()
+        .skip_while(|w| *w != "compute")
+        .nth(1)
+        .unwrap_or("?")
+        .to_string();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        Arc::new(
+            SwarmClient::connect(ClientConfig {
+                model: model.clone(),
+                load: pollen_shard::LoadOptions::default(),
+                bootstrap: vec![boot.parse().unwrap()],
+                listen: vec![],
+                mdns: false,
+                wire_dtype: WireDType::F32,
+                route_wait: Duration::from_secs(20),
+                // Spot checks off: only the two servers under test are asked.
+                verify: 0.0,
+            })
+            .await
+            .unwrap(),
+        )
+    });
+
+    println!("CPU: {}", cpu_line());
+    println!(
+        "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, 1 thread; {tokens} decode tokens a client after a {PROMPT}-token prompt; median of {rounds} rounds, on and off interleaved",
+        pollen_shard::kernels::active_path()
+    );
+    let mut rows = Vec::new();
+    let mut base = (0.0, 0.0);
+    for &n in &CLIENTS {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let mut same = true;
+        for r in 0..rounds {
+            // Alternate which goes first, so neither always follows the other.
+            let order = if r % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            let mut outs = [Vec::new(), Vec::new()];
+            for batched in order {
+                let hop = if batched { &on_hop } else { &off_hop };
+                let (tps, o) =
+                    rt.block_on(round(&client, std::slice::from_ref(hop), &ids, n, tokens));
+                if batched {
+                    on.push(tps);
+                    outs[0] = o;
+                } else {
+                    off.push(tps);
+                    outs[1] = o;
+                }
+            }
+            same &= outs[0] == outs[1];
+        }
+        let (on, off) = (median(&mut on), median(&mut off));
+        if n == 1 {
+            base = (on, off);
+        }
+        rows.push((n, on, off, same));
+        eprintln!("{n} clients: on {on:.1} tok/s, off {off:.1} tok/s");
+    }
+    println!();
+    println!(
+        "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client | off vs 1 client | outputs equal |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (n, on, off, same) in rows {
+        println!(
+            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {} |",
+            on / off,
+            on / base.0,
+            off / base.1,
+            if same { "yes" } else { "NO" }
+        );
+    }
+    rt.block_on(async {
+        if let Ok(c) = Arc::try_unwrap(client) {
+            c.shutdown().await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

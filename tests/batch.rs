@@ -1,0 +1,91 @@
+//! Batched decode steps on a server: one real server holding every block (`0:30`, one
+//! thread, `--metrics`), a bootstrap, and four `pollen generate` clients at once. The
+//! server computes their concurrent decode steps in batches (its `/metrics` shows
+//! batches of more than one step), and each client's text is the same as its `--local`
+//! text: a batched step gives each session the bytes of its own step.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+/// Tokens each client generates: enough for the four to overlap while decoding.
+const TOKENS: usize = 32;
+
+/// `GET url` over a plain TCP socket: the body.
+fn scrape(url: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').unwrap();
+    http_get(&format!("http://{hostport}"), &format!("/{path}"))
+}
+
+/// The value of the sample `name` (exactly that name, no labels), if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `f` for every prompt, all at once, each on its own thread; the results in order.
+fn all_at_once(f: impl Fn(&str, bool) -> String + Sync) -> Vec<String> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = PROMPTS
+            .iter()
+            .map(|&(prompt, chat)| s.spawn(move || f(prompt, chat)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn concurrent_clients_are_batched_and_get_their_local_text() {
+    let dir = temp_dir("batch");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let mut cmd = Command::new(pollen());
+    cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--metrics", "127.0.0.1:0"])
+        .args(["--no-mdns", "--bootstrap", &addr])
+        .arg("--model")
+        .arg(model())
+        .arg("--identity")
+        .arg(dir.join("server.key"))
+        .env_remove(pollen_node::serve::batch::MAX_BATCH_ENV);
+    let server = Proc::spawn("server 0:30", &mut cmd).unwrap();
+    let url = server
+        .line_with("metrics ", Duration::from_secs(60))
+        .unwrap()
+        .trim_start_matches("metrics ")
+        .to_string();
+    server
+        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+        .unwrap();
+
+    let local = all_at_once(|prompt, chat| generate(None, prompt, chat, TOKENS));
+    let swarm = all_at_once(|prompt, chat| generate(Some(&addr), prompt, chat, TOKENS));
+    for ((prompt, _), (l, s)) in PROMPTS.iter().zip(local.iter().zip(&swarm)) {
+        assert!(!l.trim().is_empty(), "no local text for {prompt:?}");
+        assert_eq!(s, l, "swarm text differs from local text for {prompt:?}");
+    }
+
+    let metrics = scrape(&url);
+    let batches = sample(&metrics, "pollen_batch_steps_count").unwrap();
+    let steps = sample(&metrics, "pollen_batch_steps_sum").unwrap();
+    assert!(batches > 0.0, "no decode step went through the batch queue");
+    // Every decode step after each client's first is computed in some batch; more
+    // steps than batches means some batch held several sessions' steps.
+    assert!(
+        steps > batches,
+        "{steps} decode steps in {batches} batches: none was batched with another"
+    );
+    let decoded = sample(&metrics, "pollen_tokens_processed_total{phase=\"decode\"}").unwrap();
+    assert_eq!(
+        steps, decoded,
+        "every decode step is counted once, batched or not"
+    );
+    eprintln!("{steps} decode steps in {batches} batches");
+}
