@@ -106,6 +106,76 @@ fn a_server_on_another_host_is_seen_through_the_bootstrap() {
     );
 }
 
+/// The mean round trip of `count` pings from `from` to `to`, in ms.
+fn ping_ms(from: &Host, to: &Host, count: u32) -> f64 {
+    let out = from
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+            &to.ip,
+        ])
+        .output()
+        .expect("ping (apt-get install iputils-ping)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "rtt min/avg/max/mdev = 20.1/20.4/20.9/0.3 ms"
+    text.lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no round trip in ping's output: {text}"))
+}
+
+/// The emulated delay holds: with `ms` one way, a ping's round trip is about 2 × `ms`
+/// (netem, or the NFQUEUE delayer where the kernel has no netem), and it goes when the
+/// delay is set back to 0.
+#[test]
+fn delay_between_hosts_is_what_was_set() {
+    let Some(mut net) = internet() else { return };
+    let a = net.public_host("a").unwrap();
+    let mut nat = net.nat("nat", "192.0.2", NatKind::Cone).unwrap();
+    let b = net.private_host(&mut nat, "b").unwrap();
+    if which("ping").is_none() {
+        eprintln!("skipped: ping is not installed (apt-get install iputils-ping)");
+        return;
+    }
+    if let Err(why) = net.can_delay() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let base = ping_ms(&b, &a, 3);
+    for ms in [10u32, 20] {
+        net.set_delay(ms).unwrap();
+        let rtt = ping_ms(&b, &a, 5);
+        let want = f64::from(2 * ms);
+        eprintln!(
+            "one-way delay {ms} ms: ping round trip {rtt:.1} ms (without delay {base:.2} ms)"
+        );
+        assert!(
+            rtt >= want && rtt < want + 15.0,
+            "{ms} ms one way gives a round trip of {rtt} ms, not about {want}"
+        );
+    }
+    net.set_delay(0).unwrap();
+    let rtt = ping_ms(&b, &a, 3);
+    assert!(rtt < 5.0, "the delay is gone: {rtt} ms");
+}
+
+/// Whether `program` is on PATH.
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
 /// `pollen generate` on `host` through `entry` (greedy, 1 thread); its stdout.
 fn generate_on(host: &Host, entry: &str, prompt: &str, max_tokens: usize) -> String {
     let out = host
@@ -236,7 +306,7 @@ const TOKENS: usize = 16;
 
 /// (a) two servers behind two different NATs serve the middle and last spans, hole
 /// punching makes their links direct, and the answer equals `--local`; (d) the same
-/// with 1% loss (and 10 ms of delay where the kernel has netem); (c) with the
+/// with 1% loss and 10, then 20 ms of one-way delay between hosts; (c) with the
 /// bootstrap killed, a new client that knows only a server's address joins and gets
 /// the same answer.
 #[test]
@@ -248,7 +318,9 @@ fn servers_behind_two_nats_serve_directly_and_survive_the_bootstrap() {
     let took = w.wait_ready();
     eprintln!("servers behind NAT announced relayed addresses {took:?} after start");
 
+    let t0 = std::time::Instant::now();
     let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+    eprintln!("(a) answered in {:?}", t0.elapsed());
     assert_eq!(text(&out), local, "(a) through two NATs");
     // A hole punch through a cone NAT fails now and then (31 of 40 tries succeed in
     // the nat bench: the simultaneous open races), so each server must be reached
@@ -281,16 +353,30 @@ fn servers_behind_two_nats_serve_directly_and_survive_the_bootstrap() {
         assert_eq!(how, want, "{peer} is reached {how}, not {want}: {best:?}");
     }
 
-    // (d) loss, and delay where the kernel can.
+    // (d) 1% loss, and 10 then 20 ms of one-way delay between hosts (netem, or the
+    // NFQUEUE delayer where the kernel has no netem).
     w.net.set_loss(1).unwrap();
     match w.net.can_delay() {
-        Ok(()) => w.net.set_delay(10).unwrap(),
-        Err(why) => eprintln!("(d) without delay: {why}"),
+        Ok(()) => {
+            for ms in [10, 20] {
+                w.net.set_delay(ms).unwrap();
+                let t0 = std::time::Instant::now();
+                let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+                eprintln!(
+                    "(d) {ms} ms one way, 1% loss: answered in {:?}",
+                    t0.elapsed()
+                );
+                assert_eq!(text(&out), local, "(d) with {ms} ms of delay and 1% loss");
+            }
+        }
+        Err(why) => {
+            eprintln!("(d) without delay: {why}");
+            let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
+            assert_eq!(text(&out), local, "(d) with 1% loss");
+        }
     }
-    let out = generate_on(&w.client, &w.addr, PROMPT, TOKENS);
-    assert_eq!(text(&out), local, "(d) with 1% loss");
     w.net.set_loss(0).unwrap();
-    let _ = w.net.set_delay(0);
+    w.net.set_delay(0).unwrap();
 
     // (c) the bootstrap dies; a new client knows only the public server's address.
     w.boot.take().unwrap().kill9();

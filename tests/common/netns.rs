@@ -12,11 +12,18 @@
 //! the `Net` so they are dropped (killed) before it. Namespaces left by a killed test
 //! process are removed by the next `Net::new`.
 //!
-//! Delay needs the kernel's `sch_netem` qdisc ([`Net::can_delay`]); loss is made with
-//! nftables (`numgen random`), which every kernel with nftables has.
+//! Delay uses the kernel's `sch_netem` qdisc where it has one, and otherwise holds each
+//! host's outgoing packets in an NFQUEUE in userspace (`nfqueue_delay.rs`; needs
+//! iptables and a kernel with NFQUEUE: [`Net::can_delay`]). Loss is made with nftables
+//! (`numgen random`), which every kernel with nftables has.
 #![allow(dead_code, missing_docs, unreachable_pub, clippy::unwrap_used)]
 
+#[path = "nfqueue_delay.rs"]
+mod nfqueue_delay;
+
+use nfqueue_delay::Delayer;
 use std::process::Command;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -87,6 +94,8 @@ pub struct Net {
     hub: String,
     public_hosts: usize,
     hosts: Vec<Host>,
+    /// Where the kernel has no netem: the userspace delay of each host, by namespace.
+    delayers: Mutex<Vec<Delayer>>,
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
@@ -173,6 +182,7 @@ impl Net {
             hub: hub.clone(),
             public_hosts: 0,
             hosts: Vec::new(),
+            delayers: Mutex::new(Vec::new()),
         };
         run(&["nft", "--version"])
             .map_err(|e| format!("nftables is not installed (apt-get install nftables): {e}"))?;
@@ -181,8 +191,8 @@ impl Net {
         Ok(net)
     }
 
-    /// Whether the kernel can delay packets (`tc netem`); why not otherwise.
-    pub fn can_delay(&self) -> Result<(), String> {
+    /// Whether the kernel can delay packets with `tc netem`; why not otherwise.
+    fn has_netem(&self) -> Result<(), String> {
         let probe = self.hosts.first().ok_or("no host to probe netem on")?;
         in_ns(
             &probe.ns,
@@ -195,6 +205,21 @@ impl Net {
             &probe.ns,
             &["tc", "qdisc", "del", "dev", &probe.dev, "root"],
         )
+    }
+
+    /// Whether packets can be delayed here (netem, or else the NFQUEUE delayer); why
+    /// not otherwise.
+    pub fn can_delay(&self) -> Result<(), String> {
+        if !self.delayers.lock().unwrap().is_empty() {
+            return Ok(());
+        }
+        let Err(no_netem) = self.has_netem() else {
+            return Ok(());
+        };
+        let probe = self.hosts.first().ok_or("no host to probe delay on")?;
+        Delayer::start(&probe.ns, &probe.dev, 0)
+            .map(drop)
+            .map_err(|e| format!("{no_netem}; and no NFQUEUE delay either: {e}"))
     }
 
     fn namespace(&mut self, name: &str) -> Result<String, String> {
@@ -330,8 +355,23 @@ impl Net {
     }
 
     /// Delays every packet each host sends by `ms` (so `ms` one way between any two
-    /// hosts, a hop through a relay twice that). Needs netem ([`Self::can_delay`]).
+    /// hosts, a hop through a relay twice that), with netem or else the NFQUEUE delayer
+    /// ([`Self::can_delay`]). Hosts made later are not delayed; 0 removes the delay.
     pub fn set_delay(&self, ms: u32) -> Result<(), String> {
+        let mut delayers = self.delayers.lock().unwrap();
+        if !delayers.is_empty() || self.has_netem().is_err() {
+            if ms == 0 {
+                delayers.clear();
+                return Ok(());
+            }
+            for h in &self.hosts {
+                match delayers.iter().find(|d| d.ns() == h.ns) {
+                    Some(d) => d.set(ms),
+                    None => delayers.push(Delayer::start(&h.ns, &h.dev, ms)?),
+                }
+            }
+            return Ok(());
+        }
         for h in &self.hosts {
             let _ = in_ns(&h.ns, &["tc", "qdisc", "del", "dev", &h.dev, "root"]);
             if ms > 0 {
@@ -377,6 +417,10 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        // The delay threads hold sockets in the namespaces: end them first.
+        if let Ok(mut d) = self.delayers.lock() {
+            d.clear();
+        }
         for ns in self.namespaces.iter().rev() {
             if let Err(e) = run(&["ip", "netns", "del", ns]) {
                 eprintln!("netns teardown: {e}");
