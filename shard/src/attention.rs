@@ -66,6 +66,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`dot`] of `a` with four vectors at once, each result bit-identical to
+/// `dot(a, b[i])` (the same eight lanes, additions in the same order).
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let full = a.len() / 8 * 8;
+    let acc = crate::kernels::lanes4(a, b);
+    let rest = &a[full..];
+    let mut out = [0f32; 4];
+    for ((o, acc), b) in out.iter_mut().zip(&acc).zip(&b) {
+        let tail: f32 = rest.iter().zip(&b[full..]).map(|(x, y)| x * y).sum();
+        *o = acc.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
 /// The running state of one query row.
 struct Row {
     max: f32,
@@ -109,9 +123,20 @@ fn head_block(
             let qr = &q[r * d..(r + 1) * d];
             let s = &mut scores[..end - t0];
             let mut tile_max = f32::NEG_INFINITY;
-            for (j, s) in s.iter_mut().enumerate() {
-                let kj = &k[(t0 + j) * d..(t0 + j + 1) * d];
-                *s = dot(qr, kj) * scale;
+            let key = |j: usize| &k[(t0 + j) * d..(t0 + j + 1) * d];
+            // Four keys at a time: four independent chains of additions
+            // instead of one, each key's sum in the same order as `dot`.
+            let done = s.len() / 4 * 4;
+            for (n, s4) in s.chunks_exact_mut(4).enumerate() {
+                let j = 4 * n;
+                let got = dot4(qr, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+                for (s, g) in s4.iter_mut().zip(got) {
+                    *s = g * scale;
+                    tile_max = tile_max.max(*s);
+                }
+            }
+            for (j, s) in s.iter_mut().enumerate().skip(done) {
+                *s = dot(qr, key(j)) * scale;
                 tile_max = tile_max.max(*s);
             }
             let st = &mut state[r];
@@ -125,10 +150,7 @@ fn head_block(
             for (j, s) in s.iter_mut().enumerate() {
                 let p = (*s - st.max).exp();
                 st.sum += p;
-                let vj = &v[(t0 + j) * d..(t0 + j + 1) * d];
-                for (o, &x) in o.iter_mut().zip(vj) {
-                    *o += p * x;
-                }
+                crate::kernels::axpy(p, &v[(t0 + j) * d..(t0 + j + 1) * d], o);
             }
         }
         t0 = t1;
@@ -196,7 +218,7 @@ pub(crate) fn attend(
         let chunks = head_major
             .chunks_mut(seq * d)
             .flat_map(|h| h.chunks_mut(QUERY_BLOCK * d));
-        if visits < 1 << 15 {
+        if visits < 1 << 11 {
             for (item, out) in chunks.enumerate() {
                 work(item, out);
             }
@@ -359,6 +381,18 @@ mod tests {
                     .collect();
                 let one = run(&qi, &k, &v, [heads, kv, 1, cap, d], pos + i);
                 assert_eq!(one, got[i * heads * d..(i + 1) * heads * d], "row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn four_dots_at_once_equal_one_at_a_time_bit_for_bit() {
+        for d in [64, 19, 8, 3] {
+            let a = rand(d, 7);
+            let b: Vec<Vec<f32>> = (0..4).map(|i| rand(d, 20 + i)).collect();
+            let got = dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
+            for (g, b) in got.iter().zip(&b) {
+                assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "width {d}");
             }
         }
     }

@@ -49,6 +49,70 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// Eight-lane sums of `a · b[i]` for four vectors `b[i]`: lane `l`
+    /// of result `i` is `Σ_c a[8c + l] · b[i][8c + l]`, each product added
+    /// in order (a multiply, then an add: the scalar loop's bits). `a` and
+    /// every `b[i]` have the same length, a multiple of 8.
+    pub(super) fn lanes4(self, a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
+        assert!(a.len() % 8 == 0 && b.iter().all(|b| b.len() == a.len()));
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { lanes4(a, b) }
+    }
+
+    /// `y += p · x` element by element (a multiply, then an add).
+    pub(super) fn axpy(self, p: f32, x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == y.len());
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { axpy(p, x, y) }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2; `a.len() % 8 == 0`, every `b[i]` as long as `a`.
+#[target_feature(enable = "avx2")]
+unsafe fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let (pa, pb) = (a.as_ptr(), b.map(<[f32]>::as_ptr));
+    for c in (0..a.len()).step_by(8) {
+        // SAFETY: `c + 8 <= len` for `a` and every `b[i]`.
+        unsafe {
+            let x = _mm256_loadu_ps(pa.add(c));
+            for (acc, pb) in acc.iter_mut().zip(pb) {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(pb.add(c))));
+            }
+        }
+    }
+    let mut out = [[0f32; 8]; 4];
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` holds exactly 8 f32s.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+    }
+    out
+}
+
+/// # Safety
+/// The CPU must support AVX2; `x.len() == y.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn axpy(p: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len() / 8 * 8;
+    let pv = _mm256_set1_ps(p);
+    for c in (0..n).step_by(8) {
+        // SAFETY: `c + 8 <= n <= len` of both.
+        unsafe {
+            let yv = _mm256_loadu_ps(y.as_ptr().add(c));
+            let xv = _mm256_loadu_ps(x.as_ptr().add(c));
+            _mm256_storeu_ps(
+                y.as_mut_ptr().add(c),
+                _mm256_add_ps(yv, _mm256_mul_ps(pv, xv)),
+            );
+        }
+    }
+    for (y, &x) in y[n..].iter_mut().zip(&x[n..]) {
+        *y += p * x;
+    }
+}
+
 /// Rows of activations processed against one loaded weight group.
 const ROWS: usize = 4;
 

@@ -117,6 +117,16 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
+        pub(super) fn lanes4(self, _: &[f32], _: [&[f32]; 4]) -> [[f32; 8]; 4] {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn axpy(self, _: f32, _: &[f32], _: &mut [f32]) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
         pub(super) fn tile(
             self,
             _: &PackedMatrix,
@@ -160,6 +170,43 @@ impl Kernel {
             Self::Avx2(k) => k.tile(w, t, act, out),
             Self::Neon(k) => k.tile(w, t, act, out),
         }
+    }
+}
+
+/// AVX2 for attention's float loops, where the CPU has it (whatever the
+/// packed kernel path): the same operations as the scalar loops, so the
+/// same bits on every CPU.
+fn float_simd() -> Option<avx2::Avx2> {
+    static F: OnceLock<Option<avx2::Avx2>> = OnceLock::new();
+    *F.get_or_init(avx2::Avx2::detect)
+}
+
+/// Eight-lane sums of `a · b[i]` for four vectors of `a`'s length: lane
+/// `l` of result `i` adds `a[8c + l] · b[i][8c + l]` for `c = 0, 1, ..` in
+/// order, from 0 (values past the last multiple of 8 are left out).
+pub(crate) fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
+    let full = a.len() / 8 * 8;
+    let (a, b) = (&a[..full], b.map(|b| &b[..full]));
+    if let Some(k) = float_simd() {
+        return k.lanes4(a, b);
+    }
+    let mut acc = [[0f32; 8]; 4];
+    for (c, x) in a.chunks_exact(8).enumerate() {
+        for (acc, b) in acc.iter_mut().zip(&b) {
+            let y = &b[8 * c..8 * c + 8];
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+    }
+    acc
+}
+
+/// `y += p · x`, element by element.
+pub(crate) fn axpy(p: f32, x: &[f32], y: &mut [f32]) {
+    match float_simd() {
+        Some(k) => k.axpy(p, x, y),
+        None => y.iter_mut().zip(x).for_each(|(y, &x)| *y += p * x),
     }
 }
 
