@@ -1,7 +1,7 @@
 //! Automatic placement on a live server: what this machine can do (measured once per
-//! model and compute mode, cached), how many blocks fit, which span to take at start,
-//! and the watcher that tells the server when to move. The rule itself is
-//! [`crate::placement`]; this file is its I/O.
+//! model, compute mode, threads, CPU and kernel path, cached), how many blocks fit,
+//! which span to take at start, and the watcher that tells the server when to move.
+//! The rule itself is [`crate::placement`]; this file is its I/O.
 
 use crate::fetch;
 use crate::net::NetHandle;
@@ -87,17 +87,145 @@ pub fn measure(file: &ModelFile, load: &LoadOptions) -> Result<Measured, pollen_
     })
 }
 
-/// The cache key of a measurement: model, compute mode and threads.
-fn cache_key(model_id: &ModelId, compute: &str, threads: usize) -> String {
-    let compute: String = compute
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    format!("{model_id}-{compute}-t{threads}.json")
+/// What decides how fast this machine runs a block, besides the model, the compute mode
+/// and the threads: the CPU (its model name and the instruction-set features the kernels
+/// use) and the kernel path this process runs (`POLLEN_KERNEL` may force a slower one).
+/// A measurement is cached under these and used only where they are the same: a cache
+/// folder copied to another machine, or a run on another kernel path, measures anew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// The CPU's model name (`/proc/cpuinfo`), or the architecture where none is known.
+    pub cpu: String,
+    /// The speed-relevant CPU features present, comma-separated.
+    pub features: String,
+    /// The fast mode's kernel path in this process ([`pollen_shard::kernels::active_path`]).
+    pub kernel: String,
 }
 
-/// This machine's measurement for the model: from the cache folder when there, else
-/// measured (a second or two) and cached. Blocking.
+impl Machine {
+    /// This machine and this process's kernel path.
+    pub fn this() -> Self {
+        Self {
+            cpu: cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+            features: cpu_features().join(","),
+            kernel: pollen_shard::kernels::active_path().to_string(),
+        }
+    }
+
+    /// One line naming all of it, as stored next to a cached measurement.
+    pub fn describe(&self) -> String {
+        format!(
+            "cpu={}; features={}; kernel={}; arch={}",
+            self.cpu,
+            self.features,
+            self.kernel,
+            std::env::consts::ARCH
+        )
+    }
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (Linux), if any.
+fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name && !v.trim().is_empty()).then(|| v.trim().to_string())
+        })
+    };
+    field("model name").or_else(|| {
+        // aarch64 names the core by implementer and part.
+        let (i, p) = (field("CPU implementer")?, field("CPU part")?);
+        Some(format!("implementer {i} part {p}"))
+    })
+}
+
+/// The CPU features that change which kernels run, present on this CPU.
+fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut present = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! check {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    present.push($f);
+                }
+            )*};
+        }
+        check!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! check {
+            ($($f:tt),*) => {$(
+                if std::arch::is_aarch64_feature_detected!($f) {
+                    present.push($f);
+                }
+            )*};
+        }
+        check!("neon", "dotprod", "i8mm", "fp16");
+    }
+    present
+}
+
+/// The cache key of a measurement: model, compute mode (weights mode and device),
+/// threads, kernel path, and a digest of the whole [`Machine`] (CPU model and features).
+fn cache_key(model_id: &ModelId, compute: &str, threads: usize, machine: &Machine) -> String {
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect()
+    };
+    let digest = blake3::hash(machine.describe().as_bytes()).to_hex();
+    format!(
+        "{model_id}-{}-t{threads}-{}-{}.json",
+        safe(compute),
+        safe(&machine.kernel),
+        &digest.as_str()[..16]
+    )
+}
+
+/// A measurement as cached: with the machine it was taken on.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cached {
+    machine: String,
+    measured: Measured,
+}
+
+/// The cached text of measurement `m`, taken on `machine`.
+fn to_cache(m: &Measured, machine: &Machine) -> Option<String> {
+    serde_json::to_string(&Cached {
+        machine: machine.describe(),
+        measured: *m,
+    })
+    .ok()
+}
+
+/// A cached measurement read back: usable only when taken on the same `machine` and sane
+/// (a file renamed or copied from elsewhere, an older format or a broken one is not).
+fn from_cache(text: &str, machine: &Machine) -> Option<Measured> {
+    let c: Cached = serde_json::from_str(text).ok()?;
+    let m = c.measured;
+    (c.machine == machine.describe()
+        && m.decode_tps.is_finite()
+        && m.decode_tps > 0.0
+        && m.block_weight_bytes > 0)
+        .then_some(m)
+}
+
+/// This machine's measurement for the model: from the cache folder when there (taken on
+/// this same [`Machine`], in this compute mode, with these threads), else measured (a
+/// second or two) and cached. Blocking.
 pub fn measured(
     file: &ModelFile,
     load: &LoadOptions,
@@ -105,15 +233,14 @@ pub fn measured(
     compute: &str,
     threads: usize,
 ) -> Result<(Measured, bool), pollen_shard::ShardError> {
-    let key = cache_key(model_id, compute, threads);
-    let cached = fetch::read_cached(CACHE_KIND, &key)
-        .and_then(|t| serde_json::from_str::<Measured>(&t).ok())
-        .filter(|m| m.decode_tps.is_finite() && m.decode_tps > 0.0 && m.block_weight_bytes > 0);
+    let machine = Machine::this();
+    let key = cache_key(model_id, compute, threads, &machine);
+    let cached = fetch::read_cached(CACHE_KIND, &key).and_then(|t| from_cache(&t, &machine));
     if let Some(m) = cached {
         return Ok((m, true));
     }
     let m = measure(file, load)?;
-    if let Ok(text) = serde_json::to_string(&m) {
+    if let Some(text) = to_cache(&m, &machine) {
         fetch::write_cached(CACHE_KIND, &key, &text);
     }
     Ok((m, false))
@@ -304,12 +431,102 @@ pub async fn watch_swarm(
 mod tests {
     use super::*;
 
+    fn machine(cpu: &str, features: &str, kernel: &str) -> Machine {
+        Machine {
+            cpu: cpu.into(),
+            features: features.into(),
+            kernel: kernel.into(),
+        }
+    }
+
     #[test]
     fn cache_keys_are_file_names() {
         let id = ModelId::from_bytes([7; 32]);
-        let key = cache_key(&id, "fast/cpu", 1);
-        assert!(key.ends_with("-fast-cpu-t1.json"), "{key}");
-        assert!(!key.contains('/'));
+        let m = machine("AMD EPYC 9004/x", "avx2,avx512vnni", "avx512-vnni");
+        let key = cache_key(&id, "fast/cpu", 1, &m);
+        assert!(key.contains("-fast-cpu-t1-avx512-vnni-"), "{key}");
+        assert!(key.ends_with(".json"), "{key}");
+        assert!(!key.contains('/') && !key.contains(' '), "{key}");
+    }
+
+    #[test]
+    fn measurements_are_keyed_by_cpu_kernel_threads_and_mode() {
+        let id = ModelId::from_bytes([7; 32]);
+        let epyc = machine(
+            "AMD EPYC 9654",
+            "avx2,fma,f16c,avx512f,avx512bw,avx512vnni",
+            "avx512-vnni",
+        );
+        let forced_avx2 = Machine {
+            kernel: "avx2".into(),
+            ..epyc.clone()
+        };
+        let other_cpu = Machine {
+            cpu: "Intel(R) Xeon(R) Gold 6130".into(),
+            ..epyc.clone()
+        };
+        let fewer_features = Machine {
+            features: "avx2,fma,f16c".into(),
+            ..epyc.clone()
+        };
+        let keys = [
+            cache_key(&id, "fast/cpu", 1, &epyc),
+            cache_key(&id, "fast/cpu", 1, &forced_avx2),
+            cache_key(&id, "fast/cpu", 1, &other_cpu),
+            cache_key(&id, "fast/cpu", 1, &fewer_features),
+            cache_key(&id, "fast/cpu", 2, &epyc),
+            cache_key(&id, "exact/cpu", 1, &epyc),
+            cache_key(&ModelId::from_bytes([8; 32]), "fast/cpu", 1, &epyc),
+        ];
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:#?}");
+        // The same machine, mode and threads find the same entry.
+        assert_eq!(keys[0], cache_key(&id, "fast/cpu", 1, &epyc.clone()));
+    }
+
+    #[test]
+    fn a_measurement_from_another_machine_or_kernel_is_not_reused() {
+        let m = Measured {
+            decode_tps: 140.0,
+            prefill_tps: 700.0,
+            block_weight_bytes: 3 << 20,
+        };
+        let epyc = machine("AMD EPYC 9654", "avx2,avx512vnni", "avx512-vnni");
+        let text = to_cache(&m, &epyc).expect("serialised");
+        assert_eq!(from_cache(&text, &epyc), Some(m));
+        // Copied (even under the right file name) to another CPU, or read back by a run
+        // forced onto another kernel path: measured again.
+        let laptop = machine("Intel(R) Core(TM) i5-8250U", "avx2", "avx2");
+        assert_eq!(from_cache(&text, &laptop), None);
+        let forced = Machine {
+            kernel: "avx2".into(),
+            ..epyc.clone()
+        };
+        assert_eq!(from_cache(&text, &forced), None);
+        // A bare measurement (the older format, with no machine) or a broken one: anew.
+        let bare = serde_json::to_string(&m).expect("serialised");
+        assert_eq!(from_cache(&bare, &epyc), None);
+        let zero = Measured {
+            decode_tps: 0.0,
+            ..m
+        };
+        assert_eq!(
+            from_cache(&to_cache(&zero, &epyc).expect("text"), &epyc),
+            None
+        );
+        assert_eq!(from_cache("{", &epyc), None);
+    }
+
+    #[test]
+    fn this_machine_names_its_kernel_path_and_cpu() {
+        let m = Machine::this();
+        assert_eq!(m.kernel, pollen_shard::kernels::active_path());
+        assert!(!m.cpu.is_empty());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            m.features.split(',').any(|f| f == "avx2"),
+            std::arch::is_x86_feature_detected!("avx2")
+        );
     }
 
     #[test]
