@@ -55,7 +55,7 @@ impl Avx2 {
     /// in order (a multiply, then an add: the scalar loop's bits). `a` and
     /// every `b[i]` have the same length, a multiple of 8.
     pub(super) fn lanes4(self, a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-        assert!(a.len() % 8 == 0 && b.iter().all(|b| b.len() == a.len()));
+        assert!(a.len().is_multiple_of(8) && b.iter().all(|b| b.len() == a.len()));
         // SAFETY: features as detected for `self`; lengths checked above.
         unsafe { lanes4(a, b) }
     }
