@@ -7,17 +7,18 @@
 //! text, and the server dials nothing the hostile client named.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "common/hostile.rs"]
+mod attacker;
 mod common;
 
+use attacker::{announcement, client_node, nobody_after, open_through, wire_hop};
 use common::*;
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use pollen_node::client::{ClientError, SwarmSession, route};
-use pollen_node::net::{self, NetConfig, NetHandle, Role};
+use pollen_node::net::NetHandle;
 use pollen_protocol::{
-    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, ErrorCode, InferRequest,
-    InferResponse, ModelId, PeerIdBytes, RouteHop, SessionBudget, SessionId, SignedAnnouncement,
-    WireDType,
+    AnnounceRequest, AnnounceResponse, ErrorCode, InferResponse, ModelId, PeerIdBytes,
+    SignedAnnouncement, WireDType,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -27,26 +28,9 @@ use tokio_util::sync::CancellationToken;
 const PER_SENDER: usize = 64;
 const PUBLISH_BURST: usize = 32;
 
+/// A sybil: an announcement from a fresh key whose name would clear a terminal.
 fn sybil(model: ModelId, blocks: (u32, u32), compute: &str, num_blocks: u32) -> SignedAnnouncement {
-    let key = Keypair::generate_ed25519();
-    let now = pollen_node::clock::unix_ms();
-    let a = Announcement {
-        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
-        model_id: model,
-        model_name: "sybil\u{1b}[2J".into(),
-        num_blocks,
-        blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
-        throughput: 1e9,
-        free_sessions: 1000,
-        free_cache_tokens: 1 << 30,
-        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
-        compute: compute.into(),
-        next_rtts: vec![],
-        issued_at_ms: now,
-        expires_at_ms: now + 600_000,
-        seq: 1,
-    };
-    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(&key).unwrap()).unwrap()
+    announcement(model, blocks, compute, num_blocks, "sybil\u{1b}[2J")
 }
 
 /// Publishes every announcement over the one connection `net` has to `boot`; how many
@@ -114,15 +98,7 @@ fn hostile_peers_do_no_harm() {
         .unwrap();
     let cancel = CancellationToken::new();
     let boot_multiaddr: Multiaddr = boot_addr.parse().unwrap();
-    let (hostile, boot_peer) = rt.block_on(async {
-        let cfg = NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            ..NetConfig::new(Role::Client)
-        };
-        let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
-        let boot_peer = net.dial(boot_multiaddr.clone()).await.unwrap();
-        (net, boot_peer)
-    });
+    let (hostile, boot_peer) = rt.block_on(client_node(&boot_multiaddr, &cancel));
     let real = rt.block_on(hostile.gather(Some(model_id))).unwrap();
     assert_eq!(real.len(), 3, "{real:?}");
     let compute = real[0].compute.clone();
@@ -261,60 +237,30 @@ fn hostile_peers_do_no_harm() {
 
     // Servers as proxies: an Open naming as next hop a peer that is no server, at an
     // address the attacker chose, is refused, and nothing is dialed there.
-    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (trap, trap_addr) = attacker::silent_listener();
     trap.set_nonblocking(true).unwrap();
-    let trap_addr = format!("/ip4/127.0.0.1/tcp/{}", trap.local_addr().unwrap().port());
     let first = &hops[0];
-    let wire_first = RouteHop {
-        peer: PeerIdBytes(first.peer.to_bytes()),
-        blocks: pollen_node::blocks::to_wire(first.blocks).unwrap(),
-        addrs: first.addrs.iter().map(|a| a.to_string()).collect(),
-        step_us: first.step_us,
-    };
-    let nobody = RouteHop {
-        peer: PeerIdBytes(PeerId::random().to_bytes()),
-        blocks: BlockRange::new(wire_first.blocks.end(), num_blocks).unwrap(),
-        addrs: vec![trap_addr],
-        step_us: 1,
-    };
-    let request = InferRequest::Open {
-        session: SessionId(rand::random()),
-        model_id,
-        route: vec![wire_first, nobody.clone()],
-        hop: 0,
-        budget: SessionBudget {
-            max_tokens: 16,
-            max_message_bytes: 1 << 20,
-            idle_timeout_ms: 10_000,
-        },
-        wire_dtype: WireDType::F32,
-        compute: compute.clone(),
-        client: PeerIdBytes(hostile.peer_id().to_bytes()),
-    };
-    let answer = rt.block_on(net::stream::open_with_reply::<_, InferResponse>(
+    let wire_first = wire_hop(first);
+    let nobody = nobody_after(&wire_first, num_blocks, trap_addr);
+    let answer = rt.block_on(open_through(
         &hostile,
-        first.peer,
-        first.addrs.clone(),
-        &request,
-        Duration::from_secs(20),
-        Duration::from_secs(20),
+        first,
+        model_id,
+        &compute,
+        vec![wire_first, nobody.clone()],
     ));
     match answer {
-        Ok((
-            _,
-            _,
-            InferResponse::HopFailed {
-                hop: 1,
-                peer,
-                error,
-                ..
-            },
-        )) => {
+        Ok(InferResponse::HopFailed {
+            hop: 1,
+            peer,
+            error,
+            ..
+        }) => {
             assert_eq!(peer, nobody.peer);
             assert_eq!(error.code, ErrorCode::BadRequest);
             assert!(error.message.contains("no valid announcement"), "{error}");
         }
-        Ok((_, _, other)) => panic!("an Open through a non-server was answered {other:?}"),
+        Ok(other) => panic!("an Open through a non-server was answered {other:?}"),
         Err(e) => panic!("an Open through a non-server: {e}"),
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -354,15 +300,7 @@ fn hostile_peers_do_no_harm() {
     );
     let tight: PeerId = peer_of(&ready).parse().unwrap();
     let (limited_hops, client) = rt.block_on(async {
-        let (client, _) = {
-            let cfg = NetConfig {
-                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-                ..NetConfig::new(Role::Client)
-            };
-            let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
-            let b = net.dial(boot_multiaddr.clone()).await.unwrap();
-            (net, b)
-        };
+        let (client, _) = client_node(&boot_multiaddr, &cancel).await;
         let book = loop {
             let book = client.gather(Some(model_id)).await.unwrap();
             if book.iter().any(|a| a.peer.0 == tight.to_bytes()) {

@@ -5,27 +5,17 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
+#[path = "common/private_mesh.rs"]
+mod private_mesh;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use private_mesh::{
+    add_peer, assert_generates_nothing, assert_kept_out, assert_sees_nothing, mesh_init,
+    refusals_of, stderr,
+};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-/// `pollen mesh init --out dir`: the key file and the printed lines.
-fn mesh_init(dir: &Path) -> (PathBuf, String) {
-    let out = Command::new(pollen())
-        .args(["mesh", "init", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    (std::path::absolute(dir.join("swarm.key")).unwrap(), text)
-}
 
 /// A `pollen` command with no swarm key inherited from the environment.
 fn pollen_cmd() -> Command {
@@ -97,10 +87,6 @@ fn generate_with(bootstrap: &str, key: Option<&Path>, extra: &[&str]) -> Output 
     cmd.stdin(Stdio::null()).output().unwrap()
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn local_answer() -> String {
     let (prompt, chat) = PROMPTS[1];
     generate(None, prompt, chat, 24)
@@ -167,22 +153,7 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
             .collect()
     });
     for (what, out) in &outsiders {
-        let err = stderr(out);
-        assert!(
-            !out.status.success(),
-            "{what} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.contains("cannot reach any bootstrap peer"),
-            "{what}: {err}"
-        );
-        assert!(err.contains("swarm key"), "{what} should say why: {err}");
-        assert!(
-            out.stdout.is_empty(),
-            "{what} printed {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_kept_out(what, out);
     }
     // Not one outsider's connection was accepted: the bootstrap still holds the three servers only.
     assert_eq!(health(&http)["connected_peers"], 3);
@@ -263,19 +234,6 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
     assert_eq!(String::from_utf8(out.stdout).unwrap(), local);
 }
 
-fn add_peer(allow: &Path, identity: &Path) -> String {
-    let out = pollen_cmd()
-        .args(["mesh", "add-peer", "--allow-peers"])
-        .arg(allow)
-        .arg("--identity")
-        .arg(identity)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace().nth(1).unwrap().to_string()
-}
-
 #[test]
 fn allowlist_refuses_other_peers_and_drops_removed_ones() {
     let dir = temp_dir("private-allow");
@@ -286,20 +244,7 @@ fn allowlist_refuses_other_peers_and_drops_removed_ones() {
     let _client_id = add_peer(&allow, &dir.join("member.key"));
     // A peer with the key but not on the list.
     let stranger = dir.join("stranger.key");
-    let out = pollen_cmd()
-        .args(["mesh", "add-peer", "--allow-peers"])
-        .arg(dir.join("elsewhere.txt"))
-        .arg("--identity")
-        .arg(&stranger)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let stranger_id = String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let stranger_id = add_peer(&dir.join("elsewhere.txt"), &stranger);
 
     let a = allow.display().to_string();
     let k = key.display().to_string();
@@ -356,29 +301,17 @@ fn allowlist_refuses_other_peers_and_drops_removed_ones() {
     let stranger_args = ["--client-identity", s.as_str()];
     for _ in 0..2 {
         let out = status_with(&addr, Some(&key), &stranger_args);
-        let models = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["models"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        assert!(
-            !out.status.success() || models == 0,
-            "the stranger saw the mesh: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_sees_nothing("the stranger", &out);
     }
     let out = generate_with(&addr, Some(&key), &stranger_args);
-    assert!(
-        !out.status.success(),
-        "the stranger generated: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_generates_nothing("the stranger", &out);
     // Each refused peer is logged once.
     let text = std::fs::read_to_string(&log).unwrap();
-    let refusals = text
-        .lines()
-        .filter(|l| l.contains("not on the allowlist") && l.contains(&stranger_id))
-        .count();
-    assert_eq!(refusals, 1, "bootstrap log:\n{text}");
+    assert_eq!(
+        refusals_of(&text, &stranger_id),
+        1,
+        "bootstrap log:\n{text}"
+    );
     assert_eq!(health(&http)["connected_peers"], 1);
 
     // Removing the server from the bootstrap's list (and SIGHUP) drops it within seconds.

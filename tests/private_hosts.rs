@@ -9,11 +9,16 @@
 mod common;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/private_mesh.rs"]
+mod private_mesh;
 
 use common::*;
 use netns::{Host, NatKind, Net};
+use private_mesh::{
+    add_peer, assert_generates_nothing, assert_kept_out, assert_sees_nothing, refusals_of, stderr,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 const PROMPT: &str = "The history of the printing press begins";
@@ -32,38 +37,9 @@ fn internet() -> Option<Net> {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// `pollen mesh init --out dir`: the key file.
 fn mesh_init(dir: &Path) -> PathBuf {
-    let out = Command::new(pollen())
-        .args(["mesh", "init", "--out"])
-        .arg(dir)
-        .env_remove("POLLEN_SWARM_KEY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    std::path::absolute(dir.join("swarm.key")).unwrap()
-}
-
-/// Makes (if absent) the identity `identity`, appends its peer id to `allow`; the id.
-fn add_peer(allow: &Path, identity: &Path) -> String {
-    let out = Command::new(pollen())
-        .args(["mesh", "add-peer", "--allow-peers"])
-        .arg(allow)
-        .arg("--identity")
-        .arg(identity)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string()
+    private_mesh::mesh_init(dir).0
 }
 
 /// A member process on `host`: `pollen ARGS` with its stderr (logs) in `log`.
@@ -299,43 +275,16 @@ fn private_mesh_on_separate_hosts_keeps_outsiders_out_and_answers_like_local() {
             .collect()
     });
     for (what, out) in &results {
-        let err = stderr(out);
-        assert!(
-            !out.status.success(),
-            "{what} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            err.contains("cannot reach any bootstrap peer"),
-            "{what}: {err}"
-        );
-        assert!(err.contains("swarm key"), "{what} should say why: {err}");
-        assert!(
-            out.stdout.is_empty(),
-            "{what} printed {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_kept_out(what, out);
     }
 
     // (c) A peer with the key but not on the allowlist sees nothing and generates nothing.
     for entry in [&addr, &s0_addr] {
         let out = status_on(&stranger, entry, Some(&key), &id("stranger"));
-        let models = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["models"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        assert!(
-            !out.status.success() || models == 0,
-            "the stranger saw the mesh through {entry}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_sees_nothing(&format!("the stranger (through {entry})"), &out);
     }
     let out = generate_on(&stranger, &addr, Some(&key), &id("stranger"), 5);
-    assert!(
-        !out.status.success(),
-        "the stranger generated: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_generates_nothing("the stranger", &out);
 
     // The members' logs: no connection from an outsider was ever established; the
     // members' own were (so the log does record them); the stranger was refused.
@@ -375,10 +324,7 @@ fn private_mesh_on_separate_hosts_keeps_outsiders_out_and_answers_like_local() {
     );
     // The stranger tried the bootstrap and server 0:10: each refused it, and said so once.
     for (name, text) in &logs[..2] {
-        let refused = text
-            .lines()
-            .filter(|l| l.contains("not on the allowlist") && l.contains(&outsider_ids[2]))
-            .count();
+        let refused = refusals_of(text, &outsider_ids[2]);
         assert_eq!(refused, 1, "{name} refuses the stranger and logs it once");
     }
 }

@@ -9,6 +9,8 @@
 //!   crates, does not keep the client from the real 3-server chain.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "common/hostile.rs"]
+mod attacker;
 mod common;
 
 use common::*;
@@ -192,51 +194,18 @@ impl Drop for Hijack {
 }
 
 fn hijack(bootstrap: &str) -> Hijack {
-    use pollen_node::net::{self, NetConfig, Role};
-    use pollen_protocol::{BlockRange, PeerIdBytes, SignedAnnouncement};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("/ip4/127.0.0.1/tcp/{}", silent.local_addr().unwrap().port());
-    let secret: [u8; 32] = rand::random();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret).unwrap();
-    let me = keypair.public().to_peer_id();
+    let (silent, dead) = attacker::silent_listener();
     let cancel = tokio_util::sync::CancellationToken::new();
     let boot: libp2p::Multiaddr = bootstrap.parse().unwrap();
     let c = cancel.clone();
-    let net = rt.block_on(async move {
-        let (net, _task) = net::start(
-            NetConfig {
-                keypair,
-                ..NetConfig::new(Role::Server)
-            },
-            c,
-        )
-        .unwrap();
-        net.dial_with_retry(&boot, Duration::from_secs(15))
-            .await
-            .unwrap();
+    let (net, me) = rt.block_on(async move {
         // A real server's announcement is the template: same model, same compute mode.
-        let book = net.gather(None).await.unwrap();
-        let mut a = book.first().expect("a real server").announcement().clone();
-        let now = pollen_node::clock::unix_ms();
-        let ttl = a.expires_at_ms - a.issued_at_ms;
-        a.peer = PeerIdBytes(me.to_bytes());
-        a.blocks = BlockRange::new(0, 30).unwrap();
-        a.throughput = 1e9;
-        a.addrs = vec![dead];
-        a.next_rtts = Vec::new();
-        a.issued_at_ms = now;
-        a.expires_at_ms = now + ttl;
-        a.seq = 1;
-        let model = a.model_id;
-        let signed = SignedAnnouncement::sign(a, &secret).unwrap();
-        net.set_own_announcement_and_wait(Some(signed), Duration::from_secs(10))
-            .await
-            .unwrap();
+        let (net, me, model) = attacker::forge_claim(&boot, dead, c).await;
         // The bootstrap holds it and hands it to everyone who asks.
         let mut held = false;
         for _ in 0..40 {
@@ -252,7 +221,7 @@ fn hijack(bootstrap: &str) -> Hijack {
         }
         assert!(held, "the bootstrap took the forged announcement");
         // The node keeps running (announcing) on the runtime's worker while held.
-        net
+        (net, me)
     });
     Hijack {
         _net: net,

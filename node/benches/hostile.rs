@@ -18,75 +18,30 @@
 //! `cargo bench -p pollen-node --bench hostile [-- --trials 20]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/hostile.rs"]
+mod attacker;
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+
+use attacker::{announcement, client_node as node, nobody_after, open_through, wire_hop};
+use bench_args::{arg, median};
 use candle_core::{Device, Tensor};
-use libp2p::identity::Keypair;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use pollen_node::client::{SwarmSession, route};
 use pollen_node::mesh::{self, THREE_SPANS};
-use pollen_node::net::{self, NetConfig, NetHandle, Role};
+use pollen_node::net::NetHandle;
 use pollen_protocol::{
-    AnnounceRequest, AnnounceResponse, Announcement, BlockRange, InferRequest, InferResponse,
-    ModelId, PeerIdBytes, RouteHop, SessionBudget, SessionId, SignedAnnouncement,
-    VerifiedAnnouncement, WireDType,
+    AnnounceRequest, AnnounceResponse, InferResponse, ModelId, VerifiedAnnouncement, WireDType,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median_ms(v: &mut [Duration]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort();
-    v[v.len() / 2].as_secs_f64() * 1000.0
-}
-
-fn announcement(
-    key: &Keypair,
-    model: ModelId,
-    blocks: (u32, u32),
-    compute: &str,
-    num_blocks: u32,
-    seq: u64,
-) -> SignedAnnouncement {
-    let now = pollen_node::clock::unix_ms();
-    let a = Announcement {
-        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
-        model_id: model,
-        model_name: "x".into(),
-        num_blocks,
-        blocks: BlockRange::new(blocks.0, blocks.1).unwrap(),
-        throughput: 1e9,
-        free_sessions: 1000,
-        free_cache_tokens: 1 << 30,
-        addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
-        compute: compute.into(),
-        next_rtts: vec![],
-        issued_at_ms: now,
-        expires_at_ms: now + 600_000,
-        seq,
-    };
-    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(key).unwrap()).unwrap()
-}
-
-async fn node(boot: &Multiaddr, cancel: &CancellationToken) -> (NetHandle, PeerId) {
-    let cfg = NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        ..NetConfig::new(Role::Client)
-    };
-    let (net, _task) = net::start(cfg, cancel.clone()).unwrap();
-    let boot_peer = net.dial(boot.clone()).await.unwrap();
-    (net, boot_peer)
+/// The median of `v` in milliseconds (NaN when empty).
+fn median_ms(v: &[Duration]) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    median(&mut ms)
 }
 
 struct Row {
@@ -130,7 +85,7 @@ async fn tokens(
             times.push(t);
         }
     }
-    ((times.len(), trials), median_ms(&mut times))
+    ((times.len(), trials), median_ms(&times))
 }
 
 /// A legitimate server publishes a fresh announcement for a new span: accepted or not.
@@ -145,8 +100,7 @@ async fn publishes(
     let mut times = Vec::new();
     for _ in 0..trials {
         let (net, boot_peer) = node(boot, cancel).await;
-        let key = Keypair::generate_ed25519();
-        let a = announcement(&key, model, (10, 20), compute, num_blocks, 1);
+        let a = announcement(model, (10, 20), compute, num_blocks, "x");
         let started = Instant::now();
         let answer = net
             .announce(boot_peer, AnnounceRequest::Publish(Box::new(a)))
@@ -155,7 +109,7 @@ async fn publishes(
             times.push(started.elapsed());
         }
     }
-    ((times.len(), trials), median_ms(&mut times))
+    ((times.len(), trials), median_ms(&times))
 }
 
 /// A legitimate client gathers the model's announcements: every real server listed?
@@ -176,7 +130,7 @@ async fn lists(
             times.push(took);
         }
     }
-    ((times.len(), trials), median_ms(&mut times))
+    ((times.len(), trials), median_ms(&times))
 }
 
 fn main() {
@@ -261,50 +215,18 @@ fn main() {
         drop(squat);
 
         // Servers as proxies.
-        let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (trap, trap_addr) = attacker::silent_listener();
         trap.set_nonblocking(true).unwrap();
-        let trap_addr = format!("/ip4/127.0.0.1/tcp/{}", trap.local_addr().unwrap().port());
         let first = &hops[0];
-        let wire_first = RouteHop {
-            peer: PeerIdBytes(first.peer.to_bytes()),
-            blocks: pollen_node::blocks::to_wire(first.blocks).unwrap(),
-            addrs: first.addrs.iter().map(|a| a.to_string()).collect(),
-            step_us: first.step_us,
-        };
+        let wire_first = wire_hop(first);
         let mut proxy_refused = 0;
         let mut refusal_times = Vec::new();
         for _ in 0..trials {
-            let nobody = RouteHop {
-                peer: PeerIdBytes(PeerId::random().to_bytes()),
-                blocks: BlockRange::new(wire_first.blocks.end(), num_blocks).unwrap(),
-                addrs: vec![trap_addr.clone()],
-                step_us: 1,
-            };
-            let open = InferRequest::Open {
-                session: SessionId(rand::random()),
-                model_id: model,
-                route: vec![wire_first.clone(), nobody],
-                hop: 0,
-                budget: SessionBudget {
-                    max_tokens: 16,
-                    max_message_bytes: 1 << 20,
-                    idle_timeout_ms: 10_000,
-                },
-                wire_dtype: WireDType::F32,
-                compute: compute.clone(),
-                client: PeerIdBytes(hostile.peer_id().to_bytes()),
-            };
+            let nobody = nobody_after(&wire_first, num_blocks, trap_addr.clone());
             let started = Instant::now();
-            let answer = net::stream::open_with_reply::<_, InferResponse>(
-                &hostile,
-                first.peer,
-                first.addrs.clone(),
-                &open,
-                Duration::from_secs(20),
-                Duration::from_secs(20),
-            )
-            .await;
-            if let Ok((_, _, InferResponse::HopFailed { hop: 1, .. })) = answer {
+            let route = vec![wire_first.clone(), nobody];
+            let answer = open_through(&hostile, first, model, &compute, route).await;
+            if let Ok(InferResponse::HopFailed { hop: 1, .. }) = answer {
                 proxy_refused += 1;
                 refusal_times.push(started.elapsed());
             }
@@ -318,7 +240,7 @@ fn main() {
             attack: "servers as proxies",
             work: format!(
                 "{trials} Opens via a non-server: {proxy_refused} refused in {:.1} ms, {dialed} dials",
-                median_ms(&mut refusal_times)
+                median_ms(&refusal_times)
             ),
             legit: "open + 1 token",
             ok,
@@ -336,13 +258,12 @@ fn main() {
                 let started = Instant::now();
                 let mut accepted = 0;
                 for _ in 0..n {
-                    let key = Keypair::generate_ed25519();
                     let m = if sybil {
                         model
                     } else {
                         ModelId::from_bytes(rand::random())
                     };
-                    let a = announcement(&key, m, (0, 10), &compute, num_blocks, 1);
+                    let a = announcement(m, (0, 10), &compute, num_blocks, "x");
                     if let Ok(AnnounceResponse::Accepted) = hostile
                         .announce(boot_peer, AnnounceRequest::Publish(Box::new(a)))
                         .await

@@ -14,33 +14,22 @@
 //! `cargo bench -p pollen-node --bench verify [-- --trials 10 --tokens 128]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/hostile.rs"]
+mod attacker;
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+
+use bench_args::{arg, median};
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{self, Proc};
-use pollen_node::net::{self, NetConfig, NetHandle, Role};
-use pollen_protocol::{BlockRange, PeerIdBytes, SignedAnnouncement, WireDType};
+use pollen_node::net::NetHandle;
+use pollen_protocol::WireDType;
 use pollen_shard::generate::GenerateParams;
 use pollen_shard::{LoadOptions, SamplingParams};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const PROMPT: &str = "Here is a list of one thousand numbers: 1, 2, 3,";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 struct Bench {
     rt: tokio::runtime::Runtime,
@@ -135,37 +124,10 @@ async fn pinned(c: &SwarmClient, peer: &str) -> Vec<pollen_node::client::Hop> {
 /// A forged announcement of blocks 0:30 at 1e9 tokens/s from a fresh key, with an
 /// address that accepts connections and never speaks, published to the bootstrap.
 fn hijack(rt: &tokio::runtime::Runtime, bootstrap: &str) -> (NetHandle, std::net::TcpListener) {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("/ip4/127.0.0.1/tcp/{}", silent.local_addr().unwrap().port());
-    let secret: [u8; 32] = rand::random();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret).unwrap();
-    let me = keypair.public().to_peer_id();
+    let (silent, dead) = attacker::silent_listener();
     let boot: libp2p::Multiaddr = bootstrap.parse().unwrap();
-    let net = rt.block_on(async move {
-        let cfg = NetConfig {
-            keypair,
-            ..NetConfig::new(Role::Server)
-        };
-        let (net, _task) = net::start(cfg, tokio_util::sync::CancellationToken::new()).unwrap();
-        net.dial_with_retry(&boot, Duration::from_secs(15))
-            .await
-            .unwrap();
-        let book = net.gather(None).await.unwrap();
-        let mut a = book.first().unwrap().announcement().clone();
-        let now = pollen_node::clock::unix_ms();
-        let ttl = a.expires_at_ms - a.issued_at_ms;
-        a.peer = PeerIdBytes(me.to_bytes());
-        a.blocks = BlockRange::new(0, 30).unwrap();
-        a.throughput = 1e9;
-        a.addrs = vec![dead];
-        a.next_rtts = Vec::new();
-        (a.issued_at_ms, a.expires_at_ms, a.seq) = (now, now + ttl, 1);
-        let signed = SignedAnnouncement::sign(a, &secret).unwrap();
-        net.set_own_announcement_and_wait(Some(signed), Duration::from_secs(10))
-            .await
-            .unwrap();
-        net
-    });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (net, _, _) = rt.block_on(attacker::forge_claim(&boot, dead, cancel));
     (net, silent)
 }
 
