@@ -171,19 +171,23 @@ pub(super) async fn decode(
         r = &mut out => return r.map_err(|_| NotRun::Lost("the batch computing it failed".into())),
         p = server.permits.acquire() => p,
     };
-    let Ok(_permit) = permit else {
+    let Ok(permit) = permit else {
         return match queue.withdraw(id) {
             Some(job) => Err(NotRun::Stopping(job.cache)),
             None => answer(out).await,
         };
     };
     let jobs = queue.take_batch(id);
-    if !jobs.is_empty() {
+    if jobs.is_empty() {
+        // Another session's batch took this step: the permit goes to the next.
+        drop(permit);
+    } else {
         let span = server.span.clone();
         // A panic loses the batch's caches: their senders drop and each session ends.
         if let Err(e) = tokio::task::spawn_blocking(move || run(&span, jobs)).await {
             tracing::error!("a batched compute task failed: {e}");
         }
+        drop(permit);
     }
     answer(out).await
 }
