@@ -432,6 +432,17 @@ fn main() {
         child_divergence(&path, &modes, args[2].parse().unwrap());
         return;
     }
+    if args.first().map(String::as_str) == Some("--vs-llama") {
+        let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+        let rounds = args
+            .iter()
+            .position(|a| a == "--rounds")
+            .and_then(|i| args.get(i + 1))
+            .map(|r| r.parse().unwrap())
+            .unwrap_or(5);
+        vs_llama(&path, Path::new(&args[1]), rounds);
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let skip_prefill_memory = args.iter().any(|a| a == "--no-prefill-memory");
     let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
@@ -713,5 +724,190 @@ fn batch_table(path: &Path) {
                 r[1] / r[0]
             );
         }
+    }
+}
+
+/// The load average now (1, 5 and 15 minutes), for the record of a run.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs `llama-bench` with `args` on `threads` threads; returns its
+/// `(n_prompt, n_gen, n_depth, avg tok/s)` rows and its peak RSS in MB
+/// (its `VmHWM`, polled while it runs).
+fn llama_run(bin: &Path, args: &[String], threads: usize) -> (Vec<[f64; 4]>, f64) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["-t", &threads.to_string(), "-r", "1", "-o", "csv"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0f64;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
+    while child.try_wait().unwrap().is_none() {
+        if let Some(kb) = std::fs::read_to_string(&status).ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        }) {
+            peak = peak.max(kb / 1024.0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let text = reader.join().unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(|h| h.trim_matches('"').to_string())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let (p, g, d, ts) = (col("n_prompt"), col("n_gen"), col("n_depth"), col("avg_ts"));
+    let rows = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').map(|v| v.trim_matches('"')).collect();
+            [p, g, d, ts].map(|i| f[i].parse::<f64>().unwrap())
+        })
+        .collect();
+    (rows, peak)
+}
+
+/// Pollen against llama.cpp's `llama-bench` on the same file: prefill of
+/// 128 tokens and decode of 128 tokens, 1 and 2 threads, `rounds` rounds,
+/// each round running llama-bench and then Pollen on every packed kernel
+/// path of this CPU (interleaved, so that a busy moment hits all of them).
+/// Pollen's decode follows its 128-token prefill, so llama.cpp's decode is
+/// measured both from an empty context and at depth 128. Prints the
+/// medians and their ratios.
+fn vs_llama(path: &Path, llama: &Path, rounds: usize) {
+    let kernels: Vec<KernelPath> = KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+        .collect();
+    println!(
+        "Pollen vs llama.cpp ({}), {}, 128-token prompt, 128 decoded tokens, {rounds} interleaved rounds, medians",
+        llama.display(),
+        path.display()
+    );
+    println!("CPU: {}", cpu_line());
+    println!("load average before: {}", load_average());
+    let m = path.display().to_string();
+    let mut table = Vec::new();
+    for threads in [1usize, 2] {
+        // [llama pp, llama tg, llama tg@d128, llama rss], per kernel [pp, tg, rss].
+        let mut ll: [Vec<f64>; 4] = Default::default();
+        let mut po: Vec<[Vec<f64>; 3]> = kernels.iter().map(|_| Default::default()).collect();
+        let mut ran = vec![String::new(); kernels.len()];
+        for round in 0..rounds {
+            let (rows, rss) = llama_run(
+                llama,
+                &["-m", &m, "-p", "128", "-n", "128"].map(String::from),
+                threads,
+            );
+            for r in rows {
+                match (r[0] as usize, r[1] as usize) {
+                    (128, 0) => ll[0].push(r[3]),
+                    (0, 128) => ll[1].push(r[3]),
+                    _ => {}
+                }
+            }
+            ll[3].push(rss);
+            let (rows, _) = llama_run(
+                llama,
+                &["-m", &m, "-p", "0", "-n", "128", "-d", "128"].map(String::from),
+                threads,
+            );
+            ll[2].extend(rows.iter().filter(|r| r[1] as usize == 128).map(|r| r[3]));
+            for (i, &k) in kernels.iter().enumerate() {
+                let (r, name) = run_child(
+                    &[
+                        "--child".into(),
+                        "pollen".into(),
+                        "fast".into(),
+                        m.clone(),
+                        "128".into(),
+                        "128".into(),
+                    ],
+                    threads,
+                    Some(k),
+                );
+                for (v, x) in po[i].iter_mut().zip(r) {
+                    v.push(x);
+                }
+                ran[i] = name;
+            }
+            eprintln!(
+                "threads {threads} round {}: llama pp {:.1} tg {:.1} tg@128 {:.1}; pollen {}",
+                round + 1,
+                ll[0].last().unwrap_or(&f64::NAN),
+                ll[1].last().unwrap_or(&f64::NAN),
+                ll[2].last().unwrap_or(&f64::NAN),
+                po.iter()
+                    .zip(&ran)
+                    .map(|(p, k)| format!(
+                        "{k} pp {:.1} tg {:.1}",
+                        p[0].last().unwrap_or(&f64::NAN),
+                        p[1].last().unwrap_or(&f64::NAN)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        table.push((threads, ll, po, ran));
+    }
+    println!("load average after: {}", load_average());
+    println!();
+    let (_, _, _, ran) = &table[0];
+    let mut head = "| threads | measure | llama.cpp |".to_string();
+    let mut rule = "| --- | --- | --- |".to_string();
+    for k in ran {
+        head += &format!(" Pollen ({k}) | ratio |");
+        rule += " --- | --- |";
+    }
+    println!("{head}");
+    println!("{rule}");
+    for (threads, ll, po, _) in &table {
+        let row = |what: &str, l: f64, pick: &dyn Fn(&[Vec<f64>; 3]) -> f64, unit: &str| {
+            let mut line = format!("| {threads} | {what} | {l:.1}{unit} |");
+            for p in po {
+                let v = pick(p);
+                line += &format!(" {v:.1}{unit} | {:.2}x |", v / l);
+            }
+            println!("{line}");
+        };
+        row("prefill 128, tok/s", median(&ll[0]), &|p| median(&p[0]), "");
+        row(
+            "decode 128 (llama.cpp from an empty context), tok/s",
+            median(&ll[1]),
+            &|p| median(&p[1]),
+            "",
+        );
+        row(
+            "decode 128 after 128 (llama.cpp `-d 128`), tok/s",
+            median(&ll[2]),
+            &|p| median(&p[1]),
+            "",
+        );
+        row("peak RSS, MB", median(&ll[3]), &|p| median(&p[2]), "");
     }
 }
