@@ -1,14 +1,15 @@
 //! Discovery at scale, in one process: a bootstrap node and N lightweight
-//! servers (announcements only, no model) serving two models, all on libp2p's
+//! servers (announcements only, no model) serving M models (one by default), all on libp2p's
 //! in-process transport (`/memory/N` addresses: the real swarms, noise and yamux, no
 //! sockets, so hundreds of nodes fit in one process's file descriptors) and one tokio
 //! runtime. Prints the time until a new client sees 95% and all of the N through the
-//! bootstrap, the time until a client that knows only one server's address sees 95%
-//! of its model's servers through the DHT (provider records, then asking each), and
-//! announcement and DHT messages per node per minute at steady state, with the
-//! bootstrap's share.
+//! bootstrap, announcement and DHT messages per node per minute at steady state, with
+//! the bootstrap's share, and then, with the bootstrap stopped, the time until a
+//! client that knows only one server's address sees 95% of its model's servers
+//! through the DHT (provider records, then asking each server for its signed
+//! announcement), with the messages that took.
 //!
-//! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --ttl 30 --window 60]`
+//! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --models 1 --ttl 30 --window 60 --trials 3]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use libp2p::Multiaddr;
@@ -61,12 +62,19 @@ fn share95(n: usize) -> usize {
     (n * 95).div_ceil(100)
 }
 
-fn announce(key: &Keypair, i: u32, addr: &str, seq: u64, ttl_ms: u64) -> SignedAnnouncement {
+fn announce(
+    key: &Keypair,
+    i: u32,
+    models: u32,
+    addr: &str,
+    seq: u64,
+    ttl_ms: u64,
+) -> SignedAnnouncement {
     let now = pollen_node::clock::unix_ms();
-    let start = (i * 3) % 30;
+    let start = ((i / models) * 3) % 30;
     let a = Announcement {
         peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
-        model_id: ModelId::from_bytes([(i % 2) as u8; 32]),
+        model_id: ModelId::from_bytes([(i % models) as u8; 32]),
         model_name: "scale".into(),
         num_blocks: 30,
         blocks: BlockRange::new(start, start + 3).unwrap(),
@@ -86,10 +94,13 @@ fn announce(key: &Keypair, i: u32, addr: &str, seq: u64, ttl_ms: u64) -> SignedA
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = arg("--nodes", 200) as u32;
+    let models = arg("--models", 1).max(1) as u32;
+    let trials = arg("--trials", 3) as usize;
     let ttl = Duration::from_secs(arg("--ttl", 30));
     let window = Duration::from_secs(arg("--window", 60));
     let cancel = CancellationToken::new();
-    let (boot, _, boot_addr) = start(Role::Bootstrap, &cancel).await;
+    let boot_cancel = CancellationToken::new();
+    let (boot, _, boot_addr) = start(Role::Bootstrap, &boot_cancel).await;
 
     // Servers join in batches of 20 at once, and each renews at a third of the TTL
     // from the moment it announced, as `pollen serve` does.
@@ -103,7 +114,7 @@ async fn main() {
                 let (h, key, addr) = start(Role::Server, &cancel).await;
                 h.dial(boot_addr).await.unwrap();
                 let addr = addr.to_string();
-                h.set_own_announcement(Some(announce(&key, i, &addr, 1, ttl_ms)))
+                h.set_own_announcement(Some(announce(&key, i, models, &addr, 1, ttl_ms)))
                     .await
                     .unwrap();
                 let (renew, entry) = (h.clone(), addr.clone());
@@ -114,7 +125,7 @@ async fn main() {
                     loop {
                         tick.tick().await;
                         seq += 1;
-                        let a = announce(&key, i, &addr, seq, ttl_ms);
+                        let a = announce(&key, i, models, &addr, seq, ttl_ms);
                         if renew.set_own_announcement(Some(a)).await.is_err() {
                             break;
                         }
@@ -170,26 +181,42 @@ async fn main() {
     let book = boot.book(None).await.unwrap().len();
 
     // The DHT, after the window (so that every server has republished its provider
-    // record with a full routing table): clients that know only one server's address
-    // look up the providers of model 0 (served by the even servers), with no bootstrap
-    // involved.
-    let holders = n.div_ceil(2) as usize;
+    // record with a full routing table). The bootstrap stops first, so no book of
+    // its helps: clients that know only one server's address look up the providers
+    // of model 0 and ask each for its signed announcement.
+    let boot_dht_per_min = per_min(dht_in(&boot) - boot_dht_before);
+    boot_cancel.cancel();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let holders = (0..n).filter(|i| i % models == 0).count();
     let model = ModelId::from_bytes([0; 32]);
     let want = share95(holders);
+    let received = |servers: &[(NetHandle, String)]| -> u64 {
+        servers
+            .iter()
+            .map(|(h, _)| {
+                h.stats().dht_requests_in.load(Ordering::Relaxed)
+                    + h.stats().announce_in.load(Ordering::Relaxed)
+            })
+            .sum()
+    };
     let mut lookups = Vec::new();
-    for trial in 0..3usize {
+    for trial in 0..trials {
         let (_, entry_addr) = &servers[(trial * 37 + 11) % servers.len()];
-        let (c, _, _) = start(Role::Client, &cancel).await;
+        let client_cancel = CancellationToken::new();
+        let (c, _, _) = start(Role::Client, &client_cancel).await;
+        let at_servers = received(&servers);
         let t = Instant::now();
         c.dial(entry_addr.parse().unwrap()).await.unwrap();
-        // The first lookup alone: how many providers one DHT query returns.
+        // One lookup alone: how many providers one DHT query returns.
         let first = c.providers(model).await.unwrap().len();
         let lookup = t.elapsed();
-        // Then as a client routes: look up, connect to the providers, ask them, until
-        // it holds announcements of 95% of the model's servers.
+        let first_reqs = c.stats().dht_lookup_requests.load(Ordering::Relaxed);
+        // Then as a client routes: look up, connect to the providers, ask each for
+        // its announcement, until it holds announcements of 95% of the model's servers.
+        let g = Instant::now();
         let mut seen = 0;
         let mut rounds = 0;
-        while t.elapsed() < Duration::from_secs(30) {
+        while g.elapsed() < Duration::from_secs(30) {
             rounds += 1;
             seen = c.gather(Some(model)).await.unwrap().len();
             if seen >= want {
@@ -197,16 +224,34 @@ async fn main() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let took = t.elapsed();
-        let reqs = c.stats().dht_lookup_requests.load(Ordering::Relaxed);
+        let took = g.elapsed();
+        let dht_reqs = c.stats().dht_lookup_requests.load(Ordering::Relaxed) - first_reqs;
+        let lists = c.stats().announce_out.load(Ordering::Relaxed);
+        let conns = c.peers().await.unwrap().len();
+        let at_servers = received(&servers) - at_servers;
+        client_cancel.cancel();
         eprintln!(
-            "DHT client {trial}: first lookup {first} providers in {lookup:?}; {seen} of {holders} seen in {took:?}"
+            "DHT client {trial}: one lookup {first} providers in {lookup:?} ({first_reqs} requests); \
+             gather saw {seen} of {holders} in {took:?} ({rounds} rounds, {dht_reqs} DHT requests, \
+             {lists} list requests, {conns} connections)"
         );
-        lookups.push((lookup, first, took, seen, rounds, reqs));
+        lookups.push(Trial {
+            lookup,
+            first,
+            first_reqs,
+            took,
+            seen,
+            rounds,
+            dht_reqs,
+            lists,
+            conns,
+            at_servers,
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     println!(
-        "discovery bench: {n} servers (announcements only), 1 bootstrap, TTL {ttl:?}, renew every {:?}",
+        "discovery bench: {n} servers (announcements only) of {models} model(s), 1 bootstrap, TTL {ttl:?}, renew every {:?}",
         ttl / 3
     );
     println!();
@@ -230,25 +275,50 @@ async fn main() {
     println!("| announcement messages per server per minute | {mean:.1} |");
     println!("| announcement messages at the bootstrap per minute | {boot_rate:.1} |");
     println!("| announcements held by the bootstrap | {book} |");
-    for (lookup, first, took, seen, rounds, reqs) in &lookups {
-        println!(
-            "| DHT route: client knowing one server sees 95% ({want}) of model 0's {holders} servers | {}{:.0} ms ({seen} seen, {rounds} gather rounds, {reqs} DHT requests sent); first lookup {:.0} ms, {first} providers |",
-            if seen >= &want {
-                ""
-            } else {
-                "not reached, gave up after "
-            },
-            took.as_secs_f64() * 1000.0,
-            lookup.as_secs_f64() * 1000.0
-        );
-    }
     println!(
         "| DHT requests received per node per minute (provider republish every 60 s, routing) | {:.1} |",
         per_min(dht_after - dht_before) / (n as f64 + 1.0)
     );
-    println!(
-        "| DHT requests received at the bootstrap per minute | {:.1} |",
-        per_min(dht_in(&boot) - boot_dht_before)
-    );
+    println!("| DHT requests received at the bootstrap per minute | {boot_dht_per_min:.1} |");
+    for (i, t) in lookups.iter().enumerate() {
+        println!(
+            "| DHT route {i} (bootstrap stopped; client knows one server): one lookup | {} of {holders} providers in {:.0} ms, {} DHT requests |",
+            t.first,
+            t.lookup.as_secs_f64() * 1000.0,
+            t.first_reqs
+        );
+        println!(
+            "| DHT route {i}: gather (lookup, connect, list) until 95% ({want}) of {holders} | {}{:.0} ms, {} seen, {} rounds |",
+            if t.seen >= want {
+                ""
+            } else {
+                "not reached, gave up after "
+            },
+            t.took.as_secs_f64() * 1000.0,
+            t.seen,
+            t.rounds
+        );
+        println!(
+            "| DHT route {i}: messages | client sent {} DHT + {} list requests over {} connections; servers received {:.2} per server |",
+            t.dht_reqs,
+            t.lists,
+            t.conns,
+            t.at_servers as f64 / n as f64
+        );
+    }
     cancel.cancel();
+}
+
+/// One DHT-route client's figures.
+struct Trial {
+    lookup: Duration,
+    first: usize,
+    first_reqs: u64,
+    took: Duration,
+    seen: usize,
+    rounds: usize,
+    dht_reqs: u64,
+    lists: u64,
+    conns: usize,
+    at_servers: u64,
 }

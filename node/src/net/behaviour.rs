@@ -28,7 +28,7 @@ pub struct Behaviour {
     /// Keeps connections alive and measures round-trip times for routing.
     pub ping: ping::Behaviour,
     /// The DHT: peer routing, and provider records under each served model's id.
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub kad: kad::Behaviour<super::dht::ProviderStore>,
     /// Finds peers on the local network (off with `--no-mdns`).
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Relay v2 server for nodes behind NAT (bootstraps, and servers with `--relay`).

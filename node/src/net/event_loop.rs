@@ -37,10 +37,15 @@ const MAX_CONNECT_WAITERS: usize = 1024;
 const MAX_PROVIDER_QUERIES: usize = 64;
 /// Most providers one lookup collects.
 const MAX_PROVIDERS: usize = 256;
-/// Providers after which a lookup stops early.
-const ENOUGH_PROVIDERS: usize = 32;
-/// How long a lookup that has found some providers keeps looking for more.
-const PROVIDERS_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a provider lookup that has found some providers may run: past it, the
+/// lookup ends with what it found (the nodes nearest the key answer within a few
+/// round trips; the rest is waiting on slow or unreachable peers) ...
+const PROVIDERS_DEADLINE: Duration = Duration::from_secs(4);
+/// ... and one that has found none yet (a new node's first lookup opens a connection
+/// at each step).
+pub(super) const PROVIDERS_EMPTY_DEADLINE: Duration = Duration::from_secs(10);
+/// How often lookups past their deadline are ended.
+const LOOKUP_CHECK: Duration = Duration::from_millis(250);
 
 /// One connection to a peer.
 #[derive(Debug, Clone, Copy)]
@@ -84,22 +89,35 @@ pub(super) struct EventLoop {
     /// Peers with a relayed connection whose hole punch has not ended yet.
     pub(super) punching: HashSet<PeerId>,
     pub(super) connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<Path, NetError>>>>,
-    pub(super) provider_queries: HashMap<kad::QueryId, (Vec<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    pub(super) provider_queries: HashMap<kad::QueryId, ProviderQuery>,
     /// The model whose provider record we publish.
     pub(super) providing: Option<ModelId>,
     /// The address each connection we dialed went to.
     pub(super) dialed_addrs: HashMap<ConnectionId, Multiaddr>,
 }
 
+/// A provider lookup in flight: the providers found so far, who waits for them, and
+/// when it started (it ends by a deadline).
+pub(super) struct ProviderQuery {
+    found: Vec<PeerId>,
+    reply: oneshot::Sender<Vec<PeerId>>,
+    started: tokio::time::Instant,
+}
+
 impl EventLoop {
     pub(super) async fn run(mut self, cancel: CancellationToken) {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut lookups = tokio::time::interval(LOOKUP_CHECK);
+        lookups.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = prune.tick() => {
                     self.publisher.book.prune();
                     self.reserve_relays();
+                }
+                _ = lookups.tick(), if !self.provider_queries.is_empty() => {
+                    self.end_overdue_lookups();
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
@@ -109,6 +127,48 @@ impl EventLoop {
             }
         }
         tracing::debug!("network task stopped");
+    }
+
+    /// Ends the provider lookups past their deadline with what they found.
+    fn end_overdue_lookups(&mut self) {
+        let now = tokio::time::Instant::now();
+        let overdue: Vec<kad::QueryId> = self
+            .provider_queries
+            .iter()
+            .filter(|(_, q)| {
+                let deadline = if q.found.is_empty() {
+                    PROVIDERS_EMPTY_DEADLINE
+                } else {
+                    PROVIDERS_DEADLINE
+                };
+                q.started + deadline <= now
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            self.end_lookup(id, None);
+        }
+    }
+
+    /// Ends the provider lookup `id` (`requests`: what it sent, when known) and
+    /// answers its caller.
+    fn end_lookup(&mut self, id: kad::QueryId, requests: Option<u32>) {
+        let Some(q) = self.provider_queries.remove(&id) else {
+            return;
+        };
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let sent = match kad.query_mut(&id) {
+            Some(mut query) => {
+                let sent = query.stats().num_requests();
+                query.finish();
+                sent
+            }
+            None => requests.unwrap_or_default(),
+        };
+        self.stats
+            .dht_lookup_requests
+            .fetch_add(u64::from(requests.unwrap_or(sent)), Ordering::Relaxed);
+        let _ = q.reply.send(q.found);
     }
 
     /// The best path to `peer` (direct if any connection is), with its round-trip time.
@@ -351,7 +411,14 @@ impl EventLoop {
                     .behaviour_mut()
                     .kad
                     .get_providers(model_key(&model));
-                self.provider_queries.insert(id, (Vec::new(), reply));
+                self.provider_queries.insert(
+                    id,
+                    ProviderQuery {
+                        found: Vec::new(),
+                        reply,
+                        started: tokio::time::Instant::now(),
+                    },
+                );
             }
             Command::Reachability { reply } => {
                 let _ = reply.send(self.reach.status);
@@ -371,6 +438,11 @@ impl EventLoop {
                         matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
                     })
                 {
+                    self.swarm.add_external_address(address.clone());
+                } else if super::transport::is_memory(&address) {
+                    // Every node of the process can dial an in-process address: it is
+                    // external, and goes into our provider records (AutoNAT confirms
+                    // network addresses; it does not run on this transport).
                     self.swarm.add_external_address(address.clone());
                 }
                 self.listen_addrs.push(address);
@@ -647,36 +719,21 @@ impl EventLoop {
                 step,
                 stats,
             }) => {
-                {
-                    if let Some((found, _)) = self.provider_queries.get_mut(&id)
-                        && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r
-                    {
-                        for p in providers {
-                            if found.len() < MAX_PROVIDERS && !found.contains(&p) {
-                                found.push(p);
-                            }
+                let Some(q) = self.provider_queries.get_mut(&id) else {
+                    return;
+                };
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r {
+                    for p in providers {
+                        if q.found.len() < MAX_PROVIDERS && !q.found.contains(&p) {
+                            q.found.push(p);
                         }
                     }
-                    // Records are spread over the nodes closest to the key (a young
-                    // DHT spreads them unevenly): collect until enough providers to
-                    // route, or until the lookup has taken its patience, rather than
-                    // waiting on slow or unreachable peers.
-                    let enough = self.provider_queries.get(&id).is_some_and(|(found, _)| {
-                        found.len() >= ENOUGH_PROVIDERS
-                            || (!found.is_empty()
-                                && stats.duration().unwrap_or_default() >= PROVIDERS_PATIENCE)
-                    });
-                    if (step.last || enough)
-                        && let Some((found, reply)) = self.provider_queries.remove(&id)
-                    {
-                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                            q.finish();
-                        }
-                        self.stats
-                            .dht_lookup_requests
-                            .fetch_add(u64::from(stats.num_requests()), Ordering::Relaxed);
-                        let _ = reply.send(found);
-                    }
+                }
+                // Each node near the key answers with a random K of the providers it
+                // holds (see [`super::dht`]): the lookup runs to its end, so that the
+                // answers of all of them add up, unless it has all it may hold.
+                if step.last || q.found.len() >= MAX_PROVIDERS {
+                    self.end_lookup(id, Some(stats.num_requests()));
                 }
             }
             BehaviourEvent::Kad(kad::Event::InboundRequest { .. }) => {

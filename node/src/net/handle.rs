@@ -2,6 +2,7 @@
 //! the swarm: commands with `oneshot` replies, each bounded by a timeout.
 
 use super::error::{NetError, NetResult};
+use futures::StreamExt;
 use libp2p::request_response::OutboundFailure;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use pollen_protocol::{
@@ -27,10 +28,17 @@ const MAX_GATHER_BYTES: usize = 16 * 1024 * 1024;
 /// How long a session open waits for hole punching to turn a relayed connection into
 /// a direct one before it runs through the relay.
 const HOLE_PUNCH_GRACE: Duration = Duration::from_secs(3);
-/// How long a DHT lookup of a model's providers may take while gathering.
-const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most providers found in the DHT that one gather connects to and asks.
-const MAX_PROVIDERS_ASKED: usize = 64;
+/// How long the answer to a DHT lookup of a model's providers may take: the lookup's
+/// own deadline (it then answers with what it found), and a margin.
+const PROVIDERS_TIMEOUT: Duration =
+    Duration::from_secs(super::event_loop::PROVIDERS_EMPTY_DEADLINE.as_secs() + 2);
+/// Most providers found in the DHT that one gather connects to and asks (a model's
+/// servers, in a swarm of thousands; a lookup collects at most 256).
+const MAX_PROVIDERS_ASKED: usize = 256;
+/// Most peers a gather connects to or asks at once.
+const PEERS_ASKED_AT_ONCE: usize = 64;
+/// How long a gather waits for a connection to a provider found in the DHT.
+const PROVIDER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How this node reaches a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -497,8 +505,8 @@ impl NetHandle {
         .await
     }
 
-    /// The servers of `model` the DHT knows (provider records), at most
-    /// [`MAX_PROVIDERS_ASKED`]; empty when the lookup finds none within its timeout.
+    /// The servers of `model` the DHT knows (provider records): what one lookup
+    /// found by its deadline, at most 256; empty when it found none.
     pub async fn providers(&self, model: ModelId) -> NetResult<Vec<PeerId>> {
         match self
             .call(
@@ -540,8 +548,10 @@ impl NetHandle {
         }
     }
 
-    /// Asks every connected peer for its announcements (of `model` or all), stores the
-    /// valid ones and returns the node's whole book.
+    /// Asks every connected peer for its announcements (of `model` or all) and, for a
+    /// model, the servers of it that the DHT's provider records name, connecting to
+    /// them (at most 256); stores the valid ones (each checked against its signature,
+    /// within each peer's share) and returns the node's whole book.
     pub async fn gather(&self, model: Option<ModelId>) -> NetResult<Vec<VerifiedAnnouncement>> {
         self.gather_skipping(model, |_| false).await
     }
@@ -553,53 +563,75 @@ impl NetHandle {
         model: Option<ModelId>,
         skip: impl Fn(&PeerId) -> bool,
     ) -> NetResult<Vec<VerifiedAnnouncement>> {
-        // The DHT first: the servers of the model, found from any peer we know, and
-        // connected to so that they can be asked below.
-        if let Some(m) = model {
-            let found = self.providers(m).await.unwrap_or_default();
-            let connects = found
-                .into_iter()
-                .filter(|p| *p != self.peer_id && !skip(p))
-                .take(MAX_PROVIDERS_ASKED)
-                .map(|p| tokio::time::timeout(GATHER_TIMEOUT, self.connect(p)));
-            futures::future::join_all(connects).await;
-        }
+        // Whom to ask: every connected peer, and the servers of the model the DHT
+        // knows (found from any peer we know), connected to on the way.
         let mut peers: Vec<PeerId> = self.peers().await?.into_iter().map(|p| p.peer).collect();
         peers.retain(|p| !skip(p));
+        let connected = peers.len();
+        if let Some(m) = model {
+            let found = self.providers(m).await.unwrap_or_default();
+            let fresh: Vec<PeerId> = found
+                .into_iter()
+                .filter(|p| *p != self.peer_id && !skip(p) && !peers.contains(p))
+                .take(MAX_PROVIDERS_ASKED)
+                .collect();
+            peers.extend(fresh);
+        }
         // Each peer fills at most its share of our book (a bootstrap a page or two, any
         // other peer what one sender may hold), and all of them at most
         // MAX_GATHER_BYTES: one peer answering with pages of validly signed sybils
-        // cannot fill the book.
+        // cannot fill the book. Each provider is connected to and asked in one go, so
+        // a slow one holds up only itself.
         let budget = std::sync::atomic::AtomicUsize::new(MAX_GATHER_BYTES);
-        let asks = peers.iter().map(|p| {
-            let peer = *p;
-            let budget = &budget;
-            async move {
-                let share = self
-                    .call(
-                        "asking a gather share",
-                        |reply| Command::GatherShare { peer, reply },
-                        COMMAND_TIMEOUT,
-                    )
-                    .await?;
-                let list = self.list_pages(peer, model, share).await?;
-                let list = within_budget(list, budget);
-                self.call(
-                    "storing gathered announcements",
-                    |reply| Command::StoreGathered {
-                        source: peer,
-                        list,
-                        reply,
-                    },
-                    COMMAND_TIMEOUT,
-                )
-                .await
-            }
-        });
-        for (peer, stored) in peers.iter().zip(futures::future::join_all(asks).await) {
-            match stored {
-                Ok(n) => tracing::debug!("gathered {n} new announcements from {peer}"),
-                Err(e) => tracing::debug!("gathering from {peer}: {e}"),
+        let asks: Vec<_> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let peer = *p;
+                let budget = &budget;
+                async move {
+                    if i >= connected {
+                        tokio::time::timeout(PROVIDER_CONNECT_TIMEOUT, self.connect(peer))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(NetError::Timeout {
+                                    what: format!("connecting to provider {peer}"),
+                                    after: PROVIDER_CONNECT_TIMEOUT,
+                                })
+                            })?;
+                    }
+                    let share = self
+                        .call(
+                            "asking a gather share",
+                            |reply| Command::GatherShare { peer, reply },
+                            COMMAND_TIMEOUT,
+                        )
+                        .await?;
+                    let list = self.list_pages(peer, model, share).await?;
+                    let list = within_budget(list, budget);
+                    let stored = self
+                        .call(
+                            "storing gathered announcements",
+                            |reply| Command::StoreGathered {
+                                source: peer,
+                                list,
+                                reply,
+                            },
+                            COMMAND_TIMEOUT,
+                        )
+                        .await;
+                    stored.map(|n| (peer, n))
+                }
+            })
+            .collect();
+        let results: Vec<NetResult<(PeerId, usize)>> = futures::stream::iter(asks)
+            .buffer_unordered(PEERS_ASKED_AT_ONCE)
+            .collect()
+            .await;
+        for r in results {
+            match r {
+                Ok((peer, n)) => tracing::debug!("gathered {n} new announcements from {peer}"),
+                Err(e) => tracing::debug!("gathering: {e}"),
             }
         }
         self.book(model).await

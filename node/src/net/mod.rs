@@ -8,12 +8,14 @@
 //!
 //! Rooms: [`transport`] builds the swarm, [`behaviour`] composes the protocols,
 //! [`handle`] is the command side, [`event_loop`] the task, [`publish`] the
-//! announcement policy, [`book`] the verified announcements, [`stream`] the framed
-//! session streams, [`codec`] the request-response frames, [`identity`] the key file.
+//! announcement policy, [`book`] the verified announcements, [`dht`] the DHT's
+//! record store, [`stream`] the framed session streams, [`codec`] the
+//! request-response frames, [`identity`] the key file.
 
 mod behaviour;
 pub mod book;
 pub mod codec;
+pub mod dht;
 pub mod error;
 mod event_loop;
 pub mod handle;

@@ -32,8 +32,17 @@ const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(180);
 /// ... and are republished this often, so a server that leaves drops out of the DHT
 /// within minutes while one that stays never does.
 const PROVIDER_REPUBLISH: Duration = Duration::from_secs(60);
-/// Most providers of one model each DHT node keeps (libp2p's default is 20).
+/// Most providers of one model each DHT node keeps (libp2p's default is 20); it
+/// answers each lookup with a random 20 of them ([`super::dht`]).
 const MAX_PROVIDERS_PER_MODEL: usize = 512;
+/// Most bytes of one DHT message. libp2p's 16 KiB default is too small for an answer
+/// that carries 20 providers and 20 closer peers with several addresses each (QUIC,
+/// TCP, relayed; about 400 bytes a peer), which then fails to decode and is lost.
+const MAX_DHT_MESSAGE: usize = 64 * 1024;
+/// DHT requests a lookup keeps in flight (libp2p's default is 3): a lookup's hops
+/// take one round trip each either way, and more at once reach the nodes nearest the
+/// key sooner, when a young routing table points the first steps the wrong way.
+const DHT_PARALLELISM: usize = 6;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -176,7 +185,11 @@ fn behaviour(
     kad_cfg.set_query_timeout(Duration::from_secs(30));
     kad_cfg.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
     kad_cfg.set_provider_publication_interval(Some(PROVIDER_REPUBLISH));
-    let store = kad::store::MemoryStore::with_config(
+    kad_cfg.set_max_packet_size(MAX_DHT_MESSAGE);
+    kad_cfg.set_parallelism(
+        std::num::NonZeroUsize::new(DHT_PARALLELISM).ok_or("DHT parallelism is zero")?,
+    );
+    let store = super::dht::ProviderStore::new(
         local,
         kad::store::MemoryStoreConfig {
             max_providers_per_key: MAX_PROVIDERS_PER_MODEL,
