@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -72,6 +72,34 @@ fn step_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// Registers `metric` in `registry` as `name` (with `unit`, if any) and returns it: the
+/// registry holds a handle to the same counts.
+fn add<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) -> M {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
+/// [`Metrics`] with each field `FIELD = NAME, UNIT, METRIC, HELP;` made and registered
+/// under `pollen_NAME`, in the order given (the order of the text at `/metrics`).
+macro_rules! metrics {
+    ($($field:ident = $name:literal, $unit:expr, $metric:expr, $help:literal;)*) => {{
+        let mut registry = Registry::with_prefix("pollen");
+        Metrics {
+            $($field: add(&mut registry, $name, $help, $unit, $metric),)*
+            registry,
+        }
+    }};
+}
+
 /// The metrics of one process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -98,81 +126,35 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric at zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("pollen");
-        let m = Self {
-            sessions_open: Family::default(),
-            sessions: Family::default(),
-            tokens_generated: Counter::default(),
-            tokens_processed: Family::default(),
-            step_seconds: HistogramFamily::new_with_constructor(step_histogram),
-            route_step_seconds: step_histogram(),
-            bytes_sent: Counter::default(),
-            bytes_received: Counter::default(),
-            errors: Family::default(),
-            peers_connected: Gauge::default(),
-            batch_steps: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "sessions_open",
-            "Inference sessions open now (side: server or client)",
-            m.sessions_open.clone(),
-        );
-        registry.register(
-            "sessions",
-            "Inference sessions opened (side: server or client)",
-            m.sessions.clone(),
-        );
-        registry.register(
-            "tokens_generated",
-            "Tokens this process generated (sampled) as a client",
-            m.tokens_generated.clone(),
-        );
-        registry.register(
-            "tokens_processed",
-            "Token positions this server ran through its span (phase: prompt for steps of several tokens, decode for single-token steps)",
-            m.tokens_processed.clone(),
-        );
-        registry.register_with_unit(
-            "step",
-            "On a server, from a step's Forward arriving to its output sent on, by this server's hop in the route",
-            Unit::Seconds,
-            m.step_seconds.clone(),
-        );
-        registry.register_with_unit(
-            "route_step",
-            "On a client, one step's round trip through the whole route",
-            Unit::Seconds,
-            m.route_step_seconds.clone(),
-        );
-        registry.register_with_unit(
-            "sent",
-            "Bytes of session frames sent (length prefixes included)",
-            Unit::Bytes,
-            m.bytes_sent.clone(),
-        );
-        registry.register_with_unit(
-            "received",
-            "Bytes of session frames received (length prefixes included)",
-            Unit::Bytes,
-            m.bytes_received.clone(),
-        );
-        registry.register(
-            "errors",
-            "Failures by protocol error code (side: server for failures it reports, client for those it meets)",
-            m.errors.clone(),
-        );
-        registry.register(
-            "peers_connected",
-            "Peers this node has a connection with",
-            m.peers_connected.clone(),
-        );
-        registry.register(
-            "batch_steps",
-            "On a server, the decode steps of different sessions computed in one pass over its weights (1: a step alone)",
-            m.batch_steps.clone(),
-        );
-        Self { registry, ..m }
+        metrics! {
+            sessions_open = "sessions_open", None, Family::default(),
+                "Inference sessions open now (side: server or client)";
+            sessions = "sessions", None, Family::default(),
+                "Inference sessions opened (side: server or client)";
+            tokens_generated = "tokens_generated", None, Counter::default(),
+                "Tokens this process generated (sampled) as a client";
+            tokens_processed = "tokens_processed", None, Family::default(),
+                "Token positions this server ran through its span (phase: prompt for steps of \
+                 several tokens, decode for single-token steps)";
+            step_seconds = "step", Some(Unit::Seconds),
+                HistogramFamily::new_with_constructor(step_histogram),
+                "On a server, from a step's Forward arriving to its output sent on, by this \
+                 server's hop in the route";
+            route_step_seconds = "route_step", Some(Unit::Seconds), step_histogram(),
+                "On a client, one step's round trip through the whole route";
+            bytes_sent = "sent", Some(Unit::Bytes), Counter::default(),
+                "Bytes of session frames sent (length prefixes included)";
+            bytes_received = "received", Some(Unit::Bytes), Counter::default(),
+                "Bytes of session frames received (length prefixes included)";
+            errors = "errors", None, Family::default(),
+                "Failures by protocol error code (side: server for failures it reports, \
+                 client for those it meets)";
+            peers_connected = "peers_connected", None, Gauge::default(),
+                "Peers this node has a connection with";
+            batch_steps = "batch_steps", None, Histogram::new(exponential_buckets(1.0, 2.0, 7)),
+                "On a server, the decode steps of different sessions computed in one pass \
+                 over its weights (1: a step alone)";
+        }
     }
 
     /// Every metric as OpenMetrics text (ends with `# EOF`).
