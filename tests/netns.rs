@@ -106,8 +106,8 @@ fn a_server_on_another_host_is_seen_through_the_bootstrap() {
     );
 }
 
-/// The mean round trip of `count` pings from `from` to `to`, in ms.
-fn ping_ms(from: &Host, to: &Host, count: u32) -> f64 {
+/// The (least, mean) round trip of `count` pings from `from` to `to`, in ms.
+fn ping_ms(from: &Host, to: &Host, count: u32) -> (f64, f64) {
     let out = from
         .command("ping")
         .args([
@@ -125,11 +125,15 @@ fn ping_ms(from: &Host, to: &Host, count: u32) -> f64 {
         .expect("ping (apt-get install iputils-ping)");
     let text = String::from_utf8_lossy(&out.stdout);
     // "rtt min/avg/max/mdev = 20.1/20.4/20.9/0.3 ms"
-    text.lines()
+    let v: Vec<f64> = text
+        .lines()
         .find_map(|l| l.split(" = ").nth(1))
-        .and_then(|v| v.split('/').nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no round trip in ping's output: {text}"))
+        .map(|v| v.split('/').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    match v[..] {
+        [min, avg, ..] => (min, avg),
+        _ => panic!("no round trip in ping's output: {text}"),
+    }
 }
 
 /// The emulated delay holds: with `ms` one way, a ping's round trip is about 2 × `ms`
@@ -149,22 +153,24 @@ fn delay_between_hosts_is_what_was_set() {
         eprintln!("skipped: {why}");
         return;
     }
-    let base = ping_ms(&b, &a, 3);
+    let (base, _) = ping_ms(&b, &a, 3);
     for ms in [10u32, 20] {
         net.set_delay(ms).unwrap();
-        let rtt = ping_ms(&b, &a, 5);
+        let (least, mean) = ping_ms(&b, &a, 5);
         let want = f64::from(2 * ms);
         eprintln!(
-            "one-way delay {ms} ms: ping round trip {rtt:.1} ms (without delay {base:.2} ms)"
+            "one-way delay {ms} ms: ping round trip {least:.1} ms least, {mean:.1} ms mean (without delay {base:.2} ms)"
         );
+        // Never early; and the quickest of five (the one least slowed by a loaded
+        // machine) close to what was set.
         assert!(
-            rtt >= want && rtt < want + 15.0,
-            "{ms} ms one way gives a round trip of {rtt} ms, not about {want}"
+            least >= want && least < want + 10.0,
+            "{ms} ms one way gives a round trip of {least} ms at least, not about {want}"
         );
     }
     net.set_delay(0).unwrap();
-    let rtt = ping_ms(&b, &a, 3);
-    assert!(rtt < 5.0, "the delay is gone: {rtt} ms");
+    let (least, _) = ping_ms(&b, &a, 3);
+    assert!(least < 5.0, "the delay is gone: {least} ms");
 }
 
 /// Whether `program` is on PATH.

@@ -339,7 +339,16 @@ impl Queue {
                 }
             }
         }
-        if let Some(&(id, _)) = held.back() {
+        // The rule is gone: accept what is held and what the kernel queued since.
+        let mut last = held.back().map(|&(id, _)| id);
+        while let Ok(n) = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            for (kind, _, body) in messages(&buf[..n]) {
+                if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
+                    last = packet_id(body).or(last);
+                }
+            }
+        }
+        if let Some(id) = last {
             self.accept_up_to(id);
         }
         let mut cmd = vec![NFQNL_CFG_CMD_UNBIND, 0];
