@@ -332,9 +332,68 @@ pub struct Watch {
     pub block_tps: f64,
 }
 
+/// How often the watcher lists the swarm (a gather asks every connected peer for its
+/// list, so a swarm of N servers each gathering costs about N² list requests a round).
+///
+/// The bound: at most one gather per `base` (`every / 6`, clamped to 0.5–10 s: 10 s at
+/// the default `every` of 60 s) while the swarm's holdings change; each gather that
+/// finds them unchanged doubles the wait, up to `cap` (`every`, at least `base`), so a
+/// quiet swarm costs about one gather per `every` instead of one per `base` (6 times
+/// fewer at the defaults). Any change resets the wait to `base`. A server that leaves
+/// is still noticed within `base`: between gathers the watcher checks, locally and for
+/// free, whether a holder it was connected to has disconnected, and gathers at once if
+/// so. Every wait is jittered by [`POLL_JITTER`] either way so servers do not gather in
+/// step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The shortest wait between gathers.
+    pub base: Duration,
+    /// The longest.
+    pub cap: Duration,
+    current: Duration,
+}
+
+/// Jitter of every wait of the watcher: ±20%.
+pub const POLL_JITTER: f64 = 0.2;
+
+impl Backoff {
+    /// The backoff of a watcher that checks placement about every `every`.
+    pub fn new(every: Duration) -> Self {
+        let base = (every / 6).clamp(Duration::from_millis(500), Duration::from_secs(10));
+        let cap = every.max(base);
+        Self {
+            base,
+            cap,
+            current: base,
+        }
+    }
+
+    /// The wait (before jitter) until the next gather, after one that found the swarm
+    /// `changed` since the one before.
+    pub fn after(&mut self, changed: bool) -> Duration {
+        self.current = if changed {
+            self.base
+        } else {
+            (self.current * 2).min(self.cap)
+        };
+        self.current
+    }
+}
+
+/// Who holds what, as compared between gathers to see the swarm change.
+fn layout(swarm: &[Holding<Vec<u8>>]) -> Vec<(Vec<u8>, Range<usize>)> {
+    let mut l: Vec<_> = swarm
+        .iter()
+        .map(|h| (h.who.clone(), h.span.clone()))
+        .collect();
+    l.sort_by(|a, b| (&a.0, a.1.start, a.1.end).cmp(&(&b.0, b.1.start, b.1.end)));
+    l
+}
+
 /// Re-checks the swarm about every `every` (jittered by a quarter either way) and a few
 /// seconds after a server leaves; sends a move when [`placement::plan_move`] names this
 /// server, then waits until `place` changes (the move done) before checking again.
+/// Between checks it gathers as [`Backoff`] bounds.
 pub async fn watch_swarm(
     w: Watch,
     mut place: watch::Receiver<Place>,
@@ -342,21 +401,38 @@ pub async fn watch_swarm(
     cancel: CancellationToken,
 ) {
     let me = w.me.to_bytes();
-    let poll = (w.every / 6).clamp(Duration::from_millis(500), Duration::from_secs(10));
+    let mut backoff = Backoff::new(w.every);
+    let poll = backoff.base;
     let jittered = |base: Duration, spread: f64| {
         base.mul_f64(1.0 + rand::rng().random_range(-spread..=spread))
     };
     let mut due = tokio::time::Instant::now() + jittered(w.every, 0.25);
-    let mut known: Option<Vec<Vec<u8>>> = None;
+    let mut next_gather = tokio::time::Instant::now();
+    let mut known: Option<Vec<(Vec<u8>, Range<usize>)>> = None;
+    // Holders this node was connected to at the last gather: one disconnecting is the
+    // cheap sign that a server left.
+    let mut connected: Vec<PeerId> = Vec::new();
     // Servers named to move that stayed put: passed over while their span stays the same.
     let mut pinned: Vec<(Vec<u8>, Range<usize>)> = Vec::new();
     let mut named: Option<(Vec<u8>, Range<usize>, u32)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(jittered(poll, 0.2)) => {}
+            _ = tokio::time::sleep(jittered(poll, POLL_JITTER)) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now < due && now < next_gather {
+            // Free: the node's own connection list, no message sent.
+            let Ok(peers) = w.net.peers().await else {
+                continue;
+            };
+            if connected.iter().all(|c| peers.iter().any(|p| p.peer == *c)) {
+                continue;
+            }
+            tracing::debug!("a server of the model disconnected: listing the swarm");
         }
         let Ok(book) = w.net.gather(Some(w.model_id)).await else {
+            next_gather = tokio::time::Instant::now() + jittered(poll, POLL_JITTER);
             continue;
         };
         let mut swarm = holdings(
@@ -367,17 +443,28 @@ pub async fn watch_swarm(
             &w.me,
             w.block_tps,
         );
-        let mut peers: Vec<Vec<u8>> = swarm.iter().map(|h| h.who.clone()).collect();
-        peers.sort();
+        let now_layout = layout(&swarm);
+        let changed = known.as_ref() != Some(&now_layout);
         if let Some(before) = &known {
-            let gone = before.iter().filter(|p| !peers.contains(p)).count();
+            let gone = before
+                .iter()
+                .filter(|(p, _)| !now_layout.iter().any(|(q, _)| q == p))
+                .count();
             if gone > 0 {
                 tracing::info!("{gone} server(s) left: checking placement soon");
                 let soon = tokio::time::Instant::now() + jittered(poll, 0.5);
                 due = due.min(soon);
             }
         }
-        known = Some(peers);
+        known = Some(now_layout);
+        next_gather = tokio::time::Instant::now() + jittered(backoff.after(changed), POLL_JITTER);
+        if let Ok(peers) = w.net.peers().await {
+            connected = peers
+                .into_iter()
+                .map(|p| p.peer)
+                .filter(|p| swarm.iter().any(|h| h.who == p.to_bytes()))
+                .collect();
+        }
         if tokio::time::Instant::now() < due {
             continue;
         }
@@ -407,7 +494,7 @@ pub async fn watch_swarm(
                 tracing::info!("placement: {peer} stays put (pinned?): passing it over");
                 pinned.push((m.who, m.from));
                 named = None;
-                due = tokio::time::Instant::now() + jittered(poll, 0.2);
+                due = tokio::time::Instant::now() + jittered(poll, POLL_JITTER);
             } else {
                 tracing::debug!("placement: another server should move first");
                 named = Some((m.who, m.from, times));
@@ -424,6 +511,7 @@ pub async fn watch_swarm(
             _ = place.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(300)) => {}
         }
+        next_gather = tokio::time::Instant::now();
     }
 }
 
@@ -605,6 +693,40 @@ mod tests {
         let uncapped = holdings(&book, &id, "exact/cpu", 20, &me, 0.0);
         let span = placement::choose_span(20, &uncapped, &me.to_bytes(), 10, 10.0);
         assert_eq!(span, 10..20);
+    }
+
+    #[test]
+    fn quiet_swarms_are_listed_less_often_within_a_stated_bound() {
+        // The defaults: a check a minute, so a gather at most every 10 s.
+        let mut b = Backoff::new(Duration::from_secs(60));
+        assert_eq!(b.base, Duration::from_secs(10));
+        assert_eq!(b.cap, Duration::from_secs(60));
+        let waits: Vec<u64> = (0..5).map(|_| b.after(false).as_secs()).collect();
+        assert_eq!(waits, [20, 40, 60, 60, 60]);
+        // An hour of a quiet swarm: at most 60 gathers plus the climb, against 360 at a
+        // fixed 10 s.
+        let mut b = Backoff::new(Duration::from_secs(60));
+        let (mut t, mut gathers) = (Duration::ZERO, 0);
+        while t < Duration::from_secs(3600) {
+            t += b.after(false).mul_f64(1.0 - POLL_JITTER);
+            gathers += 1;
+        }
+        assert!(gathers <= 3600 / 48 + 3, "{gathers} gathers an hour");
+        // A change brings the wait back to the base at once.
+        assert_eq!(b.after(true), Duration::from_secs(10));
+        // Short checks (the tests' 4 s) keep the floor of 0.5 s and a cap of `every`.
+        let mut b = Backoff::new(Duration::from_secs(4));
+        assert_eq!(b.base, Duration::from_secs(4) / 6);
+        assert_eq!(b.after(false), Duration::from_secs(4) / 6 * 2);
+        for _ in 0..10 {
+            b.after(false);
+        }
+        assert_eq!(b.after(false), Duration::from_secs(4));
+        let b = Backoff::new(Duration::from_secs(1));
+        assert_eq!(
+            (b.base, b.cap),
+            (Duration::from_millis(500), Duration::from_secs(1))
+        );
     }
 
     #[test]
