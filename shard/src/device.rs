@@ -25,7 +25,17 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 "this build of pollen has no CUDA support (rebuild with `--features cuda`)".into(),
             ));
         }
-        return Ok(Device::new_cuda(ordinal)?);
+        // Without a driver or a GPU, say which device and why, not only candle's
+        // driver error code (and without its backtrace).
+        return Device::new_cuda(ordinal).map_err(|e| {
+            let e = match e {
+                candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                e => e,
+            };
+            ShardError::Device(format!(
+                "cannot open CUDA device {ordinal} (needs an NVIDIA GPU and its driver): {e}"
+            ))
+        });
     }
     if name == "metal" {
         if !candle_core::utils::metal_is_available() {
