@@ -380,6 +380,67 @@ impl Backoff {
     }
 }
 
+/// Most servers the watcher remembers as pinned: each is learned at most once per
+/// placement check, and the oldest is forgotten first.
+const MAX_PINS: usize = 256;
+
+/// Gathers in a row that may miss a pinned server before it is forgotten (one missing
+/// page of a gather must not cost another round of naming it).
+const PIN_MISSES: u32 = 3;
+
+/// Servers that were named to move and stayed put: pinned with `--blocks`, which no
+/// announcement field says, so learned by watching. Placement passes them over (they
+/// still count for coverage) while they hold the span they were pinned at.
+#[derive(Debug, Default)]
+pub struct Pins {
+    /// Who, at which span, and how many gathers in a row missed it.
+    held: Vec<(Vec<u8>, Range<usize>, u32)>,
+}
+
+impl Pins {
+    /// Remembers `who` as pinned at `span`.
+    pub fn learn(&mut self, who: Vec<u8>, span: Range<usize>) {
+        self.held.retain(|(p, _, _)| *p != who);
+        if self.held.len() >= MAX_PINS {
+            self.held.remove(0);
+        }
+        self.held.push((who, span, 0));
+    }
+
+    /// Updates from a gather: a pinned server seen at another span moved (it was not
+    /// pinned, or restarted elsewhere) and is forgotten; one not seen is forgotten after
+    /// [`PIN_MISSES`] gathers in a row.
+    pub fn update<K: AsRef<[u8]>>(&mut self, swarm: &[Holding<K>]) {
+        self.held.retain_mut(|(p, span, misses)| {
+            match swarm.iter().find(|h| h.who.as_ref() == p.as_slice()) {
+                Some(h) => {
+                    *misses = 0;
+                    h.span == *span
+                }
+                None => {
+                    *misses += 1;
+                    *misses < PIN_MISSES
+                }
+            }
+        });
+    }
+
+    /// Whether placement may name `who` to move.
+    pub fn movable(&self, who: &[u8]) -> bool {
+        !self.held.iter().any(|(p, _, _)| p.as_slice() == who)
+    }
+
+    /// How many servers are remembered as pinned.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
 /// Who holds what, as compared between gathers to see the swarm change.
 fn layout(swarm: &[Holding<Vec<u8>>]) -> Vec<(Vec<u8>, Range<usize>)> {
     let mut l: Vec<_> = swarm
@@ -412,9 +473,9 @@ pub async fn watch_swarm(
     // Holders this node was connected to at the last gather: one disconnecting is the
     // cheap sign that a server left.
     let mut connected: Vec<PeerId> = Vec::new();
-    // Servers named to move that stayed put: passed over while their span stays the same.
-    let mut pinned: Vec<(Vec<u8>, Range<usize>)> = Vec::new();
-    let mut named: Option<(Vec<u8>, Range<usize>, u32)> = None;
+    let mut pins = Pins::default();
+    // The server last named to move, from where, how many checks in a row, and when first.
+    let mut named: Option<(Vec<u8>, Range<usize>, u32, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -443,6 +504,7 @@ pub async fn watch_swarm(
             &w.me,
             w.block_tps,
         );
+        pins.update(&swarm);
         let now_layout = layout(&swarm);
         let changed = known.as_ref() != Some(&now_layout);
         if let Some(before) = &known {
@@ -475,29 +537,31 @@ pub async fn watch_swarm(
             span,
             throughput,
         });
-        pinned.retain(|(p, span)| swarm.iter().any(|h| h.who == *p && h.span == *span));
-        let movable = |k: &Vec<u8>| !pinned.iter().any(|(p, _)| p == k);
-        let Some(m) = placement::plan_move_among(w.num_blocks, &swarm, placement::MARGIN, movable)
-        else {
+        let Some(m) = placement::plan_move_among(w.num_blocks, &swarm, placement::MARGIN, |k| {
+            pins.movable(k)
+        }) else {
             named = None;
             continue;
         };
         if m.who != me {
-            let times = match &named {
-                Some((p, from, n)) if *p == m.who && *from == m.from => n + 1,
-                _ => 1,
+            let now = tokio::time::Instant::now();
+            let (times, since) = match &named {
+                Some((p, from, n, since)) if *p == m.who && *from == m.from => (n + 1, *since),
+                _ => (1, now),
             };
-            if times >= NAMED_AND_STAYED {
+            // Named at two checks at least a short check interval apart (a check brought
+            // forward by a departure must not catch a mover still loading its span).
+            if times >= NAMED_AND_STAYED && now - since >= w.every.mul_f64(0.75) {
                 let peer = PeerId::from_bytes(&m.who)
                     .map(|p| p.to_string())
                     .unwrap_or_default();
                 tracing::info!("placement: {peer} stays put (pinned?): passing it over");
-                pinned.push((m.who, m.from));
+                pins.learn(m.who, m.from);
                 named = None;
                 due = tokio::time::Instant::now() + jittered(poll, POLL_JITTER);
             } else {
                 tracing::debug!("placement: another server should move first");
-                named = Some((m.who, m.from, times));
+                named = Some((m.who, m.from, times, since));
             }
             continue;
         }
@@ -727,6 +791,52 @@ mod tests {
             (b.base, b.cap),
             (Duration::from_millis(500), Duration::from_secs(1))
         );
+    }
+
+    fn held(who: u8, span: Range<usize>) -> Holding<Vec<u8>> {
+        Holding {
+            who: vec![who],
+            span,
+            throughput: 10.0,
+        }
+    }
+
+    #[test]
+    fn a_pinned_server_is_passed_over_until_it_moves() {
+        let mut pins = Pins::default();
+        pins.learn(vec![1], 0..15);
+        assert!(!pins.movable(&[1]));
+        assert!(pins.movable(&[2]));
+        // Gathers that miss it (a lost page, a slow peer) do not forget it at once...
+        for _ in 1..PIN_MISSES {
+            pins.update(&[held(2, 15..30)]);
+            assert!(!pins.movable(&[1]), "forgotten after one incomplete gather");
+        }
+        // ...and seeing it again at its span starts the count over.
+        pins.update(&[held(1, 0..15)]);
+        for _ in 1..PIN_MISSES {
+            pins.update::<Vec<u8>>(&[]);
+        }
+        assert!(!pins.movable(&[1]));
+        // Gone for good: forgotten.
+        pins.update::<Vec<u8>>(&[]);
+        assert!(pins.movable(&[1]));
+        // Seen at another span: it could move after all, and counts as movable again.
+        pins.learn(vec![3], 0..15);
+        pins.update(&[held(3, 15..30)]);
+        assert!(pins.movable(&[3]));
+        assert!(pins.is_empty());
+    }
+
+    #[test]
+    fn pins_are_capped() {
+        let mut pins = Pins::default();
+        for i in 0..(MAX_PINS as u32 + 10) {
+            pins.learn(i.to_le_bytes().to_vec(), 0..1);
+        }
+        assert_eq!(pins.len(), MAX_PINS);
+        assert!(pins.movable(&0u32.to_le_bytes()), "the oldest went first");
+        assert!(!pins.movable(&(MAX_PINS as u32 + 9).to_le_bytes()));
     }
 
     #[test]
