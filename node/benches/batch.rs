@@ -79,12 +79,13 @@ fn server(
     boot: &str,
     key: &Path,
     max_batch: Option<&str>,
-) -> (Proc, Hop, String) {
+) -> (Proc, Hop, String, String) {
     let mut cmd = Command::new(exe);
     cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
         .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
         .args(["--no-mdns", "--bootstrap", boot])
         .args(["--max-sessions-per-client", "16"])
+        .args(["--metrics", "127.0.0.1:0"])
         .arg("--model")
         .arg(model)
         .arg("--identity")
@@ -94,6 +95,12 @@ fn server(
         None => cmd.env_remove(MAX_BATCH_ENV),
     };
     let p = Proc::spawn(&format!("server batch={max_batch:?}"), &mut cmd).unwrap();
+    let metrics = p
+        .line_with("metrics ", Duration::from_secs(60))
+        .unwrap()
+        .trim_start_matches("metrics ")
+        .trim()
+        .to_string();
     let ready = p
         .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
         .unwrap();
@@ -108,7 +115,34 @@ fn server(
         addrs: vec![addr.parse().unwrap()],
         step_us: 0,
     };
-    (p, hop, ready)
+    (p, hop, ready, metrics)
+}
+
+/// Batches and decode steps a server has computed so far, from its `/metrics`.
+fn batches(url: &str) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        sample("pollen_batch_steps_count"),
+        sample("pollen_batch_steps_sum"),
+    )
 }
 
 /// `n` sessions at once along `route`, each a prompt then `tokens` decode steps;
@@ -186,8 +220,8 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
     let (_boot, boot) = pollen_node::mesh::bootstrap(&exe, &dir, false).unwrap();
-    let (_on, on_hop, ready) = server(&exe, &model, &boot, &dir.join("on.key"), None);
-    let (_off, off_hop, _) = server(&exe, &model, &boot, &dir.join("off.key"), Some("1"));
+    let (_on, on_hop, ready, on_metrics) = server(&exe, &model, &boot, &dir.join("on.key"), None);
+    let (_off, off_hop, _, _) = server(&exe, &model, &boot, &dir.join("off.key"), Some("1"));
     let compute = ready
         .split_whitespace()
         .skip_while(|w| *w != "compute")
@@ -218,7 +252,16 @@ fn main() {
         )
     });
 
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!("CPU: {}", cpu_line());
+    println!("load average at start: {}", load());
     println!(
         "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, 1 thread; {tokens} decode tokens a client after a {PROMPT}-token prompt; median of {rounds} rounds, on and off interleaved",
         pollen_shard::kernels::active_path()
@@ -228,6 +271,7 @@ fn main() {
     for &n in &CLIENTS {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut same = true;
+        let before = batches(&on_metrics);
         for r in 0..rounds {
             // Alternate which goes first, so neither always follows the other.
             let order = if r % 2 == 0 {
@@ -250,27 +294,30 @@ fn main() {
             }
             same &= outs[0] == outs[1];
         }
+        let after = batches(&on_metrics);
+        let mean_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
         let (on, off) = (median(&mut on), median(&mut off));
         if n == 1 {
             base = (on, off);
         }
-        rows.push((n, on, off, same));
-        eprintln!("{n} clients: on {on:.1} tok/s, off {off:.1} tok/s");
+        rows.push((n, on, off, same, mean_batch));
+        eprintln!("{n} clients: on {on:.1} tok/s (mean batch {mean_batch:.1}), off {off:.1} tok/s");
     }
     println!();
     println!(
-        "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client | off vs 1 client | outputs equal |"
+        "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client | off vs 1 client | mean batch (on) | outputs equal |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (n, on, off, same) in rows {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (n, on, off, same, mean_batch) in rows {
         println!(
-            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {} |",
+            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {mean_batch:.1} | {} |",
             on / off,
             on / base.0,
             off / base.1,
             if same { "yes" } else { "NO" }
         );
     }
+    println!("load average at the end: {}", load());
     rt.block_on(async {
         if let Ok(c) = Arc::try_unwrap(client) {
             c.shutdown().await;
