@@ -218,7 +218,7 @@ pub(crate) fn attend(
         let chunks = head_major
             .chunks_mut(seq * d)
             .flat_map(|h| h.chunks_mut(QUERY_BLOCK * d));
-        if visits < 1 << 11 {
+        if visits < 1 << 15 {
             for (item, out) in chunks.enumerate() {
                 work(item, out);
             }
