@@ -4,8 +4,10 @@
 //!
 //! - Time to first token and decode tokens/s of one streamed chat answer through the API
 //!   (measured by the HTTP client, from sending the request), against `pollen generate
-//!   --stats` (its own prefill time, and the wall time from launch to the first byte it
-//!   prints, which includes loading the model's ends and joining the swarm).
+//!   --stats` (its own prefill time and decode rate; the wall time from launch to the
+//!   first byte it prints, which includes loading the model's ends and joining the
+//!   swarm; and its decode rate as read from its stdout, measured the way the HTTP
+//!   client measures the API's, one process away from the generation).
 //! - With K clients each sending streamed requests one after another: requests
 //!   completed, failures, aggregate tokens/s, and p50/p99 of TTFT and of whole-request
 //!   latency.
@@ -115,8 +117,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// `pollen generate` through the swarm: its in-process TTFT and decode tokens/s (from
-/// --stats), and the wall time from launch to its first printed byte.
-fn generate_once(exe: &Path, model: &Path, addr: &str, max_tokens: usize) -> (f64, f64, f64) {
+/// --stats), the wall time from launch to its first printed byte, and its decode
+/// tokens/s as read from its stdout (from the first printed text to the last: the same
+/// client-side measure as the API's, one process away from the generation).
+fn generate_once(exe: &Path, model: &Path, addr: &str, max_tokens: usize) -> (f64, f64, f64, f64) {
     let t0 = Instant::now();
     let mut child = Command::new(exe)
         .args([
@@ -142,11 +146,22 @@ fn generate_once(exe: &Path, model: &Path, addr: &str, max_tokens: usize) -> (f6
         .spawn()
         .unwrap();
     let mut out = child.stdout.take().unwrap();
-    let mut byte = [0u8; 1];
-    out.read_exact(&mut byte).unwrap();
-    let launch_to_first = ms(t0.elapsed());
-    let mut rest = Vec::new();
-    out.read_to_end(&mut rest).unwrap();
+    let mut chunk = [0u8; 4096];
+    let (mut first, mut last) = (None, None);
+    loop {
+        let n = out.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        // The final newline comes after the generation: not text.
+        if chunk[..n].iter().any(|b| !b.is_ascii_whitespace()) || first.is_none() {
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+    }
+    let (first, last) = (first.unwrap(), last.unwrap());
+    let launch_to_first = ms(first - t0);
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     // "prompt N tokens at A tokens/s; generated M tokens at B tokens/s (..)"
@@ -158,8 +173,14 @@ fn generate_once(exe: &Path, model: &Path, addr: &str, max_tokens: usize) -> (f6
         .split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .filter_map(|s| s.parse().ok())
         .collect();
-    let (prompt, prefill_tps, decode_tps) = (nums[0], nums[1], nums[3]);
-    (prompt / prefill_tps * 1000.0, decode_tps, launch_to_first)
+    let (prompt, prefill_tps, generated, decode_tps) = (nums[0], nums[1], nums[2], nums[3]);
+    let read_tps = (generated - 1.0).max(0.0) / (last - first).as_secs_f64().max(1e-9);
+    (
+        prompt / prefill_tps * 1000.0,
+        decode_tps,
+        launch_to_first,
+        read_tps,
+    )
 }
 
 fn main() {
@@ -209,16 +230,23 @@ fn main() {
     stream_once(&hostport, name, 8).unwrap();
     generate_once(&exe, &model, &mesh.addr, 8);
 
-    let (mut a_ttft, mut a_tps, mut g_ttft, mut g_tps, mut g_launch) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut a_ttft, mut a_tps, mut g_ttft, mut g_tps, mut g_launch, mut g_read) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..runs {
         let s = stream_once(&hostport, name, tokens).unwrap();
         a_ttft.push(ms(s.ttft));
         a_tps.push(s.tokens.saturating_sub(1) as f64 / s.decode.as_secs_f64().max(1e-9));
-        let (t, tps, launch) = generate_once(&exe, &model, &mesh.addr, tokens);
+        let (t, tps, launch, read) = generate_once(&exe, &model, &mesh.addr, tokens);
         g_ttft.push(t);
         g_tps.push(tps);
         g_launch.push(launch);
+        g_read.push(read);
     }
     println!("\none client, {tokens}-token greedy chat answers, median of {runs}");
     println!("| path | TTFT (ms) | decode tokens/s |");
@@ -234,8 +262,9 @@ fn main() {
         pct(&mut g_tps, 0.5)
     );
     println!(
-        "| pollen generate (launch to first byte) | {:.0} | |",
-        pct(&mut g_launch, 0.5)
+        "| pollen generate, read from its stdout (launch to first byte) | {:.0} | {:.1} |",
+        pct(&mut g_launch, 0.5),
+        pct(&mut g_read, 0.5)
     );
 
     println!(
