@@ -722,17 +722,30 @@ impl EventLoop {
                 let Some(q) = self.provider_queries.get_mut(&id) else {
                     return;
                 };
+                let mut fresh = Vec::new();
                 if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = r {
                     for p in providers {
                         if q.found.len() < MAX_PROVIDERS && !q.found.contains(&p) {
                             q.found.push(p);
+                            fresh.push(p);
                         }
                     }
                 }
                 // Each node near the key answers with a random K of the providers it
                 // holds (see [`super::dht`]): the lookup runs to its end, so that the
                 // answers of all of them add up, unless it has all it may hold.
-                if step.last || q.found.len() >= MAX_PROVIDERS {
+                let done = step.last || q.found.len() >= MAX_PROVIDERS;
+                // Dial new providers now: the addresses that came with them live only
+                // as long as the lookup (libp2p-kad keeps them in the query, and dials
+                // later know only its routing table). At most MAX_PROVIDERS a lookup,
+                // within the connection caps; the gather that asked waits for them.
+                let me = *self.swarm.local_peer_id();
+                for p in fresh {
+                    if p != me && !self.connected.contains_key(&p) {
+                        let _ = self.swarm.dial(DialOpts::peer_id(p).build());
+                    }
+                }
+                if done {
                     self.end_lookup(id, Some(stats.num_requests()));
                 }
             }
