@@ -150,11 +150,13 @@ async fn a_client_that_knows_one_server_finds_its_models_servers_through_the_dht
             assert!(ours.contains(&peer), "{peer} does not serve the model");
             assert!(peers.insert(peer), "{peer} listed twice");
         }
-        // Cost: one lookup per gather (a few dozen DHT requests at most) and one list
-        // request per server the client talked to.
+        // Cost: one lookup per gather, which asks each DHT node at most once (46 to 59
+        // requests were measured with 50 and 100 servers: 6 in flight until the 20
+        // nearest have answered), and one list request per server the client talked to.
+        let dht_nodes = (SERVERS + OTHERS + 1) as u64;
         assert!(
-            lookups <= 40 * rounds as u64,
-            "{lookups} DHT requests in {rounds} lookups"
+            lookups <= dht_nodes * rounds as u64,
+            "{lookups} DHT requests in {rounds} lookups of {dht_nodes} nodes"
         );
         assert!(
             lists <= ((SERVERS + 2) * rounds) as u64,
