@@ -15,6 +15,9 @@
 //! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+use bench_args::{arg, median};
 use candle_core::Tensor;
 use pollen_node::client::route::Hop;
 use pollen_node::client::{ClientConfig, SwarmClient};
@@ -29,20 +32,6 @@ use std::time::{Duration, Instant};
 
 const CLIENTS: [usize; 4] = [1, 2, 4, 8];
 const PROMPT: usize = 8;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// The CPU's model name and the flags the kernels care about.
 fn cpu_line() -> String {

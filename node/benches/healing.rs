@@ -10,6 +10,9 @@
 //! `cargo bench -p pollen-node --bench healing [-- --trials 20]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+use bench_args::{arg, median};
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{self, Proc, THREE_SPANS};
 use pollen_protocol::WireDType;
@@ -23,20 +26,6 @@ use std::time::{Duration, Instant};
 const PROMPT: &str = "Here is a list of one thousand numbers: 1, 2, 3,";
 const TOKENS: usize = 96;
 const KILL_AFTER: usize = 24;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 struct Mesh {
     exe: PathBuf,

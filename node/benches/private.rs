@@ -14,6 +14,9 @@
 //! `cargo bench -p pollen-node --bench private [-- --quick]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+use bench_args::median;
 use futures::StreamExt;
 use libp2p::swarm::{SwarmEvent, dial_opts::DialOpts};
 use libp2p::{Multiaddr, PeerId, Swarm, identity::Keypair};
@@ -177,11 +180,6 @@ fn outsiders(n: usize) -> Vec<(String, u64, u64, usize, f64)> {
         let _ = task.await;
         rows
     })
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Decode tokens/s of one `pollen generate --stats` through `addr`.

@@ -7,6 +7,9 @@
 //! `cargo bench -p pollen-node --bench swarm [-- --quick]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+use bench_args::median;
 use candle_core::Tensor;
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{LocalMesh, THREE_SPANS};
@@ -20,11 +23,6 @@ use std::time::{Duration, Instant};
 
 fn greedy(logits: &Tensor) -> u32 {
     logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn prompt_ids(tok: &PollenTokenizer, n: usize) -> Vec<u32> {
