@@ -270,6 +270,16 @@ impl Block {
         self.wo.forward(&y)
     }
 
+    /// The block's second half, op by op: `x + down(silu(gate(n)) · up(n))` with
+    /// `n = rms_norm(x)`.
+    fn mlp(&self, x: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+        let _enter = self.span_mlp.enter();
+        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, eps)?;
+        let [gate, up] = self.gate_up.forward(&h)?;
+        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        h + x
+    }
+
     /// One decode step for each of several sessions at once, fast mode on
     /// the CPU: `x` is `(1, sessions, hidden)`, row `i` at position
     /// `items[i].0` with KV layer `items[i].1`. The matrix products run once
@@ -313,12 +323,7 @@ impl Block {
             self.wo.forward(&y)?
         };
         let x = (y + residual)?;
-        let _enter = self.span_mlp.enter();
-        let residual = &x;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
-        let [gate, up] = self.gate_up.forward(&h)?;
-        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-        h + residual
+        self.mlp(&x, eps)
     }
 
     pub(super) fn forward(
@@ -339,11 +344,6 @@ impl Block {
             self.attention(&h, mask, pos, kv_cache, sh)?
         };
         let x = (attn + residual)?;
-        let _enter = self.span_mlp.enter();
-        let residual = &x;
-        let h = candle_nn::ops::rms_norm(&x, &self.ffn_norm, eps)?;
-        let [gate, up] = self.gate_up.forward(&h)?;
-        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-        h + residual
+        self.mlp(&x, eps)
     }
 }
