@@ -30,6 +30,33 @@ fn exact() -> LoadOptions {
     }
 }
 
+fn fast() -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        mode: WeightMode::Fast,
+    }
+}
+
+/// Blocks `start..end` of `file`, loaded with `opts`.
+fn load_span(file: &ModelFile, start: usize, end: usize, opts: &LoadOptions) -> Result<BlockSpan> {
+    Ok(BlockSpan::load(
+        file,
+        BlockRange { start, end },
+        opts,
+        &mut |_, _| {},
+    )?)
+}
+
+/// A tiny random model of `dtype`, written into a fresh folder for `tag`: the
+/// folder, the file's path, and the file opened.
+fn tiny_model(tag: &str, dtype: GgmlDType) -> Result<(PathBuf, PathBuf, ModelFile)> {
+    let dir = tmp_dir(tag);
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, dtype)?;
+    let file = ModelFile::open(&path)?;
+    Ok((dir, path, file))
+}
+
 /// A pipeline of spans in this process, one cache per span per session.
 struct Chain {
     ends: ClientEnds,
@@ -412,22 +439,9 @@ fn tiny_random_safetensors_spans_match_reference() -> Result<()> {
 
 #[test]
 fn a_span_reads_only_its_own_blocks() -> Result<()> {
-    let dir = tmp_dir("span-only");
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
-    let file = ModelFile::open(&path)?;
-    let whole = BlockSpan::load(
-        &file,
-        BlockRange { start: 0, end: 6 },
-        &exact(),
-        &mut |_, _| {},
-    )?;
-    let part = BlockSpan::load(
-        &file,
-        BlockRange { start: 2, end: 4 },
-        &exact(),
-        &mut |_, _| {},
-    )?;
+    let (dir, path, file) = tiny_model("span-only", GgmlDType::Q8_0)?;
+    let whole = load_span(&file, 0, 6, &exact())?;
+    let part = load_span(&file, 2, 4, &exact())?;
     assert_eq!(part.weight_bytes() * 3, whole.weight_bytes());
     // A span loads even when other blocks' bytes are garbage: corrupt block 0.
     let loc = file.locate("blk.0.attn_q.weight")?;
@@ -461,21 +475,9 @@ fn a_span_reads_only_its_own_blocks() -> Result<()> {
 /// first buffer, truncation and replay, and clones that do not share state.
 #[test]
 fn fast_cache_grows_truncates_and_clones_independently() -> Result<()> {
-    let dir = tmp_dir("fast-cache");
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
-    let file = ModelFile::open(&path)?;
-    let fast = LoadOptions {
-        device: Device::Cpu,
-        mode: WeightMode::Fast,
-    };
-    let span = BlockSpan::load(
-        &file,
-        BlockRange { start: 0, end: 6 },
-        &fast,
-        &mut |_, _| {},
-    )?;
-    let ends = ClientEnds::load(&file, &fast)?;
+    let (_, _, file) = tiny_model("fast-cache", GgmlDType::Q8_0)?;
+    let span = load_span(&file, 0, 6, &fast())?;
+    let ends = ClientEnds::load(&file, &fast())?;
     let tokens: Vec<u32> = (0..80).map(|i| (i * 7 % 90) as u32).collect();
     // Reference: the whole sequence one token at a time in a roomy cache.
     let mut roomy = span.new_cache(CacheLimits::default());
@@ -594,19 +596,11 @@ fn bad_files_give_clear_errors() -> Result<()> {
 /// (materialised scores), and nothing for the cache when it need not grow.
 #[test]
 fn step_memory_is_linear_in_the_fast_mode() -> Result<()> {
-    let dir = tmp_dir("step-memory");
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, GgmlDType::Q8_0)?;
-    let file = ModelFile::open(&path)?;
-    let range = BlockRange { start: 0, end: 6 };
-    let load = |mode| {
-        let opts = LoadOptions {
-            device: Device::Cpu,
-            mode,
-        };
-        BlockSpan::load(&file, range, &opts, &mut |_, _| {})
-    };
-    let (fast, exact) = (load(WeightMode::Fast)?, load(WeightMode::Exact)?);
+    let (_, _, file) = tiny_model("step-memory", GgmlDType::Q8_0)?;
+    let (fast, exact) = (
+        load_span(&file, 0, 6, &fast())?,
+        load_span(&file, 0, 6, &exact())?,
+    );
     for n in [256usize, 1024, 4096] {
         // Past the cache (grown once, to a power of two), each token costs the same.
         let f1 = fast.step_memory_bytes(n, 0);
@@ -633,20 +627,8 @@ fn step_memory_is_linear_in_the_fast_mode() -> Result<()> {
 /// cache touched when one step of the batch is refused.
 #[test]
 fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
-    let dir = tmp_dir("batch");
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, GgmlDType::Q4_1)?;
-    let file = ModelFile::open(&path)?;
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        mode: WeightMode::Fast,
-    };
-    let span = BlockSpan::load(
-        &file,
-        BlockRange { start: 1, end: 5 },
-        &opts,
-        &mut |_, _| {},
-    )?;
+    let (_, _, file) = tiny_model("batch", GgmlDType::Q4_1)?;
+    let span = load_span(&file, 1, 5, &fast())?;
     // Three sessions with different histories (one past the first buffer).
     let mut caches: Vec<SpanCache> = Vec::new();
     for (n, seed) in [(3usize, 1u64), (70, 2), (17, 3)] {
@@ -687,12 +669,7 @@ fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
     assert!(span.forward_batch(&mut steps).is_err());
     assert_eq!(caches.iter().map(SpanCache::len).collect::<Vec<_>>(), lens);
     // Exact mode refuses batches rather than change its op order.
-    let exact = BlockSpan::load(
-        &file,
-        BlockRange { start: 1, end: 5 },
-        &exact(),
-        &mut |_, _| {},
-    )?;
+    let exact = load_span(&file, 1, 5, &exact())?;
     let mut c = exact.new_cache(CacheLimits::default());
     assert!(exact.forward_batch(&mut [(&x, 0, &mut c)]).is_err());
     Ok(())
@@ -704,17 +681,9 @@ fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
 /// steps and a later chunk.
 #[test]
 fn fused_block_path_equals_op_by_op_bit_for_bit() -> Result<()> {
-    let dir = tmp_dir("fused");
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, GgmlDType::Q4_1)?;
-    let file = ModelFile::open(&path)?;
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        mode: WeightMode::Fast,
-    };
-    let range = BlockRange { start: 0, end: 5 };
-    let mut fused = BlockSpan::load(&file, range, &opts, &mut |_, _| {})?;
-    let mut plain = BlockSpan::load(&file, range, &opts, &mut |_, _| {})?;
+    let (_, _, file) = tiny_model("fused", GgmlDType::Q4_1)?;
+    let mut fused = load_span(&file, 0, 5, &fast())?;
+    let mut plain = load_span(&file, 0, 5, &fast())?;
     if !fused.set_fused(true) {
         eprintln!("no packed kernel on this CPU: the fused path does not run here");
         return Ok(());
