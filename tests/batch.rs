@@ -14,21 +14,6 @@ use std::time::Duration;
 /// Tokens each client generates: enough for the four to overlap while decoding.
 const TOKENS: usize = 32;
 
-/// `GET url` over a plain TCP socket: the body.
-fn scrape(url: &str) -> String {
-    let rest = url.trim_start_matches("http://");
-    let (hostport, path) = rest.split_once('/').unwrap();
-    http_get(&format!("http://{hostport}"), &format!("/{path}"))
-}
-
-/// The value of the sample `name` (exactly that name, no labels), if present.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Runs `f` for every prompt, all at once, each on its own thread; the results in order.
 fn all_at_once(f: impl Fn(&str, bool) -> String + Sync) -> Vec<String> {
     std::thread::scope(|s| {
@@ -72,9 +57,9 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
         assert_eq!(s, l, "swarm text differs from local text for {prompt:?}");
     }
 
-    let metrics = scrape(&url);
-    let batches = sample(&metrics, "pollen_batch_steps_count").unwrap();
-    let steps = sample(&metrics, "pollen_batch_steps_sum").unwrap();
+    let metrics = http_get_url(&url);
+    let batches = metric_sample(&metrics, "pollen_batch_steps_count").unwrap();
+    let steps = metric_sample(&metrics, "pollen_batch_steps_sum").unwrap();
     assert!(batches > 0.0, "no decode step went through the batch queue");
     // Every decode step after each client's first is computed in some batch; more
     // steps than batches means some batch held several sessions' steps.
@@ -82,7 +67,8 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
         steps > batches,
         "{steps} decode steps in {batches} batches: none was batched with another"
     );
-    let decoded = sample(&metrics, "pollen_tokens_processed_total{phase=\"decode\"}").unwrap();
+    let decoded =
+        metric_sample(&metrics, "pollen_tokens_processed_total{phase=\"decode\"}").unwrap();
     assert_eq!(
         steps, decoded,
         "every decode step is counted once, batched or not"

@@ -17,6 +17,8 @@
 
 #[path = "../../tests/common/bench_args.rs"]
 mod bench_args;
+#[path = "../../tests/common/mod.rs"]
+mod common;
 use bench_args::{arg, median};
 use candle_core::Tensor;
 use pollen_node::client::route::Hop;
@@ -109,25 +111,8 @@ fn server(
 
 /// Batches and decode steps a server has computed so far, from its `/metrics`.
 fn batches(url: &str) -> (f64, f64) {
-    use std::io::{Read, Write};
-    let rest = url.trim_start_matches("http://");
-    let (hostport, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let sample = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let text = common::http_get_url(url);
+    let sample = |name| common::metric_sample(&text, name).unwrap_or(0.0);
     (
         sample("pollen_batch_steps_count"),
         sample("pollen_batch_steps_sum"),

@@ -141,6 +141,22 @@ pub fn http_get(base: &str, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `GET url` (`http://host:port/path`) over a TCP socket: the body.
+pub fn http_get_url(url: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+    http_get(&format!("http://{hostport}"), &format!("/{path}"))
+}
+
+/// The value of the Prometheus sample `name` in `text` (exactly that name, no
+/// labels), if present.
+pub fn metric_sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The page at `url` as headless Chromium renders it (its DOM), or `None`
 /// when no Chromium is installed (`.ci/run` installs it).
 pub fn browser_dom(url: &str) -> Option<String> {
