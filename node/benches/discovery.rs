@@ -12,11 +12,12 @@
 //! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --models 1 --ttl 30 --window 60 --trials 3]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use libp2p::Multiaddr;
-use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
-use pollen_node::net::{self, NetConfig, NetHandle, Role};
-use pollen_protocol::{Announcement, BlockRange, ModelId, PeerIdBytes, SignedAnnouncement};
+#[path = "../../tests/common/memory_net.rs"]
+mod memory_net;
+use memory_net::{announce, start};
+
+use pollen_node::net::{NetHandle, Role};
+use pollen_protocol::ModelId;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -30,65 +31,14 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// A node on the in-process transport (clients listen too, on `/memory/0`, so that
-/// they are built on it and can dial the others) and its listen address with `/p2p`.
-async fn start(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair, Multiaddr) {
-    let key = Keypair::generate_ed25519();
-    let (handle, _task) = net::start(
-        NetConfig {
-            keypair: key.clone(),
-            listen: vec!["/memory/0".parse().unwrap()],
-            mdns: false,
-            role,
-            protocol_version: pollen_protocol::PROTOCOL_VERSION,
-            ..NetConfig::new(role)
-        },
-        cancel.clone(),
-    )
-    .unwrap();
-    let addr = handle
-        .wait_listening(1, Duration::from_secs(5))
-        .await
-        .unwrap()
-        .first()
-        .expect("the node listens")
-        .clone()
-        .with(Protocol::P2p(handle.peer_id()));
-    (handle, key, addr)
+/// The model of server `i` when `models` models share the servers round robin.
+fn model_of(i: u32, models: u32) -> ModelId {
+    ModelId::from_bytes([(i % models) as u8; 32])
 }
 
 /// How many of `n` make 95% (rounded up).
 fn share95(n: usize) -> usize {
     (n * 95).div_ceil(100)
-}
-
-fn announce(
-    key: &Keypair,
-    i: u32,
-    models: u32,
-    addr: &str,
-    seq: u64,
-    ttl_ms: u64,
-) -> SignedAnnouncement {
-    let now = pollen_node::clock::unix_ms();
-    let start = ((i / models) * 3) % 30;
-    let a = Announcement {
-        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
-        model_id: ModelId::from_bytes([(i % models) as u8; 32]),
-        model_name: "scale".into(),
-        num_blocks: 30,
-        blocks: BlockRange::new(start, start + 3).unwrap(),
-        throughput: 100.0,
-        free_sessions: 8,
-        free_cache_tokens: 16384,
-        addrs: vec![addr.to_string()],
-        compute: "fast-vnni".into(),
-        next_rtts: vec![],
-        issued_at_ms: now,
-        expires_at_ms: now + ttl_ms,
-        seq,
-    };
-    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(key).unwrap()).unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -114,9 +64,17 @@ async fn main() {
                 let (h, key, addr) = start(Role::Server, &cancel).await;
                 h.dial(boot_addr).await.unwrap();
                 let addr = addr.to_string();
-                h.set_own_announcement(Some(announce(&key, i, models, &addr, 1, ttl_ms)))
-                    .await
-                    .unwrap();
+                h.set_own_announcement(Some(announce(
+                    &key,
+                    model_of(i, models),
+                    "scale",
+                    ((i / models) * 3) % 30,
+                    &addr,
+                    1,
+                    ttl_ms,
+                )))
+                .await
+                .unwrap();
                 let (renew, entry) = (h.clone(), addr.clone());
                 tokio::spawn(async move {
                     let mut seq = 1;
@@ -125,7 +83,15 @@ async fn main() {
                     loop {
                         tick.tick().await;
                         seq += 1;
-                        let a = announce(&key, i, models, &addr, seq, ttl_ms);
+                        let a = announce(
+                            &key,
+                            model_of(i, models),
+                            "scale",
+                            ((i / models) * 3) % 30,
+                            &addr,
+                            seq,
+                            ttl_ms,
+                        );
                         if renew.set_own_announcement(Some(a)).await.is_err() {
                             break;
                         }

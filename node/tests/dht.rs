@@ -6,11 +6,13 @@
 //! do not follow tokio's paused clock).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
+#[path = "../../tests/common/memory_net.rs"]
+mod memory_net;
+use memory_net::{announce, start};
+
 use libp2p::{Multiaddr, PeerId};
-use pollen_node::net::{self, NetConfig, NetHandle, Role};
-use pollen_protocol::{Announcement, BlockRange, ModelId, PeerIdBytes, SignedAnnouncement};
+use pollen_node::net::{NetHandle, Role};
+use pollen_protocol::ModelId;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,50 +25,6 @@ const SERVERS: usize = 40;
 const OTHERS: usize = 10;
 const MODEL: ModelId = ModelId::from_bytes([7; 32]);
 const OTHER: ModelId = ModelId::from_bytes([8; 32]);
-
-async fn start(role: Role, cancel: &CancellationToken) -> (NetHandle, Keypair, Multiaddr) {
-    let key = Keypair::generate_ed25519();
-    let (handle, _task) = net::start(
-        NetConfig {
-            keypair: key.clone(),
-            listen: vec!["/memory/0".parse().unwrap()],
-            ..NetConfig::new(role)
-        },
-        cancel.clone(),
-    )
-    .unwrap();
-    let addr = handle
-        .wait_listening(1, Duration::from_secs(5))
-        .await
-        .unwrap()
-        .first()
-        .expect("the node listens")
-        .clone()
-        .with(Protocol::P2p(handle.peer_id()));
-    (handle, key, addr)
-}
-
-fn announce(key: &Keypair, model: ModelId, i: u32, addr: &Multiaddr) -> SignedAnnouncement {
-    let now = pollen_node::clock::unix_ms();
-    let start = (i * 3) % 30;
-    let a = Announcement {
-        peer: PeerIdBytes(key.public().to_peer_id().to_bytes()),
-        model_id: model,
-        model_name: "dht".into(),
-        num_blocks: 30,
-        blocks: BlockRange::new(start, start + 3).unwrap(),
-        throughput: 100.0,
-        free_sessions: 8,
-        free_cache_tokens: 16384,
-        addrs: vec![addr.to_string()],
-        compute: "fast-vnni".into(),
-        next_rtts: vec![],
-        issued_at_ms: now,
-        expires_at_ms: now + 600_000,
-        seq: 1,
-    };
-    SignedAnnouncement::sign(a, &net::identity::ed25519_secret(key).unwrap()).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_knows_one_server_finds_its_models_servers_through_the_dht() {
@@ -88,7 +46,7 @@ async fn a_client_that_knows_one_server_finds_its_models_servers_through_the_dht
                     let model = if (i as usize) < SERVERS { MODEL } else { OTHER };
                     let acked = h
                         .set_own_announcement_and_wait(
-                            Some(announce(&key, model, i, &addr)),
+                            Some(announce(&key, model, "dht", (i * 3) % 30, &addr.to_string(), 1, 600_000)),
                             Duration::from_secs(10),
                         )
                         .await
