@@ -110,7 +110,9 @@ async fn a_client_that_knows_one_server_finds_its_models_servers_through_the_dht
         }
         // Cost: one lookup per gather, which asks each DHT node at most once (46 to 59
         // requests were measured with 50 and 100 servers: 6 in flight until the 20
-        // nearest have answered), and one list request per server the client talked to.
+        // nearest have answered), and one list request per server of the model and per
+        // entry point (the server the client dialed), not one per peer the lookup left
+        // it connected to.
         let dht_nodes = (SERVERS + OTHERS + 1) as u64;
         assert!(
             lookups <= dht_nodes * rounds as u64,

@@ -334,6 +334,7 @@ impl EventLoop {
                             rtt,
                             agent: self.agents.get(p).cloned(),
                             path,
+                            entry: self.publisher.is_target(p),
                         }
                     })
                     .collect();

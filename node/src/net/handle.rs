@@ -72,6 +72,9 @@ pub struct PeerInfo {
     pub agent: Option<String>,
     /// Direct or relayed.
     pub path: Path,
+    /// An entry point: a peer this node dialed by address (a bootstrap) or found by
+    /// mDNS, which it publishes to and gathers from.
+    pub entry: bool,
 }
 
 /// What the swarm task is asked to do.
@@ -563,20 +566,33 @@ impl NetHandle {
         model: Option<ModelId>,
         skip: impl Fn(&PeerId) -> bool,
     ) -> NetResult<Vec<VerifiedAnnouncement>> {
-        // Whom to ask: every connected peer, and the servers of the model the DHT
-        // knows (found from any peer we know), connected to on the way.
-        let mut peers: Vec<PeerId> = self.peers().await?.into_iter().map(|p| p.peer).collect();
-        peers.retain(|p| !skip(p));
+        // Whom to ask: for one model, the entry points (bootstraps, mDNS peers) and the
+        // servers of the model the DHT knows (found from any peer we know), connected
+        // to on the way; every connected peer only when the DHT names none (a swarm
+        // too young for provider records, or no model given). Asking every connected
+        // peer does not scale: a lookup leaves a node connected to many.
+        let connected_peers: Vec<PeerInfo> = self
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|p| !skip(&p.peer))
+            .collect();
+        let found = match model {
+            Some(m) => self.providers(m).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut peers: Vec<PeerId> = connected_peers
+            .iter()
+            .filter(|p| found.is_empty() || p.entry || found.contains(&p.peer))
+            .map(|p| p.peer)
+            .collect();
         let connected = peers.len();
-        if let Some(m) = model {
-            let found = self.providers(m).await.unwrap_or_default();
-            let fresh: Vec<PeerId> = found
-                .into_iter()
-                .filter(|p| *p != self.peer_id && !skip(p) && !peers.contains(p))
-                .take(MAX_PROVIDERS_ASKED)
-                .collect();
-            peers.extend(fresh);
-        }
+        let fresh: Vec<PeerId> = found
+            .into_iter()
+            .filter(|p| *p != self.peer_id && !skip(p) && !peers.contains(p))
+            .take(MAX_PROVIDERS_ASKED)
+            .collect();
+        peers.extend(fresh);
         // Each peer fills at most its share of our book (a bootstrap a page or two, any
         // other peer what one sender may hold), and all of them at most
         // MAX_GATHER_BYTES: one peer answering with pages of validly signed sybils
