@@ -9,7 +9,7 @@
 //! through the DHT (provider records, then asking each server for its signed
 //! announcement), with the messages that took.
 //!
-//! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --models 1 --ttl 30 --window 60 --trials 3]`
+//! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --models 1 --ttl 30 --settle 60 --window 60 --trials 3]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/memory_net.rs"]
@@ -48,6 +48,10 @@ async fn main() {
     let trials = arg("--trials", 3) as usize;
     let ttl = Duration::from_secs(arg("--ttl", 30));
     let window = Duration::from_secs(arg("--window", 60));
+    // Time for the joins' first DHT walks (libp2p-kad bootstraps a node whose routing
+    // table is short of 20 peers: a lookup of its own id and of a random key in each
+    // farther bucket) to end before the window opens.
+    let settle = Duration::from_secs(arg("--settle", 60));
     let cancel = CancellationToken::new();
     let boot_cancel = CancellationToken::new();
     let (boot, _, boot_addr) = start(Role::Bootstrap, &boot_cancel).await;
@@ -104,6 +108,9 @@ async fn main() {
     }
     let joined = started.elapsed();
     eprintln!("{n} servers started in {joined:?}");
+    // Every joiner's first DHT walk, hundreds of requests in this one process, ends
+    // before anything is timed: what follows is a swarm in its steady state.
+    tokio::time::sleep(settle).await;
 
     // A new client: connect to the bootstrap, ask for the swarm.
     let (client, _, _) = start(Role::Client, &cancel).await;
@@ -131,11 +138,30 @@ async fn main() {
         .map(|(h, _)| h.stats().announce_messages())
         .collect();
     let dht_in = |h: &NetHandle| h.stats().dht_requests_in.load(Ordering::Relaxed);
+    // Received DHT requests by kind: nearest nodes, provider lookups, provider records.
+    let kinds = |h: &NetHandle| {
+        let s = h.stats();
+        [
+            s.dht_find_node_in.load(Ordering::Relaxed),
+            s.dht_get_providers_in.load(Ordering::Relaxed),
+            s.dht_add_provider_in.load(Ordering::Relaxed),
+        ]
+    };
+    let all_kinds = || {
+        servers
+            .iter()
+            .map(|(h, _)| h)
+            .chain([&boot])
+            .map(kinds)
+            .fold([0u64; 3], |a, k| [a[0] + k[0], a[1] + k[1], a[2] + k[2]])
+    };
+    let kinds_before = all_kinds();
     let dht_before: u64 = servers.iter().map(|(h, _)| dht_in(h)).sum::<u64>() + dht_in(&boot);
     let boot_dht_before = dht_in(&boot);
     let boot_before = boot.stats().announce_messages();
     tokio::time::sleep(window).await;
     let dht_after: u64 = servers.iter().map(|(h, _)| dht_in(h)).sum::<u64>() + dht_in(&boot);
+    let kinds_after = all_kinds();
     let per_min = |d: u64| d as f64 * 60.0 / window.as_secs_f64();
     let server_rates: Vec<f64> = servers
         .iter()
@@ -232,6 +258,13 @@ async fn main() {
     println!(
         "| DHT requests received per node per minute (provider republish every 60 s, routing) | {:.1} |",
         per_min(dht_after - dht_before) / (n as f64 + 1.0)
+    );
+    let kind_rate = |i: usize| per_min(kinds_after[i] - kinds_before[i]) / (n as f64 + 1.0);
+    println!(
+        "| of which nearest-node / provider lookup / provider record requests | {:.1} / {:.1} / {:.1} |",
+        kind_rate(0),
+        kind_rate(1),
+        kind_rate(2)
     );
     println!("| DHT requests received at the bootstrap per minute | {boot_dht_per_min:.1} |");
     for (i, t) in lookups.iter().enumerate() {

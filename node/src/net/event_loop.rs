@@ -750,8 +750,21 @@ impl EventLoop {
                     self.end_lookup(id, Some(stats.num_requests()));
                 }
             }
-            BehaviourEvent::Kad(kad::Event::InboundRequest { .. }) => {
+            BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
                 self.stats.dht_requests_in.fetch_add(1, Ordering::Relaxed);
+                let kind = match request {
+                    kad::InboundRequest::FindNode { .. } => Some(&self.stats.dht_find_node_in),
+                    kad::InboundRequest::GetProvider { .. } => {
+                        Some(&self.stats.dht_get_providers_in)
+                    }
+                    kad::InboundRequest::AddProvider { .. } => {
+                        Some(&self.stats.dht_add_provider_in)
+                    }
+                    _ => None,
+                };
+                if let Some(k) = kind {
+                    k.fetch_add(1, Ordering::Relaxed);
+                }
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
                 for (peer, _) in gone {

@@ -175,6 +175,13 @@ pub struct NetStats {
     pub dht_lookup_requests: AtomicU64,
     /// DHT requests received (lookups, provider records, routing).
     pub dht_requests_in: AtomicU64,
+    /// Of those, requests for the nodes nearest a key (routing, bootstrap and the
+    /// first phase of publishing a provider record).
+    pub dht_find_node_in: AtomicU64,
+    /// Of those, provider lookups.
+    pub dht_get_providers_in: AtomicU64,
+    /// Of those, provider records stored.
+    pub dht_add_provider_in: AtomicU64,
 }
 
 impl NetStats {
@@ -551,10 +558,12 @@ impl NetHandle {
         }
     }
 
-    /// Asks every connected peer for its announcements (of `model` or all) and, for a
-    /// model, the servers of it that the DHT's provider records name, connecting to
-    /// them (at most 256); stores the valid ones (each checked against its signature,
-    /// within each peer's share) and returns the node's whole book.
+    /// Asks peers for their announcements (of `model` or all): for a model, the entry
+    /// points (bootstraps, mDNS peers) and the servers of it that the DHT's provider
+    /// records name, connecting to them (at most 256); every connected peer when no
+    /// model is given or the DHT names none. Stores the valid ones (each checked
+    /// against its signature, within each peer's share) and returns the node's whole
+    /// book.
     pub async fn gather(&self, model: Option<ModelId>) -> NetResult<Vec<VerifiedAnnouncement>> {
         self.gather_skipping(model, |_| false).await
     }

@@ -332,8 +332,9 @@ pub struct Watch {
     pub block_tps: f64,
 }
 
-/// How often the watcher lists the swarm (a gather asks every connected peer for its
-/// list, so a swarm of N servers each gathering costs about N² list requests a round).
+/// How often the watcher lists the swarm (a gather asks the entry points and every
+/// server of the model for its list, so a swarm of N servers each gathering costs
+/// about N² list requests a round).
 ///
 /// The bound: at most one gather per `base` (`every / 6`, clamped to 0.5–10 s: 10 s at
 /// the default `every` of 60 s) while the swarm's holdings change; each gather that
