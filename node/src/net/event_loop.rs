@@ -18,7 +18,7 @@ use pollen_protocol::{AnnounceResponse, Hello, HelloReply, ModelId};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,9 @@ const MAX_REFUSALS: usize = 256;
 const MAX_IDENTIFY_ADDRS: usize = 16;
 /// How often expired announcements are dropped (and relay reservations reconsidered).
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// The least time between two publications of our provider record that the
+/// routing table's growth triggers.
+const REPROVIDE_GAP: Duration = Duration::from_secs(1);
 /// Most callers waiting for connections at once.
 const MAX_CONNECT_WAITERS: usize = 1024;
 /// Most DHT provider lookups in flight at once.
@@ -92,6 +95,16 @@ pub(super) struct EventLoop {
     pub(super) provider_queries: HashMap<kad::QueryId, ProviderQuery>,
     /// The model whose provider record we publish.
     pub(super) providing: Option<ModelId>,
+    /// Whether the last publication of that record reached no DHT node (it ran
+    /// while the routing table was empty): it runs again when the routing table
+    /// gains a peer, instead of at the next republish.
+    pub(super) provide_unplaced: bool,
+    /// Routing table entries when the record was last published, and when. A node
+    /// that has just joined knows few peers, so the nodes it stored its record on
+    /// may not be the ones nearest the key once it knows more: each time its
+    /// routing table doubles it publishes again (a handful of times while it joins,
+    /// not again once its table is stable), instead of waiting for the republish.
+    pub(super) provided_at: (usize, Instant),
     /// The address each connection we dialed went to.
     pub(super) dialed_addrs: HashMap<ConnectionId, Multiaddr>,
 }
@@ -219,6 +232,9 @@ impl EventLoop {
             kad.stop_providing(&model_key(&old));
         }
         if let Some(m) = model {
+            self.provide_unplaced = false;
+            let entries = kad.kbuckets().map(|b| b.num_entries()).sum();
+            self.provided_at = (entries, Instant::now());
             match kad.start_providing(model_key(&m)) {
                 Ok(_) => self.providing = Some(m),
                 Err(e) => tracing::warn!("cannot publish a provider record: {e}"),
@@ -748,6 +764,32 @@ impl EventLoop {
                 }
                 if done {
                     self.end_lookup(id, Some(stats.num_requests()));
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::StartProviding(_) | kad::QueryResult::RepublishProvider(_),
+                stats,
+                step,
+                ..
+            }) if step.last && stats.num_successes() == 0 && self.providing.is_some() => {
+                tracing::debug!("provider record reached no DHT node; again on the next peer");
+                self.provide_unplaced = true;
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                is_new_peer: true, ..
+            }) if self.providing.is_some() => {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                let entries: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+                let (before, at) = self.provided_at;
+                let grown = entries >= 2 * before.max(1) && at.elapsed() >= REPROVIDE_GAP;
+                if (self.provide_unplaced || grown)
+                    && let Some(m) = self.providing
+                {
+                    self.provide_unplaced = false;
+                    self.provided_at = (entries, Instant::now());
+                    if let Err(e) = kad.start_providing(model_key(&m)) {
+                        tracing::warn!("cannot publish a provider record: {e}");
+                    }
                 }
             }
             BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {

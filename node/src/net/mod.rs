@@ -229,6 +229,8 @@ pub fn start(
         connect_waiters: HashMap::new(),
         provider_queries: HashMap::new(),
         providing: None,
+        provide_unplaced: false,
+        provided_at: (0, std::time::Instant::now()),
         dialed_addrs: HashMap::new(),
     };
     let task = tokio::spawn(event_loop.run(cancel));
