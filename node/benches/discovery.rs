@@ -12,8 +12,11 @@
 //! `cargo bench -p pollen-node --bench discovery [-- --nodes 200 --models 1 --ttl 30 --settle 60 --window 60 --trials 3]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
 #[path = "../../tests/common/memory_net.rs"]
 mod memory_net;
+use bench_args::arg;
 use memory_net::{announce, start};
 
 use pollen_node::net::{NetHandle, Role};
@@ -21,15 +24,6 @@ use pollen_protocol::ModelId;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The model of server `i` when `models` models share the servers round robin.
 fn model_of(i: u32, models: u32) -> ModelId {
@@ -45,13 +39,13 @@ fn share95(n: usize) -> usize {
 async fn main() {
     let n = arg("--nodes", 200) as u32;
     let models = arg("--models", 1).max(1) as u32;
-    let trials = arg("--trials", 3) as usize;
-    let ttl = Duration::from_secs(arg("--ttl", 30));
-    let window = Duration::from_secs(arg("--window", 60));
+    let trials = arg("--trials", 3);
+    let ttl = Duration::from_secs(arg("--ttl", 30) as u64);
+    let window = Duration::from_secs(arg("--window", 60) as u64);
     // Time for the joins' first DHT walks (libp2p-kad bootstraps a node whose routing
     // table is short of 20 peers: a lookup of its own id and of a random key in each
     // farther bucket) to end before the window opens.
-    let settle = Duration::from_secs(arg("--settle", 60));
+    let settle = Duration::from_secs(arg("--settle", 60) as u64);
     let cancel = CancellationToken::new();
     let boot_cancel = CancellationToken::new();
     let (boot, _, boot_addr) = start(Role::Bootstrap, &boot_cancel).await;

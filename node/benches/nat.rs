@@ -14,24 +14,18 @@
 //! `cargo bench -p pollen-node --bench nat [-- --tokens 32 --runs 3 --tries 20]`
 #![allow(clippy::unwrap_used, missing_docs, dead_code)]
 
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
 #[path = "../../tests/common/mod.rs"]
 mod common;
 #[path = "../../tests/common/netns.rs"]
 mod netns;
 
+use bench_args::arg;
 use common::*;
 use netns::{Host, Nat, NatKind, Net};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn bootstrap_on(host: &Host, dir: &Path) -> (Proc, String) {
     let mut cmd = host.command(pollen());
@@ -177,9 +171,9 @@ fn world(kind: NatKind, dir: &Path, client_behind_a: bool) -> Option<World> {
 }
 
 fn main() {
-    let tokens = arg("--tokens", 32) as usize;
-    let runs = arg("--runs", 3) as usize;
-    let tries = arg("--tries", 20) as usize;
+    let tokens = arg("--tokens", 32);
+    let runs = arg("--runs", 3);
+    let tries = arg("--tries", 20);
     let _ = model();
     let dir = temp_dir("nat-bench");
     println!(

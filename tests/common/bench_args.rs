@@ -1,5 +1,5 @@
-//! Command-line numbers and medians for the bench binaries that run a mesh of processes
-//! (`node/benches/{batch,healing,hostile,private,swarm,verify}.rs` include this file with `#[path]`).
+//! Command-line numbers and medians for the bench binaries
+//! (`node/benches/{batch,discovery,healing,hostile,nat,private,swarm,verify}.rs` include this file with `#[path]`).
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
 /// The number after `name` on the command line (`--trials 20`), or `default`.

@@ -231,13 +231,31 @@ impl EventLoop {
         if let Some(old) = self.providing.take() {
             kad.stop_providing(&model_key(&old));
         }
-        if let Some(m) = model {
-            self.provide_unplaced = false;
-            let entries = kad.kbuckets().map(|b| b.num_entries()).sum();
-            self.provided_at = (entries, Instant::now());
-            match kad.start_providing(model_key(&m)) {
-                Ok(_) => self.providing = Some(m),
-                Err(e) => tracing::warn!("cannot publish a provider record: {e}"),
+        if let Some(m) = model
+            && self.publish_provider_record(m)
+        {
+            self.providing = Some(m);
+        }
+    }
+
+    /// Entries in the DHT routing table.
+    fn routing_entries(&mut self) -> usize {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.kbuckets().map(|b| b.num_entries()).sum()
+    }
+
+    /// Runs a publication of `m`'s provider record (a walk to the nodes nearest
+    /// the key, then a store on each), noting the routing table's size and the
+    /// time; whether it could start.
+    fn publish_provider_record(&mut self, m: ModelId) -> bool {
+        self.provide_unplaced = false;
+        self.provided_at = (self.routing_entries(), Instant::now());
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        match kad.start_providing(model_key(&m)) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("cannot publish a provider record: {e}");
+                false
             }
         }
     }
@@ -778,18 +796,13 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 is_new_peer: true, ..
             }) if self.providing.is_some() => {
-                let kad = &mut self.swarm.behaviour_mut().kad;
-                let entries: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
                 let (before, at) = self.provided_at;
-                let grown = entries >= 2 * before.max(1) && at.elapsed() >= REPROVIDE_GAP;
+                let grown =
+                    self.routing_entries() >= 2 * before.max(1) && at.elapsed() >= REPROVIDE_GAP;
                 if (self.provide_unplaced || grown)
                     && let Some(m) = self.providing
                 {
-                    self.provide_unplaced = false;
-                    self.provided_at = (entries, Instant::now());
-                    if let Err(e) = kad.start_providing(model_key(&m)) {
-                        tracing::warn!("cannot publish a provider record: {e}");
-                    }
+                    self.publish_provider_record(m);
                 }
             }
             BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
