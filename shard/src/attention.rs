@@ -49,38 +49,25 @@ impl TiledAttention {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// [`dot`] of `a` with four vectors at once, each result bit-identical to
-/// `dot(a, b[i])` (the same eight lanes, additions in the same order).
-fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let full = a.len() / 8 * 8;
-    let acc = crate::kernels::lanes4(a, b);
+/// Dot products of `a` with `out.len()` consecutive vectors of `keys` (each
+/// `a.len()` long), each in eight lanes: lane `l` adds `a[8c + l] · key[8c +
+/// l]` in order of `c`, the lanes are added in order, then the products of
+/// the values past the last multiple of 8 (the tests' `dot`, bit for bit,
+/// on every CPU).
+fn dots(a: &[f32], keys: &[f32], out: &mut [f32]) {
+    let d = a.len();
+    let full = d / 8 * 8;
+    crate::kernels::lane_sums(a, keys, d, out);
     let rest = &a[full..];
-    let mut out = [0f32; 4];
-    for ((o, acc), b) in out.iter_mut().zip(&acc).zip(&b) {
-        let tail: f32 = rest.iter().zip(&b[full..]).map(|(x, y)| x * y).sum();
-        *o = acc.iter().sum::<f32>() + tail;
+    for (j, o) in out.iter_mut().enumerate() {
+        let key = &keys[j * d..(j + 1) * d];
+        let tail: f32 = rest.iter().zip(&key[full..]).map(|(x, y)| x * y).sum();
+        *o += tail;
     }
-    out
 }
 
 /// The running state of one query row.
+#[derive(Clone, Copy)]
 struct Row {
     max: f32,
     sum: f32,
@@ -88,7 +75,8 @@ struct Row {
 
 /// Rows `rows` of one head: queries `q` (`rows.len() * d`), keys and values
 /// of the head's KV group (`cap * d` each), into `out` (`rows.len() * d`).
-/// Row `i` (step-relative) sees key positions `0..=pos + i`.
+/// Row `i` (step-relative) sees key positions `0..=pos + i`. At most
+/// [`QUERY_BLOCK`] rows.
 #[allow(clippy::too_many_arguments)]
 fn head_block(
     q: &[f32],
@@ -102,13 +90,12 @@ fn head_block(
 ) {
     let mut scores = [0f32; KEY_TILE];
     out.fill(0.0);
-    let mut state: Vec<Row> = rows
-        .clone()
-        .map(|_| Row {
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-        })
-        .collect();
+    let start = Row {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+    };
+    let mut state = [start; QUERY_BLOCK];
+    let state = &mut state[..rows.len()];
     // Keys seen by the block's last row; tiles from 0, in order.
     let visible = pos + rows.end;
     let mut t0 = 0;
@@ -122,21 +109,10 @@ fn head_block(
             }
             let qr = &q[r * d..(r + 1) * d];
             let s = &mut scores[..end - t0];
+            dots(qr, &k[t0 * d..end * d], s);
             let mut tile_max = f32::NEG_INFINITY;
-            let key = |j: usize| &k[(t0 + j) * d..(t0 + j + 1) * d];
-            // Four keys at a time: four independent chains of additions
-            // instead of one, each key's sum in the same order as `dot`.
-            let done = s.len() / 4 * 4;
-            for (n, s4) in s.chunks_exact_mut(4).enumerate() {
-                let j = 4 * n;
-                let got = dot4(qr, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-                for (s, g) in s4.iter_mut().zip(got) {
-                    *s = g * scale;
-                    tile_max = tile_max.max(*s);
-                }
-            }
-            for (j, s) in s.iter_mut().enumerate().skip(done) {
-                *s = dot(qr, key(j)) * scale;
+            for s in s.iter_mut() {
+                *s *= scale;
                 tile_max = tile_max.max(*s);
             }
             let st = &mut state[r];
@@ -147,11 +123,13 @@ fn head_block(
                 o.iter_mut().for_each(|x| *x *= corr);
                 st.max = tile_max;
             }
-            for (j, s) in s.iter_mut().enumerate() {
+            // Scores become weights; the values are added in key order.
+            for s in s.iter_mut() {
                 let p = (*s - st.max).exp();
                 st.sum += p;
-                crate::kernels::axpy(p, &v[(t0 + j) * d..(t0 + j + 1) * d], o);
+                *s = p;
             }
+            crate::kernels::weighted_sum(s, &v[t0 * d..end * d], o);
         }
         t0 = t1;
     }
@@ -385,14 +363,35 @@ mod tests {
         }
     }
 
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ac
+            .remainder()
+            .iter()
+            .zip(bc.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ac.zip(bc) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc[1..].iter().fold(acc[0], |s, &x| s + x) + tail
+    }
+
     #[test]
-    fn four_dots_at_once_equal_one_at_a_time_bit_for_bit() {
+    fn many_dots_at_once_equal_one_at_a_time_bit_for_bit() {
         for d in [64, 19, 8, 3] {
-            let a = rand(d, 7);
-            let b: Vec<Vec<f32>> = (0..4).map(|i| rand(d, 20 + i)).collect();
-            let got = dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
-            for (g, b) in got.iter().zip(&b) {
-                assert_eq!(g.to_bits(), dot(&a, b).to_bits(), "width {d}");
+            for n in [1, 3, 4, 7, 64] {
+                let a = rand(d, 7);
+                let keys = rand(n * d, 20 + n as u64);
+                let mut got = vec![0f32; n];
+                dots(&a, &keys, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let want = dot(&a, &keys[j * d..(j + 1) * d]);
+                    assert_eq!(g.to_bits(), want.to_bits(), "width {d}, key {j} of {n}");
+                }
             }
         }
     }

@@ -50,66 +50,204 @@ impl Avx2 {
 }
 
 impl Avx2 {
-    /// Eight-lane sums of `a · b[i]` for four vectors `b[i]`: lane `l`
-    /// of result `i` is `Σ_c a[8c + l] · b[i][8c + l]`, each product added
-    /// in order (a multiply, then an add: the scalar loop's bits). `a` and
-    /// every `b[i]` have the same length, a multiple of 8.
-    pub(super) fn lanes4(self, a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-        assert!(a.len().is_multiple_of(8) && b.iter().all(|b| b.len() == a.len()));
+    /// Dot products of `a` with several vectors in eight lanes: lane `l`
+    /// adds `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order (a
+    /// multiply, then an add: the scalar loop's bits), and `out[j]` is
+    /// `lane 0 + lane 1 + .. + lane 7`, added in that order; `b_j` is
+    /// `b[j * stride..]` for `a.len()` values, a multiple of 8.
+    pub(super) fn lane_sums(self, a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+        let n = out.len();
+        assert!(a.len().is_multiple_of(8) && a.len() <= stride);
+        assert!(n == 0 || (n - 1) * stride + a.len() <= b.len());
         // SAFETY: features as detected for `self`; lengths checked above.
-        unsafe { lanes4(a, b) }
+        unsafe { lane_sums(a, b, stride, out) }
     }
 
-    /// `y += p · x` element by element (a multiply, then an add).
-    pub(super) fn axpy(self, p: f32, x: &[f32], y: &mut [f32]) {
-        assert!(x.len() == y.len());
+    /// Quantizes one row to int8 per block of 32, as
+    /// [`super::quantize_row_scalar`] does, bit for bit: per block its
+    /// unrounded scale (`amax / 127`) into `scales` and the sum of its quants
+    /// into `sums`.
+    pub(super) fn quantize_row(
+        self,
+        xs: &[f32],
+        qs: &mut [i8],
+        scales: &mut [f32],
+        sums: &mut [i32],
+    ) {
+        let kb = xs.len() / BLOCK;
+        assert!(xs.len() == kb * BLOCK && qs.len() == xs.len());
+        assert!(scales.len() == kb && sums.len() == kb);
         // SAFETY: features as detected for `self`; lengths checked above.
-        unsafe { axpy(p, x, y) }
+        unsafe { quantize_row(xs, qs, scales, sums) }
+    }
+
+    /// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element (a
+    /// multiply, then an add), where `x_j` is `x[j * y.len()..]`.
+    pub(super) fn weighted_sum(self, p: &[f32], x: &[f32], y: &mut [f32]) {
+        assert!(x.len() == p.len() * y.len());
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { weighted_sum(p, x, y) }
     }
 }
 
 /// # Safety
-/// The CPU must support AVX2; `a.len() % 8 == 0`, every `b[i]` as long as `a`.
+/// The CPU must support AVX2; `a.len() % 8 == 0`, `a.len() <= stride`, and
+/// `b` holds `(out.len() - 1) * stride + a.len()` values.
 #[target_feature(enable = "avx2")]
-unsafe fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let (pa, pb) = (a.as_ptr(), b.map(<[f32]>::as_ptr));
-    for c in (0..a.len()).step_by(8) {
-        // SAFETY: `c + 8 <= len` for `a` and every `b[i]`.
-        unsafe {
-            let x = _mm256_loadu_ps(pa.add(c));
-            for (acc, pb) in acc.iter_mut().zip(pb) {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(pb.add(c))));
+unsafe fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut j = 0;
+    // Eight vectors at a time: eight independent chains of additions, then
+    // an 8×8 transpose so that one vector add sums lane `l` of all eight.
+    while j + 8 <= out.len() {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..a.len()).step_by(8) {
+            // SAFETY: `c + 8 <= a.len()`; vector `j + i` is in `b` (checked).
+            unsafe {
+                let x = _mm256_loadu_ps(pa.add(c));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let y = _mm256_loadu_ps(pb.add((j + i) * stride + c));
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
+                }
             }
         }
+        let [r0, r1, r2, r3, r4, r5, r6, r7] = acc;
+        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+        // u0: lanes 0 | 4 of vectors 0..4; u1: 1 | 5; u2: 2 | 6; u3: 3 | 7;
+        // u4..u7 the same of vectors 4..8.
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let lane = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        let mut sum = lane[0];
+        for l in &lane[1..] {
+            sum = _mm256_add_ps(sum, *l);
+        }
+        // SAFETY: `j + 8 <= out.len()`.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), sum) };
+        j += 8;
     }
-    let mut out = [[0f32; 8]; 4];
-    for (o, a) in out.iter_mut().zip(acc) {
-        // SAFETY: `o` holds exactly 8 f32s.
-        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+    while j < out.len() {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..a.len()).step_by(8) {
+            // SAFETY: as above.
+            unsafe {
+                let y = _mm256_loadu_ps(pb.add(j * stride + c));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(pa.add(c)), y));
+            }
+        }
+        let mut l = [0f32; 8];
+        // SAFETY: `l` holds exactly 8 f32s.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+        out[j] = l[1..].iter().fold(l[0], |s, &x| s + x);
+        j += 1;
     }
-    out
 }
 
 /// # Safety
-/// The CPU must support AVX2; `x.len() == y.len()`.
+/// The CPU must support AVX2; `xs` and `qs` hold `32 · scales.len()` values,
+/// `sums` as many as `scales`.
 #[target_feature(enable = "avx2")]
-unsafe fn axpy(p: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len() / 8 * 8;
-    let pv = _mm256_set1_ps(p);
-    for c in (0..n).step_by(8) {
-        // SAFETY: `c + 8 <= n <= len` of both.
-        unsafe {
-            let yv = _mm256_loadu_ps(y.as_ptr().add(c));
-            let xv = _mm256_loadu_ps(x.as_ptr().add(c));
-            _mm256_storeu_ps(
-                y.as_mut_ptr().add(c),
-                _mm256_add_ps(yv, _mm256_mul_ps(pv, xv)),
-            );
+unsafe fn quantize_row(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    // Packing works within 128-bit halves; this puts the bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, (scale, sum)) in scales.iter_mut().zip(sums.iter_mut()).enumerate() {
+        let mut v = [_mm256_setzero_ps(); 4];
+        // Largest |x|, NaNs left out (`max` returns its second operand for a
+        // NaN, as `f32::max` keeps the non-NaN one); max is exact in any order.
+        let mut amax = _mm256_setzero_ps();
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: `32 b + 8 i + 8 <= xs.len()`.
+            *v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(BLOCK * b + 8 * i)) };
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, *v), amax);
         }
+        let mut m = [0f32; 8];
+        // SAFETY: `m` holds exactly 8 f32s.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), amax) };
+        let amax = m.iter().fold(0f32, |a, &x| a.max(x));
+        let d = amax / 127.0;
+        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let mut q = [_mm256_setzero_si256(); 4];
+        let mut total = _mm256_setzero_si256();
+        for (q, v) in q.iter_mut().zip(v) {
+            // x + copysign(0.5, x), clamped to ±127, NaN to 0, truncated.
+            let x = _mm256_mul_ps(v, inv);
+            let y = _mm256_add_ps(x, _mm256_or_ps(_mm256_and_ps(x, sign), half));
+            let c = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+            let c = _mm256_and_ps(c, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+            *q = _mm256_cvttps_epi32(c);
+            total = _mm256_add_epi32(total, *q);
+        }
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        // SAFETY: `32 b + 32 <= qs.len()`.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().add(BLOCK * b) as *mut __m256i, bytes) };
+        let mut t = [0i32; 8];
+        // SAFETY: `t` holds exactly 8 i32s.
+        unsafe { _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, total) };
+        *scale = d;
+        *sum = t.iter().sum();
     }
-    for (y, &x) in y[n..].iter_mut().zip(&x[n..]) {
-        *y += p * x;
+}
+
+/// # Safety
+/// The CPU must support AVX2; `x.len() == p.len() * y.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
+    const CHUNK: usize = 64;
+    let d = y.len();
+    let full = d / 8 * 8;
+    let px = x.as_ptr();
+    // Up to 64 values of `y` stay in registers across every `x_j`.
+    let mut c0 = 0;
+    while c0 < full {
+        let w = (full - c0).min(CHUNK) / 8;
+        let mut acc = [_mm256_setzero_ps(); CHUNK / 8];
+        for (i, a) in acc.iter_mut().enumerate().take(w) {
+            // SAFETY: `c0 + 8 i + 8 <= full <= d`.
+            *a = unsafe { _mm256_loadu_ps(y.as_ptr().add(c0 + 8 * i)) };
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            for (i, a) in acc.iter_mut().enumerate().take(w) {
+                // SAFETY: `j * d + c0 + 8 i + 8 <= (j + 1) * d <= x.len()`.
+                let xv = unsafe { _mm256_loadu_ps(px.add(j * d + c0 + 8 * i)) };
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, xv));
+            }
+        }
+        for (i, a) in acc.iter().enumerate().take(w) {
+            // SAFETY: as for the loads.
+            unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(c0 + 8 * i), *a) };
+        }
+        c0 += CHUNK;
+    }
+    for (c, y) in y.iter_mut().enumerate().skip(full) {
+        for (j, &pj) in p.iter().enumerate() {
+            *y += pj * x[j * d + c];
+        }
     }
 }
 

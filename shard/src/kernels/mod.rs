@@ -117,12 +117,17 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
-        pub(super) fn lanes4(self, _: &[f32], _: [&[f32]; 4]) -> [[f32; 8]; 4] {
+        pub(super) fn lane_sums(self, _: &[f32], _: &[f32], _: usize, _: &mut [f32]) {
             match self {}
         }
 
         /// Unreachable: no `Avx2` exists.
-        pub(super) fn axpy(self, _: f32, _: &[f32], _: &mut [f32]) {
+        pub(super) fn weighted_sum(self, _: &[f32], _: &[f32], _: &mut [f32]) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn quantize_row(self, _: &[f32], _: &mut [i8], _: &mut [f32], _: &mut [i32]) {
             match self {}
         }
 
@@ -181,32 +186,42 @@ fn float_simd() -> Option<avx2::Avx2> {
     *F.get_or_init(avx2::Avx2::detect)
 }
 
-/// Eight-lane sums of `a · b[i]` for four vectors of `a`'s length: lane
-/// `l` of result `i` adds `a[8c + l] · b[i][8c + l]` for `c = 0, 1, ..` in
-/// order, from 0 (values past the last multiple of 8 are left out).
-pub(crate) fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-    let full = a.len() / 8 * 8;
-    let (a, b) = (&a[..full], b.map(|b| &b[..full]));
+/// Dot products of `a` with several vectors in eight lanes: lane `l` adds
+/// `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order, from 0, and
+/// `out[j]` is `lane 0 + lane 1 + .. + lane 7` in that order, where `b_j` is
+/// `b[j * stride..]` (values past the last multiple of 8 of `a.len()` are
+/// left out). `b` must hold `out.len()` such vectors. The same bits on
+/// every CPU.
+pub(crate) fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+    let a = &a[..a.len() / 8 * 8];
     if let Some(k) = float_simd() {
-        return k.lanes4(a, b);
+        return k.lane_sums(a, b, stride, out);
     }
-    let mut acc = [[0f32; 8]; 4];
-    for (c, x) in a.chunks_exact(8).enumerate() {
-        for (acc, b) in acc.iter_mut().zip(&b) {
-            let y = &b[8 * c..8 * c + 8];
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut acc = [0f32; 8];
+        let bj = &b[j * stride..j * stride + a.len()];
+        for (x, y) in a.chunks_exact(8).zip(bj.chunks_exact(8)) {
             for l in 0..8 {
                 acc[l] += x[l] * y[l];
             }
         }
+        *o = acc[1..].iter().fold(acc[0], |s, &x| s + x);
     }
-    acc
 }
 
-/// `y += p · x`, element by element.
-pub(crate) fn axpy(p: f32, x: &[f32], y: &mut [f32]) {
+/// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element, where
+/// `x_j` is `x[j * y.len()..]` (`x` holds `p.len()` of them).
+pub(crate) fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
     match float_simd() {
-        Some(k) => k.axpy(p, x, y),
-        None => y.iter_mut().zip(x).for_each(|(y, &x)| *y += p * x),
+        Some(k) => k.weighted_sum(p, x, y),
+        None => {
+            let d = y.len();
+            for (j, &pj) in p.iter().enumerate() {
+                for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
+                    *y += pj * x;
+                }
+            }
+        }
     }
 }
 
@@ -679,32 +694,41 @@ impl Activations {
         self.row.resize(k, 0.0);
         for i in 0..m {
             fill(i, &mut self.row);
+            let at = i * kb..(i + 1) * kb;
             let qs = &mut self.q[i * k..(i + 1) * k];
-            for (b, (xs, qs)) in self
-                .row
-                .chunks_exact(BLOCK)
-                .zip(qs.chunks_exact_mut(BLOCK))
-                .enumerate()
-            {
-                // As ggml's (and candle's) Q8_0/Q8_1 activations: scale amax/127
-                // kept as f16, values rounded half away from zero.
-                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                let mut sum = 0i32;
-                for (q, &v) in qs.iter_mut().zip(xs) {
-                    let x = v * inv;
-                    let r = (x + 0.5f32.copysign(x)).clamp(-127.0, 127.0) as i8;
-                    sum += i32::from(r);
-                    *q = r;
-                }
-                let scale = f16::from_f32(scale).to_f32();
-                let at = i * kb + b;
-                self.d[at] = scale;
-                self.s[at] = scale * sum as f32;
-                self.sum[at] = sum;
+            let (scales, sums) = (&mut self.d[at.clone()], &mut self.sum[at.clone()]);
+            match float_simd() {
+                Some(simd) => simd.quantize_row(&self.row, qs, scales, sums),
+                None => quantize_row_scalar(&self.row, qs, scales, sums),
+            }
+            for ((d, s), &sum) in scales.iter_mut().zip(&mut self.s[at]).zip(sums.iter()) {
+                let scale = f16::from_f32(*d).to_f32();
+                *d = scale;
+                *s = scale * sum as f32;
             }
         }
+    }
+}
+
+/// Quantizes one row per block of 32 as ggml's (and candle's) Q8_0/Q8_1
+/// activations: scale `amax / 127` (into `scales`, not yet rounded to f16),
+/// values rounded half away from zero; the sum of each block's quants into
+/// `sums`. The SIMD path gives the same bits.
+fn quantize_row_scalar(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let blocks = xs.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK));
+    for ((xs, qs), (scale, total)) in blocks.zip(scales.iter_mut().zip(sums.iter_mut())) {
+        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            let x = v * inv;
+            let r = (x + 0.5f32.copysign(x)).clamp(-127.0, 127.0) as i8;
+            sum += i32::from(r);
+            *q = r;
+        }
+        *scale = d;
+        *total = sum;
     }
 }
 

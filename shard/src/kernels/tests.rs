@@ -318,3 +318,79 @@ fn legacy_types_pack_exactly() {
         }
     }
 }
+
+#[test]
+fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
+    let Some(k) = super::float_simd() else {
+        return;
+    };
+    let mut seed = 11;
+    for d in [64, 24, 19, 8] {
+        for n in [1, 3, 4, 5, 8, 13, 64] {
+            let a: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
+            let full = d / 8 * 8;
+            let mut got = vec![0f32; n];
+            k.lane_sums(&a[..full], &b, d, &mut got);
+            for (j, got) in got.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                for c in (0..full).step_by(8) {
+                    for l in 0..8 {
+                        lanes[l] += a[c + l] * b[j * d + c + l];
+                    }
+                }
+                let want = lanes[1..].iter().fold(lanes[0], |s, &x| s + x);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "lane sums d {d} key {j} of {n}"
+                );
+            }
+            let p: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+            let y0: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+            let mut got = y0.clone();
+            k.weighted_sum(&p, &b, &mut got);
+            let mut want = y0;
+            for (j, &pj) in p.iter().enumerate() {
+                for (c, y) in want.iter_mut().enumerate() {
+                    *y += pj * b[j * d + c];
+                }
+            }
+            assert_bits(&got, &want, &format!("weighted sum d {d} n {n}"));
+        }
+    }
+}
+
+#[test]
+fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
+    let Some(k) = super::float_simd() else {
+        return;
+    };
+    let mut seed = 5;
+    let mut xs: Vec<f32> = (0..32 * 40).map(|_| lcg(&mut seed) * 3.0).collect();
+    // Special blocks: zeros, a NaN among values, infinities, subnormals (whose
+    // scale's inverse overflows), exact halves, ±0 and the largest values.
+    xs[32..64].fill(0.0);
+    xs[70] = f32::NAN;
+    xs[100] = f32::INFINITY;
+    xs[101] = f32::NEG_INFINITY;
+    for (i, x) in xs[128..160].iter_mut().enumerate() {
+        *x = f32::from_bits(i as u32 + 1) * if i % 2 == 0 { 1.0 } else { -1.0 };
+    }
+    for (i, x) in xs[160..192].iter_mut().enumerate() {
+        *x = (i as f32 - 16.0) * 0.5;
+    }
+    xs[192] = -0.0;
+    xs[224] = f32::MAX;
+    xs[225] = f32::MIN;
+    xs[256..288].fill(f32::NAN);
+    let kb = xs.len() / BLOCK;
+    let (mut q1, mut q2) = (vec![0i8; xs.len()], vec![0i8; xs.len()]);
+    let (mut d1, mut d2) = (vec![0f32; kb], vec![0f32; kb]);
+    let (mut s1, mut s2) = (vec![0i32; kb], vec![0i32; kb]);
+    k.quantize_row(&xs, &mut q1, &mut d1, &mut s1);
+    quantize_row_scalar(&xs, &mut q2, &mut d2, &mut s2);
+    assert_eq!(q1, q2);
+    assert_eq!(s1, s2);
+    assert_bits(&d1, &d2, "scales");
+}
