@@ -4,12 +4,17 @@
 //! processes, 1 thread each), and the per-hop overhead: median step time
 //! through the swarm minus the compute time of the spans, over the hops.
 //!
-//! `cargo bench -p pollen-node --bench swarm [-- --quick]`
+//! Local and f32 swarm decode alternate for `--rounds` rounds (default 3; the
+//! servers stay up, idle while this process decodes locally), so that both see
+//! the same machine; the table gives medians and each round's ratio is printed.
+//! f16 and bf16 hidden states then run once each, fed the f32 tokens.
+//!
+//! `cargo bench -p pollen-node --bench swarm [-- --quick --rounds N]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/bench_args.rs"]
 mod bench_args;
-use bench_args::median;
+use bench_args::{arg, median};
 use candle_core::Tensor;
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{LocalMesh, THREE_SPANS};
@@ -45,6 +50,7 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let (decode_n, prefill_n) = if quick { (32, 128) } else { (128, 512) };
+    let rounds = arg("--rounds", 3).max(1);
     let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let m = model.display().to_string();
     let opts = LoadOptions::default();
@@ -97,7 +103,6 @@ fn main() {
         let span_med: f64 = span_times.iter_mut().map(|v| median(v)).sum();
         (prefill, total, median(&mut steps), span_med, tokens)
     };
-    let (l_prefill, l_total, l_step, span_compute, local_tokens) = run_local(&spans);
 
     // The swarm.
     let dir = std::env::temp_dir().join(format!("pollen-bench-{}", std::process::id()));
@@ -109,15 +114,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut prefill_bytes = None;
-    let mut rows = Vec::new();
-    // F32 runs greedily; the compressed modes are fed F32's tokens (teacher
-    // forcing) so their logits can be compared step by step.
-    let mut reference: Option<(Vec<u32>, Vec<Vec<f32>>)> = None;
-    let mut divergence = Vec::new();
-    for dtype in [WireDType::F32, WireDType::F16, WireDType::BF16] {
-        let forced = reference.as_ref().map(|(t, _)| t.clone());
-        let (prefill, total, step, tokens, logits, bytes) = rt.block_on(async {
+    let run_swarm = |dtype: WireDType, forced: Option<&Vec<u32>>| {
+        rt.block_on(async {
             let client = SwarmClient::connect(ClientConfig {
                 model: model.clone(),
                 load: opts.clone(),
@@ -152,7 +150,7 @@ fn main() {
             let mut logits = vec![l.to_vec1::<f32>().unwrap()];
             let mut steps = Vec::new();
             for i in 0..decode_n {
-                if let Some(f) = &forced {
+                if let Some(f) = forced {
                     next = f[i];
                 }
                 let t = Instant::now();
@@ -168,36 +166,68 @@ fn main() {
             client.shutdown().await;
             let total: f64 = steps.iter().sum();
             (prefill, total, median(&mut steps), tokens, logits, bytes)
-        });
-        if dtype == WireDType::F32 {
-            prefill_bytes = Some(bytes);
-        }
-        match &reference {
-            None => {
-                assert_eq!(
-                    tokens, local_tokens,
-                    "greedy tokens through the swarm (f32) must equal local"
-                );
-                reference = Some((tokens, logits));
-            }
-            Some((ref_tokens, ref_logits)) => {
-                let worst = ref_logits
-                    .iter()
-                    .zip(&logits)
-                    .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-                    .fold(0f32, f32::max);
-                let agree = ref_tokens
-                    .iter()
-                    .zip(&tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                divergence.push((dtype, worst, agree, ref_tokens.len()));
-            }
-        }
+        })
+    };
+    // Local and f32 swarm decode, alternating.
+    let mut local_runs = Vec::new();
+    let mut swarm_runs = Vec::new();
+    for round in 0..rounds {
+        let l = run_local(&spans);
+        let w = run_swarm(WireDType::F32, None);
+        assert_eq!(
+            w.3, l.4,
+            "greedy tokens through the swarm (f32) must equal local"
+        );
+        eprintln!(
+            "round {}: local {:.1} tok/s, swarm {:.1} tok/s",
+            round + 1,
+            decode_n as f64 / l.1,
+            decode_n as f64 / w.1
+        );
+        local_runs.push(l);
+        swarm_runs.push(w);
+    }
+    let med = |v: Vec<f64>| median(&mut v.clone());
+    let l_prefill = med(local_runs.iter().map(|r| r.0).collect());
+    let l_total = med(local_runs.iter().map(|r| r.1).collect());
+    let l_step = med(local_runs.iter().map(|r| r.2).collect());
+    let span_compute = med(local_runs.iter().map(|r| r.3).collect());
+    let local_tokens = local_runs[0].4.clone();
+    let round_ratios: Vec<f64> = local_runs
+        .iter()
+        .zip(&swarm_runs)
+        .map(|(l, w)| l.1 / w.1)
+        .collect();
+    let mut rows = vec![(
+        WireDType::F32,
+        med(swarm_runs.iter().map(|r| r.0).collect()),
+        med(swarm_runs.iter().map(|r| r.1).collect()),
+        med(swarm_runs.iter().map(|r| r.2).collect()),
+    )];
+    let prefill_bytes = swarm_runs.last().map(|r| r.5);
+    let reference = (swarm_runs[0].3.clone(), swarm_runs[0].4.clone());
+    let mut divergence = Vec::new();
+    // f16 and bf16 are fed f32's tokens (teacher forcing) so that their logits
+    // can be compared step by step.
+    for dtype in [WireDType::F16, WireDType::BF16] {
+        let (prefill, total, step, tokens, logits, _) = run_swarm(dtype, Some(&reference.0));
+        let worst = reference
+            .1
+            .iter()
+            .zip(&logits)
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max);
+        let agree = reference
+            .0
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        divergence.push((dtype, worst, agree, reference.0.len()));
         rows.push((dtype, prefill, total, step));
     }
     println!(
-        "swarm bench: {m}, prefill {prefill_n} tokens, decode {decode_n} tokens, 1 thread per process"
+        "swarm bench: {m}, prefill {prefill_n} tokens, decode {decode_n} tokens, 1 thread per process, {rounds} rounds (medians)"
     );
     println!();
     println!("| setup | prefill tok/s | decode tok/s | median step ms | vs local decode |");
@@ -219,6 +249,16 @@ fn main() {
             tps / local_tps
         );
     }
+    println!();
+    println!(
+        "f32 swarm / local decode, round by round: {} (median {:.2}x)",
+        round_ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        med(round_ratios.clone())
+    );
     println!();
     let ends_time = l_step - span_compute;
     for (dtype, _, _, step) in &rows {
