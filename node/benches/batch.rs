@@ -19,7 +19,7 @@
 mod bench_args;
 #[path = "../../tests/common/mod.rs"]
 mod common;
-use bench_args::{arg, median};
+use bench_args::{arg, cpu_line, median};
 use candle_core::Tensor;
 use pollen_node::client::route::Hop;
 use pollen_node::client::{ClientConfig, SwarmClient};
@@ -34,33 +34,6 @@ use std::time::{Duration, Instant};
 
 const CLIENTS: [usize; 4] = [1, 2, 4, 8];
 const PROMPT: usize = 8;
-
-/// The CPU's model name and the flags the kernels care about.
-fn cpu_line() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let wanted = [
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512bw",
-        "avx512_vnni",
-        "avx_vnni",
-    ];
-    let have: Vec<&str> = wanted
-        .iter()
-        .copied()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
-    format!("{} ({})", field("model name"), have.join(" "))
-}
 
 /// A server of every block, one thread, batching up to `max_batch` decode steps
 /// (`None`: the default); it and its hop.

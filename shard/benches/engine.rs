@@ -4,10 +4,16 @@
 //! fast mode runs once per packed kernel this CPU has (`POLLEN_KERNEL`), so
 //! one run compares them; `candle` marks candle's own kernels.
 //!
-//! `cargo bench -p pollen-shard --bench engine` (add `-- --quick` for a short run).
+//! `cargo bench -p pollen-shard --bench engine` (add `-- --quick` for a short run;
+//! `-- --batch` for batched decode, `-- --kernel` for the packed product alone by
+//! rows, `-- --prefill-memory`, `-- --vs-llama PATH`).
 //! Each row runs in a fresh child process so that thread settings, peak
 //! memory and the kernel path are its own.
 #![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../../tests/common/bench_args.rs"]
+mod bench_args;
+use bench_args::cpu_line;
 
 /// The default model's fetch and the cache folder, shared with the node (which owns them).
 #[path = "../../node/src/fetch.rs"]
@@ -48,36 +54,6 @@ fn kernel_of(mode: &str) -> &'static str {
         Ok(WeightMode::Fast) if active_path() != KernelPath::None.as_str() => active_path(),
         _ => "candle",
     }
-}
-
-/// The CPU's model name and the flags the kernels care about.
-fn cpu_line() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let have: Vec<&str> = flags
-        .split_whitespace()
-        .filter(|f| {
-            [
-                "avx2",
-                "fma",
-                "f16c",
-                "avx512f",
-                "avx512bw",
-                "avx512vl",
-                "avx512_vnni",
-                "avx_vnni",
-            ]
-            .contains(f)
-        })
-        .collect();
-    format!("{}; flags: {}", field("model name"), have.join(" "))
 }
 
 fn prompt(path: &Path, n: usize) -> Vec<u32> {
@@ -413,6 +389,14 @@ fn main() {
         batch_table(&path);
         return;
     }
+    if args.first().map(String::as_str) == Some("--kernel") {
+        kernel_table();
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--child-kernel") {
+        child_kernel();
+        return;
+    }
     if args.first().map(String::as_str) == Some("--child-batch") {
         child_batch(
             &PathBuf::from(&args[1]),
@@ -694,6 +678,75 @@ fn child_batch(path: &Path, sessions: usize, steps: usize) {
     let batched = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
     println!("KERNEL {}", kernel_of("fast"));
     println!("RESULT {single:.1} {batched:.1}");
+}
+
+/// Rows of activations the kernel table measures.
+const KERNEL_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// The packed product alone: thirty random 3072×576 Q4_1 matrices (the shape
+/// of a block's gate/up product, 33 MB packed: more than the L3 cache of
+/// most CPUs, as a whole model is), times `rows` rows of activations, one
+/// thread. Prints `RESULT` and billions of multiply-adds a second per row
+/// count of [`KERNEL_ROWS`].
+fn child_kernel() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use pollen_shard::kernels::PackedMatrix;
+    let (n, k, count) = (3072usize, 576usize, 30usize);
+    let mut seed = 1u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+    let mats: Vec<PackedMatrix> = (0..count)
+        .map(|_| {
+            PackedMatrix::pack(&q)
+                .unwrap()
+                .expect("a packed kernel runs here")
+        })
+        .collect();
+    let mut figures = Vec::new();
+    for rows in KERNEL_ROWS {
+        let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+        let mut dst = vec![0f32; rows * n];
+        let pass = |dst: &mut [f32]| mats.iter().for_each(|m| m.matmul(&x, rows, dst));
+        pass(&mut dst);
+        let reps = 40;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            pass(&mut dst);
+        }
+        let macs = (reps * count * rows * n * k) as f64;
+        figures.push(format!("{:.1}", macs / t0.elapsed().as_secs_f64() / 1e9));
+    }
+    println!("KERNEL {}", kernel_of("fast"));
+    println!("RESULT {}", figures.join(" "));
+}
+
+/// The packed product's throughput by rows, per kernel path, 1 thread.
+fn kernel_table() {
+    println!(
+        "Packed product alone (thirty 3072x576 Q4_1 matrices, 33 MB), 1 thread, billions of multiply-adds a second:"
+    );
+    println!();
+    let head: Vec<String> = KERNEL_ROWS
+        .iter()
+        .map(|&r| format!("{r} row{}", if r == 1 { "" } else { "s" }))
+        .collect();
+    println!("| kernel | {} |", head.join(" | "));
+    println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 1));
+    for kernel in KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+    {
+        let (r, ran) = run_child(&["--child-kernel".into()], 1, Some(kernel));
+        let cells: Vec<String> = r.iter().map(|g| format!("{g:.1}")).collect();
+        println!("| {ran} | {} |", cells.join(" | "));
+    }
 }
 
 /// Batched decode against one session at a time, fast mode, 1 thread.

@@ -1,5 +1,6 @@
 //! Command-line numbers and medians for the bench binaries
-//! (`node/benches/{batch,discovery,healing,hostile,nat,private,swarm,verify}.rs` include this file with `#[path]`).
+//! (`node/benches/{batch,discovery,healing,hostile,nat,private,swarm,verify}.rs` and
+//! `shard/benches/engine.rs` include this file with `#[path]`).
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
 /// The number after `name` on the command line (`--trials 20`), or `default`.
@@ -19,4 +20,34 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// The CPU's model name and the flags the kernels care about.
+pub fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let have: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| {
+            [
+                "avx2",
+                "fma",
+                "f16c",
+                "avx512f",
+                "avx512bw",
+                "avx512vl",
+                "avx512_vnni",
+                "avx_vnni",
+            ]
+            .contains(f)
+        })
+        .collect();
+    format!("{}; flags: {}", field("model name"), have.join(" "))
 }
