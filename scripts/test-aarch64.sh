@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs pollen-shard's unit tests for aarch64 on an x86-64 Debian or Ubuntu machine,
+# under qemu-user emulation: among them every packed kernel path this CPU has
+# (on aarch64, NEON) against the scalar path, bit for bit, on random data and on
+# the default model's shapes, and attention's and the quantizer's loops against
+# theirs. Emulation checks results, not speed.
+#
+#   bash scripts/test-aarch64.sh [extra `cargo test` arguments]
+#
+# Needs the Rust target `aarch64-unknown-linux-gnu` (rustup fetches it from
+# static.rust-lang.org where it is missing), and Debian's gcc-aarch64-linux-gnu
+# (the linker and C runtime) and qemu-user-static, which it installs with apt
+# where they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=aarch64-unknown-linux-gnu
+if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q gcc-aarch64-linux-gnu qemu-user-static
+fi
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+  rustup target add "$TARGET" || {
+    echo "error: the Rust standard library for $TARGET is not installed and rustup could not fetch it" >&2
+    exit 1
+  }
+fi
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
+cargo test --target "$TARGET" -p pollen-shard --lib --release "$@"
