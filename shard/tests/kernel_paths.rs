@@ -3,7 +3,9 @@
 //!
 //! The kernel path is fixed once per process (`POLLEN_KERNEL`), so the test
 //! runs itself again as a child process per path, and each child writes its
-//! logits to a file.
+//! logits to a file. Where qemu-user is installed, one more child runs on an
+//! emulated CPU without AVX-512 (`-cpu Haswell`) and must choose the AVX2
+//! path itself.
 //!
 //! Tolerance: the SIMD paths (AVX-512 VNNI, AVX2) must give bit-identical
 //! logits, and stay within 1.7 of exact mode's (max |logit diff|, the bound
@@ -76,17 +78,35 @@ fn child(out: &Path) -> Result<()> {
 /// Runs this test in a child with `POLLEN_KERNEL=path`; returns the path it
 /// ran on and its logits.
 fn run_child(path: KernelPath) -> Result<(String, Vec<f32>)> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(KERNEL_ENV, path.as_str());
+    child_logits(cmd, path.as_str())
+}
+
+/// Runs this test in a child under qemu-user emulating a CPU with AVX2, FMA
+/// and F16C but no AVX-512 (`-cpu Haswell`), the path left to the child's
+/// own choice; returns the path it chose and its logits.
+fn run_emulated_avx2_child(qemu: &Path) -> Result<(String, Vec<f32>)> {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-cpu", "Haswell"])
+        .arg(std::env::current_exe()?)
+        .env_remove(KERNEL_ENV);
+    child_logits(cmd, "emulated-avx2")
+}
+
+/// Runs `cmd` (this test's binary, maybe under an emulator) as a child that
+/// writes its logits to a file; returns the path it ran on and the logits.
+fn child_logits(mut cmd: Command, tag: &str) -> Result<(String, Vec<f32>)> {
     let out = std::env::temp_dir().join(format!(
-        "pollen-kernel-paths-{}-{path}.f32",
+        "pollen-kernel-paths-{}-{tag}.f32",
         std::process::id()
     ));
-    let status = Command::new(std::env::current_exe()?)
+    let status = cmd
         .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(KERNEL_ENV, path.as_str())
         .env(CHILD_OUT, &out)
         .status()?;
     if !status.success() {
-        bail!("child on {path} failed: {status}");
+        bail!("child {tag} failed: {status}");
     }
     let bytes = std::fs::read(&out)?;
     let ran = std::fs::read_to_string(out.with_extension("path"))?;
@@ -97,6 +117,15 @@ fn run_child(path: KernelPath) -> Result<(String, Vec<f32>)> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     Ok((ran, logits))
+}
+
+/// qemu-user for x86-64 on this machine's `PATH`, if any (`bash .ci/run`
+/// installs it).
+fn qemu_x86() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| ["qemu-x86_64-static", "qemu-x86_64"].map(|n| d.join(n)))
+        .find(|p| p.is_file())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -136,6 +165,33 @@ fn fast_logits_are_identical_on_every_simd_path_and_near_exact() -> Result<()> {
         let same = la.iter().zip(lb).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "{a} and {b} differ by up to {}", max_abs_diff(la, lb));
         eprintln!("{a} and {b}: bit-identical logits");
+    }
+    // Most volunteers' CPUs have AVX2 and no AVX-512: on an emulated one the
+    // engine must choose the AVX2 kernel by itself and give the same bits.
+    if cfg!(target_arch = "x86_64") {
+        match qemu_x86() {
+            Some(qemu) => {
+                let (ran, got) = run_emulated_avx2_child(&qemu)?;
+                assert_eq!(
+                    ran,
+                    KernelPath::Avx2.as_str(),
+                    "an AVX2-only CPU chose {ran}"
+                );
+                if let Some((path, want)) = simd.first() {
+                    let same = got
+                        .iter()
+                        .zip(want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    let diff = max_abs_diff(&got, want);
+                    assert!(
+                        same,
+                        "emulated AVX2-only CPU and {path} differ by up to {diff}"
+                    );
+                    eprintln!("emulated AVX2-only CPU ({ran}) and {path}: bit-identical logits");
+                }
+            }
+            None => eprintln!("no qemu-x86_64 here: the emulated AVX2-only CPU is not tested"),
+        }
     }
     Ok(())
 }
