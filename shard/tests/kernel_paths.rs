@@ -4,7 +4,7 @@
 //! The kernel path is fixed once per process (`POLLEN_KERNEL`), so the test
 //! runs itself again as a child process per path, and each child writes its
 //! logits to a file. Where qemu-user is installed, one more child runs on an
-//! emulated CPU without AVX-512 (`-cpu Haswell`) and must choose the AVX2
+//! emulated CPU without AVX-512 (a Haswell) and must choose the AVX2
 //! path itself.
 //!
 //! Tolerance: the SIMD paths (AVX-512 VNNI, AVX2) must give bit-identical
@@ -83,12 +83,17 @@ fn run_child(path: KernelPath) -> Result<(String, Vec<f32>)> {
     child_logits(cmd, path.as_str())
 }
 
+/// The CPU qemu-user emulates for an AVX2-only machine: a Haswell (AVX2, FMA,
+/// F16C, no AVX-512) less the features qemu's TCG cannot emulate and would
+/// warn about. `.ci/run` uses the same.
+const AVX2_ONLY_CPU: &str = "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid";
+
 /// Runs this test in a child under qemu-user emulating a CPU with AVX2, FMA
-/// and F16C but no AVX-512 (`-cpu Haswell`), the path left to the child's
+/// and F16C but no AVX-512 ([`AVX2_ONLY_CPU`]), the path left to the child's
 /// own choice; returns the path it chose and its logits.
 fn run_emulated_avx2_child(qemu: &Path) -> Result<(String, Vec<f32>)> {
     let mut cmd = Command::new(qemu);
-    cmd.args(["-cpu", "Haswell"])
+    cmd.args(["-cpu", AVX2_ONLY_CPU])
         .arg(std::env::current_exe()?)
         .env_remove(KERNEL_ENV);
     child_logits(cmd, "emulated-avx2")
