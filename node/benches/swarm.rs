@@ -187,7 +187,7 @@ fn main() {
         local_runs.push(l);
         swarm_runs.push(w);
     }
-    let med = |v: Vec<f64>| median(&mut v.clone());
+    let med = |mut v: Vec<f64>| median(&mut v);
     let l_prefill = med(local_runs.iter().map(|r| r.0).collect());
     let l_total = med(local_runs.iter().map(|r| r.1).collect());
     let l_step = med(local_runs.iter().map(|r| r.2).collect());
@@ -257,7 +257,7 @@ fn main() {
             .map(|r| format!("{r:.2}x"))
             .collect::<Vec<_>>()
             .join(", "),
-        med(round_ratios.clone())
+        med(round_ratios)
     );
     println!();
     let ends_time = l_step - span_compute;

@@ -56,6 +56,14 @@ fn kernel_of(mode: &str) -> &'static str {
     }
 }
 
+/// The packed kernel paths this CPU runs (the fast mode's rows).
+fn simd_paths() -> Vec<KernelPath> {
+    KernelPath::ALL
+        .into_iter()
+        .filter(|p| *p != KernelPath::None && p.supported())
+        .collect()
+}
+
 fn prompt(path: &Path, n: usize) -> Vec<u32> {
     let file = ModelFile::open(path).unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
@@ -439,10 +447,7 @@ fn main() {
     println!("CPU: {}", cpu_line());
     // The fast mode once per packed kernel this CPU has; without one it runs
     // as q8_0, which has its own row.
-    let simd: Vec<KernelPath> = KernelPath::ALL
-        .into_iter()
-        .filter(|p| *p != KernelPath::None && p.supported())
-        .collect();
+    let simd = simd_paths();
     let mut rows: Vec<(&str, &str, Option<KernelPath>)> = vec![("candle", "exact", None)];
     rows.push(("pollen", "exact", None));
     rows.extend(simd.iter().map(|&p| ("pollen", "fast", Some(p))));
@@ -601,9 +606,8 @@ fn prefill_memory_table(path: &Path, with_exact: bool) {
         "| blocks | weights | kernel | step peak MB (over RSS before) | estimate MB (`step_memory_bytes`) | process peak MB | step s |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let mut rows: Vec<(&str, Option<KernelPath>)> = KernelPath::ALL
+    let mut rows: Vec<(&str, Option<KernelPath>)> = simd_paths()
         .into_iter()
-        .filter(|p| *p != KernelPath::None && p.supported())
         .map(|p| ("fast", Some(p)))
         .collect();
     if with_exact {
@@ -739,10 +743,7 @@ fn kernel_table() {
         .collect();
     println!("| kernel | {} |", head.join(" | "));
     println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 1));
-    for kernel in KernelPath::ALL
-        .into_iter()
-        .filter(|p| *p != KernelPath::None && p.supported())
-    {
+    for kernel in simd_paths() {
         let (r, ran) = run_child(&["--child-kernel".into()], 1, Some(kernel));
         let cells: Vec<String> = r.iter().map(|g| format!("{g:.1}")).collect();
         println!("| {ran} | {} |", cells.join(" | "));
@@ -755,10 +756,7 @@ fn batch_table(path: &Path) {
     println!();
     println!("| sessions | kernel | one at a time, tok/s | one batch per step, tok/s | ratio |");
     println!("| --- | --- | --- | --- | --- |");
-    for kernel in KernelPath::ALL
-        .into_iter()
-        .filter(|p| *p != KernelPath::None && p.supported())
-    {
+    for kernel in simd_paths() {
         for sessions in [1usize, 8] {
             let (r, ran) = run_child(
                 &[
@@ -853,10 +851,7 @@ fn llama_run(bin: &Path, args: &[String], threads: usize) -> (Vec<[f64; 4]>, f64
 /// measured both from an empty context and at depth 128. Prints the
 /// medians and their ratios.
 fn vs_llama(path: &Path, llama: &Path, rounds: usize) {
-    let kernels: Vec<KernelPath> = KernelPath::ALL
-        .into_iter()
-        .filter(|p| *p != KernelPath::None && p.supported())
-        .collect();
+    let kernels = simd_paths();
     println!(
         "Pollen vs llama.cpp ({}), {}, 128-token prompt, 128 decoded tokens, {rounds} interleaved rounds, medians",
         llama.display(),

@@ -58,6 +58,9 @@ fn dots(a: &[f32], keys: &[f32], out: &mut [f32]) {
     let d = a.len();
     let full = d / 8 * 8;
     crate::kernels::lane_sums(a, keys, d, out);
+    if full == d {
+        return;
+    }
     let rest = &a[full..];
     for (j, o) in out.iter_mut().enumerate() {
         let key = &keys[j * d..(j + 1) * d];

@@ -194,9 +194,15 @@ fn float_simd() -> Option<avx2::Avx2> {
 /// every CPU.
 pub(crate) fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
     let a = &a[..a.len() / 8 * 8];
-    if let Some(k) = float_simd() {
-        return k.lane_sums(a, b, stride, out);
+    match float_simd() {
+        Some(k) => k.lane_sums(a, b, stride, out),
+        None => lane_sums_scalar(a, b, stride, out),
     }
+}
+
+/// [`lane_sums`] in plain code, for `a.len()` a multiple of 8: the SIMD
+/// path's reference.
+fn lane_sums_scalar(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         let mut acc = [0f32; 8];
         let bj = &b[j * stride..j * stride + a.len()];
@@ -214,13 +220,16 @@ pub(crate) fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
 pub(crate) fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
     match float_simd() {
         Some(k) => k.weighted_sum(p, x, y),
-        None => {
-            let d = y.len();
-            for (j, &pj) in p.iter().enumerate() {
-                for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
-                    *y += pj * x;
-                }
-            }
+        None => weighted_sum_scalar(p, x, y),
+    }
+}
+
+/// [`weighted_sum`] in plain code: the SIMD path's reference.
+fn weighted_sum_scalar(p: &[f32], x: &[f32], y: &mut [f32]) {
+    let d = y.len();
+    for (j, &pj) in p.iter().enumerate() {
+        for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
+            *y += pj * x;
         }
     }
 }

@@ -330,32 +330,16 @@ fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
             let a: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
             let b: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
             let full = d / 8 * 8;
-            let mut got = vec![0f32; n];
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
             k.lane_sums(&a[..full], &b, d, &mut got);
-            for (j, got) in got.iter().enumerate() {
-                let mut lanes = [0f32; 8];
-                for c in (0..full).step_by(8) {
-                    for l in 0..8 {
-                        lanes[l] += a[c + l] * b[j * d + c + l];
-                    }
-                }
-                let want = lanes[1..].iter().fold(lanes[0], |s, &x| s + x);
-                assert_eq!(
-                    got.to_bits(),
-                    want.to_bits(),
-                    "lane sums d {d} key {j} of {n}"
-                );
-            }
+            lane_sums_scalar(&a[..full], &b, d, &mut want);
+            assert_bits(&got, &want, &format!("lane sums d {d} n {n}"));
             let p: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
             let y0: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
             let mut got = y0.clone();
             k.weighted_sum(&p, &b, &mut got);
             let mut want = y0;
-            for (j, &pj) in p.iter().enumerate() {
-                for (c, y) in want.iter_mut().enumerate() {
-                    *y += pj * b[j * d + c];
-                }
-            }
+            weighted_sum_scalar(&p, &b, &mut want);
             assert_bits(&got, &want, &format!("weighted sum d {d} n {n}"));
         }
     }
