@@ -73,5 +73,14 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
         steps, decoded,
         "every decode step is counted once, batched or not"
     );
-    eprintln!("{steps} decode steps in {batches} batches");
+    // Each batch waited for the steps due soon at most its window, which is capped.
+    let waits = metric_sample(&metrics, "pollen_batch_wait_seconds_count").unwrap();
+    let waited = metric_sample(&metrics, "pollen_batch_wait_seconds_sum").unwrap();
+    assert_eq!(waits, batches, "every batch's wait is counted once");
+    let most = pollen_node::serve::batch::MOST_WAIT.as_secs_f64();
+    assert!(
+        waited <= batches * (most + 0.002),
+        "{batches} batches waited {waited} s in all, more than {most} s each"
+    );
+    eprintln!("{steps} decode steps in {batches} batches, {waited:.4} s waiting for steps due");
 }

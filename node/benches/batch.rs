@@ -1,6 +1,6 @@
 //! Batching bench: aggregate decode tokens/s of 1, 2, 4 and 8 concurrent clients
-//! against one real server holding every block (`0:30`, one thread, its own process),
-//! with the server's batching of decode steps on and off.
+//! against one real server holding every block (`0:30`, its own process, `--threads`
+//! threads, default 1), with the server's batching of decode steps on and off.
 //!
 //! A bootstrap and two servers run on 127.0.0.1: one batching (the default) and one with
 //! `POLLEN_MAX_BATCH=1` (each step alone). Every round pins its sessions to one of them,
@@ -12,7 +12,7 @@
 //! prompts are done to the last output. Each session's last output is compared, byte for
 //! byte, between the two servers.
 //!
-//! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N]`
+//! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N --threads N]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/bench_args.rs"]
@@ -38,6 +38,7 @@ const PROMPT: usize = 8;
 /// A server of every block, one thread, batching up to `max_batch` decode steps
 /// (`None`: the default); it and its hop.
 fn server(
+    threads: usize,
     exe: &Path,
     model: &Path,
     boot: &str,
@@ -45,15 +46,21 @@ fn server(
     max_batch: Option<&str>,
 ) -> (Proc, Hop, String, String) {
     let mut cmd = Command::new(exe);
-    cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(["--no-mdns", "--bootstrap", boot])
-        .args(["--max-sessions-per-client", "16"])
-        .args(["--metrics", "127.0.0.1:0"])
-        .arg("--model")
-        .arg(model)
-        .arg("--identity")
-        .arg(key);
+    cmd.args([
+        "serve",
+        "--threads",
+        &threads.to_string(),
+        "--blocks",
+        "0:30",
+    ])
+    .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+    .args(["--no-mdns", "--bootstrap", boot])
+    .args(["--max-sessions-per-client", "16"])
+    .args(["--metrics", "127.0.0.1:0"])
+    .arg("--model")
+    .arg(model)
+    .arg("--identity")
+    .arg(key);
     match max_batch {
         Some(v) => cmd.env(MAX_BATCH_ENV, v),
         None => cmd.env_remove(MAX_BATCH_ENV),
@@ -157,6 +164,7 @@ async fn round(
 fn main() {
     let tokens = arg("--tokens", 64);
     let rounds = arg("--rounds", 3);
+    let threads = arg("--threads", 1);
     let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let file = ModelFile::open(&model).unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
@@ -167,8 +175,16 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
     let (_boot, boot) = pollen_node::mesh::bootstrap(&exe, &dir, false).unwrap();
-    let (_on, on_hop, ready, on_metrics) = server(&exe, &model, &boot, &dir.join("on.key"), None);
-    let (_off, off_hop, _, _) = server(&exe, &model, &boot, &dir.join("off.key"), Some("1"));
+    let (_on, on_hop, ready, on_metrics) =
+        server(threads, &exe, &model, &boot, &dir.join("on.key"), None);
+    let (_off, off_hop, _, _) = server(
+        threads,
+        &exe,
+        &model,
+        &boot,
+        &dir.join("off.key"),
+        Some("1"),
+    );
     let compute = ready
         .split_whitespace()
         .skip_while(|w| *w != "compute")
@@ -210,7 +226,7 @@ fn main() {
     println!("CPU: {}", cpu_line());
     println!("load average at start: {}", load());
     println!(
-        "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, 1 thread; {tokens} decode tokens a client after a {PROMPT}-token prompt; median of {rounds} rounds, on and off interleaved",
+        "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, {threads} thread(s); {tokens} decode tokens a client after a {PROMPT}-token prompt; median of {rounds} rounds, on and off interleaved",
         pollen_shard::kernels::active_path()
     );
     let mut rows = Vec::new();

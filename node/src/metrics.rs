@@ -115,6 +115,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     peers_connected: Gauge,
     batch_steps: Histogram,
+    batch_wait_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -154,6 +155,10 @@ impl Metrics {
             batch_steps = "batch_steps", None, Histogram::new(exponential_buckets(1.0, 2.0, 7)),
                 "On a server, the decode steps of different sessions computed in one pass \
                  over its weights (1: a step alone)";
+            batch_wait_seconds = "batch_wait", Some(Unit::Seconds),
+                Histogram::new(exponential_buckets(0.000_125, 2.0, 7)),
+                "On a server, how long a batch waited for other sessions' decode steps due \
+                 within its window before computing (0: none due)";
         }
     }
 
@@ -192,6 +197,11 @@ impl Metrics {
     /// A server computed `steps` sessions' decode steps in one pass over its weights.
     pub fn batch(&self, steps: usize) {
         self.batch_steps.observe(steps as f64);
+    }
+
+    /// A batch waited `waited` for steps due soon before computing.
+    pub fn batch_wait(&self, waited: std::time::Duration) {
+        self.batch_wait_seconds.observe(waited.as_secs_f64());
     }
 
     /// Times a server's step at hop `hop` of its route, until the guard drops.

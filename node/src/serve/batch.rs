@@ -5,13 +5,23 @@
 //! step waiting, [`BlockSpan::forward_batch`] runs them in one pass over the weights,
 //! each with its own KV cache, and gives each the same bytes as its own step.
 //!
-//! There is no batching task and no waiting for a batch to fill. A session's decode step
-//! joins the server's [`Queue`] and waits for a compute permit like any other step;
-//! whoever gets a permit first while its step is still queued takes it together with
-//! whatever else is queued at that moment (at most [`MAX_BATCH_ENV`] steps), computes them,
-//! and hands each its output. A step taken by another session's batch just waits for its
-//! output. A lone client therefore waits for nothing more than before, while under load
-//! the steps that queue up during one batch form the next.
+//! There is no batching task. A session's decode step joins the server's [`Queue`] and
+//! waits for a compute permit like any other step; whoever gets a permit first while its
+//! step is still queued takes it together with whatever else is queued at that moment (at
+//! most [`MAX_BATCH_ENV`] steps), computes them, and hands each its output. A step taken by
+//! another session's batch just waits for its output. Under load the steps that queue up
+//! during one batch form the next.
+//!
+//! Left there, sessions settle into groups that take turns: the steps of the sessions
+//! whose batch just ended come back while the next group computes, so eight clients of a
+//! one-thread server run as two alternating batches of four, and a batch of four costs
+//! much more than half a batch of eight. So each session keeps its [`Pace`]: how long
+//! after its output its next step usually comes back (its client's or the next hops'
+//! round trip). Before taking a batch, the permit holder waits for the sessions whose next
+//! step is due within a short window: at most a quarter of a batch's compute time and
+//! never more than [`MOST_WAIT`]. A session whose step is due later (a slow network, a
+//! longer pipeline behind it, a person typing) is not waited for, and a lone client, with
+//! nobody else due, waits for nothing.
 //!
 //! Everything else a step needs (its share of the memory budget, its input decoded and
 //! checked) is done by the session itself before it queues, and what comes back (fault
@@ -20,10 +30,12 @@
 use super::Server;
 use candle_core::Tensor;
 use pollen_shard::{BlockSpan, LoadOptions, ShardError, SpanCache, WeightMode};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::oneshot;
+use std::time::Duration;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 
 /// Environment variable capping how many decode steps one batch computes; `1` turns
 /// batching off (each step computes alone, as without batching).
@@ -34,6 +46,13 @@ pub const DEFAULT_MAX_BATCH: usize = 16;
 
 /// Upper bound on [`MAX_BATCH_ENV`].
 const MOST_BATCH: usize = 64;
+
+/// The longest a permit holder waits for steps due soon before taking its batch.
+pub const MOST_WAIT: Duration = Duration::from_millis(4);
+
+/// Sessions whose next step is expected that a queue remembers; past this, new
+/// expectations are dropped (they only cost a wait).
+const MOST_DUE: usize = 4096;
 
 /// What a computed step gives back: its cache (as the step left it) and its output.
 pub(super) type StepResult = (SpanCache, Result<Tensor, ShardError>);
@@ -47,7 +66,7 @@ pub(super) enum NotRun {
 }
 
 /// A queued decode step.
-struct Job {
+pub(super) struct Job {
     id: u64,
     input: Tensor,
     position: usize,
@@ -55,14 +74,74 @@ struct Job {
     reply: oneshot::Sender<StepResult>,
 }
 
+/// When a session's next decode step is expected: how long after its last output the
+/// one after usually came (a moving average), and when that output was.
+#[derive(Debug)]
+pub(super) struct Pace {
+    key: u64,
+    last_done: Option<Instant>,
+    gap: Option<Duration>,
+}
+
+impl Pace {
+    /// A session's pace, nothing known yet.
+    pub(super) fn new<J: Queued>(queue: &Queue<J>) -> Self {
+        Self {
+            key: queue.next_key.fetch_add(1, Ordering::Relaxed),
+            last_done: None,
+            gap: None,
+        }
+    }
+
+    /// A step arrived at `now`: the gap since the last output joins the average.
+    fn arrive(&mut self, now: Instant) {
+        if let Some(done) = self.last_done.take() {
+            let gap = now.saturating_duration_since(done);
+            self.gap = Some(match self.gap {
+                Some(old) => old.saturating_mul(3).saturating_add(gap) / 4,
+                None => gap,
+            });
+        }
+    }
+
+    /// A step's output came at `now`: when the next step is due, if a gap is known.
+    fn done(&mut self, now: Instant) -> Option<Instant> {
+        self.last_done = Some(now);
+        now.checked_add(self.gap?)
+    }
+}
+
+/// What a [`Queue`] holds: anything with an id ([`Job`]s on a server).
+pub(super) trait Queued {
+    fn id(&self) -> u64;
+}
+
+impl Queued for Job {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// What a queue's lock guards: the steps waiting, and when other sessions' next steps
+/// are due (by [`Pace`] key; a session leaves its entry when its step arrives).
+struct Waiting<J> {
+    jobs: VecDeque<J>,
+    due: HashMap<u64, Instant>,
+}
+
 /// The decode steps waiting to be computed on one server.
-pub(super) struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+pub(super) struct Queue<J = Job> {
+    state: Mutex<Waiting<J>>,
+    /// Woken whenever a step joins.
+    arrived: Notify,
     next_id: AtomicU64,
+    next_key: AtomicU64,
+    /// A moving average of a batch's compute time, in nanoseconds (0: none yet).
+    compute_ns: AtomicU64,
     max: usize,
 }
 
-impl Queue {
+impl Queue<Job> {
     /// A queue batching up to [`MAX_BATCH_ENV`] (or [`DEFAULT_MAX_BATCH`]) steps, if
     /// spans loaded with `load` can batch at all: [`BlockSpan::forward_batch`] needs a
     /// fast weight mode on the CPU (exact mode keeps candle's order of operations).
@@ -74,11 +153,19 @@ impl Queue {
         };
         Self::with_max(max)
     }
+}
 
+impl<J: Queued> Queue<J> {
     fn with_max(max: usize) -> Self {
         Self {
-            jobs: Mutex::new(VecDeque::new()),
+            state: Mutex::new(Waiting {
+                jobs: VecDeque::new(),
+                due: HashMap::new(),
+            }),
+            arrived: Notify::new(),
             next_id: AtomicU64::new(0),
+            next_key: AtomicU64::new(0),
+            compute_ns: AtomicU64::new(0),
             max: max.clamp(1, MOST_BATCH),
         }
     }
@@ -88,26 +175,96 @@ impl Queue {
         self.max > 1
     }
 
-    fn push(&self, job: Job) {
-        if let Ok(mut q) = self.jobs.lock() {
-            q.push_back(job);
+    /// Queues `job`, the step of the session with [`Pace`] key `key`.
+    fn push(&self, job: J, key: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.due.remove(&key);
+            s.jobs.push_back(job);
+        }
+        self.arrived.notify_waiters();
+    }
+
+    /// Notes that the session with [`Pace`] key `key` will likely step again at `at`.
+    fn expect(&self, key: u64, at: Instant) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if s.due.len() >= MOST_DUE {
+            // Entries of sessions that ended, long overdue, go first.
+            let stale = Instant::now().checked_sub(Duration::from_secs(1));
+            s.due.retain(|_, due| stale.is_none_or(|t| *due > t));
+            if s.due.len() >= MOST_DUE {
+                return;
+            }
+        }
+        s.due.insert(key, at);
+    }
+
+    /// How long a permit holder waits at most for steps due soon: a quarter of a batch's
+    /// compute time, at most [`MOST_WAIT`].
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.compute_ns.load(Ordering::Relaxed) / 4).min(MOST_WAIT)
+    }
+
+    /// A batch took `took` to compute.
+    fn computed(&self, took: Duration) {
+        let new = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.compute_ns.load(Ordering::Relaxed);
+        let avg = if old == 0 {
+            new
+        } else {
+            (old / 4).saturating_mul(3).saturating_add(new / 4)
+        };
+        self.compute_ns.store(avg.max(1), Ordering::Relaxed);
+    }
+
+    /// While step `id` is queued and the batch it would lead has room, waits for the
+    /// steps due within [`Self::window`] from now (those overdue by more than that are
+    /// not counted on), and no longer than the window.
+    async fn gather(&self, id: u64) {
+        let window = self.window();
+        if window.is_zero() {
+            return;
+        }
+        let start = Instant::now();
+        let (deadline, earliest) = (start + window, start.checked_sub(window));
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before looking, so that no arrival in between is missed.
+            arrived.as_mut().enable();
+            {
+                let Ok(s) = self.state.lock() else { return };
+                let room = s.jobs.len() < self.max;
+                let queued = s.jobs.iter().any(|j| j.id() == id);
+                let soon = s
+                    .due
+                    .values()
+                    .any(|&at| at <= deadline && earliest.is_none_or(|e| at >= e));
+                if !(room && queued && soon) {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = &mut arrived => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
     /// The step `id` taken back out of the queue, if no batch has taken it.
-    fn withdraw(&self, id: u64) -> Option<Job> {
-        let mut q = self.jobs.lock().ok()?;
-        let i = q.iter().position(|j| j.id == id)?;
-        q.remove(i)
+    fn withdraw(&self, id: u64) -> Option<J> {
+        let mut s = self.state.lock().ok()?;
+        let i = s.jobs.iter().position(|j| j.id() == id)?;
+        s.jobs.remove(i)
     }
 
     /// If step `id` is still queued: it and the steps queued before and after it, in
     /// order, at most [`Self::max`] in all. Empty if a batch already took it.
-    fn take_batch(&self, id: u64) -> Vec<Job> {
-        let Ok(mut q) = self.jobs.lock() else {
+    fn take_batch(&self, id: u64) -> Vec<J> {
+        let Ok(mut s) = self.state.lock() else {
             return Vec::new();
         };
-        let Some(mine) = q.iter().position(|j| j.id == id) else {
+        let q = &mut s.jobs;
+        let Some(mine) = q.iter().position(|j| j.id() == id) else {
             return Vec::new();
         };
         let Some(own) = q.remove(mine) else {
@@ -155,17 +312,38 @@ pub(super) async fn decode(
     input: Tensor,
     position: usize,
     cache: SpanCache,
+    pace: &mut Pace,
+) -> Result<StepResult, NotRun> {
+    let queue = &server.batch;
+    pace.arrive(Instant::now());
+    let result = queued(server, input, position, cache, pace.key).await;
+    if let Some(at) = pace.done(Instant::now()) {
+        queue.expect(pace.key, at);
+    }
+    result
+}
+
+/// [`decode`] from the step's arrival to its output.
+async fn queued(
+    server: &Server,
+    input: Tensor,
+    position: usize,
+    cache: SpanCache,
+    key: u64,
 ) -> Result<StepResult, NotRun> {
     let queue = &server.batch;
     let id = queue.next_id.fetch_add(1, Ordering::Relaxed);
     let (reply, mut out) = oneshot::channel();
-    queue.push(Job {
-        id,
-        input,
-        position,
-        cache,
-        reply,
-    });
+    queue.push(
+        Job {
+            id,
+            input,
+            position,
+            cache,
+            reply,
+        },
+        key,
+    );
     let permit = tokio::select! {
         biased;
         r = &mut out => return r.map_err(|_| NotRun::Lost("the batch computing it failed".into())),
@@ -177,16 +355,21 @@ pub(super) async fn decode(
             None => answer(out).await,
         };
     };
+    let gathering = Instant::now();
+    queue.gather(id).await;
     let jobs = queue.take_batch(id);
     if jobs.is_empty() {
         // Another session's batch took this step: the permit goes to the next.
         drop(permit);
     } else {
+        crate::metrics::global().batch_wait(gathering.elapsed());
         let span = server.span.clone();
+        let started = Instant::now();
         // A panic loses the batch's caches: their senders drop and each session ends.
         if let Err(e) = tokio::task::spawn_blocking(move || run(&span, jobs)).await {
             tracing::error!("a batched compute task failed: {e}");
         }
+        queue.computed(started.elapsed());
         drop(permit);
     }
     answer(out).await
@@ -220,6 +403,126 @@ fn run(span: &BlockSpan, mut jobs: Vec<Job>) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    use std::sync::Arc;
+
+    impl Queued for u64 {
+        fn id(&self) -> u64 {
+            *self
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A queue whose batches have taken four times `window` to compute.
+    fn queue(window: Duration) -> Queue<u64> {
+        let q = Queue::with_max(4);
+        q.computed(window * 4);
+        assert_eq!(q.window(), window);
+        q
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nobody_due_the_batch_is_taken_at_once() {
+        let q = queue(ms(2));
+        q.push(1, 10);
+        q.push(2, 20);
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(q.take_batch(1), vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_due_within_the_window_is_waited_for_until_it_comes() {
+        let q = Arc::new(queue(ms(3)));
+        q.expect(20, Instant::now() + ms(1));
+        q.push(1, 10);
+        let late = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(1)).await;
+            late.push(2, 20);
+        });
+        let t = Instant::now();
+        q.gather(1).await;
+        // It came after 1 ms, and nobody else is due: no waiting to the window's end.
+        assert_eq!(t.elapsed(), ms(1));
+        assert_eq!(q.take_batch(1), vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_does_not_come_costs_one_window_and_then_none() {
+        let q = queue(ms(2));
+        q.expect(20, Instant::now() + ms(1));
+        q.push(1, 10);
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), ms(2));
+        assert_eq!(q.take_batch(1), vec![1]);
+        // Overdue by more than a window now: the next batch does not wait for it.
+        tokio::time::sleep(ms(2)).await;
+        q.push(3, 30);
+        let t = Instant::now();
+        q.gather(3).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steps_due_after_the_window_or_into_a_full_batch_are_not_waited_for() {
+        let q = queue(ms(2));
+        q.expect(20, Instant::now() + ms(3));
+        q.push(1, 10);
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), Duration::ZERO, "due after the window");
+        q.expect(30, Instant::now());
+        for (id, key) in [(2, 40), (3, 50), (4, 60)] {
+            q.push(id, key);
+        }
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), Duration::ZERO, "the batch is full (4)");
+        assert_eq!(q.take_batch(1), vec![1, 2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_any_batch_has_computed_nobody_waits() {
+        let q: Queue<u64> = Queue::with_max(4);
+        assert_eq!(q.window(), Duration::ZERO);
+        q.expect(20, Instant::now());
+        q.push(1, 10);
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_window_is_a_quarter_of_a_batch_and_at_most_most_wait() {
+        let q: Queue<u64> = Queue::with_max(4);
+        q.computed(ms(8));
+        assert_eq!(q.window(), ms(2));
+        q.computed(ms(8) * 5);
+        // (8 · 3 + 40) / 4 = 16 ms a batch on average.
+        assert_eq!(q.window(), ms(4));
+        q.computed(ms(400));
+        assert_eq!(q.window(), MOST_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pace_is_the_moving_average_of_the_gaps_after_its_outputs() {
+        let q: Queue<u64> = Queue::with_max(4);
+        let mut p = Pace::new(&q);
+        let t0 = Instant::now();
+        p.arrive(t0);
+        assert_eq!(p.done(t0), None, "no gap known yet");
+        p.arrive(t0 + ms(4));
+        assert_eq!(p.done(t0 + ms(10)), Some(t0 + ms(14)));
+        p.arrive(t0 + ms(18));
+        // (4 · 3 + 8) / 4 = 5 ms.
+        assert_eq!(p.done(t0 + ms(20)), Some(t0 + ms(25)));
+        assert_ne!(Pace::new(&q).key, p.key);
+    }
 
     #[test]
     fn the_cap_comes_from_the_environment_within_bounds() {

@@ -15,9 +15,9 @@
 //! replacement's cache can be rebuilt by replaying it. The steps themselves (compute,
 //! send on, read back) are in [`super::steps`].
 
-use super::Server;
 use super::sent_log::SentLog;
 use super::steps::{Failure, compute, downstream_event, send_down, send_output};
+use super::{Server, batch};
 use crate::net::stream::{self, FrameReader, FrameWriter};
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{
@@ -529,6 +529,7 @@ async fn run_session(
         .min(open.budget.max_message_bytes as usize);
     let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4, frame_cap);
     let mut cache = Some(server.span.new_cache(limits));
+    let mut pace = batch::Pace::new(&server.batch);
     let mut attach: Option<FrameWriter> = None;
     let idle = server.cfg.idle_timeout.min(Duration::from_millis(u64::from(
         open.budget.idle_timeout_ms,
@@ -644,7 +645,7 @@ async fn run_session(
                         let _timer = crate::metrics::global().server_step(hop);
                         let Some(c) = cache.take() else { break End::Failed };
                         let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
-                        let (c, result) = compute(&server, c, &hidden, position).await;
+                        let (c, result) = compute(&server, c, &hidden, position, &mut pace).await;
                         cache = c;
                         let out = match result {
                             Ok(out) => out,

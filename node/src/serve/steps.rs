@@ -72,6 +72,7 @@ pub(super) async fn compute(
     cache: SpanCache,
     hidden: &HiddenStates,
     position: u32,
+    pace: &mut batch::Pace,
 ) -> (
     Option<SpanCache>,
     Result<candle_core::Tensor, ProtocolError>,
@@ -141,7 +142,7 @@ pub(super) async fn compute(
         );
     }
     let joined = if batched {
-        match batch::decode(server, input, position as usize, cache).await {
+        match batch::decode(server, input, position as usize, cache, pace).await {
             Ok(r) => Ok(r),
             Err(NotRun::Lost(e)) => Err(e),
             Err(NotRun::Stopping(cache)) => {
