@@ -9,8 +9,9 @@
 //! `--tokens` decode steps of one token each, fed from a fixed text (teacher forcing, so
 //! the client spends no time on its head and the server's throughput is what is
 //! measured). Aggregate tokens/s counts every client's decode steps, from the moment all
-//! prompts are done to the last output. Each session's last output is compared, byte for
-//! byte, between the two servers.
+//! prompts are done to the last output; "vs 1 client" is against the median of every
+//! one-client round on both servers (the same code for one client). Each session's last
+//! output is compared, byte for byte, between the two servers.
 //!
 //! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N --threads N]`
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -90,12 +91,13 @@ fn server(
 }
 
 /// Batches and decode steps a server has computed so far, from its `/metrics`.
-fn batches(url: &str) -> (f64, f64) {
+fn batches(url: &str) -> (f64, f64, f64) {
     let text = common::http_get_url(url);
     let sample = |name| common::metric_sample(&text, name).unwrap_or(0.0);
     (
         sample("pollen_batch_steps_count"),
         sample("pollen_batch_steps_sum"),
+        sample("pollen_batch_wait_seconds_sum"),
     )
 }
 
@@ -230,7 +232,9 @@ fn main() {
         pollen_shard::kernels::active_path()
     );
     let mut rows = Vec::new();
-    let mut base = (0.0, 0.0);
+    // One client runs the same code on both servers: its rounds on either are pooled
+    // into the one-client figure that the others are compared with.
+    let mut base = f64::NAN;
     for &n in &CLIENTS {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut same = true;
@@ -259,24 +263,25 @@ fn main() {
         }
         let after = batches(&on_metrics);
         let mean_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
-        let (on, off) = (median(&mut on), median(&mut off));
+        let mean_wait_us = (after.2 - before.2) * 1e6 / (after.0 - before.0).max(1.0);
         if n == 1 {
-            base = (on, off);
+            base = median(&mut [on.as_slice(), off.as_slice()].concat());
         }
-        rows.push((n, on, off, same, mean_batch));
+        let (on, off) = (median(&mut on), median(&mut off));
+        rows.push((n, on, off, same, mean_batch, mean_wait_us));
         eprintln!("{n} clients: on {on:.1} tok/s (mean batch {mean_batch:.1}), off {off:.1} tok/s");
     }
     println!();
     println!(
-        "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client | off vs 1 client | mean batch (on) | outputs equal |"
+        "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client (both servers) | off vs 1 client | mean batch (on) | mean wait (on), µs | outputs equal |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (n, on, off, same, mean_batch) in rows {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (n, on, off, same, mean_batch, wait) in rows {
         println!(
-            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {mean_batch:.1} | {} |",
+            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {mean_batch:.1} | {wait:.0} | {} |",
             on / off,
-            on / base.0,
-            off / base.1,
+            on / base,
+            off / base,
             if same { "yes" } else { "NO" }
         );
     }
