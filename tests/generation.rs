@@ -1,7 +1,7 @@
 //! Distributed generation on a real 3-server swarm (spans 0:10, 10:20, 20:30,
 //! separate processes, a bootstrap node): greedy text equals `--local` token
 //! for token for chat and plain prompts, and eight clients at once each get
-//! their own correct text.
+//! their own correct text. An answer the model ends at once says so on stderr.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -120,4 +120,45 @@ fn a_client_that_goes_away_frees_its_session() {
             "after {signal} the servers were still full: {log}"
         );
     }
+}
+
+#[test]
+fn an_empty_answer_says_why_and_points_at_chat() {
+    // This chat model ends its turn at once on a bare question (greedy, so always).
+    let out = std::process::Command::new(pollen())
+        .args(["generate", "--local", "--threads", "1", "--max-tokens", "8"])
+        .args(["--prompt", "What is the capital of France?"])
+        .arg("--model")
+        .arg(model())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "", "an answer after all: {stdout:?}");
+    assert!(
+        stderr.contains("ended its answer at once") && stderr.contains("add --chat"),
+        "no hint on stderr: {stderr}"
+    );
+    // Wrapped in the template, the same question gets an answer and no hint.
+    let out = std::process::Command::new(pollen())
+        .args([
+            "generate",
+            "--local",
+            "--chat",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "8",
+        ])
+        .args(["--prompt", "What is the capital of France?"])
+        .arg("--model")
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ended its answer at once"));
 }

@@ -308,7 +308,18 @@ fn stdout_sink() -> impl FnMut(&str) -> bool + Send {
     }
 }
 
+/// Says on stderr why the answer is empty, where it is, and prints `--stats`.
 fn print_stats(args: &GenerateArgs, result: &pollen_shard::generate::Generation) {
+    if result.tokens.is_empty() && result.stop == pollen_shard::generate::StopReason::EndOfTurn {
+        eprintln!(
+            "the model ended its answer at once (nothing generated){}",
+            if args.chat {
+                ""
+            } else {
+                "; chat models answer a question wrapped in their template: add --chat"
+            }
+        );
+    }
     if args.stats {
         eprintln!(
             "prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s ({:?})",
