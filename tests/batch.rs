@@ -46,9 +46,15 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
         .unwrap()
         .trim_start_matches("metrics ")
         .to_string();
-    server
+    let ready = server
         .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
         .unwrap();
+    // The ready line names the kernel the fast mode runs on (this machine's, as here).
+    let kernel = format!("kernel {}", pollen_shard::kernels::active_path());
+    assert!(
+        ready.trim_end().ends_with(&kernel),
+        "{ready:?} lacks {kernel:?}"
+    );
 
     let local = all_at_once(|prompt, chat| generate(None, prompt, chat, TOKENS));
     let swarm = all_at_once(|prompt, chat| generate(Some(&addr), prompt, chat, TOKENS));

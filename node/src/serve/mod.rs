@@ -419,9 +419,16 @@ pub async fn run(
         Err(e) => tracing::error!("cannot sign the announcement: {e}"),
     }
     let range = server.span.range();
+    // Which of the engine's kernels the fast mode runs on here (POLLEN_KERNEL may force
+    // one); any other mode runs on candle's.
+    let kernel = if server.compute == "fast/cpu" {
+        pollen_shard::kernels::active_path()
+    } else {
+        "candle"
+    };
     println!(
         "ready peer {me} model {model_id} blocks {range} throughput {throughput:.1} compute {} \
-         kv-budget {} MB ({} B a token)",
+         kv-budget {} MB ({} B a token) kernel {kernel}",
         server.compute,
         server.kv_budget.max() / (1024 * 1024),
         server.kv_per_token
