@@ -21,7 +21,9 @@
 //! step is due within a short window: at most a quarter of a batch's compute time and
 //! never more than [`MOST_WAIT`]. A session whose step is due later (a slow network, a
 //! longer pipeline behind it, a person typing) is not waited for, and a lone client, with
-//! nobody else due, waits for nothing.
+//! nobody else due, waits for nothing. Nor is a session whose last step missed its
+//! prediction by more than a window, until one hits again: uneven clients, hostile or
+//! not, cost a batch at most one window now and then, never a window a step.
 //!
 //! Everything else a step needs (its share of the memory budget, its input decoded and
 //! checked) is done by the session itself before it queues, and what comes back (fault
@@ -54,6 +56,9 @@ pub const MOST_WAIT: Duration = Duration::from_millis(4);
 /// expectations are dropped (they only cost a wait).
 const MOST_DUE: usize = 4096;
 
+/// From this many expectations on, each new one first drops those long overdue.
+const PRUNE_AT: usize = 64;
+
 /// What a computed step gives back: its cache (as the step left it) and its output.
 pub(super) type StepResult = (SpanCache, Result<Tensor, ShardError>);
 
@@ -76,12 +81,24 @@ pub(super) struct Job {
 
 /// When a session's next decode step is expected: how long after its last output the
 /// one after usually came (a moving average), and when that output was.
+///
+/// A session whose last prediction missed (its step came more than a window early or
+/// late) is not announced as due until one hits again, so a client whose steps come at
+/// uneven times cannot make batches wait for steps that do not come.
 #[derive(Debug)]
 pub(super) struct Pace {
     key: u64,
     last_done: Option<Instant>,
     gap: Option<Duration>,
+    /// When the next step was predicted, whether or not it was announced.
+    predicted: Option<Instant>,
+    /// Whether the last prediction hit (the first is given the benefit of the doubt).
+    trusted: bool,
 }
+
+/// A gap longer than this (a person reading, a prompt in between) starts the average
+/// afresh instead of joining it.
+const LONGEST_GAP: Duration = Duration::from_secs(1);
 
 impl Pace {
     /// A session's pace, nothing known yet.
@@ -90,24 +107,53 @@ impl Pace {
             key: queue.next_key.fetch_add(1, Ordering::Relaxed),
             last_done: None,
             gap: None,
+            predicted: None,
+            trusted: true,
         }
     }
 
-    /// A step arrived at `now`: the gap since the last output joins the average.
-    fn arrive(&mut self, now: Instant) {
-        if let Some(done) = self.last_done.take() {
-            let gap = now.saturating_duration_since(done);
-            self.gap = Some(match self.gap {
-                Some(old) => old.saturating_mul(3).saturating_add(gap) / 4,
-                None => gap,
-            });
+    /// A step arrived at `now`, where a prediction counts as a hit within `window` of
+    /// it: the gap since the last output joins the average.
+    fn arrive(&mut self, now: Instant, window: Duration) {
+        let predicted = self.predicted.take();
+        let Some(done) = self.last_done.take() else {
+            return;
+        };
+        let gap = now.saturating_duration_since(done);
+        if gap > LONGEST_GAP {
+            // A pause, not a pace: start afresh.
+            self.gap = None;
+            self.trusted = true;
+            return;
         }
+        if let Some(p) = predicted {
+            let off = if now > p { now - p } else { p - now };
+            self.trusted = off <= window;
+        }
+        self.gap = Some(match self.gap {
+            Some(old) => old.saturating_mul(3).saturating_add(gap) / 4,
+            None => gap,
+        });
     }
 
-    /// A step's output came at `now`: when the next step is due, if a gap is known.
+    /// A step's output came at `now`: when the next step is due, if a gap is known
+    /// and the last prediction hit.
     fn done(&mut self, now: Instant) -> Option<Instant> {
         self.last_done = Some(now);
-        now.checked_add(self.gap?)
+        self.predicted = now.checked_add(self.gap?);
+        self.predicted.filter(|_| self.trusted)
+    }
+
+    /// A step that is not a batched decode step (a prompt, or one refused before it
+    /// queued): the next gap would not be the session's usual one.
+    pub(super) fn interrupted(&mut self) {
+        self.last_done = None;
+        self.predicted = None;
+    }
+
+    /// The session ends: its next step is due nowhere.
+    pub(super) fn leave<J: Queued>(self, queue: &Queue<J>) {
+        queue.forget(self.key);
     }
 }
 
@@ -132,8 +178,8 @@ struct Waiting<J> {
 /// The decode steps waiting to be computed on one server.
 pub(super) struct Queue<J = Job> {
     state: Mutex<Waiting<J>>,
-    /// Woken whenever a step joins.
-    arrived: Notify,
+    /// Woken whenever a step joins or leaves the queue.
+    changed: Notify,
     next_id: AtomicU64,
     next_key: AtomicU64,
     /// A moving average of a batch's compute time, in nanoseconds (0: none yet).
@@ -162,7 +208,7 @@ impl<J: Queued> Queue<J> {
                 jobs: VecDeque::new(),
                 due: HashMap::new(),
             }),
-            arrived: Notify::new(),
+            changed: Notify::new(),
             next_id: AtomicU64::new(0),
             next_key: AtomicU64::new(0),
             compute_ns: AtomicU64::new(0),
@@ -181,21 +227,29 @@ impl<J: Queued> Queue<J> {
             s.due.remove(&key);
             s.jobs.push_back(job);
         }
-        self.arrived.notify_waiters();
+        self.changed.notify_waiters();
     }
 
     /// Notes that the session with [`Pace`] key `key` will likely step again at `at`.
     fn expect(&self, key: u64, at: Instant) {
         let Ok(mut s) = self.state.lock() else { return };
-        if s.due.len() >= MOST_DUE {
-            // Entries of sessions that ended, long overdue, go first.
-            let stale = Instant::now().checked_sub(Duration::from_secs(1));
-            s.due.retain(|_, due| stale.is_none_or(|t| *due > t));
+        if s.due.len() >= PRUNE_AT {
+            // Entries overdue by more than the longest window can never count again.
+            if let Some(stale) = Instant::now().checked_sub(MOST_WAIT) {
+                s.due.retain(|_, due| *due >= stale);
+            }
             if s.due.len() >= MOST_DUE {
                 return;
             }
         }
         s.due.insert(key, at);
+    }
+
+    /// Forgets when the session with [`Pace`] key `key` was due (it ended).
+    fn forget(&self, key: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.due.remove(&key);
+        }
     }
 
     /// How long a permit holder waits at most for steps due soon: a quarter of a batch's
@@ -227,10 +281,10 @@ impl<J: Queued> Queue<J> {
         let start = Instant::now();
         let (deadline, earliest) = (start + window, start.checked_sub(window));
         loop {
-            let arrived = self.arrived.notified();
-            tokio::pin!(arrived);
-            // Registered before looking, so that no arrival in between is missed.
-            arrived.as_mut().enable();
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so that no change in between is missed.
+            changed.as_mut().enable();
             {
                 let Ok(s) = self.state.lock() else { return };
                 let room = s.jobs.len() < self.max;
@@ -244,7 +298,7 @@ impl<J: Queued> Queue<J> {
                 }
             }
             tokio::select! {
-                _ = &mut arrived => {}
+                _ = &mut changed => {}
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
@@ -252,14 +306,27 @@ impl<J: Queued> Queue<J> {
 
     /// The step `id` taken back out of the queue, if no batch has taken it.
     fn withdraw(&self, id: u64) -> Option<J> {
-        let mut s = self.state.lock().ok()?;
-        let i = s.jobs.iter().position(|j| j.id() == id)?;
-        s.jobs.remove(i)
+        let job = {
+            let mut s = self.state.lock().ok()?;
+            let i = s.jobs.iter().position(|j| j.id() == id)?;
+            s.jobs.remove(i)
+        };
+        self.changed.notify_waiters();
+        job
     }
 
     /// If step `id` is still queued: it and the steps queued before and after it, in
     /// order, at most [`Self::max`] in all. Empty if a batch already took it.
     fn take_batch(&self, id: u64) -> Vec<J> {
+        let batch = self.take_locked(id);
+        if !batch.is_empty() {
+            // Another permit holder gathering for a step taken here stops waiting.
+            self.changed.notify_waiters();
+        }
+        batch
+    }
+
+    fn take_locked(&self, id: u64) -> Vec<J> {
         let Ok(mut s) = self.state.lock() else {
             return Vec::new();
         };
@@ -315,10 +382,13 @@ pub(super) async fn decode(
     pace: &mut Pace,
 ) -> Result<StepResult, NotRun> {
     let queue = &server.batch;
-    pace.arrive(Instant::now());
+    pace.arrive(Instant::now(), queue.window());
     let result = queued(server, input, position, cache, pace.key).await;
-    if let Some(at) = pace.done(Instant::now()) {
-        queue.expect(pace.key, at);
+    match (&result, pace.done(Instant::now())) {
+        (Ok(_), Some(at)) => queue.expect(pace.key, at),
+        // A step not computed: the session is stopping or gone.
+        (Err(_), _) => pace.interrupted(),
+        (Ok(_), None) => {}
     }
     result
 }
@@ -513,15 +583,101 @@ mod tests {
     async fn a_pace_is_the_moving_average_of_the_gaps_after_its_outputs() {
         let q: Queue<u64> = Queue::with_max(4);
         let mut p = Pace::new(&q);
+        // A wide window: every prediction here hits.
+        let w = ms(10);
         let t0 = Instant::now();
-        p.arrive(t0);
+        p.arrive(t0, w);
         assert_eq!(p.done(t0), None, "no gap known yet");
-        p.arrive(t0 + ms(4));
+        p.arrive(t0 + ms(4), w);
         assert_eq!(p.done(t0 + ms(10)), Some(t0 + ms(14)));
-        p.arrive(t0 + ms(18));
+        p.arrive(t0 + ms(18), w);
         // (4 · 3 + 8) / 4 = 5 ms.
         assert_eq!(p.done(t0 + ms(20)), Some(t0 + ms(25)));
         assert_ne!(Pace::new(&q).key, p.key);
+        // A gap of more than LONGEST_GAP starts afresh; so does a step in between.
+        p.arrive(t0 + ms(20) + LONGEST_GAP + ms(1), w);
+        let t1 = Instant::now() + ms(3000);
+        assert_eq!(p.done(t1), None);
+        p.arrive(t1 + ms(3), w);
+        assert_eq!(p.done(t1 + ms(5)), Some(t1 + ms(8)));
+        p.interrupted();
+        p.arrive(t1 + ms(100), w);
+        assert_eq!(
+            p.done(t1 + ms(101)),
+            Some(t1 + ms(104)),
+            "the 3 ms gap is kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_step_missed_its_prediction_is_not_announced_until_one_hits() {
+        let q: Queue<u64> = Queue::with_max(4);
+        let mut p = Pace::new(&q);
+        let w = ms(1);
+        let t0 = Instant::now();
+        p.arrive(t0, w);
+        p.done(t0);
+        p.arrive(t0 + ms(2), w);
+        assert_eq!(p.done(t0 + ms(3)), Some(t0 + ms(5)));
+        // Due at +5, comes at +20: a miss, so the next prediction is kept to itself.
+        p.arrive(t0 + ms(20), w);
+        let next = p.done(t0 + ms(21));
+        assert_eq!(next, None, "a session that missed is not waited for");
+        // (2 · 3 + 17) / 4 = 5.75 ms, due at 26.75; it comes at 27: a hit, trusted again.
+        p.arrive(t0 + ms(27), w);
+        assert!(p.done(t0 + ms(28)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gatherer_whose_step_another_batch_took_stops_waiting() {
+        let q = Arc::new(queue(ms(4)));
+        q.expect(30, Instant::now() + ms(2));
+        q.push(1, 10);
+        q.push(2, 20);
+        let other = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(1)).await;
+            // Another permit holder takes step 2 and, with it, step 1.
+            assert_eq!(other.take_batch(2), vec![2, 1]);
+        });
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), ms(1), "woken when its step was taken");
+        assert!(q.take_batch(1).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_left_is_not_waited_for() {
+        let q = queue(ms(2));
+        let p = Pace::new(&q);
+        let key = p.key;
+        q.expect(key, Instant::now() + ms(1));
+        p.leave(&q);
+        q.push(1, 10);
+        let t = Instant::now();
+        q.gather(1).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expectations_long_overdue_are_dropped_and_the_map_stays_bounded() {
+        let q: Queue<u64> = Queue::with_max(4);
+        let now = Instant::now();
+        for key in 0..PRUNE_AT as u64 {
+            q.expect(key, now);
+        }
+        tokio::time::sleep(MOST_WAIT + ms(1)).await;
+        q.expect(1000, Instant::now());
+        assert_eq!(
+            q.state.lock().unwrap().due.len(),
+            1,
+            "the overdue ones went"
+        );
+        let now = Instant::now();
+        for key in 0..2 * MOST_DUE as u64 {
+            q.expect(key, now);
+        }
+        assert_eq!(q.state.lock().unwrap().due.len(), MOST_DUE);
     }
 
     #[test]

@@ -632,6 +632,7 @@ async fn run_session(
                         // Against the session's token cap before anything is decoded.
                         let rows = hidden.shape().get(1).copied().unwrap_or(0) as usize;
                         if rows == 0 || (position as usize).saturating_add(rows) > limits.max_tokens {
+                            pace.interrupted();
                             let msg = format!(
                                 "a step of {rows} tokens at position {position} passes this session's cap of {} tokens",
                                 limits.max_tokens
@@ -691,6 +692,7 @@ async fn run_session(
             }
         }
     };
+    pace.leave(&server.batch);
     match &end {
         End::Closed => tracing::debug!("session {session} closed"),
         End::UpstreamGone(why) => tracing::info!("session {session}: the hop before left ({why})"),

@@ -87,6 +87,11 @@ pub(super) async fn compute(
     // A batched step takes its permit in the batch; any other holds one from here on,
     // so that steps waiting their turn hold no working memory.
     let batched = rows == 1 && server.batch.batches();
+    // The next decode step's gap is the session's usual one only after a decode step
+    // that went through the batch queue.
+    if !batched {
+        pace.interrupted();
+    }
     let _permit = if batched {
         None
     } else {
@@ -104,6 +109,7 @@ pub(super) async fn compute(
     // caches), taken before its input is decoded, given back when it is done.
     let need = server.span.step_memory_bytes(rows, position as usize);
     let Some(_memory) = server.kv_budget.try_take(need) else {
+        pace.interrupted();
         let mb = |b: usize| b.div_ceil(1024 * 1024);
         let budget = &server.kv_budget;
         return (
@@ -127,6 +133,7 @@ pub(super) async fn compute(
     ) {
         Ok(t) => t,
         Err(e) => {
+            pace.interrupted();
             return (
                 Some(cache),
                 Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
@@ -136,6 +143,7 @@ pub(super) async fn compute(
     // NaN or infinities from the hop before are its fault: the client blames it.
     if let Err(e) = crate::client::check::hidden(&input, 0, server.span.config().hidden_size) {
         let msg = format!("{}: {e}", crate::client::check::NON_FINITE_INPUT);
+        pace.interrupted();
         return (
             Some(cache),
             Err(ProtocolError::new(ErrorCode::BadRequest, msg)),
