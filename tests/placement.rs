@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 const PROMPT: &str = "Here is a list of one thousand numbers: 1, 2, 3,";
 const TOKENS: usize = 200;
-/// Long enough to run while pinned servers start and the swarm takes a few checks.
-const LONG_TOKENS: usize = 400;
+/// Long enough to run while pinned servers start and the swarm takes a few checks
+/// (about 15 s at 100 tokens/s; the move comes 5 to 6 s after the pinned servers
+/// start, which at 400 tokens could already be after the answer).
+const LONG_TOKENS: usize = 1500;
 
 /// `pollen generate` through the swarm, its stdout read as it comes.
 struct Generation {
