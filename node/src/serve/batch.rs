@@ -90,8 +90,6 @@ pub(super) struct Pace {
     key: u64,
     last_done: Option<Instant>,
     gap: Option<Duration>,
-    /// When the next step was predicted, whether or not it was announced.
-    predicted: Option<Instant>,
     /// Whether the last prediction hit (the first is given the benefit of the doubt).
     trusted: bool,
 }
@@ -107,7 +105,6 @@ impl Pace {
             key: queue.next_key.fetch_add(1, Ordering::Relaxed),
             last_done: None,
             gap: None,
-            predicted: None,
             trusted: true,
         }
     }
@@ -115,10 +112,11 @@ impl Pace {
     /// A step arrived at `now`, where a prediction counts as a hit within `window` of
     /// it: the gap since the last output joins the average.
     fn arrive(&mut self, now: Instant, window: Duration) {
-        let predicted = self.predicted.take();
         let Some(done) = self.last_done.take() else {
             return;
         };
+        // The prediction made at `done`, announced or not.
+        let predicted = self.gap.and_then(|g| done.checked_add(g));
         let gap = now.saturating_duration_since(done);
         if gap > LONGEST_GAP {
             // A pause, not a pace: start afresh.
@@ -140,15 +138,19 @@ impl Pace {
     /// and the last prediction hit.
     fn done(&mut self, now: Instant) -> Option<Instant> {
         self.last_done = Some(now);
-        self.predicted = now.checked_add(self.gap?);
-        self.predicted.filter(|_| self.trusted)
+        now.checked_add(self.gap?).filter(|_| self.trusted)
+    }
+
+    /// A decode step for `queue` arrived now (before its checks: one refused then
+    /// leaves no gap sample, as [`Self::interrupted`]).
+    pub(super) fn arrived<J: Queued>(&mut self, queue: &Queue<J>) {
+        self.arrive(Instant::now(), queue.window());
     }
 
     /// A step that is not a batched decode step (a prompt, or one refused before it
-    /// queued): the next gap would not be the session's usual one.
+    /// reached the queue): the next gap would not be the session's usual one.
     pub(super) fn interrupted(&mut self) {
         self.last_done = None;
-        self.predicted = None;
     }
 
     /// The session ends: its next step is due nowhere.
@@ -318,33 +320,30 @@ impl<J: Queued> Queue<J> {
     /// If step `id` is still queued: it and the steps queued before and after it, in
     /// order, at most [`Self::max`] in all. Empty if a batch already took it.
     fn take_batch(&self, id: u64) -> Vec<J> {
-        let batch = self.take_locked(id);
-        if !batch.is_empty() {
-            // Another permit holder gathering for a step taken here stops waiting.
-            self.changed.notify_waiters();
-        }
-        batch
-    }
-
-    fn take_locked(&self, id: u64) -> Vec<J> {
-        let Ok(mut s) = self.state.lock() else {
-            return Vec::new();
-        };
-        let q = &mut s.jobs;
-        let Some(mine) = q.iter().position(|j| j.id() == id) else {
-            return Vec::new();
-        };
-        let Some(own) = q.remove(mine) else {
-            return Vec::new();
-        };
-        let mut batch = Vec::with_capacity(self.max.min(q.len() + 1));
-        batch.push(own);
-        while batch.len() < self.max {
-            match q.pop_front() {
-                Some(j) => batch.push(j),
-                None => break,
+        let batch = {
+            let Ok(mut s) = self.state.lock() else {
+                return Vec::new();
+            };
+            let q = &mut s.jobs;
+            let Some(own) = q
+                .iter()
+                .position(|j| j.id() == id)
+                .and_then(|i| q.remove(i))
+            else {
+                return Vec::new();
+            };
+            let mut batch = Vec::with_capacity(self.max.min(q.len() + 1));
+            batch.push(own);
+            while batch.len() < self.max {
+                match q.pop_front() {
+                    Some(j) => batch.push(j),
+                    None => break,
+                }
             }
-        }
+            batch
+        };
+        // Another permit holder gathering for a step taken here stops waiting.
+        self.changed.notify_waiters();
         batch
     }
 }
@@ -373,7 +372,8 @@ async fn answer(out: oneshot::Receiver<StepResult>) -> Result<StepResult, NotRun
 }
 
 /// Computes a one-token step (`input` of shape `(1, 1, hidden)` at `position`) under a
-/// compute permit, batched with whatever other decode steps are queued.
+/// compute permit, batched with whatever other decode steps are queued. The step's
+/// arrival is already in `pace` ([`Pace::arrived`]); its output goes in here.
 pub(super) async fn decode(
     server: &Server,
     input: Tensor,
@@ -382,7 +382,6 @@ pub(super) async fn decode(
     pace: &mut Pace,
 ) -> Result<StepResult, NotRun> {
     let queue = &server.batch;
-    pace.arrive(Instant::now(), queue.window());
     let result = queued(server, input, position, cache, pace.key).await;
     match (&result, pace.done(Instant::now())) {
         (Ok(_), Some(at)) => queue.expect(pace.key, at),
@@ -486,6 +485,13 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// How long `q.gather(id)` waited.
+    async fn waited(q: &Queue<u64>, id: u64) -> Duration {
+        let t = Instant::now();
+        q.gather(id).await;
+        t.elapsed()
+    }
+
     /// A queue whose batches have taken four times `window` to compute.
     fn queue(window: Duration) -> Queue<u64> {
         let q = Queue::with_max(4);
@@ -499,9 +505,7 @@ mod tests {
         let q = queue(ms(2));
         q.push(1, 10);
         q.push(2, 20);
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(waited(&q, 1).await, Duration::ZERO);
         assert_eq!(q.take_batch(1), vec![1, 2]);
     }
 
@@ -515,10 +519,8 @@ mod tests {
             tokio::time::sleep(ms(1)).await;
             late.push(2, 20);
         });
-        let t = Instant::now();
-        q.gather(1).await;
         // It came after 1 ms, and nobody else is due: no waiting to the window's end.
-        assert_eq!(t.elapsed(), ms(1));
+        assert_eq!(waited(&q, 1).await, ms(1));
         assert_eq!(q.take_batch(1), vec![1, 2]);
     }
 
@@ -527,16 +529,12 @@ mod tests {
         let q = queue(ms(2));
         q.expect(20, Instant::now() + ms(1));
         q.push(1, 10);
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), ms(2));
+        assert_eq!(waited(&q, 1).await, ms(2));
         assert_eq!(q.take_batch(1), vec![1]);
         // Overdue by more than a window now: the next batch does not wait for it.
         tokio::time::sleep(ms(2)).await;
         q.push(3, 30);
-        let t = Instant::now();
-        q.gather(3).await;
-        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(waited(&q, 3).await, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -544,15 +542,12 @@ mod tests {
         let q = queue(ms(2));
         q.expect(20, Instant::now() + ms(3));
         q.push(1, 10);
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), Duration::ZERO, "due after the window");
+        assert_eq!(waited(&q, 1).await, Duration::ZERO, "due after the window");
         q.expect(30, Instant::now());
         for (id, key) in [(2, 40), (3, 50), (4, 60)] {
             q.push(id, key);
         }
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), Duration::ZERO, "the batch is full (4)");
+        assert_eq!(waited(&q, 1).await, Duration::ZERO, "the batch is full (4)");
         assert_eq!(q.take_batch(1), vec![1, 2, 3, 4]);
     }
 
@@ -562,9 +557,7 @@ mod tests {
         assert_eq!(q.window(), Duration::ZERO);
         q.expect(20, Instant::now());
         q.push(1, 10);
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(waited(&q, 1).await, Duration::ZERO);
     }
 
     #[test]
@@ -640,9 +633,7 @@ mod tests {
             // Another permit holder takes step 2 and, with it, step 1.
             assert_eq!(other.take_batch(2), vec![2, 1]);
         });
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), ms(1), "woken when its step was taken");
+        assert_eq!(waited(&q, 1).await, ms(1), "woken when its step was taken");
         assert!(q.take_batch(1).is_empty());
     }
 
@@ -654,9 +645,7 @@ mod tests {
         q.expect(key, Instant::now() + ms(1));
         p.leave(&q);
         q.push(1, 10);
-        let t = Instant::now();
-        q.gather(1).await;
-        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(waited(&q, 1).await, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -89,7 +89,9 @@ pub(super) async fn compute(
     let batched = rows == 1 && server.batch.batches();
     // The next decode step's gap is the session's usual one only after a decode step
     // that went through the batch queue.
-    if !batched {
+    if batched {
+        pace.arrived(&server.batch);
+    } else {
         pace.interrupted();
     }
     let _permit = if batched {
@@ -109,7 +111,6 @@ pub(super) async fn compute(
     // caches), taken before its input is decoded, given back when it is done.
     let need = server.span.step_memory_bytes(rows, position as usize);
     let Some(_memory) = server.kv_budget.try_take(need) else {
-        pace.interrupted();
         let mb = |b: usize| b.div_ceil(1024 * 1024);
         let budget = &server.kv_budget;
         return (
@@ -133,7 +134,6 @@ pub(super) async fn compute(
     ) {
         Ok(t) => t,
         Err(e) => {
-            pace.interrupted();
             return (
                 Some(cache),
                 Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
@@ -143,7 +143,6 @@ pub(super) async fn compute(
     // NaN or infinities from the hop before are its fault: the client blames it.
     if let Err(e) = crate::client::check::hidden(&input, 0, server.span.config().hidden_size) {
         let msg = format!("{}: {e}", crate::client::check::NON_FINITE_INPUT);
-        pace.interrupted();
         return (
             Some(cache),
             Err(ProtocolError::new(ErrorCode::BadRequest, msg)),
