@@ -186,8 +186,8 @@ struct ModelArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's AVX-512 VNNI
-    /// kernels (Q4_1 kept at 4 bits); `exact` keeps candle's arithmetic bit for bit;
-    /// `q8_0`/`q4_0` requantize types candle has no fast kernel for.
+    /// kernels (Q4_1 kept at 4 bits), and on a GPU runs as `exact`; `exact` keeps candle's
+    /// arithmetic bit for bit; `q8_0`/`q4_0` requantize types candle has no fast kernel for.
     #[arg(long, default_value = "fast")]
     weights: String,
 }
@@ -562,6 +562,8 @@ fn main() -> std::process::ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(pollen_shard::device::bind_opened)
+        .on_thread_unpark(pollen_shard::device::bind_opened)
         .enable_all()
         .build()
     {

@@ -13,7 +13,7 @@ use std::path::Path;
 /// bit-identical to each other, tested in shard); on a CPU with neither it runs as
 /// `q8_0`.
 pub fn compute_mode(opts: &LoadOptions) -> String {
-    let mode = match opts.mode {
+    let mode = match opts.effective_mode() {
         WeightMode::Exact => "exact".to_string(),
         WeightMode::Requantize(t) => format!("{t:?}").to_ascii_lowercase(),
         WeightMode::Fast if opts.device.is_cpu() && pollen_shard::kernels::simd_available() => {

@@ -27,7 +27,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         }
         // Without a driver or a GPU, say which device and why, not only candle's
         // driver error code (and without its backtrace).
-        return Device::new_cuda(ordinal).map_err(|e| {
+        let device = Device::new_cuda(ordinal).map_err(|e| {
             let e = match e {
                 candle_core::Error::WithBacktrace { inner, .. } => *inner,
                 e => e,
@@ -35,7 +35,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
             ShardError::Device(format!(
                 "cannot open CUDA device {ordinal} (needs an NVIDIA GPU and its driver): {e}"
             ))
-        });
+        })?;
+        let _ = OPENED.set(device.clone());
+        return Ok(device);
     }
     if name == "metal" {
         if !candle_core::utils::metal_is_available() {
@@ -49,6 +51,35 @@ pub fn parse_device(name: &str) -> Result<Device> {
     Err(ShardError::Device(format!(
         "unknown device `{name}` (expected cpu, cuda, cuda:N or metal)"
     )))
+}
+
+/// The first GPU this process opened, for [`bind_opened`].
+static OPENED: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Makes the first GPU this process opened current on this thread, if any. An async
+/// runtime calls it as its threads start and wake: a GPU tensor can be dropped on any
+/// of them, and a free on a thread without the context fails and leaves an error that
+/// the next step on the GPU reports (seen on an H200 with concurrent sessions).
+pub fn bind_opened() {
+    if let Some(dev) = OPENED.get()
+        && let Err(e) = bind_thread(dev)
+    {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Makes `dev`'s CUDA context current on this thread (nothing for other devices).
+/// Candle's CUDA calls on a thread that never held the context, such as a pool's
+/// worker running a server's step, fail with `CUDA_ERROR_INVALID_CONTEXT`.
+pub fn bind_thread(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        d.cuda_stream().context().bind_to_thread().map_err(|e| {
+            ShardError::Device(format!("cannot make the CUDA context current: {e:?}"))
+        })?;
+    }
+    let _ = dev;
+    Ok(())
 }
 
 #[cfg(test)]

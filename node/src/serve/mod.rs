@@ -349,7 +349,12 @@ fn tenure(
         draining: AtomicBool::new(false),
         leaving: CancellationToken::new(),
         steps: AtomicU64::new(0),
-        permits: Semaphore::new(cfg.compute_slots.max(1)),
+        // One step at a time on a GPU (see `steps::compute`).
+        permits: Semaphore::new(if cfg.load.device.is_cpu() {
+            cfg.compute_slots.max(1)
+        } else {
+            1
+        }),
         next_hops: announce::NextHops::default(),
     }))
 }

@@ -127,10 +127,14 @@ pub(super) async fn compute(
             )),
         );
     };
+    // On a GPU every device operation stays inside the compute task, under its one
+    // permit: the input is decoded and checked on the CPU, and the output comes back
+    // to the CPU before the task ends. (Concurrent sessions whose tensors were made and
+    // read on the GPU from other threads got garbage on an H200.)
     let input = match from_wire(
         hidden,
         server.span.config().hidden_size,
-        server.span.device(),
+        &candle_core::Device::Cpu,
     ) {
         Ok(t) => t,
         Err(e) => {
@@ -163,7 +167,9 @@ pub(super) async fn compute(
         let span = server.span.clone();
         let mut cache = cache;
         tokio::task::spawn_blocking(move || {
-            let out = span.forward(&input, position as usize, &mut cache);
+            let out = span
+                .forward(&input, position as usize, &mut cache)
+                .and_then(|o| Ok(o.to_device(&candle_core::Device::Cpu)?));
             (cache, out)
         })
         .await

@@ -103,7 +103,7 @@ impl Block {
         let h = cfg.hidden_size;
         let kv = cfg.num_kv_heads * cfg.head_dim();
         let ff = cfg.intermediate_size;
-        let fuse = opts.mode == WeightMode::Fast;
+        let fuse = opts.effective_mode() == WeightMode::Fast;
         let qkv = [
             load_linear(file, &n.wq, h, h, opts)?,
             load_linear(file, &n.wk, kv, h, opts)?,

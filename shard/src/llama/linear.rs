@@ -141,7 +141,7 @@ pub(super) fn load_linear(
     opts: &LoadOptions,
 ) -> Result<Linear> {
     let w = file.read_weight(name, &opts.device)?;
-    linear_from(w, name, rows, cols, opts.mode)
+    linear_from(w, name, rows, cols, opts.effective_mode())
 }
 
 pub(super) fn load_vector(

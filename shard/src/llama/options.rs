@@ -67,6 +67,19 @@ pub struct LoadOptions {
     pub mode: WeightMode,
 }
 
+impl LoadOptions {
+    /// The mode weights load in on this device. `fast` names Pollen's packed CPU
+    /// kernels; on a GPU it loads as `exact`, candle's own quantized kernels for
+    /// the file's types, which are that device's fast path (requantizing there
+    /// gained nothing and gave non-finite logits on an H200).
+    pub fn effective_mode(&self) -> WeightMode {
+        match self.mode {
+            WeightMode::Fast if !self.device.is_cpu() => WeightMode::Exact,
+            m => m,
+        }
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {

@@ -42,7 +42,7 @@ impl BlockSpan {
             progress(n + 1, range.len());
         }
         let weight_bytes = blocks.iter().map(Block::bytes).sum();
-        let fused = opts.mode != WeightMode::Exact
+        let fused = opts.effective_mode() != WeightMode::Exact
             && opts.device.is_cpu()
             && cfg.rope_dim == cfg.head_dim()
             && blocks.iter().all(|b| b.fused().is_some());
@@ -55,7 +55,7 @@ impl BlockSpan {
                 cos,
                 sin,
                 neg_inf,
-                fast: opts.mode != WeightMode::Exact,
+                fast: opts.effective_mode() != WeightMode::Exact,
             },
             device: opts.device.clone(),
             weight_bytes,
@@ -231,6 +231,7 @@ impl BlockSpan {
             )));
         }
         let new_len = cache.check_step(self.range, self.shared.fast, pos, seq)?;
+        crate::device::bind_thread(&self.device)?;
         let hidden = hidden.to_device(&self.device)?.to_dtype(DType::F32)?;
         let mask = if seq == 1 || (self.shared.fast && self.device.is_cpu()) {
             // Fast mode on the CPU masks inside its tiled attention.
@@ -274,6 +275,7 @@ impl BlockSpan {
                 "batched steps need a fast weight mode on the CPU".into(),
             ));
         }
+        crate::device::bind_thread(&self.device)?;
         let cfg = &self.shared.cfg;
         let mut rows = Vec::with_capacity(steps.len());
         let mut new_lens = Vec::with_capacity(steps.len());
