@@ -3,6 +3,10 @@
 # no system CUDA install and no GPU are needed to build.
 #
 #   bash scripts/build-cuda.sh            # -> $CARGO_TARGET_DIR/release/pollen
+#   bash scripts/build-cuda.sh --bench    # and the engine bench -> .../release/engine-bench
+#
+# On a machine with a GPU, `bash scripts/gpu-check.sh` then runs the engine bench
+# on the GPU and checks that generation there (local and through a swarm) works.
 #
 # The `nvidia-cuda-nvcc-cu12` wheels (every release, 12.0 to 12.9) ship only
 # ptxas and libnvvm, not the nvcc driver, cicc or cudafe++, so they cannot build
@@ -25,19 +29,29 @@
 # CUDA_ERROR_STUB_LIBRARY, and the stub is never on the binary's search path.
 set -euo pipefail
 
-CUDA_TOOLKIT_VERSION=13.4.1.0
-# The exact wheels cuda-toolkit==13.4.1.0 resolves to, pinned so that a later
-# upload cannot change the build.
+bench=0
+case "${1:-}" in
+  --bench) bench=1 ;;
+  "") ;;
+  *) echo "usage: bash scripts/build-cuda.sh [--bench]" >&2; exit 2 ;;
+esac
+
+CUDA_TOOLKIT_VERSION=13.0.2
+# The oldest CUDA 13 release, on purpose: candle loads its kernels as PTX, which the
+# driver compiles at start, and a driver refuses PTX from a newer nvcc than its own
+# CUDA version. Built with 13.0, the binary runs on every CUDA 13 driver (r580 on).
+# The exact wheels cuda-toolkit==13.0.2 resolves to, pinned so that a later upload
+# cannot change the build.
 PACKAGES=(
   "cuda-toolkit[nvcc,cccl,cudart,cublas,curand]==${CUDA_TOOLKIT_VERSION}"
-  nvidia-cuda-nvcc==13.4.59
-  nvidia-nvvm==13.4.59
-  nvidia-cuda-crt==13.4.59
-  nvidia-cuda-runtime==13.4.49
-  nvidia-cuda-cccl==13.3.4.2.1
-  nvidia-cuda-nvrtc==13.4.59
-  nvidia-cublas==13.7.0.27
-  nvidia-curand==10.4.4.49
+  nvidia-cuda-nvcc==13.0.88
+  nvidia-nvvm==13.0.88
+  nvidia-cuda-crt==13.0.88
+  nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-cccl==13.0.85
+  nvidia-cuda-nvrtc==13.0.88
+  nvidia-cublas==13.1.0.3
+  nvidia-curand==10.4.0.35
 )
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -122,3 +136,15 @@ else
   LD_LIBRARY_PATH="$stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" --version
 fi
 log "built $bin"
+
+if [[ "$bench" == 1 ]]; then
+  exe="$(cargo bench --locked --features cuda -p pollen-shard --bench engine --no-run \
+    --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)"
+  if [[ -z "$exe" ]]; then
+    log "the engine bench did not build; run: cargo bench --features cuda -p pollen-shard --bench engine --no-run"
+    exit 1
+  fi
+  cp "$exe" "$CARGO_TARGET_DIR/release/engine-bench"
+  log "built $CARGO_TARGET_DIR/release/engine-bench (run it with: --device cuda)"
+fi

@@ -47,9 +47,38 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The device a child measures on: `POLLEN_BENCH_DEVICE` (`cpu`, `cuda[:N]`),
+/// which the `--device` table sets for its children; the CPU otherwise.
+const DEVICE_ENV: &str = "POLLEN_BENCH_DEVICE";
+
+/// The device the `--device` table's children run on.
+static CHILD_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn bench_device() -> Device {
+    let name = std::env::var(DEVICE_ENV).unwrap_or_else(|_| "cpu".into());
+    pollen_shard::device::parse_device(&name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Device memory in use, MB (all processes; the GPU is this bench's alone),
+/// or NaN on the CPU.
+fn device_used_mb(dev: &Device) -> f64 {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return match d.cuda_stream().context().mem_get_info() {
+            Ok((free, total)) => (total - free) as f64 / 1e6,
+            Err(_) => f64::NAN,
+        };
+    }
+    let _ = dev;
+    f64::NAN
+}
+
 /// The kernel a child in `mode` computes with: the packed path in fast
 /// mode (`none` means Q8_0 on candle's kernels), candle's own otherwise.
 fn kernel_of(mode: &str) -> &'static str {
+    if std::env::var(DEVICE_ENV).is_ok_and(|d| d != "cpu") {
+        return "cuda";
+    }
     match WeightMode::parse(mode) {
         Ok(WeightMode::Fast) if active_path() != KernelPath::None.as_str() => active_path(),
         _ => "candle",
@@ -85,33 +114,45 @@ fn engine_mode<'a>(engine: &str, mode: &'a str) -> &'a str {
 }
 
 /// One measurement in this process: prints `KERNEL name` and
-/// `RESULT prefill decode rss`.
+/// `RESULT prefill decode memory` (peak RSS on the CPU, device memory in use
+/// after decode on a GPU).
 fn child(engine: &str, mode: &str, path: &Path, prompt_len: usize, decode: usize) {
     let ids = prompt(path, prompt_len);
-    let dev = Device::Cpu;
-    let (prefill_s, decode_s) = if engine == "candle" {
+    let dev = bench_device();
+    // On a GPU the first steps load kernels and libraries: run a short
+    // prompt and a few steps first, outside the timing (a fresh sequence at
+    // position 0 afterwards, for both engines).
+    let warm = if dev.is_cpu() { 0 } else { 1 };
+    let base = device_used_mb(&dev);
+    let mut figures = (0.0, 0.0, f64::NAN);
+    if engine == "candle" {
         use candle_transformers::models::quantized_llama::ModelWeights;
         let mut f = std::fs::File::open(path).unwrap();
         let ct = gguf_file::Content::read(&mut f).unwrap();
         let mut m = ModelWeights::from_gguf(ct, &mut f, &dev).unwrap();
-        let t0 = Instant::now();
-        let input = Tensor::new(ids.as_slice(), &dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut next = argmax(&m.forward(&input, 0).unwrap().squeeze(0).unwrap());
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for i in 0..decode {
-            let input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
-            next = argmax(
-                &m.forward(&input, ids.len() + i)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap(),
-            );
+        for round in 0..=warm {
+            let (ids, decode) = if round < warm {
+                (&ids[..16], 4)
+            } else {
+                (&ids[..], decode)
+            };
+            let t0 = Instant::now();
+            let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+            let mut next = argmax(&m.forward(&input, 0).unwrap().squeeze(0).unwrap());
+            let prefill = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            for i in 0..decode {
+                let input = Tensor::new(&[next], &dev).unwrap().unsqueeze(0).unwrap();
+                next = argmax(
+                    &m.forward(&input, ids.len() + i)
+                        .unwrap()
+                        .squeeze(0)
+                        .unwrap(),
+                );
+            }
+            let decoded = t1.elapsed().as_secs_f64();
+            figures = (prefill, decoded, device_used_mb(&dev) - base);
         }
-        (prefill, t1.elapsed().as_secs_f64())
     } else {
         let opts = LoadOptions {
             device: dev.clone(),
@@ -121,28 +162,38 @@ fn child(engine: &str, mode: &str, path: &Path, prompt_len: usize, decode: usize
         let cfg = file.config().unwrap();
         let ends = ClientEnds::load(&file, &opts).unwrap();
         let span = BlockSpan::load(&file, cfg.full_range(), &opts, &mut |_, _| {}).unwrap();
-        let mut cache = span.new_cache(CacheLimits::default());
-        let t0 = Instant::now();
-        let h = span
-            .forward(&ends.embed(&ids).unwrap(), 0, &mut cache)
-            .unwrap();
-        let mut next = argmax(&ends.logits(&h).unwrap());
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for i in 0..decode {
+        for round in 0..=warm {
+            let (ids, decode) = if round < warm {
+                (&ids[..16], 4)
+            } else {
+                (&ids[..], decode)
+            };
+            let mut cache = span.new_cache(CacheLimits::default());
+            let t0 = Instant::now();
             let h = span
-                .forward(&ends.embed(&[next]).unwrap(), ids.len() + i, &mut cache)
+                .forward(&ends.embed(ids).unwrap(), 0, &mut cache)
                 .unwrap();
-            next = argmax(&ends.logits(&h).unwrap());
+            let mut next = argmax(&ends.logits(&h).unwrap());
+            let prefill = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            for i in 0..decode {
+                let h = span
+                    .forward(&ends.embed(&[next]).unwrap(), ids.len() + i, &mut cache)
+                    .unwrap();
+                next = argmax(&ends.logits(&h).unwrap());
+            }
+            let decoded = t1.elapsed().as_secs_f64();
+            figures = (prefill, decoded, device_used_mb(&dev) - base);
         }
-        (prefill, t1.elapsed().as_secs_f64())
-    };
+    }
+    let (prefill_s, decode_s, held) = figures;
+    let memory = if dev.is_cpu() { peak_rss_mb() } else { held };
     println!("KERNEL {}", kernel_of(engine_mode(engine, mode)));
     println!(
         "RESULT {:.3} {:.3} {:.1}",
         prompt_len as f64 / prefill_s,
         decode as f64 / decode_s,
-        peak_rss_mb()
+        memory
     );
 }
 
@@ -246,16 +297,17 @@ fn chat_prompt(tok: &PollenTokenizer, question: &str) -> Vec<u32> {
     tok.encode(&text).unwrap()
 }
 
-/// Divergence of a fast mode from exact, per prompt: max |logit diff| over
+/// Divergence of a mode (on the bench's device) from exact mode on the CPU,
+/// per prompt: max |logit diff| over
 /// `steps` positions fed the same tokens (exact mode's greedy choices), and
 /// how many free-running greedy tokens agree before the first difference.
 fn divergence(path: &Path, modes: &[&str], steps: usize) -> Vec<(String, usize, f32, usize)> {
     let file = ModelFile::open(path).unwrap();
     let cfg = file.config().unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
-    let load = |m: &str| {
+    let load = |m: &str, device: Device| {
         let opts = LoadOptions {
-            device: Device::Cpu,
+            device,
             mode: WeightMode::parse(m).unwrap(),
         };
         let ends = ClientEnds::load(&file, &opts).unwrap();
@@ -273,7 +325,7 @@ fn divergence(path: &Path, modes: &[&str], steps: usize) -> Vec<(String, usize, 
         for i in 0..steps {
             let next = forced.map(|f| f[i]).unwrap_or_else(|| argmax(&logits));
             toks.push(argmax(&logits));
-            all.push(logits.clone());
+            all.push(logits.to_device(&Device::Cpu).unwrap());
             let h = span
                 .forward(&ends.embed(&[next]).unwrap(), ids.len() + i, &mut cache)
                 .unwrap();
@@ -281,13 +333,13 @@ fn divergence(path: &Path, modes: &[&str], steps: usize) -> Vec<(String, usize, 
         }
         (toks, all)
     };
-    let (e0, s0) = load("exact");
+    let (e0, s0) = load("exact", Device::Cpu);
     let prompts: Vec<Vec<u32>> = QUESTIONS.iter().map(|q| chat_prompt(&tok, q)).collect();
     let exact: Vec<_> = prompts.iter().map(|ids| run(&e0, &s0, ids, None)).collect();
     drop((e0, s0));
     let mut out = Vec::new();
     for mode in modes {
-        let (e1, s1) = load(mode);
+        let (e1, s1) = load(mode, bench_device());
         for (n, (ids, (t0, l0))) in prompts.iter().zip(&exact).enumerate() {
             // Same inputs (exact mode's greedy tokens) for the logit comparison.
             let (_, l1) = run(&e1, &s1, ids, Some(t0));
@@ -326,6 +378,9 @@ fn spawn(args: &[String], threads: usize, kernel: Option<KernelPath>) -> String 
         Some(k) => cmd.env(KERNEL_ENV, k.as_str()),
         None => cmd.env_remove(KERNEL_ENV),
     };
+    if let Some(d) = CHILD_DEVICE.get() {
+        cmd.env(DEVICE_ENV, d);
+    }
     let out = cmd.output().unwrap();
     if !out.status.success() {
         panic!(
@@ -422,6 +477,14 @@ fn main() {
         let path = PathBuf::from(&args[1]);
         let modes: Vec<&str> = args[3..].iter().map(String::as_str).collect();
         child_divergence(&path, &modes, args[2].parse().unwrap());
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--device") {
+        let name = args
+            .get(i + 1)
+            .expect("--device needs a device: cuda or cuda:N");
+        let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
+        device_table(&path, name, bench_args::arg("--rounds", 3));
         return;
     }
     if args.first().map(String::as_str) == Some("--vs-llama") {
@@ -592,6 +655,128 @@ fn main() {
                 n + 1
             );
         }
+    }
+}
+
+/// The GPU's name, driver and memory, from `nvidia-smi`.
+fn gpu_line() -> String {
+    Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,driver_version,memory.total",
+            "--format=csv,noheader",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown (no nvidia-smi)".into())
+}
+
+/// The engine on a GPU (`-- --device cuda`): prefill and decode against
+/// candle-transformers on the same device, interleaved rounds, medians; the
+/// device memory each engine holds; and each mode's logits against exact
+/// mode on the CPU.
+fn device_table(path: &Path, name: &str, rounds: usize) {
+    // Fail here, clearly, rather than in every child.
+    if let Err(e) = pollen_shard::device::parse_device(name) {
+        panic!("{e}");
+    }
+    CHILD_DEVICE.set(name.to_string()).unwrap();
+    let decode = 128;
+    println!(
+        "engine bench on {name}: {}, decode {decode} tokens, median of {rounds} interleaved rounds",
+        path.display()
+    );
+    println!("GPU: {}", gpu_line());
+    println!("CPU: {}", cpu_line());
+    println!();
+    println!(
+        "| engine | weights | kernel | prompt tokens | prefill tok/s | decode tok/s | device MB held | decode vs candle | prefill vs candle |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let rows = [("candle", "exact"), ("pollen", "exact"), ("pollen", "fast")];
+    for prompt_len in [128usize, 1024] {
+        let mut got: Vec<Vec<Vec<f64>>> = vec![Vec::new(); rows.len()];
+        let mut ran = vec![String::new(); rows.len()];
+        for _ in 0..rounds {
+            for (n, &(engine, mode)) in rows.iter().enumerate() {
+                let (r, k) = run_child(
+                    &[
+                        "--child".into(),
+                        engine.into(),
+                        mode.into(),
+                        path.display().to_string(),
+                        prompt_len.to_string(),
+                        decode.to_string(),
+                    ],
+                    1,
+                    None,
+                );
+                got[n].push(r);
+                ran[n] = k;
+            }
+        }
+        let med = |n: usize, i: usize| {
+            let mut v: Vec<f64> = got[n].iter().map(|r| r[i]).collect();
+            bench_args::median(&mut v)
+        };
+        for (n, &(engine, mode)) in rows.iter().enumerate() {
+            let label = if engine == "candle" {
+                "candle-transformers ModelWeights"
+            } else {
+                "pollen shard"
+            };
+            println!(
+                "| {label} | {mode} | {} | {prompt_len} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.2}x |",
+                ran[n],
+                med(n, 0),
+                med(n, 1),
+                med(n, 2),
+                med(n, 1) / med(0, 1),
+                med(n, 0) / med(0, 0),
+            );
+        }
+    }
+    println!();
+    let steps = 64;
+    println!(
+        "Divergence on {name} from exact mode on the CPU, {} chat-formatted questions, {steps} greedy tokens each:",
+        QUESTIONS.len()
+    );
+    println!();
+    println!(
+        "| mode | kernel | prompt | max abs logit diff (same inputs) | greedy tokens equal before first difference |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let text = spawn(
+        &[
+            "--child-divergence".to_string(),
+            path.display().to_string(),
+            steps.to_string(),
+            "exact".into(),
+            "fast".into(),
+            "q8_0".into(),
+        ],
+        1,
+        None,
+    );
+    let ran = kernel_line(&text);
+    for line in text.lines().filter_map(|l| l.strip_prefix("DIV ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let n: usize = f[1].parse().unwrap();
+        let worst: f32 = f[2].parse().unwrap();
+        // Exact mode on the CPU runs candle's kernels whatever the packed path.
+        let ran = if f[0] == "exact" && ran != "cuda" {
+            "candle"
+        } else {
+            ran.as_str()
+        };
+        println!(
+            "| {} | {ran} | {} | {worst:.4} | {} of {steps} |",
+            f[0],
+            n + 1,
+            f[3]
+        );
     }
 }
 

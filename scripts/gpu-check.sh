@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Checks a `--features cuda` build on a machine with an NVIDIA GPU:
+#
+#   1. the engine bench on the GPU: prefill and decode against
+#      candle-transformers on the same GPU, and each weight mode's logits
+#      against exact mode on the CPU (`engine-bench --device cuda`);
+#   2. `pollen generate --local` on the GPU in exact and fast mode, beside the
+#      CPU's text in the same mode (how many words agree is printed; GPU and CPU
+#      arithmetic differ in rounding, so they need not be equal);
+#   3. a bootstrap and two servers on the GPU (blocks 0:15 and 15:30) on
+#      127.0.0.1: text through the swarm must equal the GPU's local text, one
+#      client and then three at once. This is the check that fails the script.
+#
+#   bash scripts/build-cuda.sh --bench     # builds both binaries
+#   bash scripts/gpu-check.sh [POLLEN [ENGINE_BENCH]]
+#
+# Defaults: target/cuda/release/pollen and target/cuda/release/engine-bench.
+# The model is the default one in $POLLEN_CACHE_DIR (fetched if absent, which
+# needs pip and the network). Logs go to $GPU_CHECK_DIR (default a temp folder).
+# GPU_CHECK_DEVICE (default cuda) runs the same checks on another device, `cpu`
+# included, to try the script on a machine without a GPU; GPU_CHECK_BENCH=0 skips
+# the bench.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+pollen="${1:-$repo/target/cuda/release/pollen}"
+bench="${2:-$repo/target/cuda/release/engine-bench}"
+dir="${GPU_CHECK_DIR:-$(mktemp -d)}"
+mkdir -p "$dir"
+tokens="${GPU_CHECK_TOKENS:-96}"
+device="${GPU_CHECK_DEVICE:-cuda}"
+prompt="Explain in three sentences how bees make honey."
+
+say() { printf 'gpu-check: %s\n' "$*" >&2; }
+fail() { say "FAIL: $*"; exit 1; }
+
+for exe in "$pollen" "$bench"; do
+  [[ -x "$exe" ]] || fail "$exe is missing (bash scripts/build-cuda.sh --bench builds it)"
+done
+if [[ "$device" != cpu ]]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 ||
+    fail "nvidia-smi found no GPU"
+fi
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Waits up to $3 seconds for a line matching $2 in log file $1; prints it.
+wait_line() {
+  local log="$1" pattern="$2" limit="$3" line
+  for ((i = 0; i < limit * 10; i++)); do
+    if line="$(grep -m1 -E "$pattern" "$log" 2>/dev/null)"; then
+      printf '%s\n' "$line"
+      return 0
+    fi
+    sleep 0.1
+  done
+  say "no line matching '$pattern' in $log after ${limit}s:"
+  tail -n 20 "$log" >&2
+  return 1
+}
+
+# Words of $1 and $2 that agree before the first difference, of $2's count.
+agree() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+a, b = sys.argv[1].split(), sys.argv[2].split()
+n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f"{n} of {len(b)} words")
+PY
+}
+
+if [[ "${GPU_CHECK_BENCH:-1}" == 1 ]]; then
+  say "1/3 engine bench on the GPU"
+  "$bench" --device "$device" --rounds "${GPU_CHECK_ROUNDS:-3}" | tee "$dir/engine.md"
+else
+  say "1/3 engine bench skipped (GPU_CHECK_BENCH=0)"
+fi
+
+gen() { "$pollen" generate --prompt "$prompt" --chat --max-tokens "$tokens" "$@"; }
+
+say "2/3 local generation, GPU beside CPU"
+declare -A local_gpu
+for mode in exact fast; do
+  local_gpu[$mode]="$(gen --local --device "$device" --weights "$mode" 2>"$dir/local-gpu-$mode.log")" ||
+    fail "pollen generate --local --device $device --weights $mode: $(tail -n 5 "$dir/local-gpu-$mode.log")"
+  [[ -n "${local_gpu[$mode]// /}" ]] || fail "empty answer on the GPU in $mode mode"
+  cpu="$(gen --local --device cpu --weights "$mode" 2>/dev/null)"
+  say "$mode mode: GPU answer agrees with the CPU's for $(agree "${local_gpu[$mode]}" "$cpu")"
+  printf '%s\n' "${local_gpu[$mode]}" >"$dir/local-gpu-$mode.txt"
+  printf '%s\n' "$cpu" >"$dir/local-cpu-$mode.txt"
+done
+say "GPU answer (exact): ${local_gpu[exact]}"
+
+say "3/3 a swarm of two GPU servers"
+"$pollen" bootstrap --no-mdns --listen /ip4/127.0.0.1/tcp/0 \
+  --identity "$dir/bootstrap.key" >"$dir/bootstrap.log" 2>&1 &
+pids+=($!)
+boot="$(wait_line "$dir/bootstrap.log" '/ip4/127\.0\.0\.1/tcp/[0-9]+/p2p/' 30 |
+  grep -oE '/ip4/127\.0\.0\.1/tcp/[0-9]+/p2p/[A-Za-z0-9]+' | head -n1)"
+[[ -n "$boot" ]] || fail "the bootstrap printed no address"
+for mode in exact fast; do
+  for span in 0:15 15:30; do
+    "$pollen" serve --device "$device" --weights "$mode" --blocks "$span" --no-mdns \
+      --bootstrap "$boot" --listen /ip4/127.0.0.1/tcp/0 \
+      --identity "$dir/server-$mode-${span/:/-}.key" \
+      >"$dir/server-$mode-${span/:/-}.log" 2>&1 &
+    pids+=($!)
+  done
+  for span in 0:15 15:30; do
+    wait_line "$dir/server-$mode-${span/:/-}.log" 'ready' 120 >&2
+  done
+  swarm="$(gen --no-mdns --bootstrap "$boot" --device "$device" --weights "$mode" 2>"$dir/swarm-$mode.log")" ||
+    fail "generation through the GPU swarm ($mode): $(tail -n 5 "$dir/swarm-$mode.log")"
+  [[ "$swarm" == "${local_gpu[$mode]}" ]] ||
+    fail "$mode mode: swarm text differs from local GPU text ($(agree "$swarm" "${local_gpu[$mode]}") agree)"
+  say "$mode mode: one client through the GPU swarm: text equals the local GPU text"
+  # Three clients at once: each answer must still equal the local one.
+  cpids=()
+  for c in 1 2 3; do
+    gen --no-mdns --bootstrap "$boot" --device "$device" --weights "$mode" \
+      >"$dir/swarm-$mode-$c.txt" 2>"$dir/swarm-$mode-$c.log" &
+    cpids+=($!)
+  done
+  for c in 1 2 3; do
+    wait "${cpids[$((c - 1))]}" || fail "client $c of 3 failed: $(tail -n 5 "$dir/swarm-$mode-$c.log")"
+    [[ "$(cat "$dir/swarm-$mode-$c.txt")" == "${local_gpu[$mode]}" ]] ||
+      fail "$mode mode: client $c of 3 got other text than the local GPU text"
+  done
+  say "$mode mode: three clients at once through the GPU swarm: all equal the local GPU text"
+  # The next mode's servers take these blocks' place.
+  for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+  pids=("${pids[0]}")
+  sleep 1
+done
+say "all GPU checks passed (logs in $dir)"
