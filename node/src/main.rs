@@ -84,7 +84,7 @@ struct ServeArgs {
     blocks: Option<String>,
     /// Memory this server may use, weights and runtime (KV caches, activations) together,
     /// like 2G or 512M. Automatic placement holds as many blocks as fit.
-    /// Default: half the memory available at start (on a GPU, set it).
+    /// Default: half the memory available at start (on a GPU, half its free memory).
     #[arg(long, value_parser = parse_size)]
     max_memory: Option<u64>,
     /// Blocks to hold under automatic placement (overrides what --max-memory allows).

@@ -82,6 +82,23 @@ pub fn bind_thread(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Bytes free and in all on `dev` now, where the device can say (CUDA); `None` on
+/// the CPU and on Metal, whose memory is the host's.
+pub fn memory_info(dev: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return match d.cuda_stream().context().mem_get_info() {
+            Ok((free, total)) => Some((free as u64, total as u64)),
+            Err(e) => {
+                tracing::warn!("cannot read the GPU's free memory: {e:?}");
+                None
+            }
+        };
+    }
+    let _ = dev;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! Memory budgets: sizes as people write them (`2G`, `512M`), and the default budget, a
-//! safe share of the memory free when the server starts.
+//! safe share of the memory free when the server starts (the GPU's, for a GPU server).
 
 /// Share of the memory available at start that a server takes by default.
 pub const DEFAULT_SHARE: f64 = 0.5;
@@ -73,14 +73,50 @@ fn meminfo_available(text: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// The default budget: [`DEFAULT_SHARE`] of the memory available at start, or
-/// [`FALLBACK_BUDGET`] where that cannot be read. (On a GPU, pass `--max-memory`: this
-/// reads the host's memory.)
-pub fn default_budget() -> u64 {
-    available_memory()
-        .map(|b| (b as f64 * DEFAULT_SHARE) as u64)
-        .filter(|b| *b > 0)
-        .unwrap_or(FALLBACK_BUDGET)
+/// Where a server's memory budget came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetSource {
+    /// `--max-memory`.
+    Given,
+    /// [`DEFAULT_SHARE`] of the host memory available at start.
+    Host,
+    /// [`DEFAULT_SHARE`] of the GPU memory free at start.
+    Gpu,
+    /// [`FALLBACK_BUDGET`]: the free memory could not be read.
+    Fallback,
+}
+
+impl BudgetSource {
+    /// What a server prints after its budget.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Given => "--max-memory",
+            Self::Host => "half the memory available",
+            Self::Gpu => "half the GPU memory free",
+            Self::Fallback => "free memory unreadable",
+        }
+    }
+}
+
+/// The default budget for weights held on `device`: [`DEFAULT_SHARE`] of the GPU's free
+/// memory where the device says it (the host's RAM says nothing of a GPU's), else of
+/// the host memory available at start, else [`FALLBACK_BUDGET`].
+pub fn default_budget(device: &candle_core::Device) -> (u64, BudgetSource) {
+    share_of(
+        pollen_shard::device::memory_info(device).map(|(free, _)| free),
+        available_memory,
+    )
+}
+
+fn share_of(gpu_free: Option<u64>, host: impl FnOnce() -> Option<u64>) -> (u64, BudgetSource) {
+    let share = |b: u64| Some((b as f64 * DEFAULT_SHARE) as u64).filter(|b| *b > 0);
+    if let Some(b) = gpu_free.and_then(share) {
+        return (b, BudgetSource::Gpu);
+    }
+    match host().and_then(share) {
+        Some(b) => (b, BudgetSource::Host),
+        None => (FALLBACK_BUDGET, BudgetSource::Fallback),
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +149,20 @@ mod tests {
         let text = "MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n";
         assert_eq!(meminfo_available(text), Some(8_000_000 * 1024));
         assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn a_gpu_budget_comes_from_the_gpu_not_the_host() {
+        let host = || Some(64 << 30);
+        assert_eq!(share_of(Some(8 << 30), host), (4 << 30, BudgetSource::Gpu));
+        assert_eq!(share_of(None, host), (32 << 30, BudgetSource::Host));
+        assert_eq!(share_of(Some(0), host), (32 << 30, BudgetSource::Host));
+        assert_eq!(
+            share_of(None, || None),
+            (FALLBACK_BUDGET, BudgetSource::Fallback)
+        );
+        // On the CPU the device says nothing: the host's memory decides.
+        let (_, source) = default_budget(&candle_core::Device::Cpu);
+        assert_ne!(source, BudgetSource::Gpu);
     }
 }

@@ -248,9 +248,10 @@ async fn start_automatic(
         .await
         .map_err(|e| ServeError::Task(e.to_string()))??;
     let num_blocks = config.num_blocks;
-    let budget = cfg
-        .max_memory_bytes
-        .unwrap_or_else(crate::placement::memory::default_budget);
+    let (budget, source) = match cfg.max_memory_bytes {
+        Some(b) => (b, crate::placement::memory::BudgetSource::Given),
+        None => crate::placement::memory::default_budget(&cfg.load.device),
+    };
     let per_block =
         placing::bytes_per_block(&measured, &config, cfg.max_sessions, cfg.max_session_tokens);
     let len = crate::placement::blocks_that_fit(num_blocks, budget, per_block, cfg.num_blocks);
@@ -265,7 +266,7 @@ async fn start_automatic(
         } else {
             "fit"
         },
-        placing::describe_budget(budget, cfg.max_memory_bytes.is_some()),
+        placing::describe_budget(budget, source),
         crate::placement::memory::format_size(per_block),
     );
     // The swarm's coverage, as the client reads it: through the bootstraps (or mDNS).

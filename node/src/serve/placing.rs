@@ -256,13 +256,8 @@ pub fn bytes_per_block(m: &Measured, cfg: &ModelConfig, sessions: usize, tokens:
 }
 
 /// A memory budget as people read it, with where it came from.
-pub fn describe_budget(budget: u64, given: bool) -> String {
-    let size = memory::format_size(budget);
-    if given {
-        format!("{size} (--max-memory)")
-    } else {
-        format!("{size} (half the memory available)")
-    }
+pub fn describe_budget(budget: u64, source: memory::BudgetSource) -> String {
+    format!("{} ({})", memory::format_size(budget), source.describe())
 }
 
 /// How many times this server's own measured one-block throughput a peer's claimed

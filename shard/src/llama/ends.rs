@@ -60,6 +60,7 @@ impl ClientEnds {
     /// is embedded); a tied head is built from a second read of it, packed
     /// for the fast kernels in the fast mode.
     pub fn load(file: &ModelFile, opts: &LoadOptions) -> Result<Self> {
+        opts.check()?;
         let cfg = file.config()?;
         let emb_name = file.embeddings_name();
         let embeddings = match file.read_weight(emb_name, &opts.device)? {

@@ -80,11 +80,50 @@ impl LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// Checks that the weight mode can load on this device. Requantized weights
+    /// (`q8_0`, `q4_0`, `q4k`, `q6k`) are CPU-only: on a CUDA GPU (an H200) requantizing
+    /// to Q8_0 gave non-finite logits, and the others were never checked there.
+    pub fn check(&self) -> Result<()> {
+        check_mode(self.mode, self.device.is_cpu())
+    }
+}
+
+fn check_mode(mode: WeightMode, on_cpu: bool) -> Result<()> {
+    match mode {
+        WeightMode::Requantize(_) if !on_cpu => Err(ShardError::BadInput(format!(
+            "weights `{mode}` are CPU-only (requantized weights gave non-finite logits on a \
+             GPU); on a GPU use `fast` or `exact`, which keep the file's own types"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
             mode: WeightMode::default(),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requantized_weights_are_refused_on_a_gpu_with_the_way_out() {
+        let q8 = WeightMode::Requantize(GgmlDType::Q8_0);
+        for mode in [WeightMode::Fast, WeightMode::Exact, q8] {
+            assert!(check_mode(mode, true).is_ok(), "{mode} on the CPU");
+        }
+        assert!(check_mode(WeightMode::Fast, false).is_ok());
+        assert!(check_mode(WeightMode::Exact, false).is_ok());
+        let err = check_mode(q8, false).unwrap_err().to_string();
+        assert!(err.contains("q8_0") && err.contains("CPU-only"), "{err}");
+        assert!(err.contains("`fast` or `exact`"), "{err}");
+        assert!(LoadOptions::default().check().is_ok());
     }
 }

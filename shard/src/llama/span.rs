@@ -32,6 +32,7 @@ impl BlockSpan {
         opts: &LoadOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        opts.check()?;
         let cfg = file.config()?;
         let range = BlockRange::new(range.start, range.end, cfg.num_blocks)?;
         let (cos, sin) = rope_tables(&cfg, &opts.device)?;
