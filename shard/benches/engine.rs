@@ -527,14 +527,7 @@ fn main() {
             let mut ran = String::new();
             for _ in 0..reps {
                 let (r, k) = run_child(
-                    &[
-                        "--child".into(),
-                        engine.into(),
-                        mode.into(),
-                        path.display().to_string(),
-                        prompt_len.to_string(),
-                        decode.to_string(),
-                    ],
+                    &child_args(engine, mode, &path, prompt_len, decode),
                     threads,
                     kernel,
                 );
@@ -658,6 +651,25 @@ fn main() {
     }
 }
 
+/// Arguments of a `--child` run: `engine` in `mode` on the model at `path`, a
+/// prompt of `prompt_len` tokens, then `decode` tokens.
+fn child_args(
+    engine: &str,
+    mode: &str,
+    path: &Path,
+    prompt_len: usize,
+    decode: usize,
+) -> [String; 6] {
+    [
+        "--child".into(),
+        engine.into(),
+        mode.into(),
+        path.display().to_string(),
+        prompt_len.to_string(),
+        decode.to_string(),
+    ]
+}
+
 /// The GPU's name, driver and memory, from `nvidia-smi`.
 fn gpu_line() -> String {
     Command::new("nvidia-smi")
@@ -700,18 +712,8 @@ fn device_table(path: &Path, name: &str, rounds: usize) {
         let mut ran = vec![String::new(); rows.len()];
         for _ in 0..rounds {
             for (n, &(engine, mode)) in rows.iter().enumerate() {
-                let (r, k) = run_child(
-                    &[
-                        "--child".into(),
-                        engine.into(),
-                        mode.into(),
-                        path.display().to_string(),
-                        prompt_len.to_string(),
-                        decode.to_string(),
-                    ],
-                    1,
-                    None,
-                );
+                let (r, k) =
+                    run_child(&child_args(engine, mode, path, prompt_len, decode), 1, None);
                 got[n].push(r);
                 ran[n] = k;
             }
@@ -1073,14 +1075,7 @@ fn vs_llama(path: &Path, llama: &Path, rounds: usize) {
             ll[2].extend(rows.iter().filter(|r| r[1] as usize == 128).map(|r| r[3]));
             for (i, &k) in kernels.iter().enumerate() {
                 let (r, name) = run_child(
-                    &[
-                        "--child".into(),
-                        "pollen".into(),
-                        "fast".into(),
-                        m.clone(),
-                        "128".into(),
-                        "128".into(),
-                    ],
+                    &child_args("pollen", "fast", Path::new(&m), 128, 128),
                     threads,
                     Some(k),
                 );
