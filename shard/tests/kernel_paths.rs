@@ -7,7 +7,7 @@
 //! emulated CPU without AVX-512 (a Haswell) and must choose the AVX2
 //! path itself.
 //!
-//! Tolerance: the SIMD paths (AVX-512 VNNI, AVX2) must give bit-identical
+//! Tolerance: the SIMD paths (AMX, AVX-512 VNNI, AVX2) must give bit-identical
 //! logits, and stay within 1.7 of exact mode's (max |logit diff|, the bound
 //! the README states; logits reach ~28; measured 1.44 here). The fallback
 //! (`none`) requantizes Q4_1 to Q8_0 for candle's kernels, which loses more:

@@ -18,11 +18,12 @@
 //!   activations, the same numbers), so the result differs from candle's
 //!   only by float rounding order.
 //!
-//! Three SIMD kernels run this layout, chosen at run time ([`kernel_path`],
-//! forced by the `POLLEN_KERNEL` environment variable): AVX-512 VNNI
-//! (`vpdpbusd`, `avx512.rs`), AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`)
-//! and, on aarch64, NEON (`smull` + pairwise adds, `neon.rs`), the crate's
-//! three files of unsafe code. Where neither runs,
+//! Four SIMD kernels run this layout, chosen at run time ([`kernel_path`],
+//! forced by the `POLLEN_KERNEL` environment variable): AMX (`tdpbsud` tiles
+//! for products of several rows, `amx.rs`), AVX-512 VNNI (`vpdpbusd`,
+//! `avx512.rs`), AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on
+//! aarch64, NEON (`smull` + pairwise adds, `neon.rs`), the crate's four
+//! files of unsafe code. Where neither runs,
 //! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
 //! kernels. Per output value, every path computes the same exact integer sum
 //! per block and then the same two fused multiply-adds in the same order, so
@@ -37,6 +38,8 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 mod path;
 pub use path::{KERNEL_ENV, KernelPath, active_path, kernel_path, simd_available};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -61,6 +64,34 @@ mod neon {
         }
 
         /// Unreachable: no `Neon` exists.
+        pub(super) fn tile(
+            self,
+            _: &PackedMatrix,
+            _: usize,
+            _: &Activations,
+            _: &mut [[f32; TILE]],
+        ) {
+            match self {}
+        }
+    }
+}
+
+/// Off x86-64 there is no AMX kernel: no proof of one can be made.
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    use super::{Activations, PackedMatrix, TILE};
+
+    /// Proof that this CPU runs the AMX kernel; none can exist here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Amx {}
+
+    impl Amx {
+        /// Never found off x86-64.
+        pub(super) fn detect() -> Option<Self> {
+            None
+        }
+
+        /// Unreachable: no `Amx` exists.
         pub(super) fn tile(
             self,
             _: &PackedMatrix,
@@ -147,6 +178,7 @@ mod avx2 {
 /// A SIMD kernel, with the proof that this CPU runs it.
 #[derive(Debug, Clone, Copy)]
 enum Kernel {
+    Amx(amx::Amx),
     Vnni(avx512::Vnni),
     Avx2(avx2::Avx2),
     Neon(neon::Neon),
@@ -156,6 +188,7 @@ impl Kernel {
     /// The kernel of `path`, where this CPU runs it.
     fn of(path: KernelPath) -> Option<Self> {
         match path {
+            KernelPath::Amx => amx::Amx::detect().map(Self::Amx),
             KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
             KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
             KernelPath::Neon => neon::Neon::detect().map(Self::Neon),
@@ -171,6 +204,7 @@ impl Kernel {
 
     fn tile(self, w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
         match self {
+            Self::Amx(k) => k.tile(w, t, act, out),
             Self::Vnni(k) => k.tile(w, t, act, out),
             Self::Avx2(k) => k.tile(w, t, act, out),
             Self::Neon(k) => k.tile(w, t, act, out),

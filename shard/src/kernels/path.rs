@@ -3,9 +3,9 @@
 
 use std::sync::OnceLock;
 
-/// The environment variable that forces a kernel path: `avx512` (or
-/// `avx512-vnni`), `avx2`, `neon`, `fallback` (or `none`), or `auto` (the default
-/// when unset). A path this CPU lacks is refused with a logged warning, and
+/// The environment variable that forces a kernel path: `amx`, `avx512` (or
+/// `avx512-vnni`), `avx2`, `neon`, `fallback` (or `none`), or `auto` (the
+/// default when unset). A path this CPU lacks is refused with a logged warning, and
 /// the automatic choice runs instead.
 pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
 
@@ -16,6 +16,10 @@ pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KernelPath {
+    /// Intel AMX-INT8 (`tdpbsud` on 16 output rows and up to 16 activation
+    /// rows at once) where a product has several activation rows, the
+    /// AVX-512 VNNI kernel for one row.
+    Amx,
     /// AVX-512 F, BW, VNNI and F16C: `vpdpbusd` on 16 output rows at once.
     Avx512Vnni,
     /// AVX2, FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 8 output rows at once.
@@ -29,11 +33,18 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// Every path, fastest first.
-    pub const ALL: [Self; 4] = [Self::Avx512Vnni, Self::Avx2, Self::Neon, Self::None];
+    pub const ALL: [Self; 5] = [
+        Self::Amx,
+        Self::Avx512Vnni,
+        Self::Avx2,
+        Self::Neon,
+        Self::None,
+    ];
 
-    /// The path's name: `avx512-vnni`, `avx2`, `neon` or `none`.
+    /// The path's name: `amx`, `avx512-vnni`, `avx2`, `neon` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Amx => "amx",
             Self::Avx512Vnni => "avx512-vnni",
             Self::Avx2 => "avx2",
             Self::Neon => "neon",
@@ -44,6 +55,7 @@ impl KernelPath {
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
+            Self::Amx => cpu().amx,
             Self::Avx512Vnni => cpu().vnni,
             Self::Avx2 => cpu().avx2,
             Self::Neon => cpu().neon,
@@ -55,6 +67,7 @@ impl KernelPath {
     fn parse(text: &str) -> Result<Option<Self>, ()> {
         match text.trim().to_ascii_lowercase().as_str() {
             "" | "auto" => Ok(None),
+            "amx" | "amx-int8" => Ok(Some(Self::Amx)),
             "avx512" | "avx512-vnni" | "avx512vnni" | "vnni" => Ok(Some(Self::Avx512Vnni)),
             "avx2" => Ok(Some(Self::Avx2)),
             "neon" => Ok(Some(Self::Neon)),
@@ -73,6 +86,8 @@ impl std::fmt::Display for KernelPath {
 /// The CPU features the kernels need.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Cpu {
+    /// AMX-TILE and AMX-INT8, granted by the OS, with everything `vnni` needs.
+    pub(super) amx: bool,
     /// AVX-512 F, BW, VNNI and F16C.
     pub(super) vnni: bool,
     /// AVX2, FMA and F16C.
@@ -88,11 +103,13 @@ pub(super) fn cpu() -> Cpu {
         #[cfg(target_arch = "x86_64")]
         {
             let f16c = is_x86_feature_detected!("f16c");
+            let vnni = f16c
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni");
             Cpu {
-                vnni: f16c
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni"),
+                amx: vnni && super::amx::available(),
+                vnni,
                 avx2: f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
                 neon: false,
             }
@@ -100,6 +117,7 @@ pub(super) fn cpu() -> Cpu {
         #[cfg(target_arch = "aarch64")]
         {
             Cpu {
+                amx: false,
                 vnni: false,
                 avx2: false,
                 neon: std::arch::is_aarch64_feature_detected!("neon"),
@@ -108,6 +126,7 @@ pub(super) fn cpu() -> Cpu {
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             Cpu {
+                amx: false,
                 vnni: false,
                 avx2: false,
                 neon: false,
@@ -120,7 +139,9 @@ pub(super) fn cpu() -> Cpu {
 /// CPU with `cpu`'s features; the second value is a warning to log when the
 /// request cannot be honoured.
 pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<String>) {
-    let best = if cpu.vnni {
+    let best = if cpu.amx {
+        KernelPath::Amx
+    } else if cpu.vnni {
         KernelPath::Avx512Vnni
     } else if cpu.avx2 {
         KernelPath::Avx2
@@ -130,6 +151,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::None
     };
     let has = |p: KernelPath| match p {
+        KernelPath::Amx => cpu.amx,
         KernelPath::Avx512Vnni => cpu.vnni,
         KernelPath::Avx2 => cpu.avx2,
         KernelPath::Neon => cpu.neon,
@@ -147,7 +169,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         Some(Err(())) => (
             best,
             Some(format!(
-                "{KERNEL_ENV}={:?} is not a kernel path (expected avx512, avx2, neon, fallback or auto); using {best}",
+                "{KERNEL_ENV}={:?} is not a kernel path (expected amx, avx512, avx2, neon, fallback or auto); using {best}",
                 request.unwrap_or_default()
             )),
         ),
@@ -171,7 +193,7 @@ pub fn kernel_path() -> KernelPath {
 }
 
 /// The name of the kernel path this process runs the fast weight mode on:
-/// `"avx512-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
+/// `"amx"`, `"avx512-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
 /// candle's kernels). See [`kernel_path`].
 pub fn active_path() -> &'static str {
     kernel_path().as_str()
@@ -189,22 +211,32 @@ pub fn simd_available() -> bool {
 mod tests {
     use super::*;
 
+    const ALL: Cpu = Cpu {
+        amx: true,
+        vnni: true,
+        avx2: true,
+        neon: false,
+    };
     const BOTH: Cpu = Cpu {
+        amx: false,
         vnni: true,
         avx2: true,
         neon: false,
     };
     const AVX2: Cpu = Cpu {
+        amx: false,
         vnni: false,
         avx2: true,
         neon: false,
     };
     const BARE: Cpu = Cpu {
+        amx: false,
         vnni: false,
         avx2: false,
         neon: false,
     };
     const ARM: Cpu = Cpu {
+        amx: false,
         vnni: false,
         avx2: false,
         neon: true,
@@ -212,6 +244,8 @@ mod tests {
 
     #[test]
     fn the_fastest_supported_path_is_chosen_unless_forced() {
+        assert_eq!(choose(None, ALL), (KernelPath::Amx, None));
+        assert_eq!(choose(Some("avx512"), ALL), (KernelPath::Avx512Vnni, None));
         assert_eq!(choose(None, BOTH), (KernelPath::Avx512Vnni, None));
         assert_eq!(choose(Some("auto"), AVX2), (KernelPath::Avx2, None));
         assert_eq!(choose(None, BARE), (KernelPath::None, None));
@@ -228,6 +262,9 @@ mod tests {
     fn a_path_the_cpu_lacks_or_a_bad_name_is_refused_with_a_warning() {
         let (p, w) = choose(Some("avx512"), AVX2);
         assert_eq!(p, KernelPath::Avx2);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("amx"), BOTH);
+        assert_eq!(p, KernelPath::Avx512Vnni);
         assert!(w.is_some_and(|w| w.contains("lacks")));
         let (p, w) = choose(Some("avx2"), BARE);
         assert_eq!(p, KernelPath::None);

@@ -30,7 +30,12 @@ fn reference(w: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 
 /// The SIMD kernels this CPU runs, whatever `POLLEN_KERNEL` says.
 fn kernels() -> Vec<(KernelPath, Kernel)> {
-    let paths = [KernelPath::Avx512Vnni, KernelPath::Avx2, KernelPath::Neon];
+    let paths = [
+        KernelPath::Amx,
+        KernelPath::Avx512Vnni,
+        KernelPath::Avx2,
+        KernelPath::Neon,
+    ];
     let found: Vec<_> = paths
         .into_iter()
         .filter_map(|p| Kernel::of(p).map(|k| (p, k)))
@@ -97,9 +102,11 @@ const TYPES: [Option<GgmlDType>; 4] = [
 #[test]
 fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
     for dtype in TYPES {
-        for m in [1, 2, 3, 4, 5, 7, 9] {
+        for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
             check(dtype, m, 48, 96);
         }
+        // One block: the AMX kernel's pairs of blocks have no second.
+        check(dtype, 6, 16, 32);
         // Enough tiles times rows to run on the thread pool.
         check(dtype, 9, 128, 96);
     }

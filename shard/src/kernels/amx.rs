@@ -1,0 +1,389 @@
+//! The AMX kernel of [`PackedMatrix`], for several activation rows at once
+//! (a batch of sessions' decode steps, a prefill): Intel's tile matrix unit
+//! (`tdpbsud`, AMX-INT8) computes a block's integer sums for up to 16 rows
+//! and 16 output columns in one instruction, where the AVX-512 kernel needs
+//! eight `vpdpbusd` per row. The packed layout already is AMX's: a block's
+//! eight 8-bit quant lines are the right-hand tile (4-bit lines are split
+//! into nibbles first). Integer sums are exact, and the float steps after
+//! them are the AVX-512 kernel's, in its order, so every path still gives the
+//! same bits. One row runs on the AVX-512 kernel: it is bound by reading the
+//! weights, which the tile unit does not speed up.
+//!
+//! Stable Rust has no AMX intrinsics, so the tile instructions are inline
+//! assembly; Linux hands out AMX only to a process that asks
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`available`] does once. With
+//! the other kernel files, this is the crate's only unsafe code.
+#![allow(unsafe_code)]
+
+use super::avx512::Vnni;
+use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::Cell;
+use std::mem::MaybeUninit;
+
+/// Rows at which the tile unit takes over from the AVX-512 kernel.
+pub(super) const MIN_ROWS: usize = 2;
+
+/// Proof that this CPU has AMX-TILE and AMX-INT8, that Linux granted this
+/// process their state, and that the AVX-512 kernel runs too.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Amx(Vnni);
+
+impl Amx {
+    /// The proof, where [`super::path::cpu`] found AMX usable.
+    pub(super) fn detect() -> Option<Self> {
+        if !super::path::cpu().amx {
+            return None;
+        }
+        Vnni::detect().map(Self)
+    }
+
+    /// Computes tile `t` of `w` (16 output columns) for every activation row
+    /// of `act`, one row of `out` each.
+    pub(super) fn tile(
+        self,
+        w: &PackedMatrix,
+        t: usize,
+        act: &Activations,
+        out: &mut [[f32; TILE]],
+    ) {
+        if out.len() < MIN_ROWS {
+            return self.0.tile(w, t, act, out);
+        }
+        let mut row = 0;
+        while row < out.len() {
+            // Chunks of 16 rows, never leaving one row alone (17 = 15 + 2).
+            let left = out.len() - row;
+            let r = if left == 17 { 15 } else { left.min(16) };
+            let o = &mut out[row..row + r];
+            // SAFETY: an `Amx` is only made where the CPU has AMX-TILE,
+            // AMX-INT8 and the AVX-512 kernel's features and Linux granted
+            // the tile state; `rows` checks its own bounds.
+            unsafe {
+                match r {
+                    16 => rows::<16>(w, t, act, row, o),
+                    15 => rows::<15>(w, t, act, row, o),
+                    14 => rows::<14>(w, t, act, row, o),
+                    13 => rows::<13>(w, t, act, row, o),
+                    12 => rows::<12>(w, t, act, row, o),
+                    11 => rows::<11>(w, t, act, row, o),
+                    10 => rows::<10>(w, t, act, row, o),
+                    9 => rows::<9>(w, t, act, row, o),
+                    8 => rows::<8>(w, t, act, row, o),
+                    7 => rows::<7>(w, t, act, row, o),
+                    6 => rows::<6>(w, t, act, row, o),
+                    5 => rows::<5>(w, t, act, row, o),
+                    4 => rows::<4>(w, t, act, row, o),
+                    3 => rows::<3>(w, t, act, row, o),
+                    2 => rows::<2>(w, t, act, row, o),
+                    _ => unreachable!("chunks hold 2 to 16 rows"),
+                }
+            }
+            row += r;
+        }
+    }
+}
+
+/// Whether this CPU reports AMX-TILE and AMX-INT8 and Linux grants this
+/// process their state. Asks once; the grant holds for every thread.
+pub(super) fn available() -> bool {
+    // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+    let edx = __cpuid_count(7, 0).edx;
+    if edx & (3 << 24) != 3 << 24 {
+        return false;
+    }
+    request_permission()
+}
+
+#[cfg(target_os = "linux")]
+fn request_permission() -> bool {
+    /// `arch_prctl` code that asks for an extended state component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    /// The AMX tile data component.
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it changes which
+    // instructions this process may run and nothing else.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "AMX present but not granted; the AVX-512 kernel runs"
+        );
+    }
+    r == 0
+}
+
+/// Other systems: not asked, so not used.
+#[cfg(not(target_os = "linux"))]
+fn request_permission() -> bool {
+    false
+}
+
+/// The tile configuration for `r` activation rows: tiles 0 and 3 hold two
+/// blocks' activations (`r` rows of 32 bytes), tiles 1 and 4 two blocks'
+/// weights (8 rows of 64 bytes: 16 columns of 4 bytes), tiles 2 and 5 their
+/// integer sums (`r` rows of 16 `i32`).
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+impl Config {
+    fn new(r: u8) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        let tiles: [(u16, u8); 6] = [(32, r), (64, 8), (64, r), (32, r), (64, 8), (64, r)];
+        for (i, (colsb, rows)) in tiles.into_iter().enumerate() {
+            c[16 + 2 * i..18 + 2 * i].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + i] = rows;
+        }
+        Self(c)
+    }
+}
+
+thread_local! {
+    /// Activation rows of this thread's loaded tile configuration (0: none).
+    static CONFIGURED: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Loads the tile configuration for `r` rows on this thread, unless loaded.
+///
+/// # Safety
+/// The CPU must have AMX-TILE and Linux must have granted its state.
+unsafe fn configure(r: u8) {
+    if CONFIGURED.get() != r {
+        let c = Config::new(r);
+        // SAFETY: `c` is 64 valid bytes; the caller vouches for AMX.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) c.0.as_ptr(), options(nostack, readonly)) };
+        CONFIGURED.set(r);
+    }
+}
+
+/// Blocks whose integer sums the tile unit computes ahead of the float steps.
+const CHUNK: usize = 8;
+
+/// Blocks ahead of the tile unit that the weights are prefetched.
+const AHEAD: usize = 32;
+
+/// 64-byte-aligned scratch lines.
+#[repr(C, align(64))]
+struct Lines<const N: usize>([[u8; 64]; N]);
+
+/// Integer sums of two chunks (one being written by the tile unit while the
+/// float steps read the other): `[chunk parity][block][row]`, 16 `i32` each.
+#[allow(dead_code)]
+#[repr(C, align(64))]
+struct Sums([[[[i32; TILE]; 16]; CHUNK]; 2]);
+
+/// Computes tile `t` (16 output columns) for activation rows `row..row+R`.
+///
+/// A three-stage pipeline over chunks of [`CHUNK`] blocks: chunk `c + 2`'s
+/// weights are prefetched (4-bit: split into 8-bit lines) while the tile
+/// unit computes chunk `c + 1`'s integer sums and the vector unit runs chunk
+/// `c`'s float steps, so that no stage waits on the one before: the tile
+/// unit cannot take data from stores still in flight, nor the vector unit
+/// from tile stores.
+///
+/// # Safety
+/// The CPU must support AMX-TILE and AMX-INT8 (granted by Linux) and the
+/// AVX-512 kernel's features; `2 <= R <= 16`.
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn rows<const R: usize>(
+    w: &PackedMatrix,
+    t: usize,
+    act: &Activations,
+    row: usize,
+    out: &mut [[f32; TILE]],
+) {
+    let k = w.k;
+    let kb = k / BLOCK;
+    let per = 1 + w.bits.q_lines();
+    let first = t * kb * per;
+    // Bounds: every line read below is in `first..first + kb * per`; tile
+    // loads of activations read rows `row..row+R`, 32 bytes each.
+    assert!((2..=16).contains(&R));
+    assert!(first + kb * per <= w.lines.len());
+    assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
+    assert!(out.len() >= R);
+    // SAFETY: the caller vouches for AMX.
+    unsafe { configure(R as u8) };
+    let chunk = Chunks {
+        lines: w.lines[first..].as_ptr() as *const u8,
+        per,
+        four: w.bits == Bits::Four,
+        kb,
+        xq: act.q[row * k..].as_ptr(),
+        k,
+    };
+    // Written before read, so not cleared (clearing 24 KB would cost a
+    // third of a small product).
+    let mut split = MaybeUninit::<Lines<{ 16 * CHUNK }>>::uninit();
+    let mut sums = MaybeUninit::<Sums>::uninit();
+    let split = split.as_mut_ptr() as *mut [u8; 64];
+    let sums = sums.as_mut_ptr() as *mut [[i32; TILE]; 16];
+    let mut acc = [_mm512_setzero_ps(); R];
+    let chunks = kb.div_ceil(CHUNK);
+    for c in 0..chunks + 2 {
+        // SAFETY: `split` holds two chunks' lines and `sums` two chunks'
+        // sums, 64-byte aligned; the chunks exist; AMX as the caller vouches.
+        unsafe {
+            if c < chunks {
+                chunk.fetch(c, split.add(8 * CHUNK * (c % 2)));
+            }
+            if (1..=chunks).contains(&c) {
+                let p = (c - 1) % 2;
+                chunk.integer_sums(c - 1, split.add(8 * CHUNK * p), sums.add(CHUNK * p));
+            }
+        }
+        if c < 2 {
+            continue;
+        }
+        // SAFETY: `sums` holds two chunks.
+        let done = unsafe { sums.add(CHUNK * (c % 2)) };
+        for (j, blk) in chunk.blocks(c - 2).enumerate() {
+            // SAFETY: block `blk` is in bounds (asserted above), as are the
+            // activation scales of rows `row..row+R`; unaligned loads need no
+            // alignment; the tile unit wrote `done`'s rows of this block
+            // (64-byte aligned) in the chunk's `integer_sums`.
+            unsafe {
+                let sc = _mm512_loadu_si512(chunk.block(blk) as *const __m512i);
+                let dv = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+                let mv = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(sc));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let s = _mm512_load_si512((*done.add(j))[r].as_ptr() as *const __m512i);
+                    let isum = _mm512_cvtepi32_ps(s);
+                    let dx = *act.d.get_unchecked((row + r) * kb + blk);
+                    let sx = *act.s.get_unchecked((row + r) * kb + blk);
+                    *acc = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(dx)), isum, *acc);
+                    *acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), *acc);
+                }
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` holds exactly 16 f32s.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+}
+
+/// One weight tile's blocks and the activation rows they meet, in chunks.
+struct Chunks {
+    /// The tile's first line: `kb` blocks of `per` lines.
+    lines: *const u8,
+    per: usize,
+    /// 4-bit quants (split into 8-bit lines before the tile unit reads them).
+    four: bool,
+    kb: usize,
+    /// The first activation row's quants; rows are `k` apart.
+    xq: *const i8,
+    k: usize,
+}
+
+impl Chunks {
+    /// The blocks of chunk `c`.
+    fn blocks(&self, c: usize) -> std::ops::Range<usize> {
+        c * CHUNK..self.kb.min((c + 1) * CHUNK)
+    }
+
+    /// Block `blk`'s first line (its scales), for `blk < kb`.
+    fn block(&self, blk: usize) -> *const u8 {
+        self.lines.wrapping_add(blk * self.per * 64)
+    }
+
+    /// Prefetches the weights `AHEAD` blocks past chunk `c`'s (the tile
+    /// unit waits for each load from memory in turn, and the hardware
+    /// prefetcher does not run far enough ahead of it; past the tile's end
+    /// this is the next tile's, and a prefetch never faults, wherever it
+    /// points), and for 4-bit quants writes chunk `c`'s blocks as 8-bit
+    /// lines into `split`: low nibbles of line `i` are values `4i..`, high
+    /// ones `16+4i..`, lines `i` and `4+i` of the 8-bit layout.
+    ///
+    /// # Safety
+    /// Chunk `c` exists; `split` holds `8 * CHUNK` 64-byte-aligned lines.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fetch(&self, c: usize, split: *mut [u8; 64]) {
+        let nib = _mm512_set1_epi8(0x0F);
+        for (j, blk) in self.blocks(c).enumerate() {
+            let base = self.block(blk);
+            let ahead = base.wrapping_add(AHEAD * self.per * 64);
+            for l in 0..self.per {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
+            }
+            if !self.four {
+                continue;
+            }
+            // SAFETY: block `blk` exists, so its 4 quant lines do; `split`
+            // holds line `8 * j + 7` (`j < CHUNK`), 64-byte aligned.
+            unsafe {
+                let dst = split.add(8 * j);
+                for i in 0..4 {
+                    let v = _mm512_loadu_si512(base.add(64 * (1 + i)) as *const __m512i);
+                    let lo = _mm512_and_si512(v, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                    _mm512_store_si512(dst.add(i) as *mut __m512i, lo);
+                    _mm512_store_si512(dst.add(4 + i) as *mut __m512i, hi);
+                }
+            }
+        }
+    }
+
+    /// The tile unit's part of chunk `c`: for each block, the integer sums
+    /// of the configured activation rows against its weights (8-bit lines
+    /// in place, 4-bit ones as [`Self::fetch`] split them into `split`),
+    /// into `out[block in chunk][row]`. Alternates two sets of tiles.
+    ///
+    /// # Safety
+    /// AMX granted and configured for the activation rows; chunk `c` exists;
+    /// for 4-bit quants [`Self::fetch`] wrote chunk `c` into `split`; `out`
+    /// holds `CHUNK` blocks' sums, 64-byte aligned.
+    unsafe fn integer_sums(&self, c: usize, split: *const [u8; 64], out: *mut [[i32; TILE]; 16]) {
+        for (j, blk) in self.blocks(c).enumerate() {
+            // SAFETY: block `blk` exists (its lines and its 32 activation
+            // bytes of every configured row); `split` and `out` as promised.
+            unsafe {
+                let wq = if self.four {
+                    split.add(8 * j) as *const u8
+                } else {
+                    self.block(blk).add(64)
+                };
+                let a = self.xq.add(blk * BLOCK);
+                let s = out.add(j) as *mut u8;
+                // C = A (signed activations) · B (unsigned weights).
+                if j % 2 == 0 {
+                    asm!(
+                        "tilezero tmm2",
+                        "tileloadd tmm0, [{a} + {k}*1]",
+                        "tileloadd tmm1, [{w} + {sixty_four}*1]",
+                        "tdpbsud tmm2, tmm0, tmm1",
+                        "tilestored [{s} + {sixty_four}*1], tmm2",
+                        a = in(reg) a,
+                        w = in(reg) wq,
+                        s = in(reg) s,
+                        k = in(reg) self.k,
+                        sixty_four = in(reg) 64usize,
+                        options(nostack),
+                    );
+                } else {
+                    asm!(
+                        "tilezero tmm5",
+                        "tileloadd tmm3, [{a} + {k}*1]",
+                        "tileloadd tmm4, [{w} + {sixty_four}*1]",
+                        "tdpbsud tmm5, tmm3, tmm4",
+                        "tilestored [{s} + {sixty_four}*1], tmm5",
+                        a = in(reg) a,
+                        w = in(reg) wq,
+                        s = in(reg) s,
+                        k = in(reg) self.k,
+                        sixty_four = in(reg) 64usize,
+                        options(nostack),
+                    );
+                }
+            }
+        }
+    }
+}
