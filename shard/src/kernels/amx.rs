@@ -11,7 +11,10 @@
 //!
 //! Stable Rust has no AMX intrinsics, so the tile instructions are inline
 //! assembly; Linux hands out AMX only to a process that asks
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`available`] does once. With
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`granted`] does once, and
+//! only where the AMX path could be chosen. Before its tile instructions, a
+//! product checks the tile configuration in force on its thread (see
+//! [`configure`]), so no shape left behind by other code is trusted. With
 //! the other kernel files, this is the crate's only unsafe code.
 #![allow(unsafe_code)]
 
@@ -19,7 +22,6 @@ use super::avx512::Vnni;
 use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::cell::Cell;
 use std::mem::MaybeUninit;
 
 /// Rows at which the tile unit takes over from the AVX-512 kernel.
@@ -31,9 +33,9 @@ pub(super) const MIN_ROWS: usize = 2;
 pub(super) struct Amx(Vnni);
 
 impl Amx {
-    /// The proof, where [`super::path::cpu`] found AMX usable.
+    /// The proof, where [`super::path::cpu`] found AMX and Linux grants it.
     pub(super) fn detect() -> Option<Self> {
-        if !super::path::cpu().amx {
+        if !super::path::cpu().amx || !granted() {
             return None;
         }
         Vnni::detect().map(Self)
@@ -59,7 +61,8 @@ impl Amx {
             let o = &mut out[row..row + r];
             // SAFETY: an `Amx` is only made where the CPU has AMX-TILE,
             // AMX-INT8 and the AVX-512 kernel's features and Linux granted
-            // the tile state; `rows` checks its own bounds.
+            // the tile state; `rows` loads its own tile configuration and
+            // checks its own bounds.
             unsafe {
                 match r {
                     16 => rows::<16>(w, t, act, row, o),
@@ -85,15 +88,18 @@ impl Amx {
     }
 }
 
-/// Whether this CPU reports AMX-TILE and AMX-INT8 and Linux grants this
-/// process their state. Asks once; the grant holds for every thread.
-pub(super) fn available() -> bool {
-    // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+/// Whether this CPU reports AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits
+/// 24 and 25). Asks the OS nothing.
+pub(super) fn present() -> bool {
     let edx = __cpuid_count(7, 0).edx;
-    if edx & (3 << 24) != 3 << 24 {
-        return false;
-    }
-    request_permission()
+    edx & (3 << 24) == 3 << 24
+}
+
+/// Whether Linux grants this process the AMX tile state, asking once (the
+/// grant holds for every thread), where [`present`].
+pub(super) fn granted() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(|| present() && request_permission())
 }
 
 #[cfg(target_os = "linux")]
@@ -102,8 +108,12 @@ fn request_permission() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     /// The AMX tile data component.
     const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments; it changes which
-    // instructions this process may run and nothing else.
+    // SAFETY: a plain system call with integer arguments, no memory passed.
+    // Its effects are process-wide: AMX instructions may run, and signal
+    // frames grow by the tile state (Linux refuses the request where a
+    // thread's alternate signal stack is too small for that, and afterwards
+    // refuses such stacks; std sizes its own from AT_MINSIGSTKSZ, which
+    // already counts the tile state).
     let r = unsafe {
         libc::syscall(
             libc::SYS_arch_prctl,
@@ -112,9 +122,9 @@ fn request_permission() -> bool {
         )
     };
     if r != 0 {
-        tracing::debug!(
+        tracing::info!(
             error = %std::io::Error::last_os_error(),
-            "AMX present but not granted; the AVX-512 kernel runs"
+            "this CPU has AMX but Linux did not grant it; the AVX-512 kernel runs"
         );
     }
     r == 0
@@ -146,21 +156,31 @@ impl Config {
     }
 }
 
-thread_local! {
-    /// Activation rows of this thread's loaded tile configuration (0: none).
-    static CONFIGURED: Cell<u8> = const { Cell::new(0) };
-}
-
-/// Loads the tile configuration for `r` rows on this thread, unless loaded.
+/// Makes this thread's tile configuration the one for `r` rows. Reads the
+/// configuration in force (`sttilecfg`, a few nanoseconds) rather than
+/// trusting a record of it, so whatever ran on this thread before (a release,
+/// another shape) is seen, and loads `r`'s only where it differs (`ldtilecfg`
+/// costs about 90 ns, a tenth of a small product's tile). The tiles stay
+/// configured after; Linux saves their state on a context switch.
 ///
 /// # Safety
 /// The CPU must have AMX-TILE and Linux must have granted its state.
 unsafe fn configure(r: u8) {
-    if CONFIGURED.get() != r {
-        let c = Config::new(r);
-        // SAFETY: `c` is 64 valid bytes; the caller vouches for AMX.
-        unsafe { asm!("ldtilecfg [{0}]", in(reg) c.0.as_ptr(), options(nostack, readonly)) };
-        CONFIGURED.set(r);
+    let want = Config::new(r);
+    let mut now = Config([0; 64]);
+    // SAFETY: `now` is 64 writable bytes; the caller vouches for AMX.
+    unsafe { asm!("sttilecfg [{0}]", in(reg) now.0.as_mut_ptr(), options(nostack)) };
+    if now.0 != want.0 {
+        // SAFETY: `want` is 64 valid bytes; the caller vouches for AMX.
+        unsafe {
+            asm!(
+                "ldtilecfg [{0}]",
+                in(reg) want.0.as_ptr(),
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack, readonly),
+            )
+        };
     }
 }
 
@@ -182,12 +202,12 @@ struct Sums([[[[i32; TILE]; 16]; CHUNK]; 2]);
 
 /// Computes tile `t` (16 output columns) for activation rows `row..row+R`.
 ///
-/// A three-stage pipeline over chunks of [`CHUNK`] blocks: chunk `c + 2`'s
-/// weights are prefetched (4-bit: split into 8-bit lines) while the tile
-/// unit computes chunk `c + 1`'s integer sums and the vector unit runs chunk
-/// `c`'s float steps, so that no stage waits on the one before: the tile
-/// unit cannot take data from stores still in flight, nor the vector unit
-/// from tile stores.
+/// A three-stage pipeline over chunks of [`CHUNK`] blocks: 4-bit quants of
+/// chunk `c + 2` are split into 8-bit lines (and weights [`AHEAD`] blocks on
+/// prefetched) while the tile unit computes chunk `c + 1`'s integer sums and
+/// the vector unit runs chunk `c`'s float steps, so that no stage waits on
+/// the one before: the tile unit cannot take data from stores still in
+/// flight, nor the vector unit from tile stores.
 ///
 /// # Safety
 /// The CPU must support AMX-TILE and AMX-INT8 (granted by Linux) and the
@@ -206,11 +226,19 @@ unsafe fn rows<const R: usize>(
     let first = t * kb * per;
     // Bounds: every line read below is in `first..first + kb * per`; tile
     // loads of activations read rows `row..row+R`, 32 bytes each.
+    let fits = |n: Option<usize>, len: usize| n.is_some_and(|n| n <= len);
     assert!((2..=16).contains(&R));
-    assert!(first + kb * per <= w.lines.len());
-    assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
+    assert!(fits(
+        kb.checked_mul(per).and_then(|l| l.checked_add(first)),
+        w.lines.len()
+    ));
+    let rows_end = row.checked_add(R);
+    assert!(fits(rows_end.and_then(|e| e.checked_mul(k)), act.q.len()));
+    assert!(fits(rows_end.and_then(|e| e.checked_mul(kb)), act.d.len()));
+    assert!(fits(rows_end.and_then(|e| e.checked_mul(kb)), act.s.len()));
     assert!(out.len() >= R);
-    // SAFETY: the caller vouches for AMX.
+    // SAFETY: the caller vouches for AMX; nothing below changes the
+    // configuration, so every tile instruction runs on this one.
     unsafe { configure(R as u8) };
     let chunk = Chunks {
         lines: w.lines[first..].as_ptr() as *const u8,
@@ -366,6 +394,7 @@ impl Chunks {
                         s = in(reg) s,
                         k = in(reg) self.k,
                         sixty_four = in(reg) 64usize,
+                        out("tmm0") _, out("tmm1") _, out("tmm2") _,
                         options(nostack),
                     );
                 } else {
@@ -380,6 +409,7 @@ impl Chunks {
                         s = in(reg) s,
                         k = in(reg) self.k,
                         sixty_four = in(reg) 64usize,
+                        out("tmm3") _, out("tmm4") _, out("tmm5") _,
                         options(nostack),
                     );
                 }

@@ -55,7 +55,7 @@ impl KernelPath {
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
-            Self::Amx => cpu().amx,
+            Self::Amx => cpu().amx && super::amx::granted(),
             Self::Avx512Vnni => cpu().vnni,
             Self::Avx2 => cpu().avx2,
             Self::Neon => cpu().neon,
@@ -108,7 +108,8 @@ pub(super) fn cpu() -> Cpu {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni");
             Cpu {
-                amx: vnni && super::amx::available(),
+                // Present only: Linux's grant is asked where the path runs.
+                amx: vnni && super::amx::present(),
                 vnni,
                 avx2: f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
                 neon: false,
@@ -183,7 +184,14 @@ pub fn kernel_path() -> KernelPath {
     static PATH: OnceLock<KernelPath> = OnceLock::new();
     *PATH.get_or_init(|| {
         let request = std::env::var(KERNEL_ENV).ok();
-        let (path, warning) = choose(request.as_deref(), cpu());
+        let mut cpu = cpu();
+        let (mut path, mut warning) = choose(request.as_deref(), cpu);
+        // Linux grants AMX on request, process-wide: asked only here, where
+        // the AMX path would run; refused, the next path runs.
+        if path == KernelPath::Amx && !super::amx::granted() {
+            cpu.amx = false;
+            (path, warning) = choose(request.as_deref(), cpu);
+        }
         if let Some(w) = warning {
             tracing::warn!("{w}");
         }
@@ -200,8 +208,8 @@ pub fn active_path() -> &'static str {
 }
 
 /// Whether the fast weight mode runs on one of this crate's packed SIMD
-/// kernels here (AVX-512 VNNI, AVX2 or NEON, per [`kernel_path`]). Where it is
-/// false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
+/// kernels here (AMX, AVX-512 VNNI, AVX2 or NEON, per [`kernel_path`]).
+/// Where it is false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
 /// `Requantize(Q8_0)`.
 pub fn simd_available() -> bool {
     kernel_path() != KernelPath::None

@@ -105,7 +105,7 @@ fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
         for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
             check(dtype, m, 48, 96);
         }
-        // One block: the AMX kernel's pairs of blocks have no second.
+        // One block: the AMX kernel's pipeline has one chunk, partly full.
         check(dtype, 6, 16, 32);
         // Enough tiles times rows to run on the thread pool.
         check(dtype, 9, 128, 96);
@@ -123,7 +123,9 @@ fn every_kernel_path_matches_the_scalar_path_on_the_models_shapes() {
     // (rows × inner); one decode row, an odd prefill, a multiple of 4 plus 3.
     for dtype in TYPES {
         for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
-            for m in [1, 3, 7] {
+            // 16 and 18 rows: full AMX tiles over several chunks of blocks
+            // (18 = 16 + 2), the last chunk partial.
+            for m in [1, 3, 7, 16, 18] {
                 check(dtype, m, n, k);
             }
         }
