@@ -151,7 +151,12 @@ impl NextHops {
                 if let Ok(Ok(book)) = gathered {
                     found = find(&book);
                 }
-            } else {
+            }
+            // A gather stores each peer's answer as it comes, and one peer that does not
+            // answer (a hung server, which the DHT still names and whose lookup and list
+            // requests run to their deadlines) can hold the whole gather past its timeout
+            // after the bootstraps have answered: what they gave is in the book.
+            if found.is_none() {
                 found = find(&net.book(Some(want.model)).await.unwrap_or_default());
             }
         }
