@@ -136,10 +136,10 @@ fn request_permission() -> bool {
     false
 }
 
-/// The tile configuration for `r` activation rows: tiles 0 and 3 hold two
-/// blocks' activations (`r` rows of 32 bytes), tiles 1 and 4 two blocks'
-/// weights (8 rows of 64 bytes: 16 columns of 4 bytes), tiles 2 and 5 their
-/// integer sums (`r` rows of 16 `i32`).
+/// The tile configuration for `r` activation rows: tile 0 holds a block's
+/// activations (`r` rows of 32 bytes), tile 1 its weights (8 rows of 64
+/// bytes: 16 columns of 4 bytes), tile 2 their integer sums (`r` rows of 16
+/// `i32`).
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
@@ -147,7 +147,7 @@ impl Config {
     fn new(r: u8) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
-        let tiles: [(u16, u8); 6] = [(32, r), (64, 8), (64, r), (32, r), (64, 8), (64, r)];
+        let tiles: [(u16, u8); 3] = [(32, r), (64, 8), (64, r)];
         for (i, (colsb, rows)) in tiles.into_iter().enumerate() {
             c[16 + 2 * i..18 + 2 * i].copy_from_slice(&colsb.to_le_bytes());
             c[48 + i] = rows;
@@ -363,7 +363,7 @@ impl Chunks {
     /// The tile unit's part of chunk `c`: for each block, the integer sums
     /// of the configured activation rows against its weights (8-bit lines
     /// in place, 4-bit ones as [`Self::fetch`] split them into `split`),
-    /// into `out[block in chunk][row]`. Alternates two sets of tiles.
+    /// into `out[block in chunk][row]`.
     ///
     /// # Safety
     /// AMX granted and configured for the activation rows; chunk `c` exists;
@@ -382,37 +382,20 @@ impl Chunks {
                 let a = self.xq.add(blk * BLOCK);
                 let s = out.add(j) as *mut u8;
                 // C = A (signed activations) · B (unsigned weights).
-                if j % 2 == 0 {
-                    asm!(
-                        "tilezero tmm2",
-                        "tileloadd tmm0, [{a} + {k}*1]",
-                        "tileloadd tmm1, [{w} + {sixty_four}*1]",
-                        "tdpbsud tmm2, tmm0, tmm1",
-                        "tilestored [{s} + {sixty_four}*1], tmm2",
-                        a = in(reg) a,
-                        w = in(reg) wq,
-                        s = in(reg) s,
-                        k = in(reg) self.k,
-                        sixty_four = in(reg) 64usize,
-                        out("tmm0") _, out("tmm1") _, out("tmm2") _,
-                        options(nostack),
-                    );
-                } else {
-                    asm!(
-                        "tilezero tmm5",
-                        "tileloadd tmm3, [{a} + {k}*1]",
-                        "tileloadd tmm4, [{w} + {sixty_four}*1]",
-                        "tdpbsud tmm5, tmm3, tmm4",
-                        "tilestored [{s} + {sixty_four}*1], tmm5",
-                        a = in(reg) a,
-                        w = in(reg) wq,
-                        s = in(reg) s,
-                        k = in(reg) self.k,
-                        sixty_four = in(reg) 64usize,
-                        out("tmm3") _, out("tmm4") _, out("tmm5") _,
-                        options(nostack),
-                    );
-                }
+                asm!(
+                    "tilezero tmm2",
+                    "tileloadd tmm0, [{a} + {k}*1]",
+                    "tileloadd tmm1, [{w} + {sixty_four}*1]",
+                    "tdpbsud tmm2, tmm0, tmm1",
+                    "tilestored [{s} + {sixty_four}*1], tmm2",
+                    a = in(reg) a,
+                    w = in(reg) wq,
+                    s = in(reg) s,
+                    k = in(reg) self.k,
+                    sixty_four = in(reg) 64usize,
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _,
+                    options(nostack),
+                );
             }
         }
     }
