@@ -279,7 +279,7 @@ fn hostile_peers_do_no_harm() {
         &mut |_, _| {},
     )
     .unwrap();
-    let kv = span.config().kv_bytes_per_token_per_block() * 10 * tokens_cap;
+    let kv = span.kv_bytes_per_token() * tokens_cap;
     let short = span.step_memory_bytes(1, 0);
     let room = 2 * kv + 2 * short;
     let long = (1..=tokens_cap)

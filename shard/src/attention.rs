@@ -15,12 +15,18 @@
 //! values are never repeated or copied. The output has the heads side by
 //! side, `(1, seq, heads * head_dim)`, ready for the output projection.
 //!
+//! Keys and values are f16 (as llama.cpp keeps them by default): half the
+//! memory of a session, and half the bytes a step reads, which is what a
+//! batched decode step's attention waits on. Queries, scores, the softmax
+//! and the output are f32; each f16 value is widened exactly.
+//!
 //! Each query row is computed on its own, over the same tiles from position
 //! 0 in the same order, whatever the step's length, the thread count or the
 //! position of the row in its step: a prompt chunked differently, or run on
 //! another machine, gives the same bits. A decode step is the one-row case.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use half::f16;
 use std::sync::{Mutex, PoisonError};
 
 /// Key positions per tile of scores.
@@ -28,10 +34,10 @@ pub(crate) const KEY_TILE: usize = 64;
 /// Query rows per unit of work handed to a thread.
 const QUERY_BLOCK: usize = 16;
 
-/// Attention of a step's queries `(1, heads, seq, head_dim)` at positions
-/// `pos..pos + seq` over KV buffers `(1, kv_heads, capacity, head_dim)`
-/// holding (at least) positions `0..pos + seq`; output `(1, seq, heads *
-/// head_dim)`.
+/// Attention of a step's f32 queries `(1, heads, seq, head_dim)` at
+/// positions `pos..pos + seq` over f16 KV buffers `(1, kv_heads, capacity,
+/// head_dim)` holding (at least) positions `0..pos + seq`; output `(1, seq,
+/// heads * head_dim)`.
 pub(crate) struct TiledAttention {
     pub(crate) pos: usize,
     pub(crate) scale: f32,
@@ -54,7 +60,7 @@ impl TiledAttention {
 /// l]` in order of `c`, the lanes are added in order, then the products of
 /// the values past the last multiple of 8 (the tests' `dot`, bit for bit,
 /// on every CPU).
-fn dots(a: &[f32], keys: &[f32], out: &mut [f32]) {
+fn dots(a: &[f32], keys: &[f16], out: &mut [f32]) {
     let d = a.len();
     let full = d / 8 * 8;
     crate::kernels::lane_sums(a, keys, d, out);
@@ -64,7 +70,11 @@ fn dots(a: &[f32], keys: &[f32], out: &mut [f32]) {
     let rest = &a[full..];
     for (j, o) in out.iter_mut().enumerate() {
         let key = &keys[j * d..(j + 1) * d];
-        let tail: f32 = rest.iter().zip(&key[full..]).map(|(x, y)| x * y).sum();
+        let tail: f32 = rest
+            .iter()
+            .zip(&key[full..])
+            .map(|(x, &y)| x * crate::kernels::widen(y))
+            .sum();
         *o += tail;
     }
 }
@@ -83,8 +93,8 @@ struct Row {
 #[allow(clippy::too_many_arguments)]
 fn head_block(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
     d: usize,
     pos: usize,
     rows: std::ops::Range<usize>,
@@ -162,8 +172,8 @@ pub(crate) struct Dims {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
     dims: Dims,
     pos: usize,
     scale: f32,
@@ -252,8 +262,8 @@ impl CustomOp3 for TiledAttention {
             candle_core::bail!("attention: {seq} queries at {} over {cap}", self.pos)
         };
         let q = &q.as_slice::<f32>()?[q0..q1];
-        let k = &k.as_slice::<f32>()?[k0..k1];
-        let v = &v.as_slice::<f32>()?[v0..v1];
+        let k = &k.as_slice::<f16>()?[k0..k1];
+        let v = &v.as_slice::<f16>()?[v0..v1];
         let dims = Dims {
             heads,
             kv_heads,
@@ -282,7 +292,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Plain softmax attention, materialised, as the reference.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5], pos: usize) -> Vec<f32> {
+    fn reference(q: &[f32], k: &[f16], v: &[f16], dims: [usize; 5], pos: usize) -> Vec<f32> {
         let [heads, kv, seq, cap, d] = dims;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; seq * heads * d];
@@ -294,7 +304,8 @@ mod tests {
                 let s: Vec<f64> = (0..n)
                     .map(|j| {
                         let kj = &k[(g * cap + j) * d..][..d];
-                        qr.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64
+                        let dot = qr.iter().zip(kj).map(|(a, b)| (a * b.to_f32()) as f64);
+                        dot.sum::<f64>() * scale as f64
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -303,7 +314,7 @@ mod tests {
                 for (j, p) in e.iter().enumerate() {
                     for c in 0..d {
                         out[(i * heads + h) * d + c] +=
-                            (p / z * v[(g * cap + j) * d + c] as f64) as f32;
+                            (p / z * v[(g * cap + j) * d + c].to_f64()) as f32;
                     }
                 }
             }
@@ -323,7 +334,11 @@ mod tests {
             .collect()
     }
 
-    fn run(q: &[f32], k: &[f32], v: &[f32], dims: [usize; 5], pos: usize) -> Vec<f32> {
+    fn halves(xs: &[f32]) -> Vec<f16> {
+        xs.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    fn run(q: &[f32], k: &[f16], v: &[f16], dims: [usize; 5], pos: usize) -> Vec<f32> {
         let [heads, kv, seq, cap, d] = dims;
         let dev = Device::Cpu;
         let qt = Tensor::from_slice(q, (1, heads, seq, d), &dev).unwrap();
@@ -342,8 +357,8 @@ mod tests {
     fn matches_materialised_softmax_and_is_chunk_invariant() {
         // 6 query heads over 2 KV heads; steps crossing several key tiles.
         let (heads, kv, d, cap) = (6, 2, 16, 256);
-        let k = rand(kv * cap * d, 1);
-        let v = rand(kv * cap * d, 2);
+        let k = halves(&rand(kv * cap * d, 1));
+        let v = halves(&rand(kv * cap * d, 2));
         for (pos, seq) in [(0, 1), (0, 37), (5, 150), (130, 70), (199, 1)] {
             let q = rand(heads * seq * d, 3 + pos as u64);
             let dims = [heads, kv, seq, cap, d];
@@ -366,18 +381,18 @@ mod tests {
         }
     }
 
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
+    fn dot(a: &[f32], b: &[f16]) -> f32 {
         let mut acc = [0f32; 8];
         let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
         let tail: f32 = ac
             .remainder()
             .iter()
             .zip(bc.remainder())
-            .map(|(x, y)| x * y)
+            .map(|(x, y)| x * y.to_f32())
             .sum();
         for (x, y) in ac.zip(bc) {
             for l in 0..8 {
-                acc[l] += x[l] * y[l];
+                acc[l] += x[l] * y[l].to_f32();
             }
         }
         acc[1..].iter().fold(acc[0], |s, &x| s + x) + tail
@@ -388,7 +403,7 @@ mod tests {
         for d in [64, 19, 8, 3] {
             for n in [1, 3, 4, 7, 64] {
                 let a = rand(d, 7);
-                let keys = rand(n * d, 20 + n as u64);
+                let keys = halves(&rand(n * d, 20 + n as u64));
                 let mut got = vec![0f32; n];
                 dots(&a, &keys, &mut got);
                 for (j, g) in got.iter().enumerate() {
@@ -403,7 +418,7 @@ mod tests {
     fn refuses_a_step_past_the_buffer() {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 2, 4, 8), candle_core::DType::F32, &dev).unwrap();
-        let kv = Tensor::zeros((1, 1, 8, 8), candle_core::DType::F32, &dev).unwrap();
+        let kv = Tensor::zeros((1, 1, 8, 8), candle_core::DType::F16, &dev).unwrap();
         let op = TiledAttention { pos: 6, scale: 1.0 };
         assert!(q.apply_op3_no_bwd(&kv, &kv, &op).is_err());
     }

@@ -252,8 +252,13 @@ async fn start_automatic(
         Some(b) => (b, crate::placement::memory::BudgetSource::Given),
         None => crate::placement::memory::default_budget(&cfg.load.device),
     };
-    let per_block =
-        placing::bytes_per_block(&measured, &config, cfg.max_sessions, cfg.max_session_tokens);
+    let kv_per_token = cfg.load.kv_bytes_per_token_per_block(&config);
+    let per_block = placing::bytes_per_block(
+        &measured,
+        kv_per_token,
+        cfg.max_sessions,
+        cfg.max_session_tokens,
+    );
     let len = crate::placement::blocks_that_fit(num_blocks, budget, per_block, cfg.num_blocks);
     println!(
         "measured {:.0} tokens/s decode and {:.0} tokens/s prefill through one block ({}); \
@@ -322,7 +327,7 @@ fn tenure(
     handle: &NetHandle,
     cfg: &ServeConfig,
 ) -> Result<Arc<Server>, ServeError> {
-    let kv_per_token = span.config().kv_bytes_per_token_per_block() * span.range().len();
+    let kv_per_token = span.kv_bytes_per_token();
     let kv_max = cfg.max_cache_bytes.unwrap_or_else(|| {
         kv_per_token
             .saturating_mul(cfg.max_session_tokens)

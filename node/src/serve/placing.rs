@@ -8,7 +8,7 @@ use crate::net::NetHandle;
 use crate::placement::{self, Holding, Move, memory};
 use libp2p::PeerId;
 use pollen_protocol::{ModelId, VerifiedAnnouncement};
-use pollen_shard::{BlockRange, BlockSpan, CacheLimits, LoadOptions, ModelConfig, ModelFile};
+use pollen_shard::{BlockRange, BlockSpan, CacheLimits, LoadOptions, ModelFile};
 use rand::Rng;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -247,9 +247,9 @@ pub fn measured(
 }
 
 /// Bytes one block needs at full load: its weights, and the KV cache of every session at
-/// its token limit.
-pub fn bytes_per_block(m: &Measured, cfg: &ModelConfig, sessions: usize, tokens: usize) -> u64 {
-    let kv = (cfg.kv_bytes_per_token_per_block() as u64)
+/// its token limit (`kv_per_token` bytes a token in one block).
+pub fn bytes_per_block(m: &Measured, kv_per_token: usize, sessions: usize, tokens: usize) -> u64 {
+    let kv = (kv_per_token as u64)
         .saturating_mul(tokens as u64)
         .saturating_mul(sessions.max(1) as u64);
     m.block_weight_bytes.saturating_add(kv)
@@ -842,7 +842,7 @@ mod tests {
             prefill_tps: 1.0,
             block_weight_bytes: 1000,
         };
-        let cfg = ModelConfig {
+        let cfg = pollen_shard::ModelConfig {
             architecture: "llama".into(),
             name: "tiny".into(),
             hidden_size: 8,
@@ -858,7 +858,19 @@ mod tests {
             tied_embeddings: true,
             max_seq_len: 64,
         };
-        // 2 × 1 head × 8 dims × 4 bytes = 64 bytes a token.
-        assert_eq!(bytes_per_block(&m, &cfg, 2, 10), 1000 + 64 * 20);
+        // 2 × 1 head × 8 dims × 4 bytes = 64 bytes a token in f32 (a GPU, or
+        // exact mode); f16 in the fast mode on the CPU, half of it.
+        let gpu = pollen_shard::LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: pollen_shard::WeightMode::Exact,
+        };
+        let kv = gpu.kv_bytes_per_token_per_block(&cfg);
+        assert_eq!(bytes_per_block(&m, kv, 2, 10), 1000 + 64 * 20);
+        let fast = pollen_shard::LoadOptions {
+            mode: pollen_shard::WeightMode::Fast,
+            ..gpu
+        };
+        let kv = fast.kv_bytes_per_token_per_block(&cfg);
+        assert_eq!(bytes_per_block(&m, kv, 2, 10), 1000 + 32 * 20);
     }
 }

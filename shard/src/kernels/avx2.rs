@@ -22,6 +22,7 @@
 #![allow(unsafe_code)]
 
 use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// Proof that this CPU has AVX2, FMA and F16C.
@@ -54,8 +55,9 @@ impl Avx2 {
     /// adds `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order (a
     /// multiply, then an add: the scalar loop's bits), and `out[j]` is
     /// `lane 0 + lane 1 + .. + lane 7`, added in that order; `b_j` is
-    /// `b[j * stride..]` for `a.len()` values, a multiple of 8.
-    pub(super) fn lane_sums(self, a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+    /// `b[j * stride..]` for `a.len()` values, a multiple of 8, each
+    /// widened to f32 (exactly).
+    pub(super) fn lane_sums(self, a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
         let n = out.len();
         assert!(a.len().is_multiple_of(8) && a.len() <= stride);
         assert!(n == 0 || (n - 1) * stride + a.len() <= b.len());
@@ -82,19 +84,31 @@ impl Avx2 {
     }
 
     /// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element (a
-    /// multiply, then an add), where `x_j` is `x[j * y.len()..]`.
-    pub(super) fn weighted_sum(self, p: &[f32], x: &[f32], y: &mut [f32]) {
+    /// multiply, then an add), where `x_j` is `x[j * y.len()..]`, widened to
+    /// f32 (exactly).
+    pub(super) fn weighted_sum(self, p: &[f32], x: &[f16], y: &mut [f32]) {
         assert!(x.len() == p.len() * y.len());
         // SAFETY: features as detected for `self`; lengths checked above.
         unsafe { weighted_sum(p, x, y) }
     }
 }
 
+/// Eight f16 values from `p`, widened.
+///
 /// # Safety
-/// The CPU must support AVX2; `a.len() % 8 == 0`, `a.len() <= stride`, and
-/// `b` holds `(out.len() - 1) * stride + a.len()` values.
-#[target_feature(enable = "avx2")]
-unsafe fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+/// The CPU must support F16C; `p` points at 8 readable values.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn load8(p: *const f16) -> __m256 {
+    // SAFETY: 16 readable bytes at `p` (the caller's promise).
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+}
+
+/// # Safety
+/// The CPU must support AVX2 and F16C; `a.len() % 8 == 0`, `a.len() <=
+/// stride`, and `b` holds `(out.len() - 1) * stride + a.len()` values.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn lane_sums(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut j = 0;
     // Eight vectors at a time: eight independent chains of additions, then
@@ -106,7 +120,7 @@ unsafe fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
             unsafe {
                 let x = _mm256_loadu_ps(pa.add(c));
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let y = _mm256_loadu_ps(pb.add((j + i) * stride + c));
+                    let y = load8(pb.add((j + i) * stride + c));
                     *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
                 }
             }
@@ -149,7 +163,7 @@ unsafe fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
         for c in (0..a.len()).step_by(8) {
             // SAFETY: as above.
             unsafe {
-                let y = _mm256_loadu_ps(pb.add(j * stride + c));
+                let y = load8(pb.add(j * stride + c));
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(pa.add(c)), y));
             }
         }
@@ -214,9 +228,9 @@ unsafe fn quantize_row(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut
 }
 
 /// # Safety
-/// The CPU must support AVX2; `x.len() == p.len() * y.len()`.
-#[target_feature(enable = "avx2")]
-unsafe fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
+/// The CPU must support AVX2 and F16C; `x.len() == p.len() * y.len()`.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn weighted_sum(p: &[f32], x: &[f16], y: &mut [f32]) {
     const CHUNK: usize = 64;
     let d = y.len();
     let full = d / 8 * 8;
@@ -234,7 +248,7 @@ unsafe fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
             let pv = _mm256_set1_ps(pj);
             for (i, a) in acc.iter_mut().enumerate().take(w) {
                 // SAFETY: `j * d + c0 + 8 i + 8 <= (j + 1) * d <= x.len()`.
-                let xv = unsafe { _mm256_loadu_ps(px.add(j * d + c0 + 8 * i)) };
+                let xv = unsafe { load8(px.add(j * d + c0 + 8 * i)) };
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, xv));
             }
         }
@@ -246,7 +260,7 @@ unsafe fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
     }
     for (c, y) in y.iter_mut().enumerate().skip(full) {
         for (j, &pj) in p.iter().enumerate() {
-            *y += pj * x[j * d + c];
+            *y += pj * super::widen(x[j * d + c]);
         }
     }
 }

@@ -153,12 +153,12 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
-        pub(super) fn lane_sums(self, _: &[f32], _: &[f32], _: usize, _: &mut [f32]) {
+        pub(super) fn lane_sums(self, _: &[f32], _: &[half::f16], _: usize, _: &mut [f32]) {
             match self {}
         }
 
         /// Unreachable: no `Avx2` exists.
-        pub(super) fn weighted_sum(self, _: &[f32], _: &[f32], _: &mut [f32]) {
+        pub(super) fn weighted_sum(self, _: &[f32], _: &[half::f16], _: &mut [f32]) {
             match self {}
         }
 
@@ -225,13 +225,33 @@ fn float_simd() -> Option<avx2::Avx2> {
     *F.get_or_init(avx2::Avx2::detect)
 }
 
-/// Dot products of `a` with several vectors in eight lanes: lane `l` adds
-/// `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order, from 0, and
+/// `h` as f32, exactly (the same value as `f16::to_f32` and the CPUs'
+/// conversion instructions, NaN to NaN), in branch-free integer and float
+/// steps that a compiler can vectorize: where no SIMD code reads the f16
+/// keys and values (aarch64), the plain loops stay vector loops rather than
+/// one conversion call a value.
+#[inline]
+pub(crate) fn widen(h: f16) -> f32 {
+    let h = u32::from(h.to_bits());
+    let bits = (h & 0x7fff) << 13;
+    // Exponent and mantissa moved into f32's places; times 2^112 rebiases a
+    // normal value and makes a subnormal one normal, both exactly.
+    let magnitude = if h & 0x7c00 == 0x7c00 {
+        f32::from_bits(bits | 0x7f80_0000)
+    } else {
+        f32::from_bits(bits) * f32::from_bits(0x7780_0000)
+    };
+    f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// Dot products of `a` with several f16 vectors in eight lanes: lane `l`
+/// adds `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order, from 0 (the
+/// f16 value widened to f32, exactly; a multiply, then an add), and
 /// `out[j]` is `lane 0 + lane 1 + .. + lane 7` in that order, where `b_j` is
 /// `b[j * stride..]` (values past the last multiple of 8 of `a.len()` are
-/// left out). `b` must hold `out.len()` such vectors. The same bits on
-/// every CPU.
-pub(crate) fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+/// left out). `b` must hold `out.len()` such vectors. The same bits on every
+/// CPU.
+pub(crate) fn lane_sums(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
     let a = &a[..a.len() / 8 * 8];
     match float_simd() {
         Some(k) => k.lane_sums(a, b, stride, out),
@@ -241,22 +261,23 @@ pub(crate) fn lane_sums(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
 
 /// [`lane_sums`] in plain code, for `a.len()` a multiple of 8: the SIMD
 /// path's reference.
-fn lane_sums_scalar(a: &[f32], b: &[f32], stride: usize, out: &mut [f32]) {
+fn lane_sums_scalar(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         let mut acc = [0f32; 8];
         let bj = &b[j * stride..j * stride + a.len()];
         for (x, y) in a.chunks_exact(8).zip(bj.chunks_exact(8)) {
             for l in 0..8 {
-                acc[l] += x[l] * y[l];
+                acc[l] += x[l] * widen(y[l]);
             }
         }
         *o = acc[1..].iter().fold(acc[0], |s, &x| s + x);
     }
 }
 
-/// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element, where
+/// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element (the
+/// f16 value widened to f32, exactly; a multiply, then an add), where
 /// `x_j` is `x[j * y.len()..]` (`x` holds `p.len()` of them).
-pub(crate) fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
+pub(crate) fn weighted_sum(p: &[f32], x: &[f16], y: &mut [f32]) {
     match float_simd() {
         Some(k) => k.weighted_sum(p, x, y),
         None => weighted_sum_scalar(p, x, y),
@@ -264,11 +285,11 @@ pub(crate) fn weighted_sum(p: &[f32], x: &[f32], y: &mut [f32]) {
 }
 
 /// [`weighted_sum`] in plain code: the SIMD path's reference.
-fn weighted_sum_scalar(p: &[f32], x: &[f32], y: &mut [f32]) {
+fn weighted_sum_scalar(p: &[f32], x: &[f16], y: &mut [f32]) {
     let d = y.len();
     for (j, &pj) in p.iter().enumerate() {
         for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
-            *y += pj * x;
+            *y += pj * widen(x);
         }
     }
 }

@@ -329,15 +329,28 @@ fn legacy_types_pack_exactly() {
 }
 
 #[test]
+fn widening_f16_is_exact_for_every_value() {
+    for bits in 0..=u16::MAX {
+        let h = f16::from_bits(bits);
+        let (got, want) = (widen(h), h.to_f32());
+        if want.is_nan() {
+            assert!(got.is_nan(), "{bits:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+        }
+    }
+}
+
+#[test]
 fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
     let Some(k) = super::float_simd() else {
         return;
     };
     let mut seed = 11;
-    for d in [64, 24, 19, 8] {
+    for d in [64, 24, 19, 8, 16, 150] {
         for n in [1, 3, 4, 5, 8, 13, 64] {
             let a: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
-            let b: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f16> = (0..n * d).map(|_| f16::from_f32(lcg(&mut seed))).collect();
             let full = d / 8 * 8;
             let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
             k.lane_sums(&a[..full], &b, d, &mut got);

@@ -4,7 +4,10 @@
 //! step by step, as the reference does. The other modes keep growable
 //! buffers `(1, kv_heads, capacity, head_dim)` written in place, of which
 //! the first `len` positions are valid; capacity doubles as needed, up to the
-//! session's token limit.
+//! session's token limit. On the CPU those buffers are f16 ([`kv_dtype`]):
+//! half the memory and half the bytes attention reads. Keys and values come
+//! out of the RMS norm and a product with the block's weights, so their size
+//! is bounded by the model's weights whatever a peer sends.
 
 use crate::config::BlockRange;
 use crate::{Result, ShardError};
@@ -277,10 +280,22 @@ pub(super) fn write_in_place(
         max_tokens,
         k.device(),
     )?;
-    kb.slice_set(k, 2, pos)?;
-    vb.slice_set(v, 2, pos)?;
+    // To f16 on the CPU, rounded to nearest as the fused path's writer does.
+    kb.slice_set(&k.to_dtype(kb.dtype())?, 2, pos)?;
+    vb.slice_set(&v.to_dtype(vb.dtype())?, 2, pos)?;
     *layer = Some((kb.clone(), vb.clone()));
     Ok((kb, vb))
+}
+
+/// The element type of the non-exact modes' KV buffers on `device`: f16 on
+/// the CPU, where attention is [`crate::attention`]'s; f32 elsewhere, where
+/// it is candle's ops.
+pub(crate) fn kv_dtype(device: &candle_core::Device) -> DType {
+    if device.is_cpu() {
+        DType::F16
+    } else {
+        DType::F32
+    }
 }
 
 /// Other modes: the layer's buffers `(b, kv_heads, capacity, head_dim)`
@@ -301,8 +316,8 @@ pub(super) fn reserve(
         old => {
             let cap = need.next_power_of_two().max(64).min(max_tokens.max(need));
             let shape = (b_sz, n_kv, cap, head_dim);
-            let kb = Tensor::zeros(shape, DType::F32, device)?;
-            let vb = Tensor::zeros(shape, DType::F32, device)?;
+            let kb = Tensor::zeros(shape, kv_dtype(device), device)?;
+            let vb = Tensor::zeros(shape, kv_dtype(device), device)?;
             if let Some((ok, ov)) = old
                 && pos > 0
             {

@@ -4,9 +4,9 @@
 //!
 //! 1. RMS norm computed row by row straight into the input quantization of
 //!    the fused q/k/v product;
-//! 2. rotary on keys while they are written into the in-place KV buffers,
-//!    values written in the same pass, and rotary on queries while they are
-//!    gathered head-major for attention;
+//! 2. rotary on keys while they are written into the in-place f16 KV
+//!    buffers, values written in the same pass, and rotary on queries while
+//!    they are gathered head-major for attention;
 //! 3. tiled attention ([`crate::attention::attend`]) over the cache buffers
 //!    as they are, with no reshape or copy of keys and values;
 //! 4. output projection with the residual added in its result copy;
@@ -23,6 +23,7 @@ use super::cache::{self, LayerKv};
 use crate::attention::{self, Dims};
 use crate::kernels::{Activations, PackedMatrix, TILE};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
+use half::f16;
 
 /// One block's weights, where every product is packed.
 pub(super) struct FusedWeights<'a> {
@@ -63,39 +64,62 @@ pub(super) struct Rope<'a> {
     pub(super) interleaved: bool,
 }
 
+/// What a rotated or copied value is stored as: f32 as it is, or f16
+/// rounded to nearest (candle's `to_dtype`, `f16::from_f32`).
+trait Store: Copy {
+    fn store(v: f32) -> Self;
+}
+
+impl Store for f32 {
+    #[inline]
+    fn store(v: f32) -> Self {
+        v
+    }
+}
+
+impl Store for f16 {
+    #[inline]
+    fn store(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
 impl Rope<'_> {
     /// Rotates one head's row `src` (width `d`) at position `pos` into
     /// `dst`: candle's `rope_i` (pairs side by side) or `rope` (halves).
     #[inline]
-    fn apply(&self, src: &[f32], dst: &mut [f32], pos: usize) {
+    fn apply<T: Store>(&self, src: &[f32], dst: &mut [T], pos: usize) {
         let half = src.len() / 2;
         let cos = &self.cos[pos * half..(pos + 1) * half];
         let sin = &self.sin[pos * half..(pos + 1) * half];
         if self.interleaved {
             for j in 0..half {
                 let (a, b) = (src[2 * j], src[2 * j + 1]);
-                dst[2 * j] = a * cos[j] - b * sin[j];
-                dst[2 * j + 1] = a * sin[j] + b * cos[j];
+                dst[2 * j] = T::store(a * cos[j] - b * sin[j]);
+                dst[2 * j + 1] = T::store(a * sin[j] + b * cos[j]);
             }
         } else {
             for j in 0..half {
                 let (a, b) = (src[j], src[j + half]);
-                dst[j] = a * cos[j] - b * sin[j];
-                dst[j + half] = a * sin[j] + b * cos[j];
+                dst[j] = T::store(a * cos[j] - b * sin[j]);
+                dst[j + half] = T::store(a * sin[j] + b * cos[j]);
             }
         }
     }
 }
 
-/// A CPU tensor's contiguous f32 data.
-pub(super) fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// A CPU tensor's contiguous data.
+pub(super) fn cpu_data<'a, T: candle_core::WithDType>(
+    s: &'a Storage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let Storage::Cpu(c) = s else {
         candle_core::bail!("fused block: tensor not on the CPU")
     };
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("fused block: tensor not contiguous")
     };
-    Ok(&c.as_slice::<f32>()?[a..b])
+    Ok(&c.as_slice::<T>()?[a..b])
 }
 
 /// candle's RMS norm of one row: `x / sqrt(mean(x²) + eps) * w`.
@@ -114,8 +138,9 @@ fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 
-/// Writes keys or values of a segment into a KV buffer `(1, kv_heads, cap,
-/// d)` at positions `pos..`, rotating them on the way where `rope` is set.
+/// Writes keys or values of a segment into an f16 KV buffer `(1, kv_heads,
+/// cap, d)` at positions `pos..`, rotating them on the way where `rope` is
+/// set (in f32, then rounded: the op-by-op path's bits).
 /// `rows` are the q/k/v product's rows (width `stride`), the heads at
 /// column `col`.
 struct WriteKv<'a> {
@@ -141,8 +166,8 @@ impl InplaceOp1 for WriteKv<'_> {
         if d != self.d || self.pos + seq > cap || self.col + n_kv * d > self.stride {
             candle_core::bail!("kv write: {seq} rows at {} into {cap}", self.pos)
         }
-        let CpuStorage::F32(buf) = storage else {
-            candle_core::bail!("kv write: buffer not f32")
+        let CpuStorage::F16(buf) = storage else {
+            candle_core::bail!("kv write: buffer not f16")
         };
         let buf = &mut buf[a..b];
         for (i, row) in self.rows.chunks_exact(self.stride).enumerate() {
@@ -151,7 +176,10 @@ impl InplaceOp1 for WriteKv<'_> {
                 let dst = &mut buf[(g * cap + self.pos + i) * d..][..d];
                 match &self.rope {
                     Some(r) => r.apply(src, dst, self.pos + i),
-                    None => dst.copy_from_slice(src),
+                    None => dst
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &s)| *d = f16::from_f32(s)),
                 }
             }
         }
@@ -229,8 +257,8 @@ pub(super) fn block_forward(
         };
         attention::attend(
             &s.q,
-            cpu_f32(&ks, kl)?,
-            cpu_f32(&vs, vl)?,
+            cpu_data(&ks, kl)?,
+            cpu_data(&vs, vl)?,
             dims,
             seg.pos,
             scale,

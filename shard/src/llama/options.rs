@@ -81,6 +81,14 @@ impl LoadOptions {
 }
 
 impl LoadOptions {
+    /// Bytes of KV cache one token takes in one block of `cfg` loaded with
+    /// these options: f16 keys and values in the non-exact modes on the CPU,
+    /// f32 otherwise.
+    pub fn kv_bytes_per_token_per_block(&self, cfg: &crate::ModelConfig) -> usize {
+        let fast_cpu = self.effective_mode() != WeightMode::Exact && self.device.is_cpu();
+        2 * cfg.num_kv_heads * cfg.head_dim() * if fast_cpu { 2 } else { 4 }
+    }
+
     /// Checks that the weight mode can load on this device. Requantized weights
     /// (`q8_0`, `q4_0`, `q4k`, `q6k`) are CPU-only: on a CUDA GPU (an H200) requantizing
     /// to Q8_0 gave non-finite logits, and the others were never checked there.

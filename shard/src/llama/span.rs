@@ -3,7 +3,7 @@
 
 use super::block::{Block, Shared, causal_mask, causal_mask_additive, rope_tables};
 use super::cache::{CacheLimits, LayerKv, SpanCache};
-use super::fused::{self, Rope, Scratch, Segment, cpu_f32};
+use super::fused::{self, Rope, Scratch, Segment, cpu_data};
 use super::options::{LoadOptions, WeightMode};
 use crate::config::{BlockRange, ModelConfig};
 use crate::weights::ModelFile;
@@ -88,8 +88,8 @@ impl BlockSpan {
         let (cos, cl) = self.shared.cos.storage_and_layout();
         let (sin, sl) = self.shared.sin.storage_and_layout();
         let rope = Rope {
-            cos: cpu_f32(&cos, cl)?,
-            sin: cpu_f32(&sin, sl)?,
+            cos: cpu_data(&cos, cl)?,
+            sin: cpu_data(&sin, sl)?,
             interleaved: self.shared.cfg.rope_interleaved,
         };
         let mut x = fused::to_rows(hidden)?;
@@ -158,10 +158,9 @@ impl BlockSpan {
         let (heads, kv) = (cfg.num_heads, cfg.num_kv_heads * d);
         let n = n_tokens;
         let total = past.saturating_add(n);
-        let blocks = self.blocks.len();
         // Keys and values: fast modes grow buffers by doubling (all blocks'
         // new buffers, the old kept until the step ends); exact mode appends.
-        let kv_per_pos = 2 * kv * f * blocks;
+        let kv_per_pos = self.kv_bytes_per_token();
         let cache = if self.shared.fast {
             let cap = |len: usize| len.checked_next_power_of_two().unwrap_or(len).max(64);
             if past > 0 && cap(past) >= total {
@@ -201,6 +200,18 @@ impl BlockSpan {
         cache.saturating_add(activations).saturating_add(attention)
     }
 
+    /// Bytes of keys and values one token takes in this span: f16 in the
+    /// non-exact modes on the CPU, f32 otherwise.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let cfg = &self.shared.cfg;
+        let elem = if self.shared.fast && self.device.is_cpu() {
+            2
+        } else {
+            4
+        };
+        2 * cfg.num_kv_heads * cfg.head_dim() * elem * self.blocks.len()
+    }
+
     /// A new, empty cache for one session.
     pub fn new_cache(&self, limits: CacheLimits) -> SpanCache {
         let limits = CacheLimits {
@@ -211,7 +222,7 @@ impl BlockSpan {
             self.range,
             self.blocks.len(),
             limits,
-            self.shared.cfg.kv_bytes_per_token_per_block() * self.blocks.len(),
+            self.kv_bytes_per_token(),
             self.shared.fast,
         )
     }
