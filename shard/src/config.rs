@@ -47,13 +47,6 @@ impl ModelConfig {
         self.hidden_size / self.num_heads
     }
 
-    /// Bytes of KV cache one token takes in one block with f32 keys and
-    /// values (exact mode, or a GPU); the non-exact modes on the CPU keep
-    /// f16, half of it ([`crate::LoadOptions::kv_bytes_per_token_per_block`]).
-    pub fn kv_bytes_per_token_per_block(&self) -> usize {
-        2 * self.num_kv_heads * self.head_dim() * 4
-    }
-
     /// Checks that the numbers are consistent before anything is allocated.
     pub fn validate(&self) -> Result<()> {
         let bad = |d: String| Err(ShardError::BadInput(format!("model config: {d}")));

@@ -702,3 +702,58 @@ fn fused_block_path_equals_op_by_op_bit_for_bit() -> Result<()> {
     }
     Ok(())
 }
+
+/// A hop before this server can send any finite hidden states. Keys and
+/// values come from the RMS-normalised input, so their size is bounded by the
+/// weights whatever the input's: in every CPU mode (the fast modes keep them
+/// in f16, which overflows past 65504), inputs of any finite magnitude, and
+/// every coordinate pushed alone to its extreme, must give finite outputs, and
+/// the cache they leave must still give finite outputs for an honest step.
+/// Otherwise a hostile hop could make this server answer NaN and be banned for it.
+#[test]
+fn hostile_magnitudes_give_finite_outputs_in_every_mode() -> Result<()> {
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let file = ModelFile::open(&path)?;
+    let hidden = file.config()?.hidden_size;
+    let ends = ClientEnds::load(&file, &fast())?;
+    let honest = ends.embed(&[504, 3458, 314])?;
+    // Every coordinate alone (signs alternating): the normalised input puts
+    // its whole length (sqrt(hidden) times the norm's weight) on that coordinate.
+    let mut hot = vec![0f32; hidden * hidden];
+    for i in 0..hidden {
+        hot[i * hidden + i] = if i % 2 == 0 { 1e6 } else { -1e6 };
+    }
+    let hot = Tensor::from_vec(hot, (1, hidden, hidden), &Device::Cpu)?;
+    let modes = [
+        ("exact", WeightMode::Exact, true),
+        ("fast", WeightMode::Fast, true),
+        ("fast, op by op", WeightMode::Fast, false),
+        ("q8_0", WeightMode::Requantize(GgmlDType::Q8_0), true),
+    ];
+    for (name, mode, fused) in modes {
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            mode,
+        };
+        // Three blocks from the middle: the property is each block's.
+        let mut span = load_span(&file, 10, 13, &opts)?;
+        span.set_fused(fused);
+        let mut cache = span.new_cache(CacheLimits::default());
+        let finite = |t: &Tensor| -> Result<bool> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite()))
+        };
+        let out = span.forward(&hot, 0, &mut cache)?;
+        assert!(finite(&out)?, "{name}: one-hot inputs");
+        for scale in [1.0, 1e4, 1e12, 1e18, 1e30, f32::MAX / 2.0, f32::MAX] {
+            let x = (honest.narrow(1, 0, 1)? * f64::from(scale))?;
+            let out = span.forward(&x, cache.len(), &mut cache)?;
+            assert!(finite(&out)?, "{name}: an input scaled by {scale:e}");
+        }
+        let out = span.forward(&honest, cache.len(), &mut cache)?;
+        assert!(finite(&out)?, "{name}: an honest step after hostile ones");
+    }
+    Ok(())
+}

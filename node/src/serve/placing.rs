@@ -179,7 +179,9 @@ fn cpu_features() -> Vec<&'static str> {
 }
 
 /// The cache key of a measurement: model, compute mode (weights mode and device),
-/// threads, kernel path, and a digest of the whole [`Machine`] (CPU model and features).
+/// the protocol version (a new one may change what a mode computes, and its
+/// speed: version 4 keeps the CPU modes' keys and values in f16), threads,
+/// kernel path, and a digest of the whole [`Machine`] (CPU model and features).
 fn cache_key(model_id: &ModelId, compute: &str, threads: usize, machine: &Machine) -> String {
     let safe = |s: &str| -> String {
         s.chars()
@@ -188,8 +190,9 @@ fn cache_key(model_id: &ModelId, compute: &str, threads: usize, machine: &Machin
     };
     let digest = blake3::hash(machine.describe().as_bytes()).to_hex();
     format!(
-        "{model_id}-{}-t{threads}-{}-{}.json",
+        "{model_id}-{}-v{}-t{threads}-{}-{}.json",
         safe(compute),
+        pollen_protocol::PROTOCOL_VERSION,
         safe(&machine.kernel),
         &digest.as_str()[..16]
     )
@@ -592,7 +595,11 @@ mod tests {
         let id = ModelId::from_bytes([7; 32]);
         let m = machine("AMD EPYC 9004/x", "avx2,avx512vnni", "avx512-vnni");
         let key = cache_key(&id, "fast/cpu", 1, &m);
-        assert!(key.contains("-fast-cpu-t1-avx512-vnni-"), "{key}");
+        let v = pollen_protocol::PROTOCOL_VERSION;
+        assert!(
+            key.contains(&format!("-fast-cpu-v{v}-t1-avx512-vnni-")),
+            "{key}"
+        );
         assert!(key.ends_with(".json"), "{key}");
         assert!(!key.contains('/') && !key.contains(' '), "{key}");
     }
@@ -858,17 +865,17 @@ mod tests {
             tied_embeddings: true,
             max_seq_len: 64,
         };
-        // 2 × 1 head × 8 dims × 4 bytes = 64 bytes a token in f32 (a GPU, or
-        // exact mode); f16 in the fast mode on the CPU, half of it.
-        let gpu = pollen_shard::LoadOptions {
+        // 2 × 1 head × 8 dims × 4 bytes = 64 bytes a token in f32 (exact
+        // mode, or a GPU); f16 in the fast mode on the CPU, half of it.
+        let exact = pollen_shard::LoadOptions {
             device: candle_core::Device::Cpu,
             mode: pollen_shard::WeightMode::Exact,
         };
-        let kv = gpu.kv_bytes_per_token_per_block(&cfg);
+        let kv = exact.kv_bytes_per_token_per_block(&cfg);
         assert_eq!(bytes_per_block(&m, kv, 2, 10), 1000 + 64 * 20);
         let fast = pollen_shard::LoadOptions {
             mode: pollen_shard::WeightMode::Fast,
-            ..gpu
+            ..exact
         };
         let kv = fast.kv_bytes_per_token_per_block(&cfg);
         assert_eq!(bytes_per_block(&m, kv, 2, 10), 1000 + 32 * 20);

@@ -7,7 +7,10 @@
 //! session's token limit. On the CPU those buffers are f16 ([`kv_dtype`]):
 //! half the memory and half the bytes attention reads. Keys and values come
 //! out of the RMS norm and a product with the block's weights, so their size
-//! is bounded by the model's weights whatever a peer sends.
+//! is bounded by the model's weights whatever a peer sends; that bound is not
+//! checked against f16's range, so values are saturated at ±65504
+//! ([`F16_MAX`]) rather than rounded to infinity, which would let the hop
+//! before make this server answer NaN and be blamed for it.
 
 use crate::config::BlockRange;
 use crate::{Result, ShardError};
@@ -280,11 +283,26 @@ pub(super) fn write_in_place(
         max_tokens,
         k.device(),
     )?;
-    // To f16 on the CPU, rounded to nearest as the fused path's writer does.
-    kb.slice_set(&k.to_dtype(kb.dtype())?, 2, pos)?;
-    vb.slice_set(&v.to_dtype(vb.dtype())?, 2, pos)?;
+    // To f16 on the CPU, saturated and rounded to nearest as the fused path's
+    // writer does ([`to_f16`]; candle's clamp keeps NaN, as `f32::clamp` does).
+    let store = |t: &Tensor| match kb.dtype() {
+        DType::F16 => t.clamp(-F16_MAX, F16_MAX)?.to_dtype(DType::F16),
+        dt => t.to_dtype(dt),
+    };
+    kb.slice_set(&store(k)?, 2, pos)?;
+    vb.slice_set(&store(v)?, 2, pos)?;
     *layer = Some((kb.clone(), vb.clone()));
     Ok((kb, vb))
+}
+
+/// The largest finite f16.
+pub(crate) const F16_MAX: f32 = 65504.0;
+
+/// One key or value as the f16 cache keeps it: saturated at ±[`F16_MAX`],
+/// then rounded to nearest (NaN stays NaN).
+#[inline]
+pub(crate) fn to_f16(v: f32) -> half::f16 {
+    half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX))
 }
 
 /// The element type of the non-exact modes' KV buffers on `device`: f16 on
@@ -329,4 +347,63 @@ pub(super) fn reserve(
     };
     *layer = Some((kb.clone(), vb.clone()));
     Ok((kb, vb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Keys and values past f16's range saturate instead of becoming
+    /// infinite, in the fused writer's rounding and in the op-by-op write,
+    /// bit for bit alike; NaN stays NaN and in-range values round as before.
+    #[test]
+    fn f16_keys_and_values_saturate_alike_on_both_paths() -> candle_core::Result<()> {
+        let vals = [
+            0.0,
+            -0.0,
+            1.0 / 3.0,
+            65503.0,
+            65519.0,
+            65520.0,
+            -65520.0,
+            1e9,
+            -1e30,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-8,
+        ];
+        for &v in &vals {
+            let h = to_f16(v);
+            if v.is_infinite() {
+                assert_eq!(h.to_f32(), F16_MAX.copysign(v));
+            } else if v.abs() < F16_MAX {
+                assert_eq!(h.to_bits(), half::f16::from_f32(v).to_bits(), "{v}");
+            } else {
+                assert_eq!(h.to_f32(), F16_MAX.copysign(v), "{v}");
+            }
+        }
+        assert!(to_f16(f32::NAN).is_nan());
+        let n = vals.len();
+        let k = Tensor::from_vec(vals.to_vec(), (1, 1, n, 1), &Device::Cpu)?;
+        let v = k.neg()?;
+        let mut layer: LayerKv = None;
+        let (kb, vb) = write_in_place(&mut layer, &k, &v, 0, 64)?;
+        assert_eq!(kb.dtype(), DType::F16);
+        let got = |t: &Tensor| -> candle_core::Result<Vec<u16>> {
+            Ok(t.narrow(2, 0, n)?
+                .flatten_all()?
+                .to_vec1::<half::f16>()?
+                .iter()
+                .map(|h| h.to_bits())
+                .collect())
+        };
+        let want: Vec<u16> = vals.iter().map(|&x| to_f16(x).to_bits()).collect();
+        assert_eq!(got(&kb)?, want);
+        let want: Vec<u16> = vals.iter().map(|&x| to_f16(-x).to_bits()).collect();
+        assert_eq!(got(&vb)?, want);
+        Ok(())
+    }
 }

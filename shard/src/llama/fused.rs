@@ -65,7 +65,8 @@ pub(super) struct Rope<'a> {
 }
 
 /// What a rotated or copied value is stored as: f32 as it is, or f16
-/// rounded to nearest (candle's `to_dtype`, `f16::from_f32`).
+/// saturated at ±65504 and rounded to nearest (the op-by-op path's clamp and
+/// `to_dtype`).
 trait Store: Copy {
     fn store(v: f32) -> Self;
 }
@@ -80,7 +81,7 @@ impl Store for f32 {
 impl Store for f16 {
     #[inline]
     fn store(v: f32) -> Self {
-        f16::from_f32(v)
+        super::cache::to_f16(v)
     }
 }
 
@@ -179,7 +180,7 @@ impl InplaceOp1 for WriteKv<'_> {
                     None => dst
                         .iter_mut()
                         .zip(src)
-                        .for_each(|(d, &s)| *d = f16::from_f32(s)),
+                        .for_each(|(d, &s)| *d = f16::store(s)),
                 }
             }
         }
