@@ -79,6 +79,38 @@ fn dots(a: &[f32], keys: &[f16], out: &mut [f32]) {
     }
 }
 
+/// `e^x` to within 2 ulp, in plain IEEE operations (no calls, no branches,
+/// no fused multiply-adds), so that a loop of them vectorises and gives the
+/// same bits on every CPU: `x` is clamped to [-87, 88] (the softmax only asks
+/// `x ≤ 0`, where e^-87 ≈ 1.6e-38 is as good as 0 next to the row's maximum,
+/// whose weight is exactly 1), `x = n ln 2 + f` with `n` rounded to nearest
+/// and `|f| ≤ ln 2 / 2`, then Cephes' `expf` polynomial for `e^f`, times `2^n`
+/// built in the exponent bits. NaN stays NaN. Replaces libm's `expf`, which
+/// was 5% of a batched decode step.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // 1.5 × 2^23: adding it rounds to an integer kept in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 in two parts; `n * LN2_HI` is exact for |n| < 2^15.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let r = x * std::f32::consts::LOG2_E + ROUND;
+    let n = r - ROUND;
+    let f = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_2e-4;
+    let p = p * f + 1.398_2e-3;
+    let p = p * f + 8.333_452e-3;
+    let p = p * f + 4.166_579_6e-2;
+    let p = p * f + 0.166_666_65;
+    let p = p * f + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5
+    let e = p * (f * f) + f + 1.0;
+    // `n` in -126..=127 (the clamp), so `2^n` is a normal float.
+    let k = (r.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits(((k + 127) as u32) << 23)
+}
+
 /// The running state of one query row.
 #[derive(Clone, Copy)]
 struct Row {
@@ -131,17 +163,16 @@ fn head_block(
             let st = &mut state[r];
             let o = &mut out[r * d..(r + 1) * d];
             if tile_max > st.max {
-                let corr = (st.max - tile_max).exp();
+                let corr = exp(st.max - tile_max);
                 st.sum *= corr;
                 o.iter_mut().for_each(|x| *x *= corr);
                 st.max = tile_max;
             }
-            // Scores become weights; the values are added in key order.
-            for s in s.iter_mut() {
-                let p = (*s - st.max).exp();
-                st.sum += p;
-                *s = p;
-            }
+            // Scores become weights (a loop the compiler vectorises); they
+            // are summed, and the values added, in key order.
+            let max = st.max;
+            s.iter_mut().for_each(|s| *s = exp(*s - max));
+            st.sum = s.iter().fold(st.sum, |acc, &p| acc + p);
             crate::kernels::weighted_sum(s, &v[t0 * d..end * d], o);
         }
         t0 = t1;
@@ -412,6 +443,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The softmax's exponential against f64's, over its whole range and
+    /// more: within 2 ulp (relative 2.4e-7) of the rounded true value, 1 at
+    /// 0, monotonic, tiny below the clamp, NaN for NaN.
+    #[test]
+    fn exp_is_within_two_ulp_everywhere() {
+        let mut worst = 0f64;
+        // Two million points over the range, then the 2^20 floats just below 0.
+        let spread = (0..=2_000_000).map(|i| (-87.0 + 175.0 * f64::from(i) / 2e6) as f32);
+        let near_zero = (0..1u32 << 20).rev().map(|b| -f32::from_bits(b << 10));
+        for xs in [spread.collect::<Vec<_>>(), near_zero.collect()] {
+            let mut last = (f32::NEG_INFINITY, 0f32);
+            for x in xs {
+                let got = exp(x);
+                let want = f64::from(x).exp();
+                let ulp = f64::from((want as f32).abs()) * f64::from(f32::EPSILON);
+                worst = worst.max((f64::from(got) - want).abs() / ulp);
+                assert!(x < last.0 || got >= last.1, "not monotonic at {x}");
+                last = (x, got);
+            }
+        }
+        eprintln!("exp: worst error {worst:.3} ulp");
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-0.0), 1.0);
+        assert!(exp(-1e30) < 2e-38 && exp(-1e30) >= 0.0);
+        assert!(exp(f32::NEG_INFINITY) < 2e-38);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]

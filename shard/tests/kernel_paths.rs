@@ -8,11 +8,13 @@
 //! path itself.
 //!
 //! Tolerance: the SIMD paths (AMX, AVX-512 VNNI, AVX2) must give bit-identical
-//! logits, and stay within 1.7 of exact mode's (max |logit diff|, the bound
-//! the README states; logits reach ~28; measured 1.10 here with f16 keys and
-//! values, 1.44 when they were f32). The fallback
+//! logits, and stay within 1.7 of exact mode's on this prompt (max |logit
+//! diff|; logits reach ~28; measured 1.24 here with f16 keys and values and
+//! attention's own exponential, 1.10 with libm's, 1.44 when keys and values
+//! were f32; the README's 1.24–1.83 adds the engine bench's longer greedy
+//! answers). The fallback
 //! (`none`) requantizes Q4_1 to Q8_0 for candle's kernels, which loses more:
-//! it is held to 3.0 (measured 2.37).
+//! it is held to 3.0 (measured 2.37, 2.40 with attention's own exponential).
 #![allow(clippy::unwrap_used)]
 
 /// The default model's fetch and the cache folder, shared with the node (which owns them).
@@ -30,7 +32,7 @@ use std::process::Command;
 /// Set in a child: the file its logits go to.
 const CHILD_OUT: &str = "POLLEN_KERNEL_PATHS_OUT";
 const TEST_NAME: &str = "fast_logits_are_identical_on_every_simd_path_and_near_exact";
-/// The README's bound on the fast mode's max |logit diff| from exact.
+/// The bound on the fast mode's max |logit diff| from exact on this prompt.
 const BOUND: f32 = 1.7;
 /// The bound for the fallback, Q8_0 weights on candle's kernels.
 const FALLBACK_BOUND: f32 = 3.0;
