@@ -193,6 +193,12 @@ const TINY_VOCAB: usize = 96;
 
 /// Writes a tiny llama GGUF with weights of type `dtype` (norms in f32).
 fn write_tiny_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
+    write_tiny_gguf_scaled(path, dtype, 1.0)
+}
+
+/// [`write_tiny_gguf`] with attention norm weights drawn from
+/// `[-attn_norm, attn_norm]` (1 for an ordinary model).
+fn write_tiny_gguf_scaled(path: &Path, dtype: GgmlDType, attn_norm: f32) -> Result<()> {
     use gguf_file::Value as V;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut seed = 1;
@@ -224,7 +230,7 @@ fn write_tiny_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
             format!("{p}.attn_norm.weight"),
             &[TINY_HIDDEN],
             GgmlDType::F32,
-            1.0,
+            attn_norm,
         )?);
         tensors.push(q(
             format!("{p}.ffn_norm.weight"),
@@ -754,6 +760,61 @@ fn hostile_magnitudes_give_finite_outputs_in_every_mode() -> Result<()> {
         }
         let out = span.forward(&honest, cache.len(), &mut cache)?;
         assert!(finite(&out)?, "{name}: an honest step after hostile ones");
+    }
+    Ok(())
+}
+
+/// Keys and values past f16's range (a model whose attention norms reach
+/// 1e6): both writers saturate them alike, so the fused and op-by-op fast
+/// paths still give the same bits, and every output stays finite.
+#[test]
+fn keys_past_f16_range_saturate_alike_on_both_paths() -> Result<()> {
+    let dir = tmp_dir("f16-range");
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf_scaled(&path, GgmlDType::Q4_1, 1e6)?;
+    let file = ModelFile::open(&path)?;
+    let ends = ClientEnds::load(&file, &fast())?;
+    let tokens: Vec<u32> = (0..TINY_VOCAB as u32).collect();
+    // Block 0's keys before rotary: some are far past 65504. Rotary turns
+    // each pair of a key's values by an angle, so a pair longer than √2 ×
+    // 65504 keeps a value past the range at every position.
+    let mut f = std::fs::File::open(&path)?;
+    let content = gguf_file::Content::read(&mut f)?;
+    let dev = Device::Cpu;
+    let mut w = |name: &str| -> Result<Tensor> {
+        Ok(content.tensor(&mut f, name, &dev)?.dequantize(&dev)?)
+    };
+    let x = ends.embed(&tokens)?.squeeze(0)?;
+    let norm = candle_nn::ops::rms_norm(&x, &w("blk.0.attn_norm.weight")?, 1e-5)?;
+    let k = norm.matmul(&w("blk.0.attn_k.weight")?.t()?)?;
+    let largest = k.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(largest > 4.0 * 65504.0, "keys reach only {largest}");
+
+    let mut fused = load_span(&file, 0, TINY_BLOCKS, &fast())?;
+    let mut plain = load_span(&file, 0, TINY_BLOCKS, &fast())?;
+    let fused_on = fused.set_fused(true);
+    assert!(!plain.set_fused(false));
+    let (mut cf, mut cp) = (
+        fused.new_cache(CacheLimits::default()),
+        plain.new_cache(CacheLimits::default()),
+    );
+    // Prompt steps and decode steps, growing one cache on each path.
+    for chunk in [&tokens[..1], &tokens[1..40], &tokens[40..41], &tokens[41..]] {
+        let x = ends.embed(chunk)?;
+        let a = fused.forward(&x, cf.len(), &mut cf)?;
+        let b = plain.forward(&x, cp.len(), &mut cp)?;
+        let values = a.flatten_all()?.to_vec1::<f32>()?;
+        assert!(
+            values.iter().all(|v| v.is_finite()),
+            "{} tokens",
+            chunk.len()
+        );
+        if fused_on {
+            assert_eq!(max_diff(&a, &b)?, 0.0, "a step of {} tokens", chunk.len());
+        }
+    }
+    if !fused_on {
+        eprintln!("no packed kernel on this CPU: the fused path does not run here");
     }
     Ok(())
 }
