@@ -180,7 +180,8 @@ fn cpu_features() -> Vec<&'static str> {
 
 /// The cache key of a measurement: model, compute mode (weights mode and device),
 /// the protocol version (a new one may change what a mode computes, and its
-/// speed: version 4 keeps the CPU modes' keys and values in f16), threads,
+/// speed: version 4 keeps the CPU modes' keys and values in f16, 5 changes their
+/// exponential), threads,
 /// kernel path, and a digest of the whole [`Machine`] (CPU model and features).
 fn cache_key(model_id: &ModelId, compute: &str, threads: usize, machine: &Machine) -> String {
     let safe = |s: &str| -> String {
