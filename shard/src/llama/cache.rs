@@ -316,6 +316,18 @@ pub(crate) fn kv_dtype(device: &candle_core::Device) -> DType {
     }
 }
 
+/// Bytes of keys and values one token takes in one block of `cfg`: the
+/// [`kv_dtype`] buffers of the non-exact (`fast`) modes, f32 tensors in exact
+/// mode.
+pub(crate) fn kv_bytes_per_token_per_block(
+    cfg: &crate::ModelConfig,
+    fast: bool,
+    device: &candle_core::Device,
+) -> usize {
+    let elem = if fast { kv_dtype(device) } else { DType::F32 };
+    2 * cfg.num_kv_heads * cfg.head_dim() * elem.size_in_bytes()
+}
+
 /// Other modes: the layer's buffers `(b, kv_heads, capacity, head_dim)`
 /// with room for positions `..need`, grown first where they are too short
 /// (doubling, at least 64 positions, at most `max_tokens` unless more are
@@ -377,9 +389,7 @@ mod tests {
         ];
         for &v in &vals {
             let h = to_f16(v);
-            if v.is_infinite() {
-                assert_eq!(h.to_f32(), F16_MAX.copysign(v));
-            } else if v.abs() < F16_MAX {
+            if v.abs() < F16_MAX {
                 assert_eq!(h.to_bits(), half::f16::from_f32(v).to_bits(), "{v}");
             } else {
                 assert_eq!(h.to_f32(), F16_MAX.copysign(v), "{v}");

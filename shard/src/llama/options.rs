@@ -85,8 +85,8 @@ impl LoadOptions {
     /// these options: f16 keys and values in the non-exact modes on the CPU,
     /// f32 otherwise.
     pub fn kv_bytes_per_token_per_block(&self, cfg: &crate::ModelConfig) -> usize {
-        let fast_cpu = self.effective_mode() != WeightMode::Exact && self.device.is_cpu();
-        2 * cfg.num_kv_heads * cfg.head_dim() * if fast_cpu { 2 } else { 4 }
+        let fast = self.effective_mode() != WeightMode::Exact;
+        super::cache::kv_bytes_per_token_per_block(cfg, fast, &self.device)
     }
 
     /// Checks that the weight mode can load on this device. Requantized weights

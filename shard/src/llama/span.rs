@@ -203,13 +203,12 @@ impl BlockSpan {
     /// Bytes of keys and values one token takes in this span: f16 in the
     /// non-exact modes on the CPU, f32 otherwise.
     pub fn kv_bytes_per_token(&self) -> usize {
-        let cfg = &self.shared.cfg;
-        let elem = if self.shared.fast && self.device.is_cpu() {
-            2
-        } else {
-            4
-        };
-        2 * cfg.num_kv_heads * cfg.head_dim() * elem * self.blocks.len()
+        let per_block = super::cache::kv_bytes_per_token_per_block(
+            &self.shared.cfg,
+            self.shared.fast,
+            &self.device,
+        );
+        per_block * self.blocks.len()
     }
 
     /// A new, empty cache for one session.
