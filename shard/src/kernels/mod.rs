@@ -734,7 +734,19 @@ pub(crate) struct Activations {
     sum: Vec<i32>,
     /// One row before quantization (for [`Self::quantize_rows_with`]).
     row: Vec<f32>,
+    /// Where this CPU has AMX and there are 2 to [`STACK_ROWS`] rows: the
+    /// quants as the tile unit's left-hand tiles of two blocks at once, so
+    /// that one tile load and one tile product serve both. Pair `p` (blocks
+    /// `2p` and `2p + 1`) has `2 · rows` lines from line `2p · rows`: line
+    /// `i` holds row `i`'s block `2p` in its first 32 bytes, line `rows + i`
+    /// row `i`'s block `2p + 1` in its last 32, zeros elsewhere (a missing
+    /// last block is zeros). Empty otherwise.
+    stacked: Vec<Line>,
 }
+
+/// Rows up to which [`Activations`] are stacked for the AMX kernel: two
+/// blocks of that many rows fill its 16-row tiles.
+pub(crate) const STACK_ROWS: usize = 8;
 
 impl Activations {
     fn quantize(x: &[f32], m: usize, k: usize) -> Self {
@@ -774,6 +786,17 @@ impl Activations {
                 let scale = f16::from_f32(*d).to_f32();
                 *d = scale;
                 *s = scale * sum as f32;
+            }
+        }
+        self.stacked.clear();
+        if path::cpu().amx && (2..=STACK_ROWS).contains(&m) {
+            self.stacked.resize(kb.div_ceil(2) * 2 * m, Line([0; 64]));
+            for (i, row) in self.q.chunks_exact(k).enumerate() {
+                for (b, quants) in row.chunks_exact(BLOCK).enumerate() {
+                    let line = &mut self.stacked[(b / 2) * 2 * m + (b % 2) * m + i].0;
+                    let half = &mut line[(b % 2) * BLOCK..][..BLOCK];
+                    half.iter_mut().zip(quants).for_each(|(d, &q)| *d = q as u8);
+                }
             }
         }
     }

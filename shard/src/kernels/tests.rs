@@ -102,7 +102,9 @@ const TYPES: [Option<GgmlDType>; 4] = [
 #[test]
 fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
     for dtype in TYPES {
-        for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
+        // 2 to 8 rows: AMX takes two blocks a product (3 blocks: the last
+        // pair has one).
+        for m in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33] {
             check(dtype, m, 48, 96);
         }
         // One block: the AMX kernel's pipeline has one chunk, partly full.
@@ -123,9 +125,10 @@ fn every_kernel_path_matches_the_scalar_path_on_the_models_shapes() {
     // (rows × inner); one decode row, an odd prefill, a multiple of 4 plus 3.
     for dtype in TYPES {
         for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
-            // 16 and 18 rows: full AMX tiles over several chunks of blocks
-            // (18 = 16 + 2), the last chunk partial.
-            for m in [1, 3, 7, 16, 18] {
+            // 8 rows (a batch of 8 sessions' decode steps): AMX's stacked
+            // tiles full; 16 and 18 rows: full AMX tiles over several chunks
+            // of blocks (18 = 16 + 2), the last chunk partial.
+            for m in [1, 3, 7, 8, 16, 18] {
                 check(dtype, m, n, k);
             }
         }
