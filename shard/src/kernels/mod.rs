@@ -734,7 +734,7 @@ pub(crate) struct Activations {
     sum: Vec<i32>,
     /// One row before quantization (for [`Self::quantize_rows_with`]).
     row: Vec<f32>,
-    /// Where this CPU has AMX and there are 2 to [`STACK_ROWS`] rows: the
+    /// Where the AMX kernel runs and there are 2 to [`STACK_ROWS`] rows: the
     /// quants as the tile unit's left-hand tiles of two blocks at once, so
     /// that one tile load and one tile product serve both. Pair `p` (blocks
     /// `2p` and `2p + 1`) has `2 · rows` lines from line `2p · rows`: line
@@ -789,7 +789,8 @@ impl Activations {
             }
         }
         self.stacked.clear();
-        if path::cpu().amx && (2..=STACK_ROWS).contains(&m) {
+        let amx = matches!(Kernel::active(), Some(Kernel::Amx(_)));
+        if amx && kb > 0 && (2..=STACK_ROWS).contains(&m) {
             self.stacked.resize(kb.div_ceil(2) * 2 * m, Line([0; 64]));
             for (i, row) in self.q.chunks_exact(k).enumerate() {
                 for (b, quants) in row.chunks_exact(BLOCK).enumerate() {

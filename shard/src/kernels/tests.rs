@@ -109,6 +109,12 @@ fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
         }
         // One block: the AMX kernel's pipeline has one chunk, partly full.
         check(dtype, 6, 16, 32);
+        // 11 blocks: AMX's second chunk ends with a pair of one block.
+        for m in [5, 8] {
+            check(dtype, m, 48, 352);
+        }
+        // 20 rows: 16, then 4 taken one block at a time (not stacked).
+        check(dtype, 20, 48, 352);
         // Enough tiles times rows to run on the thread pool.
         check(dtype, 9, 128, 96);
     }
