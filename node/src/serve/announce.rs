@@ -101,7 +101,7 @@ pub const NEXT_HOP_LOOKUP_EVERY: Duration = Duration::from_secs(2);
 /// [`NEXT_HOP_LOOKUP_TIMEOUT`].
 #[derive(Debug, Default)]
 pub struct NextHops {
-    last_lookup: tokio::sync::Mutex<Option<Instant>>,
+    last_lookup: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What a next hop must be: a server of this model, compute mode and span.
@@ -113,16 +113,20 @@ pub(crate) struct Wanted<'a> {
 }
 
 impl NextHops {
-    /// Whether a lookup is due, taking the turn if so. The lock is held only for this:
-    /// a lookup of a bogus next hop may take its whole timeout, and other sessions'
-    /// opens must not wait behind it.
-    async fn lookup_due(&self) -> bool {
+    /// Takes the turn to look up if one is due; otherwise how long until the next is.
+    /// The lock is held only for this: a lookup of a bogus next hop may take its whole
+    /// timeout, and other sessions' opens must not wait behind it.
+    async fn lookup_turn(&self) -> Result<(), Duration> {
         let mut last = self.last_lookup.lock().await;
-        let due = last.is_none_or(|t| t.elapsed() >= NEXT_HOP_LOOKUP_EVERY);
-        if due {
-            *last = Some(Instant::now());
+        match *last {
+            Some(t) if t.elapsed() < NEXT_HOP_LOOKUP_EVERY => {
+                Err(NEXT_HOP_LOOKUP_EVERY.saturating_sub(t.elapsed()))
+            }
+            _ => {
+                *last = Some(tokio::time::Instant::now());
+                Ok(())
+            }
         }
-        due
     }
 
     /// The addresses of `want.peer` from its valid announcement for `want.model` that
@@ -144,7 +148,18 @@ impl NextHops {
         };
         let mut found = find(&net.book(Some(want.model)).await.unwrap_or_default());
         if found.is_none() {
-            if self.lookup_due().await {
+            let mut turn = self.lookup_turn().await;
+            if let Err(wait) = turn {
+                // Another open took the turn (one naming a bogus next hop, say): this
+                // one waits for the next turn, once, rather than being refused for it,
+                // and meanwhile that lookup may have filled the book.
+                tokio::time::sleep(wait).await;
+                found = find(&net.book(Some(want.model)).await.unwrap_or_default());
+                if found.is_none() {
+                    turn = self.lookup_turn().await;
+                }
+            }
+            if found.is_none() && turn.is_ok() {
                 let gathered =
                     tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, net.gather(Some(want.model)))
                         .await;
@@ -215,13 +230,21 @@ pub(crate) async fn next_hop_rtts(net: &NetHandle, server: &Server) -> Vec<PeerR
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn one_lookup_per_interval_and_the_lock_is_not_held_through_it() {
         let hops = NextHops::default();
-        assert!(hops.lookup_due().await);
+        assert_eq!(hops.lookup_turn().await, Ok(()));
         // The turn is taken and the lock free again while that lookup runs.
         assert!(hops.last_lookup.try_lock().is_ok());
-        assert!(!hops.lookup_due().await);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // The next open is told when the next turn comes, not refused one.
+        let wait = hops
+            .lookup_turn()
+            .await
+            .expect_err("a turn was taken 0.5 s ago");
+        assert_eq!(wait, NEXT_HOP_LOOKUP_EVERY - Duration::from_millis(500));
+        tokio::time::advance(wait).await;
+        assert_eq!(hops.lookup_turn().await, Ok(()));
     }
 
     #[test]
