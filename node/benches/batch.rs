@@ -9,9 +9,12 @@
 //! `--tokens` decode steps of one token each, fed from a fixed text (teacher forcing, so
 //! the client spends no time on its head and the server's throughput is what is
 //! measured). Aggregate tokens/s counts every client's decode steps, from the moment all
-//! prompts are done to the last output; "vs 1 client" is against the median of every
-//! one-client round on both servers (the same code for one client). Each session's last
-//! output is compared, byte for byte, between the two servers.
+//! prompts are done to the last output. Each round runs every client count, so the
+//! ratios are taken within a round: "vs 1 client" is the median over rounds of the
+//! round's figure against that round's one-client mean of both servers (the same code
+//! for one client), and "on / off" the median of the rounds' ratios; tok/s columns are
+//! medians. Each session's last output is compared, byte for byte, between the two
+//! servers.
 //!
 //! `nice -n 10 cargo bench -p pollen-node --bench batch [-- --tokens N --rounds N --threads N]`
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -165,7 +168,7 @@ async fn round(
 
 fn main() {
     let tokens = arg("--tokens", 64);
-    let rounds = arg("--rounds", 3);
+    let rounds = arg("--rounds", 3).max(1);
     let threads = arg("--threads", 1);
     let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let file = ModelFile::open(&model).unwrap();
@@ -228,20 +231,22 @@ fn main() {
     println!("CPU: {}", cpu_line());
     println!("load average at start: {}", load());
     println!(
-        "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, {threads} thread(s); {tokens} decode tokens a client after a {PROMPT}-token prompt; median of {rounds} rounds, on and off interleaved",
+        "kernel: {} (server compute mode `{compute}`), server: blocks 0:30, {threads} thread(s); {tokens} decode tokens a client after a {PROMPT}-token prompt; {rounds} rounds, each of every client count, on and off interleaved; ratios are medians of the rounds' own ratios",
         pollen_shard::kernels::active_path()
     );
-    let mut rows = Vec::new();
-    // One client runs the same code on both servers: its rounds on either are pooled
-    // into the one-client figure that the others are compared with.
-    let mut base = f64::NAN;
-    for &n in &CLIENTS {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        let mut same = true;
-        let before = batches(&on_metrics);
-        for r in 0..rounds {
-            // Alternate which goes first, so neither always follows the other.
-            let order = if r % 2 == 0 {
+    // Rounds outermost: each round runs every client count, batching on and off
+    // (alternating which goes first), so that a round's 8 clients are compared with
+    // the same round's one client, minutes apart at most, on a machine whose speed
+    // may drift over a run. One client runs the same code on both servers: both of a
+    // round's one-client figures make its base.
+    let k = CLIENTS.len();
+    let (mut on, mut off) = (vec![Vec::new(); k], vec![Vec::new(); k]);
+    let mut same = vec![true; k];
+    // The batching server's batches, steps and waiting, per client count.
+    let mut counted = vec![(0.0, 0.0, 0.0); k];
+    for r in 0..rounds {
+        for (c, &n) in CLIENTS.iter().enumerate() {
+            let order = if (r + c) % 2 == 0 {
                 [true, false]
             } else {
                 [false, true]
@@ -249,40 +254,57 @@ fn main() {
             let mut outs = [Vec::new(), Vec::new()];
             for batched in order {
                 let hop = if batched { &on_hop } else { &off_hop };
+                let before = batches(&on_metrics);
                 let (tps, o) =
                     rt.block_on(round(&client, std::slice::from_ref(hop), &ids, n, tokens));
                 if batched {
-                    on.push(tps);
+                    let after = batches(&on_metrics);
+                    let t = &mut counted[c];
+                    t.0 += after.0 - before.0;
+                    t.1 += after.1 - before.1;
+                    t.2 += after.2 - before.2;
+                    on[c].push(tps);
                     outs[0] = o;
                 } else {
-                    off.push(tps);
+                    off[c].push(tps);
                     outs[1] = o;
                 }
             }
-            same &= outs[0] == outs[1];
+            same[c] &= outs[0] == outs[1];
         }
-        let after = batches(&on_metrics);
-        let mean_batch = (after.1 - before.1) / (after.0 - before.0).max(1.0);
-        let mean_wait_us = (after.2 - before.2) * 1e6 / (after.0 - before.0).max(1.0);
-        if n == 1 {
-            base = median(&mut [on.as_slice(), off.as_slice()].concat());
-        }
-        let (on, off) = (median(&mut on), median(&mut off));
-        rows.push((n, on, off, same, mean_batch, mean_wait_us));
-        eprintln!("{n} clients: on {on:.1} tok/s (mean batch {mean_batch:.1}), off {off:.1} tok/s");
+        let base = (on[0][r] + off[0][r]) / 2.0;
+        eprintln!(
+            "round {}: one client {:.1} / {:.1} tok/s (on / off); 8 clients on {:.1} tok/s = {:.2}x",
+            r + 1,
+            on[0][r],
+            off[0][r],
+            on[k - 1][r],
+            on[k - 1][r] / base
+        );
     }
+    // Each round's ratio to its own one-client base; the table gives their medians.
+    let bases: Vec<f64> = (0..rounds).map(|r| (on[0][r] + off[0][r]) / 2.0).collect();
+    let ratio = |v: &[f64]| {
+        let mut per: Vec<f64> = v.iter().zip(&bases).map(|(x, b)| x / b).collect();
+        median(&mut per)
+    };
     println!();
     println!(
         "| clients | batching on, tok/s | batching off, tok/s | on / off | on vs 1 client (both servers) | off vs 1 client | mean batch (on) | mean wait (on), µs | outputs equal |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (n, on, off, same, mean_batch, wait) in rows {
+    for (c, &n) in CLIENTS.iter().enumerate() {
+        let (vs_on, vs_off) = (ratio(&on[c]), ratio(&off[c]));
+        let mut per: Vec<f64> = on[c].iter().zip(&off[c]).map(|(a, b)| a / b).collect();
+        let on_off = median(&mut per);
+        let (batches, steps, wait) = counted[c];
+        let mean_batch = steps / f64::max(batches, 1.0);
+        let mean_wait_us = wait * 1e6 / f64::max(batches, 1.0);
         println!(
-            "| {n} | {on:.1} | {off:.1} | {:.2}x | {:.2}x | {:.2}x | {mean_batch:.1} | {wait:.0} | {} |",
-            on / off,
-            on / base,
-            off / base,
-            if same { "yes" } else { "NO" }
+            "| {n} | {:.1} | {:.1} | {on_off:.2}x | {vs_on:.2}x | {vs_off:.2}x | {mean_batch:.1} | {mean_wait_us:.0} | {} |",
+            median(&mut on[c].clone()),
+            median(&mut off[c].clone()),
+            if same[c] { "yes" } else { "NO" }
         );
     }
     println!("load average at the end: {}", load());
