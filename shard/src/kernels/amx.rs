@@ -456,24 +456,13 @@ impl Chunks {
                 // block's, or zeros, from `fetch`); `out` has lines
                 // `j * rows..(j + 2) * rows` (`j + 2 <= CHUNK`, `rows <= 8`).
                 unsafe {
-                    let a = stacked.add(pair * 2 * self.rows);
-                    let wq = split.add(8 * j);
-                    let s = out.add(j * self.rows);
-                    // C = A (signed activations) · B (unsigned weights).
-                    asm!(
-                        "tilezero tmm2",
-                        "tileloadd tmm0, [{a} + {sixty_four}*1]",
-                        "tileloadd tmm1, [{w} + {sixty_four}*1]",
-                        "tdpbsud tmm2, tmm0, tmm1",
-                        "tilestored [{s} + {sixty_four}*1], tmm2",
-                        a = in(reg) a,
-                        w = in(reg) wq,
-                        s = in(reg) s,
-                        sixty_four = in(reg) 64usize,
-                        out("tmm0") _, out("tmm1") _, out("tmm2") _,
-                        options(nostack),
-                    );
-                }
+                    tile_product(
+                        stacked.add(pair * 2 * self.rows) as *const u8,
+                        64,
+                        split.add(8 * j) as *const u8,
+                        out.add(j * self.rows),
+                    )
+                };
             }
             return;
         }
@@ -486,24 +475,37 @@ impl Chunks {
                 } else {
                     self.block(blk).add(64)
                 };
-                let a = self.xq.add(blk * BLOCK);
-                let s = out.add(j * self.rows);
-                // C = A (signed activations) · B (unsigned weights).
-                asm!(
-                    "tilezero tmm2",
-                    "tileloadd tmm0, [{a} + {k}*1]",
-                    "tileloadd tmm1, [{w} + {sixty_four}*1]",
-                    "tdpbsud tmm2, tmm0, tmm1",
-                    "tilestored [{s} + {sixty_four}*1], tmm2",
-                    a = in(reg) a,
-                    w = in(reg) wq,
-                    s = in(reg) s,
-                    k = in(reg) self.k,
-                    sixty_four = in(reg) 64usize,
-                    out("tmm0") _, out("tmm1") _, out("tmm2") _,
-                    options(nostack),
-                );
+                let a = self.xq.add(blk * BLOCK) as *const u8;
+                tile_product(a, self.k, wq, out.add(j * self.rows));
             }
         }
     }
+}
+
+/// One tile product: `s` (tile 2's rows, 64 bytes apart) = A (tile 0: signed
+/// activations, rows `a_stride` bytes apart) · B (tile 1: unsigned weights,
+/// rows 64 bytes apart), in the configuration in force.
+///
+/// # Safety
+/// AMX granted and configured; every row of the three tiles is readable (A,
+/// B) or writable (`s`) at those strides.
+#[inline(always)]
+unsafe fn tile_product(a: *const u8, a_stride: usize, w: *const u8, s: *mut [i32; TILE]) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        asm!(
+            "tilezero tmm2",
+            "tileloadd tmm0, [{a} + {a_stride}*1]",
+            "tileloadd tmm1, [{w} + {sixty_four}*1]",
+            "tdpbsud tmm2, tmm0, tmm1",
+            "tilestored [{s} + {sixty_four}*1], tmm2",
+            a = in(reg) a,
+            a_stride = in(reg) a_stride,
+            w = in(reg) w,
+            s = in(reg) s,
+            sixty_four = in(reg) 64usize,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _,
+            options(nostack),
+        )
+    };
 }
