@@ -8,12 +8,17 @@
 //! servers stay up, idle while this process decodes locally), so that both see
 //! the same machine; the table gives medians and each round's ratio is printed.
 //! f16 and bf16 hidden states then run once each, fed the f32 tokens.
+//! Each server's `/metrics` gives its own time per decode step (a step's
+//! arrival to its output sent on), so the step splits into the servers' time,
+//! the client's ends and what is left: the transfers between processes.
 //!
 //! `cargo bench -p pollen-node --bench swarm [-- --quick --rounds N]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/bench_args.rs"]
 mod bench_args;
+#[path = "../../tests/common/mod.rs"]
+mod common;
 use bench_args::{arg, median};
 use candle_core::Tensor;
 use pollen_node::client::{ClientConfig, SwarmClient};
@@ -101,14 +106,51 @@ fn main() {
         }
         let total: f64 = steps.iter().sum();
         let span_med: f64 = span_times.iter_mut().map(|v| median(v)).sum();
-        (prefill, total, median(&mut steps), span_med, tokens)
+        let span_means: Vec<f64> = span_times
+            .iter()
+            .map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64)
+            .collect();
+        (
+            prefill,
+            total,
+            median(&mut steps),
+            span_med,
+            tokens,
+            span_means,
+        )
     };
 
     // The swarm.
     let dir = std::env::temp_dir().join(format!("pollen-bench-{}", std::process::id()));
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
-    let mut mesh = LocalMesh::start(&exe, &model, &dir, "s", &THREE_SPANS, &[]).unwrap();
+    let with_metrics: &[&str] = &["--metrics", "127.0.0.1:0"];
+    let mut mesh =
+        LocalMesh::start(&exe, &model, &dir, "s", &THREE_SPANS, &[with_metrics; 3]).unwrap();
     let addr = mesh.addr.clone();
+    let metrics: Vec<String> = mesh
+        .servers
+        .iter()
+        .map(|(p, _)| p.metrics_url().unwrap())
+        .collect();
+    // Each server's step time so far (sum, count), from its `/metrics`; server `i` is
+    // hop `i` of the route.
+    let server_steps = || -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let text = common::http_get_url(url);
+                let sample = |what: &str| {
+                    common::metric_sample(
+                        &text,
+                        &format!("pollen_step_seconds_{what}{{hop=\"{i}\"}}"),
+                    )
+                    .unwrap_or(0.0)
+                };
+                (sample("sum"), sample("count"))
+            })
+            .collect()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -149,6 +191,7 @@ fn main() {
             let mut tokens = vec![next];
             let mut logits = vec![l.to_vec1::<f32>().unwrap()];
             let mut steps = Vec::new();
+            let before = server_steps();
             for i in 0..decode_n {
                 if let Some(f) = forced {
                     next = f[i];
@@ -162,10 +205,24 @@ fn main() {
                 tokens.push(next);
                 logits.push(l.to_vec1::<f32>().unwrap());
             }
+            // Each server's mean time per decode step, Forward arrived to output sent on.
+            let server_means: Vec<f64> = server_steps()
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a.0 - b.0) / (a.1 - b.1).max(1.0))
+                .collect();
             s.close().await;
             client.shutdown().await;
             let total: f64 = steps.iter().sum();
-            (prefill, total, median(&mut steps), tokens, logits, bytes)
+            (
+                prefill,
+                total,
+                median(&mut steps),
+                tokens,
+                logits,
+                bytes,
+                server_means,
+            )
         })
     };
     // Local and f32 swarm decode, alternating.
@@ -210,7 +267,7 @@ fn main() {
     // f16 and bf16 are fed f32's tokens (teacher forcing) so that their logits
     // can be compared step by step.
     for dtype in [WireDType::F16, WireDType::BF16] {
-        let (prefill, total, step, tokens, logits, _) = run_swarm(dtype, Some(&reference.0));
+        let (prefill, total, step, tokens, logits, ..) = run_swarm(dtype, Some(&reference.0));
         let worst = reference
             .1
             .iter()
@@ -271,6 +328,46 @@ fn main() {
             overhead * 1e3 / 3.0
         );
     }
+    // Where a swarm step's time goes, from the servers' own clocks (means per decode
+    // step within each round, then medians over rounds).
+    let hops = THREE_SPANS.len();
+    let per_hop = |pick: &dyn Fn(usize, usize) -> f64| -> Vec<f64> {
+        (0..hops)
+            .map(|h| med((0..rounds).map(|r| pick(r, h)).collect()))
+            .collect()
+    };
+    let at_servers = per_hop(&|r, h| swarm_runs[r].6[h]);
+    let computed_here = per_hop(&|r, h| local_runs[r].5[h]);
+    let ends_mean = med(local_runs
+        .iter()
+        .map(|l| l.1 / decode_n as f64 - l.5.iter().sum::<f64>())
+        .collect());
+    let between = med(local_runs
+        .iter()
+        .zip(&swarm_runs)
+        .map(|(l, w)| {
+            w.1 / decode_n as f64
+                - w.6.iter().sum::<f64>()
+                - (l.1 / decode_n as f64 - l.5.iter().sum::<f64>())
+        })
+        .collect());
+    let ms = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{:.3}", x * 1e3))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "f32 step by the servers' clocks (means, median of rounds): each server from a step's \
+         arrival to its output sent on {} ms (the same spans in this process: {} ms); client \
+         ends {:.3} ms; the rest, {:.3} ms, is the {} transfers between processes ({:.3} ms each)",
+        ms(&at_servers),
+        ms(&computed_here),
+        ends_mean * 1e3,
+        between * 1e3,
+        hops + 1,
+        between * 1e3 / (hops + 1) as f64
+    );
     println!();
     println!(
         "f32 hidden states: greedy tokens through the swarm equal local ({} tokens)",

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 /// How long a process may take to print the line that says it is ready.
@@ -42,6 +42,8 @@ pub struct Proc {
     /// The process.
     pub child: Child,
     lines: mpsc::Receiver<String>,
+    /// Its `metrics http://…` line's address, kept aside whoever reads the lines.
+    metrics: Arc<OnceLock<String>>,
     /// A name for messages.
     pub name: String,
 }
@@ -59,10 +61,15 @@ impl Proc {
             })?;
         // Pollen prints a few lines to stdout (its logs go to stderr): a small bound.
         let (tx, rx) = mpsc::sync_channel(1024);
+        let metrics = Arc::new(OnceLock::new());
         if let Some(stdout) = child.stdout.take() {
+            let metrics = metrics.clone();
             // Ends when the child closes its stdout (it exits).
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(url) = line.strip_prefix("metrics ") {
+                        let _ = metrics.set(url.trim().to_string());
+                    }
                     if tx.send(line).is_err() {
                         break;
                     }
@@ -72,8 +79,15 @@ impl Proc {
         Ok(Proc {
             child,
             lines: rx,
+            metrics,
             name: name.into(),
         })
+    }
+
+    /// The address of its `/metrics` page, once it has printed it (a server started
+    /// with `--metrics` prints it before its `ready` line).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics.get().cloned()
     }
 
     /// The first stdout line starting with `prefix`, within `timeout`.
