@@ -97,11 +97,60 @@ pub const NEXT_HOP_LOOKUP_EVERY: Duration = Duration::from_secs(2);
 
 /// Where a server learns that a next hop is a server: its book of verified announcements
 /// (signature, expiry and replay checked on the way in), refreshed from the bootstraps
-/// when a next hop is missing, at most every [`NEXT_HOP_LOOKUP_EVERY`], bounded by
-/// [`NEXT_HOP_LOOKUP_TIMEOUT`].
-#[derive(Debug, Default)]
+/// when a next hop is missing. Lookups run one at a time, at most every
+/// [`NEXT_HOP_LOOKUP_EVERY`], each bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]; every open
+/// that misses waits for one that started after its miss (running it when none runs and
+/// one is due, joining it otherwise), so opens that miss together share one lookup and
+/// none is refused for another's turn.
+#[derive(Debug)]
 pub struct NextHops {
-    last_lookup: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    lookups: std::sync::Mutex<Lookups>,
+    /// The id of the last lookup that ended (they run one at a time, ids rising).
+    ended: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for NextHops {
+    fn default() -> Self {
+        Self {
+            lookups: std::sync::Mutex::default(),
+            ended: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lookups {
+    /// Ids handed out so far.
+    started: u64,
+    /// When the last one started.
+    last_start: Option<tokio::time::Instant>,
+    /// The one running now: its id and start.
+    running: Option<(u64, tokio::time::Instant)>,
+}
+
+/// What an open that missed does next.
+enum Turn<'a> {
+    /// Run a lookup (the guard ends it, also if the open is dropped midway).
+    Run(Running<'a>),
+    /// Wait for the running lookup, of this id and start, to end.
+    Join(u64, tokio::time::Instant),
+    /// None runs and none is due for this long.
+    Wait(Duration),
+}
+
+/// A lookup being run; it ends when this drops.
+struct Running<'a> {
+    hops: &'a NextHops,
+    id: u64,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut l = self.hops.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        l.running = None;
+        drop(l);
+        self.hops.ended.send_modify(|e| *e = (*e).max(self.id));
+    }
 }
 
 /// What a next hop must be: a server of this model, compute mode and span.
@@ -113,20 +162,59 @@ pub(crate) struct Wanted<'a> {
 }
 
 impl NextHops {
-    /// Takes the turn to look up if one is due; otherwise how long until the next is.
-    /// The lock is held only for this: a lookup of a bogus next hop may take its whole
-    /// timeout, and other sessions' opens must not wait behind it.
-    async fn lookup_turn(&self) -> Result<(), Duration> {
-        let mut last = self.last_lookup.lock().await;
-        match *last {
-            Some(t) if t.elapsed() < NEXT_HOP_LOOKUP_EVERY => {
-                Err(NEXT_HOP_LOOKUP_EVERY.saturating_sub(t.elapsed()))
-            }
-            _ => {
-                *last = Some(tokio::time::Instant::now());
-                Ok(())
-            }
+    /// What an open that missed does now. The lock is held only for this, never through
+    /// a lookup: a lookup of a bogus next hop may take its whole timeout.
+    fn turn(&self) -> Turn<'_> {
+        let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, start)) = l.running {
+            return Turn::Join(id, start);
         }
+        if let Some(since) = l.last_start.map(|t| t.elapsed())
+            && since < NEXT_HOP_LOOKUP_EVERY
+        {
+            return Turn::Wait(NEXT_HOP_LOOKUP_EVERY - since);
+        }
+        let now = tokio::time::Instant::now();
+        l.started += 1;
+        let id = l.started;
+        l.running = Some((id, now));
+        l.last_start = Some(now);
+        Turn::Run(Running { hops: self, id })
+    }
+
+    /// Returns once a lookup that started at or after `since` has ended, running
+    /// `lookup` (bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]) when it is this caller's turn;
+    /// at most [`NEXT_HOP_LOOKUP_EVERY`] + [`NEXT_HOP_LOOKUP_TIMEOUT`] in all (a lookup
+    /// running since before `since` is waited for first, and may have found the hop).
+    async fn refresh<F: std::future::Future>(
+        &self,
+        since: tokio::time::Instant,
+        lookup: impl FnOnce() -> F,
+    ) {
+        let mut lookup = Some(lookup);
+        let wait = async {
+            loop {
+                match self.turn() {
+                    Turn::Run(running) => {
+                        if let Some(run) = lookup.take() {
+                            let _ = tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, run()).await;
+                        }
+                        drop(running);
+                        return;
+                    }
+                    Turn::Join(id, start) => {
+                        let mut ended = self.ended.subscribe();
+                        // The sender lives in `self`: this ends when the lookup does.
+                        let _ = ended.wait_for(|&e| e >= id).await;
+                        if start >= since {
+                            return;
+                        }
+                    }
+                    Turn::Wait(d) => tokio::time::sleep(d).await,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(NEXT_HOP_LOOKUP_EVERY + NEXT_HOP_LOOKUP_TIMEOUT, wait).await;
     }
 
     /// The addresses of `want.peer` from its valid announcement for `want.model` that
@@ -148,32 +236,14 @@ impl NextHops {
         };
         let mut found = find(&net.book(Some(want.model)).await.unwrap_or_default());
         if found.is_none() {
-            let mut turn = self.lookup_turn().await;
-            if let Err(wait) = turn {
-                // Another open took the turn (one naming a bogus next hop, say): this
-                // one waits for the next turn, once, rather than being refused for it,
-                // and meanwhile that lookup may have filled the book.
-                tokio::time::sleep(wait).await;
-                found = find(&net.book(Some(want.model)).await.unwrap_or_default());
-                if found.is_none() {
-                    turn = self.lookup_turn().await;
-                }
-            }
-            if found.is_none() && turn.is_ok() {
-                let gathered =
-                    tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, net.gather(Some(want.model)))
-                        .await;
-                if let Ok(Ok(book)) = gathered {
-                    found = find(&book);
-                }
-            }
-            // A gather stores each peer's answer as it comes, and one peer that does not
-            // answer (a hung server, which the DHT still names and whose lookup and list
-            // requests run to their deadlines) can hold the whole gather past its timeout
-            // after the bootstraps have answered: what they gave is in the book.
-            if found.is_none() {
-                found = find(&net.book(Some(want.model)).await.unwrap_or_default());
-            }
+            // The bootstraps may know it (a server that has just started, say): wait
+            // for a lookup that starts after this miss, which fills the book. A gather
+            // stores each peer's answer as it comes, so what a gather cut short by its
+            // timeout got (a hung server the DHT still names can hold it past the
+            // bootstraps' answers) is in the book too.
+            let since = tokio::time::Instant::now();
+            self.refresh(since, || net.gather(Some(want.model))).await;
+            found = find(&net.book(Some(want.model)).await.unwrap_or_default());
         }
         let Some(a) = found else {
             return Err(format!(
@@ -227,24 +297,130 @@ pub(crate) async fn next_hop_rtts(net: &NetHandle, server: &Server) -> Vec<PeerR
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::time::Instant;
+
+    /// A lookup that records when it started and takes `takes` (forever: `None`).
+    fn lookup(
+        starts: &Arc<std::sync::Mutex<Vec<Instant>>>,
+        takes: Option<Duration>,
+    ) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + use<>
+    {
+        let starts = starts.clone();
+        move || {
+            starts.lock().unwrap().push(Instant::now());
+            Box::pin(async move {
+                match takes {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn one_lookup_per_interval_and_the_lock_is_not_held_through_it() {
-        let hops = NextHops::default();
-        assert_eq!(hops.lookup_turn().await, Ok(()));
-        // The turn is taken and the lock free again while that lookup runs.
-        assert!(hops.last_lookup.try_lock().is_ok());
-        tokio::time::advance(Duration::from_millis(500)).await;
-        // The next open is told when the next turn comes, not refused one.
-        let wait = hops
-            .lookup_turn()
-            .await
-            .expect_err("a turn was taken 0.5 s ago");
-        assert_eq!(wait, NEXT_HOP_LOOKUP_EVERY - Duration::from_millis(500));
-        tokio::time::advance(wait).await;
-        assert_eq!(hops.lookup_turn().await, Ok(()));
+    async fn opens_that_miss_together_share_one_lookup() {
+        let hops = Arc::new(NextHops::default());
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let opens: Vec<_> = (0..3)
+            .map(|_| {
+                let (hops, look) = (hops.clone(), lookup(&starts, Some(Duration::from_secs(1))));
+                tokio::spawn(async move {
+                    hops.refresh(Instant::now(), look).await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        for open in opens {
+            // Each is answered when the one lookup ends, none refused or kept longer.
+            assert_eq!(open.await.unwrap() - t0, Duration::from_secs(1));
+        }
+        assert_eq!(starts.lock().unwrap().len(), 1);
+        // The lock is free between lookups.
+        assert!(hops.lookups.try_lock().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_during_an_older_lookup_waits_for_one_started_after_it() {
+        let hops = Arc::new(NextHops::default());
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let first = {
+            let (hops, look) = (hops.clone(), lookup(&starts, Some(Duration::from_secs(1))));
+            tokio::spawn(async move { hops.refresh(Instant::now(), look).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The first lookup may have asked before this hop announced itself: this open
+        // waits for it, then for the next turn (2 s after the first started), and runs
+        // the second lookup itself.
+        hops.refresh(
+            Instant::now(),
+            lookup(&starts, Some(Duration::from_secs(1))),
+        )
+        .await;
+        assert_eq!(
+            Instant::now() - t0,
+            NEXT_HOP_LOOKUP_EVERY + Duration::from_secs(1)
+        );
+        first.await.unwrap();
+        let starts = starts.lock().unwrap();
+        assert_eq!(
+            starts.iter().map(|s| *s - t0).collect::<Vec<_>>(),
+            [Duration::ZERO, NEXT_HOP_LOOKUP_EVERY],
+            "one lookup per interval"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hung_or_abandoned_lookups_hold_no_open_past_the_bound() {
+        let hops = Arc::new(NextHops::default());
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        // A lookup that never ends is cut at its timeout.
+        let first = {
+            let (hops, look) = (hops.clone(), lookup(&starts, None));
+            tokio::spawn(async move {
+                hops.refresh(Instant::now(), look).await;
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // One that misses meanwhile runs the next (hung too) and gives up at the bound.
+        let since = Instant::now();
+        hops.refresh(since, lookup(&starts, None)).await;
+        assert_eq!(first.await.unwrap() - t0, NEXT_HOP_LOOKUP_TIMEOUT);
+        assert_eq!(
+            Instant::now() - since,
+            NEXT_HOP_LOOKUP_EVERY + NEXT_HOP_LOOKUP_TIMEOUT
+        );
+        assert_eq!(starts.lock().unwrap().len(), 2);
+        // An open dropped in the middle of its lookup (its session cancelled) ends the
+        // lookup: the next miss is not left waiting for it.
+        tokio::time::sleep(NEXT_HOP_LOOKUP_EVERY).await;
+        let dropped = {
+            let (hops, look) = (hops.clone(), lookup(&starts, None));
+            tokio::spawn(async move { hops.refresh(Instant::now(), look).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dropped.abort();
+        let _ = dropped.await;
+        let ran = Arc::new(AtomicUsize::new(0));
+        tokio::time::sleep(NEXT_HOP_LOOKUP_EVERY).await;
+        let t = Instant::now();
+        let counted = ran.clone();
+        hops.refresh(t, move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(())
+        })
+        .await;
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        assert_eq!(Instant::now(), t, "ran at once, waiting for nothing");
     }
 
     #[test]
