@@ -323,13 +323,18 @@ async fn open_next(
         compute: open.compute.clone(),
         client: open.client.clone(),
     };
+    // Each hop from `next` on opens its own next before answering (a lookup of its next
+    // hop may take seconds): allow for each, as the client allows for the whole route,
+    // so that a hop's wait always ends before the one before it gives up.
+    let rest = open.route.len().saturating_sub(next.index).max(1);
+    let wait = OPEN_TIMEOUT * u32::try_from(rest).unwrap_or(1);
     let answer = stream::open_with_reply::<_, InferResponse>(
         &server.net,
         next.peer,
         next.addrs.clone(),
         &req,
         OPEN_TIMEOUT,
-        OPEN_TIMEOUT,
+        wait,
     )
     .await;
     match answer {
