@@ -136,6 +136,17 @@ struct ServeArgs {
     /// Seconds running sessions get to finish after Ctrl-C.
     #[arg(long, default_value_t = 30)]
     grace: u64,
+    /// Milliseconds a prompt computes before other sessions' next tokens get their turn:
+    /// a long prompt is computed in parts of about this long, and the sessions decoding
+    /// beside it wait one part, not the whole prompt (which can take seconds). Same
+    /// output either way (split only in the fast weight modes on the CPU, where parts
+    /// give the same bits). 0 computes every prompt whole.
+    #[arg(
+        long,
+        default_value_t = pollen_node::serve::batch::DEFAULT_PROMPT_PART.as_millis() as u64,
+        value_name = "MS"
+    )]
+    prompt_part_ms: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks
     /// one, printed as `metrics http://...`). No authentication: keep it on a private address.
     #[arg(long, value_name = "ADDR")]
@@ -430,6 +441,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         announce_ttl: Duration::from_secs(args.announce_ttl.clamp(3, 600)),
         grace: Duration::from_secs(args.grace),
         compute_slots: args.model.threads.unwrap_or(1),
+        prompt_part: Duration::from_millis(args.prompt_part_ms),
         max_cache_bytes: args.max_cache_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
         max_memory_bytes: args.max_memory,
         num_blocks: args.num_blocks,

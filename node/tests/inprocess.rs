@@ -434,6 +434,8 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                     announce_ttl: Duration::from_secs(60),
                     grace: Duration::from_secs(1),
                     compute_slots: 1,
+                    // Parts as small as they come: 8 rows, then 8 again.
+                    prompt_part: Duration::from_nanos(1),
                     max_cache_bytes: None,
                     max_memory_bytes: None,
                     num_blocks: None,
@@ -531,6 +533,29 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
             }
             other => panic!("a step past the token cap: {other:?}"),
         }
+
+        // A prompt of 10 rows, which each server computes in parts (8 rows, then 2),
+        // other steps free to run between them: the same bits as the whole model
+        // computing it at once.
+        let prompt = Tensor::arange(0f32, (10 * hidden) as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.0007, -1.5)
+            .unwrap()
+            .reshape((1, 10, hidden))
+            .unwrap();
+        let want = whole.forward(&prompt, 2, &mut cache).unwrap();
+        let got = session.step(&prompt, 2).await.unwrap();
+        let rows = got.dim(1).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.narrow(1, 10 - rows, rows)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "a prompt computed in parts"
+        );
 
         // A stranger can neither take the client's outputs nor open a route in its name.
         let stranger = Node::current(Role::Client, &cancel).await;

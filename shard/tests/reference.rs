@@ -818,3 +818,70 @@ fn keys_past_f16_range_saturate_alike_on_both_paths() -> Result<()> {
     }
     Ok(())
 }
+
+/// A prompt computed in parts (each attending to the cache the parts before it
+/// wrote) gives the same bits as the prompt computed whole in the fast modes on the
+/// CPU, whatever the parts' sizes: a server splits long prompts so that other
+/// sessions' decode steps run between the parts, and swarm text must still equal
+/// local text. Exact mode keeps prompts whole: candle's products of a few rows
+/// differ in the last bits from those of many.
+#[test]
+fn a_prompt_in_chunks_equals_the_prompt_whole() -> Result<()> {
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let file = ModelFile::open(&path)?;
+    let ends = ClientEnds::load(&file, &fast())?;
+    let tok = pollen_shard::PollenTokenizer::from_model(&file)?;
+    let mut ids = Vec::new();
+    while ids.len() < 300 {
+        ids.extend(tok.encode("Pollen runs open language models across volunteers' machines. ")?);
+    }
+    ids.truncate(300);
+    let x = ends.embed(&ids)?;
+    let modes = [
+        ("fast", WeightMode::Fast, Some(true)),
+        ("fast, op by op", WeightMode::Fast, Some(false)),
+        ("q8_0", WeightMode::Requantize(GgmlDType::Q8_0), None),
+    ];
+    for (name, mode, fused) in modes {
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            mode,
+        };
+        let mut span = load_span(&file, 0, 3, &opts)?;
+        if let Some(on) = fused {
+            assert_eq!(span.set_fused(on), on, "{name}");
+        }
+        assert!(span.splits_prompts_exactly(), "{name}");
+        let mut c = span.new_cache(CacheLimits::default());
+        let whole = span.forward(&x, 0, &mut c)?;
+        // Equal parts, a short last part, a one-row last part (a decode-sized step),
+        // parts of a few rows.
+        for chunk in [128usize, 100, 299, 7] {
+            let mut c = span.new_cache(CacheLimits::default());
+            let mut parts = Vec::new();
+            let mut at = 0;
+            while at < ids.len() {
+                let n = chunk.min(ids.len() - at);
+                parts.push(span.forward(&x.narrow(1, at, n)?, at, &mut c)?);
+                at += n;
+            }
+            let joined = Tensor::cat(&parts, 1)?;
+            assert_eq!(max_diff(&whole, &joined)?, 0.0, "{name}, parts of {chunk}");
+            // The next step sees the same cache either way.
+            let next = ends.embed(&[504])?;
+            let mut whole_cache = c.clone();
+            whole_cache.truncate(0)?;
+            span.forward(&x, 0, &mut whole_cache)?;
+            let a = span.forward(&next, ids.len(), &mut whole_cache)?;
+            let b = span.forward(&next, ids.len(), &mut c)?;
+            assert_eq!(
+                max_diff(&a, &b)?,
+                0.0,
+                "{name}, the step after parts of {chunk}"
+            );
+        }
+    }
+    let exact = load_span(&file, 0, 3, &exact())?;
+    assert!(!exact.splits_prompts_exactly());
+    Ok(())
+}

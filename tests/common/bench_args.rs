@@ -1,5 +1,5 @@
 //! Command-line numbers and medians for the bench binaries
-//! (`node/benches/{batch,discovery,healing,hostile,nat,private,swarm,verify}.rs` and
+//! (`node/benches/{batch,discovery,healing,hostile,nat,private,prompt,swarm,verify}.rs` and
 //! `shard/benches/engine.rs` include this file with `#[path]`).
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
@@ -45,6 +45,8 @@ pub fn cpu_line() -> String {
                 "avx512vl",
                 "avx512_vnni",
                 "avx_vnni",
+                "amx_tile",
+                "amx_int8",
             ]
             .contains(f)
         })

@@ -25,6 +25,17 @@
 //! prediction by more than a window, until one hits again: uneven clients, hostile or
 //! not, cost a batch at most one window now and then, never a window a step.
 //!
+//! A prompt step holds the permit while it computes, and a long one (thousands of
+//! tokens) would hold every batched session's next token for its whole prefill. Where
+//! splitting it keeps its bits ([`BlockSpan::splits_prompts_exactly`]), a prompt is
+//! computed in parts ([`in_parts`]) of about `--prompt-part-ms` each (default
+//! [`DEFAULT_PROMPT_PART`]), each under its own permit: the semaphore is first come,
+//! first served, so a batch that queued during one part computes before the next, and
+//! the others wait one part's compute, not the whole prompt's. (Whole, a 1,024-token
+//! prompt took 5–6 s on one core of the default model's every block, past the 3 s in
+//! which a client expects its decode step acknowledged: every session decoding beside
+//! it failed over; see the prompt bench.)
+//!
 //! Everything else a step needs (its share of the memory budget, its input decoded and
 //! checked) is done by the session itself before it queues, and what comes back (fault
 //! injection, errors) is handled by the session as for a step of its own.
@@ -48,6 +59,18 @@ pub const DEFAULT_MAX_BATCH: usize = 16;
 
 /// Upper bound on [`MAX_BATCH_ENV`].
 const MOST_BATCH: usize = 64;
+
+/// How long a prompt part computes, unless `--prompt-part-ms` says otherwise: a decode
+/// step waits about this long at most for a prompt beside it. (Parts of 64 to 1,024 rows
+/// prefilled at the same speed on the machines measured, so small parts cost little.)
+pub const DEFAULT_PROMPT_PART: Duration = Duration::from_millis(100);
+
+/// Rows of a prompt's first part, and the fewest of any part; a prompt of at most this
+/// many rows is computed whole.
+const LEAST_PART_ROWS: usize = 8;
+
+/// The most rows of one part, whatever the pace.
+const MOST_PART_ROWS: usize = 4096;
 
 /// The longest a permit holder waits for steps due soon before taking its batch.
 pub const MOST_WAIT: Duration = Duration::from_millis(4);
@@ -363,6 +386,69 @@ fn max_from_env(value: Option<&str>) -> usize {
             }
         },
     }
+}
+
+/// How long each part of a step of `rows` rows computes on a server splitting prompts
+/// into parts of about `part` ([`in_parts`]); `None`: the step is computed whole.
+pub(super) fn parts_of(rows: usize, part: Option<Duration>) -> Option<Duration> {
+    part.filter(|_| rows > LEAST_PART_ROWS)
+}
+
+/// Computes a prompt step (`input` of shape `(1, rows, hidden)` at `position`) in parts,
+/// each under its own compute permit, so that other sessions' steps compute between
+/// them: the first of [`LEAST_PART_ROWS`] rows, each next as many as the last one's pace
+/// computes in `part` (attention grows with the position, and machines and models
+/// differ). The parts' outputs, joined, are the step's output, bit for bit, whatever
+/// their sizes ([`BlockSpan::splits_prompts_exactly`]); a part that fails leaves the
+/// cache as it was before the first.
+pub(super) async fn in_parts(
+    server: &Server,
+    input: Tensor,
+    position: usize,
+    mut cache: SpanCache,
+    part: Duration,
+) -> Result<StepResult, NotRun> {
+    let rows = input.dim(1).unwrap_or(0);
+    let before = cache.len();
+    let mut parts = Vec::new();
+    let mut next = LEAST_PART_ROWS;
+    let mut at = 0;
+    while at < rows {
+        let n = next.min(rows - at);
+        let Ok(permit) = server.permits.acquire().await else {
+            let _ = cache.truncate(before);
+            return Err(NotRun::Stopping(cache));
+        };
+        let span = server.span.clone();
+        let rows_here = input.narrow(1, at, n);
+        let started = Instant::now();
+        let (c, out) = tokio::task::spawn_blocking(move || {
+            let out = rows_here
+                .map_err(ShardError::from)
+                .and_then(|x| span.forward(&x, position + at, &mut cache));
+            (cache, out)
+        })
+        .await
+        .map_err(|e| NotRun::Lost(e.to_string()))?;
+        drop(permit);
+        let per_row = started.elapsed().as_secs_f64() / n as f64;
+        next = ((part.as_secs_f64() / per_row.max(1e-9)) as usize)
+            .clamp(LEAST_PART_ROWS, MOST_PART_ROWS);
+        cache = c;
+        match out {
+            Ok(o) => parts.push(o),
+            Err(e) => {
+                // The failed part left the cache as it was; the parts before it go too.
+                return match cache.truncate(before) {
+                    Ok(()) => Ok((cache, Err(e))),
+                    Err(t) => Ok((cache, Err(t))),
+                };
+            }
+        }
+        at += n;
+    }
+    let out = Tensor::cat(&parts, 1).map_err(ShardError::from);
+    Ok((cache, out))
 }
 
 /// The answer `out` brings, or its loss.

@@ -64,6 +64,11 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Spans computed at once (the compute permits); the rest wait their turn.
     pub compute_slots: usize,
+    /// About how long each part of a prompt computes: a prompt is computed in parts,
+    /// each under its own permit, other sessions' steps between them
+    /// ([`batch::in_parts`]); zero computes prompts whole. Split only where parts give
+    /// the same bits.
+    pub prompt_part: Duration,
     /// Bytes of KV cache all sessions together may hold (each session takes, at open,
     /// the most its token limit needs); `None` for enough to fill every session.
     pub max_cache_bytes: Option<usize>,
@@ -127,6 +132,9 @@ pub(crate) struct Server {
     permits: Semaphore,
     /// Decode steps waiting to be computed together.
     batch: batch::Queue,
+    /// About how long a prompt part computes (`None`: prompts whole); see
+    /// [`batch::in_parts`].
+    prompt_part: Option<Duration>,
     /// Where next hops are checked to be servers.
     next_hops: announce::NextHops,
 }
@@ -344,6 +352,8 @@ fn tenure(
         )),
         kv_per_token,
         batch: batch::Queue::new(&cfg.load),
+        prompt_part: (!cfg.prompt_part.is_zero() && span.splits_prompts_exactly())
+            .then_some(cfg.prompt_part),
         span: Arc::new(span),
         model_id,
         compute: crate::model::compute_mode(&cfg.load),

@@ -87,6 +87,8 @@ pub(super) async fn compute(
     // A batched step takes its permit in the batch; any other holds one from here on,
     // so that steps waiting their turn hold no working memory.
     let batched = rows == 1 && server.batch.batches();
+    // A long prompt takes a permit per part (see `batch::in_parts`).
+    let parts = batch::parts_of(rows, server.prompt_part);
     // The next decode step's gap is the session's usual one only after a decode step
     // that went through the batch queue.
     if batched {
@@ -94,7 +96,7 @@ pub(super) async fn compute(
     } else {
         pace.interrupted();
     }
-    let _permit = if batched {
+    let _permit = if batched || parts.is_some() {
         None
     } else {
         match server.permits.acquire().await {
@@ -154,6 +156,17 @@ pub(super) async fn compute(
     }
     let joined = if batched {
         match batch::decode(server, input, position as usize, cache, pace).await {
+            Ok(r) => Ok(r),
+            Err(NotRun::Lost(e)) => Err(e),
+            Err(NotRun::Stopping(cache)) => {
+                return (
+                    Some(cache),
+                    Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+                );
+            }
+        }
+    } else if let Some(part) = parts {
+        match batch::in_parts(server, input, position as usize, cache, part).await {
             Ok(r) => Ok(r),
             Err(NotRun::Lost(e)) => Err(e),
             Err(NotRun::Stopping(cache)) => {
