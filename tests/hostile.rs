@@ -296,6 +296,9 @@ fn hostile_peers_do_no_harm() {
             &max_memory,
             "--max-session-tokens",
             &tokens_cap.to_string(),
+            // Prompts whole: in parts, each part takes only its own working memory.
+            "--prompt-part-ms",
+            "0",
         ],
     );
     let tight: PeerId = peer_of(&ready).parse().unwrap();

@@ -5,7 +5,7 @@
 //! In each case four sessions decode (each after an 8-token prompt) while a fifth,
 //! once they are under way, sends a prompt of `--prompt` tokens (default 1,024); the
 //! decoders go on until it is done and 32 tokens past. Reported: the decoders' longest
-//! wait between two tokens, their median one, the long prompt's time to its output, and
+//! wait between two tokens while the prompt computed, their median one, the long prompt's time to its output, and
 //! how many decoders had a step fail (a step not acknowledged within the client's
 //! timeout: a real client would leave the server for another).
 //! The cases alternate over `--rounds` rounds (default 3); the table gives medians and
@@ -98,7 +98,8 @@ fn bytes(t: &Tensor) -> Vec<u8> {
         .collect()
 }
 
-/// One case on `hop`: the decoders' gaps between tokens (seconds), how many decoders
+/// One case on `hop`: the decoders' gaps between tokens (seconds) while the long prompt
+/// computed, how many decoders
 /// met a failed step (a step timed out: its client would leave the server), the long
 /// prompt's time to its output and its output's bytes.
 async fn case(
@@ -145,14 +146,14 @@ async fn case(
                 if let Err(e) = s.step(&h, pos).await {
                     // A client would give up on this server here (and heal elsewhere);
                     // the wait until it did counts as a gap.
-                    gaps.push(last.elapsed().as_secs_f64());
+                    gaps.push((Instant::now(), last.elapsed().as_secs_f64()));
                     eprintln!("a decoder's step failed: {e}");
                     s.close().await;
                     return (gaps, true);
                 }
                 pos += 1;
                 let now = Instant::now();
-                gaps.push(now.duration_since(last).as_secs_f64());
+                gaps.push((now, now.duration_since(last).as_secs_f64()));
                 last = now;
                 if done.load(Ordering::Relaxed) {
                     after += 1;
@@ -176,13 +177,20 @@ async fn case(
     let t = Instant::now();
     let out = s.step(&prompt, 0).await.unwrap();
     let prefill = t.elapsed().as_secs_f64();
+    let end = Instant::now();
     done.store(true, Ordering::Relaxed);
     s.close().await;
+    // The gaps that ended while the prompt computed (or, for a step that failed, when
+    // it failed: its wait began then).
     let mut gaps = Vec::new();
     let mut failed = 0;
     for d in decoders {
         let (g, f) = d.await.unwrap();
-        gaps.extend(g);
+        gaps.extend(
+            g.into_iter()
+                .filter(|(at, _)| *at >= t && (*at <= end || f))
+                .map(|(_, gap)| gap),
+        );
         failed += usize::from(f);
     }
     (gaps, failed, prefill, bytes(&out))

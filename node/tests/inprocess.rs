@@ -434,7 +434,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                     announce_ttl: Duration::from_secs(60),
                     grace: Duration::from_secs(1),
                     compute_slots: 1,
-                    // Parts as small as they come: 8 rows, then 8 again.
+                    // Parts as small as they come: 32 rows, then 32 again.
                     prompt_part: Duration::from_nanos(1),
                     max_cache_bytes: None,
                     max_memory_bytes: None,
@@ -488,7 +488,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                 model_id,
                 &compute,
                 &hops,
-                16,
+                48,
                 hidden,
                 WireDType::F32,
             )
@@ -522,33 +522,33 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         }
 
         // A step past the session's token cap is refused before it is decoded.
-        let long = Tensor::zeros((1, 17, hidden), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let long = Tensor::zeros((1, 49, hidden), candle_core::DType::F32, &Device::Cpu).unwrap();
         match session.step(&long, 2).await {
             Err(ClientError::HopFailed(f)) => {
                 assert_eq!((f.hop, f.code), (0, ErrorCode::OverBudget), "{f:?}");
                 assert_eq!(
                     f.message,
-                    "a step of 17 tokens at position 2 passes this session's cap of 16 tokens"
+                    "a step of 49 tokens at position 2 passes this session's cap of 48 tokens"
                 );
             }
             other => panic!("a step past the token cap: {other:?}"),
         }
 
-        // A prompt of 10 rows, which each server computes in parts (8 rows, then 2),
+        // A prompt of 40 rows, which each server computes in parts (32 rows, then 8),
         // other steps free to run between them: the same bits as the whole model
         // computing it at once.
-        let prompt = Tensor::arange(0f32, (10 * hidden) as f32, &Device::Cpu)
+        let prompt = Tensor::arange(0f32, (40 * hidden) as f32, &Device::Cpu)
             .unwrap()
-            .affine(0.0007, -1.5)
+            .affine(0.0002, -1.5)
             .unwrap()
-            .reshape((1, 10, hidden))
+            .reshape((1, 40, hidden))
             .unwrap();
         let want = whole.forward(&prompt, 2, &mut cache).unwrap();
         let got = session.step(&prompt, 2).await.unwrap();
         let rows = got.dim(1).unwrap();
         assert_eq!(
             got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.narrow(1, 10 - rows, rows)
+            want.narrow(1, 40 - rows, rows)
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -65,9 +65,10 @@ const MOST_BATCH: usize = 64;
 /// prefilled at the same speed on the machines measured, so small parts cost little.)
 pub const DEFAULT_PROMPT_PART: Duration = Duration::from_millis(100);
 
-/// Rows of a prompt's first part, and the fewest of any part; a prompt of at most this
-/// many rows is computed whole.
-const LEAST_PART_ROWS: usize = 8;
+/// Rows of a prompt's first part, and the fewest of any part (a part pays a pass over
+/// the weights, however few its rows); a prompt of at most this many rows is computed
+/// whole.
+const LEAST_PART_ROWS: usize = 32;
 
 /// The most rows of one part, whatever the pace.
 const MOST_PART_ROWS: usize = 4096;
@@ -91,6 +92,9 @@ pub(super) enum NotRun {
     Stopping(SpanCache),
     /// The compute task failed (panicked), and the step's cache with it.
     Lost(String),
+    /// A part of a prompt (of this many rows) found the memory budget without room for
+    /// its working memory (this many bytes): the cache is as before the step.
+    OverBudget(SpanCache, usize, usize),
 }
 
 /// A queued decode step.
@@ -329,6 +333,40 @@ impl<J: Queued> Queue<J> {
         }
     }
 
+    /// Before a prompt's next part takes a permit ([`in_parts`]): while no decode step is
+    /// queued but one is due within [`Self::window`] from now, waits for it (no longer
+    /// than the window), so that the sessions decoding beside a prompt, whose next steps
+    /// come back a round trip after their outputs, compute between every two of its
+    /// parts and not every other.
+    async fn make_way(&self) {
+        let window = self.window();
+        if window.is_zero() {
+            return;
+        }
+        let start = Instant::now();
+        let (deadline, earliest) = (start + window, start.checked_sub(window));
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so that no change in between is missed.
+            changed.as_mut().enable();
+            {
+                let Ok(s) = self.state.lock() else { return };
+                let soon = s
+                    .due
+                    .values()
+                    .any(|&at| at <= deadline && earliest.is_none_or(|e| at >= e));
+                if !s.jobs.is_empty() || !soon {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
     /// The step `id` taken back out of the queue, if no batch has taken it.
     fn withdraw(&self, id: u64) -> Option<J> {
         let job = {
@@ -400,7 +438,9 @@ pub(super) fn parts_of(rows: usize, part: Option<Duration>) -> Option<Duration> 
 /// computes in `part` (attention grows with the position, and machines and models
 /// differ). The parts' outputs, joined, are the step's output, bit for bit, whatever
 /// their sizes ([`BlockSpan::splits_prompts_exactly`]); a part that fails leaves the
-/// cache as it was before the first.
+/// cache as it was before the first. Each part takes its own working memory from the
+/// budget with its permit, so a prompt between parts holds none (as a step waiting its
+/// turn).
 pub(super) async fn in_parts(
     server: &Server,
     input: Tensor,
@@ -414,10 +454,18 @@ pub(super) async fn in_parts(
     let mut next = LEAST_PART_ROWS;
     let mut at = 0;
     while at < rows {
+        if at > 0 {
+            server.batch.make_way().await;
+        }
         let n = next.min(rows - at);
         let Ok(permit) = server.permits.acquire().await else {
             let _ = cache.truncate(before);
             return Err(NotRun::Stopping(cache));
+        };
+        let need = server.span.step_memory_bytes(n, position + at);
+        let Some(memory) = server.kv_budget.try_take(need) else {
+            let _ = cache.truncate(before);
+            return Err(NotRun::OverBudget(cache, n, need));
         };
         let span = server.span.clone();
         let rows_here = input.narrow(1, at, n);
@@ -430,6 +478,7 @@ pub(super) async fn in_parts(
         })
         .await
         .map_err(|e| NotRun::Lost(e.to_string()))?;
+        drop(memory);
         drop(permit);
         let per_row = started.elapsed().as_secs_f64() / n as f64;
         next = ((part.as_secs_f64() / per_row.max(1e-9)) as usize)
@@ -448,6 +497,9 @@ pub(super) async fn in_parts(
         at += n;
     }
     let out = Tensor::cat(&parts, 1).map_err(ShardError::from);
+    if out.is_err() {
+        let _ = cache.truncate(before);
+    }
     Ok((cache, out))
 }
 
@@ -608,6 +660,33 @@ mod tests {
         // It came after 1 ms, and nobody else is due: no waiting to the window's end.
         assert_eq!(waited(&q, 1).await, ms(1));
         assert_eq!(q.take_batch(1), vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prompt_part_makes_way_for_decode_steps_due_and_only_for_them() {
+        let made_way = |q: Arc<Queue<u64>>| async move {
+            let t = Instant::now();
+            q.make_way().await;
+            t.elapsed()
+        };
+        // Nobody due: the next part goes at once.
+        let q = Arc::new(queue(ms(3)));
+        assert_eq!(made_way(q.clone()).await, Duration::ZERO);
+        // A decode step due in 1 ms: the part waits until it has queued (its batch then
+        // takes the permit first), not to the window's end.
+        q.expect(20, Instant::now() + ms(1));
+        let late = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(1)).await;
+            late.push(2, 20);
+        });
+        assert_eq!(made_way(q.clone()).await, ms(1));
+        // A step already queued: nothing to wait for.
+        q.expect(30, Instant::now() + ms(1));
+        assert_eq!(made_way(q.clone()).await, Duration::ZERO);
+        assert_eq!(q.take_batch(2), vec![2]);
+        // A step due that never comes costs the window, no more.
+        assert_eq!(made_way(q.clone()).await, ms(3));
     }
 
     #[tokio::test(start_paused = true)]

@@ -74,6 +74,9 @@ pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
     ACK_BASE + per_token.saturating_mul(ACK_SLOWDOWN.saturating_mul(tokens))
 }
 
+/// Most hops' worth of [`OPEN_TIMEOUT`] a hop waits for the rest of the route to open.
+const OPEN_WAIT_MAX_HOPS: usize = 4;
+
 /// Most hops' worth of first-step time a session gets: the hop number is the opener's
 /// claim, so it may not stretch how long an unused session holds its slot.
 const FIRST_STEP_MAX_HOPS: u32 = 4;
@@ -325,8 +328,14 @@ async fn open_next(
     };
     // Each hop from `next` on opens its own next before answering (a lookup of its next
     // hop may take seconds): allow for each, as the client allows for the whole route,
-    // so that a hop's wait always ends before the one before it gives up.
-    let rest = open.route.len().saturating_sub(next.index).max(1);
+    // so that a hop's wait ends before the one before it gives up; but the route's
+    // length is the opener's claim, and this server holds a session slot and its KV
+    // promise meanwhile: at most OPEN_WAIT_MAX_HOPS hops' worth.
+    let rest = open
+        .route
+        .len()
+        .saturating_sub(next.index)
+        .clamp(1, OPEN_WAIT_MAX_HOPS);
     let wait = OPEN_TIMEOUT * u32::try_from(rest).unwrap_or(1);
     let answer = stream::open_with_reply::<_, InferResponse>(
         &server.net,

@@ -63,6 +63,23 @@ pub(super) enum Failure {
     Next(ErrorCode, String),
 }
 
+/// A step of `rows` tokens needing `need` bytes of working memory that the memory budget
+/// has no room for.
+fn over_budget(server: &Server, rows: usize, need: usize) -> ProtocolError {
+    let mb = |b: usize| b.div_ceil(1024 * 1024);
+    let budget = &server.kv_budget;
+    ProtocolError::new(
+        ErrorCode::OverBudget,
+        format!(
+            "a step of {rows} tokens needs {} MB of working memory; this server's \
+             memory budget has {} of {} MB free",
+            mb(need),
+            mb(budget.max().saturating_sub(budget.taken())),
+            mb(budget.max())
+        ),
+    )
+}
+
 /// Runs the span over `hidden` at `position` under a compute permit. Gives back the cache
 /// (`None` if it was lost with a panicked compute task). A one-token step is computed
 /// together with the other sessions' decode steps waiting at the same time
@@ -111,23 +128,14 @@ pub(super) async fn compute(
     };
     // The step's activations come out of the server's one memory budget (with the KV
     // caches), taken before its input is decoded, given back when it is done.
-    let need = server.span.step_memory_bytes(rows, position as usize);
+    // A prompt in parts takes each part's share with that part's permit instead.
+    let need = if parts.is_some() {
+        0
+    } else {
+        server.span.step_memory_bytes(rows, position as usize)
+    };
     let Some(_memory) = server.kv_budget.try_take(need) else {
-        let mb = |b: usize| b.div_ceil(1024 * 1024);
-        let budget = &server.kv_budget;
-        return (
-            Some(cache),
-            Err(ProtocolError::new(
-                ErrorCode::OverBudget,
-                format!(
-                    "a step of {rows} tokens needs {} MB of working memory; this server's \
-                     memory budget has {} of {} MB free",
-                    mb(need),
-                    mb(budget.max().saturating_sub(budget.taken())),
-                    mb(budget.max())
-                ),
-            )),
-        );
+        return (Some(cache), Err(over_budget(server, rows, need)));
     };
     // On a GPU every device operation stays inside the compute task, under its one
     // permit: the input is decoded and checked on the CPU, and the output comes back
@@ -164,6 +172,9 @@ pub(super) async fn compute(
                     Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
                 );
             }
+            Err(NotRun::OverBudget(cache, rows, need)) => {
+                return (Some(cache), Err(over_budget(server, rows, need)));
+            }
         }
     } else if let Some(part) = parts {
         match batch::in_parts(server, input, position as usize, cache, part).await {
@@ -174,6 +185,9 @@ pub(super) async fn compute(
                     Some(cache),
                     Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
                 );
+            }
+            Err(NotRun::OverBudget(cache, rows, need)) => {
+                return (Some(cache), Err(over_budget(server, rows, need)));
             }
         }
     } else {

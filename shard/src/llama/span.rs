@@ -141,13 +141,15 @@ impl BlockSpan {
     /// Whether a prompt step may be computed in parts (rows `a..b`, then `b..c`, each
     /// attending over the cache the parts before it wrote) with the same bits as whole,
     /// so that a server can let other sessions' steps run between the parts of a long
-    /// prompt. True in the fast modes on the CPU, which compute every row's products
-    /// alone and attend in tiles from the first position whatever the step's size
-    /// (tested on the default model, `a_prompt_in_chunks_equals_the_prompt_whole`);
-    /// false in exact mode, where candle's products of a few rows can differ in the
-    /// last bits from those of many, and off the CPU.
+    /// prompt. True in the fast modes on the CPU where every block's products are
+    /// packed for this crate's kernels, which compute every row alone, and attention
+    /// runs in tiles from the first position whatever the step's size (tested on the
+    /// default model, `a_prompt_in_chunks_equals_the_prompt_whole`). False in exact
+    /// mode, where candle's products of a few rows can differ in the last bits from
+    /// those of many, for weights left to candle (dense or requantized: its dense
+    /// products choose their kernel by shape), and off the CPU.
     pub fn splits_prompts_exactly(&self) -> bool {
-        self.shared.fast && self.device.is_cpu()
+        self.shared.fast && self.device.is_cpu() && self.blocks.iter().all(|b| b.fused().is_some())
     }
 
     /// An upper bound on the memory, in bytes, that one step of `n_tokens`
