@@ -303,34 +303,8 @@ impl<J: Queued> Queue<J> {
     /// steps due within [`Self::window`] from now (those overdue by more than that are
     /// not counted on), and no longer than the window.
     async fn gather(&self, id: u64) {
-        let window = self.window();
-        if window.is_zero() {
-            return;
-        }
-        let start = Instant::now();
-        let (deadline, earliest) = (start + window, start.checked_sub(window));
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before looking, so that no change in between is missed.
-            changed.as_mut().enable();
-            {
-                let Ok(s) = self.state.lock() else { return };
-                let room = s.jobs.len() < self.max;
-                let queued = s.jobs.iter().any(|j| j.id() == id);
-                let soon = s
-                    .due
-                    .values()
-                    .any(|&at| at <= deadline && earliest.is_none_or(|e| at >= e));
-                if !(room && queued && soon) {
-                    return;
-                }
-            }
-            tokio::select! {
-                _ = &mut changed => {}
-                _ = tokio::time::sleep_until(deadline) => return,
-            }
-        }
+        self.wait_for_due(|s| s.jobs.len() < self.max && s.jobs.iter().any(|j| j.id() == id))
+            .await;
     }
 
     /// Before a prompt's next part takes a permit ([`in_parts`]): while no decode step is
@@ -339,6 +313,13 @@ impl<J: Queued> Queue<J> {
     /// come back a round trip after their outputs, compute between every two of its
     /// parts and not every other.
     async fn make_way(&self) {
+        self.wait_for_due(|s| s.jobs.is_empty()).await;
+    }
+
+    /// While `still(queue state)` holds and some step is due within [`Self::window`]
+    /// from now (those overdue by more than that are not counted on), waits for the
+    /// queue to change; no longer than the window.
+    async fn wait_for_due(&self, still: impl Fn(&Waiting<J>) -> bool) {
         let window = self.window();
         if window.is_zero() {
             return;
@@ -356,7 +337,7 @@ impl<J: Queued> Queue<J> {
                     .due
                     .values()
                     .any(|&at| at <= deadline && earliest.is_none_or(|e| at >= e));
-                if !s.jobs.is_empty() || !soon {
+                if !(soon && still(&s)) {
                     return;
                 }
             }

@@ -162,22 +162,15 @@ pub(super) async fn compute(
             Err(ProtocolError::new(ErrorCode::BadRequest, msg)),
         );
     }
-    let joined = if batched {
-        match batch::decode(server, input, position as usize, cache, pace).await {
-            Ok(r) => Ok(r),
-            Err(NotRun::Lost(e)) => Err(e),
-            Err(NotRun::Stopping(cache)) => {
-                return (
-                    Some(cache),
-                    Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
-                );
-            }
-            Err(NotRun::OverBudget(cache, rows, need)) => {
-                return (Some(cache), Err(over_budget(server, rows, need)));
-            }
-        }
-    } else if let Some(part) = parts {
-        match batch::in_parts(server, input, position as usize, cache, part).await {
+    // A decode step through the batch queue, or a prompt in parts (the two never meet:
+    // one row against more than the least part).
+    let joined = if batched || parts.is_some() {
+        let position = position as usize;
+        let run = match parts {
+            Some(part) => batch::in_parts(server, input, position, cache, part).await,
+            None => batch::decode(server, input, position, cache, pace).await,
+        };
+        match run {
             Ok(r) => Ok(r),
             Err(NotRun::Lost(e)) => Err(e),
             Err(NotRun::Stopping(cache)) => {
