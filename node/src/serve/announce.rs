@@ -11,6 +11,7 @@ use pollen_protocol::{
     Announcement, BlockRange, ModelId, PeerIdBytes, PeerRtt, VerifiedAnnouncement,
 };
 use pollen_shard::{BlockSpan, CacheLimits};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -98,28 +99,35 @@ pub const NEXT_HOP_LOOKUP_EVERY: Duration = Duration::from_secs(2);
 /// Where a server learns that a next hop is a server: its book of verified announcements
 /// (signature, expiry and replay checked on the way in), refreshed from the bootstraps
 /// when a next hop is missing. Lookups run one at a time, at most every
-/// [`NEXT_HOP_LOOKUP_EVERY`], each bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]; every open
-/// that misses waits for one that started after its miss (running it when none runs and
-/// one is due, joining it otherwise), so opens that miss together share one lookup and
-/// none is refused for another's turn.
-#[derive(Debug)]
+/// [`NEXT_HOP_LOOKUP_EVERY`], each in a task of its own bounded by
+/// [`NEXT_HOP_LOOKUP_TIMEOUT`]; every open that misses waits for one that started after
+/// its miss (starting it when none runs and one is due, joining it otherwise), so opens
+/// that miss together share one lookup and none is refused for another's turn. An open
+/// that gives up (its session cancelled, or its own bound reached) leaves the lookup
+/// running for the others.
+#[derive(Debug, Default)]
 pub struct NextHops {
-    lookups: std::sync::Mutex<Lookups>,
+    inner: Arc<Lookups>,
+}
+
+#[derive(Debug)]
+struct Lookups {
+    state: std::sync::Mutex<LookupState>,
     /// The id of the last lookup that ended (they run one at a time, ids rising).
     ended: tokio::sync::watch::Sender<u64>,
 }
 
-impl Default for NextHops {
+impl Default for Lookups {
     fn default() -> Self {
         Self {
-            lookups: std::sync::Mutex::default(),
+            state: std::sync::Mutex::default(),
             ended: tokio::sync::watch::Sender::new(0),
         }
     }
 }
 
 #[derive(Debug, Default)]
-struct Lookups {
+struct LookupState {
     /// Ids handed out so far.
     started: u64,
     /// When the last one started.
@@ -129,9 +137,9 @@ struct Lookups {
 }
 
 /// What an open that missed does next.
-enum Turn<'a> {
-    /// Run a lookup (the guard ends it, also if the open is dropped midway).
-    Run(Running<'a>),
+enum Turn {
+    /// Start a lookup (the guard ends it when the lookup's task drops it).
+    Run(Running),
     /// Wait for the running lookup, of this id and start, to end.
     Join(u64, tokio::time::Instant),
     /// None runs and none is due for this long.
@@ -139,17 +147,17 @@ enum Turn<'a> {
 }
 
 /// A lookup being run; it ends when this drops.
-struct Running<'a> {
-    hops: &'a NextHops,
+struct Running {
+    lookups: Arc<Lookups>,
     id: u64,
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
-        let mut l = self.hops.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.lookups.state.lock().unwrap_or_else(|p| p.into_inner());
         l.running = None;
         drop(l);
-        self.hops.ended.send_modify(|e| *e = (*e).max(self.id));
+        self.lookups.ended.send_modify(|e| *e = (*e).max(self.id));
     }
 }
 
@@ -164,8 +172,8 @@ pub(crate) struct Wanted<'a> {
 impl NextHops {
     /// What an open that missed does now. The lock is held only for this, never through
     /// a lookup: a lookup of a bogus next hop may take its whole timeout.
-    fn turn(&self) -> Turn<'_> {
-        let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+    fn turn(&self) -> Turn {
+        let mut l = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((id, start)) = l.running {
             return Turn::Join(id, start);
         }
@@ -179,34 +187,54 @@ impl NextHops {
         let id = l.started;
         l.running = Some((id, now));
         l.last_start = Some(now);
-        Turn::Run(Running { hops: self, id })
+        Turn::Run(Running {
+            lookups: self.inner.clone(),
+            id,
+        })
     }
 
-    /// Returns once a lookup that started at or after `since` has ended, running
-    /// `lookup` (bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]) when it is this caller's turn;
-    /// at most [`NEXT_HOP_LOOKUP_EVERY`] + [`NEXT_HOP_LOOKUP_TIMEOUT`] in all (a lookup
-    /// running since before `since` is waited for first, and may have found the hop).
-    async fn refresh<F: std::future::Future>(
+    /// Returns once a lookup that started at or after `since` has ended, starting
+    /// `lookup` (in a task of its own, bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]) when it is
+    /// this caller's turn, or once `found` says the book has what was missing after a
+    /// lookup that was already running at `since` ended; at most
+    /// [`NEXT_HOP_LOOKUP_EVERY`] + [`NEXT_HOP_LOOKUP_TIMEOUT`] in all. The bound cuts
+    /// this caller's wait, never the lookup, which the others may be waiting for.
+    async fn refresh<F, Found>(
         &self,
         since: tokio::time::Instant,
         lookup: impl FnOnce() -> F,
-    ) {
+        found: impl Fn() -> Found,
+    ) where
+        F: std::future::Future + Send + 'static,
+        Found: std::future::Future<Output = bool>,
+    {
         let mut lookup = Some(lookup);
+        let ended = |id: u64| {
+            let mut ended = self.inner.ended.subscribe();
+            // The sender lives in `self`: this ends when the lookup does.
+            async move {
+                let _ = ended.wait_for(|&e| e >= id).await;
+            }
+        };
         let wait = async {
             loop {
                 match self.turn() {
                     Turn::Run(running) => {
+                        let id = running.id;
                         if let Some(run) = lookup.take() {
-                            let _ = tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, run()).await;
+                            let run = run();
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(NEXT_HOP_LOOKUP_TIMEOUT, run).await;
+                                drop(running);
+                            });
                         }
-                        drop(running);
+                        ended(id).await;
                         return;
                     }
                     Turn::Join(id, start) => {
-                        let mut ended = self.ended.subscribe();
-                        // The sender lives in `self`: this ends when the lookup does.
-                        let _ = ended.wait_for(|&e| e >= id).await;
-                        if start >= since {
+                        ended(id).await;
+                        // One that started before the miss may have found it anyway.
+                        if start >= since || found().await {
                             return;
                         }
                     }
@@ -242,7 +270,14 @@ impl NextHops {
             // timeout got (a hung server the DHT still names can hold it past the
             // bootstraps' answers) is in the book too.
             let since = tokio::time::Instant::now();
-            self.refresh(since, || net.gather(Some(want.model))).await;
+            let gather = net.clone();
+            let model = want.model;
+            self.refresh(
+                since,
+                move || async move { gather.gather(Some(model)).await },
+                || async { find(&net.book(Some(want.model)).await.unwrap_or_default()).is_some() },
+            )
+            .await;
             found = find(&net.book(Some(want.model)).await.unwrap_or_default());
         }
         let Some(a) = found else {
@@ -301,38 +336,54 @@ pub(crate) async fn next_hop_rtts(net: &NetHandle, server: &Server) -> Vec<PeerR
 mod tests {
     use super::*;
 
-    use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
     use tokio::time::Instant;
 
+    /// The lookups a test ran: when each started, and how many ran to their end.
+    #[derive(Default)]
+    struct Log {
+        starts: std::sync::Mutex<Vec<Instant>>,
+        finished: AtomicUsize,
+    }
+
     /// A lookup that records when it started and takes `takes` (forever: `None`).
     fn lookup(
-        starts: &Arc<std::sync::Mutex<Vec<Instant>>>,
+        log: &Arc<Log>,
         takes: Option<Duration>,
     ) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + use<>
     {
-        let starts = starts.clone();
+        let log = log.clone();
         move || {
-            starts.lock().unwrap().push(Instant::now());
+            log.starts.lock().unwrap().push(Instant::now());
             Box::pin(async move {
                 match takes {
                     Some(d) => tokio::time::sleep(d).await,
                     None => std::future::pending().await,
                 }
+                log.finished.fetch_add(1, Ordering::Relaxed);
             })
         }
+    }
+
+    /// A book that never has the hop.
+    fn missing() -> impl Fn() -> std::future::Ready<bool> {
+        || std::future::ready(false)
+    }
+
+    fn starts(log: &Log, t0: Instant) -> Vec<Duration> {
+        log.starts.lock().unwrap().iter().map(|s| *s - t0).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn opens_that_miss_together_share_one_lookup() {
         let hops = Arc::new(NextHops::default());
-        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::new(Log::default());
         let t0 = Instant::now();
         let opens: Vec<_> = (0..3)
             .map(|_| {
-                let (hops, look) = (hops.clone(), lookup(&starts, Some(Duration::from_secs(1))));
+                let (hops, look) = (hops.clone(), lookup(&log, Some(Duration::from_secs(1))));
                 tokio::spawn(async move {
-                    hops.refresh(Instant::now(), look).await;
+                    hops.refresh(Instant::now(), look, missing()).await;
                     Instant::now()
                 })
             })
@@ -341,27 +392,28 @@ mod tests {
             // Each is answered when the one lookup ends, none refused or kept longer.
             assert_eq!(open.await.unwrap() - t0, Duration::from_secs(1));
         }
-        assert_eq!(starts.lock().unwrap().len(), 1);
+        assert_eq!(starts(&log, t0), [Duration::ZERO]);
         // The lock is free between lookups.
-        assert!(hops.lookups.try_lock().is_ok());
+        assert!(hops.inner.state.try_lock().is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_miss_during_an_older_lookup_waits_for_one_started_after_it() {
         let hops = Arc::new(NextHops::default());
-        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::new(Log::default());
         let t0 = Instant::now();
         let first = {
-            let (hops, look) = (hops.clone(), lookup(&starts, Some(Duration::from_secs(1))));
-            tokio::spawn(async move { hops.refresh(Instant::now(), look).await })
+            let (hops, look) = (hops.clone(), lookup(&log, Some(Duration::from_secs(1))));
+            tokio::spawn(async move { hops.refresh(Instant::now(), look, missing()).await })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
-        // The first lookup may have asked before this hop announced itself: this open
-        // waits for it, then for the next turn (2 s after the first started), and runs
-        // the second lookup itself.
+        // The first lookup may have asked before this hop announced itself, and did not
+        // find it: this open waits for it, then for the next turn (2 s after the first
+        // started), and starts the second lookup itself.
         hops.refresh(
             Instant::now(),
-            lookup(&starts, Some(Duration::from_secs(1))),
+            lookup(&log, Some(Duration::from_secs(1))),
+            missing(),
         )
         .await;
         assert_eq!(
@@ -369,58 +421,103 @@ mod tests {
             NEXT_HOP_LOOKUP_EVERY + Duration::from_secs(1)
         );
         first.await.unwrap();
-        let starts = starts.lock().unwrap();
         assert_eq!(
-            starts.iter().map(|s| *s - t0).collect::<Vec<_>>(),
+            starts(&log, t0),
             [Duration::ZERO, NEXT_HOP_LOOKUP_EVERY],
             "one lookup per interval"
         );
     }
 
     #[tokio::test(start_paused = true)]
+    async fn what_an_older_lookup_found_ends_the_wait() {
+        let hops = Arc::new(NextHops::default());
+        let log = Arc::new(Log::default());
+        let t0 = Instant::now();
+        let first = {
+            let (hops, look) = (hops.clone(), lookup(&log, Some(Duration::from_secs(1))));
+            tokio::spawn(async move { hops.refresh(Instant::now(), look, missing()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Found by the first lookup (the book is read once it ends): no second lookup.
+        let checked = AtomicUsize::new(0);
+        hops.refresh(
+            Instant::now(),
+            lookup(&log, Some(Duration::from_secs(1))),
+            || {
+                checked.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(true)
+            },
+        )
+        .await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(1));
+        assert_eq!(checked.load(Ordering::Relaxed), 1);
+        first.await.unwrap();
+        assert_eq!(starts(&log, t0), [Duration::ZERO]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn hung_or_abandoned_lookups_hold_no_open_past_the_bound() {
         let hops = Arc::new(NextHops::default());
-        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::new(Log::default());
         let t0 = Instant::now();
         // A lookup that never ends is cut at its timeout.
         let first = {
-            let (hops, look) = (hops.clone(), lookup(&starts, None));
+            let (hops, look) = (hops.clone(), lookup(&log, None));
             tokio::spawn(async move {
-                hops.refresh(Instant::now(), look).await;
+                hops.refresh(Instant::now(), look, missing()).await;
                 Instant::now()
             })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
-        // One that misses meanwhile runs the next (hung too) and gives up at the bound.
+        // One that misses meanwhile waits for it, starts the next at once (2 s have
+        // passed since the first started) and gives up at its bound, 7 s after its miss;
+        // its lookup runs on to its end for whoever else waits for it.
         let since = Instant::now();
-        hops.refresh(since, lookup(&starts, None)).await;
+        hops.refresh(since, lookup(&log, Some(Duration::from_secs(4))), missing())
+            .await;
         assert_eq!(first.await.unwrap() - t0, NEXT_HOP_LOOKUP_TIMEOUT);
         assert_eq!(
             Instant::now() - since,
             NEXT_HOP_LOOKUP_EVERY + NEXT_HOP_LOOKUP_TIMEOUT
         );
-        assert_eq!(starts.lock().unwrap().len(), 2);
-        // An open dropped in the middle of its lookup (its session cancelled) ends the
-        // lookup: the next miss is not left waiting for it.
+        assert_eq!(starts(&log, t0), [Duration::ZERO, NEXT_HOP_LOOKUP_TIMEOUT]);
+        assert_eq!(log.finished.load(Ordering::Relaxed), 0);
+        // A miss now joins that lookup and is answered when it ends, 4 s after it
+        // started, though the open that started it has given up (here it found the hop).
+        hops.refresh(Instant::now(), lookup(&log, None), || {
+            std::future::ready(true)
+        })
+        .await;
+        assert_eq!(
+            Instant::now() - t0,
+            NEXT_HOP_LOOKUP_TIMEOUT + Duration::from_secs(4)
+        );
+        assert_eq!(log.finished.load(Ordering::Relaxed), 1);
+        // An open dropped in the middle of its lookup (its session cancelled) leaves the
+        // lookup to end by itself: the next miss joins it (and it found the hop).
         tokio::time::sleep(NEXT_HOP_LOOKUP_EVERY).await;
         let dropped = {
-            let (hops, look) = (hops.clone(), lookup(&starts, None));
-            tokio::spawn(async move { hops.refresh(Instant::now(), look).await })
+            let (hops, look) = (hops.clone(), lookup(&log, Some(Duration::from_secs(1))));
+            tokio::spawn(async move { hops.refresh(Instant::now(), look, missing()).await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         dropped.abort();
         let _ = dropped.await;
-        let ran = Arc::new(AtomicUsize::new(0));
-        tokio::time::sleep(NEXT_HOP_LOOKUP_EVERY).await;
         let t = Instant::now();
+        let ran = Arc::new(AtomicUsize::new(0));
         let counted = ran.clone();
-        hops.refresh(t, move || {
-            counted.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(())
-        })
+        hops.refresh(
+            t,
+            move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(())
+            },
+            || std::future::ready(true),
+        )
         .await;
-        assert_eq!(ran.load(Ordering::Relaxed), 1);
-        assert_eq!(Instant::now(), t, "ran at once, waiting for nothing");
+        assert_eq!(ran.load(Ordering::Relaxed), 0, "joined, started none");
+        assert_eq!(Instant::now() - t, Duration::from_millis(900));
+        assert_eq!(log.finished.load(Ordering::Relaxed), 2);
     }
 
     #[test]
