@@ -3,7 +3,7 @@
 //! threads, default 1), with the server's batching of decode steps on and off.
 //!
 //! A bootstrap and two servers run on 127.0.0.1: one batching (the default) and one with
-//! `POLLEN_MAX_BATCH=1` (each step alone). Every round pins its sessions to one of them,
+//! `--max-batch 1` (each step alone). Every round pins its sessions to one of them,
 //! the two alternating, so that both see the same machine. Each client is a session of
 //! this process's swarm client: it sends a short prompt (one multi-token step), then
 //! `--tokens` decode steps of one token each, fed from a fixed text (teacher forcing, so
@@ -65,10 +65,10 @@ fn server(
     .arg(model)
     .arg("--identity")
     .arg(key);
-    match max_batch {
-        Some(v) => cmd.env(MAX_BATCH_ENV, v),
-        None => cmd.env_remove(MAX_BATCH_ENV),
-    };
+    cmd.env_remove(MAX_BATCH_ENV);
+    if let Some(v) = max_batch {
+        cmd.args(["--max-batch", v]);
+    }
     let p = Proc::spawn(&format!("server batch={max_batch:?}"), &mut cmd).unwrap();
     let metrics = p
         .line_with("metrics ", Duration::from_secs(60))

@@ -147,6 +147,18 @@ struct ServeArgs {
         value_name = "MS"
     )]
     prompt_part_ms: u64,
+    /// Most decode steps computed as one batch: when several sessions have their next
+    /// token waiting, one pass over the weights computes them all (much more throughput
+    /// than one at a time, each session's output unchanged). 1 computes each alone.
+    /// Only the fast weight modes on the CPU batch.
+    #[arg(
+        long,
+        env = pollen_node::serve::batch::MAX_BATCH_ENV,
+        default_value_t = pollen_node::serve::batch::DEFAULT_MAX_BATCH,
+        value_parser = sessions_cli::max_batch,
+        value_name = "N"
+    )]
+    max_batch: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks
     /// one, printed as `metrics http://...`). No authentication: keep it on a private address.
     #[arg(long, value_name = "ADDR")]
@@ -442,6 +454,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         compute_slots: args.model.threads.unwrap_or(1),
         prompt_part: Duration::from_millis(args.prompt_part_ms),
+        max_batch: args.max_batch,
         max_cache_bytes: args.max_cache_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
         max_memory_bytes: args.max_memory,
         num_blocks: args.num_blocks,

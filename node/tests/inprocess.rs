@@ -436,6 +436,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                     compute_slots: 1,
                     // Parts as small as they come: 32 rows, then 32 again.
                     prompt_part: Duration::from_nanos(1),
+                    max_batch: pollen_node::serve::batch::DEFAULT_MAX_BATCH,
                     max_cache_bytes: None,
                     max_memory_bytes: None,
                     num_blocks: None,

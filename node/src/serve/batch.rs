@@ -8,7 +8,7 @@
 //! There is no batching task. A session's decode step joins the server's [`Queue`] and
 //! waits for a compute permit like any other step; whoever gets a permit first while its
 //! step is still queued takes it together with whatever else is queued at that moment (at
-//! most [`MAX_BATCH_ENV`] steps), computes them, and hands each its output. A step taken by
+//! most `--max-batch` steps), computes them, and hands each its output. A step taken by
 //! another session's batch just waits for its output. Under load the steps that queue up
 //! during one batch form the next.
 //!
@@ -50,15 +50,15 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-/// Environment variable capping how many decode steps one batch computes; `1` turns
-/// batching off (each step computes alone, as without batching).
+/// Environment variable standing for `pollen serve --max-batch`: how many decode steps
+/// one batch computes at most; `1` turns batching off (each step computes alone).
 pub const MAX_BATCH_ENV: &str = "POLLEN_MAX_BATCH";
 
-/// The most decode steps computed in one batch, unless [`MAX_BATCH_ENV`] says otherwise.
+/// The most decode steps computed in one batch, unless `--max-batch` says otherwise.
 pub const DEFAULT_MAX_BATCH: usize = 16;
 
-/// Upper bound on [`MAX_BATCH_ENV`].
-const MOST_BATCH: usize = 64;
+/// Upper bound on `--max-batch`.
+pub const MOST_BATCH: usize = 64;
 
 /// How long a prompt part computes, unless `--prompt-part-ms` says otherwise: a decode
 /// step waits about this long at most for a prompt beside it. (Parts of 64 to 1,024 rows
@@ -217,12 +217,12 @@ pub(super) struct Queue<J = Job> {
 }
 
 impl Queue<Job> {
-    /// A queue batching up to [`MAX_BATCH_ENV`] (or [`DEFAULT_MAX_BATCH`]) steps, if
-    /// spans loaded with `load` can batch at all: [`BlockSpan::forward_batch`] needs a
-    /// fast weight mode on the CPU (exact mode keeps candle's order of operations).
-    pub(super) fn new(load: &LoadOptions) -> Self {
+    /// A queue batching up to `max` steps (at least 1, at most [`MOST_BATCH`]), if spans
+    /// loaded with `load` can batch at all: [`BlockSpan::forward_batch`] needs a fast
+    /// weight mode on the CPU (exact mode keeps candle's order of operations).
+    pub(super) fn new(load: &LoadOptions, max: usize) -> Self {
         let max = if load.mode != WeightMode::Exact && load.device.is_cpu() {
-            max_from_env(std::env::var(MAX_BATCH_ENV).ok().as_deref())
+            max.clamp(1, MOST_BATCH)
         } else {
             1
         };
@@ -387,23 +387,6 @@ impl<J: Queued> Queue<J> {
         // Another permit holder gathering for a step taken here stops waiting.
         self.changed.notify_waiters();
         batch
-    }
-}
-
-/// The batch cap `value` of [`MAX_BATCH_ENV`] asks for.
-fn max_from_env(value: Option<&str>) -> usize {
-    match value.map(str::trim) {
-        None | Some("") => DEFAULT_MAX_BATCH,
-        Some("off") => 1,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) => n.clamp(1, MOST_BATCH),
-            Err(_) => {
-                tracing::warn!(
-                    "{MAX_BATCH_ENV}={v:?} is not a number; batching up to {DEFAULT_MAX_BATCH} steps"
-                );
-                DEFAULT_MAX_BATCH
-            }
-        },
     }
 }
 
@@ -816,14 +799,14 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_comes_from_the_environment_within_bounds() {
-        assert_eq!(max_from_env(None), DEFAULT_MAX_BATCH);
-        assert_eq!(max_from_env(Some("")), DEFAULT_MAX_BATCH);
-        assert_eq!(max_from_env(Some("off")), 1);
-        assert_eq!(max_from_env(Some("1")), 1);
-        assert_eq!(max_from_env(Some(" 8 ")), 8);
-        assert_eq!(max_from_env(Some("0")), 1);
-        assert_eq!(max_from_env(Some("100000")), MOST_BATCH);
-        assert_eq!(max_from_env(Some("lots")), DEFAULT_MAX_BATCH);
+    fn only_the_fast_modes_on_the_cpu_batch_and_within_bounds() {
+        let load = |mode| LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode,
+        };
+        assert_eq!(Queue::new(&load(WeightMode::Fast), 8).max, 8);
+        assert_eq!(Queue::new(&load(WeightMode::Fast), 0).max, 1);
+        assert_eq!(Queue::new(&load(WeightMode::Fast), 1000).max, MOST_BATCH);
+        assert_eq!(Queue::new(&load(WeightMode::Exact), 8).max, 1);
     }
 }

@@ -69,6 +69,9 @@ pub struct ServeConfig {
     /// ([`batch::in_parts`]); zero computes prompts whole. Split only where parts give
     /// the same bits.
     pub prompt_part: Duration,
+    /// The most decode steps computed as one batch (`1`: each alone); only the fast
+    /// weight modes on the CPU batch.
+    pub max_batch: usize,
     /// Bytes of KV cache all sessions together may hold (each session takes, at open,
     /// the most its token limit needs); `None` for enough to fill every session.
     pub max_cache_bytes: Option<usize>,
@@ -351,7 +354,7 @@ fn tenure(
             cfg.compute_slots,
         )),
         kv_per_token,
-        batch: batch::Queue::new(&cfg.load),
+        batch: batch::Queue::new(&cfg.load, cfg.max_batch),
         prompt_part: (!cfg.prompt_part.is_zero() && span.splits_prompts_exactly())
             .then_some(cfg.prompt_part),
         span: Arc::new(span),

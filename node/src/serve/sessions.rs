@@ -649,6 +649,12 @@ pub mod cli {
         in_range(s, "--first-step-timeout", 1, 600).map(Duration::from_secs)
     }
 
+    /// The most decode steps one batch computes: 1 (no batching) ..= 64.
+    pub fn max_batch(s: &str) -> Result<usize, String> {
+        let most = crate::serve::batch::MOST_BATCH as u64;
+        in_range(s, "--max-batch", 1, most).map(|v| v as usize)
+    }
+
     #[cfg(test)]
     mod tests {
         #![allow(clippy::unwrap_used)]
@@ -669,6 +675,14 @@ pub mod cli {
                 "--idle-timeout must be within 1..=600, not 601"
             );
             assert_eq!(first_step_timeout("3").unwrap(), Duration::from_secs(3));
+            assert_eq!(max_batch(" 8 ").unwrap(), 8);
+            assert_eq!(max_batch("1").unwrap(), 1);
+            assert_eq!(
+                max_batch("0").unwrap_err(),
+                "--max-batch must be within 1..=64, not 0"
+            );
+            assert!(max_batch("65").is_err());
+            assert!(max_batch("off").is_err());
         }
     }
 }
