@@ -886,3 +886,98 @@ fn a_prompt_in_chunks_equals_the_prompt_whole() -> Result<()> {
     assert!(!exact.splits_prompts_exactly());
     Ok(())
 }
+
+/// A prompt computed a few blocks at a time (as a server does where rows cannot be
+/// split exactly: exact mode, candle's products) gives the output and cache of the
+/// prompt whole, bit for bit; one given up midway leaves the cache as it was.
+#[test]
+fn a_prompt_in_blocks_equals_the_prompt_whole() -> Result<()> {
+    let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
+    let file = ModelFile::open(&path)?;
+    let ends = ClientEnds::load(&file, &fast())?;
+    let tok = pollen_shard::PollenTokenizer::from_model(&file)?;
+    let mut ids = Vec::new();
+    while ids.len() < 120 {
+        ids.extend(tok.encode("Pollen runs open language models across volunteers' machines. ")?);
+    }
+    ids.truncate(120);
+    let x = ends.embed(&ids)?;
+    let next = ends.embed(&[504])?;
+    let modes = [
+        ("exact", WeightMode::Exact, false),
+        ("fast, op by op", WeightMode::Fast, true),
+        ("q8_0", WeightMode::Requantize(GgmlDType::Q8_0), false),
+    ];
+    for (name, mode, unfuse) in modes {
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            mode,
+        };
+        let mut span = load_span(&file, 0, 3, &opts)?;
+        if unfuse {
+            assert!(!span.set_fused(false), "{name}");
+        }
+        assert!(span.splits_prompts_by_blocks(), "{name}");
+        // 40 rows first, then a prompt of 80 after them (a position past zero).
+        let (first, rest) = (x.narrow(1, 0, 40)?, x.narrow(1, 40, 80)?);
+        let mut c = span.new_cache(CacheLimits::default());
+        span.forward(&first, 0, &mut c)?;
+        let before = c.clone();
+        let whole = span.forward(&rest, 40, &mut c)?;
+        let after_whole = span.forward(&next, 120, &mut c)?;
+        for per_part in [1usize, 2, 3] {
+            let mut c = before.clone();
+            let mut step = span.begin_in_blocks(&rest, 40, &c)?;
+            let mut parts = 0;
+            let out = loop {
+                parts += 1;
+                if let Some(out) = span.forward_blocks(&mut step, &mut c, per_part)? {
+                    break out;
+                }
+                assert_eq!(c.len(), 40, "{name}: the cache grows only at the end");
+            };
+            assert_eq!(parts, 3usize.div_ceil(per_part), "{name}");
+            assert_eq!(
+                max_diff(&whole, &out)?,
+                0.0,
+                "{name}, {per_part} blocks a part"
+            );
+            assert_eq!(c.len(), 120);
+            let after = span.forward(&next, 120, &mut c)?;
+            assert_eq!(
+                max_diff(&after_whole, &after)?,
+                0.0,
+                "{name}, the step after {per_part} blocks a part"
+            );
+        }
+        // Given up after one block: the cache is as before, and the prompt runs again.
+        let mut c = before.clone();
+        let mut step = span.begin_in_blocks(&rest, 40, &c)?;
+        assert!(span.forward_blocks(&mut step, &mut c, 1)?.is_none());
+        assert_eq!(step.blocks_done(), 1);
+        span.abandon_blocks(step, &mut c);
+        assert_eq!(c.len(), 40);
+        let again = span.forward(&rest, 40, &mut c)?;
+        assert_eq!(max_diff(&whole, &again)?, 0.0, "{name}, after one given up");
+        assert_eq!(
+            max_diff(&after_whole, &span.forward(&next, 120, &mut c)?)?,
+            0.0,
+            "{name}, the step after one given up"
+        );
+        // A step continued on another cache is refused.
+        let mut other = span.new_cache(CacheLimits::default());
+        let mut step = span.begin_in_blocks(&first, 0, &other)?;
+        let mut elsewhere = before.clone();
+        assert!(span.forward_blocks(&mut step, &mut elsewhere, 1).is_err());
+        span.abandon_blocks(step, &mut other);
+    }
+    // The fused path runs every block in one pass and splits by rows instead.
+    let fused = load_span(&file, 0, 3, &fast())?;
+    assert!(fused.splits_prompts_exactly() && !fused.splits_prompts_by_blocks());
+    assert!(
+        fused
+            .begin_in_blocks(&x, 0, &fused.new_cache(CacheLimits::default()))
+            .is_err()
+    );
+    Ok(())
+}

@@ -31,4 +31,4 @@ mod span;
 pub use cache::{CacheLimits, SpanCache};
 pub use ends::ClientEnds;
 pub use options::{LoadOptions, WeightMode};
-pub use span::{BlockSpan, SharedSpan};
+pub use span::{BlockSpan, BlocksStep, SharedSpan};

@@ -23,6 +23,28 @@ pub struct BlockSpan {
     fused: bool,
 }
 
+/// A step being computed a few blocks at a time ([`BlockSpan::begin_in_blocks`]).
+#[derive(Debug)]
+#[must_use = "a step in blocks leaves its cache half-written until finished or abandoned"]
+pub struct BlocksStep {
+    /// The hidden states after the blocks done so far.
+    x: Tensor,
+    mask: Option<Tensor>,
+    pos: usize,
+    new_len: usize,
+    /// Blocks run so far.
+    done: usize,
+    /// The cache's layers before the step, to put back if it fails.
+    saved: Vec<LayerKv>,
+}
+
+impl BlocksStep {
+    /// Blocks run so far.
+    pub fn blocks_done(&self) -> usize {
+        self.done
+    }
+}
+
 impl BlockSpan {
     /// Loads blocks `range` of `file`, reading no other block's tensors.
     /// `progress(done, total)` is called after each block.
@@ -240,10 +262,15 @@ impl BlockSpan {
         )
     }
 
-    /// Runs hidden states `(1, seq, hidden)` for positions `pos..pos+seq`
-    /// through the span, extending `cache`. `pos` must equal `cache.len()`.
-    /// On error the cache is left as it was.
-    pub fn forward(&self, hidden: &Tensor, pos: usize, cache: &mut SpanCache) -> Result<Tensor> {
+    /// Checks a step of hidden states `(1, seq, hidden)` at `pos` against this span and
+    /// `cache`; returns the input on this span's device, the step's attention mask and
+    /// the cache's length after it.
+    fn prepare(
+        &self,
+        hidden: &Tensor,
+        pos: usize,
+        cache: &SpanCache,
+    ) -> Result<(Tensor, Option<Tensor>, usize)> {
         let cfg = &self.shared.cfg;
         let (b, seq, h) = hidden.dims3().map_err(|_| {
             ShardError::BadInput(format!("hidden states of shape {:?}", hidden.dims()))
@@ -266,8 +293,17 @@ impl BlockSpan {
         } else {
             Some(causal_mask(seq, pos, &self.device)?)
         };
+        Ok((hidden, mask, new_len))
+    }
+
+    /// Runs hidden states `(1, seq, hidden)` for positions `pos..pos+seq`
+    /// through the span, extending `cache`. `pos` must equal `cache.len()`.
+    /// On error the cache is left as it was.
+    pub fn forward(&self, hidden: &Tensor, pos: usize, cache: &mut SpanCache) -> Result<Tensor> {
+        let (hidden, mask, new_len) = self.prepare(hidden, pos, cache)?;
         let max_tokens = cache.limits().max_tokens;
         if self.fused {
+            let seq = new_len - pos;
             return cache.step(new_len, |layers| {
                 self.forward_fused(&hidden, &mut [layers], &[(pos, seq, max_tokens)])
             });
@@ -279,6 +315,98 @@ impl BlockSpan {
             }
             Ok(x)
         })
+    }
+
+    /// Whether a step may be computed a few blocks at a time
+    /// ([`Self::begin_in_blocks`]): on the CPU, off the fused path (which runs every
+    /// block in one pass, and splits prompts by rows instead:
+    /// [`Self::splits_prompts_exactly`]). The blocks run the same operations on the
+    /// same rows as in [`Self::forward`], so the bits are the same in every mode,
+    /// exact included.
+    pub fn splits_prompts_by_blocks(&self) -> bool {
+        !self.fused && self.device.is_cpu()
+    }
+
+    /// Starts a step of hidden states `(1, seq, hidden)` at `pos` (`cache.len()`) that
+    /// [`Self::forward_blocks`] computes a few blocks at a time, so that a server can
+    /// compute other sessions' steps between the parts of a long prompt. Until the last
+    /// block has run the cache holds the step in some blocks only: the step must be
+    /// finished, or given up with [`Self::abandon_blocks`], before the cache is used
+    /// again.
+    pub fn begin_in_blocks(
+        &self,
+        hidden: &Tensor,
+        pos: usize,
+        cache: &SpanCache,
+    ) -> Result<BlocksStep> {
+        if !self.splits_prompts_by_blocks() {
+            return Err(ShardError::BadInput(
+                "this span computes every block in one pass (fused, or off the CPU)".into(),
+            ));
+        }
+        let (x, mask, new_len) = self.prepare(hidden, pos, cache)?;
+        Ok(BlocksStep {
+            x,
+            mask,
+            pos,
+            new_len,
+            done: 0,
+            saved: cache.snapshot(),
+        })
+    }
+
+    /// Runs the next `blocks` (at least one) blocks of `step` over `cache`, the cache
+    /// it was begun on; the step's output once every block has run, and then the cache
+    /// holds the step. On error the cache is put back as it was before the step.
+    pub fn forward_blocks(
+        &self,
+        step: &mut BlocksStep,
+        cache: &mut SpanCache,
+        blocks: usize,
+    ) -> Result<Option<Tensor>> {
+        if cache.len() != step.pos || cache.layers_mut().len() != self.blocks.len() {
+            return Err(ShardError::BadInput(
+                "a step in blocks continued on another cache".into(),
+            ));
+        }
+        let end = step
+            .done
+            .saturating_add(blocks.max(1))
+            .min(self.blocks.len());
+        let max_tokens = cache.limits().max_tokens;
+        let mut ran = || -> Result<()> {
+            let layers = cache.layers_mut();
+            let todo = self.blocks.iter().zip(layers.iter_mut());
+            for (block, kv) in todo.take(end).skip(step.done) {
+                let x = step.x.clone();
+                step.x = block.forward(
+                    x,
+                    step.mask.as_ref(),
+                    step.pos,
+                    kv,
+                    max_tokens,
+                    &self.shared,
+                )?;
+                step.done += 1;
+            }
+            Ok(())
+        };
+        if let Err(e) = ran() {
+            cache.finish(false, step.pos, step.saved.clone());
+            return Err(e);
+        }
+        if step.done < self.blocks.len() {
+            return Ok(None);
+        }
+        cache.finish(true, step.new_len, Vec::new());
+        Ok(Some(step.x.clone()))
+    }
+
+    /// Gives up `step` before its last block: puts `cache` back as it was before it.
+    pub fn abandon_blocks(&self, step: BlocksStep, cache: &mut SpanCache) {
+        if step.done < self.blocks.len() {
+            cache.finish(false, step.pos, step.saved);
+        }
     }
 
     /// One single-token step for each of several sessions at once, each with
