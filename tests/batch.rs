@@ -2,7 +2,9 @@
 //! thread, `--metrics`), a bootstrap, and four `pollen generate` clients at once. The
 //! server computes their concurrent decode steps in batches (its `/metrics` shows
 //! batches of more than one step), and each client's text is the same as its `--local`
-//! text: a batched step gives each session the bytes of its own step.
+//! text: a batched step gives each session the bytes of its own step. The chat prompts
+//! (over 32 tokens) are computed in parts: by rows in the fast mode, by blocks on an
+//! exact-mode server, with the same text either way.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -89,4 +91,56 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
         "{batches} batches waited {waited} s in all, more than {most} s each"
     );
     eprintln!("{steps} decode steps in {batches} batches, {waited:.4} s waiting for steps due");
+    // The chat prompts (more than 32 tokens) were computed in parts of their rows.
+    let parts = metric_sample(&metrics, "pollen_prompt_parts_total{by=\"rows\"}").unwrap();
+    assert!(parts >= 4.0, "{parts} prompt parts for two long prompts");
+}
+
+/// An exact-mode server keeps candle's products, whose rows do not split with the same
+/// bits, so it computes a long prompt a few blocks at a time instead (each part under
+/// its own permit, other sessions' steps free to run between them): four clients at
+/// once get their `--local` exact text, and the server's metrics count parts by blocks.
+#[test]
+fn an_exact_server_computes_long_prompts_in_blocks_with_local_text() {
+    let dir = temp_dir("batch-exact");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let mut cmd = Command::new(pollen());
+    cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
+        .args(["--weights", "exact", "--prompt-part-ms", "1"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--metrics", "127.0.0.1:0"])
+        .args(["--no-mdns", "--bootstrap", &addr])
+        .arg("--model")
+        .arg(model())
+        .arg("--identity")
+        .arg(dir.join("server.key"));
+    let server = Proc::spawn("exact server 0:30", &mut cmd).unwrap();
+    let url = server
+        .line_with("metrics ", Duration::from_secs(60))
+        .unwrap()
+        .trim_start_matches("metrics ")
+        .to_string();
+    server
+        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+        .unwrap();
+    let exact = ["--weights", "exact"];
+    let tokens = 12;
+    let local = all_at_once(|prompt, chat| generate_with(None, prompt, chat, tokens, &exact));
+    let swarm =
+        all_at_once(|prompt, chat| generate_with(Some(&addr), prompt, chat, tokens, &exact));
+    for ((prompt, _), (l, s)) in PROMPTS.iter().zip(local.iter().zip(&swarm)) {
+        assert!(!l.trim().is_empty(), "no local text for {prompt:?}");
+        assert_eq!(
+            s, l,
+            "exact swarm text differs from local text for {prompt:?}"
+        );
+    }
+    let metrics = http_get_url(&url);
+    let blocks = metric_sample(&metrics, "pollen_prompt_parts_total{by=\"blocks\"}").unwrap();
+    // Parts of about 1 ms: a block or so each, so many parts per long prompt.
+    assert!(blocks >= 4.0, "{blocks} prompt parts for two long prompts");
+    assert!(
+        metric_sample(&metrics, "pollen_prompt_parts_total{by=\"rows\"}").is_none(),
+        "an exact-mode server split a prompt's rows"
+    );
 }

@@ -9,9 +9,11 @@
 //! how many decoders had a step fail (a step not acknowledged within the client's
 //! timeout: a real client would leave the server for another).
 //! The cases alternate over `--rounds` rounds (default 3); the table gives medians and
-//! checks that both servers gave the long prompt the same bits.
+//! checks that both servers gave the long prompt the same bits. With `--exact` the
+//! servers and the client run `--weights exact` (candle's products: prompts split by
+//! blocks, not rows).
 //!
-//! `cargo bench -p pollen-node --bench prompt [-- --rounds N --prompt TOKENS]`
+//! `cargo bench -p pollen-node --bench prompt [-- --rounds N --prompt TOKENS --exact]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/bench_args.rs"]
@@ -25,7 +27,7 @@ use pollen_node::client::route::{Hop, route};
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{Proc, peer_of};
 use pollen_protocol::WireDType;
-use pollen_shard::{ModelFile, PollenTokenizer};
+use pollen_shard::{LoadOptions, ModelFile, PollenTokenizer, WeightMode};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +41,14 @@ const AFTER: usize = 32;
 
 /// A server of every block, one thread, prompts in parts of about `ms` (0: whole); it
 /// and its peer id.
-fn server(exe: &Path, model: &Path, boot: &str, key: &Path, ms: u128) -> (Proc, PeerId) {
+fn server(
+    exe: &Path,
+    model: &Path,
+    boot: &str,
+    key: &Path,
+    ms: u128,
+    weights: &str,
+) -> (Proc, PeerId) {
     let ms = ms.to_string();
     let (p, ready) = pollen_node::mesh::server(
         exe,
@@ -47,7 +56,14 @@ fn server(exe: &Path, model: &Path, boot: &str, key: &Path, ms: u128) -> (Proc, 
         Some(boot),
         "0:30",
         key,
-        &["--prompt-part-ms", &ms, "--metrics", "127.0.0.1:0"],
+        &[
+            "--prompt-part-ms",
+            &ms,
+            "--metrics",
+            "127.0.0.1:0",
+            "--weights",
+            weights,
+        ],
     )
     .unwrap();
     let peer = peer_of(&ready).parse().unwrap();
@@ -71,9 +87,9 @@ fn until_idle(url: &str) {
 
 /// The one-hop route through `peer`, from its announcement (its pace sets the client's
 /// step timeouts, as for any client).
-async fn hop_of(client: &SwarmClient, model: &Path, peer: PeerId) -> Hop {
+async fn hop_of(client: &SwarmClient, model: &Path, peer: PeerId, load: &LoadOptions) -> Hop {
     let id = pollen_node::model::model_id(model, &mut |_, _| {}).unwrap();
-    let compute = pollen_node::model::compute_mode(&pollen_shard::LoadOptions::default());
+    let compute = pollen_node::model::compute_mode(load);
     loop {
         let book = client.net().gather(Some(id)).await.unwrap();
         let mine: Vec<_> = book
@@ -199,6 +215,15 @@ async fn case(
 fn main() {
     let rounds = arg("--rounds", 3).max(1);
     let long = arg("--prompt", 1024).clamp(SHORT + 1, 2000);
+    let weights = if std::env::args().any(|a| a == "--exact") {
+        "exact"
+    } else {
+        "fast"
+    };
+    let load = LoadOptions {
+        mode: WeightMode::parse(weights).unwrap(),
+        ..LoadOptions::default()
+    };
     let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let file = ModelFile::open(&model).unwrap();
     let tok = PollenTokenizer::from_model(&file).unwrap();
@@ -210,8 +235,8 @@ fn main() {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_pollen"));
     let (_boot, boot) = pollen_node::mesh::bootstrap(&exe, &dir, false).unwrap();
     let ms = pollen_node::serve::batch::DEFAULT_PROMPT_PART.as_millis();
-    let (parts, parts_peer) = server(&exe, &model, &boot, &dir.join("parts.key"), ms);
-    let (whole, whole_peer) = server(&exe, &model, &boot, &dir.join("whole.key"), 0);
+    let (parts, parts_peer) = server(&exe, &model, &boot, &dir.join("parts.key"), ms, weights);
+    let (whole, whole_peer) = server(&exe, &model, &boot, &dir.join("whole.key"), 0, weights);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -222,7 +247,7 @@ fn main() {
         Arc::new(
             SwarmClient::connect(ClientConfig {
                 model: model.clone(),
-                load: pollen_shard::LoadOptions::default(),
+                load: load.clone(),
                 bootstrap: vec![boot.parse().unwrap()],
                 listen: vec![],
                 mdns: false,
@@ -237,14 +262,15 @@ fn main() {
     });
     let (parts_hop, whole_hop) = rt.block_on(async {
         (
-            hop_of(&client, &model, parts_peer).await,
-            hop_of(&client, &model, whole_peer).await,
+            hop_of(&client, &model, parts_peer, &load).await,
+            hop_of(&client, &model, whole_peer, &load).await,
         )
     });
     println!("CPU: {}", cpu_line());
     println!(
-        "kernel: {}; one server of blocks 0:30 per case, 1 thread; {DECODERS} sessions decoding, \
-         one {long}-token prompt among them; {rounds} rounds, the cases alternating",
+        "weights {weights}, kernel: {}; one server of blocks 0:30 per case, 1 thread; \
+         {DECODERS} sessions decoding, one {long}-token prompt among them; {rounds} rounds, \
+         the cases alternating",
         pollen_shard::kernels::active_path()
     );
     // Per case: longest gap, median gap (ms), prompt time (s), decoders failed.

@@ -139,8 +139,9 @@ struct ServeArgs {
     /// Milliseconds a prompt computes before other sessions' next tokens get their turn:
     /// a long prompt is computed in parts of about this long, and the sessions decoding
     /// beside it wait one part, not the whole prompt (which can take seconds). Same
-    /// output either way (split only in the fast weight modes on the CPU, where parts
-    /// give the same bits). 0 computes every prompt whole.
+    /// output either way: the fast weight modes split a prompt's rows, exact mode runs
+    /// all of them through a few blocks at a time (on the CPU; a GPU computes prompts
+    /// whole). 0 computes every prompt whole.
     #[arg(
         long,
         default_value_t = pollen_node::serve::batch::DEFAULT_PROMPT_PART.as_millis() as u64,

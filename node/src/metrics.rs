@@ -55,6 +55,11 @@ struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SplitLabel {
+    by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HopLabel {
     hop: u32,
 }
@@ -116,6 +121,7 @@ pub struct Metrics {
     peers_connected: Gauge,
     batch_steps: Histogram,
     batch_wait_seconds: Histogram,
+    prompt_parts: Family<SplitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -159,6 +165,10 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.000_125, 2.0, 7)),
                 "On a server, how long a batch waited for other sessions' decode steps due \
                  within its window before computing (0: none due)";
+            prompt_parts = "prompt_parts", None, Family::default(),
+                "On a server, parts of long prompts computed, other sessions' steps between \
+                 them (by: rows, each part some rows through every block; blocks, every row \
+                 through some blocks)";
         }
     }
 
@@ -202,6 +212,11 @@ impl Metrics {
     /// A batch waited `waited` for steps due soon before computing.
     pub fn batch_wait(&self, waited: std::time::Duration) {
         self.batch_wait_seconds.observe(waited.as_secs_f64());
+    }
+
+    /// A server computed one part of a long prompt, split `by` rows or blocks.
+    pub fn prompt_part(&self, by: &'static str) {
+        self.prompt_parts.get_or_create(&SplitLabel { by }).inc();
     }
 
     /// Times a server's step at hop `hop` of its route, until the guard drops.

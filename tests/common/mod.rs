@@ -94,6 +94,17 @@ pub fn coverage(status: &serde_json::Value) -> Option<(Vec<(u64, u64)>, usize)> 
 
 /// `pollen generate` through the swarm or locally; its stdout.
 pub fn generate(bootstrap: Option<&str>, prompt: &str, chat: bool, max_tokens: usize) -> String {
+    generate_with(bootstrap, prompt, chat, max_tokens, &[])
+}
+
+/// [`generate`] with `extra` arguments (e.g. `--weights exact`).
+pub fn generate_with(
+    bootstrap: Option<&str>,
+    prompt: &str,
+    chat: bool,
+    max_tokens: usize,
+    extra: &[&str],
+) -> String {
     let mut cmd = Command::new(pollen());
     cmd.args([
         "generate",
@@ -104,6 +115,7 @@ pub fn generate(bootstrap: Option<&str>, prompt: &str, chat: bool, max_tokens: u
         "--prompt",
         prompt,
     ])
+    .args(extra)
     .arg("--model")
     .arg(model());
     if chat {

@@ -390,22 +390,64 @@ impl<J: Queued> Queue<J> {
     }
 }
 
-/// How long each part of a step of `rows` rows computes on a server splitting prompts
-/// into parts of about `part` ([`in_parts`]); `None`: the step is computed whole.
-pub(super) fn parts_of(rows: usize, part: Option<Duration>) -> Option<Duration> {
-    part.filter(|_| rows > LEAST_PART_ROWS)
+/// How a server computes long prompts in parts, each under its own compute permit, so
+/// that other sessions' steps compute between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Parts {
+    /// Some rows at a time through every block ([`BlockSpan::splits_prompts_exactly`]),
+    /// each part about this long.
+    Rows(Duration),
+    /// Every row through some blocks at a time ([`BlockSpan::splits_prompts_by_blocks`]:
+    /// exact mode, candle's products), each part about this long.
+    Blocks(Duration),
 }
 
-/// Computes a prompt step (`input` of shape `(1, rows, hidden)` at `position`) in parts,
-/// each under its own compute permit, so that other sessions' steps compute between
-/// them: the first of [`LEAST_PART_ROWS`] rows, each next as many as the last one's pace
-/// computes in `part` (attention grows with the position, and machines and models
-/// differ). The parts' outputs, joined, are the step's output, bit for bit, whatever
-/// their sizes ([`BlockSpan::splits_prompts_exactly`]); a part that fails leaves the
-/// cache as it was before the first. Each part takes its own working memory from the
-/// budget with its permit, so a prompt between parts holds none (as a step waiting its
-/// turn).
+impl Parts {
+    /// How `span` splits prompts into parts of about `part` (zero: it does not): by rows
+    /// where that gives the same bits, else by blocks where it can, else not at all.
+    pub(super) fn of(span: &BlockSpan, part: Duration) -> Option<Self> {
+        if part.is_zero() {
+            None
+        } else if span.splits_prompts_exactly() {
+            Some(Self::Rows(part))
+        } else if span.splits_prompts_by_blocks() {
+            Some(Self::Blocks(part))
+        } else {
+            None
+        }
+    }
+}
+
+/// How a step of `rows` rows is split on a server splitting prompts as `parts`
+/// ([`in_parts`]); `None`: the step is computed whole.
+pub(super) fn parts_of(rows: usize, parts: Option<Parts>) -> Option<Parts> {
+    parts.filter(|_| rows > LEAST_PART_ROWS)
+}
+
+/// Computes a prompt step (`input` of shape `(1, rows, hidden)` at `position`) in parts
+/// ([`Parts`]), each under its own compute permit, with the decode steps due given their
+/// turn between two parts ([`Queue::make_way`]). The output is the step's output, bit for
+/// bit; a part that fails leaves the cache as it was before the first.
 pub(super) async fn in_parts(
+    server: &Server,
+    input: Tensor,
+    position: usize,
+    cache: SpanCache,
+    parts: Parts,
+) -> Result<StepResult, NotRun> {
+    match parts {
+        Parts::Rows(part) => in_rows(server, input, position, cache, part).await,
+        Parts::Blocks(part) => in_blocks(server, input, position, cache, part).await,
+    }
+}
+
+/// [`in_parts`] by rows: the first part of [`LEAST_PART_ROWS`] rows, each next as many
+/// as the last one's pace computes in `part` (attention grows with the position, and
+/// machines and models differ). The parts' outputs, joined, are the step's output, bit
+/// for bit, whatever their sizes ([`BlockSpan::splits_prompts_exactly`]). Each part
+/// takes its own working memory from the budget with its permit, so a prompt between
+/// parts holds none (as a step waiting its turn).
+async fn in_rows(
     server: &Server,
     input: Tensor,
     position: usize,
@@ -444,6 +486,7 @@ pub(super) async fn in_parts(
         .map_err(|e| NotRun::Lost(e.to_string()))?;
         drop(memory);
         drop(permit);
+        crate::metrics::global().prompt_part("rows");
         let per_row = started.elapsed().as_secs_f64() / n as f64;
         next = ((part.as_secs_f64() / per_row.max(1e-9)) as usize)
             .clamp(LEAST_PART_ROWS, MOST_PART_ROWS);
@@ -465,6 +508,62 @@ pub(super) async fn in_parts(
         let _ = cache.truncate(before);
     }
     Ok((cache, out))
+}
+
+/// [`in_parts`] by blocks: all rows through one block first, then through as many blocks
+/// as the last part's pace computes in `part`. The blocks run the same operations as
+/// whole ([`BlockSpan::splits_prompts_by_blocks`]), so the output has the same bits.
+/// Each part takes the whole step's working memory with its permit (its activations
+/// are the whole step's); between parts the step holds its hidden states and the keys
+/// and values written so far, as a whole step would.
+async fn in_blocks(
+    server: &Server,
+    input: Tensor,
+    position: usize,
+    mut cache: SpanCache,
+    part: Duration,
+) -> Result<StepResult, NotRun> {
+    let rows = input.dim(1).unwrap_or(0);
+    let mut step = match server.span.begin_in_blocks(&input, position, &cache) {
+        Ok(s) => s,
+        Err(e) => return Ok((cache, Err(e))),
+    };
+    let mut next = 1;
+    loop {
+        if step.blocks_done() > 0 {
+            server.batch.make_way().await;
+        }
+        let Ok(permit) = server.permits.acquire().await else {
+            server.span.abandon_blocks(step, &mut cache);
+            return Err(NotRun::Stopping(cache));
+        };
+        let need = server.span.step_memory_bytes(rows, position);
+        let Some(memory) = server.kv_budget.try_take(need) else {
+            server.span.abandon_blocks(step, &mut cache);
+            return Err(NotRun::OverBudget(cache, rows, need));
+        };
+        let span = server.span.clone();
+        let n = next;
+        let started = Instant::now();
+        let (c, s, out) = tokio::task::spawn_blocking(move || {
+            let out = span.forward_blocks(&mut step, &mut cache, n);
+            (cache, step, out)
+        })
+        .await
+        .map_err(|e| NotRun::Lost(e.to_string()))?;
+        drop(memory);
+        drop(permit);
+        crate::metrics::global().prompt_part("blocks");
+        let per_block = started.elapsed().as_secs_f64() / n as f64;
+        next = ((part.as_secs_f64() / per_block.max(1e-9)) as usize).max(1);
+        (cache, step) = (c, s);
+        match out {
+            Ok(Some(out)) => return Ok((cache, Ok(out))),
+            Ok(None) => {}
+            // The cache is back as before the step.
+            Err(e) => return Ok((cache, Err(e))),
+        }
+    }
 }
 
 /// The answer `out` brings, or its loss.

@@ -66,8 +66,8 @@ pub struct ServeConfig {
     pub compute_slots: usize,
     /// About how long each part of a prompt computes: a prompt is computed in parts,
     /// each under its own permit, other sessions' steps between them
-    /// ([`batch::in_parts`]); zero computes prompts whole. Split only where parts give
-    /// the same bits.
+    /// ([`batch::in_parts`]: by rows or by blocks, whichever gives the same bits as
+    /// whole); zero computes prompts whole.
     pub prompt_part: Duration,
     /// The most decode steps computed as one batch (`1`: each alone); only the fast
     /// weight modes on the CPU batch.
@@ -135,9 +135,8 @@ pub(crate) struct Server {
     permits: Semaphore,
     /// Decode steps waiting to be computed together.
     batch: batch::Queue,
-    /// About how long a prompt part computes (`None`: prompts whole); see
-    /// [`batch::in_parts`].
-    prompt_part: Option<Duration>,
+    /// How long prompts are computed in parts (`None`: whole); see [`batch::in_parts`].
+    prompt_parts: Option<batch::Parts>,
     /// Where next hops are checked to be servers.
     next_hops: announce::NextHops,
 }
@@ -355,8 +354,7 @@ fn tenure(
         )),
         kv_per_token,
         batch: batch::Queue::new(&cfg.load, cfg.max_batch),
-        prompt_part: (!cfg.prompt_part.is_zero() && span.splits_prompts_exactly())
-            .then_some(cfg.prompt_part),
+        prompt_parts: batch::Parts::of(&span, cfg.prompt_part),
         span: Arc::new(span),
         model_id,
         compute: crate::model::compute_mode(&cfg.load),

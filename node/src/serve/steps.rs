@@ -105,7 +105,7 @@ pub(super) async fn compute(
     // so that steps waiting their turn hold no working memory.
     let batched = rows == 1 && server.batch.batches();
     // A long prompt takes a permit per part (see `batch::in_parts`).
-    let parts = batch::parts_of(rows, server.prompt_part);
+    let parts = batch::parts_of(rows, server.prompt_parts);
     // The next decode step's gap is the session's usual one only after a decode step
     // that went through the batch queue.
     if batched {
