@@ -964,12 +964,18 @@ fn a_prompt_in_blocks_equals_the_prompt_whole() -> Result<()> {
             0.0,
             "{name}, the step after one given up"
         );
-        // A step continued on another cache is refused.
-        let mut other = span.new_cache(CacheLimits::default());
-        let mut step = span.begin_in_blocks(&first, 0, &other)?;
+        // A step continued on another cache, even one of the same length, is refused,
+        // and so is one run past its output.
+        let mut mine = before.clone();
+        let mut step = span.begin_in_blocks(&rest, 40, &mine)?;
         let mut elsewhere = before.clone();
         assert!(span.forward_blocks(&mut step, &mut elsewhere, 1).is_err());
-        span.abandon_blocks(step, &mut other);
+        assert_eq!(elsewhere.len(), 40);
+        assert!(span.forward_blocks(&mut step, &mut mine, 3)?.is_some());
+        mine.truncate(40)?;
+        assert!(span.forward_blocks(&mut step, &mut mine, 1).is_err());
+        assert_eq!(mine.len(), 40);
+        span.abandon_blocks(step, &mut mine);
     }
     // The fused path runs every block in one pass and splits by rows instead.
     let fused = load_span(&file, 0, 3, &fast())?;

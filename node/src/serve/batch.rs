@@ -418,6 +418,21 @@ impl Parts {
     }
 }
 
+impl Parts {
+    /// Bytes a step of `rows` rows at `position` split as `self` holds from its first
+    /// part to its end, parts or none running: its input and output (by rows, each part
+    /// takes its own share of the rest); by blocks also the keys and values the blocks
+    /// run so far wrote and the hidden states between blocks.
+    pub(super) fn held_bytes(&self, span: &BlockSpan, rows: usize, position: usize) -> usize {
+        match self {
+            Self::Rows(_) => rows
+                .saturating_mul(span.config().hidden_size)
+                .saturating_mul(4 * 2),
+            Self::Blocks(_) => span.step_held_bytes(rows, position),
+        }
+    }
+}
+
 /// How a step of `rows` rows is split on a server splitting prompts as `parts`
 /// ([`in_parts`]); `None`: the step is computed whole.
 pub(super) fn parts_of(rows: usize, parts: Option<Parts>) -> Option<Parts> {
@@ -513,9 +528,9 @@ async fn in_rows(
 /// [`in_parts`] by blocks: all rows through one block first, then through as many blocks
 /// as the last part's pace computes in `part`. The blocks run the same operations as
 /// whole ([`BlockSpan::splits_prompts_by_blocks`]), so the output has the same bits.
-/// Each part takes the whole step's working memory with its permit (its activations
-/// are the whole step's); between parts the step holds its hidden states and the keys
-/// and values written so far, as a whole step would.
+/// What lives from part to part (the keys and values written, the hidden states between
+/// blocks: [`Parts::held_bytes`]) is the caller's share of the memory budget; each part
+/// takes its activations' and attention's share with its permit.
 async fn in_blocks(
     server: &Server,
     input: Tensor,
@@ -524,30 +539,40 @@ async fn in_blocks(
     part: Duration,
 ) -> Result<StepResult, NotRun> {
     let rows = input.dim(1).unwrap_or(0);
-    let mut step = match server.span.begin_in_blocks(&input, position, &cache) {
-        Ok(s) => s,
-        Err(e) => return Ok((cache, Err(e))),
-    };
+    let mut step = None;
     let mut next = 1;
     loop {
-        if step.blocks_done() > 0 {
+        if step.is_some() {
             server.batch.make_way().await;
         }
-        let Ok(permit) = server.permits.acquire().await else {
-            server.span.abandon_blocks(step, &mut cache);
-            return Err(NotRun::Stopping(cache));
+        let give_up = |step: Option<pollen_shard::llama::BlocksStep>, mut cache: SpanCache| {
+            if let Some(step) = step {
+                server.span.abandon_blocks(step, &mut cache);
+            }
+            cache
         };
-        let need = server.span.step_memory_bytes(rows, position);
+        let Ok(permit) = server.permits.acquire().await else {
+            return Err(NotRun::Stopping(give_up(step, cache)));
+        };
+        let need = server.span.step_working_bytes(rows, position);
         let Some(memory) = server.kv_budget.try_take(need) else {
-            server.span.abandon_blocks(step, &mut cache);
-            return Err(NotRun::OverBudget(cache, rows, need));
+            return Err(NotRun::OverBudget(give_up(step, cache), rows, need));
         };
         let span = server.span.clone();
         let n = next;
         let started = Instant::now();
+        let input = input.clone();
         let (c, s, out) = tokio::task::spawn_blocking(move || {
-            let out = span.forward_blocks(&mut step, &mut cache, n);
-            (cache, step, out)
+            // The first part begins the step (its mask is built here, off the runtime).
+            let mut s = match step {
+                Some(s) => s,
+                None => match span.begin_in_blocks(&input, position, &cache) {
+                    Ok(s) => s,
+                    Err(e) => return (cache, None, Err(e)),
+                },
+            };
+            let out = span.forward_blocks(&mut s, &mut cache, n);
+            (cache, Some(s), out)
         })
         .await
         .map_err(|e| NotRun::Lost(e.to_string()))?;

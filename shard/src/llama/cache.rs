@@ -37,6 +37,8 @@ impl Default for CacheLimits {
 /// One session's KV cache for one span.
 #[derive(Debug)]
 pub struct SpanCache {
+    /// Tells this cache from every other in the process (a clone gets its own).
+    id: u64,
     range: BlockRange,
     /// Exact mode: keys and values `(1, kv_heads, len, head_dim)`. Fast
     /// modes: buffers `(1, kv_heads, capacity, head_dim)` written in place,
@@ -68,6 +70,7 @@ impl Clone for SpanCache {
             self.layers.clone()
         };
         Self {
+            id: next_cache_id(),
             range: self.range,
             layers,
             len: self.len,
@@ -78,7 +81,18 @@ impl Clone for SpanCache {
     }
 }
 
+/// A new [`SpanCache::id`].
+fn next_cache_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl SpanCache {
+    /// What tells this cache from every other in the process (a clone has its own).
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// An empty cache for `blocks` blocks of `range`.
     pub(super) fn new(
         range: BlockRange,
@@ -88,6 +102,7 @@ impl SpanCache {
         fast: bool,
     ) -> Self {
         Self {
+            id: next_cache_id(),
             range,
             layers: vec![None; blocks],
             len: 0,

@@ -36,6 +36,10 @@ pub struct BlocksStep {
     done: usize,
     /// The cache's layers before the step, to put back if it fails.
     saved: Vec<LayerKv>,
+    /// The cache it runs on ([`SpanCache::id`]).
+    cache: u64,
+    /// It ended: its output was given, or a block failed.
+    ended: bool,
 }
 
 impl BlocksStep {
@@ -188,6 +192,33 @@ impl BlockSpan {
     /// the measured peak. A server's memory budget can refuse a step beyond
     /// it before running it.
     pub fn step_memory_bytes(&self, n_tokens: usize, past: usize) -> usize {
+        let (cache, working) = self.step_memory_terms(n_tokens, past);
+        cache.saturating_add(working)
+    }
+
+    /// Of [`Self::step_memory_bytes`], the part that lives from a step's first block to
+    /// its end when the step runs a few blocks at a time ([`Self::begin_in_blocks`]):
+    /// the cache buffers it grows, its input and its hidden states between blocks, and
+    /// its attention mask. The rest ([`Self::step_working_bytes`]) lives within one
+    /// part.
+    pub fn step_held_bytes(&self, n_tokens: usize, past: usize) -> usize {
+        let (cache, _) = self.step_memory_terms(n_tokens, past);
+        let total = past.saturating_add(n_tokens);
+        let hidden = n_tokens.saturating_mul(self.shared.cfg.hidden_size * 4);
+        cache
+            .saturating_add(hidden.saturating_mul(2))
+            .saturating_add(n_tokens.saturating_mul(total).saturating_mul(4))
+    }
+
+    /// Of [`Self::step_memory_bytes`], the working memory of one block's pass:
+    /// activations and attention.
+    pub fn step_working_bytes(&self, n_tokens: usize, past: usize) -> usize {
+        self.step_memory_terms(n_tokens, past).1
+    }
+
+    /// [`Self::step_memory_bytes`] as the cache buffers a step grows and its working
+    /// memory (activations and attention).
+    fn step_memory_terms(&self, n_tokens: usize, past: usize) -> (usize, usize) {
         let cfg = &self.shared.cfg;
         let f = 4usize; // f32
         let (h, ff, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
@@ -233,7 +264,7 @@ impl BlockSpan {
                 .saturating_add(n.saturating_mul(total).saturating_mul(f))
                 .saturating_add(total.saturating_mul(2 * heads * d * f))
         };
-        cache.saturating_add(activations).saturating_add(attention)
+        (cache, activations.saturating_add(attention))
     }
 
     /// Bytes of keys and values one token takes in this span: f16 in the
@@ -352,19 +383,27 @@ impl BlockSpan {
             new_len,
             done: 0,
             saved: cache.snapshot(),
+            cache: cache.id(),
+            ended: false,
         })
     }
 
     /// Runs the next `blocks` (at least one) blocks of `step` over `cache`, the cache
     /// it was begun on; the step's output once every block has run, and then the cache
-    /// holds the step. On error the cache is put back as it was before the step.
+    /// holds the step. On error the cache is put back as it was before the step, and the
+    /// step is over (it is refused from then on, as it is after its output).
     pub fn forward_blocks(
         &self,
         step: &mut BlocksStep,
         cache: &mut SpanCache,
         blocks: usize,
     ) -> Result<Option<Tensor>> {
-        if cache.len() != step.pos || cache.layers_mut().len() != self.blocks.len() {
+        if step.ended {
+            return Err(ShardError::BadInput(
+                "a step in blocks run past its end".into(),
+            ));
+        }
+        if cache.id() != step.cache || cache.len() != step.pos {
             return Err(ShardError::BadInput(
                 "a step in blocks continued on another cache".into(),
             ));
@@ -392,19 +431,21 @@ impl BlockSpan {
             Ok(())
         };
         if let Err(e) = ran() {
-            cache.finish(false, step.pos, step.saved.clone());
+            step.ended = true;
+            cache.finish(false, step.pos, std::mem::take(&mut step.saved));
             return Err(e);
         }
         if step.done < self.blocks.len() {
             return Ok(None);
         }
+        step.ended = true;
         cache.finish(true, step.new_len, Vec::new());
         Ok(Some(step.x.clone()))
     }
 
     /// Gives up `step` before its last block: puts `cache` back as it was before it.
     pub fn abandon_blocks(&self, step: BlocksStep, cache: &mut SpanCache) {
-        if step.done < self.blocks.len() {
+        if !step.ended && cache.id() == step.cache {
             cache.finish(false, step.pos, step.saved);
         }
     }
