@@ -195,8 +195,9 @@ impl NextHops {
 
     /// Returns once a lookup that started at or after `since` has ended, starting
     /// `lookup` (in a task of its own, bounded by [`NEXT_HOP_LOOKUP_TIMEOUT`]) when it is
-    /// this caller's turn, or once `found` says the book has what was missing after a
-    /// lookup that was already running at `since` ended; at most
+    /// this caller's turn, or once `found` says the book has what was missing (read when
+    /// a lookup that was already running at `since` ends, and before waiting for the
+    /// next turn: a lookup may have ended between the miss and now); at most
     /// [`NEXT_HOP_LOOKUP_EVERY`] + [`NEXT_HOP_LOOKUP_TIMEOUT`] in all. The bound cuts
     /// this caller's wait, never the lookup, which the others may be waiting for.
     async fn refresh<F, Found>(
@@ -238,7 +239,13 @@ impl NextHops {
                             return;
                         }
                     }
-                    Turn::Wait(d) => tokio::time::sleep(d).await,
+                    Turn::Wait(d) => {
+                        // A lookup that ended since the miss may have found it.
+                        if found().await {
+                            return;
+                        }
+                        tokio::time::sleep(d).await;
+                    }
                 }
             }
         };
@@ -452,6 +459,14 @@ mod tests {
         assert_eq!(Instant::now() - t0, Duration::from_secs(1));
         assert_eq!(checked.load(Ordering::Relaxed), 1);
         first.await.unwrap();
+        // A miss whose book was read just before that lookup ended finds no lookup
+        // running and none due for another second: it reads the book before waiting.
+        let since = Instant::now();
+        hops.refresh(since, lookup(&log, Some(Duration::from_secs(1))), || {
+            std::future::ready(true)
+        })
+        .await;
+        assert_eq!(Instant::now(), since, "answered from the book at once");
         assert_eq!(starts(&log, t0), [Duration::ZERO]);
     }
 
