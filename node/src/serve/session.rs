@@ -77,6 +77,31 @@ pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
 /// Most hops' worth of [`OPEN_TIMEOUT`] a hop waits for the rest of the route to open.
 const OPEN_WAIT_MAX_HOPS: usize = 4;
 
+/// Time a hop keeps, out of what the hop before allows it, to send its answer up.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long the hop before waits for hop `hop`'s answer to an `Open` on a route of
+/// `len` hops (the client waits as long for the first hop, or longer): [`OPEN_TIMEOUT`]
+/// for it and for each hop after it, since each opens its next before answering; at
+/// most [`OPEN_WAIT_MAX_HOPS`] hops' worth, because the route's length is the opener's
+/// claim and a hop holds a session slot and its KV promise meanwhile.
+fn open_wait(len: usize, hop: usize) -> Duration {
+    let hops = len.saturating_sub(hop).clamp(1, OPEN_WAIT_MAX_HOPS);
+    OPEN_TIMEOUT * u32::try_from(hops).unwrap_or(1)
+}
+
+/// How long a hop that must answer within `left` may take to dial its next hop `next`
+/// of a route of `len` hops, and then wait for that hop's answer: what the next hop is
+/// allowed ([`open_wait`]), cut to what is left, so that this hop's own answer (a
+/// failure naming the next hop, if it comes to that) reaches the hop before while it
+/// still waits. `None`: no time is left.
+fn next_open_waits(left: Duration, len: usize, next: usize) -> Option<(Duration, Duration)> {
+    if left.is_zero() {
+        return None;
+    }
+    Some((OPEN_TIMEOUT.min(left), open_wait(len, next).min(left)))
+}
+
 /// Most hops' worth of first-step time a session gets: the hop number is the opener's
 /// claim, so it may not stretch how long an unused session holds its slot.
 const FIRST_STEP_MAX_HOPS: u32 = 4;
@@ -314,6 +339,7 @@ async fn open_next(
     server: &Server,
     open: &OpenRequest,
     next: &NextHop,
+    answer_by: Instant,
 ) -> Result<(FrameReader, FrameWriter, u32), InferResponse> {
     let fail = |code, msg: String| hop_failed(open.session, 0, next.index, &next.peer, code, msg);
     let req = InferRequest::Open {
@@ -326,26 +352,33 @@ async fn open_next(
         compute: open.compute.clone(),
         client: open.client.clone(),
     };
-    // Each hop from `next` on opens its own next before answering (a lookup of its next
-    // hop may take seconds): allow for each, as the client allows for the whole route,
-    // so that a hop's wait ends before the one before it gives up; but the route's
-    // length is the opener's claim, and this server holds a session slot and its KV
-    // promise meanwhile: at most OPEN_WAIT_MAX_HOPS hops' worth.
-    let rest = open
-        .route
-        .len()
-        .saturating_sub(next.index)
-        .clamp(1, OPEN_WAIT_MAX_HOPS);
-    let wait = OPEN_TIMEOUT * u32::try_from(rest).unwrap_or(1);
-    let answer = stream::open_with_reply::<_, InferResponse>(
-        &server.net,
-        next.peer,
-        next.addrs.clone(),
-        &req,
-        OPEN_TIMEOUT,
-        wait,
+    let left = answer_by.saturating_duration_since(Instant::now());
+    let Some((dial, wait)) = next_open_waits(left, open.route.len(), next.index) else {
+        return Err(fail(
+            ErrorCode::Timeout,
+            "no time left to open the next hop (looking it up took it)".into(),
+        ));
+    };
+    // Dialing, sending and reading (and opening again a stream dropped unanswered) all
+    // end by this hop's own deadline.
+    let answer = tokio::time::timeout_at(
+        answer_by,
+        stream::open_with_reply::<_, InferResponse>(
+            &server.net,
+            next.peer,
+            next.addrs.clone(),
+            &req,
+            dial,
+            wait,
+        ),
     )
     .await;
+    let Ok(answer) = answer else {
+        return Err(fail(
+            ErrorCode::Timeout,
+            format!("no answer to Open within {left:?}"),
+        ));
+    };
     match answer {
         Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => Ok((rx, tx, free_tokens)),
         Ok((_, _, f @ InferResponse::HopFailed { .. })) => Err(f),
@@ -411,6 +444,11 @@ async fn run_session(
 ) {
     let session = open.session;
     let from = up_rx.peer();
+    // The hop before waits this long for the answer (the Open has just arrived): every
+    // wait below ends in time for this hop's answer, or its failure naming the right
+    // hop, to reach it while it still waits.
+    let answer_by =
+        Instant::now() + open_wait(open.route.len(), open.hop).saturating_sub(ANSWER_MARGIN);
     let refuse = |e: ProtocolError| hop_failed(session, 0, open.hop, &server.me, e.code, e.message);
     let (client, next) = match check_open(&server, from, &open) {
         Ok(x) => x,
@@ -504,7 +542,7 @@ async fn run_session(
     let mut tasks = JoinSet::new();
     let mut down = None;
     if let Some(hop) = next {
-        match open_next(&server, &open, &hop).await {
+        match open_next(&server, &open, &hop, answer_by).await {
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
@@ -753,6 +791,41 @@ mod tests {
         );
         // A hop cannot buy itself more than a second per token by announcing a slow pace.
         assert_eq!(ack_timeout(1, u32::MAX), ACK_BASE + 4 * MAX_STEP);
+    }
+
+    #[test]
+    fn each_hop_answers_an_open_before_the_hop_before_gives_up() {
+        // The client waits 20 s per hop for the first; each hop allows the next 20 s for
+        // itself and each hop after it, at most four hops' worth.
+        assert_eq!(open_wait(3, 0), 3 * OPEN_TIMEOUT);
+        assert_eq!(open_wait(3, 2), OPEN_TIMEOUT);
+        assert_eq!(open_wait(3, 7), OPEN_TIMEOUT);
+        assert_eq!(open_wait(usize::MAX, 0), 4 * OPEN_TIMEOUT);
+        // A hop of a three-hop route that spent 7 s looking up its next hop keeps the
+        // rest of its 40 s (less the margin) and gives the next hop its whole 20 s.
+        let left = open_wait(3, 1) - ANSWER_MARGIN - Duration::from_secs(7);
+        assert_eq!(
+            next_open_waits(left, 3, 2),
+            Some((OPEN_TIMEOUT, OPEN_TIMEOUT))
+        );
+        // One with little left cuts both to what it has, so that its failure (naming the
+        // next hop) reaches the hop before in time; with nothing left it gives up.
+        let left = Duration::from_secs(5);
+        assert_eq!(next_open_waits(left, 3, 2), Some((left, left)));
+        assert_eq!(next_open_waits(Duration::ZERO, 3, 2), None);
+        // Nested: whatever the route and hop, a hop's own deadline from the Open's
+        // arrival ends before the hop before stops waiting for it, by the margin.
+        for len in 1..8 {
+            for hop in 0..len {
+                let mine = open_wait(len, hop).saturating_sub(ANSWER_MARGIN);
+                let before = if hop == 0 {
+                    OPEN_TIMEOUT * len as u32
+                } else {
+                    open_wait(len, hop)
+                };
+                assert!(mine + ANSWER_MARGIN <= before, "route of {len}, hop {hop}");
+            }
+        }
     }
 
     #[test]
