@@ -59,7 +59,7 @@ pub use validate::printable;
 ///
 /// Two peers talk only if their versions are equal; [`negotiate`] checks it during the
 /// [`Hello`] exchange. Bump it whenever any message layout or meaning changes.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The libp2p protocol name of the version handshake.
 ///
@@ -73,13 +73,13 @@ pub const HELLO_PROTOCOL: &str = "/pollen/hello/1";
 /// [`InferResponse`]s up, one stream per session and hop (see [`InferRequest`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const INFER_PROTOCOL: &str = "/pollen/infer/5";
+pub const INFER_PROTOCOL: &str = "/pollen/infer/6";
 
 /// The libp2p protocol name for asking a peer directly for its current signed announcement
 /// ([`AnnounceRequest`] / [`AnnounceResponse`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/5";
+pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/6";
 
 #[cfg(test)]
 mod tests {

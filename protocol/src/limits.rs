@@ -99,6 +99,10 @@ pub const MAX_FRAME_BYTES: usize = MAX_INFER_REQUEST_BYTES;
 /// Longest idle timeout a client may ask a server to keep a session for (10 minutes).
 pub const MAX_IDLE_TIMEOUT_MS: u32 = 10 * 60 * 1000;
 
+/// Longest time an opener may give a hop to answer its `Open` (80 s): the hop holds a
+/// session slot and a KV promise while it opens the rest of the route.
+pub const MAX_OPEN_WITHIN_MS: u32 = 80 * 1000;
+
 // The length prefix is a u32, so every maximum must fit in one.
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
 const _: () = assert!(MAX_INFER_RESPONSE_BYTES <= MAX_FRAME_BYTES);

@@ -11,7 +11,8 @@ use crate::announce::SignedAnnouncement;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::hidden::{HiddenStates, WireDType};
 use crate::limits::{
-    MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_IDLE_TIMEOUT_MS, MAX_INFER_REQUEST_BYTES, MAX_ROUTE_HOPS,
+    MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_IDLE_TIMEOUT_MS, MAX_INFER_REQUEST_BYTES,
+    MAX_OPEN_WITHIN_MS, MAX_ROUTE_HOPS,
 };
 use crate::types::{BlockRange, ModelId, PeerIdBytes, Roles, SessionId};
 use crate::validate::{check_addrs, check_count, check_error, check_len, check_peer};
@@ -152,6 +153,11 @@ pub struct SessionBudget {
     /// How long the server keeps an idle session, in milliseconds (at most
     /// [`MAX_IDLE_TIMEOUT_MS`]).
     pub idle_timeout_ms: u32,
+    /// How long the opener waits for the answer to this `Open`, in milliseconds from its
+    /// sending (at most [`MAX_OPEN_WITHIN_MS`]): the hop answers within it, and gives
+    /// the next hop less, so that a failure deep in the route reaches the client naming
+    /// the hop that failed.
+    pub open_within_ms: u32,
 }
 
 impl SessionBudget {
@@ -172,6 +178,11 @@ impl SessionBudget {
                 "idle_timeout_ms",
                 u64::from(self.idle_timeout_ms),
                 u64::from(MAX_IDLE_TIMEOUT_MS),
+            ),
+            (
+                "open_within_ms",
+                u64::from(self.open_within_ms),
+                u64::from(MAX_OPEN_WITHIN_MS),
             ),
         ];
         for (what, value, max) in fields {
@@ -574,6 +585,7 @@ mod tests {
                 max_tokens: 2048,
                 max_message_bytes: 1 << 20,
                 idle_timeout_ms: 30_000,
+                open_within_ms: 20_000,
             },
             wire_dtype: WireDType::F32,
             compute: "fast-vnni".into(),
@@ -625,5 +637,18 @@ mod tests {
             ..budget
         };
         assert!(long.validate().is_err());
+        let patient = SessionBudget {
+            open_within_ms: MAX_OPEN_WITHIN_MS + 1,
+            ..budget
+        };
+        assert_eq!(
+            patient.validate().unwrap_err().to_string(),
+            "session budget open_within_ms = 80001 is outside 1..=80000"
+        );
+        let hasty = SessionBudget {
+            open_within_ms: 0,
+            ..budget
+        };
+        assert!(hasty.validate().is_err());
     }
 }

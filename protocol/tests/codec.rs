@@ -106,13 +106,20 @@ fn route() -> impl Strategy<Value = Vec<RouteHop>> {
 }
 
 fn budget() -> impl Strategy<Value = SessionBudget> {
-    (1u32.., 1u32..=(MAX_FRAME_BYTES as u32), 1u32..=600_000).prop_map(
-        |(max_tokens, max_message_bytes, idle_timeout_ms)| SessionBudget {
-            max_tokens,
-            max_message_bytes,
-            idle_timeout_ms,
-        },
+    (
+        1u32..,
+        1u32..=(MAX_FRAME_BYTES as u32),
+        1u32..=600_000,
+        1u32..=80_000,
     )
+        .prop_map(
+            |(max_tokens, max_message_bytes, idle_timeout_ms, open_within_ms)| SessionBudget {
+                max_tokens,
+                max_message_bytes,
+                idle_timeout_ms,
+                open_within_ms,
+            },
+        )
 }
 
 fn infer_request() -> impl Strategy<Value = InferRequest> {

@@ -234,6 +234,7 @@ fn invalid_messages_are_refused_on_both_ends() {
             max_tokens: 100,
             max_message_bytes: 1 << 20,
             idle_timeout_ms: 1000,
+            open_within_ms: 20_000,
         },
         wire_dtype: WireDType::F32,
         compute: "exact".into(),

@@ -142,6 +142,7 @@ pub async fn open_through(
             max_tokens: 16,
             max_message_bytes: 1 << 20,
             idle_timeout_ms: 10_000,
+            open_within_ms: 20_000,
         },
         wire_dtype: WireDType::F32,
         compute: compute.into(),

@@ -121,6 +121,13 @@ impl SwarmSession {
         let session = SessionId(rand::random());
         let last_index = route.len() - 1;
         let fail = |hop: usize, code, msg: String| hop_error(route, hop, code, msg);
+        // Every hop opens the next before answering: allow for each, as long as a hop
+        // may be given (the first hop gives the next less, and so on down the route).
+        let open_wait = (OPEN_TIMEOUT * u32::try_from(route.len()).unwrap_or(1)).min(
+            std::time::Duration::from_millis(u64::from(
+                pollen_protocol::limits::MAX_OPEN_WITHIN_MS,
+            )),
+        );
         let open = InferRequest::Open {
             session,
             model_id: model,
@@ -130,20 +137,19 @@ impl SwarmSession {
                 max_tokens,
                 max_message_bytes: pollen_protocol::limits::MAX_INFER_REQUEST_BYTES as u32,
                 idle_timeout_ms: IDLE_TIMEOUT_MS,
+                open_within_ms: u32::try_from(open_wait.as_millis()).unwrap_or(u32::MAX),
             },
             wire_dtype,
             compute: compute.to_string(),
             client: PeerIdBytes(net.peer_id().to_bytes()),
         };
-        // Every hop opens the next before answering; allow for each.
-        let wait = OPEN_TIMEOUT * u32::try_from(route.len()).unwrap_or(1);
         let opened = stream::open_with_reply::<_, InferResponse>(
             net,
             first.peer,
             first.addrs.clone(),
             &open,
             CONNECT_TIMEOUT,
-            wait,
+            open_wait,
         )
         .await;
         let (rx, tx, free_tokens) = match opened {

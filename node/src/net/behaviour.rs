@@ -39,7 +39,7 @@ pub struct Behaviour {
     pub hello: request_response::Behaviour<HelloCodec>,
     /// Publishing and listing signed announcements.
     pub announce: request_response::Behaviour<AnnounceCodec>,
-    /// Session streams (`/pollen/infer/5`), opened and accepted through its `Control`
+    /// Session streams (`/pollen/infer/6`), opened and accepted through its `Control`
     /// outside the swarm task, so that no session waits on the event loop.
     pub stream: libp2p_stream::Behaviour,
     /// Relay v2 client: reserves a slot on a relay when this node is not reachable,

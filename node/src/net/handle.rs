@@ -295,7 +295,7 @@ impl NetHandle {
         .await
     }
 
-    /// Opens a session stream (`/pollen/infer/5`) to `peer`, dialing `addrs` if not
+    /// Opens a session stream (`/pollen/infer/6`) to `peer`, dialing `addrs` if not
     /// connected, within `timeout`.
     pub async fn open_session_stream(
         &self,

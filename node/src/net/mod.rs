@@ -3,7 +3,7 @@
 //! One task owns the [`libp2p::Swarm`] and runs its event loop ([`event_loop`]); the
 //! rest of the program holds a cloneable [`NetHandle`] that sends it commands with
 //! `oneshot` replies (the shape of rust-libp2p's file-sharing example). Session streams
-//! (`/pollen/infer/5`) are opened and accepted through libp2p-stream's `Control`, which
+//! (`/pollen/infer/6`) are opened and accepted through libp2p-stream's `Control`, which
 //! the handle carries, so inference traffic never queues behind the event loop.
 //!
 //! Rooms: [`transport`] builds the swarm, [`behaviour`] composes the protocols,

@@ -156,6 +156,23 @@ pub async fn open_with_reply<Req, Resp>(
     timeout: Duration,
 ) -> Result<(FrameReader, FrameWriter, Resp), OpenError>
 where
+    Req: WireMessage + Clone,
+    Resp: WireMessage,
+{
+    open_with_reply_made(net, peer, addrs, || first.clone(), open_timeout, timeout).await
+}
+
+/// [`open_with_reply`] with the first frame made by `first` once the stream is open (for
+/// a frame that says how long its sender will wait, counted from its sending).
+pub async fn open_with_reply_made<Req, Resp>(
+    net: &super::NetHandle,
+    peer: PeerId,
+    addrs: Vec<libp2p::Multiaddr>,
+    mut first: impl FnMut() -> Req,
+    open_timeout: Duration,
+    timeout: Duration,
+) -> Result<(FrameReader, FrameWriter, Resp), OpenError>
+where
     Req: WireMessage,
     Resp: WireMessage,
 {
@@ -166,7 +183,7 @@ where
             .open_session_stream(peer, addrs.clone(), open_timeout)
             .await?;
         let (mut rx, mut tx) = split(stream, peer, net.stats().clone());
-        let answer = match tx.send(first, timeout).await {
+        let answer = match tx.send(&first(), timeout).await {
             Ok(()) => rx.recv_within::<Resp>(timeout).await,
             Err(e) => Err(e),
         };

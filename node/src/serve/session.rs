@@ -20,6 +20,7 @@ use super::steps::{Failure, compute, downstream_event, send_down, send_output};
 use super::{Server, batch};
 use crate::net::stream::{self, FrameReader, FrameWriter};
 use libp2p::{Multiaddr, PeerId};
+use pollen_protocol::limits::MAX_OPEN_WITHIN_MS;
 use pollen_protocol::{
     ErrorCode, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionBudget,
     SessionId,
@@ -74,32 +75,28 @@ pub fn ack_timeout(tokens: usize, step_us: u32) -> Duration {
     ACK_BASE + per_token.saturating_mul(ACK_SLOWDOWN.saturating_mul(tokens))
 }
 
-/// Most hops' worth of [`OPEN_TIMEOUT`] a hop waits for the rest of the route to open.
-const OPEN_WAIT_MAX_HOPS: usize = 4;
-
-/// Time a hop keeps, out of what the hop before allows it, to send its answer up.
+/// Time a hop keeps, out of what the hop before gives it, to send its answer up.
 const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
-/// How long the hop before waits for hop `hop`'s answer to an `Open` on a route of
-/// `len` hops (the client waits as long for the first hop, or longer): [`OPEN_TIMEOUT`]
-/// for it and for each hop after it, since each opens its next before answering; at
-/// most [`OPEN_WAIT_MAX_HOPS`] hops' worth, because the route's length is the opener's
-/// claim and a hop holds a session slot and its KV promise meanwhile.
-fn open_wait(len: usize, hop: usize) -> Duration {
-    let hops = len.saturating_sub(hop).clamp(1, OPEN_WAIT_MAX_HOPS);
-    OPEN_TIMEOUT * u32::try_from(hops).unwrap_or(1)
+/// The least time worth giving a next hop to open the rest of the route.
+const LEAST_OPEN_WITHIN: Duration = Duration::from_secs(2);
+
+/// When a hop must have answered an `Open` that arrived at `arrival` giving it
+/// `within_ms` (the opener's wait, at most [`MAX_OPEN_WITHIN_MS`]): in time for the
+/// answer to reach the opener while it waits.
+fn answer_by(arrival: Instant, within_ms: u32) -> Instant {
+    let within = Duration::from_millis(u64::from(within_ms.min(MAX_OPEN_WITHIN_MS)));
+    arrival + within.saturating_sub(ANSWER_MARGIN)
 }
 
-/// How long a hop that must answer within `left` may take to dial its next hop `next`
-/// of a route of `len` hops, and then wait for that hop's answer: what the next hop is
-/// allowed ([`open_wait`]), cut to what is left, so that this hop's own answer (a
-/// failure naming the next hop, if it comes to that) reaches the hop before while it
-/// still waits. `None`: no time is left.
-fn next_open_waits(left: Duration, len: usize, next: usize) -> Option<(Duration, Duration)> {
-    if left.is_zero() {
-        return None;
-    }
-    Some((OPEN_TIMEOUT.min(left), open_wait(len, next).min(left)))
+/// What a hop that must answer by `answer_by` gives its next hop at `now`: the rest,
+/// less the margin in which the next hop's answer (or this hop's failure naming it)
+/// comes back. `None` when less than [`LEAST_OPEN_WITHIN`] would be left.
+fn next_within(answer_by: Instant, now: Instant) -> Option<Duration> {
+    let d = answer_by
+        .saturating_duration_since(now)
+        .checked_sub(ANSWER_MARGIN)?;
+    (d >= LEAST_OPEN_WITHIN).then_some(d)
 }
 
 /// Most hops' worth of first-step time a session gets: the hop number is the opener's
@@ -342,41 +339,57 @@ async fn open_next(
     answer_by: Instant,
 ) -> Result<(FrameReader, FrameWriter, u32), InferResponse> {
     let fail = |code, msg: String| hop_failed(open.session, 0, next.index, &next.peer, code, msg);
-    let req = InferRequest::Open {
-        session: open.session,
-        model_id: open.model_id,
-        route: open.route.clone(),
-        hop: u32::try_from(next.index).unwrap_or(u32::MAX),
-        budget: open.budget,
-        wire_dtype: open.wire_dtype,
-        compute: open.compute.clone(),
-        client: open.client.clone(),
-    };
-    let left = answer_by.saturating_duration_since(Instant::now());
-    let Some((dial, wait)) = next_open_waits(left, open.route.len(), next.index) else {
-        return Err(fail(
-            ErrorCode::Timeout,
-            "no time left to open the next hop (looking it up took it)".into(),
+    // The time this hop had for the rest of the route went to its own work (looking up
+    // the next hop, making room): this hop answers for it.
+    let Some(within) = next_within(answer_by, Instant::now()) else {
+        return Err(hop_failed(
+            open.session,
+            0,
+            open.hop,
+            &server.me,
+            ErrorCode::Busy,
+            "this server had no time left to open the rest of the route",
         ));
+    };
+    // The next hop gets what is left when the Open is sent; the dial may take what the
+    // next hop's least share leaves.
+    let dial = within
+        .saturating_sub(LEAST_OPEN_WITHIN)
+        .clamp(Duration::from_millis(1), OPEN_TIMEOUT);
+    let make = || {
+        let within = next_within(answer_by, Instant::now()).unwrap_or(LEAST_OPEN_WITHIN);
+        InferRequest::Open {
+            session: open.session,
+            model_id: open.model_id,
+            route: open.route.clone(),
+            hop: u32::try_from(next.index).unwrap_or(u32::MAX),
+            budget: SessionBudget {
+                open_within_ms: u32::try_from(within.as_millis()).unwrap_or(u32::MAX),
+                ..open.budget
+            },
+            wire_dtype: open.wire_dtype,
+            compute: open.compute.clone(),
+            client: open.client.clone(),
+        }
     };
     // Dialing, sending and reading (and opening again a stream dropped unanswered) all
     // end by this hop's own deadline.
     let answer = tokio::time::timeout_at(
         answer_by,
-        stream::open_with_reply::<_, InferResponse>(
+        stream::open_with_reply_made::<_, InferResponse>(
             &server.net,
             next.peer,
             next.addrs.clone(),
-            &req,
+            make,
             dial,
-            wait,
+            within + ANSWER_MARGIN,
         ),
     )
     .await;
     let Ok(answer) = answer else {
         return Err(fail(
             ErrorCode::Timeout,
-            format!("no answer to Open within {left:?}"),
+            format!("no answer to Open within {within:?}"),
         ));
     };
     match answer {
@@ -447,8 +460,7 @@ async fn run_session(
     // The hop before waits this long for the answer (the Open has just arrived): every
     // wait below ends in time for this hop's answer, or its failure naming the right
     // hop, to reach it while it still waits.
-    let answer_by =
-        Instant::now() + open_wait(open.route.len(), open.hop).saturating_sub(ANSWER_MARGIN);
+    let answer_by = answer_by(Instant::now(), open.budget.open_within_ms);
     let refuse = |e: ProtocolError| hop_failed(session, 0, open.hop, &server.me, e.code, e.message);
     let (client, next) = match check_open(&server, from, &open) {
         Ok(x) => x,
@@ -518,8 +530,11 @@ async fn run_session(
     let need = limits.max_tokens.saturating_mul(server.kv_per_token);
     let mut kv = server.kv_budget.try_take(need);
     // Full: make room by evicting idle sessions, the idlest first.
-    while kv.is_none() && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some() {
-        let deadline = Instant::now() + EVICT_WAIT;
+    while kv.is_none()
+        && Instant::now() < answer_by
+        && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some()
+    {
+        let deadline = (Instant::now() + EVICT_WAIT).min(answer_by);
         while kv.is_none() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
             kv = server.kv_budget.try_take(need);
@@ -795,37 +810,37 @@ mod tests {
 
     #[test]
     fn each_hop_answers_an_open_before_the_hop_before_gives_up() {
-        // The client waits 20 s per hop for the first; each hop allows the next 20 s for
-        // itself and each hop after it, at most four hops' worth.
-        assert_eq!(open_wait(3, 0), 3 * OPEN_TIMEOUT);
-        assert_eq!(open_wait(3, 2), OPEN_TIMEOUT);
-        assert_eq!(open_wait(3, 7), OPEN_TIMEOUT);
-        assert_eq!(open_wait(usize::MAX, 0), 4 * OPEN_TIMEOUT);
-        // A hop of a three-hop route that spent 7 s looking up its next hop keeps the
-        // rest of its 40 s (less the margin) and gives the next hop its whole 20 s.
-        let left = open_wait(3, 1) - ANSWER_MARGIN - Duration::from_secs(7);
-        assert_eq!(
-            next_open_waits(left, 3, 2),
-            Some((OPEN_TIMEOUT, OPEN_TIMEOUT))
-        );
-        // One with little left cuts both to what it has, so that its failure (naming the
-        // next hop) reaches the hop before in time; with nothing left it gives up.
-        let left = Duration::from_secs(5);
-        assert_eq!(next_open_waits(left, 3, 2), Some((left, left)));
-        assert_eq!(next_open_waits(Duration::ZERO, 3, 2), None);
-        // Nested: whatever the route and hop, a hop's own deadline from the Open's
-        // arrival ends before the hop before stops waiting for it, by the margin.
-        for len in 1..8 {
-            for hop in 0..len {
-                let mine = open_wait(len, hop).saturating_sub(ANSWER_MARGIN);
-                let before = if hop == 0 {
-                    OPEN_TIMEOUT * len as u32
-                } else {
-                    open_wait(len, hop)
-                };
-                assert!(mine + ANSWER_MARGIN <= before, "route of {len}, hop {hop}");
-            }
+        let t0 = Instant::now();
+        // A route of any length: each hop gives the next what it has left, less the
+        // margin, so that the next hop's failure (naming the hop after it) comes back in
+        // time; the opener's claim is capped.
+        let mut arrival = t0;
+        let mut deadline = answer_by(arrival, 80_000);
+        assert_eq!(deadline - t0, Duration::from_secs(79));
+        let mut hops = 1;
+        // Each hop spends 7 s looking its next hop up and 3 s dialing; the Open then
+        // takes 50 ms to arrive, and an answer as long to come back.
+        let (work, transit) = (Duration::from_secs(10), Duration::from_millis(50));
+        while let Some(next) = next_within(deadline, arrival + work) {
+            let next_arrival = arrival + work + transit;
+            let next_deadline = answer_by(next_arrival, next.as_millis() as u32);
+            assert!(
+                next_deadline + transit + ANSWER_MARGIN / 2 <= deadline,
+                "hop {hops}"
+            );
+            (arrival, deadline) = (next_arrival, next_deadline);
+            hops += 1;
         }
+        // Each hop has 12 s less than the one before (its 10 s of work, a margin each
+        // way and the transit): seven hops open before one has no time left.
+        assert_eq!(hops, 7);
+        // The claim is capped.
+        assert_eq!(answer_by(t0, u32::MAX) - t0, Duration::from_secs(79));
+        assert_eq!(
+            next_within(t0 + Duration::from_secs(3), t0),
+            Some(LEAST_OPEN_WITHIN)
+        );
+        assert_eq!(next_within(t0 + Duration::from_millis(2_999), t0), None);
     }
 
     #[test]

@@ -207,13 +207,15 @@ impl Wire for SessionBudget {
     fn put<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
         self.max_tokens.encode(e)?;
         self.max_message_bytes.encode(e)?;
-        self.idle_timeout_ms.encode(e)
+        self.idle_timeout_ms.encode(e)?;
+        self.open_within_ms.encode(e)
     }
     fn get<D: Decoder>(d: &mut D) -> Result<Self, DecodeError> {
         Ok(SessionBudget {
             max_tokens: u32::decode(d)?,
             max_message_bytes: u32::decode(d)?,
             idle_timeout_ms: u32::decode(d)?,
+            open_within_ms: u32::decode(d)?,
         })
     }
 }
