@@ -918,6 +918,8 @@ fn a_prompt_in_blocks_equals_the_prompt_whole() -> Result<()> {
             assert!(!span.set_fused(false), "{name}");
         }
         assert!(span.splits_prompts_by_blocks(), "{name}");
+        // What a step in blocks holds between parts is part of the step's whole figure.
+        assert!(span.step_held_bytes(80, 40) < span.step_memory_bytes(80, 40));
         // 40 rows first, then a prompt of 80 after them (a position past zero).
         let (first, rest) = (x.narrow(1, 0, 40)?, x.narrow(1, 40, 80)?);
         let mut c = span.new_cache(CacheLimits::default());

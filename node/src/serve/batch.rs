@@ -420,17 +420,34 @@ impl Parts {
 
 impl Parts {
     /// Bytes a step of `rows` rows at `position` split as `self` holds from its first
-    /// part to its end, parts or none running: its input and output (by rows, each part
-    /// takes its own share of the rest); by blocks also the keys and values the blocks
-    /// run so far wrote and the hidden states between blocks.
-    pub(super) fn held_bytes(&self, span: &BlockSpan, rows: usize, position: usize) -> usize {
+    /// part to its end, parts or none running: by rows its input, its parts' outputs and
+    /// their join (each part takes its own share of the rest); by blocks also the keys
+    /// and values the blocks run so far wrote, the hidden states between blocks and the
+    /// mask ([`BlockSpan::step_held_bytes`]; each part takes the rest of the step's
+    /// figure).
+    fn held_bytes(&self, span: &BlockSpan, rows: usize, position: usize) -> usize {
         match self {
             Self::Rows(_) => rows
                 .saturating_mul(span.config().hidden_size)
-                .saturating_mul(4 * 2),
+                .saturating_mul(4 * 3),
             Self::Blocks(_) => span.step_held_bytes(rows, position),
         }
     }
+}
+
+/// Takes, with a prompt's first part, what the prompt holds until its end
+/// ([`Parts::held_bytes`]), and with every part that part's own `need`; `None` when
+/// the budget has no room for them.
+fn part_memory(
+    server: &Server,
+    held: &mut Option<super::sessions::BudgetGuard>,
+    whole: impl FnOnce() -> usize,
+    need: usize,
+) -> Option<super::sessions::BudgetGuard> {
+    if held.is_none() {
+        *held = Some(server.kv_budget.try_take(whole())?);
+    }
+    server.kv_budget.try_take(need)
 }
 
 /// How a step of `rows` rows is split on a server splitting prompts as `parts`
@@ -461,7 +478,8 @@ pub(super) async fn in_parts(
 /// machines and models differ). The parts' outputs, joined, are the step's output, bit
 /// for bit, whatever their sizes ([`BlockSpan::splits_prompts_exactly`]). Each part
 /// takes its own working memory from the budget with its permit, so a prompt between
-/// parts holds none (as a step waiting its turn).
+/// parts holds only its input and outputs ([`Parts::held_bytes`], taken with the first
+/// part until the end).
 async fn in_rows(
     server: &Server,
     input: Tensor,
@@ -474,6 +492,8 @@ async fn in_rows(
     let mut parts = Vec::new();
     let mut next = LEAST_PART_ROWS;
     let mut at = 0;
+    let whole = || Parts::Rows(part).held_bytes(&server.span, rows, position);
+    let mut held = None;
     while at < rows {
         if at > 0 {
             server.batch.make_way().await;
@@ -484,8 +504,14 @@ async fn in_rows(
             return Err(NotRun::Stopping(cache));
         };
         let need = server.span.step_memory_bytes(n, position + at);
-        let Some(memory) = server.kv_budget.try_take(need) else {
+        let holding = held.is_some();
+        let Some(memory) = part_memory(server, &mut held, whole, need) else {
             let _ = cache.truncate(before);
+            let need = if holding {
+                need
+            } else {
+                need.saturating_add(whole())
+            };
             return Err(NotRun::OverBudget(cache, n, need));
         };
         let span = server.span.clone();
@@ -529,8 +555,8 @@ async fn in_rows(
 /// as the last part's pace computes in `part`. The blocks run the same operations as
 /// whole ([`BlockSpan::splits_prompts_by_blocks`]), so the output has the same bits.
 /// What lives from part to part (the keys and values written, the hidden states between
-/// blocks: [`Parts::held_bytes`]) is the caller's share of the memory budget; each part
-/// takes its activations' and attention's share with its permit.
+/// blocks: [`Parts::held_bytes`]) is taken from the memory budget with the first part's
+/// permit, until the end; each part takes the rest of the step's figure with its own.
 async fn in_blocks(
     server: &Server,
     input: Tensor,
@@ -541,6 +567,8 @@ async fn in_blocks(
     let rows = input.dim(1).unwrap_or(0);
     let mut step = None;
     let mut next = 1;
+    let whole = Parts::Blocks(part).held_bytes(&server.span, rows, position);
+    let mut held = None;
     loop {
         if step.is_some() {
             server.batch.make_way().await;
@@ -554,9 +582,12 @@ async fn in_blocks(
         let Ok(permit) = server.permits.acquire().await else {
             return Err(NotRun::Stopping(give_up(step, cache)));
         };
-        let need = server.span.step_working_bytes(rows, position);
-        let Some(memory) = server.kv_budget.try_take(need) else {
-            return Err(NotRun::OverBudget(give_up(step, cache), rows, need));
+        let need = server
+            .span
+            .step_memory_bytes(rows, position)
+            .saturating_sub(whole);
+        let Some(memory) = part_memory(server, &mut held, || whole, need) else {
+            return Err(NotRun::OverBudget(give_up(step, cache), rows, need + whole));
         };
         let span = server.span.clone();
         let n = next;
@@ -578,7 +609,9 @@ async fn in_blocks(
         .map_err(|e| NotRun::Lost(e.to_string()))?;
         drop(memory);
         drop(permit);
-        crate::metrics::global().prompt_part("blocks");
+        if s.is_some() {
+            crate::metrics::global().prompt_part("blocks");
+        }
         let per_block = started.elapsed().as_secs_f64() / n as f64;
         next = ((part.as_secs_f64() / per_block.max(1e-9)) as usize).max(1);
         (cache, step) = (c, s);

@@ -199,21 +199,15 @@ impl BlockSpan {
     /// Of [`Self::step_memory_bytes`], the part that lives from a step's first block to
     /// its end when the step runs a few blocks at a time ([`Self::begin_in_blocks`]):
     /// the cache buffers it grows, its input and its hidden states between blocks, and
-    /// its attention mask. The rest ([`Self::step_working_bytes`]) lives within one
-    /// part.
+    /// its attention mask (bytes, or f32 in the additive form). The rest, `step_memory_bytes`
+    /// less this, is what one part's pass needs on top.
     pub fn step_held_bytes(&self, n_tokens: usize, past: usize) -> usize {
-        let (cache, _) = self.step_memory_terms(n_tokens, past);
+        let (cache, working) = self.step_memory_terms(n_tokens, past);
         let total = past.saturating_add(n_tokens);
         let hidden = n_tokens.saturating_mul(self.shared.cfg.hidden_size * 4);
-        cache
-            .saturating_add(hidden.saturating_mul(2))
-            .saturating_add(n_tokens.saturating_mul(total).saturating_mul(4))
-    }
-
-    /// Of [`Self::step_memory_bytes`], the working memory of one block's pass:
-    /// activations and attention.
-    pub fn step_working_bytes(&self, n_tokens: usize, past: usize) -> usize {
-        self.step_memory_terms(n_tokens, past).1
+        let mask = n_tokens.saturating_mul(total).saturating_mul(4);
+        // The input and the mask are in the working figure already: moved, not added.
+        cache.saturating_add(hidden.saturating_mul(2).saturating_add(mask).min(working))
     }
 
     /// [`Self::step_memory_bytes`] as the cache buffers a step grows and its working
