@@ -141,6 +141,10 @@ pub enum OpenError {
     /// The stream broke or ended before any answer, every time it was tried.
     #[error("{0}")]
     Broken(io::Error),
+    /// The first frame could not be made once the stream was open (its sender had no
+    /// time left to give the peer).
+    #[error("no time left to send the first frame")]
+    NoTime,
 }
 
 /// Opens a session stream to `peer`, sends `first` and reads the first answer, within
@@ -159,16 +163,25 @@ where
     Req: WireMessage + Clone,
     Resp: WireMessage,
 {
-    open_with_reply_made(net, peer, addrs, || first.clone(), open_timeout, timeout).await
+    open_with_reply_made(
+        net,
+        peer,
+        addrs,
+        || Some(first.clone()),
+        open_timeout,
+        timeout,
+    )
+    .await
 }
 
 /// [`open_with_reply`] with the first frame made by `first` once the stream is open (for
-/// a frame that says how long its sender will wait, counted from its sending).
+/// a frame that says how long its sender will wait, counted from its sending); `None`
+/// from `first` gives up with [`OpenError::NoTime`].
 pub async fn open_with_reply_made<Req, Resp>(
     net: &super::NetHandle,
     peer: PeerId,
     addrs: Vec<libp2p::Multiaddr>,
-    mut first: impl FnMut() -> Req,
+    mut first: impl FnMut() -> Option<Req>,
     open_timeout: Duration,
     timeout: Duration,
 ) -> Result<(FrameReader, FrameWriter, Resp), OpenError>
@@ -183,7 +196,10 @@ where
             .open_session_stream(peer, addrs.clone(), open_timeout)
             .await?;
         let (mut rx, mut tx) = split(stream, peer, net.stats().clone());
-        let answer = match tx.send(&first(), timeout).await {
+        let Some(first) = first() else {
+            return Err(OpenError::NoTime);
+        };
+        let answer = match tx.send(&first, timeout).await {
             Ok(()) => rx.recv_within::<Resp>(timeout).await,
             Err(e) => Err(e),
         };

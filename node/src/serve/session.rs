@@ -357,8 +357,8 @@ async fn open_next(
         .saturating_sub(LEAST_OPEN_WITHIN)
         .clamp(Duration::from_millis(1), OPEN_TIMEOUT);
     let make = || {
-        let within = next_within(answer_by, Instant::now()).unwrap_or(LEAST_OPEN_WITHIN);
-        InferRequest::Open {
+        let within = next_within(answer_by, Instant::now())?;
+        Some(InferRequest::Open {
             session: open.session,
             model_id: open.model_id,
             route: open.route.clone(),
@@ -370,7 +370,7 @@ async fn open_next(
             wire_dtype: open.wire_dtype,
             compute: open.compute.clone(),
             client: open.client.clone(),
-        }
+        })
     };
     // Dialing, sending and reading (and opening again a stream dropped unanswered) all
     // end by this hop's own deadline.
@@ -386,12 +386,26 @@ async fn open_next(
         ),
     )
     .await;
+    let no_time = || {
+        hop_failed(
+            open.session,
+            0,
+            open.hop,
+            &server.me,
+            ErrorCode::Busy,
+            "this server had no time left to open the rest of the route",
+        )
+    };
     let Ok(answer) = answer else {
         return Err(fail(
             ErrorCode::Timeout,
             format!("no answer to Open within {within:?}"),
         ));
     };
+    if let Err(stream::OpenError::NoTime) = answer {
+        // Dialing (again, after a stream dropped unanswered) took the next hop's share.
+        return Err(no_time());
+    }
     match answer {
         Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => Ok((rx, tx, free_tokens)),
         Ok((_, _, f @ InferResponse::HopFailed { .. })) => Err(f),
@@ -480,7 +494,22 @@ async fn run_session(
                 compute: &open.compute,
                 blocks: open.route[hop.index].blocks,
             };
-            match server.next_hops.addresses(&server.net, &want).await {
+            // The lookup comes out of this hop's share; the next hop needs the rest.
+            let lookup_by = answer_by
+                .checked_sub(ANSWER_MARGIN + LEAST_OPEN_WITHIN)
+                .unwrap_or(answer_by);
+            let found =
+                tokio::time::timeout_at(lookup_by, server.next_hops.addresses(&server.net, &want))
+                    .await;
+            let Ok(found) = found else {
+                let e = ProtocolError::new(
+                    ErrorCode::Busy,
+                    "this server had no time left to look up the next hop",
+                );
+                let _ = up_tx.send(&refuse(e), SEND_TIMEOUT).await;
+                return;
+            };
+            match found {
                 Ok(addrs) => {
                     hop.addrs = addrs;
                     Some(hop)
@@ -530,11 +559,20 @@ async fn run_session(
     let need = limits.max_tokens.saturating_mul(server.kv_per_token);
     let mut kv = server.kv_budget.try_take(need);
     // Full: make room by evicting idle sessions, the idlest first.
+    // Making room comes out of this hop's share too (a hop with a next one keeps what
+    // opening it needs).
+    let evict_by = if next.is_some() {
+        answer_by
+            .checked_sub(ANSWER_MARGIN + LEAST_OPEN_WITHIN)
+            .unwrap_or(answer_by)
+    } else {
+        answer_by
+    };
     while kv.is_none()
-        && Instant::now() < answer_by
+        && Instant::now() < evict_by
         && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some()
     {
-        let deadline = (Instant::now() + EVICT_WAIT).min(answer_by);
+        let deadline = (Instant::now() + EVICT_WAIT).min(evict_by);
         while kv.is_none() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
             kv = server.kv_budget.try_take(need);
