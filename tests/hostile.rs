@@ -296,7 +296,8 @@ fn hostile_peers_do_no_harm() {
             &max_memory,
             "--max-session-tokens",
             &tokens_cap.to_string(),
-            // Prompts whole: in parts, each part takes only its own working memory.
+            // Prompts whole: in parts, a prompt needs less at once (what it holds between
+            // parts and one part's working memory).
             "--prompt-part-ms",
             "0",
         ],

@@ -425,14 +425,21 @@ impl Parts {
     /// and values the blocks run so far wrote, the hidden states between blocks and the
     /// mask ([`BlockSpan::step_held_bytes`]; each part takes the rest of the step's
     /// figure).
+    ///
+    /// Less the input ([`input_bytes`]), which the step took before decoding it.
     fn held_bytes(&self, span: &BlockSpan, rows: usize, position: usize) -> usize {
+        let input = input_bytes(span, rows);
         match self {
-            Self::Rows(_) => rows
-                .saturating_mul(span.config().hidden_size)
-                .saturating_mul(4 * 3),
-            Self::Blocks(_) => span.step_held_bytes(rows, position),
+            Self::Rows(_) => input.saturating_mul(2),
+            Self::Blocks(_) => span.step_held_bytes(rows, position).saturating_sub(input),
         }
     }
+}
+
+/// Bytes of a step's input of `rows` rows, decoded (f32).
+pub(super) fn input_bytes(span: &BlockSpan, rows: usize) -> usize {
+    rows.saturating_mul(span.config().hidden_size)
+        .saturating_mul(4)
 }
 
 /// Takes, with a prompt's first part, what the prompt holds until its end
@@ -504,15 +511,14 @@ async fn in_rows(
             return Err(NotRun::Stopping(cache));
         };
         let need = server.span.step_memory_bytes(n, position + at);
-        let holding = held.is_some();
         let Some(memory) = part_memory(server, &mut held, whole, need) else {
+            // Reported with what the prompt held (given back by the time it is read).
             let _ = cache.truncate(before);
-            let need = if holding {
-                need
-            } else {
-                need.saturating_add(whole())
-            };
-            return Err(NotRun::OverBudget(cache, n, need));
+            return Err(NotRun::OverBudget(
+                cache,
+                rows,
+                need.saturating_add(whole()),
+            ));
         };
         let span = server.span.clone();
         let rows_here = input.narrow(1, at, n);
@@ -527,7 +533,9 @@ async fn in_rows(
         .map_err(|e| NotRun::Lost(e.to_string()))?;
         drop(memory);
         drop(permit);
-        crate::metrics::global().prompt_part("rows");
+        if out.is_ok() {
+            crate::metrics::global().prompt_part("rows");
+        }
         let per_row = started.elapsed().as_secs_f64() / n as f64;
         next = ((part.as_secs_f64() / per_row.max(1e-9)) as usize)
             .clamp(LEAST_PART_ROWS, MOST_PART_ROWS);
@@ -587,7 +595,8 @@ async fn in_blocks(
             .step_memory_bytes(rows, position)
             .saturating_sub(whole);
         let Some(memory) = part_memory(server, &mut held, || whole, need) else {
-            return Err(NotRun::OverBudget(give_up(step, cache), rows, need + whole));
+            let need = need.saturating_add(whole);
+            return Err(NotRun::OverBudget(give_up(step, cache), rows, need));
         };
         let span = server.span.clone();
         let n = next;

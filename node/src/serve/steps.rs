@@ -128,12 +128,11 @@ pub(super) async fn compute(
     };
     // The step's activations come out of the server's one memory budget (with the KV
     // caches), taken before its input is decoded, given back when it is done. A prompt
-    // in parts takes, with its first part's permit, what it holds until its end, and
-    // with each part that part's memory (see `batch::in_parts`).
-    let need = if parts.is_some() {
-        0
-    } else {
-        server.span.step_memory_bytes(rows, position as usize)
+    // in parts takes here its decoded input's share, and the rest with its parts' permits
+    // (see `batch::in_parts`).
+    let need = match parts {
+        None => server.span.step_memory_bytes(rows, position as usize),
+        Some(_) => batch::input_bytes(&server.span, rows),
     };
     let Some(_memory) = server.kv_budget.try_take(need) else {
         return (Some(cache), Err(over_budget(server, rows, need)));
