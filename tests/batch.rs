@@ -143,4 +143,54 @@ fn an_exact_server_computes_long_prompts_in_blocks_with_local_text() {
         metric_sample(&metrics, "pollen_prompt_parts_total{by=\"rows\"}").is_none(),
         "an exact-mode server split a prompt's rows"
     );
+
+    // A client that dies in the middle of a long prompt: the server stops at the next
+    // part (one block here) and frees the session, instead of computing the 30 blocks
+    // of a prompt nobody waits for.
+    let parts =
+        |text: &str| metric_sample(text, "pollen_prompt_parts_total{by=\"blocks\"}").unwrap_or(0.0);
+    let open = |text: &str| metric_sample(text, "pollen_sessions_open{side=\"server\"}");
+    let before = parts(&http_get_url(&url));
+    let long = "Pollen runs open language models across volunteers' machines. ".repeat(30);
+    let mut client = Command::new(pollen())
+        .args(["generate", "--threads", "1", "--max-tokens", "1"])
+        .args(["--weights", "exact", "--prompt", &long])
+        .arg("--model")
+        .arg(model())
+        .args(["--no-mdns", "--bootstrap", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while parts(&http_get_url(&url)) < before + 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the long prompt never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let killed = std::time::Instant::now();
+    loop {
+        let text = http_get_url(&url);
+        if open(&text) == Some(0.0) {
+            let done = parts(&text) - before;
+            eprintln!(
+                "a prompt whose client died: freed {:?} after, {done} of 30 blocks computed",
+                killed.elapsed()
+            );
+            assert!(
+                done < 25.0,
+                "{done} blocks computed for a client that had died"
+            );
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the session of a dead client is still open: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Environment variable standing for `pollen serve --max-batch`: how many decode steps
 /// one batch computes at most; `1` turns batching off (each step computes alone).
@@ -95,6 +96,9 @@ pub(super) enum NotRun {
     /// A part of a prompt (of this many rows) found the memory budget without room for
     /// its working memory (this many bytes): the cache is as before the step.
     OverBudget(SpanCache, usize, usize),
+    /// The hop before left between two parts of a prompt; the rest were not computed
+    /// and the cache is as before the step.
+    Gone(SpanCache),
 }
 
 /// A queued decode step.
@@ -473,10 +477,11 @@ pub(super) async fn in_parts(
     position: usize,
     cache: SpanCache,
     parts: Parts,
+    upstream_gone: &CancellationToken,
 ) -> Result<StepResult, NotRun> {
     match parts {
-        Parts::Rows(part) => in_rows(server, input, position, cache, part).await,
-        Parts::Blocks(part) => in_blocks(server, input, position, cache, part).await,
+        Parts::Rows(part) => in_rows(server, input, position, cache, part, upstream_gone).await,
+        Parts::Blocks(part) => in_blocks(server, input, position, cache, part, upstream_gone).await,
     }
 }
 
@@ -493,6 +498,7 @@ async fn in_rows(
     position: usize,
     mut cache: SpanCache,
     part: Duration,
+    upstream_gone: &CancellationToken,
 ) -> Result<StepResult, NotRun> {
     let rows = input.dim(1).unwrap_or(0);
     let before = cache.len();
@@ -504,6 +510,11 @@ async fn in_rows(
     while at < rows {
         if at > 0 {
             server.batch.make_way().await;
+            // Nobody waits for the rest: the hop before left.
+            if upstream_gone.is_cancelled() {
+                let _ = cache.truncate(before);
+                return Err(NotRun::Gone(cache));
+            }
         }
         let n = next.min(rows - at);
         let Ok(permit) = server.permits.acquire().await else {
@@ -571,6 +582,7 @@ async fn in_blocks(
     position: usize,
     mut cache: SpanCache,
     part: Duration,
+    upstream_gone: &CancellationToken,
 ) -> Result<StepResult, NotRun> {
     let rows = input.dim(1).unwrap_or(0);
     let mut step = None;
@@ -578,15 +590,19 @@ async fn in_blocks(
     let whole = Parts::Blocks(part).held_bytes(&server.span, rows, position);
     let mut held = None;
     loop {
-        if step.is_some() {
-            server.batch.make_way().await;
-        }
         let give_up = |step: Option<pollen_shard::llama::BlocksStep>, mut cache: SpanCache| {
             if let Some(step) = step {
                 server.span.abandon_blocks(step, &mut cache);
             }
             cache
         };
+        if step.is_some() {
+            server.batch.make_way().await;
+            // Nobody waits for the rest: the hop before left.
+            if upstream_gone.is_cancelled() {
+                return Err(NotRun::Gone(give_up(step, cache)));
+            }
+        }
         let Ok(permit) = server.permits.acquire().await else {
             return Err(NotRun::Stopping(give_up(step, cache)));
         };

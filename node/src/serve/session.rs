@@ -426,12 +426,18 @@ fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
     mut rx: FrameReader,
     depth: usize,
     max_bytes: usize,
+    ended: Option<CancellationToken>,
 ) -> mpsc::Receiver<std::io::Result<M>> {
     let (tx, out) = mpsc::channel(depth);
     tasks.spawn(async move {
         loop {
             let item = rx.recv_max::<M>(max_bytes).await;
             let end = item.is_err();
+            if end && let Some(ended) = &ended {
+                // Told at once, not when the session next reads: a step it is computing
+                // may stop early.
+                ended.cancel();
+            }
             if tx.send(item).await.is_err() || end {
                 break;
             }
@@ -599,7 +605,7 @@ async fn run_session(
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
-                    rx: pump(&mut tasks, rx, DOWN_DEPTH, DOWN_FRAME_MAX),
+                    rx: pump(&mut tasks, rx, DOWN_DEPTH, DOWN_FRAME_MAX, None),
                     tx,
                     hop,
                     waiting: VecDeque::new(),
@@ -632,7 +638,9 @@ async fn run_session(
         .saturating_mul(4)
         .saturating_add(FRAME_OVERHEAD)
         .min(open.budget.max_message_bytes as usize);
-    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4, frame_cap);
+    // Cancelled when the stream from the hop before ends (it left, or broke it).
+    let upstream_gone = CancellationToken::new();
+    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4, frame_cap, Some(upstream_gone.clone()));
     let mut cache = Some(server.span.new_cache(limits));
     let mut pace = batch::Pace::new(&server.batch);
     let mut attach: Option<FrameWriter> = None;
@@ -751,7 +759,7 @@ async fn run_session(
                         let _timer = crate::metrics::global().server_step(hop);
                         let Some(c) = cache.take() else { break End::Failed };
                         let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
-                        let (c, result) = compute(&server, c, &hidden, position, &mut pace).await;
+                        let (c, result) = compute(&server, c, &hidden, position, &mut pace, &upstream_gone).await;
                         cache = c;
                         let out = match result {
                             Ok(out) => out,

@@ -90,6 +90,7 @@ pub(super) async fn compute(
     hidden: &HiddenStates,
     position: u32,
     pace: &mut batch::Pace,
+    upstream_gone: &tokio_util::sync::CancellationToken,
 ) -> (
     Option<SpanCache>,
     Result<candle_core::Tensor, ProtocolError>,
@@ -167,7 +168,9 @@ pub(super) async fn compute(
     let joined = if batched || parts.is_some() {
         let position = position as usize;
         let run = match parts {
-            Some(part) => batch::in_parts(server, input, position, cache, part).await,
+            Some(part) => {
+                batch::in_parts(server, input, position, cache, part, upstream_gone).await
+            }
             None => batch::decode(server, input, position, cache, pace).await,
         };
         match run {
@@ -177,6 +180,12 @@ pub(super) async fn compute(
                 return (
                     Some(cache),
                     Err(ProtocolError::new(ErrorCode::Busy, "server stopping")),
+                );
+            }
+            Err(NotRun::Gone(cache)) => {
+                return (
+                    Some(cache),
+                    Err(ProtocolError::new(ErrorCode::Busy, "the hop before left")),
                 );
             }
             Err(NotRun::OverBudget(cache, rows, need)) => {
