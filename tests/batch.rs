@@ -28,15 +28,15 @@ fn all_at_once(f: impl Fn(&str, bool) -> String + Sync) -> Vec<String> {
     })
 }
 
-#[test]
-fn concurrent_clients_are_batched_and_get_their_local_text() {
-    let dir = temp_dir("batch");
-    let (_boot, addr) = bootstrap(&dir, false);
+/// A one-thread server of every block with `extra` arguments, batching by default and
+/// serving its metrics: it, its metrics address and its ready line.
+fn server(dir: &std::path::Path, addr: &str, extra: &[&str]) -> (Proc, String, String) {
     let mut cmd = Command::new(pollen());
     cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
+        .args(extra)
         .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
         .args(["--metrics", "127.0.0.1:0"])
-        .args(["--no-mdns", "--bootstrap", &addr])
+        .args(["--no-mdns", "--bootstrap", addr])
         .arg("--model")
         .arg(model())
         .arg("--identity")
@@ -51,6 +51,14 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
     let ready = server
         .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
         .unwrap();
+    (server, url, ready)
+}
+
+#[test]
+fn concurrent_clients_are_batched_and_get_their_local_text() {
+    let dir = temp_dir("batch");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let (_server, url, ready) = server(&dir, &addr, &[]);
     // The ready line names the kernel the fast mode runs on (this machine's, as here).
     let kernel = format!("kernel {}", pollen_shard::kernels::active_path());
     assert!(
@@ -104,25 +112,11 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
 fn an_exact_server_computes_long_prompts_in_blocks_with_local_text() {
     let dir = temp_dir("batch-exact");
     let (_boot, addr) = bootstrap(&dir, false);
-    let mut cmd = Command::new(pollen());
-    cmd.args(["serve", "--threads", "1", "--blocks", "0:30"])
-        .args(["--weights", "exact", "--prompt-part-ms", "1"])
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(["--metrics", "127.0.0.1:0"])
-        .args(["--no-mdns", "--bootstrap", &addr])
-        .arg("--model")
-        .arg(model())
-        .arg("--identity")
-        .arg(dir.join("server.key"));
-    let server = Proc::spawn("exact server 0:30", &mut cmd).unwrap();
-    let url = server
-        .line_with("metrics ", Duration::from_secs(60))
-        .unwrap()
-        .trim_start_matches("metrics ")
-        .to_string();
-    server
-        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
-        .unwrap();
+    let (_server, url, _) = server(
+        &dir,
+        &addr,
+        &["--weights", "exact", "--prompt-part-ms", "1"],
+    );
     let exact = ["--weights", "exact"];
     let tokens = 12;
     let local = all_at_once(|prompt, chat| generate_with(None, prompt, chat, tokens, &exact));

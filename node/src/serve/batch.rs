@@ -446,19 +446,63 @@ pub(super) fn input_bytes(span: &BlockSpan, rows: usize) -> usize {
         .saturating_mul(4)
 }
 
-/// Takes, with a prompt's first part, what the prompt holds until its end
-/// ([`Parts::held_bytes`]), and with every part that part's own `need`; `None` when
-/// the budget has no room for them.
-fn part_memory(
-    server: &Server,
-    held: &mut Option<super::sessions::BudgetGuard>,
-    whole: impl FnOnce() -> usize,
-    need: usize,
-) -> Option<super::sessions::BudgetGuard> {
-    if held.is_none() {
-        *held = Some(server.kv_budget.try_take(whole())?);
+/// Why the next part of a prompt does not run.
+enum NoTurn {
+    /// The hop before left: nobody waits for the rest.
+    Gone,
+    /// The server is stopping.
+    Stopping,
+    /// The budget had no room for this many bytes (the part's and what the prompt holds,
+    /// which is given back by the time the refusal is read).
+    OverBudget(usize),
+}
+
+impl NoTurn {
+    /// The answer for a prompt of `rows` rows refused so, its cache put back.
+    fn not_run(self, cache: SpanCache, rows: usize) -> NotRun {
+        match self {
+            Self::Gone => NotRun::Gone(cache),
+            Self::Stopping => NotRun::Stopping(cache),
+            Self::OverBudget(need) => NotRun::OverBudget(cache, rows, need),
+        }
     }
-    server.kv_budget.try_take(need)
+}
+
+/// A prompt part's turn: after the first part, the decode steps due go first
+/// ([`Queue::make_way`]); then the compute permit, and from the memory budget the part's
+/// `need` (with the first part also `whole`, what the prompt holds until its end:
+/// [`Parts::held_bytes`], kept in `held`).
+async fn part_turn<'a>(
+    server: &'a Server,
+    first: bool,
+    upstream_gone: &CancellationToken,
+    held: &mut Option<super::sessions::BudgetGuard>,
+    whole: usize,
+    need: usize,
+) -> Result<
+    (
+        tokio::sync::SemaphorePermit<'a>,
+        super::sessions::BudgetGuard,
+    ),
+    NoTurn,
+> {
+    if !first {
+        server.batch.make_way().await;
+        if upstream_gone.is_cancelled() {
+            return Err(NoTurn::Gone);
+        }
+    }
+    let permit = server
+        .permits
+        .acquire()
+        .await
+        .map_err(|_| NoTurn::Stopping)?;
+    let too_much = || NoTurn::OverBudget(need.saturating_add(whole));
+    if held.is_none() {
+        *held = Some(server.kv_budget.try_take(whole).ok_or_else(too_much)?);
+    }
+    let memory = server.kv_budget.try_take(need).ok_or_else(too_much)?;
+    Ok((permit, memory))
 }
 
 /// How a step of `rows` rows is split on a server splitting prompts as `parts`
@@ -505,31 +549,18 @@ async fn in_rows(
     let mut parts = Vec::new();
     let mut next = LEAST_PART_ROWS;
     let mut at = 0;
-    let whole = || Parts::Rows(part).held_bytes(&server.span, rows, position);
+    let whole = Parts::Rows(part).held_bytes(&server.span, rows, position);
     let mut held = None;
     while at < rows {
-        if at > 0 {
-            server.batch.make_way().await;
-            // Nobody waits for the rest: the hop before left.
-            if upstream_gone.is_cancelled() {
-                let _ = cache.truncate(before);
-                return Err(NotRun::Gone(cache));
-            }
-        }
         let n = next.min(rows - at);
-        let Ok(permit) = server.permits.acquire().await else {
-            let _ = cache.truncate(before);
-            return Err(NotRun::Stopping(cache));
-        };
         let need = server.span.step_memory_bytes(n, position + at);
-        let Some(memory) = part_memory(server, &mut held, whole, need) else {
-            // Reported with what the prompt held (given back by the time it is read).
-            let _ = cache.truncate(before);
-            return Err(NotRun::OverBudget(
-                cache,
-                rows,
-                need.saturating_add(whole()),
-            ));
+        let turn = part_turn(server, at == 0, upstream_gone, &mut held, whole, need).await;
+        let (permit, memory) = match turn {
+            Ok(t) => t,
+            Err(no) => {
+                let _ = cache.truncate(before);
+                return Err(no.not_run(cache, rows));
+            }
         };
         let span = server.span.clone();
         let rows_here = input.narrow(1, at, n);
@@ -588,31 +619,23 @@ async fn in_blocks(
     let mut step = None;
     let mut next = 1;
     let whole = Parts::Blocks(part).held_bytes(&server.span, rows, position);
+    // Every part runs all the rows: the same working memory each time.
+    let need = server
+        .span
+        .step_memory_bytes(rows, position)
+        .saturating_sub(whole);
     let mut held = None;
     loop {
-        let give_up = |step: Option<pollen_shard::llama::BlocksStep>, mut cache: SpanCache| {
-            if let Some(step) = step {
-                server.span.abandon_blocks(step, &mut cache);
+        let first = step.is_none();
+        let turn = part_turn(server, first, upstream_gone, &mut held, whole, need).await;
+        let (permit, memory) = match turn {
+            Ok(t) => t,
+            Err(no) => {
+                if let Some(step) = step {
+                    server.span.abandon_blocks(step, &mut cache);
+                }
+                return Err(no.not_run(cache, rows));
             }
-            cache
-        };
-        if step.is_some() {
-            server.batch.make_way().await;
-            // Nobody waits for the rest: the hop before left.
-            if upstream_gone.is_cancelled() {
-                return Err(NotRun::Gone(give_up(step, cache)));
-            }
-        }
-        let Ok(permit) = server.permits.acquire().await else {
-            return Err(NotRun::Stopping(give_up(step, cache)));
-        };
-        let need = server
-            .span
-            .step_memory_bytes(rows, position)
-            .saturating_sub(whole);
-        let Some(memory) = part_memory(server, &mut held, || whole, need) else {
-            let need = need.saturating_add(whole);
-            return Err(NotRun::OverBudget(give_up(step, cache), rows, need));
         };
         let span = server.span.clone();
         let n = next;
