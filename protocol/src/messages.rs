@@ -241,7 +241,9 @@ pub enum InferRequest {
         /// the next token), not every row of a prefill chunk.
         last_row_only: bool,
     },
-    /// Ends the session and frees its cache (passed on down the chain).
+    /// Ends the session and frees its cache (passed on down the chain). The session's
+    /// stream ending ends it too, closed for writing alone included: a server then stops
+    /// a prompt it computes in parts at the next part, and answers nothing more.
     Close {
         /// The session.
         session: SessionId,

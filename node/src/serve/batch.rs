@@ -440,6 +440,15 @@ impl Parts {
     }
 }
 
+/// Bytes each part of a step of `rows` rows at `position` computed by blocks takes with
+/// its permit: the step's figure less what the step holds throughout (its decoded input,
+/// taken before the first part, and [`Parts::held_bytes`]), so that the three shares add
+/// up to the step's whole figure ([`BlockSpan::step_memory_bytes`]).
+fn block_part_bytes(span: &BlockSpan, rows: usize, position: usize) -> usize {
+    span.step_memory_bytes(rows, position)
+        .saturating_sub(span.step_held_bytes(rows, position))
+}
+
 /// Bytes of a step's input of `rows` rows, decoded (f32).
 pub(super) fn input_bytes(span: &BlockSpan, rows: usize) -> usize {
     rows.saturating_mul(span.config().hidden_size)
@@ -471,7 +480,7 @@ impl NoTurn {
 /// A prompt part's turn: after the first part, the decode steps due go first
 /// ([`Queue::make_way`]); then the compute permit, and from the memory budget the part's
 /// `need` (with the first part also `whole`, what the prompt holds until its end:
-/// [`Parts::held_bytes`], kept in `held`).
+/// [`Parts::held_bytes`], kept in `held`). No turn once the hop before has left.
 async fn part_turn<'a>(
     server: &'a Server,
     first: bool,
@@ -488,15 +497,20 @@ async fn part_turn<'a>(
 > {
     if !first {
         server.batch.make_way().await;
-        if upstream_gone.is_cancelled() {
-            return Err(NoTurn::Gone);
-        }
+    }
+    // Checked before and after the wait for the permit: a step queued behind others may
+    // find its client gone by its turn.
+    if upstream_gone.is_cancelled() {
+        return Err(NoTurn::Gone);
     }
     let permit = server
         .permits
         .acquire()
         .await
         .map_err(|_| NoTurn::Stopping)?;
+    if upstream_gone.is_cancelled() {
+        return Err(NoTurn::Gone);
+    }
     let too_much = || NoTurn::OverBudget(need.saturating_add(whole));
     if held.is_none() {
         *held = Some(server.kv_budget.try_take(whole).ok_or_else(too_much)?);
@@ -620,10 +634,7 @@ async fn in_blocks(
     let mut next = 1;
     let whole = Parts::Blocks(part).held_bytes(&server.span, rows, position);
     // Every part runs all the rows: the same working memory each time.
-    let need = server
-        .span
-        .step_memory_bytes(rows, position)
-        .saturating_sub(whole);
+    let need = block_part_bytes(&server.span, rows, position);
     let mut held = None;
     loop {
         let first = step.is_none();
@@ -657,7 +668,7 @@ async fn in_blocks(
         .map_err(|e| NotRun::Lost(e.to_string()))?;
         drop(memory);
         drop(permit);
-        if s.is_some() {
+        if out.is_ok() {
             crate::metrics::global().prompt_part("blocks");
         }
         let per_block = started.elapsed().as_secs_f64() / n as f64;
@@ -1013,5 +1024,36 @@ mod tests {
         assert_eq!(Queue::new(&load(WeightMode::Fast), 0).max, 1);
         assert_eq!(Queue::new(&load(WeightMode::Fast), 1000).max, MOST_BATCH);
         assert_eq!(Queue::new(&load(WeightMode::Exact), 8).max, 1);
+    }
+
+    /// A prompt computed by blocks takes from the memory budget its decoded input, what it
+    /// holds from part to part and each part's working memory: together the step's whole
+    /// figure, not more (the input once), and each share something.
+    #[test]
+    fn a_prompt_by_blocks_takes_its_steps_figure_once() {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let file = pollen_shard::ModelFile::open(&model).unwrap();
+        let load = LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: WeightMode::Exact,
+        };
+        let range = pollen_shard::BlockRange { start: 0, end: 2 };
+        let span = BlockSpan::load(&file, range, &load, &mut |_, _| {}).unwrap();
+        assert!(span.splits_prompts_by_blocks());
+        let parts = Parts::Blocks(ms(100));
+        for (rows, position) in [(LEAST_PART_ROWS + 1, 0), (256, 0), (1000, 512)] {
+            let input = input_bytes(&span, rows);
+            let held = parts.held_bytes(&span, rows, position);
+            let part = block_part_bytes(&span, rows, position);
+            assert!(
+                input > 0 && held > 0 && part > 0,
+                "{rows} rows: {input} {held} {part}"
+            );
+            assert_eq!(
+                input + held + part,
+                span.step_memory_bytes(rows, position),
+                "{rows} rows at {position}"
+            );
+        }
     }
 }

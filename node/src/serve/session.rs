@@ -763,6 +763,10 @@ async fn run_session(
                         cache = c;
                         let out = match result {
                             Ok(out) => out,
+                            // Nobody is left to tell (a prompt in parts stops so).
+                            Err(_) if upstream_gone.is_cancelled() => {
+                                break End::UpstreamGone("stream ended during a step".into())
+                            }
                             Err(e) => {
                                 let fail = hop_failed(session, step, hop, &me, e.code, e.message);
                                 if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {

@@ -135,7 +135,7 @@ pub(super) async fn compute(
         None => server.span.step_memory_bytes(rows, position as usize),
         Some(_) => batch::input_bytes(&server.span, rows),
     };
-    let Some(_memory) = server.kv_budget.try_take(need) else {
+    let Some(memory) = server.kv_budget.try_take(need) else {
         return (Some(cache), Err(over_budget(server, rows, need)));
     };
     // On a GPU every device operation stays inside the compute task, under its one
@@ -188,7 +188,10 @@ pub(super) async fn compute(
                     Err(ProtocolError::new(ErrorCode::Busy, "the hop before left")),
                 );
             }
-            Err(NotRun::OverBudget(cache, rows, need)) => {
+            Err(NotRun::OverBudget(cache, rows, part)) => {
+                // What the step needed in all, against what is free once it gave it back.
+                drop(memory);
+                let need = need.saturating_add(part);
                 return (Some(cache), Err(over_budget(server, rows, need)));
             }
         }
