@@ -33,7 +33,8 @@ pub struct BackendArgs {
     /// CPU threads for the model's kernels. Default: every core this process may use.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Weights in memory: fast (default), exact, q8_0 or q4_0 (as for `pollen generate`).
+    /// Weights in memory: fast (default), exact, q8_0, q4_0, q4k or q6k (as for
+    /// `pollen generate`).
     #[arg(long, default_value = "fast")]
     pub weights: String,
     /// Hidden states on the wire: f32 (exact, default), f16 or bf16 (half the bytes).

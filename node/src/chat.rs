@@ -46,12 +46,12 @@ pub async fn run_cli(args: ChatArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatOptions {
     /// Most tokens in one answer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::serve::sessions::cli::max_tokens)]
     pub max_tokens: usize,
     /// Tokens the whole conversation (prompt and answer) may take; the oldest turns are
     /// dropped to stay within it. Capped at the model's context; the swarm's servers
     /// hold 2048 tokens per session unless they allow more.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::serve::sessions::cli::context_tokens)]
     pub context_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.2)]

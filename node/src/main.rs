@@ -209,9 +209,10 @@ struct ModelArgs {
     /// must not fight over cores), every core this process may use otherwise.
     #[arg(long)]
     threads: Option<usize>,
-    /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's AVX-512 VNNI
-    /// kernels (Q4_1 kept at 4 bits), and on a GPU runs as `exact`; `exact` keeps candle's
-    /// arithmetic bit for bit; `q8_0`/`q4_0` requantize types candle has no fast kernel for.
+    /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's own
+    /// kernels (AMX, AVX-512 VNNI, AVX2 or NEON, chosen at run time; Q4_1 kept at 4 bits),
+    /// and on a GPU runs as `exact`; `exact` keeps candle's arithmetic bit for bit; `q8_0`,
+    /// `q4_0`, `q4k` and `q6k` requantize (CPU only).
     #[arg(long, default_value = "fast")]
     weights: String,
 }

@@ -638,6 +638,12 @@ pub mod cli {
         in_range(s, "--max-tokens", 1, 32_768).map(|v| v as usize)
     }
 
+    /// Tokens a conversation may take: 1..=1,048,576 (capped at the model's context
+    /// anyway).
+    pub fn context_tokens(s: &str) -> Result<usize, String> {
+        in_range(s, "--context-tokens", 1, 1 << 20).map(|v| v as usize)
+    }
+
     /// An idle timeout in seconds: 1..=600 (the protocol's longest).
     pub fn idle_timeout(s: &str) -> Result<u64, String> {
         let max = u64::from(pollen_protocol::limits::MAX_IDLE_TIMEOUT_MS) / 1000;
