@@ -11,7 +11,7 @@ pub fn watch(stop: CancellationToken, kill: CancellationToken) {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         for n in 0..2 {
             #[cfg(unix)]
-            {
+            let what = {
                 let term_recv = async {
                     match term.as_mut() {
                         Some(t) => {
@@ -21,14 +21,17 @@ pub fn watch(stop: CancellationToken, kill: CancellationToken) {
                     }
                 };
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term_recv => {}
+                    _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                    _ = term_recv => "SIGTERM",
                 }
-            }
+            };
             #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
+            let what = {
+                let _ = tokio::signal::ctrl_c().await;
+                "Ctrl-C"
+            };
             if n == 0 {
-                eprintln!("stopping (a second Ctrl-C exits at once)");
+                eprintln!("stopping on {what} (a second {what} exits at once)");
                 stop.cancel();
             } else {
                 kill.cancel();
