@@ -15,11 +15,60 @@ use pollen_shard::generate::{GenerateParams, Generation};
 use pollen_shard::{LoadOptions, LocalModel, ModelFile, PollenTokenizer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Pieces of text a generation may have waiting for a slow reader before it pauses.
 const EVENT_BUFFER: usize = 64;
+
+/// How long a generation waits for a reader that takes nothing while its buffer is full
+/// (a client that stopped reading a streamed answer, its TCP window shut) before it
+/// ends and frees its slot and session.
+pub const READER_STALL: Duration = Duration::from_secs(30);
+
+/// Since when a generation's reader has left its buffer full, if it has: past
+/// [`READER_STALL`] the generation gives up on it.
+#[derive(Debug, Default)]
+struct Stall(Option<std::time::Instant>);
+
+impl Stall {
+    /// Notes a send that found the buffer full (`full`) or went through; `false` once
+    /// the reader has taken nothing for `within`.
+    fn bearable(&mut self, full: bool, within: Duration) -> bool {
+        if !full {
+            self.0 = None;
+            return true;
+        }
+        let since = *self.0.get_or_insert_with(std::time::Instant::now);
+        since.elapsed() < within
+    }
+}
+
+/// Sends `ev` from a blocking thread, waiting while the buffer is full, but not past
+/// `within` of a reader taking nothing, nor once `cancel` fires; `false` when it was not
+/// sent.
+fn blocking_send_within(
+    tx: &mpsc::Sender<GenEvent>,
+    mut ev: GenEvent,
+    within: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut stall = Stall::default();
+    loop {
+        match tx.try_send(ev) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if cancel.is_cancelled() || !stall.bearable(true, within) {
+                    return false;
+                }
+                ev = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
 
 /// What went wrong, in the categories an API answers with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -350,9 +399,15 @@ impl Backend {
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     let _open = crate::metrics::global().session(crate::metrics::Side::Client);
+                    // A reader that takes nothing for `READER_STALL` ends the generation.
                     let mut sink = |text: &str| {
                         !cancel.is_cancelled()
-                            && tx.blocking_send(GenEvent::Text(text.into())).is_ok()
+                            && blocking_send_within(
+                                &tx,
+                                GenEvent::Text(text.into()),
+                                READER_STALL,
+                                &cancel,
+                            )
                     };
                     let ev = match model.generate(&prompt, &params, &mut sink) {
                         Ok(g) => GenEvent::Done(g),
@@ -361,7 +416,7 @@ impl Backend {
                     if let GenEvent::Done(g) = &ev {
                         crate::metrics::global().tokens_generated(g.tokens.len());
                     }
-                    let _ = tx.blocking_send(ev);
+                    blocking_send_within(&tx, ev, READER_STALL, &cancel);
                 });
             }
             Engine::Swarm(client) => {
@@ -387,18 +442,20 @@ async fn swarm_generation(
     cancel: &CancellationToken,
 ) {
     // The sink is called from async code: it must not wait. Text the channel has no room
-    // for waits here (at most the answer's length) and goes first next time.
+    // for waits here (at most the answer's length) and goes first next time; a reader
+    // that takes nothing for `READER_STALL` ends the generation.
     let mut pending = String::new();
+    let mut stall = Stall::default();
     let mut sink = |text: &str| -> bool {
         if tx.is_closed() || cancel.is_cancelled() {
             return false;
         }
         pending.push_str(text);
         match tx.try_send(GenEvent::Text(std::mem::take(&mut pending))) {
-            Ok(()) => true,
+            Ok(()) => stall.bearable(false, READER_STALL),
             Err(mpsc::error::TrySendError::Full(GenEvent::Text(t))) => {
                 pending = t;
-                true
+                stall.bearable(true, READER_STALL)
             }
             Err(_) => false,
         }
@@ -412,20 +469,78 @@ async fn swarm_generation(
         tracing::debug!("generation cancelled; its session is closed");
         return;
     };
-    if !pending.is_empty() && tx.send(GenEvent::Text(pending)).await.is_err() {
+    if !pending.is_empty()
+        && tx
+            .send_timeout(GenEvent::Text(pending), READER_STALL)
+            .await
+            .is_err()
+    {
         return;
     }
     let ev = match result {
         Ok(g) => GenEvent::Done(g),
         Err(e) => GenEvent::Error(e.into()),
     };
-    let _ = tx.send(ev).await;
+    let _ = tx.send_timeout(ev, READER_STALL).await;
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A reader that stops taking events ends a generation after the stall limit (and
+    /// at once when cancelled); one that takes them, however late within it, does not.
+    #[test]
+    fn a_reader_that_takes_nothing_is_given_up_on() {
+        let within = Duration::from_millis(60);
+        let mut stall = Stall::default();
+        assert!(stall.bearable(false, within));
+        assert!(
+            stall.bearable(true, within),
+            "a full buffer is borne a while"
+        );
+        std::thread::sleep(within);
+        assert!(!stall.bearable(true, within), "not past the limit");
+        assert!(
+            stall.bearable(false, within),
+            "a send that goes through starts afresh"
+        );
+        assert!(stall.bearable(true, within));
+
+        let text = || GenEvent::Text("x".into());
+        let (tx, mut rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        assert!(blocking_send_within(&tx, text(), within, &cancel));
+        // Full, and nobody reads: given up after the limit, not before.
+        let t = std::time::Instant::now();
+        assert!(!blocking_send_within(&tx, text(), within, &cancel));
+        assert!(t.elapsed() >= within);
+        // A reader that takes one in time gets the next.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let first = rx.blocking_recv();
+            (first.is_some(), rx)
+        });
+        assert!(blocking_send_within(
+            &tx,
+            text(),
+            Duration::from_secs(10),
+            &cancel
+        ));
+        let (took, _rx) = reader.join().unwrap();
+        assert!(took);
+        // Cancelled: not sent, without waiting out the limit.
+        cancel.cancel();
+        let t = std::time::Instant::now();
+        assert!(!blocking_send_within(
+            &tx,
+            text(),
+            Duration::from_secs(10),
+            &cancel
+        ));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn client_errors_map_to_api_categories() {

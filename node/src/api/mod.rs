@@ -146,17 +146,33 @@ pub async fn serve(
     let shutdown = state.shutdown.clone();
     let app = crate::net::private::with_token(router(state), token);
     let app = with_host_check(app, bound).layer(axum::middleware::map_response(security_headers));
-    axum::serve(
+    let stopped = stop.clone();
+    let served = axum::serve(
         no_delay(listener),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        stop.cancelled().await;
+        stopped.cancelled().await;
         // Streams in flight end now; their sessions are freed.
         shutdown.cancel();
     })
-    .await
+    .into_future();
+    // A connection whose client reads nothing (its TCP window shut) would hold a
+    // graceful shutdown forever: past `SHUTDOWN_WAIT` the rest are dropped.
+    tokio::select! {
+        r = served => r,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_WAIT).await;
+        } => {
+            tracing::warn!("API connections still open {SHUTDOWN_WAIT:?} after stopping; dropping them");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stopping API server waits for its connections to finish their answers.
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -404,14 +404,17 @@ fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Runs `f` (rendering or tokenizing a prompt of up to the body limit) off the async
-/// runtime.
+/// runtime, in `slot`: the task holds the slot until it ends, so a client that hangs up
+/// while its prompt is tokenized frees the slot only when that work is done, and a flood
+/// of such requests costs at most one prompt's work per slot.
 async fn off_runtime<T: Send + 'static>(
+    slot: Slot,
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+) -> Result<(Slot, T), ApiError> {
+    let (slot, out) = tokio::task::spawn_blocking(move || (slot, f()))
         .await
-        .map_err(|e| ApiError::from(BackendError::Other(format!("a prompt task failed: {e}"))))?
-        .map_err(ApiError::from)
+        .map_err(|e| ApiError::from(BackendError::Other(format!("a prompt task failed: {e}"))))?;
+    Ok((slot, out?))
 }
 
 async fn chat(
@@ -426,7 +429,7 @@ async fn chat(
     // The slot first: rendering and tokenizing a long conversation is the costly part.
     let slot = state.backend.reserve()?;
     let st = state.clone();
-    let prompt = off_runtime(move || st.backend.chat_prompt(&msgs)).await?;
+    let (slot, prompt) = off_runtime(slot, move || st.backend.chat_prompt(&msgs)).await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_CHAT_TOKENS)?;
     let meta = meta(&state, Kind::Chat, &req.common);
     run(&state, slot, meta, prompt, p, req.common.stream).await
@@ -452,7 +455,7 @@ async fn completions(
     };
     let slot = state.backend.reserve()?;
     let st = state.clone();
-    let prompt = off_runtime(move || st.backend.text_prompt(&text)).await?;
+    let (slot, prompt) = off_runtime(slot, move || st.backend.text_prompt(&text)).await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_COMPLETION_TOKENS)?;
     let meta = meta(&state, Kind::Completion, &req.common);
     run(&state, slot, meta, prompt, p, req.common.stream).await
@@ -652,4 +655,47 @@ fn sse(meta: Meta, first: GenEvent, gen_stream: GenStream) -> impl IntoResponse 
         Some((Ok(event), (meta, next, rx, first)))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::backend::Backend;
+    use std::time::Duration;
+
+    /// A client that hangs up while its prompt is tokenized does not free its slot before
+    /// that work ends: hanging up in a loop cannot start more prompts' work than there
+    /// are slots.
+    #[tokio::test]
+    async fn a_prompt_being_tokenized_keeps_its_slot_after_its_client_left() {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let load = pollen_shard::LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: pollen_shard::WeightMode::Fast,
+        };
+        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let (go, wait) = std::sync::mpsc::sync_channel::<()>(1);
+        let work = off_runtime(backend.reserve().unwrap(), move || {
+            wait.recv().ok();
+            Ok(())
+        });
+        let request = tokio::spawn(work);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        assert!(
+            backend.reserve().is_err(),
+            "the slot is the work's until it ends"
+        );
+        go.send(()).unwrap();
+        let freed = async {
+            while backend.reserve().is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), freed)
+            .await
+            .expect("the slot is free once the work ended");
+    }
 }
