@@ -377,6 +377,29 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
         ]);
         assert_eq!(code, 401, "{path}: {body}");
     }
+    // The page opened with the token in its query: its answer sets the token as a
+    // cookie, which the browser's next requests (style, script, data) carry; a query
+    // token is percent-decoded, a wrong cookie is refused.
+    let jar = dir.join("cookies");
+    let jar = jar.to_str().unwrap();
+    let (code, body) = curl_code(&["-c", jar, &format!("{base}/?token={TOKEN}")]);
+    assert_eq!(code, 200, "{body}");
+    let cookies = std::fs::read_to_string(jar).unwrap();
+    assert!(
+        cookies.contains("#HttpOnly_") && cookies.contains(TOKEN),
+        "{cookies}"
+    );
+    for path in ["/app.js", "/style.css", "/api/swarm", "/v1/models"] {
+        let (code, body) = curl_code(&["-b", jar, &format!("{base}{path}")]);
+        assert_eq!(code, 200, "{path} with the cookie: {body}");
+    }
+    let encoded = TOKEN.replace('-', "%2D");
+    let (code, body) = curl_code(&[&format!("{base}/v1/models?token={encoded}")]);
+    assert_eq!(code, 200, "{body}");
+    let wrong = "Cookie: pollen_token=wrong-token-wrong-token";
+    let (code, body) = curl_code(&["-H", wrong, &format!("{base}/v1/models")]);
+    assert_eq!(code, 401, "{body}");
+
     let (code, body) = curl_code(&["-H", &auth, &format!("{base}/v1/models")]);
     assert_eq!(code, 200, "{body}");
     let models: Value = serde_json::from_str(&body).unwrap();

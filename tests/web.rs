@@ -109,6 +109,46 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     let bar: Vec<u64> = serde_json::from_value(first["bar"].clone()).unwrap();
     assert_eq!(bar, vec![1; 30], "{first}");
 
+    // Behind a token, the page opened as `/?token=TOKEN` works the same: its script,
+    // style and calls carry the token as the cookie the first answer set.
+    const TOKEN: &str = "a-token-for-the-web-page";
+    let mut cmd = Command::new(pollen());
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--no-mdns", "--bootstrap", &mesh.addr, "--route-wait", "3"])
+        .args(["--http-token", TOKEN])
+        .arg("--model")
+        .arg(model());
+    let token_api = Proc::spawn("api with a token", &mut cmd).unwrap();
+    let token_base = token_api
+        .line_with("api http://", Duration::from_secs(120))
+        .unwrap()
+        .trim_start_matches("api ")
+        .trim()
+        .to_string();
+    let token_shot = dir.join("web-token.png");
+    let out = Command::new(&py)
+        .arg(venv::scripts().join("web_check.py"))
+        .args([&browser, &format!("{token_base}/?token={TOKEN}"), QUESTION])
+        .args([&TOKENS.to_string(), token_shot.to_str().unwrap(), "once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_page: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(token_page["errors"], json!([]), "{token_page}");
+    assert_eq!(
+        token_page["answer"].as_str().unwrap(),
+        api_answer,
+        "{token_page}"
+    );
+    let bar: Vec<u64> = serde_json::from_value(token_page["bar"].clone()).unwrap();
+    assert_eq!(bar, vec![1; 30], "{token_page}");
+    drop(token_api);
+
     // Stop the server of blocks 0:10: its announcement lapses and the bar shows the gap.
     mesh.servers[0].0.kill9();
     writeln!(page.stdin.take().unwrap(), "stopped").unwrap();
@@ -126,5 +166,6 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     assert!(requested.iter().any(|u| u.ends_with("/app.js")));
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
     eprintln!("screenshot: {}", shot.display());
+
     mesh.stop(Duration::from_secs(5));
 }

@@ -1,12 +1,13 @@
 """Drives Pollen's web page in headless Chromium through the DevTools protocol.
 
-usage: web_check.py CHROMIUM PAGE_URL QUESTION MAX_TOKENS SCREENSHOT
+usage: web_check.py CHROMIUM PAGE_URL QUESTION MAX_TOKENS SCREENSHOT [once]
 
 Types QUESTION into the chat and presses Enter, watches the answer stream in, and
 prints one JSON line: the answer, the partial texts seen while it streamed, and the
 swarm bar's per-block server counts. Then it waits for a line on stdin (a server was
 stopped), watches the bar until it changes, saves a screenshot, and prints a second
-JSON line with the new counts and every URL the page requested.
+JSON line with the new counts and every URL the page requested. With `once`, it
+stops after the first line.
 """
 
 import base64
@@ -116,6 +117,17 @@ print(json.dumps({"answer": partials[-1] if partials else "", "partials": partia
                   "errors": errors, "bar": bar_before,
                   "status": js("document.getElementById('chat-status').textContent")}), flush=True)
 
+def close():
+    ws.close()
+    browser.kill()
+    browser.wait()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+if sys.argv[6:7] == ["once"]:
+    close()
+    sys.exit(0)
+
 sys.stdin.readline()
 deadline = time.time() + 60
 bar_after = bar_before
@@ -130,7 +142,4 @@ with open(screenshot, "wb") as f:
     f.write(base64.b64decode(png))
 rows = js("document.querySelectorAll('#models tbody tr').length")
 print(json.dumps({"bar": bar_after, "rows": rows, "requested": requested}), flush=True)
-ws.close()
-browser.kill()
-browser.wait()
-shutil.rmtree(profile, ignore_errors=True)
+close()
