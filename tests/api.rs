@@ -4,7 +4,8 @@
 //! statuses. A client that hangs up mid-stream frees its session on every server, and a
 //! swarm that lacks blocks answers 503. `--local` serves the same text. A private mesh's
 //! API refuses an open address without a token, and with one answers 401 without it;
-//! bodies that are not JSON get 415 and foreign host names (DNS rebinding) 403.
+//! bodies that are not JSON get 415 and foreign host names (DNS rebinding) 403. A
+//! request head that never ends is cut off after the head limit.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -470,4 +471,36 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
         &format!("{base}/v1/models"),
     ]);
     assert_eq!(code, 200, "{body}");
+}
+
+/// A client that sends a request's head a piece at a time and never ends it is cut off
+/// after the head limit (the token, if any, is checked only once a head has arrived),
+/// and others are answered meanwhile.
+#[test]
+fn a_head_that_never_ends_is_cut_off() {
+    use pollen_node::http_listener::Limits;
+    let (_api, base) = start_api(&["--local"]);
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (code, body) = curl_code(&[&format!("{base}/v1/models")]);
+    assert_eq!(code, 200, "{body}");
+    let limit = Limits::default().head;
+    slow.set_read_timeout(Some(limit * 2)).unwrap();
+    let mut got = Vec::new();
+    // Another header line now and then does not buy it time.
+    let _ = slow.write_all(b"X-Slow: 1\r\n");
+    let end = slow.read_to_end(&mut got);
+    let waited = started.elapsed();
+    assert!(
+        end.is_ok() || matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "closed by the server, not timed out here: {end:?} after {waited:?}"
+    );
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        waited >= limit - Duration::from_secs(1) && waited < limit + Duration::from_secs(10),
+        "{waited:?}"
+    );
 }

@@ -216,7 +216,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
         let app = crate::net::private::with_token(app, cfg.http_token.clone());
         let stop_http = stop.clone();
         http_task = Some(tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let _ = axum::serve(crate::http_listener::guarded(listener), app)
                 .with_graceful_shutdown(async move { stop_http.cancelled().await })
                 .await;
         }));

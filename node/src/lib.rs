@@ -23,6 +23,7 @@ pub mod demo;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod fetch;
+pub mod http_listener;
 pub mod manifest;
 pub mod mesh;
 pub mod model;

@@ -365,7 +365,7 @@ pub async fn listen(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router()).await {
+        if let Err(e) = axum::serve(crate::http_listener::guarded(listener), router()).await {
             tracing::warn!("the metrics listener stopped: {e}");
         }
     });

@@ -116,23 +116,6 @@ pub fn with_host_check(router: Router, bound: SocketAddr) -> Router {
     ))
 }
 
-/// Sets TCP_NODELAY on an accepted connection.
-fn set_no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!("cannot set TCP_NODELAY on an API connection: {e}");
-    }
-}
-
-/// `listener`, with TCP_NODELAY on every connection it accepts. A streamed answer is one
-/// small write per token: with Nagle's algorithm each write waits until the client
-/// acknowledges the one before, and a client that only reads acknowledges late (delayed
-/// ACKs, up to 40 ms on Linux), so tokens would reach it in bursts and the last one late.
-pub fn no_delay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    axum::serve::ListenerExt::tap_io(listener, set_no_delay as fn(&mut _))
-}
-
 /// Serves `state` on `listener` until `stop` fires. With `token`, every route answers
 /// 401 without it (`Authorization: Bearer TOKEN` or `?token=TOKEN`); on a loopback
 /// listener, requests for foreign host names get 403 ([`with_host_check`]).
@@ -148,7 +131,7 @@ pub async fn serve(
     let app = with_host_check(app, bound).layer(axum::middleware::map_response(security_headers));
     let stopped = stop.clone();
     let served = axum::serve(
-        no_delay(listener),
+        crate::http_listener::guarded(listener),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
@@ -177,23 +160,6 @@ pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 #[cfg(test)]
 mod tests {
     use super::host_allowed;
-
-    #[tokio::test]
-    async fn api_connections_send_each_write_at_once() {
-        use axum::serve::Listener;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bound");
-        let addr = listener.local_addr().expect("address");
-        let mut listener = super::no_delay(listener);
-        let client = tokio::net::TcpStream::connect(addr);
-        let ((accepted, _), client) = tokio::join!(listener.accept(), client);
-        client.expect("connected");
-        assert!(
-            accepted.nodelay().expect("readable option"),
-            "Nagle's algorithm would hold streamed tokens back"
-        );
-    }
 
     #[test]
     fn loopback_listeners_refuse_foreign_host_names() {

@@ -1,0 +1,514 @@
+//! The TCP listener of Pollen's HTTP servers (the API and its page, a bootstrap's page,
+//! `/metrics`), with the limits axum's own leaves out.
+//!
+//! A token, when one is required, is checked only once a request's head has arrived,
+//! and axum serves connections without hyper's timer, so without limits here a client
+//! could open connections until the process runs out of file descriptors (and with
+//! them the swarm client's sockets), or keep each open for ever by sending a request's
+//! head a byte at a time. So: at most [`Limits::connections`] connections at once
+//! (past it, accepting waits), at most [`Limits::per_ip`] from one address (past it, a
+//! new one is closed at once), a request head must arrive whole within
+//! [`Limits::head`] of its first byte (or of the connection's start), and a connection
+//! idle between requests is closed after [`Limits::idle`]. Once a head has arrived,
+//! nothing is timed here: a long answer computed before its first byte is written, or
+//! streamed, is the handlers' business.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// The limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once.
+    pub connections: usize,
+    /// Connections open at once from one IP address.
+    pub per_ip: usize,
+    /// How long a request head may take to arrive, from its first byte (a new
+    /// connection's first head: from the connection's start).
+    pub head: Duration,
+    /// How long a connection may wait, after an answer, for the next request's first
+    /// byte.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 512,
+            per_ip: 64,
+            head: Duration::from_secs(20),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A TCP listener for `axum::serve` that keeps to [`Limits`]. ([`guarded`] also sets
+/// `TCP_NODELAY`: a streamed answer is one small write per token, and with Nagle's
+/// algorithm each would wait for the client's late acknowledgement of the one before.)
+#[derive(Debug)]
+pub struct GuardedListener {
+    inner: TcpListener,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl GuardedListener {
+    /// `inner` under `limits`.
+    pub fn new(inner: TcpListener, limits: Limits) -> Self {
+        Self {
+            inner,
+            limits,
+            slots: Arc::new(Semaphore::new(limits.connections.max(1))),
+            per_ip: Arc::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`, unless it has its share open already.
+    fn admit(&self, ip: IpAddr) -> Option<IpShare> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.limits.per_ip.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(IpShare {
+            ip,
+            map: self.per_ip.clone(),
+        })
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // The semaphore is never closed.
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            let (tcp, addr) = match self.inner.accept().await {
+                Ok(t) => t,
+                Err(e) => {
+                    // As axum's own listener: connection errors are the client's,
+                    // others (out of descriptors) pass with time.
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::warn!("accepting an HTTP connection: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            };
+            let Some(share) = self.admit(addr.ip()) else {
+                // Said in HTTP where the socket takes it at once (a new socket's buffer
+                // is empty), never waited for.
+                let _ = tcp.try_write(TOO_MANY);
+                tracing::debug!(
+                    "closed an HTTP connection from {}: it has {} open",
+                    addr.ip(),
+                    self.limits.per_ip
+                );
+                continue;
+            };
+            let io = Guarded::new(tcp, self.limits, Some((slot, share)));
+            return (io, addr);
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The answer to a connection past its address's share, before it is closed.
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n\
+content-length: 45\r\nconnection: close\r\n\r\ntoo many connections open from this address\r\n";
+
+/// One connection's place in its address's count.
+#[derive(Debug)]
+pub struct IpShare {
+    ip: IpAddr,
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for IpShare {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Where a connection is in its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head (or waiting for a new connection's first): it must end
+    /// by the deadline.
+    Head,
+    /// A head has arrived: its body and answer are the handlers' business.
+    Served,
+    /// An answer was written and nothing read since: the next request must begin by
+    /// the deadline.
+    Idle,
+}
+
+/// An accepted connection under [`Limits`]. Reads fail with `TimedOut` past the
+/// deadline of its phase; a head ends at its first empty line (`\r\n\r\n`).
+#[derive(Debug)]
+pub struct Guarded<T> {
+    io: T,
+    limits: Limits,
+    phase: Phase,
+    deadline: Pin<Box<Sleep>>,
+    /// The last bytes read, to find a head's end across reads.
+    tail: u32,
+    _held: Option<(OwnedSemaphorePermit, IpShare)>,
+}
+
+impl<T> Guarded<T> {
+    /// `io`, its first head due within `limits.head`; `held` is released with it.
+    pub fn new(io: T, limits: Limits, held: Option<(OwnedSemaphorePermit, IpShare)>) -> Self {
+        Self {
+            io,
+            limits,
+            phase: Phase::Head,
+            deadline: Box::pin(tokio::time::sleep(limits.head)),
+            tail: 0,
+            _held: held,
+        }
+    }
+
+    /// The connection itself.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    fn due_in(&mut self, d: Duration) {
+        self.deadline.as_mut().reset(Instant::now() + d);
+    }
+
+    /// Takes note of `bytes` just read.
+    fn took(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.phase == Phase::Idle {
+            // The next request's first byte: its head is due.
+            self.phase = Phase::Head;
+            self.tail = 0;
+            let head = self.limits.head;
+            self.due_in(head);
+        }
+        if self.phase == Phase::Head {
+            for &b in bytes {
+                self.tail = (self.tail << 8) | u32::from(b);
+                if self.tail == u32::from_be_bytes(*b"\r\n\r\n") {
+                    self.phase = Phase::Served;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes note of `bytes` written: an answer, so the connection idles after it; not
+    /// an interim `100 Continue`, after which the request's body comes.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if bytes.starts_with(b"HTTP/1.1 100 ") {
+            return;
+        }
+        if self.phase != Phase::Head {
+            self.phase = Phase::Idle;
+            let idle = self.limits.idle;
+            self.due_in(idle);
+        }
+    }
+
+    /// Whether the phase's deadline has passed (registering `cx` for it otherwise).
+    fn late(&mut self, cx: &mut Context<'_>) -> bool {
+        self.phase != Phase::Served && self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.took(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if this.late(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                match this.phase {
+                    Phase::Head => "a request head did not arrive in time",
+                    _ => "idle after an answer",
+                },
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote(buf);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            this.wrote(first);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Sets `TCP_NODELAY` on an accepted connection.
+fn no_delay(io: &mut Guarded<TcpStream>) {
+    if let Err(e) = io.get_ref().set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+    }
+}
+
+/// What [`guarded`] gives: axum's tap over the listener (through which axum's
+/// `ConnectInfo<SocketAddr>` reaches handlers).
+pub type Served = axum::serve::TapIo<GuardedListener, fn(&mut Guarded<TcpStream>)>;
+
+/// `listener` under `limits`, with `TCP_NODELAY` on every connection.
+pub fn guarded_with(listener: TcpListener, limits: Limits) -> Served {
+    axum::serve::ListenerExt::tap_io(
+        GuardedListener::new(listener, limits),
+        no_delay as fn(&mut _),
+    )
+}
+
+/// `listener` under the default [`Limits`], with `TCP_NODELAY` on every connection.
+pub fn guarded(listener: TcpListener) -> Served {
+    guarded_with(listener, Limits::default())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> Limits {
+        Limits {
+            connections: 4,
+            per_ip: 2,
+            head: Duration::from_secs(20),
+            idle: Duration::from_secs(60),
+        }
+    }
+
+    /// The server's end of a connection under `limits()`, and the client's.
+    fn pair() -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(1 << 16);
+        (Guarded::new(server, limits(), None), client)
+    }
+
+    async fn read_some(g: &mut Guarded<tokio::io::DuplexStream>) -> io::Result<usize> {
+        let mut buf = [0u8; 256];
+        g.read(&mut buf).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_sent_a_byte_at_a_time_is_cut_off() {
+        let (mut server, mut client) = pair();
+        let started = Instant::now();
+        let trickle = async move {
+            for b in b"GET / HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+                if client.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let reader = async {
+            loop {
+                if let Err(e) = read_some(&mut server).await {
+                    return e;
+                }
+            }
+        };
+        let e = tokio::select! {
+            e = reader => e,
+            () = trickle => unreachable!("the client writes until refused"),
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), limits().head);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_a_head_arrives_nothing_is_timed_until_the_answer() {
+        let (mut server, mut client) = pair();
+        client
+            .write_all(b"POST /v1/x HTTP/1.1\r\nHost: x\r\n\r\n{}")
+            .await
+            .unwrap();
+        assert!(read_some(&mut server).await.unwrap() > 0);
+        // An answer computed for ten minutes before its first byte: not cut.
+        let waited = tokio::time::timeout(Duration::from_secs(600), read_some(&mut server)).await;
+        assert!(waited.is_err(), "the read is still pending: {waited:?}");
+        // Answered: idle from then on, closed after `idle` without a next request.
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let t = Instant::now();
+        let e = read_some(&mut server).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), limits().idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_next_request_begun_in_time_gets_its_own_head_deadline() {
+        let (mut server, mut client) = pair();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_some(&mut server).await.unwrap();
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        tokio::time::sleep(limits().idle - Duration::from_secs(1)).await;
+        client.write_all(b"GET /a").await.unwrap();
+        read_some(&mut server).await.unwrap();
+        let t = Instant::now();
+        let e = read_some(&mut server).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), limits().head);
+        // A head split across reads still ends where its empty line is.
+        let (mut server, mut client) = pair();
+        for part in [&b"GET / HTTP/1.1\r\n"[..], b"\r", b"\n"] {
+            client.write_all(part).await.unwrap();
+            read_some(&mut server).await.unwrap();
+        }
+        let waited = tokio::time::timeout(Duration::from_secs(600), read_some(&mut server)).await;
+        assert!(waited.is_err(), "served, not timed: {waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_after_100_continue_is_not_a_head() {
+        let (mut server, mut client) = pair();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        read_some(&mut server).await.unwrap();
+        server
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(b"{\"a\": 1}").await.unwrap();
+        read_some(&mut server).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(600), read_some(&mut server)).await;
+        assert!(waited.is_err(), "served, not timed: {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_in_all_and_per_address() {
+        use axum::serve::Listener;
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = guarded_with(tcp, limits());
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (io, _) = listener.accept().await;
+            assert!(io.get_ref().nodelay().unwrap());
+            open.push((client, io));
+        }
+        // A third from the same address is closed at once; accepting goes on.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "nothing else to accept");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, TOO_MANY, "a 429, then closed");
+        let (head, body) = std::str::from_utf8(TOO_MANY)
+            .unwrap()
+            .split_once("\r\n\r\n")
+            .unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        // One closed, one more comes in.
+        drop(open.pop());
+        let _fourth = TcpStream::connect(addr).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
+        assert!(accepted.is_ok(), "its share was given back");
+        // In all: past `connections`, accepting waits.
+        let all = guarded_with(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            Limits {
+                connections: 1,
+                per_ip: 8,
+                ..limits()
+            },
+        );
+        let addr = all.local_addr().unwrap();
+        let mut all = all;
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let first = all.accept().await;
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(300), all.accept()).await;
+        assert!(second.is_err(), "waits while one is open");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), all.accept()).await;
+        assert!(second.is_ok());
+    }
+}
