@@ -383,11 +383,31 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
     // token is percent-decoded, a wrong cookie is refused.
     let jar = dir.join("cookies");
     let jar = jar.to_str().unwrap();
-    let (code, body) = curl_code(&["-c", jar, &format!("{base}/?token={TOKEN}")]);
-    assert_eq!(code, 200, "{body}");
+    let head = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-c",
+        jar,
+        &format!("{base}/?token={TOKEN}"),
+    ]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let set = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie set: {head}"));
+    // Named after the token's hash (pages on other ports of the host keep theirs).
+    let (name, rest) = set.split_once('=').unwrap();
+    assert!(name.starts_with("pollen_token_"), "{set}");
+    assert!(
+        rest.starts_with(&format!("{TOKEN}; "))
+            && set.ends_with("; Path=/; HttpOnly; SameSite=Strict"),
+        "{set}"
+    );
     let cookies = std::fs::read_to_string(jar).unwrap();
     assert!(
-        cookies.contains("#HttpOnly_") && cookies.contains(TOKEN),
+        cookies.contains("#HttpOnly_") && cookies.contains(name),
         "{cookies}"
     );
     for path in ["/app.js", "/style.css", "/api/swarm", "/v1/models"] {
@@ -397,9 +417,20 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
     let encoded = TOKEN.replace('-', "%2D");
     let (code, body) = curl_code(&[&format!("{base}/v1/models?token={encoded}")]);
     assert_eq!(code, 200, "{body}");
-    let wrong = "Cookie: pollen_token=wrong-token-wrong-token";
-    let (code, body) = curl_code(&["-H", wrong, &format!("{base}/v1/models")]);
+    let wrong = format!("Cookie: {name}=wrong-token-wrong-token");
+    let (code, body) = curl_code(&["-H", &wrong, &format!("{base}/v1/models")]);
     assert_eq!(code, 401, "{body}");
+    // No cookie for a request that did not bring the token in its query.
+    let head = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        &auth,
+        &format!("{base}/"),
+    ]);
+    assert!(!head.contains("set-cookie"), "{head}");
 
     let (code, body) = curl_code(&["-H", &auth, &format!("{base}/v1/models")]);
     assert_eq!(code, 200, "{body}");

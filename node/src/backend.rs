@@ -399,17 +399,25 @@ impl Backend {
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     let _open = crate::metrics::global().session(crate::metrics::Side::Client);
-                    // A reader that takes nothing for `READER_STALL` ends the generation.
+                    // A reader that takes nothing for `READER_STALL` ends the generation,
+                    // and gets no end as if the answer were whole.
+                    let mut gave_up = false;
                     let mut sink = |text: &str| {
-                        !cancel.is_cancelled()
+                        let sent = !cancel.is_cancelled()
                             && blocking_send_within(
                                 &tx,
                                 GenEvent::Text(text.into()),
                                 READER_STALL,
                                 &cancel,
-                            )
+                            );
+                        gave_up |= !sent;
+                        sent
                     };
-                    let ev = match model.generate(&prompt, &params, &mut sink) {
+                    let result = model.generate(&prompt, &params, &mut sink);
+                    if gave_up {
+                        return;
+                    }
+                    let ev = match result {
                         Ok(g) => GenEvent::Done(g),
                         Err(e) => GenEvent::Error(e.into()),
                     };
@@ -446,19 +454,22 @@ async fn swarm_generation(
     // that takes nothing for `READER_STALL` ends the generation.
     let mut pending = String::new();
     let mut stall = Stall::default();
+    let mut gave_up = false;
     let mut sink = |text: &str| -> bool {
         if tx.is_closed() || cancel.is_cancelled() {
             return false;
         }
         pending.push_str(text);
-        match tx.try_send(GenEvent::Text(std::mem::take(&mut pending))) {
+        let go_on = match tx.try_send(GenEvent::Text(std::mem::take(&mut pending))) {
             Ok(()) => stall.bearable(false, READER_STALL),
             Err(mpsc::error::TrySendError::Full(GenEvent::Text(t))) => {
                 pending = t;
                 stall.bearable(true, READER_STALL)
             }
             Err(_) => false,
-        }
+        };
+        gave_up |= !go_on;
+        go_on
     };
     let result = tokio::select! {
         r = client.generate(prompt, params, &mut sink) => Some(r),
@@ -469,6 +480,11 @@ async fn swarm_generation(
         tracing::debug!("generation cancelled; its session is closed");
         return;
     };
+    if gave_up {
+        // Its reader stalled: no end as if the answer were whole.
+        tracing::debug!("generation given up: its reader took nothing for {READER_STALL:?}");
+        return;
+    }
     if !pending.is_empty()
         && tx
             .send_timeout(GenEvent::Text(pending), READER_STALL)

@@ -222,8 +222,15 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
         }));
     }
     stop.cancelled().await;
-    if let Some(t) = http_task {
-        let _ = t.await;
+    if let Some(t) = http_task
+        && tokio::time::timeout(crate::http_listener::SHUTDOWN_WAIT, t)
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "page connections still open {:?} after stopping; dropping them",
+            crate::http_listener::SHUTDOWN_WAIT
+        );
     }
     net_cancel.cancel();
     let _ = net_task.await;

@@ -26,6 +26,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+/// How long a stopping HTTP server waits for its connections to finish their answers
+/// (a client that reads nothing would hold a graceful shutdown for ever).
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -174,16 +178,46 @@ enum Phase {
     Idle,
 }
 
+/// Finds where a request head ends, a byte at a time, as HTTP/1 parsers read one: at
+/// its first empty line (`\r\n` or a bare `\n`) after some text; empty lines before
+/// the request line are skipped, as parsers skip them, so they end nothing.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Some text of the head was read.
+    text: bool,
+    /// The line being read has text.
+    line: bool,
+}
+
+impl HeadScan {
+    /// Reads `b`; whether it ends the head.
+    fn ends_with(&mut self, b: u8) -> bool {
+        match b {
+            b'\n' if self.text && !self.line => true,
+            b'\n' => {
+                self.line = false;
+                false
+            }
+            b'\r' => false,
+            _ => {
+                self.text = true;
+                self.line = true;
+                false
+            }
+        }
+    }
+}
+
 /// An accepted connection under [`Limits`]. Reads fail with `TimedOut` past the
-/// deadline of its phase; a head ends at its first empty line (`\r\n\r\n`).
+/// deadline of its phase; a head ends at its first empty line ([`HeadScan`]).
 #[derive(Debug)]
 pub struct Guarded<T> {
     io: T,
     limits: Limits,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
-    /// The last bytes read, to find a head's end across reads.
-    tail: u32,
+    /// Where the head being read is, to find its end across reads.
+    scan: HeadScan,
     _held: Option<(OwnedSemaphorePermit, IpShare)>,
 }
 
@@ -195,7 +229,7 @@ impl<T> Guarded<T> {
             limits,
             phase: Phase::Head,
             deadline: Box::pin(tokio::time::sleep(limits.head)),
-            tail: 0,
+            scan: HeadScan::default(),
             _held: held,
         }
     }
@@ -217,18 +251,12 @@ impl<T> Guarded<T> {
         if self.phase == Phase::Idle {
             // The next request's first byte: its head is due.
             self.phase = Phase::Head;
-            self.tail = 0;
+            self.scan = HeadScan::default();
             let head = self.limits.head;
             self.due_in(head);
         }
-        if self.phase == Phase::Head {
-            for &b in bytes {
-                self.tail = (self.tail << 8) | u32::from(b);
-                if self.tail == u32::from_be_bytes(*b"\r\n\r\n") {
-                    self.phase = Phase::Served;
-                    break;
-                }
-            }
+        if self.phase == Phase::Head && bytes.iter().any(|&b| self.scan.ends_with(b)) {
+            self.phase = Phase::Served;
         }
     }
 
@@ -438,6 +466,33 @@ mod tests {
         }
         let waited = tokio::time::timeout(Duration::from_secs(600), read_some(&mut server)).await;
         assert!(waited.is_err(), "served, not timed: {waited:?}");
+    }
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line_after_some_text() {
+        let ends = |bytes: &[u8]| {
+            let mut scan = HeadScan::default();
+            bytes.iter().position(|&b| scan.ends_with(b))
+        };
+        assert_eq!(ends(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(26));
+        assert_eq!(ends(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(23));
+        assert_eq!(ends(b"GET / HTTP/1.1\r\n\n"), Some(16));
+        // Empty lines before the request line end nothing (a parser skips them).
+        assert_eq!(ends(b"\r\n\r\n\n\r\n"), None);
+        assert_eq!(ends(b"\r\n\r\nGET / HTTP/1.1\r\n"), None);
+        assert_eq!(ends(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"), Some(21));
+        assert_eq!(ends(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_lines_first_do_not_stop_the_head_clock() {
+        let (mut server, mut client) = pair();
+        client.write_all(b"\r\n\r\n").await.unwrap();
+        read_some(&mut server).await.unwrap();
+        let t = Instant::now();
+        let e = read_some(&mut server).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), limits().head);
     }
 
     #[tokio::test(start_paused = true)]

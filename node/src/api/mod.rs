@@ -146,16 +146,16 @@ pub async fn serve(
         r = served => r,
         () = async {
             stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_WAIT).await;
+            tokio::time::sleep(crate::http_listener::SHUTDOWN_WAIT).await;
         } => {
-            tracing::warn!("API connections still open {SHUTDOWN_WAIT:?} after stopping; dropping them");
+            tracing::warn!(
+                "API connections still open {:?} after stopping; dropping them",
+                crate::http_listener::SHUTDOWN_WAIT
+            );
             Ok(())
         }
     }
 }
-
-/// How long a stopping API server waits for its connections to finish their answers.
-pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -75,8 +75,13 @@ pub fn with_token(router: axum::Router, token: Option<String>) -> axum::Router {
     ))
 }
 
-/// The cookie that carries the token.
-const COOKIE: &str = "pollen_token";
+/// The cookie that carries `token`: named after a hash of it, since browsers keep
+/// cookies per host, not per port, and two of Pollen's pages on one host (an API and a
+/// bootstrap's page) with different tokens would otherwise overwrite each other's.
+fn cookie_name(token: &str) -> String {
+    let hash = blake3::hash(token.as_bytes()).to_hex();
+    format!("pollen_token_{}", &hash[..12])
+}
 
 /// How a request brought the token.
 #[derive(Debug, PartialEq, Eq)]
@@ -96,21 +101,27 @@ fn token_in(req: &axum::extract::Request, token: &str) -> Option<Via> {
     if bearer.is_some_and(is) {
         return Some(Via::Header);
     }
-    // Percent-decoded, as a browser encodes it.
-    let query =
+    // As written, or percent-decoded as a browser encodes it (a `+` stays a `+` in
+    // the first).
+    let raw = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let decoded =
         axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(req.uri())
             .ok()
             .and_then(|q| q.0.get("token").cloned());
-    if query.as_deref().is_some_and(is) {
+    if raw.is_some_and(is) || decoded.as_deref().is_some_and(is) {
         return Some(Via::Query);
     }
+    let name = cookie_name(token);
     let cookie = req
         .headers()
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .filter_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))
         .any(is);
     cookie.then_some(Via::Cookie)
 }
@@ -123,11 +134,63 @@ fn set_cookie(token: &str) -> Option<axum::http::HeaderValue> {
         return None;
     }
     axum::http::HeaderValue::from_str(&format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict",
+        cookie_name(token)
     ))
     .ok()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request(uri: &str, header: Option<(&str, &str)>) -> axum::extract::Request {
+        let mut b = axum::http::Request::builder().uri(uri);
+        if let Some((k, v)) = header {
+            b = b.header(k, v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn the_token_is_found_in_a_header_the_query_or_its_own_cookie() {
+        let token = "a+token/with=odd&chars-0123456789";
+        let via = |uri: &str, h| token_in(&request(uri, h), token);
+        let bearer = format!("Bearer {token}");
+        assert_eq!(
+            via("/", Some(("authorization", &bearer))),
+            Some(Via::Header)
+        );
+        // A `+` as written, or percent-encoded as a browser sends it.
+        assert_eq!(via("/x?a=1&token=a+token/with=odd", None), None);
+        let encoded = "a%2Btoken%2Fwith%3Dodd%26chars-0123456789";
+        assert_eq!(via(&format!("/x?token={encoded}"), None), Some(Via::Query));
+        let plain = "plain-token-0123456789";
+        let found = token_in(&request(&format!("/?token={plain}"), None), plain);
+        assert_eq!(found, Some(Via::Query));
+        let plus = "plus+token+0123456789";
+        let found = token_in(&request(&format!("/?token={plus}"), None), plus);
+        assert_eq!(found, Some(Via::Query), "a raw `+` is not a space here");
+        // The cookie under the token's own name only.
+        let cookie = format!("other=1; {}={plain}", cookie_name(plain));
+        let found = token_in(&request("/", Some(("cookie", &cookie))), plain);
+        assert_eq!(found, Some(Via::Cookie));
+        let foreign = format!("{}={plain}", cookie_name("another-token-0123456789"));
+        let found = token_in(&request("/", Some(("cookie", &foreign))), plain);
+        assert_eq!(found, None);
+        assert_eq!(token_in(&request("/", None), plain), None);
+        // Only cookie-safe tokens get a cookie.
+        assert!(set_cookie("a token; with spaces").is_none());
+        let set = set_cookie(plain).unwrap();
+        assert!(
+            set.to_str()
+                .unwrap()
+                .ends_with("; Path=/; HttpOnly; SameSite=Strict")
+        );
+    }
 }
