@@ -366,7 +366,15 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
 
     // With a token: 401 without it on every route, answers with it.
     const TOKEN: &str = "s3cret-token-for-the-test";
-    let (_api, base) = start_api(&["--local", "--swarm-key", key, "--http-token", TOKEN]);
+    let (_api, base) = start_api(&[
+        "--local",
+        "--swarm-key",
+        key,
+        "--http-token",
+        TOKEN,
+        "--allow-host",
+        "MyBox.test",
+    ]);
     let auth = format!("Authorization: Bearer {TOKEN}");
     for path in ["/v1/models", "/api/swarm", "/", "/metrics"] {
         let (code, body) = curl_code(&[&format!("{base}{path}")]);
@@ -499,6 +507,15 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
         &auth,
         "-H",
         &format!("Host: localhost:{port}"),
+        &format!("{base}/v1/models"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    // A name given with --allow-host (any case) is answered.
+    let (code, body) = curl_code(&[
+        "-H",
+        &auth,
+        "-H",
+        &format!("Host: mybox.TEST:{port}"),
         &format!("{base}/v1/models"),
     ]);
     assert_eq!(code, 200, "{body}");

@@ -14,10 +14,17 @@ pub struct ApiArgs {
     /// Address to serve HTTP on. Port 0 picks a free one; the address is printed as
     /// `api http://ADDR`. Without --http-token anyone who can reach it may use it: keep
     /// it on a private address. In a private mesh (--swarm-key) it must be a loopback
-    /// address unless --http-token is given. On a loopback address, requests for other
-    /// host names (DNS rebinding) are refused with 403.
+    /// address unless --http-token is given. Requests naming a host it does not know
+    /// (DNS rebinding: another site's page re-pointed at this address) are refused
+    /// with 403: it knows `localhost` and IP addresses (on a loopback address only
+    /// loopback ones), names given with --allow-host, and, with --http-token on an
+    /// address other than loopback, every name.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// A host name this server answers besides `localhost` and IP addresses (e.g. the
+    /// machine's name on the LAN, or a reverse proxy's); repeat for more.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
     /// Require this bearer token on every route (`Authorization: Bearer TOKEN`, or
     /// `?token=TOKEN`); others get 401. At least 16 characters. Default: none.
     #[arg(long, env = "POLLEN_HTTP_TOKEN", hide_env_values = true)]
@@ -67,6 +74,13 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     crate::signals::watch(stop.clone(), kill.clone());
-    super::serve(state, listener, args.http_token.clone(), stop).await?;
+    super::serve(
+        state,
+        listener,
+        args.http_token.clone(),
+        &args.allow_hosts,
+        stop,
+    )
+    .await?;
     Ok(())
 }

@@ -60,46 +60,78 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(axum::middleware::map_response(security_headers))
 }
 
-/// Whether a request naming `host` (its `Host` header) may reach a server bound to
-/// `bound`. On a loopback address only the loopback names and the bound address itself
-/// are accepted: a page whose own name an attacker re-points at 127.0.0.1 (DNS
-/// rebinding) sends its own name, and is refused. Elsewhere every name is accepted.
-pub fn host_allowed(host: &str, bound: SocketAddr) -> bool {
-    if !bound.ip().is_loopback() {
-        return true;
-    }
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((ip6, port)) if port.is_empty() || port.starts_with(':') => ip6,
-            _ => return false,
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, _port)) => name,
-            None => host,
-        }
-    };
-    let name = name.to_ascii_lowercase();
-    matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
-        || name.parse::<std::net::IpAddr>().ok() == Some(bound.ip())
+/// Which `Host` names a listener answers. A page whose own name an attacker re-points at
+/// this server's address (DNS rebinding) sends its own name in `Host`: a name the
+/// server does not know is refused. Known: `localhost`, IP addresses (on a loopback
+/// listener only loopback ones and the bound one), and the names given with
+/// `--allow-host`. A non-loopback listener that requires a token answers every name
+/// (the token, which another site's page cannot send, guards it).
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    bound: SocketAddr,
+    names: Vec<String>,
+    any: bool,
 }
 
-/// `router` refusing (403, in OpenAI's error shape) requests whose `Host` names neither
-/// a loopback name nor `bound` when `bound` is a loopback address; see [`host_allowed`].
-/// A request without a `Host` (not a browser's) passes.
-pub fn with_host_check(router: Router, bound: SocketAddr) -> Router {
+impl Hosts {
+    /// The names a listener bound to `bound` answers, with `names` allowed besides, and
+    /// whether it requires a token.
+    pub fn new(bound: SocketAddr, names: &[String], token: bool) -> Self {
+        Self {
+            bound,
+            names: names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            any: token && !bound.ip().is_loopback(),
+        }
+    }
+
+    /// Whether a request naming `host` (its `Host` header) may reach this listener.
+    pub fn allows(&self, host: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let name = if let Some(rest) = host.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((ip6, port)) if port.is_empty() || port.starts_with(':') => ip6,
+                _ => return false,
+            }
+        } else {
+            match host.rsplit_once(':') {
+                Some((name, _port)) => name,
+                None => host,
+            }
+        };
+        let name = name.to_ascii_lowercase();
+        if name == "localhost" || self.names.contains(&name) {
+            return true;
+        }
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.bound.ip().is_loopback() => ip.is_loopback() || ip == self.bound.ip(),
+            Ok(_) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// `router` refusing (403, in OpenAI's error shape) requests whose `Host` names what
+/// `hosts` does not allow ([`Hosts::allows`]). A request without a `Host` (not a
+/// browser's) passes.
+pub fn with_host_check(router: Router, hosts: Hosts) -> Router {
+    let hosts = Arc::new(hosts);
     router.layer(axum::middleware::from_fn(
-        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let hosts = hosts.clone();
+            async move {
             let host = req
                 .headers()
                 .get(header::HOST)
                 .map(|h| h.to_str().unwrap_or("\u{fffd}").to_string())
                 .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()));
             match host {
-                Some(h) if !host_allowed(&h, bound) => {
+                Some(h) if !hosts.allows(&h) => {
                     let body = serde_json::json!({"error": {
                         "message": format!(
-                            "this server answers only requests addressed to localhost or {bound}, not `{h}`"
+                            "this server answers only requests addressed to localhost, an IP address of it or a name given with --allow-host (listening on {}), not `{h}`",
+                            hosts.bound
                         ),
                         "type": "invalid_request_error",
                         "param": null,
@@ -112,23 +144,26 @@ pub fn with_host_check(router: Router, bound: SocketAddr) -> Router {
                 }
                 _ => next.run(req).await,
             }
+            }
         },
     ))
 }
 
 /// Serves `state` on `listener` until `stop` fires. With `token`, every route answers
-/// 401 without it (`Authorization: Bearer TOKEN` or `?token=TOKEN`); on a loopback
-/// listener, requests for foreign host names get 403 ([`with_host_check`]).
+/// 401 without it (`Authorization: Bearer TOKEN` or `?token=TOKEN`); requests for host
+/// names it does not know get 403 ([`Hosts`], with `allow_hosts` besides).
 pub async fn serve(
     state: Arc<ApiState>,
     listener: tokio::net::TcpListener,
     token: Option<String>,
+    allow_hosts: &[String],
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let bound = listener.local_addr()?;
     let shutdown = state.shutdown.clone();
+    let hosts = Hosts::new(bound, allow_hosts, token.is_some());
     let app = crate::net::private::with_token(router(state), token);
-    let app = with_host_check(app, bound).layer(axum::middleware::map_response(security_headers));
+    let app = with_host_check(app, hosts).layer(axum::middleware::map_response(security_headers));
     let stopped = stop.clone();
     let served = axum::serve(
         crate::http_listener::guarded(listener),
@@ -159,11 +194,15 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::host_allowed;
+    use super::Hosts;
+
+    fn addr(s: &str) -> std::net::SocketAddr {
+        s.parse().unwrap_or_else(|_| unreachable!())
+    }
 
     #[test]
     fn loopback_listeners_refuse_foreign_host_names() {
-        let lo = "127.0.0.1:8080".parse().unwrap_or_else(|_| unreachable!());
+        let lo = Hosts::new(addr("127.0.0.1:8080"), &[], false);
         for ok in [
             "localhost",
             "localhost:8080",
@@ -173,7 +212,7 @@ mod tests {
             "[::1]:8080",
             "[::1]",
         ] {
-            assert!(host_allowed(ok, lo), "{ok}");
+            assert!(lo.allows(ok), "{ok}");
         }
         for bad in [
             "evil.example:8080",
@@ -184,11 +223,28 @@ mod tests {
             "[::1]x",
             "",
         ] {
-            assert!(!host_allowed(bad, lo), "{bad}");
+            assert!(!lo.allows(bad), "{bad}");
         }
-        let other = "127.0.0.2:9".parse().unwrap_or_else(|_| unreachable!());
-        assert!(host_allowed("127.0.0.2:9", other));
-        let wide = "0.0.0.0:9".parse().unwrap_or_else(|_| unreachable!());
-        assert!(host_allowed("anything.example", wide));
+        assert!(Hosts::new(addr("127.0.0.2:9"), &[], false).allows("127.0.0.2:9"));
+        // A token does not open a loopback listener to foreign names.
+        assert!(!Hosts::new(addr("127.0.0.1:9"), &[], true).allows("evil.example"));
+    }
+
+    #[test]
+    fn open_listeners_without_a_token_answer_addresses_and_known_names_only() {
+        let names = ["MyBox.lan".to_string()];
+        let wide = Hosts::new(addr("0.0.0.0:9"), &names, false);
+        for ok in ["192.0.2.7:9", "[2001:db8::1]:9", "localhost", "mybox.lan:9"] {
+            assert!(wide.allows(ok), "{ok}");
+        }
+        for bad in [
+            "anything.example",
+            "evil.example:9",
+            "mybox.lan.evil.example",
+        ] {
+            assert!(!wide.allows(bad), "{bad}");
+        }
+        // With a token, every name: another site's page cannot send it.
+        assert!(Hosts::new(addr("0.0.0.0:9"), &[], true).allows("anything.example"));
     }
 }
