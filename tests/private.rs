@@ -157,6 +157,15 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
     }
     // Not one outsider's connection was accepted: the bootstrap still holds the three servers only.
     assert_eq!(health(&http)["connected_peers"], 3);
+    // A page of another site re-pointed at the page's address (DNS rebinding) sends its
+    // own name: refused.
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", "Host: evil.example"])
+        .arg(format!("{}/health", http.trim_end_matches('/')))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
 
     // Inside: status sees the three servers, and the answer is the local one.
     // (Servers announce shortly after they connect: retried.)

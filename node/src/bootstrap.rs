@@ -213,7 +213,14 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             .route("/", get(page))
             .layer(axum::middleware::map_response(safe_headers))
             .with_state(handle.clone());
-        let app = crate::net::private::with_token(app, cfg.http_token.clone());
+        let token = cfg.http_token.is_some();
+        let mut app = crate::net::private::with_token(app, cfg.http_token.clone());
+        // A private mesh's page is for its members: a page of another site re-pointed
+        // at this address (DNS rebinding) is refused as by the API.
+        if mesh.is_private() {
+            let hosts = crate::api::Hosts::new(local, &[], token);
+            app = crate::api::with_host_check(app, hosts);
+        }
         let stop_http = stop.clone();
         http_task = Some(tokio::spawn(async move {
             let _ = axum::serve(crate::http_listener::guarded(listener), app)
@@ -222,8 +229,8 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
         }));
     }
     stop.cancelled().await;
-    if let Some(t) = http_task
-        && tokio::time::timeout(crate::http_listener::SHUTDOWN_WAIT, t)
+    if let Some(mut t) = http_task
+        && tokio::time::timeout(crate::http_listener::SHUTDOWN_WAIT, &mut t)
             .await
             .is_err()
     {
@@ -231,6 +238,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             "page connections still open {:?} after stopping; dropping them",
             crate::http_listener::SHUTDOWN_WAIT
         );
+        t.abort();
     }
     net_cancel.cancel();
     let _ = net_task.await;

@@ -178,15 +178,18 @@ enum Phase {
     Idle,
 }
 
-/// Finds where a request head ends, a byte at a time, as HTTP/1 parsers read one: at
-/// its first empty line (`\r\n` or a bare `\n`) after some text; empty lines before
-/// the request line are skipped, as parsers skip them, so they end nothing.
+/// Finds where a request head ends, a byte at a time, by hyper's rule: at its first
+/// empty line after some text, an empty line being a bare `\n` or `\r\n` (a second
+/// `\r` makes the line not empty: hyper would go on waiting for more); empty lines
+/// before the request line are skipped, as parsers skip them, so they end nothing.
 #[derive(Debug, Default)]
 struct HeadScan {
     /// Some text of the head was read.
     text: bool,
     /// The line being read has text.
     line: bool,
+    /// The line being read so far is one `\r`.
+    cr: bool,
 }
 
 impl HeadScan {
@@ -196,9 +199,14 @@ impl HeadScan {
             b'\n' if self.text && !self.line => true,
             b'\n' => {
                 self.line = false;
+                self.cr = false;
                 false
             }
-            b'\r' => false,
+            b'\r' if self.line => false,
+            b'\r' if !self.cr => {
+                self.cr = true;
+                false
+            }
             _ => {
                 self.text = true;
                 self.line = true;
@@ -482,6 +490,9 @@ mod tests {
         assert_eq!(ends(b"\r\n\r\nGET / HTTP/1.1\r\n"), None);
         assert_eq!(ends(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"), Some(21));
         assert_eq!(ends(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        // Not an empty line for hyper either: it would wait for more.
+        assert_eq!(ends(b"GET / HTTP/1.1\r\n\r\r\n"), None);
+        assert_eq!(ends(b"GET / HTTP/1.1\r\n\r\r\n\r\n"), Some(20));
     }
 
     #[tokio::test(start_paused = true)]

@@ -130,7 +130,7 @@ pub fn with_host_check(router: Router, hosts: Hosts) -> Router {
                 Some(h) if !hosts.allows(&h) => {
                     let body = serde_json::json!({"error": {
                         "message": format!(
-                            "this server answers only requests addressed to localhost, an IP address of it or a name given with --allow-host (listening on {}), not `{h}`",
+                            "this server answers only requests addressed to localhost, an IP address of it or a host name it was told to allow (`pollen api --allow-host`; it listens on {}), not `{h}`",
                             hosts.bound
                         ),
                         "type": "invalid_request_error",
