@@ -22,11 +22,13 @@ pub struct ApiArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
     /// A host name this server answers besides `localhost` and IP addresses (e.g. the
-    /// machine's name on the LAN, or a reverse proxy's); repeat for more.
-    #[arg(long = "allow-host", value_name = "NAME")]
+    /// machine's name on the LAN, or a reverse proxy's), without a port; repeat for more.
+    #[arg(long = "allow-host", value_name = "NAME", value_parser = host_name)]
     pub allow_hosts: Vec<String>,
     /// Require this bearer token on every route (`Authorization: Bearer TOKEN`, or
-    /// `?token=TOKEN`); others get 401. At least 16 characters. Default: none.
+    /// `?token=TOKEN`); others get 401. Open the web page as `/?token=TOKEN`: the answer
+    /// sets it as a cookie for the page's own requests. At least 16 characters.
+    /// Default: none.
     #[arg(long, env = "POLLEN_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
     /// The model, and where and how its blocks run.
@@ -38,6 +40,23 @@ pub struct ApiArgs {
     /// Most generations at once; more are refused with 429.
     #[arg(long, default_value_t = 32)]
     pub max_concurrent: usize,
+}
+
+/// An `--allow-host` name: letters, digits, `-` and `.`, no port; a final `.` dropped,
+/// as [`super::Hosts`] drops it from `Host`.
+fn host_name(s: &str) -> Result<String, String> {
+    let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(name)
+    } else {
+        Err(format!(
+            "`{s}` is not a host name (letters, digits, `-` and `.`, without a port)"
+        ))
+    }
 }
 
 /// Loads the model (or joins the swarm), then serves until Ctrl-C or SIGTERM.
@@ -83,4 +102,19 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn allowed_host_names_are_names_without_ports() {
+        assert_eq!(super::host_name("MyBox.LAN.").as_deref(), Ok("mybox.lan"));
+        assert_eq!(
+            super::host_name("api-1.example").as_deref(),
+            Ok("api-1.example")
+        );
+        for bad in ["mybox:8080", "", ".", "http://mybox", "my box"] {
+            assert!(super::host_name(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -100,7 +100,8 @@ impl Hosts {
                 None => host,
             }
         };
-        let name = name.to_ascii_lowercase();
+        // A final dot names the same host (`localhost.`).
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
         if name == "localhost" || self.names.contains(&name) {
             return true;
         }
@@ -211,6 +212,7 @@ mod tests {
             "127.0.0.1",
             "[::1]:8080",
             "[::1]",
+            "localhost.:8080",
         ] {
             assert!(lo.allows(ok), "{ok}");
         }
@@ -234,7 +236,13 @@ mod tests {
     fn open_listeners_without_a_token_answer_addresses_and_known_names_only() {
         let names = ["MyBox.lan".to_string()];
         let wide = Hosts::new(addr("0.0.0.0:9"), &names, false);
-        for ok in ["192.0.2.7:9", "[2001:db8::1]:9", "localhost", "mybox.lan:9"] {
+        for ok in [
+            "192.0.2.7:9",
+            "[2001:db8::1]:9",
+            "localhost",
+            "mybox.lan:9",
+            "mybox.lan.:9",
+        ] {
             assert!(wide.allows(ok), "{ok}");
         }
         for bad in [
