@@ -32,6 +32,25 @@ fn chromium() -> String {
         .to_string()
 }
 
+/// `pollen api` on the swarm of bootstrap `boot`, with `extra` arguments; it and its
+/// base URL.
+fn api(boot: &str, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(pollen());
+    cmd.args(["api", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--no-mdns", "--bootstrap", boot, "--route-wait", "3"])
+        .args(extra)
+        .arg("--model")
+        .arg(model());
+    let p = Proc::spawn("api", &mut cmd).unwrap();
+    let base = p
+        .line_with("api http://", Duration::from_secs(120))
+        .unwrap()
+        .trim_start_matches("api ")
+        .trim()
+        .to_string();
+    (p, base)
+}
+
 #[test]
 fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     let browser = chromium();
@@ -47,18 +66,7 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
         &[ttl, ttl, ttl],
     )
     .unwrap();
-    let mut cmd = Command::new(pollen());
-    cmd.args(["api", "--listen", "127.0.0.1:0", "--threads", "1"])
-        .args(["--no-mdns", "--bootstrap", &mesh.addr, "--route-wait", "3"])
-        .arg("--model")
-        .arg(model());
-    let api = Proc::spawn("api", &mut cmd).unwrap();
-    let base = api
-        .line_with("api http://", Duration::from_secs(120))
-        .unwrap()
-        .trim_start_matches("api ")
-        .trim()
-        .to_string();
+    let (_api, base) = api(&mesh.addr, &[]);
 
     // What the API answers, to compare with the page.
     let models: Value = serde_json::from_str(&http_get(&base, "/v1/models")).unwrap();
@@ -112,19 +120,7 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     // Behind a token, the page opened as `/?token=TOKEN` works the same: its script,
     // style and calls carry the token as the cookie the first answer set.
     const TOKEN: &str = "a-token-for-the-web-page";
-    let mut cmd = Command::new(pollen());
-    cmd.args(["api", "--listen", "127.0.0.1:0", "--threads", "1"])
-        .args(["--no-mdns", "--bootstrap", &mesh.addr, "--route-wait", "3"])
-        .args(["--http-token", TOKEN])
-        .arg("--model")
-        .arg(model());
-    let token_api = Proc::spawn("api with a token", &mut cmd).unwrap();
-    let token_base = token_api
-        .line_with("api http://", Duration::from_secs(120))
-        .unwrap()
-        .trim_start_matches("api ")
-        .trim()
-        .to_string();
+    let (token_api, token_base) = api(&mesh.addr, &["--http-token", TOKEN]);
     let token_shot = dir.join("web-token.png");
     let out = Command::new(&py)
         .arg(venv::scripts().join("web_check.py"))
