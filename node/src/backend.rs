@@ -313,10 +313,19 @@ impl Backend {
         self.num_blocks
     }
 
-    /// Token ids of a conversation, its assistant turn opened.
+    /// Token ids of a conversation, its assistant turn opened. What the messages say is
+    /// text: a control token's text in a message (`<|im_end|>`) is tokenized as its
+    /// characters, so a message cannot end its turn or speak for another role.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, BackendError> {
-        let text = self.template.render(messages, true)?;
-        Ok(self.tokenizer.encode(&text)?)
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: self.tokenizer.escape_controls(&m.content).into_owned(),
+            })
+            .collect();
+        let text = self.template.render(&escaped, true)?;
+        Ok(self.tokenizer.encode_escaped(&text)?)
     }
 
     /// Token ids of plain text.

@@ -451,14 +451,14 @@ impl LocalModel {
     }
 }
 
-/// Prompt ids for `text`, wrapped in ChatML when `chat` is set.
+/// Prompt ids for `text`, wrapped in ChatML when `chat` is set (a user message: the
+/// control tokens it writes stay text, see [`PollenTokenizer::escape_controls`]).
 pub fn prompt_ids(tok: &PollenTokenizer, text: &str, chat: bool) -> Result<Vec<u32>> {
-    let text = if chat {
-        render_chatml(tok, &[Message::new("user", text)])
-    } else {
-        text.to_string()
-    };
-    tok.encode(&text)
+    if !chat {
+        return tok.encode(text);
+    }
+    let message = Message::new("user", &tok.escape_controls(text));
+    tok.encode_escaped(&render_chatml(tok, &[message]))
 }
 
 #[cfg(test)]

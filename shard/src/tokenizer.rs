@@ -8,7 +8,9 @@
 
 use crate::weights::ModelFile;
 use crate::{Result, ShardError};
+use aho_corasick::{AhoCorasick, MatchKind};
 use candle_core::quantized::gguf_file;
+use std::borrow::Cow;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -27,6 +29,58 @@ pub struct PollenTokenizer {
     inner: Tokenizer,
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
+    controls: Controls,
+}
+
+/// Starts a mark left in a message's text by [`PollenTokenizer::escape_controls`]
+/// (a private-use character).
+const MARK: char = '\u{E000}';
+/// After [`MARK`]: the character [`MARK`] itself, as the message wrote it.
+const MARK_ITSELF: char = '\u{E001}';
+/// After [`MARK`]: control token `i` (in [`Controls::as_text`]) is `FIRST_CONTROL + i`.
+const FIRST_CONTROL: u32 = 0xE100;
+/// How many control tokens the private-use characters after [`FIRST_CONTROL`] can name.
+const MOST_CONTROLS: usize = 0xF8FF - 0xE100 + 1;
+
+/// The control tokens (`<|im_start|>`, `<|im_end|>`: those that structure a prompt), so
+/// that their texts written inside a message can be kept as plain text.
+#[derive(Debug, Clone)]
+struct Controls {
+    /// Finds the control tokens' texts, then [`MARK`] (the last pattern), leftmost
+    /// longest.
+    finder: AhoCorasick,
+    /// Each control token's text tokenized as plain text, in the finder's order.
+    as_text: Vec<Vec<u32>>,
+}
+
+impl Controls {
+    /// The control tokens `texts` of `inner`.
+    fn new(inner: &mut Tokenizer, texts: Vec<String>) -> Result<Self> {
+        let mut texts: Vec<String> = texts
+            .into_iter()
+            .filter(|t| !t.is_empty() && !t.contains(MARK))
+            .collect();
+        texts.sort();
+        texts.dedup();
+        texts.truncate(MOST_CONTROLS);
+        inner.set_encode_special_tokens(true);
+        let as_text = texts
+            .iter()
+            .map(|t| {
+                inner
+                    .encode(t.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+            })
+            .collect::<std::result::Result<Vec<_>, _>>();
+        inner.set_encode_special_tokens(false);
+        let as_text = as_text.map_err(tok_err)?;
+        texts.push(MARK.to_string());
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&texts)
+            .map_err(tok_err)?;
+        Ok(Self { finder, as_text })
+    }
 }
 
 fn tok_err(e: impl std::fmt::Display) -> ShardError {
@@ -107,7 +161,13 @@ impl PollenTokenizer {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("chat_template")?.as_str().map(str::to_string));
-        Ok(Self::with_inner(inner, template))
+        let controls = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        Self::with_inner(inner, template, controls)
     }
 
     /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
@@ -149,11 +209,18 @@ impl PollenTokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        let mut controls = Vec::new();
         if let Some(types) = ct
             .metadata
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
         {
+            controls = types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| as_u32(t) == Some(3))
+                .filter_map(|(i, _)| tokens.get(i).cloned())
+                .collect();
             let specials: Vec<AddedToken> = types
                 .iter()
                 .enumerate()
@@ -168,7 +235,7 @@ impl PollenTokenizer {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        let mut tok = Self::with_inner(inner, template);
+        let mut tok = Self::with_inner(inner, template, controls)?;
         if let Some(eos) = ct
             .metadata
             .get("tokenizer.ggml.eos_token_id")
@@ -180,16 +247,22 @@ impl PollenTokenizer {
         Ok(tok)
     }
 
-    fn with_inner(inner: Tokenizer, chat_template: Option<String>) -> Self {
+    fn with_inner(
+        mut inner: Tokenizer,
+        chat_template: Option<String>,
+        controls: Vec<String>,
+    ) -> Result<Self> {
         let stop_ids = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"]
             .iter()
             .filter_map(|t| inner.token_to_id(t))
             .collect();
-        Self {
+        let controls = Controls::new(&mut inner, controls)?;
+        Ok(Self {
             inner,
             stop_ids,
             chat_template,
-        }
+            controls,
+        })
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`)
@@ -201,6 +274,69 @@ impl PollenTokenizer {
             .map_err(tok_err)?
             .get_ids()
             .to_vec())
+    }
+
+    /// `text` (a message of a conversation) with the control tokens' texts it holds
+    /// (`<|im_end|>`) marked, so that [`Self::encode_escaped`] keeps them plain text:
+    /// a message cannot end its turn or open another. Rendered through a chat template,
+    /// the marks go wherever the message goes.
+    pub fn escape_controls<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let finder = &self.controls.finder;
+        if !finder.is_match(text) {
+            return Cow::Borrowed(text);
+        }
+        let mut out = String::with_capacity(text.len() + 8);
+        finder.replace_all_with(text, &mut out, |m, _, dst| {
+            let i = m.pattern().as_usize();
+            let named = u32::try_from(i)
+                .ok()
+                .filter(|_| i < self.controls.as_text.len())
+                .and_then(|i| char::from_u32(FIRST_CONTROL + i));
+            dst.push(MARK);
+            dst.push(named.unwrap_or(MARK_ITSELF));
+            true
+        });
+        Cow::Owned(out)
+    }
+
+    /// Token ids of `text` (a prompt rendered from messages that went through
+    /// [`Self::escape_controls`]): control tokens written by the template become their
+    /// ids, those the messages wrote become the ids of their characters.
+    pub fn encode_escaped(&self, text: &str) -> Result<Vec<u32>> {
+        if !text.contains(MARK) {
+            return self.encode(text);
+        }
+        let mut ids = Vec::new();
+        let mut plain = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != MARK {
+                plain.push(c);
+                continue;
+            }
+            let next = chars.peek().copied();
+            let control = next
+                .and_then(|n| u32::from(n).checked_sub(FIRST_CONTROL))
+                .and_then(|i| self.controls.as_text.get(usize::try_from(i).ok()?));
+            if let Some(as_text) = control {
+                chars.next();
+                if !plain.is_empty() {
+                    ids.extend(self.encode(&plain)?);
+                    plain.clear();
+                }
+                ids.extend_from_slice(as_text);
+            } else {
+                if next == Some(MARK_ITSELF) {
+                    chars.next();
+                }
+                // A mark the template wrote itself stays text.
+                plain.push(MARK);
+            }
+        }
+        if !plain.is_empty() {
+            ids.extend(self.encode(&plain)?);
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`, without special tokens.
