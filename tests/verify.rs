@@ -4,6 +4,8 @@
 //!   still prints the text of a local run;
 //! - a server that sends NaN is a failure of that server, healed around, never an empty
 //!   answer with exit status 0;
+//! - a server that falsely accuses the hop before of sending NaN does not get it shut
+//!   out: the two are only kept apart;
 //! - a forged announcement (a fresh key claiming all 30 blocks at 1e9 tokens/s, with an
 //!   address that never answers), published to the real bootstrap with the project's own
 //!   crates, does not keep the client from the real 3-server chain.
@@ -174,6 +176,43 @@ fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
         log.contains(&nan_peer) && log.contains("NaN or infinite"),
         "the NaN server ({nan_peer}) is named: {log}"
     );
+}
+
+/// A server of blocks 10:20 claims that the only server of 0:10 sent it NaN (the client
+/// cannot check which of the two lies). Both are left out for a while, neither as a
+/// liar, and the two are never chained again: the client heals onto the accused server
+/// and a second server of 10:20 that joins meanwhile, and prints the text of a local
+/// run. (Were the accused banned as a liar, no route would cover blocks 0:10.)
+#[test]
+fn a_false_accusation_does_not_shut_out_the_accused() {
+    let _one = serial();
+    let want = generate(None, PROMPT, true, TOKENS);
+    let dir = temp_dir("verify-accuse");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let accused = server(Some(&addr), "0:10", &dir.join("a.key"), &[]);
+    let accuser = server(
+        Some(&addr),
+        "10:20",
+        &dir.join("x.key"),
+        &["--fault", "accuse:0"],
+    );
+    let _end = server(Some(&addr), "20:30", &dir.join("c.key"), &[]);
+    let (accused, accuser) = (peer_of(&accused.1), peer_of(&accuser.1));
+    let mut spare = None;
+    let (out, routed) = run_then(client(&addr, &["--verify", "0"]), "route: ", || {
+        spare = Some(server(Some(&addr), "10:20", &dir.join("b.key"), &[]));
+    });
+    let (got, log) = text(&out);
+    eprintln!("{log}");
+    assert!(routed, "the client logged no route: {log}");
+    assert!(
+        log.contains(&format!(
+            "dispute: {accuser} says {accused} sent it non-finite hidden states"
+        )),
+        "the dispute is named: {log}"
+    );
+    assert!(out.status.success(), "{log}");
+    assert_eq!(got, want);
 }
 
 /// An attacker's announcement: a fresh key claims all 30 blocks at 1e9 tokens/s, with

@@ -97,6 +97,10 @@ impl From<ClientError> for BackendError {
         match &e {
             ClientError::NoRoute { .. } | ClientError::NoEntry(_) => Self::NoBlocks(text),
             ClientError::OverBudget { .. } => Self::PromptTooLong(text),
+            // Refused for want of memory or session room by the servers tried.
+            ClientError::HopFailed(f) if f.code == ErrorCode::OverBudget => {
+                Self::PromptTooLong(text)
+            }
             ClientError::HopFailed(f) if f.code == ErrorCode::Busy => Self::Busy(text),
             ClientError::Model(pollen_shard::ShardError::BadInput(_)) => Self::BadRequest(text),
             _ => Self::Other(text),
@@ -594,6 +598,7 @@ mod tests {
             blocks: crate::blocks::BlockRange { start: 0, end: 10 },
             code: ErrorCode::Busy,
             message: "full".into(),
+            reported_by: None,
         }));
         assert!(matches!(BackendError::from(busy), BackendError::Busy(_)));
         assert!(matches!(

@@ -18,6 +18,9 @@ pub enum Kind {
     Perturb(f32),
     /// Replaces every value with NaN.
     Nan,
+    /// Computes honestly but reports that the hop before sent it non-finite hidden
+    /// states (a false accusation), refusing the step.
+    Accuse,
 }
 
 /// A fault: from step `after + 1` on, every `every`-th step is corrupted.
@@ -39,14 +42,19 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 pub const PERTURBATION: f32 = 0.05;
 
 impl Fault {
-    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb` or `nan`: for example `perturb:5`
+    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb`, `nan` or `accuse`: for example `perturb:5`
     /// (every step after the fifth) or `perturb:0:100` (one step in a hundred).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut parts = spec.split(':');
         let kind = match parts.next() {
             Some("perturb") => Kind::Perturb(PERTURBATION),
             Some("nan") => Kind::Nan,
-            other => return Err(format!("unknown fault kind {other:?} (perturb or nan)")),
+            Some("accuse") => Kind::Accuse,
+            other => {
+                return Err(format!(
+                    "unknown fault kind {other:?} (perturb, nan or accuse)"
+                ));
+            }
         };
         let num = |p: Option<&str>, default: u64| -> Result<u64, String> {
             p.map_or(Ok(default), |s| {
@@ -89,9 +97,22 @@ pub fn claim(measured: f32) -> f32 {
     }
 }
 
+/// One step's input as a faulty server pretends it arrived: non-finite, if the installed
+/// fault is [`Kind::Accuse`] and says so for this step.
+pub fn received(input: Tensor) -> Tensor {
+    let Some(f) = FAULT.get().filter(|f| f.kind == Kind::Accuse) else {
+        return input;
+    };
+    let n = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
+    if !f.hits(n) {
+        return input;
+    }
+    input.affine(0.0, f64::NAN).unwrap_or(input)
+}
+
 /// One step's output, corrupted if the installed fault says so.
 pub fn apply(out: Tensor) -> Tensor {
-    let Some(f) = FAULT.get() else {
+    let Some(f) = FAULT.get().filter(|f| f.kind != Kind::Accuse) else {
         return out;
     };
     let n = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
@@ -100,7 +121,7 @@ pub fn apply(out: Tensor) -> Tensor {
     }
     let bad = match f.kind {
         Kind::Perturb(by) => out.affine(1.0, f64::from(by)),
-        Kind::Nan => out.affine(0.0, f64::NAN),
+        Kind::Nan | Kind::Accuse => out.affine(0.0, f64::NAN),
     };
     bad.unwrap_or(out)
 }
@@ -119,6 +140,7 @@ mod tests {
         let f = Fault::parse("nan:0:100").unwrap();
         assert_eq!(f.kind, Kind::Nan);
         assert_eq!((1..=1000).filter(|&n| f.hits(n)).count(), 10);
+        assert_eq!(Fault::parse("accuse:2").unwrap().kind, Kind::Accuse);
         assert!(Fault::parse("melt:1").is_err());
         assert!(Fault::parse("nan:x").is_err());
         assert!(Fault::parse("nan:1:2:3").is_err());

@@ -69,7 +69,8 @@ struct SwarmArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Test builds only: corrupt outputs, as KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`).
+    /// Test builds only: corrupt outputs, or falsely accuse the hop before, as
+    /// KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`, `accuse:0`).
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     fault: Option<String>,

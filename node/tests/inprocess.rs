@@ -685,6 +685,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                         "client {} holds 1 sessions on this server already, the most one client may",
                         client.peer()
                     ),
+                    reported_by: None,
                 }
             ),
             other => panic!("a second session of one client: {other:?}"),

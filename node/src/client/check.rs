@@ -3,8 +3,9 @@
 //! into token 0 (argmax over NaN), which ends the text silently.
 //!
 //! Servers run [`hidden`] on what the hop before sent them and report a failure that
-//! starts with [`NON_FINITE_INPUT`]; the client reads that as a fault of the hop before
-//! (see `session::named_failure`). The client runs it on the last hop's output.
+//! starts with [`NON_FINITE_INPUT`]; the client reads that as a dispute between the two
+//! hops (see `session::named_failure` and `Bans::dispute`), since either could be lying.
+//! The client runs it on the last hop's output: that finding is its own.
 
 use candle_core::Tensor;
 

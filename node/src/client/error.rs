@@ -19,6 +19,9 @@ pub struct HopFailure {
     pub code: ErrorCode,
     /// In words.
     pub message: String,
+    /// The next hop, when the failure is its report about this one (non-finite hidden
+    /// states): a dispute, since the client cannot tell which of the two is at fault.
+    pub reported_by: Option<PeerId>,
 }
 
 /// A failure of a generation through the swarm.

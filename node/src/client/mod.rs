@@ -24,7 +24,7 @@ pub use verify::{DEFAULT_VERIFY, VerifyStats};
 use crate::net::{self, NetConfig, NetHandle, Role};
 use candle_core::Tensor;
 use libp2p::{Multiaddr, PeerId};
-use pollen_protocol::{ModelId, VerifiedAnnouncement, WireDType};
+use pollen_protocol::{ErrorCode, ModelId, VerifiedAnnouncement, WireDType};
 use pollen_shard::generate::{GenerateParams, Generation, Generator, Step};
 use pollen_shard::{ClientEnds, LoadOptions, ModelFile, PollenTokenizer};
 use std::collections::HashMap;
@@ -53,19 +53,51 @@ const FIRST_BAN: Duration = Duration::from_secs(30);
 const MAX_BAN: Duration = Duration::from_secs(600);
 /// How long a busy server is left out of routes.
 const BUSY_BAN: Duration = Duration::from_secs(3);
-/// Most servers remembered as banned.
+/// Most servers remembered as banned (and most disputes remembered).
 const MAX_BANS: usize = 1024;
+/// A server whose connection broke is forgiven by a new announcement only for its
+/// first failures this many: one that keeps "crashing" (closing its streams) is not.
+const MOST_FORGIVEN: u32 = 2;
+
+/// The ban after `strikes` failures (from 1): [`FIRST_BAN`] doubling up to [`MAX_BAN`].
+fn grown_ban(strikes: u32) -> Duration {
+    FIRST_BAN
+        .saturating_mul(1 << strikes.saturating_sub(1).min(5))
+        .min(MAX_BAN)
+}
+
+/// Removes the entry that ends soonest when `map` is full and has no `key`: room for a
+/// new one, at the cost of the ban closest to its end anyway.
+fn make_room<K: Eq + std::hash::Hash + Clone, V>(
+    map: &mut HashMap<K, V>,
+    key: &K,
+    until: impl Fn(&V) -> Instant,
+) {
+    if map.len() >= MAX_BANS && !map.contains_key(key) {
+        let soonest = map
+            .iter()
+            .min_by_key(|(_, v)| until(v))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = soonest {
+            map.remove(&k);
+        }
+    }
+}
 
 /// Servers left out of routes for a while: those that failed (longer each time) and
 /// those that were busy (briefly). A server whose connection broke (it crashed) is
 /// forgiven as soon as it announces itself again after the failure: it restarted.
 #[derive(Debug, Default)]
 struct Bans {
-    /// Until when, how many failures, since when (Unix ms), forgiven by a new announcement.
+    /// Until when, how many failures, since when (Unix ms), and whether the last one was
+    /// a broken connection (forgiven by a newer announcement, the first few times).
     until: HashMap<PeerId, (Instant, u32, u64, bool)>,
     /// Servers caught with a wrong output, until when: never used while banned, even
     /// when no other route exists.
     lied: HashMap<PeerId, Instant>,
+    /// Pairs of servers (a hop, the next) in a dispute, until when and how many times:
+    /// never next to each other on a route.
+    apart: HashMap<(PeerId, PeerId), (Instant, u32)>,
 }
 
 impl Bans {
@@ -75,10 +107,47 @@ impl Bans {
         if let Some((t, ..)) = self.until.get(&peer) {
             let t = *t;
             self.lied.retain(|_, u| *u > Instant::now());
-            if self.lied.len() < MAX_BANS {
-                self.lied.insert(peer, t);
-            }
+            make_room(&mut self.lied, &peer, |u| *u);
+            self.lied.insert(peer, t);
         }
+    }
+
+    /// The next hop `reporter` says that `accused`, the hop before it, sent it wrong
+    /// hidden states. One of the two is at fault, and the client cannot tell which (a
+    /// hostile hop could accuse an honest one to have it banned): neither is a liar;
+    /// the reporter gets the ordinary ban of a failure, the accused the first ban only,
+    /// whoever accuses it and however often (fresh keys accusing it in turn cannot
+    /// grow its ban), and the two are not chained again for as long as the pair's own
+    /// ban, which grows with each dispute between them. A real fault is routed around.
+    fn dispute(&mut self, accused: PeerId, reporter: PeerId) {
+        let now = Instant::now();
+        self.until.retain(|_, (t, ..)| *t > now);
+        make_room(&mut self.until, &accused, |(t, ..)| *t);
+        let (t, _, at, crashed) =
+            self.until
+                .entry(accused)
+                .or_insert((now, 0, crate::clock::unix_ms(), false));
+        *t = (*t).max(now + FIRST_BAN);
+        *at = crate::clock::unix_ms();
+        *crashed = false;
+        self.ban(reporter, false, false);
+        self.apart.retain(|_, (u, _)| *u > now);
+        let pair = (accused, reporter);
+        make_room(&mut self.apart, &pair, |(u, _)| *u);
+        let (until, times) = self.apart.entry(pair).or_insert((now, 0));
+        *times += 1;
+        *until = now + grown_ban(*times);
+    }
+
+    /// Pairs of servers that must not be next to each other on a route (the first
+    /// before the second).
+    fn kept_apart(&self) -> std::collections::HashSet<(PeerId, PeerId)> {
+        let now = Instant::now();
+        self.apart
+            .iter()
+            .filter(|(_, (u, _))| *u > now)
+            .map(|(pair, _)| *pair)
+            .collect()
     }
 
     /// Whether `peer` was caught with a wrong output and is still banned.
@@ -89,23 +158,21 @@ impl Bans {
     fn ban(&mut self, peer: PeerId, busy: bool, crashed: bool) {
         let now = Instant::now();
         self.until.retain(|_, (t, ..)| *t > now);
-        if self.until.len() >= MAX_BANS && !self.until.contains_key(&peer) {
-            return;
-        }
+        make_room(&mut self.until, &peer, |(t, ..)| *t);
         let since = crate::clock::unix_ms();
-        let (t, strikes, at, forgivable) = self.until.entry(peer).or_insert((now, 0, since, true));
+        let (t, strikes, at, crashed_last) =
+            self.until.entry(peer).or_insert((now, 0, since, true));
         let wait = if busy {
             BUSY_BAN
         } else {
             *strikes += 1;
-            FIRST_BAN
-                .saturating_mul(1 << (*strikes - 1).min(5))
-                .min(MAX_BAN)
+            grown_ban(*strikes)
         };
         *t = (*t).max(now + wait);
         *at = since;
-        // The last failure decides: a broken connection is forgiven by a new announcement.
-        *forgivable = crashed;
+        // The last failure decides: a broken connection is forgiven by a new announcement
+        // (the first few times, see `is_banned`).
+        *crashed_last = crashed;
     }
 
     /// Whether `peer` went away (its connection broke) and has not announced itself
@@ -123,8 +190,9 @@ impl Bans {
     /// issued, if one is at hand.
     fn is_banned(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
         match self.until.get(peer) {
-            Some((t, _, since, forgivable)) if *t > Instant::now() => {
-                !(*forgivable && issued_at_ms.is_some_and(|i| i > *since))
+            Some((t, strikes, since, crashed)) if *t > Instant::now() => {
+                let forgivable = *crashed && *strikes <= MOST_FORGIVEN;
+                !(forgivable && issued_at_ms.is_some_and(|i| i > *since))
             }
             _ => false,
         }
@@ -201,6 +269,23 @@ impl std::fmt::Debug for SwarmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SwarmClient({})", self.net.peer_id())
     }
+}
+
+/// Whether a server's failure with `code` means only that it has no room now (busy, or
+/// out of memory or session room): a short ban and no strike, and the client tries
+/// another server.
+fn busy_only(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Busy | ErrorCode::OverBudget)
+}
+
+/// Counts a refusal for want of room (`over_budget`) in `no_room`; whether it is the
+/// second of one heal or open: then the request is too big for the servers at hand, and
+/// the client stops (a server out of room is tried elsewhere once, not eight times).
+fn too_big(e: &ClientError, no_room: &mut u32) -> bool {
+    if matches!(e, ClientError::HopFailed(f) if f.code == ErrorCode::OverBudget) {
+        *no_room += 1;
+    }
+    *no_room > 1
 }
 
 /// Before the `attempt`-th try of a new route: none for the first two (a failed route
@@ -331,18 +416,35 @@ impl SwarmClient {
                 .lock()
                 .map(|s| s.all().clone())
                 .unwrap_or_default();
-            let found = route::route_measured(
-                &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds,
+            let apart = self.bans.lock().map(|b| b.kept_apart()).unwrap_or_default();
+            let found = route::route_apart(
+                &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
             )
             .or_else(|_| {
-                route::route_measured(&alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds)
+                route::route_apart(
+                    &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
+                )
             });
             if let Ok(mut b) = self.book.lock() {
                 *b = (book, Some(Instant::now()));
             }
             match found {
                 Ok(r) => return Ok(r),
-                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) if Instant::now() >= deadline => {
+                    // Out of time: a chain of servers in a dispute is better than none
+                    // (its report may have been a passing fault; if not, it fails again).
+                    let none = std::collections::HashSet::new();
+                    let disputed = route::route_apart(
+                        &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &none,
+                    );
+                    if let (Ok(r), false) = (&disputed, apart.is_empty()) {
+                        tracing::warn!(
+                            "no route keeps the servers of a dispute apart; trying {}",
+                            describe(r)
+                        );
+                    }
+                    return disputed.map_err(|_| e);
+                }
                 Err(_) => {
                     // With jitter, so that clients that lost the same server do not
                     // all come back at the same instant.
@@ -458,12 +560,15 @@ impl SwarmClient {
     fn banned_since(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
         self.bans
             .lock()
-            .map(|b| b.is_banned(peer, issued_at_ms))
+            .map(|b| b.is_banned(peer, issued_at_ms) || b.is_liar(peer))
             .unwrap_or(false)
     }
 
     /// Leaves the server a failure names out of routes for a while. Whether the failure
-    /// is one a new route can heal.
+    /// is one a new route can heal: every failure of a named server is. Its code is the
+    /// server's own word, so no code lets it end the generation unpunished (a server
+    /// chosen for the speed it claims could otherwise refuse every session with a code
+    /// that only stops the client).
     fn blame(&self, e: &ClientError) -> bool {
         crate::metrics::global().client_error(e);
         let Some(f) = (match e {
@@ -472,22 +577,20 @@ impl SwarmClient {
         }) else {
             return matches!(e, ClientError::Protocol { .. } | ClientError::Net(_));
         };
-        use pollen_protocol::ErrorCode as C;
-        let (healable, busy) = match f.code {
-            C::Busy => (true, true),
-            C::Unreachable | C::Timeout | C::Internal | C::UnknownSession => (true, false),
-            // A server that answers nonsense or refuses what it announced.
-            C::BadRequest | C::SpanMismatch | C::UnknownModel | C::ComputeMismatch => (true, false),
-            _ => (false, false),
-        };
-        if healable && let Ok(mut b) = self.bans.lock() {
-            if f.message.starts_with(check::WRONG_OUTPUT) {
+        if let Ok(mut b) = self.bans.lock() {
+            if let Some(reporter) = f.reported_by {
+                tracing::warn!(
+                    "dispute: {reporter} says {} sent it non-finite hidden states; both are left out a while and never chained again",
+                    f.peer
+                );
+                b.dispute(f.peer, reporter);
+            } else if f.message.starts_with(check::WRONG_OUTPUT) {
                 b.ban_liar(f.peer);
             } else {
-                b.ban(f.peer, busy, f.code == C::Unreachable);
+                b.ban(f.peer, busy_only(f.code), f.code == ErrorCode::Unreachable);
             }
         }
-        healable
+        true
     }
 
     /// A new session, of at most `budget` tokens, on a route around the servers that
@@ -503,8 +606,9 @@ impl SwarmClient {
     ) -> Result<(SwarmSession, Tensor), ClientError> {
         let started = Instant::now();
         let mut failure = failure;
+        let mut no_room = 0;
         for attempt in 0..MAX_HEALS_PER_STEP {
-            if !self.blame(&failure) {
+            if !self.blame(&failure) || too_big(&failure, &mut no_room) {
                 return Err(failure);
             }
             retry_pause(attempt).await;
@@ -578,6 +682,7 @@ impl SwarmClient {
         let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
         let mut session = None;
         let mut failure = None;
+        let mut no_room = 0;
         // A route that fails to open is left out, and the next best tried at once.
         for attempt in 0..MAX_HEALS_PER_STEP {
             retry_pause(attempt).await;
@@ -593,7 +698,7 @@ impl SwarmClient {
                     break;
                 }
                 Err(e) => {
-                    if !self.blame(&e) {
+                    if !self.blame(&e) || too_big(&e, &mut no_room) {
                         return Err(e);
                     }
                     tracing::warn!("{e}; trying another route");
@@ -723,5 +828,95 @@ mod tests {
         b.ban(hung, false, false);
         assert!(b.until[&hung].0 > first + Duration::from_secs(29));
         assert_eq!(b.until[&hung].1, 2);
+        // A server that keeps breaking its connections is forgiven only at first.
+        let flaky = PeerId::random();
+        for n in 1..=MOST_FORGIVEN + 1 {
+            b.ban(flaky, false, true);
+            let later = crate::clock::unix_ms() + 1_000;
+            assert_eq!(
+                b.is_banned(&flaky, Some(later)),
+                n > MOST_FORGIVEN,
+                "failure {n}"
+            );
+        }
+    }
+
+    /// A hop's report that the hop before sent it wrong hidden states bans both, as a
+    /// failure, neither as a liar, and keeps the two apart.
+    #[test]
+    fn a_dispute_bans_both_and_keeps_them_apart() {
+        let mut b = Bans::default();
+        let (accused, reporter) = (PeerId::random(), PeerId::random());
+        b.dispute(accused, reporter);
+        for p in [&accused, &reporter] {
+            assert!(b.is_banned(p, None));
+            assert!(!b.is_liar(p), "a report is not the client's own finding");
+        }
+        assert_eq!(
+            b.kept_apart(),
+            std::collections::HashSet::from([(accused, reporter)])
+        );
+        // Accused again and again, by fresh keys: its ban stays the first one, each
+        // accuser's grows with its accusations, and so does the pair's time apart.
+        let first = b.apart[&(accused, reporter)].0;
+        for _ in 0..5 {
+            b.dispute(accused, PeerId::random());
+            b.dispute(accused, reporter);
+        }
+        assert_eq!(b.until[&accused].1, 0, "no strikes for being accused");
+        assert!(b.until[&accused].0 <= Instant::now() + FIRST_BAN);
+        assert_eq!(b.until[&reporter].1, 6);
+        assert!(b.until[&reporter].0 > Instant::now() + FIRST_BAN * 10);
+        assert!(b.apart[&(accused, reporter)].0 > first + FIRST_BAN * 10);
+    }
+
+    #[test]
+    fn a_second_refusal_for_room_ends_the_tries() {
+        let failure = |code| {
+            ClientError::HopFailed(Box::new(HopFailure {
+                hop: 0,
+                peer: PeerId::random(),
+                blocks: crate::blocks::BlockRange { start: 0, end: 10 },
+                code,
+                message: "x".into(),
+                reported_by: None,
+            }))
+        };
+        let mut no_room = 0;
+        assert!(!too_big(&failure(ErrorCode::Busy), &mut no_room));
+        assert!(!too_big(&failure(ErrorCode::OverBudget), &mut no_room));
+        assert!(!too_big(&failure(ErrorCode::Timeout), &mut no_room));
+        assert!(too_big(&failure(ErrorCode::OverBudget), &mut no_room));
+    }
+
+    #[test]
+    fn only_a_server_without_room_gets_the_short_ban() {
+        assert!(busy_only(ErrorCode::Busy) && busy_only(ErrorCode::OverBudget));
+        for c in [
+            ErrorCode::VersionMismatch,
+            ErrorCode::Timeout,
+            ErrorCode::BadRequest,
+            ErrorCode::Unreachable,
+        ] {
+            assert!(!busy_only(c), "{c:?}");
+        }
+    }
+
+    /// A full ban table makes room by dropping the ban that ends soonest: a new failure
+    /// (a liar's included) is never let off for lack of room.
+    #[test]
+    fn a_full_ban_table_drops_the_ban_that_ends_soonest() {
+        let mut b = Bans::default();
+        let busy = PeerId::random();
+        b.ban(busy, true, false);
+        for _ in 1..MAX_BANS {
+            b.ban(PeerId::random(), false, false);
+        }
+        assert_eq!(b.until.len(), MAX_BANS);
+        let liar = PeerId::random();
+        b.ban_liar(liar);
+        assert_eq!(b.until.len(), MAX_BANS);
+        assert!(b.is_liar(&liar) && b.is_banned(&liar, None));
+        assert!(!b.is_banned(&busy, None), "the 3 s ban made room");
     }
 }

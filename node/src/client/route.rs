@@ -13,7 +13,7 @@ use super::error::ClientError;
 use crate::blocks::BlockRange;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{ModelId, VerifiedAnnouncement};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// The round trip assumed for an edge nobody measured.
@@ -96,6 +96,29 @@ pub fn route_measured(
     client_rtts: &HashMap<PeerId, Duration>,
     measured: &HashMap<PeerId, f64>,
 ) -> Result<Vec<Hop>, ClientError> {
+    route_apart(
+        announcements,
+        model,
+        num_blocks,
+        compute,
+        client_rtts,
+        measured,
+        &HashSet::new(),
+    )
+}
+
+/// Like [`route_measured`], never with the second server of a pair in `apart` right
+/// after the first (two servers in a dispute: one said the other sent it wrong hidden
+/// states).
+pub fn route_apart(
+    announcements: &[VerifiedAnnouncement],
+    model: ModelId,
+    num_blocks: usize,
+    compute: &str,
+    client_rtts: &HashMap<PeerId, Duration>,
+    measured: &HashMap<PeerId, f64>,
+    apart: &HashSet<(PeerId, PeerId)>,
+) -> Result<Vec<Hop>, ClientError> {
     struct Node<'a> {
         a: &'a VerifiedAnnouncement,
         peer: PeerId,
@@ -150,6 +173,7 @@ pub fn route_measured(
                 .get(&n.start)
                 .into_iter()
                 .flatten()
+                .filter(|&&j| !apart.contains(&(nodes[j].peer, n.peer)))
                 .filter_map(|&j| best[j].map(|(c, _)| (c + edge(&nodes[j], n) + own, Some(j))))
                 .min_by(|x, y| x.0.total_cmp(&y.0))
         };
@@ -275,6 +299,45 @@ mod tests {
         assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
         assert_eq!(r[1].peer, b.peer);
         assert_eq!(r[0].step_us, 10_000);
+    }
+
+    /// Two servers in a dispute are never chained: the route takes the other server of
+    /// the span, or of the span before; with no other, there is no route.
+    #[test]
+    fn servers_kept_apart_are_never_chained() {
+        let (a, b1, b2, c) = (server(1), server(2), server(3), server(4));
+        let (none, unmeasured) = (HashMap::new(), HashMap::new());
+        let book = vec![
+            ann(&a, 0, 10, 100.0, &[]),
+            ann(&b1, 10, 20, 110.0, &[]),
+            ann(&b2, 10, 20, 100.0, &[]),
+            ann(&c, 20, 30, 100.0, &[]),
+        ];
+        let r = route_apart(
+            &book,
+            MODEL,
+            30,
+            "exact/cpu",
+            &none,
+            &unmeasured,
+            &HashSet::new(),
+        );
+        assert_eq!(r.unwrap()[1].peer, b1.peer, "the faster one, undisputed");
+        let apart = HashSet::from([(b1.peer, c.peer)]);
+        let r = route_apart(&book, MODEL, 30, "exact/cpu", &none, &unmeasured, &apart).unwrap();
+        assert_eq!(
+            r.iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![a.peer, b2.peer, c.peer]
+        );
+        // Apart means next to each other in this order only: a before b1 is fine.
+        let apart = HashSet::from([(b1.peer, c.peer), (b2.peer, c.peer)]);
+        assert!(matches!(
+            route_apart(&book, MODEL, 30, "exact/cpu", &none, &unmeasured, &apart),
+            Err(ClientError::NoRoute { .. })
+        ));
+        let apart = HashSet::from([(c.peer, b1.peer)]);
+        let r = route_apart(&book, MODEL, 30, "exact/cpu", &none, &unmeasured, &apart).unwrap();
+        assert_eq!(r[1].peer, b1.peer);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use super::error::ClientError;
 use super::route::Hop;
 use crate::net::NetHandle;
 use crate::net::stream::{self, FrameReader, FrameWriter};
-use crate::serve::session::{OPEN_TIMEOUT, SEND_TIMEOUT, ack_timeout};
+use crate::serve::session::{
+    DOWN_DEPTH, DOWN_FRAME_MAX, FRAME_OVERHEAD, OPEN_TIMEOUT, SEND_TIMEOUT, ack_timeout,
+};
 use crate::wire::{from_wire, to_wire};
 use candle_core::{Device, Tensor};
 use libp2p::PeerId;
@@ -61,11 +63,37 @@ impl std::fmt::Debug for SwarmSession {
     }
 }
 
-fn pump(tasks: &mut JoinSet<()>, mut rx: FrameReader) -> mpsc::Receiver<io::Result<InferResponse>> {
-    let (tx, out) = mpsc::channel(16);
+/// How long `tokens` tokens may take through `route`.
+fn route_timeout(route: &[Hop], tokens: usize) -> std::time::Duration {
+    route.iter().map(|h| ack_timeout(tokens, h.step_us)).sum()
+}
+
+/// How long a replay of `inputs` inputs holding `tokens` tokens may take on `route`.
+fn replay_timeout(route: &[Hop], tokens: usize, inputs: usize) -> std::time::Duration {
+    let waits = u32::try_from(inputs.saturating_mul(route.len())).unwrap_or(u32::MAX);
+    route_timeout(route, tokens).saturating_add(REPLAY_INPUT_WAIT.saturating_mul(waits))
+}
+
+/// What a replay may take per input and hop, besides the route's time for its tokens:
+/// a frame's trip and a step's scheduling.
+const REPLAY_INPUT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Most bytes of a frame up the attach stream: an output of one row of f32 and room.
+fn output_frame_max(hidden_size: usize) -> usize {
+    hidden_size.saturating_mul(4).saturating_add(FRAME_OVERHEAD)
+}
+
+/// Reads `rx`'s frames ahead of the session, at most [`DOWN_DEPTH`] of them, each at
+/// most `max` bytes (refused before its body is read).
+fn pump(
+    tasks: &mut JoinSet<()>,
+    mut rx: FrameReader,
+    max: usize,
+) -> mpsc::Receiver<io::Result<InferResponse>> {
+    let (tx, out) = mpsc::channel(DOWN_DEPTH);
     tasks.spawn(async move {
         loop {
-            let item = rx.recv::<InferResponse>().await;
+            let item = rx.recv_max::<InferResponse>(max).await;
             let end = item.is_err();
             if tx.send(item).await.is_err() || end {
                 break;
@@ -208,8 +236,10 @@ impl SwarmSession {
         };
         // The attach stream's writing half stays open (dropping it would end the stream).
         let mut tasks = JoinSet::new();
-        let ups = pump(&mut tasks, rx);
-        let outputs = pump(&mut tasks, out_rx);
+        // Up the first hop's stream come only small frames (acknowledgements, reports);
+        // up the attach stream outputs of one row.
+        let ups = pump(&mut tasks, rx, DOWN_FRAME_MAX);
+        let outputs = pump(&mut tasks, out_rx, output_frame_max(hidden_size));
         tasks.spawn(async move {
             std::future::pending::<()>().await;
             drop(out_tx);
@@ -273,13 +303,26 @@ impl SwarmSession {
     /// the other, without waiting between them, so the hops work on them as a pipeline;
     /// the last row of the last one's output. This is how a new route is brought to the
     /// state of a broken one: the same inputs, in the same chunks.
+    ///
+    /// The whole replay, its sending included, has one deadline: the route's time for
+    /// all its tokens at once (the hops work on them as a pipeline) and
+    /// [`REPLAY_INPUT_WAIT`] per input and hop, so that a hop that never answers costs
+    /// one such wait, not one acknowledgement timeout per input and hop.
     pub async fn replay(&mut self, inputs: &[(Tensor, usize)]) -> Result<Tensor, ClientError> {
+        let started = Instant::now();
+        let tokens: usize = inputs.iter().map(|(h, _)| h.dim(1).unwrap_or(1)).sum();
+        let total = replay_timeout(&self.route, tokens, inputs.len());
+        let deadline = started + total;
         let mut last = None;
-        let mut total = std::time::Duration::ZERO;
         let mut tokens_sent = 0;
         for (hidden, pos) in inputs {
-            let (step, want, tokens) = self.send_forward(hidden, *pos).await?;
-            total += self.route_timeout(tokens);
+            let sent = tokio::time::timeout_at(deadline, self.send_forward(hidden, *pos)).await;
+            let Ok(sent) = sent else {
+                return Err(self.hop_failed(0, ErrorCode::Timeout, format!(
+                    "took no more of the replay ({tokens_sent} of {tokens} tokens sent within {total:?})"
+                )));
+            };
+            let (step, want, tokens) = sent?;
             tokens_sent += tokens;
             last = Some((step, want));
         }
@@ -291,15 +334,13 @@ impl SwarmSession {
         };
         // The first hop acknowledges the last input after computing every one before it.
         let first = ack_timeout(tokens_sent, self.route[0].step_us);
-        self.await_output(step, want, first, total).await
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.await_output(step, want, first.min(left), left).await
     }
 
     /// How long `tokens` tokens may take through the whole route.
     fn route_timeout(&self, tokens: usize) -> std::time::Duration {
-        self.route
-            .iter()
-            .map(|h| ack_timeout(tokens, h.step_us))
-            .sum()
+        route_timeout(&self.route, tokens)
     }
 
     /// Sends one `Forward` down the route: its step, the position of its last row, and
@@ -325,7 +366,17 @@ impl SwarmSession {
         };
         // While the frame goes out, listen up the chain: a hop that failed stops reading
         // its stream, and its report (not our blocked write) names the hop to blame.
-        let (first, ups, route) = (&mut self.first, &mut self.ups, &self.route);
+        // Outputs of earlier steps are read and dropped meanwhile: a replay sends many
+        // inputs before it waits for the last output, and outputs left unread would in
+        // the end fill the attach stream's window and stop the last hop, and the chain.
+        let (first, ups, outputs, route) = (
+            &mut self.first,
+            &mut self.ups,
+            &mut self.outputs,
+            &self.route,
+        );
+        let last = route.len() - 1;
+        let mut attached = true;
         let send = first.send(&req, SEND_TIMEOUT);
         tokio::pin!(send);
         loop {
@@ -334,6 +385,28 @@ impl SwarmSession {
                     r.map_err(|e| hop_error(route, 0, ErrorCode::Unreachable, e.to_string()))?;
                     break;
                 }
+                item = outputs.recv(), if attached => match item {
+                    Some(Ok(InferResponse::Output { step: s, .. })) if s < step => {}
+                    Some(Ok(InferResponse::Output { step: s, .. })) => {
+                        return Err(hop_error(route, last, ErrorCode::BadRequest, format!(
+                            "sent an output of step {s} before step {step} was sent"
+                        )));
+                    }
+                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
+                        return Err(named_failure(route, hop, &peer, error.code, error.message));
+                    }
+                    Some(Ok(InferResponse::Error(e))) => {
+                        return Err(hop_error(route, last, e.code, e.message));
+                    }
+                    Some(Ok(other)) => {
+                        return Err(hop_error(route, last, ErrorCode::BadRequest, format!(
+                            "sent {other:?} up the attach stream"
+                        )));
+                    }
+                    // A broken attach stream is looked into when the output is awaited
+                    // (the report of the hop that failed may still be on its way).
+                    Some(Err(_)) | None => attached = false,
+                },
                 item = ups.recv() => match item {
                     Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
                         return Err(named_failure(route, hop, &peer, error.code, error.message));
@@ -488,6 +561,8 @@ impl SwarmSession {
 
 /// A failure of hop `hop` of `route`.
 fn hop_error(route: &[Hop], hop: usize, code: ErrorCode, message: String) -> ClientError {
+    // Much of a message comes from peers: no terminal control sequences reach the user.
+    let message = pollen_protocol::printable(&message);
     match route.get(hop) {
         Some(h) => ClientError::HopFailed(Box::new(super::error::HopFailure {
             hop,
@@ -495,6 +570,7 @@ fn hop_error(route: &[Hop], hop: usize, code: ErrorCode, message: String) -> Cli
             blocks: h.blocks,
             code,
             message,
+            reported_by: None,
         })),
         None => ClientError::Protocol {
             peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
@@ -516,23 +592,28 @@ fn named_failure(
     message: String,
 ) -> ClientError {
     let hop = hop as usize;
+    // Cleaned before any look at it: an invisible character before a prefix would
+    // otherwise pass the checks below and be removed only later.
+    let message = pollen_protocol::printable(&message);
     match route.get(hop) {
-        // A server that received NaN or infinities blames the hop before it.
+        // A server that received NaN or infinities blames the hop before it. Which of
+        // the two is lying the client cannot tell: a dispute (see `SwarmClient::blame`),
+        // never a wrong output of the client's own finding.
         Some(h)
             if h.peer.to_bytes() == peer.0
                 && hop > 0
                 && message.starts_with(super::check::NON_FINITE_INPUT) =>
         {
-            hop_error(
+            let mut e = hop_error(
                 route,
                 hop - 1,
                 ErrorCode::BadRequest,
-                format!(
-                    "{} the next hop ({}) received from it: {message}",
-                    super::check::WRONG_OUTPUT,
-                    h.peer
-                ),
-            )
+                format!("the next hop ({}) reports {message}", h.peer),
+            );
+            if let ClientError::HopFailed(f) = &mut e {
+                f.reported_by = Some(h.peer);
+            }
+            e
         }
         // Only the client's own findings are marked as wrong outputs.
         Some(h) if h.peer.to_bytes() == peer.0 => {
@@ -544,7 +625,103 @@ fn named_failure(
         }
         _ => ClientError::Protocol {
             peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
-            message: format!("reported a failure of hop {hop} that is not on the route: {message}"),
+            message: format!(
+                "reported a failure of hop {hop} that is not on the route: {}",
+                pollen_protocol::printable(&message)
+            ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::blocks::BlockRange;
+
+    fn route(n: usize) -> Vec<Hop> {
+        (0..n)
+            .map(|i| Hop {
+                peer: PeerId::random(),
+                blocks: BlockRange {
+                    start: i * 10,
+                    end: i * 10 + 10,
+                },
+                addrs: vec![],
+                step_us: 1_000,
+            })
+            .collect()
+    }
+
+    /// A hop reporting non-finite input names the hop before in a dispute (itself as
+    /// the reporter), never as the client's own finding of a wrong output; peers' text
+    /// reaches the user without terminal control sequences.
+    #[test]
+    fn a_hops_report_about_the_hop_before_is_a_dispute() {
+        let r = route(3);
+        let report = format!(
+            "{}: NaN or infinite \u{1b}[2J\u{1b}]0;owned\u{7}",
+            super::super::check::NON_FINITE_INPUT
+        );
+        let peer = PeerIdBytes(r[2].peer.to_bytes());
+        let ClientError::HopFailed(f) = named_failure(&r, 2, &peer, ErrorCode::BadRequest, report)
+        else {
+            panic!("a hop failure");
+        };
+        assert_eq!(
+            (f.hop, f.peer, f.reported_by),
+            (1, r[1].peer, Some(r[2].peer))
+        );
+        assert!(!f.message.starts_with(super::super::check::WRONG_OUTPUT));
+        assert!(f.message.contains("NaN or infinite"), "{}", f.message);
+        assert!(!f.message.chars().any(char::is_control), "{:?}", f.message);
+        // A hop cannot pass off its own failure as the client's finding either.
+        let own = format!("\u{200e}{} made up", super::super::check::WRONG_OUTPUT);
+        let peer = PeerIdBytes(r[1].peer.to_bytes());
+        let ClientError::HopFailed(f) = named_failure(&r, 1, &peer, ErrorCode::BadRequest, own)
+        else {
+            panic!("a hop failure");
+        };
+        assert_eq!((f.hop, f.reported_by), (1, None));
+        assert!(!f.message.starts_with(super::super::check::WRONG_OUTPUT));
+    }
+
+    /// A replay's deadline grows with its tokens and inputs, not with an acknowledgement
+    /// timeout per input and hop: a silent hop on a healed route after a long answer
+    /// costs minutes at most, not hours.
+    #[test]
+    fn a_replay_has_one_deadline() {
+        let r = route(2);
+        let one = replay_timeout(&r, 1, 1);
+        assert!(one >= 2 * crate::serve::session::ACK_BASE, "{one:?}");
+        // A 200-token prompt, then 1,000 tokens decoded one by one.
+        let long = replay_timeout(&r, 1_200, 1_001);
+        let per_input: std::time::Duration = (0..1_001).map(|_| route_timeout(&r, 1)).sum();
+        assert!(long >= route_timeout(&r, 1_200), "{long:?}");
+        assert!(long < std::time::Duration::from_secs(200), "{long:?}");
+        assert!(
+            per_input > std::time::Duration::from_secs(6_000),
+            "{per_input:?}"
+        );
+    }
+
+    /// The caps on frames read ahead from the route hold the largest honest frames: an
+    /// output of one row of f32 for a wide model, and any report.
+    #[test]
+    fn the_frame_caps_hold_honest_frames() {
+        let hidden = 8192;
+        let out = InferResponse::Output {
+            session: SessionId(u64::MAX),
+            step: u64::MAX,
+            position: u32::MAX,
+            hidden: to_wire(
+                &Tensor::zeros((1, 1, hidden), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                WireDType::F32,
+            )
+            .unwrap(),
+        };
+        let len = pollen_protocol::codec::encoded_len(&out);
+        assert!(len <= output_frame_max(hidden), "{len}");
+        assert!(output_frame_max(hidden) < 1 << 20);
     }
 }

@@ -411,6 +411,7 @@ impl SwarmClient {
                 blocks: who.blocks,
                 code: ErrorCode::BadRequest,
                 message,
+                reported_by: None,
             }))
         };
         let sentence = sentence(decided);

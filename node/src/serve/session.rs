@@ -56,14 +56,14 @@ const EVICT_WAIT: Duration = Duration::from_secs(1);
 /// How long sending a refusal may take (a peer refused for holding too much gets no more).
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Room in a session's frame cap for everything in a `Forward` but its hidden states.
-const FRAME_OVERHEAD: usize = 64 * 1024;
+pub(crate) const FRAME_OVERHEAD: usize = 64 * 1024;
 /// Most bytes of one frame from the next hop. Only small frames travel back down a
 /// session's stream (`Ack`, `Closed`, `HopFailed`, `Error`: at most an error message of
 /// `MAX_ERROR_MESSAGE_LEN` bytes and a peer id); outputs go up the attach stream. A next
 /// hop sending more is refused before its frame is read.
-const DOWN_FRAME_MAX: usize = 16 * 1024;
+pub(crate) const DOWN_FRAME_MAX: usize = 16 * 1024;
 /// Most frames from the next hop read ahead of the session.
-const DOWN_DEPTH: usize = 4;
+pub(crate) const DOWN_DEPTH: usize = 4;
 /// Most bytes of hidden states a hop keeps for replay, per session.
 pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 

@@ -155,7 +155,10 @@ pub(super) async fn compute(
             );
         }
     };
-    // NaN or infinities from the hop before are its fault: the client blames it.
+    #[cfg(feature = "fault-injection")]
+    let input = crate::fault::received(input);
+    // NaN or infinities from the hop before: reported as such (the client, which cannot
+    // tell which of the two is at fault, treats the report as a dispute).
     if let Err(e) = crate::client::check::hidden(&input, 0, server.span.config().hidden_size) {
         let msg = format!("{}: {e}", crate::client::check::NON_FINITE_INPUT);
         return (
