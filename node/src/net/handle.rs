@@ -22,6 +22,9 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most pages of announcements read from one peer in a gather; in practice a peer's
 /// share of our book ([`super::event_loop`] decides it) ends the reading first.
 const MAX_LIST_PAGES: usize = 16;
+/// How long one peer may take for all its pages in a gather: a peer answering each page
+/// just within [`GATHER_TIMEOUT`] holds a gather up this long, not 16 times that.
+const LIST_TIMEOUT: Duration = Duration::from_secs(4);
 /// Most bytes of announcements one gather stores, from all peers together.
 const MAX_GATHER_BYTES: usize = 16 * 1024 * 1024;
 
@@ -664,56 +667,86 @@ impl NetHandle {
 
     /// The announcements `peer` holds (of `model` or all), at most `share` of them, read
     /// in pages of at most [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`], at most
-    /// [`MAX_LIST_PAGES`] pages, each within [`GATHER_TIMEOUT`]; as one list. An answer
-    /// that is not a page (a refusal) ends it with what was read.
+    /// [`MAX_LIST_PAGES`] pages, each within [`GATHER_TIMEOUT`] and all within
+    /// [`LIST_TIMEOUT`]; as one list. An answer that is not a page (a refusal), an empty
+    /// page or the end of that time ends it with what was read.
     async fn list_pages(
         &self,
         peer: PeerId,
         model: Option<ModelId>,
         share: usize,
     ) -> NetResult<Vec<SignedAnnouncement>> {
-        let mut all = Vec::new();
-        let mut after = None;
-        for _ in 0..MAX_LIST_PAGES {
-            if all.len() >= share {
-                break;
-            }
-            let ask = self.announce(
+        read_pages(peer, share, |after| {
+            self.announce(
                 peer,
                 AnnounceRequest::ListPage {
                     model_id: model,
-                    after: after.take(),
+                    after,
                 },
-            );
-            let answer = tokio::time::timeout(GATHER_TIMEOUT, ask)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(NetError::Timeout {
-                        what: format!("list request to {peer}"),
-                        after: GATHER_TIMEOUT,
-                    })
-                })?;
-            match answer {
-                AnnounceResponse::Page { list, next } => {
-                    all.extend(list);
-                    match next {
-                        Some(n) => after = Some(n),
-                        None => break,
-                    }
-                }
-                AnnounceResponse::List(list) => {
-                    all.extend(list);
+            )
+        })
+        .await
+    }
+}
+
+/// [`NetHandle::list_pages`] with `ask` asking `peer` for the page after a cursor.
+async fn read_pages<F, Fut>(
+    peer: PeerId,
+    share: usize,
+    mut ask: F,
+) -> NetResult<Vec<SignedAnnouncement>>
+where
+    F: FnMut(Option<pollen_protocol::ListCursor>) -> Fut,
+    Fut: std::future::Future<Output = NetResult<AnnounceResponse>>,
+{
+    let mut all = Vec::new();
+    let mut after = None;
+    let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
+    for page in 0..MAX_LIST_PAGES {
+        if all.len() >= share {
+            break;
+        }
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(GATHER_TIMEOUT);
+        let ask = ask(after.take());
+        let answer = match tokio::time::timeout(wait, ask).await {
+            Ok(Ok(answer)) => answer,
+            // A failed page after some: what was read counts.
+            Ok(Err(_)) if page > 0 => break,
+            Ok(Err(e)) => return Err(e),
+            // Out of time after some pages: what was read counts.
+            Err(_) if page > 0 => break,
+            Err(_) => {
+                return Err(NetError::Timeout {
+                    what: format!("list request to {peer}"),
+                    after: wait,
+                });
+            }
+        };
+        match answer {
+            AnnounceResponse::Page { list, next } => {
+                if list.is_empty() {
                     break;
                 }
-                other => {
-                    tracing::debug!("{peer} answered a list request with {other:?}");
-                    break;
+                all.extend(list);
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
                 }
             }
+            AnnounceResponse::List(list) => {
+                all.extend(list);
+                break;
+            }
+            other => {
+                tracing::debug!("{peer} answered a list request with {other:?}");
+                break;
+            }
         }
-        all.truncate(share);
-        Ok(all)
     }
+    all.truncate(share);
+    Ok(all)
 }
 
 /// The head of `list` that fits what is left of `budget` (bytes), taken from it.
@@ -734,4 +767,95 @@ fn within_budget(
     }
     list.truncate(keep);
     list
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use pollen_protocol::{Announcement, BlockRange, ListCursor, PeerIdBytes};
+
+    fn signed(n: u8) -> SignedAnnouncement {
+        let key = [n; 32];
+        let peer = pollen_protocol::peer_id_bytes_for_ed25519(
+            &ed25519_dalek::SigningKey::from_bytes(&key)
+                .verifying_key()
+                .to_bytes(),
+        );
+        let now = crate::clock::unix_ms();
+        let a = Announcement {
+            peer,
+            model_id: ModelId::from_bytes([7; 32]),
+            model_name: "m".into(),
+            num_blocks: 30,
+            blocks: BlockRange::new(0, 30).unwrap(),
+            throughput: 1.0,
+            free_sessions: 1,
+            free_cache_tokens: 1000,
+            addrs: vec![],
+            compute: "exact/cpu".into(),
+            next_rtts: vec![],
+            issued_at_ms: now,
+            expires_at_ms: now + 30_000,
+            seq: 1,
+        };
+        SignedAnnouncement::sign(a, &key).unwrap()
+    }
+
+    fn cursor() -> ListCursor {
+        ListCursor {
+            model_id: ModelId::from_bytes([7; 32]),
+            start: 0,
+            peer: PeerIdBytes(vec![1; 38]),
+        }
+    }
+
+    /// A peer that answers every page just within the page timeout, always with more to
+    /// come, holds a gather up [`LIST_TIMEOUT`] at most, and what it sent counts; an
+    /// empty page ends the reading at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_or_empty_lister_holds_a_gather_up_a_bounded_time() {
+        let peer = PeerId::random();
+        let start = tokio::time::Instant::now();
+        let mut asked = 0;
+        let list = read_pages(peer, 1_000, |_| {
+            asked += 1;
+            let n = asked;
+            async move {
+                tokio::time::sleep(GATHER_TIMEOUT - Duration::from_millis(100)).await;
+                Ok(AnnounceResponse::Page {
+                    list: vec![signed(n)],
+                    next: Some(cursor()),
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert!(start.elapsed() <= LIST_TIMEOUT, "{:?}", start.elapsed());
+        assert_eq!(
+            (asked, list.len()),
+            (3, 2),
+            "two pages read, the third cut off"
+        );
+
+        let start = tokio::time::Instant::now();
+        let mut asked = 0;
+        let list = read_pages(peer, 1_000, |_| {
+            asked += 1;
+            async {
+                Ok(AnnounceResponse::Page {
+                    list: vec![],
+                    next: Some(cursor()),
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!((asked, list.len()), (1, 0));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+
+        // A first page that never comes is a timeout.
+        let never = read_pages(peer, 1_000, |_| std::future::pending()).await;
+        assert!(matches!(never, Err(NetError::Timeout { .. })), "{never:?}");
+    }
 }

@@ -127,6 +127,17 @@ impl FrameWriter {
 
 /// How often a stream dropped unanswered is opened again.
 const OPEN_ATTEMPTS: u32 = 4;
+/// A stream that ended unanswered within this long of its first frame is opened again
+/// (a peer whose inbound queue was full drops new streams at once); one that ended
+/// later is the peer's answer, so that a peer cannot stretch the caller's wait by
+/// closing each stream just before it times out.
+const DROPPED_WITHIN: Duration = Duration::from_secs(1);
+
+/// Whether a stream that ended unanswered `after` its first frame, on attempt
+/// `attempt`, is opened again.
+fn open_again(attempt: u32, after: Duration) -> bool {
+    attempt < OPEN_ATTEMPTS && after < DROPPED_WITHIN
+}
 
 /// Why [`open_with_reply`] got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +210,7 @@ where
         let Some(first) = first() else {
             return Err(OpenError::NoTime);
         };
+        let sent = tokio::time::Instant::now();
         let answer = match tx.send(&first, timeout).await {
             Ok(()) => rx.recv_within::<Resp>(timeout).await,
             Err(e) => Err(e),
@@ -206,7 +218,7 @@ where
         match answer {
             Ok(reply) => return Ok((rx, tx, reply)),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(OpenError::Timeout(e)),
-            Err(e) if attempt >= OPEN_ATTEMPTS => return Err(OpenError::Broken(e)),
+            Err(e) if !open_again(attempt, sent.elapsed()) => return Err(OpenError::Broken(e)),
             Err(e) => {
                 tracing::debug!("session stream to {peer} ended unanswered ({e}); opening again");
                 let backoff = 20u64 << attempt;
@@ -214,5 +226,21 @@ where
                 tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a stream dropped at once is opened again, and only a few times: a peer that
+    /// closes each stream just before the caller's timeout gets one wait, not five.
+    #[test]
+    fn only_streams_dropped_at_once_are_opened_again() {
+        let at_once = Duration::from_millis(5);
+        assert!((1..OPEN_ATTEMPTS).all(|a| open_again(a, at_once)));
+        assert!(!open_again(OPEN_ATTEMPTS, at_once));
+        assert!(!open_again(1, DROPPED_WITHIN));
+        assert!(!open_again(1, Duration::from_secs(79)));
     }
 }
