@@ -42,8 +42,10 @@ const FIRST_CONTROL: u32 = 0xE100;
 /// How many control tokens the private-use characters after [`FIRST_CONTROL`] can name.
 const MOST_CONTROLS: usize = 0xF8FF - 0xE100 + 1;
 
-/// The control tokens (`<|im_start|>`, `<|im_end|>`: those that structure a prompt), so
-/// that their texts written inside a message can be kept as plain text.
+/// The control tokens (`<|im_start|>`, `<|im_end|>`: those that structure a prompt; type 3
+/// in GGUF, `special` in `tokenizer.json`), so that their texts written inside a message
+/// can be kept as plain text. User-defined tokens (GGUF type 4, such as `<think>` or a
+/// tool-call marker) are what a message may carry, and stay matched.
 #[derive(Debug, Clone)]
 struct Controls {
     /// Finds the control tokens' texts, then [`MARK`] (the last pattern), leftmost
