@@ -97,11 +97,13 @@ impl From<ClientError> for BackendError {
         match &e {
             ClientError::NoRoute { .. } | ClientError::NoEntry(_) => Self::NoBlocks(text),
             ClientError::OverBudget { .. } => Self::PromptTooLong(text),
-            // Refused for want of memory or session room by the servers tried.
-            ClientError::HopFailed(f) if f.code == ErrorCode::OverBudget => {
-                Self::PromptTooLong(text)
+            // Refused for want of memory or session room (the prompt was checked against
+            // the model's context already): the servers are busy.
+            ClientError::HopFailed(f)
+                if matches!(f.code, ErrorCode::Busy | ErrorCode::OverBudget) =>
+            {
+                Self::Busy(text)
             }
-            ClientError::HopFailed(f) if f.code == ErrorCode::Busy => Self::Busy(text),
             ClientError::Model(pollen_shard::ShardError::BadInput(_)) => Self::BadRequest(text),
             _ => Self::Other(text),
         }

@@ -114,23 +114,23 @@ impl Bans {
 
     /// The next hop `reporter` says that `accused`, the hop before it, sent it wrong
     /// hidden states. One of the two is at fault, and the client cannot tell which (a
-    /// hostile hop could accuse an honest one to have it banned): neither is a liar;
-    /// the reporter gets the ordinary ban of a failure, the accused the first ban only,
-    /// whoever accuses it and however often (fresh keys accusing it in turn cannot
-    /// grow its ban), and the two are not chained again for as long as the pair's own
-    /// ban, which grows with each dispute between them. A real fault is routed around.
+    /// hostile hop could accuse an honest one, or send it NaN to have it accuse): both
+    /// get the first ban and no strike, however often and by whomever disputes are
+    /// raised (fresh keys on either side cannot grow an honest server's ban), neither
+    /// counts as a liar, and the two are not chained again for a ban of the pair's own
+    /// that grows with each dispute between them. A real fault is routed around.
     fn dispute(&mut self, accused: PeerId, reporter: PeerId) {
         let now = Instant::now();
         self.until.retain(|_, (t, ..)| *t > now);
-        make_room(&mut self.until, &accused, |(t, ..)| *t);
-        let (t, _, at, crashed) =
-            self.until
-                .entry(accused)
-                .or_insert((now, 0, crate::clock::unix_ms(), false));
-        *t = (*t).max(now + FIRST_BAN);
-        *at = crate::clock::unix_ms();
-        *crashed = false;
-        self.ban(reporter, false, false);
+        for peer in [reporter, accused] {
+            make_room(&mut self.until, &peer, |(t, ..)| *t);
+            // An existing ban only grows; its strikes and its cause stay.
+            let (t, ..) =
+                self.until
+                    .entry(peer)
+                    .or_insert((now, 0, crate::clock::unix_ms(), false));
+            *t = (*t).max(now + FIRST_BAN);
+        }
         self.apart.retain(|_, (u, _)| *u > now);
         let pair = (accused, reporter);
         make_room(&mut self.apart, &pair, |(u, _)| *u);
@@ -278,14 +278,15 @@ fn busy_only(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::Busy | ErrorCode::OverBudget)
 }
 
-/// Counts a refusal for want of room (`over_budget`) in `no_room`; whether it is the
-/// second of one heal or open: then the request is too big for the servers at hand, and
-/// the client stops (a server out of room is tried elsewhere once, not eight times).
-fn too_big(e: &ClientError, no_room: &mut u32) -> bool {
-    if matches!(e, ClientError::HopFailed(f) if f.code == ErrorCode::OverBudget) {
-        *no_room += 1;
+/// Notes a refusal for want of room (`over_budget`) in `refused`, the servers that
+/// refused so in one open or heal; whether this server had refused already: then no
+/// other server was found for the request, and the client stops (a server out of room
+/// is tried elsewhere, not eight times over).
+fn refused_again(e: &ClientError, refused: &mut std::collections::HashSet<PeerId>) -> bool {
+    match e {
+        ClientError::HopFailed(f) if f.code == ErrorCode::OverBudget => !refused.insert(f.peer),
+        _ => false,
     }
-    *no_room > 1
 }
 
 /// Before the `attempt`-th try of a new route: none for the first two (a failed route
@@ -431,19 +432,19 @@ impl SwarmClient {
             match found {
                 Ok(r) => return Ok(r),
                 Err(e) if Instant::now() >= deadline => {
-                    // Out of time: a chain of servers in a dispute is better than none
-                    // (its report may have been a passing fault; if not, it fails again).
+                    // Say so when only a dispute stands in the way: the error itself
+                    // reads as spans that do not line up.
                     let none = std::collections::HashSet::new();
                     let disputed = route::route_apart(
                         &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &none,
                     );
                     if let (Ok(r), false) = (&disputed, apart.is_empty()) {
                         tracing::warn!(
-                            "no route keeps the servers of a dispute apart; trying {}",
+                            "the only route, {}, chains servers in a dispute (one said the other sent it non-finite hidden states)",
                             describe(r)
                         );
                     }
-                    return disputed.map_err(|_| e);
+                    return Err(e);
                 }
                 Err(_) => {
                     // With jitter, so that clients that lost the same server do not
@@ -606,9 +607,9 @@ impl SwarmClient {
     ) -> Result<(SwarmSession, Tensor), ClientError> {
         let started = Instant::now();
         let mut failure = failure;
-        let mut no_room = 0;
+        let mut refused = std::collections::HashSet::new();
         for attempt in 0..MAX_HEALS_PER_STEP {
-            if !self.blame(&failure) || too_big(&failure, &mut no_room) {
+            if !self.blame(&failure) || refused_again(&failure, &mut refused) {
                 return Err(failure);
             }
             retry_pause(attempt).await;
@@ -682,7 +683,7 @@ impl SwarmClient {
         let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
         let mut session = None;
         let mut failure = None;
-        let mut no_room = 0;
+        let mut refused = std::collections::HashSet::new();
         // A route that fails to open is left out, and the next best tried at once.
         for attempt in 0..MAX_HEALS_PER_STEP {
             retry_pause(attempt).await;
@@ -698,7 +699,7 @@ impl SwarmClient {
                     break;
                 }
                 Err(e) => {
-                    if !self.blame(&e) || too_big(&e, &mut no_room) {
+                    if !self.blame(&e) || refused_again(&e, &mut refused) {
                         return Err(e);
                     }
                     tracing::warn!("{e}; trying another route");
@@ -856,37 +857,62 @@ mod tests {
             b.kept_apart(),
             std::collections::HashSet::from([(accused, reporter)])
         );
-        // Accused again and again, by fresh keys: its ban stays the first one, each
-        // accuser's grows with its accusations, and so does the pair's time apart.
+        // Disputes again and again, with fresh keys on either side: neither honest
+        // server's ban grows, the pair's time apart does.
         let first = b.apart[&(accused, reporter)].0;
         for _ in 0..5 {
             b.dispute(accused, PeerId::random());
+            b.dispute(PeerId::random(), reporter);
             b.dispute(accused, reporter);
         }
-        assert_eq!(b.until[&accused].1, 0, "no strikes for being accused");
-        assert!(b.until[&accused].0 <= Instant::now() + FIRST_BAN);
-        assert_eq!(b.until[&reporter].1, 6);
-        assert!(b.until[&reporter].0 > Instant::now() + FIRST_BAN * 10);
+        for p in [&accused, &reporter] {
+            assert_eq!(b.until[p].1, 0, "no strikes for a dispute");
+            assert!(b.until[p].0 <= Instant::now() + FIRST_BAN);
+        }
         assert!(b.apart[&(accused, reporter)].0 > first + FIRST_BAN * 10);
+        // A dispute never shortens a longer ban, nor changes why it was given: a server
+        // whose connection broke stays gone until it announces itself again.
+        let gone = PeerId::random();
+        for _ in 0..3 {
+            b.ban(gone, false, true);
+        }
+        let until = b.until[&gone].0;
+        b.dispute(gone, PeerId::random());
+        assert_eq!(b.until[&gone].0, until);
+        assert!(b.is_gone(&gone, 0));
     }
 
     #[test]
-    fn a_second_refusal_for_room_ends_the_tries() {
-        let failure = |code| {
+    fn a_server_refusing_for_room_again_ends_the_tries() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let failure = |peer, code| {
             ClientError::HopFailed(Box::new(HopFailure {
                 hop: 0,
-                peer: PeerId::random(),
+                peer,
                 blocks: crate::blocks::BlockRange { start: 0, end: 10 },
                 code,
                 message: "x".into(),
                 reported_by: None,
             }))
         };
-        let mut no_room = 0;
-        assert!(!too_big(&failure(ErrorCode::Busy), &mut no_room));
-        assert!(!too_big(&failure(ErrorCode::OverBudget), &mut no_room));
-        assert!(!too_big(&failure(ErrorCode::Timeout), &mut no_room));
-        assert!(too_big(&failure(ErrorCode::OverBudget), &mut no_room));
+        let mut refused = std::collections::HashSet::new();
+        assert!(!refused_again(&failure(a, ErrorCode::Busy), &mut refused));
+        assert!(!refused_again(
+            &failure(a, ErrorCode::OverBudget),
+            &mut refused
+        ));
+        assert!(!refused_again(
+            &failure(b, ErrorCode::OverBudget),
+            &mut refused
+        ));
+        assert!(!refused_again(
+            &failure(a, ErrorCode::Timeout),
+            &mut refused
+        ));
+        assert!(refused_again(
+            &failure(b, ErrorCode::OverBudget),
+            &mut refused
+        ));
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct SwarmSession {
     timing: Option<(std::time::Duration, std::time::Duration)>,
     /// When the first hop acknowledged the step being waited for.
     acked_at: Option<Instant>,
+    /// An output read while its step was still being sent (the send's last flush can end
+    /// after the chain has answered), for [`Self::await_output`].
+    early: Option<io::Result<InferResponse>>,
 }
 
 impl std::fmt::Debug for SwarmSession {
@@ -60,6 +63,17 @@ impl std::fmt::Debug for SwarmSession {
             self.session,
             self.route.len()
         )
+    }
+}
+
+/// The output kept by [`SwarmSession::send_forward`], if any, else the next one read.
+async fn next_output(
+    early: &mut Option<io::Result<InferResponse>>,
+    outputs: &mut mpsc::Receiver<io::Result<InferResponse>>,
+) -> Option<io::Result<InferResponse>> {
+    match early.take() {
+        Some(item) => Some(item),
+        None => outputs.recv().await,
     }
 }
 
@@ -257,6 +271,7 @@ impl SwarmSession {
             free_tokens,
             timing: None,
             acked_at: None,
+            early: None,
         })
     }
 
@@ -369,43 +384,33 @@ impl SwarmSession {
         // Outputs of earlier steps are read and dropped meanwhile: a replay sends many
         // inputs before it waits for the last output, and outputs left unread would in
         // the end fill the attach stream's window and stop the last hop, and the chain.
-        let (first, ups, outputs, route) = (
+        let (first, ups, outputs, early, route) = (
             &mut self.first,
             &mut self.ups,
             &mut self.outputs,
+            &mut self.early,
             &self.route,
         );
-        let last = route.len() - 1;
         let mut attached = true;
         let send = first.send(&req, SEND_TIMEOUT);
         tokio::pin!(send);
         loop {
             tokio::select! {
+                biased;
                 r = &mut send => {
                     r.map_err(|e| hop_error(route, 0, ErrorCode::Unreachable, e.to_string()))?;
                     break;
                 }
                 item = outputs.recv(), if attached => match item {
                     Some(Ok(InferResponse::Output { step: s, .. })) if s < step => {}
-                    Some(Ok(InferResponse::Output { step: s, .. })) => {
-                        return Err(hop_error(route, last, ErrorCode::BadRequest, format!(
-                            "sent an output of step {s} before step {step} was sent"
-                        )));
-                    }
-                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
-                        return Err(named_failure(route, hop, &peer, error.code, error.message));
-                    }
-                    Some(Ok(InferResponse::Error(e))) => {
-                        return Err(hop_error(route, last, e.code, e.message));
-                    }
-                    Some(Ok(other)) => {
-                        return Err(hop_error(route, last, ErrorCode::BadRequest, format!(
-                            "sent {other:?} up the attach stream"
-                        )));
+                    // Anything else is for `await_output` to judge, which reads on from it.
+                    Some(other) => {
+                        *early = Some(other);
+                        attached = false;
                     }
                     // A broken attach stream is looked into when the output is awaited
                     // (the report of the hop that failed may still be on its way).
-                    Some(Err(_)) | None => attached = false,
+                    None => attached = false,
                 },
                 item = ups.recv() => match item {
                     Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
@@ -456,7 +461,7 @@ impl SwarmSession {
                     Some(Err(e)) => return Err(self.hop_failed(0, ErrorCode::Unreachable, format!("its stream broke: {e}"))),
                     None => return Err(self.hop_failed(0, ErrorCode::Unreachable, "its stream ended")),
                 },
-                item = self.outputs.recv() => match item {
+                item = next_output(&mut self.early, &mut self.outputs) => match item {
                     Some(Ok(InferResponse::Output { session, step: s, position: p, hidden: out })) => {
                         if s < step {
                             continue; // an answer to an earlier step (a replay's, or a late one)

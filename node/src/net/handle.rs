@@ -709,6 +709,9 @@ where
         let wait = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .min(GATHER_TIMEOUT);
+        if wait.is_zero() && page > 0 {
+            break;
+        }
         let ask = ask(after.take());
         let answer = match tokio::time::timeout(wait, ask).await {
             Ok(Ok(answer)) => answer,
