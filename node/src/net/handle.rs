@@ -25,6 +25,10 @@ const MAX_LIST_PAGES: usize = 16;
 /// How long one peer may take for all its pages in a gather: a peer answering each page
 /// just within [`GATHER_TIMEOUT`] holds a gather up this long, not 16 times that.
 const LIST_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a whole gather may take: every provider has its own bounds (connecting,
+/// [`LIST_TIMEOUT`]), but a few hundred slow ones asked [`PEERS_ASKED_AT_ONCE`] at a time
+/// would add theirs up. What was gathered by then is in the book.
+const GATHER_TOTAL: Duration = Duration::from_secs(15);
 /// Most bytes of announcements one gather stores, from all peers together.
 const MAX_GATHER_BYTES: usize = 16 * 1024 * 1024;
 
@@ -652,10 +656,7 @@ impl NetHandle {
                 }
             })
             .collect();
-        let results: Vec<NetResult<(PeerId, usize)>> = futures::stream::iter(asks)
-            .buffer_unordered(PEERS_ASKED_AT_ONCE)
-            .collect()
-            .await;
+        let results = ask_within(asks, PEERS_ASKED_AT_ONCE, GATHER_TOTAL).await;
         for r in results {
             match r {
                 Ok((peer, n)) => tracing::debug!("gathered {n} new announcements from {peer}"),
@@ -687,6 +688,29 @@ impl NetHandle {
         })
         .await
     }
+}
+
+/// Runs `asks`, at most `at_once` at a time, until every one has ended or `total` has
+/// passed; the outputs of those that ended (the rest are dropped).
+async fn ask_within<F: std::future::Future>(
+    asks: Vec<F>,
+    at_once: usize,
+    total: Duration,
+) -> Vec<F::Output> {
+    let deadline = tokio::time::Instant::now() + total;
+    let mut running = futures::stream::iter(asks).buffer_unordered(at_once);
+    let mut done = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, running.next()).await {
+            Ok(Some(out)) => done.push(out),
+            Ok(None) => break,
+            Err(_) => {
+                tracing::debug!("gathering: stopped waiting for providers after {total:?}");
+                break;
+            }
+        }
+    }
+    done
 }
 
 /// [`NetHandle::list_pages`] with `ask` asking `peer` for the page after a cursor.
@@ -860,5 +884,32 @@ mod tests {
         // A first page that never comes is a timeout.
         let never = read_pages(peer, 1_000, |_| std::future::pending()).await;
         assert!(matches!(never, Err(NetError::Timeout { .. })), "{never:?}");
+    }
+
+    /// A gather stops waiting for providers after its total time, keeping what those
+    /// that answered gave, however many slow ones there are.
+    #[tokio::test(start_paused = true)]
+    async fn a_gather_ends_on_time_however_many_providers_are_slow() {
+        let start = tokio::time::Instant::now();
+        let asks: Vec<_> = [1u64, 100, 2, 100, 100, 3]
+            .into_iter()
+            .map(|s| async move {
+                tokio::time::sleep(Duration::from_secs(s)).await;
+                s
+            })
+            .collect();
+        let mut got = ask_within(asks, 2, Duration::from_secs(10)).await;
+        got.sort_unstable();
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // Two at a time: 1 and 100 start, 2 after 1, then 100 after 2 ends (at 3 s):
+        // the two slow ones hold both places until the deadline.
+        assert_eq!(got, vec![1, 2]);
+        let all: Vec<_> = (1..=5u64)
+            .map(|s| async move {
+                tokio::time::sleep(Duration::from_secs(s)).await;
+                s
+            })
+            .collect();
+        assert_eq!(ask_within(all, 64, Duration::from_secs(10)).await.len(), 5);
     }
 }
