@@ -417,7 +417,7 @@ impl SwarmClient {
                 .lock()
                 .map(|s| s.all().clone())
                 .unwrap_or_default();
-            let apart = self.bans.lock().map(|b| b.kept_apart()).unwrap_or_default();
+            let apart = self.kept_apart();
             let found = route::route_apart(
                 &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
             )
@@ -556,6 +556,11 @@ impl SwarmClient {
             .lock()
             .map(|b| b.is_gone(peer, issued_at_ms) || b.is_liar(peer))
             .unwrap_or(false)
+    }
+
+    /// Pairs of servers in a dispute: never the first right before the second.
+    fn kept_apart(&self) -> std::collections::HashSet<(PeerId, PeerId)> {
+        self.bans.lock().map(|b| b.kept_apart()).unwrap_or_default()
     }
 
     fn banned_since(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {

@@ -111,6 +111,20 @@ fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>
     Some(r)
 }
 
+/// Whether `peer` at `hop` of `route` would sit right after or right before a server it
+/// is in a dispute with (`apart`: the first is never chained right before the second).
+fn next_to_a_dispute(
+    route: &[Hop],
+    hop: usize,
+    peer: &PeerId,
+    apart: &std::collections::HashSet<(PeerId, PeerId)>,
+) -> bool {
+    let before = hop.checked_sub(1).and_then(|i| route.get(i));
+    let after = route.get(hop + 1);
+    before.is_some_and(|b| apart.contains(&(b.peer, *peer)))
+        || after.is_some_and(|a| apart.contains(&(*peer, a.peer)))
+}
+
 /// Most third servers asked to settle one disagreement.
 const MAX_THIRDS: usize = 3;
 
@@ -201,6 +215,7 @@ impl SwarmClient {
             return Vec::new();
         };
         let on_route = |p: &PeerId| route.iter().any(|r| &r.peer == p);
+        let apart = self.kept_apart();
         let book = book.to_vec();
         book.into_iter()
             .filter(|a| {
@@ -211,8 +226,11 @@ impl SwarmClient {
                     && a.blocks.end() as usize == h.blocks.end
             })
             .filter(|a| {
-                PeerId::from_bytes(&a.peer.0)
-                    .is_ok_and(|p| !on_route(&p) && !self.banned_since(&p, Some(a.issued_at_ms)))
+                PeerId::from_bytes(&a.peer.0).is_ok_and(|p| {
+                    !on_route(&p)
+                        && !next_to_a_dispute(route, hop, &p, &apart)
+                        && !self.banned_since(&p, Some(a.issued_at_ms))
+                })
             })
             .collect()
     }
@@ -491,6 +509,43 @@ impl SwarmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spot check's second server of a span never sits next to a server it is in a
+    /// dispute with, in the order of the dispute.
+    #[test]
+    fn a_check_keeps_the_servers_of_a_dispute_apart() {
+        let route: Vec<Hop> = (0..3)
+            .map(|i| Hop {
+                peer: PeerId::random(),
+                blocks: crate::blocks::BlockRange {
+                    start: i * 10,
+                    end: i * 10 + 10,
+                },
+                addrs: vec![],
+                step_us: 1_000,
+            })
+            .collect();
+        let x = PeerId::random();
+        let none = std::collections::HashSet::new();
+        assert!(!next_to_a_dispute(&route, 1, &x, &none));
+        let before = std::collections::HashSet::from([(route[0].peer, x)]);
+        assert!(next_to_a_dispute(&route, 1, &x, &before));
+        assert!(
+            !next_to_a_dispute(&route, 0, &x, &before),
+            "no hop before 0"
+        );
+        let after = std::collections::HashSet::from([(x, route[2].peer)]);
+        assert!(next_to_a_dispute(&route, 1, &x, &after));
+        assert!(
+            !next_to_a_dispute(&route, 2, &x, &after),
+            "no hop after the last"
+        );
+        let reversed = std::collections::HashSet::from([(x, route[0].peer)]);
+        assert!(
+            !next_to_a_dispute(&route, 1, &x, &reversed),
+            "the order counts"
+        );
+    }
 
     #[test]
     fn a_third_opinion_names_the_one_it_disagrees_with() {
