@@ -140,6 +140,19 @@ fn run_then(mut cmd: Command, marker: &str, then: impl FnOnce()) -> (Output, boo
     (out, seen)
 }
 
+/// Runs a client on the mesh at `addr` and, once it has chosen its route, starts a
+/// second server of 10:20 (key in `dir`); the client's output, its text and its log.
+fn with_a_spare_of_10_20(addr: &str, dir: &std::path::Path) -> (Output, String, String) {
+    let mut spare = None;
+    let (out, routed) = run_then(client(addr, &["--verify", "0"]), "route: ", || {
+        spare = Some(server(Some(addr), "10:20", &dir.join("b.key"), &[]));
+    });
+    let (got, log) = text(&out);
+    eprintln!("{log}");
+    assert!(routed, "the client logged no route: {log}");
+    (out, got, log)
+}
+
 /// The only server of blocks 10:20 answers NaN from its first step. The server after it
 /// refuses the input and names it; the client bans it and heals onto a second server
 /// of 10:20 that joins meanwhile: the text of a local run, never an empty answer.
@@ -158,14 +171,8 @@ fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
     let _ends = [("0:10", "a"), ("20:30", "d")]
         .map(|(blocks, k)| server(Some(&addr), blocks, &dir.join(format!("{k}.key")), &[]));
     let nan_peer = peer_of(&nan.1).to_string();
-    let mut spare = None;
     // The spare joins once the client has chosen its route (through the NaN server).
-    let (out, routed) = run_then(client(&addr, &["--verify", "0"]), "route: ", || {
-        spare = Some(server(Some(&addr), "10:20", &dir.join("b.key"), &[]));
-    });
-    let (got, log) = text(&out);
-    eprintln!("{log}");
-    assert!(routed, "the client logged no route: {log}");
+    let (out, got, log) = with_a_spare_of_10_20(&addr, &dir);
     assert!(
         !(out.status.success() && got.trim().is_empty()),
         "an empty answer with exit status 0: {log}"
@@ -198,13 +205,7 @@ fn a_false_accusation_does_not_shut_out_the_accused() {
     );
     let _end = server(Some(&addr), "20:30", &dir.join("c.key"), &[]);
     let (accused, accuser) = (peer_of(&accused.1), peer_of(&accuser.1));
-    let mut spare = None;
-    let (out, routed) = run_then(client(&addr, &["--verify", "0"]), "route: ", || {
-        spare = Some(server(Some(&addr), "10:20", &dir.join("b.key"), &[]));
-    });
-    let (got, log) = text(&out);
-    eprintln!("{log}");
-    assert!(routed, "the client logged no route: {log}");
+    let (out, got, log) = with_a_spare_of_10_20(&addr, &dir);
     assert!(
         log.contains(&format!(
             "dispute: {accuser} says {accused} sent it non-finite hidden states"

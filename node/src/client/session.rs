@@ -630,10 +630,7 @@ fn named_failure(
         }
         _ => ClientError::Protocol {
             peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
-            message: format!(
-                "reported a failure of hop {hop} that is not on the route: {}",
-                pollen_protocol::printable(&message)
-            ),
+            message: format!("reported a failure of hop {hop} that is not on the route: {message}"),
         },
     }
 }
