@@ -141,11 +141,11 @@ fn run_then(mut cmd: Command, marker: &str, then: impl FnOnce()) -> (Output, boo
 }
 
 /// Runs a client on the mesh at `addr` and, once it has chosen its route, starts a
-/// second server of 10:20 (key in `dir`); the client's output, its text and its log.
-fn with_a_spare_of_10_20(addr: &str, dir: &std::path::Path) -> (Output, String, String) {
+/// second server of `blocks` (key in `dir`); the client's output, its text and its log.
+fn with_a_spare(addr: &str, dir: &std::path::Path, blocks: &str) -> (Output, String, String) {
     let mut spare = None;
     let (out, routed) = run_then(client(addr, &["--verify", "0"]), "route: ", || {
-        spare = Some(server(Some(addr), "10:20", &dir.join("b.key"), &[]));
+        spare = Some(server(Some(addr), blocks, &dir.join("spare.key"), &[]));
     });
     let (got, log) = text(&out);
     eprintln!("{log}");
@@ -172,7 +172,7 @@ fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
         .map(|(blocks, k)| server(Some(&addr), blocks, &dir.join(format!("{k}.key")), &[]));
     let nan_peer = peer_of(&nan.1).to_string();
     // The spare joins once the client has chosen its route (through the NaN server).
-    let (out, got, log) = with_a_spare_of_10_20(&addr, &dir);
+    let (out, got, log) = with_a_spare(&addr, &dir, "10:20");
     assert!(
         !(out.status.success() && got.trim().is_empty()),
         "an empty answer with exit status 0: {log}"
@@ -205,15 +205,65 @@ fn a_false_accusation_does_not_shut_out_the_accused() {
     );
     let _end = server(Some(&addr), "20:30", &dir.join("c.key"), &[]);
     let (accused, accuser) = (peer_of(&accused.1), peer_of(&accuser.1));
-    let (out, got, log) = with_a_spare_of_10_20(&addr, &dir);
+    let (out, got, log) = with_a_spare(&addr, &dir, "10:20");
     assert!(
         log.contains(&format!(
-            "dispute: {accuser} says {accused} sent it non-finite hidden states"
-        )),
+            "dispute: {accuser} says {accused} sent it a step it refuses"
+        )) && log.contains("non-finite hidden states"),
         "the dispute is named: {log}"
     );
     assert!(out.status.success(), "{log}");
     assert_eq!(got, want);
+}
+
+/// The server of `blocks` (hop `hop` of the route) sends up, at its third step, a
+/// report in the name of the last server that the last server failed (signed with its
+/// own key: a hop cannot sign in another's name). The report does not check out: the
+/// client (or, when the forger is not the first, the hop before it, which sends up its
+/// own report instead) blames the forger, never the last server, and heals onto a second
+/// server of `blocks` that joins meanwhile, through the same last server: the text of a
+/// local run.
+fn a_report_in_another_servers_name_blames(blocks: &str, hop: usize) {
+    let _one = serial();
+    let want = generate(None, PROMPT, true, TOKENS);
+    let dir = temp_dir(&format!("verify-forge-{hop}"));
+    let (_boot, addr) = bootstrap(&dir, false);
+    let forger = server(
+        Some(&addr),
+        blocks,
+        &dir.join("f.key"),
+        &["--fault", "forge:2"],
+    );
+    let _rest = ["0:10", "10:20", "20:30"]
+        .into_iter()
+        .filter(|b| *b != blocks)
+        .enumerate()
+        .map(|(i, b)| server(Some(&addr), b, &dir.join(format!("{i}.key")), &[]))
+        .collect::<Vec<_>>();
+    let forger = peer_of(&forger.1);
+    let (out, got, log) = with_a_spare(&addr, &dir, blocks);
+    assert!(
+        log.contains(&format!(
+            "hop {hop} (blocks {blocks}, peer {forger}) failed: bad_request: sent up a failure report that does not check out"
+        )),
+        "the forger ({forger}) is blamed for its report: {log}"
+    );
+    assert!(
+        !log.contains("hop 2 (blocks 20:30"),
+        "the last server is not blamed: {log}"
+    );
+    assert!(out.status.success(), "{log}");
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_report_in_another_servers_name_blames_the_first_server_that_sent_it() {
+    a_report_in_another_servers_name_blames("0:10", 0);
+}
+
+#[test]
+fn a_report_in_another_servers_name_blames_the_middle_server_that_sent_it() {
+    a_report_in_another_servers_name_blames("10:20", 1);
 }
 
 /// An attacker's announcement: a fresh key claims all 30 blocks at 1e9 tokens/s, with

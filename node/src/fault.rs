@@ -21,6 +21,9 @@ pub enum Kind {
     /// Computes honestly but reports that the hop before sent it non-finite hidden
     /// states (a false accusation), refusing the step.
     Accuse,
+    /// Instead of computing a step, sends up a report in the name of the route's last
+    /// hop that the last hop failed, signed with its own key (all a hop can sign with).
+    Forge,
 }
 
 /// A fault: from step `after + 1` on, every `every`-th step is corrupted.
@@ -42,7 +45,7 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 pub const PERTURBATION: f32 = 0.05;
 
 impl Fault {
-    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb`, `nan` or `accuse`: for example `perturb:5`
+    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb`, `nan`, `accuse` or `forge`: for example `perturb:5`
     /// (every step after the fifth) or `perturb:0:100` (one step in a hundred).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut parts = spec.split(':');
@@ -50,9 +53,10 @@ impl Fault {
             Some("perturb") => Kind::Perturb(PERTURBATION),
             Some("nan") => Kind::Nan,
             Some("accuse") => Kind::Accuse,
+            Some("forge") => Kind::Forge,
             other => {
                 return Err(format!(
-                    "unknown fault kind {other:?} (perturb, nan or accuse)"
+                    "unknown fault kind {other:?} (perturb, nan, accuse or forge)"
                 ));
             }
         };
@@ -110,9 +114,21 @@ pub fn received(input: Tensor) -> Tensor {
     input.affine(0.0, f64::NAN).unwrap_or(input)
 }
 
+/// Whether this step is answered with a forged report ([`Kind::Forge`]) instead of
+/// being computed.
+pub fn forges() -> bool {
+    let Some(f) = FAULT.get().filter(|f| f.kind == Kind::Forge) else {
+        return false;
+    };
+    f.hits(STEPS.fetch_add(1, Ordering::Relaxed) + 1)
+}
+
 /// One step's output, corrupted if the installed fault says so.
 pub fn apply(out: Tensor) -> Tensor {
-    let Some(f) = FAULT.get().filter(|f| f.kind != Kind::Accuse) else {
+    let Some(f) = FAULT
+        .get()
+        .filter(|f| matches!(f.kind, Kind::Perturb(_) | Kind::Nan))
+    else {
         return out;
     };
     let n = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
@@ -121,7 +137,7 @@ pub fn apply(out: Tensor) -> Tensor {
     }
     let bad = match f.kind {
         Kind::Perturb(by) => out.affine(1.0, f64::from(by)),
-        Kind::Nan | Kind::Accuse => out.affine(0.0, f64::NAN),
+        _ => out.affine(0.0, f64::NAN),
     };
     bad.unwrap_or(out)
 }
@@ -141,6 +157,7 @@ mod tests {
         assert_eq!(f.kind, Kind::Nan);
         assert_eq!((1..=1000).filter(|&n| f.hits(n)).count(), 10);
         assert_eq!(Fault::parse("accuse:2").unwrap().kind, Kind::Accuse);
+        assert_eq!(Fault::parse("forge:2").unwrap().kind, Kind::Forge);
         assert!(Fault::parse("melt:1").is_err());
         assert!(Fault::parse("nan:x").is_err());
         assert!(Fault::parse("nan:1:2:3").is_err());

@@ -69,8 +69,9 @@ struct SwarmArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Test builds only: corrupt outputs, or falsely accuse the hop before, as
-    /// KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`, `accuse:0`).
+    /// Test builds only: corrupt outputs, falsely accuse the hop before, or forge a
+    /// report in the last hop's name, as KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`,
+    /// `accuse:0`, `forge:2`).
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     fault: Option<String>,

@@ -18,6 +18,7 @@
 //! - [`hidden`]: hidden states as raw little-endian bytes with a shape and a dtype.
 //! - [`manifest`]: the model manifest and its canonical bytes.
 //! - [`announce`]: signed announcements, their verification and replay protection.
+//! - [`report`]: signed failure reports and who they may speak about.
 //!
 //! Nothing decoded from a peer is trusted: every length is checked before allocation,
 //! every frame is capped by a per-message maximum, and every decoded message is validated
@@ -30,6 +31,7 @@ pub mod hidden;
 pub mod limits;
 pub mod manifest;
 pub mod messages;
+pub mod report;
 
 mod hex;
 mod types;
@@ -50,6 +52,9 @@ pub use messages::{
     AnnounceRequest, AnnounceResponse, Hello, HelloReply, InferRequest, InferResponse, ListCursor,
     MessageError, RouteHop, SessionBudget, negotiate,
 };
+pub use report::{
+    REPORT_SIGNATURE_LEN, ReportError, Reported, SessionBinding, check_report, ed25519_key_of_peer,
+};
 pub use types::{
     BlockRange, BlockRangeError, ModelId, ModelIdParseError, PeerIdBytes, Roles, SessionId,
 };
@@ -59,7 +64,7 @@ pub use validate::printable;
 ///
 /// Two peers talk only if their versions are equal; [`negotiate`] checks it during the
 /// [`Hello`] exchange. Bump it whenever any message layout or meaning changes.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The libp2p protocol name of the version handshake.
 ///
@@ -73,13 +78,13 @@ pub const HELLO_PROTOCOL: &str = "/pollen/hello/1";
 /// [`InferResponse`]s up, one stream per session and hop (see [`InferRequest`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const INFER_PROTOCOL: &str = "/pollen/infer/6";
+pub const INFER_PROTOCOL: &str = "/pollen/infer/7";
 
 /// The libp2p protocol name for asking a peer directly for its current signed announcement
 /// ([`AnnounceRequest`] / [`AnnounceResponse`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/6";
+pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/7";
 
 #[cfg(test)]
 mod tests {

@@ -348,9 +348,11 @@ pub enum InferResponse {
         /// The step done.
         step: u64,
     },
-    /// A server of the route failed: itself, or the one after it (which it could not reach,
-    /// or which went silent). Passed up the chain unchanged to the client, so that the
-    /// client knows which hop to route around.
+    /// A server of the route failed: so says hop `by`, about itself, the hop after it (which
+    /// it could not reach, which went silent or sent something wrong) or the hop before it
+    /// (which sent it a step it refuses). Signed by hop `by` ([`crate::report`]) and passed
+    /// up the chain unchanged to the client, so that the client knows which hop to route
+    /// around, and that no hop on the way can change it or write one in another's name.
     HopFailed {
         /// The session.
         session: SessionId,
@@ -362,6 +364,10 @@ pub enum InferResponse {
         peer: PeerIdBytes,
         /// What went wrong.
         error: ProtocolError,
+        /// The index in the route of the hop that wrote and signed this report.
+        by: u32,
+        /// Hop `by`'s ed25519 signature ([`crate::report::SessionBinding::report`]).
+        signature: [u8; crate::report::REPORT_SIGNATURE_LEN],
     },
     /// The attach stream is accepted: outputs of the session will come up it.
     Attached {

@@ -191,17 +191,25 @@ fn infer_response() -> impl Strategy<Value = InferResponse> {
             any::<u64>(),
             any::<u32>(),
             peer(),
-            protocol_error()
+            protocol_error(),
+            any::<u32>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
         )
-            .prop_map(
-                |(session, step, hop, peer, error)| InferResponse::HopFailed {
+            .prop_map(|(session, step, hop, peer, error, by, a, b)| {
+                let mut signature = [0; 64];
+                signature[..32].copy_from_slice(&a);
+                signature[32..].copy_from_slice(&b);
+                InferResponse::HopFailed {
                     session,
                     step,
                     hop,
                     peer,
                     error,
+                    by,
+                    signature,
                 }
-            ),
+            }),
         session().prop_map(|session| InferResponse::Attached { session }),
     ]
 }

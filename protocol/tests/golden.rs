@@ -229,6 +229,8 @@ fn cases() -> Vec<Case> {
                 hop: 2,
                 peer: peer(9),
                 error: err.clone(),
+                by: 1,
+                signature: std::array::from_fn(|i| (i * 3 + 1) as u8),
             },
         ),
         case(
@@ -401,7 +403,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("infer-response/ack", "0a000000040700000000000000fa"),
     (
         "infer-response/hop-failed",
-        "4d000000050700000000000000090226090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e0319626c6f636b732031322e2e33303020e289a02031322e2e3330",
+        "8e000000050700000000000000090226090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e0319626c6f636b732031322e2e33303020e289a02031322e2e3330010104070a0d101316191c1f2225282b2e3134373a3d404346494c4f5255585b5e6164676a6d707376797c7f8285888b8e9194979a9da0a3a6a9acafb2b5b8bbbe",
     ),
     ("infer-response/attached", "09000000060700000000000000"),
     (

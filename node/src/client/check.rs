@@ -2,14 +2,16 @@
 //! finite. A NaN or an infinity from a broken or hostile server would otherwise turn
 //! into token 0 (argmax over NaN), which ends the text silently.
 //!
-//! Servers run [`hidden`] on what the hop before sent them and report a failure that
-//! starts with [`NON_FINITE_INPUT`]; the client reads that as a dispute between the two
+//! Servers run [`hidden`] on what the hop before sent them and, when it fails, report
+//! the hop before (a signed report about the hop before, its message starting with
+//! [`NON_FINITE_INPUT`]); the client reads every such report as a dispute between the two
 //! hops (see `session::named_failure` and `Bans::dispute`), since either could be lying.
 //! The client runs it on the last hop's output: that finding is its own.
 
 use candle_core::Tensor;
 
-/// How a server's report of non-finite input from the hop before starts.
+/// How a server's report of non-finite input from the hop before starts (for people
+/// reading logs: the report's place in the route is what the client judges by).
 pub const NON_FINITE_INPUT: &str = "non-finite hidden states from the hop before";
 
 /// How the client's own finding of a wrong output (non-finite, or caught by a spot

@@ -586,8 +586,9 @@ impl SwarmClient {
         if let Ok(mut b) = self.bans.lock() {
             if let Some(reporter) = f.reported_by {
                 tracing::warn!(
-                    "dispute: {reporter} says {} sent it non-finite hidden states; both are left out a while and never chained again",
-                    f.peer
+                    "dispute: {reporter} says {} sent it a step it refuses ({}); both are left out a while and never chained again",
+                    f.peer,
+                    f.message
                 );
                 b.dispute(f.peer, reporter);
             } else if f.message.starts_with(check::WRONG_OUTPUT) {

@@ -17,8 +17,8 @@ use crate::wire::{from_wire, to_wire};
 use candle_core::{Device, Tensor};
 use libp2p::PeerId;
 use pollen_protocol::{
-    ErrorCode, InferRequest, InferResponse, ModelId, PeerIdBytes, RouteHop, SessionBudget,
-    SessionId, WireDType,
+    ErrorCode, InferRequest, InferResponse, ModelId, PeerIdBytes, Reported, RouteHop,
+    SessionBinding, SessionBudget, SessionId, WireDType, check_report,
 };
 use std::io;
 use tokio::sync::mpsc;
@@ -38,6 +38,8 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub struct SwarmSession {
     session: SessionId,
     route: Vec<Hop>,
+    /// What the servers' failure reports are checked against.
+    reports: Reports,
     hidden_size: usize,
     wire_dtype: WireDType,
     first: FrameWriter,
@@ -64,6 +66,14 @@ impl std::fmt::Debug for SwarmSession {
             self.route.len()
         )
     }
+}
+
+/// A session's route as its `Open` gave it, and the binding its servers sign their
+/// failure reports with ([`pollen_protocol::report`]).
+#[derive(Debug, Clone)]
+struct Reports {
+    binding: SessionBinding,
+    wire: Vec<RouteHop>,
 }
 
 /// The output kept by [`SwarmSession::send_forward`], if any, else the next one read.
@@ -161,6 +171,11 @@ impl SwarmSession {
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         let session = SessionId(rand::random());
+        let client = PeerIdBytes(net.peer_id().to_bytes());
+        let reports = Reports {
+            binding: SessionBinding::new(session, &client, &wire_route),
+            wire: wire_route.clone(),
+        };
         let last_index = route.len() - 1;
         let fail = |hop: usize, code, msg: String| hop_error(route, hop, code, msg);
         // Every hop opens the next before answering: allow for each, as long as a hop
@@ -183,7 +198,7 @@ impl SwarmSession {
             },
             wire_dtype,
             compute: compute.to_string(),
-            client: PeerIdBytes(net.peer_id().to_bytes()),
+            client,
         };
         let opened = stream::open_with_reply::<_, InferResponse>(
             net,
@@ -196,13 +211,9 @@ impl SwarmSession {
         .await;
         let (rx, tx, free_tokens) = match opened {
             Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => (rx, tx, free_tokens),
-            Ok((
-                _,
-                _,
-                InferResponse::HopFailed {
-                    hop, peer, error, ..
-                },
-            )) => return Err(named_failure(route, hop, &peer, error.code, error.message)),
+            Ok((_, _, f @ InferResponse::HopFailed { .. })) => {
+                return Err(named_failure(route, &reports, 0, &f));
+            }
             Ok((_, _, InferResponse::Error(e))) => return Err(fail(0, e.code, e.message)),
             Ok((_, _, other)) => {
                 return Err(fail(
@@ -261,6 +272,7 @@ impl SwarmSession {
         Ok(Self {
             session,
             route: route.to_vec(),
+            reports,
             hidden_size,
             wire_dtype,
             first: tx,
@@ -384,12 +396,13 @@ impl SwarmSession {
         // Outputs of earlier steps are read and dropped meanwhile: a replay sends many
         // inputs before it waits for the last output, and outputs left unread would in
         // the end fill the attach stream's window and stop the last hop, and the chain.
-        let (first, ups, outputs, early, route) = (
+        let (first, ups, outputs, early, route, reports) = (
             &mut self.first,
             &mut self.ups,
             &mut self.outputs,
             &mut self.early,
             &self.route,
+            &self.reports,
         );
         let mut attached = true;
         let send = first.send(&req, SEND_TIMEOUT);
@@ -413,8 +426,8 @@ impl SwarmSession {
                     None => attached = false,
                 },
                 item = ups.recv() => match item {
-                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
-                        return Err(named_failure(route, hop, &peer, error.code, error.message));
+                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                        return Err(named_failure(route, reports, 0, &f));
                     }
                     Some(Ok(_)) => {} // an acknowledgement of an earlier step
                     Some(Err(e)) => {
@@ -451,8 +464,8 @@ impl SwarmSession {
                             self.acked_at = Some(Instant::now());
                         }
                     }
-                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
-                        return Err(named_failure(&self.route, hop, &peer, error.code, error.message));
+                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                        return Err(named_failure(&self.route, &self.reports, 0, &f));
                     }
                     Some(Ok(InferResponse::Error(e))) => return Err(self.hop_failed(0, e.code, e.message)),
                     Some(Ok(other)) => {
@@ -482,8 +495,8 @@ impl SwarmSession {
                         }
                         return Ok(out);
                     }
-                    Some(Ok(InferResponse::HopFailed { hop, peer, error, .. })) => {
-                        return Err(named_failure(&self.route, hop, &peer, error.code, error.message));
+                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                        return Err(named_failure(&self.route, &self.reports, last, &f));
                     }
                     Some(Ok(InferResponse::Error(e))) => return Err(self.hop_failed(last, e.code, e.message)),
                     Some(Ok(other)) => {
@@ -513,13 +526,13 @@ impl SwarmSession {
     /// the real failure arrives. Waits briefly for that report (or for the first hop's
     /// own stream to break) and blames the hop it names; otherwise `own`.
     async fn upstream_cause(&mut self, own: ClientError) -> ClientError {
-        let route = &self.route;
+        let (route, reports) = (&self.route, &self.reports);
         let wait = tokio::time::timeout(CAUSE_WAIT, async {
             loop {
                 match self.ups.recv().await {
-                    Some(Ok(InferResponse::HopFailed {
-                        hop, peer, error, ..
-                    })) => return named_failure(route, hop, &peer, error.code, error.message),
+                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                        return named_failure(route, reports, 0, &f);
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         return hop_error(
@@ -587,51 +600,61 @@ fn hop_error(route: &[Hop], hop: usize, code: ErrorCode, message: String) -> Cli
     }
 }
 
-/// A failure a server reported, checked against the route: the hop index and the peer
-/// must agree (a server cannot blame a hop that is not on the route).
+/// A failure report (`report`, a `HopFailed`) that came up the stream of hop `deliverer`,
+/// checked against the session ([`check_report`]): written and signed by a hop of the
+/// route, about itself or a neighbour. A report that does not check out is the
+/// deliverer's failure: an honest hop passes on only reports that do (see
+/// `serve::session::Reports::relay`), so a hop cannot get another banned by a report in
+/// its name.
 fn named_failure(
     route: &[Hop],
-    hop: u32,
-    peer: &PeerIdBytes,
-    code: ErrorCode,
-    message: String,
+    reports: &Reports,
+    deliverer: usize,
+    report: &InferResponse,
 ) -> ClientError {
-    let hop = hop as usize;
+    let InferResponse::HopFailed { hop, error, by, .. } = report else {
+        return hop_error(
+            route,
+            deliverer,
+            ErrorCode::BadRequest,
+            format!("sent {report:?} as a failure report"),
+        );
+    };
+    let (hop, by) = (*hop as usize, *by as usize);
     // Cleaned before any look at it: an invisible character before a prefix would
     // otherwise pass the checks below and be removed only later.
-    let message = pollen_protocol::printable(&message);
-    match route.get(hop) {
-        // A server that received NaN or infinities blames the hop before it. Which of
+    let message = pollen_protocol::printable(&error.message);
+    match check_report(report, &reports.binding, &reports.wire) {
+        Err(e) => hop_error(
+            route,
+            deliverer,
+            ErrorCode::BadRequest,
+            format!("sent up a failure report that does not check out ({e}): {message}"),
+        ),
+        // A hop that refuses the step the hop before sent it blames that hop. Which of
         // the two is lying the client cannot tell: a dispute (see `SwarmClient::blame`),
         // never a wrong output of the client's own finding.
-        Some(h)
-            if h.peer.to_bytes() == peer.0
-                && hop > 0
-                && message.starts_with(super::check::NON_FINITE_INPUT) =>
-        {
+        Ok(Reported::HopBefore) => {
+            let reporter = route[by].peer;
             let mut e = hop_error(
                 route,
-                hop - 1,
+                hop,
                 ErrorCode::BadRequest,
-                format!("the next hop ({}) reports {message}", h.peer),
+                format!("the next hop ({reporter}) reports {message}"),
             );
             if let ClientError::HopFailed(f) = &mut e {
-                f.reported_by = Some(h.peer);
+                f.reported_by = Some(reporter);
             }
             e
         }
         // Only the client's own findings are marked as wrong outputs.
-        Some(h) if h.peer.to_bytes() == peer.0 => {
+        Ok(Reported::Itself | Reported::HopAfter) => {
             let message = match message.strip_prefix(super::check::WRONG_OUTPUT) {
                 Some(rest) => format!("reported{rest}"),
                 None => message,
             };
-            hop_error(route, hop, code, message)
+            hop_error(route, hop, error.code, message)
         }
-        _ => ClientError::Protocol {
-            peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
-            message: format!("reported a failure of hop {hop} that is not on the route: {message}"),
-        },
     }
 }
 
@@ -655,18 +678,60 @@ mod tests {
             .collect()
     }
 
-    /// A hop reporting non-finite input names the hop before in a dispute (itself as
-    /// the reporter), never as the client's own finding of a wrong output; peers' text
-    /// reaches the user without terminal control sequences.
+    /// Hop `i`'s ed25519 secret.
+    fn secret(i: usize) -> [u8; 32] {
+        [u8::try_from(i).unwrap() + 1; 32]
+    }
+
+    /// A route of `n` hops with known keys, and what its reports are checked against.
+    fn signed_route(n: usize) -> (Vec<Hop>, Reports) {
+        let mut r = route(n);
+        for (i, h) in r.iter_mut().enumerate() {
+            h.peer = libp2p::identity::Keypair::ed25519_from_bytes(secret(i))
+                .unwrap()
+                .public()
+                .to_peer_id();
+        }
+        let wire: Vec<RouteHop> = r
+            .iter()
+            .map(|h| RouteHop {
+                peer: PeerIdBytes(h.peer.to_bytes()),
+                blocks: crate::blocks::to_wire(h.blocks).unwrap(),
+                addrs: vec![],
+                step_us: h.step_us,
+            })
+            .collect();
+        let client = PeerIdBytes(PeerId::random().to_bytes());
+        let binding = SessionBinding::new(SessionId(11), &client, &wire);
+        (r, Reports { binding, wire })
+    }
+
+    /// A report signed with hop `signer`'s key, claiming hop `by` wrote it, about hop
+    /// `hop`.
+    fn report(reports: &Reports, signer: usize, by: u32, hop: u32, message: &str) -> InferResponse {
+        reports.binding.report(
+            &secret(signer),
+            by,
+            7,
+            hop,
+            reports.wire[hop as usize].peer.clone(),
+            pollen_protocol::ProtocolError::new(ErrorCode::BadRequest, message),
+        )
+    }
+
+    /// A hop reporting that the hop before sent it a step it refuses (non-finite input)
+    /// names that hop in a dispute (itself as the reporter), never as the client's own
+    /// finding of a wrong output; peers' text reaches the user without terminal control
+    /// sequences.
     #[test]
     fn a_hops_report_about_the_hop_before_is_a_dispute() {
-        let r = route(3);
-        let report = format!(
+        let (r, reports) = signed_route(3);
+        let message = format!(
             "{}: NaN or infinite \u{1b}[2J\u{1b}]0;owned\u{7}",
             super::super::check::NON_FINITE_INPUT
         );
-        let peer = PeerIdBytes(r[2].peer.to_bytes());
-        let ClientError::HopFailed(f) = named_failure(&r, 2, &peer, ErrorCode::BadRequest, report)
+        let ClientError::HopFailed(f) =
+            named_failure(&r, &reports, 0, &report(&reports, 2, 2, 1, &message))
         else {
             panic!("a hop failure");
         };
@@ -679,13 +744,53 @@ mod tests {
         assert!(!f.message.chars().any(char::is_control), "{:?}", f.message);
         // A hop cannot pass off its own failure as the client's finding either.
         let own = format!("\u{200e}{} made up", super::super::check::WRONG_OUTPUT);
-        let peer = PeerIdBytes(r[1].peer.to_bytes());
-        let ClientError::HopFailed(f) = named_failure(&r, 1, &peer, ErrorCode::BadRequest, own)
+        let ClientError::HopFailed(f) =
+            named_failure(&r, &reports, 0, &report(&reports, 1, 1, 1, &own))
         else {
             panic!("a hop failure");
         };
         assert_eq!((f.hop, f.reported_by), (1, None));
         assert!(!f.message.starts_with(super::super::check::WRONG_OUTPUT));
+        // A report about the hop after the writer names that hop.
+        let ClientError::HopFailed(f) =
+            named_failure(&r, &reports, 0, &report(&reports, 0, 0, 1, "silent"))
+        else {
+            panic!("a hop failure");
+        };
+        assert_eq!((f.hop, f.reported_by), (1, None));
+    }
+
+    /// The first hop (or the last, up the attach stream) cannot get another hop banned
+    /// by a report in its name: a report that does not check out is a failure of the hop
+    /// whose stream it came up.
+    #[test]
+    fn a_report_that_does_not_check_out_is_the_deliverers_failure() {
+        let (r, reports) = signed_route(3);
+        let cases = [
+            // The first hop signs a report in the last hop's name.
+            (0, report(&reports, 0, 2, 2, "made up")),
+            // The first hop reports, in its own name, about a hop not next to it.
+            (0, report(&reports, 0, 0, 2, "made up")),
+            // The last hop claims a report of the hop before it, up the attach stream.
+            (2, report(&reports, 2, 1, 0, "made up")),
+        ];
+        for (deliverer, forged) in cases {
+            let ClientError::HopFailed(f) = named_failure(&r, &reports, deliverer, &forged) else {
+                panic!("a hop failure");
+            };
+            assert_eq!(
+                (f.hop, f.peer, f.code, f.reported_by),
+                (deliverer, r[deliverer].peer, ErrorCode::BadRequest, None)
+            );
+            assert!(f.message.contains("does not check out"), "{}", f.message);
+        }
+        // A real report of another session, sent up again.
+        let (_, elsewhere) = signed_route(3);
+        let old = report(&elsewhere, 2, 2, 2, "it broke");
+        let ClientError::HopFailed(f) = named_failure(&r, &reports, 0, &old) else {
+            panic!("a hop failure");
+        };
+        assert_eq!(f.hop, 0);
     }
 
     /// A replay's deadline grows with its tokens and inputs, not with an acknowledgement

@@ -122,6 +122,8 @@ pub(crate) struct Server {
     compute: String,
     throughput: f32,
     me: PeerId,
+    /// This server's ed25519 identity secret: it signs failure reports (and announcements).
+    secret: [u8; 32],
     net: NetHandle,
     table: Arc<SessionTable<FrameWriter>>,
     kv_budget: Arc<sessions::Budget>,
@@ -333,7 +335,7 @@ fn tenure(
     span: BlockSpan,
     throughput: f32,
     model_id: ModelId,
-    me: PeerId,
+    (me, secret): (PeerId, [u8; 32]),
     handle: &NetHandle,
     cfg: &ServeConfig,
 ) -> Result<Arc<Server>, ServeError> {
@@ -360,6 +362,7 @@ fn tenure(
         compute: crate::model::compute_mode(&cfg.load),
         throughput,
         me,
+        secret,
         net: handle.clone(),
         table: SessionTable::with_limits(cfg.max_sessions.max(1), cfg.peer_limits),
         cfg: cfg.clone(),
@@ -419,7 +422,7 @@ pub async fn run(
             start_automatic(&cfg, &handle, &bootstraps, me, &compute).await?;
         (span, model_id, throughput, Some(auto))
     };
-    let mut server = tenure(span, throughput, model_id, me, &handle, &cfg)?;
+    let mut server = tenure(span, throughput, model_id, (me, secret), &handle, &cfg)?;
     dial_missing(&handle, &bootstraps, &mut background).await;
     // Session streams: one task each, at most this many at once (sessions, plus attach
     // and refused streams in flight); beyond it a new stream is dropped at once.
@@ -528,7 +531,7 @@ pub async fn run(
                     .and_then(|r| r)
                     .and_then(|(span, m)| {
                         let t = auto.as_ref().map_or(0.0, Automatic::span_throughput);
-                        Ok((tenure(span, t as f32, model_id, me, &handle, &cfg)?, m, t))
+                        Ok((tenure(span, t as f32, model_id, (me, secret), &handle, &cfg)?, m, t))
                     });
                 match moved {
                     Ok((new, m, t)) => {

@@ -22,8 +22,8 @@ use crate::net::stream::{self, FrameReader, FrameWriter};
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::limits::MAX_OPEN_WITHIN_MS;
 use pollen_protocol::{
-    ErrorCode, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionBudget,
-    SessionId,
+    ErrorCode, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionBinding,
+    SessionBudget, SessionId, check_report,
 };
 use pollen_shard::CacheLimits;
 use std::collections::VecDeque;
@@ -114,22 +114,106 @@ fn first_step_wait(per_hop: Duration, hop: usize) -> Duration {
     per_hop.saturating_mul(hops)
 }
 
-/// A failure to report up: which hop, and what.
-pub(super) fn hop_failed(
-    session: SessionId,
-    step: u64,
-    hop: usize,
-    peer: &PeerId,
-    code: ErrorCode,
-    message: impl Into<String>,
-) -> InferResponse {
-    crate::metrics::global().error(crate::metrics::Side::Server, code);
-    InferResponse::HopFailed {
-        session,
-        step,
-        hop: u32::try_from(hop).unwrap_or(u32::MAX),
-        peer: PeerIdBytes(peer.to_bytes()),
-        error: ProtocolError::new(code, message),
+/// Writes one session's failure reports, signed as its hop `by` (see
+/// [`pollen_protocol::report`]), and checks those the hops after it send up before
+/// passing them on.
+pub(super) struct Reports {
+    secret: [u8; 32],
+    binding: SessionBinding,
+    route: Vec<RouteHop>,
+    by: usize,
+}
+
+impl Reports {
+    /// The reports of the session `open` asks for, written by `server`.
+    fn new(server: &Server, open: &OpenRequest) -> Self {
+        Self {
+            secret: server.secret,
+            binding: SessionBinding::new(open.session, &open.client, &open.route),
+            route: open.route.clone(),
+            by: open.hop,
+        }
+    }
+
+    /// A report that hop `hop` (peer `peer`) failed at step `step`: this hop itself, or
+    /// one of its neighbours.
+    pub(super) fn fail(
+        &self,
+        step: u64,
+        hop: usize,
+        peer: &PeerId,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> InferResponse {
+        crate::metrics::global().error(crate::metrics::Side::Server, code);
+        self.binding.report(
+            &self.secret,
+            u32::try_from(self.by).unwrap_or(u32::MAX),
+            step,
+            u32::try_from(hop).unwrap_or(u32::MAX),
+            PeerIdBytes(peer.to_bytes()),
+            ProtocolError::new(code, message),
+        )
+    }
+
+    /// A report that this hop refuses the input of step `step` (`code`, `message`): the
+    /// hop before sent it, so the report names that hop (`from`, which opened this
+    /// session); at the first hop, whose input is the client's own, it names this one.
+    pub(super) fn refuse_input(
+        &self,
+        step: u64,
+        me: &PeerId,
+        from: &PeerId,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> InferResponse {
+        match self.by.checked_sub(1) {
+            Some(before) => self.fail(step, before, from, code, message),
+            None => self.fail(step, self.by, me, code, message),
+        }
+    }
+
+    /// A report that came up from `next` at step `step`: passed on as it is if it
+    /// checks out (signed by a hop after this one, about itself or a neighbour, in this
+    /// session), otherwise this hop's own report that `next` sent one that does not.
+    pub(super) fn relay(&self, report: InferResponse, step: u64, next: &NextHop) -> InferResponse {
+        let why = match check_report(&report, &self.binding, &self.route) {
+            Ok(_) if report_by(&report) > self.by => return report,
+            Ok(_) => "it was written by this hop or one before it".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.fail(
+            step,
+            next.index,
+            &next.peer,
+            ErrorCode::BadRequest,
+            format!("sent up a failure report that does not check out: {why}"),
+        )
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl Reports {
+    /// A report in the name of the route's last hop that it failed at step `step`,
+    /// signed with this hop's key: what a hop lying about another can send
+    /// ([`crate::fault::Kind::Forge`]). `None` at the last hop.
+    fn forged(&self, step: u64) -> Option<InferResponse> {
+        let last = self.route.len().checked_sub(1)?;
+        let peer = self.route.get(last)?.peer.clone();
+        (last != self.by).then(|| {
+            let last = u32::try_from(last).unwrap_or(u32::MAX);
+            let error = ProtocolError::new(ErrorCode::Internal, "the last hop failed");
+            self.binding
+                .report(&self.secret, last, step, last, peer, error)
+        })
+    }
+}
+
+/// The place in the route of the hop that wrote `report`.
+fn report_by(report: &InferResponse) -> usize {
+    match report {
+        InferResponse::HopFailed { by, .. } => *by as usize,
+        _ => 0,
     }
 }
 
@@ -337,13 +421,13 @@ async fn open_next(
     open: &OpenRequest,
     next: &NextHop,
     answer_by: Instant,
+    reports: &Reports,
 ) -> Result<(FrameReader, FrameWriter, u32), InferResponse> {
-    let fail = |code, msg: String| hop_failed(open.session, 0, next.index, &next.peer, code, msg);
+    let fail = |code, msg: String| reports.fail(0, next.index, &next.peer, code, msg);
     // The time this hop had for the rest of the route went to its own work (looking up
     // the next hop, making room): this hop answers for it.
     let Some(within) = next_within(answer_by, Instant::now()) else {
-        return Err(hop_failed(
-            open.session,
+        return Err(reports.fail(
             0,
             open.hop,
             &server.me,
@@ -387,8 +471,7 @@ async fn open_next(
     )
     .await;
     let no_time = || {
-        hop_failed(
-            open.session,
+        reports.fail(
             0,
             open.hop,
             &server.me,
@@ -408,7 +491,7 @@ async fn open_next(
     }
     match answer {
         Ok((rx, tx, InferResponse::Opened { free_tokens, .. })) => Ok((rx, tx, free_tokens)),
-        Ok((_, _, f @ InferResponse::HopFailed { .. })) => Err(f),
+        Ok((_, _, f @ InferResponse::HopFailed { .. })) => Err(reports.relay(f, 0, next)),
         Ok((_, _, InferResponse::Error(e))) => Err(fail(e.code, e.message)),
         Ok((_, _, other)) => Err(fail(
             ErrorCode::BadRequest,
@@ -481,7 +564,8 @@ async fn run_session(
     // wait below ends in time for this hop's answer, or its failure naming the right
     // hop, to reach it while it still waits.
     let answer_by = answer_by(Instant::now(), open.budget.open_within_ms);
-    let refuse = |e: ProtocolError| hop_failed(session, 0, open.hop, &server.me, e.code, e.message);
+    let reports = Reports::new(&server, &open);
+    let refuse = |e: ProtocolError| reports.fail(0, open.hop, &server.me, e.code, e.message);
     let (client, next) = match check_open(&server, from, &open) {
         Ok(x) => x,
         Err(e) => {
@@ -524,8 +608,7 @@ async fn run_session(
                     server.table.warn("next-hop", || {
                         format!("refusing session {session} from {from}: {msg}")
                     });
-                    let fail =
-                        hop_failed(session, 0, hop.index, &hop.peer, ErrorCode::BadRequest, msg);
+                    let fail = reports.fail(0, hop.index, &hop.peer, ErrorCode::BadRequest, msg);
                     let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
                     return;
                 }
@@ -601,7 +684,7 @@ async fn run_session(
     let mut tasks = JoinSet::new();
     let mut down = None;
     if let Some(hop) = next {
-        match open_next(&server, &open, &hop, answer_by).await {
+        match open_next(&server, &open, &hop, answer_by, &reports).await {
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
@@ -683,13 +766,13 @@ async fn run_session(
                         "session {session} was evicted after being idle: this server needed its memory for a new session"
                     ),
                 );
-                let _ = up_tx.send(&hop_failed(session, 0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
+                let _ = up_tx.send(&reports.fail(0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
                 break End::Evicted;
             }
             _ = server.leaving.cancelled(), if !told_leaving => {
                 // Not an error for the client: it moves the session to another route.
                 told_leaving = true;
-                let notice = hop_failed(session, 0, hop, &me, ErrorCode::Busy, "this server is leaving");
+                let notice = reports.fail(0, hop, &me, ErrorCode::Busy, "this server is leaving");
                 if up_tx.send(&notice, SEND_TIMEOUT).await.is_err() {
                     break End::UpstreamGone("cannot tell it we leave".into());
                 }
@@ -705,7 +788,7 @@ async fn run_session(
                 // Acknowledgements already queued are not timeouts.
                 let mut late = true;
                 while let Ok(item) = d.rx.try_recv() {
-                    if !downstream_event(d, item, &mut up_tx, session).await {
+                    if !downstream_event(d, item, &mut up_tx, &reports).await {
                         break;
                     }
                     late = d.waiting.front().is_some_and(|(_, t)| *t <= Instant::now());
@@ -715,7 +798,7 @@ async fn run_session(
                         "no acknowledgement of step {step} within {:?}",
                         ack_timeout(1, d.hop.step_us)
                     );
-                    let fail = hop_failed(session, step, d.hop.index, &d.hop.peer, ErrorCode::Timeout, msg);
+                    let fail = reports.fail(step, d.hop.index, &d.hop.peer, ErrorCode::Timeout, msg);
                     let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
                     break End::Failed;
                 }
@@ -728,7 +811,7 @@ async fn run_session(
             } => {
                 let Some(d) = down.as_mut() else { break End::Failed };
                 let Some(item) = item else { break End::Failed };
-                if !downstream_event(d, item, &mut up_tx, session).await {
+                if !downstream_event(d, item, &mut up_tx, &reports).await {
                     break End::Failed;
                 }
             }
@@ -742,6 +825,13 @@ async fn run_session(
                     InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
                         reservation.touch();
                         stepped = true;
+                        #[cfg(feature = "fault-injection")]
+                        if crate::fault::forges()
+                            && let Some(forged) = reports.forged(step)
+                        {
+                            let _ = up_tx.send(&forged, SEND_TIMEOUT).await;
+                            break End::Failed;
+                        }
                         // Against the session's token cap before anything is decoded.
                         let rows = hidden.shape().get(1).copied().unwrap_or(0) as usize;
                         if rows == 0 || (position as usize).saturating_add(rows) > limits.max_tokens {
@@ -750,7 +840,7 @@ async fn run_session(
                                 "a step of {rows} tokens at position {position} passes this session's cap of {} tokens",
                                 limits.max_tokens
                             );
-                            let fail = hop_failed(session, step, hop, &me, ErrorCode::OverBudget, msg);
+                            let fail = reports.fail(step, hop, &me, ErrorCode::OverBudget, msg);
                             if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() {
                                 break End::Failed;
                             }
@@ -767,8 +857,16 @@ async fn run_session(
                             Err(_) if upstream_gone.is_cancelled() => {
                                 break End::UpstreamGone("stream ended during a step".into())
                             }
+                            // A step this hop refuses as malformed names the hop that sent it.
+                            Err(e) if e.code == ErrorCode::BadRequest => {
+                                let fail = reports.refuse_input(step, &me, &from, e.code, e.message);
+                                if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {
+                                    break End::Failed;
+                                }
+                                continue;
+                            }
                             Err(e) => {
-                                let fail = hop_failed(session, step, hop, &me, e.code, e.message);
+                                let fail = reports.fail(step, hop, &me, e.code, e.message);
                                 if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {
                                     break End::Failed;
                                 }
@@ -784,10 +882,10 @@ async fn run_session(
                         if let Err(fail) = sent {
                             let fail = match fail {
                                 Failure::Next(code, msg) => match down.as_ref() {
-                                    Some(d) => hop_failed(session, step, d.hop.index, &d.hop.peer, code, msg),
-                                    None => hop_failed(session, step, hop, &me, code, msg),
+                                    Some(d) => reports.fail(step, d.hop.index, &d.hop.peer, code, msg),
+                                    None => reports.fail(step, hop, &me, code, msg),
                                 },
-                                Failure::Here(code, msg) => hop_failed(session, step, hop, &me, code, msg),
+                                Failure::Here(code, msg) => reports.fail(step, hop, &me, code, msg),
                             };
                             let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
                             break End::Failed;
@@ -802,7 +900,7 @@ async fn run_session(
                             ErrorCode::BadRequest,
                             format!("{} on an open session stream of session {session}", kind(&other)),
                         );
-                        let _ = up_tx.send(&hop_failed(session, 0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
+                        let _ = up_tx.send(&reports.refuse_input(0, &me, &from, e.code, e.message), SEND_TIMEOUT).await;
                         break End::Failed;
                     }
                 }
@@ -904,6 +1002,99 @@ mod tests {
         assert_eq!(first_step_wait(per_hop, usize::MAX), 4 * per_hop);
     }
 
+    /// Hop `i`'s secret and peer id, for routes of signed reports.
+    fn key(i: usize) -> ([u8; 32], PeerId) {
+        let secret = [u8::try_from(i).unwrap() + 1; 32];
+        let peer = libp2p::identity::Keypair::ed25519_from_bytes(secret)
+            .unwrap()
+            .public()
+            .to_peer_id();
+        (secret, peer)
+    }
+
+    /// Hop `by`'s reports on a route of three hops (blocks 0:10, 10:20, 20:30).
+    fn reports_of(by: usize) -> Reports {
+        let route: Vec<RouteHop> = (0..3)
+            .map(|i| RouteHop {
+                peer: PeerIdBytes(key(i).1.to_bytes()),
+                blocks: pollen_protocol::BlockRange::new(i as u32 * 10, i as u32 * 10 + 10)
+                    .unwrap(),
+                addrs: vec![],
+                step_us: 1_000,
+            })
+            .collect();
+        Reports {
+            secret: key(by).0,
+            binding: SessionBinding::new(SessionId(3), &PeerIdBytes(key(9).1.to_bytes()), &route),
+            route,
+            by,
+        }
+    }
+
+    /// A hop passes on a report from below only if it checks out; otherwise it reports,
+    /// in its own name, that the next hop sent one that does not.
+    #[test]
+    fn a_report_from_below_is_passed_on_only_if_it_checks_out() {
+        let first = reports_of(0);
+        let next = NextHop {
+            index: 1,
+            peer: key(1).1,
+            addrs: vec![],
+            step_us: 1_000,
+        };
+        let err = |m: &str| (ErrorCode::Internal, m.to_string());
+        let check = |r: &InferResponse| check_report(r, &first.binding, &first.route);
+        // Hop 2's own report, and its report that hop 1 sent it NaN.
+        for (hop, (code, msg)) in [(2, err("it broke")), (1, err("NaN from the hop before"))] {
+            let real = reports_of(2).fail(4, hop, &key(hop).1, code, msg);
+            assert_eq!(first.relay(real.clone(), 4, &next), real);
+        }
+        // Hop 1 writes a report in hop 2's name (signed with its own key), sends up hop
+        // 2's report from another session, or one about hop 0 in hop 0's name.
+        let mut forged = reports_of(1);
+        forged.by = 2;
+        let forged = forged.fail(4, 2, &key(2).1, ErrorCode::Internal, "made up");
+        let mut elsewhere = reports_of(2);
+        elsewhere.binding = SessionBinding::new(
+            SessionId(4),
+            &PeerIdBytes(key(9).1.to_bytes()),
+            &elsewhere.route,
+        );
+        let elsewhere = elsewhere.fail(4, 2, &key(2).1, ErrorCode::Internal, "it broke");
+        let mut mine = reports_of(1);
+        mine.by = 0;
+        let mine = mine.fail(4, 0, &key(0).1, ErrorCode::Internal, "made up");
+        for bad in [forged, elsewhere, mine] {
+            assert!(check(&bad).is_err());
+            let passed = first.relay(bad, 4, &next);
+            let InferResponse::HopFailed { hop, by, error, .. } = &passed else {
+                panic!("a report");
+            };
+            assert_eq!((*hop, *by, error.code), (1, 0, ErrorCode::BadRequest));
+            assert!(
+                error.message.contains("does not check out"),
+                "{}",
+                error.message
+            );
+            assert_eq!(check(&passed), Ok(pollen_protocol::Reported::HopAfter));
+        }
+    }
+
+    /// A hop that refuses its input names the hop before it; the first hop, whose input
+    /// is the client's, names itself.
+    #[test]
+    fn a_refused_input_names_the_hop_that_sent_it() {
+        for (by, named) in [(0, 0), (1, 0), (2, 1)] {
+            let r = reports_of(by);
+            let report = r.refuse_input(5, &key(by).1, &key(named).1, ErrorCode::BadRequest, "NaN");
+            let InferResponse::HopFailed { hop, .. } = &report else {
+                panic!("a report");
+            };
+            assert_eq!(*hop as usize, named);
+            assert!(check_report(&report, &r.binding, &r.route).is_ok());
+        }
+    }
+
     #[test]
     fn the_largest_frame_a_next_hop_may_send_fits_its_cap() {
         use pollen_protocol::limits::{MAX_ERROR_MESSAGE_LEN, MAX_PEER_ID_BYTES};
@@ -915,6 +1106,8 @@ mod tests {
                 hop: u32::MAX,
                 peer: PeerIdBytes(vec![0xff; MAX_PEER_ID_BYTES]),
                 error: error.clone(),
+                by: u32::MAX,
+                signature: [0xff; 64],
             },
             InferResponse::Error(error),
             InferResponse::Ack {

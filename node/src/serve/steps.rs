@@ -4,7 +4,7 @@
 
 use super::Server;
 use super::batch::{self, NotRun};
-use super::session::{ATTACH_WAIT, Downstream, SEND_TIMEOUT, ack_timeout, hop_failed};
+use super::session::{ATTACH_WAIT, Downstream, Reports, SEND_TIMEOUT, ack_timeout};
 use super::sessions::Reservation;
 use crate::net::stream::FrameWriter;
 use crate::wire::{from_wire, last_row, to_wire};
@@ -19,7 +19,7 @@ pub(super) async fn downstream_event(
     d: &mut Downstream,
     item: std::io::Result<InferResponse>,
     up_tx: &mut FrameWriter,
-    session: SessionId,
+    reports: &Reports,
 ) -> bool {
     let step = d.waiting.front().map(|(s, _)| *s).unwrap_or(0);
     let fail = match item {
@@ -30,20 +30,18 @@ pub(super) async fn downstream_event(
             return true;
         }
         Ok(InferResponse::Closed { .. }) => return true,
-        Ok(f @ InferResponse::HopFailed { .. }) => f,
+        Ok(f @ InferResponse::HopFailed { .. }) => reports.relay(f, step, &d.hop),
         Ok(InferResponse::Error(e)) => {
-            hop_failed(session, step, d.hop.index, &d.hop.peer, e.code, e.message)
+            reports.fail(step, d.hop.index, &d.hop.peer, e.code, e.message)
         }
-        Ok(other) => hop_failed(
-            session,
+        Ok(other) => reports.fail(
             step,
             d.hop.index,
             &d.hop.peer,
             ErrorCode::BadRequest,
             format!("sent {other:?} on a session stream"),
         ),
-        Err(e) => hop_failed(
-            session,
+        Err(e) => reports.fail(
             step,
             d.hop.index,
             &d.hop.peer,

@@ -339,13 +339,17 @@ impl Wire for InferResponse {
                 hop,
                 peer,
                 error,
+                by,
+                signature,
             } => {
                 put_tag(e, 5)?;
                 session.put(e)?;
                 step.encode(e)?;
                 hop.encode(e)?;
                 peer.put(e)?;
-                error.put(e)
+                error.put(e)?;
+                by.encode(e)?;
+                e.writer().write(signature)
             }
             InferResponse::Attached { session } => {
                 put_tag(e, 6)?;
@@ -379,6 +383,8 @@ impl Wire for InferResponse {
                 hop: u32::decode(d)?,
                 peer: PeerIdBytes::get(d)?,
                 error: ProtocolError::get(d)?,
+                by: u32::decode(d)?,
+                signature: get_array(d)?,
             }),
             6 => Ok(InferResponse::Attached {
                 session: SessionId::get(d)?,

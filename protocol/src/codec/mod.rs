@@ -30,7 +30,7 @@
 //! - `InferRequest`: 0 `Open` / 1 `Forward` / 2 `Close` / 3 `Attach`; `InferResponse`:
 //!   0 `Opened` / 1 `Output` / 2 `Closed` / 3 `Error` / 4 `Ack` / 5 `HopFailed` /
 //!   6 `Attached`; fields in declaration order, session ids as 8 little-endian bytes,
-//!   booleans as one byte.
+//!   booleans as one byte, a `HopFailed`'s signature as its raw 64 bytes.
 //! - `SignedAnnouncement`: the announcement's fields in declaration order, then the 32-byte
 //!   public key and 64-byte signature.
 //!
