@@ -39,7 +39,8 @@ fn swarm_text_equals_local_text_and_eight_clients_share_the_servers() {
     }
 }
 
-/// A server's session limit is a clear error before any step runs.
+/// A server's session limit is a clear error before any step runs: the server refuses
+/// the session, naming itself and its limit.
 #[test]
 fn a_request_over_the_servers_session_limit_is_a_clear_error() {
     let dir = temp_dir("limits");
@@ -63,7 +64,10 @@ fn a_request_over_the_servers_session_limit_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("allow 40 tokens per session"), "{err}");
+    assert!(
+        err.contains("over_budget: session cap: this server holds at most 40 tokens per session"),
+        "{err}"
+    );
     // Within the limit it works.
     assert!(!generate(Some(&addr), "Hello there", false, 8).is_empty());
 }

@@ -143,13 +143,23 @@ fn run_then(mut cmd: Command, marker: &str, then: impl FnOnce()) -> (Output, boo
 /// Runs a client on the mesh at `addr` and, once it has chosen its route, starts a
 /// second server of `blocks` (key in `dir`); the client's output, its text and its log.
 fn with_a_spare(addr: &str, dir: &std::path::Path, blocks: &str) -> (Output, String, String) {
+    with_a_spare_after(addr, dir, blocks, "route: ")
+}
+
+/// [`with_a_spare`], the spare started once the client logs `marker`.
+fn with_a_spare_after(
+    addr: &str,
+    dir: &std::path::Path,
+    blocks: &str,
+    marker: &str,
+) -> (Output, String, String) {
     let mut spare = None;
-    let (out, routed) = run_then(client(addr, &["--verify", "0"]), "route: ", || {
+    let (out, routed) = run_then(client(addr, &["--verify", "0"]), marker, || {
         spare = Some(server(Some(addr), blocks, &dir.join("spare.key"), &[]));
     });
     let (got, log) = text(&out);
     eprintln!("{log}");
-    assert!(routed, "the client logged no route: {log}");
+    assert!(routed, "the client did not log {marker:?}: {log}");
     (out, got, log)
 }
 
@@ -216,37 +226,30 @@ fn a_false_accusation_does_not_shut_out_the_accused() {
     assert_eq!(got, want);
 }
 
-/// The server of `blocks` (hop `hop` of the route) sends up, at its third step, a
-/// report in the name of the last server that the last server failed (signed with its
-/// own key: a hop cannot sign in another's name). The report does not check out: the
-/// client (or, when the forger is not the first, the hop before it, which sends up its
-/// own report instead) blames the forger, never the last server, and heals onto a second
-/// server of `blocks` that joins meanwhile, through the same last server: the text of a
-/// local run.
-fn a_report_in_another_servers_name_blames(blocks: &str, hop: usize) {
+/// A bootstrap and servers of 0:10, 10:20 and 20:30, the one of `blocks` (hop `hop` of
+/// the route) lying with `--fault FAULT`; a client that starts a second server of
+/// `blocks` once it logs `marker`. The client must blame the liar with a failure that
+/// says `blamed_for`, never the last server, and heal onto the second server: the text
+/// of a local run.
+fn a_lying_server_is_blamed(blocks: &str, hop: usize, fault: &str, marker: &str, blamed_for: &str) {
     let _one = serial();
     let want = generate(None, PROMPT, true, TOKENS);
-    let dir = temp_dir(&format!("verify-forge-{hop}"));
+    let dir = temp_dir(&format!("verify-{}-{hop}", fault.replace(':', "-")));
     let (_boot, addr) = bootstrap(&dir, false);
-    let forger = server(
-        Some(&addr),
-        blocks,
-        &dir.join("f.key"),
-        &["--fault", "forge:2"],
-    );
+    let liar = server(Some(&addr), blocks, &dir.join("l.key"), &["--fault", fault]);
     let _rest = ["0:10", "10:20", "20:30"]
         .into_iter()
         .filter(|b| *b != blocks)
         .enumerate()
         .map(|(i, b)| server(Some(&addr), b, &dir.join(format!("{i}.key")), &[]))
         .collect::<Vec<_>>();
-    let forger = peer_of(&forger.1);
-    let (out, got, log) = with_a_spare(&addr, &dir, blocks);
+    let liar = peer_of(&liar.1);
+    let (out, got, log) = with_a_spare_after(&addr, &dir, blocks, marker);
     assert!(
         log.contains(&format!(
-            "hop {hop} (blocks {blocks}, peer {forger}) failed: bad_request: sent up a failure report that does not check out"
+            "hop {hop} (blocks {blocks}, peer {liar}) failed: bad_request: {blamed_for}"
         )),
-        "the forger ({forger}) is blamed for its report: {log}"
+        "the liar ({liar}) is blamed: {log}"
     );
     assert!(
         !log.contains("hop 2 (blocks 20:30"),
@@ -254,6 +257,16 @@ fn a_report_in_another_servers_name_blames(blocks: &str, hop: usize) {
     );
     assert!(out.status.success(), "{log}");
     assert_eq!(got, want);
+}
+
+/// The server of `blocks` sends up, at its third step, a report in the name of the last
+/// server that the last server failed (signed with its own key: a hop cannot sign in
+/// another's name). The report does not check out: the client (or, when the forger is
+/// not the first, the hop before it, which sends up its own report instead) blames the
+/// forger, never the last server.
+fn a_report_in_another_servers_name_blames(blocks: &str, hop: usize) {
+    let why = "sent up a failure report that does not check out";
+    a_lying_server_is_blamed(blocks, hop, "forge:2", "route: ", why);
 }
 
 #[test]
@@ -264,6 +277,25 @@ fn a_report_in_another_servers_name_blames_the_first_server_that_sent_it() {
 #[test]
 fn a_report_in_another_servers_name_blames_the_middle_server_that_sent_it() {
     a_report_in_another_servers_name_blames("10:20", 1);
+}
+
+/// The server of `blocks` answers every `Open` saying the session has room for no
+/// tokens, which would end every generation through it as a request too long,
+/// unattributed. Every server holds what a session asks for or refuses naming itself,
+/// so the client (or the hop before it) blames it.
+fn a_server_claiming_no_room_is_blamed(blocks: &str, hop: usize) {
+    let why = "answered Open with room for 0 tokens";
+    a_lying_server_is_blamed(blocks, hop, "noroom:0", "trying another route", why);
+}
+
+#[test]
+fn a_first_server_claiming_no_room_is_blamed() {
+    a_server_claiming_no_room_is_blamed("0:10", 0);
+}
+
+#[test]
+fn a_middle_server_claiming_no_room_is_blamed() {
+    a_server_claiming_no_room_is_blamed("10:20", 1);
 }
 
 /// An attacker's announcement: a fresh key claims all 30 blocks at 1e9 tokens/s, with

@@ -96,7 +96,13 @@ impl From<ClientError> for BackendError {
         let text = e.to_string();
         match &e {
             ClientError::NoRoute { .. } | ClientError::NoEntry(_) => Self::NoBlocks(text),
-            ClientError::OverBudget { .. } => Self::PromptTooLong(text),
+            // A server holds fewer tokens per session than the request needs.
+            ClientError::HopFailed(f)
+                if f.code == ErrorCode::OverBudget
+                    && f.message.starts_with(crate::client::check::SESSION_CAP) =>
+            {
+                Self::PromptTooLong(text)
+            }
             // Refused for want of memory or session room (the prompt was checked against
             // the model's context already): the servers are busy.
             ClientError::HopFailed(f)
@@ -586,23 +592,35 @@ mod tests {
             BackendError::from(no_route),
             BackendError::NoBlocks(_)
         ));
-        let over = ClientError::OverBudget {
-            free_tokens: 10,
-            needed: 20,
+        let failure = |code, message: &str| {
+            ClientError::HopFailed(Box::new(crate::client::HopFailure {
+                hop: 0,
+                peer: libp2p::PeerId::random(),
+                blocks: crate::blocks::BlockRange { start: 0, end: 10 },
+                code,
+                message: message.into(),
+                reported_by: None,
+                blamed_by: None,
+            }))
         };
+        let cap = format!(
+            "{} this server holds at most 10 tokens per session",
+            crate::client::check::SESSION_CAP
+        );
         assert!(matches!(
-            BackendError::from(over),
+            BackendError::from(failure(ErrorCode::OverBudget, &cap)),
             BackendError::PromptTooLong(_)
         ));
-        let busy = ClientError::HopFailed(Box::new(crate::client::HopFailure {
-            hop: 0,
-            peer: libp2p::PeerId::random(),
-            blocks: crate::blocks::BlockRange { start: 0, end: 10 },
-            code: ErrorCode::Busy,
-            message: "full".into(),
-            reported_by: None,
-        }));
-        assert!(matches!(BackendError::from(busy), BackendError::Busy(_)));
+        for (code, message) in [
+            (ErrorCode::Busy, "full"),
+            (ErrorCode::OverBudget, "no memory"),
+            (ErrorCode::Busy, cap.as_str()),
+        ] {
+            assert!(matches!(
+                BackendError::from(failure(code, message)),
+                BackendError::Busy(_)
+            ));
+        }
         assert!(matches!(
             BackendError::from(ClientError::Task("x".into())),
             BackendError::Other(_)

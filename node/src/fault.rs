@@ -24,6 +24,8 @@ pub enum Kind {
     /// Instead of computing a step, sends up a report in the name of the route's last
     /// hop that the last hop failed, signed with its own key (all a hop can sign with).
     Forge,
+    /// Answers every `Open` saying the session has room for no tokens.
+    NoRoom,
 }
 
 /// A fault: from step `after + 1` on, every `every`-th step is corrupted.
@@ -45,7 +47,7 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 pub const PERTURBATION: f32 = 0.05;
 
 impl Fault {
-    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb`, `nan`, `accuse` or `forge`: for example `perturb:5`
+    /// Parses `KIND:AFTER[:EVERY]`, KIND `perturb`, `nan`, `accuse`, `forge` or `noroom`: for example `perturb:5`
     /// (every step after the fifth) or `perturb:0:100` (one step in a hundred).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut parts = spec.split(':');
@@ -54,9 +56,10 @@ impl Fault {
             Some("nan") => Kind::Nan,
             Some("accuse") => Kind::Accuse,
             Some("forge") => Kind::Forge,
+            Some("noroom") => Kind::NoRoom,
             other => {
                 return Err(format!(
-                    "unknown fault kind {other:?} (perturb, nan, accuse or forge)"
+                    "unknown fault kind {other:?} (perturb, nan, accuse, forge or noroom)"
                 ));
             }
         };
@@ -114,6 +117,15 @@ pub fn received(input: Tensor) -> Tensor {
     input.affine(0.0, f64::NAN).unwrap_or(input)
 }
 
+/// The room for tokens this server says a session it opened has: `free`, or none
+/// ([`Kind::NoRoom`]).
+pub fn room(free: u32) -> u32 {
+    match FAULT.get() {
+        Some(f) if f.kind == Kind::NoRoom => 0,
+        _ => free,
+    }
+}
+
 /// Whether this step is answered with a forged report ([`Kind::Forge`]) instead of
 /// being computed.
 pub fn forges() -> bool {
@@ -158,6 +170,7 @@ mod tests {
         assert_eq!((1..=1000).filter(|&n| f.hits(n)).count(), 10);
         assert_eq!(Fault::parse("accuse:2").unwrap().kind, Kind::Accuse);
         assert_eq!(Fault::parse("forge:2").unwrap().kind, Kind::Forge);
+        assert_eq!(Fault::parse("noroom:0").unwrap().kind, Kind::NoRoom);
         assert!(Fault::parse("melt:1").is_err());
         assert!(Fault::parse("nan:x").is_err());
         assert!(Fault::parse("nan:1:2:3").is_err());

@@ -69,9 +69,9 @@ struct SwarmArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Test builds only: corrupt outputs, falsely accuse the hop before, or forge a
-    /// report in the last hop's name, as KIND:AFTER[:EVERY] (`perturb:5`, `nan:0:100`,
-    /// `accuse:0`, `forge:2`).
+    /// Test builds only: corrupt outputs, falsely accuse the hop before, forge a report
+    /// in the last hop's name, or claim no room, as KIND:AFTER[:EVERY] (`perturb:5`,
+    /// `nan:0:100`, `accuse:0`, `forge:2`, `noroom:0`).
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     fault: Option<String>,
@@ -105,7 +105,8 @@ struct ServeArgs {
     /// Most concurrent inference sessions.
     #[arg(long, default_value_t = 16)]
     max_sessions: usize,
-    /// Most tokens (prompt and answer) per session.
+    /// Most tokens (prompt and answer) per session; a session asking for more is
+    /// refused (`over_budget: session cap: ...`), and its client routes around.
     #[arg(long, default_value_t = 2048)]
     max_session_tokens: usize,
     /// Megabytes of KV cache all sessions together may hold; a session takes, when it

@@ -269,7 +269,6 @@ impl Metrics {
         match e {
             E::HopFailed(f) => self.error(Side::Client, f.code),
             E::NoRoute { .. } => self.error_named(Side::Client, "no_route"),
-            E::OverBudget { .. } => self.error_named(Side::Client, "over_budget"),
             E::Protocol { .. } => self.error_named(Side::Client, "protocol"),
             E::Net(_) | E::NoEntry(_) => self.error_named(Side::Client, "net"),
             _ => self.error_named(Side::Client, "internal"),

@@ -614,8 +614,9 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         )
         .await
         .unwrap();
+        // Refused unsigned: nothing is signed for an Open that does not pass its checks.
         match answer {
-            InferResponse::HopFailed { hop: 0, error, .. } => {
+            InferResponse::Error(error) => {
                 assert_eq!(error.code, ErrorCode::BadRequest);
                 assert!(error.message.contains("must be opened by"), "{error}");
             }
@@ -686,6 +687,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                         client.peer()
                     ),
                     reported_by: None,
+                    blamed_by: None,
                 }
             ),
             other => panic!("a second session of one client: {other:?}"),

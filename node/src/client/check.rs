@@ -14,6 +14,10 @@ use candle_core::Tensor;
 /// reading logs: the report's place in the route is what the client judges by).
 pub const NON_FINITE_INPUT: &str = "non-finite hidden states from the hop before";
 
+/// How a server's refusal of a session asking for more tokens than it holds per session
+/// starts (`pollen api` answers it as a prompt too long, not as busy).
+pub const SESSION_CAP: &str = "session cap:";
+
 /// How the client's own finding of a wrong output (non-finite, or caught by a spot
 /// check) starts: a server blamed with it is left out of every route while banned, even
 /// when no other route exists.

@@ -22,6 +22,10 @@ pub struct HopFailure {
     /// The next hop, when the failure is its report about this one (non-finite hidden
     /// states): a dispute, since the client cannot tell which of the two is at fault.
     pub reported_by: Option<PeerId>,
+    /// The hop before, when the failure is its report that this one failed it (could
+    /// not be reached, went silent, answered wrong): its word, so the two are kept
+    /// apart for a while (the same hop cannot report this one again and again).
+    pub blamed_by: Option<PeerId>,
 }
 
 /// A failure of a generation through the swarm.
@@ -43,16 +47,6 @@ pub enum ClientError {
     /// A server of the route failed.
     #[error(transparent)]
     HopFailed(Box<HopFailure>),
-    /// The servers of the route cannot hold this many tokens for one session.
-    #[error(
-        "the servers on this route allow {free_tokens} tokens per session, and this request needs up to {needed} (prompt plus --max-tokens): ask for fewer tokens"
-    )]
-    OverBudget {
-        /// What the route allows.
-        free_tokens: u32,
-        /// What the request needs.
-        needed: u32,
-    },
     /// A server answered something the protocol does not allow here.
     #[error("peer {peer}: {message}")]
     Protocol {

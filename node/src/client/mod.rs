@@ -131,12 +131,44 @@ impl Bans {
                     .or_insert((now, 0, crate::clock::unix_ms(), false));
             *t = (*t).max(now + FIRST_BAN);
         }
+        self.keep_apart(accused, reporter);
+    }
+
+    /// `first` is not chained right before `second` for a while that grows each time
+    /// the pair is kept apart: one said the other failed it, or sent it a bad step.
+    fn keep_apart(&mut self, first: PeerId, second: PeerId) {
+        let now = Instant::now();
         self.apart.retain(|_, (u, _)| *u > now);
-        let pair = (accused, reporter);
+        let pair = (first, second);
         make_room(&mut self.apart, &pair, |(u, _)| *u);
         let (until, times) = self.apart.entry(pair).or_insert((now, 0));
         *times += 1;
         *until = now + grown_ban(*times);
+    }
+
+    /// Leaves out the server failure `f` names: a dispute, a liar (the client's own
+    /// finding) or an ordinary failure.
+    fn judge(&mut self, f: &HopFailure) {
+        if let Some(reporter) = f.reported_by {
+            tracing::warn!(
+                "dispute: {reporter} says {} sent it a step it refuses ({}); both are left out a while and never chained again",
+                f.peer,
+                f.message
+            );
+            self.dispute(f.peer, reporter);
+        } else if f.message.starts_with(check::WRONG_OUTPUT) {
+            self.ban_liar(f.peer);
+        } else {
+            self.ban(f.peer, busy_only(f.code), f.code == ErrorCode::Unreachable);
+            // The hop before's word: it is not chained before this one again soon, so
+            // that it cannot report the same server over and over. (A broken connection
+            // is forgiven by the server's next announcement instead.)
+            if let Some(reporter) = f.blamed_by
+                && f.code != ErrorCode::Unreachable
+            {
+                self.keep_apart(reporter, f.peer);
+            }
+        }
     }
 
     /// Pairs of servers that must not be next to each other on a route (the first
@@ -584,18 +616,7 @@ impl SwarmClient {
             return matches!(e, ClientError::Protocol { .. } | ClientError::Net(_));
         };
         if let Ok(mut b) = self.bans.lock() {
-            if let Some(reporter) = f.reported_by {
-                tracing::warn!(
-                    "dispute: {reporter} says {} sent it a step it refuses ({}); both are left out a while and never chained again",
-                    f.peer,
-                    f.message
-                );
-                b.dispute(f.peer, reporter);
-            } else if f.message.starts_with(check::WRONG_OUTPUT) {
-                b.ban_liar(f.peer);
-            } else {
-                b.ban(f.peer, busy_only(f.code), f.code == ErrorCode::Unreachable);
-            }
+            b.judge(f);
         }
         true
     }
@@ -888,6 +909,42 @@ mod tests {
         assert!(b.is_gone(&gone, 0));
     }
 
+    /// A hop's report that the hop after it failed bans that hop and keeps the two
+    /// apart (the reporter cannot report it again and again), except for a broken
+    /// connection, which the next announcement forgives.
+    #[test]
+    fn a_report_about_the_next_hop_keeps_the_pair_apart() {
+        let mut b = Bans::default();
+        let failure = |peer, code, blamed_by| HopFailure {
+            hop: 1,
+            peer,
+            blocks: crate::blocks::BlockRange { start: 10, end: 20 },
+            code,
+            message: "x".into(),
+            reported_by: None,
+            blamed_by,
+        };
+        let (before, hung, crashed, own) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        b.judge(&failure(hung, ErrorCode::Timeout, Some(before)));
+        b.judge(&failure(crashed, ErrorCode::Unreachable, Some(before)));
+        b.judge(&failure(own, ErrorCode::Internal, None));
+        for p in [&hung, &crashed, &own] {
+            assert!(b.is_banned(p, None));
+            assert!(!b.is_liar(p));
+        }
+        assert!(!b.is_banned(&before, None), "the reporter is not banned");
+        assert_eq!(
+            b.kept_apart(),
+            std::collections::HashSet::from([(before, hung)])
+        );
+        assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
+    }
+
     #[test]
     fn a_server_refusing_for_room_again_ends_the_tries() {
         let (a, b) = (PeerId::random(), PeerId::random());
@@ -899,6 +956,7 @@ mod tests {
                 code,
                 message: "x".into(),
                 reported_by: None,
+                blamed_by: None,
             }))
         };
         let mut refused = std::collections::HashSet::new();

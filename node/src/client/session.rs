@@ -227,12 +227,17 @@ impl SwarmSession {
             }
             Err(e) => return Err(fail(0, ErrorCode::Unreachable, e.to_string())),
         };
+        // Every server holds what the session asks for or refuses, naming itself: less
+        // is the first hop's lie (it would end the generation unattributed).
         if free_tokens < max_tokens {
             tx.close().await;
-            return Err(ClientError::OverBudget {
-                free_tokens,
-                needed: max_tokens,
-            });
+            return Err(fail(
+                0,
+                ErrorCode::BadRequest,
+                format!(
+                    "answered Open with room for {free_tokens} tokens, fewer than the {max_tokens} asked"
+                ),
+            ));
         }
         // The outputs come straight from the last server, on a stream we open to it.
         let attached = stream::open_with_reply::<_, InferResponse>(
@@ -589,6 +594,7 @@ fn hop_error(route: &[Hop], hop: usize, code: ErrorCode, message: String) -> Cli
             code,
             message,
             reported_by: None,
+            blamed_by: None,
         })),
         None => ClientError::Protocol {
             peer: route.first().map(|h| h.peer).unwrap_or(PeerId::random()),
@@ -624,7 +630,14 @@ fn named_failure(
     // Cleaned before any look at it: an invisible character before a prefix would
     // otherwise pass the checks below and be removed only later.
     let message = pollen_protocol::printable(&error.message);
-    match check_report(report, &reports.binding, &reports.wire) {
+    let checked = match check_report(report, &reports.binding, &reports.wire) {
+        Err(e) => Err(e.to_string()),
+        // Reports come up a stream from its far end and the hops after it: the last
+        // hop's attach stream carries only its own.
+        Ok(_) if by < deliverer => Err(format!("it was written by hop {by}, before this one")),
+        Ok(about) => Ok(about),
+    };
+    match checked {
         Err(e) => hop_error(
             route,
             deliverer,
@@ -648,12 +661,16 @@ fn named_failure(
             e
         }
         // Only the client's own findings are marked as wrong outputs.
-        Ok(Reported::Itself | Reported::HopAfter) => {
+        Ok(about @ (Reported::Itself | Reported::HopAfter)) => {
             let message = match message.strip_prefix(super::check::WRONG_OUTPUT) {
                 Some(rest) => format!("reported{rest}"),
                 None => message,
             };
-            hop_error(route, hop, error.code, message)
+            let mut e = hop_error(route, hop, error.code, message);
+            if let (ClientError::HopFailed(f), Reported::HopAfter) = (&mut e, about) {
+                f.blamed_by = Some(route[by].peer);
+            }
+            e
         }
     }
 }
@@ -757,7 +774,10 @@ mod tests {
         else {
             panic!("a hop failure");
         };
-        assert_eq!((f.hop, f.reported_by), (1, None));
+        assert_eq!(
+            (f.hop, f.reported_by, f.blamed_by),
+            (1, None, Some(r[0].peer))
+        );
     }
 
     /// The first hop (or the last, up the attach stream) cannot get another hop banned
@@ -773,6 +793,9 @@ mod tests {
             (0, report(&reports, 0, 0, 2, "made up")),
             // The last hop claims a report of the hop before it, up the attach stream.
             (2, report(&reports, 2, 1, 0, "made up")),
+            // Up the attach stream, a genuine report of another hop (the last hop's own
+            // are the only ones that come that way).
+            (2, report(&reports, 1, 1, 1, "obtained somehow")),
         ];
         for (deliverer, forged) in cases {
             let ClientError::HopFailed(f) = named_failure(&r, &reports, deliverer, &forged) else {

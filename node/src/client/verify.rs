@@ -430,6 +430,7 @@ impl SwarmClient {
                 code: ErrorCode::BadRequest,
                 message,
                 reported_by: None,
+                blamed_by: None,
             }))
         };
         let sentence = sentence(decided);

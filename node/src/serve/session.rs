@@ -369,6 +369,17 @@ fn check_open(
             ),
         ));
     }
+    let cap = server.cfg.max_session_tokens;
+    if open.budget.max_tokens as usize > cap {
+        return Err(bad(
+            ErrorCode::OverBudget,
+            format!(
+                "{} this server holds at most {cap} tokens per session, and the session asks for {}: ask for fewer tokens",
+                crate::client::check::SESSION_CAP,
+                open.budget.max_tokens
+            ),
+        ));
+    }
     let me = open
         .route
         .get(open.hop)
@@ -564,15 +575,21 @@ async fn run_session(
     // wait below ends in time for this hop's answer, or its failure naming the right
     // hop, to reach it while it still waits.
     let answer_by = answer_by(Instant::now(), open.budget.open_within_ms);
-    let reports = Reports::new(&server, &open);
-    let refuse = |e: ProtocolError| reports.fail(0, open.hop, &server.me, e.code, e.message);
     let (client, next) = match check_open(&server, from, &open) {
         Ok(x) => x,
+        // Nothing is signed for an Open that did not pass: its session, client and route
+        // are only its sender's word, and a report signed for them could be carried up
+        // a real session by a hop that is not this one's neighbour there. The hop before
+        // (or the client) names this hop for the error itself.
         Err(e) => {
-            let _ = up_tx.send(&refuse(e), SEND_TIMEOUT).await;
+            let _ = up_tx.send(&InferResponse::Error(e), SEND_TIMEOUT).await;
             return;
         }
     };
+    // From here on the session is the real one: its opener is the hop before in its
+    // route (or its client), so a report signed for it can only travel up that route.
+    let reports = Reports::new(&server, &open);
+    let refuse = |e: ProtocolError| reports.fail(0, open.hop, &server.me, e.code, e.message);
     // The next hop must be a server: one with a valid announcement for this model that
     // covers its span, dialed only at that announcement's addresses.
     let next = match next {
@@ -685,6 +702,21 @@ async fn run_session(
     let mut down = None;
     if let Some(hop) = next {
         match open_next(&server, &open, &hop, answer_by, &reports).await {
+            // Every server holds what the session asks for or refuses, naming itself:
+            // less is the next hop's lie (it would end the session unattributed).
+            Ok((_, tx, next_free)) if next_free < free => {
+                let msg = format!(
+                    "answered Open with room for {next_free} tokens, fewer than the {free} asked"
+                );
+                let _ = up_tx
+                    .send(
+                        &reports.fail(0, hop.index, &hop.peer, ErrorCode::BadRequest, msg),
+                        SEND_TIMEOUT,
+                    )
+                    .await;
+                tx.close().await;
+                return;
+            }
             Ok((rx, tx, next_free)) => {
                 free = free.min(next_free);
                 down = Some(Downstream {
@@ -701,6 +733,8 @@ async fn run_session(
             }
         }
     }
+    #[cfg(feature = "fault-injection")]
+    let free = crate::fault::room(free);
     if up_tx
         .send(
             &InferResponse::Opened {
@@ -840,7 +874,7 @@ async fn run_session(
                                 "a step of {rows} tokens at position {position} passes this session's cap of {} tokens",
                                 limits.max_tokens
                             );
-                            let fail = reports.fail(step, hop, &me, ErrorCode::OverBudget, msg);
+                            let fail = reports.refuse_input(step, &me, &from, ErrorCode::OverBudget, msg);
                             if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() {
                                 break End::Failed;
                             }
@@ -1061,10 +1095,7 @@ mod tests {
             &elsewhere.route,
         );
         let elsewhere = elsewhere.fail(4, 2, &key(2).1, ErrorCode::Internal, "it broke");
-        let mut mine = reports_of(1);
-        mine.by = 0;
-        let mine = mine.fail(4, 0, &key(0).1, ErrorCode::Internal, "made up");
-        for bad in [forged, elsewhere, mine] {
+        for bad in [forged, elsewhere] {
             assert!(check(&bad).is_err());
             let passed = first.relay(bad, 4, &next);
             let InferResponse::HopFailed { hop, by, error, .. } = &passed else {
@@ -1078,20 +1109,33 @@ mod tests {
             );
             assert_eq!(check(&passed), Ok(pollen_protocol::Reported::HopAfter));
         }
+        // A genuine report of this hop (or of one before it) cannot come from below.
+        let mine = first.fail(4, 1, &key(1).1, ErrorCode::Internal, "from above");
+        assert!(check(&mine).is_ok());
+        let InferResponse::HopFailed { by, error, .. } = first.relay(mine, 4, &next) else {
+            panic!("a report");
+        };
+        assert_eq!(by, 0);
+        assert!(
+            error
+                .message
+                .contains("written by this hop or one before it")
+        );
     }
 
     /// A hop that refuses its input names the hop before it; the first hop, whose input
     /// is the client's, names itself.
     #[test]
     fn a_refused_input_names_the_hop_that_sent_it() {
-        for (by, named) in [(0, 0), (1, 0), (2, 1)] {
+        use pollen_protocol::Reported::{HopBefore, Itself};
+        for (by, named, about) in [(0, 0, Itself), (1, 0, HopBefore), (2, 1, HopBefore)] {
             let r = reports_of(by);
             let report = r.refuse_input(5, &key(by).1, &key(named).1, ErrorCode::BadRequest, "NaN");
             let InferResponse::HopFailed { hop, .. } = &report else {
                 panic!("a report");
             };
             assert_eq!(*hop as usize, named);
-            assert!(check_report(&report, &r.binding, &r.route).is_ok());
+            assert_eq!(check_report(&report, &r.binding, &r.route), Ok(about));
         }
     }
 
