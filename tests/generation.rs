@@ -64,8 +64,17 @@ fn a_request_over_the_servers_session_limit_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    // The error the run ends with, not a warning on the way.
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     assert!(
-        err.contains("over_budget: session cap: this server holds at most 40 tokens per session"),
+        last.starts_with("error:")
+            && last.contains(
+                "over_budget: session cap: this server holds at most 40 tokens per session"
+            ),
         "{err}"
     );
     // Within the limit it works.

@@ -107,6 +107,31 @@ fn signed(list: Vec<VerifiedAnnouncement>) -> Vec<SignedAnnouncement> {
         .collect()
 }
 
+/// An `Open` of a session of at most 16 tokens at the first hop of `route`.
+fn open_request(
+    session: pollen_protocol::SessionId,
+    model_id: ModelId,
+    route: Vec<pollen_protocol::RouteHop>,
+    compute: &str,
+    client: PeerIdBytes,
+) -> pollen_protocol::InferRequest {
+    pollen_protocol::InferRequest::Open {
+        session,
+        model_id,
+        route,
+        hop: 0,
+        budget: pollen_protocol::SessionBudget {
+            max_tokens: 16,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 10_000,
+            open_within_ms: 10_000,
+        },
+        wire_dtype: pollen_protocol::WireDType::F32,
+        compute: compute.to_string(),
+        client,
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_published_announcement_is_listed_by_the_bootstrap_and_gathered_by_a_client() {
     bounded(async {
@@ -392,9 +417,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
     use pollen_node::client::error::HopFailure;
     use pollen_node::client::{ClientError, SwarmSession, route};
     use pollen_node::serve::{self, ServeConfig};
-    use pollen_protocol::{
-        ErrorCode, InferRequest, InferResponse, RouteHop, SessionBudget, SessionId, WireDType,
-    };
+    use pollen_protocol::{ErrorCode, InferRequest, InferResponse, RouteHop, SessionId, WireDType};
     use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile};
     use std::collections::HashMap;
 
@@ -589,21 +612,13 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
                 step_us: h.step_us,
             })
             .collect();
-        let in_its_name = InferRequest::Open {
-            session: SessionId(7),
+        let in_its_name = open_request(
+            SessionId(7),
             model_id,
-            route: wire_route.clone(),
-            hop: 0,
-            budget: SessionBudget {
-                max_tokens: 16,
-                max_message_bytes: 1 << 20,
-                idle_timeout_ms: 10_000,
-                open_within_ms: 10_000,
-            },
-            wire_dtype: WireDType::F32,
-            compute: compute.clone(),
-            client: PeerIdBytes(client.peer().to_bytes()),
-        };
+            wire_route.clone(),
+            &compute,
+            PeerIdBytes(client.peer().to_bytes()),
+        );
         let (_, _, answer) = pollen_node::net::stream::open_with_reply::<_, InferResponse>(
             &stranger.net,
             hops[0].peer,
@@ -633,21 +648,13 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
             &stranger.net,
             hops[0].peer,
             hops[0].addrs.clone(),
-            &InferRequest::Open {
-                session: SessionId(8),
+            &open_request(
+                SessionId(8),
                 model_id,
-                route: to_victim,
-                hop: 0,
-                budget: SessionBudget {
-                    max_tokens: 16,
-                    max_message_bytes: 1 << 20,
-                    idle_timeout_ms: 10_000,
-                    open_within_ms: 10_000,
-                },
-                wire_dtype: WireDType::F32,
-                compute: compute.clone(),
-                client: PeerIdBytes(stranger.peer().to_bytes()),
-            },
+                to_victim,
+                &compute,
+                PeerIdBytes(stranger.peer().to_bytes()),
+            ),
             Duration::from_secs(10),
             Duration::from_secs(10),
         )
@@ -745,6 +752,63 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         session.close().await;
         let again = open().await.unwrap();
         again.close().await;
+
+        // A step numbered out of order, or one asking for every row of its output, is
+        // refused as the hop before's doing (here the client's, at the first hop).
+        let x = pollen_node::wire::to_wire(&xs[0], WireDType::F32).unwrap();
+        for (node, session, step, last_row_only, why) in [
+            (
+                &stranger,
+                9,
+                0,
+                true,
+                "step 0 came where step 1 or a later one was due",
+            ),
+            (&late, 10, 1, false, "asks for every row"),
+        ] {
+            let (mut rx, mut tx, opened) =
+                pollen_node::net::stream::open_with_reply::<_, InferResponse>(
+                    &node.net,
+                    hops[0].peer,
+                    hops[0].addrs.clone(),
+                    &open_request(
+                        SessionId(session),
+                        model_id,
+                        wire_route.clone(),
+                        &compute,
+                        PeerIdBytes(node.peer().to_bytes()),
+                    ),
+                    Duration::from_secs(10),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(opened, InferResponse::Opened { .. }), "{opened:?}");
+            let step = InferRequest::Forward {
+                session: SessionId(session),
+                position: 0,
+                step,
+                hidden: x.clone(),
+                last_row_only,
+            };
+            tx.send(&step, Duration::from_secs(10)).await.unwrap();
+            match rx
+                .recv_within::<InferResponse>(Duration::from_secs(10))
+                .await
+                .unwrap()
+            {
+                InferResponse::HopFailed {
+                    hop: 0,
+                    by: 0,
+                    error,
+                    ..
+                } => {
+                    assert_eq!(error.code, ErrorCode::BadRequest);
+                    assert!(error.message.contains(why), "{error}");
+                }
+                other => panic!("a step out of order was answered {other:?}"),
+            }
+        }
 
         // Draining: each server's goodbye is acknowledged at once, so both stop well
         // before the goodbye's 3 s wait.

@@ -233,12 +233,16 @@ pub enum InferRequest {
         session: SessionId,
         /// The position of the first token of `hidden` in the sequence.
         position: u32,
-        /// The client's step counter, echoed in the [`InferResponse::Output`].
+        /// The client's step counter, echoed in the [`InferResponse::Output`]: 1 for a
+        /// session's first step, one more for each after it (servers refuse a step not
+        /// above the last they saw).
         step: u64,
         /// The input hidden states, `[batch, tokens, hidden]`.
         hidden: HiddenStates,
         /// The last server returns only the last token's row (all a client needs to pick
-        /// the next token), not every row of a prefill chunk.
+        /// the next token), not every row of a prefill chunk. Servers require it: a step
+        /// without it is refused (a hop that cleared it on the way would have the last
+        /// hop send an output too large for the client's cap).
         last_row_only: bool,
     },
     /// Ends the session and frees its cache (passed on down the chain). The session's

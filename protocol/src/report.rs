@@ -13,7 +13,9 @@
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::{BlockRange, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionId};
+use crate::{
+    BlockRange, InferRequest, InferResponse, PeerIdBytes, ProtocolError, RouteHop, SessionId,
+};
 
 /// The byte length of a report's signature.
 pub const REPORT_SIGNATURE_LEN: usize = 64;
@@ -22,9 +24,11 @@ pub const REPORT_SIGNATURE_LEN: usize = 64;
 const REPORT_DOMAIN: &[u8] = b"pollen/hop-failed/v1\0";
 
 /// What every failure report of one session is bound to: the session's id and a digest
-/// of its client and its route (each hop's peer id and blocks, in order), as the client's
-/// `Open` gave them. The client computes it from what it sent, each server from the `Open`
-/// it received.
+/// of everything its client's `Open` asked for (client, model, route with each hop's peer
+/// id and blocks, budget, wire dtype, compute mode), except `open_within_ms`, which each
+/// hop changes. The client computes it from the `Open` it sent, each server from the one
+/// it received: a hop that changed the `Open` on its way cannot have a hop after it sign
+/// a report that counts in the client's session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionBinding {
     session: SessionId,
@@ -32,21 +36,44 @@ pub struct SessionBinding {
 }
 
 impl SessionBinding {
-    /// The binding of session `session` opened by `client` over `route`.
-    pub fn new(session: SessionId, client: &PeerIdBytes, route: &[RouteHop]) -> Self {
+    /// The binding of the session `open` opens (`None` for any other request).
+    pub fn of_open(open: &InferRequest) -> Option<Self> {
+        let InferRequest::Open {
+            session,
+            model_id,
+            route,
+            hop: _,
+            budget,
+            wire_dtype,
+            compute,
+            client,
+        } = open
+        else {
+            return None;
+        };
         let mut h = blake3::Hasher::new();
         h.update(REPORT_DOMAIN);
         h.update(&session.0.to_le_bytes());
         put_bytes(&mut h, &client.0);
+        h.update(model_id.as_bytes());
         h.update(&(route.len() as u64).to_le_bytes());
         for hop in route {
             put_bytes(&mut h, &hop.peer.0);
             put_blocks(&mut h, hop.blocks);
         }
-        Self {
-            session,
-            digest: *h.finalize().as_bytes(),
+        for n in [
+            budget.max_tokens,
+            budget.max_message_bytes,
+            budget.idle_timeout_ms,
+        ] {
+            h.update(&n.to_le_bytes());
         }
+        h.update(&[wire_dtype.tag()]);
+        put_bytes(&mut h, compute.as_bytes());
+        Some(Self {
+            session: *session,
+            digest: *h.finalize().as_bytes(),
+        })
     }
 
     /// The session.
@@ -232,7 +259,7 @@ pub fn ed25519_key_of_peer(peer: &PeerIdBytes) -> Option<[u8; 32]> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::{ErrorCode, peer_id_bytes_for_ed25519};
+    use crate::{ErrorCode, ModelId, SessionBudget, WireDType, peer_id_bytes_for_ed25519};
 
     fn key(n: u8) -> [u8; 32] {
         [n; 32]
@@ -253,8 +280,30 @@ mod tests {
             .collect()
     }
 
+    fn open(session: u64, client: PeerIdBytes, route: &[RouteHop]) -> InferRequest {
+        InferRequest::Open {
+            session: SessionId(session),
+            model_id: ModelId::from_bytes([5; 32]),
+            route: route.to_vec(),
+            hop: 0,
+            budget: SessionBudget {
+                max_tokens: 64,
+                max_message_bytes: 1 << 20,
+                idle_timeout_ms: 1_000,
+                open_within_ms: 20_000,
+            },
+            wire_dtype: WireDType::F32,
+            compute: "fast/cpu".into(),
+            client,
+        }
+    }
+
+    fn bind(open: &InferRequest) -> SessionBinding {
+        SessionBinding::of_open(open).unwrap()
+    }
+
     fn binding(route: &[RouteHop]) -> SessionBinding {
-        SessionBinding::new(SessionId(7), &peer(9), route)
+        bind(&open(7, peer(9), route))
     }
 
     fn err() -> ProtocolError {
@@ -373,15 +422,39 @@ mod tests {
         let b = binding(&r);
         let real = b.report(&key(3), 2, 4, 2, r[2].peer.clone(), err());
         // Same session id, another client.
-        let other_client = SessionBinding::new(SessionId(7), &peer(8), &r);
+        let other_client = bind(&open(7, peer(8), &r));
         assert!(check_report(&real, &other_client, &r).is_err());
         // Same session id and client, the hops before on other peers.
         let mut other_route = r.clone();
         other_route[1].peer = peer(8);
-        let other = SessionBinding::new(SessionId(7), &peer(9), &other_route);
+        let other = bind(&open(7, peer(9), &other_route));
         assert!(check_report(&real, &other, &other_route).is_err());
+        // The same route, asked for more tokens or another compute mode on the way (a hop
+        // changing the Open it passes on); only the open's time and hop may change.
+        let mut more = open(7, peer(9), &r);
+        let mut other_mode = more.clone();
+        let mut passed_on = more.clone();
+        if let InferRequest::Open { budget, .. } = &mut more {
+            budget.max_tokens += 1;
+        }
+        if let InferRequest::Open { compute, .. } = &mut other_mode {
+            compute.push('!');
+        }
+        if let InferRequest::Open { budget, hop, .. } = &mut passed_on {
+            budget.open_within_ms -= 1_000;
+            *hop = 2;
+        }
+        assert!(check_report(&real, &bind(&more), &r).is_err());
+        assert!(check_report(&real, &bind(&other_mode), &r).is_err());
+        assert!(check_report(&real, &bind(&passed_on), &r).is_ok());
+        assert_eq!(
+            SessionBinding::of_open(&InferRequest::Close {
+                session: SessionId(7)
+            }),
+            None
+        );
         // Another session.
-        let later = SessionBinding::new(SessionId(8), &peer(9), &r);
+        let later = bind(&open(8, peer(9), &r));
         assert!(matches!(
             check_report(&real, &later, &r),
             Err(ReportError::OtherSession { .. })

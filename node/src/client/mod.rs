@@ -95,9 +95,10 @@ struct Bans {
     /// Servers caught with a wrong output, until when: never used while banned, even
     /// when no other route exists.
     lied: HashMap<PeerId, Instant>,
-    /// Pairs of servers (a hop, the next) in a dispute, until when and how many times:
-    /// never next to each other on a route.
-    apart: HashMap<(PeerId, PeerId), (Instant, u32)>,
+    /// Pairs of servers (a hop, the next) kept apart, until when, how many times, and
+    /// whether even on last-resort routes (a dispute) or only on preferred ones (a hop
+    /// said the next failed it).
+    apart: HashMap<(PeerId, PeerId), (Instant, u32, bool)>,
 }
 
 impl Bans {
@@ -131,19 +132,23 @@ impl Bans {
                     .or_insert((now, 0, crate::clock::unix_ms(), false));
             *t = (*t).max(now + FIRST_BAN);
         }
-        self.keep_apart(accused, reporter);
+        self.keep_apart(accused, reporter, true);
     }
 
     /// `first` is not chained right before `second` for a while that grows each time
-    /// the pair is kept apart: one said the other failed it, or sent it a bad step.
-    fn keep_apart(&mut self, first: PeerId, second: PeerId) {
+    /// the pair is kept apart: one said the other failed it, or sent it a bad step. With
+    /// `hard`, not even on a last-resort route (once hard, a pair stays so).
+    fn keep_apart(&mut self, first: PeerId, second: PeerId, hard: bool) {
         let now = Instant::now();
-        self.apart.retain(|_, (u, _)| *u > now);
+        self.apart.retain(|_, (u, ..)| *u > now);
         let pair = (first, second);
-        make_room(&mut self.apart, &pair, |(u, _)| *u);
-        let (until, times) = self.apart.entry(pair).or_insert((now, 0));
+        make_room(&mut self.apart, &pair, |(u, ..)| *u);
+        let (until, times, was_hard) = self.apart.entry(pair).or_insert((now, 0, hard));
         *times += 1;
-        *until = now + grown_ban(*times);
+        // A pair kept apart on one's word outlasts the ban it gave the other, or the
+        // same hop could report it again as soon as that ended.
+        *until = now + grown_ban(if hard { *times } else { *times + 2 });
+        *was_hard |= hard;
     }
 
     /// Leaves out the server failure `f` names: a dispute, a liar (the client's own
@@ -160,24 +165,27 @@ impl Bans {
             self.ban_liar(f.peer);
         } else {
             self.ban(f.peer, busy_only(f.code), f.code == ErrorCode::Unreachable);
-            // The hop before's word: it is not chained before this one again soon, so
-            // that it cannot report the same server over and over. (A broken connection
-            // is forgiven by the server's next announcement instead.)
+            // The hop before's word: it is not chained before this one again soon where
+            // another route exists, so that it cannot report the same server over and
+            // over. (A broken connection is forgiven by the server's next announcement
+            // instead, and a server without room sits out only briefly.)
             if let Some(reporter) = f.blamed_by
                 && f.code != ErrorCode::Unreachable
+                && !busy_only(f.code)
             {
-                self.keep_apart(reporter, f.peer);
+                self.keep_apart(reporter, f.peer, false);
             }
         }
     }
 
     /// Pairs of servers that must not be next to each other on a route (the first
-    /// before the second).
-    fn kept_apart(&self) -> std::collections::HashSet<(PeerId, PeerId)> {
+    /// before the second): on a last-resort route (`hard_only`) those in a dispute, on
+    /// a preferred one all.
+    fn kept_apart(&self, hard_only: bool) -> std::collections::HashSet<(PeerId, PeerId)> {
         let now = Instant::now();
         self.apart
             .iter()
-            .filter(|(_, (u, _))| *u > now)
+            .filter(|(_, (u, _, hard))| *u > now && (*hard || !hard_only))
             .map(|(pair, _)| *pair)
             .collect()
     }
@@ -449,13 +457,13 @@ impl SwarmClient {
                 .lock()
                 .map(|s| s.all().clone())
                 .unwrap_or_default();
-            let apart = self.kept_apart();
+            let (apart, hard) = (self.kept_apart(false), self.kept_apart(true));
             let found = route::route_apart(
                 &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
             )
             .or_else(|_| {
                 route::route_apart(
-                    &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
+                    &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &hard,
                 )
             });
             if let Ok(mut b) = self.book.lock() {
@@ -470,9 +478,9 @@ impl SwarmClient {
                     let disputed = route::route_apart(
                         &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &none,
                     );
-                    if let (Ok(r), false) = (&disputed, apart.is_empty()) {
+                    if let (Ok(r), false) = (&disputed, hard.is_empty()) {
                         tracing::warn!(
-                            "the only route, {}, chains servers in a dispute (one said the other sent it non-finite hidden states)",
+                            "the only route, {}, chains servers in a dispute (one said the other sent it a step it refuses)",
                             describe(r)
                         );
                     }
@@ -590,9 +598,13 @@ impl SwarmClient {
             .unwrap_or(false)
     }
 
-    /// Pairs of servers in a dispute: never the first right before the second.
-    fn kept_apart(&self) -> std::collections::HashSet<(PeerId, PeerId)> {
-        self.bans.lock().map(|b| b.kept_apart()).unwrap_or_default()
+    /// Pairs of servers kept apart: never the first right before the second (on a
+    /// last-resort route, with `hard_only`, only those in a dispute).
+    fn kept_apart(&self, hard_only: bool) -> std::collections::HashSet<(PeerId, PeerId)> {
+        self.bans
+            .lock()
+            .map(|b| b.kept_apart(hard_only))
+            .unwrap_or_default()
     }
 
     fn banned_since(&self, peer: &PeerId, issued_at_ms: Option<u64>) -> bool {
@@ -707,7 +719,8 @@ impl SwarmClient {
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation, ClientError> {
         let _open = crate::metrics::global().session(crate::metrics::Side::Client);
-        let budget = u32::try_from(prompt.len() + params.max_tokens + 1).unwrap_or(u32::MAX);
+        // The last token sampled is never fed back: the prompt and the answer fit.
+        let budget = u32::try_from(prompt.len() + params.max_tokens).unwrap_or(u32::MAX);
         let mut session = None;
         let mut failure = None;
         let mut refused = std::collections::HashSet::new();
@@ -880,10 +893,12 @@ mod tests {
             assert!(b.is_banned(p, None));
             assert!(!b.is_liar(p), "a report is not the client's own finding");
         }
-        assert_eq!(
-            b.kept_apart(),
-            std::collections::HashSet::from([(accused, reporter)])
-        );
+        for hard_only in [false, true] {
+            assert_eq!(
+                b.kept_apart(hard_only),
+                std::collections::HashSet::from([(accused, reporter)])
+            );
+        }
         // Disputes again and again, with fresh keys on either side: neither honest
         // server's ban grows, the pair's time apart does.
         let first = b.apart[&(accused, reporter)].0;
@@ -910,8 +925,9 @@ mod tests {
     }
 
     /// A hop's report that the hop after it failed bans that hop and keeps the two
-    /// apart (the reporter cannot report it again and again), except for a broken
-    /// connection, which the next announcement forgives.
+    /// apart on preferred routes, for longer than the ban (the reporter cannot report it
+    /// again and again), except for a broken connection, which the next announcement
+    /// forgives, and a refusal for room, which is brief.
     #[test]
     fn a_report_about_the_next_hop_keeps_the_pair_apart() {
         let mut b = Bans::default();
@@ -930,18 +946,23 @@ mod tests {
             PeerId::random(),
             PeerId::random(),
         );
+        let full = PeerId::random();
         b.judge(&failure(hung, ErrorCode::Timeout, Some(before)));
         b.judge(&failure(crashed, ErrorCode::Unreachable, Some(before)));
+        b.judge(&failure(full, ErrorCode::OverBudget, Some(before)));
         b.judge(&failure(own, ErrorCode::Internal, None));
-        for p in [&hung, &crashed, &own] {
+        for p in [&hung, &crashed, &own, &full] {
             assert!(b.is_banned(p, None));
             assert!(!b.is_liar(p));
         }
         assert!(!b.is_banned(&before, None), "the reporter is not banned");
         assert_eq!(
-            b.kept_apart(),
+            b.kept_apart(false),
             std::collections::HashSet::from([(before, hung)])
         );
+        // Not on a last-resort route: a hung server comes back there as before.
+        assert!(b.kept_apart(true).is_empty());
+        assert!(b.apart[&(before, hung)].0 > b.until[&hung].0 + FIRST_BAN);
         assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
     }
 

@@ -171,11 +171,7 @@ impl SwarmSession {
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         let session = SessionId(rand::random());
-        let client = PeerIdBytes(net.peer_id().to_bytes());
-        let reports = Reports {
-            binding: SessionBinding::new(session, &client, &wire_route),
-            wire: wire_route.clone(),
-        };
+        let wire = wire_route.clone();
         let last_index = route.len() - 1;
         let fail = |hop: usize, code, msg: String| hop_error(route, hop, code, msg);
         // Every hop opens the next before answering: allow for each, as long as a hop
@@ -198,8 +194,15 @@ impl SwarmSession {
             },
             wire_dtype,
             compute: compute.to_string(),
-            client,
+            client: PeerIdBytes(net.peer_id().to_bytes()),
         };
+        let Some(binding) = SessionBinding::of_open(&open) else {
+            return Err(ClientError::Protocol {
+                peer: first.peer,
+                message: "not an Open".into(),
+            });
+        };
+        let reports = Reports { binding, wire };
         let opened = stream::open_with_reply::<_, InferResponse>(
             net,
             first.peer,
@@ -719,7 +722,7 @@ mod tests {
             })
             .collect();
         let client = PeerIdBytes(PeerId::random().to_bytes());
-        let binding = SessionBinding::new(SessionId(11), &client, &wire);
+        let binding = crate::serve::session::binding_for(SessionId(11), &wire, client);
         (r, Reports { binding, wire })
     }
 

@@ -215,7 +215,7 @@ impl SwarmClient {
             return Vec::new();
         };
         let on_route = |p: &PeerId| route.iter().any(|r| &r.peer == p);
-        let apart = self.kept_apart();
+        let apart = self.kept_apart(false);
         let book = book.to_vec();
         book.into_iter()
             .filter(|a| {

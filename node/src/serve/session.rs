@@ -129,7 +129,7 @@ impl Reports {
     fn new(server: &Server, open: &OpenRequest) -> Self {
         Self {
             secret: server.secret,
-            binding: SessionBinding::new(open.session, &open.client, &open.route),
+            binding: open.binding,
             route: open.route.clone(),
             by: open.hop,
         }
@@ -250,17 +250,21 @@ pub(super) async fn serve_stream(
             return;
         }
     };
-    match first {
-        InferRequest::Open {
-            session,
-            model_id,
-            route,
-            hop,
-            budget,
-            wire_dtype,
-            compute,
-            client,
-        } => {
+    let binding = SessionBinding::of_open(&first);
+    match (first, binding) {
+        (
+            InferRequest::Open {
+                session,
+                model_id,
+                route,
+                hop,
+                budget,
+                wire_dtype,
+                compute,
+                client,
+            },
+            Some(binding),
+        ) => {
             let open = OpenRequest {
                 session,
                 model_id,
@@ -270,10 +274,11 @@ pub(super) async fn serve_stream(
                 wire_dtype,
                 compute,
                 client,
+                binding,
             };
             run_session(server, up_rx, up_tx, open, cancel).await;
         }
-        InferRequest::Attach { session } => {
+        (InferRequest::Attach { session }, _) => {
             match server.table.attach(session, peer) {
                 Ok(slot) => {
                     let ok = up_tx
@@ -295,7 +300,7 @@ pub(super) async fn serve_stream(
             // The attach stream's reading half carries nothing more.
             drop(up_rx);
         }
-        other => {
+        (other, _) => {
             let e = ProtocolError::new(
                 ErrorCode::BadRequest,
                 format!(
@@ -326,6 +331,8 @@ struct OpenRequest {
     wire_dtype: pollen_protocol::WireDType,
     compute: String,
     client: PeerIdBytes,
+    /// What this session's failure reports are signed for.
+    binding: SessionBinding,
 }
 
 /// The next hop of a route, parsed.
@@ -635,23 +642,24 @@ async fn run_session(
     let mut reservation = match server.table.open(session, client, from, next.is_none()) {
         Ok(r) => r,
         Err(e) => {
-            let code = match e {
-                super::sessions::TableError::Full { .. } => ErrorCode::Busy,
+            // Full is this server's own state: a signed report. The other refusals are
+            // of what the opener did (too many sessions, an id twice), so nothing is
+            // signed: the hop before (or the client) names this hop for the error, and a
+            // hostile opener gets no report of this server against itself to carry up.
+            let answer = match e {
+                super::sessions::TableError::Full { .. } => {
+                    refuse(ProtocolError::new(ErrorCode::Busy, e.to_string()))
+                }
                 super::sessions::TableError::ClientFull { .. }
                 | super::sessions::TableError::OpenerFull { .. } => {
                     server.table.warn("client-sessions", || {
                         format!("refusing session {session}: {e}")
                     });
-                    ErrorCode::Busy
+                    InferResponse::Error(ProtocolError::new(ErrorCode::Busy, e.to_string()))
                 }
-                _ => ErrorCode::BadRequest,
+                _ => InferResponse::Error(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
             };
-            let _ = up_tx
-                .send(
-                    &refuse(ProtocolError::new(code, e.to_string())),
-                    SEND_TIMEOUT,
-                )
-                .await;
+            let _ = up_tx.send(&answer, SEND_TIMEOUT).await;
             return;
         }
     };
@@ -771,6 +779,10 @@ async fn run_session(
     let first_step_wait = first_step_wait(server.table.limits().first_step_timeout, hop);
     let first_step_by = Instant::now() + first_step_wait;
     let mut stepped = false;
+    // A client numbers its steps 1, 2, 3… (a step refused on the way never comes
+    // here): a number not above the last one came from a hop that changed it (the
+    // client would blame the last hop for the output's wrong number).
+    let mut next_step: u64 = 1;
     let mut told_leaving = false;
     let end = loop {
         let ack_deadline = down
@@ -859,6 +871,17 @@ async fn run_session(
                     InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
                         reservation.touch();
                         stepped = true;
+                        if step < next_step || !last_row_only {
+                            let msg = if step < next_step {
+                                format!("step {step} came where step {next_step} or a later one was due")
+                            } else {
+                                format!("step {step} asks for every row of its output; servers send the last row only")
+                            };
+                            let fail = reports.refuse_input(step, &me, &from, ErrorCode::BadRequest, msg);
+                            let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                            break End::Failed;
+                        }
+                        next_step = step.saturating_add(1);
                         #[cfg(feature = "fault-injection")]
                         if crate::fault::forges()
                             && let Some(forged) = reports.forged(step)
@@ -973,6 +996,32 @@ async fn run_session(
     tasks.shutdown().await;
 }
 
+/// The binding of a session `session` of `client` over `route` (the rest of its `Open`
+/// fixed), for tests of reports.
+#[cfg(test)]
+pub(crate) fn binding_for(
+    session: SessionId,
+    route: &[RouteHop],
+    client: PeerIdBytes,
+) -> SessionBinding {
+    SessionBinding::of_open(&InferRequest::Open {
+        session,
+        model_id: pollen_protocol::ModelId::from_bytes([1; 32]),
+        route: route.to_vec(),
+        hop: 0,
+        budget: SessionBudget {
+            max_tokens: 64,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 1_000,
+            open_within_ms: 10_000,
+        },
+        wire_dtype: pollen_protocol::WireDType::F32,
+        compute: "fast/cpu".into(),
+        client,
+    })
+    .unwrap_or_else(|| unreachable!("an Open"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1046,6 +1095,11 @@ mod tests {
         (secret, peer)
     }
 
+    /// The binding of session `session` of client 9 over `route`.
+    fn binding_of(session: u64, route: &[RouteHop]) -> SessionBinding {
+        binding_for(SessionId(session), route, PeerIdBytes(key(9).1.to_bytes()))
+    }
+
     /// Hop `by`'s reports on a route of three hops (blocks 0:10, 10:20, 20:30).
     fn reports_of(by: usize) -> Reports {
         let route: Vec<RouteHop> = (0..3)
@@ -1059,7 +1113,7 @@ mod tests {
             .collect();
         Reports {
             secret: key(by).0,
-            binding: SessionBinding::new(SessionId(3), &PeerIdBytes(key(9).1.to_bytes()), &route),
+            binding: binding_of(3, &route),
             route,
             by,
         }
@@ -1089,11 +1143,7 @@ mod tests {
         forged.by = 2;
         let forged = forged.fail(4, 2, &key(2).1, ErrorCode::Internal, "made up");
         let mut elsewhere = reports_of(2);
-        elsewhere.binding = SessionBinding::new(
-            SessionId(4),
-            &PeerIdBytes(key(9).1.to_bytes()),
-            &elsewhere.route,
-        );
+        elsewhere.binding = binding_of(4, &elsewhere.route);
         let elsewhere = elsewhere.fail(4, 2, &key(2).1, ErrorCode::Internal, "it broke");
         for bad in [forged, elsewhere] {
             assert!(check(&bad).is_err());
