@@ -234,8 +234,8 @@ pub enum InferRequest {
         /// The position of the first token of `hidden` in the sequence.
         position: u32,
         /// The client's step counter, echoed in the [`InferResponse::Output`]: 1 for a
-        /// session's first step, one more for each after it (servers refuse a step not
-        /// above the last they saw).
+        /// session's first step, one more for each after it (servers refuse any other;
+        /// a refused step ends the session on every hop).
         step: u64,
         /// The input hidden states, `[batch, tokens, hidden]`.
         hidden: HiddenStates,

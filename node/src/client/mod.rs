@@ -143,11 +143,18 @@ impl Bans {
         self.apart.retain(|_, (u, ..)| *u > now);
         let pair = (first, second);
         make_room(&mut self.apart, &pair, |(u, ..)| *u);
+        // A pair kept apart on one's word outlasts the other's ban, or the same hop could
+        // report it again as soon as that ended.
+        let banned_until = self.until.get(&second).map(|(t, ..)| *t);
         let (until, times, was_hard) = self.apart.entry(pair).or_insert((now, 0, hard));
         *times += 1;
-        // A pair kept apart on one's word outlasts the ban it gave the other, or the
-        // same hop could report it again as soon as that ended.
-        *until = now + grown_ban(if hard { *times } else { *times + 2 });
+        let new = if hard {
+            now + grown_ban(*times)
+        } else {
+            (now + grown_ban(*times + 2)).max(banned_until.unwrap_or(now) + FIRST_BAN)
+        };
+        // A pair's time apart only grows.
+        *until = (*until).max(new);
         *was_hard |= hard;
     }
 
@@ -458,9 +465,16 @@ impl SwarmClient {
                 .map(|s| s.all().clone())
                 .unwrap_or_default();
             let (apart, hard) = (self.kept_apart(false), self.kept_apart(true));
+            // Servers not banned, kept apart as they should be; then chained even where
+            // one said the other failed it; only then banned ones (never in a dispute).
             let found = route::route_apart(
                 &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &apart,
             )
+            .or_else(|_| {
+                route::route_apart(
+                    &preferred, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &hard,
+                )
+            })
             .or_else(|_| {
                 route::route_apart(
                     &alive, m.model_id, num_blocks, &m.compute, &rtts, &speeds, &hard,
@@ -962,7 +976,18 @@ mod tests {
         );
         // Not on a last-resort route: a hung server comes back there as before.
         assert!(b.kept_apart(true).is_empty());
-        assert!(b.apart[&(before, hung)].0 > b.until[&hung].0 + FIRST_BAN);
+        assert!(b.apart[&(before, hung)].0 >= b.until[&hung].0 + FIRST_BAN);
+        // A server with a long ban from elsewhere: the pair outlasts it.
+        for _ in 0..5 {
+            b.ban(hung, false, false);
+        }
+        b.judge(&failure(hung, ErrorCode::Timeout, Some(before)));
+        assert!(b.apart[&(before, hung)].0 >= b.until[&hung].0 + FIRST_BAN);
+        // A dispute between the two later makes the pair hard, never shorter.
+        let soft_until = b.apart[&(before, hung)].0;
+        b.dispute(before, hung);
+        assert!(b.apart[&(before, hung)].0 >= soft_until);
+        assert!(b.kept_apart(true).contains(&(before, hung)));
         assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
     }
 

@@ -420,6 +420,20 @@ fn check_open(
             format!("hop {} must be opened by {opener}, not {from}", open.hop),
         ));
     }
+    // A hop that must open the rest of the route needs time for it: a shorter wait,
+    // which only the opener chose, is refused unsigned (the opener names this hop),
+    // never as this hop's own failure.
+    let least = ANSWER_MARGIN * 2 + LEAST_OPEN_WITHIN;
+    if open.route.len() > open.hop + 1 && u128::from(open.budget.open_within_ms) < least.as_millis()
+    {
+        return Err(bad(
+            ErrorCode::Busy,
+            format!(
+                "the Open leaves this hop {} ms to open the rest of the route, less than {least:?}",
+                open.budget.open_within_ms
+            ),
+        ));
+    }
     let next = match open.route.get(open.hop + 1) {
         None => None,
         Some(h) => Some(NextHop {
@@ -779,9 +793,9 @@ async fn run_session(
     let first_step_wait = first_step_wait(server.table.limits().first_step_timeout, hop);
     let first_step_by = Instant::now() + first_step_wait;
     let mut stepped = false;
-    // A client numbers its steps 1, 2, 3… (a step refused on the way never comes
-    // here): a number not above the last one came from a hop that changed it (the
-    // client would blame the last hop for the output's wrong number).
+    // A client numbers its steps 1, 2, 3…, and a step refused anywhere ends the session
+    // on every hop: any other number came from a hop that changed it (the client would
+    // blame the last hop for the output's wrong number).
     let mut next_step: u64 = 1;
     let mut told_leaving = false;
     let end = loop {
@@ -871,9 +885,9 @@ async fn run_session(
                     InferRequest::Forward { session: s, position, step, hidden, last_row_only } if s == session => {
                         reservation.touch();
                         stepped = true;
-                        if step < next_step || !last_row_only {
-                            let msg = if step < next_step {
-                                format!("step {step} came where step {next_step} or a later one was due")
+                        if step != next_step || !last_row_only {
+                            let msg = if step != next_step {
+                                format!("step {step} came where step {next_step} was due")
                             } else {
                                 format!("step {step} asks for every row of its output; servers send the last row only")
                             };
@@ -898,10 +912,8 @@ async fn run_session(
                                 limits.max_tokens
                             );
                             let fail = reports.refuse_input(step, &me, &from, ErrorCode::OverBudget, msg);
-                            if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() {
-                                break End::Failed;
-                            }
-                            continue;
+                            let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                            break End::Failed;
                         }
                         let _timer = crate::metrics::global().server_step(hop);
                         let Some(c) = cache.take() else { break End::Failed };
@@ -915,19 +927,17 @@ async fn run_session(
                                 break End::UpstreamGone("stream ended during a step".into())
                             }
                             // A step this hop refuses as malformed names the hop that sent it.
+                            // A refused step ends the session: the client moves to a new one,
+                            // and the hops after this one never see a gap in the steps.
                             Err(e) if e.code == ErrorCode::BadRequest => {
                                 let fail = reports.refuse_input(step, &me, &from, e.code, e.message);
-                                if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {
-                                    break End::Failed;
-                                }
-                                continue;
+                                let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                                break End::Failed;
                             }
                             Err(e) => {
                                 let fail = reports.fail(step, hop, &me, e.code, e.message);
-                                if up_tx.send(&fail, SEND_TIMEOUT).await.is_err() || cache.is_none() {
-                                    break End::Failed;
-                                }
-                                continue;
+                                let _ = up_tx.send(&fail, SEND_TIMEOUT).await;
+                                break End::Failed;
                             }
                         };
                         server.steps.fetch_add(1, Ordering::Relaxed);
