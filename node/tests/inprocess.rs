@@ -560,10 +560,14 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         // A refused step ends the session on every server: a new one is brought to
         // the same state (its slot is free once the old one's end has reached it).
         session.close().await;
+        let refused_at = Instant::now();
         let mut session = loop {
             match open().await {
                 Ok(s) => break s,
-                Err(ClientError::HopFailed(f)) if f.code == ErrorCode::Busy => {
+                Err(ClientError::HopFailed(f))
+                    if f.code == ErrorCode::Busy
+                        && refused_at.elapsed() < Duration::from_secs(5) =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("reopening after a refused step: {e}"),

@@ -95,10 +95,23 @@ struct Bans {
     /// Servers caught with a wrong output, until when: never used while banned, even
     /// when no other route exists.
     lied: HashMap<PeerId, Instant>,
-    /// Pairs of servers (a hop, the next) kept apart, until when, how many times, and
-    /// whether even on last-resort routes (a dispute) or only on preferred ones (a hop
-    /// said the next failed it).
-    apart: HashMap<(PeerId, PeerId), (Instant, u32, bool)>,
+    /// Pairs of servers (a hop, the next) kept apart.
+    apart: HashMap<(PeerId, PeerId), Apart>,
+}
+
+/// How long a pair of servers is kept apart: on routes while others exist (`soft`: a
+/// hop said the next failed it), and on every route (`hard`: a dispute); how many times.
+#[derive(Debug, Clone, Copy)]
+struct Apart {
+    soft: Instant,
+    hard: Instant,
+    times: u32,
+}
+
+impl Apart {
+    fn until(&self) -> Instant {
+        self.soft.max(self.hard)
+    }
 }
 
 impl Bans {
@@ -136,26 +149,28 @@ impl Bans {
     }
 
     /// `first` is not chained right before `second` for a while that grows each time
-    /// the pair is kept apart: one said the other failed it, or sent it a bad step. With
-    /// `hard`, not even on a last-resort route (once hard, a pair stays so).
+    /// the pair is kept apart: one said the other failed it (while other routes exist),
+    /// or sent it a bad step (`hard`: on every route). Either time only grows.
     fn keep_apart(&mut self, first: PeerId, second: PeerId, hard: bool) {
         let now = Instant::now();
-        self.apart.retain(|_, (u, ..)| *u > now);
+        self.apart.retain(|_, a| a.until() > now);
         let pair = (first, second);
-        make_room(&mut self.apart, &pair, |(u, ..)| *u);
-        // A pair kept apart on one's word outlasts the other's ban, or the same hop could
-        // report it again as soon as that ended.
+        make_room(&mut self.apart, &pair, Apart::until);
         let banned_until = self.until.get(&second).map(|(t, ..)| *t);
-        let (until, times, was_hard) = self.apart.entry(pair).or_insert((now, 0, hard));
-        *times += 1;
-        let new = if hard {
-            now + grown_ban(*times)
+        let a = self.apart.entry(pair).or_insert(Apart {
+            soft: now,
+            hard: now,
+            times: 0,
+        });
+        a.times += 1;
+        if hard {
+            a.hard = a.hard.max(now + grown_ban(a.times));
         } else {
-            (now + grown_ban(*times + 2)).max(banned_until.unwrap_or(now) + FIRST_BAN)
-        };
-        // A pair's time apart only grows.
-        *until = (*until).max(new);
-        *was_hard |= hard;
+            // Past the other's ban, or the same hop could report it again as soon as
+            // that ended.
+            let soft = (now + grown_ban(a.times + 2)).max(banned_until.unwrap_or(now) + FIRST_BAN);
+            a.soft = a.soft.max(soft);
+        }
     }
 
     /// Leaves out the server failure `f` names: a dispute, a liar (the client's own
@@ -192,7 +207,7 @@ impl Bans {
         let now = Instant::now();
         self.apart
             .iter()
-            .filter(|(_, (u, _, hard))| *u > now && (*hard || !hard_only))
+            .filter(|(_, a)| a.hard > now || (!hard_only && a.soft > now))
             .map(|(pair, _)| *pair)
             .collect()
     }
@@ -915,7 +930,7 @@ mod tests {
         }
         // Disputes again and again, with fresh keys on either side: neither honest
         // server's ban grows, the pair's time apart does.
-        let first = b.apart[&(accused, reporter)].0;
+        let first = b.apart[&(accused, reporter)].hard;
         for _ in 0..5 {
             b.dispute(accused, PeerId::random());
             b.dispute(PeerId::random(), reporter);
@@ -925,7 +940,7 @@ mod tests {
             assert_eq!(b.until[p].1, 0, "no strikes for a dispute");
             assert!(b.until[p].0 <= Instant::now() + FIRST_BAN);
         }
-        assert!(b.apart[&(accused, reporter)].0 > first + FIRST_BAN * 10);
+        assert!(b.apart[&(accused, reporter)].hard > first + FIRST_BAN * 10);
         // A dispute never shortens a longer ban, nor changes why it was given: a server
         // whose connection broke stays gone until it announces itself again.
         let gone = PeerId::random();
@@ -976,18 +991,22 @@ mod tests {
         );
         // Not on a last-resort route: a hung server comes back there as before.
         assert!(b.kept_apart(true).is_empty());
-        assert!(b.apart[&(before, hung)].0 >= b.until[&hung].0 + FIRST_BAN);
+        assert!(b.apart[&(before, hung)].soft >= b.until[&hung].0 + FIRST_BAN);
         // A server with a long ban from elsewhere: the pair outlasts it.
         for _ in 0..5 {
             b.ban(hung, false, false);
         }
         b.judge(&failure(hung, ErrorCode::Timeout, Some(before)));
-        assert!(b.apart[&(before, hung)].0 >= b.until[&hung].0 + FIRST_BAN);
-        // A dispute between the two later makes the pair hard, never shorter.
-        let soft_until = b.apart[&(before, hung)].0;
+        let soft = b.apart[&(before, hung)].soft;
+        assert!(soft >= b.until[&hung].0 + FIRST_BAN);
+        // A dispute between the two later keeps them apart on every route, for the
+        // dispute's own time, not the long soft one; the soft time stays.
         b.dispute(before, hung);
-        assert!(b.apart[&(before, hung)].0 >= soft_until);
         assert!(b.kept_apart(true).contains(&(before, hung)));
+        let a = b.apart[&(before, hung)];
+        assert_eq!(a.soft, soft);
+        assert!(a.hard <= Instant::now() + grown_ban(a.times));
+        assert!(a.hard < soft);
         assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
     }
 

@@ -404,46 +404,52 @@ impl SwarmSession {
         // Outputs of earlier steps are read and dropped meanwhile: a replay sends many
         // inputs before it waits for the last output, and outputs left unread would in
         // the end fill the attach stream's window and stop the last hop, and the chain.
-        let (first, ups, outputs, early, route, reports) = (
-            &mut self.first,
-            &mut self.ups,
-            &mut self.outputs,
-            &mut self.early,
-            &self.route,
-            &self.reports,
-        );
-        let mut attached = true;
-        let send = first.send(&req, SEND_TIMEOUT);
-        tokio::pin!(send);
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut send => {
-                    r.map_err(|e| hop_error(route, 0, ErrorCode::Unreachable, e.to_string()))?;
-                    break;
+        let sent: Result<(), String> = {
+            let (first, ups, outputs, early, route, reports) = (
+                &mut self.first,
+                &mut self.ups,
+                &mut self.outputs,
+                &mut self.early,
+                &self.route,
+                &self.reports,
+            );
+            let mut attached = true;
+            let send = first.send(&req, SEND_TIMEOUT);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut send => break r.map_err(|e| e.to_string()),
+                    item = outputs.recv(), if attached => match item {
+                        Some(Ok(InferResponse::Output { step: s, .. })) if s < step => {}
+                        // Anything else is for `await_output` to judge, which reads on from it.
+                        Some(other) => {
+                            *early = Some(other);
+                            attached = false;
+                        }
+                        // A broken attach stream is looked into when the output is awaited
+                        // (the report of the hop that failed may still be on its way).
+                        None => attached = false,
+                    },
+                    item = ups.recv() => match item {
+                        Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                            return Err(named_failure(route, reports, 0, &f));
+                        }
+                        Some(Ok(_)) => {} // an acknowledgement of an earlier step
+                        Some(Err(e)) => {
+                            return Err(hop_error(route, 0, ErrorCode::Unreachable, format!("its stream broke: {e}")));
+                        }
+                        None => return Err(hop_error(route, 0, ErrorCode::Unreachable, "its stream ended".into())),
+                    },
                 }
-                item = outputs.recv(), if attached => match item {
-                    Some(Ok(InferResponse::Output { step: s, .. })) if s < step => {}
-                    // Anything else is for `await_output` to judge, which reads on from it.
-                    Some(other) => {
-                        *early = Some(other);
-                        attached = false;
-                    }
-                    // A broken attach stream is looked into when the output is awaited
-                    // (the report of the hop that failed may still be on its way).
-                    None => attached = false,
-                },
-                item = ups.recv() => match item {
-                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
-                        return Err(named_failure(route, reports, 0, &f));
-                    }
-                    Some(Ok(_)) => {} // an acknowledgement of an earlier step
-                    Some(Err(e)) => {
-                        return Err(hop_error(route, 0, ErrorCode::Unreachable, format!("its stream broke: {e}")));
-                    }
-                    None => return Err(hop_error(route, 0, ErrorCode::Unreachable, "its stream ended".into())),
-                },
             }
+        };
+        if let Err(e) = sent {
+            // A hop that refused a step ends the session, and the chain above it closes:
+            // the report it sent first, if it comes, names the hop to blame, not the
+            // stream that broke under this send.
+            let own = self.hop_failed(0, ErrorCode::Unreachable, e);
+            return Err(self.upstream_cause(own).await);
         }
         let want = position + u32::try_from(tokens).unwrap_or(1).saturating_sub(1);
         Ok((step, want, tokens))
@@ -529,10 +535,11 @@ impl SwarmSession {
         }
     }
 
-    /// The attach stream broke: when a hop before the last one fails, the rest of the
-    /// chain closes behind it, so the last hop's stream may end before the report of
-    /// the real failure arrives. Waits briefly for that report (or for the first hop's
-    /// own stream to break) and blames the hop it names; otherwise `own`.
+    /// A stream of the session broke (the attach stream, or the first hop's under a
+    /// send): when a hop fails, the chain closes behind it and above it, so a stream may
+    /// break before the report of the real failure arrives. Waits briefly for that
+    /// report (or for the first hop's own stream to end) and blames the hop it names;
+    /// otherwise `own`.
     async fn upstream_cause(&mut self, own: ClientError) -> ClientError {
         let (route, reports) = (&self.route, &self.reports);
         let wait = tokio::time::timeout(CAUSE_WAIT, async {

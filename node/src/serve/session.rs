@@ -16,7 +16,7 @@
 //! send on, read back) are in [`super::steps`].
 
 use super::sent_log::SentLog;
-use super::steps::{Failure, compute, downstream_event, send_down, send_output};
+use super::steps::{Failure, compute, downstream_event, queued_report, send_down, send_output};
 use super::{Server, batch};
 use crate::net::stream::{self, FrameReader, FrameWriter};
 use libp2p::{Multiaddr, PeerId};
@@ -35,6 +35,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How long a hop whose send to the next failed waits for the next hop's report of why.
+const CAUSE_WAIT: Duration = Duration::from_millis(500);
 /// How long a new stream may take to send its first frame.
 pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening the rest of a route may take.
@@ -948,8 +950,11 @@ async fn run_session(
                         };
                         if let Err(fail) = sent {
                             let fail = match fail {
-                                Failure::Next(code, msg) => match down.as_ref() {
-                                    Some(d) => reports.fail(step, d.hop.index, &d.hop.peer, code, msg),
+                                Failure::Next(code, msg) => match down.as_mut() {
+                                    Some(d) => match queued_report(d, &reports, step, CAUSE_WAIT).await {
+                                        Some(report) => report,
+                                        None => reports.fail(step, d.hop.index, &d.hop.peer, code, msg),
+                                    },
                                     None => reports.fail(step, hop, &me, code, msg),
                                 },
                                 Failure::Here(code, msg) => reports.fail(step, hop, &me, code, msg),

@@ -53,6 +53,28 @@ pub(super) async fn downstream_event(
     false
 }
 
+/// The report the next hop sent up before its stream broke, if it comes within
+/// `wait`: a hop that refuses a step ends its session and drops its stream, so a send
+/// to it may fail before its report, which names the hop to blame, has been read.
+pub(super) async fn queued_report(
+    d: &mut Downstream,
+    reports: &Reports,
+    step: u64,
+    wait: std::time::Duration,
+) -> Option<InferResponse> {
+    let found = tokio::time::timeout(wait, async {
+        loop {
+            match d.rx.recv().await {
+                Some(Ok(f @ InferResponse::HopFailed { .. })) => return Some(f),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await;
+    found.ok().flatten().map(|f| reports.relay(f, step, &d.hop))
+}
+
 /// A failure at this hop or at the next.
 pub(super) enum Failure {
     /// This hop failed.
