@@ -100,7 +100,9 @@ struct Bans {
 }
 
 /// How long a pair of servers is kept apart: on routes while others exist (`soft`: a
-/// hop said the next failed it), and on every route (`hard`: a dispute); how many times.
+/// hop said the next failed it), and on every route (`hard`: a dispute); how many times
+/// either happened (one count: a pair with a history of reports gets longer disputes,
+/// and the other way round).
 #[derive(Debug, Clone, Copy)]
 struct Apart {
     soft: Instant,

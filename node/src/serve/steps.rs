@@ -65,14 +65,20 @@ pub(super) async fn queued_report(
     let found = tokio::time::timeout(wait, async {
         loop {
             match d.rx.recv().await {
-                Some(Ok(f @ InferResponse::HopFailed { .. })) => return Some(f),
+                Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                    return Some(reports.relay(f, step, &d.hop));
+                }
+                // Its own error, in its own words and code (as `downstream_event`).
+                Some(Ok(InferResponse::Error(e))) => {
+                    return Some(reports.fail(step, d.hop.index, &d.hop.peer, e.code, e.message));
+                }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return None,
             }
         }
     })
     .await;
-    found.ok().flatten().map(|f| reports.relay(f, step, &d.hop))
+    found.ok().flatten()
 }
 
 /// A failure at this hop or at the next.
