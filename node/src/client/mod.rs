@@ -22,6 +22,7 @@ pub use session::SwarmSession;
 pub use verify::{DEFAULT_VERIFY, VerifyStats};
 
 use crate::net::{self, NetConfig, NetHandle, Role};
+use crate::threads::ShortWork;
 use candle_core::Tensor;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{ErrorCode, ModelId, VerifiedAnnouncement, WireDType};
@@ -325,6 +326,9 @@ pub struct SwarmClient {
     /// from it).
     book: std::sync::Mutex<(Vec<VerifiedAnnouncement>, Option<Instant>)>,
     verify_stats: std::sync::Mutex<VerifyStats>,
+    /// Where the head and sampling of a token run on the CPU: on the generation's own
+    /// worker while they take a few milliseconds ([`ShortWork`]).
+    heads: ShortWork,
     cancel: CancellationToken,
     net_task: tokio::task::JoinHandle<()>,
 }
@@ -435,6 +439,7 @@ impl SwarmClient {
             speeds: std::sync::Mutex::new(speed::Speeds::default()),
             book: std::sync::Mutex::new((Vec::new(), None)),
             verify_stats: std::sync::Mutex::new(VerifyStats::default()),
+            heads: ShortWork::default(),
             cancel,
             net_task,
         })
@@ -836,14 +841,15 @@ impl SwarmClient {
                     out = healed_out;
                 }
             }
-            // The head and sampling are real work: off the async threads.
+            // The head and sampling are real work: on this worker only while they are
+            // short, and a GPU's on the blocking pool.
             let model = self.model.clone();
-            let (g, step) = tokio::task::spawn_blocking(move || {
+            let head = move || {
                 let step = generator.feed(&model.ends, &model.tokenizer, &out);
                 (generator, step)
-            })
-            .await
-            .map_err(|e| ClientError::Task(e.to_string()))?;
+            };
+            let cpu = self.model.ends.device().is_cpu();
+            let (g, step) = self.heads.run(cpu, head).await.map_err(ClientError::Task)?;
             generator = g;
             match step? {
                 Step::Text(t) => {

@@ -38,7 +38,9 @@
 //!
 //! Everything else a step needs (its share of the memory budget, its input decoded and
 //! checked) is done by the session itself before it queues, and what comes back (fault
-//! injection, errors) is handled by the session as for a step of its own.
+//! injection, errors) is handled by the session as for a step of its own. A batch of one
+//! computes on the worker of the session that took it while such steps are short
+//! ([`crate::threads::ShortWork`]); larger batches on the blocking pool.
 
 use super::Server;
 use candle_core::Tensor;
@@ -753,7 +755,8 @@ async fn queued(
         let span = server.span.clone();
         let started = Instant::now();
         // A panic loses the batch's caches: their senders drop and each session ends.
-        if let Err(e) = tokio::task::spawn_blocking(move || run(&span, jobs)).await {
+        let lone = jobs.len() == 1;
+        if let Err(e) = server.lone_steps.run(lone, move || run(&span, jobs)).await {
             tracing::error!("a batched compute task failed: {e}");
         }
         queue.computed(started.elapsed());

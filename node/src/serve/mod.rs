@@ -21,6 +21,7 @@ mod steps;
 use crate::blocks;
 use crate::net::stream::FrameWriter;
 use crate::net::{self, NetConfig, NetError, NetHandle, Role};
+use crate::threads::ShortWork;
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use pollen_protocol::{BlockRange as WireRange, ModelId, SignedAnnouncement};
@@ -137,6 +138,9 @@ pub(crate) struct Server {
     permits: Semaphore,
     /// Decode steps waiting to be computed together.
     batch: batch::Queue,
+    /// Where a lone one-row step computes on the CPU: on its session's worker while such
+    /// steps take a few milliseconds ([`ShortWork`]).
+    lone_steps: ShortWork,
     /// How long prompts are computed in parts (`None`: whole); see [`batch::in_parts`].
     prompt_parts: Option<batch::Parts>,
     /// Where next hops are checked to be servers.
@@ -356,6 +360,7 @@ fn tenure(
         )),
         kv_per_token,
         batch: batch::Queue::new(&cfg.load, cfg.max_batch),
+        lone_steps: ShortWork::default(),
         prompt_parts: batch::Parts::of(&span, cfg.prompt_part),
         span: Arc::new(span),
         model_id,

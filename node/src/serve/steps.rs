@@ -227,14 +227,15 @@ pub(super) async fn compute(
     } else {
         let span = server.span.clone();
         let mut cache = cache;
-        tokio::task::spawn_blocking(move || {
+        let step = move || {
             let out = span
                 .forward(&input, position as usize, &mut cache)
                 .and_then(|o| Ok(o.to_device(&candle_core::Device::Cpu)?));
             (cache, out)
-        })
-        .await
-        .map_err(|e| e.to_string())
+        };
+        // A GPU's work stays on the blocking pool, as does any prompt.
+        let lone = rows == 1 && server.span.device().is_cpu();
+        server.lone_steps.run(lone, step).await
     };
     match joined {
         Err(e) => (
