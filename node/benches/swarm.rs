@@ -12,7 +12,7 @@
 //! arrival to its output sent on), so the step splits into the servers' time,
 //! the client's ends and what is left: the transfers between processes.
 //!
-//! `cargo bench -p pollen-node --bench swarm [-- --quick --rounds N]`
+//! `cargo bench -p pollen-node --bench swarm [-- --quick --rounds N --prompt N]`
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../../tests/common/bench_args.rs"]
@@ -55,6 +55,9 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let (decode_n, prefill_n) = if quick { (32, 128) } else { (128, 512) };
+    // `--prompt N`: decode after an N-token prompt instead (a short one, as a chat's
+    // first answer, leaves less attention per token, so the hops weigh more).
+    let prefill_n = arg("--prompt", prefill_n).max(1);
     let rounds = arg("--rounds", 3).max(1);
     let model = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let m = model.display().to_string();
