@@ -11,6 +11,8 @@
 //! Each server's `/metrics` gives its own time per decode step (a step's
 //! arrival to its output sent on), so the step splits into the servers' time,
 //! the client's ends and what is left: the transfers between processes.
+//! Last, `pollen generate --stats` through the same servers and with `--local`
+//! alternate for `--rounds` rounds: the ratio as a user would time it.
 //!
 //! `cargo bench -p pollen-node --bench swarm [-- --quick --rounds N --prompt N]`
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -30,6 +32,9 @@ use pollen_shard::{
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// The prompt of the `pollen generate` rounds.
+const USER_PROMPT: &str = "Once upon a time";
 
 fn greedy(logits: &Tensor) -> u32 {
     logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
@@ -394,6 +399,78 @@ fn main() {
             out * hops + back
         );
     }
+    // As a user times it: `pollen generate --stats` through the same servers against
+    // `--local`, alternating. Its local side is one span of every block and the client's
+    // own sampling loop, a little faster than this bench's three spans in turn; and its
+    // prompt is short, so there is less attention per token for the hops to hide in.
+    let generate = |through: Option<&str>| -> (f64, String) {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args([
+            "generate",
+            "--threads",
+            "1",
+            "--stats",
+            "--prompt",
+            USER_PROMPT,
+        ])
+        .args(["--max-tokens", &decode_n.to_string(), "--model"])
+        .arg(&model);
+        match through {
+            Some(a) => cmd.args(["--no-mdns", "--bootstrap", a, "--verify", "0"]),
+            None => cmd.arg("--local"),
+        };
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pollen generate failed: {err}");
+        // "prompt 4 tokens at … tokens/s; generated 128 tokens at 105.0 tokens/s (Length)"
+        let tps = err
+            .lines()
+            .find_map(|l| l.split("generated ").nth(1))
+            .and_then(|r| r.split(" tokens at ").nth(1))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no decode rate in: {err}"));
+        (tps, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (mut user_local, mut user_swarm, mut user_ratios, mut servers_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (l, local_text) = generate(None);
+        let before = server_steps();
+        let (w, swarm_text) = generate(Some(&addr));
+        let after = server_steps();
+        assert_eq!(
+            swarm_text, local_text,
+            "pollen generate: swarm text equals local"
+        );
+        servers_ms.push(
+            after
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a.0 - b.0) / (a.1 - b.1).max(1.0))
+                .sum::<f64>()
+                * 1e3,
+        );
+        user_ratios.push(w / l);
+        user_local.push(l);
+        user_swarm.push(w);
+    }
+    println!();
+    println!(
+        "as a user times it, `pollen generate --stats --max-tokens {decode_n} --threads 1` \
+         (prompt {USER_PROMPT:?}; through the swarm with --verify 0), alternating: local {:.1} \
+         tok/s, swarm {:.1} tok/s (medians), swarm / local round by round {} (median {:.2}x); \
+         the servers' own step times sum to {:.2} ms a token; the same text both ways",
+        median(&mut user_local),
+        median(&mut user_swarm),
+        user_ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(&mut user_ratios.clone()),
+        median(&mut servers_ms),
+    );
     // An idle server's polite stop: SIGTERM to exit (withdrawal acknowledged, no session).
     std::thread::sleep(Duration::from_secs(1));
     let (server, _) = &mut mesh.servers[0];
