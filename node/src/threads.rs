@@ -39,16 +39,19 @@ pub fn configure(threads: usize) {
 /// 2 ms, and on a busy two-core machine the hand-offs cost a server about half a
 /// millisecond more a step (the swarm bench in the README). Work longer than
 /// [`WORKER_MOST`] on average goes to the pool, where two hand-offs are little against it
-/// and the worker is not held from the network; and only one piece of work at a time runs
-/// on a worker, so that the runtime's other worker (there are two) always serves the rest.
+/// and the worker is not held from the network; and only one piece of work in the whole
+/// process runs on a worker at a time (however many servers and clients it holds), so
+/// that the runtime's other worker (there are two) always serves the rest. A runtime of
+/// one thread never computes on it.
 #[derive(Debug, Default)]
 pub struct ShortWork {
     /// A moving average of how long this kind of work took, in nanoseconds (0: not yet
     /// known).
     average_ns: AtomicU64,
-    /// Whether a piece of this work is running on a worker now.
-    on_worker: AtomicBool,
 }
+
+/// Whether a piece of short work, of any kind, is running on a tokio worker now.
+static ON_WORKER: AtomicBool = AtomicBool::new(false);
 
 /// The longest a kind of work may take on average to run on a tokio worker.
 pub const WORKER_MOST: Duration = Duration::from_millis(8);
@@ -77,6 +80,9 @@ impl ShortWork {
                 .await
                 .map_err(|e| e.to_string());
         }
+        // Tasks this one woke (its last writes) run first: while it computes, a task
+        // in this worker's next-task slot could not be taken by the other worker.
+        tokio::task::yield_now().await;
         let started = Instant::now();
         let out = match self.claim() {
             Some(_worker) => {
@@ -95,17 +101,22 @@ impl ShortWork {
         out
     }
 
-    /// Leave to run one piece of work on the calling worker: only once this kind of work
-    /// is known to take under [`WORKER_MOST`] on average, and only one at a time.
-    fn claim(&self) -> Option<OnWorker<'_>> {
+    /// Leave to run one piece of work on the calling thread: only once this kind of work
+    /// is known to take under [`WORKER_MOST`] on average, only one in the process at a
+    /// time, and never on a runtime of one thread.
+    fn claim(&self) -> Option<OnWorker<'static>> {
         let average = self.average_ns.load(Ordering::Relaxed);
         if average == 0 || u128::from(average) > WORKER_MOST.as_nanos() {
             return None;
         }
-        self.on_worker
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
+            return None;
+        }
+        ON_WORKER
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| OnWorker(&self.on_worker))
+            .map(|_| OnWorker(&ON_WORKER))
     }
 
     /// A piece of this work took `took`: the average moves a quarter of the way to it.
@@ -149,6 +160,13 @@ mod tests {
             let _held = work.claim().unwrap();
             assert!(work.claim().is_none());
             assert!(!ran_here(&work).await, "other work on a worker: the pool");
+            // Work of another kind (another server or client in this process) too.
+            let other = ShortWork::default();
+            short(&other);
+            assert!(
+                !ran_here(&other).await,
+                "another kind's work on a worker: the pool"
+            );
         }
         short(&work);
         assert!(ran_here(&work).await, "let go: this worker again");
@@ -160,7 +178,7 @@ mod tests {
         short(&work);
         let e = work.run(true, || -> u32 { panic!("boom") }).await;
         assert_eq!(e.unwrap_err(), "boom");
-        assert!(!work.on_worker.load(Ordering::Acquire));
+        assert!(!ON_WORKER.load(Ordering::Acquire));
         // Slow work moves the average past the bound: the pool again, where a panic
         // comes back as an error too.
         short(&work);
@@ -170,5 +188,12 @@ mod tests {
             .run(true, || -> u32 { panic!("{}", String::from("boom")) })
             .await;
         assert!(e.unwrap_err().contains("boom"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_runtime_of_one_thread_never_computes_on_it() {
+        let work = ShortWork::default();
+        work.average_ns.store(1_000_000, Ordering::Relaxed);
+        assert!(!ran_here(&work).await);
     }
 }

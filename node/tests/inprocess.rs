@@ -406,7 +406,7 @@ const SPAN_BOUND: Duration = Duration::from_secs(180);
 /// A whole chain: two `serve::run` servers holding the two halves of the default model,
 /// a bootstrap and a client, all on the in-process transport.
 ///
-/// Real time, not paused: the servers load their spans and compute every step in
+/// Real time, not paused: the servers load their spans and compute steps in
 /// `spawn_blocking`, which paused time does not wait for; with the clock paused, the
 /// runtime would look idle while a block computes and jump virtual time past every
 /// step timeout. The bound is generous for that reason and still finite.

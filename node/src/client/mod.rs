@@ -807,6 +807,8 @@ impl SwarmClient {
         // The second session spot checks run on (dropping it closes its streams).
         let mut shadow: Option<verify::Shadow> = None;
         loop {
+            // An inner prompt chunk's output only fills the caches: no head to time.
+            let inner = generator.input_is_inner_chunk();
             // Embedding one token is a row lookup: cheap enough to do here.
             let Some((input, pos)) = generator.next_input(&self.model.ends)? else {
                 break;
@@ -842,14 +844,19 @@ impl SwarmClient {
                 }
             }
             // The head and sampling are real work: on this worker only while they are
-            // short, and a GPU's on the blocking pool.
+            // short, and a GPU's on the blocking pool (an inner chunk's feed, which
+            // computes nothing, stays out of the average).
             let model = self.model.clone();
             let head = move || {
                 let step = generator.feed(&model.ends, &model.tokenizer, &out);
                 (generator, step)
             };
             let cpu = self.model.ends.device().is_cpu();
-            let (g, step) = self.heads.run(cpu, head).await.map_err(ClientError::Task)?;
+            let (g, step) = self
+                .heads
+                .run(cpu && !inner, head)
+                .await
+                .map_err(ClientError::Task)?;
             generator = g;
             match step? {
                 Step::Text(t) => {

@@ -755,7 +755,7 @@ async fn queued(
         let span = server.span.clone();
         let started = Instant::now();
         // A panic loses the batch's caches: their senders drop and each session ends.
-        let lone = jobs.len() == 1;
+        let lone = jobs.len() == 1 && server.computes_alone();
         if let Err(e) = server.lone_steps.run(lone, move || run(&span, jobs)).await {
             tracing::error!("a batched compute task failed: {e}");
         }

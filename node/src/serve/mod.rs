@@ -139,12 +139,22 @@ pub(crate) struct Server {
     /// Decode steps waiting to be computed together.
     batch: batch::Queue,
     /// Where a lone one-row step computes on the CPU: on its session's worker while such
-    /// steps take a few milliseconds ([`ShortWork`]).
+    /// steps take a few milliseconds ([`ShortWork`]), where [`Server::computes_alone`].
     lone_steps: ShortWork,
     /// How long prompts are computed in parts (`None`: whole); see [`batch::in_parts`].
     prompt_parts: Option<batch::Parts>,
     /// Where next hops are checked to be servers.
     next_hops: announce::NextHops,
+}
+
+impl Server {
+    /// Whether this server computes one step at a time with one thread (`--threads 1`,
+    /// a volunteer's default): only then may a lone step run on its session's worker.
+    /// With more, a step would share candle's thread pool with a prompt part or a batch
+    /// beside it and take as long as they do.
+    fn computes_alone(&self) -> bool {
+        self.cfg.compute_slots <= 1
+    }
 }
 
 /// The bootstraps of `cfg`, with their peer ids where the address names one.
