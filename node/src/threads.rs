@@ -45,9 +45,32 @@ pub fn configure(threads: usize) {
 /// one thread never computes on it.
 #[derive(Debug, Default)]
 pub struct ShortWork {
-    /// A moving average of how long this kind of work took, in nanoseconds (0: not yet
-    /// known).
-    average_ns: AtomicU64,
+    /// How long this kind of work took.
+    average: TimeAverage,
+}
+
+/// A moving average of durations, in nanoseconds (0: none yet): each new one moves it a
+/// quarter of the way.
+#[derive(Debug, Default)]
+pub(crate) struct TimeAverage(AtomicU64);
+
+impl TimeAverage {
+    /// The average in nanoseconds; 0 before the first.
+    pub(crate) fn nanos(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Adds `took`: the average moves a quarter of the way to it (the first is taken whole).
+    pub(crate) fn add(&self, took: Duration) {
+        let new = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.nanos();
+        let avg = if old == 0 {
+            new
+        } else {
+            (old / 4).saturating_mul(3).saturating_add(new / 4)
+        };
+        self.0.store(avg.max(1), Ordering::Relaxed);
+    }
 }
 
 /// Whether a piece of short work, of any kind, is running on a tokio worker now.
@@ -97,7 +120,7 @@ impl ShortWork {
                 .await
                 .map_err(|e| e.to_string()),
         };
-        self.took(started.elapsed());
+        self.average.add(started.elapsed());
         out
     }
 
@@ -105,7 +128,7 @@ impl ShortWork {
     /// is known to take under [`WORKER_MOST`] on average, only one in the process at a
     /// time, and never on a runtime of one thread.
     fn claim(&self) -> Option<OnWorker<'static>> {
-        let average = self.average_ns.load(Ordering::Relaxed);
+        let average = self.average.nanos();
         if average == 0 || u128::from(average) > WORKER_MOST.as_nanos() {
             return None;
         }
@@ -117,18 +140,6 @@ impl ShortWork {
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .ok()
             .map(|_| OnWorker(&ON_WORKER))
-    }
-
-    /// A piece of this work took `took`: the average moves a quarter of the way to it.
-    fn took(&self, took: Duration) {
-        let new = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let old = self.average_ns.load(Ordering::Relaxed);
-        let avg = if old == 0 {
-            new
-        } else {
-            (old / 4).saturating_mul(3).saturating_add(new / 4)
-        };
-        self.average_ns.store(avg.max(1), Ordering::Relaxed);
     }
 }
 
@@ -149,10 +160,10 @@ mod tests {
     async fn only_work_known_to_be_short_runs_on_the_worker_and_one_at_a_time() {
         let work = ShortWork::default();
         assert!(!ran_here(&work).await, "nothing known yet: the pool");
-        assert!(work.average_ns.load(Ordering::Relaxed) > 0, "now known");
+        assert!(work.average.nanos() > 0, "now known");
         // Each run moves the average by what it took, which a loaded machine can make
         // long: set it short before each check that needs it so.
-        let short = |work: &ShortWork| work.average_ns.store(1_000_000, Ordering::Relaxed);
+        let short = |work: &ShortWork| work.average.0.store(1_000_000, Ordering::Relaxed);
         short(&work);
         assert!(ran_here(&work).await, "short: this worker");
         short(&work);
@@ -182,7 +193,7 @@ mod tests {
         // Slow work moves the average past the bound: the pool again, where a panic
         // comes back as an error too.
         short(&work);
-        work.took(WORKER_MOST * 8);
+        work.average.add(WORKER_MOST * 8);
         assert!(!ran_here(&work).await, "{work:?}");
         let e = work
             .run(true, || -> u32 { panic!("{}", String::from("boom")) })
@@ -193,7 +204,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_runtime_of_one_thread_never_computes_on_it() {
         let work = ShortWork::default();
-        work.average_ns.store(1_000_000, Ordering::Relaxed);
+        work.average.0.store(1_000_000, Ordering::Relaxed);
         assert!(!ran_here(&work).await);
     }
 }

@@ -43,6 +43,7 @@
 //! ([`crate::threads::ShortWork`]); larger batches on the blocking pool.
 
 use super::Server;
+use crate::threads::TimeAverage;
 use candle_core::Tensor;
 use pollen_shard::{BlockSpan, LoadOptions, ShardError, SpanCache, WeightMode};
 use std::collections::{HashMap, VecDeque};
@@ -217,8 +218,8 @@ pub(super) struct Queue<J = Job> {
     changed: Notify,
     next_id: AtomicU64,
     next_key: AtomicU64,
-    /// A moving average of a batch's compute time, in nanoseconds (0: none yet).
-    compute_ns: AtomicU64,
+    /// A batch's compute time, on average.
+    compute: TimeAverage,
     max: usize,
 }
 
@@ -246,7 +247,7 @@ impl<J: Queued> Queue<J> {
             changed: Notify::new(),
             next_id: AtomicU64::new(0),
             next_key: AtomicU64::new(0),
-            compute_ns: AtomicU64::new(0),
+            compute: TimeAverage::default(),
             max: max.clamp(1, MOST_BATCH),
         }
     }
@@ -290,19 +291,12 @@ impl<J: Queued> Queue<J> {
     /// How long a permit holder waits at most for steps due soon: a quarter of a batch's
     /// compute time, at most [`MOST_WAIT`].
     fn window(&self) -> Duration {
-        Duration::from_nanos(self.compute_ns.load(Ordering::Relaxed) / 4).min(MOST_WAIT)
+        Duration::from_nanos(self.compute.nanos() / 4).min(MOST_WAIT)
     }
 
     /// A batch took `took` to compute.
     fn computed(&self, took: Duration) {
-        let new = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let old = self.compute_ns.load(Ordering::Relaxed);
-        let avg = if old == 0 {
-            new
-        } else {
-            (old / 4).saturating_mul(3).saturating_add(new / 4)
-        };
-        self.compute_ns.store(avg.max(1), Ordering::Relaxed);
+        self.compute.add(took);
     }
 
     /// While step `id` is queued and the batch it would lead has room, waits for the
