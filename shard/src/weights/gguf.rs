@@ -7,7 +7,7 @@ use crate::config::{DEFAULT_MAX_SEQ_LEN, ModelConfig};
 use crate::{Result, ShardError};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Token embeddings, as llama.cpp names them.
@@ -67,10 +67,47 @@ fn gguf_tensor_len(info: &gguf_file::TensorInfo) -> Result<u64> {
         })
 }
 
+/// A buffered reader that keeps count of its own position. candle's header
+/// reader asks where it is before every length-prefixed value (each string of
+/// a vocabulary of 49,152), and a `BufReader` asks the file: one `lseek` each.
+struct Counted<R> {
+    inner: BufReader<R>,
+    pos: u64,
+}
+
+impl<R: Read + Seek> Counted<R> {
+    fn new(mut inner: R) -> std::io::Result<Self> {
+        let pos = inner.stream_position()?;
+        Ok(Self {
+            inner: BufReader::new(inner),
+            pos,
+        })
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Seek> Seek for Counted<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.pos)
+    }
+}
+
 /// Reads a GGUF header. candle's reader bounds counts and lengths by the
 /// file's size, but a few stated values (an alignment of 0) make it divide
 /// by zero or overflow: a header that panics it is a malformed header.
-fn read_header(r: &mut BufReader<std::fs::File>, path: &Path) -> Result<gguf_file::Content> {
+fn read_header<R: Read + Seek>(r: &mut Counted<R>, path: &Path) -> Result<gguf_file::Content> {
     let read =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(r)));
     let fmt = |detail: String| ShardError::Format {
@@ -113,7 +150,7 @@ impl GgufModel {
     pub(super) fn open(path: &Path) -> Result<Self> {
         let file = open_file(path)?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
-        let mut r = BufReader::new(file);
+        let mut r = Counted::new(file).map_err(io_err(path))?;
         let content = read_header(&mut r, path)?;
         for (name, info) in &content.tensor_infos {
             if !supported_gguf_dtype(info.ggml_dtype) {
@@ -336,6 +373,32 @@ mod tests {
 
     fn err(r: Result<GgufModel>) -> String {
         r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_counted_reader_is_where_the_file_is() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut plain = std::io::Cursor::new(data.clone());
+        let mut counted = Counted::new(std::io::Cursor::new(data)).unwrap();
+        let mut a = vec![0u8; 9_000];
+        let mut b = vec![0u8; 9_000];
+        // Reads inside and across the buffer, seeks of every kind.
+        let reads = [7, 1, 3_000, 3, 20];
+        let seeks = [
+            SeekFrom::Current(-3),
+            SeekFrom::Start(4_000),
+            SeekFrom::Current(5),
+            SeekFrom::End(-20),
+            SeekFrom::Start(1),
+        ];
+        for (&n, &to) in reads.iter().zip(&seeks) {
+            plain.read_exact(&mut a[..n]).unwrap();
+            counted.read_exact(&mut b[..n]).unwrap();
+            assert_eq!(a[..n], b[..n]);
+            assert_eq!(counted.stream_position().unwrap(), plain.position());
+            assert_eq!(counted.seek(to).unwrap(), plain.seek(to).unwrap());
+            assert_eq!(counted.stream_position().unwrap(), plain.position());
+        }
     }
 
     #[test]
