@@ -541,34 +541,7 @@ impl SwarmSession {
     /// report (or for the first hop's own stream to end) and blames the hop it names;
     /// otherwise `own`.
     async fn upstream_cause(&mut self, own: ClientError) -> ClientError {
-        let (route, reports) = (&self.route, &self.reports);
-        let wait = tokio::time::timeout(CAUSE_WAIT, async {
-            loop {
-                match self.ups.recv().await {
-                    Some(Ok(f @ InferResponse::HopFailed { .. })) => {
-                        return named_failure(route, reports, 0, &f);
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        return hop_error(
-                            route,
-                            0,
-                            ErrorCode::Unreachable,
-                            format!("its stream broke: {e}"),
-                        );
-                    }
-                    None => {
-                        return hop_error(
-                            route,
-                            0,
-                            ErrorCode::Unreachable,
-                            "its stream ended".into(),
-                        );
-                    }
-                }
-            }
-        });
-        wait.await.unwrap_or(own)
+        cause_from_first_hop(&mut self.ups, &self.route, &self.reports, own, CAUSE_WAIT).await
     }
 
     /// Closes the session on every server (the first passes it on) and waits, briefly,
@@ -590,6 +563,41 @@ impl SwarmSession {
         self.first.close().await;
         self.tasks.shutdown().await;
     }
+}
+
+/// What the first hop's stream says within `wait` after another stream of the session
+/// broke ([`SwarmSession::upstream_cause`]): the failure a report names, the first hop's
+/// own stream breaking or ending, or else `own`. Acknowledgements and other frames on
+/// the way are skipped.
+async fn cause_from_first_hop(
+    ups: &mut mpsc::Receiver<io::Result<InferResponse>>,
+    route: &[Hop],
+    reports: &Reports,
+    own: ClientError,
+    wait: std::time::Duration,
+) -> ClientError {
+    let found = tokio::time::timeout(wait, async {
+        loop {
+            match ups.recv().await {
+                Some(Ok(f @ InferResponse::HopFailed { .. })) => {
+                    return named_failure(route, reports, 0, &f);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return hop_error(
+                        route,
+                        0,
+                        ErrorCode::Unreachable,
+                        format!("its stream broke: {e}"),
+                    );
+                }
+                None => {
+                    return hop_error(route, 0, ErrorCode::Unreachable, "its stream ended".into());
+                }
+            }
+        }
+    });
+    found.await.unwrap_or(own)
 }
 
 /// A failure of hop `hop` of `route`.
@@ -690,6 +698,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::blocks::BlockRange;
+    use std::time::Duration;
 
     fn route(n: usize) -> Vec<Hop> {
         (0..n)
@@ -744,6 +753,77 @@ mod tests {
             reports.wire[hop as usize].peer.clone(),
             pollen_protocol::ProtocolError::new(ErrorCode::BadRequest, message),
         )
+    }
+
+    /// After a stream broke under a send (or the attach stream), the client waits a
+    /// moment for what the first hop's stream says: a report that arrives in time names
+    /// the hop to blame (a forged one, the first hop), the first hop's stream ending
+    /// names it, and silence or a report too late leaves the failure it had.
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_stream_waits_briefly_for_the_report_that_names_the_cause() {
+        let (r, reports) = signed_route(3);
+        let wait = CAUSE_WAIT;
+        let own = || {
+            hop_error(
+                &r,
+                2,
+                ErrorCode::Unreachable,
+                "its attach stream ended".into(),
+            )
+        };
+        let failure = |e: ClientError| match e {
+            ClientError::HopFailed(f) => (f.hop, f.code, f.message),
+            other => panic!("a hop failure, not {other}"),
+        };
+        let (tx, mut ups) = mpsc::channel(8);
+        // Hop 1 refused the step and says so, after an acknowledgement: hop 1 is named.
+        let refusal = reports.binding.report(
+            &secret(1),
+            1,
+            7,
+            1,
+            reports.wire[1].peer.clone(),
+            pollen_protocol::ProtocolError::new(ErrorCode::OverBudget, "no room"),
+        );
+        tx.send(Ok(InferResponse::Ack {
+            session: SessionId(11),
+            step: 6,
+        }))
+        .await
+        .unwrap();
+        tx.send(Ok(refusal)).await.unwrap();
+        let (hop, code, _) =
+            failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
+        assert_eq!((hop, code), (1, ErrorCode::OverBudget));
+        // A report in hop 2's name written by hop 0 is hop 0's failure.
+        tx.send(Ok(report(&reports, 0, 2, 2, "made up")))
+            .await
+            .unwrap();
+        let (hop, _, message) =
+            failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
+        assert_eq!(hop, 0);
+        assert!(message.contains("does not check out"), "{message}");
+        // Nothing within the wait: the failure it had; a report after it is not waited for.
+        let late = tx.clone();
+        let later = report(&reports, 1, 1, 1, "too late");
+        tokio::spawn(async move {
+            tokio::time::sleep(wait + Duration::from_millis(1)).await;
+            late.send(Ok(later)).await.unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        let (hop, code, message) =
+            failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
+        assert_eq!((hop, code), (2, ErrorCode::Unreachable));
+        assert!(message.contains("attach stream ended"), "{message}");
+        assert_eq!(started.elapsed(), wait);
+        // The first hop's stream ends: the first hop.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _too_late = ups.try_recv().unwrap();
+        drop(tx);
+        let (hop, code, message) =
+            failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
+        assert_eq!((hop, code), (0, ErrorCode::Unreachable));
+        assert!(message.contains("its stream ended"), "{message}");
     }
 
     /// A hop reporting that the hop before sent it a step it refuses (non-finite input)

@@ -951,7 +951,7 @@ async fn run_session(
                         if let Err(fail) = sent {
                             let fail = match fail {
                                 Failure::Next(code, msg) => match down.as_mut() {
-                                    Some(d) => match queued_report(d, &reports, step, CAUSE_WAIT).await {
+                                    Some(d) => match queued_report(&mut d.rx, &d.hop, &reports, step, CAUSE_WAIT).await {
                                         Some(report) => report,
                                         None => reports.fail(step, d.hop.index, &d.hop.peer, code, msg),
                                     },
@@ -1186,6 +1186,71 @@ mod tests {
                 .message
                 .contains("written by this hop or one before it")
         );
+    }
+
+    /// A send to the next hop failed: the hop waits a moment for what the next hop sent
+    /// up first. A report from below is passed on as `relay` passes it (a forged one
+    /// becomes this hop's report about the next), the next hop's plain error becomes
+    /// this hop's report naming it with its code, and silence or the stream's end give
+    /// nothing (the caller reports the failed send).
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_send_waits_briefly_for_the_next_hops_report() {
+        use crate::serve::steps::queued_report;
+        let first = reports_of(0);
+        let next = NextHop {
+            index: 1,
+            peer: key(1).1,
+            addrs: vec![],
+            step_us: 1_000,
+        };
+        let wait = CAUSE_WAIT;
+        let (tx, mut rx) = mpsc::channel(8);
+        let about = |r: &InferResponse| match r {
+            InferResponse::HopFailed { hop, by, error, .. } => (*hop, *by, error.code),
+            other => panic!("a report, not {other:?}"),
+        };
+        // Hop 2's own report, after an acknowledgement: passed on as it is.
+        let real = reports_of(2).fail(4, 2, &key(2).1, ErrorCode::OverBudget, "no room");
+        tx.send(Ok(InferResponse::Ack {
+            session: SessionId(3),
+            step: 3,
+        }))
+        .await
+        .unwrap();
+        tx.send(Ok(real.clone())).await.unwrap();
+        assert_eq!(
+            queued_report(&mut rx, &next, &first, 4, wait).await,
+            Some(real)
+        );
+        // A report in hop 2's name that hop 1 wrote: hop 1 is named, by hop 0.
+        let mut forger = reports_of(1);
+        forger.by = 2;
+        let forged = forger.fail(4, 2, &key(2).1, ErrorCode::Internal, "made up");
+        tx.send(Ok(forged)).await.unwrap();
+        let got = queued_report(&mut rx, &next, &first, 4, wait)
+            .await
+            .unwrap();
+        assert_eq!(about(&got), (1, 0, ErrorCode::BadRequest));
+        // The next hop's plain error, in its own code, naming it.
+        let busy = ProtocolError::new(ErrorCode::Busy, "no time left");
+        tx.send(Ok(InferResponse::Error(busy))).await.unwrap();
+        let got = queued_report(&mut rx, &next, &first, 4, wait)
+            .await
+            .unwrap();
+        assert_eq!(about(&got), (1, 0, ErrorCode::Busy));
+        assert_eq!(
+            check_report(&got, &first.binding, &first.route),
+            Ok(pollen_protocol::Reported::HopAfter)
+        );
+        // Silence: nothing, after the wait and no longer.
+        let started = tokio::time::Instant::now();
+        assert_eq!(queued_report(&mut rx, &next, &first, 4, wait).await, None);
+        assert_eq!(started.elapsed(), wait);
+        // The stream ends: nothing, at once.
+        drop(tx);
+        let started = tokio::time::Instant::now();
+        assert_eq!(queued_report(&mut rx, &next, &first, 4, wait).await, None);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     /// A hop that refuses its input names the hop before it; the first hop, whose input

@@ -4,7 +4,7 @@
 
 use super::Server;
 use super::batch::{self, NotRun};
-use super::session::{ATTACH_WAIT, Downstream, Reports, SEND_TIMEOUT, ack_timeout};
+use super::session::{ATTACH_WAIT, Downstream, NextHop, Reports, SEND_TIMEOUT, ack_timeout};
 use super::sessions::Reservation;
 use crate::net::stream::FrameWriter;
 use crate::wire::{from_wire, last_row, to_wire};
@@ -12,6 +12,7 @@ use pollen_protocol::{
     ErrorCode, HiddenStates, InferRequest, InferResponse, ProtocolError, SessionId, WireDType,
 };
 use pollen_shard::{ShardError, SpanCache};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Handles one frame from the next hop; `false` when the session cannot go on.
@@ -57,20 +58,21 @@ pub(super) async fn downstream_event(
 /// `wait`: a hop that refuses a step ends its session and drops its stream, so a send
 /// to it may fail before its report, which names the hop to blame, has been read.
 pub(super) async fn queued_report(
-    d: &mut Downstream,
+    rx: &mut mpsc::Receiver<std::io::Result<InferResponse>>,
+    next: &NextHop,
     reports: &Reports,
     step: u64,
     wait: std::time::Duration,
 ) -> Option<InferResponse> {
     let found = tokio::time::timeout(wait, async {
         loop {
-            match d.rx.recv().await {
+            match rx.recv().await {
                 Some(Ok(f @ InferResponse::HopFailed { .. })) => {
-                    return Some(reports.relay(f, step, &d.hop));
+                    return Some(reports.relay(f, step, next));
                 }
                 // Its own error, in its own words and code (as `downstream_event`).
                 Some(Ok(InferResponse::Error(e))) => {
-                    return Some(reports.fail(step, d.hop.index, &d.hop.peer, e.code, e.message));
+                    return Some(reports.fail(step, next.index, &next.peer, e.code, e.message));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return None,
