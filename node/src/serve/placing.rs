@@ -161,7 +161,8 @@ fn cpu_features() -> Vec<&'static str> {
             "f16c",
             "avx512f",
             "avx512bw",
-            "avx512vnni"
+            "avx512vnni",
+            "avxvnni"
         );
     }
     #[cfg(target_arch = "aarch64")]

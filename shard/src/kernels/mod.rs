@@ -44,6 +44,8 @@ mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -137,6 +139,34 @@ mod avx512 {
     }
 }
 
+/// Off x86-64 there is no AVX-VNNI kernel: no proof of one can be made.
+#[cfg(not(target_arch = "x86_64"))]
+mod avxvnni {
+    use super::{Activations, PackedMatrix, TILE};
+
+    /// Proof that this CPU runs the AVX-VNNI kernel; none can exist here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum AvxVnni {}
+
+    impl AvxVnni {
+        /// Never found off x86-64.
+        pub(super) fn detect() -> Option<Self> {
+            None
+        }
+
+        /// Unreachable: no `AvxVnni` exists.
+        pub(super) fn tile(
+            self,
+            _: &PackedMatrix,
+            _: usize,
+            _: &Activations,
+            _: &mut [[f32; TILE]],
+        ) {
+            match self {}
+        }
+    }
+}
+
 /// Off x86-64 there is no SIMD kernel: no proof of one can be made.
 #[cfg(not(target_arch = "x86_64"))]
 mod avx2 {
@@ -185,6 +215,7 @@ mod avx2 {
 enum Kernel {
     Amx(amx::Amx),
     Vnni(avx512::Vnni),
+    AvxVnni(avxvnni::AvxVnni),
     Avx2(avx2::Avx2),
     Neon(neon::Neon),
 }
@@ -195,6 +226,7 @@ impl Kernel {
         match path {
             KernelPath::Amx => amx::Amx::detect().map(Self::Amx),
             KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
+            KernelPath::AvxVnni => avxvnni::AvxVnni::detect().map(Self::AvxVnni),
             KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
             KernelPath::Neon => neon::Neon::detect().map(Self::Neon),
             KernelPath::None => None,
@@ -211,6 +243,7 @@ impl Kernel {
         match self {
             Self::Amx(k) => k.tile(w, t, act, out),
             Self::Vnni(k) => k.tile(w, t, act, out),
+            Self::AvxVnni(k) => k.tile(w, t, act, out),
             Self::Avx2(k) => k.tile(w, t, act, out),
             Self::Neon(k) => k.tile(w, t, act, out),
         }

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 /// The environment variable that forces a kernel path: `amx`, `avx512` (or
-/// `avx512-vnni`), `avx2`, `neon`, `fallback` (or `none`), or `auto` (the
+/// `avx512-vnni`), `avx-vnni`, `avx2`, `neon`, `fallback` (or `none`), or `auto` (the
 /// default when unset). A path this CPU lacks is refused with a logged warning, and
 /// the automatic choice runs instead.
 pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
@@ -22,6 +22,9 @@ pub enum KernelPath {
     Amx,
     /// AVX-512 F, BW, VNNI and F16C: `vpdpbusd` on 16 output rows at once.
     Avx512Vnni,
+    /// AVX-VNNI (VEX-encoded `vpdpbusd`, no AVX-512), AVX2, FMA and F16C:
+    /// `vpdpbusd` on 8 output rows at once.
+    AvxVnni,
     /// AVX2, FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 8 output rows at once.
     Avx2,
     /// NEON on aarch64: `smull` + pairwise adds on 4 output rows at once.
@@ -33,19 +36,21 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// Every path, fastest first.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Amx,
         Self::Avx512Vnni,
+        Self::AvxVnni,
         Self::Avx2,
         Self::Neon,
         Self::None,
     ];
 
-    /// The path's name: `amx`, `avx512-vnni`, `avx2`, `neon` or `none`.
+    /// The path's name: `amx`, `avx512-vnni`, `avx-vnni`, `avx2`, `neon` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Amx => "amx",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::AvxVnni => "avx-vnni",
             Self::Avx2 => "avx2",
             Self::Neon => "neon",
             Self::None => "none",
@@ -57,6 +62,7 @@ impl KernelPath {
         match self {
             Self::Amx => cpu().amx && super::amx::granted(),
             Self::Avx512Vnni => cpu().vnni,
+            Self::AvxVnni => cpu().avx_vnni,
             Self::Avx2 => cpu().avx2,
             Self::Neon => cpu().neon,
             Self::None => true,
@@ -69,6 +75,7 @@ impl KernelPath {
             "" | "auto" => Ok(None),
             "amx" | "amx-int8" => Ok(Some(Self::Amx)),
             "avx512" | "avx512-vnni" | "avx512vnni" | "vnni" => Ok(Some(Self::Avx512Vnni)),
+            "avx-vnni" | "avxvnni" | "avx_vnni" => Ok(Some(Self::AvxVnni)),
             "avx2" => Ok(Some(Self::Avx2)),
             "neon" => Ok(Some(Self::Neon)),
             "none" | "fallback" => Ok(Some(Self::None)),
@@ -90,6 +97,8 @@ pub(super) struct Cpu {
     pub(super) amx: bool,
     /// AVX-512 F, BW, VNNI and F16C.
     pub(super) vnni: bool,
+    /// AVX-VNNI, with everything `avx2` needs.
+    pub(super) avx_vnni: bool,
     /// AVX2, FMA and F16C.
     pub(super) avx2: bool,
     /// NEON (aarch64).
@@ -107,11 +116,13 @@ pub(super) fn cpu() -> Cpu {
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni");
+            let avx2 = f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             Cpu {
                 // Present only: Linux's grant is asked where the path runs.
                 amx: vnni && super::amx::present(),
                 vnni,
-                avx2: f16c && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                avx_vnni: avx2 && is_x86_feature_detected!("avxvnni"),
+                avx2,
                 neon: false,
             }
         }
@@ -120,6 +131,7 @@ pub(super) fn cpu() -> Cpu {
             Cpu {
                 amx: false,
                 vnni: false,
+                avx_vnni: false,
                 avx2: false,
                 neon: std::arch::is_aarch64_feature_detected!("neon"),
             }
@@ -129,6 +141,7 @@ pub(super) fn cpu() -> Cpu {
             Cpu {
                 amx: false,
                 vnni: false,
+                avx_vnni: false,
                 avx2: false,
                 neon: false,
             }
@@ -144,6 +157,8 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::Amx
     } else if cpu.vnni {
         KernelPath::Avx512Vnni
+    } else if cpu.avx_vnni {
+        KernelPath::AvxVnni
     } else if cpu.avx2 {
         KernelPath::Avx2
     } else if cpu.neon {
@@ -154,6 +169,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
     let has = |p: KernelPath| match p {
         KernelPath::Amx => cpu.amx,
         KernelPath::Avx512Vnni => cpu.vnni,
+        KernelPath::AvxVnni => cpu.avx_vnni,
         KernelPath::Avx2 => cpu.avx2,
         KernelPath::Neon => cpu.neon,
         KernelPath::None => true,
@@ -170,7 +186,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         Some(Err(())) => (
             best,
             Some(format!(
-                "{KERNEL_ENV}={:?} is not a kernel path (expected amx, avx512, avx2, neon, fallback or auto); using {best}",
+                "{KERNEL_ENV}={:?} is not a kernel path (expected amx, avx512, avx-vnni, avx2, neon, fallback or auto); using {best}",
                 request.unwrap_or_default()
             )),
         ),
@@ -201,14 +217,14 @@ pub fn kernel_path() -> KernelPath {
 }
 
 /// The name of the kernel path this process runs the fast weight mode on:
-/// `"amx"`, `"avx512-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
+/// `"amx"`, `"avx512-vnni"`, `"avx-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
 /// candle's kernels). See [`kernel_path`].
 pub fn active_path() -> &'static str {
     kernel_path().as_str()
 }
 
 /// Whether the fast weight mode runs on one of this crate's packed SIMD
-/// kernels here (AMX, AVX-512 VNNI, AVX2 or NEON, per [`kernel_path`]).
+/// kernels here (AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, per [`kernel_path`]).
 /// Where it is false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
 /// `Requantize(Q8_0)`.
 pub fn simd_available() -> bool {
@@ -222,30 +238,43 @@ mod tests {
     const ALL: Cpu = Cpu {
         amx: true,
         vnni: true,
+        avx_vnni: true,
         avx2: true,
         neon: false,
     };
     const BOTH: Cpu = Cpu {
         amx: false,
         vnni: true,
+        avx_vnni: false,
         avx2: true,
         neon: false,
     };
     const AVX2: Cpu = Cpu {
         amx: false,
         vnni: false,
+        avx_vnni: false,
+        avx2: true,
+        neon: false,
+    };
+    /// An Intel desktop chip since Alder Lake: AVX-VNNI, no AVX-512.
+    const DESK: Cpu = Cpu {
+        amx: false,
+        vnni: false,
+        avx_vnni: true,
         avx2: true,
         neon: false,
     };
     const BARE: Cpu = Cpu {
         amx: false,
         vnni: false,
+        avx_vnni: false,
         avx2: false,
         neon: false,
     };
     const ARM: Cpu = Cpu {
         amx: false,
         vnni: false,
+        avx_vnni: false,
         avx2: false,
         neon: true,
     };
@@ -264,6 +293,10 @@ mod tests {
         );
         assert_eq!(choose(Some("fallback"), BOTH), (KernelPath::None, None));
         assert_eq!(choose(Some("none"), AVX2), (KernelPath::None, None));
+        assert_eq!(choose(None, DESK), (KernelPath::AvxVnni, None));
+        assert_eq!(choose(Some("avx2"), DESK), (KernelPath::Avx2, None));
+        assert_eq!(choose(Some("avx-vnni"), ALL), (KernelPath::AvxVnni, None));
+        assert_eq!(choose(Some("AVX_VNNI"), DESK), (KernelPath::AvxVnni, None));
     }
 
     #[test]
@@ -272,6 +305,12 @@ mod tests {
         assert_eq!(p, KernelPath::Avx2);
         assert!(w.is_some_and(|w| w.contains("lacks")));
         let (p, w) = choose(Some("amx"), BOTH);
+        assert_eq!(p, KernelPath::Avx512Vnni);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("avx-vnni"), AVX2);
+        assert_eq!(p, KernelPath::Avx2);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("avx-vnni"), BOTH);
         assert_eq!(p, KernelPath::Avx512Vnni);
         assert!(w.is_some_and(|w| w.contains("lacks")));
         let (p, w) = choose(Some("avx2"), BARE);

@@ -33,6 +33,7 @@ fn kernels() -> Vec<(KernelPath, Kernel)> {
     let paths = [
         KernelPath::Amx,
         KernelPath::Avx512Vnni,
+        KernelPath::AvxVnni,
         KernelPath::Avx2,
         KernelPath::Neon,
     ];
