@@ -803,6 +803,19 @@ mod tests {
             failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
         assert_eq!(hop, 0);
         assert!(message.contains("does not check out"), "{message}");
+        // A report that arrives during the wait ends it then.
+        let soon = tx.clone();
+        let in_time = report(&reports, 1, 1, 1, "in time");
+        tokio::spawn(async move {
+            tokio::time::sleep(wait - Duration::from_millis(1)).await;
+            soon.send(Ok(in_time)).await.unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        let (hop, _, message) =
+            failure(cause_from_first_hop(&mut ups, &r, &reports, own(), wait).await);
+        assert_eq!(hop, 1);
+        assert!(message.contains("in time"), "{message}");
+        assert_eq!(started.elapsed(), wait - Duration::from_millis(1));
         // Nothing within the wait: the failure it had; a report after it is not waited for.
         let late = tx.clone();
         let later = report(&reports, 1, 1, 1, "too late");

@@ -1242,6 +1242,20 @@ mod tests {
             check_report(&got, &first.binding, &first.route),
             Ok(pollen_protocol::Reported::HopAfter)
         );
+        // A report that arrives during the wait ends it then.
+        let soon = tx.clone();
+        let in_time = reports_of(2).fail(4, 2, &key(2).1, ErrorCode::Internal, "in time");
+        let want = in_time.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait - Duration::from_millis(1)).await;
+            soon.send(Ok(in_time)).await.unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            queued_report(&mut rx, &next, &first, 4, wait).await,
+            Some(want)
+        );
+        assert_eq!(started.elapsed(), wait - Duration::from_millis(1));
         // Silence: nothing, after the wait and no longer.
         let started = tokio::time::Instant::now();
         assert_eq!(queued_report(&mut rx, &next, &first, 4, wait).await, None);

@@ -1,6 +1,7 @@
 //! The AVX-VNNI kernel of [`PackedMatrix`]: `vpdpbusd` on 256-bit registers
-//! (the VEX encoding, on CPUs with AVX-VNNI and no AVX-512: Intel's desktop
-//! and laptop chips since Alder Lake, AMD's since Zen 5). Like `avx2.rs`,
+//! (the VEX encoding), for CPUs with AVX-VNNI and no AVX-512: Intel's desktop
+//! and laptop chips since Alder Lake (CPUs that also have AVX-512 VNNI, such
+//! as AMD's Zen 5, run that kernel instead). Like `avx2.rs`,
 //! it is unsafe code only because SIMD intrinsics and functions compiled for
 //! CPU features the build does not assume need `unsafe`; the rest of the
 //! crate reaches it through [`AvxVnni`], which exists only where those
@@ -51,8 +52,9 @@ impl AvxVnni {
     }
 }
 
-/// Rows of activations processed against one loaded weight group (as AVX2:
-/// 16 vector registers hold the accumulators of four rows and the weights).
+/// Rows of activations processed against one loaded weight group, as AVX2
+/// (with two integer sums a row, four rows keep about 17 values live in 16
+/// vector registers; the compiler reads the nibble mask from memory).
 const ROWS: usize = 4;
 
 /// Computes tile `t` (16 output columns) for every activation row.

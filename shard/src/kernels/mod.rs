@@ -18,12 +18,13 @@
 //!   activations, the same numbers), so the result differs from candle's
 //!   only by float rounding order.
 //!
-//! Four SIMD kernels run this layout, chosen at run time ([`kernel_path`],
+//! Five SIMD kernels run this layout, chosen at run time ([`kernel_path`],
 //! forced by the `POLLEN_KERNEL` environment variable): AMX (`tdpbsud` tiles
 //! for products of several rows, `amx.rs`), AVX-512 VNNI (`vpdpbusd`,
-//! `avx512.rs`), AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on
-//! aarch64, NEON (`smull` + pairwise adds, `neon.rs`), the crate's four
-//! files of unsafe code. Where neither runs,
+//! `avx512.rs`), AVX-VNNI (`vpdpbusd` on 256-bit registers, `avxvnni.rs`),
+//! AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on aarch64, NEON
+//! (`smull` + pairwise adds, `neon.rs`), the crate's five files of unsafe
+//! code. Where neither runs,
 //! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
 //! kernels. Per output value, every path computes the same exact integer sum
 //! per block and then the same two fused multiply-adds in the same order, so

@@ -377,28 +377,48 @@ mod tests {
 
     #[test]
     fn the_counted_reader_is_where_the_file_is() {
+        enum Op {
+            Read(usize),
+            Seek(SeekFrom),
+        }
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
         let mut plain = std::io::Cursor::new(data.clone());
         let mut counted = Counted::new(std::io::Cursor::new(data)).unwrap();
         let mut a = vec![0u8; 9_000];
         let mut b = vec![0u8; 9_000];
-        // Reads inside and across the buffer, seeks of every kind.
-        let reads = [7, 1, 3_000, 3, 20];
-        let seeks = [
-            SeekFrom::Current(-3),
-            SeekFrom::Start(4_000),
-            SeekFrom::Current(5),
-            SeekFrom::End(-20),
-            SeekFrom::Start(1),
+        // A read that fills the 8 KiB buffer, one that runs past it, reads inside
+        // it, seeks of every kind, and reads at the end of the data.
+        let ops = [
+            Op::Read(7),
+            Op::Read(8_190),
+            Op::Seek(SeekFrom::Current(-3)),
+            Op::Read(1),
+            Op::Seek(SeekFrom::Start(4_000)),
+            Op::Read(3_000),
+            Op::Seek(SeekFrom::Current(5)),
+            Op::Read(3),
+            Op::Seek(SeekFrom::End(-20)),
+            Op::Read(20),
+            Op::Read(1),
+            Op::Seek(SeekFrom::Start(1)),
+            Op::Read(2),
         ];
-        for (&n, &to) in reads.iter().zip(&seeks) {
-            plain.read_exact(&mut a[..n]).unwrap();
-            counted.read_exact(&mut b[..n]).unwrap();
-            assert_eq!(a[..n], b[..n]);
-            assert_eq!(counted.stream_position().unwrap(), plain.position());
-            assert_eq!(counted.seek(to).unwrap(), plain.seek(to).unwrap());
+        for op in ops {
+            match op {
+                Op::Read(n) => {
+                    let want = plain.read_exact(&mut a[..n]).map_err(|e| e.kind());
+                    let got = counted.read_exact(&mut b[..n]).map_err(|e| e.kind());
+                    assert_eq!(got, want);
+                    if want.is_ok() {
+                        assert_eq!(a[..n], b[..n]);
+                    }
+                }
+                Op::Seek(to) => assert_eq!(counted.seek(to).unwrap(), plain.seek(to).unwrap()),
+            }
             assert_eq!(counted.stream_position().unwrap(), plain.position());
         }
+        // The read at the end was refused, and the last ones came after it.
+        assert_eq!(plain.position(), 3);
     }
 
     #[test]
