@@ -14,15 +14,16 @@ pub enum WeightMode {
     /// slightly (measured in the engine bench); the text rarely does.
     Requantize(GgmlDType),
     /// Q4_0, Q4_1 and Q8_0 weights keep their values but are repacked at load
-    /// for this crate's own AVX-512 VNNI or AVX2 kernels ([`crate::kernels`],
-    /// chosen at run time; the two give bit-identical results); Q4_K keeps
+    /// for this crate's own kernels ([`crate::kernels`]: AMX, AVX-512 VNNI,
+    /// AVX-VNNI, AVX2 or NEON, chosen at run time; all give bit-identical
+    /// results); Q4_K keeps
     /// 4 bits with its sub-block scales rounded to f16; Q5_0, Q5_1, Q8_1,
     /// Q5_K and Q6_K become 8-bit asymmetric quants. Activations are quantized
     /// per 32 values as candle does, so logits differ from exact only by
     /// rounding (summation order, fused attention; measured in the engine
     /// bench). Uses the same growable KV cache and fused attention as
     /// `Requantize`.
-    /// On CPUs with neither (or with `POLLEN_KERNEL=fallback`) this behaves
+    /// On CPUs with none of them (or with `POLLEN_KERNEL=fallback`) this behaves
     /// as `Requantize(Q8_0)`.
     #[default]
     Fast,
