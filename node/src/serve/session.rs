@@ -1134,17 +1134,22 @@ mod tests {
         }
     }
 
+    /// Hop 1 of [`reports_of`]'s route, as the hop before it sees it.
+    fn hop_one() -> NextHop {
+        NextHop {
+            index: 1,
+            peer: key(1).1,
+            addrs: vec![],
+            step_us: 1_000,
+        }
+    }
+
     /// A hop passes on a report from below only if it checks out; otherwise it reports,
     /// in its own name, that the next hop sent one that does not.
     #[test]
     fn a_report_from_below_is_passed_on_only_if_it_checks_out() {
         let first = reports_of(0);
-        let next = NextHop {
-            index: 1,
-            peer: key(1).1,
-            addrs: vec![],
-            step_us: 1_000,
-        };
+        let next = hop_one();
         let err = |m: &str| (ErrorCode::Internal, m.to_string());
         let check = |r: &InferResponse| check_report(r, &first.binding, &first.route);
         // Hop 2's own report, and its report that hop 1 sent it NaN.
@@ -1197,12 +1202,7 @@ mod tests {
     async fn a_failed_send_waits_briefly_for_the_next_hops_report() {
         use crate::serve::steps::queued_report;
         let first = reports_of(0);
-        let next = NextHop {
-            index: 1,
-            peer: key(1).1,
-            addrs: vec![],
-            step_us: 1_000,
-        };
+        let next = hop_one();
         let wait = CAUSE_WAIT;
         let (tx, mut rx) = mpsc::channel(8);
         let about = |r: &InferResponse| match r {

@@ -51,33 +51,46 @@ mod avxvnni;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-/// Off aarch64 there is no NEON kernel: no proof of one can be made.
-#[cfg(not(target_arch = "aarch64"))]
-mod neon {
-    use super::{Activations, PackedMatrix, TILE};
+/// A kernel module for another architecture: `$module::$proof`, the proof
+/// that this CPU runs the kernel, can never be made, so the dispatch that
+/// names it compiles and never reaches it.
+macro_rules! absent_kernel {
+    ($module:ident, $proof:ident, $kernel:literal, $arch:literal) => {
+        #[doc = concat!("Off ", $arch, " there is no ", $kernel, " kernel: no proof of one can be made.")]
+        mod $module {
+            use super::{Activations, PackedMatrix, TILE};
 
-    /// Proof that this CPU runs the NEON kernel; none can exist here.
-    #[derive(Debug, Clone, Copy)]
-    pub(super) enum Neon {}
+            #[doc = concat!("Proof that this CPU runs the ", $kernel, " kernel; none can exist here.")]
+            #[derive(Debug, Clone, Copy)]
+            pub(super) enum $proof {}
 
-    impl Neon {
-        /// Never found off aarch64.
-        pub(super) fn detect() -> Option<Self> {
-            None
+            impl $proof {
+                #[doc = concat!("Never found off ", $arch, ".")]
+                pub(super) fn detect() -> Option<Self> {
+                    None
+                }
+
+                /// Unreachable: no proof exists.
+                pub(super) fn tile(
+                    self,
+                    _: &PackedMatrix,
+                    _: usize,
+                    _: &Activations,
+                    _: &mut [[f32; TILE]],
+                ) {
+                    match self {}
+                }
+            }
         }
-
-        /// Unreachable: no `Neon` exists.
-        pub(super) fn tile(
-            self,
-            _: &PackedMatrix,
-            _: usize,
-            _: &Activations,
-            _: &mut [[f32; TILE]],
-        ) {
-            match self {}
-        }
-    }
+    };
 }
+
+#[cfg(not(target_arch = "aarch64"))]
+absent_kernel!(neon, Neon, "NEON", "aarch64");
+#[cfg(not(target_arch = "x86_64"))]
+absent_kernel!(avx512, Vnni, "AVX-512 VNNI", "x86-64");
+#[cfg(not(target_arch = "x86_64"))]
+absent_kernel!(avxvnni, AvxVnni, "AVX-VNNI", "x86-64");
 
 /// Off x86-64 there is no AMX kernel: no proof of one can be made.
 #[cfg(not(target_arch = "x86_64"))]
@@ -100,62 +113,6 @@ mod amx {
         }
 
         /// Unreachable: no `Amx` exists.
-        pub(super) fn tile(
-            self,
-            _: &PackedMatrix,
-            _: usize,
-            _: &Activations,
-            _: &mut [[f32; TILE]],
-        ) {
-            match self {}
-        }
-    }
-}
-
-/// Off x86-64 there is no SIMD kernel: no proof of one can be made.
-#[cfg(not(target_arch = "x86_64"))]
-mod avx512 {
-    use super::{Activations, PackedMatrix, TILE};
-
-    /// Proof that this CPU runs the AVX-512 kernel; none can exist here.
-    #[derive(Debug, Clone, Copy)]
-    pub(super) enum Vnni {}
-
-    impl Vnni {
-        /// Never found off x86-64.
-        pub(super) fn detect() -> Option<Self> {
-            None
-        }
-
-        /// Unreachable: no `Vnni` exists.
-        pub(super) fn tile(
-            self,
-            _: &PackedMatrix,
-            _: usize,
-            _: &Activations,
-            _: &mut [[f32; TILE]],
-        ) {
-            match self {}
-        }
-    }
-}
-
-/// Off x86-64 there is no AVX-VNNI kernel: no proof of one can be made.
-#[cfg(not(target_arch = "x86_64"))]
-mod avxvnni {
-    use super::{Activations, PackedMatrix, TILE};
-
-    /// Proof that this CPU runs the AVX-VNNI kernel; none can exist here.
-    #[derive(Debug, Clone, Copy)]
-    pub(super) enum AvxVnni {}
-
-    impl AvxVnni {
-        /// Never found off x86-64.
-        pub(super) fn detect() -> Option<Self> {
-            None
-        }
-
-        /// Unreachable: no `AvxVnni` exists.
         pub(super) fn tile(
             self,
             _: &PackedMatrix,
