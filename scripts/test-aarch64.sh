@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Runs pollen-shard's unit tests for aarch64 on an x86-64 Debian or Ubuntu machine,
-# under qemu-user emulation: among them every packed kernel path this CPU has
-# (on aarch64, NEON) against the scalar path, bit for bit, on random data and on
-# the default model's shapes, and attention's and the quantizer's loops against
-# theirs. Emulation checks results, not speed.
+# under qemu-user emulation: among them every packed kernel path the emulated CPU
+# has against the scalar path, bit for bit, on random data and on the default
+# model's shapes, and attention's and the quantizer's loops against theirs; then
+# shard/tests/kernel_paths.rs, the real default model's logits on each NEON path,
+# bit-identical to each other and near exact mode's. Both run twice: on qemu's `max` CPU (NEON with the dot-product extension: both NEON
+# kernels, `neon-dotprod` chosen) and on a Cortex-A72 (Armv8.0, the Raspberry Pi
+# 4's core: no `sdot`, plain `neon` chosen); `QEMU_CPU=name` runs one CPU only
+# (`qemu-aarch64-static -cpu help` lists them). Emulation checks results, not speed.
 #
 #   bash scripts/test-aarch64.sh [extra `cargo test` arguments]
 #
@@ -30,4 +34,9 @@ fi
 
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
-cargo test --target "$TARGET" -p pollen-shard --lib --release "$@"
+# kernel_paths.rs runs itself again per kernel path: under the same emulator.
+export POLLEN_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
+for cpu in ${QEMU_CPU:-max cortex-a72}; do
+  echo "== aarch64 CPU: $cpu" >&2
+  QEMU_CPU=$cpu cargo test --target "$TARGET" -p pollen-shard --lib --test kernel_paths --release "$@"
+done

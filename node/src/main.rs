@@ -213,9 +213,10 @@ struct ModelArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Weights in memory: `fast` (default) repacks quantized weights for Pollen's own
-    /// kernels (AMX, AVX-512 VNNI, AVX2 or NEON, chosen at run time; Q4_1 kept at 4 bits),
-    /// and on a GPU runs as `exact`; `exact` keeps candle's arithmetic bit for bit; `q8_0`,
-    /// `q4_0`, `q4k` and `q6k` requantize (CPU only).
+    /// kernels (AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, chosen at run time; Q4_1 kept
+    /// at 4 bits), and on a GPU runs as `exact`; `exact` keeps candle's arithmetic bit for
+    /// bit; `q8_0`, `q4_0`, `q4k` and `q6k` requantize (CPU only). On an Armv8.0 CPU
+    /// (no dot-product extension, such as a Raspberry Pi 4's) only `fast` runs.
     #[arg(long, default_value = "fast")]
     weights: String,
 }

@@ -18,13 +18,14 @@
 //!   activations, the same numbers), so the result differs from candle's
 //!   only by float rounding order.
 //!
-//! Five SIMD kernels run this layout, chosen at run time ([`kernel_path`],
+//! Six SIMD kernels run this layout, chosen at run time ([`kernel_path`],
 //! forced by the `POLLEN_KERNEL` environment variable): AMX (`tdpbsud` tiles
 //! for products of several rows, `amx.rs`), AVX-512 VNNI (`vpdpbusd`,
 //! `avx512.rs`), AVX-VNNI (`vpdpbusd` on 256-bit registers, `avxvnni.rs`),
-//! AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on aarch64, NEON
-//! (`smull` + pairwise adds, `neon.rs`), the crate's five files of unsafe
-//! code. Where neither runs,
+//! AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on aarch64, NEON with
+//! the dot-product extension (`sdot`, `neondot.rs`) and without it
+//! (`smull` and pairwise adds, `neon.rs`), the crate's six files of unsafe
+//! code. Where none runs,
 //! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
 //! kernels. Per output value, every path computes the same exact integer sum
 //! per block and then the same two fused multiply-adds in the same order, so
@@ -37,7 +38,9 @@ use half::f16;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 mod path;
-pub use path::{KERNEL_ENV, KernelPath, active_path, kernel_path, simd_available};
+pub use path::{
+    KERNEL_ENV, KernelPath, active_path, candle_kernels_run, kernel_path, simd_available,
+};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -50,6 +53,8 @@ mod avxvnni;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "aarch64")]
+mod neondot;
 
 /// A kernel module for another architecture: `$module::$proof`, the proof
 /// that this CPU runs the kernel, can never be made, so the dispatch that
@@ -87,6 +92,8 @@ macro_rules! absent_kernel {
 
 #[cfg(not(target_arch = "aarch64"))]
 absent_kernel!(neon, Neon, "NEON", "aarch64");
+#[cfg(not(target_arch = "aarch64"))]
+absent_kernel!(neondot, NeonDot, "NEON dot-product", "aarch64");
 #[cfg(not(target_arch = "x86_64"))]
 absent_kernel!(avx512, Vnni, "AVX-512 VNNI", "x86-64");
 #[cfg(not(target_arch = "x86_64"))]
@@ -175,6 +182,7 @@ enum Kernel {
     Vnni(avx512::Vnni),
     AvxVnni(avxvnni::AvxVnni),
     Avx2(avx2::Avx2),
+    NeonDot(neondot::NeonDot),
     Neon(neon::Neon),
 }
 
@@ -186,6 +194,7 @@ impl Kernel {
             KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
             KernelPath::AvxVnni => avxvnni::AvxVnni::detect().map(Self::AvxVnni),
             KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
+            KernelPath::NeonDot => neondot::NeonDot::detect().map(Self::NeonDot),
             KernelPath::Neon => neon::Neon::detect().map(Self::Neon),
             KernelPath::None => None,
         }
@@ -203,6 +212,7 @@ impl Kernel {
             Self::Vnni(k) => k.tile(w, t, act, out),
             Self::AvxVnni(k) => k.tile(w, t, act, out),
             Self::Avx2(k) => k.tile(w, t, act, out),
+            Self::NeonDot(k) => k.tile(w, t, act, out),
             Self::Neon(k) => k.tile(w, t, act, out),
         }
     }

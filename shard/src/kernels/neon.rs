@@ -3,10 +3,11 @@
 //! `unsafe`; the rest of the crate reaches it through [`Neon`], which exists
 //! only where NEON was detected at run time.
 //!
-//! Without the optional `sdot` instruction, as ggml-cpu's fallback does:
-//! `smull` multiplies 8 signed bytes into 16-bit products, one pairwise add
-//! (`addp`) folds them to pairs and a widening pairwise add (`saddlp`) to
-//! the 4-value sums of 4 output rows. 8-bit weights are taken as `q = u -
+//! For CPUs without the optional `sdot` instruction (Armv8.0 cores such as
+//! the Cortex-A72; `neondot.rs` runs where it exists), as ggml-cpu's
+//! fallback does: `smull` multiplies 8 signed bytes into 16-bit products,
+//! one pairwise add (`addp`) folds them to pairs and a widening pairwise add
+//! (`saddlp`) to the 4-value sums of 4 output rows. 8-bit weights are taken as `q = u -
 //! 128` (signed) and `128 · Σx` is added back. The pairs stay in 16 bits:
 //! at most 2·15·127 (4-bit) or 2·128·127 = 32,512 (8-bit).
 //!
@@ -15,7 +16,7 @@
 //! bit-identical to the scalar path and to the x86 kernels.
 #![allow(unsafe_code)]
 
-use super::{Activations, BLOCK, Bits, PackedMatrix, TILE, f16_at};
+use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
 use std::arch::aarch64::*;
 
 /// Proof that this CPU has NEON.
@@ -54,6 +55,31 @@ unsafe fn dot4(w: int8x16_t, a: int8x8_t) -> int32x4_t {
     let lo = vmull_s8(vget_low_s8(w), a);
     let hi = vmull_s8(vget_high_s8(w), a);
     vpaddlq_s16(vpaddq_s16(lo, hi))
+}
+
+/// The 4 f16 values at `bytes[..8]` (little-endian), widened exactly to f32
+/// by one `fcvtl` (base NEON; Rust's `vcvt_f32_f16` is not stable, and
+/// `half`'s conversion is a call per value).
+///
+/// # Safety
+/// The CPU must support NEON.
+#[target_feature(enable = "neon")]
+#[inline]
+pub(super) unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
+    let b = &bytes[..8];
+    // SAFETY: 8 bytes in bounds; NEON as required.
+    let h = vreinterpret_u16_u8(unsafe { vld1_u8(b.as_ptr()) });
+    let wide: float32x4_t;
+    // SAFETY: `fcvtl` reads and writes only these registers.
+    unsafe {
+        std::arch::asm!(
+            "fcvtl {wide:v}.4s, {h:v}.4h",
+            wide = lateout(vreg) wide,
+            h = in(vreg) h,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    wide
 }
 
 /// Activations `x[4 g..4 g + 4]` of a block, twice over 8 lanes.
@@ -121,14 +147,11 @@ unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; T
                     }
                 }
                 let sc = &block[0].0;
-                let d: [f32; 4] = std::array::from_fn(|r| f16_at(sc, 2 * (4 * c + r)).to_f32());
-                let m: [f32; 4] =
-                    std::array::from_fn(|r| f16_at(sc, 32 + 2 * (4 * c + r)).to_f32());
                 // The other kernels' float steps, in their order.
-                // SAFETY: 4 f32s each in bounds; NEON as required.
+                // SAFETY: NEON as required.
                 unsafe {
-                    let dv = vld1q_f32(d.as_ptr());
-                    let mv = vld1q_f32(m.as_ptr());
+                    let dv = widen4(&sc[8 * c..]);
+                    let mv = widen4(&sc[32 + 8 * c..]);
                     let fsum = vcvtq_f32_s32(isum);
                     *acc = vfmaq_f32(*acc, vmulq_f32(dv, vdupq_n_f32(dx)), fsum);
                     *acc = vfmaq_f32(*acc, mv, vdupq_n_f32(sx));

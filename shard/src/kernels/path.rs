@@ -4,7 +4,8 @@
 use std::sync::OnceLock;
 
 /// The environment variable that forces a kernel path: `amx`, `avx512` (or
-/// `avx512-vnni`), `avx-vnni`, `avx2`, `neon`, `fallback` (or `none`), or `auto` (the
+/// `avx512-vnni`), `avx-vnni`, `avx2`, `neon-dotprod` (or `dotprod`), `neon`, `fallback`
+/// (or `none`), or `auto` (the
 /// default when unset). A path this CPU lacks is refused with a logged warning, and
 /// the automatic choice runs instead.
 pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
@@ -27,45 +28,53 @@ pub enum KernelPath {
     AvxVnni,
     /// AVX2, FMA and F16C: `vpmaddubsw` + `vpmaddwd` on 8 output rows at once.
     Avx2,
+    /// NEON with the dot-product extension (Armv8.2-A and later, on aarch64):
+    /// `sdot` on 4 output rows at once.
+    NeonDot,
     /// NEON on aarch64: `smull` + pairwise adds on 4 output rows at once.
     Neon,
     /// No packed kernel: the fast mode runs as `Requantize(Q8_0)` on candle's
-    /// own kernels.
+    /// own kernels (which an Armv8.0 CPU cannot run: [`candle_kernels_run`]).
     None,
 }
 
 impl KernelPath {
     /// Every path, fastest first.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Amx,
         Self::Avx512Vnni,
         Self::AvxVnni,
         Self::Avx2,
+        Self::NeonDot,
         Self::Neon,
         Self::None,
     ];
 
-    /// The path's name: `amx`, `avx512-vnni`, `avx-vnni`, `avx2`, `neon` or `none`.
+    /// The path's name: `amx`, `avx512-vnni`, `avx-vnni`, `avx2`, `neon-dotprod`,
+    /// `neon` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Amx => "amx",
             Self::Avx512Vnni => "avx512-vnni",
             Self::AvxVnni => "avx-vnni",
             Self::Avx2 => "avx2",
+            Self::NeonDot => "neon-dotprod",
             Self::Neon => "neon",
             Self::None => "none",
         }
     }
 
-    /// Whether this CPU can run the path.
+    /// Whether this CPU can run the path (for [`KernelPath::None`], candle's
+    /// kernels: see [`candle_kernels_run`]).
     pub fn supported(self) -> bool {
         match self {
             Self::Amx => cpu().amx && super::amx::granted(),
             Self::Avx512Vnni => cpu().vnni,
             Self::AvxVnni => cpu().avx_vnni,
             Self::Avx2 => cpu().avx2,
+            Self::NeonDot => cpu().neon_dot,
             Self::Neon => cpu().neon,
-            Self::None => true,
+            Self::None => candle_kernels_run(),
         }
     }
 
@@ -77,6 +86,7 @@ impl KernelPath {
             "avx512" | "avx512-vnni" | "avx512vnni" | "vnni" => Ok(Some(Self::Avx512Vnni)),
             "avx-vnni" | "avxvnni" | "avx_vnni" => Ok(Some(Self::AvxVnni)),
             "avx2" => Ok(Some(Self::Avx2)),
+            "neon-dotprod" | "neon-dot" | "dotprod" | "sdot" => Ok(Some(Self::NeonDot)),
             "neon" => Ok(Some(Self::Neon)),
             "none" | "fallback" => Ok(Some(Self::None)),
             _ => Err(()),
@@ -90,6 +100,15 @@ impl std::fmt::Display for KernelPath {
     }
 }
 
+/// Whether candle's own quantized CPU kernels run on this CPU (the exact and
+/// requantized weight modes, and [`KernelPath::None`]). On aarch64 candle 0.11
+/// issues `sdot`, the dot-product extension's instruction, without asking the
+/// CPU, so an Armv8.0 core (a Cortex-A72, the Raspberry Pi 4's) would stop with
+/// an illegal instruction: there they are refused at load with an error.
+pub fn candle_kernels_run() -> bool {
+    !cfg!(target_arch = "aarch64") || cpu().neon_dot
+}
+
 /// The CPU features the kernels need.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Cpu {
@@ -101,6 +120,8 @@ pub(super) struct Cpu {
     pub(super) avx_vnni: bool,
     /// AVX2, FMA and F16C.
     pub(super) avx2: bool,
+    /// NEON and the dot-product extension (aarch64).
+    pub(super) neon_dot: bool,
     /// NEON (aarch64).
     pub(super) neon: bool,
 }
@@ -123,17 +144,20 @@ pub(super) fn cpu() -> Cpu {
                 vnni,
                 avx_vnni: avx2 && is_x86_feature_detected!("avxvnni"),
                 avx2,
+                neon_dot: false,
                 neon: false,
             }
         }
         #[cfg(target_arch = "aarch64")]
         {
+            let neon = std::arch::is_aarch64_feature_detected!("neon");
             Cpu {
                 amx: false,
                 vnni: false,
                 avx_vnni: false,
                 avx2: false,
-                neon: std::arch::is_aarch64_feature_detected!("neon"),
+                neon_dot: neon && std::arch::is_aarch64_feature_detected!("dotprod"),
+                neon,
             }
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -143,6 +167,7 @@ pub(super) fn cpu() -> Cpu {
                 vnni: false,
                 avx_vnni: false,
                 avx2: false,
+                neon_dot: false,
                 neon: false,
             }
         }
@@ -161,6 +186,8 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::AvxVnni
     } else if cpu.avx2 {
         KernelPath::Avx2
+    } else if cpu.neon_dot {
+        KernelPath::NeonDot
     } else if cpu.neon {
         KernelPath::Neon
     } else {
@@ -171,6 +198,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::Avx512Vnni => cpu.vnni,
         KernelPath::AvxVnni => cpu.avx_vnni,
         KernelPath::Avx2 => cpu.avx2,
+        KernelPath::NeonDot => cpu.neon_dot,
         KernelPath::Neon => cpu.neon,
         KernelPath::None => true,
     };
@@ -186,7 +214,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         Some(Err(())) => (
             best,
             Some(format!(
-                "{KERNEL_ENV}={:?} is not a kernel path (expected amx, avx512, avx-vnni, avx2, neon, fallback or auto); using {best}",
+                "{KERNEL_ENV}={:?} is not a kernel path (expected amx, avx512, avx-vnni, avx2, neon-dotprod, neon, fallback or auto); using {best}",
                 request.unwrap_or_default()
             )),
         ),
@@ -217,14 +245,16 @@ pub fn kernel_path() -> KernelPath {
 }
 
 /// The name of the kernel path this process runs the fast weight mode on:
-/// `"amx"`, `"avx512-vnni"`, `"avx-vnni"`, `"avx2"`, `"neon"` or `"none"` (fast mode runs as `q8_0` on
+/// `"amx"`, `"avx512-vnni"`, `"avx-vnni"`, `"avx2"`, `"neon-dotprod"`, `"neon"` or `"none"`
+/// (fast mode runs as `q8_0` on
 /// candle's kernels). See [`kernel_path`].
 pub fn active_path() -> &'static str {
     kernel_path().as_str()
 }
 
 /// Whether the fast weight mode runs on one of this crate's packed SIMD
-/// kernels here (AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or NEON, per [`kernel_path`]).
+/// kernels here (AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or NEON with or without `sdot`, per
+/// [`kernel_path`]).
 /// Where it is false, [`WeightMode::Fast`](crate::WeightMode::Fast) runs as
 /// `Requantize(Q8_0)`.
 pub fn simd_available() -> bool {
@@ -240,6 +270,7 @@ mod tests {
         vnni: true,
         avx_vnni: true,
         avx2: true,
+        neon_dot: false,
         neon: false,
     };
     const BOTH: Cpu = Cpu {
@@ -247,6 +278,7 @@ mod tests {
         vnni: true,
         avx_vnni: false,
         avx2: true,
+        neon_dot: false,
         neon: false,
     };
     const AVX2: Cpu = Cpu {
@@ -254,6 +286,7 @@ mod tests {
         vnni: false,
         avx_vnni: false,
         avx2: true,
+        neon_dot: false,
         neon: false,
     };
     /// An Intel desktop chip since Alder Lake: AVX-VNNI, no AVX-512.
@@ -262,6 +295,7 @@ mod tests {
         vnni: false,
         avx_vnni: true,
         avx2: true,
+        neon_dot: false,
         neon: false,
     };
     const BARE: Cpu = Cpu {
@@ -269,6 +303,7 @@ mod tests {
         vnni: false,
         avx_vnni: false,
         avx2: false,
+        neon_dot: false,
         neon: false,
     };
     const ARM: Cpu = Cpu {
@@ -276,6 +311,16 @@ mod tests {
         vnni: false,
         avx_vnni: false,
         avx2: false,
+        neon_dot: false,
+        neon: true,
+    };
+    /// An Armv8.2-A or later chip: NEON with `sdot`.
+    const ARM_DOT: Cpu = Cpu {
+        amx: false,
+        vnni: false,
+        avx_vnni: false,
+        avx2: false,
+        neon_dot: true,
         neon: true,
     };
 
@@ -326,6 +371,18 @@ mod tests {
         let (p, w) = choose(Some("avx2"), ARM);
         assert_eq!(p, KernelPath::Neon);
         assert!(w.is_some());
+        assert_eq!(choose(None, ARM_DOT), (KernelPath::NeonDot, None));
+        assert_eq!(choose(Some("neon"), ARM_DOT), (KernelPath::Neon, None));
+        assert_eq!(
+            choose(Some("DotProd"), ARM_DOT),
+            (KernelPath::NeonDot, None)
+        );
+        let (p, w) = choose(Some("neon-dotprod"), ARM);
+        assert_eq!(p, KernelPath::Neon);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("sdot"), AVX2);
+        assert_eq!(p, KernelPath::Avx2);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
     }
 
     #[test]

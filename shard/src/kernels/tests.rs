@@ -35,6 +35,7 @@ fn kernels() -> Vec<(KernelPath, Kernel)> {
         KernelPath::Avx512Vnni,
         KernelPath::AvxVnni,
         KernelPath::Avx2,
+        KernelPath::NeonDot,
         KernelPath::Neon,
     ];
     let found: Vec<_> = paths

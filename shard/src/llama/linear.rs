@@ -74,6 +74,25 @@ fn requantize(q: QTensor, target: GgmlDType) -> Result<QTensor> {
     }
 }
 
+/// The error for a quantized matrix that would run on candle's CPU kernels
+/// where they cannot run ([`crate::kernels::candle_kernels_run`]): an Armv8.0
+/// CPU, which would stop with an illegal instruction at the first product.
+fn no_candle_kernels(name: &str, dtype: GgmlDType, mode: WeightMode) -> ShardError {
+    let way_out = if mode == WeightMode::Fast {
+        format!(
+            "Pollen's own NEON kernel does not take this matrix ({dtype:?} or its shape); \
+             a model of Q4_0, Q4_1, Q8_0 or K-quants with rows in multiples of 16 runs here"
+        )
+    } else {
+        "use `--weights fast` (the default), which runs on Pollen's own NEON kernel".to_string()
+    };
+    ShardError::BadInput(format!(
+        "{name}: weights `{mode}` would compute this {dtype:?} matrix on candle's quantized \
+         CPU kernels, which need the Arm dot-product extension (Armv8.2-A and later) that \
+         this CPU lacks; {way_out}"
+    ))
+}
+
 pub(super) fn linear_from(
     weight: Weight,
     name: &str,
@@ -114,7 +133,14 @@ pub(super) fn linear_from(
                     requantize(q, GgmlDType::Q8_0)?
                 }
             };
-            LinearInner::Candle(QMatMul::from_qtensor(q)?)
+            let m = QMatMul::from_qtensor(q)?;
+            if let QMatMul::QTensor(t) = &m
+                && t.device().is_cpu()
+                && !crate::kernels::candle_kernels_run()
+            {
+                return Err(no_candle_kernels(name, t.dtype(), mode));
+            }
+            LinearInner::Candle(m)
         }
         Weight::Dense(t) => {
             if t.dims() != [rows, cols] {
@@ -228,6 +254,48 @@ impl<const N: usize> Projections<N> {
         match self {
             Self::Separate(ls) => ls.iter().map(Linear::bytes).sum(),
             Self::Fused(l, _) => l.bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A 32×64 Q4_1 matrix (the default model's type) of varied values.
+    fn q4_1() -> QTensor {
+        let w: Vec<f32> = (0..32 * 64)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let t = Tensor::from_vec(w, (32, 64), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()
+    }
+
+    /// On a CPU where candle's quantized kernels would stop with an illegal
+    /// instruction (aarch64 without `sdot`; `scripts/test-aarch64.sh` runs
+    /// this on an emulated Cortex-A72), the modes that use them are refused
+    /// at load with the way out; the fast mode runs on Pollen's kernel.
+    #[test]
+    fn candles_kernels_are_used_only_where_they_run() {
+        let x = Tensor::ones((2, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q8 = WeightMode::Requantize(GgmlDType::Q8_0);
+        for mode in [WeightMode::Exact, q8] {
+            let got = linear_from(Weight::Quantized(q4_1()), "w", 32, 64, mode);
+            if crate::kernels::candle_kernels_run() {
+                let y = got.unwrap().forward(&x).unwrap();
+                assert_eq!(y.dims(), [2, 32], "{mode}");
+            } else {
+                let err = got.unwrap_err().to_string();
+                assert!(err.contains("dot-product extension"), "{mode}: {err}");
+                assert!(err.contains("`--weights fast`"), "{mode}: {err}");
+            }
+        }
+        let fast = linear_from(Weight::Quantized(q4_1()), "w", 32, 64, WeightMode::Fast);
+        if crate::kernels::simd_available() {
+            let fast = fast.unwrap();
+            assert!(fast.packed().is_some());
+            assert_eq!(fast.forward(&x).unwrap().dims(), [2, 32]);
         }
     }
 }

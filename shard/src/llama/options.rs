@@ -8,6 +8,8 @@ use candle_core::quantized::GgmlDType;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
     /// As stored in the file: bit-identical to candle-transformers' own model.
+    /// Refused at load on a CPU where candle's quantized kernels cannot run
+    /// ([`crate::kernels::candle_kernels_run`]).
     Exact,
     /// Quantized types without a fast CPU kernel in candle (Q4_1, Q5_0, Q5_1,
     /// Q8_1) are requantized at load to this type, which has one. Logits move
