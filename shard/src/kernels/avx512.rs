@@ -1,5 +1,5 @@
 //! The AVX-512 VNNI kernel of [`PackedMatrix`], and with the other kernel
-//! files (`amx.rs`, `avxvnni.rs`, `avx2.rs`, `neondot.rs`, `neon.rs`) the
+//! files (`amx.rs`, `avxvnni.rs`, `avx2.rs`, `neon.rs`) the
 //! crate's only unsafe code: SIMD intrinsics need `unsafe`, and so does
 //! calling a function compiled for CPU features the build does not assume.
 //! The rest of the crate reaches the kernel through [`Vnni`], which exists

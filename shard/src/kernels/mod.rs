@@ -23,9 +23,9 @@
 //! for products of several rows, `amx.rs`), AVX-512 VNNI (`vpdpbusd`,
 //! `avx512.rs`), AVX-VNNI (`vpdpbusd` on 256-bit registers, `avxvnni.rs`),
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`, `avx2.rs`) and, on aarch64, NEON with
-//! the dot-product extension (`sdot`, `neondot.rs`) and without it
-//! (`smull` and pairwise adds, `neon.rs`), the crate's six files of unsafe
-//! code. Where none runs,
+//! the dot-product extension (`sdot`) and without it (`smull` and pairwise
+//! adds; both in `neon.rs`), the crate's five files of unsafe code. Where
+//! none runs,
 //! [`PackedMatrix::pack`] returns `None` and the caller keeps candle's
 //! kernels. Per output value, every path computes the same exact integer sum
 //! per block and then the same two fused multiply-adds in the same order, so
@@ -53,19 +53,17 @@ mod avxvnni;
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
-#[cfg(target_arch = "aarch64")]
-mod neondot;
 
-/// A kernel module for another architecture: `$module::$proof`, the proof
-/// that this CPU runs the kernel, can never be made, so the dispatch that
-/// names it compiles and never reaches it.
+/// A kernel module for another architecture: `$module::$proof`, each proof
+/// that this CPU runs one of its kernels, can never be made, so the dispatch
+/// that names it compiles and never reaches it.
 macro_rules! absent_kernel {
-    ($module:ident, $proof:ident, $kernel:literal, $arch:literal) => {
+    ($module:ident, $kernel:literal, $arch:literal, $($proof:ident),+) => {
         #[doc = concat!("Off ", $arch, " there is no ", $kernel, " kernel: no proof of one can be made.")]
         mod $module {
             use super::{Activations, PackedMatrix, TILE};
-
-            #[doc = concat!("Proof that this CPU runs the ", $kernel, " kernel; none can exist here.")]
+            $(
+            #[doc = concat!("Proof that this CPU runs a ", $kernel, " kernel; none can exist here.")]
             #[derive(Debug, Clone, Copy)]
             pub(super) enum $proof {}
 
@@ -86,18 +84,17 @@ macro_rules! absent_kernel {
                     match self {}
                 }
             }
+            )+
         }
     };
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-absent_kernel!(neon, Neon, "NEON", "aarch64");
-#[cfg(not(target_arch = "aarch64"))]
-absent_kernel!(neondot, NeonDot, "NEON dot-product", "aarch64");
+absent_kernel!(neon, "NEON", "aarch64", Neon, NeonDot);
 #[cfg(not(target_arch = "x86_64"))]
-absent_kernel!(avx512, Vnni, "AVX-512 VNNI", "x86-64");
+absent_kernel!(avx512, "AVX-512 VNNI", "x86-64", Vnni);
 #[cfg(not(target_arch = "x86_64"))]
-absent_kernel!(avxvnni, AvxVnni, "AVX-VNNI", "x86-64");
+absent_kernel!(avxvnni, "AVX-VNNI", "x86-64", AvxVnni);
 
 /// Off x86-64 there is no AMX kernel: no proof of one can be made.
 #[cfg(not(target_arch = "x86_64"))]
@@ -182,7 +179,7 @@ enum Kernel {
     Vnni(avx512::Vnni),
     AvxVnni(avxvnni::AvxVnni),
     Avx2(avx2::Avx2),
-    NeonDot(neondot::NeonDot),
+    NeonDot(neon::NeonDot),
     Neon(neon::Neon),
 }
 
@@ -194,7 +191,7 @@ impl Kernel {
             KernelPath::Avx512Vnni => avx512::Vnni::detect().map(Self::Vnni),
             KernelPath::AvxVnni => avxvnni::AvxVnni::detect().map(Self::AvxVnni),
             KernelPath::Avx2 => avx2::Avx2::detect().map(Self::Avx2),
-            KernelPath::NeonDot => neondot::NeonDot::detect().map(Self::NeonDot),
+            KernelPath::NeonDot => neon::NeonDot::detect().map(Self::NeonDot),
             KernelPath::Neon => neon::Neon::detect().map(Self::Neon),
             KernelPath::None => None,
         }

@@ -1,23 +1,36 @@
-//! The NEON kernel of [`PackedMatrix`], for aarch64. Like `avx2.rs` and
-//! `avx512.rs`, it is unsafe code only because SIMD intrinsics need
-//! `unsafe`; the rest of the crate reaches it through [`Neon`], which exists
-//! only where NEON was detected at run time.
+//! The NEON kernels of [`PackedMatrix`], for aarch64: one for CPUs with the
+//! dot-product extension (FEAT_DotProd, `sdot`: optional from Armv8.2-A and
+//! present on nearly every 64-bit Arm chip since about 2018: Apple's M
+//! series, AWS Graviton 2 and later, Ampere Altra, the Cortex-A76/A78/X cores
+//! of phones and of the Raspberry Pi 5), and one for Armv8.0 cores without
+//! it (the Cortex-A72 of the Raspberry Pi 4, the A53). Like `avx2.rs`, this
+//! is unsafe code only because SIMD intrinsics and functions compiled for CPU
+//! features the build does not assume need `unsafe`; the rest of the crate
+//! reaches the kernels through [`NeonDot`] and [`Neon`], which exist only
+//! where those features were detected at run time.
 //!
-//! For CPUs without the optional `sdot` instruction (Armv8.0 cores such as
-//! the Cortex-A72; `neondot.rs` runs where it exists), as ggml-cpu's
-//! fallback does: `smull` multiplies 8 signed bytes into 16-bit products,
-//! one pairwise add (`addp`) folds them to pairs and a widening pairwise add
-//! (`saddlp`) to the 4-value sums of 4 output rows. 8-bit weights are taken as `q = u -
-//! 128` (signed) and `128 · Σx` is added back. The pairs stay in 16 bits:
-//! at most 2·15·127 (4-bit) or 2·128·127 = 32,512 (8-bit).
+//! Both run one loop ([`rows`]): 4 output rows (`c`) of a tile at a time,
+//! four activation rows per loaded weight line (its nibbles unpacked once
+//! for all four), the 32 activations of a block in two registers of four
+//! 4-byte groups each. They differ only in the 4-byte dot products of 4
+//! output rows with one group ([`Dot`]):
 //!
-//! The integer sums are exact and the float steps are the other kernels'
-//! (two fused multiply-adds in the same order), so the results are
+//! - [`Sdot`]: one `sdot v.4s, w.16b, x.4b[i]` (inline assembly: Rust's
+//!   `vdotq_laneq_s32` is not stable), exact in 32 bits;
+//! - [`Smull`], as ggml-cpu's fallback does: `smull` ×2 multiplies 8 signed
+//!   bytes into 16-bit products, `addp` folds them to pairs and `saddlp`
+//!   widens the pairs to each row's 4-value sum. The pairs stay in 16 bits:
+//!   at most 2·15·127 (4-bit) or 2·128·127 = 32,512 (8-bit).
+//!
+//! 8-bit weights go in signed (`q = u - 128`) and `128 · Σx` is added back.
+//! The integer sums are the exact `Σ u·x` and the float steps the other
+//! kernels' (two fused multiply-adds in the same order), so the results are
 //! bit-identical to the scalar path and to the x86 kernels.
 #![allow(unsafe_code)]
 
 use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
 use std::arch::aarch64::*;
+use std::arch::asm;
 
 /// Proof that this CPU has NEON.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +43,7 @@ impl Neon {
     }
 
     /// Computes tile `t` of `w` (16 output columns) for every activation row
-    /// of `act`, one row of `out` each.
+    /// of `act`, one row of `out` each, without `sdot`.
     pub(super) fn tile(
         self,
         w: &PackedMatrix,
@@ -40,21 +53,104 @@ impl Neon {
     ) {
         // SAFETY: a `Neon` is only made where the CPU has NEON; the kernel
         // checks its own bounds.
-        unsafe { tile(w, t, act, out) }
+        unsafe { tile_smull(w, t, act, out) }
     }
 }
 
-/// The 4-value dot products of 4 output rows: `w` holds 4 bytes per row,
-/// `a` the same 4 activations twice.
+/// Proof that this CPU has NEON and the dot-product extension.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NeonDot(Neon);
+
+impl NeonDot {
+    /// The proof, where the CPU has NEON and `sdot`.
+    pub(super) fn detect() -> Option<Self> {
+        let neon = Neon::detect()?;
+        super::path::cpu().neon_dot.then_some(Self(neon))
+    }
+
+    /// Computes tile `t` of `w` (16 output columns) for every activation row
+    /// of `act`, one row of `out` each, with `sdot`.
+    pub(super) fn tile(
+        self,
+        w: &PackedMatrix,
+        t: usize,
+        act: &Activations,
+        out: &mut [[f32; TILE]],
+    ) {
+        // SAFETY: a `NeonDot` is only made where the CPU has NEON and the
+        // dot-product extension; the kernel checks its own bounds.
+        unsafe { tile_sdot(w, t, act, out) }
+    }
+}
+
+/// The 4-byte dot products of 4 output rows with one activation group.
+trait Dot {
+    /// `acc +` the dot products of the 4 output rows in `w` (4 bytes each)
+    /// with lane `L` (bytes `4 L..4 L + 4`) of `x`.
+    ///
+    /// # Safety
+    /// The CPU must have the features of the kernel that calls it.
+    unsafe fn dot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t;
+}
+
+/// [`Dot`] by `sdot`, for [`NeonDot`].
+struct Sdot;
+
+impl Dot for Sdot {
+    #[inline(always)]
+    unsafe fn dot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        // SAFETY: the caller's CPU has the dot-product extension.
+        unsafe { sdot::<L>(acc, w, x) }
+    }
+}
+
+/// One `sdot` by element: [`Dot::dot`] for [`Sdot`].
 ///
 /// # Safety
-/// The CPU must support NEON.
-#[target_feature(enable = "neon")]
+/// The CPU must support NEON and the dot-product extension.
+#[target_feature(enable = "neon,dotprod")]
 #[inline]
-unsafe fn dot4(w: int8x16_t, a: int8x8_t) -> int32x4_t {
-    let lo = vmull_s8(vget_low_s8(w), a);
-    let hi = vmull_s8(vget_high_s8(w), a);
-    vpaddlq_s16(vpaddq_s16(lo, hi))
+unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    macro_rules! by_lane {
+        ($lane:literal) => {
+            // SAFETY: `sdot` reads and writes only these registers; the
+            // caller guarantees the CPU has it.
+            unsafe {
+                asm!(
+                    concat!("sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[", $lane, "]"),
+                    acc = inout(vreg) acc,
+                    w = in(vreg) w,
+                    x = in(vreg) x,
+                    options(pure, nomem, nostack, preserves_flags),
+                )
+            }
+        };
+    }
+    match L {
+        0 => by_lane!(0),
+        1 => by_lane!(1),
+        2 => by_lane!(2),
+        _ => by_lane!(3),
+    }
+    acc
+}
+
+/// [`Dot`] by `smull` and pairwise adds, for [`Neon`].
+struct Smull;
+
+impl Dot for Smull {
+    #[inline(always)]
+    unsafe fn dot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        // SAFETY: register arithmetic; NEON is baseline on aarch64.
+        unsafe {
+            // The group, twice over 8 lanes: one `dup` by element.
+            let a = vreinterpret_s8_s32(vdup_laneq_s32::<L>(vreinterpretq_s32_s8(x)));
+            let lo = vmull_s8(vget_low_s8(w), a);
+            let hi = vmull_s8(vget_high_s8(w), a);
+            vaddq_s32(acc, vpaddlq_s16(vpaddq_s16(lo, hi)))
+        }
+    }
 }
 
 /// The 4 f16 values at `bytes[..8]` (little-endian), widened exactly to f32
@@ -65,14 +161,14 @@ unsafe fn dot4(w: int8x16_t, a: int8x8_t) -> int32x4_t {
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
 #[inline]
-pub(super) unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
+unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
     let b = &bytes[..8];
     // SAFETY: 8 bytes in bounds; NEON as required.
     let h = vreinterpret_u16_u8(unsafe { vld1_u8(b.as_ptr()) });
     let wide: float32x4_t;
     // SAFETY: `fcvtl` reads and writes only these registers.
     unsafe {
-        std::arch::asm!(
+        asm!(
             "fcvtl {wide:v}.4s, {h:v}.4h",
             wide = lateout(vreg) wide,
             h = in(vreg) h,
@@ -82,84 +178,165 @@ pub(super) unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
     wide
 }
 
-/// Activations `x[4 g..4 g + 4]` of a block, twice over 8 lanes.
+/// Rows of activations processed against one loaded weight line: about 23
+/// of the 32 vector registers live (4 float and 4 integer sums, 8 halves of
+/// activation blocks, the line and its nibbles, constants, scales).
+const ROWS: usize = 4;
+
+/// [`rows`] with `sdot`, every activation row.
 ///
 /// # Safety
-/// The CPU must support NEON.
-#[target_feature(enable = "neon")]
-#[inline]
-unsafe fn group(x: &[i8], g: usize) -> int8x8_t {
-    let b = [x[4 * g], x[4 * g + 1], x[4 * g + 2], x[4 * g + 3]];
-    let word = i32::from_le_bytes(b.map(|v| v as u8));
-    vreinterpret_s8_s32(vdup_n_s32(word))
+/// The CPU must support NEON and the dot-product extension.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn tile_sdot(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+    let m = out.len();
+    let mut row = 0;
+    while row + ROWS <= m {
+        // SAFETY: rows `row..row+ROWS` exist; CPU features as required above.
+        unsafe { rows::<ROWS, Sdot>(w, t, act, row, &mut out[row..row + ROWS]) };
+        row += ROWS;
+    }
+    while row < m {
+        // SAFETY: as above, one row.
+        unsafe { rows::<1, Sdot>(w, t, act, row, &mut out[row..row + 1]) };
+        row += 1;
+    }
 }
 
-/// Computes tile `t` (16 output columns) for every activation row.
+/// [`rows`] without `sdot`, every activation row.
 ///
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+unsafe fn tile_smull(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+    let m = out.len();
+    let mut row = 0;
+    while row + ROWS <= m {
+        // SAFETY: rows `row..row+ROWS` exist; NEON as required above.
+        unsafe { rows::<ROWS, Smull>(w, t, act, row, &mut out[row..row + ROWS]) };
+        row += ROWS;
+    }
+    while row < m {
+        // SAFETY: as above, one row.
+        unsafe { rows::<1, Smull>(w, t, act, row, &mut out[row..row + 1]) };
+        row += 1;
+    }
+}
+
+/// Rows `row..row + R` of `act` against tile `t`, 4 output columns (`c`) at
+/// a time: their bytes are `16 c..16 c + 16` of each line, 4 per output row.
+/// Inlined into [`tile_sdot`] and [`tile_smull`], so compiled with their
+/// CPU features.
+///
+/// # Safety
+/// The CPU features `D` needs; `row + R` rows of `act`, `R` of `out`.
+#[inline(always)]
+unsafe fn rows<const R: usize, D: Dot>(
+    w: &PackedMatrix,
+    t: usize,
+    act: &Activations,
+    row: usize,
+    out: &mut [[f32; TILE]],
+) {
     let k = w.k;
     let kb = k / BLOCK;
     let per = 1 + w.bits.q_lines();
     let first = t * kb * per;
     let lines = &w.lines[first..first + kb * per];
-    assert!(out.len() * k <= act.q.len() && out.len() * kb <= act.d.len());
-    let nib = vdupq_n_u8(0x0F);
-    let flip = vdupq_n_u8(0x80);
-    for (row, o) in out.iter_mut().enumerate() {
-        let mut acc = [vdupq_n_f32(0.0); TILE / 4];
+    assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
+    assert!(act.s.len() == act.d.len() && act.sum.len() == act.d.len());
+    assert!(out.len() >= R);
+    // SAFETY (every `unsafe` below without its own comment): register
+    // arithmetic; NEON is baseline on aarch64.
+    let (nib, flip) = unsafe { (vdupq_n_u8(0x0F), vdupq_n_u8(0x80)) };
+    for c in 0..TILE / 4 {
+        let mut acc = [unsafe { vdupq_n_f32(0.0) }; R];
         for b in 0..kb {
             let block = &lines[b * per..(b + 1) * per];
-            let x = &act.q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-            let (dx, sx) = (act.d[row * kb + b], act.s[row * kb + b]);
-            let xsum = act.sum[row * kb + b];
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let mut isum = vdupq_n_s32(0);
-                match w.bits {
-                    Bits::Four => {
-                        // Low nibbles of line i are values 4i.., high nibbles
-                        // 16 + 4i..: activation groups i and 4 + i.
-                        for i in 0..4 {
-                            let bytes = &block[1 + i].0[16 * c..16 * c + 16];
-                            // SAFETY: 16 bytes in bounds; NEON as required.
-                            unsafe {
-                                let v = vld1q_u8(bytes.as_ptr());
-                                let lo = vreinterpretq_s8_u8(vandq_u8(v, nib));
-                                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
-                                isum = vaddq_s32(isum, dot4(lo, group(x, i)));
-                                isum = vaddq_s32(isum, dot4(hi, group(x, 4 + i)));
+            // Activation groups 0..4 (lanes of `x0`) and 4..8 (of `x1`).
+            let half = |r: usize, h: usize| {
+                let at = (row + r) * k + b * BLOCK + 16 * h;
+                let x = &act.q[at..at + 16];
+                // SAFETY: 16 bytes in bounds; NEON is baseline on aarch64.
+                unsafe { vld1q_s8(x.as_ptr()) }
+            };
+            let x0: [int8x16_t; R] = std::array::from_fn(|r| half(r, 0));
+            let x1: [int8x16_t; R] = std::array::from_fn(|r| half(r, 1));
+            let mut isum = [unsafe { vdupq_n_s32(0) }; R];
+            // One weight line: 16 bytes, 4 per output row, at `16 c`.
+            let line = |l: usize| {
+                let bytes = &block[l].0[16 * c..16 * c + 16];
+                // SAFETY: 16 bytes in bounds; NEON is baseline on aarch64.
+                unsafe { vld1q_u8(bytes.as_ptr()) }
+            };
+            match w.bits {
+                Bits::Four => {
+                    // Low nibbles of line 1 + i are values 4i.., high
+                    // nibbles 16 + 4i..: activation groups i and 4 + i.
+                    macro_rules! four {
+                        ($i:literal) => {{
+                            let v = line(1 + $i);
+                            let (lo, hi) = unsafe {
+                                (
+                                    vreinterpretq_s8_u8(vandq_u8(v, nib)),
+                                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)),
+                                )
+                            };
+                            for r in 0..R {
+                                // SAFETY: CPU features as the caller's.
+                                isum[r] = unsafe { D::dot::<$i>(isum[r], lo, x0[r]) };
+                                // SAFETY: as above.
+                                isum[r] = unsafe { D::dot::<$i>(isum[r], hi, x1[r]) };
                             }
-                        }
+                        }};
                     }
-                    Bits::Eight => {
-                        for g in 0..8 {
-                            let bytes = &block[1 + g].0[16 * c..16 * c + 16];
-                            // SAFETY: 16 bytes in bounds; NEON as required.
-                            unsafe {
-                                let v = vld1q_u8(bytes.as_ptr());
-                                let q = vreinterpretq_s8_u8(veorq_u8(v, flip));
-                                isum = vaddq_s32(isum, dot4(q, group(x, g)));
-                            }
-                        }
-                        isum = vaddq_s32(isum, vdupq_n_s32(128 * xsum));
-                    }
+                    four!(0);
+                    four!(1);
+                    four!(2);
+                    four!(3);
                 }
-                let sc = &block[0].0;
-                // The other kernels' float steps, in their order.
-                // SAFETY: NEON as required.
-                unsafe {
-                    let dv = widen4(&sc[8 * c..]);
-                    let mv = widen4(&sc[32 + 8 * c..]);
-                    let fsum = vcvtq_f32_s32(isum);
-                    *acc = vfmaq_f32(*acc, vmulq_f32(dv, vdupq_n_f32(dx)), fsum);
-                    *acc = vfmaq_f32(*acc, mv, vdupq_n_f32(sx));
+                Bits::Eight => {
+                    // Line 1 + g holds activation group g's values.
+                    macro_rules! eight {
+                        ($g:literal, $x:ident, $lane:literal) => {{
+                            let v = line(1 + $g);
+                            let q = unsafe { vreinterpretq_s8_u8(veorq_u8(v, flip)) };
+                            for r in 0..R {
+                                // SAFETY: CPU features as the caller's.
+                                isum[r] = unsafe { D::dot::<$lane>(isum[r], q, $x[r]) };
+                            }
+                        }};
+                    }
+                    eight!(0, x0, 0);
+                    eight!(1, x0, 1);
+                    eight!(2, x0, 2);
+                    eight!(3, x0, 3);
+                    eight!(4, x1, 0);
+                    eight!(5, x1, 1);
+                    eight!(6, x1, 2);
+                    eight!(7, x1, 3);
+                    for (r, isum) in isum.iter_mut().enumerate() {
+                        let xsum = act.sum[(row + r) * kb + b];
+                        *isum = unsafe { vaddq_s32(*isum, vdupq_n_s32(128 * xsum)) };
+                    }
                 }
             }
+            // Scales `d` and offsets `m` of output rows `4 c..4 c + 4`.
+            let sc = &block[0].0;
+            // SAFETY: NEON is baseline on aarch64.
+            let (dv, mv) = unsafe { (widen4(&sc[8 * c..]), widen4(&sc[32 + 8 * c..])) };
+            // The other kernels' float steps, in their order.
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let (dx, sx) = (act.d[(row + r) * kb + b], act.s[(row + r) * kb + b]);
+                *acc = unsafe {
+                    let fsum = vcvtq_f32_s32(isum[r]);
+                    let acc = vfmaq_f32(*acc, vmulq_f32(dv, vdupq_n_f32(dx)), fsum);
+                    vfmaq_f32(acc, mv, vdupq_n_f32(sx))
+                };
+            }
         }
-        for (c, a) in acc.iter().enumerate() {
-            // SAFETY: `o[4 c..]` holds at least 4 f32s; NEON as required.
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: `o[4 c..]` holds at least 4 f32s; NEON is baseline.
             unsafe { vst1q_f32(o[4 * c..].as_mut_ptr(), *a) };
         }
     }
