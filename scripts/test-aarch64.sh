@@ -3,10 +3,13 @@
 # under qemu-user emulation: among them every packed kernel path the emulated CPU
 # has against the scalar path, bit for bit, on random data and on the default
 # model's shapes, and attention's and the quantizer's loops against theirs; then
-# shard/tests/kernel_paths.rs, the real default model's logits on each NEON path,
-# bit-identical to each other and near exact mode's. Both run twice: on qemu's `max` CPU (NEON with the dot-product extension: both NEON
-# kernels, `neon-dotprod` chosen) and on a Cortex-A72 (Armv8.0, the Raspberry Pi
-# 4's core: no `sdot`, plain `neon` chosen); `QEMU_CPU=name` runs one CPU only
+# shard/tests/kernel_paths.rs, the real default model's logits on each NEON path
+# (it fetches the model where it is missing), bit-identical to each other and near
+# exact mode's. Both run on three emulated CPUs: qemu's `max` (every extension qemu
+# emulates, `sdot` and `i8mm` among them: both NEON kernels, `neon-dotprod` chosen),
+# a Cortex-A76 (`sdot` without `i8mm`, the Raspberry Pi 5's core) and a Cortex-A72
+# (Armv8.0, the Raspberry Pi 4's core: no `sdot`, plain `neon` chosen, and candle's
+# products that would need it refused); `QEMU_CPU=name` runs one CPU only
 # (`qemu-aarch64-static -cpu help` lists them). Emulation checks results, not speed.
 #
 #   bash scripts/test-aarch64.sh [extra `cargo test` arguments]
@@ -36,7 +39,7 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
 # kernel_paths.rs runs itself again per kernel path: under the same emulator.
 export POLLEN_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
-for cpu in ${QEMU_CPU:-max cortex-a72}; do
+for cpu in ${QEMU_CPU:-max cortex-a76 cortex-a72}; do
   echo "== aarch64 CPU: $cpu" >&2
   QEMU_CPU=$cpu cargo test --target "$TARGET" -p pollen-shard --lib --test kernel_paths --release "$@"
 done

@@ -22,7 +22,7 @@ mod fetch;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use pollen_shard::kernels::{KERNEL_ENV, KernelPath, active_path};
+use pollen_shard::kernels::{KERNEL_ENV, KernelPath, active_path, candle_kernels_run};
 use pollen_shard::{
     BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, PollenTokenizer,
     WeightMode,
@@ -511,10 +511,24 @@ fn main() {
     // The fast mode once per packed kernel this CPU has; without one it runs
     // as q8_0, which has its own row.
     let simd = simd_paths();
-    let mut rows: Vec<(&str, &str, Option<KernelPath>)> = vec![("candle", "exact", None)];
-    rows.push(("pollen", "exact", None));
+    // Where candle's quantized products would stop with an illegal
+    // instruction (aarch64 without `sdot`), only Pollen's fast mode runs.
+    let candle = candle_kernels_run();
+    if !candle {
+        println!(
+            "candle's quantized products need the Arm dot-product extension, which this CPU \
+             lacks: only the fast mode is measured"
+        );
+    }
+    let mut rows: Vec<(&str, &str, Option<KernelPath>)> = Vec::new();
+    if candle {
+        rows.push(("candle", "exact", None));
+        rows.push(("pollen", "exact", None));
+    }
     rows.extend(simd.iter().map(|&p| ("pollen", "fast", Some(p))));
-    rows.push(("pollen", "q8_0", None));
+    if candle {
+        rows.push(("pollen", "q8_0", None));
+    }
     println!();
     println!(
         "| engine | weights | kernel | threads | prefill tok/s | decode tok/s | peak RSS MB | decode vs candle |"
@@ -549,12 +563,14 @@ fn main() {
             } else {
                 mode
             };
+            let vs = if candle_decode.is_nan() {
+                "–".to_string()
+            } else {
+                format!("{:.2}x", best[1] / candle_decode)
+            };
             println!(
-                "| {label} | {mode} | {ran} | {threads} | {:.1} | {:.1} | {:.0} | {:.2}x |",
-                best[0],
-                best[1],
-                best[2],
-                best[1] / candle_decode
+                "| {label} | {mode} | {ran} | {threads} | {:.1} | {:.1} | {:.0} | {vs} |",
+                best[0], best[1], best[2],
             );
         }
     }
@@ -562,7 +578,12 @@ fn main() {
     println!("| span | weights | kernel | block weight MB | peak RSS MB (span alone) |");
     println!("| --- | --- | --- | --- | --- |");
     let mut whole = std::collections::HashMap::new();
-    for mode in ["exact", "fast"] {
+    let span_modes: &[&str] = if candle {
+        &["exact", "fast"]
+    } else {
+        &["fast"]
+    };
+    for &mode in span_modes {
         for (a, b) in [(0usize, 30usize), (10, 20)] {
             let (r, ran) = run_child(
                 &[
@@ -594,6 +615,9 @@ fn main() {
     if !skip_prefill_memory {
         println!();
         prefill_memory_table(&path, false);
+    }
+    if !candle {
+        return;
     }
     println!();
     let steps = if quick { 16 } else { 64 };

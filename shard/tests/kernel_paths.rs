@@ -174,8 +174,8 @@ fn fast_logits_are_identical_on_every_simd_path_and_near_exact() -> Result<()> {
         return child(&PathBuf::from(out));
     }
     let model = fetch::ensure_default_model(&mut |l| eprintln!("{l}"))?;
-    // An Armv8.0 CPU cannot run candle's quantized kernels: exact mode is
-    // refused at load there, with an error, not an illegal instruction.
+    // An Armv8.0 CPU cannot run candle's Q8_0 product, the head's here: exact
+    // mode is refused at load there, with an error, not an illegal instruction.
     let exact = if candle_kernels_run() {
         Some(logits(&model, WeightMode::Exact)?)
     } else {
@@ -187,7 +187,8 @@ fn fast_logits_are_identical_on_every_simd_path_and_near_exact() -> Result<()> {
             "{err:#}"
         );
         eprintln!(
-            "no candle kernels on this CPU: exact mode refused, fast mode not compared with it"
+            "candle's Q8_0 product cannot run on this CPU: exact mode refused (the head is \
+             Q8_0), fast mode not compared with it"
         );
         None
     };

@@ -1,9 +1,9 @@
 //! The NEON kernels of [`PackedMatrix`], for aarch64: one for CPUs with the
-//! dot-product extension (FEAT_DotProd, `sdot`: optional from Armv8.2-A and
-//! present on nearly every 64-bit Arm chip since about 2018: Apple's M
-//! series, AWS Graviton 2 and later, Ampere Altra, the Cortex-A76/A78/X cores
-//! of phones and of the Raspberry Pi 5), and one for Armv8.0 cores without
-//! it (the Cortex-A72 of the Raspberry Pi 4, the A53). Like `avx2.rs`, this
+//! dot-product extension (FEAT_DotProd, `sdot`, optional from Armv8.2-A:
+//! Apple's M series, AWS Graviton 2 and later, Ampere Altra, the
+//! Cortex-A76/A78/X cores of phones and of the Raspberry Pi 5), and one for
+//! cores without it (the Cortex-A72 of the Raspberry Pi 4, the A53 of older
+//! boards). Like `avx2.rs`, this
 //! is unsafe code only because SIMD intrinsics and functions compiled for CPU
 //! features the build does not assume need `unsafe`; the rest of the crate
 //! reaches the kernels through [`NeonDot`] and [`Neon`], which exist only
@@ -111,6 +111,7 @@ impl Dot for Sdot {
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
 unsafe fn sdot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    const { assert!(0 <= L && L < 4, "a lane of four 4-byte groups") };
     let mut acc = acc;
     macro_rules! by_lane {
         ($lane:literal) => {
@@ -166,13 +167,14 @@ unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
     // SAFETY: 8 bytes in bounds; NEON as required.
     let h = vreinterpret_u16_u8(unsafe { vld1_u8(b.as_ptr()) });
     let wide: float32x4_t;
-    // SAFETY: `fcvtl` reads and writes only these registers.
+    // SAFETY: `fcvtl` reads and writes only these registers (and may raise
+    // the invalid-operation flag, on a signalling NaN: not `preserves_flags`).
     unsafe {
         asm!(
             "fcvtl {wide:v}.4s, {h:v}.4h",
             wide = lateout(vreg) wide,
             h = in(vreg) h,
-            options(pure, nomem, nostack, preserves_flags),
+            options(pure, nomem, nostack),
         )
     };
     wide

@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 /// The environment variable that forces a kernel path: `amx`, `avx512` (or
-/// `avx512-vnni`), `avx-vnni`, `avx2`, `neon-dotprod` (or `dotprod`), `neon`, `fallback`
-/// (or `none`), or `auto` (the
+/// `avx512-vnni`), `avx-vnni`, `avx2`, `neon-dotprod` (or `neon-dot`, `dotprod`, `sdot`),
+/// `neon`, `fallback` (or `none`), or `auto` (the
 /// default when unset). A path this CPU lacks is refused with a logged warning, and
 /// the automatic choice runs instead.
 pub const KERNEL_ENV: &str = "POLLEN_KERNEL";
@@ -74,7 +74,7 @@ impl KernelPath {
             Self::Avx2 => cpu().avx2,
             Self::NeonDot => cpu().neon_dot,
             Self::Neon => cpu().neon,
-            Self::None => candle_kernels_run(),
+            Self::None => cpu().candle,
         }
     }
 
@@ -100,13 +100,17 @@ impl std::fmt::Display for KernelPath {
     }
 }
 
-/// Whether candle's own quantized CPU kernels run on this CPU (the exact and
-/// requantized weight modes, and [`KernelPath::None`]). On aarch64 candle 0.11
-/// issues `sdot`, the dot-product extension's instruction, without asking the
-/// CPU, so an Armv8.0 core (a Cortex-A72, the Raspberry Pi 4's) would stop with
-/// an illegal instruction: there they are refused at load with an error.
+/// Whether every one of candle's quantized CPU kernels runs on this CPU (the
+/// exact and requantized weight modes use them, and [`KernelPath::None`]). On
+/// aarch64 candle 0.11's kernels for Q4_0, Q8_0 and the K-quants issue `sdot`,
+/// the dot-product extension's instruction, without asking the CPU, so on an
+/// Armv8.0 core (a Cortex-A72, the Raspberry Pi 4's) they would stop with an
+/// illegal instruction: there a matrix that would run on one is refused at
+/// load with an error (candle's Q4_1, Q5_0, Q5_1 and Q8_1 products are plain
+/// code there and run), the fast mode packs every type, and the `none` path
+/// is not offered.
 pub fn candle_kernels_run() -> bool {
-    !cfg!(target_arch = "aarch64") || cpu().neon_dot
+    cpu().candle
 }
 
 /// The CPU features the kernels need.
@@ -124,6 +128,8 @@ pub(super) struct Cpu {
     pub(super) neon_dot: bool,
     /// NEON (aarch64).
     pub(super) neon: bool,
+    /// Every one of candle's quantized CPU kernels runs ([`candle_kernels_run`]).
+    pub(super) candle: bool,
 }
 
 /// This CPU's features, detected once.
@@ -146,6 +152,7 @@ pub(super) fn cpu() -> Cpu {
                 avx2,
                 neon_dot: false,
                 neon: false,
+                candle: true,
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -158,6 +165,7 @@ pub(super) fn cpu() -> Cpu {
                 avx2: false,
                 neon_dot: neon && std::arch::is_aarch64_feature_detected!("dotprod"),
                 neon,
+                candle: std::arch::is_aarch64_feature_detected!("dotprod"),
             }
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -169,6 +177,7 @@ pub(super) fn cpu() -> Cpu {
                 avx2: false,
                 neon_dot: false,
                 neon: false,
+                candle: true,
             }
         }
     })
@@ -200,7 +209,7 @@ pub(super) fn choose(request: Option<&str>, cpu: Cpu) -> (KernelPath, Option<Str
         KernelPath::Avx2 => cpu.avx2,
         KernelPath::NeonDot => cpu.neon_dot,
         KernelPath::Neon => cpu.neon,
-        KernelPath::None => true,
+        KernelPath::None => cpu.candle,
     };
     match request.map(KernelPath::parse) {
         None | Some(Ok(None)) => (best, None),
@@ -272,6 +281,7 @@ mod tests {
         avx2: true,
         neon_dot: false,
         neon: false,
+        candle: true,
     };
     const BOTH: Cpu = Cpu {
         amx: false,
@@ -280,6 +290,7 @@ mod tests {
         avx2: true,
         neon_dot: false,
         neon: false,
+        candle: true,
     };
     const AVX2: Cpu = Cpu {
         amx: false,
@@ -288,6 +299,7 @@ mod tests {
         avx2: true,
         neon_dot: false,
         neon: false,
+        candle: true,
     };
     /// An Intel desktop chip since Alder Lake: AVX-VNNI, no AVX-512.
     const DESK: Cpu = Cpu {
@@ -297,6 +309,7 @@ mod tests {
         avx2: true,
         neon_dot: false,
         neon: false,
+        candle: true,
     };
     const BARE: Cpu = Cpu {
         amx: false,
@@ -305,6 +318,7 @@ mod tests {
         avx2: false,
         neon_dot: false,
         neon: false,
+        candle: true,
     };
     const ARM: Cpu = Cpu {
         amx: false,
@@ -313,6 +327,7 @@ mod tests {
         avx2: false,
         neon_dot: false,
         neon: true,
+        candle: false,
     };
     /// An Armv8.2-A or later chip: NEON with `sdot`.
     const ARM_DOT: Cpu = Cpu {
@@ -322,6 +337,7 @@ mod tests {
         avx2: false,
         neon_dot: true,
         neon: true,
+        candle: true,
     };
 
     #[test]
@@ -380,6 +396,10 @@ mod tests {
         let (p, w) = choose(Some("neon-dotprod"), ARM);
         assert_eq!(p, KernelPath::Neon);
         assert!(w.is_some_and(|w| w.contains("lacks")));
+        let (p, w) = choose(Some("none"), ARM);
+        assert_eq!(p, KernelPath::Neon);
+        assert!(w.is_some_and(|w| w.contains("lacks")));
+        assert_eq!(choose(Some("none"), ARM_DOT), (KernelPath::None, None));
         let (p, w) = choose(Some("sdot"), AVX2);
         assert_eq!(p, KernelPath::Avx2);
         assert!(w.is_some_and(|w| w.contains("lacks")));

@@ -74,23 +74,47 @@ fn requantize(q: QTensor, target: GgmlDType) -> Result<QTensor> {
     }
 }
 
-/// The error for a quantized matrix that would run on candle's CPU kernels
-/// where they cannot run ([`crate::kernels::candle_kernels_run`]): an Armv8.0
-/// CPU, which would stop with an illegal instruction at the first product.
-fn no_candle_kernels(name: &str, dtype: GgmlDType, mode: WeightMode) -> ShardError {
-    let way_out = if mode == WeightMode::Fast {
+/// Whether candle's CPU product for `dtype` runs here: everywhere but on an
+/// aarch64 CPU without the dot-product extension, where candle 0.11's NEON
+/// products for Q4_0, Q8_0 and the K-quants would stop with an illegal
+/// instruction and only its plain-code ones (Q4_1, Q5_0, Q5_1, Q8_1; float
+/// types) run ([`crate::kernels::candle_kernels_run`]; to be checked again
+/// when candle changes).
+fn candle_runs(dtype: GgmlDType) -> bool {
+    crate::kernels::candle_kernels_run()
+        || matches!(
+            dtype,
+            GgmlDType::Q4_1
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q8_1
+                | GgmlDType::F32
+                | GgmlDType::F16
+                | GgmlDType::BF16
+        )
+}
+
+/// The error for a quantized matrix that would run on a candle CPU product
+/// that cannot run here ([`candle_runs`]).
+fn no_candle_kernel(name: &str, from: GgmlDType, now: GgmlDType, mode: WeightMode) -> ShardError {
+    let what = if from == now {
+        format!("this {now:?} matrix")
+    } else {
+        format!("this matrix ({from:?}, requantized to {now:?})")
+    };
+    let lacks = "which needs the Arm dot-product extension (Armv8.2-A and later) that this \
+                 CPU lacks";
+    ShardError::BadInput(if mode == WeightMode::Fast {
         format!(
-            "Pollen's own NEON kernel does not take this matrix ({dtype:?} or its shape); \
-             a model of Q4_0, Q4_1, Q8_0 or K-quants with rows in multiples of 16 runs here"
+            "{name}: {what} does not fit Pollen's packed layout (rows in multiples of 16, \
+             columns of 32), and candle's product for it, {lacks}"
         )
     } else {
-        "use `--weights fast` (the default), which runs on Pollen's own NEON kernel".to_string()
-    };
-    ShardError::BadInput(format!(
-        "{name}: weights `{mode}` would compute this {dtype:?} matrix on candle's quantized \
-         CPU kernels, which need the Arm dot-product extension (Armv8.2-A and later) that \
-         this CPU lacks; {way_out}"
-    ))
+        format!(
+            "{name}: weights `{mode}` compute {what} on candle's product, {lacks}; use \
+             `--weights fast` (the default), which runs on Pollen's own NEON kernel"
+        )
+    })
 }
 
 pub(super) fn linear_from(
@@ -102,6 +126,7 @@ pub(super) fn linear_from(
 ) -> Result<Linear> {
     let inner = match weight {
         Weight::Quantized(q) => {
+            let from = q.dtype();
             let dims = q.shape().dims().to_vec();
             if dims != [rows, cols] {
                 return Err(ShardError::ShapeMismatch {
@@ -114,8 +139,10 @@ pub(super) fn linear_from(
                 WeightMode::Exact => q,
                 WeightMode::Requantize(t) => requantize(q, t)?,
                 WeightMode::Fast => {
-                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants.
-                    let packable = needs_requant(q.dtype())
+                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants;
+                    // where candle's products may fault, every type does.
+                    let packable = !crate::kernels::candle_kernels_run()
+                        || needs_requant(q.dtype())
                         || matches!(
                             q.dtype(),
                             GgmlDType::Q4_0
@@ -130,15 +157,19 @@ pub(super) fn linear_from(
                             span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
                         });
                     }
-                    requantize(q, GgmlDType::Q8_0)?
+                    if candle_runs(GgmlDType::Q8_0) {
+                        requantize(q, GgmlDType::Q8_0)?
+                    } else {
+                        q
+                    }
                 }
             };
             let m = QMatMul::from_qtensor(q)?;
             if let QMatMul::QTensor(t) = &m
                 && t.device().is_cpu()
-                && !crate::kernels::candle_kernels_run()
+                && !candle_runs(t.dtype())
             {
-                return Err(no_candle_kernels(name, t.dtype(), mode));
+                return Err(no_candle_kernel(name, from, t.dtype(), mode));
             }
             LinearInner::Candle(m)
         }
@@ -263,39 +294,64 @@ impl<const N: usize> Projections<N> {
 mod tests {
     use super::*;
 
-    /// A 32×64 Q4_1 matrix (the default model's type) of varied values.
-    fn q4_1() -> QTensor {
-        let w: Vec<f32> = (0..32 * 64)
+    /// A `rows`×`cols` matrix of varied values in `dtype`.
+    fn matrix(dtype: GgmlDType, rows: usize, cols: usize) -> Weight {
+        let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
-        let t = Tensor::from_vec(w, (32, 64), &Device::Cpu).unwrap();
-        QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        Weight::Quantized(QTensor::quantize(&t, dtype).unwrap())
     }
 
-    /// On a CPU where candle's quantized kernels would stop with an illegal
-    /// instruction (aarch64 without `sdot`; `scripts/test-aarch64.sh` runs
-    /// this on an emulated Cortex-A72), the modes that use them are refused
-    /// at load with the way out; the fast mode runs on Pollen's kernel.
+    /// Loads the matrix and runs a product of 2 rows through it; `Err` with
+    /// the load's message.
+    fn product(dtype: GgmlDType, rows: usize, cols: usize, mode: WeightMode) -> Result<Linear> {
+        let l = linear_from(matrix(dtype, rows, cols), "w", rows, cols, mode)?;
+        let x = Tensor::ones((2, cols), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(l.forward(&x).unwrap().dims(), [2, rows], "{dtype:?} {mode}");
+        Ok(l)
+    }
+
+    /// On a CPU where some of candle's quantized products would stop with an
+    /// illegal instruction (aarch64 without `sdot`; `scripts/test-aarch64.sh`
+    /// runs this on an emulated Cortex-A72), a matrix that would run on one
+    /// is refused at load with the way out, the others run, and the fast mode
+    /// packs every type.
     #[test]
-    fn candles_kernels_are_used_only_where_they_run() {
-        let x = Tensor::ones((2, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let q8 = WeightMode::Requantize(GgmlDType::Q8_0);
-        for mode in [WeightMode::Exact, q8] {
-            let got = linear_from(Weight::Quantized(q4_1()), "w", 32, 64, mode);
-            if crate::kernels::candle_kernels_run() {
-                let y = got.unwrap().forward(&x).unwrap();
-                assert_eq!(y.dims(), [2, 32], "{mode}");
-            } else {
-                let err = got.unwrap_err().to_string();
-                assert!(err.contains("dot-product extension"), "{mode}: {err}");
-                assert!(err.contains("`--weights fast`"), "{mode}: {err}");
-            }
+    fn candle_products_are_used_only_where_they_run() {
+        let all = crate::kernels::candle_kernels_run();
+        let refused = |r: Result<Linear>, what: &str, hint: &str| {
+            let err = r.err().unwrap().to_string();
+            assert!(err.contains("dot-product extension"), "{what}: {err}");
+            assert!(err.contains(hint), "{what}: {err}");
+        };
+        // Q4_1 is plain code in candle on every CPU.
+        product(GgmlDType::Q4_1, 32, 64, WeightMode::Exact).unwrap();
+        let exact_q8 = product(GgmlDType::Q8_0, 32, 64, WeightMode::Exact);
+        let requantized = product(
+            GgmlDType::Q4_1,
+            32,
+            64,
+            WeightMode::Requantize(GgmlDType::Q8_0),
+        );
+        // Rows not a multiple of 16 do not pack: candle's product or nothing.
+        let unfit = product(GgmlDType::Q8_0, 8, 64, WeightMode::Fast);
+        if all {
+            exact_q8.unwrap();
+            requantized.unwrap();
+            unfit.unwrap();
+        } else {
+            refused(exact_q8, "exact Q8_0", "`--weights fast`");
+            refused(requantized, "q8_0", "requantized to Q8_0");
+            refused(unfit, "unfit fast", "packed layout");
         }
-        let fast = linear_from(Weight::Quantized(q4_1()), "w", 32, 64, WeightMode::Fast);
+        // Q2_K has no packed layout of its own: candle's where it runs,
+        // packed as 8-bit quants where it does not.
+        let q2k = product(GgmlDType::Q2K, 32, 256, WeightMode::Fast).unwrap();
+        assert_eq!(q2k.packed().is_some(), !all);
         if crate::kernels::simd_available() {
-            let fast = fast.unwrap();
+            let fast = product(GgmlDType::Q4_1, 32, 64, WeightMode::Fast).unwrap();
             assert!(fast.packed().is_some());
-            assert_eq!(fast.forward(&x).unwrap().dims(), [2, 32]);
         }
     }
 }
