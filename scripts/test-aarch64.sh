@@ -7,10 +7,11 @@
 # (it fetches the model where it is missing), bit-identical to each other and near
 # exact mode's. Both run on three emulated CPUs: qemu's `max` (every extension qemu
 # emulates, `sdot` and `i8mm` among them: both NEON kernels, `neon-dotprod` chosen),
-# a Cortex-A76 (`sdot` without `i8mm`, the Raspberry Pi 5's core) and a Cortex-A72
-# (Armv8.0, the Raspberry Pi 4's core: no `sdot`, plain `neon` chosen, and candle's
-# products that would need it refused); `QEMU_CPU=name` runs one CPU only
-# (`qemu-aarch64-static -cpu help` lists them). Emulation checks results, not speed.
+# a Cortex-A72 (Armv8.0, the Raspberry Pi 4's core: no `sdot`, plain `neon` chosen,
+# and candle's products that would need it refused) and a Cortex-A76 (`sdot`
+# without `i8mm`, the Raspberry Pi 5's core; qemu 7.1 and later), each one this
+# qemu emulates; `QEMU_CPU=name` runs one CPU only (`qemu-aarch64-static -cpu help`
+# lists them). Emulation checks results, not speed.
 #
 #   bash scripts/test-aarch64.sh [extra `cargo test` arguments]
 #
@@ -39,7 +40,12 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
 # kernel_paths.rs runs itself again per kernel path: under the same emulator.
 export POLLEN_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
-for cpu in ${QEMU_CPU:-max cortex-a76 cortex-a72}; do
+emulated=$(qemu-aarch64-static -cpu help || true)  # it lists, then exits non-zero
+for cpu in ${QEMU_CPU:-max cortex-a72 cortex-a76}; do
+  if ! grep -qw -- "$cpu" <<<"$emulated"; then
+    echo "== aarch64 CPU: $cpu is not one this qemu emulates: skipped" >&2
+    continue
+  fi
   echo "== aarch64 CPU: $cpu" >&2
   QEMU_CPU=$cpu cargo test --target "$TARGET" -p pollen-shard --lib --test kernel_paths --release "$@"
 done

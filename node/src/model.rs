@@ -9,9 +9,9 @@ use std::path::Path;
 
 /// The compute mode this node runs with `opts`, as announced and checked by peers: the
 /// weight arithmetic and the device kind. Two nodes give bit-identical hidden states only
-/// if their modes are equal. `fast` runs Pollen's packed kernels (AVX-512 VNNI or AVX2,
-/// bit-identical to each other, tested in shard); on a CPU with neither it runs as
-/// `q8_0`.
+/// if their modes are equal. `fast` runs Pollen's packed kernels (AMX, AVX-512 VNNI,
+/// AVX-VNNI, AVX2 or NEON, bit-identical to each other, tested in shard), packing the
+/// same matrices on every CPU; on a CPU with none of them it runs as `q8_0`.
 pub fn compute_mode(opts: &LoadOptions) -> String {
     let mode = match opts.effective_mode() {
         WeightMode::Exact => "exact".to_string(),

@@ -93,7 +93,8 @@ trait Dot {
     unsafe fn dot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t;
 }
 
-/// [`Dot`] by `sdot`, for [`NeonDot`].
+/// [`Dot`] by `sdot`, for [`NeonDot`]: only [`tile_sdot`], compiled for the
+/// dot-product extension, instantiates [`rows`] with it.
 struct Sdot;
 
 impl Dot for Sdot {

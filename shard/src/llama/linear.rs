@@ -74,24 +74,23 @@ fn requantize(q: QTensor, target: GgmlDType) -> Result<QTensor> {
     }
 }
 
-/// Whether candle's CPU product for `dtype` runs here: everywhere but on an
-/// aarch64 CPU without the dot-product extension, where candle 0.11's NEON
-/// products for Q4_0, Q8_0 and the K-quants would stop with an illegal
-/// instruction and only its plain-code ones (Q4_1, Q5_0, Q5_1, Q8_1; float
-/// types) run ([`crate::kernels::candle_kernels_run`]; to be checked again
-/// when candle changes).
+/// Whether candle's CPU product for a quantized `dtype` runs here
+/// ([`crate::kernels::candle_kernels_run`] says whether all of them do).
 fn candle_runs(dtype: GgmlDType) -> bool {
-    crate::kernels::candle_kernels_run()
-        || matches!(
-            dtype,
-            GgmlDType::Q4_1
-                | GgmlDType::Q5_0
-                | GgmlDType::Q5_1
-                | GgmlDType::Q8_1
-                | GgmlDType::F32
-                | GgmlDType::F16
-                | GgmlDType::BF16
-        )
+    candle_product_runs(crate::kernels::candle_kernels_run(), dtype)
+}
+
+/// Whether candle's CPU product for a quantized `dtype` runs on a CPU where
+/// all of them do (`all`) or not: an aarch64 CPU without the dot-product
+/// extension, where candle 0.11's NEON products for Q4_0, Q8_0 and the
+/// K-quants would stop with an illegal instruction and only its plain-code
+/// ones (Q4_1, Q5_0, Q5_1, Q8_1) run (to be checked again when candle
+/// changes). Float matrices never get here: candle keeps them dense.
+fn candle_product_runs(all: bool, dtype: GgmlDType) -> bool {
+    all || matches!(
+        dtype,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
+    )
 }
 
 /// The error for a quantized matrix that would run on a candle CPU product
@@ -106,13 +105,14 @@ fn no_candle_kernel(name: &str, from: GgmlDType, now: GgmlDType, mode: WeightMod
                  CPU lacks";
     ShardError::BadInput(if mode == WeightMode::Fast {
         format!(
-            "{name}: {what} does not fit Pollen's packed layout (rows in multiples of 16, \
-             columns of 32), and candle's product for it, {lacks}"
+            "{name}: {what} has no packed form in the fast mode (Q4_0, Q4_1, Q8_0, Q4_K, \
+             Q5_K or Q6_K, rows in multiples of 16, columns of 32), so it computes on \
+             candle's product on every CPU (fast-mode servers agree bit for bit), {lacks}"
         )
     } else {
         format!(
-            "{name}: weights `{mode}` compute {what} on candle's product, {lacks}; use \
-             `--weights fast` (the default), which runs on Pollen's own NEON kernel"
+            "{name}: weights `{mode}` compute {what} on candle's product, {lacks}; \
+             `--weights fast` (the default) runs the packed types on Pollen's own NEON kernel"
         )
     })
 }
@@ -139,10 +139,11 @@ pub(super) fn linear_from(
                 WeightMode::Exact => q,
                 WeightMode::Requantize(t) => requantize(q, t)?,
                 WeightMode::Fast => {
-                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants;
-                    // where candle's products may fault, every type does.
-                    let packable = !crate::kernels::candle_kernels_run()
-                        || needs_requant(q.dtype())
+                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants.
+                    // The same on every CPU: fast-mode servers must agree
+                    // bit for bit, so what does not pack takes candle's
+                    // product everywhere (or is refused where it cannot run).
+                    let packable = needs_requant(q.dtype())
                         || matches!(
                             q.dtype(),
                             GgmlDType::Q4_0
@@ -157,11 +158,7 @@ pub(super) fn linear_from(
                             span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
                         });
                     }
-                    if candle_runs(GgmlDType::Q8_0) {
-                        requantize(q, GgmlDType::Q8_0)?
-                    } else {
-                        q
-                    }
+                    requantize(q, GgmlDType::Q8_0)?
                 }
             };
             let m = QMatMul::from_qtensor(q)?;
@@ -312,11 +309,24 @@ mod tests {
         Ok(l)
     }
 
+    /// Which of candle's products an Armv8.0 CPU runs: the plain-code ones.
+    #[test]
+    fn without_sdot_only_candles_plain_products_run() {
+        use GgmlDType::*;
+        for t in [
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K,
+        ] {
+            assert!(candle_product_runs(true, t), "{t:?}");
+            let plain = matches!(t, Q4_1 | Q5_0 | Q5_1 | Q8_1);
+            assert_eq!(candle_product_runs(false, t), plain, "{t:?}");
+        }
+    }
+
     /// On a CPU where some of candle's quantized products would stop with an
     /// illegal instruction (aarch64 without `sdot`; `scripts/test-aarch64.sh`
     /// runs this on an emulated Cortex-A72), a matrix that would run on one
-    /// is refused at load with the way out, the others run, and the fast mode
-    /// packs every type.
+    /// is refused at load with an error, the others run, and the fast mode
+    /// chooses the same arithmetic as on any other CPU.
     #[test]
     fn candle_products_are_used_only_where_they_run() {
         let all = crate::kernels::candle_kernels_run();
@@ -325,8 +335,26 @@ mod tests {
             assert!(err.contains("dot-product extension"), "{what}: {err}");
             assert!(err.contains(hint), "{what}: {err}");
         };
-        // Q4_1 is plain code in candle on every CPU.
-        product(GgmlDType::Q4_1, 32, 64, WeightMode::Exact).unwrap();
+        let on_candle = |l: Linear, what: &str| {
+            assert!(l.packed().is_none(), "{what} packed");
+        };
+        // Plain code in candle on every CPU: Q4_1, Q5_0 (exact), and a Q4_1
+        // matrix `q4k` leaves as it is (64 columns are not a Q4_K block).
+        for t in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+            on_candle(product(t, 32, 64, WeightMode::Exact).unwrap(), "exact");
+        }
+        let kept = product(
+            GgmlDType::Q4_1,
+            32,
+            64,
+            WeightMode::Requantize(GgmlDType::Q4K),
+        );
+        on_candle(kept.unwrap(), "q4k of 64 columns");
+        // Float matrices stay dense in every mode.
+        on_candle(
+            product(GgmlDType::F16, 32, 64, WeightMode::Fast).unwrap(),
+            "f16",
+        );
         let exact_q8 = product(GgmlDType::Q8_0, 32, 64, WeightMode::Exact);
         let requantized = product(
             GgmlDType::Q4_1,
@@ -334,21 +362,22 @@ mod tests {
             64,
             WeightMode::Requantize(GgmlDType::Q8_0),
         );
-        // Rows not a multiple of 16 do not pack: candle's product or nothing.
-        let unfit = product(GgmlDType::Q8_0, 8, 64, WeightMode::Fast);
+        // Rows not a multiple of 16 do not pack: requantized to Q8_0 for
+        // candle's product, as on every CPU.
+        let unfit = product(GgmlDType::Q4_1, 8, 64, WeightMode::Fast);
+        // Q2_K has no packed form: candle's product, as on every CPU.
+        let q2k = product(GgmlDType::Q2K, 32, 256, WeightMode::Fast);
         if all {
-            exact_q8.unwrap();
-            requantized.unwrap();
-            unfit.unwrap();
+            on_candle(exact_q8.unwrap(), "exact Q8_0");
+            on_candle(requantized.unwrap(), "q8_0");
+            on_candle(unfit.unwrap(), "unfit Q4_1");
+            on_candle(q2k.unwrap(), "Q2_K");
         } else {
             refused(exact_q8, "exact Q8_0", "`--weights fast`");
             refused(requantized, "q8_0", "requantized to Q8_0");
-            refused(unfit, "unfit fast", "packed layout");
+            refused(unfit, "unfit Q4_1", "no packed form");
+            refused(q2k, "Q2_K", "no packed form");
         }
-        // Q2_K has no packed layout of its own: candle's where it runs,
-        // packed as 8-bit quants where it does not.
-        let q2k = product(GgmlDType::Q2K, 32, 256, WeightMode::Fast).unwrap();
-        assert_eq!(q2k.packed().is_some(), !all);
         if crate::kernels::simd_available() {
             let fast = product(GgmlDType::Q4_1, 32, 64, WeightMode::Fast).unwrap();
             assert!(fast.packed().is_some());

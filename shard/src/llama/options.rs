@@ -8,8 +8,9 @@ use candle_core::quantized::GgmlDType;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
     /// As stored in the file: bit-identical to candle-transformers' own model.
-    /// Refused at load on a CPU where candle's quantized kernels cannot run
-    /// ([`crate::kernels::candle_kernels_run`]).
+    /// A matrix whose candle product cannot run on this CPU is refused at
+    /// load ([`crate::kernels::candle_kernels_run`]: Q4_0, Q8_0 and K-quants
+    /// on an Armv8.0 CPU).
     Exact,
     /// Quantized types without a fast CPU kernel in candle (Q4_1, Q5_0, Q5_1,
     /// Q8_1) are requantized at load to this type, which has one. Logits move
