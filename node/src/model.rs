@@ -11,23 +11,36 @@ use std::path::Path;
 /// weight arithmetic and the device kind. Two nodes give bit-identical hidden states only
 /// if their modes are equal. `fast` runs Pollen's packed kernels (AMX, AVX-512 VNNI,
 /// AVX-VNNI, AVX2 or NEON, bit-identical to each other, tested in shard), packing the
-/// same matrices on every CPU; on a CPU with none of them it runs as `q8_0`.
+/// same matrices on every CPU, and the same bits on x86-64 and aarch64 (the default
+/// model's logits compared); on a CPU with none of them it runs as `q8_0`. The other CPU
+/// modes compute on candle's kernels, which the build chooses per architecture: exact
+/// mode's logits on aarch64 differ from x86-64's (by up to 0.86 on the default model), so
+/// off x86-64 their device names the architecture (`exact/cpu-aarch64`).
 pub fn compute_mode(opts: &LoadOptions) -> String {
-    let mode = match opts.effective_mode() {
-        WeightMode::Exact => "exact".to_string(),
-        WeightMode::Requantize(t) => format!("{t:?}").to_ascii_lowercase(),
-        WeightMode::Fast if opts.device.is_cpu() && pollen_shard::kernels::simd_available() => {
-            "fast".to_string()
-        }
-        WeightMode::Fast if opts.device.is_cpu() => "q8_0".to_string(),
-        WeightMode::Fast => "fast".to_string(),
+    let packed = opts.device.is_cpu() && pollen_shard::kernels::simd_available();
+    mode_name(opts, packed, std::env::consts::ARCH)
+}
+
+/// [`compute_mode`] where `packed` says whether the fast mode runs on Pollen's packed
+/// kernels and `arch` names the CPU architecture.
+fn mode_name(opts: &LoadOptions, packed: bool, arch: &str) -> String {
+    let (mode, on_candle) = match opts.effective_mode() {
+        WeightMode::Exact => ("exact".to_string(), true),
+        WeightMode::Requantize(t) => (format!("{t:?}").to_ascii_lowercase(), true),
+        WeightMode::Fast if opts.device.is_cpu() && packed => ("fast".to_string(), false),
+        WeightMode::Fast if opts.device.is_cpu() => ("q8_0".to_string(), true),
+        WeightMode::Fast => ("fast".to_string(), false),
     };
     let device = if opts.device.is_cpu() {
-        "cpu"
+        if on_candle && arch != "x86_64" {
+            format!("cpu-{arch}")
+        } else {
+            "cpu".to_string()
+        }
     } else if opts.device.is_cuda() {
-        "cuda"
+        "cuda".to_string()
     } else {
-        "metal"
+        "metal".to_string()
     };
     format!("{mode}/{device}")
 }
@@ -54,4 +67,45 @@ pub fn model_id(
         fetch::write_cached("model-ids", &key, &id.to_string());
     }
     Ok(id)
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    #[test]
+    fn candle_modes_name_the_architecture_off_x86_64() {
+        let cpu = |mode| LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode,
+        };
+        let q8 = WeightMode::Requantize(GgmlDType::Q8_0);
+        for arch in ["x86_64", "aarch64"] {
+            assert_eq!(mode_name(&cpu(WeightMode::Fast), true, arch), "fast/cpu");
+        }
+        assert_eq!(
+            mode_name(&cpu(WeightMode::Exact), true, "x86_64"),
+            "exact/cpu"
+        );
+        assert_eq!(mode_name(&cpu(q8), true, "x86_64"), "q8_0/cpu");
+        assert_eq!(
+            mode_name(&cpu(WeightMode::Fast), false, "x86_64"),
+            "q8_0/cpu"
+        );
+        let arm = mode_name(&cpu(WeightMode::Exact), true, "aarch64");
+        assert_eq!(arm, "exact/cpu-aarch64");
+        assert_eq!(mode_name(&cpu(q8), true, "aarch64"), "q8_0/cpu-aarch64");
+        assert_eq!(
+            mode_name(&cpu(WeightMode::Fast), false, "aarch64"),
+            "q8_0/cpu-aarch64"
+        );
+        for arch in ["aarch64", "riscv64", "powerpc64", "loongarch64"] {
+            let long = mode_name(&cpu(WeightMode::Requantize(GgmlDType::Q4K)), true, arch);
+            assert!(
+                long.len() <= pollen_protocol::limits::MAX_COMPUTE_LEN,
+                "{long}"
+            );
+        }
+    }
 }
