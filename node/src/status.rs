@@ -101,7 +101,22 @@ pub fn gaps(covered: &[bool]) -> Vec<(usize, usize)> {
     out
 }
 
-/// The swarm as JSON: `{"models":[{"id", "name", "num_blocks", "servers":[...], "uncovered":[[a,b]]}]}`.
+/// Runs of blocks `0..num_blocks` that no announcement in `anns` serves.
+fn uncovered(anns: &[&VerifiedAnnouncement], num_blocks: usize) -> Vec<(usize, usize)> {
+    let mut covered = vec![false; num_blocks];
+    for a in anns {
+        for b in a.blocks.start()..a.blocks.end() {
+            if let Some(c) = covered.get_mut(b as usize) {
+                *c = true;
+            }
+        }
+    }
+    gaps(&covered)
+}
+
+/// The swarm as JSON: `{"models":[{"id", "name", "num_blocks", "servers":[...],
+/// "uncovered":[[a,b]]}]}`; where a model's servers announce more than one compute mode
+/// (a client routes through one), also `"uncovered_by_compute": {mode: [[a,b]]}`.
 pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
     let mut models: BTreeMap<String, Vec<&VerifiedAnnouncement>> = BTreeMap::new();
     for a in book {
@@ -111,14 +126,12 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
         .into_iter()
         .map(|(id, anns)| {
             let num_blocks = anns.iter().map(|a| a.num_blocks).max().unwrap_or(0) as usize;
-            let mut covered = vec![false; num_blocks];
+            let mut by_compute: BTreeMap<&str, Vec<&VerifiedAnnouncement>> = BTreeMap::new();
             for a in &anns {
-                for b in a.blocks.start()..a.blocks.end() {
-                    if let Some(c) = covered.get_mut(b as usize) {
-                        *c = true;
-                    }
-                }
+                by_compute.entry(a.compute.as_str()).or_default().push(a);
             }
+            let pairs =
+                |g: Vec<(usize, usize)>| g.into_iter().map(|(a, b)| [a, b]).collect::<Vec<_>>();
             let servers: Vec<Value> = anns
                 .iter()
                 .map(|a| {
@@ -143,13 +156,23 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                 // Chosen by a peer: no control character reaches a terminal or a page.
                 .map(|a| pollen_protocol::printable(&a.model_name))
                 .unwrap_or_default();
-            json!({
+            let mut model = json!({
                 "id": id,
                 "name": name,
                 "num_blocks": num_blocks,
                 "servers": servers,
-                "uncovered": gaps(&covered).into_iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
-            })
+                "uncovered": pairs(uncovered(&anns, num_blocks)),
+            });
+            if by_compute.len() > 1 {
+                let each: serde_json::Map<String, Value> = by_compute
+                    .iter()
+                    .map(|(mode, anns)| {
+                        (mode.to_string(), json!(pairs(uncovered(anns, num_blocks))))
+                    })
+                    .collect();
+                model["uncovered_by_compute"] = Value::Object(each);
+            }
+            model
         })
         .collect();
     json!({ "models": models })
@@ -170,12 +193,12 @@ pub fn to_text(status: &Value, color: bool) -> String {
             m["num_blocks"]
         ));
         out.push_str(&format!(
-            "  {:<54} {:>9} {:>12} {:>14} {:>8} {:>11}\n",
+            "  {:<54} {:>9} {:>12} {:>18} {:>8} {:>11}\n",
             "peer", "blocks", "tokens/s", "compute", "age", "reach"
         ));
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
             out.push_str(&format!(
-                "  {:<54} {:>9} {:>12.1} {:>14} {:>7.0}s {:>11}\n",
+                "  {:<54} {:>9} {:>12.1} {:>18} {:>7.0}s {:>11}\n",
                 s["peer"].as_str().unwrap_or("?"),
                 format!("{}:{}", s["blocks"][0], s["blocks"][1]),
                 s["throughput"].as_f64().unwrap_or(0.0),
@@ -184,16 +207,25 @@ pub fn to_text(status: &Value, color: bool) -> String {
                 s["reach"].as_str().unwrap_or("-")
             ));
         }
-        let gaps = m["uncovered"].as_array().cloned().unwrap_or_default();
-        if gaps.is_empty() {
-            out.push_str("  every block is served\n");
-        } else {
+        let mut coverage = |prefix: &str, gaps: &Value| {
+            let gaps = gaps.as_array().cloned().unwrap_or_default();
+            if gaps.is_empty() {
+                out.push_str(&format!("  {prefix}every block is served\n"));
+                return;
+            }
             let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
-            let line = format!("  uncovered blocks: {}", text.join(", "));
+            let line = format!("  {prefix}uncovered blocks: {}", text.join(", "));
             if color {
                 out.push_str(&format!("\x1b[31m{line}\x1b[0m\n"));
             } else {
                 out.push_str(&format!("{line}\n"));
+            }
+        };
+        coverage("", &m["uncovered"]);
+        // A client routes through servers of its own compute mode only.
+        if let Some(each) = m["uncovered_by_compute"].as_object() {
+            for (mode, gaps) in each {
+                coverage(&format!("{mode}: "), gaps);
             }
         }
     }
@@ -201,6 +233,7 @@ pub fn to_text(status: &Value, color: bool) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -212,5 +245,81 @@ mod tests {
         );
         assert!(gaps(&[true, true]).is_empty());
         assert_eq!(gaps(&[false, false]), vec![(0, 2)]);
+    }
+
+    /// A signed, verified announcement of blocks `start..end` of 30 in `compute` by
+    /// the peer of key `[n; 32]`.
+    fn ann(n: u8, start: u32, end: u32, compute: &str, now: u64) -> VerifiedAnnouncement {
+        use ed25519_dalek::SigningKey;
+        use pollen_protocol::{
+            Announcement, BlockRange, FreshnessPolicy, ModelId, SignedAnnouncement,
+            peer_id_bytes_for_ed25519,
+        };
+        let key = [n; 32];
+        let a = Announcement {
+            peer: peer_id_bytes_for_ed25519(
+                &SigningKey::from_bytes(&key).verifying_key().to_bytes(),
+            ),
+            model_id: ModelId::from_bytes([7; 32]),
+            model_name: "m".into(),
+            num_blocks: 30,
+            blocks: BlockRange::new(start, end).unwrap(),
+            throughput: 10.0,
+            free_sessions: 1,
+            free_cache_tokens: 1000,
+            addrs: vec![],
+            compute: compute.into(),
+            next_rtts: vec![],
+            issued_at_ms: now,
+            expires_at_ms: now + 30_000,
+            seq: 1,
+        };
+        SignedAnnouncement::sign(a, &key)
+            .unwrap()
+            .verify(now, &FreshnessPolicy::default())
+            .unwrap()
+    }
+
+    /// Blocks served only in another compute mode are not served for a client of
+    /// this one: with two modes, each mode's coverage is shown.
+    #[test]
+    fn coverage_is_shown_per_compute_mode_where_modes_differ() {
+        let now = crate::clock::unix_ms();
+        let one = [
+            ann(1, 0, 15, "exact/cpu", now),
+            ann(2, 15, 30, "exact/cpu", now),
+        ];
+        let status = to_json(&one, now);
+        assert!(status["models"][0].get("uncovered_by_compute").is_none());
+        let text = to_text(&status, false);
+        assert!(text.contains("  every block is served\n"), "{text}");
+        let mixed = [
+            ann(1, 0, 15, "exact/cpu", now),
+            ann(2, 15, 30, "exact/cpu-aarch64", now),
+            ann(3, 0, 30, "fast/cpu", now),
+        ];
+        let status = to_json(&mixed, now);
+        let each = &status["models"][0]["uncovered_by_compute"];
+        assert_eq!(each["exact/cpu"], json!([[15, 30]]));
+        assert_eq!(each["exact/cpu-aarch64"], json!([[0, 15]]));
+        assert_eq!(each["fast/cpu"], json!([]));
+        let text = to_text(&status, false);
+        assert!(text.contains("  every block is served\n"), "{text}");
+        assert!(
+            text.contains("  exact/cpu: uncovered blocks: 15:30\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  exact/cpu-aarch64: uncovered blocks: 0:15\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  fast/cpu: every block is served\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(" exact/cpu-aarch64 "),
+            "the column fits the mode: {text}"
+        );
     }
 }
