@@ -299,6 +299,34 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Where a model's servers announce more than one compute mode, a paragraph per mode
+/// with the blocks no server of that mode serves: a client routes through servers of its
+/// own mode only.
+fn mode_coverage_html(model: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (mode, gaps) in model["uncovered_by_compute"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        let gaps = gaps.as_array().cloned().unwrap_or_default();
+        let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
+        let (open, what) = if text.is_empty() {
+            ("<p>", "every block is served".to_string())
+        } else {
+            (
+                "<p class=gaptext>",
+                format!("uncovered blocks: {}", text.join(", ")),
+            )
+        };
+        out.push_str(&format!(
+            "{open}In compute mode <code>{}</code>: {what}</p>",
+            escape(mode)
+        ));
+    }
+    out
+}
+
 async fn page(State(handle): State<NetHandle>) -> Html<String> {
     let v = swarm_json(&handle).await;
     let mut body = String::new();
@@ -345,13 +373,15 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
                 text.join(", ")
             ));
         }
-        body.push_str("<table><tr><th>peer</th><th>blocks</th><th>tokens/s</th><th>free sessions</th><th>age</th></tr>");
+        body.push_str(&mode_coverage_html(&m));
+        body.push_str("<table><tr><th>peer</th><th>blocks</th><th>compute</th><th>tokens/s</th><th>free sessions</th><th>age</th></tr>");
         for s in m["servers"].as_array().cloned().unwrap_or_default() {
             body.push_str(&format!(
-                "<tr><td><code>{}</code></td><td>{}:{}</td><td>{:.1}</td><td>{}</td><td>{:.0} s</td></tr>",
+                "<tr><td><code>{}</code></td><td>{}:{}</td><td><code>{}</code></td><td>{:.1}</td><td>{}</td><td>{:.0} s</td></tr>",
                 escape(s["peer"].as_str().unwrap_or("?")),
                 s["blocks"][0],
                 s["blocks"][1],
+                escape(s["compute"].as_str().unwrap_or("?")),
                 s["throughput"].as_f64().unwrap_or(0.0),
                 s["free_sessions"],
                 s["age_s"].as_f64().unwrap_or(0.0)
@@ -373,6 +403,26 @@ td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}}</style><
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_page_shows_coverage_per_compute_mode_where_modes_differ() {
+        let one = serde_json::json!({"uncovered": []});
+        assert_eq!(mode_coverage_html(&one), "");
+        let mixed = serde_json::json!({
+            "uncovered": [],
+            "uncovered_by_compute": {"exact/cpu": [[15, 30]], "fast/cpu": [], "<b>": []},
+        });
+        let html = mode_coverage_html(&mixed);
+        assert!(html.contains("<p class=gaptext>In compute mode <code>exact/cpu</code>: uncovered blocks: 15:30</p>"), "{html}");
+        assert!(
+            html.contains("<p>In compute mode <code>fast/cpu</code>: every block is served</p>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("&lt;b&gt;") && !html.contains("<b>"),
+            "{html}"
+        );
+    }
 
     #[test]
     fn a_bootstrap_address_must_name_its_peer() {

@@ -145,7 +145,8 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                         "free_sessions": a.free_sessions,
                         "free_cache_tokens": a.free_cache_tokens,
                         "addrs": a.addrs,
-                        "compute": a.compute,
+                        // Chosen by a peer: printable only.
+                        "compute": pollen_protocol::printable(&a.compute),
                         "age_s": now_ms.saturating_sub(a.issued_at_ms) as f64 / 1000.0,
                         "expires_in_s": a.expires_at_ms.saturating_sub(now_ms) as f64 / 1000.0,
                     })
@@ -167,7 +168,8 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                 let each: serde_json::Map<String, Value> = by_compute
                     .iter()
                     .map(|(mode, anns)| {
-                        (mode.to_string(), json!(pairs(uncovered(anns, num_blocks))))
+                        let mode = pollen_protocol::printable(mode);
+                        (mode, json!(pairs(uncovered(anns, num_blocks))))
                     })
                     .collect();
                 model["uncovered_by_compute"] = Value::Object(each);
@@ -221,12 +223,15 @@ pub fn to_text(status: &Value, color: bool) -> String {
                 out.push_str(&format!("{line}\n"));
             }
         };
-        coverage("", &m["uncovered"]);
         // A client routes through servers of its own compute mode only.
-        if let Some(each) = m["uncovered_by_compute"].as_object() {
-            for (mode, gaps) in each {
-                coverage(&format!("{mode}: "), gaps);
+        match m["uncovered_by_compute"].as_object() {
+            Some(each) => {
+                coverage("in any mode: ", &m["uncovered"]);
+                for (mode, gaps) in each {
+                    coverage(&format!("{mode}: "), gaps);
+                }
             }
+            None => coverage("", &m["uncovered"]),
         }
     }
     out
@@ -304,7 +309,10 @@ mod tests {
         assert_eq!(each["exact/cpu-aarch64"], json!([[0, 15]]));
         assert_eq!(each["fast/cpu"], json!([]));
         let text = to_text(&status, false);
-        assert!(text.contains("  every block is served\n"), "{text}");
+        assert!(
+            text.contains("  in any mode: every block is served\n"),
+            "{text}"
+        );
         assert!(
             text.contains("  exact/cpu: uncovered blocks: 15:30\n"),
             "{text}"
