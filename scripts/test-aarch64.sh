@@ -50,12 +50,17 @@ export POLLEN_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 emulated=$(qemu-aarch64-static -cpu help || true)  # it lists, then exits non-zero
 cpus=()
 for cpu in ${QEMU_CPU:-max cortex-a72 cortex-a76}; do
-  if grep -qw -- "$cpu" <<<"$emulated"; then
+  # A CPU's name, before any `,property=value`.
+  if grep -qw -- "${cpu%%,*}" <<<"$emulated"; then
     cpus+=("$cpu")
   else
     echo "== aarch64 CPU: $cpu is not one this qemu emulates: skipped" >&2
   fi
 done
+if [ ${#cpus[@]} -eq 0 ]; then
+  echo "error: none of the CPUs asked for is one this qemu emulates" >&2
+  exit 1
+fi
 
 if [ "${1:-}" != --swarm ]; then
   for cpu in "${cpus[@]}"; do
@@ -63,6 +68,10 @@ if [ "${1:-}" != --swarm ]; then
     QEMU_CPU=$cpu cargo test --target "$TARGET" -p pollen-shard --lib --test kernel_paths --release "$@"
   done
   exit 0
+fi
+if [ $# -gt 1 ]; then
+  echo "error: --swarm takes no other arguments" >&2
+  exit 2
 fi
 
 cargo build --release --bin pollen
@@ -72,39 +81,63 @@ arm=(qemu-aarch64-static -L /usr/aarch64-linux-gnu "target/$TARGET/release/polle
 dir=$(mktemp -d)
 pids=()
 stop() {
-  [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
   pids=()
 }
-trap 'stop; rm -rf "$dir"' EXIT
+trap stop EXIT
+fail() {
+  echo "FAIL: $*; logs kept in $dir" >&2
+  exit 1
+}
+# Prints the first line of $1 matching $2 within $3 seconds, while process $4 lives.
+wait_line() {
+  local log="$1" pattern="$2" limit="$3" pid="$4" line
+  for ((i = 0; i < limit * 10; i++)); do
+    if line="$(grep -m1 -E "$pattern" "$log" 2>/dev/null)"; then
+      printf '%s\n' "$line"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "no line matching '$pattern' in $log:" >&2
+  tail -n 20 "$log" >&2
+  return 1
+}
 question="Write a short poem about the sea."
-$x86 generate --local --chat --max-tokens 96 --prompt "$question" >"$dir/local.txt"
-port=39200
+$x86 generate --local --chat --max-tokens 96 --prompt "$question" >"$dir/local.txt" ||
+  fail "pollen generate --local"
 for cpu in "${cpus[@]}"; do
   echo "== mixed swarm, aarch64 server on: $cpu" >&2
-  boot=/ip4/127.0.0.1/tcp/$port
-  $x86 bootstrap --listen "$boot" >"$dir/boot.log" 2>&1 &
+  run="$dir/${cpu%%,*}"
+  mkdir -p "$run"
+  $x86 bootstrap --no-mdns --identity "$run/boot.key" --listen /ip4/127.0.0.1/tcp/0 \
+    >"$run/boot.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 50); do grep -q "$boot/p2p/" "$dir/boot.log" && break; sleep 0.2; done
-  addr=$(grep -o "$boot/p2p/[A-Za-z0-9]*" "$dir/boot.log" | head -1)
+  addr=$(wait_line "$run/boot.log" '/ip4/127\.0\.0\.1/tcp/[0-9]+/p2p/' 30 $! |
+    grep -oE '/ip4/127\.0\.0\.1/tcp/[0-9]+/p2p/[A-Za-z0-9]+' | head -n1) ||
+    fail "the bootstrap printed no address"
   $x86 serve --blocks 0:15 --threads 1 --bootstrap "$addr" --no-mdns \
-    --listen /ip4/127.0.0.1/tcp/$((port + 1)) --identity "$dir/id-x86-$cpu" >"$dir/x86.log" 2>&1 &
+    --listen /ip4/127.0.0.1/tcp/0 --identity "$run/x86.key" >"$run/x86.log" 2>&1 &
   pids+=($!)
+  x86_pid=$!
   QEMU_CPU=$cpu "${arm[@]}" serve --blocks 15:30 --threads 1 --bootstrap "$addr" --no-mdns \
-    --listen /ip4/127.0.0.1/tcp/$((port + 2)) --identity "$dir/id-arm-$cpu" >"$dir/arm.log" 2>&1 &
+    --listen /ip4/127.0.0.1/tcp/0 --identity "$run/arm.key" >"$run/arm.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 300); do
-    grep -q '^ready' "$dir/x86.log" && grep -q '^ready' "$dir/arm.log" && break
-    sleep 1
-  done
-  grep -h '^ready' "$dir/x86.log" "$dir/arm.log" | sed 's/ peer [^ ]*//; s/ model [^ ]*//' >&2
+  wait_line "$run/x86.log" '^ready' 120 $x86_pid >/dev/null || fail "the x86-64 server did not start"
+  wait_line "$run/arm.log" '^ready' 300 $! >/dev/null || fail "the aarch64 server did not start"
+  grep -h '^ready' "$run/x86.log" "$run/arm.log" | sed 's/ peer [^ ]*//; s/ model [^ ]*//' >&2
   $x86 generate --bootstrap "$addr" --no-mdns --chat --max-tokens 96 --verify 0 \
-    --prompt "$question" >"$dir/swarm.txt"
-  if ! cmp -s "$dir/local.txt" "$dir/swarm.txt"; then
-    echo "error: the mixed swarm's answer differs from the local one" >&2
-    diff "$dir/local.txt" "$dir/swarm.txt" >&2 || true
-    exit 1
+    --prompt "$question" >"$run/swarm.txt" 2>"$run/client.log" ||
+    fail "generation through the mixed swarm: $(tail -n 3 "$run/client.log")"
+  if ! cmp -s "$dir/local.txt" "$run/swarm.txt"; then
+    diff "$dir/local.txt" "$run/swarm.txt" >&2 || true
+    fail "the mixed swarm's answer differs from the local one"
   fi
   echo "the answer through x86-64 and aarch64 ($cpu) servers equals the local one" >&2
   stop
-  port=$((port + 10))
 done
+rm -rf "$dir"

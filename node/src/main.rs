@@ -218,7 +218,7 @@ struct ModelArgs {
     /// bit; `q8_0`, `q4_0`, `q4k` and `q6k` requantize (CPU only). On an Armv8.0 CPU
     /// (no dot-product extension, such as a Raspberry Pi 4's) candle's products for
     /// Q4_0, Q8_0 and K-quants cannot run and a matrix that needs one is refused at load:
-    /// there the default model runs only in `fast`.
+    /// there a client of the default model (its head is Q8_0) runs only in `fast`.
     #[arg(long, default_value = "fast")]
     weights: String,
 }

@@ -11,11 +11,15 @@ use std::path::Path;
 /// weight arithmetic and the device kind. Two nodes give bit-identical hidden states only
 /// if their modes are equal. `fast` runs Pollen's packed kernels (AMX, AVX-512 VNNI,
 /// AVX-VNNI, AVX2 or NEON, bit-identical to each other, tested in shard), packing the
-/// same matrices on every CPU, and the same bits on x86-64 and aarch64 (the default
-/// model's logits compared); on a CPU with none of them it runs as `q8_0`. The other CPU
-/// modes compute on candle's kernels, which the build chooses per architecture: exact
-/// mode's logits on aarch64 differ from x86-64's (by up to 0.86 on the default model), so
-/// off x86-64 their device names the architecture (`exact/cpu-aarch64`).
+/// same matrices on every CPU, with the same bits on x86-64 and aarch64 where every
+/// matrix packs (the default model's logits compared); on a CPU with none of them it runs
+/// as `q8_0`. The other CPU modes compute on candle's kernels, which differ by
+/// architecture: exact mode's logits on aarch64 differ from x86-64's (by up to 0.86 on
+/// the default model), so off x86-64 their device names the architecture
+/// (`exact/cpu-aarch64`). Not named: candle also picks some kernels by CPU feature (Q8_0
+/// and K-quant products on x86-64 with AVX-512; `i8mm` on aarch64), and a fast-mode
+/// matrix without a packed form (Q2_K, Q3_K, odd shapes) computes on candle's product;
+/// neither touches the default model's blocks (all Q4_1).
 pub fn compute_mode(opts: &LoadOptions) -> String {
     let packed = opts.device.is_cpu() && pollen_shard::kernels::simd_available();
     mode_name(opts, packed, std::env::consts::ARCH)

@@ -107,8 +107,7 @@ impl std::fmt::Display for KernelPath {
 /// Armv8.0 core (a Cortex-A72, the Raspberry Pi 4's) they would stop with an
 /// illegal instruction: there a matrix that would run on one is refused at
 /// load with an error (candle's Q4_1, Q5_0, Q5_1 and Q8_1 products are plain
-/// code there and run), the fast mode packs every type, and the `none` path
-/// is not offered.
+/// code there and run), and the `none` path is not offered.
 pub fn candle_kernels_run() -> bool {
     cpu().candle
 }

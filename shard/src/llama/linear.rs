@@ -105,9 +105,9 @@ fn no_candle_kernel(name: &str, from: GgmlDType, now: GgmlDType, mode: WeightMod
                  CPU lacks";
     ShardError::BadInput(if mode == WeightMode::Fast {
         format!(
-            "{name}: {what} has no packed form in the fast mode (Q4_0, Q4_1, Q8_0, Q4_K, \
+            "{name}: {what} has no packed form in the fast mode (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K, \
              Q5_K or Q6_K, rows in multiples of 16, columns of 32), so it computes on \
-             candle's product on every CPU (fast-mode servers agree bit for bit), {lacks}"
+             candle's product, as on every CPU, {lacks}"
         )
     } else {
         format!(
