@@ -17,10 +17,10 @@
 //!
 //! - [`Sdot`]: one `sdot v.4s, w.16b, x.4b[i]` (inline assembly: Rust's
 //!   `vdotq_laneq_s32` is not stable), exact in 32 bits;
-//! - [`Smull`], as ggml-cpu's fallback does: `smull` ×2 multiplies 8 signed
-//!   bytes into 16-bit products, `addp` folds them to pairs and `saddlp`
-//!   widens the pairs to each row's 4-value sum. The pairs stay in 16 bits:
-//!   at most 2·15·127 (4-bit) or 2·128·127 = 32,512 (8-bit).
+//! - [`Smull`], as ggml-cpu's fallback does: `smull` and `smull2` multiply
+//!   8 signed bytes each into 16-bit products, `addp` folds them to pairs
+//!   and `sadalp` adds the pairs, widened, to each row's sum. The pairs stay
+//!   in 16 bits: at most 2·15·127 (4-bit) or 2·128·127 = 32,512 (8-bit).
 //!
 //! 8-bit weights go in signed (`q = u - 128`) and `128 · Σx` is added back.
 //! The integer sums are the exact `Σ u·x` and the float steps the other
@@ -146,10 +146,11 @@ impl Dot for Smull {
     unsafe fn dot<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
         // SAFETY: register arithmetic; NEON is baseline on aarch64.
         unsafe {
-            // The group, twice over 8 lanes: one `dup` by element.
-            let a = vreinterpret_s8_s32(vdup_laneq_s32::<L>(vreinterpretq_s32_s8(x)));
-            let lo = vmull_s8(vget_low_s8(w), a);
-            let hi = vmull_s8(vget_high_s8(w), a);
+            // The group in every 4 bytes: one `dup` by element; `smull2`
+            // takes the high halves where they are.
+            let a = vreinterpretq_s8_s32(vdupq_laneq_s32::<L>(vreinterpretq_s32_s8(x)));
+            let lo = vmull_s8(vget_low_s8(w), vget_low_s8(a));
+            let hi = vmull_high_s8(w, a);
             vaddq_s32(acc, vpaddlq_s16(vpaddq_s16(lo, hi)))
         }
     }
