@@ -309,15 +309,9 @@ fn mode_coverage_html(model: &serde_json::Value) -> String {
         .into_iter()
         .flatten()
     {
-        let gaps = gaps.as_array().cloned().unwrap_or_default();
-        let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
-        let (open, what) = if text.is_empty() {
-            ("<p>", "every block is served".to_string())
-        } else {
-            (
-                "<p class=gaptext>",
-                format!("uncovered blocks: {}", text.join(", ")),
-            )
+        let (open, what) = match crate::status::gap_list(gaps) {
+            None => ("<p>", "every block is served".to_string()),
+            Some(text) => ("<p class=gaptext>", format!("uncovered blocks: {text}")),
         };
         out.push_str(&format!(
             "{open}In compute mode <code>{}</code>: {what}</p>",
@@ -365,13 +359,8 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
             ));
         }
         body.push_str("</div>");
-        let gaps = m["uncovered"].as_array().cloned().unwrap_or_default();
-        if !gaps.is_empty() {
-            let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
-            body.push_str(&format!(
-                "<p class=gaptext>Uncovered blocks: {}</p>",
-                text.join(", ")
-            ));
+        if let Some(text) = crate::status::gap_list(&m["uncovered"]) {
+            body.push_str(&format!("<p class=gaptext>Uncovered blocks: {text}</p>"));
         }
         body.push_str(&mode_coverage_html(&m));
         body.push_str("<table><tr><th>peer</th><th>blocks</th><th>compute</th><th>tokens/s</th><th>free sessions</th><th>age</th></tr>");

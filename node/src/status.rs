@@ -180,6 +180,14 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
     json!({ "models": models })
 }
 
+/// Runs of blocks from the JSON's `[[a, b], ...]` as `a:b, c:d`; `None` where there
+/// are none.
+pub(crate) fn gap_list(gaps: &Value) -> Option<String> {
+    let gaps = gaps.as_array()?;
+    let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
+    (!text.is_empty()).then(|| text.join(", "))
+}
+
 /// The swarm as a table for a terminal; gaps in red when `color`.
 pub fn to_text(status: &Value, color: bool) -> String {
     let mut out = String::new();
@@ -210,13 +218,11 @@ pub fn to_text(status: &Value, color: bool) -> String {
             ));
         }
         let mut coverage = |prefix: &str, gaps: &Value| {
-            let gaps = gaps.as_array().cloned().unwrap_or_default();
-            if gaps.is_empty() {
+            let Some(text) = gap_list(gaps) else {
                 out.push_str(&format!("  {prefix}every block is served\n"));
                 return;
-            }
-            let text: Vec<String> = gaps.iter().map(|g| format!("{}:{}", g[0], g[1])).collect();
-            let line = format!("  {prefix}uncovered blocks: {}", text.join(", "));
+            };
+            let line = format!("  {prefix}uncovered blocks: {text}");
             if color {
                 out.push_str(&format!("\x1b[31m{line}\x1b[0m\n"));
             } else {

@@ -187,50 +187,51 @@ unsafe fn widen4(bytes: &[u8]) -> float32x4_t {
 /// activation blocks, the line and its nibbles, constants, scales).
 const ROWS: usize = 4;
 
-/// [`rows`] with `sdot`, every activation row.
+/// [`all_rows`] with `sdot`.
 ///
 /// # Safety
 /// The CPU must support NEON and the dot-product extension.
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn tile_sdot(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
-    let m = out.len();
-    let mut row = 0;
-    while row + ROWS <= m {
-        // SAFETY: rows `row..row+ROWS` exist; CPU features as required above.
-        unsafe { rows::<ROWS, Sdot>(w, t, act, row, &mut out[row..row + ROWS]) };
-        row += ROWS;
-    }
-    while row < m {
-        // SAFETY: as above, one row.
-        unsafe { rows::<1, Sdot>(w, t, act, row, &mut out[row..row + 1]) };
-        row += 1;
-    }
+    // SAFETY: CPU features as required above.
+    unsafe { all_rows::<Sdot>(w, t, act, out) }
 }
 
-/// [`rows`] without `sdot`, every activation row.
+/// [`all_rows`] without `sdot`.
 ///
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
 unsafe fn tile_smull(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
+    // SAFETY: NEON as required above.
+    unsafe { all_rows::<Smull>(w, t, act, out) }
+}
+
+/// [`rows`] for every activation row, [`ROWS`] at a time; inlined into
+/// [`tile_sdot`] and [`tile_smull`], so compiled with their CPU features.
+///
+/// # Safety
+/// The CPU features `D` needs.
+#[inline(always)]
+unsafe fn all_rows<D: Dot>(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
     let m = out.len();
     let mut row = 0;
     while row + ROWS <= m {
-        // SAFETY: rows `row..row+ROWS` exist; NEON as required above.
-        unsafe { rows::<ROWS, Smull>(w, t, act, row, &mut out[row..row + ROWS]) };
+        // SAFETY: rows `row..row+ROWS` exist; CPU features as the caller's.
+        unsafe { rows::<ROWS, D>(w, t, act, row, &mut out[row..row + ROWS]) };
         row += ROWS;
     }
     while row < m {
         // SAFETY: as above, one row.
-        unsafe { rows::<1, Smull>(w, t, act, row, &mut out[row..row + 1]) };
+        unsafe { rows::<1, D>(w, t, act, row, &mut out[row..row + 1]) };
         row += 1;
     }
 }
 
 /// Rows `row..row + R` of `act` against tile `t`, 4 output columns (`c`) at
 /// a time: their bytes are `16 c..16 c + 16` of each line, 4 per output row.
-/// Inlined into [`tile_sdot`] and [`tile_smull`], so compiled with their
-/// CPU features.
+/// Inlined, through [`all_rows`], into [`tile_sdot`] and [`tile_smull`], so
+/// compiled with their CPU features.
 ///
 /// # Safety
 /// The CPU features `D` needs; `row + R` rows of `act`, `R` of `out`.
