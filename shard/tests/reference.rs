@@ -13,10 +13,15 @@
 #[path = "../../node/src/fetch.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod fetch;
+#[allow(unreachable_pub)]
+mod common {
+    pub mod tiny;
+}
 
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::tiny::{Shape, rand_tensor, write_gguf};
 use pollen_shard::{
     BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, SpanCache, WeightMode,
 };
@@ -169,139 +174,24 @@ fn tmp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// A small deterministic pseudo-random tensor.
-fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-}
-
-const TINY_HIDDEN: usize = 64;
-const TINY_FF: usize = 128;
-const TINY_HEADS: usize = 4;
-const TINY_KV: usize = 2;
-const TINY_BLOCKS: usize = 6;
-const TINY_VOCAB: usize = 96;
+const TINY: Shape = Shape {
+    hidden: 64,
+    ff: 128,
+    heads: 4,
+    kv_heads: 2,
+    blocks: 6,
+    vocab: 96,
+};
+const TINY_HIDDEN: usize = TINY.hidden;
+const TINY_FF: usize = TINY.ff;
+const TINY_HEADS: usize = TINY.heads;
+const TINY_KV: usize = TINY.kv_heads;
+const TINY_BLOCKS: usize = TINY.blocks;
+const TINY_VOCAB: usize = TINY.vocab;
 
 /// Writes a tiny llama GGUF with weights of type `dtype` (norms in f32).
 fn write_tiny_gguf(path: &Path, dtype: GgmlDType) -> Result<()> {
-    write_tiny_gguf_scaled(path, dtype, 1.0)
-}
-
-/// [`write_tiny_gguf`] with attention norm weights drawn from
-/// `[-attn_norm, attn_norm]` (1 for an ordinary model).
-fn write_tiny_gguf_scaled(path: &Path, dtype: GgmlDType, attn_norm: f32) -> Result<()> {
-    use gguf_file::Value as V;
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut seed = 1;
-    let mut q = |name: String,
-                 shape: &[usize],
-                 dtype: GgmlDType,
-                 scale: f32|
-     -> Result<(String, QTensor)> {
-        seed += 1;
-        let t = rand_tensor(shape, seed, scale)?;
-        Ok((name, QTensor::quantize(&t, dtype)?))
-    };
-    let kv = TINY_KV * TINY_HIDDEN / TINY_HEADS;
-    tensors.push(q(
-        "token_embd.weight".into(),
-        &[TINY_VOCAB, TINY_HIDDEN],
-        dtype,
-        1.0,
-    )?);
-    tensors.push(q(
-        "output_norm.weight".into(),
-        &[TINY_HIDDEN],
-        GgmlDType::F32,
-        1.0,
-    )?);
-    for i in 0..TINY_BLOCKS {
-        let p = format!("blk.{i}");
-        tensors.push(q(
-            format!("{p}.attn_norm.weight"),
-            &[TINY_HIDDEN],
-            GgmlDType::F32,
-            attn_norm,
-        )?);
-        tensors.push(q(
-            format!("{p}.ffn_norm.weight"),
-            &[TINY_HIDDEN],
-            GgmlDType::F32,
-            1.0,
-        )?);
-        tensors.push(q(
-            format!("{p}.attn_q.weight"),
-            &[TINY_HIDDEN, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.attn_k.weight"),
-            &[kv, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.attn_v.weight"),
-            &[kv, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.attn_output.weight"),
-            &[TINY_HIDDEN, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.ffn_gate.weight"),
-            &[TINY_FF, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.ffn_up.weight"),
-            &[TINY_FF, TINY_HIDDEN],
-            dtype,
-            0.2,
-        )?);
-        tensors.push(q(
-            format!("{p}.ffn_down.weight"),
-            &[TINY_HIDDEN, TINY_FF],
-            dtype,
-            0.2,
-        )?);
-    }
-    let md: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("llama".into())),
-        ("general.name", V::String("tiny".into())),
-        ("llama.attention.head_count", V::U32(TINY_HEADS as u32)),
-        ("llama.attention.head_count_kv", V::U32(TINY_KV as u32)),
-        ("llama.block_count", V::U32(TINY_BLOCKS as u32)),
-        ("llama.embedding_length", V::U32(TINY_HIDDEN as u32)),
-        ("llama.feed_forward_length", V::U32(TINY_FF as u32)),
-        (
-            "llama.rope.dimension_count",
-            V::U32((TINY_HIDDEN / TINY_HEADS) as u32),
-        ),
-        ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("llama.rope.freq_base", V::F32(10000.0)),
-        ("llama.context_length", V::U32(256)),
-    ];
-    let mut f = std::fs::File::create(path)?;
-    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &md_refs, &t_refs)?;
-    Ok(())
+    write_gguf(path, &TINY, dtype, 1.0)
 }
 
 #[test]
@@ -811,7 +701,7 @@ fn hostile_magnitudes_give_finite_outputs_in_every_mode() -> Result<()> {
 fn keys_past_f16_range_saturate_alike_on_both_paths() -> Result<()> {
     let dir = tmp_dir("f16-range");
     let path = dir.join("tiny.gguf");
-    write_tiny_gguf_scaled(&path, GgmlDType::Q4_1, 1e6)?;
+    write_gguf(&path, &TINY, GgmlDType::Q4_1, 1e6)?;
     let file = ModelFile::open(&path)?;
     let ends = ClientEnds::load(&file, &fast())?;
     let tokens: Vec<u32> = (0..TINY_VOCAB as u32).collect();
