@@ -11,7 +11,9 @@
 # and candle's products that would need it refused) and a Cortex-A76 (`sdot`
 # without `i8mm`, the Raspberry Pi 5's core; qemu 7.1 and later), each one this
 # qemu emulates; `QEMU_CPU=name` runs one CPU only (`qemu-aarch64-static -cpu help`
-# lists them). Emulation checks results, not speed.
+# lists them). Last, shard/tests/arithmetic.rs runs tiny models on all three CPUs
+# and checks that equal compute-mode names mean equal bits. Emulation checks
+# results, not speed.
 #
 #   bash scripts/test-aarch64.sh [extra `cargo test` arguments]
 #   bash scripts/test-aarch64.sh --swarm
@@ -67,6 +69,9 @@ if [ "${1:-}" != --swarm ]; then
     echo "== aarch64 CPU: $cpu" >&2
     QEMU_CPU=$cpu cargo test --target "$TARGET" -p pollen-shard --lib --test kernel_paths --release "$@"
   done
+  # Runs its children on each CPU itself, and compares them.
+  echo "== aarch64 CPUs compared: equal compute-mode names, equal bits" >&2
+  cargo test --target "$TARGET" -p pollen-shard --test arithmetic --release "$@"
   exit 0
 fi
 if [ $# -gt 1 ]; then

@@ -89,7 +89,7 @@ fn until_idle(url: &str) {
 /// step timeouts, as for any client).
 async fn hop_of(client: &SwarmClient, model: &Path, peer: PeerId, load: &LoadOptions) -> Hop {
     let id = pollen_node::model::model_id(model, &mut |_, _| {}).unwrap();
-    let compute = pollen_node::model::compute_mode(load);
+    let compute = pollen_node::model::compute_mode(model, load).unwrap();
     loop {
         let book = client.net().gather(Some(id)).await.unwrap();
         let mine: Vec<_> = book

@@ -430,7 +430,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         let half = n / 2;
         let model_id = pollen_node::model::model_id(&model, &mut |_, _| {}).unwrap();
         let load = LoadOptions::default();
-        let compute = pollen_node::model::compute_mode(&load);
+        let compute = pollen_shard::compute_mode(&file, &load).unwrap();
 
         let cancel = CancellationToken::new();
         let boot = Node::current(Role::Bootstrap, &cancel).await;

@@ -32,26 +32,35 @@ fn the_default_model_id_is_pinned_and_cached() {
 
 #[test]
 fn compute_modes_name_the_arithmetic() {
-    // Modes on candle's kernels name the architecture off x86-64.
+    // The default model's blocks are Q4_1: candle-computed modes name the architecture
+    // off x86-64, and an x86-64 CPU without AVX2 (none in CI); `q8_0` adds candle's
+    // VNNI tier where it runs (shard/tests/arithmetic.rs checks names against bits).
+    let path = pollen_node::fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
     let candle_cpu = match std::env::consts::ARCH {
         "x86_64" => "cpu".to_string(),
         arch => format!("cpu-{arch}"),
     };
-    let exact = LoadOptions {
-        mode: WeightMode::Exact,
-        ..LoadOptions::default()
+    let mode = |m: &str| {
+        let opts = LoadOptions {
+            mode: WeightMode::parse(m).unwrap(),
+            ..LoadOptions::default()
+        };
+        compute_mode(&path, &opts).unwrap()
     };
-    assert_eq!(compute_mode(&exact), format!("exact/{candle_cpu}"));
-    let fast = compute_mode(&LoadOptions::default());
+    assert_eq!(mode("exact"), format!("exact/{candle_cpu}"));
+    let fast = mode("fast");
     assert!(
         fast == "fast/cpu" || fast == format!("q8_0/{candle_cpu}"),
         "fast runs as its kernels or as q8_0: {fast}"
     );
-    let q8 = LoadOptions {
-        mode: WeightMode::parse("q8_0").unwrap(),
-        ..LoadOptions::default()
-    };
-    assert_eq!(compute_mode(&q8), format!("q8_0/{candle_cpu}"));
+    let q8 = mode("q8_0");
+    assert!(
+        q8 == format!("q8_0/{candle_cpu}") || q8 == format!("q8_0/{candle_cpu}-vnni"),
+        "{q8}"
+    );
+    for m in ["exact", "fast", "q8_0", "q4_0", "q4k", "q6k"] {
+        assert!(mode(m).len() <= pollen_protocol::limits::MAX_COMPUTE_LEN);
+    }
 }
 
 /// Through the API's and `pollen chat`'s path (the model's own chat template), what a

@@ -27,7 +27,9 @@ pub mod weights;
 pub use config::{BlockRange, ModelConfig};
 pub use error::ShardError;
 pub use generate::{GenerateParams, LocalModel};
-pub use llama::{BlockSpan, CacheLimits, ClientEnds, LoadOptions, SpanCache, WeightMode};
+pub use llama::{
+    BlockSpan, CacheLimits, ClientEnds, LoadOptions, SpanCache, WeightMode, compute_mode,
+};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::PollenTokenizer;
 pub use weights::ModelFile;

@@ -308,7 +308,7 @@ impl ClientModel {
             tokenizer: PollenTokenizer::from_model(&file)?,
             ends: ClientEnds::load(&file, opts)?,
             model_id: crate::model::model_id(path, &mut |_, _| {})?,
-            compute: crate::model::compute_mode(opts),
+            compute: pollen_shard::compute_mode(&file, opts)?,
         })
     }
 }

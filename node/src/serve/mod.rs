@@ -208,7 +208,7 @@ fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     let id = crate::model::model_id(&cfg.model, &mut |_, _| {})?;
     // The same measure as automatic placement's (one block, cached), so that pinned and
     // placed servers announce comparable speeds.
-    let compute = crate::model::compute_mode(&cfg.load);
+    let compute = pollen_shard::compute_mode(&file, &cfg.load)?;
     let threads = cfg.compute_slots.max(1);
     let (measured, _) = placing::measured(&file, &cfg.load, &id, &compute, threads)?;
     let tps = (measured.decode_tps / span.range().len().max(1) as f64) as f32;
@@ -374,7 +374,7 @@ fn tenure(
         prompt_parts: batch::Parts::of(&span, cfg.prompt_part),
         span: Arc::new(span),
         model_id,
-        compute: crate::model::compute_mode(&cfg.load),
+        compute: crate::model::compute_mode(&cfg.model, &cfg.load)?,
         throughput,
         me,
         secret,
@@ -425,7 +425,7 @@ pub async fn run(
     let mut incoming = handle.accept_session_streams()?;
     let bootstraps = bootstrap_peers(&cfg.bootstrap);
     let mut background = JoinSet::new();
-    let compute = crate::model::compute_mode(&cfg.load);
+    let compute = crate::model::compute_mode(&cfg.model, &cfg.load)?;
     let (span, model_id, throughput, auto) = if cfg.blocks.is_some() {
         let load_cfg = cfg.clone();
         let (span, model_id, throughput) = tokio::task::spawn_blocking(move || load(&load_cfg))
@@ -460,8 +460,9 @@ pub async fn run(
     }
     let range = server.span.range();
     // Which of the engine's kernels the fast mode runs on here (POLLEN_KERNEL may force
-    // one); any other mode runs on candle's.
-    let kernel = if server.compute == "fast/cpu" {
+    // one; a block matrix without a packed form runs on candle's); any other mode runs
+    // on candle's.
+    let kernel = if server.compute.starts_with("fast/cpu") {
         pollen_shard::kernels::active_path()
     } else {
         "candle"

@@ -391,9 +391,23 @@ impl PackedMatrix {
         })
     }
 
-    /// Packs a 2-d CPU `QTensor`, or returns `None` when its shape does not
-    /// fit the layout (rows not a multiple of 16, columns not of 32) or no
-    /// SIMD kernel runs here ([`kernel_path`] is [`KernelPath::None`]).
+    /// Whether a matrix of stored type `dtype`, `n` rows of `k` columns, has
+    /// a packed form: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K (columns in
+    /// multiples of 256), Q5_K or Q6_K, rows in multiples of 16, columns of
+    /// 32. The same on every CPU; [`Self::pack_any`] packs exactly these.
+    pub fn has_packed_form(dtype: GgmlDType, n: usize, k: usize) -> bool {
+        use GgmlDType as D;
+        let typed = match dtype {
+            D::Q4K => k.is_multiple_of(256),
+            D::Q4_0 | D::Q4_1 | D::Q5_0 | D::Q5_1 | D::Q8_0 | D::Q8_1 | D::Q5K | D::Q6K => true,
+            _ => false,
+        };
+        typed && n > 0 && k > 0 && n.is_multiple_of(TILE) && k.is_multiple_of(BLOCK)
+    }
+
+    /// Packs a 2-d CPU `QTensor`, or returns `None` when it has no packed
+    /// form ([`Self::has_packed_form`]) or no SIMD kernel runs here
+    /// ([`kernel_path`] is [`KernelPath::None`]).
     pub fn pack(q: &QTensor) -> candle_core::Result<Option<Self>> {
         if Kernel::active().is_none() {
             return Ok(None);
@@ -406,7 +420,7 @@ impl PackedMatrix {
         let Ok((n, k)) = q.shape().dims2() else {
             return Ok(None);
         };
-        if n == 0 || k == 0 || n % TILE != 0 || k % BLOCK != 0 || !q.device().is_cpu() {
+        if !Self::has_packed_form(q.dtype(), n, k) || !q.device().is_cpu() {
             return Ok(None);
         }
         let kb = k / BLOCK;
@@ -469,9 +483,7 @@ impl PackedMatrix {
                 // `s` (32 values) is the low (even `s`) or high nibbles of
                 // bytes `32 (s / 2)..`, weight `d·sc·u − dmin·mn`. The
                 // products are kept as f16 (within 2⁻¹¹ of candle's f32).
-                if k % 256 != 0 {
-                    return Ok(None);
-                }
+                // Columns in multiples of 256: `has_packed_form`.
                 let raw = q.data()?;
                 let supers = k / 256;
                 Self::build(n, k, Bits::Four, |r, b| {

@@ -7,7 +7,7 @@ use super::linear::{Linear, Projections, load_linear, load_vector};
 use super::options::{LoadOptions, WeightMode};
 use crate::Result;
 use crate::config::ModelConfig;
-use crate::weights::ModelFile;
+use crate::weights::{BlockTensorNames, ModelFile};
 use candle_core::{DType, Device, Tensor};
 
 /// One transformer block's weights.
@@ -92,6 +92,23 @@ fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     }
 }
 
+/// A block's matrices in `cfg`: name, rows, columns; in the order q, k, v,
+/// output, gate, up, down.
+pub(super) fn matrices(n: &BlockTensorNames, cfg: &ModelConfig) -> [(String, usize, usize); 7] {
+    let h = cfg.hidden_size;
+    let kv = cfg.num_kv_heads * cfg.head_dim();
+    let ff = cfg.intermediate_size;
+    [
+        (n.wq.clone(), h, h),
+        (n.wk.clone(), kv, h),
+        (n.wv.clone(), kv, h),
+        (n.wo.clone(), h, h),
+        (n.w_gate.clone(), ff, h),
+        (n.w_up.clone(), ff, h),
+        (n.w_down.clone(), h, ff),
+    ]
+}
+
 impl Block {
     pub(super) fn load(
         file: &ModelFile,
@@ -101,18 +118,11 @@ impl Block {
     ) -> Result<Self> {
         let n = file.block_names(i);
         let h = cfg.hidden_size;
-        let kv = cfg.num_kv_heads * cfg.head_dim();
-        let ff = cfg.intermediate_size;
         let fuse = opts.effective_mode() == WeightMode::Fast;
-        let qkv = [
-            load_linear(file, &n.wq, h, h, opts)?,
-            load_linear(file, &n.wk, kv, h, opts)?,
-            load_linear(file, &n.wv, kv, h, opts)?,
-        ];
-        let gate_up = [
-            load_linear(file, &n.w_gate, ff, h, opts)?,
-            load_linear(file, &n.w_up, ff, h, opts)?,
-        ];
+        let [q, k, v, o, gate, up, down] =
+            matrices(&n, cfg).map(|(name, rows, cols)| load_linear(file, &name, rows, cols, opts));
+        let qkv = [q?, k?, v?];
+        let gate_up = [gate?, up?];
         let attn_norm = load_vector(file, &n.attn_norm, h, &opts.device)?;
         let ffn_norm = load_vector(file, &n.ffn_norm, h, &opts.device)?;
         let values = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
@@ -120,10 +130,10 @@ impl Block {
             norms: [values(&attn_norm)?, values(&ffn_norm)?],
             attn_norm,
             qkv: Projections::new(qkv, fuse),
-            wo: load_linear(file, &n.wo, h, h, opts)?,
+            wo: o?,
             ffn_norm,
             gate_up: Projections::new(gate_up, fuse),
-            w_down: load_linear(file, &n.w_down, h, ff, opts)?,
+            w_down: down?,
             span_attn: tracing::span!(tracing::Level::TRACE, "attn"),
             span_mlp: tracing::span!(tracing::Level::TRACE, "mlp"),
         })

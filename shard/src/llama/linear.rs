@@ -59,9 +59,56 @@ fn needs_requant(d: GgmlDType) -> bool {
     )
 }
 
+/// The type a matrix of stored type `dtype`, rows of `cols` values, has
+/// after requantizing to `target`: `target` for the types candle has no fast
+/// CPU kernel for, where whole blocks fit; its own otherwise.
+fn requantized_type(dtype: GgmlDType, cols: usize, target: GgmlDType) -> GgmlDType {
+    if needs_requant(dtype) && cols.is_multiple_of(target.block_size()) {
+        target
+    } else {
+        dtype
+    }
+}
+
+/// What computes a block matrix in a weight mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Product {
+    /// Pollen's packed kernel (the same bits on every CPU).
+    Packed,
+    /// Candle's product on a matrix of this type (F32 or F16: dense).
+    Candle(GgmlDType),
+}
+
+/// What computes a matrix of stored type `dtype` (F32 for a safetensors
+/// model's), `rows` × `cols`, in `mode`, where `packs` says whether a packed
+/// kernel runs on this CPU ([`crate::kernels::simd_available`]). What
+/// [`linear_from`] builds, decided from the type and shape alone, so that a
+/// node can name its arithmetic before it loads anything
+/// ([`crate::compute::compute_mode`]).
+pub(crate) fn product_of(
+    mode: WeightMode,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    packs: bool,
+) -> Product {
+    match mode {
+        WeightMode::Exact => Product::Candle(dtype),
+        WeightMode::Requantize(t) => Product::Candle(requantized_type(dtype, cols, t)),
+        // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants. The same on
+        // every CPU: fast-mode servers must agree bit for bit, so what does
+        // not pack takes candle's product everywhere (or is refused where it
+        // cannot run).
+        WeightMode::Fast if packs && PackedMatrix::has_packed_form(dtype, rows, cols) => {
+            Product::Packed
+        }
+        WeightMode::Fast => Product::Candle(requantized_type(dtype, cols, GgmlDType::Q8_0)),
+    }
+}
+
 fn requantize(q: QTensor, target: GgmlDType) -> Result<QTensor> {
     let last = q.shape().dims().last().copied().unwrap_or(0);
-    if !needs_requant(q.dtype()) || last % target.block_size() != 0 {
+    if requantized_type(q.dtype(), last, target) == q.dtype() {
         return Ok(q);
     }
     let dense = q.dequantize(&Device::Cpu)?;
@@ -135,31 +182,21 @@ pub(super) fn linear_from(
                     expected: vec![rows, cols],
                 });
             }
-            let q = match mode {
-                WeightMode::Exact => q,
-                WeightMode::Requantize(t) => requantize(q, t)?,
-                WeightMode::Fast => {
-                    // Q4_K packs at 4 bits; Q5_K and Q6_K as 8-bit quants.
-                    // The same on every CPU: fast-mode servers must agree
-                    // bit for bit, so what does not pack takes candle's
-                    // product everywhere (or is refused where it cannot run).
-                    let packable = needs_requant(q.dtype())
-                        || matches!(
-                            q.dtype(),
-                            GgmlDType::Q4_0
-                                | GgmlDType::Q8_0
-                                | GgmlDType::Q4K
-                                | GgmlDType::Q5K
-                                | GgmlDType::Q6K
-                        );
-                    if packable && let Some(p) = PackedMatrix::pack(&q)? {
-                        return Ok(Linear {
-                            inner: LinearInner::Packed(Arc::new(p)),
-                            span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
-                        });
-                    }
-                    requantize(q, GgmlDType::Q8_0)?
+            let packs = q.device().is_cpu() && crate::kernels::simd_available();
+            let q = match product_of(mode, from, rows, cols, packs) {
+                Product::Packed => {
+                    let p = PackedMatrix::pack(&q)?.ok_or_else(|| {
+                        ShardError::BadInput(format!(
+                            "{name}: this {from:?} matrix has a packed form but no packed \
+                             kernel runs here"
+                        ))
+                    })?;
+                    return Ok(Linear {
+                        inner: LinearInner::Packed(Arc::new(p)),
+                        span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
+                    });
                 }
+                Product::Candle(t) => requantize(q, t)?,
             };
             let m = QMatMul::from_qtensor(q)?;
             if let QMatMul::QTensor(t) = &m
@@ -307,6 +344,49 @@ mod tests {
         let x = Tensor::ones((2, cols), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(l.forward(&x).unwrap().dims(), [2, rows], "{dtype:?} {mode}");
         Ok(l)
+    }
+
+    /// What `product_of` says a matrix computes with, from its type and
+    /// shape, is what `linear_from` builds from the matrix itself (compute-mode
+    /// names rest on it).
+    #[test]
+    fn the_plan_from_type_and_shape_is_what_loads() {
+        use GgmlDType::*;
+        let packs = crate::kernels::simd_available();
+        let modes = [
+            WeightMode::Exact,
+            WeightMode::Fast,
+            WeightMode::Requantize(Q8_0),
+            WeightMode::Requantize(Q4K),
+        ];
+        let mut seen = (0, 0);
+        for t in [Q4_0, Q4_1, Q5_0, Q8_0, Q3K, Q4K, Q6K, F16, F32] {
+            // Packed shapes, rows not in 16s, columns not in 256s.
+            for (rows, cols) in [(32usize, 256usize), (24, 256), (16, 288)] {
+                if !cols.is_multiple_of(t.block_size()) {
+                    continue;
+                }
+                for mode in modes {
+                    let what = format!("{t:?} {rows}x{cols} {mode}");
+                    let plan = product_of(mode, t, rows, cols, packs);
+                    let Ok(l) = linear_from(matrix(t, rows, cols), "w", rows, cols, mode) else {
+                        // Refused where candle's product cannot run (Armv8.0).
+                        assert!(!crate::kernels::candle_kernels_run(), "{what}");
+                        continue;
+                    };
+                    match (plan, &l.inner) {
+                        (Product::Packed, LinearInner::Packed(_)) => seen.0 += 1,
+                        (Product::Candle(want), LinearInner::Candle(QMatMul::QTensor(q))) => {
+                            assert_eq!(q.dtype(), want, "{what}");
+                            seen.1 += 1;
+                        }
+                        (Product::Candle(F16 | F32), LinearInner::Candle(_)) => seen.1 += 1,
+                        (plan, _) => panic!("{what}: planned {plan:?}, built otherwise"),
+                    }
+                }
+            }
+        }
+        assert!(seen.1 > 0 && (seen.0 > 0 || !packs), "{seen:?}");
     }
 
     /// Which of candle's products an Armv8.0 CPU runs: the plain-code ones.

@@ -22,6 +22,7 @@
 
 mod block;
 mod cache;
+mod compute;
 mod ends;
 mod fused;
 mod linear;
@@ -29,6 +30,7 @@ mod options;
 mod span;
 
 pub use cache::{CacheLimits, SpanCache};
+pub use compute::compute_mode;
 pub use ends::ClientEnds;
 pub use options::{LoadOptions, WeightMode};
 pub use span::{BlockSpan, BlocksStep, SharedSpan};

@@ -200,6 +200,15 @@ impl GgufModel {
         Ok(self.content.tensor(&mut r, name, device)?)
     }
 
+    /// The type a tensor is stored in.
+    pub(super) fn stored_type(&self, name: &str) -> Result<GgmlDType> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.ggml_dtype)
+            .ok_or_else(|| ShardError::MissingTensor(name.into()))
+    }
+
     /// Where a tensor's bytes are, without reading them.
     pub(super) fn locate(&self, name: &str) -> Result<TensorLocation> {
         let info = self

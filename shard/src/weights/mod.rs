@@ -14,7 +14,7 @@ pub use safetensors::SafetensorsModel;
 
 use crate::config::ModelConfig;
 use crate::{Result, ShardError};
-use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use std::fs::File;
 use std::io::Read;
@@ -213,6 +213,15 @@ impl ModelFile {
         match self {
             Self::Gguf(g) => g.read(name, device).map(Weight::Quantized),
             Self::Safetensors(s) => s.read(name, device).map(Weight::Dense),
+        }
+    }
+
+    /// The type a tensor is stored in, as the engine reads it: a GGUF
+    /// tensor's own; F32 for a safetensors model's (read as f32).
+    pub(crate) fn stored_type(&self, name: &str) -> Result<GgmlDType> {
+        match self {
+            Self::Gguf(g) => g.stored_type(name),
+            Self::Safetensors(s) => s.locate(name).map(|_| GgmlDType::F32),
         }
     }
 

@@ -1,0 +1,275 @@
+//! Two CPUs whose compute modes have the same name give the same bits: a
+//! client chains only servers of its own mode's name
+//! ([`pollen_shard::compute_mode`]), and swarm text equals local text only if
+//! equal names mean equal arithmetic.
+//!
+//! Each CPU is a child process running this test again: this machine as it
+//! is; this machine with candle's AVX2 tier forced (`MISTRALRS_FORCE_AVX2=1`,
+//! which candle 0.11 reads: another arithmetic where candle's VNNI tier is
+//! the one that runs here); and, where qemu-user is installed (`bash .ci/run`
+//! installs it), an emulated x86-64 CPU without AVX-512 (a Haswell) and one
+//! without AVX2 (a Nehalem). Under `scripts/test-aarch64.sh` (an emulator in
+//! `POLLEN_TEST_RUNNER`) the children are emulated aarch64 CPUs instead: a
+//! Cortex-A72 (no `sdot`), a Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max`
+//! (`i8mm`).
+//!
+//! Each child loads tiny random models whose block matrices are Q4_1, Q8_0,
+//! Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take) in the weight
+//! modes `exact`, `fast`, `q8_0` and `q4k`, computes a 5-token prompt and a
+//! decode step through all blocks, and reports its mode's name and a hash of
+//! the outputs' bits (or that the CPU refused the model in that mode).
+#![allow(clippy::unwrap_used)]
+
+#[allow(unreachable_pub)]
+mod common {
+    pub mod tiny;
+}
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use common::tiny::{Shape, rand_tensor, write_gguf};
+use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile, WeightMode, compute_mode};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TEST_NAME: &str = "equal_mode_names_mean_equal_bits_across_cpus";
+/// Set in a child: the file its report goes to.
+const CHILD_OUT: &str = "POLLEN_ARITHMETIC_OUT";
+/// Set in a child: the folder holding the models.
+const MODELS: &str = "POLLEN_ARITHMETIC_MODELS";
+/// Where this test binary runs under an emulator: its command line (see
+/// `kernel_paths.rs`).
+const RUNNER_ENV: &str = "POLLEN_TEST_RUNNER";
+
+const SHAPE: Shape = Shape {
+    hidden: 256,
+    ff: 512,
+    heads: 4,
+    kv_heads: 2,
+    blocks: 2,
+    vocab: 64,
+};
+const TYPES: [GgmlDType; 4] = [
+    GgmlDType::Q4_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+];
+const MODES: [&str; 4] = ["exact", "fast", "q8_0", "q4k"];
+
+fn model_path(dir: &Path, dtype: GgmlDType) -> PathBuf {
+    dir.join(format!("tiny-{dtype:?}.gguf"))
+}
+
+/// The mode's name and a hash of a prompt's and a decode step's outputs.
+fn compute(path: &Path, mode: WeightMode) -> Result<(String, String)> {
+    let file = ModelFile::open(path)?;
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        mode,
+    };
+    let name = compute_mode(&file, &opts)?;
+    let span = BlockSpan::load(&file, file.config()?.full_range(), &opts, &mut |_, _| {})?;
+    let mut cache = span.new_cache(CacheLimits::default());
+    let prompt = span.forward(&rand_tensor(&[1, 5, SHAPE.hidden], 7, 1.0)?, 0, &mut cache)?;
+    let step = span.forward(&rand_tensor(&[1, 1, SHAPE.hidden], 8, 1.0)?, 5, &mut cache)?;
+    let mut hash = blake3::Hasher::new();
+    for t in [prompt, step] {
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            hash.update(&v.to_le_bytes());
+        }
+    }
+    Ok((name, hash.finalize().to_hex()[..16].to_string()))
+}
+
+/// In a child: one line per model and mode into `out`.
+fn child(out: &Path) -> Result<()> {
+    let dir = PathBuf::from(std::env::var_os(MODELS).context("no models folder")?);
+    let mut report = String::new();
+    for dtype in TYPES {
+        for mode in MODES {
+            let line = match compute(&model_path(&dir, dtype), WeightMode::parse(mode)?) {
+                Ok((name, hash)) => format!("{dtype:?} {mode} {name} {hash}\n"),
+                // Only an Armv8.0 CPU refuses a model (candle's products there).
+                Err(e) if format!("{e:#}").contains("dot-product extension") => {
+                    format!("{dtype:?} {mode} refused\n")
+                }
+                Err(e) => return Err(e).with_context(|| format!("{dtype:?} in {mode}")),
+            };
+            report.push_str(&line);
+        }
+    }
+    std::fs::write(out, report)?;
+    Ok(())
+}
+
+/// A CPU to run the child on: a label and the command that runs this test
+/// binary there.
+struct Cpu {
+    label: String,
+    cmd: Command,
+}
+
+/// The emulator's command words, where this binary runs under one.
+fn runner() -> Vec<String> {
+    std::env::var(RUNNER_ENV)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// qemu-user for x86-64 on this machine's `PATH`, if any.
+fn qemu_x86() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| ["qemu-x86_64-static", "qemu-x86_64"].map(|n| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// The CPUs this machine can run children on (see the module's documentation).
+fn cpus() -> Result<Vec<Cpu>> {
+    let exe = std::env::current_exe()?;
+    let mut cpus = Vec::new();
+    let words = runner();
+    if let Some((emulator, args)) = words.split_first() {
+        // Under an emulator: the same emulator, each CPU it emulates of these.
+        let listed = Command::new(emulator).args(["-cpu", "help"]).output()?;
+        let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+        for model in ["cortex-a72", "cortex-a76", "max"] {
+            if !listed.split_whitespace().any(|w| w == model) {
+                eprintln!("the emulator has no {model}: not tested");
+                continue;
+            }
+            let mut cmd = Command::new(emulator);
+            cmd.args(args)
+                .args(["-cpu", model])
+                .arg(&exe)
+                .env_remove("QEMU_CPU");
+            cpus.push(Cpu {
+                label: format!("emulated {model}"),
+                cmd,
+            });
+        }
+        return Ok(cpus);
+    }
+    cpus.push(Cpu {
+        label: "this CPU".into(),
+        cmd: Command::new(&exe),
+    });
+    if cfg!(target_arch = "x86_64") {
+        let mut cmd = Command::new(&exe);
+        cmd.env("MISTRALRS_FORCE_AVX2", "1");
+        cpus.push(Cpu {
+            label: "this CPU, candle's AVX2 tier".into(),
+            cmd,
+        });
+        match qemu_x86() {
+            Some(qemu) => {
+                // As kernel_paths.rs: a Haswell less what qemu's TCG cannot emulate.
+                for (label, model) in [
+                    (
+                        "emulated Haswell",
+                        "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid",
+                    ),
+                    ("emulated Nehalem", "Nehalem"),
+                ] {
+                    let mut cmd = Command::new(&qemu);
+                    cmd.args(["-cpu", model]).arg(&exe);
+                    cpus.push(Cpu {
+                        label: label.into(),
+                        cmd,
+                    });
+                }
+            }
+            None => eprintln!("no qemu-x86_64 here: emulated CPUs not tested"),
+        }
+    }
+    Ok(cpus)
+}
+
+/// Runs the child on `cpu`; its report: (type, mode) → (name, hash), absent
+/// where the CPU refused.
+fn run(mut cpu: Cpu, dir: &Path) -> Result<BTreeMap<(String, String), (String, String)>> {
+    let out = dir.join(format!(
+        "report-{}",
+        cpu.label.replace([' ', ',', '\''], "-")
+    ));
+    let status = cpu
+        .cmd
+        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_OUT, &out)
+        .env(MODELS, dir)
+        .status()?;
+    if !status.success() {
+        bail!("child on {} failed: {status}", cpu.label);
+    }
+    let mut report = BTreeMap::new();
+    for line in std::fs::read_to_string(&out)?.lines() {
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [t, m, "refused"] => eprintln!("{}: {t} in {m} refused", cpu.label),
+            [t, m, name, hash] => {
+                report.insert((t.into(), m.into()), (name.into(), hash.into()));
+            }
+            _ => bail!("{}: bad report line {line:?}", cpu.label),
+        }
+    }
+    Ok(report)
+}
+
+#[test]
+fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
+    if let Some(out) = std::env::var_os(CHILD_OUT) {
+        return child(Path::new(&out));
+    }
+    let dir = std::env::temp_dir().join(format!("pollen-arithmetic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for dtype in TYPES {
+        write_gguf(&model_path(&dir, dtype), &SHAPE, dtype, 1.0)?;
+    }
+    let cpus = cpus()?;
+    let several = cpus.len() > 2 || !runner().is_empty();
+    let mut runs = Vec::new();
+    for cpu in cpus {
+        let label = cpu.label.clone();
+        runs.push((label, run(cpu, &dir)?));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut split = 0;
+    for dtype in TYPES {
+        for mode in MODES {
+            let key = (format!("{dtype:?}"), mode.to_string());
+            let got: Vec<(&str, &(String, String))> = runs
+                .iter()
+                .filter_map(|(label, r)| r.get(&key).map(|v| (label.as_str(), v)))
+                .collect();
+            for (label, (name, hash)) in &got {
+                eprintln!("{dtype:?} in {mode} on {label}: {name} {hash}");
+            }
+            for (i, (a, (name_a, hash_a))) in got.iter().enumerate() {
+                for (b, (name_b, hash_b)) in &got[i + 1..] {
+                    assert!(
+                        name_a != name_b || hash_a == hash_b,
+                        "{dtype:?} in {mode}: {a} and {b} both announce {name_a} but \
+                         compute different bits"
+                    );
+                }
+            }
+            let mut hashes: Vec<_> = got.iter().map(|(_, (_, h))| h).collect();
+            hashes.sort();
+            hashes.dedup();
+            if hashes.len() > 1 {
+                split += 1;
+            }
+        }
+    }
+    // Not vacuous: where several tiers ran, some model and mode computes
+    // other bits on one of them (and so, above, under another name).
+    if several {
+        assert!(split > 0, "every CPU computed the same bits in every mode");
+        eprintln!("{split} model-and-mode pairs compute differently across these CPUs");
+    }
+    Ok(())
+}
