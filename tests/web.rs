@@ -1,7 +1,10 @@
 //! The web page of `pollen api` in headless Chromium, driven through its DevTools
-//! protocol on a real 3-server swarm: a question typed into the chat streams an answer
-//! equal to the API's, the swarm bar shows every block covered, and turns red where a
-//! stopped server's blocks are left bare. The page requests nothing but its own origin.
+//! protocol on a real 3-server swarm, with a fourth server of another compute mode
+//! (exact) on blocks 0:10: a question typed into the chat streams an answer equal to
+//! the API's, the swarm bar shows every block covered once (by servers of the client's
+//! mode: the exact one is listed, marked, and not counted), and turns red where a
+//! stopped server's blocks are left bare for this client although the exact server
+//! still holds them. The page requests nothing but its own origin.
 //! A screenshot is kept in `target/tmp/web-chat.png`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -66,6 +69,19 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
         &[ttl, ttl, ttl],
     )
     .unwrap();
+    // Another compute mode on blocks 0:10: listed, never counted for this client.
+    let (_exact, _) = common::server(
+        Some(&mesh.addr),
+        "0:10",
+        &dir.join("exact.key"),
+        &["--weights", "exact", "--announce-ttl", "3"],
+    );
+    let seen = wait_for(Duration::from_secs(30), || {
+        status(Some(&mesh.addr))["models"][0]["servers"]
+            .as_array()
+            .is_some_and(|s| s.len() == 4)
+    });
+    assert!(seen.is_some(), "the exact-mode server never showed");
     let (_api, base) = api(&mesh.addr, &[]);
 
     // What the API answers, to compare with the page.
@@ -153,7 +169,8 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     let bar: Vec<u64> = serde_json::from_value(second["bar"].clone()).unwrap();
     let want: Vec<u64> = (0..30).map(|b| u64::from(b >= 10)).collect();
     assert_eq!(bar, want, "{second}");
-    assert_eq!(second["rows"], 2, "{second}");
+    assert_eq!(second["rows"], 3, "{second}");
+    assert_eq!(second["other_rows"], 1, "{second}");
     let requested: Vec<String> = serde_json::from_value(second["requested"].clone()).unwrap();
     assert!(
         requested.iter().all(|u| u.starts_with(&base)),

@@ -141,5 +141,7 @@ png = cdp("Page.captureScreenshot", format="png")["data"]
 with open(screenshot, "wb") as f:
     f.write(base64.b64decode(png))
 rows = js("document.querySelectorAll('#models tbody tr').length")
-print(json.dumps({"bar": bar_after, "rows": rows, "requested": requested}), flush=True)
+other_rows = js("document.querySelectorAll('#models tbody tr.other-mode').length")
+print(json.dumps({"bar": bar_after, "rows": rows, "other_rows": other_rows,
+                  "requested": requested}), flush=True)
 close()

@@ -119,8 +119,10 @@ pub fn reachability(addrs: &[String]) -> &'static str {
     }
 }
 
-/// Adds, per model, `coverage` (servers per block) and, per server, `reachability`.
-pub fn enrich(mut status: Value) -> Value {
+/// Adds, per model, `coverage` (servers per block, counting only those of compute mode
+/// `mode`, the client's: it routes through no other) and, per server, `reachability`.
+pub fn enrich(mut status: Value, mode: &str) -> Value {
+    status["compute"] = json!(mode);
     if let Some(models) = status.get_mut("models").and_then(Value::as_array_mut) {
         for m in models {
             let n = m["num_blocks"].as_u64().unwrap_or(0).min(1 << 16) as usize;
@@ -131,8 +133,10 @@ pub fn enrich(mut status: Value) -> Value {
                         s["blocks"][0].as_u64().unwrap_or(0) as usize,
                         s["blocks"][1].as_u64().unwrap_or(0) as usize,
                     );
-                    for c in coverage.iter_mut().take(b.min(n)).skip(a) {
-                        *c += 1;
+                    if s["compute"].as_str() == Some(mode) {
+                        for c in coverage.iter_mut().take(b.min(n)).skip(a) {
+                            *c += 1;
+                        }
                     }
                     let addrs: Vec<String> = s["addrs"]
                         .as_array()
@@ -203,7 +207,8 @@ async fn swarm(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     let error = |e: String| json!({"mode": "swarm", "model": state.backend.name(), "models": [], "error": e});
     let view = match tokio::time::timeout(GATHER_TIMEOUT, client.net().gather(None)).await {
         Ok(Ok(book)) => {
-            let mut v = enrich(crate::status::to_json(&book, crate::clock::unix_ms()));
+            let status = crate::status::to_json(&book, crate::clock::unix_ms());
+            let mut v = enrich(status, &client.model().compute);
             v["mode"] = json!("swarm");
             v["model"] = json!(state.backend.name());
             v["model_id"] = json!(state.backend.model_id().map(|id| id.to_string()));
@@ -238,12 +243,18 @@ mod tests {
     }
 
     #[test]
-    fn coverage_counts_servers_per_block() {
-        let v = enrich(json!({"models": [{"num_blocks": 4, "servers": [
-            {"blocks": [0, 2], "addrs": []},
-            {"blocks": [1, 4], "addrs": ["/ip4/10.0.0.1/tcp/5"]},
-        ]}]}));
+    fn coverage_counts_servers_of_the_clients_mode_per_block() {
+        let v = enrich(
+            json!({"models": [{"num_blocks": 4, "servers": [
+                {"blocks": [0, 2], "addrs": [], "compute": "fast/cpu"},
+                {"blocks": [1, 4], "addrs": ["/ip4/10.0.0.1/tcp/5"], "compute": "fast/cpu"},
+                {"blocks": [2, 4], "addrs": [], "compute": "exact/cpu"},
+                {"blocks": [0, 4], "addrs": []},
+            ]}]}),
+            "fast/cpu",
+        );
         assert_eq!(v["models"][0]["coverage"], json!([1, 2, 1, 1]));
         assert_eq!(v["models"][0]["servers"][1]["reachability"], "local");
+        assert_eq!(v["compute"], "fast/cpu");
     }
 }

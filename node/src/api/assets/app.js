@@ -126,8 +126,11 @@ function renderSwarm(view) {
     box.className = "model";
     box.dataset.modelId = m.id;
     const title = document.createElement("h3");
-    const servers = (m.servers || []).length;
-    title.textContent = `${m.name || m.id} · ${m.num_blocks} blocks · ${servers} servers`;
+    const all = m.servers || [];
+    // The client routes only through servers of its own compute mode.
+    const mine = all.filter((s) => s.compute === view.compute).length;
+    const others = all.length === mine ? "" : ` (${all.length - mine} of other modes)`;
+    title.textContent = `${m.name || m.id} · ${m.num_blocks} blocks · ${mine} servers${others}`;
     box.appendChild(title);
     if (view.mode === "local") {
       const p = document.createElement("p");
@@ -143,12 +146,12 @@ function renderSwarm(view) {
       const cell = document.createElement("div");
       cell.className = "cell c" + Math.min(count, 3);
       cell.dataset.count = String(count);
-      cell.title = `block ${i}: ${count} server${count === 1 ? "" : "s"}`;
+      cell.title = `block ${i}: ${count} server${count === 1 ? "" : "s"} computing ${view.compute}`;
       bar.appendChild(cell);
     });
     box.appendChild(bar);
     const table = document.createElement("table");
-    table.innerHTML = "<thead><tr><th>peer</th><th>blocks</th><th>tokens/s</th><th>free sessions</th><th>reachability</th></tr></thead>";
+    table.innerHTML = "<thead><tr><th>peer</th><th>blocks</th><th>compute</th><th>tokens/s</th><th>free sessions</th><th>reachability</th></tr></thead>";
     const tbody = document.createElement("tbody");
     const sorted = [...(m.servers || [])].sort((a, b) => a.blocks[0] - b.blocks[0]);
     for (const s of sorted) {
@@ -156,6 +159,7 @@ function renderSwarm(view) {
       const cells = [
         [shortPeer(s.peer), "peer"],
         [`${s.blocks[0]}:${s.blocks[1]}`, ""],
+        [String(s.compute), ""],
         [Number(s.throughput).toFixed(1), ""],
         [String(s.free_sessions), ""],
         [s.reachability, "reach-" + s.reachability],
@@ -167,12 +171,19 @@ function renderSwarm(view) {
         tr.appendChild(td);
       }
       tr.title = s.peer;
+      if (s.compute !== view.compute) {
+        tr.className = "other-mode";
+        tr.title += ` computes ${s.compute}; this client routes only through ${view.compute}`;
+      }
       tbody.appendChild(tr);
     }
     table.appendChild(tbody);
     box.appendChild(table);
     root.appendChild(box);
   }
+  $("legend-mode").textContent = view.compute
+    ? `· servers computing ${view.compute}, this client's mode`
+    : "";
   $("swarm-updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
