@@ -145,8 +145,9 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                         "free_sessions": a.free_sessions,
                         "free_cache_tokens": a.free_cache_tokens,
                         "addrs": a.addrs,
-                        // Chosen by a peer: printable only.
-                        "compute": pollen_protocol::printable(&a.compute),
+                        // Chosen by a peer: printable only, and never equal to
+                        // another mode's name when shown.
+                        "compute": shown_mode(&a.compute),
                         "age_s": now_ms.saturating_sub(a.issued_at_ms) as f64 / 1000.0,
                         "expires_in_s": a.expires_at_ms.saturating_sub(now_ms) as f64 / 1000.0,
                     })
@@ -168,8 +169,7 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
                 let each: serde_json::Map<String, Value> = by_compute
                     .iter()
                     .map(|(mode, anns)| {
-                        let mode = pollen_protocol::printable(mode);
-                        (mode, json!(pairs(uncovered(anns, num_blocks))))
+                        (shown_mode(mode), json!(pairs(uncovered(anns, num_blocks))))
                     })
                     .collect();
                 model["uncovered_by_compute"] = Value::Object(each);
@@ -178,6 +178,27 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
         })
         .collect();
     json!({ "models": models })
+}
+
+/// A compute mode a peer announced, as shown: itself where every character prints, and
+/// otherwise with the characters [`pollen_protocol::printable`] would drop written as
+/// `\u{..}`, so that a name padded with invisible characters can neither hide nor pass
+/// for the mode it imitates (clients compare names as sent).
+pub(crate) fn shown_mode(mode: &str) -> String {
+    let clean = pollen_protocol::printable(mode);
+    if clean == mode {
+        return clean;
+    }
+    mode.chars()
+        .map(|c| {
+            let one = c.to_string();
+            if pollen_protocol::printable(&one) == one {
+                one
+            } else {
+                format!("\\u{{{:x}}}", u32::from(c))
+            }
+        })
+        .collect()
 }
 
 /// Runs of blocks from the JSON's `[[a, b], ...]` as `a:b, c:d`; `None` where there
@@ -247,6 +268,13 @@ pub fn to_text(status: &Value, color: bool) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_padded_mode_name_never_shows_as_the_mode_it_imitates() {
+        assert_eq!(shown_mode("fast/cpu"), "fast/cpu");
+        assert_eq!(shown_mode("fast/cpu\u{200e}"), "fast/cpu\\u{200e}");
+        assert_eq!(shown_mode("\u{1b}[2Jfast/cpu"), "\\u{1b}[2Jfast/cpu");
+    }
 
     #[test]
     fn gaps_are_maximal_runs() {

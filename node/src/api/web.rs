@@ -119,12 +119,15 @@ pub fn reachability(addrs: &[String]) -> &'static str {
     }
 }
 
-/// Adds, per model, `coverage` (servers per block, counting only those of compute mode
-/// `mode`, the client's: it routes through no other) and, per server, `reachability`.
-pub fn enrich(mut status: Value, mode: &str) -> Value {
+/// Adds, per model, `coverage` (servers per block; for the client's own model `id`,
+/// only those of its compute mode `mode`, the only ones it routes through) and, per
+/// server, `reachability`. Servers' modes are compared as `status` prints them.
+pub fn enrich(mut status: Value, id: &str, mode: &str) -> Value {
+    let mode = pollen_protocol::printable(mode);
     status["compute"] = json!(mode);
     if let Some(models) = status.get_mut("models").and_then(Value::as_array_mut) {
         for m in models {
+            let mine = m["id"].as_str() == Some(id);
             let n = m["num_blocks"].as_u64().unwrap_or(0).min(1 << 16) as usize;
             let mut coverage = vec![0u32; n];
             if let Some(servers) = m.get_mut("servers").and_then(Value::as_array_mut) {
@@ -133,7 +136,7 @@ pub fn enrich(mut status: Value, mode: &str) -> Value {
                         s["blocks"][0].as_u64().unwrap_or(0) as usize,
                         s["blocks"][1].as_u64().unwrap_or(0) as usize,
                     );
-                    if s["compute"].as_str() == Some(mode) {
+                    if !mine || s["compute"].as_str() == Some(mode.as_str()) {
                         for c in coverage.iter_mut().take(b.min(n)).skip(a) {
                             *c += 1;
                         }
@@ -208,7 +211,8 @@ async fn swarm(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     let view = match tokio::time::timeout(GATHER_TIMEOUT, client.net().gather(None)).await {
         Ok(Ok(book)) => {
             let status = crate::status::to_json(&book, crate::clock::unix_ms());
-            let mut v = enrich(status, &client.model().compute);
+            let model = client.model();
+            let mut v = enrich(status, &model.model_id.to_string(), &model.compute);
             v["mode"] = json!("swarm");
             v["model"] = json!(state.backend.name());
             v["model_id"] = json!(state.backend.model_id().map(|id| id.to_string()));
@@ -244,17 +248,24 @@ mod tests {
 
     #[test]
     fn coverage_counts_servers_of_the_clients_mode_per_block() {
+        let servers = json!([
+            {"blocks": [0, 2], "addrs": [], "compute": "fast/cpu"},
+            {"blocks": [1, 4], "addrs": ["/ip4/10.0.0.1/tcp/5"], "compute": "fast/cpu"},
+            {"blocks": [2, 4], "addrs": [], "compute": "exact/cpu"},
+            {"blocks": [0, 4], "addrs": []},
+        ]);
         let v = enrich(
-            json!({"models": [{"num_blocks": 4, "servers": [
-                {"blocks": [0, 2], "addrs": [], "compute": "fast/cpu"},
-                {"blocks": [1, 4], "addrs": ["/ip4/10.0.0.1/tcp/5"], "compute": "fast/cpu"},
-                {"blocks": [2, 4], "addrs": [], "compute": "exact/cpu"},
-                {"blocks": [0, 4], "addrs": []},
-            ]}]}),
+            json!({"models": [
+                {"id": "mine", "num_blocks": 4, "servers": servers},
+                {"id": "other", "num_blocks": 4, "servers": servers},
+            ]}),
+            "mine",
             "fast/cpu",
         );
         assert_eq!(v["models"][0]["coverage"], json!([1, 2, 1, 1]));
         assert_eq!(v["models"][0]["servers"][1]["reachability"], "local");
         assert_eq!(v["compute"], "fast/cpu");
+        // Another model's servers all count: this client routes through none of them.
+        assert_eq!(v["models"][1]["coverage"], json!([2, 3, 3, 3]));
     }
 }

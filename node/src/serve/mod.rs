@@ -196,7 +196,7 @@ async fn dial_missing(
 }
 
 /// Loads the span and the model id (blocking: call from a blocking task).
-fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
+fn load(cfg: &ServeConfig, compute: &str) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     let file = ModelFile::open(&cfg.model)?;
     let num_blocks = file.config()?.num_blocks;
     let range = BlockRange::parse(cfg.blocks.as_deref().unwrap_or_default(), num_blocks)?;
@@ -208,9 +208,8 @@ fn load(cfg: &ServeConfig) -> Result<(BlockSpan, ModelId, f32), ServeError> {
     let id = crate::model::model_id(&cfg.model, &mut |_, _| {})?;
     // The same measure as automatic placement's (one block, cached), so that pinned and
     // placed servers announce comparable speeds.
-    let compute = pollen_shard::compute_mode(&file, &cfg.load)?;
     let threads = cfg.compute_slots.max(1);
-    let (measured, _) = placing::measured(&file, &cfg.load, &id, &compute, threads)?;
+    let (measured, _) = placing::measured(&file, &cfg.load, &id, compute, threads)?;
     let tps = (measured.decode_tps / span.range().len().max(1) as f64) as f32;
     Ok((span, id, tps))
 }
@@ -352,6 +351,7 @@ fn tenure(
     (me, secret): (PeerId, [u8; 32]),
     handle: &NetHandle,
     cfg: &ServeConfig,
+    compute: &str,
 ) -> Result<Arc<Server>, ServeError> {
     let kv_per_token = span.kv_bytes_per_token();
     let kv_max = cfg.max_cache_bytes.unwrap_or_else(|| {
@@ -374,7 +374,7 @@ fn tenure(
         prompt_parts: batch::Parts::of(&span, cfg.prompt_part),
         span: Arc::new(span),
         model_id,
-        compute: crate::model::compute_mode(&cfg.model, &cfg.load)?,
+        compute: compute.to_string(),
         throughput,
         me,
         secret,
@@ -425,19 +425,33 @@ pub async fn run(
     let mut incoming = handle.accept_session_streams()?;
     let bootstraps = bootstrap_peers(&cfg.bootstrap);
     let mut background = JoinSet::new();
-    let compute = crate::model::compute_mode(&cfg.model, &cfg.load)?;
-    let (span, model_id, throughput, auto) = if cfg.blocks.is_some() {
-        let load_cfg = cfg.clone();
-        let (span, model_id, throughput) = tokio::task::spawn_blocking(move || load(&load_cfg))
+    // Worked out once (it reads the file's header and may time a dense product).
+    let (model, load_opts) = (cfg.model.clone(), cfg.load.clone());
+    let compute =
+        tokio::task::spawn_blocking(move || crate::model::compute_mode(&model, &load_opts))
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??;
+    let (span, model_id, throughput, auto) = if cfg.blocks.is_some() {
+        let (load_cfg, load_compute) = (cfg.clone(), compute.clone());
+        let (span, model_id, throughput) =
+            tokio::task::spawn_blocking(move || load(&load_cfg, &load_compute))
+                .await
+                .map_err(|e| ServeError::Task(e.to_string()))??;
         (span, model_id, throughput, None)
     } else {
         let (span, model_id, throughput, auto) =
             start_automatic(&cfg, &handle, &bootstraps, me, &compute).await?;
         (span, model_id, throughput, Some(auto))
     };
-    let mut server = tenure(span, throughput, model_id, (me, secret), &handle, &cfg)?;
+    let mut server = tenure(
+        span,
+        throughput,
+        model_id,
+        (me, secret),
+        &handle,
+        &cfg,
+        &compute,
+    )?;
     dial_missing(&handle, &bootstraps, &mut background).await;
     // Session streams: one task each, at most this many at once (sessions, plus attach
     // and refused streams in flight); beyond it a new stream is dropped at once.
@@ -547,7 +561,8 @@ pub async fn run(
                     .and_then(|r| r)
                     .and_then(|(span, m)| {
                         let t = auto.as_ref().map_or(0.0, Automatic::span_throughput);
-                        Ok((tenure(span, t as f32, model_id, (me, secret), &handle, &cfg)?, m, t))
+                        let ids = (me, secret);
+                        Ok((tenure(span, t as f32, model_id, ids, &handle, &cfg, &compute)?, m, t))
                     });
                 match moved {
                     Ok((new, m, t)) => {

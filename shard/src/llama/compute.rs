@@ -24,19 +24,33 @@
 //!   (its Q4_0, Q8_0, Q2_K and Q3_K ones did not); without `sdot` its Q4_0,
 //!   Q8_0 and K-quant products cannot run at all (refused at load).
 //!
+//! - by the L1 cache, for dense products (exact mode's attention; F32/F16
+//!   block matrices, a safetensors model's): `gemm` 0.19 sums a product over
+//!   `k` in chunks whose length it derives from the L1 cache's size and ways
+//!   where either side of the output exceeds 64 rows (a prompt step of more
+//!   than 64 tokens over more than 512 of context, in attention), and each
+//!   chunk boundary rounds: 512 on a 32 KiB 8-way L1, 1024 on this 48 KiB
+//!   12-way one ([`dense_chunk`] measures it).
+//!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
-//! the device adds the architecture off x86-64 (`exact/cpu-aarch64`) and the
+//! the device adds the architecture off x86-64 (`exact/cpu-aarch64`), the
 //! tier where this model's block matrices reach a kernel that tells tiers apart
-//! (`q8_0/cpu-vnni`, `exact/cpu-noavx2`, `q4k/cpu-aarch64-i8mm`); AVX2 and FMA
-//! without the VNNI tier, and aarch64 without `i8mm`, are the bare names. Only
-//! block matrices count: the client's ends (embeddings, head) never leave it.
+//! (`q8_0/cpu-vnni`, `exact/cpu-noavx2`, `q4k/cpu-aarch64-i8mm`), and gemm's
+//! chunk where dense products run and it is not 512 (`exact/cpu-kc1024`);
+//! AVX2 and FMA without the VNNI tier, aarch64 without `i8mm`, and 512 are
+//! the bare names. Only block matrices count: the client's ends (embeddings,
+//! head) never leave it. candle's `CANDLE_DEQUANTIZE_ALL` and
+//! `CANDLE_DEQUANTIZE_ALL_F16`, which would turn every product dense under
+//! the same name, are refused.
 
 use super::linear::{Product, product_of};
 use super::options::{LoadOptions, WeightMode};
-use crate::Result;
 use crate::weights::ModelFile;
+use crate::{Result, ShardError};
 use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::OnceLock;
 
 /// The tiers of candle 0.11.1's CPU kernels whose bits differ, as candle
 /// itself chooses them at run time (`candle-core/src/cpu/features.rs`,
@@ -96,58 +110,124 @@ impl Tier {
         }
     }
 
-    /// The tier's part of a mode's name where a block matrix computes on
-    /// candle's product of one of `types` (F32/F16: dense).
-    fn suffix(self, types: &[GgmlDType]) -> Option<&'static str> {
-        use GgmlDType as D;
+    /// The tier's part of a mode's name where block matrices compute on
+    /// candle's products as `reach` says.
+    fn suffix(self, reach: &Reach) -> Option<&'static str> {
         match self {
             // Dense work (attention) runs on `gemm` in every candle mode.
             Self::X86Plain => Some("noavx2"),
-            Self::X86Vnni if types.contains(&D::Q8_0) => Some("vnni"),
-            Self::ArmI8mm if types.iter().any(|t| matches!(t, D::Q4K | D::Q5K | D::Q6K)) => {
-                Some("i8mm")
-            }
+            Self::X86Vnni if reach.q8_0_tiled => Some("vnni"),
+            Self::ArmI8mm if reach.k_quants => Some("i8mm"),
             _ => None,
         }
     }
 }
 
+/// What of candle's arithmetic a model's block matrices reach in a mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Reach {
+    /// Some block matrix computes on candle.
+    candle: bool,
+    /// A Q8_0 product candle 0.11.1 tiles on its VNNI tier (`repack_x86::select`:
+    /// rows in multiples of 16, columns of 256).
+    q8_0_tiled: bool,
+    /// A Q4_K, Q5_K or Q6_K product.
+    k_quants: bool,
+    /// A dense (F32) product.
+    dense: bool,
+}
+
+impl Reach {
+    fn add(&mut self, product: Product, rows: usize, cols: usize) {
+        use GgmlDType as D;
+        let Product::Candle(t) = product else {
+            return;
+        };
+        self.candle = true;
+        self.q8_0_tiled |= t == D::Q8_0 && rows.is_multiple_of(16) && cols.is_multiple_of(256);
+        self.k_quants |= matches!(t, D::Q4K | D::Q5K | D::Q6K);
+        self.dense |= matches!(t, D::F32 | D::F16 | D::BF16);
+    }
+}
+
+/// The first chunk gemm 0.19 sums a long dense f32 product in, on this CPU
+/// (see the module's documentation), measured once: a 65 × 8,192 × 65
+/// product of ones against a column whose first value, 1e8, swallows every
+/// one added to it in the first chunk (1e8 + 1 rounds to 1e8), while each
+/// later chunk's sum of ones is added exactly, so the result is
+/// `1e8 + 8,192 − chunk`.
+fn dense_chunk() -> Result<u32> {
+    static CHUNK: OnceLock<u32> = OnceLock::new();
+    if let Some(c) = CHUNK.get() {
+        return Ok(*c);
+    }
+    const K: usize = 8192;
+    const M: usize = 65;
+    let cpu = Device::Cpu;
+    let lhs = Tensor::ones((M, K), DType::F32, &cpu)?;
+    let mut column = vec![1f32; K];
+    column[0] = 1e8;
+    let rhs = Tensor::from_vec(column, (K, 1), &cpu)?
+        .broadcast_as((K, M))?
+        .contiguous()?;
+    let v = lhs.matmul(&rhs)?.i((0, 0))?.to_scalar::<f32>()?;
+    // Exact in f32: every value here is a whole number below 2^27 and a multiple of 2.
+    let chunk = (K as f64 - (f64::from(v) - 1e8)).clamp(0.0, K as f64) as u32;
+    Ok(*CHUNK.get_or_init(|| chunk))
+}
+
+/// The chunk most CPUs' L1 caches give, named by the bare mode.
+const USUAL_CHUNK: u32 = 512;
+
+/// candle's switches that would make every product dense under the same name.
+const DEQUANTIZE_VARS: [&str; 2] = ["CANDLE_DEQUANTIZE_ALL", "CANDLE_DEQUANTIZE_ALL_F16"];
+
 /// The compute mode a node runs `file`'s blocks in with `opts`, as announced
 /// and checked by peers (see the module's documentation). Reads the file's
 /// header only.
 pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
+    for var in DEQUANTIZE_VARS {
+        // As candle reads them: set, not empty, not "0".
+        if std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0") {
+            return Err(ShardError::BadInput(format!(
+                "{var} makes candle compute every matrix dense, with other bits than its \
+                 compute mode's name says; unset it"
+            )));
+        }
+    }
     let packs = opts.device.is_cpu() && crate::kernels::simd_available();
     let mode = opts.effective_mode();
     let cfg = file.config()?;
-    let mut types = Vec::new();
+    let mut reach = Reach::default();
     for i in 0..cfg.num_blocks {
         for (name, rows, cols) in super::block::matrices(&file.block_names(i), &cfg) {
             let stored = file.stored_type(&name)?;
-            if let Product::Candle(t) = product_of(mode, stored, rows, cols, packs)
-                && !types.contains(&t)
-            {
-                types.push(t);
-            }
+            reach.add(product_of(mode, stored, rows, cols, packs), rows, cols);
         }
     }
+    // Exact mode's attention is candle's, dense.
+    let dense = opts.device.is_cpu() && (reach.dense || mode == WeightMode::Exact);
+    let chunk = if dense { dense_chunk()? } else { USUAL_CHUNK };
     Ok(mode_name(
         opts,
         packs,
-        &types,
+        &reach,
         std::env::consts::ARCH,
         Tier::detect(),
+        chunk,
     ))
 }
 
 /// [`compute_mode`] from what decides it: whether packed kernels run here,
-/// the types of the block matrices that compute on candle, the architecture
-/// and candle's tier.
+/// what of candle the block matrices reach, the architecture, candle's tier
+/// and gemm's chunk.
 fn mode_name(
     opts: &LoadOptions,
     packs: bool,
-    types: &[GgmlDType],
+    reach: &Reach,
     arch: &str,
     tier: Tier,
+    chunk: u32,
 ) -> String {
     let device = if opts.device.is_cuda() {
         return format!("{}/cuda", opts.effective_mode());
@@ -157,7 +237,7 @@ fn mode_name(
         "cpu"
     };
     let (mode, on_candle) = match opts.effective_mode() {
-        WeightMode::Fast if packs => ("fast".to_string(), !types.is_empty()),
+        WeightMode::Fast if packs => ("fast".to_string(), reach.candle),
         WeightMode::Fast => ("q8_0".to_string(), true),
         m => (m.to_string(), true),
     };
@@ -166,18 +246,21 @@ fn mode_name(
         if arch != "x86_64" {
             name = format!("{name}-{arch}");
         }
-        if let Some(s) = tier.suffix(types) {
+        if let Some(s) = tier.suffix(reach) {
             name = format!("{name}-{s}");
+        }
+        if chunk != USUAL_CHUNK {
+            name = format!("{name}-kc{chunk}");
         }
     }
     name
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use GgmlDType as D;
-    use candle_core::Device;
 
     fn cpu(mode: WeightMode) -> LoadOptions {
         LoadOptions {
@@ -186,27 +269,42 @@ mod tests {
         }
     }
 
+    /// What block matrices of these types and shapes, all on candle, reach.
+    fn reach(matrices: &[(D, usize, usize)]) -> Reach {
+        let mut r = Reach::default();
+        for &(t, rows, cols) in matrices {
+            r.add(Product::Candle(t), rows, cols);
+        }
+        r
+    }
+
     #[test]
     fn names_tell_candle_tiers_apart_only_where_the_blocks_reach_them() {
         let (exact, fast) = (cpu(WeightMode::Exact), cpu(WeightMode::Fast));
         let q8 = cpu(WeightMode::Requantize(D::Q8_0));
         let q4k = cpu(WeightMode::Requantize(D::Q4K));
-        let name = |o: &LoadOptions, packs, types: &[D], arch, tier| {
-            mode_name(o, packs, types, arch, tier)
+        let name = |o: &LoadOptions, packs, r: &Reach, arch, tier| {
+            mode_name(o, packs, r, arch, tier, USUAL_CHUNK)
         };
         use Tier::*;
         // Every block packed: the same name on every CPU.
+        let none = Reach::default();
         for (arch, tier) in [
             ("x86_64", X86Avx2),
             ("x86_64", X86Vnni),
             ("aarch64", Arm),
             ("aarch64", ArmI8mm),
         ] {
-            assert_eq!(name(&fast, true, &[], arch, tier), "fast/cpu");
+            assert_eq!(name(&fast, true, &none, arch, tier), "fast/cpu");
+            assert_eq!(
+                mode_name(&fast, true, &none, arch, tier, 1024),
+                "fast/cpu",
+                "no dense product"
+            );
         }
         // The default model's blocks (Q4_1) in exact mode: the architecture,
         // and plain x86-64 (its dense work), tell bits apart.
-        let q4_1 = [D::Q4_1];
+        let q4_1 = reach(&[(D::Q4_1, 576, 576), (D::Q4_1, 576, 1536)]);
         for tier in [X86Avx2, X86Vnni] {
             assert_eq!(name(&exact, true, &q4_1, "x86_64", tier), "exact/cpu");
         }
@@ -220,10 +318,13 @@ mod tests {
                 "exact/cpu-aarch64"
             );
         }
-        // Q8_0 blocks: candle's VNNI tier is its own arithmetic.
-        let q8_0 = [D::Q8_0];
+        // Q8_0 blocks: candle's VNNI tier is its own arithmetic where it
+        // tiles them (rows in 16s, columns in 256s).
+        let q8_0 = reach(&[(D::Q8_0, 576, 576), (D::Q8_0, 576, 1536)]);
         assert_eq!(name(&q8, true, &q8_0, "x86_64", X86Avx2), "q8_0/cpu");
         assert_eq!(name(&q8, true, &q8_0, "x86_64", X86Vnni), "q8_0/cpu-vnni");
+        let untiled = reach(&[(D::Q8_0, 896, 896), (D::Q8_0, 4864, 896)]);
+        assert_eq!(name(&q8, true, &untiled, "x86_64", X86Vnni), "q8_0/cpu");
         assert_eq!(
             name(&q8, false, &q8_0, "x86_64", X86Plain),
             "q8_0/cpu-noavx2"
@@ -238,7 +339,7 @@ mod tests {
             "q8_0/cpu-aarch64"
         );
         // K-quants: aarch64's i8mm tier is its own arithmetic.
-        let k = [D::Q4K, D::Q6K];
+        let k = reach(&[(D::Q4K, 512, 512), (D::Q6K, 512, 512)]);
         assert_eq!(name(&q4k, true, &k, "x86_64", X86Vnni), "q4k/cpu");
         assert_eq!(
             name(&q4k, true, &k, "aarch64", ArmI8mm),
@@ -246,22 +347,49 @@ mod tests {
         );
         assert_eq!(name(&q4k, true, &k, "aarch64", Arm), "q4k/cpu-aarch64");
         // A fast-mode block matrix without a packed form computes on candle.
-        assert_eq!(name(&fast, true, &[D::Q3K], "x86_64", X86Avx2), "fast/cpu");
+        let q3k = reach(&[(D::Q3K, 512, 512)]);
+        assert_eq!(name(&fast, true, &q3k, "x86_64", X86Avx2), "fast/cpu");
+        let q4k_odd = reach(&[(D::Q4K, 520, 512)]);
         assert_eq!(
-            name(&fast, true, &[D::Q4K], "aarch64", ArmI8mm),
+            name(&fast, true, &q4k_odd, "aarch64", ArmI8mm),
             "fast/cpu-aarch64-i8mm"
         );
+        let dense = reach(&[(D::F32, 512, 512)]);
         assert_eq!(
-            name(&fast, true, &[D::F16], "aarch64", Arm),
+            name(&fast, true, &dense, "aarch64", Arm),
             "fast/cpu-aarch64"
         );
-        // Every name fits the wire's limit.
-        for arch in ["aarch64", "riscv64", "powerpc64", "loongarch64"] {
-            for tier in [X86Plain, ArmI8mm, Other] {
-                let long = name(&q4k, true, &k, arch, tier);
+        // gemm's chunk, where it is not the usual one.
+        assert_eq!(
+            mode_name(&exact, true, &q4_1, "x86_64", X86Vnni, 1024),
+            "exact/cpu-kc1024"
+        );
+        assert_eq!(
+            mode_name(&fast, true, &dense, "x86_64", X86Avx2, 1024),
+            "fast/cpu-kc1024"
+        );
+        // Every name fits the wire's limit (the chunk measured is at most 8,192).
+        for (arch, tier) in [
+            ("x86_64", X86Plain),
+            ("aarch64", ArmI8mm),
+            ("riscv64", Other),
+            ("powerpc64", Other),
+            ("loongarch64", Other),
+        ] {
+            for o in [&exact, &q4k] {
+                let long = mode_name(o, true, &k, arch, tier, 8192);
                 assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
             }
         }
+    }
+
+    /// The chunk measured here is a whole number of values of a product, and
+    /// the same on a second look.
+    #[test]
+    fn gemm_chunk_is_measured() {
+        let c = dense_chunk().unwrap();
+        assert!((1..=8192).contains(&c), "{c}");
+        assert_eq!(dense_chunk().unwrap(), c);
     }
 
     /// `pollen_protocol::limits::MAX_COMPUTE_LEN` (shard does not depend on

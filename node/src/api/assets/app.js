@@ -127,8 +127,9 @@ function renderSwarm(view) {
     box.dataset.modelId = m.id;
     const title = document.createElement("h3");
     const all = m.servers || [];
-    // The client routes only through servers of its own compute mode.
-    const mine = all.filter((s) => s.compute === view.compute).length;
+    // The client routes only through servers of its own model and compute mode.
+    const own = m.id === view.model_id;
+    const mine = own ? all.filter((s) => s.compute === view.compute).length : all.length;
     const others = all.length === mine ? "" : ` (${all.length - mine} of other modes)`;
     title.textContent = `${m.name || m.id} · ${m.num_blocks} blocks · ${mine} servers${others}`;
     box.appendChild(title);
@@ -159,7 +160,7 @@ function renderSwarm(view) {
       const cells = [
         [shortPeer(s.peer), "peer"],
         [`${s.blocks[0]}:${s.blocks[1]}`, ""],
-        [String(s.compute), ""],
+        [s.compute === undefined ? "?" : String(s.compute), ""],
         [Number(s.throughput).toFixed(1), ""],
         [String(s.free_sessions), ""],
         [s.reachability, "reach-" + s.reachability],
@@ -171,7 +172,7 @@ function renderSwarm(view) {
         tr.appendChild(td);
       }
       tr.title = s.peer;
-      if (s.compute !== view.compute) {
+      if (own && s.compute !== view.compute) {
         tr.className = "other-mode";
         tr.title += ` computes ${s.compute}; this client routes only through ${view.compute}`;
       }
