@@ -180,20 +180,15 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
     json!({ "models": models })
 }
 
-/// A compute mode a peer announced, as shown: itself where every character prints, and
-/// otherwise with the characters [`pollen_protocol::printable`] would drop written as
-/// `\u{..}`, so that a name padded with invisible characters can neither hide nor pass
-/// for the mode it imitates (clients compare names as sent).
+/// A compute mode a peer announced, as shown: Pollen's names are ASCII letters, digits
+/// and `._/-`, shown as they are; any other character (and `\`) is written as `\u{..}`,
+/// so that a name padded with invisible characters, or spelled with look-alike letters,
+/// can neither hide nor pass for the mode it imitates (clients compare names as sent).
 pub(crate) fn shown_mode(mode: &str) -> String {
-    let clean = pollen_protocol::printable(mode);
-    if clean == mode {
-        return clean;
-    }
     mode.chars()
         .map(|c| {
-            let one = c.to_string();
-            if pollen_protocol::printable(&one) == one {
-                one
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-') {
+                c.to_string()
             } else {
                 format!("\\u{{{:x}}}", u32::from(c))
             }
@@ -272,8 +267,13 @@ mod tests {
     #[test]
     fn a_padded_mode_name_never_shows_as_the_mode_it_imitates() {
         assert_eq!(shown_mode("fast/cpu"), "fast/cpu");
+        assert_eq!(shown_mode("q8_0/cpu-aarch64-i8mm"), "q8_0/cpu-aarch64-i8mm");
         assert_eq!(shown_mode("fast/cpu\u{200e}"), "fast/cpu\\u{200e}");
-        assert_eq!(shown_mode("\u{1b}[2Jfast/cpu"), "\\u{1b}[2Jfast/cpu");
+        assert_eq!(shown_mode("fast/cpu\u{200b}"), "fast/cpu\\u{200b}");
+        assert_eq!(shown_mode("f\u{430}st/cpu"), "f\\u{430}st/cpu");
+        assert_eq!(shown_mode("\u{1b}[2Jfast/cpu"), "\\u{1b}\\u{5b}2Jfast/cpu");
+        // A literal escape cannot pass for an escaped character either.
+        assert_eq!(shown_mode("x\\u{200e}"), "x\\u{5c}u\\u{7b}200e\\u{7d}");
     }
 
     #[test]

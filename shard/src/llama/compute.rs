@@ -27,8 +27,9 @@
 //! - by the L1 cache, for dense products (exact mode's attention; F32/F16
 //!   block matrices, a safetensors model's): `gemm` 0.19 sums a product over
 //!   `k` in chunks whose length it derives from the L1 cache's size and ways
-//!   where either side of the output exceeds 64 rows (a prompt step of more
-//!   than 64 tokens over more than 512 of context, in attention), and each
+//!   where either side of the output exceeds 64 (in attention, a prompt step
+//!   over more than 512 tokens of context, of more than 64 tokens where heads
+//!   are 64 wide, of 2 or more where they are wider), and each
 //!   chunk boundary rounds: 512 on a 32 KiB 8-way L1, 1024 on this 48 KiB
 //!   12-way one ([`dense_chunk`] measures it).
 //!
@@ -151,17 +152,21 @@ impl Reach {
 }
 
 /// The first chunk gemm 0.19 sums a long dense f32 product in, on this CPU
-/// (see the module's documentation), measured once: a 65 × 8,192 × 65
-/// product of ones against a column whose first value, 1e8, swallows every
-/// one added to it in the first chunk (1e8 + 1 rounds to 1e8), while each
-/// later chunk's sum of ones is added exactly, so the result is
-/// `1e8 + 8,192 − chunk`.
+/// (see the module's documentation), measured once (~40 ms): a 65 × 32,768 ×
+/// 65 product of ones against a column whose first value, 1e8, swallows
+/// every one added to it in the first chunk (1e8 + 1 rounds to 1e8: floats
+/// there are 8 apart), while each later chunk's sum of ones is added, so the
+/// result is `1e8 + 32,768 − chunk` (gemm keeps one accumulator per output,
+/// runs k in order within a chunk, and never splits k across threads).
+/// Exact where chunks are multiples of 8, as the L1 geometries CPUs report
+/// give (512, 1024, 2048); a stranger chunk reads to within 8, a label still
+/// equal on CPUs that chunk alike.
 fn dense_chunk() -> Result<u32> {
     static CHUNK: OnceLock<u32> = OnceLock::new();
     if let Some(c) = CHUNK.get() {
         return Ok(*c);
     }
-    const K: usize = 8192;
+    const K: usize = 32768;
     const M: usize = 65;
     let cpu = Device::Cpu;
     let lhs = Tensor::ones((M, K), DType::F32, &cpu)?;
@@ -171,7 +176,7 @@ fn dense_chunk() -> Result<u32> {
         .broadcast_as((K, M))?
         .contiguous()?;
     let v = lhs.matmul(&rhs)?.i((0, 0))?.to_scalar::<f32>()?;
-    // Exact in f32: every value here is a whole number below 2^27 and a multiple of 2.
+    // Below 2^27: whole numbers 8 apart.
     let chunk = (K as f64 - (f64::from(v) - 1e8)).clamp(0.0, K as f64) as u32;
     Ok(*CHUNK.get_or_init(|| chunk))
 }
@@ -368,7 +373,7 @@ mod tests {
             mode_name(&fast, true, &dense, "x86_64", X86Avx2, 1024),
             "fast/cpu-kc1024"
         );
-        // Every name fits the wire's limit (the chunk measured is at most 8,192).
+        // Every name fits the wire's limit (the chunk measured is at most 32,768).
         for (arch, tier) in [
             ("x86_64", X86Plain),
             ("aarch64", ArmI8mm),
@@ -377,7 +382,7 @@ mod tests {
             ("loongarch64", Other),
         ] {
             for o in [&exact, &q4k] {
-                let long = mode_name(o, true, &k, arch, tier, 8192);
+                let long = mode_name(o, true, &k, arch, tier, 32768);
                 assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
             }
         }
@@ -388,7 +393,7 @@ mod tests {
     #[test]
     fn gemm_chunk_is_measured() {
         let c = dense_chunk().unwrap();
-        assert!((1..=8192).contains(&c), "{c}");
+        assert!((1..=32768).contains(&c), "{c}");
         assert_eq!(dense_chunk().unwrap(), c);
     }
 

@@ -147,7 +147,8 @@ function renderSwarm(view) {
       const cell = document.createElement("div");
       cell.className = "cell c" + Math.min(count, 3);
       cell.dataset.count = String(count);
-      cell.title = `block ${i}: ${count} server${count === 1 ? "" : "s"} computing ${view.compute}`;
+      const which = own ? ` computing ${view.compute}` : "";
+      cell.title = `block ${i}: ${count} server${count === 1 ? "" : "s"}${which}`;
       bar.appendChild(cell);
     });
     box.appendChild(bar);
