@@ -14,10 +14,11 @@
 //! (`i8mm`).
 //!
 //! Each child loads tiny random models whose block matrices are Q4_1, Q8_0,
-//! Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take) in the weight
-//! modes `exact`, `fast`, `q8_0` and `q4k`, computes a 5-token prompt and a
-//! decode step through all blocks, and reports its mode's name and a hash of
-//! the outputs' bits (or that the CPU refused the model in that mode).
+//! Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an F16
+//! safetensors one (dense products), in the weight modes `exact`, `fast`,
+//! `q8_0` and `q4k`, computes a 5-token prompt and a decode step through all
+//! blocks, and reports its mode's name and a hash of the outputs' bits (or
+//! that the CPU refused the model in that mode).
 #![allow(clippy::unwrap_used)]
 
 #[allow(unreachable_pub)]
@@ -26,9 +27,9 @@ mod common {
 }
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use common::tiny::{Shape, rand_tensor, write_gguf};
+use candle_core::{DType, Device};
+use common::tiny::{Shape, rand_tensor, write_gguf, write_safetensors};
 use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile, WeightMode, compute_mode};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,8 +60,14 @@ const TYPES: [GgmlDType; 4] = [
 ];
 const MODES: [&str; 4] = ["exact", "fast", "q8_0", "q4k"];
 
-fn model_path(dir: &Path, dtype: GgmlDType) -> PathBuf {
-    dir.join(format!("tiny-{dtype:?}.gguf"))
+/// The models: a label and where each is.
+fn models(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut all: Vec<(String, PathBuf)> = TYPES
+        .iter()
+        .map(|t| (format!("{t:?}"), dir.join(format!("tiny-{t:?}.gguf"))))
+        .collect();
+    all.push(("safetensors-F16".into(), dir.join("tiny-safetensors")));
+    all
 }
 
 /// The mode's name and a hash of a prompt's and a decode step's outputs.
@@ -88,15 +95,15 @@ fn compute(path: &Path, mode: WeightMode) -> Result<(String, String)> {
 fn child(out: &Path) -> Result<()> {
     let dir = PathBuf::from(std::env::var_os(MODELS).context("no models folder")?);
     let mut report = String::new();
-    for dtype in TYPES {
+    for (model, path) in models(&dir) {
         for mode in MODES {
-            let line = match compute(&model_path(&dir, dtype), WeightMode::parse(mode)?) {
-                Ok((name, hash)) => format!("{dtype:?} {mode} {name} {hash}\n"),
+            let line = match compute(&path, WeightMode::parse(mode)?) {
+                Ok((name, hash)) => format!("{model} {mode} {name} {hash}\n"),
                 // Only an Armv8.0 CPU refuses a model (candle's products there).
                 Err(e) if format!("{e:#}").contains("dot-product extension") => {
-                    format!("{dtype:?} {mode} refused\n")
+                    format!("{model} {mode} refused\n")
                 }
-                Err(e) => return Err(e).with_context(|| format!("{dtype:?} in {mode}")),
+                Err(e) => return Err(e).with_context(|| format!("{model} in {mode}")),
             };
             report.push_str(&line);
         }
@@ -224,11 +231,23 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
     if let Some(out) = std::env::var_os(CHILD_OUT) {
         return child(Path::new(&out));
     }
-    let dir = std::env::temp_dir().join(format!("pollen-arithmetic-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    for dtype in TYPES {
-        write_gguf(&model_path(&dir, dtype), &SHAPE, dtype, 1.0)?;
+    /// Removes the models' folder however the test ends.
+    struct Folder(PathBuf);
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
+    let folder =
+        Folder(std::env::temp_dir().join(format!("pollen-arithmetic-{}", std::process::id())));
+    let dir = folder.0.clone();
+    std::fs::create_dir_all(&dir)?;
+    for (dtype, (_, path)) in TYPES.iter().zip(models(&dir)) {
+        write_gguf(&path, &SHAPE, *dtype, 1.0)?;
+    }
+    let dense = dir.join("tiny-safetensors");
+    std::fs::create_dir_all(&dense)?;
+    write_safetensors(&dense, &SHAPE, DType::F16)?;
     let cpus = cpus()?;
     let several = cpus.len() > 2 || !runner().is_empty();
     let mut runs = Vec::new();
@@ -236,23 +255,22 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
         let label = cpu.label.clone();
         runs.push((label, run(cpu, &dir)?));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let mut split = 0;
-    for dtype in TYPES {
+    for (model, _) in models(&dir) {
         for mode in MODES {
-            let key = (format!("{dtype:?}"), mode.to_string());
+            let key = (model.clone(), mode.to_string());
             let got: Vec<(&str, &(String, String))> = runs
                 .iter()
                 .filter_map(|(label, r)| r.get(&key).map(|v| (label.as_str(), v)))
                 .collect();
             for (label, (name, hash)) in &got {
-                eprintln!("{dtype:?} in {mode} on {label}: {name} {hash}");
+                eprintln!("{model} in {mode} on {label}: {name} {hash}");
             }
             for (i, (a, (name_a, hash_a))) in got.iter().enumerate() {
                 for (b, (name_b, hash_b)) in &got[i + 1..] {
                     assert!(
                         name_a != name_b || hash_a == hash_b,
-                        "{dtype:?} in {mode}: {a} and {b} both announce {name_a} but \
+                        "{model} in {mode}: {a} and {b} both announce {name_a} but \
                          compute different bits"
                     );
                 }

@@ -21,11 +21,10 @@ mod common {
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::tiny::{Shape, rand_tensor, write_gguf};
+use common::tiny::{Shape, rand_tensor, write_gguf, write_safetensors};
 use pollen_shard::{
     BlockRange, BlockSpan, CacheLimits, ClientEnds, LoadOptions, ModelFile, SpanCache, WeightMode,
 };
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn exact() -> LoadOptions {
@@ -183,9 +182,6 @@ const TINY: Shape = Shape {
     vocab: 96,
 };
 const TINY_HIDDEN: usize = TINY.hidden;
-const TINY_FF: usize = TINY.ff;
-const TINY_HEADS: usize = TINY.heads;
-const TINY_KV: usize = TINY.kv_heads;
 const TINY_BLOCKS: usize = TINY.blocks;
 const TINY_VOCAB: usize = TINY.vocab;
 
@@ -213,76 +209,7 @@ fn tiny_random_gguf_spans_match_reference() -> Result<()> {
 }
 
 fn write_tiny_safetensors(dir: &Path, dtype: DType) -> Result<()> {
-    let kv = TINY_KV * TINY_HIDDEN / TINY_HEADS;
-    let mut map: HashMap<String, Tensor> = HashMap::new();
-    let mut seed = 100;
-    let mut add = |name: String, shape: &[usize], scale: f32| -> Result<()> {
-        seed += 1;
-        map.insert(name, rand_tensor(shape, seed, scale)?.to_dtype(dtype)?);
-        Ok(())
-    };
-    add(
-        "model.embed_tokens.weight".into(),
-        &[TINY_VOCAB, TINY_HIDDEN],
-        1.0,
-    )?;
-    add("model.norm.weight".into(), &[TINY_HIDDEN], 1.0)?;
-    add("lm_head.weight".into(), &[TINY_VOCAB, TINY_HIDDEN], 0.5)?;
-    for i in 0..TINY_BLOCKS {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[TINY_HIDDEN], 1.0)?;
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[TINY_HIDDEN],
-            1.0,
-        )?;
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[TINY_HIDDEN, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[TINY_HIDDEN, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.mlp.gate_proj.weight"),
-            &[TINY_FF, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.mlp.up_proj.weight"),
-            &[TINY_FF, TINY_HIDDEN],
-            0.2,
-        )?;
-        add(
-            format!("{p}.mlp.down_proj.weight"),
-            &[TINY_HIDDEN, TINY_FF],
-            0.2,
-        )?;
-    }
-    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": TINY_HIDDEN, "intermediate_size": TINY_FF,
-        "num_hidden_layers": TINY_BLOCKS, "num_attention_heads": TINY_HEADS,
-        "num_key_value_heads": TINY_KV, "vocab_size": TINY_VOCAB,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), config.to_string())?;
-    Ok(())
+    write_safetensors(dir, &TINY, dtype)
 }
 
 #[test]

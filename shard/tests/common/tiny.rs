@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// A tiny model's dimensions.
@@ -125,5 +126,64 @@ pub fn write_gguf(path: &Path, shape: &Shape, dtype: GgmlDType, attn_norm: f32) 
     let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(())
+}
+
+/// Writes a tiny llama safetensors model of `shape` into `dir`
+/// (`model.safetensors` and `config.json`) with random weights in `dtype`.
+pub fn write_safetensors(dir: &Path, shape: &Shape, dtype: DType) -> Result<()> {
+    let Shape {
+        hidden,
+        ff,
+        heads,
+        kv_heads,
+        blocks,
+        vocab,
+    } = *shape;
+    let kv = kv_heads * hidden / heads;
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut seed = 100;
+    let mut add = |name: String, shape: &[usize], scale: f32| -> Result<()> {
+        seed += 1;
+        map.insert(name, rand_tensor(shape, seed, scale)?.to_dtype(dtype)?);
+        Ok(())
+    };
+    add("model.embed_tokens.weight".into(), &[vocab, hidden], 1.0)?;
+    add("model.norm.weight".into(), &[hidden], 1.0)?;
+    add("lm_head.weight".into(), &[vocab, hidden], 0.5)?;
+    for i in 0..blocks {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[hidden], 1.0)?;
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[hidden],
+            1.0,
+        )?;
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[hidden, hidden],
+            0.2,
+        )?;
+        add(format!("{p}.self_attn.k_proj.weight"), &[kv, hidden], 0.2)?;
+        add(format!("{p}.self_attn.v_proj.weight"), &[kv, hidden], 0.2)?;
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[hidden, hidden],
+            0.2,
+        )?;
+        add(format!("{p}.mlp.gate_proj.weight"), &[ff, hidden], 0.2)?;
+        add(format!("{p}.mlp.up_proj.weight"), &[ff, hidden], 0.2)?;
+        add(format!("{p}.mlp.down_proj.weight"), &[hidden, ff], 0.2)?;
+    }
+    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ff,
+        "num_hidden_layers": blocks, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
     Ok(())
 }
