@@ -89,22 +89,25 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     let name = models["data"][0]["id"].as_str().unwrap().to_string();
     let body = json!({"model": name, "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": TOKENS, "temperature": 0});
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "120",
-            "-H",
-            "Content-Type: application/json",
-        ])
-        .args([
-            "-d",
-            &body.to_string(),
-            &format!("{base}/v1/chat/completions"),
-        ])
-        .output()
-        .unwrap();
-    let api_answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ask = || -> Value {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "120",
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .args([
+                "-d",
+                &body.to_string(),
+                &format!("{base}/v1/chat/completions"),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let api_answer = ask();
     let api_answer = api_answer["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -171,6 +174,19 @@ fn the_page_streams_a_chat_answer_and_shows_the_swarm_change() {
     assert_eq!(bar, want, "{second}");
     assert_eq!(second["rows"], 3, "{second}");
     assert_eq!(second["other_rows"], 1, "{second}");
+    // The API says why it has no route: the exact server's blocks are of another mode.
+    let refused = ask();
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    eprintln!("without a route: {message}");
+    assert_eq!(refused["error"]["code"], "swarm_incomplete", "{refused}");
+    assert!(
+        message.contains("computing fast/cpu") && message.contains("uncovered: 0:10"),
+        "{refused}"
+    );
+    assert!(
+        message.contains("other compute modes") && message.contains("exact/cpu"),
+        "{refused}"
+    );
     let requested: Vec<String> = serde_json::from_value(second["requested"].clone()).unwrap();
     assert!(
         requested.iter().all(|u| u.starts_with(&base)),

@@ -584,8 +584,10 @@ mod tests {
         let id = ModelId::from_bytes([0; 32]);
         let no_route = ClientError::NoRoute {
             model: id,
+            compute: "fast/cpu".into(),
             uncovered: Vec::new(),
             servers: 0,
+            other_modes: Vec::new(),
             misaligned: false,
         };
         assert!(matches!(

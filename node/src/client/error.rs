@@ -33,14 +33,18 @@ pub struct HopFailure {
 #[non_exhaustive]
 pub enum ClientError {
     /// No chain of announced servers covers every block.
-    #[error("{}", no_route_text(.model, .uncovered, .servers, .misaligned))]
+    #[error("{}", no_route_text(.model, .compute, .uncovered, .servers, .other_modes, .misaligned))]
     NoRoute {
         /// The model.
         model: ModelId,
+        /// The compute mode every server of a route must run (the client's).
+        compute: String,
         /// Blocks no usable server covers.
         uncovered: Vec<BlockRange>,
         /// Servers announced for the model.
         servers: usize,
+        /// Servers announced for the model in other compute modes, by mode (as shown).
+        other_modes: Vec<(String, usize)>,
         /// Every block is covered, but no chain of spans lines up end to start.
         misaligned: bool,
     },
@@ -74,8 +78,10 @@ pub enum ClientError {
 
 fn no_route_text(
     model: &ModelId,
+    compute: &str,
     uncovered: &[BlockRange],
     servers: &usize,
+    other_modes: &[(String, usize)],
     misaligned: &bool,
 ) -> String {
     let gaps = if *misaligned {
@@ -87,7 +93,22 @@ fn no_route_text(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let others = if other_modes.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = other_modes
+            .iter()
+            .map(|(m, n)| format!("{m} × {n}"))
+            .collect();
+        format!(
+            "; in other compute modes, which compute other bits and which this client \
+             does not chain: {}",
+            each.join(", ")
+        )
+    };
     format!(
-        "no chain of servers covers every block of model {model} (uncovered: {gaps}); {servers} servers announced"
+        "no chain of servers computing {} covers every block of model {model} (uncovered: \
+         {gaps}); {servers} servers announced{others}",
+        crate::status::shown_mode(compute)
     )
 }

@@ -191,11 +191,25 @@ pub fn route_apart(
             .into_iter()
             .map(|(start, end)| BlockRange { start, end })
             .collect::<Vec<_>>();
+        let mut other_modes: Vec<(String, usize)> = Vec::new();
+        for a in announcements
+            .iter()
+            .filter(|a| a.model_id == model && a.compute != compute)
+        {
+            let shown = crate::status::shown_mode(&a.compute);
+            match other_modes.iter_mut().find(|(m, _)| *m == shown) {
+                Some((_, n)) => *n += 1,
+                None => other_modes.push((shown, 1)),
+            }
+        }
+        other_modes.sort();
         return Err(ClientError::NoRoute {
             model,
+            compute: compute.to_string(),
             misaligned: uncovered.is_empty(),
             uncovered,
             servers: announcements.iter().filter(|a| a.model_id == model).count(),
+            other_modes,
         });
     };
     let mut hops = Vec::new();
@@ -413,7 +427,13 @@ mod tests {
         // The last span exists but computes differently: still uncovered for us.
         let mut book2 = book.clone();
         book2.push(ann(&c, 20, 30, 100.0, &[]));
-        assert!(route(&book2, MODEL, 30, "fast-vnni/cpu", &HashMap::new()).is_err());
+        let err = route(&book2, MODEL, 30, "exact/cpu-kc1024", &HashMap::new()).unwrap_err();
+        // The error names this client's mode and the others', so that a user sees why.
+        let text = err.to_string();
+        assert!(text.contains("computing exact/cpu-kc1024"), "{text}");
+        assert!(text.contains("uncovered: 0:30"), "{text}");
+        assert!(text.contains("other compute modes"), "{text}");
+        assert!(text.contains("exact/cpu × 3"), "{text}");
         assert!(route(&book2, MODEL, 30, "exact/cpu", &HashMap::new()).is_ok());
         // A full server is skipped.
         full = {
