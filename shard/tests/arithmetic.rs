@@ -13,12 +13,18 @@
 //! Cortex-A72 (no `sdot`), a Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max`
 //! (`i8mm`).
 //!
-//! Each child loads tiny random models whose block matrices are Q4_1, Q8_0,
-//! Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an F16
-//! safetensors one (dense products), in the weight modes `exact`, `fast`,
-//! `q8_0` and `q4k`, computes a 5-token prompt and a decode step through all
+//! Each child loads tiny random models whose block matrices are Q4_0, Q4_1,
+//! Q8_0, Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an
+//! F16 safetensors one (dense products), in the weight modes `exact`, `fast`,
+//! `q8_0`, `q4_0` and `q4k`, computes a 5-token prompt and a decode step through all
 //! blocks, and reports its mode's name and a hash of the outputs' bits (or
 //! that the CPU refused the model in that mode).
+//!
+//! Not vacuous: where several tiers ran, some model and mode must compute
+//! other bits on one of them; and on a CPU with candle's VNNI tier every
+//! `-vnni` name must compute other bits than the same model and mode with
+//! candle's AVX2 tier forced (else the suffix would split the swarm for
+//! nothing).
 #![allow(clippy::unwrap_used)]
 
 #[allow(unreachable_pub)]
@@ -52,13 +58,17 @@ const SHAPE: Shape = Shape {
     blocks: 2,
     vocab: 64,
 };
-const TYPES: [GgmlDType; 4] = [
+const TYPES: [GgmlDType; 5] = [
+    GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
     GgmlDType::Q6K,
 ];
-const MODES: [&str; 4] = ["exact", "fast", "q8_0", "q4k"];
+const MODES: [&str; 5] = ["exact", "fast", "q8_0", "q4_0", "q4k"];
+/// The labels of the first two x86-64 children (see [`cpus`]).
+const NATIVE: &str = "this CPU";
+const FORCED_AVX2: &str = "this CPU, candle's AVX2 tier";
 
 /// The models: a label and where each is.
 fn models(dir: &Path) -> Vec<(String, PathBuf)> {
@@ -163,14 +173,14 @@ fn cpus() -> Result<Vec<Cpu>> {
         return Ok(cpus);
     }
     cpus.push(Cpu {
-        label: "this CPU".into(),
+        label: NATIVE.into(),
         cmd: Command::new(&exe),
     });
     if cfg!(target_arch = "x86_64") {
         let mut cmd = Command::new(&exe);
         cmd.env("MISTRALRS_FORCE_AVX2", "1");
         cpus.push(Cpu {
-            label: "this CPU, candle's AVX2 tier".into(),
+            label: FORCED_AVX2.into(),
             cmd,
         });
         match qemu_x86() {
@@ -256,6 +266,9 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
         runs.push((label, run(cpu, &dir)?));
     }
     let mut split = 0;
+    let mut vnni = 0;
+    let report = |label: &str| runs.iter().find(|(l, _)| l == label).map(|(_, r)| r);
+    let (native, forced) = (report(NATIVE), report(FORCED_AVX2));
     for (model, _) in models(&dir) {
         for mode in MODES {
             let key = (model.clone(), mode.to_string());
@@ -281,7 +294,34 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
             if hashes.len() > 1 {
                 split += 1;
             }
+            if let (Some(native), Some(forced)) = (native, forced)
+                && let Some((name, hash)) = native.get(&key)
+                && name.contains("-vnni")
+            {
+                let (forced_name, forced_hash) =
+                    forced.get(&key).context("the forced child has no report")?;
+                assert!(
+                    !forced_name.contains("-vnni") && forced_hash != hash,
+                    "{model} in {mode}: {name} computes {hash}, as {forced_name} does \
+                     with candle's AVX2 tier forced: the suffix tells nothing apart"
+                );
+                vnni += 1;
+            }
         }
+    }
+    // Candle's VNNI tier runs where AVX-512 VNNI or AVX-VNNI does (see
+    // compute.rs); the Q8_0 model's q8_0 mode reaches it.
+    #[cfg(target_arch = "x86_64")]
+    if native.is_some()
+        && std::env::var_os("MISTRALRS_FORCE_AVX2").is_none()
+        && ((is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+            || is_x86_feature_detected!("avxvnni"))
+    {
+        assert!(
+            vnni > 0,
+            "this CPU has candle's VNNI tier but no mode named it"
+        );
+        eprintln!("{vnni} model-and-mode pairs compute differently on candle's VNNI tier");
     }
     // Not vacuous: where several tiers ran, some model and mode computes
     // other bits on one of them (and so, above, under another name).
