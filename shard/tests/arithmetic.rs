@@ -7,8 +7,10 @@
 //! is; this machine with candle's AVX2 tier forced (`MISTRALRS_FORCE_AVX2=1`,
 //! which candle 0.11 reads: another arithmetic where candle's VNNI tier is
 //! the one that runs here); and, where qemu-user is installed (`bash .ci/run`
-//! installs it), an emulated x86-64 CPU without AVX-512 (a Haswell) and one
-//! without AVX2 (a Nehalem). Under `scripts/test-aarch64.sh` (an emulator in
+//! installs it), an emulated x86-64 CPU without AVX-512 (a Haswell), one
+//! without AVX2 (a Nehalem) and one with FMA but no AVX2 (a Piledriver, where
+//! candle's dense products cannot run: exact mode and the float model must be
+//! refused there, and every other model and mode must run). Under `scripts/test-aarch64.sh` (an emulator in
 //! `POLLEN_TEST_RUNNER`) the children are emulated aarch64 CPUs instead: a
 //! Cortex-A72 (no `sdot`), a Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max`
 //! (`i8mm`).
@@ -37,7 +39,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use common::tiny::{Shape, rand_tensor, write_gguf, write_safetensors};
 use pollen_shard::{BlockSpan, CacheLimits, LoadOptions, ModelFile, WeightMode, compute_mode};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -69,6 +71,10 @@ const MODES: [&str; 5] = ["exact", "fast", "q8_0", "q4_0", "q4k"];
 /// The labels of the first two x86-64 children (see [`cpus`]).
 const NATIVE: &str = "this CPU";
 const FORCED_AVX2: &str = "this CPU, candle's AVX2 tier";
+/// The emulated x86-64 CPU with FMA and no AVX2.
+const PILEDRIVER: &str = "emulated Piledriver";
+/// The model whose block matrices are dense.
+const DENSE: &str = "safetensors-F16";
 
 /// The models: a label and where each is.
 fn models(dir: &Path) -> Vec<(String, PathBuf)> {
@@ -76,7 +82,7 @@ fn models(dir: &Path) -> Vec<(String, PathBuf)> {
         .iter()
         .map(|t| (format!("{t:?}"), dir.join(format!("tiny-{t:?}.gguf"))))
         .collect();
-    all.push(("safetensors-F16".into(), dir.join("tiny-safetensors")));
+    all.push((DENSE.into(), dir.join("tiny-safetensors")));
     all
 }
 
@@ -109,8 +115,12 @@ fn child(out: &Path) -> Result<()> {
         for mode in MODES {
             let line = match compute(&path, WeightMode::parse(mode)?) {
                 Ok((name, hash)) => format!("{model} {mode} {name} {hash}\n"),
-                // Only an Armv8.0 CPU refuses a model (candle's products there).
-                Err(e) if format!("{e:#}").contains("dot-product extension") => {
+                // Only an Armv8.0 CPU (candle's quantized products) and an
+                // x86-64 one with FMA and no AVX2 (its dense ones) refuse.
+                Err(e)
+                    if format!("{e:#}").contains("dot-product extension")
+                        || format!("{e:#}").contains("candle's dense products") =>
+                {
                     format!("{model} {mode} refused\n")
                 }
                 Err(e) => return Err(e).with_context(|| format!("{model} in {mode}")),
@@ -192,6 +202,7 @@ fn cpus() -> Result<Vec<Cpu>> {
                         "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid",
                     ),
                     ("emulated Nehalem", "Nehalem"),
+                    (PILEDRIVER, "Opteron_G5"),
                 ] {
                     let mut cmd = Command::new(&qemu);
                     cmd.args(["-cpu", model]).arg(&exe);
@@ -207,9 +218,28 @@ fn cpus() -> Result<Vec<Cpu>> {
     Ok(cpus)
 }
 
-/// Runs the child on `cpu`; its report: (type, mode) → (name, hash), absent
-/// where the CPU refused.
-fn run(mut cpu: Cpu, dir: &Path) -> Result<BTreeMap<(String, String), (String, String)>> {
+/// Whether candle's VNNI tier runs on this CPU (AVX-512 VNNI or AVX-VNNI).
+fn vnni_tier() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+            || is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A child's report: (model, mode) → (name, hash), and what the CPU refused.
+#[derive(Default)]
+struct Report {
+    ran: BTreeMap<(String, String), (String, String)>,
+    refused: BTreeSet<(String, String)>,
+}
+
+/// Runs the child on `cpu`.
+fn run(mut cpu: Cpu, dir: &Path) -> Result<Report> {
     let out = dir.join(format!(
         "report-{}",
         cpu.label.replace([' ', ',', '\''], "-")
@@ -223,12 +253,17 @@ fn run(mut cpu: Cpu, dir: &Path) -> Result<BTreeMap<(String, String), (String, S
     if !status.success() {
         bail!("child on {} failed: {status}", cpu.label);
     }
-    let mut report = BTreeMap::new();
+    let mut report = Report::default();
     for line in std::fs::read_to_string(&out)?.lines() {
         match line.split_whitespace().collect::<Vec<_>>()[..] {
-            [t, m, "refused"] => eprintln!("{}: {t} in {m} refused", cpu.label),
+            [t, m, "refused"] => {
+                eprintln!("{}: {t} in {m} refused", cpu.label);
+                report.refused.insert((t.into(), m.into()));
+            }
             [t, m, name, hash] => {
-                report.insert((t.into(), m.into()), (name.into(), hash.into()));
+                report
+                    .ran
+                    .insert((t.into(), m.into()), (name.into(), hash.into()));
             }
             _ => bail!("{}: bad report line {line:?}", cpu.label),
         }
@@ -265,16 +300,26 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
         let label = cpu.label.clone();
         runs.push((label, run(cpu, &dir)?));
     }
+    // Where candle's dense products cannot run, exactly the dense work is
+    // refused: exact mode (dense attention) and the float model.
+    if let Some((_, piledriver)) = runs.iter().find(|(l, _)| l == PILEDRIVER) {
+        let dense: BTreeSet<(String, String)> = models(&dir)
+            .into_iter()
+            .flat_map(|(model, _)| MODES.map(|mode| (model.clone(), mode.to_string())))
+            .filter(|(model, mode)| model == DENSE || mode == "exact")
+            .collect();
+        assert_eq!(piledriver.refused, dense, "{PILEDRIVER} refused other work");
+    }
     let mut split = 0;
     let mut vnni = 0;
-    let report = |label: &str| runs.iter().find(|(l, _)| l == label).map(|(_, r)| r);
+    let report = |label: &str| runs.iter().find(|(l, _)| l == label).map(|(_, r)| &r.ran);
     let (native, forced) = (report(NATIVE), report(FORCED_AVX2));
     for (model, _) in models(&dir) {
         for mode in MODES {
             let key = (model.clone(), mode.to_string());
             let got: Vec<(&str, &(String, String))> = runs
                 .iter()
-                .filter_map(|(label, r)| r.get(&key).map(|v| (label.as_str(), v)))
+                .filter_map(|(label, r)| r.ran.get(&key).map(|v| (label.as_str(), v)))
                 .collect();
             for (label, (name, hash)) in &got {
                 eprintln!("{model} in {mode} on {label}: {name} {hash}");
@@ -311,12 +356,7 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
     }
     // Candle's VNNI tier runs where AVX-512 VNNI or AVX-VNNI does (see
     // compute.rs); the Q8_0 model's q8_0 mode reaches it.
-    #[cfg(target_arch = "x86_64")]
-    if native.is_some()
-        && std::env::var_os("MISTRALRS_FORCE_AVX2").is_none()
-        && ((is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
-            || is_x86_feature_detected!("avxvnni"))
-    {
+    if native.is_some() && std::env::var_os("MISTRALRS_FORCE_AVX2").is_none() && vnni_tier() {
         assert!(
             vnni > 0,
             "this CPU has candle's VNNI tier but no mode named it"

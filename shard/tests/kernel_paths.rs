@@ -5,7 +5,8 @@
 //! runs itself again as a child process per path, and each child writes its
 //! logits to a file. Where qemu-user is installed, one more child runs on an
 //! emulated CPU without AVX-512 (a Haswell) and must choose the AVX2
-//! path itself.
+//! path itself, and another on one with FMA and no AVX2 (a Piledriver),
+//! which must run the model on the fallback.
 //!
 //! On aarch64 (`bash scripts/test-aarch64.sh` runs it under qemu-user) the
 //! paths are NEON with and without `sdot`.
@@ -115,15 +116,20 @@ fn run_child(path: KernelPath) -> Result<(String, Vec<f32>)> {
 /// warn about. `.ci/run` uses the same.
 const AVX2_ONLY_CPU: &str = "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid";
 
-/// Runs this test in a child under qemu-user emulating a CPU with AVX2, FMA
-/// and F16C but no AVX-512 ([`AVX2_ONLY_CPU`]), the path left to the child's
-/// own choice; returns the path it chose and its logits.
-fn run_emulated_avx2_child(qemu: &Path) -> Result<(String, Vec<f32>)> {
+/// The CPU qemu-user emulates for one with FMA and no AVX2, where candle's
+/// dense products cannot run (`pollen_shard::kernels::dense_products_run`):
+/// a Piledriver (AMD FX, Opteron 6300).
+const FMA_NO_AVX2_CPU: &str = "Opteron_G5";
+
+/// Runs this test in a child under qemu-user emulating `cpu` (a qemu CPU
+/// model), the path left to the child's own choice; returns the path it
+/// chose and its logits.
+fn run_emulated_child(qemu: &Path, cpu: &str, tag: &str) -> Result<(String, Vec<f32>)> {
     let mut cmd = Command::new(qemu);
-    cmd.args(["-cpu", AVX2_ONLY_CPU])
+    cmd.args(["-cpu", cpu])
         .arg(std::env::current_exe()?)
         .env_remove(KERNEL_ENV);
-    child_logits(cmd, "emulated-avx2")
+    child_logits(cmd, tag)
 }
 
 /// Runs `cmd` (this test's binary, maybe under an emulator) as a child that
@@ -225,7 +231,7 @@ fn fast_logits_are_identical_on_every_simd_path_and_near_exact() -> Result<()> {
     if cfg!(target_arch = "x86_64") {
         match qemu_x86() {
             Some(qemu) => {
-                let (ran, got) = run_emulated_avx2_child(&qemu)?;
+                let (ran, got) = run_emulated_child(&qemu, AVX2_ONLY_CPU, "emulated-avx2")?;
                 assert_eq!(
                     ran,
                     KernelPath::Avx2.as_str(),
@@ -242,6 +248,22 @@ fn fast_logits_are_identical_on_every_simd_path_and_near_exact() -> Result<()> {
                         "emulated AVX2-only CPU and {path} differ by up to {diff}"
                     );
                     eprintln!("emulated AVX2-only CPU ({ran}) and {path}: bit-identical logits");
+                }
+                // With FMA and no AVX2 the model runs (no packed kernel: the
+                // fallback, on candle's quantized products), though candle's
+                // dense ones would stop there.
+                let (ran, got) = run_emulated_child(&qemu, FMA_NO_AVX2_CPU, "emulated-fma")?;
+                assert_eq!(
+                    ran,
+                    KernelPath::None.as_str(),
+                    "FMA without AVX2 chose {ran}"
+                );
+                if let Some(exact) = &exact {
+                    let diff = max_abs_diff(&got, exact);
+                    eprintln!(
+                        "emulated CPU with FMA and no AVX2: max |logit diff| from exact = {diff}"
+                    );
+                    assert!(diff <= FALLBACK_BOUND, "{diff} > {FALLBACK_BOUND}");
                 }
             }
             None => eprintln!("no qemu-x86_64 here: the emulated AVX2-only CPU is not tested"),

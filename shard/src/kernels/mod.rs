@@ -38,8 +38,10 @@ use half::f16;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 mod path;
+pub(crate) use path::no_dense_products;
 pub use path::{
-    KERNEL_ENV, KernelPath, active_path, candle_kernels_run, kernel_path, simd_available,
+    KERNEL_ENV, KernelPath, active_path, candle_kernels_run, dense_products_run, kernel_path,
+    simd_available,
 };
 
 #[cfg(target_arch = "x86_64")]

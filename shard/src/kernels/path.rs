@@ -112,6 +112,28 @@ pub fn candle_kernels_run() -> bool {
     cpu().candle
 }
 
+/// Whether candle's dense CPU products run here. candle 0.11 computes them
+/// with the `gemm` crate (0.19), which takes its FMA kernel wherever the CPU
+/// has FMA and there requires every feature of x86-64-v3 (AVX2, BMI1, BMI2,
+/// LZCNT besides), panicking where one is missing: on AMD's Bulldozer to
+/// Excavator cores (FX, Opteron 6300, A-series APUs of 2012–2016: FMA, no
+/// AVX2). Exact mode (whose attention is dense) and float block matrices
+/// are refused there with [`no_dense_products`]; quantized models in the
+/// other modes run.
+pub fn dense_products_run() -> bool {
+    cpu().dense
+}
+
+/// The error for dense work (`what`) on a CPU where [`dense_products_run`]
+/// is false.
+pub(crate) fn no_dense_products(what: &str) -> crate::ShardError {
+    crate::ShardError::BadInput(format!(
+        "{what} needs candle's dense products, which stop on this CPU: it has FMA but not \
+         every feature of x86-64-v3 (AVX2, BMI1, BMI2, LZCNT), as AMD's FX and A-series \
+         chips of 2012-2016; run a quantized (GGUF) model in the fast or q8_0 mode instead"
+    ))
+}
+
 /// The CPU features the kernels need.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Cpu {
@@ -129,6 +151,8 @@ pub(super) struct Cpu {
     pub(super) neon: bool,
     /// Every one of candle's quantized CPU kernels runs ([`candle_kernels_run`]).
     pub(super) candle: bool,
+    /// candle's dense products run ([`dense_products_run`]).
+    pub(super) dense: bool,
 }
 
 /// This CPU's features, detected once.
@@ -152,6 +176,22 @@ pub(super) fn cpu() -> Cpu {
                 neon_dot: false,
                 neon: false,
                 candle: true,
+                // gemm 0.19's choice (`init_gemm_fn`): FMA takes pulp's V3,
+                // whose `try_new` checks these.
+                dense: !is_x86_feature_detected!("fma")
+                    || [
+                        is_x86_feature_detected!("avx"),
+                        is_x86_feature_detected!("avx2"),
+                        is_x86_feature_detected!("bmi1"),
+                        is_x86_feature_detected!("bmi2"),
+                        is_x86_feature_detected!("lzcnt"),
+                        is_x86_feature_detected!("popcnt"),
+                        is_x86_feature_detected!("sse4.2"),
+                        is_x86_feature_detected!("ssse3"),
+                        is_x86_feature_detected!("fxsr"),
+                    ]
+                    .iter()
+                    .all(|&f| f),
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -165,6 +205,7 @@ pub(super) fn cpu() -> Cpu {
                 neon_dot: neon && std::arch::is_aarch64_feature_detected!("dotprod"),
                 neon,
                 candle: std::arch::is_aarch64_feature_detected!("dotprod"),
+                dense: true,
             }
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -177,6 +218,7 @@ pub(super) fn cpu() -> Cpu {
                 neon_dot: false,
                 neon: false,
                 candle: true,
+                dense: true,
             }
         }
     })
@@ -281,6 +323,7 @@ mod tests {
         neon_dot: false,
         neon: false,
         candle: true,
+        dense: true,
     };
     const BOTH: Cpu = Cpu {
         amx: false,
@@ -290,6 +333,7 @@ mod tests {
         neon_dot: false,
         neon: false,
         candle: true,
+        dense: true,
     };
     const AVX2: Cpu = Cpu {
         amx: false,
@@ -299,6 +343,7 @@ mod tests {
         neon_dot: false,
         neon: false,
         candle: true,
+        dense: true,
     };
     /// An Intel desktop chip since Alder Lake: AVX-VNNI, no AVX-512.
     const DESK: Cpu = Cpu {
@@ -309,6 +354,7 @@ mod tests {
         neon_dot: false,
         neon: false,
         candle: true,
+        dense: true,
     };
     const BARE: Cpu = Cpu {
         amx: false,
@@ -318,6 +364,7 @@ mod tests {
         neon_dot: false,
         neon: false,
         candle: true,
+        dense: true,
     };
     const ARM: Cpu = Cpu {
         amx: false,
@@ -327,6 +374,7 @@ mod tests {
         neon_dot: false,
         neon: true,
         candle: false,
+        dense: true,
     };
     /// An Armv8.2-A or later chip: NEON with `sdot`.
     const ARM_DOT: Cpu = Cpu {
@@ -337,6 +385,7 @@ mod tests {
         neon_dot: true,
         neon: true,
         candle: true,
+        dense: true,
     };
 
     #[test]

@@ -46,10 +46,13 @@ pub(super) fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor,
         .collect();
     let theta = Tensor::new(theta.as_slice(), device)?;
     let n = cfg.max_seq_len;
+    // candle-transformers' table is this outer product as a matmul; with one
+    // term per value it is the same rounded products, and needs no dense
+    // product (which cannot run on every CPU: `dense_products_run`).
     let idx_theta = Tensor::arange(0, n as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((n, 1))?
-        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+        .broadcast_mul(&theta.reshape((1, theta.elem_count()))?)?;
     Ok((idx_theta.cos()?, idx_theta.sin()?))
 }
 

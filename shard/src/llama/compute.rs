@@ -212,6 +212,12 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
     }
     // Exact mode's attention is candle's, dense.
     let dense = opts.device.is_cpu() && (reach.dense || mode == WeightMode::Exact);
+    if dense && !crate::kernels::dense_products_run() {
+        opts.check()?;
+        return Err(crate::kernels::no_dense_products(
+            "this model's float matrices",
+        ));
+    }
     let chunk = if dense { dense_chunk()? } else { USUAL_CHUNK };
     Ok(mode_name(
         opts,

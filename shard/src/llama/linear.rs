@@ -215,6 +215,12 @@ pub(super) fn linear_from(
                     expected: vec![rows, cols],
                 });
             }
+            if t.device().is_cpu() && !crate::kernels::dense_products_run() {
+                return Err(crate::kernels::no_dense_products(&format!(
+                    "{name}: this {:?} matrix",
+                    t.dtype()
+                )));
+            }
             LinearInner::Candle(QMatMul::Tensor(t))
         }
     };

@@ -97,7 +97,16 @@ impl LoadOptions {
     /// (`q8_0`, `q4_0`, `q4k`, `q6k`) are CPU-only: on a CUDA GPU (an H200) requantizing
     /// to Q8_0 gave non-finite logits, and the others were never checked there.
     pub fn check(&self) -> Result<()> {
-        check_mode(self.mode, self.device.is_cpu())
+        check_mode(self.mode, self.device.is_cpu())?;
+        if self.device.is_cpu()
+            && self.effective_mode() == WeightMode::Exact
+            && !crate::kernels::dense_products_run()
+        {
+            return Err(crate::kernels::no_dense_products(
+                "the exact mode (its attention is candle's)",
+            ));
+        }
+        Ok(())
     }
 }
 
