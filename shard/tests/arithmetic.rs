@@ -10,16 +10,16 @@
 //! installs it), an emulated x86-64 CPU without AVX-512 (a Haswell), one
 //! without AVX2 (a Nehalem) and one with FMA but no AVX2 (a Piledriver, where
 //! candle's dense products cannot run: exact mode and the float model must be
-//! refused there, and every other model and mode must run). Under `scripts/test-aarch64.sh` (an emulator in
-//! `POLLEN_TEST_RUNNER`) the children are emulated aarch64 CPUs instead: a
-//! Cortex-A72 (no `sdot`), a Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max`
-//! (`i8mm`).
+//! refused there, and every other model and mode must run). Under
+//! `scripts/test-aarch64.sh` (an emulator in `POLLEN_TEST_RUNNER`) the
+//! children are emulated aarch64 CPUs instead: a Cortex-A72 (no `sdot`), a
+//! Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max` (`i8mm`).
 //!
 //! Each child loads tiny random models whose block matrices are Q4_0, Q4_1,
 //! Q8_0, Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an
 //! F16 safetensors one (dense products), in the weight modes `exact`, `fast`,
-//! `q8_0`, `q4_0` and `q4k`, computes a 5-token prompt and a decode step through all
-//! blocks, and reports its mode's name and a hash of the outputs' bits (or
+//! `q8_0`, `q4_0` and `q4k`, computes a 5-token prompt and a decode step
+//! through all blocks, and reports its mode's name and a hash of the outputs' bits (or
 //! that the CPU refused the model in that mode).
 //!
 //! Not vacuous: where several tiers ran, some model and mode must compute
@@ -118,8 +118,9 @@ fn child(out: &Path) -> Result<()> {
                 // Only an Armv8.0 CPU (candle's quantized products) and an
                 // x86-64 one with FMA and no AVX2 (its dense ones) refuse.
                 Err(e)
-                    if format!("{e:#}").contains("dot-product extension")
-                        || format!("{e:#}").contains("candle's dense products") =>
+                    if ["dot-product extension", "candle's dense products"]
+                        .iter()
+                        .any(|why| format!("{e:#}").contains(why)) =>
                 {
                     format!("{model} {mode} refused\n")
                 }

@@ -213,6 +213,7 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
     // Exact mode's attention is candle's, dense.
     let dense = opts.device.is_cpu() && (reach.dense || mode == WeightMode::Exact);
     if dense && !crate::kernels::dense_products_run() {
+        // Exact mode: load's own refusal (`LoadOptions::check`).
         opts.check()?;
         return Err(crate::kernels::no_dense_products(
             "this model's float matrices",
