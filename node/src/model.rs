@@ -43,7 +43,7 @@ pub fn model_id(
 mod mode_tests {
     #[test]
     fn mode_names_fit_the_wire() {
-        // shard's names are checked against 32 (it does not depend on the protocol).
-        assert_eq!(pollen_protocol::limits::MAX_COMPUTE_LEN, 32);
+        // shard's names are checked against 48 (it does not depend on the protocol).
+        assert_eq!(pollen_protocol::limits::MAX_COMPUTE_LEN, 48);
     }
 }

@@ -30,9 +30,12 @@ pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 /// Longest display name of a model in an announcement (a file or repository name).
 pub const MAX_MODEL_NAME_LEN: usize = 256;
 
-/// Longest name of a compute mode in an announcement or a session (`exact`, `fast-vnni`,
-/// `q8_0`, …): short identifiers, compared for equality only.
-pub const MAX_COMPUTE_LEN: usize = 32;
+/// Longest name of a compute mode in an announcement or a session (`fast/cpu`,
+/// `q8_0/cpu-vnni`, `exact/cpu-aarch64-i8mm-kc1024-libm1a2b3c`, …): short identifiers,
+/// compared for equality only. 48 since names carry the C library's mathematics where
+/// it is not glibc's (32 before: older nodes refuse longer names, which never equal
+/// theirs).
+pub const MAX_COMPUTE_LEN: usize = 48;
 
 /// Most measured round-trip times to next-span servers in one announcement. A server
 /// measures the few servers whose spans start where its own ends; 16 is plenty.

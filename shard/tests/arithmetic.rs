@@ -15,18 +15,25 @@
 //! children are emulated aarch64 CPUs instead: a Cortex-A72 (no `sdot`), a
 //! Cortex-A76 (`sdot`, no `i8mm`) and qemu's `max` (`i8mm`).
 //!
+//! Other builds of this test that run here, a static musl one say (`bash
+//! scripts/test-musl.sh`), are children too, named in `POLLEN_ARITHMETIC_BUILDS`
+//! (paths, space-separated; the emulated CPUs are then left out): the C
+//! library's `sinf`, `cosf` and `expf` are part of every CPU mode's bits.
+//!
 //! Each child loads tiny random models whose block matrices are Q4_0, Q4_1,
 //! Q8_0, Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an
 //! F16 safetensors one (dense products), in the weight modes `exact`, `fast`,
-//! `q8_0`, `q4_0` and `q4k`, computes a 5-token prompt and a decode step
-//! through all blocks, and reports its mode's name and a hash of the outputs' bits (or
-//! that the CPU refused the model in that mode).
+//! `q8_0`, `q4_0` and `q4k`, computes a prompt (5 tokens, or
+//! `POLLEN_ARITHMETIC_PROMPT`: rope tables from different C libraries differ
+//! from position 4 on) and a decode step through all blocks, and reports its mode's name and a hash of the
+//! outputs' bits (or that the CPU refused the model in that mode).
 //!
 //! Not vacuous: where several tiers ran, some model and mode must compute
 //! other bits on one of them; and on a CPU with candle's VNNI tier every
 //! `-vnni` name must compute other bits than the same model and mode with
 //! candle's AVX2 tier forced (else the suffix would split the swarm for
-//! nothing).
+//! nothing); and a build whose names carry another C library's part
+//! (`-libm…`) must compute other bits than this one somewhere.
 #![allow(clippy::unwrap_used)]
 
 #[allow(unreachable_pub)]
@@ -51,6 +58,22 @@ const MODELS: &str = "POLLEN_ARITHMETIC_MODELS";
 /// Where this test binary runs under an emulator: its command line (see
 /// `kernel_paths.rs`).
 const RUNNER_ENV: &str = "POLLEN_TEST_RUNNER";
+/// Other builds of this test to run as children (see the module's documentation).
+const BUILDS_ENV: &str = "POLLEN_ARITHMETIC_BUILDS";
+/// Tokens in each child's prompt: `POLLEN_ARITHMETIC_PROMPT` (at most 200),
+/// else 5.
+const PROMPT_ENV: &str = "POLLEN_ARITHMETIC_PROMPT";
+
+fn prompt_len() -> Result<usize> {
+    match std::env::var(PROMPT_ENV) {
+        Ok(v) => {
+            let n: usize = v.parse().with_context(|| format!("{PROMPT_ENV}={v}"))?;
+            anyhow::ensure!((1..=200).contains(&n), "{PROMPT_ENV}={v}: 1 to 200");
+            Ok(n)
+        }
+        Err(_) => Ok(5),
+    }
+}
 
 const SHAPE: Shape = Shape {
     hidden: 256,
@@ -96,8 +119,9 @@ fn compute(path: &Path, mode: WeightMode) -> Result<(String, String)> {
     let name = compute_mode(&file, &opts)?;
     let span = BlockSpan::load(&file, file.config()?.full_range(), &opts, &mut |_, _| {})?;
     let mut cache = span.new_cache(CacheLimits::default());
-    let prompt = span.forward(&rand_tensor(&[1, 5, SHAPE.hidden], 7, 1.0)?, 0, &mut cache)?;
-    let step = span.forward(&rand_tensor(&[1, 1, SHAPE.hidden], 8, 1.0)?, 5, &mut cache)?;
+    let n = prompt_len()?;
+    let prompt = span.forward(&rand_tensor(&[1, n, SHAPE.hidden], 7, 1.0)?, 0, &mut cache)?;
+    let step = span.forward(&rand_tensor(&[1, 1, SHAPE.hidden], 8, 1.0)?, n, &mut cache)?;
     let mut hash = blake3::Hasher::new();
     for t in [prompt, step] {
         for v in t.flatten_all()?.to_vec1::<f32>()? {
@@ -187,6 +211,19 @@ fn cpus() -> Result<Vec<Cpu>> {
         label: NATIVE.into(),
         cmd: Command::new(&exe),
     });
+    let builds = std::env::var(BUILDS_ENV).unwrap_or_default();
+    for build in builds.split_whitespace() {
+        // Cargo's `target/<triple>/...`: the triple, else the file's name.
+        let parts: Vec<&str> = build.split('/').collect();
+        let name = parts
+            .windows(2)
+            .find(|w| w[0] == "target")
+            .map_or(parts[parts.len() - 1], |w| w[1]);
+        cpus.push(Cpu {
+            label: format!("{NATIVE}, {name} build"),
+            cmd: Command::new(build),
+        });
+    }
     if cfg!(target_arch = "x86_64") {
         let mut cmd = Command::new(&exe);
         cmd.env("MISTRALRS_FORCE_AVX2", "1");
@@ -195,6 +232,8 @@ fn cpus() -> Result<Vec<Cpu>> {
             cmd,
         });
         match qemu_x86() {
+            // Other builds are compared on this CPU alone.
+            _ if !builds.is_empty() => {}
             Some(qemu) => {
                 // As kernel_paths.rs: a Haswell less what qemu's TCG cannot emulate.
                 for (label, model) in [
@@ -243,7 +282,7 @@ struct Report {
 fn run(mut cpu: Cpu, dir: &Path) -> Result<Report> {
     let out = dir.join(format!(
         "report-{}",
-        cpu.label.replace([' ', ',', '\''], "-")
+        cpu.label.replace([' ', ',', '\'', '/'], "-")
     ));
     let status = cpu
         .cmd
@@ -313,6 +352,7 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
     }
     let mut split = 0;
     let mut vnni = 0;
+    let mut libm = BTreeSet::new();
     let report = |label: &str| runs.iter().find(|(l, _)| l == label).map(|(_, r)| &r.ran);
     let (native, forced) = (report(NATIVE), report(FORCED_AVX2));
     for (model, _) in models(&dir) {
@@ -353,6 +393,25 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
                 );
                 vnni += 1;
             }
+            // Another C library's part: named apart and computing apart.
+            if let Some((name, hash)) = native.and_then(|n| n.get(&key)) {
+                for (label, (other, other_hash)) in &got {
+                    if other.contains("-libm") && !name.contains("-libm") && other_hash != hash {
+                        libm.insert(*label);
+                    }
+                }
+            }
+        }
+    }
+    for (label, r) in &runs {
+        if r.ran.values().any(|(name, _)| name.contains("-libm"))
+            && native.is_some_and(|n| n.values().all(|(name, _)| !name.contains("-libm")))
+        {
+            assert!(
+                libm.contains(label.as_str()),
+                "{label} names another C library's mathematics but computes this one's bits"
+            );
+            eprintln!("{label}: another C library, other bits, another name");
         }
     }
     // Candle's VNNI tier runs where AVX-512 VNNI or AVX-VNNI does (see

@@ -31,7 +31,10 @@
 //!   over more than 512 tokens of context, of more than 64 tokens where heads
 //!   are 64 wide, of 2 or more where they are wider), and each
 //!   chunk boundary rounds: 512 on a 32 KiB 8-way L1, 1024 on this 48 KiB
-//!   12-way one ([`dense_chunk`] measures it).
+//!   12-way one ([`dense_chunk`] measures it);
+//! - by the C library, in every CPU mode, fast included: rope tables come from
+//!   its `powf`, `sinf` and `cosf`, SiLU from its `expf` ([`math_library`]
+//!   measures them; musl's `sinf` and `cosf` differ from glibc's).
 //!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
@@ -40,7 +43,8 @@
 //! (`q8_0/cpu-vnni`, `exact/cpu-noavx2`, `q4k/cpu-aarch64-i8mm`), and gemm's
 //! chunk where dense products run and it is not 512 (`exact/cpu-kc1024`);
 //! AVX2 and FMA without the VNNI tier, aarch64 without `i8mm`, and 512 are
-//! the bare names. Only block matrices count: the client's ends (embeddings,
+//! the bare names. Every CPU mode then adds the C library's part where its
+//! functions are not glibc 2.36's (`fast/cpu-libma64120` under musl). Only block matrices count: the client's ends (embeddings,
 //! head) never leave it. candle's `CANDLE_DEQUANTIZE_ALL` and
 //! `CANDLE_DEQUANTIZE_ALL_F16`, which would turn every product dense under
 //! the same name, are refused.
@@ -181,6 +185,61 @@ fn dense_chunk() -> Result<u32> {
     Ok(*CHUNK.get_or_init(|| chunk))
 }
 
+/// The C library's mathematics in a CPU mode's bits: `sinf` and `cosf` (the
+/// rope tables), `powf` (their frequencies) and `expf` (SiLU; exact mode's
+/// softmax), which candle and the fused block take from the C library. They
+/// differ between C libraries: musl's `sinf` and `cosf` give other bits than
+/// glibc's for about 2% of a rope table's values (from position 4 of a
+/// 64-wide head at base 10,000), so a static musl build and a glibc one of
+/// the same mode would not compute the same bits. Measured once per process
+/// (a few ms): a hash of the four functions on inputs like Pollen's (rope
+/// frequencies and angles for two bases and head widths, small and past the
+/// point where `sinf` changes its reduction; `expf` across its range). Empty
+/// where it is [`REFERENCE_MATH`], else `libm` and the hash's first 6 hex
+/// digits: a name part that sets apart a C library whose functions differ on
+/// these inputs (one that differs only elsewhere would go unnoticed).
+fn math_library() -> &'static str {
+    static PART: OnceLock<String> = OnceLock::new();
+    PART.get_or_init(|| {
+        let hash = math_hash();
+        if hash == REFERENCE_MATH {
+            String::new()
+        } else {
+            format!("libm{}", &hash[..6])
+        }
+    })
+}
+
+/// [`math_library`]'s hash (hex) of this C library's functions.
+fn math_hash() -> String {
+    let mut h = blake3::Hasher::new();
+    let mut put = |v: f32| {
+        h.update(&v.to_bits().to_le_bytes());
+    };
+    for (base, width) in [(10_000f32, 64usize), (500_000.0, 128)] {
+        for i in (0..width).step_by(2) {
+            // As `block::rope_tables` computes them.
+            let frequency = 1f32 / base.powf(i as f32 / width as f32);
+            put(frequency);
+            for position in (0..512u32).chain((512..131_072).step_by(1021)) {
+                let angle = position as f32 * frequency;
+                put(angle.sin());
+                put(angle.cos());
+            }
+        }
+    }
+    for i in 0..32_768u16 {
+        put((-87.0 + 174.0 * (f32::from(i) / 32_768.0)).exp());
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// [`math_hash`] under glibc 2.36 (Debian 12), the same on x86-64 natively,
+/// on emulated x86-64 CPUs without AVX2 and FMA, and on aarch64 under qemu:
+/// the bare names. (glibc's `sinf`, `cosf`, `expf` and `powf` have been the
+/// code of these since 2.28; other versions are not measured.)
+const REFERENCE_MATH: &str = "7b91cf1f6bcc7763";
+
 /// The chunk most CPUs' L1 caches give, named by the bare mode.
 const USUAL_CHUNK: u32 = 512;
 
@@ -227,12 +286,13 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
         std::env::consts::ARCH,
         Tier::detect(),
         chunk,
+        math_library(),
     ))
 }
 
 /// [`compute_mode`] from what decides it: whether packed kernels run here,
-/// what of candle the block matrices reach, the architecture, candle's tier
-/// and gemm's chunk.
+/// what of candle the block matrices reach, the architecture, candle's tier,
+/// gemm's chunk and the C library's mathematics ([`math_library`]).
 fn mode_name(
     opts: &LoadOptions,
     packs: bool,
@@ -240,6 +300,7 @@ fn mode_name(
     arch: &str,
     tier: Tier,
     chunk: u32,
+    math: &str,
 ) -> String {
     let device = if opts.device.is_cuda() {
         return format!("{}/cuda", opts.effective_mode());
@@ -264,6 +325,10 @@ fn mode_name(
         if chunk != USUAL_CHUNK {
             name = format!("{name}-kc{chunk}");
         }
+    }
+    // Every CPU mode computes rope tables and SiLU with the C library.
+    if !math.is_empty() {
+        name = format!("{name}-{math}");
     }
     name
 }
@@ -296,7 +361,7 @@ mod tests {
         let q8 = cpu(WeightMode::Requantize(D::Q8_0));
         let q4k = cpu(WeightMode::Requantize(D::Q4K));
         let name = |o: &LoadOptions, packs, r: &Reach, arch, tier| {
-            mode_name(o, packs, r, arch, tier, USUAL_CHUNK)
+            mode_name(o, packs, r, arch, tier, USUAL_CHUNK, "")
         };
         use Tier::*;
         // Every block packed: the same name on every CPU.
@@ -309,7 +374,7 @@ mod tests {
         ] {
             assert_eq!(name(&fast, true, &none, arch, tier), "fast/cpu");
             assert_eq!(
-                mode_name(&fast, true, &none, arch, tier, 1024),
+                mode_name(&fast, true, &none, arch, tier, 1024, ""),
                 "fast/cpu",
                 "no dense product"
             );
@@ -373,12 +438,26 @@ mod tests {
         );
         // gemm's chunk, where it is not the usual one.
         assert_eq!(
-            mode_name(&exact, true, &q4_1, "x86_64", X86Vnni, 1024),
+            mode_name(&exact, true, &q4_1, "x86_64", X86Vnni, 1024, ""),
             "exact/cpu-kc1024"
         );
         assert_eq!(
-            mode_name(&fast, true, &dense, "x86_64", X86Avx2, 1024),
+            mode_name(&fast, true, &dense, "x86_64", X86Avx2, 1024, ""),
             "fast/cpu-kc1024"
+        );
+        // Another C library's mathematics: every CPU mode, packed or not.
+        let musl = "libm1a2b3c";
+        assert_eq!(
+            mode_name(&fast, true, &none, "x86_64", X86Vnni, 1024, musl),
+            "fast/cpu-libm1a2b3c"
+        );
+        assert_eq!(
+            mode_name(&exact, true, &q4_1, "x86_64", X86Vnni, 1024, musl),
+            "exact/cpu-kc1024-libm1a2b3c"
+        );
+        assert_eq!(
+            mode_name(&exact, true, &q4_1, "aarch64", Arm, USUAL_CHUNK, musl),
+            "exact/cpu-aarch64-libm1a2b3c"
         );
         // Every name fits the wire's limit (the chunk measured is at most 32,768).
         for (arch, tier) in [
@@ -389,7 +468,7 @@ mod tests {
             ("loongarch64", Other),
         ] {
             for o in [&exact, &q4k] {
-                let long = mode_name(o, true, &k, arch, tier, 32768);
+                let long = mode_name(o, true, &k, arch, tier, 32768, musl);
                 assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
             }
         }
@@ -404,7 +483,34 @@ mod tests {
         assert_eq!(dense_chunk().unwrap(), c);
     }
 
+    /// The C library these tests run with gives the bare names where it is
+    /// glibc 2.36 (`REFERENCE_MATH`); another gives them or `libm` and six
+    /// hex digits.
+    #[test]
+    fn glibc_math_is_the_reference() {
+        let part = math_library();
+        assert_eq!(math_hash(), math_hash(), "the hash is of fixed inputs");
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // SAFETY: glibc returns a static NUL-terminated string.
+            #[allow(unsafe_code)]
+            let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+            let version = version.to_str().unwrap();
+            let (major, minor) = version.split_once('.').unwrap();
+            let minor: u32 = minor.split('.').next().unwrap().parse().unwrap();
+            if (major.parse::<u32>().unwrap(), minor) == (2, 36) {
+                assert_eq!(part, "", "glibc {version}: {}", math_hash());
+                return;
+            }
+        }
+        assert!(
+            part.is_empty() || (part.len() == 10 && part.starts_with("libm")),
+            "{part}: {}",
+            math_hash()
+        );
+    }
+
     /// `pollen_protocol::limits::MAX_COMPUTE_LEN` (shard does not depend on
-    /// the protocol crate; node's `model.rs` checks that it is still 32).
-    const MAX_COMPUTE_LEN: usize = 32;
+    /// the protocol crate; node's `model.rs` checks that it is still 48).
+    const MAX_COMPUTE_LEN: usize = 48;
 }
