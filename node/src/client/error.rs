@@ -76,6 +76,17 @@ pub enum ClientError {
     Task(String),
 }
 
+/// A compute mode's name without the C library's part (`-libm` and six hex
+/// digits at its end, `pollen_shard::compute_mode`), if it has one.
+fn without_libm(mode: &str) -> &str {
+    match mode.rsplit_once("-libm") {
+        Some((base, hash)) if hash.len() == 6 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            base
+        }
+        _ => mode,
+    }
+}
+
 fn no_route_text(
     model: &ModelId,
     compute: &str,
@@ -100,9 +111,19 @@ fn no_route_text(
             .iter()
             .map(|(m, n)| format!("{m} × {n}"))
             .collect();
+        let libm = if other_modes
+            .iter()
+            .any(|(m, _)| m != compute && without_libm(m) == without_libm(compute))
+        {
+            " (names that differ only in a `-libm` part are one arithmetic under two C \
+             libraries whose `sinf`, `cosf`, `expf` or `powf` give other bits, glibc and a \
+             static musl build say: a build on the servers' C library chains with them)"
+        } else {
+            ""
+        };
         format!(
             "; in other compute modes, which compute other bits and which this client \
-             does not chain: {}",
+             does not chain: {}{libm}",
             each.join(", ")
         )
     };
@@ -111,4 +132,34 @@ fn no_route_text(
          {gaps}); {servers} servers announced{others}",
         crate::status::shown_mode(compute)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the servers' mode differs from the client's only by the C
+    /// library, the error says so.
+    #[test]
+    fn no_route_names_a_c_library_difference() {
+        let model = ModelId::from_bytes([7; 32]);
+        let text = |compute: &str, others: &[(&str, usize)]| {
+            let others: Vec<(String, usize)> =
+                others.iter().map(|(m, n)| (m.to_string(), *n)).collect();
+            no_route_text(&model, compute, &[], &3, &others, &true)
+        };
+        let musl = text("fast/cpu-libma64120", &[("fast/cpu", 3)]);
+        assert!(musl.contains("fast/cpu × 3"), "{musl}");
+        assert!(musl.contains("C library"), "{musl}");
+        let glibc = text("fast/cpu", &[("fast/cpu-libma64120", 2), ("exact/cpu", 1)]);
+        assert!(glibc.contains("C library"), "{glibc}");
+        let plain = text("fast/cpu", &[("exact/cpu", 3), ("q8_0/cpu-vnni", 1)]);
+        assert!(!plain.contains("C library"), "{plain}");
+        assert_eq!(
+            without_libm("exact/cpu-kc1024-libm0a1b2c"),
+            "exact/cpu-kc1024"
+        );
+        assert_eq!(without_libm("fast/cpu-libmz"), "fast/cpu-libmz");
+        assert_eq!(without_libm("fast/cpu"), "fast/cpu");
+    }
 }
