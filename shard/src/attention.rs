@@ -88,7 +88,7 @@ fn dots(a: &[f32], keys: &[f16], out: &mut [f32]) {
 /// built in the exponent bits. NaN stays NaN. Replaces libm's `expf`, which
 /// was 5% of a batched decode step.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 × 2^23: adding it rounds to an integer kept in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     // ln 2 in two parts; `n * LN2_HI` is exact for |n| < 2^15.

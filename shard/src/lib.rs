@@ -16,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod device;
 pub mod digest;
+mod elementary;
 pub mod error;
 pub mod generate;
 pub mod kernels;

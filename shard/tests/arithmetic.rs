@@ -18,22 +18,25 @@
 //! Other builds of this test that run here, a static musl one say (`bash
 //! scripts/test-musl.sh`), are children too, named in `POLLEN_ARITHMETIC_BUILDS`
 //! (paths, space-separated; the emulated CPUs are then left out): the C
-//! library's `sinf`, `cosf` and `expf` are part of every CPU mode's bits.
+//! library's `sinf`, `cosf` and `expf` are part of exact mode's bits (as of
+//! candle-transformers'), and of no other mode's (Pollen's own functions).
 //!
 //! Each child loads tiny random models whose block matrices are Q4_0, Q4_1,
 //! Q8_0, Q4_K or Q6_K (256 wide, a shape candle's tiled kernels take), and an
 //! F16 safetensors one (dense products), in the weight modes `exact`, `fast`,
 //! `q8_0`, `q4_0` and `q4k`, computes a prompt (5 tokens, or
 //! `POLLEN_ARITHMETIC_PROMPT`: rope tables from different C libraries differ
-//! from position 4 on) and a decode step through all blocks, and reports its mode's name and a hash of the
-//! outputs' bits (or that the CPU refused the model in that mode).
+//! from position 4 on) and a decode step through all blocks, and reports its
+//! mode's name and a hash of the outputs' bits (or that the CPU refused the
+//! model in that mode).
 //!
 //! Not vacuous: where several tiers ran, some model and mode must compute
 //! other bits on one of them; and on a CPU with candle's VNNI tier every
 //! `-vnni` name must compute other bits than the same model and mode with
 //! candle's AVX2 tier forced (else the suffix would split the swarm for
 //! nothing); and a build whose names carry another C library's part
-//! (`-libm…`) must compute other bits than this one somewhere.
+//! (`-libm…`) must compute other bits than this one somewhere, and only
+//! exact mode's names may carry it.
 #![allow(clippy::unwrap_used)]
 
 #[allow(unreachable_pub)]
@@ -393,9 +396,14 @@ fn equal_mode_names_mean_equal_bits_across_cpus() -> Result<()> {
                 );
                 vnni += 1;
             }
-            // Another C library's part: named apart and computing apart.
+            // Another C library's part: named apart and computing apart, in
+            // exact mode alone.
             if let Some((name, hash)) = native.and_then(|n| n.get(&key)) {
                 for (label, (other, other_hash)) in &got {
+                    assert!(
+                        mode == "exact" || !other.contains("-libm"),
+                        "{model} in {mode} on {label}: {other} depends on the C library"
+                    );
                     if other.contains("-libm") && !name.contains("-libm") && other_hash != hash {
                         libm.insert(*label);
                     }

@@ -39,13 +39,46 @@ pub(super) struct Shared {
     pub(super) fast: bool,
 }
 
-pub(super) fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// The rotary tables `(cos, sin)`, `(max_seq_len, rope_dim / 2)`: entry
+/// `(p, j)` is the cosine and sine of `p · θ^(−2j/d)`. Exact mode computes
+/// them as candle-transformers does (candle's `cos` and `sin` ops, the C
+/// library's `powf`, `cosf` and `sinf`: its bits on this machine); the
+/// other modes with Pollen's own functions ([`crate::elementary`]), rounded
+/// to f32, the same bits on every platform (C libraries' `sinf` differ).
+pub(super) fn rope_tables(
+    cfg: &ModelConfig,
+    device: &Device,
+    own: bool,
+) -> Result<(Tensor, Tensor)> {
+    let half = cfg.rope_dim / 2;
+    let n = cfg.max_seq_len;
+    if own {
+        let frequencies: Vec<f32> = (0..cfg.rope_dim)
+            .step_by(2)
+            .map(|i| {
+                let e = i as f32 / cfg.rope_dim as f32;
+                1f32 / crate::elementary::pow(f64::from(cfg.rope_theta), f64::from(e)) as f32
+            })
+            .collect();
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for p in 0..n {
+            for &f in &frequencies {
+                // The angle as candle-transformers rounds it, in f32.
+                let (s, c) = crate::elementary::sin_cos(f64::from(p as f32 * f));
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        return Ok((
+            Tensor::from_vec(cos, (n, half), device)?,
+            Tensor::from_vec(sin, (n, half), device)?,
+        ));
+    }
     let theta: Vec<_> = (0..cfg.rope_dim)
         .step_by(2)
         .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / cfg.rope_dim as f32))
         .collect();
     let theta = Tensor::new(theta.as_slice(), device)?;
-    let n = cfg.max_seq_len;
     // candle-transformers' table is this outer product as a matmul; with one
     // term per value it is the same rounded products, and needs no dense
     // product (which cannot run on every CPU: `dense_products_run`).
@@ -284,12 +317,24 @@ impl Block {
     }
 
     /// The block's second half, op by op: `x + down(silu(gate(n)) · up(n))` with
-    /// `n = rms_norm(x)`.
-    fn mlp(&self, x: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    /// `n = rms_norm(x)`; SiLU is candle's in exact mode, Pollen's
+    /// ([`super::fused::silu`]) in the others (`sh.fast`).
+    fn mlp(&self, x: &Tensor, sh: &Shared) -> candle_core::Result<Tensor> {
         let _enter = self.span_mlp.enter();
-        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, sh.cfg.rms_norm_eps as f32)?;
         let [gate, up] = self.gate_up.forward(&h)?;
-        let h = self.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        let act = if sh.fast {
+            let values: Vec<f32> = gate
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(super::fused::silu)
+                .collect();
+            Tensor::from_vec(values, gate.shape(), gate.device())?
+        } else {
+            candle_nn::ops::silu(&gate)?
+        };
+        let h = self.w_down.forward(&(act * up)?)?;
         h + x
     }
 
@@ -336,7 +381,7 @@ impl Block {
             self.wo.forward(&y)?
         };
         let x = (y + residual)?;
-        self.mlp(&x, eps)
+        self.mlp(&x, sh)
     }
 
     pub(super) fn forward(
@@ -357,6 +402,6 @@ impl Block {
             self.attention(&h, mask, pos, kv_cache, sh)?
         };
         let x = (attn + residual)?;
-        self.mlp(&x, eps)
+        self.mlp(&x, sh)
     }
 }

@@ -32,9 +32,12 @@
 //!   are 64 wide, of 2 or more where they are wider), and each
 //!   chunk boundary rounds: 512 on a 32 KiB 8-way L1, 1024 on this 48 KiB
 //!   12-way one ([`dense_chunk`] measures it);
-//! - by the C library, in every CPU mode, fast included: rope tables come from
-//!   its `powf`, `sinf` and `cosf`, SiLU from its `expf` ([`math_library`]
-//!   measures them; musl's `sinf` and `cosf` differ from glibc's).
+//! - by the C library, in exact mode: its rope tables come from the C
+//!   library's `powf`, `sinf` and `cosf`, SiLU and softmax from its `expf`,
+//!   as candle-transformers' do ([`math_library`] measures them; musl's
+//!   `sinf` and `cosf` differ from glibc's). The other modes compute these
+//!   with Pollen's own functions (`crate::elementary`, attention's `exp`),
+//!   the same on every platform.
 //!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
@@ -43,8 +46,9 @@
 //! (`q8_0/cpu-vnni`, `exact/cpu-noavx2`, `q4k/cpu-aarch64-i8mm`), and gemm's
 //! chunk where dense products run and it is not 512 (`exact/cpu-kc1024`);
 //! AVX2 and FMA without the VNNI tier, aarch64 without `i8mm`, and 512 are
-//! the bare names. Every CPU mode then adds the C library's part where its
-//! functions are not glibc 2.36's (`fast/cpu-libma64120` under musl). Only block matrices count: the client's ends (embeddings,
+//! the bare names. Exact mode on a CPU then adds the C library's part where
+//! its functions are not glibc 2.36's (`exact/cpu-kc1024-libma64120` under
+//! musl). Only block matrices count: the client's ends (embeddings,
 //! head) never leave it. candle's `CANDLE_DEQUANTIZE_ALL` and
 //! `CANDLE_DEQUANTIZE_ALL_F16`, which would turn every product dense under
 //! the same name, are refused.
@@ -185,14 +189,13 @@ fn dense_chunk() -> Result<u32> {
     Ok(*CHUNK.get_or_init(|| chunk))
 }
 
-/// The C library's mathematics in a CPU mode's bits: `sinf` and `cosf` (the
-/// rope tables), `powf` (their frequencies) and `expf` (SiLU; exact mode's
-/// softmax), which candle and the fused block take from the C library. They
-/// differ between C libraries: musl's `sinf` and `cosf` give other bits than
-/// glibc's for about 2% of a rope table's values (from position 4 of a
-/// 64-wide head at base 10,000), so a static musl build and a glibc one of
-/// the same mode would not compute the same bits. Measured once per process
-/// (a few ms): a hash of the four functions on inputs like Pollen's (rope
+/// The C library's mathematics in exact mode's bits: `sinf` and `cosf` (the
+/// rope tables), `powf` (their frequencies) and `expf` (SiLU, softmax), which
+/// candle takes from the C library. They differ between C libraries: musl's
+/// `sinf` and `cosf` give other bits than glibc's for 1–2% of a rope table's
+/// values (from position 4 of a 64-wide head at base 10,000), so a static
+/// musl build and a glibc one would not compute the same bits. Measured once
+/// per process, where exact mode is named (a few ms): a hash of the four functions on inputs like Pollen's (rope
 /// frequencies and angles for two bases and head widths, small and past the
 /// point where `sinf` changes its reduction; `expf` across its range). Empty
 /// where it is [`REFERENCE_MATH`], else `libm` and the hash's first 6 hex
@@ -286,7 +289,11 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
         std::env::consts::ARCH,
         Tier::detect(),
         chunk,
-        math_library(),
+        if mode == WeightMode::Exact {
+            math_library()
+        } else {
+            ""
+        },
     ))
 }
 
@@ -326,8 +333,8 @@ fn mode_name(
             name = format!("{name}-kc{chunk}");
         }
     }
-    // Every CPU mode computes rope tables and SiLU with the C library.
-    if !math.is_empty() {
+    // Exact mode computes rope tables, SiLU and softmax with the C library.
+    if opts.effective_mode() == WeightMode::Exact && !math.is_empty() {
         name = format!("{name}-{math}");
     }
     name
@@ -445,12 +452,13 @@ mod tests {
             mode_name(&fast, true, &dense, "x86_64", X86Avx2, 1024, ""),
             "fast/cpu-kc1024"
         );
-        // Another C library's mathematics: every CPU mode, packed or not.
+        // Another C library's mathematics: exact mode only (the others use
+        // Pollen's own functions).
         let musl = "libm1a2b3c";
-        assert_eq!(
-            mode_name(&fast, true, &none, "x86_64", X86Vnni, 1024, musl),
-            "fast/cpu-libm1a2b3c"
-        );
+        for (o, r) in [(&fast, &none), (&fast, &dense), (&q4k, &k), (&q8, &q8_0)] {
+            let plain = mode_name(o, true, r, "x86_64", X86Vnni, 1024, "");
+            assert_eq!(mode_name(o, true, r, "x86_64", X86Vnni, 1024, musl), plain);
+        }
         assert_eq!(
             mode_name(&exact, true, &q4_1, "x86_64", X86Vnni, 1024, musl),
             "exact/cpu-kc1024-libm1a2b3c"

@@ -14,9 +14,10 @@
 //!    the down projection's quantization, the residual added again.
 //!
 //! Buffers live in a [`Scratch`] reused by every block of a step. Every
-//! float operation is the one the candle ops perform, in the same order
-//! (candle's RMS norm, `rope`/`rope_i`, `silu`, and the packed product), so
-//! this path gives the same bits as the op-by-op one; a test checks that.
+//! float operation is the one the op-by-op path performs, in the same order
+//! (candle's RMS norm and `rope`/`rope_i`, Pollen's [`silu`], and the packed
+//! product), so this path gives the same bits as the op-by-op one; a test
+//! checks that.
 
 use super::block::Shared;
 use super::cache::{self, LayerKv};
@@ -133,10 +134,13 @@ fn rms_row(x: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
     }
 }
 
-/// candle's SiLU.
+/// SiLU, `v / (1 + e^-v)`, with Pollen's exponential
+/// ([`crate::attention::exp`]: the same bits on every platform, where the C
+/// library's `expf`, which candle's SiLU takes, is not). The non-exact modes'
+/// SiLU, fused or op by op.
 #[inline]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
+pub(super) fn silu(v: f32) -> f32 {
+    v / (1.0 + crate::attention::exp(-v))
 }
 
 /// Writes keys or values of a segment into an f16 KV buffer `(1, kv_heads,

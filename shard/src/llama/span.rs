@@ -61,7 +61,11 @@ impl BlockSpan {
         opts.check()?;
         let cfg = file.config()?;
         let range = BlockRange::new(range.start, range.end, cfg.num_blocks)?;
-        let (cos, sin) = rope_tables(&cfg, &opts.device)?;
+        let (cos, sin) = rope_tables(
+            &cfg,
+            &opts.device,
+            opts.effective_mode() != WeightMode::Exact,
+        )?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, &opts.device)?;
         let mut blocks = Vec::with_capacity(range.len());
         for (n, i) in (range.start..range.end).enumerate() {
