@@ -323,7 +323,7 @@ impl Block {
         let _enter = self.span_mlp.enter();
         let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, sh.cfg.rms_norm_eps as f32)?;
         let [gate, up] = self.gate_up.forward(&h)?;
-        let act = if sh.fast {
+        let act = if sh.fast && gate.device().is_cpu() {
             let values: Vec<f32> = gate
                 .flatten_all()?
                 .to_vec1::<f32>()?

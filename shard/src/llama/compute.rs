@@ -195,12 +195,13 @@ fn dense_chunk() -> Result<u32> {
 /// `sinf` and `cosf` give other bits than glibc's for 1–2% of a rope table's
 /// values (from position 4 of a 64-wide head at base 10,000), so a static
 /// musl build and a glibc one would not compute the same bits. Measured once
-/// per process, where exact mode is named (a few ms): a hash of the four functions on inputs like Pollen's (rope
-/// frequencies and angles for two bases and head widths, small and past the
-/// point where `sinf` changes its reduction; `expf` across its range). Empty
-/// where it is [`REFERENCE_MATH`], else `libm` and the hash's first 6 hex
-/// digits: a name part that sets apart a C library whose functions differ on
-/// these inputs (one that differs only elsewhere would go unnoticed).
+/// per process, where exact mode is named (a few ms): a hash of the four
+/// functions on inputs like Pollen's (rope frequencies and angles for two
+/// bases and head widths, small and past the point where `sinf` changes its
+/// reduction; `expf` across its range). Empty where it is [`REFERENCE_MATH`],
+/// else `libm` and the hash's first 6 hex digits: a name part that sets apart
+/// a C library whose functions differ on these inputs (one that differs only
+/// elsewhere would go unnoticed).
 fn math_library() -> &'static str {
     static PART: OnceLock<String> = OnceLock::new();
     PART.get_or_init(|| {
