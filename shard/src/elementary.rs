@@ -25,6 +25,37 @@ const PIO2_3: f64 = 2.022_266_248_795_950_6e-21;
 const LN2_HI: f64 = 0.693_147_180_601_954_5;
 const LN2_LO: f64 = -4.200_915_072_681_084_6e-11;
 
+/// The sine's Taylor coefficients from `1/17!` down to `−1/3!`.
+const SIN: [f64; 8] = [
+    1.0 / 355_687_428_096_000.0,
+    -1.0 / 1_307_674_368_000.0,
+    1.0 / 6_227_020_800.0,
+    -1.0 / 39_916_800.0,
+    1.0 / 362_880.0,
+    -1.0 / 5_040.0,
+    1.0 / 120.0,
+    -1.0 / 6.0,
+];
+
+/// The cosine's Taylor coefficients from `−1/18!` down to `−1/2!`.
+const COS: [f64; 9] = [
+    -1.0 / 6_402_373_705_728_000.0,
+    1.0 / 20_922_789_888_000.0,
+    -1.0 / 87_178_291_200.0,
+    1.0 / 479_001_600.0,
+    -1.0 / 3_628_800.0,
+    1.0 / 40_320.0,
+    -1.0 / 720.0,
+    1.0 / 24.0,
+    -0.5,
+];
+
+/// `c[0] z^(n−1) + … + c[n−1]`, by Horner's rule: `p = p z + c` from the
+/// first coefficient on.
+fn horner(z: f64, c: &[f64]) -> f64 {
+    c[1..].iter().fold(c[0], |p, &c| p * z + c)
+}
+
 /// `(sin x, cos x)`: `x = n π/2 + r` with `n` the nearest integer to
 /// `x · 2/π` and `|r| ≤ π/4` (Cody and Waite's three-part reduction), then
 /// Taylor polynomials of `r` to degree 17 (sine) and 18 (cosine), whose
@@ -37,25 +68,8 @@ pub(crate) fn sin_cos(x: f64) -> (f64, f64) {
     let r = ((x - n * PIO2_1) - n * PIO2_2) - n * PIO2_3;
     let z = r * r;
     // sin r = r + r z (−1/3! + z (1/5! − …)); cos r = 1 + z (−1/2! + z (1/4! − …)).
-    let s = 1.0 / 355_687_428_096_000.0;
-    let s = s * z - 1.0 / 1_307_674_368_000.0;
-    let s = s * z + 1.0 / 6_227_020_800.0;
-    let s = s * z - 1.0 / 39_916_800.0;
-    let s = s * z + 1.0 / 362_880.0;
-    let s = s * z - 1.0 / 5_040.0;
-    let s = s * z + 1.0 / 120.0;
-    let s = s * z - 1.0 / 6.0;
-    let sin = r + r * z * s;
-    let c = -1.0 / 6_402_373_705_728_000.0;
-    let c = c * z + 1.0 / 20_922_789_888_000.0;
-    let c = c * z - 1.0 / 87_178_291_200.0;
-    let c = c * z + 1.0 / 479_001_600.0;
-    let c = c * z - 1.0 / 3_628_800.0;
-    let c = c * z + 1.0 / 40_320.0;
-    let c = c * z - 1.0 / 720.0;
-    let c = c * z + 1.0 / 24.0;
-    let c = c * z - 0.5;
-    let cos = 1.0 + z * c;
+    let sin = r + r * z * horner(z, &SIN);
+    let cos = 1.0 + z * horner(z, &COS);
     // Two's complement: n ≡ 3 (mod 4) for n = −1 as for n = 3.
     match (n as i64) & 3 {
         0 => (sin, cos),

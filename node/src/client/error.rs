@@ -148,10 +148,10 @@ mod tests {
                 others.iter().map(|(m, n)| (m.to_string(), *n)).collect();
             no_route_text(&model, compute, &[], &3, &others, &true)
         };
-        let musl = text("fast/cpu-libma64120", &[("fast/cpu", 3)]);
-        assert!(musl.contains("fast/cpu × 3"), "{musl}");
+        let musl = text("exact/cpu-libma64120", &[("exact/cpu", 3)]);
+        assert!(musl.contains("exact/cpu × 3"), "{musl}");
         assert!(musl.contains("C library"), "{musl}");
-        let glibc = text("fast/cpu", &[("fast/cpu-libma64120", 2), ("exact/cpu", 1)]);
+        let glibc = text("exact/cpu", &[("exact/cpu-libma64120", 2), ("fast/cpu", 1)]);
         assert!(glibc.contains("C library"), "{glibc}");
         let plain = text("fast/cpu", &[("exact/cpu", 3), ("q8_0/cpu-vnni", 1)]);
         assert!(!plain.contains("C library"), "{plain}");

@@ -222,7 +222,7 @@ fn math_hash() -> String {
     };
     for (base, width) in [(10_000f32, 64usize), (500_000.0, 128)] {
         for i in (0..width).step_by(2) {
-            // As `block::rope_tables` computes them.
+            // As exact mode's `block::rope_tables` computes them.
             let frequency = 1f32 / base.powf(i as f32 / width as f32);
             put(frequency);
             for position in (0..512u32).chain((512..131_072).step_by(1021)) {
