@@ -7,12 +7,14 @@
 
 use std::io::Cursor;
 
-use pollen_protocol::limits::{MAX_AGENT_LEN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_HIDDEN_BYTES};
+use pollen_protocol::limits::{
+    MAX_AGENT_LEN, MAX_COMPUTE_LEN, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_HIDDEN_BYTES,
+};
 use pollen_protocol::{
-    AnnounceResponse, BlockRange, CodecError, ErrorCode, Hello, HelloReply, HiddenError,
-    HiddenStates, InferRequest, InferResponse, MessageError, ModelId, PROTOCOL_VERSION,
-    PeerIdBytes, Roles, RouteHop, SessionBudget, SessionId, WireDType, WireMessage,
-    check_frame_len, decode_frame, encode_frame, encoded_len, read_frame,
+    AnnounceResponse, BlockRange, CodecError, ErrorCode, FRAME_HEADER_BYTES, Hello, HelloReply,
+    HiddenError, HiddenStates, InferRequest, InferResponse, MessageError, ModelId,
+    PROTOCOL_VERSION, PeerIdBytes, Roles, RouteHop, SessionBudget, SessionId, WireDType,
+    WireMessage, check_frame_len, decode_frame, encode_frame, encoded_len, read_frame,
 };
 
 /// Puts a correct length prefix in front of `body`.
@@ -288,6 +290,59 @@ fn invalid_messages_are_refused_on_both_ends() {
         encode_frame(&long_agent),
         Err(CodecError::Invalid { .. })
     ));
+}
+
+/// A compute mode's name of `MAX_COMPUTE_LEN` bytes (the longest Pollen
+/// makes is 40, with a C library's part) passes; one byte more is refused by
+/// the sender and, made by hand, by the receiver.
+#[test]
+fn compute_names_over_the_limit_are_refused() {
+    let open = |compute: String| InferRequest::Open {
+        session: SessionId(1),
+        model_id: ModelId::from_bytes([3; 32]),
+        route: vec![RouteHop {
+            peer: PeerIdBytes(vec![1; 38]),
+            blocks: BlockRange::new(0, 30).unwrap(),
+            addrs: vec![],
+            step_us: 100_000,
+        }],
+        hop: 0,
+        budget: SessionBudget {
+            max_tokens: 64,
+            max_message_bytes: 1 << 20,
+            idle_timeout_ms: 1000,
+            open_within_ms: 20_000,
+        },
+        wire_dtype: WireDType::F32,
+        compute,
+        client: PeerIdBytes(vec![2; 38]),
+    };
+    let longest = "exact/cpu-aarch64-i8mm-kc1024-libm0a1b2c";
+    assert!(longest.len() <= MAX_COMPUTE_LEN);
+    let at_limit = "e".repeat(MAX_COMPUTE_LEN);
+    let frame = encode_frame(&open(at_limit.clone())).unwrap();
+    assert!(matches!(
+        decode_frame::<InferRequest>(&frame),
+        Ok(InferRequest::Open { compute, .. }) if compute == at_limit
+    ));
+    let over = open("e".repeat(MAX_COMPUTE_LEN + 1));
+    assert!(matches!(
+        encode_frame(&over),
+        Err(CodecError::Invalid { .. })
+    ));
+    // The same bytes by hand: the at-limit frame with its name one byte longer.
+    let mut frame = encode_frame(&open(at_limit.clone())).unwrap();
+    let at = frame
+        .windows(at_limit.len())
+        .position(|w| w == at_limit.as_bytes())
+        .unwrap();
+    assert_eq!(frame[at - 1] as usize, MAX_COMPUTE_LEN, "a one-byte length");
+    frame[at - 1] += 1;
+    frame.insert(at, b'e');
+    let body = (frame.len() - FRAME_HEADER_BYTES) as u32;
+    frame[..FRAME_HEADER_BYTES].copy_from_slice(&body.to_le_bytes());
+    let err = decode_frame::<InferRequest>(&frame).unwrap_err();
+    assert!(err.to_string().contains("compute mode"), "{err}");
 }
 
 #[test]
