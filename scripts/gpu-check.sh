@@ -10,6 +10,8 @@
 #   3. a bootstrap and two servers on the GPU (blocks 0:15 and 15:30) on
 #      127.0.0.1: text through the swarm must equal the GPU's local text, one
 #      client and then three at once. This is the check that fails the script.
+#      Both servers must announce one compute mode, on a GPU of the form
+#      exact/cuda-sm<arch>-<SMs>-<hash>.
 #
 #   bash scripts/build-cuda.sh --bench     # builds both binaries
 #   bash scripts/gpu-check.sh [POLLEN [ENGINE_BENCH]]
@@ -111,9 +113,20 @@ for mode in exact fast; do
       >"$dir/server-$mode-${span/:/-}.log" 2>&1 &
     pids+=($!)
   done
+  names=()
   for span in 0:15 15:30; do
-    wait_line "$dir/server-$mode-${span/:/-}.log" 'ready' 120 >&2
+    ready="$(wait_line "$dir/server-$mode-${span/:/-}.log" 'ready' 120)"
+    printf '%s\n' "$ready" >&2
+    names+=("$(grep -oE 'compute [^ ]+' <<<"$ready" | cut -d' ' -f2)")
   done
+  # A GPU's mode names its architecture, its SMs and a hash of its libraries.
+  if [[ "$device" == cuda* ]]; then
+    [[ "${names[0]}" =~ ^exact/cuda-sm[0-9]+-[0-9]+-[0-9a-f]{6}$ ]] ||
+      fail "$mode mode: the server announces compute mode '${names[0]}'"
+  fi
+  [[ "${names[0]}" == "${names[1]}" ]] ||
+    fail "$mode mode: two servers on one GPU announce '${names[0]}' and '${names[1]}'"
+  say "$mode mode: both servers announce compute mode ${names[0]}"
   swarm="$(gen --no-mdns --bootstrap "$boot" --device "$device" --weights "$mode" 2>"$dir/swarm-$mode.log")" ||
     fail "generation through the GPU swarm ($mode): $(tail -n 5 "$dir/swarm-$mode.log")"
   [[ "$swarm" == "${local_gpu[$mode]}" ]] ||

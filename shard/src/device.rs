@@ -99,6 +99,115 @@ pub fn memory_info(dev: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// What a CUDA GPU's arithmetic depends on besides Pollen's own code (which the
+/// protocol version names): cuBLAS gives the same bits only on GPUs of one
+/// architecture and one number of SMs, with one cuBLAS version; candle's kernels
+/// are PTX, which the driver compiles at start. `compute::compute_mode` names
+/// these, with a hash of the PTX itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaArithmetic {
+    /// Compute capability, major and minor (9.0 for an H100 or H200).
+    pub capability: (u32, u32),
+    /// Streaming multiprocessors.
+    pub sms: u32,
+    /// cuBLAS's major, minor and patch version.
+    pub cublas: (u32, u32, u32),
+    /// The driver's CUDA version, as `cuDriverGetVersion` gives it (13000 for 13.0).
+    pub driver: u32,
+    /// candle's switch for TF32 in f32 products (off unless set).
+    pub reduced_f32: bool,
+}
+
+/// [`CudaArithmetic`] of `dev`; `None` for the CPU and Metal.
+pub fn cuda_arithmetic(dev: &Device) -> Result<Option<CudaArithmetic>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::{cublas, driver};
+        let context = d.cuda_stream().context().clone();
+        let fail = |what: &str, e: String| {
+            ShardError::Device(format!("cannot read the GPU's {what}: {e}"))
+        };
+        let attribute = |a| {
+            context
+                .attribute(a)
+                .map(|v| v.max(0) as u32)
+                .map_err(|e| fail("attributes", format!("{e:?}")))
+        };
+        use driver::sys::CUdevice_attribute as A;
+        let capability = (
+            attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let mut version = [0i32; 3];
+        for (v, p) in version.iter_mut().zip([
+            cublas::sys::libraryPropertyType::MAJOR_VERSION,
+            cublas::sys::libraryPropertyType::MINOR_VERSION,
+            cublas::sys::libraryPropertyType::PATCH_LEVEL,
+        ]) {
+            // SAFETY: cublasGetProperty writes one int through a valid pointer.
+            #[allow(unsafe_code)]
+            let status = unsafe { cublas::sys::cublasGetProperty(p, v) };
+            if status != cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(fail("cuBLAS version", format!("{status:?}")));
+            }
+        }
+        let mut driver_version = 0i32;
+        // SAFETY: cuDriverGetVersion writes one int through a valid pointer.
+        #[allow(unsafe_code)]
+        let status = unsafe { driver::sys::cuDriverGetVersion(&mut driver_version) };
+        if status != driver::sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("driver version", format!("{status:?}")));
+        }
+        let [major, minor, patch] = version.map(|v| v.max(0) as u32);
+        return Ok(Some(CudaArithmetic {
+            capability,
+            sms,
+            cublas: (major, minor, patch),
+            driver: driver_version.max(0) as u32,
+            reduced_f32: candle_core::cuda_backend::gemm_reduced_precision_f32(),
+        }));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+/// A hash (hex) of the PTX of candle's kernels in this build: nvcc's version, the
+/// architecture they were built for and candle's kernel code are all in it. Empty
+/// in a build without CUDA.
+pub fn cuda_kernels_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(ptx_hash)
+}
+
+#[cfg(feature = "cuda")]
+fn ptx_hash() -> String {
+    use candle_core::cuda_backend::kernels as k;
+    let mut h = blake3::Hasher::new();
+    for m in [
+        k::AFFINE,
+        k::BINARY,
+        k::CAST,
+        k::CONV,
+        k::FILL,
+        k::INDEXING,
+        k::QUANTIZED,
+        k::REDUCE,
+        k::SORT,
+        k::TERNARY,
+        k::UNARY,
+    ] {
+        h.update(&(m.ptx().len() as u64).to_le_bytes());
+        h.update(m.ptx().as_bytes());
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn ptx_hash() -> String {
+    String::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,9 +121,20 @@ fn no_route_text(
         } else {
             ""
         };
+        let on_gpu = |m: &str| m.contains("/cuda-");
+        let gpu = if on_gpu(compute) && other_modes.iter().any(|(m, _)| on_gpu(m)) {
+            " (a GPU's mode names its architecture and number of SMs and hashes cuBLAS's \
+             and the driver's versions and candle's kernels: GPUs compute the same bits \
+             only where all of these agree)"
+        } else if !on_gpu(compute) && other_modes.iter().any(|(m, _)| on_gpu(m)) {
+            " (servers on GPUs chain only with a client on the same kind of GPU, with the \
+             same libraries: `--device cuda` there)"
+        } else {
+            ""
+        };
         format!(
             "; in other compute modes, which compute other bits and which this client \
-             does not chain: {}{libm}",
+             does not chain: {}{libm}{gpu}",
             each.join(", ")
         )
     };
@@ -139,7 +150,7 @@ mod tests {
     use super::*;
 
     /// Where the servers' mode differs from the client's only by the C
-    /// library, the error says so.
+    /// library, or where GPUs are apart, the error says so.
     #[test]
     fn no_route_names_a_c_library_difference() {
         let model = ModelId::from_bytes([7; 32]);
@@ -155,6 +166,13 @@ mod tests {
         assert!(glibc.contains("C library"), "{glibc}");
         let plain = text("fast/cpu", &[("exact/cpu", 3), ("q8_0/cpu-vnni", 1)]);
         assert!(!plain.contains("C library"), "{plain}");
+        assert!(!plain.contains("GPU"), "{plain}");
+        let h100 = "exact/cuda-sm90-132-3f0a1c";
+        let a100 = text(h100, &[("exact/cuda-sm80-108-77e0b2", 3)]);
+        assert!(a100.contains("GPUs compute the same bits only"), "{a100}");
+        let cpu = text("fast/cpu", &[(h100, 3), ("exact/cpu", 1)]);
+        assert!(cpu.contains("`--device cuda`"), "{cpu}");
+        assert!(!cpu.contains("C library"), "{cpu}");
         assert_eq!(
             without_libm("exact/cpu-kc1024-libm0a1b2c"),
             "exact/cpu-kc1024"

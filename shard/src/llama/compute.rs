@@ -39,6 +39,14 @@
 //!   with Pollen's own functions (`crate::elementary`, attention's `exp`),
 //!   the same on every platform.
 //!
+//! - by the GPU: on CUDA every mode computes as exact, on cuBLAS and on
+//!   candle's kernels, which are PTX the driver compiles at start. cuBLAS
+//!   promises the same bits only on GPUs of one architecture with one number
+//!   of SMs and one cuBLAS version, so the name says the architecture and the
+//!   SMs and hashes the libraries' versions and the PTX ([`cuda_name`]:
+//!   `exact/cuda-sm90-132-3f0a1c`). Metal is named by the device alone (not
+//!   measured).
+//!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
 //! the device adds the architecture off x86-64 (`exact/cpu-aarch64`), the
@@ -263,8 +271,21 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
             )));
         }
     }
-    let packs = opts.device.is_cpu() && crate::kernels::simd_available();
     let mode = opts.effective_mode();
+    if let Some(gpu) = crate::device::cuda_arithmetic(&opts.device)? {
+        let math = if mode == WeightMode::Exact {
+            math_library()
+        } else {
+            ""
+        };
+        return Ok(cuda_name(
+            mode,
+            &gpu,
+            crate::device::cuda_kernels_hash(),
+            math,
+        ));
+    }
+    let packs = opts.device.is_cpu() && crate::kernels::simd_available();
     let cfg = file.config()?;
     let mut reach = Reach::default();
     for i in 0..cfg.num_blocks {
@@ -298,6 +319,38 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
     ))
 }
 
+/// A CUDA GPU's compute mode: `<mode>/cuda-sm<major><minor>-<SMs>-<hash>`,
+/// the hash (6 hex digits) over cuBLAS's and the driver's versions, candle's
+/// TF32 switch, `kernels` (the hash of candle's PTX, `device::cuda_kernels_hash`)
+/// and `math` (the C library's part: exact mode's rope frequencies come from
+/// the host's `powf`). cuBLAS promises the same bits only on one architecture
+/// with one number of SMs and one version, and the driver compiles candle's
+/// PTX, so GPUs of other kinds, or with other libraries, have other names:
+/// `exact/cuda-sm90-132-3f0a1c` on an H100 or H200 (SXM).
+fn cuda_name(
+    mode: WeightMode,
+    gpu: &crate::device::CudaArithmetic,
+    kernels: &str,
+    math: &str,
+) -> String {
+    let mut h = blake3::Hasher::new();
+    let (major, minor, patch) = gpu.cublas;
+    for v in [major, minor, patch, gpu.driver, u32::from(gpu.reduced_f32)] {
+        h.update(&v.to_le_bytes());
+    }
+    for part in [kernels, math] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    // Bounded for the wire's limit on names; real GPUs are far below.
+    let (cc_major, cc_minor) = (gpu.capability.0.min(99), gpu.capability.1.min(99));
+    format!(
+        "{mode}/cuda-sm{cc_major}{cc_minor}-{}-{}",
+        gpu.sms.min(99_999),
+        &h.finalize().to_hex()[..6]
+    )
+}
+
 /// [`compute_mode`] from what decides it: whether packed kernels run here,
 /// what of candle the block matrices reach, the architecture, candle's tier,
 /// gemm's chunk and the C library's mathematics ([`math_library`]).
@@ -310,6 +363,7 @@ fn mode_name(
     chunk: u32,
     math: &str,
 ) -> String {
+    // A CUDA GPU is named by `cuda_name`; Metal by the device alone.
     let device = if opts.device.is_cuda() {
         return format!("{}/cuda", opts.effective_mode());
     } else if !opts.device.is_cpu() {
@@ -481,6 +535,113 @@ mod tests {
                 assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
             }
         }
+    }
+
+    /// A CUDA GPU's name changes with each thing its bits depend on, and
+    /// with nothing else.
+    #[test]
+    fn gpu_names_tell_apart_what_cublas_and_the_driver_decide() {
+        use crate::device::CudaArithmetic;
+        let h200 = CudaArithmetic {
+            capability: (9, 0),
+            sms: 132,
+            cublas: (13, 1, 0),
+            driver: 13000,
+            reduced_f32: false,
+        };
+        let ptx = "0123456789abcdef";
+        let name = |g: &CudaArithmetic, k: &str, m: &str| cuda_name(WeightMode::Exact, g, k, m);
+        let base = name(&h200, ptx, "");
+        assert!(base.starts_with("exact/cuda-sm90-132-"), "{base}");
+        assert_eq!(base.len(), "exact/cuda-sm90-132-".len() + 6, "{base}");
+        assert_eq!(name(&h200, ptx, ""), base, "the same GPU and libraries");
+        let mut names = std::collections::HashSet::from([base.clone()]);
+        for (other, k, m) in [
+            (CudaArithmetic { sms: 114, ..h200 }, ptx, ""),
+            (
+                CudaArithmetic {
+                    capability: (8, 0),
+                    sms: 108,
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (
+                CudaArithmetic {
+                    capability: (8, 9),
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (
+                CudaArithmetic {
+                    cublas: (13, 0, 2),
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (
+                CudaArithmetic {
+                    cublas: (13, 1, 1),
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (
+                CudaArithmetic {
+                    driver: 13010,
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (
+                CudaArithmetic {
+                    reduced_f32: true,
+                    ..h200
+                },
+                ptx,
+                "",
+            ),
+            (h200, "fedcba9876543210", ""),
+            (h200, ptx, "libm0a1b2c"),
+        ] {
+            let n = name(&other, k, m);
+            assert!(names.insert(n.clone()), "{n} names two arithmetics");
+        }
+        assert_eq!(
+            name(
+                &CudaArithmetic {
+                    capability: (12, 1),
+                    sms: 20,
+                    ..h200
+                },
+                ptx,
+                ""
+            )[..18],
+            *"exact/cuda-sm121-2"
+        );
+        let huge = CudaArithmetic {
+            capability: (u32::MAX, u32::MAX),
+            sms: u32::MAX,
+            ..h200
+        };
+        let long = name(&huge, ptx, "libm0a1b2c");
+        assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
+        // A CPU build has no CUDA device and no PTX.
+        assert_eq!(crate::device::cuda_arithmetic(&Device::Cpu).unwrap(), None);
+        let built = crate::device::cuda_kernels_hash();
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!(built, "");
+        #[cfg(feature = "cuda")]
+        assert!(
+            built.len() == 16 && built.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{built}"
+        );
     }
 
     /// The chunk measured here is a whole number of values of a product, and
