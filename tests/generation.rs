@@ -175,3 +175,76 @@ fn an_empty_answer_says_why_and_points_at_chat() {
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("ended its answer at once"));
 }
+
+/// `--compute` routes through servers of another compute mode: a client whose own mode
+/// (fast) no server computes is refused, with the servers' mode named and `--compute`
+/// suggested; with `--compute` and that name it answers through them, warned that the
+/// text need not equal local text. A name that cannot be one, or `--compute` with
+/// `--local`, is refused before anything loads.
+#[test]
+fn compute_routes_through_servers_of_another_mode() {
+    let dir = temp_dir("compute");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let exact = ["--weights", "exact"];
+    let _servers = three_servers(Some(&addr), &dir, "c", [&exact, &exact, &exact]);
+    let st = status(Some(&addr));
+    let modes: std::collections::BTreeSet<String> = st["models"][0]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["compute"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(modes.len(), 1, "{st}");
+    let mode = modes.into_iter().next().unwrap();
+    assert!(mode.starts_with("exact/"), "{mode}");
+
+    let run = |extra: &[&str]| {
+        std::process::Command::new(pollen())
+            .args(["generate", "--threads", "1", "--max-tokens", "8"])
+            .args(["--prompt", "Name a colour.", "--route-wait", "3"])
+            .args(extra)
+            .arg("--model")
+            .arg(model())
+            .output()
+            .unwrap()
+    };
+    let swarm = ["--no-mdns", "--bootstrap", addr.as_str()];
+    let refused = run(&swarm);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("other compute modes")
+            && err.contains(&format!("{mode} × 3"))
+            && err.contains("`--compute MODE`"),
+        "{err}"
+    );
+
+    let routed = run(&[&swarm[..], &["--compute", &mode]].concat());
+    let err = String::from_utf8_lossy(&routed.stderr);
+    assert!(routed.status.success(), "{err}");
+    let text = String::from_utf8_lossy(&routed.stdout);
+    assert!(!text.trim().is_empty(), "{err}");
+    assert!(
+        err.contains(&format!("routing through servers computing {mode}"))
+            && err.contains("need not equal local text"),
+        "{err}"
+    );
+
+    for (extra, says) in [
+        (
+            vec!["--compute", "exact/cpu\tx"],
+            "is not in a compute mode's name",
+        ),
+        (
+            vec!["--local", "--compute", "exact/cpu"],
+            "cannot be used with",
+        ),
+    ] {
+        let out = run(&extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+}

@@ -104,6 +104,7 @@ fn main() {
             route_wait: Duration::from_secs(30),
             // Spot checks off: this bench measures the data path alone.
             verify: 0.0,
+            compute: None,
         }))
         .unwrap();
     let client = Arc::new(client);

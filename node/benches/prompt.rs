@@ -255,6 +255,7 @@ fn main() {
                 route_wait: Duration::from_secs(20),
                 // Spot checks off: only the two servers under test are asked.
                 verify: 0.0,
+                compute: None,
             })
             .await
             .unwrap(),

@@ -176,6 +176,7 @@ fn main() {
                 route_wait: Duration::from_secs(20),
                 // Spot checks off: this bench measures the data path alone.
                 verify: 0.0,
+                compute: None,
             })
             .await
             .unwrap();

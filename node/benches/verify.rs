@@ -63,6 +63,7 @@ impl Bench {
                 wire_dtype: WireDType::F32,
                 route_wait: Duration::from_secs(30),
                 verify,
+                compute: None,
             }))
             .unwrap()
     }

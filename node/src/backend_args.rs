@@ -40,6 +40,11 @@ pub struct BackendArgs {
     /// Hidden states on the wire: f32 (exact, default), f16 or bf16 (half the bytes).
     #[arg(long, default_value = "f32")]
     pub wire_dtype: String,
+    /// Route through servers of this compute mode, as `pollen status` shows it (e.g. a
+    /// GPU swarm's `exact/cuda-...` from a CPU), instead of the one --device and --weights
+    /// compute. The text then need not equal local text.
+    #[arg(long, value_name = "MODE", value_parser = crate::client::parse_compute, conflicts_with = "local")]
+    pub compute: Option<String>,
 }
 
 /// What [`BackendArgs::prepare`] settled: the model file and how to load it.
@@ -96,6 +101,7 @@ impl BackendArgs {
                 wire_dtype: wire_dtype(&self.wire_dtype)?,
                 route_wait,
                 verify: crate::client::DEFAULT_VERIFY,
+                compute: self.compute.clone(),
             };
             Backend::swarm(cfg, max_concurrent).await
         };
@@ -125,5 +131,29 @@ mod tests {
         assert_eq!(wire_dtype("f32").unwrap(), WireDType::F32);
         let e = wire_dtype("f8").unwrap_err().to_string();
         assert!(e.contains("--wire-dtype `f8`"), "{e}");
+    }
+
+    /// `pollen api` and `pollen chat` take `--compute` as `pollen generate` does.
+    #[test]
+    fn compute_is_checked_and_only_for_the_swarm() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            backend: BackendArgs,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from([&["api"], args].concat());
+        let cli = parse(&["--compute", "exact/cuda-sm90-132-3f0a1c"]).unwrap();
+        assert_eq!(
+            cli.backend.compute.as_deref(),
+            Some("exact/cuda-sm90-132-3f0a1c")
+        );
+        assert_eq!(parse(&[]).unwrap().backend.compute, None);
+        for bad in [
+            &["--compute", "exact cpu"][..],
+            &["--local", "--compute", "exact/cpu"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -238,6 +238,11 @@ struct GenerateArgs {
     /// Run every block in this process instead of through the swarm.
     #[arg(long)]
     local: bool,
+    /// Route through servers of this compute mode, as `pollen status` shows it (e.g. a
+    /// GPU swarm's `exact/cuda-...` from a CPU), instead of the one this client's
+    /// --device and --weights compute. The text then need not equal local text.
+    #[arg(long, value_name = "MODE", value_parser = pollen_node::client::parse_compute, conflicts_with = "local")]
+    compute: Option<String>,
     /// Probability (0 to 1) that a step is spot-checked: one span of the route is
     /// computed again by another server of it, and a server caught disagreeing with
     /// two others is banned and routed around. 0 turns spot checks off.
@@ -398,6 +403,7 @@ async fn generate_swarm(args: GenerateArgs) -> Result<()> {
         wire_dtype,
         route_wait: Duration::from_secs(args.route_wait),
         verify: args.verify,
+        compute: args.compute.clone(),
     })
     .await?;
     let prompt = prompt_ids(&client.model().tokenizer, &args.prompt, args.chat)?;

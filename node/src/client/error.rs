@@ -134,7 +134,8 @@ fn no_route_text(
         };
         format!(
             "; in other compute modes, which compute other bits and which this client \
-             does not chain: {}{libm}{gpu}",
+             does not chain: {}{libm}{gpu} (`--compute MODE` routes through one of these; \
+             the text then need not equal local text)",
             each.join(", ")
         )
     };
@@ -173,6 +174,7 @@ mod tests {
         let cpu = text("fast/cpu", &[(h100, 3), ("exact/cpu", 1)]);
         assert!(cpu.contains("`--device cuda`"), "{cpu}");
         assert!(!cpu.contains("C library"), "{cpu}");
+        assert!(cpu.contains("`--compute MODE`"), "{cpu}");
         assert_eq!(
             without_libm("exact/cpu-kc1024-libm0a1b2c"),
             "exact/cpu-kc1024"

@@ -285,6 +285,32 @@ pub struct ClientConfig {
     /// Probability that a step is spot-checked on a second server of one of the route's
     /// spans ([`DEFAULT_VERIFY`]; 0 turns spot checks off).
     pub verify: f64,
+    /// Route through servers of this compute mode instead of the one the ends' device
+    /// and weights give (`None`, the usual): a CPU client can then use GPU servers, but
+    /// its text need not equal local text ([`parse_compute`] checks a name).
+    pub compute: Option<String>,
+}
+
+/// Checks a compute mode's name as `--compute` takes it: 1 to
+/// [`pollen_protocol::limits::MAX_COMPUTE_LEN`] bytes of ASCII letters, digits and
+/// `.`, `_`, `/`, `-` (every name Pollen makes is of these).
+pub fn parse_compute(name: &str) -> Result<String, String> {
+    let max = pollen_protocol::limits::MAX_COMPUTE_LEN;
+    if name.is_empty() || name.len() > max {
+        return Err(format!(
+            "a compute mode's name has 1 to {max} bytes (`pollen status` lists the servers' modes)"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
+    {
+        return Err(format!(
+            "`{}` is not in a compute mode's name (letters, digits, `.`, `_`, `/`, `-`)",
+            c.escape_default()
+        ));
+    }
+    Ok(name.to_string())
 }
 
 /// The parts of the model a client holds.
@@ -424,9 +450,19 @@ impl SwarmClient {
     /// Loads the model's ends and joins the swarm.
     pub async fn connect(cfg: ClientConfig) -> Result<Self, ClientError> {
         let (path, opts) = (cfg.model.clone(), cfg.load.clone());
-        let model = tokio::task::spawn_blocking(move || ClientModel::load(&path, &opts))
+        let mut model = tokio::task::spawn_blocking(move || ClientModel::load(&path, &opts))
             .await
             .map_err(|e| ClientError::Task(e.to_string()))??;
+        if let Some(compute) = &cfg.compute
+            && *compute != model.compute
+        {
+            tracing::warn!(
+                "routing through servers computing {compute}, not this device's own {}: \
+                 the text need not equal local text",
+                model.compute
+            );
+            model.compute = compute.clone();
+        }
         let cancel = CancellationToken::new();
         let (net, net_task) =
             connect_listening(&cfg.bootstrap, cfg.listen.clone(), cfg.mdns, cancel.clone()).await?;
@@ -887,6 +923,28 @@ impl SwarmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--compute` takes every name Pollen makes and refuses others clearly.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn compute_names_are_checked() {
+        for name in [
+            "fast/cpu",
+            "exact/cpu-kc1024-libma64120",
+            "exact/cuda-sm90-132-3f0a1c",
+        ] {
+            assert_eq!(parse_compute(name).as_deref(), Ok(name));
+        }
+        let max = pollen_protocol::limits::MAX_COMPUTE_LEN;
+        assert!(parse_compute(&"a".repeat(max)).is_ok());
+        for bad in [String::new(), "a".repeat(max + 1)] {
+            let e = parse_compute(&bad).unwrap_err();
+            assert!(e.contains(&format!("1 to {max} bytes")), "{e}");
+        }
+        let e = parse_compute("fast/cpu\u{1b}[2J").unwrap_err();
+        assert!(e.contains("\\u{1b}"), "{e}");
+        assert!(parse_compute("fast cpu").is_err());
+    }
 
     #[test]
     fn bans_grow_and_a_restarted_server_is_forgiven() {
