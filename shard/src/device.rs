@@ -100,22 +100,68 @@ pub fn memory_info(dev: &Device) -> Option<(u64, u64)> {
 }
 
 /// What a CUDA GPU's arithmetic depends on besides Pollen's own code (which the
-/// protocol version names): cuBLAS gives the same bits only on GPUs of one
-/// architecture and one number of SMs, with one cuBLAS version; candle's kernels
-/// are PTX, which the driver compiles at start. `compute::compute_mode` names
-/// these, with a hash of the PTX itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// protocol version names) and candle's (pinned by Cargo.lock): cuBLAS gives the same
+/// bits only on GPUs of one architecture and one number of SMs, with one cuBLAS version
+/// and its workspace; candle's quantized products are machine code built for one
+/// architecture that picks its tiles by the shared memory a block may take; its other
+/// kernels are PTX that the driver compiles as they are first used.
+/// `compute::compute_mode` names these, with a hash of the PTX itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaArithmetic {
     /// Compute capability, major and minor (9.0 for an H100 or H200).
     pub capability: (u32, u32),
     /// Streaming multiprocessors.
     pub sms: u32,
+    /// Bytes of shared memory a block may opt in to.
+    pub shared_per_block: u32,
     /// cuBLAS's major, minor and patch version.
     pub cublas: (u32, u32, u32),
     /// The driver's CUDA version, as `cuDriverGetVersion` gives it (13000 for 13.0).
     pub driver: u32,
+    /// The driver's own version (`580.159.04`), whose compiler turns PTX into machine
+    /// code; empty where `/proc/driver/nvidia/version` cannot be read.
+    pub driver_build: String,
+    /// The environment variables that change cuBLAS's or the driver's code, as set
+    /// ([`ARITHMETIC_VARS`]).
+    pub settings: String,
     /// candle's switch for TF32 in f32 products (off unless set).
     pub reduced_f32: bool,
+}
+
+/// Environment variables that change which code cuBLAS or the driver runs, and so the
+/// bits: the workspace cuBLAS may use (it picks algorithms by it), f32 products emulated
+/// with BF16 (cuBLAS 12.9 and later on Blackwell), and cuBLAS's PTX compiled at start
+/// in place of its machine code.
+pub const ARITHMETIC_VARS: [&str; 3] = [
+    "CUBLAS_WORKSPACE_CONFIG",
+    "CUBLAS_EMULATE_SINGLE_PRECISION",
+    "CUDA_FORCE_PTX_JIT",
+];
+
+/// [`ARITHMETIC_VARS`] as set in this process: `NAME=value` for each set, `;` between.
+pub fn arithmetic_settings() -> String {
+    ARITHMETIC_VARS
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|value| format!("{v}={value}")))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// The driver's version in the text of `/proc/driver/nvidia/version`: the first word
+/// of its first line made of numbers and dots (`NVRM version: NVIDIA UNIX x86_64 Kernel
+/// Module  580.159.04  ...` gives `580.159.04`); empty if none.
+pub fn driver_build_of(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .find(|w| {
+            w.contains('.')
+                && w.split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .unwrap_or("")
+        .to_string()
 }
 
 /// [`CudaArithmetic`] of `dev`; `None` for the CPU and Metal.
@@ -139,6 +185,7 @@ pub fn cuda_arithmetic(dev: &Device) -> Result<Option<CudaArithmetic>> {
             attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         );
         let sms = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let shared_per_block = attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let mut version = [0i32; 3];
         for (v, p) in version.iter_mut().zip([
             cublas::sys::libraryPropertyType::MAJOR_VERSION,
@@ -159,12 +206,18 @@ pub fn cuda_arithmetic(dev: &Device) -> Result<Option<CudaArithmetic>> {
         if status != driver::sys::CUresult::CUDA_SUCCESS {
             return Err(fail("driver version", format!("{status:?}")));
         }
+        let driver_build = std::fs::read_to_string("/proc/driver/nvidia/version")
+            .map(|t| driver_build_of(&t))
+            .unwrap_or_default();
         let [major, minor, patch] = version.map(|v| v.max(0) as u32);
         return Ok(Some(CudaArithmetic {
             capability,
             sms,
+            shared_per_block,
             cublas: (major, minor, patch),
             driver: driver_version.max(0) as u32,
+            driver_build,
+            settings: arithmetic_settings(),
             reduced_f32: candle_core::cuda_backend::gemm_reduced_precision_f32(),
         }));
     }
@@ -172,9 +225,10 @@ pub fn cuda_arithmetic(dev: &Device) -> Result<Option<CudaArithmetic>> {
     Ok(None)
 }
 
-/// A hash (hex) of the PTX of candle's kernels in this build: nvcc's version, the
-/// architecture they were built for and candle's kernel code are all in it. Empty
-/// in a build without CUDA.
+/// A hash (hex) of the PTX of candle's kernels in this build: nvcc's version and the
+/// architecture they were built for (those of its quantized products' machine code
+/// too, built alongside) and candle's kernel code are all in it. Empty in a build
+/// without CUDA.
 pub fn cuda_kernels_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(ptx_hash)
@@ -211,6 +265,32 @@ fn ptx_hash() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The driver's version from the first line of `/proc/driver/nvidia/version`, as
+    /// proprietary and open kernel modules write it.
+    #[test]
+    fn driver_versions_are_read() {
+        for (text, want) in [
+            (
+                "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu Oct 30 2025\n\
+                 GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n",
+                "580.159.04",
+            ),
+            (
+                "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.104.05  \
+                 Release Build  (dvs-builder@U16-I3-B03-4-3)\n",
+                "535.104.05",
+            ),
+            (
+                "NVRM version: NVIDIA UNIX aarch64 Kernel Module  550.54\n",
+                "550.54",
+            ),
+            ("", ""),
+            ("nothing here 1. .2 a.b\n580.1.2\n", ""),
+        ] {
+            assert_eq!(driver_build_of(text), want, "{text}");
+        }
+    }
 
     #[test]
     fn cpu_parses_and_unknown_is_a_clear_error() {

@@ -127,8 +127,8 @@ fn no_route_text(
              and the driver's versions and candle's kernels: GPUs compute the same bits \
              only where all of these agree)"
         } else if !on_gpu(compute) && other_modes.iter().any(|(m, _)| on_gpu(m)) {
-            " (servers on GPUs chain only with a client on the same kind of GPU, with the \
-             same libraries: `--device cuda` there)"
+            " (servers on GPUs compute a client's own text only for a client on the same \
+             kind of GPU, with the same libraries: `--device cuda` there)"
         } else {
             ""
         };

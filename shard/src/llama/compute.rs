@@ -39,13 +39,16 @@
 //!   with Pollen's own functions (`crate::elementary`, attention's `exp`),
 //!   the same on every platform.
 //!
-//! - by the GPU: on CUDA every mode computes as exact, on cuBLAS and on
-//!   candle's kernels, which are PTX the driver compiles at start. cuBLAS
-//!   promises the same bits only on GPUs of one architecture with one number
-//!   of SMs and one cuBLAS version, so the name says the architecture and the
-//!   SMs and hashes the libraries' versions and the PTX ([`cuda_name`]:
-//!   `exact/cuda-sm90-132-3f0a1c`). Metal is named by the device alone (not
-//!   measured).
+//! - by the GPU: on CUDA every mode computes as exact, on cuBLAS (attention's
+//!   dense products), on candle's quantized products (machine code built for
+//!   one architecture, which picks tiles by the shared memory a block may
+//!   take) and on its other kernels (PTX that the driver compiles as they are
+//!   first used). cuBLAS promises the same bits only on GPUs of one
+//!   architecture with one number of SMs and one cuBLAS version, so the name
+//!   says the architecture and the SMs and hashes the rest ([`cuda_name`]:
+//!   `exact/cuda-sm90-132-3f0a1c`). Nothing here runs on the GPU to check the
+//!   bits, as [`math_library`] does on the CPU. Metal is named by the device
+//!   alone (not measured).
 //!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
@@ -320,12 +323,13 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
 }
 
 /// A CUDA GPU's compute mode: `<mode>/cuda-sm<major><minor>-<SMs>-<hash>`,
-/// the hash (6 hex digits) over cuBLAS's and the driver's versions, candle's
-/// TF32 switch, `kernels` (the hash of candle's PTX, `device::cuda_kernels_hash`)
-/// and `math` (the C library's part: exact mode's rope frequencies come from
-/// the host's `powf`). cuBLAS promises the same bits only on one architecture
-/// with one number of SMs and one version, and the driver compiles candle's
-/// PTX, so GPUs of other kinds, or with other libraries, have other names:
+/// the hash (6 hex digits) over the rest of [`crate::device::CudaArithmetic`]
+/// (cuBLAS's version, the driver's CUDA version and its own, the shared memory
+/// a block may take, the environment variables that change cuBLAS's or the
+/// driver's code, candle's TF32 switch), `kernels` (the hash of candle's PTX,
+/// `device::cuda_kernels_hash`) and `math` (the C library's part, of whose
+/// functions only `powf`, for exact mode's rope frequencies, runs on the host
+/// here). GPUs of other kinds, or with other libraries, get other names:
 /// `exact/cuda-sm90-132-3f0a1c` on an H100 or H200 (SXM).
 fn cuda_name(
     mode: WeightMode,
@@ -335,10 +339,17 @@ fn cuda_name(
 ) -> String {
     let mut h = blake3::Hasher::new();
     let (major, minor, patch) = gpu.cublas;
-    for v in [major, minor, patch, gpu.driver, u32::from(gpu.reduced_f32)] {
+    for v in [
+        major,
+        minor,
+        patch,
+        gpu.driver,
+        gpu.shared_per_block,
+        u32::from(gpu.reduced_f32),
+    ] {
         h.update(&v.to_le_bytes());
     }
-    for part in [kernels, math] {
+    for part in [kernels, math, &gpu.driver_build, &gpu.settings] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -545,8 +556,11 @@ mod tests {
         let h200 = CudaArithmetic {
             capability: (9, 0),
             sms: 132,
+            shared_per_block: 232_448,
             cublas: (13, 1, 0),
             driver: 13000,
+            driver_build: "580.159.04".into(),
+            settings: String::new(),
             reduced_f32: false,
         };
         let ptx = "0123456789abcdef";
@@ -556,80 +570,38 @@ mod tests {
         assert_eq!(base.len(), "exact/cuda-sm90-132-".len() + 6, "{base}");
         assert_eq!(name(&h200, ptx, ""), base, "the same GPU and libraries");
         let mut names = std::collections::HashSet::from([base.clone()]);
-        for (other, k, m) in [
-            (CudaArithmetic { sms: 114, ..h200 }, ptx, ""),
-            (
-                CudaArithmetic {
-                    capability: (8, 0),
-                    sms: 108,
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (
-                CudaArithmetic {
-                    capability: (8, 9),
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (
-                CudaArithmetic {
-                    cublas: (13, 0, 2),
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (
-                CudaArithmetic {
-                    cublas: (13, 1, 1),
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (
-                CudaArithmetic {
-                    driver: 13010,
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (
-                CudaArithmetic {
-                    reduced_f32: true,
-                    ..h200
-                },
-                ptx,
-                "",
-            ),
-            (h200, "fedcba9876543210", ""),
-            (h200, ptx, "libm0a1b2c"),
-        ] {
-            let n = name(&other, k, m);
+        let changes: [fn(&mut CudaArithmetic); 12] = [
+            |g| g.sms = 114,
+            |g| (g.capability, g.sms) = ((8, 0), 108),
+            |g| g.capability = (8, 9),
+            |g| g.shared_per_block = 101_376,
+            |g| g.cublas = (13, 0, 2),
+            |g| g.cublas = (13, 1, 1),
+            |g| g.driver = 13010,
+            |g| g.driver_build = "580.65.06".into(),
+            |g| g.driver_build = String::new(),
+            |g| g.settings = "CUBLAS_WORKSPACE_CONFIG=:4096:8".into(),
+            |g| g.settings = "CUDA_FORCE_PTX_JIT=1".into(),
+            |g| g.reduced_f32 = true,
+        ];
+        for change in changes {
+            let mut other = h200.clone();
+            change(&mut other);
+            let n = name(&other, ptx, "");
+            assert!(
+                names.insert(n.clone()),
+                "{n} names two arithmetics: {other:?}"
+            );
+        }
+        for (k, m) in [("fedcba9876543210", ""), (ptx, "libm0a1b2c")] {
+            let n = name(&h200, k, m);
             assert!(names.insert(n.clone()), "{n} names two arithmetics");
         }
-        assert_eq!(
-            name(
-                &CudaArithmetic {
-                    capability: (12, 1),
-                    sms: 20,
-                    ..h200
-                },
-                ptx,
-                ""
-            )[..18],
-            *"exact/cuda-sm121-2"
-        );
-        let huge = CudaArithmetic {
-            capability: (u32::MAX, u32::MAX),
-            sms: u32::MAX,
-            ..h200
-        };
+        let mut thor = h200.clone();
+        (thor.capability, thor.sms) = ((12, 1), 20);
+        assert_eq!(name(&thor, ptx, "")[..18], *"exact/cuda-sm121-2");
+        let mut huge = h200.clone();
+        (huge.capability, huge.sms) = ((u32::MAX, u32::MAX), u32::MAX);
         let long = name(&huge, ptx, "libm0a1b2c");
         assert!(long.len() <= MAX_COMPUTE_LEN, "{long}");
         // A CPU build has no CUDA device and no PTX.
