@@ -327,14 +327,24 @@ pub struct ClientModel {
 }
 
 impl ClientModel {
-    /// Loads the ends and the id of the model at `path` (blocking).
-    pub fn load(path: &std::path::Path, opts: &LoadOptions) -> Result<Self, ClientError> {
+    /// Loads the ends and the id of the model at `path` (blocking). `compute` names the
+    /// servers' mode to route through; `None` takes the one `opts` compute.
+    pub fn load(
+        path: &std::path::Path,
+        opts: &LoadOptions,
+        compute: Option<&str>,
+    ) -> Result<Self, ClientError> {
         let file = ModelFile::open(path)?;
+        let own = match compute {
+            // The blocks never run here: their arithmetic is not this device's to check.
+            Some(name) => name.to_string(),
+            None => pollen_shard::compute_mode(&file, opts)?,
+        };
         Ok(Self {
             tokenizer: PollenTokenizer::from_model(&file)?,
             ends: ClientEnds::load(&file, opts)?,
             model_id: crate::model::model_id(path, &mut |_, _| {})?,
-            compute: pollen_shard::compute_mode(&file, opts)?,
+            compute: own,
         })
     }
 }
@@ -449,20 +459,26 @@ pub async fn connect_listening(
 impl SwarmClient {
     /// Loads the model's ends and joins the swarm.
     pub async fn connect(cfg: ClientConfig) -> Result<Self, ClientError> {
-        let (path, opts) = (cfg.model.clone(), cfg.load.clone());
-        let mut model = tokio::task::spawn_blocking(move || ClientModel::load(&path, &opts))
-            .await
-            .map_err(|e| ClientError::Task(e.to_string()))??;
-        if let Some(compute) = &cfg.compute
-            && *compute != model.compute
-        {
+        let compute = match &cfg.compute {
+            Some(name) => Some(parse_compute(name).map_err(|e| {
+                ClientError::Model(pollen_shard::ShardError::BadInput(format!(
+                    "--compute: {e}"
+                )))
+            })?),
+            None => None,
+        };
+        if let Some(name) = &compute {
             tracing::warn!(
-                "routing through servers computing {compute}, not this device's own {}: \
-                 the text need not equal local text",
-                model.compute
+                "routing through servers computing {name}, whatever this device computes: \
+                 the text need not equal local text"
             );
-            model.compute = compute.clone();
         }
+        let (path, opts) = (cfg.model.clone(), cfg.load.clone());
+        let model = tokio::task::spawn_blocking(move || {
+            ClientModel::load(&path, &opts, compute.as_deref())
+        })
+        .await
+        .map_err(|e| ClientError::Task(e.to_string()))??;
         let cancel = CancellationToken::new();
         let (net, net_task) =
             connect_listening(&cfg.bootstrap, cfg.listen.clone(), cfg.mdns, cancel.clone()).await?;
