@@ -118,8 +118,9 @@ pub struct CudaArithmetic {
     pub cublas: (u32, u32, u32),
     /// The driver's CUDA version, as `cuDriverGetVersion` gives it (13000 for 13.0).
     pub driver: u32,
-    /// The driver's own version (`580.159.04`), whose compiler turns PTX into machine
-    /// code; empty where `/proc/driver/nvidia/version` cannot be read.
+    /// The driver's own build, whose compiler turns PTX into machine code
+    /// ([`driver_identity`]): the kernel module's line and the user-space library's
+    /// file; empty where neither can be read.
     pub driver_build: String,
     /// The environment variables that change cuBLAS's or the driver's code, as set
     /// ([`ARITHMETIC_VARS`]).
@@ -140,28 +141,33 @@ pub const ARITHMETIC_VARS: [&str; 3] = [
 
 /// [`ARITHMETIC_VARS`] as set in this process: `NAME=value` for each set, `;` between.
 pub fn arithmetic_settings() -> String {
+    settings_from(|v| std::env::var_os(v))
+}
+
+/// [`arithmetic_settings`] from `get`, which reads a variable.
+fn settings_from(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> String {
     ARITHMETIC_VARS
         .iter()
-        .filter_map(|v| std::env::var(v).ok().map(|value| format!("{v}={value}")))
+        .filter_map(|v| get(v).map(|value| format!("{v}={}", value.to_string_lossy())))
         .collect::<Vec<_>>()
         .join(";")
 }
 
-/// The driver's version in the text of `/proc/driver/nvidia/version`: the first word
-/// of its first line made of numbers and dots (`NVRM version: NVIDIA UNIX x86_64 Kernel
-/// Module  580.159.04  ...` gives `580.159.04`); empty if none.
-pub fn driver_build_of(text: &str) -> String {
-    text.lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .find(|w| {
-            w.contains('.')
-                && w.split('.')
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .unwrap_or("")
-        .to_string()
+/// The driver's build from the first line of `/proc/driver/nvidia/version` (the
+/// kernel module: `NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  ...`)
+/// and the file of the `libcuda.so` this process mapped, from `/proc/self/maps` (the
+/// user-space driver, which compiles PTX: `libcuda.so.580.159.04`, or a newer one from
+/// CUDA's forward-compatibility package), joined by `;`. Either may be empty (no
+/// such file on Jetson's older drivers or under WSL2).
+pub fn driver_identity(version_file: &str, maps: &str) -> String {
+    let module = version_file.lines().next().unwrap_or("").trim();
+    let library = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter_map(|path| path.rsplit('/').next())
+        .find(|file| file.starts_with("libcuda.so"))
+        .unwrap_or("");
+    format!("{module};{library}")
 }
 
 /// [`CudaArithmetic`] of `dev`; `None` for the CPU and Metal.
@@ -206,9 +212,17 @@ pub fn cuda_arithmetic(dev: &Device) -> Result<Option<CudaArithmetic>> {
         if status != driver::sys::CUresult::CUDA_SUCCESS {
             return Err(fail("driver version", format!("{status:?}")));
         }
-        let driver_build = std::fs::read_to_string("/proc/driver/nvidia/version")
-            .map(|t| driver_build_of(&t))
-            .unwrap_or_default();
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        let driver_build = driver_identity(
+            &read("/proc/driver/nvidia/version"),
+            &read("/proc/self/maps"),
+        );
+        if driver_build == ";" {
+            tracing::warn!(
+                "cannot tell the NVIDIA driver's build (no /proc/driver/nvidia/version, no \
+                 libcuda.so in /proc/self/maps): the compute mode names its CUDA version only"
+            );
+        }
         let [major, minor, patch] = version.map(|v| v.max(0) as u32);
         return Ok(Some(CudaArithmetic {
             capability,
@@ -263,32 +277,64 @@ fn ptx_hash() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    /// The driver's version from the first line of `/proc/driver/nvidia/version`, as
-    /// proprietary and open kernel modules write it.
+    /// The driver's build from the kernel module's line and the user-space library
+    /// mapped, as proprietary and open kernel modules and the compatibility package
+    /// give them.
     #[test]
-    fn driver_versions_are_read() {
-        for (text, want) in [
-            (
-                "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu Oct 30 2025\n\
-                 GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n",
-                "580.159.04",
-            ),
-            (
-                "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.104.05  \
-                 Release Build  (dvs-builder@U16-I3-B03-4-3)\n",
-                "535.104.05",
-            ),
-            (
-                "NVRM version: NVIDIA UNIX aarch64 Kernel Module  550.54\n",
-                "550.54",
-            ),
-            ("", ""),
-            ("nothing here 1. .2 a.b\n580.1.2\n", ""),
-        ] {
-            assert_eq!(driver_build_of(text), want, "{text}");
+    fn driver_builds_are_read() {
+        let module = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu Oct 30 \
+                      2025\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n";
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.104.05  \
+                    Release Build  (dvs-builder@U16-I3-B03-4-3)\n";
+        let maps = "7f0a1c000000-7f0a1d000000 r-xp 00000000 08:01 131 \
+                    /usr/lib/x86_64-linux-gnu/libcudart.so.13\n\
+                    7f0a2c000000-7f0a2d000000 r-xp 00000000 08:01 132 \
+                    /usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04\n";
+        let compat = "7f0a2c000000-7f0a2d000000 r-xp 00000000 08:01 132 \
+                      /usr/local/cuda-13.1/compat/libcuda.so.590.44.01\n";
+        let module_line = module.lines().next().unwrap();
+        assert_eq!(
+            driver_identity(module, maps),
+            format!("{module_line};libcuda.so.580.159.04")
+        );
+        let open_line = open.lines().next().unwrap().trim();
+        assert_eq!(driver_identity(open, ""), format!("{open_line};"));
+        let names = [
+            driver_identity(module, maps),
+            driver_identity(module, compat),
+            driver_identity(open, maps),
+            driver_identity("", maps),
+            driver_identity("", ""),
+        ];
+        let apart: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(apart.len(), names.len(), "{names:?}");
+        assert_eq!(driver_identity("", "anonymous mapping\n"), ";");
+    }
+
+    /// The variables that change cuBLAS's code are named with their values, set or
+    /// not, whatever their bytes.
+    #[test]
+    fn arithmetic_variables_are_named() {
+        use std::ffi::OsString;
+        assert_eq!(settings_from(|_| None), "");
+        let all = settings_from(|v| Some(OsString::from(format!("{}", v.len()))));
+        assert_eq!(
+            all,
+            "CUBLAS_WORKSPACE_CONFIG=23;CUBLAS_EMULATE_SINGLE_PRECISION=31;CUDA_FORCE_PTX_JIT=18"
+        );
+        let one = settings_from(|v| (v == "CUDA_FORCE_PTX_JIT").then(|| OsString::from("1")));
+        assert_eq!(one, "CUDA_FORCE_PTX_JIT=1");
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let odd = settings_from(|v| {
+                (v == "CUBLAS_WORKSPACE_CONFIG").then(|| OsString::from_vec(vec![0xff, b':']))
+            });
+            assert_eq!(odd, "CUBLAS_WORKSPACE_CONFIG=\u{fffd}:");
         }
     }
 

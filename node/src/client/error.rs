@@ -123,9 +123,10 @@ fn no_route_text(
         };
         let on_gpu = |m: &str| m.contains("/cuda-");
         let gpu = if on_gpu(compute) && other_modes.iter().any(|(m, _)| on_gpu(m)) {
-            " (a GPU's mode names its architecture and number of SMs and hashes cuBLAS's \
-             and the driver's versions and candle's kernels: GPUs compute the same bits \
-             only where all of these agree)"
+            " (a GPU's mode names its architecture and number of SMs and hashes its \
+             libraries, driver, settings and candle's kernels, which a server logs at \
+             `info` as `GPU arithmetic`: GPUs compute the same bits only where all of \
+             these agree)"
         } else if !on_gpu(compute) && other_modes.iter().any(|(m, _)| on_gpu(m)) {
             " (servers on GPUs compute a client's own text only for a client on the same \
              kind of GPU, with the same libraries: `--device cuda` there)"

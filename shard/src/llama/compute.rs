@@ -39,8 +39,8 @@
 //!   with Pollen's own functions (`crate::elementary`, attention's `exp`),
 //!   the same on every platform.
 //!
-//! - by the GPU: on CUDA every mode computes as exact, on cuBLAS (attention's
-//!   dense products), on candle's quantized products (machine code built for
+//! - by the GPU: on CUDA every mode computes as exact, on cuBLAS (dense
+//!   products: attention's, F32/F16 block matrices'), on candle's quantized products (machine code built for
 //!   one architecture, which picks tiles by the shared memory a block may
 //!   take) and on its other kernels (PTX that the driver compiles as they are
 //!   first used). cuBLAS promises the same bits only on GPUs of one
@@ -276,6 +276,11 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
     }
     let mode = opts.effective_mode();
     if let Some(gpu) = crate::device::cuda_arithmetic(&opts.device)? {
+        // What the name hashes, for telling two GPUs' names apart.
+        tracing::info!(
+            "GPU arithmetic: {gpu:?}, PTX {}",
+            crate::device::cuda_kernels_hash()
+        );
         let math = if mode == WeightMode::Exact {
             math_library()
         } else {
@@ -324,7 +329,7 @@ pub fn compute_mode(file: &ModelFile, opts: &LoadOptions) -> Result<String> {
 
 /// A CUDA GPU's compute mode: `<mode>/cuda-sm<major><minor>-<SMs>-<hash>`,
 /// the hash (6 hex digits) over the rest of [`crate::device::CudaArithmetic`]
-/// (cuBLAS's version, the driver's CUDA version and its own, the shared memory
+/// (cuBLAS's version, the driver's CUDA version and its build, the shared memory
 /// a block may take, the environment variables that change cuBLAS's or the
 /// driver's code, candle's TF32 switch), `kernels` (the hash of candle's PTX,
 /// `device::cuda_kernels_hash`) and `math` (the C library's part, of whose
