@@ -179,8 +179,8 @@ fn an_empty_answer_says_why_and_points_at_chat() {
 /// `--compute` routes through servers of another compute mode: a client whose own mode
 /// (fast) no server computes is refused, with the servers' mode named and `--compute`
 /// suggested; with `--compute` and that name it answers through them, warned that the
-/// text need not equal local text. A name that cannot be one, or `--compute` with
-/// `--local`, is refused before anything loads.
+/// text need not equal local text (naming its own mode warns of nothing). A name that
+/// cannot be one, or `--compute` with `--local`, is refused before anything loads.
 #[test]
 fn compute_routes_through_servers_of_another_mode() {
     let dir = temp_dir("compute");
@@ -229,6 +229,12 @@ fn compute_routes_through_servers_of_another_mode() {
             && err.contains("need not equal local text"),
         "{err}"
     );
+
+    // Naming the client's own mode changes nothing, and warns of nothing.
+    let own = run(&[&swarm[..], &["--weights", "exact", "--compute", &mode]].concat());
+    let err = String::from_utf8_lossy(&own.stderr);
+    assert!(own.status.success(), "{err}");
+    assert!(!err.contains("routing through servers computing"), "{err}");
 
     for (extra, says) in [
         (

@@ -336,8 +336,16 @@ impl ClientModel {
     ) -> Result<Self, ClientError> {
         let file = ModelFile::open(path)?;
         let own = match compute {
-            // The blocks never run here: their arithmetic is not this device's to check.
-            Some(name) => name.to_string(),
+            // The blocks never run here: this device's own mode may not even exist.
+            Some(name) => {
+                if pollen_shard::compute_mode(&file, opts).ok().as_deref() != Some(name) {
+                    tracing::warn!(
+                        "routing through servers computing {name}, not this device's own \
+                         mode: the text need not equal local text"
+                    );
+                }
+                name.to_string()
+            }
             None => pollen_shard::compute_mode(&file, opts)?,
         };
         Ok(Self {
@@ -462,17 +470,11 @@ impl SwarmClient {
         let compute = match &cfg.compute {
             Some(name) => Some(parse_compute(name).map_err(|e| {
                 ClientError::Model(pollen_shard::ShardError::BadInput(format!(
-                    "--compute: {e}"
+                    "the compute mode to route through: {e}"
                 )))
             })?),
             None => None,
         };
-        if let Some(name) = &compute {
-            tracing::warn!(
-                "routing through servers computing {name}, whatever this device computes: \
-                 the text need not equal local text"
-            );
-        }
         let (path, opts) = (cfg.model.clone(), cfg.load.clone());
         let model = tokio::task::spawn_blocking(move || {
             ClientModel::load(&path, &opts, compute.as_deref())
