@@ -187,13 +187,18 @@ pub fn to_json(book: &[VerifiedAnnouncement], now_ms: u64) -> Value {
 pub(crate) fn shown_mode(mode: &str) -> String {
     mode.chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-') {
+            if is_mode_char(c) {
                 c.to_string()
             } else {
                 format!("\\u{{{:x}}}", u32::from(c))
             }
         })
         .collect()
+}
+
+/// Whether `c` is one of the characters Pollen's compute-mode names are made of.
+pub(crate) fn is_mode_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')
 }
 
 /// Runs of blocks from the JSON's `[[a, b], ...]` as `a:b, c:d`; `None` where there

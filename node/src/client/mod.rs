@@ -301,10 +301,7 @@ pub fn parse_compute(name: &str) -> Result<String, String> {
             "a compute mode's name has 1 to {max} bytes (`pollen status` lists the servers' modes)"
         ));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !crate::status::is_mode_char(*c)) {
         return Err(format!(
             "`{}` is not in a compute mode's name (letters, digits, `.`, `_`, `/`, `-`)",
             c.escape_default()
@@ -335,10 +332,11 @@ impl ClientModel {
         compute: Option<&str>,
     ) -> Result<Self, ClientError> {
         let file = ModelFile::open(path)?;
-        let own = match compute {
+        let own = pollen_shard::compute_mode(&file, opts);
+        let compute = match compute {
             // The blocks never run here: this device's own mode may not even exist.
             Some(name) => {
-                if pollen_shard::compute_mode(&file, opts).ok().as_deref() != Some(name) {
+                if own.ok().as_deref() != Some(name) {
                     tracing::warn!(
                         "routing through servers computing {name}, not this device's own \
                          mode: the text need not equal local text"
@@ -346,13 +344,13 @@ impl ClientModel {
                 }
                 name.to_string()
             }
-            None => pollen_shard::compute_mode(&file, opts)?,
+            None => own?,
         };
         Ok(Self {
             tokenizer: PollenTokenizer::from_model(&file)?,
             ends: ClientEnds::load(&file, opts)?,
             model_id: crate::model::model_id(path, &mut |_, _| {})?,
-            compute: own,
+            compute,
         })
     }
 }
