@@ -40,10 +40,10 @@
 //!   the same on every platform.
 //!
 //! - by the GPU: on CUDA every mode computes as exact, on cuBLAS (dense
-//!   products: attention's, F32/F16 block matrices'), on candle's quantized products (machine code built for
-//!   one architecture, which picks tiles by the shared memory a block may
-//!   take) and on its other kernels (PTX that the driver compiles as they are
-//!   first used). cuBLAS promises the same bits only on GPUs of one
+//!   products: attention's, F32/F16 block matrices'), on candle's quantized
+//!   products (machine code built for one architecture, which picks tiles by
+//!   the shared memory a block may take) and on its other kernels (PTX that
+//!   the driver compiles as they are first used). cuBLAS promises the same bits only on GPUs of one
 //!   architecture with one number of SMs and one cuBLAS version, so the name
 //!   says the architecture and the SMs and hashes the rest ([`cuda_name`]:
 //!   `exact/cuda-sm90-132-3f0a1c`). Nothing here runs on the GPU to check the
