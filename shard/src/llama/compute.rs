@@ -43,12 +43,12 @@
 //!   products: attention's, F32/F16 block matrices'), on candle's quantized
 //!   products (machine code built for one architecture, which picks tiles by
 //!   the shared memory a block may take) and on its other kernels (PTX that
-//!   the driver compiles as they are first used). cuBLAS promises the same bits only on GPUs of one
-//!   architecture with one number of SMs and one cuBLAS version, so the name
-//!   says the architecture and the SMs and hashes the rest ([`cuda_name`]:
-//!   `exact/cuda-sm90-132-3f0a1c`). Nothing here runs on the GPU to check the
-//!   bits, as [`math_library`] does on the CPU. Metal is named by the device
-//!   alone (not measured).
+//!   the driver compiles as they are first used). cuBLAS promises the same
+//!   bits only on GPUs of one architecture with one number of SMs and one
+//!   cuBLAS version, so the name says the architecture and the SMs and hashes
+//!   the rest ([`cuda_name`]: `exact/cuda-sm90-132-3f0a1c`). Nothing here
+//!   runs on the GPU to check the bits, as [`math_library`] does on the CPU.
+//!   Metal is named by the device alone (not measured).
 //!
 //! Q4_1, Q5_0, Q5_1 and Q8_1 products are the same plain code everywhere.
 //! So the name is `<mode>/<device>`, and for a CPU mode that computes on candle
