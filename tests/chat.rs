@@ -227,7 +227,7 @@ fn stop_mid_answer(t: &Tmux) {
 #[test]
 fn local_chat_streams_keeps_history_stops_resets_and_quits() {
     let dir = temp_dir("chat");
-    let want1 = generate(None, Q1, true, MAX_TOKENS);
+    let want1 = local_answer(Q1, true, MAX_TOKENS);
     assert!(!want1.trim().is_empty());
     let a1 = want1.trim_end_matches('\n');
     // The second turn's prompt is the whole conversation.
@@ -288,7 +288,7 @@ fn swarm_chat_answers_like_local_and_ctrl_c_frees_the_route() {
     // for the next question to get through.
     let one = ["--max-sessions", "1"];
     let _servers = three_servers(Some(&addr), &dir, "c", [&one, &one, &one]);
-    let want1 = generate(None, Q1, true, MAX_TOKENS);
+    let want1 = local_answer(Q1, true, MAX_TOKENS);
 
     let t = Tmux::start(&dir, &chat_args(Some(&addr)));
     started(&t);

@@ -174,9 +174,10 @@ fn mesh(tag: &str, spares: bool) -> (Proc, String, Servers, std::path::PathBuf) 
 #[test]
 fn a_killed_server_costs_a_pause_not_the_answer() {
     let _one = serial();
-    let want = generate(None, PROMPT, false, TOKENS);
-    assert!(want.len() > 150, "a long answer: {want:?}");
+    local_answer_soon(PROMPT, false, TOKENS);
     let (_boot, addr, mut servers, _dir) = mesh("crash", true);
+    let want = local_answer(PROMPT, false, TOKENS);
+    assert!(want.len() > 150, "a long answer: {want:?}");
     for hop in [0, 1, 2] {
         let mut c = Client::start(&addr, PROMPT, TOKENS, &[]);
         let route = c.route();
@@ -221,8 +222,9 @@ fn a_killed_server_costs_a_pause_not_the_answer() {
 #[test]
 fn a_hung_server_is_detected_by_its_timeout() {
     let _one = serial();
-    let want = generate(None, PROMPT, false, TOKENS);
+    local_answer_soon(PROMPT, false, TOKENS);
     let (_boot, addr, mut servers, _dir) = mesh("hang", true);
+    let want = local_answer(PROMPT, false, TOKENS);
     let mut c = Client::start(&addr, PROMPT, TOKENS, &[]);
     let route = c.route();
     c.printed(40);
@@ -251,9 +253,10 @@ fn a_hung_server_is_detected_by_its_timeout() {
 #[test]
 fn a_leaving_server_hands_its_sessions_over() {
     let _one = serial();
-    let want = generate(None, PROMPT, false, TOKENS);
-    assert!(want.len() >= 230, "a long answer: {}", want.len());
+    local_answer_soon(PROMPT, false, TOKENS);
     let (_boot, addr, mut servers, _dir) = mesh("leave", true);
+    let want = local_answer(PROMPT, false, TOKENS);
+    assert!(want.len() >= 230, "a long answer: {}", want.len());
     let mut c = Client::start(&addr, PROMPT, TOKENS, &[]);
     let route = c.route();
     c.printed(120);

@@ -317,7 +317,7 @@ const TOKENS: usize = 16;
 /// the same answer.
 #[test]
 fn servers_behind_two_nats_serve_directly_and_survive_the_bootstrap() {
-    let local = text(&generate(None, PROMPT, false, TOKENS)).to_string();
+    let local = text(&local_answer(PROMPT, false, TOKENS)).to_string();
     let Some(mut w) = world(NatKind::Cone, "netns-cone", false) else {
         return;
     };
@@ -406,7 +406,7 @@ fn servers_behind_two_nats_serve_directly_and_survive_the_bootstrap() {
 /// dialling out to it, whatever the NAT, so the client is behind NAT A here.)
 #[test]
 fn servers_behind_symmetric_nats_serve_through_the_relay() {
-    let local = text(&generate(None, PROMPT, false, TOKENS)).to_string();
+    let local = text(&local_answer(PROMPT, false, TOKENS)).to_string();
     let Some(w) = world(NatKind::Symmetric, "netns-sym", true) else {
         return;
     };

@@ -70,7 +70,7 @@ fn text(o: &Output) -> (String, String) {
 #[test]
 fn a_server_that_perturbs_its_outputs_is_caught_and_banned() {
     let _one = serial();
-    let want = generate(None, PROMPT, true, TOKENS);
+    let want = local_answer(PROMPT, true, TOKENS);
     assert!(!want.trim().is_empty());
     let dir = temp_dir("verify-lie");
     let (_boot, addr) = bootstrap(&dir, false);
@@ -169,7 +169,7 @@ fn with_a_spare_after(
 #[test]
 fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
     let _one = serial();
-    let want = generate(None, PROMPT, true, TOKENS);
+    let want = local_answer(PROMPT, true, TOKENS);
     let dir = temp_dir("verify-nan");
     let (_boot, addr) = bootstrap(&dir, false);
     let nan = server(
@@ -203,7 +203,7 @@ fn a_server_that_sends_nan_is_a_failure_never_an_empty_answer() {
 #[test]
 fn a_false_accusation_does_not_shut_out_the_accused() {
     let _one = serial();
-    let want = generate(None, PROMPT, true, TOKENS);
+    let want = local_answer(PROMPT, true, TOKENS);
     let dir = temp_dir("verify-accuse");
     let (_boot, addr) = bootstrap(&dir, false);
     let accused = server(Some(&addr), "0:10", &dir.join("a.key"), &[]);
@@ -233,7 +233,7 @@ fn a_false_accusation_does_not_shut_out_the_accused() {
 /// of a local run.
 fn a_lying_server_is_blamed(blocks: &str, hop: usize, fault: &str, marker: &str, blamed_for: &str) {
     let _one = serial();
-    let want = generate(None, PROMPT, true, TOKENS);
+    let want = local_answer(PROMPT, true, TOKENS);
     let dir = temp_dir(&format!("verify-{}-{hop}", fault.replace(':', "-")));
     let (_boot, addr) = bootstrap(&dir, false);
     let liar = server(Some(&addr), blocks, &dir.join("l.key"), &["--fault", fault]);
@@ -359,7 +359,7 @@ fn hijack(bootstrap: &str) -> Hijack {
 #[test]
 fn a_forged_announcement_does_not_hijack_the_route() {
     let _one = serial();
-    let want = generate(None, PROMPT, true, TOKENS);
+    let want = local_answer(PROMPT, true, TOKENS);
     let dir = temp_dir("verify-hijack");
     let (_boot, addr) = bootstrap(&dir, false);
     let _servers = three_servers(Some(&addr), &dir, "h", [&[], &[], &[]]);

@@ -7,8 +7,10 @@
     unreachable_pub
 )]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use pollen_node::mesh::{Proc, peer_of};
@@ -95,6 +97,31 @@ pub fn coverage(status: &serde_json::Value) -> Option<(Vec<(u64, u64)>, usize)> 
 /// `pollen generate` through the swarm or locally; its stdout.
 pub fn generate(bootstrap: Option<&str>, prompt: &str, chat: bool, max_tokens: usize) -> String {
     generate_with(bootstrap, prompt, chat, max_tokens, &[])
+}
+
+/// The local answer (`pollen generate --local`) to `prompt`: computed once per test
+/// binary for each prompt, chat flag and length, and shared by the tests that compare a
+/// swarm's answer with it (a local run is deterministic). Callers that want it later can
+/// start it early with [`local_answer_soon`].
+pub fn local_answer(prompt: &str, chat: bool, max_tokens: usize) -> String {
+    type Key = (String, bool, usize);
+    static ANSWERS: std::sync::Mutex<BTreeMap<Key, Arc<OnceLock<String>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let cell = ANSWERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((prompt.to_string(), chat, max_tokens))
+        .or_default()
+        .clone();
+    // A second caller of the same answer waits for the first one's run.
+    cell.get_or_init(|| generate(None, prompt, chat, max_tokens))
+        .clone()
+}
+
+/// Starts [`local_answer`] in a thread, so that it computes while the caller starts its
+/// servers; the caller's own `local_answer` then waits for it.
+pub fn local_answer_soon(prompt: &'static str, chat: bool, max_tokens: usize) {
+    std::thread::spawn(move || local_answer(prompt, chat, max_tokens));
 }
 
 /// [`generate`] with `extra` arguments (e.g. `--weights exact`).
