@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p pollen-shard --bench engine` (add `-- --quick` for a short run;
 //! `-- --batch` for batched decode, `-- --kernel` for the packed product alone by
-//! rows, `-- --prefill-memory`, `-- --vs-llama PATH`).
+//! rows, its weights from memory and from the cache, `-- --prefill-memory`,
+//! `-- --vs-llama PATH`).
 //! Each row runs in a fresh child process so that thread settings, peak
 //! memory and the kernel path are its own.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -457,7 +458,7 @@ fn main() {
         return;
     }
     if args.first().map(String::as_str) == Some("--child-kernel") {
-        child_kernel();
+        child_kernel(args[1].parse().unwrap());
         return;
     }
     if args.first().map(String::as_str) == Some("--child-batch") {
@@ -898,15 +899,15 @@ fn child_batch(path: &Path, sessions: usize, steps: usize) {
 /// Rows of activations the kernel table measures.
 const KERNEL_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
 
-/// The packed product alone: thirty random 3072×576 Q4_1 matrices (the shape
-/// of a block's gate/up product, 33 MB packed: more than the L3 cache of
-/// most CPUs, as a whole model is), times `rows` rows of activations, one
-/// thread. Prints `RESULT` and billions of multiply-adds a second per row
-/// count of [`KERNEL_ROWS`].
-fn child_kernel() {
+/// The packed product alone: `count` random 3072×576 Q4_1 matrices (the shape
+/// of a block's gate/up product, 1.1 MB packed each: thirty, 33 MB, are more
+/// than the L3 cache of most CPUs, as a whole model is; one stays in the
+/// cache), times `rows` rows of activations, one thread. Prints `RESULT` and
+/// billions of multiply-adds a second per row count of [`KERNEL_ROWS`].
+fn child_kernel(count: usize) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use pollen_shard::kernels::PackedMatrix;
-    let (n, k, count) = (3072usize, 576usize, 30usize);
+    let (n, k) = (3072usize, 576usize);
     let mut seed = 1u64;
     let mut next = || {
         seed = seed
@@ -942,22 +943,31 @@ fn child_kernel() {
     println!("RESULT {}", figures.join(" "));
 }
 
-/// The packed product's throughput by rows, per kernel path, 1 thread.
+/// The packed product's throughput by rows, per kernel path, 1 thread: from
+/// memory (thirty matrices) and from the cache (one). Where a row count's two
+/// rates are equal, the kernel's arithmetic bounds it; where the first is
+/// lower, reading the weights does.
 fn kernel_table() {
     println!(
-        "Packed product alone (thirty 3072x576 Q4_1 matrices, 33 MB), 1 thread, billions of multiply-adds a second:"
+        "Packed product alone (3072x576 Q4_1 matrices: thirty, 33 MB, from memory; one, 1.1 MB, from the cache), 1 thread, billions of multiply-adds a second:"
     );
     println!();
     let head: Vec<String> = KERNEL_ROWS
         .iter()
         .map(|&r| format!("{r} row{}", if r == 1 { "" } else { "s" }))
         .collect();
-    println!("| kernel | {} |", head.join(" | "));
-    println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 1));
+    println!("| kernel | weights | {} |", head.join(" | "));
+    println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 2));
     for kernel in simd_paths() {
-        let (r, ran) = run_child(&["--child-kernel".into()], 1, Some(kernel));
-        let cells: Vec<String> = r.iter().map(|g| format!("{g:.1}")).collect();
-        println!("| {ran} | {} |", cells.join(" | "));
+        for (count, weights) in [(30, "33 MB"), (1, "1.1 MB")] {
+            let (r, ran) = run_child(
+                &["--child-kernel".into(), count.to_string()],
+                1,
+                Some(kernel),
+            );
+            let cells: Vec<String> = r.iter().map(|g| format!("{g:.1}")).collect();
+            println!("| {ran} | {weights} | {} |", cells.join(" | "));
+        }
     }
 }
 
