@@ -552,3 +552,30 @@ fn a_head_that_never_ends_is_cut_off() {
         "{waited:?}"
     );
 }
+
+/// Past its address's share of connections, a real client (curl, which sends its
+/// request at once) reads a 429 that says why, not a reset connection; once one of
+/// the address's connections closes, the next is served.
+#[test]
+fn a_client_past_its_addresses_share_reads_a_429() {
+    use pollen_node::http_listener::Limits;
+    let (_api, base) = start_api(&["--local"]);
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut held: Vec<std::net::TcpStream> = (0..Limits::default().per_ip)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    // The listener has accepted them all once one more is refused.
+    let mut body = String::new();
+    let refused = wait_for(Duration::from_secs(20), || {
+        let (code, b) = curl_code(&[&format!("{base}/v1/models")]);
+        body = b;
+        code == 429
+    });
+    assert!(refused.is_some(), "never refused past the share: {body}");
+    assert_eq!(body.trim(), "too many connections open from this address");
+    drop(held.pop());
+    let served = wait_for(Duration::from_secs(20), || {
+        curl_code(&[&format!("{base}/v1/models")]).0 == 200
+    });
+    assert!(served.is_some(), "a share given back is never reused");
+}

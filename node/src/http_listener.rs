@@ -7,7 +7,7 @@
 //! them the swarm client's sockets), or keep each open for ever by sending a request's
 //! head a byte at a time. So: at most [`Limits::connections`] connections at once
 //! (past it, accepting waits), at most [`Limits::per_ip`] from one address (past it, a
-//! new one is closed at once), a request head must arrive whole within
+//! new one is answered 429 and closed: see [`refuse`]), a request head must arrive whole within
 //! [`Limits::head`] of its first byte (or of the connection's start), and a connection
 //! idle between requests is closed after [`Limits::idle`]. Once a head has arrived,
 //! nothing is timed here: a long answer computed before its first byte is written, or
@@ -65,6 +65,8 @@ pub struct GuardedListener {
     limits: Limits,
     slots: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Refusals being answered (see [`refuse`]).
+    refusals: Arc<Semaphore>,
 }
 
 impl GuardedListener {
@@ -75,6 +77,7 @@ impl GuardedListener {
             limits,
             slots: Arc::new(Semaphore::new(limits.connections.max(1))),
             per_ip: Arc::default(),
+            refusals: Arc::new(Semaphore::new(REFUSALS)),
         }
     }
 
@@ -122,9 +125,17 @@ impl axum::serve::Listener for GuardedListener {
                 }
             };
             let Some(share) = self.admit(addr.ip()) else {
-                // Said in HTTP where the socket takes it at once (a new socket's buffer
-                // is empty), never waited for.
-                let _ = tcp.try_write(TOO_MANY);
+                match self.refusals.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(refuse(tcp, permit));
+                    }
+                    // Too many refusals at once: said where the socket takes it at once
+                    // (a new socket's buffer is empty), never waited for, and lost if
+                    // the request had arrived (the close then resets the connection).
+                    Err(_) => {
+                        let _ = tcp.try_write(TOO_MANY);
+                    }
+                }
                 tracing::debug!(
                     "closed an HTTP connection from {}: it has {} open",
                     addr.ip(),
@@ -145,6 +156,38 @@ impl axum::serve::Listener for GuardedListener {
 /// The answer to a connection past its address's share, before it is closed.
 const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n\
 content-length: 45\r\nconnection: close\r\n\r\ntoo many connections open from this address\r\n";
+
+/// Refusals answered at once, across all addresses; past them a refused connection
+/// gets [`TOO_MANY`] only where its socket takes it at once, and is closed.
+const REFUSALS: usize = 16;
+/// How long one refusal may hold its socket, all told.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+/// How much of a refused client's request is read and thrown away.
+const REFUSAL_READ: usize = 64 * 1024;
+
+/// Answers a connection past its address's share with [`TOO_MANY`], so that the client
+/// reads it: closing a socket with a request still unread in it resets the connection,
+/// and a reset loses an answer the client has not read yet (every HTTP client sends
+/// its request before reading). So the answer is written, the socket's sending side
+/// shut, and what the client sends read and thrown away until it closes, within
+/// [`REFUSAL_TIME`] and [`REFUSAL_READ`] bytes.
+async fn refuse(mut tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        tcp.write_all(TOO_MANY).await?;
+        tcp.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < REFUSAL_READ {
+            match tcp.read(&mut buf).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        io::Result::Ok(())
+    })
+    .await;
+}
 
 /// One connection's place in its address's count.
 #[derive(Debug)]
@@ -576,5 +619,38 @@ mod tests {
         drop(first);
         let second = tokio::time::timeout(Duration::from_secs(5), all.accept()).await;
         assert!(second.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_that_sent_its_request_still_reads_the_429() {
+        use axum::serve::Listener;
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = guarded_with(tcp, limits());
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let client = TcpStream::connect(addr).await.unwrap();
+            open.push((client, listener.accept().await));
+        }
+        // As every HTTP client does: the request goes out before any answer is read, so
+        // it lies unread in the server's socket when the refusal is written.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello",
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "nothing else to accept");
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "the connection ends cleanly, not reset: {read:?}"
+        );
+        assert_eq!(answer, TOO_MANY);
     }
 }
