@@ -8,78 +8,9 @@ mod common;
 mod netns;
 
 use common::*;
-use netns::{Host, Nat, NatKind, Net};
+use netns::{Host, Nat, NatKind, Net, bootstrap_on, internet, server_on, status_on, text};
 use std::path::Path;
 use std::time::Duration;
-
-/// The internet of a test, or `None` (after saying why) where it cannot be made.
-fn internet() -> Option<Net> {
-    match Net::new() {
-        Ok(n) => Some(n),
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            None
-        }
-    }
-}
-
-/// A bootstrap on `host`; it and its dialable address.
-fn bootstrap_on(host: &Host, dir: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut cmd = host.command(pollen());
-    cmd.args(["bootstrap", "--no-mdns", "--listen", &host.tcp()])
-        .args(["--listen", &host.quic(), "--identity"])
-        .arg(dir.join(format!("{}.key", host.ns)))
-        .args(extra);
-    let p = Proc::spawn(&format!("bootstrap on {}", host.ip), &mut cmd).unwrap();
-    let addr = p.line_with("/ip4/", Duration::from_secs(30)).unwrap();
-    (p, addr)
-}
-
-/// A server of `blocks` on `host`, joined through `bootstrap`; it and its `ready` line.
-fn server_on(
-    host: &Host,
-    bootstrap: &str,
-    blocks: &str,
-    dir: &Path,
-    extra: &[&str],
-) -> (Proc, String) {
-    let mut cmd = host.command(pollen());
-    cmd.args(["serve", "--threads", "1", "--no-mdns", "--blocks", blocks])
-        .args(["--listen", &host.tcp(), "--listen", &host.quic()])
-        .args(["--bootstrap", bootstrap, "--model"])
-        .arg(model())
-        .arg("--identity")
-        .arg(dir.join(format!("{}.key", host.ns)))
-        .args(extra);
-    let p = Proc::spawn(&format!("server {blocks} on {}", host.ip), &mut cmd).unwrap();
-    let ready = p
-        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
-        .unwrap();
-    (p, ready)
-}
-
-/// `pollen status --json` run on `host` through `entry`.
-fn status_on(host: &Host, entry: &str) -> serde_json::Value {
-    let out = host
-        .command(pollen())
-        .args([
-            "status",
-            "--json",
-            "--no-mdns",
-            "--bootstrap",
-            entry,
-            "--wait",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[test]
 fn a_server_on_another_host_is_seen_through_the_bootstrap() {
@@ -89,7 +20,13 @@ fn a_server_on_another_host_is_seen_through_the_bootstrap() {
     let server_host = net.public_host("srv").unwrap();
     let (_boot, addr) = bootstrap_on(&boot_host, &dir, &[]);
     assert!(addr.starts_with("/ip4/198.51.100."), "{addr}");
-    let (_s, ready) = server_on(&server_host, &addr, "0:30", &dir, &["--announce-ttl", "6"]);
+    let (_s, ready) = server_on(
+        &server_host,
+        &addr,
+        "0:30",
+        &dir.join("s.key"),
+        &["--announce-ttl", "6"],
+    );
     let seen = wait_for(Duration::from_secs(15), || {
         coverage(&status_on(&boot_host, &addr)).is_some_and(|(gaps, n)| gaps.is_empty() && n == 1)
     });
@@ -208,11 +145,6 @@ fn generate_on(host: &Host, entry: &str, prompt: &str, max_tokens: usize) -> Str
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The generated text (the first line of `generate`'s output: stats follow).
-fn text(out: &str) -> &str {
-    out.lines().next().unwrap_or("")
-}
-
 /// How each server of `status` is reached, by peer id.
 fn reach_of(status: &serde_json::Value) -> Vec<(String, String)> {
     status["models"][0]["servers"]
@@ -275,9 +207,9 @@ fn world(kind: NatKind, tag: &str, client_behind_a: bool) -> Option<World> {
     let ttl = ["--announce-ttl", "6"];
     let relay = ["--announce-ttl", "6", "--relay"];
     let servers = vec![
-        server_on(&pub_host, &addr, "0:10", &dir, &relay),
-        server_on(&a, &addr, "10:20", &dir, &ttl),
-        server_on(&b, &addr, "20:30", &dir, &ttl),
+        server_on(&pub_host, &addr, "0:10", &dir.join("s0.key"), &relay),
+        server_on(&a, &addr, "10:20", &dir.join("s1.key"), &ttl),
+        server_on(&b, &addr, "20:30", &dir.join("s2.key"), &ttl),
     ];
     Some(World {
         boot: Some(boot),

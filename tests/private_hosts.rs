@@ -13,7 +13,7 @@ mod netns;
 mod private_mesh;
 
 use common::*;
-use netns::{Host, NatKind, Net};
+use netns::{Host, NatKind, internet, text};
 use private_mesh::{
     add_peer, assert_generates_nothing, assert_kept_out, assert_sees_nothing, refusals_of, stderr,
 };
@@ -25,17 +25,6 @@ const PROMPT: &str = "The history of the printing press begins";
 const TOKENS: usize = 16;
 /// Members log every established connection (libp2p) and every refusal (Pollen).
 const LOG: &str = "warn,libp2p_swarm=debug,quinn_udp=error,libp2p_autonat=error,libp2p_kad=error";
-
-/// The internet of a test, or `None` (after saying why) where it cannot be made.
-fn internet() -> Option<Net> {
-    match Net::new() {
-        Ok(n) => Some(n),
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            None
-        }
-    }
-}
 
 /// `pollen mesh init --out dir`: the key file.
 fn mesh_init(dir: &Path) -> PathBuf {
@@ -96,11 +85,6 @@ fn generate_on(
         cmd.arg("--swarm-key").arg(k);
     }
     cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-/// The generated text (the first line of `generate`'s output: stats follow).
-fn text(out: &str) -> &str {
-    out.lines().next().unwrap_or("")
 }
 
 /// The server of `status` with peer id `peer`.

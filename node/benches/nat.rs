@@ -23,51 +23,13 @@ mod netns;
 
 use bench_args::arg;
 use common::*;
-use netns::{Host, Nat, NatKind, Net};
+use netns::{Host, Nat, NatKind, Net, bootstrap_on, server_on, try_status_on};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn bootstrap_on(host: &Host, dir: &Path) -> (Proc, String) {
-    let mut cmd = host.command(pollen());
-    cmd.args(["bootstrap", "--no-mdns", "--listen", &host.tcp()])
-        .args(["--listen", &host.quic(), "--identity"])
-        .arg(dir.join(format!("{}.key", host.ns)));
-    let p = Proc::spawn("bootstrap", &mut cmd).unwrap();
-    let addr = p.line_with("/ip4/", Duration::from_secs(30)).unwrap();
-    (p, addr)
-}
-
-fn server_on(host: &Host, boot: &str, blocks: &str, key: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut cmd = host.command(pollen());
-    cmd.args(["serve", "--threads", "1", "--no-mdns", "--blocks", blocks])
-        .args(["--listen", &host.tcp(), "--listen", &host.quic()])
-        .args(["--bootstrap", boot, "--announce-ttl", "6", "--model"])
-        .arg(model())
-        .arg("--identity")
-        .arg(key)
-        .args(extra);
-    let p = Proc::spawn(&format!("server {blocks}"), &mut cmd).unwrap();
-    let ready = p
-        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
-        .unwrap();
-    (p, ready)
-}
-
+/// `pollen status --json` on `host`; empty where it failed (the bench retries).
 fn status_on(host: &Host, entry: &str) -> serde_json::Value {
-    let out = host
-        .command(pollen())
-        .args([
-            "status",
-            "--json",
-            "--no-mdns",
-            "--bootstrap",
-            entry,
-            "--wait",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    try_status_on(host, entry).unwrap_or_default()
 }
 
 fn reach(status: &serde_json::Value, peer: &str) -> String {
@@ -136,7 +98,7 @@ fn world(kind: NatKind, dir: &Path, client_behind_a: bool) -> Option<World> {
     } else {
         net.public_host("cli").unwrap()
     };
-    let (boot, addr) = bootstrap_on(&boot_host, dir);
+    let (boot, addr) = bootstrap_on(&boot_host, dir, &[]);
     let servers = vec![
         server_on(&s0, &addr, "0:10", &dir.join("s0.key"), &["--relay"]),
         server_on(&a, &addr, "10:20", &dir.join("s1.key"), &[]),

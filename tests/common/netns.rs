@@ -428,3 +428,85 @@ impl Drop for Net {
         }
     }
 }
+
+/// The internet of a test, or `None` (after saying why) where it cannot be made.
+pub fn internet() -> Option<Net> {
+    match Net::new() {
+        Ok(n) => Some(n),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// A bootstrap on `host` (its key in `dir`, named after the host); it and its
+/// dialable address.
+pub fn bootstrap_on(
+    host: &Host,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (crate::common::Proc, String) {
+    let mut cmd = host.command(crate::common::pollen());
+    cmd.args(["bootstrap", "--no-mdns", "--listen", &host.tcp()])
+        .args(["--listen", &host.quic(), "--identity"])
+        .arg(dir.join(format!("{}.key", host.ns)))
+        .args(extra);
+    let p = crate::common::Proc::spawn("bootstrap", &mut cmd).unwrap();
+    let addr = p
+        .line_with("/ip4/", std::time::Duration::from_secs(30))
+        .unwrap();
+    (p, addr)
+}
+
+/// A server of `blocks` on `host` with the identity `key`, joined through
+/// `bootstrap`; it and its `ready` line.
+pub fn server_on(
+    host: &Host,
+    bootstrap: &str,
+    blocks: &str,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> (crate::common::Proc, String) {
+    let mut cmd = host.command(crate::common::pollen());
+    cmd.args(["serve", "--threads", "1", "--no-mdns", "--blocks", blocks])
+        .args(["--listen", &host.tcp(), "--listen", &host.quic()])
+        .args(["--bootstrap", bootstrap, "--model"])
+        .arg(crate::common::model())
+        .arg("--identity")
+        .arg(key)
+        .args(extra);
+    let p =
+        crate::common::Proc::spawn(&format!("server {blocks} on {}", host.ip), &mut cmd).unwrap();
+    let ready = p
+        .line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+        .unwrap();
+    (p, ready)
+}
+
+/// `pollen status --json` run on `host` through `entry`, or why it failed.
+pub fn try_status_on(host: &Host, entry: &str) -> Result<serde_json::Value, String> {
+    let out = host
+        .command(crate::common::pollen())
+        .args(["status", "--json", "--no-mdns", "--bootstrap", entry])
+        .args(["--wait", "0"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// [`try_status_on`], which must succeed.
+pub fn status_on(host: &Host, entry: &str) -> serde_json::Value {
+    try_status_on(host, entry).unwrap()
+}
+
+/// The generated text (the first line of `generate`'s output: stats follow).
+pub fn text(out: &str) -> &str {
+    out.lines().next().unwrap_or("")
+}
