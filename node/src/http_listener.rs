@@ -567,8 +567,9 @@ mod tests {
         assert!(waited.is_err(), "served, not timed: {waited:?}");
     }
 
-    #[tokio::test]
-    async fn connections_are_capped_in_all_and_per_address() {
+    /// A listener under `limits()` with its address's share (2) taken: its address,
+    /// it, and the two connections (client and server ends).
+    async fn full_listener() -> (SocketAddr, Served, Vec<(TcpStream, Guarded<TcpStream>)>) {
         use axum::serve::Listener;
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
@@ -580,6 +581,13 @@ mod tests {
             assert!(io.get_ref().nodelay().unwrap());
             open.push((client, io));
         }
+        (addr, listener, open)
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_in_all_and_per_address() {
+        use axum::serve::Listener;
+        let (addr, mut listener, mut open) = full_listener().await;
         // A third from the same address is closed at once; accepting goes on.
         let mut third = TcpStream::connect(addr).await.unwrap();
         let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
@@ -624,14 +632,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_client_that_sent_its_request_still_reads_the_429() {
         use axum::serve::Listener;
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let mut listener = guarded_with(tcp, limits());
-        let mut open = Vec::new();
-        for _ in 0..2 {
-            let client = TcpStream::connect(addr).await.unwrap();
-            open.push((client, listener.accept().await));
-        }
+        let (addr, mut listener, _open) = full_listener().await;
         // As every HTTP client does: the request goes out before any answer is read, so
         // it lies unread in the server's socket when the refusal is written.
         let mut third = TcpStream::connect(addr).await.unwrap();
