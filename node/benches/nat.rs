@@ -27,6 +27,10 @@ use netns::{Host, Nat, NatKind, Net, bootstrap_on, server_on, try_status_on};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// The bench's servers announce every 2 s (a third of this TTL), so that a client soon
+/// sees what changed.
+const TTL: [&str; 2] = ["--announce-ttl", "6"];
+
 /// `pollen status --json` on `host`; empty where it failed (the bench retries).
 fn status_on(host: &Host, entry: &str) -> serde_json::Value {
     try_status_on(host, entry).unwrap_or_default()
@@ -100,9 +104,15 @@ fn world(kind: NatKind, dir: &Path, client_behind_a: bool) -> Option<World> {
     };
     let (boot, addr) = bootstrap_on(&boot_host, dir, &[]);
     let servers = vec![
-        server_on(&s0, &addr, "0:10", &dir.join("s0.key"), &["--relay"]),
-        server_on(&a, &addr, "10:20", &dir.join("s1.key"), &[]),
-        server_on(&b, &addr, "20:30", &dir.join("s2.key"), &[]),
+        server_on(
+            &s0,
+            &addr,
+            "0:10",
+            &dir.join("s0.key"),
+            &["--relay", TTL[0], TTL[1]],
+        ),
+        server_on(&a, &addr, "10:20", &dir.join("s1.key"), &TTL),
+        server_on(&b, &addr, "20:30", &dir.join("s2.key"), &TTL),
     ];
     let w = World {
         servers,
@@ -186,7 +196,7 @@ fn main() {
             let t0 = Instant::now();
             let mut nat_a = w.nat_a.clone();
             let host = w.net.private_host(&mut nat_a, "s3").unwrap();
-            let (s3, ready) = server_on(&host, &w.addr, "20:30", &dir.join("s3.key"), &[]);
+            let (s3, ready) = server_on(&host, &w.addr, "20:30", &dir.join("s3.key"), &TTL);
             let loaded = t0.elapsed();
             let peer = peer_of(&ready).to_string();
             let direct = wait_for(Duration::from_secs(90), || {
