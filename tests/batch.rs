@@ -108,6 +108,8 @@ fn concurrent_clients_are_batched_and_get_their_local_text() {
 /// bits, so it computes a long prompt a few blocks at a time instead (each part under
 /// its own permit, other sessions' steps free to run between them): four clients at
 /// once get their `--local` exact text, and the server's metrics count parts by blocks.
+/// Its decode steps batch (candle computes the default model's Q4_1 products row by
+/// row on the CPU, the same bits at any row count), with the same text.
 #[test]
 fn an_exact_server_computes_long_prompts_in_blocks_with_local_text() {
     let dir = temp_dir("batch-exact");
@@ -136,6 +138,13 @@ fn an_exact_server_computes_long_prompts_in_blocks_with_local_text() {
     assert!(
         metric_sample(&metrics, "pollen_prompt_parts_total{by=\"rows\"}").is_none(),
         "an exact-mode server split a prompt's rows"
+    );
+    let batches = metric_sample(&metrics, "pollen_batch_steps_count").unwrap_or(0.0);
+    let steps = metric_sample(&metrics, "pollen_batch_steps_sum").unwrap_or(0.0);
+    eprintln!("exact mode: {steps} decode steps in {batches} batches");
+    assert!(
+        steps > batches && batches > 0.0,
+        "{steps} exact-mode decode steps in {batches} batches: none was batched with another"
     );
 
     // A client that dies in the middle of a long prompt: the server stops at the next

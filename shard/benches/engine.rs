@@ -5,8 +5,9 @@
 //! one run compares them; `candle` marks candle's own kernels.
 //!
 //! `cargo bench -p pollen-shard --bench engine` (add `-- --quick` for a short run;
-//! `-- --batch` for batched decode, `-- --kernel` for the packed product alone by
-//! rows, its weights from memory and from the cache, `-- --prefill-memory`,
+//! `-- --batch` for batched decode, `-- --batch --device cuda` for exact mode's on a
+//! GPU, `-- --kernel` for the packed product alone by rows, its weights from memory
+//! and from the cache, `-- --prefill-memory`,
 //! `-- --vs-llama PATH`).
 //! Each row runs in a fresh child process so that thread settings, peak
 //! memory and the kernel path are its own.
@@ -450,7 +451,10 @@ fn main() {
     }
     if args.first().map(String::as_str) == Some("--batch") {
         let path = fetch::ensure_default_model(&mut |l| eprintln!("{l}")).unwrap();
-        batch_table(&path);
+        match args.iter().position(|a| a == "--device") {
+            Some(i) => device_batch_table(&path, args.get(i + 1).expect("--device needs a device")),
+            None => batch_table(&path),
+        }
         return;
     }
     if args.first().map(String::as_str) == Some("--kernel") {
@@ -996,6 +1000,149 @@ fn batch_table(path: &Path) {
                 r[1] / r[0]
             );
         }
+    }
+}
+
+/// Batched decode on a device (`-- --batch --device cuda`), exact mode, in this
+/// process: first whether candle's quantized product of 1 to 8 rows gives each row the
+/// bits of that row alone (what `BlockSpan::batch_rows` assumes), then sessions' decode
+/// steps one at a time against batches of at most `batch_rows`, every batched output
+/// compared with its own step's bits.
+fn device_batch_table(path: &Path, name: &str) {
+    use candle_core::Module;
+    use candle_core::quantized::QMatMul;
+    let device = pollen_shard::device::parse_device(name).unwrap_or_else(|e| panic!("{e}"));
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    println!("Batched decode on {name} ({}), exact mode:", gpu_line());
+    println!("CPU: {}", cpu_line());
+    println!();
+    // The product alone, on block 0's matrices.
+    let mut reader = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    println!("| matrix | type | rows in one product | rows with the bits of a one-row product |");
+    println!("| --- | --- | --- | --- |");
+    for tensor in [
+        "blk.0.attn_q.weight",
+        "blk.0.ffn_gate.weight",
+        "blk.0.ffn_down.weight",
+    ] {
+        let q = content.tensor(&mut reader, tensor, &device).unwrap();
+        let (dtype, k) = (q.dtype(), q.shape().dims()[1]);
+        let m = QMatMul::from_qtensor(q).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 8, k), &device).unwrap();
+        let alone: Vec<Vec<u32>> = (0..8)
+            .map(|r| {
+                bits(
+                    &m.forward(&x.narrow(1, r, 1).unwrap().contiguous().unwrap())
+                        .unwrap(),
+                )
+            })
+            .collect();
+        for rows in 1..=8 {
+            let y = m
+                .forward(&x.narrow(1, 0, rows).unwrap().contiguous().unwrap())
+                .unwrap();
+            let same = (0..rows)
+                .filter(|&r| bits(&y.narrow(1, r, 1).unwrap()) == alone[r])
+                .count();
+            println!("| {tensor} | {dtype:?} | {rows} | {same} of {rows} |");
+        }
+    }
+    println!();
+    let opts = LoadOptions {
+        device: device.clone(),
+        mode: WeightMode::Exact,
+    };
+    let file = ModelFile::open(path).unwrap();
+    let cfg = file.config().unwrap();
+    let span = BlockSpan::load(&file, cfg.full_range(), &opts, &mut |_, _| {}).unwrap();
+    let most = span.batch_rows();
+    let steps = 32;
+    println!(
+        "All {} blocks, sessions 64 tokens in, {steps} steps each; batches of at most {} (`BlockSpan::batch_rows`):",
+        cfg.num_blocks,
+        if most == usize::MAX {
+            "any number".to_string()
+        } else {
+            most.to_string()
+        }
+    );
+    println!();
+    println!(
+        "| sessions | one at a time, tok/s | batched, tok/s | ratio | batched outputs with their own step's bits |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let h = cfg.hidden_size;
+    let prompt = Tensor::randn(0f32, 1.0, (1, 64, h), &device).unwrap();
+    let fresh = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let mut c = span.new_cache(CacheLimits::default());
+                span.forward(&prompt, 0, &mut c).unwrap();
+                c
+            })
+            .collect::<Vec<_>>()
+    };
+    for sessions in [1usize, 2, 4, 8, 16] {
+        let xs: Vec<Tensor> = (0..sessions)
+            .map(|_| Tensor::randn(0f32, 1.0, (1, 1, h), &device).unwrap())
+            .collect();
+        // Bits: each session's batched step against the same step alone.
+        let mut caches = fresh(sessions);
+        let alone: Vec<Vec<u32>> = caches
+            .iter()
+            .zip(&xs)
+            .map(|(c, x)| {
+                let mut c = c.clone();
+                bits(&span.forward(x, c.len(), &mut c).unwrap())
+            })
+            .collect();
+        let mut same = 0;
+        for (chunk, (cs, xs)) in caches.chunks_mut(most).zip(xs.chunks(most)).enumerate() {
+            let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> = cs
+                .iter_mut()
+                .zip(xs)
+                .map(|(c, x)| (x, c.len(), c))
+                .collect();
+            let outs = span.forward_batch(&mut batch).unwrap();
+            same += outs
+                .iter()
+                .enumerate()
+                .filter(|(i, o)| bits(o) == alone[chunk * most + i])
+                .count();
+        }
+        let mut caches = fresh(sessions);
+        device.synchronize().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            for (c, x) in caches.iter_mut().zip(&xs) {
+                span.forward(x, c.len(), c).unwrap();
+            }
+            device.synchronize().unwrap();
+        }
+        let single = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
+        let mut caches = fresh(sessions);
+        device.synchronize().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            for (cs, xs) in caches.chunks_mut(most).zip(xs.chunks(most)) {
+                let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> = cs
+                    .iter_mut()
+                    .zip(xs)
+                    .map(|(c, x)| (x, c.len(), c))
+                    .collect();
+                span.forward_batch(&mut batch).unwrap();
+            }
+            device.synchronize().unwrap();
+        }
+        let batched = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
+        println!(
+            "| {sessions} | {single:.1} | {batched:.1} | {:.2}x | {same} of {sessions} |",
+            batched / single
+        );
     }
 }
 

@@ -45,7 +45,7 @@
 use super::Server;
 use crate::threads::TimeAverage;
 use candle_core::Tensor;
-use pollen_shard::{BlockSpan, LoadOptions, ShardError, SpanCache, WeightMode};
+use pollen_shard::{BlockSpan, ShardError, SpanCache};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -224,16 +224,12 @@ pub(super) struct Queue<J = Job> {
 }
 
 impl Queue<Job> {
-    /// A queue batching up to `max` steps (at least 1, at most [`MOST_BATCH`]), if spans
-    /// loaded with `load` can batch at all: [`BlockSpan::forward_batch`] needs a fast
-    /// weight mode on the CPU (exact mode keeps candle's order of operations).
-    pub(super) fn new(load: &LoadOptions, max: usize) -> Self {
-        let max = if load.mode != WeightMode::Exact && load.device.is_cpu() {
-            max.clamp(1, MOST_BATCH)
-        } else {
-            1
-        };
-        Self::with_max(max)
+    /// A queue batching up to `max` steps (at least 1, at most [`MOST_BATCH`]) and no
+    /// more than `rows`, the most [`BlockSpan::forward_batch`] takes while keeping each
+    /// step's bits ([`BlockSpan::batch_rows`]: any in the fast modes on the CPU, four in
+    /// exact mode on a CUDA GPU, 1 where it cannot batch).
+    pub(super) fn new(rows: usize, max: usize) -> Self {
+        Self::with_max(max.min(rows))
     }
 }
 
@@ -759,9 +755,12 @@ async fn queued(
     answer(out).await
 }
 
-/// Computes `jobs` (blocking) and answers each.
+/// Computes `jobs` (blocking) and answers each, its output on the CPU: on a GPU every
+/// device operation of a step stays inside the compute task (see `steps::compute`).
 fn run(span: &BlockSpan, mut jobs: Vec<Job>) {
     crate::metrics::global().batch(jobs.len());
+    let to_cpu =
+        |t: Tensor| -> pollen_shard::Result<Tensor> { Ok(t.to_device(&candle_core::Device::Cpu)?) };
     if jobs.len() > 1 {
         let mut steps: Vec<(&Tensor, usize, &mut SpanCache)> = jobs
             .iter_mut()
@@ -772,13 +771,15 @@ fn run(span: &BlockSpan, mut jobs: Vec<Job>) {
         if let Ok(outs) = span.forward_batch(&mut steps) {
             drop(steps);
             for (job, out) in jobs.into_iter().zip(outs) {
-                let _ = job.reply.send((job.cache, Ok(out)));
+                let _ = job.reply.send((job.cache, to_cpu(out)));
             }
             return;
         }
     }
     for mut job in jobs {
-        let out = span.forward(&job.input, job.position, &mut job.cache);
+        let out = span
+            .forward(&job.input, job.position, &mut job.cache)
+            .and_then(to_cpu);
         let _ = job.reply.send((job.cache, out));
     }
 }
@@ -1012,15 +1013,13 @@ mod tests {
     }
 
     #[test]
-    fn only_the_fast_modes_on_the_cpu_batch_and_within_bounds() {
-        let load = |mode| LoadOptions {
-            device: candle_core::Device::Cpu,
-            mode,
-        };
-        assert_eq!(Queue::new(&load(WeightMode::Fast), 8).max, 8);
-        assert_eq!(Queue::new(&load(WeightMode::Fast), 0).max, 1);
-        assert_eq!(Queue::new(&load(WeightMode::Fast), 1000).max, MOST_BATCH);
-        assert_eq!(Queue::new(&load(WeightMode::Exact), 8).max, 1);
+    fn batches_stay_within_the_flag_the_span_and_bounds() {
+        assert_eq!(Queue::new(usize::MAX, 8).max, 8);
+        assert_eq!(Queue::new(usize::MAX, 0).max, 1);
+        assert_eq!(Queue::new(usize::MAX, 1000).max, MOST_BATCH);
+        assert_eq!(Queue::new(4, 16).max, 4);
+        assert_eq!(Queue::new(1, 8).max, 1);
+        assert!(!Queue::new(1, 8).batches());
     }
 
     /// A prompt computed by blocks takes from the memory budget its decoded input, what it
@@ -1030,9 +1029,9 @@ mod tests {
     fn a_prompt_by_blocks_takes_its_steps_figure_once() {
         let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
         let file = pollen_shard::ModelFile::open(&model).unwrap();
-        let load = LoadOptions {
+        let load = pollen_shard::LoadOptions {
             device: candle_core::Device::Cpu,
-            mode: WeightMode::Exact,
+            mode: pollen_shard::WeightMode::Exact,
         };
         let range = pollen_shard::BlockRange { start: 0, end: 2 };
         let span = BlockSpan::load(&file, range, &load, &mut |_, _| {}).unwrap();

@@ -70,8 +70,8 @@ pub struct ServeConfig {
     /// ([`batch::in_parts`]: by rows or by blocks, whichever gives the same bits as
     /// whole); zero computes prompts whole.
     pub prompt_part: Duration,
-    /// The most decode steps computed as one batch (`1`: each alone); only the fast
-    /// weight modes on the CPU batch.
+    /// The most decode steps computed as one batch (`1`: each alone); batches are no
+    /// larger than the span's [`BlockSpan::batch_rows`].
     pub max_batch: usize,
     /// Bytes of KV cache all sessions together may hold (each session takes, at open,
     /// the most its token limit needs); `None` for enough to fill every session.
@@ -149,11 +149,12 @@ pub(crate) struct Server {
 
 impl Server {
     /// Whether this server computes one step at a time with one thread (`--threads 1`,
-    /// a volunteer's default): only then may a lone step run on its session's worker.
-    /// With more, a step would share candle's thread pool with a prompt part or a batch
-    /// beside it and take as long as they do.
+    /// a volunteer's default) on the CPU: only then may a lone step run on its session's
+    /// worker. With more, a step would share candle's thread pool with a prompt part or a
+    /// batch beside it and take as long as they do; a GPU's work stays on the blocking
+    /// pool.
     fn computes_alone(&self) -> bool {
-        self.cfg.compute_slots <= 1
+        self.cfg.compute_slots <= 1 && self.span.device().is_cpu()
     }
 }
 
@@ -369,7 +370,7 @@ fn tenure(
             cfg.compute_slots,
         )),
         kv_per_token,
-        batch: batch::Queue::new(&cfg.load, cfg.max_batch),
+        batch: batch::Queue::new(span.batch_rows(), cfg.max_batch),
         lone_steps: ShortWork::default(),
         prompt_parts: batch::Parts::of(&span, cfg.prompt_part),
         span: Arc::new(span),

@@ -236,7 +236,7 @@ pub(super) async fn compute(
             (cache, out)
         };
         // A GPU's work stays on the blocking pool, as does any prompt.
-        let lone = rows == 1 && server.span.device().is_cpu() && server.computes_alone();
+        let lone = rows == 1 && server.computes_alone();
         server.lone_steps.run(lone, step).await
     };
     match joined {

@@ -187,6 +187,18 @@ impl Block {
         })
     }
 
+    /// How many sessions' rows one batched step of this block may take on `device`
+    /// with each row's bits those of its own step: the fewest any product allows
+    /// ([`super::linear::rows_keep_bits`]); the norms, rotary, SiLU and sums are row by
+    /// row, and attention runs per session.
+    pub(super) fn batch_rows(&self, device: &Device) -> usize {
+        self.qkv
+            .batch_rows(device)
+            .min(self.wo.batch_rows(device))
+            .min(self.gate_up.batch_rows(device))
+            .min(self.w_down.batch_rows(device))
+    }
+
     pub(super) fn bytes(&self) -> usize {
         self.qkv.bytes()
             + self.wo.bytes()
@@ -230,7 +242,27 @@ impl Block {
             .reshape((b_sz, seq_len, cfg.num_kv_heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.rotary(&q, pos, sh)?;
+        let y = self.attend_exact(&q, k, v, mask, pos, kv_cache, sh)?;
+        self.wo.forward(&y.reshape(&[b_sz, seq_len, n_embd])?)
+    }
+
+    /// Exact mode's attention from the projections `(1, heads, seq, head_dim)` (`v`
+    /// contiguous, none rotated yet), as candle-transformers computes it; returns
+    /// `(1, seq, heads, head_dim)`, before the output product.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_exact(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        pos: usize,
+        kv_cache: &mut LayerKv,
+        sh: &Shared,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &sh.cfg;
+        let head_dim = cfg.head_dim();
+        let q = self.rotary(q, pos, sh)?;
         let k = self.rotary(&k, pos, sh)?;
         let (k, v) = cache::append(kv_cache, k, v, pos)?;
         let n_rep = cfg.num_heads / cfg.num_kv_heads;
@@ -246,8 +278,7 @@ impl Block {
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
-        self.wo.forward(&y)
+        y.transpose(1, 2)
     }
 
     /// Attention for the non-exact modes. The KV cache is a pair of buffers
@@ -338,12 +369,13 @@ impl Block {
         h + x
     }
 
-    /// One decode step for each of several sessions at once, fast mode on
-    /// the CPU: `x` is `(1, sessions, hidden)`, row `i` at position
-    /// `items[i].0` with KV layer `items[i].1`. The matrix products run once
-    /// over all rows (one pass over the weights); rotary, the KV write and
-    /// attention run per session. Each row's numbers are those of a single
-    /// step (the products and norms are row by row).
+    /// One decode step for each of several sessions at once: `x` is `(1, sessions,
+    /// hidden)`, row `i` at position `items[i].0` with KV layer `items[i].1`. The
+    /// matrix products run once over all rows (one pass over the weights); rotary, the
+    /// KV write and attention run per session, as [`Self::forward`] runs them in this
+    /// mode. Each row's numbers are those of a single step where the products keep a
+    /// row's bits at this many rows ([`Self::batch_rows`]: the caller's check); the
+    /// norms and the rest are row by row.
     pub(super) fn forward_batch(
         &self,
         x: Tensor,
@@ -367,6 +399,20 @@ impl Block {
                         .reshape((1, 1, heads, head_dim))?
                         .transpose(1, 2)
                 };
+                if !sh.fast {
+                    let v = row(&v, n_kv)?.contiguous()?;
+                    let y = self.attend_exact(
+                        &row(&q, n_head)?,
+                        row(&k, n_kv)?,
+                        v,
+                        None,
+                        *pos,
+                        kv,
+                        sh,
+                    )?;
+                    ys.push(y.reshape((1, 1, cfg.hidden_size))?);
+                    continue;
+                }
                 let q = self.rotary(&row(&q, n_head)?, *pos, sh)?;
                 let k = self.rotary(&row(&k, n_kv)?, *pos, sh)?;
                 let v = row(&v, n_kv)?.contiguous()?;

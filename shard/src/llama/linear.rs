@@ -41,6 +41,16 @@ impl Linear {
         }
     }
 
+    /// How many rows one product of this matrix on `device` may take while each row
+    /// gets the bits of a product of that row alone ([`rows_keep_bits`]).
+    pub(super) fn batch_rows(&self, device: &Device) -> usize {
+        match &self.inner {
+            LinearInner::Packed(_) => usize::MAX,
+            LinearInner::Candle(QMatMul::QTensor(q)) => rows_keep_bits(q.dtype(), device),
+            LinearInner::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_)) => 1,
+        }
+    }
+
     pub(super) fn bytes(&self) -> usize {
         match &self.inner {
             LinearInner::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
@@ -51,6 +61,50 @@ impl Linear {
         }
     }
 }
+
+/// Rows of activations at which candle's product of a `dtype` matrix on `device` still
+/// gives each row the bits of that row alone (1: no batching keeps them), read from
+/// candle 0.11's kernels; re-read on any candle upgrade.
+///
+/// - CPU: `k_quants::matmul` quantizes each row alone and computes every output with
+///   the same `vec_dot_4`/`vec_dot_2`/`vec_dot` calls whatever the row count, for the
+///   types candle does not repack. It repacks Q8_0, Q4_K and Q6_K on x86-64
+///   (`repack_x86`: Q6_K only past one row, Q4_K to AMX from 32 rows) and Q4_0, Q4_K,
+///   Q5_K, Q6_K and Q8_0 on aarch64 (`repack`: one kernel for one row, another for
+///   multiples of four), where row counts change the kernel: 1. Dense matrices go to
+///   gemm, whose blocking follows the shape: 1.
+/// - CUDA: `fast_mmvq` computes up to eight rows with one kernel template whose
+///   per-output sums are split across `nwarps` warps, four for one to four rows and
+///   two for five to eight: the same order, and so the same bits, for up to four.
+///   Past eight rows candle takes another kernel.
+/// - Metal: not read: 1.
+pub(super) fn rows_keep_bits(dtype: GgmlDType, device: &Device) -> usize {
+    use GgmlDType as D;
+    match device {
+        Device::Cpu => match dtype {
+            D::Q4_1 | D::Q5_0 | D::Q5_1 | D::Q2K | D::Q3K => usize::MAX,
+            D::Q4_0 | D::Q5K if cfg!(not(target_arch = "aarch64")) => usize::MAX,
+            _ => 1,
+        },
+        Device::Cuda(_) => match dtype {
+            D::Q4_0
+            | D::Q4_1
+            | D::Q5_0
+            | D::Q5_1
+            | D::Q8_0
+            | D::Q2K
+            | D::Q3K
+            | D::Q4K
+            | D::Q5K
+            | D::Q6K => CUDA_SAME_BITS_ROWS,
+            _ => 1,
+        },
+        Device::Metal(_) => 1,
+    }
+}
+
+/// Rows up to which candle's CUDA products keep a row's bits ([`rows_keep_bits`]).
+pub(super) const CUDA_SAME_BITS_ROWS: usize = 4;
 
 fn needs_requant(d: GgmlDType) -> bool {
     matches!(
@@ -290,6 +344,14 @@ impl<const N: usize> Projections<N> {
             }
         }
         Self::Separate(parts)
+    }
+
+    /// [`Linear::batch_rows`] of every product.
+    pub(super) fn batch_rows(&self, device: &Device) -> usize {
+        match self {
+            Self::Separate(ls) => ls.iter().map(|l| l.batch_rows(device)).min().unwrap_or(1),
+            Self::Fused(l, _) => l.batch_rows(device),
+        }
     }
 
     /// The fused product's packed weights (all projections' rows, in order).

@@ -448,6 +448,23 @@ impl BlockSpan {
         }
     }
 
+    /// How many sessions' decode steps [`Self::forward_batch`] takes at once (1: it
+    /// refuses batches). Where a batched product would give a row other bits than its
+    /// own step, batches are smaller or refused, never computed: the fast modes on the
+    /// CPU take any number; exact mode takes as many as candle's products keep a row's
+    /// bits for on this device (`linear::rows_keep_bits`: four on a CUDA GPU, any on
+    /// the CPU for the default model's Q4_1, none for dense matrices or on Metal).
+    pub fn batch_rows(&self) -> usize {
+        if self.fused {
+            return usize::MAX;
+        }
+        self.blocks
+            .iter()
+            .map(|b| b.batch_rows(&self.device))
+            .min()
+            .unwrap_or(1)
+    }
+
     /// One single-token step for each of several sessions at once, each with
     /// its own cache: `steps[i]` is hidden states `(1, 1, hidden)`, the
     /// position (the cache's length) and the cache. The matrix products run
@@ -456,16 +473,18 @@ impl BlockSpan {
     /// per session. Each session's output is bit-identical to its own
     /// [`Self::forward`] step.
     ///
-    /// Fast modes on the CPU only (exact mode keeps candle's op order). If
-    /// any step is refused or fails, no cache changes.
+    /// At most [`Self::batch_rows`] steps (more are refused). If any step is
+    /// refused or fails, no cache changes.
     pub fn forward_batch(
         &self,
         steps: &mut [(&Tensor, usize, &mut SpanCache)],
     ) -> Result<Vec<Tensor>> {
-        if !self.shared.fast || !self.device.is_cpu() {
-            return Err(ShardError::BadInput(
-                "batched steps need a fast weight mode on the CPU".into(),
-            ));
+        let most = self.batch_rows();
+        if steps.len() > most {
+            return Err(ShardError::BadInput(format!(
+                "a batch of {} steps where this span keeps each step's bits for {most} at most",
+                steps.len()
+            )));
         }
         crate::device::bind_thread(&self.device)?;
         let cfg = &self.shared.cfg;
@@ -479,7 +498,7 @@ impl BlockSpan {
                     cfg.hidden_size
                 )));
             }
-            new_lens.push(cache.check_step(self.range, true, *pos, 1)?);
+            new_lens.push(cache.check_step(self.range, self.shared.fast, *pos, 1)?);
             rows.push(hidden.to_device(&self.device)?.to_dtype(DType::F32)?);
         }
         if rows.is_empty() {
