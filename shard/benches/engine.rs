@@ -1062,12 +1062,12 @@ fn device_batch_table(path: &Path, name: &str) {
     let most = span.batch_rows();
     let steps = 32;
     println!(
-        "All {} blocks, sessions 64 tokens in, {steps} steps each; batches of at most {} (`BlockSpan::batch_rows`):",
+        "All {} blocks, sessions 64 tokens in, {steps} steps each; batches of {} (`BlockSpan::batch_rows`):",
         cfg.num_blocks,
         if most == usize::MAX {
-            "any number".to_string()
+            "any size".to_string()
         } else {
-            most.to_string()
+            format!("at most {most}")
         }
     );
     println!();
