@@ -14,7 +14,8 @@
 #      check that fails the script.
 #      Both servers must announce one compute mode, on a GPU of the form
 #      exact/cuda-sm<arch>-<SMs>-<hash>. Then decode through that swarm against
-#      local decode on the GPU is printed ($GPU_CHECK_SPEED_TOKENS tokens, 256).
+#      local decode on the GPU is printed ($GPU_CHECK_SPEED_TOKENS tokens, 256), and
+#      $GPU_CHECK_SPEED_CLIENTS (8) clients' decode at once against one client's.
 #
 #   bash scripts/build-cuda.sh --bench     # builds both binaries
 #   bash scripts/gpu-check.sh [POLLEN [ENGINE_BENCH]]
@@ -34,6 +35,7 @@ dir="${GPU_CHECK_DIR:-$(mktemp -d)}"
 mkdir -p "$dir"
 tokens="${GPU_CHECK_TOKENS:-96}"
 speed_tokens="${GPU_CHECK_SPEED_TOKENS:-256}"
+speed_clients="${GPU_CHECK_SPEED_CLIENTS:-8}"
 clients="${GPU_CHECK_CLIENTS:-5}"
 spans=(0:15 15:30)
 metrics=(127.0.0.1:39461 127.0.0.1:39462)
@@ -82,9 +84,17 @@ text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read()
 v = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
      if l.startswith("pollen_batch_steps_sum") or l.startswith("pollen_batch_steps_count")}
 steps, passes = v.get("pollen_batch_steps_sum", 0), v.get("pollen_batch_steps_count", 0)
-print(f"{steps:.0f} decode steps in {passes:.0f} passes over its weights"
-      + (f" (mean batch {steps / passes:.2f})" if passes else ""))
+if passes:
+    print(f"{steps:.0f} decode steps in {passes:.0f} passes over its weights"
+          f" (mean batch {steps / passes:.2f})")
+else:
+    print("its decode steps one at a time (none went through the batch queue)")
 PY
+}
+
+# $1 / $2, as a ratio.
+ratio() {
+  python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"
 }
 
 # Words of $1 and $2 that agree before the first difference, of $2's count.
@@ -182,8 +192,27 @@ for mode in exact fast; do
         grep -oE '[0-9.]+$')"
     done
     say "decode through the swarm of two servers: ${speed[swarm]} tokens/s, local ${speed[local]} tokens/s ($(
-      python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" \
-        "${speed[swarm]}" "${speed[local]}"))"
+      ratio "${speed[swarm]}" "${speed[local]}"))"
+    # Several clients at once through the same two servers, which batch their steps:
+    # the clients' decode rates added up, against the one client's.
+    spids=()
+    for c in $(seq "$speed_clients"); do
+      "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
+        --device "$device" --weights "$mode" --no-mdns --bootstrap "$boot" \
+        >/dev/null 2>"$dir/speed-swarm-$c.log" &
+      spids+=($!)
+    done
+    for c in $(seq "$speed_clients"); do
+      wait "${spids[$((c - 1))]}" ||
+        fail "generate --stats (client $c of $speed_clients): $(tail -n 5 "$dir/speed-swarm-$c.log")"
+    done
+    total="$(cat "$dir"/speed-swarm-[0-9]*.log | grep -oE 'generated [0-9]+ tokens at [0-9.]+' |
+      grep -oE '[0-9.]+$' | python3 -c 'import sys; print(f"{sum(float(l) for l in sys.stdin):.1f}")')"
+    say "$speed_clients clients at once through the two servers: $total tokens/s added up ($(
+      ratio "$total" "${speed[swarm]}") one client's)"
+    for i in 0 1; do
+      say "$mode mode: server ${spans[$i]} has now computed $(batches "${metrics[$i]}")"
+    done
   fi
   # The next mode's servers take these blocks' place.
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
