@@ -92,9 +92,24 @@ else:
 PY
 }
 
-# $1 / $2, as a ratio.
+# $1 / $2, as a ratio ("n/a" where either is not a number).
 ratio() {
-  python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$1" "$2"
+  python3 - "$1" "$2" <<'PY'
+import sys
+try:
+    print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}x")
+except (ValueError, ZeroDivisionError):
+    print("n/a")
+PY
+}
+
+# The decode tokens/s `generate --stats` printed into the logs "$@", added up ("n/a":
+# none printed).
+rates() {
+  { cat "$@" 2>/dev/null || true; } | python3 -c '
+import re, sys
+r = [float(x) for x in re.findall(r"generated \d+ tokens at ([0-9.]+)", sys.stdin.read())]
+print(f"{sum(r):.1f}" if r else "n/a")'
 }
 
 # Words of $1 and $2 that agree before the first difference, of $2's count.
@@ -146,7 +161,7 @@ for mode in exact fast; do
     pids+=($!)
   done
   names=()
-  for span in 0:15 15:30; do
+  for span in "${spans[@]}"; do
     ready="$(wait_line "$dir/server-$mode-${span/:/-}.log" 'ready' 120)"
     printf '%s\n' "$ready" >&2
     names+=("$(grep -oE 'compute [^ ]+' <<<"$ready" | cut -d' ' -f2)")
@@ -188,15 +203,16 @@ for mode in exact fast; do
       "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
         --device "$device" --weights "$mode" "${at[@]}" >/dev/null 2>"$dir/speed-$where.log" ||
         fail "generate --stats ($where): $(tail -n 5 "$dir/speed-$where.log")"
-      speed[$where]="$(grep -oE 'generated [0-9]+ tokens at [0-9.]+' "$dir/speed-$where.log" |
-        grep -oE '[0-9.]+$')"
+      speed[$where]="$(rates "$dir/speed-$where.log")"
     done
     say "decode through the swarm of two servers: ${speed[swarm]} tokens/s, local ${speed[local]} tokens/s ($(
       ratio "${speed[swarm]}" "${speed[local]}"))"
     # Several clients at once through the same two servers, which batch their steps:
     # the clients' decode rates added up, against the one client's.
     spids=()
+    logs=()
     for c in $(seq "$speed_clients"); do
+      logs+=("$dir/speed-swarm-$c.log")
       "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
         --device "$device" --weights "$mode" --no-mdns --bootstrap "$boot" \
         >/dev/null 2>"$dir/speed-swarm-$c.log" &
@@ -206,8 +222,7 @@ for mode in exact fast; do
       wait "${spids[$((c - 1))]}" ||
         fail "generate --stats (client $c of $speed_clients): $(tail -n 5 "$dir/speed-swarm-$c.log")"
     done
-    total="$(cat "$dir"/speed-swarm-[0-9]*.log | grep -oE 'generated [0-9]+ tokens at [0-9.]+' |
-      grep -oE '[0-9.]+$' | python3 -c 'import sys; print(f"{sum(float(l) for l in sys.stdin):.1f}")')"
+    total="$(rates "${logs[@]}")"
     say "$speed_clients clients at once through the two servers: $total tokens/s added up ($(
       ratio "$total" "${speed[swarm]}") one client's)"
     for i in 0 1; do
@@ -215,8 +230,9 @@ for mode in exact fast; do
     done
   fi
   # The next mode's servers take these blocks' place.
+  # They are waited for: their metrics ports are the next ones'.
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:1}"; do wait "$p" 2>/dev/null || true; done
   pids=("${pids[0]}")
-  sleep 1
 done
 say "all GPU checks passed (logs in $dir)"

@@ -154,10 +154,10 @@ struct ServeArgs {
     /// Most decode steps computed as one batch: when several sessions have their next
     /// token waiting, one pass over the weights computes them all (much more throughput
     /// than one at a time, each session's output unchanged). 1 computes each alone.
-    /// Batches are only as large as keep every session's bits: any size in the fast
-    /// modes on the CPU; in exact mode, any on the CPU where candle computes each row
-    /// alone (the default model's Q4_1 blocks among them), at most 4 on a CUDA GPU, and
-    /// none otherwise.
+    /// Batches are only as large as keep every session's bits: any size on the CPU's
+    /// packed kernels (the default fast mode); otherwise any on the CPU where candle
+    /// computes each row alone (the default model's Q4_1 blocks among them), at most 4
+    /// on a CUDA GPU, and none otherwise.
     #[arg(
         long,
         env = pollen_node::serve::batch::MAX_BATCH_ENV,

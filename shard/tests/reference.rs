@@ -494,6 +494,12 @@ fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
     let (_, _, file) = tiny_model("batch", GgmlDType::Q4_1)?;
     for opts in [fast(), exact()] {
         let span = load_span(&file, 1, 5, &opts)?;
+        if opts.mode == WeightMode::Fast && !pollen_shard::kernels::simd_available() {
+            // No packed kernel here: the fast mode requantizes Q4_1 to Q8_0 on candle's
+            // kernels, which repack it by row count.
+            assert_eq!(span.batch_rows(), 1);
+            continue;
+        }
         assert_eq!(span.batch_rows(), usize::MAX, "{:?}", opts.mode);
         batch_equals_single_steps(&span).map_err(|e| anyhow::anyhow!("{:?}: {e}", opts.mode))?;
     }

@@ -226,7 +226,7 @@ pub(super) struct Queue<J = Job> {
 impl Queue<Job> {
     /// A queue batching up to `max` steps (at least 1, at most [`MOST_BATCH`]) and no
     /// more than `rows`, the most [`BlockSpan::forward_batch`] takes while keeping each
-    /// step's bits ([`BlockSpan::batch_rows`]: any in the fast modes on the CPU, four in
+    /// step's bits ([`BlockSpan::batch_rows`]: any on the CPU's packed kernels, four in
     /// exact mode on a CUDA GPU, 1 where it cannot batch).
     pub(super) fn new(rows: usize, max: usize) -> Self {
         Self::with_max(max.min(rows))
@@ -770,8 +770,28 @@ fn run(span: &BlockSpan, mut jobs: Vec<Job>) {
         // so that each gets its own answer (a position mismatch is one session's fault).
         if let Ok(outs) = span.forward_batch(&mut steps) {
             drop(steps);
-            for (job, out) in jobs.into_iter().zip(outs) {
-                let _ = job.reply.send((job.cache, to_cpu(out)));
+            // The outputs are rows of one tensor: off the CPU, it comes back in one copy.
+            let outs = if span.device().is_cpu() {
+                Ok(outs)
+            } else {
+                Tensor::cat(&outs, 1)
+                    .and_then(|all| all.to_device(&candle_core::Device::Cpu))
+                    .and_then(|all| (0..outs.len()).map(|i| all.narrow(1, i, 1)).collect())
+            };
+            match outs {
+                Ok(outs) => {
+                    for (job, out) in jobs.into_iter().zip(outs) {
+                        let _ = job.reply.send((job.cache, Ok(out)));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("a batch's outputs to the CPU: {e}");
+                    for job in jobs {
+                        let _ = job
+                            .reply
+                            .send((job.cache, Err(ShardError::Device(msg.clone()))));
+                    }
+                }
             }
             return;
         }

@@ -450,10 +450,12 @@ impl BlockSpan {
 
     /// How many sessions' decode steps [`Self::forward_batch`] takes at once (1: it
     /// refuses batches). Where a batched product would give a row other bits than its
-    /// own step, batches are smaller or refused, never computed: the fast modes on the
-    /// CPU take any number; exact mode takes as many as candle's products keep a row's
-    /// bits for on this device (`linear::rows_keep_bits`: four on a CUDA GPU, any on
-    /// the CPU for the default model's Q4_1, none for dense matrices or on Metal).
+    /// own step, batches are smaller or refused, never computed: any number where
+    /// Pollen's packed kernels compute every product (the fast mode on a CPU that has
+    /// them); elsewhere as many as candle's products keep a row's bits for on this
+    /// device (`linear::rows_keep_bits`: four on a CUDA GPU, any on the CPU for the
+    /// default model's Q4_1, none for types candle repacks by row count, dense
+    /// matrices or on Metal), in exact mode and the requantizing modes alike.
     pub fn batch_rows(&self) -> usize {
         if self.fused {
             return usize::MAX;
