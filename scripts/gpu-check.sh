@@ -131,6 +131,15 @@ fi
 
 gen() { "$pollen" generate --prompt "$prompt" --chat --max-tokens "$tokens" "$@"; }
 
+# $speed_tokens tokens of a story (no chat template, so the answer runs its length) in
+# the current $mode on $device, through "${@:2}", with `--stats` into log $1.
+story() {
+  local log="$1"
+  shift
+  "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
+    --device "$device" --weights "$mode" "$@" >/dev/null 2>"$log"
+}
+
 say "2/3 local generation, GPU beside CPU"
 declare -A local_gpu
 for mode in exact fast; do
@@ -196,12 +205,10 @@ for mode in exact fast; do
     say "$mode mode: server ${spans[$i]} computed $(batches "${metrics[$i]}")"
   done
   if [[ "$mode" == exact ]]; then
-    # Decode speed through the swarm against local, on this GPU (reported, not checked):
-    # a story prompt without the chat template, so that the answer runs its length.
+    # Decode speed through the swarm against local, on this GPU (reported, not checked).
     for where in local swarm; do
       if [[ "$where" == local ]]; then at=(--local); else at=(--no-mdns --bootstrap "$boot"); fi
-      "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
-        --device "$device" --weights "$mode" "${at[@]}" >/dev/null 2>"$dir/speed-$where.log" ||
+      story "$dir/speed-$where.log" "${at[@]}" ||
         fail "generate --stats ($where): $(tail -n 5 "$dir/speed-$where.log")"
       speed[$where]="$(rates "$dir/speed-$where.log")"
     done
@@ -213,9 +220,7 @@ for mode in exact fast; do
     logs=()
     for c in $(seq "$speed_clients"); do
       logs+=("$dir/speed-swarm-$c.log")
-      "$pollen" generate --prompt "Once upon a time" --max-tokens "$speed_tokens" --stats \
-        --device "$device" --weights "$mode" --no-mdns --bootstrap "$boot" \
-        >/dev/null 2>"$dir/speed-swarm-$c.log" &
+      story "$dir/speed-swarm-$c.log" --no-mdns --bootstrap "$boot" &
       spids+=($!)
     done
     for c in $(seq "$speed_clients"); do

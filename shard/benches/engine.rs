@@ -1090,6 +1090,21 @@ fn device_batch_table(path: &Path, name: &str) {
         let xs: Vec<Tensor> = (0..sessions)
             .map(|_| Tensor::randn(0f32, 1.0, (1, 1, h), &device).unwrap())
             .collect();
+        // One step of every session, in batches of at most `most`; the outputs in order.
+        let batched_step = |caches: &mut [pollen_shard::SpanCache]| -> Vec<Tensor> {
+            caches
+                .chunks_mut(most)
+                .zip(xs.chunks(most))
+                .flat_map(|(cs, xs)| {
+                    let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> = cs
+                        .iter_mut()
+                        .zip(xs)
+                        .map(|(c, x)| (x, c.len(), c))
+                        .collect();
+                    span.forward_batch(&mut batch).unwrap()
+                })
+                .collect()
+        };
         // Bits: each session's batched step against the same step alone.
         let mut caches = fresh(sessions);
         let alone: Vec<Vec<u32>> = caches
@@ -1100,20 +1115,11 @@ fn device_batch_table(path: &Path, name: &str) {
                 bits(&span.forward(x, c.len(), &mut c).unwrap())
             })
             .collect();
-        let mut same = 0;
-        for (chunk, (cs, xs)) in caches.chunks_mut(most).zip(xs.chunks(most)).enumerate() {
-            let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> = cs
-                .iter_mut()
-                .zip(xs)
-                .map(|(c, x)| (x, c.len(), c))
-                .collect();
-            let outs = span.forward_batch(&mut batch).unwrap();
-            same += outs
-                .iter()
-                .enumerate()
-                .filter(|(i, o)| bits(o) == alone[chunk * most + i])
-                .count();
-        }
+        let same = batched_step(&mut caches)
+            .iter()
+            .zip(&alone)
+            .filter(|(o, a)| bits(o) == **a)
+            .count();
         let mut caches = fresh(sessions);
         device.synchronize().unwrap();
         let t0 = Instant::now();
@@ -1128,14 +1134,7 @@ fn device_batch_table(path: &Path, name: &str) {
         device.synchronize().unwrap();
         let t0 = Instant::now();
         for _ in 0..steps {
-            for (cs, xs) in caches.chunks_mut(most).zip(xs.chunks(most)) {
-                let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> = cs
-                    .iter_mut()
-                    .zip(xs)
-                    .map(|(c, x)| (x, c.len(), c))
-                    .collect();
-                span.forward_batch(&mut batch).unwrap();
-            }
+            batched_step(&mut caches);
             device.synchronize().unwrap();
         }
         let batched = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
