@@ -238,9 +238,9 @@ fn servers_place_themselves_and_cover_again_after_one_leaves() {
     assert!(asked >= 1, "its session was asked to move: {moved}");
     // The local text to compare with, computed while the rest of the answer comes
     // (a route computes on one core at a time; this takes the other).
-    let local_long = std::thread::spawn(|| generate(None, PROMPT, false, LONG_TOKENS));
+    local_answer_soon(PROMPT, false, LONG_TOKENS);
     let text = running.finish();
-    assert_eq!(text, local_long.join().unwrap());
+    assert_eq!(text, local_answer(PROMPT, false, LONG_TOKENS));
     let last = status(Some(&addr));
     assert_eq!(coverage(&last), Some((Vec::new(), 5)), "{:?}", spans(&last));
 }

@@ -98,7 +98,7 @@ fn server_of<'a>(status: &'a serde_json::Value, peer: &str) -> Option<&'a serde_
 #[test]
 fn private_mesh_on_separate_hosts_keeps_outsiders_out_and_answers_like_local() {
     let Some(mut net) = internet() else { return };
-    let local = std::thread::spawn(|| text(&generate(None, PROMPT, false, TOKENS)).to_string());
+    local_answer_soon(PROMPT, false, TOKENS);
     let dir = temp_dir("private-hosts");
     let key = mesh_init(&dir);
     let other_dir = temp_dir("private-hosts-other");
@@ -209,7 +209,8 @@ fn private_mesh_on_separate_hosts_keeps_outsiders_out_and_answers_like_local() {
         "full coverage with a relayed address behind the NAT: {st}"
     );
     eprintln!("mesh ready {took:?} after the servers");
-    let local = local.join().unwrap();
+    let local = local_answer(PROMPT, false, TOKENS);
+    let local = text(&local);
     let out = generate_on(&client, &addr, Some(&key), &id("client"), 60);
     assert!(out.status.success(), "member generate: {}", stderr(&out));
     assert_eq!(
