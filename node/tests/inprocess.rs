@@ -399,6 +399,77 @@ async fn a_goodbye_with_no_bootstrap_connected_returns_at_once() {
     .await;
 }
 
+/// A fresh folder for the keys of a test's servers, named after `name`.
+fn keys_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        pollen_node::clock::unix_ms()
+    ))
+}
+
+/// An in-process server of `blocks` that joins through `boot`: 2 sessions of at most 64
+/// tokens, one of them per client, one compute slot, prompts in parts of 100 ms.
+fn server_config(
+    model: &std::path::Path,
+    blocks: &str,
+    load: &pollen_shard::LoadOptions,
+    boot: &Node,
+    identity: std::path::PathBuf,
+) -> pollen_node::serve::ServeConfig {
+    pollen_node::serve::ServeConfig {
+        model: model.to_path_buf(),
+        blocks: Some(blocks.to_string()),
+        load: load.clone(),
+        listen: vec!["/memory/0".parse().unwrap()],
+        bootstrap: vec![boot.addr.clone()],
+        identity,
+        mdns: false,
+        max_sessions: 2,
+        max_session_tokens: 64,
+        idle_timeout: Duration::from_secs(60),
+        announce_ttl: Duration::from_secs(60),
+        grace: Duration::from_secs(1),
+        compute_slots: 1,
+        prompt_part: Duration::from_millis(100),
+        max_batch: pollen_node::serve::batch::DEFAULT_MAX_BATCH,
+        max_cache_bytes: None,
+        max_memory_bytes: None,
+        num_blocks: None,
+        rebalance_every: Duration::from_secs(60),
+        peer_limits: pollen_node::serve::sessions::PeerLimits {
+            sessions_per_client: 1,
+            streams_per_peer: 8,
+            first_step_timeout: Duration::from_secs(1),
+        },
+        net: Default::default(),
+    }
+}
+
+/// A new session from `open` once a refused step has ended the client's last one: the
+/// servers answer `busy` until that session's end has reached them (5 s at most here).
+async fn reopen<F, Fut>(open: F) -> pollen_node::client::SwarmSession
+where
+    F: Fn() -> Fut,
+    Fut: Future<
+        Output = Result<pollen_node::client::SwarmSession, pollen_node::client::ClientError>,
+    >,
+{
+    let refused_at = Instant::now();
+    loop {
+        match open().await {
+            Ok(s) => return s,
+            Err(pollen_node::client::ClientError::HopFailed(f))
+                if f.code == pollen_protocol::ErrorCode::Busy
+                    && refused_at.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopening after a refused step: {e}"),
+        }
+    }
+}
+
 /// The longest the session test may run: it loads the model three times (two spans
 /// and the local reference) and measures each span's speed.
 const SPAN_BOUND: Duration = Duration::from_secs(180);
@@ -434,42 +505,21 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
 
         let cancel = CancellationToken::new();
         let boot = Node::current(Role::Bootstrap, &cancel).await;
-        let keys = std::env::temp_dir().join(format!(
-            "pollen-inprocess-{}-{}",
-            std::process::id(),
-            pollen_node::clock::unix_ms()
-        ));
+        let keys = keys_dir("pollen-inprocess");
         let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
         let servers: Vec<_> = [(0, half), (half, n)]
             .into_iter()
             .map(|(start, end)| {
                 let cfg = ServeConfig {
-                    model: model.clone(),
-                    blocks: Some(format!("{start}:{end}")),
-                    load: load.clone(),
-                    listen: vec!["/memory/0".parse().unwrap()],
-                    bootstrap: vec![boot.addr.clone()],
-                    identity: keys.join(format!("server-{start}.key")),
-                    mdns: false,
-                    max_sessions: 2,
-                    max_session_tokens: 64,
-                    idle_timeout: Duration::from_secs(60),
-                    announce_ttl: Duration::from_secs(60),
-                    grace: Duration::from_secs(1),
-                    compute_slots: 1,
                     // Parts as small as they come: 32 rows, then 32 again.
                     prompt_part: Duration::from_nanos(1),
-                    max_batch: pollen_node::serve::batch::DEFAULT_MAX_BATCH,
-                    max_cache_bytes: None,
-                    max_memory_bytes: None,
-                    num_blocks: None,
-                    rebalance_every: Duration::from_secs(60),
-                    peer_limits: serve::sessions::PeerLimits {
-                        sessions_per_client: 1,
-                        streams_per_peer: 8,
-                        first_step_timeout: Duration::from_secs(1),
-                    },
-                    net: Default::default(),
+                    ..server_config(
+                        &model,
+                        &format!("{start}:{end}"),
+                        &load,
+                        &boot,
+                        keys.join(format!("server-{start}.key")),
+                    )
                 };
                 tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()))
             })
@@ -560,19 +610,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         // A refused step ends the session on every server: a new one is brought to
         // the same state (its slot is free once the old one's end has reached it).
         session.close().await;
-        let refused_at = Instant::now();
-        let mut session = loop {
-            match open().await {
-                Ok(s) => break s,
-                Err(ClientError::HopFailed(f))
-                    if f.code == ErrorCode::Busy
-                        && refused_at.elapsed() < Duration::from_secs(5) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("reopening after a refused step: {e}"),
-            }
-        };
+        let mut session = reopen(open).await;
         for (pos, x) in xs.iter().enumerate() {
             session.step(x, pos).await.unwrap();
         }
@@ -841,4 +879,139 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
     tokio::time::timeout(SPAN_BOUND, test)
         .await
         .expect("the session test hung past its bound");
+}
+
+/// Steps take working memory only to compute, on an exact-mode server whose
+/// `--max-memory` leaves room for two sessions' keys and values and one decode step's
+/// working memory: a step at a position its session's cache does not hold is refused
+/// as the sender's fault before it is given any (claiming position 1,000 of an empty
+/// session would size a step of a thousand tokens' cache: `BadRequest`, not
+/// `OverBudget`), and two sessions decoding at once, whose steps meet in the batch
+/// queue but whose memory does not fit twice, both run to the end: a step waiting in
+/// the queue holds none, and one its batch has no room for waits for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_take_memory_only_to_compute_and_a_wrong_position_takes_none() {
+    use candle_core::{Device, Tensor};
+    use pollen_node::client::{ClientError, SwarmSession, route};
+    use pollen_node::serve::{self, ServeConfig};
+    use pollen_protocol::{ErrorCode, WireDType};
+    use pollen_shard::{BlockSpan, LoadOptions, ModelFile, WeightMode};
+    use std::collections::HashMap;
+
+    const TOKENS: usize = 1024;
+    const STEPS: usize = 24;
+    let test = async {
+        let model =
+            pollen_node::fetch::ensure_default_model(&mut |line| eprintln!("{line}")).unwrap();
+        let file = ModelFile::open(&model).unwrap();
+        let config = file.config().unwrap();
+        let (n, hidden) = (config.num_blocks, config.hidden_size);
+        let model_id = pollen_node::model::model_id(&model, &mut |_, _| {}).unwrap();
+        let load = LoadOptions {
+            device: Device::Cpu,
+            mode: WeightMode::Exact,
+        };
+        let compute = pollen_shard::compute_mode(&file, &load).unwrap();
+        // The server's budget: its weights, two sessions' keys and values, and room for
+        // one decode step at position STEPS but not for two past STEPS / 2, nor for a
+        // step at position 1,000.
+        let span = BlockSpan::load(
+            &file,
+            pollen_shard::BlockRange { start: 0, end: n },
+            &load,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let room = span.step_memory_bytes(1, STEPS);
+        let budget = span.weight_bytes() + 2 * TOKENS * span.kv_bytes_per_token() + room;
+        assert!(2 * span.step_memory_bytes(1, STEPS / 2) > room);
+        assert!(span.step_memory_bytes(1, 1000) > room);
+        drop(span);
+
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let keys = keys_dir("pollen-inprocess-position");
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+        let cfg = ServeConfig {
+            max_session_tokens: TOKENS,
+            max_memory_bytes: Some(budget as u64),
+            ..server_config(
+                &model,
+                &format!("0:{n}"),
+                &load,
+                &boot,
+                keys.join("server.key"),
+            )
+        };
+        let server = tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()));
+
+        let client = Node::current(Role::Client, &cancel).await;
+        let other = Node::current(Role::Client, &cancel).await;
+        client.net.dial(boot.addr.clone()).await.unwrap();
+        let book = loop {
+            let book = client.net.gather(Some(model_id)).await.unwrap();
+            if !book.is_empty() {
+                break book;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
+        let open = || {
+            SwarmSession::open(
+                &client.net,
+                model_id,
+                &compute,
+                &hops,
+                TOKENS as u32,
+                hidden,
+                WireDType::F32,
+            )
+        };
+        let x = Tensor::arange(0f32, hidden as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, -2.0)
+            .unwrap()
+            .reshape((1, 1, hidden))
+            .unwrap();
+        let mut session = open().await.unwrap();
+        match session.step(&x, 1000).await {
+            Err(ClientError::HopFailed(f)) => {
+                assert_eq!((f.hop, f.code), (0, ErrorCode::BadRequest), "{f:?}");
+                assert!(f.message.contains("position mismatch"), "{f:?}");
+            }
+            other => panic!("a step at position 1,000 of an empty session: {other:?}"),
+        }
+        session.close().await;
+        // The refused session's slot frees; honest steps run within the same budget.
+        let session = reopen(open).await;
+        // Two sessions decode at once, their steps queued together.
+        let second = SwarmSession::open(
+            &other.net,
+            model_id,
+            &compute,
+            &hops,
+            TOKENS as u32,
+            hidden,
+            WireDType::F32,
+        )
+        .await
+        .unwrap();
+        let decode = |mut s: SwarmSession, x: Tensor| async move {
+            for pos in 0..=STEPS {
+                if let Err(e) = s.step(&x, pos).await {
+                    panic!("a step at position {pos} beside another session's: {e}");
+                }
+            }
+            s.close().await;
+        };
+        let y = x.affine(-1.0, 0.5).unwrap();
+        tokio::join!(decode(session, x), decode(second, y));
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        cancel.cancel();
+        let _ = std::fs::remove_dir_all(&keys);
+    };
+    tokio::time::timeout(SPAN_BOUND, test)
+        .await
+        .expect("the position test hung past its bound");
 }

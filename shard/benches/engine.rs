@@ -893,7 +893,9 @@ fn child_batch(path: &Path, sessions: usize, steps: usize) {
     for _ in 0..steps {
         let mut batch: Vec<(&Tensor, usize, &mut pollen_shard::SpanCache)> =
             caches.iter_mut().map(|c| (&x, c.len(), c)).collect();
-        span.forward_batch(&mut batch).unwrap();
+        for out in span.forward_batch(&mut batch).unwrap() {
+            out.unwrap();
+        }
     }
     let batched = (sessions * steps) as f64 / t0.elapsed().as_secs_f64();
     println!("KERNEL {}", kernel_of("fast"));
@@ -1103,6 +1105,7 @@ fn device_batch_table(path: &Path, name: &str) {
                         .collect();
                     span.forward_batch(&mut batch).unwrap()
                 })
+                .map(|o| o.unwrap())
                 .collect()
         };
         // Bits: each session's batched step against the same step alone.

@@ -550,22 +550,52 @@ fn batch_equals_single_steps(span: &BlockSpan) -> Result<()> {
             .collect();
         let batched = span.forward_batch(&mut steps)?;
         for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            let b = b
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("session {i}: {e}"))?;
             assert_eq!(b.dims(), &[1, 1, TINY_HIDDEN]);
             assert_eq!(max_diff(a, b)?, 0.0, "round {round} session {i}");
             assert_eq!(caches[i].len(), lens[i] + 1);
         }
     }
-    // A wrong position in the batch: refused, and no cache moves.
+    // A wrong position in the batch: that step alone is refused and its cache does not
+    // move; the others compute, each with its own step's bits.
     let lens: Vec<usize> = caches.iter().map(SpanCache::len).collect();
     let x = rand_tensor(&[1, 1, TINY_HIDDEN], 99, 1.0)?;
+    let mut alone = Vec::new();
+    for c in &caches {
+        let mut c = c.clone();
+        alone.push(span.forward(&x, c.len(), &mut c)?);
+    }
     let mut steps: Vec<(&Tensor, usize, &mut SpanCache)> = caches
         .iter_mut()
         .enumerate()
         .map(|(i, c)| (&x, c.len() + usize::from(i == 2), c))
         .collect();
-    assert!(span.forward_batch(&mut steps).is_err());
-    assert_eq!(caches.iter().map(SpanCache::len).collect::<Vec<_>>(), lens);
-    // The caches still step on from where they were.
+    let outs = span.forward_batch(&mut steps)?;
+    for (i, out) in outs.iter().enumerate() {
+        match out {
+            Ok(out) => {
+                assert_ne!(i, 2);
+                assert_eq!(
+                    max_diff(&alone[i], out)?,
+                    0.0,
+                    "session {i} beside a refused step"
+                );
+            }
+            Err(e) => assert!(
+                i == 2 && matches!(e, pollen_shard::ShardError::PositionMismatch { .. }),
+                "session {i}: {e}"
+            ),
+        }
+    }
+    let want: Vec<usize> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| n + usize::from(i != 2))
+        .collect();
+    assert_eq!(caches.iter().map(SpanCache::len).collect::<Vec<_>>(), want);
+    // Every cache still steps on from where it is.
     for c in &mut caches {
         span.forward(&x, c.len(), c)?;
     }

@@ -43,12 +43,13 @@
 //! ([`crate::threads::ShortWork`]); larger batches on the blocking pool.
 
 use super::Server;
+use super::sessions::{Budget, BudgetGuard};
 use crate::threads::TimeAverage;
 use candle_core::Tensor;
 use pollen_shard::{BlockSpan, ShardError, SpanCache};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
@@ -110,7 +111,12 @@ pub(super) struct Job {
     input: Tensor,
     position: usize,
     cache: SpanCache,
-    reply: oneshot::Sender<StepResult>,
+    /// The step's working memory in bytes, taken from the budget by the batch that
+    /// computes it, under that batch's permit ([`Self::memory`]), and given back as it
+    /// is answered: a step waiting in the queue holds none.
+    need: usize,
+    memory: Option<BudgetGuard>,
+    reply: oneshot::Sender<Result<StepResult, NotRun>>,
 }
 
 /// When a session's next decode step is expected: how long after its last output the
@@ -355,6 +361,47 @@ impl<J: Queued> Queue<J> {
         job
     }
 
+    /// Waits for `answer` to come (its value) or for step `id` to be queued again
+    /// (`None`): a batch that took it can put it back ([`Self::put_back`]).
+    async fn answer_or_requeued<T>(
+        &self,
+        id: u64,
+        answer: &mut oneshot::Receiver<T>,
+    ) -> Option<Result<T, oneshot::error::RecvError>> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so that no change in between is missed.
+            changed.as_mut().enable();
+            let queued = self
+                .state
+                .lock()
+                .is_ok_and(|s| s.jobs.iter().any(|j| j.id() == id));
+            if queued {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                r = &mut *answer => return Some(r),
+                _ = &mut changed => {}
+            }
+        }
+    }
+
+    /// Steps a batch took and could not compute (see [`take_memory`]) back at the head
+    /// of the queue, in their order.
+    fn put_back(&self, jobs: Vec<J>) {
+        if jobs.is_empty() {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            for job in jobs.into_iter().rev() {
+                s.jobs.push_front(job);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
     /// If step `id` is still queued: it and the steps queued before and after it, in
     /// order, at most [`Self::max`] in all. Empty if a batch already took it.
     fn take_batch(&self, id: u64) -> Vec<J> {
@@ -477,16 +524,10 @@ async fn part_turn<'a>(
     server: &'a Server,
     first: bool,
     upstream_gone: &CancellationToken,
-    held: &mut Option<super::sessions::BudgetGuard>,
+    held: &mut Option<BudgetGuard>,
     whole: usize,
     need: usize,
-) -> Result<
-    (
-        tokio::sync::SemaphorePermit<'a>,
-        super::sessions::BudgetGuard,
-    ),
-    NoTurn,
-> {
+) -> Result<(tokio::sync::SemaphorePermit<'a>, BudgetGuard), NoTurn> {
     if !first {
         server.batch.make_way().await;
     }
@@ -676,23 +717,25 @@ async fn in_blocks(
 }
 
 /// The answer `out` brings, or its loss.
-async fn answer(out: oneshot::Receiver<StepResult>) -> Result<StepResult, NotRun> {
+async fn answer(out: oneshot::Receiver<Result<StepResult, NotRun>>) -> Result<StepResult, NotRun> {
     out.await
-        .map_err(|_| NotRun::Lost("the batch computing it failed".into()))
+        .map_err(|_| NotRun::Lost("the batch computing it failed".into()))?
 }
 
-/// Computes a one-token step (`input` of shape `(1, 1, hidden)` at `position`) under a
-/// compute permit, batched with whatever other decode steps are queued. The step's
-/// arrival is already in `pace` ([`Pace::arrived`]); its output goes in here.
+/// Computes a one-token step (`input` of shape `(1, 1, hidden)` at `position`, needing
+/// `need` bytes of working memory) under a compute permit, batched with whatever other
+/// decode steps are queued. The step's arrival is already in `pace`
+/// ([`Pace::arrived`]); its output goes in here.
 pub(super) async fn decode(
     server: &Server,
     input: Tensor,
     position: usize,
     cache: SpanCache,
+    need: usize,
     pace: &mut Pace,
 ) -> Result<StepResult, NotRun> {
     let queue = &server.batch;
-    let result = queued(server, input, position, cache, pace.key).await;
+    let result = queued(server, input, position, cache, need, pace.key).await;
     match (&result, pace.done(Instant::now())) {
         (Ok(_), Some(at)) => queue.expect(pace.key, at),
         // A step not computed: the session is stopping or gone.
@@ -708,6 +751,7 @@ async fn queued(
     input: Tensor,
     position: usize,
     cache: SpanCache,
+    need: usize,
     key: u64,
 ) -> Result<StepResult, NotRun> {
     let queue = &server.batch;
@@ -719,89 +763,168 @@ async fn queued(
             input,
             position,
             cache,
+            need,
+            memory: None,
             reply,
         },
         key,
     );
-    let permit = tokio::select! {
-        biased;
-        r = &mut out => return r.map_err(|_| NotRun::Lost("the batch computing it failed".into())),
-        p = server.permits.acquire() => p,
-    };
-    let Ok(permit) = permit else {
-        return match queue.withdraw(id) {
-            Some(job) => Err(NotRun::Stopping(job.cache)),
-            None => answer(out).await,
+    loop {
+        let permit = tokio::select! {
+            biased;
+            r = &mut out => return r.map_err(|_| NotRun::Lost("the batch computing it failed".into()))?,
+            p = server.permits.acquire() => p,
         };
-    };
-    let gathering = Instant::now();
-    queue.gather(id).await;
-    let jobs = queue.take_batch(id);
-    if jobs.is_empty() {
-        // Another session's batch took this step: the permit goes to the next.
-        drop(permit);
-    } else {
-        crate::metrics::global().batch_wait(gathering.elapsed());
-        let span = server.span.clone();
-        let started = Instant::now();
-        // A panic loses the batch's caches: their senders drop and each session ends.
-        let lone = jobs.len() == 1 && server.computes_alone();
-        if let Err(e) = server.lone_steps.run(lone, move || run(&span, jobs)).await {
-            tracing::error!("a batched compute task failed: {e}");
+        let Ok(permit) = permit else {
+            return match queue.withdraw(id) {
+                Some(job) => Err(NotRun::Stopping(job.cache)),
+                None => answer(out).await,
+            };
+        };
+        let gathering = Instant::now();
+        queue.gather(id).await;
+        let jobs = queue.take_batch(id);
+        if jobs.is_empty() {
+            // Another session's batch took this step: the permit goes to the next, and
+            // the answer comes from that batch, unless it puts the step back for want of
+            // memory (with more than one compute slot, while this one gathered).
+            drop(permit);
+            match queue.answer_or_requeued(id, &mut out).await {
+                Some(r) => {
+                    return r.map_err(|_| NotRun::Lost("the batch computing it failed".into()))?;
+                }
+                None => continue,
+            }
         }
-        queue.computed(started.elapsed());
+        let Memory { fit, wait, refused } = take_memory(&server.kv_budget, jobs);
+        for job in refused {
+            let _ = job.reply.send(Err(NotRun::OverBudget(job.cache, 1, 0)));
+        }
+        let again = wait.iter().any(|j| j.id == id);
+        queue.put_back(wait);
+        if !fit.is_empty() {
+            crate::metrics::global().batch_wait(gathering.elapsed());
+            let span = server.span.clone();
+            let started = Instant::now();
+            // A panic loses the batch's caches: their senders drop and each session ends.
+            let lone = fit.len() == 1 && server.computes_alone();
+            if let Err(e) = server.lone_steps.run(lone, move || run(&span, fit)).await {
+                tracing::error!("a batched compute task failed: {e}");
+            }
+            queue.computed(started.elapsed());
+        }
         drop(permit);
+        // This step went back to the queue for want of memory: it leads a batch again
+        // with the next permit, unless another batch takes it first.
+        if !again {
+            break;
+        }
     }
     answer(out).await
 }
 
+/// A batch's steps sorted by the working memory the budget gives them.
+struct Memory {
+    /// Steps with their memory taken, to compute now.
+    fit: Vec<Job>,
+    /// Steps the budget has no room for beside those: back to the queue, first in
+    /// line, for a batch once this one's memory is given back.
+    wait: Vec<Job>,
+    /// Steps the budget has no room for with nothing of this batch holding any (as a
+    /// step alone would find it): refused.
+    refused: Vec<Job>,
+}
+
+/// Takes each step's working memory from `budget`, in the batch's order (under the
+/// batch's permit, so that steps waiting in the queue hold none).
+fn take_memory(budget: &Arc<Budget>, jobs: Vec<Job>) -> Memory {
+    let mut sorted = Memory {
+        fit: Vec::new(),
+        wait: Vec::new(),
+        refused: Vec::new(),
+    };
+    for mut job in jobs {
+        match budget.try_take(job.need) {
+            Some(memory) => {
+                job.memory = Some(memory);
+                sorted.fit.push(job);
+            }
+            None if sorted.fit.is_empty() => sorted.refused.push(job),
+            None => sorted.wait.push(job),
+        }
+    }
+    sorted
+}
+
 /// Computes `jobs` (blocking) and answers each, its output on the CPU: on a GPU every
 /// device operation of a step stays inside the compute task (see `steps::compute`).
-fn run(span: &BlockSpan, mut jobs: Vec<Job>) {
-    crate::metrics::global().batch(jobs.len());
-    let to_cpu =
-        |t: Tensor| -> pollen_shard::Result<Tensor> { Ok(t.to_device(&candle_core::Device::Cpu)?) };
+/// The batch metric counts the steps each pass over the weights computed; so does what
+/// it returns: how many of `jobs` computed in one pass (1 where they ran one by one).
+fn run(span: &BlockSpan, mut jobs: Vec<Job>) -> usize {
     if jobs.len() > 1 {
         let mut steps: Vec<(&Tensor, usize, &mut SpanCache)> = jobs
             .iter_mut()
             .map(|j| (&j.input, j.position, &mut j.cache))
             .collect();
-        // A refused or failed batch changes no cache: its steps then run one by one,
-        // so that each gets its own answer (a position mismatch is one session's fault).
-        if let Ok(outs) = span.forward_batch(&mut steps) {
-            drop(steps);
-            // The outputs are rows of one tensor: off the CPU, it comes back in one copy.
-            let outs = if span.device().is_cpu() {
-                Ok(outs)
-            } else {
-                Tensor::cat(&outs, 1)
-                    .and_then(|all| all.to_device(&candle_core::Device::Cpu))
-                    .and_then(|all| (0..outs.len()).map(|i| all.narrow(1, i, 1)).collect())
-            };
-            match outs {
-                Ok(outs) => {
-                    for (job, out) in jobs.into_iter().zip(outs) {
-                        let _ = job.reply.send((job.cache, Ok(out)));
-                    }
+        // A step refused on its own (its position, its cache's limits) is answered
+        // alone and the others still compute as one batch; a batch that fails as a whole
+        // changes no cache, and its steps then run one by one, each for its own answer.
+        match span.forward_batch(&mut steps) {
+            Ok(outs) => {
+                drop(steps);
+                let computed = outs.iter().filter(|o| o.is_ok()).count();
+                if computed > 0 {
+                    crate::metrics::global().batch(computed);
                 }
-                Err(e) => {
-                    let msg = format!("a batch's outputs to the CPU: {e}");
-                    for job in jobs {
-                        let _ = job
-                            .reply
-                            .send((job.cache, Err(ShardError::Device(msg.clone()))));
-                    }
+                let outs = if span.device().is_cpu() {
+                    outs
+                } else {
+                    to_cpu_at_once(outs)
+                };
+                for (job, out) in jobs.into_iter().zip(outs) {
+                    drop(job.memory);
+                    let _ = job.reply.send(Ok((job.cache, out)));
                 }
+                return computed;
             }
-            return;
+            Err(e) => tracing::warn!(
+                "a batch of {} decode steps failed, computing them one by one: {e}",
+                jobs.len()
+            ),
         }
     }
     for mut job in jobs {
         let out = span
             .forward(&job.input, job.position, &mut job.cache)
-            .and_then(to_cpu);
-        let _ = job.reply.send((job.cache, out));
+            .and_then(|t| Ok(t.to_device(&candle_core::Device::Cpu)?));
+        if out.is_ok() {
+            crate::metrics::global().batch(1);
+        }
+        drop(job.memory);
+        let _ = job.reply.send(Ok((job.cache, out)));
     }
+    1
+}
+
+/// A GPU batch's outputs on the CPU: they are rows of one tensor, so they come back in
+/// one copy (each row alone would copy the whole batch).
+fn to_cpu_at_once(outs: Vec<pollen_shard::Result<Tensor>>) -> Vec<pollen_shard::Result<Tensor>> {
+    let rows: Vec<&Tensor> = outs.iter().filter_map(|o| o.as_ref().ok()).collect();
+    let all = Tensor::cat(&rows, 1).and_then(|all| all.to_device(&candle_core::Device::Cpu));
+    let mut row = 0;
+    outs.into_iter()
+        .map(|o| {
+            o?;
+            let out = match &all {
+                Ok(all) => Ok(all.narrow(1, row, 1)?),
+                Err(e) => Err(ShardError::Device(format!(
+                    "a batch's outputs to the CPU: {e}"
+                ))),
+            };
+            row += 1;
+            out
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1040,6 +1163,171 @@ mod tests {
         assert_eq!(Queue::new(4, 16).max, 4);
         assert_eq!(Queue::new(1, 8).max, 1);
         assert!(!Queue::new(1, 8).batches());
+    }
+
+    /// Blocks 0:2 of the default model in the fast mode.
+    fn two_blocks() -> BlockSpan {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let file = pollen_shard::ModelFile::open(&model).unwrap();
+        let range = pollen_shard::BlockRange { start: 0, end: 2 };
+        let load = pollen_shard::LoadOptions::default();
+        BlockSpan::load(&file, range, &load, &mut |_, _| {}).unwrap()
+    }
+
+    /// Hidden states `(1, rows, hidden)`, a ramp that `seed` tilts.
+    fn ramp(span: &BlockSpan, seed: usize, rows: usize) -> Tensor {
+        let hidden = span.config().hidden_size;
+        Tensor::arange(0f32, (rows * hidden) as f32, &candle_core::Device::Cpu)
+            .unwrap()
+            .affine(0.001 * (seed + 1) as f64, -1.0)
+            .unwrap()
+            .reshape((1, rows, hidden))
+            .unwrap()
+    }
+
+    /// A queued decode step of a new session with a history of `past` tokens, needing
+    /// `need` bytes of working memory, and the receiver of its answer.
+    fn job(
+        span: &BlockSpan,
+        id: u64,
+        past: usize,
+        need: usize,
+    ) -> (Job, oneshot::Receiver<Result<StepResult, NotRun>>) {
+        let mut cache = span.new_cache(pollen_shard::CacheLimits::default());
+        span.forward(&ramp(span, id as usize, past), 0, &mut cache)
+            .unwrap();
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            id,
+            input: ramp(span, 10 + id as usize, 1),
+            position: cache.len(),
+            cache,
+            need,
+            memory: None,
+            reply,
+        };
+        (job, rx)
+    }
+
+    /// One session's step at a position its cache does not hold is refused alone, its
+    /// cache unmoved: the other steps of its batch still compute in one pass, each with
+    /// the bits of its own step alone, and each step's memory is given back as it is
+    /// answered.
+    #[test]
+    fn a_step_refused_alone_leaves_its_batch_computing() {
+        let span = two_blocks();
+        let budget = Budget::new(30);
+        let (mut jobs, replies): (Vec<Job>, Vec<_>) = [3, 9, 5]
+            .into_iter()
+            .enumerate()
+            .map(|(i, past)| job(&span, i as u64, past, 10))
+            .unzip();
+        let alone: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|j| {
+                let mut c = j.cache.clone();
+                let out = span.forward(&j.input, c.len(), &mut c).unwrap();
+                out.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        // The second session's step claims a position one past its cache.
+        jobs[1].position += 1;
+        let Memory { fit, wait, refused } = take_memory(&budget, jobs);
+        assert_eq!((fit.len(), wait.len(), refused.len()), (3, 0, 0));
+        assert_eq!(budget.taken(), 30);
+        let computed = run(&span, fit);
+        if span.batch_rows() >= 3 {
+            assert_eq!(computed, 2, "the two good steps in one pass");
+        }
+        assert_eq!(
+            budget.taken(),
+            0,
+            "each step's memory given back as it is answered"
+        );
+        let mut answers = replies
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().ok().unwrap());
+        for (i, want) in [(0, 4), (1, 9), (2, 6)] {
+            let (cache, out) = answers.next().unwrap();
+            assert_eq!(cache.len(), want, "session {i}'s cache");
+            match out {
+                Ok(out) => {
+                    assert_ne!(i, 1);
+                    let got: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(got, alone[i], "session {i}'s bits");
+                }
+                Err(e) => {
+                    assert_eq!(i, 1, "{e}");
+                    assert!(
+                        matches!(e, ShardError::PositionMismatch { cached: 9, got: 10 }),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A batch takes its steps' working memory in order: those the budget has no room
+    /// for beside the ones before them wait (back in the queue, first in line), and a
+    /// step with no room even with nothing of its batch holding memory is refused.
+    #[test]
+    fn a_batch_takes_memory_in_order_and_leaves_what_does_not_fit_waiting() {
+        let span = two_blocks();
+        let budget = Budget::new(10);
+        let jobs: Vec<Job> = [6, 3, 20, 3]
+            .into_iter()
+            .enumerate()
+            .map(|(i, need)| job(&span, i as u64, 2, need).0)
+            .collect();
+        let Memory { fit, wait, refused } = take_memory(&budget, jobs);
+        let ids = |jobs: &[Job]| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(
+            (ids(&fit), ids(&wait), ids(&refused)),
+            (vec![0, 1], vec![2, 3], vec![])
+        );
+        assert_eq!(budget.taken(), 9);
+        drop(fit);
+        assert_eq!(budget.taken(), 0);
+        // The next batch, led by the step that needs more than the whole budget: with
+        // nothing of its batch holding memory it is refused, and the step after it fits.
+        let Memory { fit, wait, refused } = take_memory(&budget, wait);
+        assert_eq!(
+            (ids(&fit), ids(&wait), ids(&refused)),
+            (vec![3], vec![], vec![2])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steps_put_back_lead_the_next_batch_in_their_order() {
+        let q = queue(ms(4));
+        q.push(5, 50);
+        q.push(6, 60);
+        q.put_back(vec![1, 2]);
+        assert_eq!(q.take_batch(2), vec![2, 1, 5, 6]);
+    }
+
+    /// A step another batch took waits for its answer, or, if that batch puts it back,
+    /// learns so at once (to lead a batch again).
+    #[tokio::test(start_paused = true)]
+    async fn a_step_another_batch_took_waits_for_its_answer_or_its_return() {
+        let q = Arc::new(queue(ms(4)));
+        q.push(1, 10);
+        assert_eq!(q.take_batch(1), vec![1]);
+        let (tx, mut rx) = oneshot::channel::<u32>();
+        let other = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(3)).await;
+            other.put_back(vec![1]);
+        });
+        let t = Instant::now();
+        assert!(q.answer_or_requeued(1, &mut rx).await.is_none());
+        assert_eq!(t.elapsed(), ms(3), "back in the queue");
+        assert_eq!(q.take_batch(1), vec![1]);
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(2)).await;
+            tx.send(7).unwrap();
+        });
+        assert_eq!(q.answer_or_requeued(1, &mut rx).await, Some(Ok(7)));
     }
 
     /// A prompt computed by blocks takes from the memory budget its decoded input, what it

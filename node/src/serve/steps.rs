@@ -130,11 +130,30 @@ pub(super) async fn compute(
         .skip(1)
         .map(|&d| d as usize)
         .fold(1usize, usize::saturating_mul);
-    // A batched step takes its permit in the batch; any other holds one from here on,
-    // so that steps waiting their turn hold no working memory.
-    let batched = rows == 1 && server.batch.batches();
+    // A well-formed step against its session's cache first: a position the cache does
+    // not hold, or a step past the session's limits, is refused before it is given
+    // memory (which its position would size) or a place in a batch. (A malformed shape
+    // is refused as such when its input is decoded, below.)
+    let well_formed = shape.len() == 3 && shape[0] == 1;
+    if well_formed && let Err(e) = server.span.check_step(&cache, position as usize, rows) {
+        return (
+            Some(cache),
+            Err(ProtocolError::new(code_of(&e), e.to_string())),
+        );
+    }
     // A long prompt takes a permit per part (see `batch::in_parts`).
     let parts = batch::parts_of(rows, server.prompt_parts);
+    // The step's activations come out of the server's one memory budget (with the KV
+    // caches), taken before its input is decoded, given back when it is done. A prompt
+    // in parts takes here its decoded input's share, and the rest with its parts' permits
+    // (see `batch::in_parts`); a decode step (its input one row) takes it in its batch.
+    let need = match parts {
+        None => server.span.step_memory_bytes(rows, position as usize),
+        Some(_) => batch::input_bytes(&server.span, rows),
+    };
+    // A batched step takes its permit and its memory in the batch; any other takes a
+    // permit first: steps waiting their turn hold no working memory.
+    let batched = rows == 1 && server.batch.batches();
     // The next decode step's gap is the session's usual one only after a decode step
     // that went through the batch queue.
     if batched {
@@ -155,16 +174,13 @@ pub(super) async fn compute(
             }
         }
     };
-    // The step's activations come out of the server's one memory budget (with the KV
-    // caches), taken before its input is decoded, given back when it is done. A prompt
-    // in parts takes here its decoded input's share, and the rest with its parts' permits
-    // (see `batch::in_parts`).
-    let need = match parts {
-        None => server.span.step_memory_bytes(rows, position as usize),
-        Some(_) => batch::input_bytes(&server.span, rows),
-    };
-    let Some(memory) = server.kv_budget.try_take(need) else {
-        return (Some(cache), Err(over_budget(server, rows, need)));
+    let memory = if batched {
+        None
+    } else {
+        match server.kv_budget.try_take(need) {
+            Some(m) => Some(m),
+            None => return (Some(cache), Err(over_budget(server, rows, need))),
+        }
     };
     // On a GPU every device operation stays inside the compute task, under its one
     // permit: the input is decoded and checked on the CPU, and the output comes back
@@ -202,7 +218,7 @@ pub(super) async fn compute(
             Some(part) => {
                 batch::in_parts(server, input, position, cache, part, upstream_gone).await
             }
-            None => batch::decode(server, input, position, cache, pace).await,
+            None => batch::decode(server, input, position, cache, need, pace).await,
         };
         match run {
             Ok(r) => Ok(r),
@@ -252,14 +268,21 @@ pub(super) async fn compute(
         Ok((cache, Ok(out))) => (Some(cache), Ok(crate::fault::apply(out))),
         #[cfg(not(feature = "fault-injection"))]
         Ok((cache, Ok(out))) => (Some(cache), Ok(out)),
-        Ok((cache, Err(e))) => {
-            let code = match &e {
-                ShardError::CacheFull { .. } => ErrorCode::OverBudget,
-                ShardError::PositionMismatch { .. } => ErrorCode::BadRequest,
-                _ => ErrorCode::Internal,
-            };
-            (Some(cache), Err(ProtocolError::new(code, e.to_string())))
-        }
+        Ok((cache, Err(e))) => (
+            Some(cache),
+            Err(ProtocolError::new(code_of(&e), e.to_string())),
+        ),
+    }
+}
+
+/// The code a step's refusal by the engine goes back with: a step past its session's
+/// limits is over budget, one at a position its cache does not hold is the sender's
+/// fault, anything else this server's.
+fn code_of(e: &ShardError) -> ErrorCode {
+    match e {
+        ShardError::CacheFull { .. } => ErrorCode::OverBudget,
+        ShardError::PositionMismatch { .. } => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
     }
 }
 

@@ -475,12 +475,16 @@ impl BlockSpan {
     /// per session. Each session's output is bit-identical to its own
     /// [`Self::forward`] step.
     ///
-    /// At most [`Self::batch_rows`] steps (more are refused). If any step is
-    /// refused or fails, no cache changes.
+    /// Each step is checked on its own first ([`Self::check_step`] and its
+    /// shape): one that is refused gets its error in its own place and its
+    /// cache does not move, and the others still compute as one batch, so
+    /// one session's bad step cannot cost the others their batch. An error
+    /// for the whole call (more than [`Self::batch_rows`] steps, or the
+    /// batch's computation failing) changes no cache.
     pub fn forward_batch(
         &self,
         steps: &mut [(&Tensor, usize, &mut SpanCache)],
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<Result<Tensor>>> {
         let most = self.batch_rows();
         if steps.len() > most {
             return Err(ShardError::BadInput(format!(
@@ -489,23 +493,69 @@ impl BlockSpan {
             )));
         }
         crate::device::bind_thread(&self.device)?;
-        let cfg = &self.shared.cfg;
-        let mut rows = Vec::with_capacity(steps.len());
-        let mut new_lens = Vec::with_capacity(steps.len());
-        for (hidden, pos, cache) in steps.iter() {
-            if hidden.dims() != [1, 1, cfg.hidden_size] {
-                return Err(ShardError::BadInput(format!(
-                    "hidden states of shape {:?}, expected (1, 1, {}) in a batch",
-                    hidden.dims(),
-                    cfg.hidden_size
-                )));
-            }
-            new_lens.push(cache.check_step(self.range, self.shared.fast, *pos, 1)?);
-            rows.push(hidden.to_device(&self.device)?.to_dtype(DType::F32)?);
+        let hidden_size = self.shared.cfg.hidden_size;
+        let checked: Vec<Result<usize>> = steps
+            .iter()
+            .map(|(hidden, pos, cache)| {
+                if hidden.dims() != [1, 1, hidden_size] {
+                    return Err(ShardError::BadInput(format!(
+                        "hidden states of shape {:?}, expected (1, 1, {hidden_size}) in a batch",
+                        hidden.dims(),
+                    )));
+                }
+                cache.check_step(self.range, self.shared.fast, *pos, 1)
+            })
+            .collect();
+        let mut batch: Vec<(&Tensor, usize, &mut SpanCache, usize)> = steps
+            .iter_mut()
+            .zip(&checked)
+            .filter_map(|((hidden, pos, cache), c)| {
+                c.as_ref()
+                    .ok()
+                    .map(|&len| (&**hidden, *pos, &mut **cache, len))
+            })
+            .collect();
+        let out = self.compute_batch(&mut batch)?;
+        // The batch's outputs are its rows, in the order of the steps it took.
+        let mut row = 0;
+        Ok(checked
+            .into_iter()
+            .map(|c| {
+                c?;
+                let out = out.as_ref().map(|x| x.narrow(1, row, 1));
+                row += 1;
+                match out {
+                    Some(o) => Ok(o?),
+                    None => Err(ShardError::BadInput("a batch of no steps".into())),
+                }
+            })
+            .collect())
+    }
+
+    /// Checks a step of `n_tokens` at position `pos` against `cache` as
+    /// [`Self::forward`] will, without running it: the cache is this span's,
+    /// `pos` is the length it holds, and the step fits its session's limits.
+    /// A server asks before giving a step memory or a place in a batch.
+    pub fn check_step(&self, cache: &SpanCache, pos: usize, n_tokens: usize) -> Result<()> {
+        cache
+            .check_step(self.range, self.shared.fast, pos, n_tokens)
+            .map(|_| ())
+    }
+
+    /// [`Self::forward_batch`]'s computation of steps already checked, each
+    /// with the length its cache will have after it: their outputs as the
+    /// rows of one tensor `(1, steps, hidden)`, `None` for no steps.
+    fn compute_batch(
+        &self,
+        steps: &mut [(&Tensor, usize, &mut SpanCache, usize)],
+    ) -> Result<Option<Tensor>> {
+        if steps.is_empty() {
+            return Ok(None);
         }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
+        let rows: Vec<Tensor> = steps
+            .iter()
+            .map(|s| Ok(s.0.to_device(&self.device)?.to_dtype(DType::F32)?))
+            .collect::<Result<_>>()?;
         let max_tokens: Vec<usize> = steps.iter().map(|s| s.2.limits().max_tokens).collect();
         let saved: Vec<_> = steps.iter().map(|s| s.2.snapshot()).collect();
         let mut run = || -> Result<Tensor> {
@@ -514,7 +564,7 @@ impl BlockSpan {
                 let segments: Vec<_> = steps
                     .iter()
                     .zip(&max_tokens)
-                    .map(|((_, pos, _), &max)| (*pos, 1, max))
+                    .map(|((_, pos, _, _), &max)| (*pos, 1, max))
                     .collect();
                 let mut layers: Vec<&mut [LayerKv]> =
                     steps.iter_mut().map(|s| s.2.layers_mut()).collect();
@@ -524,18 +574,17 @@ impl BlockSpan {
             for (b, block) in self.blocks.iter().enumerate() {
                 let mut items: Vec<(usize, &mut _)> = steps
                     .iter_mut()
-                    .map(|(_, pos, cache)| (*pos, &mut cache.layers_mut()[b]))
+                    .map(|(_, pos, cache, _)| (*pos, &mut cache.layers_mut()[b]))
                     .collect();
                 x = block.forward_batch(x, &mut items, &max_tokens, &self.shared)?;
             }
             Ok(x)
         };
         let out = run();
-        for ((step, saved), &len) in steps.iter_mut().zip(saved).zip(&new_lens) {
-            step.2.finish(out.is_ok(), len, saved);
+        for (step, saved) in steps.iter_mut().zip(saved) {
+            step.2.finish(out.is_ok(), step.3, saved);
         }
-        let out = out?;
-        (0..steps.len()).map(|i| Ok(out.narrow(1, i, 1)?)).collect()
+        out.map(Some)
     }
 }
 
