@@ -800,7 +800,8 @@ async fn queued(
         for job in refused {
             let _ = job.reply.send(Err(NotRun::OverBudget(job.cache, 1, 0)));
         }
-        let again = wait.iter().any(|j| j.id == id);
+        // The batch's own step is its first: it either fits or is refused, so what goes
+        // back is other sessions' steps, each led again by its own task.
         queue.put_back(wait);
         if !fit.is_empty() {
             crate::metrics::global().batch_wait(gathering.elapsed());
@@ -814,11 +815,7 @@ async fn queued(
             queue.computed(started.elapsed());
         }
         drop(permit);
-        // This step went back to the queue for want of memory: it leads a batch again
-        // with the next permit, unless another batch takes it first.
-        if !again {
-            break;
-        }
+        break;
     }
     answer(out).await
 }
@@ -831,7 +828,8 @@ struct Memory {
     /// line, for a batch once this one's memory is given back.
     wait: Vec<Job>,
     /// Steps the budget has no room for with nothing of this batch holding any (as a
-    /// step alone would find it): refused.
+    /// step alone would find it; with more than one compute slot, another batch may
+    /// hold some, as it may for a step alone): refused.
     refused: Vec<Job>,
 }
 
@@ -1295,6 +1293,22 @@ mod tests {
             (ids(&fit), ids(&wait), ids(&refused)),
             (vec![3], vec![], vec![2])
         );
+    }
+
+    /// Outputs brought over in one copy keep their places around refused steps.
+    #[test]
+    fn outputs_in_one_copy_keep_their_places() {
+        let row = |v: f32| Tensor::full(v, (1, 1, 4), &candle_core::Device::Cpu).unwrap();
+        let outs = vec![
+            Ok(row(1.0)),
+            Err(ShardError::BadInput("refused".into())),
+            Ok(row(3.0)),
+        ];
+        let got: Vec<Option<Vec<f32>>> = to_cpu_at_once(outs)
+            .into_iter()
+            .map(|o| o.ok().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        assert_eq!(got, vec![Some(vec![1.0; 4]), None, Some(vec![3.0; 4])]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,7 +7,7 @@ use super::batch::{self, NotRun};
 use super::session::{ATTACH_WAIT, Downstream, NextHop, Reports, SEND_TIMEOUT, ack_timeout};
 use super::sessions::Reservation;
 use crate::net::stream::FrameWriter;
-use crate::wire::{from_wire, last_row, to_wire};
+use crate::wire::{check_shape, from_wire, last_row, to_wire};
 use pollen_protocol::{
     ErrorCode, HiddenStates, InferRequest, InferResponse, ProtocolError, SessionId, WireDType,
 };
@@ -123,19 +123,20 @@ pub(super) async fn compute(
     Option<SpanCache>,
     Result<candle_core::Tensor, ProtocolError>,
 ) {
-    let shape = hidden.shape();
-    let rows = shape
-        .iter()
-        .rev()
-        .skip(1)
-        .map(|&d| d as usize)
-        .fold(1usize, usize::saturating_mul);
-    // A well-formed step against its session's cache first: a position the cache does
-    // not hold, or a step past the session's limits, is refused before it is given
-    // memory (which its position would size) or a place in a batch. (A malformed shape
-    // is refused as such when its input is decoded, below.)
-    let well_formed = shape.len() == 3 && shape[0] == 1;
-    if well_formed && let Err(e) = server.span.check_step(&cache, position as usize, rows) {
+    // The step's shape, then the step against its session's cache, before anything
+    // else: a malformed shape, a position the cache does not hold or a step past the
+    // session's limits is refused before it is given memory (which its rows and its
+    // position would size), a compute permit or a place in a batch.
+    let rows = match check_shape(hidden, server.span.config().hidden_size) {
+        Ok(rows) => rows,
+        Err(e) => {
+            return (
+                Some(cache),
+                Err(ProtocolError::new(ErrorCode::BadRequest, e.to_string())),
+            );
+        }
+    };
+    if let Err(e) = server.span.check_step(&cache, position as usize, rows) {
         return (
             Some(cache),
             Err(ProtocolError::new(code_of(&e), e.to_string())),

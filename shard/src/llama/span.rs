@@ -515,19 +515,25 @@ impl BlockSpan {
                     .map(|&len| (&**hidden, *pos, &mut **cache, len))
             })
             .collect();
-        let out = self.compute_batch(&mut batch)?;
-        // The batch's outputs are its rows, in the order of the steps it took.
-        let mut row = 0;
+        // The outputs of the steps that passed, in their order: one step left computes
+        // as a step alone (the same path as `forward`), more as one batch, its rows.
+        let outs: Vec<Result<Tensor>> = match &mut batch[..] {
+            [] => Vec::new(),
+            [(hidden, pos, cache, _)] => vec![self.forward(hidden, *pos, cache)],
+            _ => {
+                let out = self.compute_batch(&mut batch)?;
+                (0..batch.len())
+                    .map(|row| Ok(out.narrow(1, row, 1)?))
+                    .collect()
+            }
+        };
+        let mut outs = outs.into_iter();
         Ok(checked
             .into_iter()
             .map(|c| {
                 c?;
-                let out = out.as_ref().map(|x| x.narrow(1, row, 1));
-                row += 1;
-                match out {
-                    Some(o) => Ok(o?),
-                    None => Err(ShardError::BadInput("a batch of no steps".into())),
-                }
+                outs.next()
+                    .unwrap_or_else(|| Err(ShardError::BadInput("a batch lost a step".into())))
             })
             .collect())
     }
@@ -544,14 +550,11 @@ impl BlockSpan {
 
     /// [`Self::forward_batch`]'s computation of steps already checked, each
     /// with the length its cache will have after it: their outputs as the
-    /// rows of one tensor `(1, steps, hidden)`, `None` for no steps.
+    /// rows of one tensor `(1, steps, hidden)`.
     fn compute_batch(
         &self,
         steps: &mut [(&Tensor, usize, &mut SpanCache, usize)],
-    ) -> Result<Option<Tensor>> {
-        if steps.is_empty() {
-            return Ok(None);
-        }
+    ) -> Result<Tensor> {
         let rows: Vec<Tensor> = steps
             .iter()
             .map(|s| Ok(s.0.to_device(&self.device)?.to_dtype(DType::F32)?))
@@ -584,7 +587,7 @@ impl BlockSpan {
         for (step, saved) in steps.iter_mut().zip(saved) {
             step.2.finish(out.is_ok(), step.3, saved);
         }
-        out.map(Some)
+        out
     }
 }
 
