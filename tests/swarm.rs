@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn bootstrap_and_three_servers_cover_expire_and_return() {
@@ -149,4 +149,63 @@ fn unreachable_bootstrap_is_a_clear_error() {
     assert!(err.contains(addr), "the error names the address: {err}");
     assert!(err.contains("gave up"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// SIGTERM stops a node whose stderr is gone (a closed pipe, as under `pollen … 2>&1 |
+/// head`): the notice of the stop cannot be written, and the stop goes on (writing it
+/// with `eprintln!` panicked the signal task, and the node then ignored every SIGTERM).
+#[test]
+fn sigterm_stops_a_node_whose_stderr_is_closed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = temp_dir("closed-stderr");
+    let mut child = std::process::Command::new(pollen())
+        .args(["bootstrap", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .arg("--identity")
+        .arg(dir.join("bootstrap.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::sync_channel(64);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Up: its address is out.
+    let up = Instant::now();
+    while !lines
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .contains("/ip4/")
+    {
+        assert!(up.elapsed() < Duration::from_secs(30), "no address");
+    }
+    drop(child.stderr.take());
+    let sent = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a SIGTERM with stderr closed: {status:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -31,8 +31,14 @@ pub fn watch(stop: CancellationToken, kill: CancellationToken) {
                 "Ctrl-C"
             };
             if n == 0 {
-                eprintln!("stopping on {what} (a second {what} exits at once)");
                 stop.cancel();
+                // Not `eprintln!`, which panics where stderr is gone (a closed pipe):
+                // this task would die with it and no second signal would ever stop us.
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "stopping on {what} (a second {what} exits at once)"
+                );
             } else {
                 kill.cancel();
                 std::process::exit(130);
