@@ -166,7 +166,8 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     if !book::set_process_limits(cfg.limits) {
         tracing::debug!("the announcement book's caps were set already");
     }
-    let keypair = net::identity::load_or_create(&cfg.identity)?;
+    // Held until the bootstrap ends: a second node with this key file is refused.
+    let (keypair, _held) = net::identity::load_and_hold(&cfg.identity)?;
     let me = keypair.public().to_peer_id();
     let net_cancel = stop.child_token();
     let (handle, net_task) = net::start(

@@ -28,6 +28,45 @@ pub enum IdentityError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Another running node holds the file.
+    #[error(
+        "{} is the identity of another Pollen node running on this machine: two nodes with \
+         one key are one peer to the swarm, and one of them would not be seen; give this one \
+         its own key file with --identity FILE",
+        path.display()
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A key file held by this process ([`load_and_hold`]): while it lives, no other node
+/// starts with the same identity.
+#[derive(Debug)]
+pub struct Held {
+    _file: std::fs::File,
+}
+
+/// [`load_or_create`] for a node that runs for a while (a server, a bootstrap): the key,
+/// and the file held (an advisory lock) until the [`Held`] is dropped or the process
+/// ends, however it ends. A second node started with the same file meanwhile is refused
+/// ([`IdentityError::InUse`]): with one peer id, the swarm would see only one of them.
+pub fn load_and_hold(path: &Path) -> Result<(Keypair, Held), IdentityError> {
+    let key = load_or_create(path)?;
+    let io = |what, source| IdentityError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(|e| io("opening", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok((key, Held { _file: file })),
+        Err(std::fs::TryLockError::WouldBlock) => Err(IdentityError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io("locking", e)),
+    }
 }
 
 /// Loads the key in `path`, or creates it (and its folder) if absent.
@@ -85,6 +124,23 @@ pub fn ed25519_secret(key: &Keypair) -> Option<[u8; 32]> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_held_key_file_refuses_a_second_node_until_it_is_let_go() {
+        let dir = std::env::temp_dir().join(format!("pollen-id-held-{}", std::process::id()));
+        let path = dir.join("key");
+        let _ = std::fs::remove_file(&path);
+        let (a, held) = load_and_hold(&path).unwrap();
+        let err = load_and_hold(&path).unwrap_err();
+        assert!(matches!(err, IdentityError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("--identity"), "{err}");
+        // Reading the key, as a status or mesh command does, still works.
+        assert_eq!(load_or_create(&path).unwrap().public(), a.public());
+        drop(held);
+        let (b, _held) = load_and_hold(&path).unwrap();
+        assert_eq!(a.public(), b.public());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn same_file_same_peer_id_and_private_mode() {

@@ -195,6 +195,12 @@ pub fn start(
             });
         }
     }
+    for addr in &cfg.listen {
+        port_free(addr).map_err(|e| NetError::Setup {
+            what: format!("cannot listen on {addr}"),
+            reason: e.to_string(),
+        })?;
+    }
     let mut swarm = transport::build(&cfg)?;
     for addr in &cfg.listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Setup {
@@ -235,4 +241,46 @@ pub fn start(
     };
     let task = tokio::spawn(event_loop.run(cancel));
     Ok((handle, task))
+}
+
+/// Whether a TCP listen address's port is free, where it names one: libp2p's TCP
+/// listeners share their port with any other socket that allows it (they reuse ports to
+/// dial from them), so a second node on a taken port would start and then answer in
+/// turns with the first. A plain bind, which shares with nobody, finds the port taken.
+fn port_free(addr: &Multiaddr) -> std::io::Result<()> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = addr.iter();
+    let ip: std::net::IpAddr = match it.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    match it.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::port_free;
+
+    #[test]
+    fn a_taken_tcp_port_is_found_and_other_addresses_pass() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let addr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let e = port_free(&addr).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        drop(taken);
+        port_free(&addr).unwrap();
+        for free in [
+            "/ip4/127.0.0.1/tcp/0",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "/memory/0",
+        ] {
+            port_free(&free.parse().unwrap()).unwrap();
+        }
+    }
 }

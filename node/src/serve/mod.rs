@@ -401,7 +401,8 @@ pub async fn run(
     stop: CancellationToken,
     kill: CancellationToken,
 ) -> Result<(), ServeError> {
-    let keypair = net::identity::load_or_create(&cfg.identity)?;
+    // Held until the server ends: a second node with this key file is refused.
+    let (keypair, _held) = net::identity::load_and_hold(&cfg.identity)?;
     let secret = net::identity::ed25519_secret(&keypair).ok_or_else(|| {
         net::identity::IdentityError::NotAKey {
             path: cfg.identity.clone(),
