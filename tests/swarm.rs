@@ -1,7 +1,8 @@
 //! A real swarm on 127.0.0.1: a bootstrap node and three servers as separate
 //! processes. Coverage appears, a killed server's span goes uncovered, and a
 //! restarted server keeps its peer id; servers without a bootstrap find each
-//! other by mDNS; an unreachable bootstrap is a clear error.
+//! other by mDNS; an unreachable bootstrap, an address naming another peer and a bad
+//! start are clear errors.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -149,6 +150,64 @@ fn unreachable_bootstrap_is_a_clear_error() {
     assert!(err.contains(addr), "the error names the address: {err}");
     assert!(err.contains("gave up"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// A bootstrap address whose /p2p/ part names another peer fails at once and says who
+/// answered (it used to retry for 15 s, then hint at a private mesh's swarm key), and a
+/// log on a pipe carries no terminal colour codes.
+#[test]
+fn a_bootstrap_address_naming_another_peer_fails_at_once() {
+    let dir = temp_dir("wrong-peer");
+    let (_boot, addr) = bootstrap(&dir, false);
+    let (at, real) = addr.split_once("/p2p/").unwrap();
+    let other = "12D3KooWDXv1U1YU278upnNXMeoWMmzCsN275mvUurr2DZaoHH75";
+    assert_ne!(real, other);
+    let wrong = format!("{at}/p2p/{other}");
+    let started = Instant::now();
+    let out = std::process::Command::new(pollen())
+        .args(["status", "--no-mdns", "--bootstrap", &wrong])
+        .env("POLLEN_LOG", "info")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{wrong} answered as peer {real}")),
+        "the error names the peer that answered: {err}"
+    );
+    assert!(!err.contains("swarm-key"), "no private-mesh hint: {err}");
+    assert!(!err.contains("retrying"), "no retries: {err}");
+    assert!(!err.contains('\x1b'), "colour codes on a pipe: {err}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A failed start names each cause once, and a bad span says which spans are valid.
+#[test]
+fn start_errors_name_each_cause_once() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(pollen())
+            .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let model = model();
+    let model = model.to_str().unwrap();
+    let err = run(&["--model", model, "--blocks", "10:5"]);
+    assert_eq!(
+        err.matches("block span 10:5 is invalid").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("0 ≤ START < END ≤ 30"), "{err}");
+    let missing = temp_dir("missing-model").join("absent.gguf");
+    let err = run(&["--model", missing.to_str().unwrap(), "--blocks", "0:5"]);
+    assert_eq!(err.matches("absent.gguf").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
 /// SIGTERM stops a node whose stderr is gone (a closed pipe, as under `pollen … 2>&1 |

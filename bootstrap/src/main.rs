@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", pollen_node::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

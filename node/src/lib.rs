@@ -38,6 +38,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// An error and its causes on one line, `what: why: why`, leaving out a cause whose
+/// text the line already holds (an error that prints its source in its own message
+/// would otherwise repeat it).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(text.trim()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Logs to stderr as text, filtered by `POLLEN_LOG` or `RUST_LOG` (see
 /// [`init_logging_as`]).
 pub fn init_logging() {
@@ -52,8 +70,13 @@ pub fn init_logging_as(format: LogFormat) {
         .into_iter()
         .find_map(|var| tracing_subscriber::EnvFilter::try_from_env(var).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error"));
+    // Colours only for a person at a terminal: not in a file, a pipe or a journal,
+    // nor where NO_COLOR is set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
@@ -70,3 +93,26 @@ pub mod signals;
 pub mod status;
 pub mod threads;
 pub mod wire;
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    /// A cause an error already prints in its own message is not printed again; other
+    /// causes all are, outermost first.
+    #[test]
+    fn error_line_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let open = pollen_shard::ShardError::Open {
+            path: "/m.gguf".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(open).context("loading the span");
+        assert_eq!(
+            error_line(&e),
+            "loading the span: cannot open model file /m.gguf: No such file"
+        );
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_line(&e), "outer: middle: inner");
+    }
+}

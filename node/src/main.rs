@@ -361,7 +361,7 @@ fn print_stats(args: &GenerateArgs, result: &pollen_shard::generate::Generation)
     }
     if args.stats {
         eprintln!(
-            "prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s ({:?})",
+            "prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s; stopped: {}",
             result.prompt_tokens,
             result.prefill_tokens_per_sec(),
             result.tokens.len(),
@@ -634,7 +634,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", pollen_node::error_line(&e));
             if let Some(pollen_node::client::ClientError::NoEntry(_)) = e.downcast_ref() {
                 eprintln!("{}", pollen_node::net::private::unreachable_hint(&mesh));
             }

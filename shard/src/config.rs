@@ -247,7 +247,10 @@ mod tests {
         let msg = BlockRange::parse("0:31", 30).err().map(|e| e.to_string());
         assert_eq!(
             msg.as_deref(),
-            Some("block span 0:31 is invalid for a model of 30 blocks")
+            Some(
+                "block span 0:31 is invalid for a model of 30 blocks \
+                 (a span is START:END with 0 ≤ START < END ≤ 30)"
+            )
         );
     }
 

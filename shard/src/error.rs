@@ -55,7 +55,10 @@ pub enum ShardError {
         expected: Vec<usize>,
     },
     /// A span outside the model's blocks, or an empty one.
-    #[error("block span {start}:{end} is invalid for a model of {num_blocks} blocks")]
+    #[error(
+        "block span {start}:{end} is invalid for a model of {num_blocks} blocks \
+         (a span is START:END with 0 ≤ START < END ≤ {num_blocks})"
+    )]
     SpanOutOfRange {
         /// First block asked for.
         start: usize,

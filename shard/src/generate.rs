@@ -80,6 +80,17 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::EndOfTurn => "the model ended its turn",
+            Self::Length => "the token limit was reached",
+            Self::StopString => "a stop string appeared",
+            Self::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Generation {

@@ -142,8 +142,9 @@ fn no_route_text(
     };
     format!(
         "no chain of servers computing {} covers every block of model {model} (uncovered: \
-         {gaps}); {servers} servers announced{others}",
-        crate::status::shown_mode(compute)
+         {gaps}); {servers} server{} announced{others}",
+        crate::status::shown_mode(compute),
+        if *servers == 1 { "" } else { "s" }
     )
 }
 

@@ -450,6 +450,14 @@ pub async fn connect_listening(
         .map(|a| handle.dial_with_retry(a, BOOTSTRAP_PATIENCE));
     let results = futures::future::join_all(dials).await;
     if !bootstrap.is_empty() && results.iter().all(|r| r.is_err()) {
+        // One address, and another peer answered it: that is the whole story (the
+        // private-mesh hint that follows an unreachable swarm would mislead).
+        let mut results = results;
+        if let [Err(net::NetError::WrongPeer { .. })] = &results[..]
+            && let Some(Err(e)) = results.pop()
+        {
+            return Err(ClientError::Net(e));
+        }
         let errors: Vec<String> = results
             .into_iter()
             .filter_map(|r| r.err().map(|e| e.to_string()))

@@ -27,6 +27,18 @@ pub enum NetError {
         #[source]
         source: Box<libp2p::swarm::DialError>,
     },
+    /// The node at an address is another peer than the address's `/p2p/` part names.
+    #[error(
+        "{addr} answered as peer {answered}: the peer id after /p2p/ is stale or mistyped \
+         (a node's peer id comes from its key file; a bootstrap prints its full address \
+         when it starts)"
+    )]
+    WrongPeer {
+        /// The address dialed.
+        addr: Multiaddr,
+        /// The peer that answered there.
+        answered: PeerId,
+    },
     /// Dialing kept failing for longer than the caller's patience.
     #[error("gave up on {addr} after {patience:?}: {last}")]
     GaveUp {

@@ -263,21 +263,29 @@ impl NetHandle {
         let deadline = tokio::time::Instant::now() + patience;
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.dial(addr.clone()).await {
+            let e = match self.dial(addr.clone()).await {
                 Ok(p) => return Ok(p),
-                Err(e) if tokio::time::Instant::now() + delay >= deadline => {
-                    return Err(NetError::GaveUp {
-                        addr: addr.clone(),
-                        patience,
-                        last: Box::new(e),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            // Another peer answers there: asking again would meet it again.
+            if let NetError::Dial { source, .. } = &e
+                && let libp2p::swarm::DialError::WrongPeerId { obtained, .. } = source.as_ref()
+            {
+                return Err(NetError::WrongPeer {
+                    addr: addr.clone(),
+                    answered: *obtained,
+                });
             }
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Err(NetError::GaveUp {
+                    addr: addr.clone(),
+                    patience,
+                    last: Box::new(e),
+                });
+            }
+            tracing::warn!("{e}; retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 

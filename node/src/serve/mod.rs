@@ -333,11 +333,15 @@ async fn start_automatic(
     let range = crate::placement::choose_span(num_blocks, &swarm, &me.to_bytes(), len, throughput);
     let totals = crate::placement::totals(num_blocks, &swarm);
     println!(
-        "placement: blocks {}:{} of {num_blocks}, next to {} servers ({} blocks were uncovered)",
+        "placement: blocks {}:{} of {num_blocks}, next to {} server{} ({} uncovered)",
         range.start,
         range.end,
         swarm.len(),
-        crate::placement::uncovered(&totals),
+        if swarm.len() == 1 { "" } else { "s" },
+        match crate::placement::uncovered(&totals) {
+            1 => "1 block was".to_string(),
+            n => format!("{n} blocks were"),
+        },
     );
     let span = load_span(cfg, range).await?;
     Ok((span, model_id, throughput as f32, auto))
