@@ -28,6 +28,24 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     });
     let took = took.expect("full coverage within 10 s of the last server being ready");
     eprintln!("full coverage seen {took:?} after the last server was ready");
+    // `--model` takes the model's file as well as its id, and shows that model only.
+    let by_file = std::process::Command::new(pollen())
+        .args(["status", "--json", "--no-reach", "--no-mdns", "--wait", "0"])
+        .args(["--bootstrap", &addr, "--model"])
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(by_file.status.success(), "{by_file:?}");
+    let by_file: serde_json::Value = serde_json::from_slice(&by_file.stdout).unwrap();
+    assert_eq!(coverage(&by_file), Some((vec![], 3)), "{by_file}");
+    let id = by_file["models"][0]["id"].as_str().unwrap().to_string();
+    let by_id = std::process::Command::new(pollen())
+        .args(["status", "--json", "--no-reach", "--no-mdns", "--wait", "0"])
+        .args(["--bootstrap", &addr, "--model", &id])
+        .output()
+        .unwrap();
+    let by_id: serde_json::Value = serde_json::from_slice(&by_id.stdout).unwrap();
+    assert_eq!(by_id["models"][0]["id"], by_file["models"][0]["id"]);
 
     // The bootstrap's own view over HTTP: /health as JSON, and the HTML page.
     let health: serde_json::Value = serde_json::from_str(&http_get(&http, "/health")).unwrap();

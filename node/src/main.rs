@@ -176,8 +176,8 @@ struct ServeArgs {
 struct StatusArgs {
     #[command(flatten)]
     swarm: SwarmArgs,
-    /// Only this model id.
-    #[arg(long)]
+    /// Only this model: its id (as `pollen manifest` prints it) or its model file.
+    #[arg(long, value_name = "ID|FILE")]
     model: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
@@ -505,10 +505,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 async fn status(args: StatusArgs) -> Result<()> {
     let model = match &args.model {
-        Some(m) => Some(
-            m.parse::<pollen_protocol::ModelId>()
-                .map_err(|e| anyhow::anyhow!("--model: {e}"))?,
-        ),
+        Some(m) => Some(match m.parse::<pollen_protocol::ModelId>() {
+            Ok(id) => id,
+            Err(_) if std::path::Path::new(m).is_file() => {
+                pollen_node::model::model_id(std::path::Path::new(m), &mut |_, _| {})
+                    .with_context(|| format!("--model {m}"))?
+            }
+            Err(e) => bail!("--model {m}: neither a model id ({e}) nor a model file"),
+        }),
         None => None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
