@@ -110,39 +110,46 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     );
 }
 
-/// mDNS multicasts on every non-loopback interface, so this test runs in a
-/// private network namespace (`unshare -n`) whose only link is a veth pair:
-/// no packet leaves the machine. Without root or `unshare` it is skipped.
+/// mDNS multicasts on every non-loopback interface, so the tests that use it run in a
+/// private network namespace (`unshare -n`) whose only link is a veth pair: no packet
+/// leaves the machine. Whether the caller is inside it (and runs its body); outside,
+/// this runs test `name` in a fresh one and checks that it passed, or, without root or
+/// `unshare`, says it is skipped.
+fn inside_private_netns(name: &str) -> bool {
+    if std::env::var_os("POLLEN_IN_NETNS").is_some() {
+        return true;
+    }
+    let _ = model(); // fetch outside the namespace, which has no network
+    let setup = "ip link set lo up && ip link add v0 type veth peer name v1 \
+        && ip addr add 10.200.0.1/24 dev v0 && ip link set v0 up && ip link set v1 up \
+        && ip route add 224.0.0.0/4 dev v0";
+    let probe = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", setup])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot make a private network namespace (needs root, unshare and ip)");
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "{setup} && exec {} --exact {name} --nocapture",
+        exe.display()
+    );
+    let status = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .env("POLLEN_IN_NETNS", "1")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{name} failed inside its network namespace"
+    );
+    false
+}
+
 #[test]
 fn three_servers_without_bootstrap_find_each_other_by_mdns() {
-    if std::env::var_os("POLLEN_IN_NETNS").is_none() {
-        let _ = model(); // fetch outside the namespace, which has no network
-        let setup = "ip link set lo up && ip link add v0 type veth peer name v1 \
-            && ip addr add 10.200.0.1/24 dev v0 && ip link set v0 up && ip link set v1 up \
-            && ip route add 224.0.0.0/4 dev v0";
-        let probe = std::process::Command::new("unshare")
-            .args(["-n", "sh", "-c", setup])
-            .output();
-        if !probe.is_ok_and(|o| o.status.success()) {
-            eprintln!(
-                "skipped: cannot make a private network namespace (needs root, unshare and ip)"
-            );
-            return;
-        }
-        let exe = std::env::current_exe().unwrap();
-        let script = format!(
-            "{setup} && exec {} --exact three_servers_without_bootstrap_find_each_other_by_mdns --nocapture",
-            exe.display()
-        );
-        let status = std::process::Command::new("unshare")
-            .args(["-n", "sh", "-c", &script])
-            .env("POLLEN_IN_NETNS", "1")
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "the mDNS test failed inside its network namespace"
-        );
+    if !inside_private_netns("three_servers_without_bootstrap_find_each_other_by_mdns") {
         return;
     }
     let dir = temp_dir("mdns");
@@ -153,6 +160,56 @@ fn three_servers_without_bootstrap_find_each_other_by_mdns() {
     });
     assert!(took.is_some(), "mDNS discovery shows all three spans");
     eprintln!("mDNS: full coverage seen after {took:?}");
+}
+
+/// A bootstrap and servers on one network, mDNS on as by default: the bootstrap finds
+/// the servers by mDNS and connects to them before they dial it, and it still holds
+/// their announcements at once (a server published only to peers it dialed or found
+/// itself, and skipped a bootstrap already connected: the bootstrap's list stayed
+/// empty, and a client through it found no server).
+#[test]
+fn a_bootstrap_that_finds_servers_by_mdns_holds_their_announcements() {
+    if !inside_private_netns("a_bootstrap_that_finds_servers_by_mdns_holds_their_announcements") {
+        return;
+    }
+    let dir = temp_dir("mdns-bootstrap");
+    let mut cmd = std::process::Command::new(pollen());
+    cmd.args([
+        "bootstrap",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--identity",
+    ])
+    .arg(dir.join("bootstrap.key"));
+    let boot = pollen_node::mesh::Proc::spawn("bootstrap", &mut cmd).unwrap();
+    let addr = boot.line_with("/ip4/", Duration::from_secs(30)).unwrap();
+    let servers: Vec<_> = ["0:15", "15:30"]
+        .iter()
+        .map(|blocks| {
+            let mut cmd = std::process::Command::new(pollen());
+            cmd.args(["serve", "--threads", "1", "--blocks", blocks])
+                .args(["--listen", "/ip4/0.0.0.0/tcp/0", "--bootstrap", &addr])
+                .arg("--model")
+                .arg(model())
+                .arg("--identity")
+                .arg(dir.join(format!("{}.key", blocks.replace(':', "-"))));
+            pollen_node::mesh::Proc::spawn(&format!("server {blocks}"), &mut cmd).unwrap()
+        })
+        .collect();
+    for s in &servers {
+        s.line_with("ready", pollen_node::mesh::READY_TIMEOUT)
+            .unwrap();
+    }
+    // Through the bootstrap alone (no mDNS on this client): both spans, soon.
+    let took = wait_for(Duration::from_secs(5), || {
+        coverage(&status(Some(&addr))).is_some_and(|(gaps, n)| gaps.is_empty() && n == 2)
+    });
+    assert!(
+        took.is_some(),
+        "the bootstrap lists both servers: {}",
+        status(Some(&addr))
+    );
+    eprintln!("both servers listed by the bootstrap {took:?} after ready");
 }
 
 #[test]

@@ -495,9 +495,12 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
+                // A peer we dialed by address becomes an entry point, also when it was
+                // connected already (it dialed us first): then it hears from us now.
+                let mut new_target = false;
                 if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
-                    self.publisher.add_target(peer_id);
+                    new_target = self.publisher.add_target(peer_id);
                 }
                 let relayed = endpoint.is_relayed();
                 self.links
@@ -537,7 +540,7 @@ impl EventLoop {
                         .hello
                         .send_request(&peer_id, hello);
                 }
-                if fresh
+                if (fresh || new_target)
                     && self.publisher.is_target(&peer_id)
                     && let Some(id) = self.publish_to(peer_id)
                 {

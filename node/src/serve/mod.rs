@@ -172,19 +172,22 @@ fn bootstrap_peers(addrs: &[Multiaddr]) -> Vec<(Option<PeerId>, Multiaddr)> {
         .collect()
 }
 
-/// Dials the bootstraps we are not connected to (again, after a bootstrap restarts).
+/// Dials the bootstraps that are not our entry points (again, after a bootstrap
+/// restarts). A bootstrap that dialed us first (its mDNS found us on the local network)
+/// is connected but no entry point: we publish only to peers we dialed or found, so it
+/// is dialed all the same (else it never holds our announcement).
 async fn dial_missing(
     net: &NetHandle,
     bootstraps: &[(Option<PeerId>, Multiaddr)],
     tasks: &mut JoinSet<()>,
 ) {
-    let connected: Vec<PeerId> = net
+    let entries: Vec<PeerId> = net
         .peers()
         .await
-        .map(|p| p.into_iter().map(|p| p.peer).collect())
+        .map(|p| p.into_iter().filter(|p| p.entry).map(|p| p.peer).collect())
         .unwrap_or_default();
     for (id, addr) in bootstraps {
-        if id.is_some_and(|id| connected.contains(&id)) {
+        if id.is_some_and(|id| entries.contains(&id)) {
             continue;
         }
         let (net, addr) = (net.clone(), addr.clone());
