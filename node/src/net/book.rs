@@ -415,10 +415,10 @@ impl AnnouncementBook {
         per_sender: usize,
     ) -> Result<(), BookError> {
         let now = now_ms();
-        let verified = signed.verify(now, &self.policy)?;
-        // Recorded by the replay guard only once accepted, below.
-        self.replay.admit(&verified)?;
-        let key = (verified.peer.clone(), verified.model_id);
+        // The caps first, on the key the announcement claims: a refusal costs no
+        // signature check (a hostile page of entries past its sender's share is cheap to
+        // refuse); a claim that lies about its key fails the check below all the same.
+        let key = (signed.announcement.peer.clone(), signed.announcement.model_id);
         let old = self.entries.get(&key).map(|e| (e.sender, e.ip));
         let l = self.limits;
         if old.is_none() && self.per_peer.get(&key.0).copied().unwrap_or(0) >= l.per_peer {
@@ -436,6 +436,10 @@ impl AnnouncementBook {
         {
             return Err(self.capped(Cap::Ip, l.per_ip, i.to_string()));
         }
+        let verified = signed.verify(now, &self.policy)?;
+        // Recorded by the replay guard only once accepted, below.
+        self.replay.admit(&verified)?;
+        // Pruning scans the book: only for an announcement that passed its check.
         if old.is_none() && self.entries.len() >= l.max_entries {
             self.prune();
             if self.entries.len() >= l.max_entries {
@@ -690,6 +694,20 @@ mod tests {
             })
             .count();
         assert_eq!(accepted, limits.per_sender);
+        // Past its share a sender is refused before any signature is checked: a forged
+        // entry is refused as capped, not as badly signed.
+        let mut forged = signed(&Keypair::generate_ed25519(), 1, (0, 10), 1);
+        forged.signature[0] ^= 1;
+        assert!(matches!(
+            book.insert_from(&one, forged.clone()),
+            Err(BookError::Capped { .. })
+        ));
+        // Within a share it is checked, and refused as such.
+        let fresh = connect(&mut book, "198.51.100.200");
+        assert!(matches!(
+            book.insert_from(&fresh, forged),
+            Err(BookError::Refused(AnnounceError::BadSignature { .. }))
+        ));
         // Many connections from the same address: the IP's share.
         let mut from_ip = accepted;
         for _ in 0..40 {
