@@ -187,3 +187,53 @@ async fn nodes_of_different_protocol_versions_refuse_each_other_on_both_sides() 
     assert_eq!(on_new[0].0, old.peer_id());
     cancel.cancel();
 }
+
+/// List answers count as bytes in flight while they are sent, and no longer once they
+/// are: concurrent lists of a book with bulky entries are all answered, and the
+/// bootstrap's count returns to zero (a count that did not would in time refuse every
+/// list as busy).
+#[tokio::test]
+async fn list_answers_in_flight_are_counted_until_sent() {
+    let cancel = CancellationToken::new();
+    let (boot, _) = node(Role::Bootstrap, &cancel).await;
+    let (client, _) = node(Role::Client, &cancel).await;
+    let addr = boot
+        .wait_listening(1, Duration::from_secs(5))
+        .await
+        .unwrap()[0]
+        .clone();
+    let boot_id = client
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(boot.peer_id())))
+        .await
+        .unwrap();
+    let now = pollen_node::clock::unix_ms();
+    for i in 0..32u16 {
+        let key = Keypair::generate_ed25519();
+        let mut a = announcement(&key, (0, 10), now, 60_000, 1);
+        a.addrs = (0..8)
+            .map(|j| format!("/dns4/host-{i}-{j}.example.org/tcp/4001"))
+            .collect();
+        assert_eq!(
+            publish(&client, boot_id, sign(&key, a)).await,
+            AnnounceResponse::Accepted
+        );
+    }
+    let lists = (0..16).map(|_| client.announce(boot_id, AnnounceRequest::List { model_id: None }));
+    for answer in futures::future::join_all(lists).await {
+        match answer.unwrap() {
+            AnnounceResponse::List(list) => assert_eq!(list.len(), 32),
+            other => panic!("a list was answered {other:?}"),
+        }
+    }
+    let in_flight = || {
+        boot.stats()
+            .list_bytes_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_flight(), 0, "list answers sent are no longer counted");
+    cancel.cancel();
+}

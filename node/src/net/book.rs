@@ -320,6 +320,11 @@ impl AnnouncementBook {
         }
     }
 
+    /// The IP address `peer` is connected from, where known.
+    pub fn ip_of_peer(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.conns.get(peer).copied().flatten()
+    }
+
     /// Every connection to `peer` is closed (what it sent stays until it expires).
     pub fn disconnected(&mut self, peer: &PeerId) {
         self.conns.remove(peer);
@@ -418,7 +423,10 @@ impl AnnouncementBook {
         // The caps first, on the key the announcement claims: a refusal costs no
         // signature check (a hostile page of entries past its sender's share is cheap to
         // refuse); a claim that lies about its key fails the check below all the same.
-        let key = (signed.announcement.peer.clone(), signed.announcement.model_id);
+        let key = (
+            signed.announcement.peer.clone(),
+            signed.announcement.model_id,
+        );
         let old = self.entries.get(&key).map(|e| (e.sender, e.ip));
         let l = self.limits;
         if old.is_none() && self.per_peer.get(&key.0).copied().unwrap_or(0) >= l.per_peer {

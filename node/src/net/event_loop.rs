@@ -260,6 +260,13 @@ impl EventLoop {
         }
     }
 
+    fn count_lists(&self) {
+        let bytes = self.publisher.list_bytes_in_flight() as u64;
+        self.stats
+            .list_bytes_in_flight
+            .store(bytes, Ordering::Relaxed);
+    }
+
     fn publish_to(&mut self, peer: PeerId) -> Option<OutboundRequestId> {
         let req = self.publisher.publish_request()?;
         self.stats.announce_out.fetch_add(1, Ordering::Relaxed);
@@ -851,15 +858,21 @@ impl EventLoop {
                 peer, message, ..
             }) => match message {
                 request_response::Message::Request {
-                    request, channel, ..
+                    request_id,
+                    request,
+                    channel,
                 } => {
                     self.stats.announce_in.fetch_add(1, Ordering::Relaxed);
-                    let answer = self.publisher.answer(&peer, request);
-                    let _ = self
+                    let answer = self.publisher.answer_request(&peer, request_id, request);
+                    let sent = self
                         .swarm
                         .behaviour_mut()
                         .announce
                         .send_response(channel, answer);
+                    if sent.is_err() {
+                        self.publisher.answer_gone(request_id);
+                    }
+                    self.count_lists();
                 }
                 request_response::Message::Response {
                     request_id,
@@ -872,6 +885,13 @@ impl EventLoop {
                     }
                 }
             },
+            BehaviourEvent::Announce(
+                request_response::Event::ResponseSent { request_id, .. }
+                | request_response::Event::InboundFailure { request_id, .. },
+            ) => {
+                self.publisher.answer_gone(request_id);
+                self.count_lists();
+            }
             BehaviourEvent::Announce(request_response::Event::OutboundFailure {
                 request_id,
                 error,

@@ -189,6 +189,9 @@ pub struct NetStats {
     pub dht_get_providers_in: AtomicU64,
     /// Of those, provider records stored.
     pub dht_add_provider_in: AtomicU64,
+    /// Bytes of list answers being sent now (refused as busy past
+    /// [`super::publish::LIST_BYTES_IN_FLIGHT`], or two pages to one IP address).
+    pub list_bytes_in_flight: AtomicU64,
 }
 
 impl NetStats {

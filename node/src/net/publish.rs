@@ -4,16 +4,83 @@
 
 use super::book::AnnouncementBook;
 use libp2p::PeerId;
-use libp2p::request_response::OutboundRequestId;
+use libp2p::request_response::{InboundRequestId, OutboundRequestId};
 use pollen_protocol::{
     AnnounceRequest, AnnounceResponse, ErrorCode, ListCursor, ModelId, ProtocolError,
     SignedAnnouncement,
 };
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use tokio::sync::oneshot;
 
 /// Most withdrawals waited on at once.
 const MAX_WAITERS: usize = 16;
+
+/// Most bytes of list answers being sent at once, to all peers. A peer that asks and
+/// never reads holds each answer until its request times out, so the rate of list
+/// requests alone (per peer id, which costs nothing to make) does not bound the memory
+/// they hold.
+pub const LIST_BYTES_IN_FLIGHT: usize = 128 << 20;
+/// Most bytes of list answers being sent at once to one IP address: two full pages.
+pub const LIST_BYTES_PER_IP: usize = 2 * pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES;
+
+/// List answers being sent (by request id `K`): each one's size and address, and the
+/// sums.
+#[derive(Debug)]
+struct ListsInFlight<K> {
+    each: HashMap<K, (Option<IpAddr>, usize)>,
+    per_ip: HashMap<IpAddr, usize>,
+    total: usize,
+    /// The caps: in all, and per IP address.
+    cap: (usize, usize),
+}
+
+impl<K> Default for ListsInFlight<K> {
+    fn default() -> Self {
+        Self {
+            each: HashMap::new(),
+            per_ip: HashMap::new(),
+            total: 0,
+            cap: (LIST_BYTES_IN_FLIGHT, LIST_BYTES_PER_IP),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> ListsInFlight<K> {
+    fn used(&self, ip: Option<IpAddr>) -> (usize, usize) {
+        let at_ip = ip.and_then(|i| self.per_ip.get(&i)).copied().unwrap_or(0);
+        (self.total, at_ip)
+    }
+
+    /// Whether an answer of `bytes` more to `ip` fits.
+    fn fits(&self, ip: Option<IpAddr>, bytes: usize) -> bool {
+        let (total, at_ip) = self.used(ip);
+        total.saturating_add(bytes) <= self.cap.0 && at_ip.saturating_add(bytes) <= self.cap.1
+    }
+
+    fn add(&mut self, id: K, ip: Option<IpAddr>, bytes: usize) {
+        self.total += bytes;
+        if let Some(i) = ip {
+            *self.per_ip.entry(i).or_default() += bytes;
+        }
+        self.each.insert(id, (ip, bytes));
+    }
+
+    fn done(&mut self, id: K) {
+        let Some((ip, bytes)) = self.each.remove(&id) else {
+            return;
+        };
+        self.total = self.total.saturating_sub(bytes);
+        if let Some(i) = ip
+            && let Some(n) = self.per_ip.get_mut(&i)
+        {
+            *n = n.saturating_sub(bytes);
+            if *n == 0 {
+                self.per_ip.remove(&i);
+            }
+        }
+    }
+}
 
 /// The announcement side of a node.
 #[derive(Debug, Default)]
@@ -29,6 +96,8 @@ pub struct Publisher {
     in_flight: HashMap<OutboundRequestId, usize>,
     waiters: HashMap<usize, (usize, oneshot::Sender<()>)>,
     next_waiter: usize,
+    /// List answers being sent.
+    lists: ListsInFlight<InboundRequestId>,
 }
 
 impl Publisher {
@@ -155,6 +224,59 @@ impl Publisher {
         stored
     }
 
+    /// The answer to request `id` from `peer`: a list answer counts against the bytes
+    /// of list answers in flight (in all and to `peer`'s IP address) until
+    /// [`Self::answer_gone`], and is refused as busy where it does not fit.
+    pub fn answer_request(
+        &mut self,
+        peer: &PeerId,
+        id: InboundRequestId,
+        request: AnnounceRequest,
+    ) -> AnnounceResponse {
+        let list = matches!(
+            request,
+            AnnounceRequest::ListPage { .. } | AnnounceRequest::List { .. }
+        );
+        if !list {
+            return self.answer(peer, request);
+        }
+        let ip = self.book.ip_of_peer(peer);
+        // Full already: refused before the answer is built.
+        if !self.lists.fits(ip, 1) {
+            return Self::lists_busy(peer);
+        }
+        let answer = self.answer(peer, request);
+        let bytes = match &answer {
+            AnnounceResponse::List(list) | AnnounceResponse::Page { list, .. } => {
+                list.iter().map(pollen_protocol::encoded_len).sum::<usize>()
+            }
+            _ => 0,
+        };
+        if !self.lists.fits(ip, bytes) {
+            return Self::lists_busy(peer);
+        }
+        self.lists.add(id, ip, bytes);
+        answer
+    }
+
+    /// The answer to request `id` was sent, or failed (or was never sent).
+    pub fn answer_gone(&mut self, id: InboundRequestId) {
+        self.lists.done(id);
+    }
+
+    /// Bytes of list answers being sent.
+    pub fn list_bytes_in_flight(&self) -> usize {
+        self.lists.total
+    }
+
+    fn lists_busy(peer: &PeerId) -> AnnounceResponse {
+        tracing::debug!("refused a list request from {peer}: list answers still in flight");
+        AnnounceResponse::Refused(ProtocolError::new(
+            ErrorCode::Busy,
+            "busy: earlier list answers are still being sent; try again later".to_string(),
+        ))
+    }
+
     /// The answer to an announcement request from `peer`.
     pub fn answer(&mut self, peer: &PeerId, request: AnnounceRequest) -> AnnounceResponse {
         match request {
@@ -213,5 +335,37 @@ impl Publisher {
             used <= budget
         });
         AnnounceResponse::List(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// List answers count against their IP's share and the total until they are gone;
+    /// another address keeps its own share.
+    #[test]
+    fn list_answers_in_flight_are_capped_per_address_and_in_all() {
+        let mut lists = ListsInFlight::<u64> {
+            cap: (10, 4),
+            ..ListsInFlight::default()
+        };
+        let a: Option<IpAddr> = "192.0.2.1".parse().ok();
+        let b: Option<IpAddr> = "198.51.100.1".parse().ok();
+        assert!(lists.fits(a, 4));
+        lists.add(1, a, 3);
+        assert!(lists.fits(a, 1) && !lists.fits(a, 2), "a's share is 4");
+        assert!(lists.fits(b, 4), "b has its own share");
+        lists.add(2, b, 4);
+        lists.add(3, None, 3);
+        assert!(!lists.fits(None, 1), "10 in all");
+        lists.done(1);
+        assert!(lists.fits(a, 3) && lists.fits(None, 3));
+        lists.done(1); // twice: no effect
+        assert_eq!(lists.total, 7);
+        lists.done(2);
+        lists.done(3);
+        assert_eq!(lists.total, 0);
+        assert!(lists.per_ip.is_empty() && lists.each.is_empty());
     }
 }
