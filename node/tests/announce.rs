@@ -237,3 +237,59 @@ async fn list_answers_in_flight_are_counted_until_sent() {
     assert_eq!(in_flight(), 0, "list answers sent are no longer counted");
     cancel.cancel();
 }
+
+/// A bootstrap takes at most `--max-connections-per-ip` incoming connections from one
+/// address (peer ids cost nothing, so the caps per peer and in total let one host take
+/// every slot); one closing frees its place.
+#[tokio::test]
+async fn incoming_connections_from_one_address_are_capped() {
+    let cancel = CancellationToken::new();
+    let key = Keypair::generate_ed25519();
+    let (boot, _task) = net::start(
+        NetConfig {
+            keypair: key,
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            mdns: false,
+            caps: net::ConnectionCaps {
+                max_connections_per_ip: 2,
+                ..net::ConnectionCaps::DEFAULT
+            },
+            ..NetConfig::new(Role::Bootstrap)
+        },
+        cancel.clone(),
+    )
+    .unwrap();
+    let addr = boot
+        .wait_listening(1, Duration::from_secs(5))
+        .await
+        .unwrap()[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(boot.peer_id()));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let own = cancel.child_token();
+        let (c, _) = node(Role::Client, &own).await;
+        c.dial(addr.clone()).await.unwrap();
+        clients.push((c, own));
+    }
+    let (third, _) = node(Role::Client, &cancel).await;
+    assert!(
+        third.dial(addr.clone()).await.is_err(),
+        "a third connection from 127.0.0.1"
+    );
+    // One of the two goes: a new one gets in.
+    let (_, first) = clients.remove(0);
+    first.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if third.dial(addr.clone()).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed connection frees its place"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+}

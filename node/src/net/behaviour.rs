@@ -16,6 +16,8 @@ pub struct Behaviour {
     /// Caps on connections: per peer and in total, established and pending. First, so
     /// that a connection beyond a cap is refused before any other protocol sees it.
     pub limits: connection_limits::Behaviour,
+    /// The cap on incoming connections from one IP address.
+    pub per_ip: super::ip_cap::IpCap,
     /// Peers refused at the connection gate ([`super::NetHandle::block_peer`]).
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// When set, only these peers may connect ([`super::NetHandle::allow_peer`]): the

@@ -20,6 +20,7 @@ pub mod error;
 mod event_loop;
 pub mod handle;
 pub mod identity;
+pub mod ip_cap;
 pub mod private;
 pub mod publish;
 mod reach;
@@ -110,6 +111,10 @@ pub struct ConnectionCaps {
     /// QUIC, both directions).
     #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections_per_peer)]
     pub max_connections_per_peer: u32,
+    /// Most incoming connections from one IP address (in their handshake or
+    /// established; relayed ones are not counted).
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections_per_ip)]
+    pub max_connections_per_ip: u32,
     /// Most incoming connections still in their handshake at once.
     #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_pending_incoming)]
     pub max_pending_incoming: u32,
@@ -119,10 +124,12 @@ pub struct ConnectionCaps {
 }
 
 impl ConnectionCaps {
-    /// The defaults: 8,192 connections, 8 per peer, 256 pending each way.
+    /// The defaults: 8,192 connections, 8 per peer, 256 incoming from one IP address,
+    /// 256 pending each way.
     pub const DEFAULT: ConnectionCaps = ConnectionCaps {
         max_connections: 8192,
         max_connections_per_peer: 8,
+        max_connections_per_ip: 256,
         max_pending_incoming: 256,
         max_pending_outgoing: 256,
     };

@@ -230,6 +230,7 @@ fn behaviour(
     };
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(cfg.caps.limits()),
+        per_ip: super::ip_cap::IpCap::new(cfg.caps.max_connections_per_ip),
         blocked: allow_block_list::Behaviour::default(),
         allowed: allowed.into(),
         identify,
