@@ -224,9 +224,18 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
         );
         assert_eq!(String::from_utf8(out.stdout).unwrap(), local, "{what}");
     }
-    // Rotating again with no overlap: the key before is refused, the newest works.
+    // Rotating again during the overlap is refused: it would retire the key before at
+    // once for members that have not moved.
     let out = pollen_cmd()
         .args(["mesh", "rotate", "--overlap", "0", "--swarm-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("still accepted"), "{}", stderr(&out));
+    // Forced, with no overlap: the key before is refused, the newest works.
+    let out = pollen_cmd()
+        .args(["mesh", "rotate", "--force", "--overlap", "0", "--swarm-key"])
         .arg(&key)
         .output()
         .unwrap();

@@ -52,6 +52,10 @@ struct RotateArgs {
     /// How long the old key stays accepted, e.g. 90m, 24h, 7d (plain numbers are seconds).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     overlap: Duration,
+    /// Rotate even while the previous rotation's overlap runs: the key before the
+    /// current one is then refused at once, also by members that still dial with it.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Parses `90`, `90s`, `30m`, `24h` or `7d`.
@@ -93,7 +97,7 @@ pub(crate) fn run(args: MeshArgs, mesh: &private::MeshArgs) -> Result<()> {
                     private::SWARM_KEY_ENV
                 );
             };
-            rotate(key, a.overlap)
+            rotate(key, a.overlap, a.force)
         }
     }
 }
@@ -163,8 +167,8 @@ fn add_peer(a: AddPeerArgs, allow: &Path) -> Result<()> {
     Ok(())
 }
 
-fn rotate(path: &Path, overlap: Duration) -> Result<()> {
-    let keys = private::rotate(path, overlap)?;
+fn rotate(path: &Path, overlap: Duration, force: bool) -> Result<()> {
+    let keys = private::rotate(path, overlap, force)?;
     let prev = private::previous_path(path);
     println!("new swarm key in {}", path.display());
     println!("fingerprint {}", keys.current.fingerprint());

@@ -320,8 +320,19 @@ fn overlap_until(text: &str) -> Option<u64> {
 
 /// Rotates the key in `path`: the old key moves to `path.previous`, accepted for
 /// `overlap`, and a fresh key takes its place. Returns the new keys.
-pub fn rotate(path: &Path, overlap: Duration) -> Result<SwarmKeys, PrivateError> {
-    let old = read_key(path)?;
+pub fn rotate(path: &Path, overlap: Duration, force: bool) -> Result<SwarmKeys, PrivateError> {
+    let keys = SwarmKeys::load(path)?;
+    if let Some((previous, until)) = keys.previous
+        && !force
+        && previous != keys.current
+    {
+        return Err(PrivateError::OverlapRunning {
+            path: previous_path(path),
+            fingerprint: previous.fingerprint(),
+            left_s: until.saturating_sub(unix_now()),
+        });
+    }
+    let old = keys.current;
     let until = unix_now().saturating_add(overlap.as_secs());
     let text = format!(
         "{}# overlap-until {until} (the previous key of this mesh; accepted until then)\n",

@@ -127,6 +127,20 @@ pub enum PrivateError {
         /// The file.
         path: PathBuf,
     },
+    /// A rotation while the previous one's overlap runs would retire its old key early.
+    #[error(
+        "the key before this one ({fingerprint}, in {path}) is still accepted for {left_s} \
+         more seconds: rotating again now would retire it at once for every member that \
+         has not moved to the current key; wait for the overlap to end, or pass --force"
+    )]
+    OverlapRunning {
+        /// The previous key's file.
+        path: PathBuf,
+        /// The previous key's fingerprint.
+        fingerprint: String,
+        /// Seconds its overlap has left.
+        left_s: u64,
+    },
     /// A file that must not be overwritten exists.
     #[error("{path} already exists; refusing to overwrite it")]
     Exists {

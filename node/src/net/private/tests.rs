@@ -79,16 +79,22 @@ fn rotation_keeps_the_old_key_for_the_overlap() {
     let p = d.join("swarm.key");
     let old = SwarmKey::generate();
     write_new_key(&p, &old).unwrap();
-    let keys = rotate(&p, Duration::from_secs(3600)).unwrap();
+    let keys = rotate(&p, Duration::from_secs(3600), false).unwrap();
     let loaded = SwarmKeys::load(&p).unwrap();
     assert_eq!(loaded, keys);
     assert_ne!(loaded.current, old);
     let now = unix_now();
     assert_eq!(loaded.active_at(now), vec![old, loaded.current]);
     assert_eq!(loaded.active_at(now + 3601), vec![loaded.current]);
-    // An expired overlap loads as one key.
-    rotate(&p, Duration::ZERO).unwrap();
+    // Again during the overlap: refused (it would retire `old` at once), unless forced.
+    let e = rotate(&p, Duration::ZERO, false).unwrap_err();
+    assert!(matches!(e, PrivateError::OverlapRunning { .. }), "{e}");
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert_eq!(SwarmKeys::load(&p).unwrap(), keys, "nothing changed");
+    rotate(&p, Duration::ZERO, true).unwrap();
+    // An expired overlap loads as one key, and the next rotation needs no force.
     assert!(SwarmKeys::load(&p).unwrap().previous.is_none());
+    rotate(&p, Duration::ZERO, false).unwrap();
 }
 
 #[test]
