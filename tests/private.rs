@@ -147,6 +147,18 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
                 "generate with another key",
                 s.spawn(|| generate_with(&addr, Some(&other_key), &[])),
             ),
+            (
+                "chat without a key",
+                s.spawn(|| {
+                    pollen_cmd()
+                        .args(["chat", "--threads", "1", "--no-mdns", "--bootstrap", &addr])
+                        .arg("--model")
+                        .arg(model())
+                        .stdin(Stdio::null())
+                        .output()
+                        .unwrap()
+                }),
+            ),
         ];
         jobs.into_iter()
             .map(|(n, j)| (n, j.join().unwrap()))
@@ -154,6 +166,8 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
     });
     for (what, out) in &outsiders {
         assert_kept_out(what, out);
+        // Not reaching the mesh is not blamed on the model file.
+        assert!(!stderr(out).contains("loading"), "{what}: {}", stderr(out));
     }
     // Not one outsider's connection was accepted: the bootstrap still holds the three servers only.
     assert_eq!(health(&http)["connected_peers"], 3);

@@ -2,7 +2,7 @@
 //! run (here with `--local`, or through the swarm) and how, and how they become a
 //! [`Backend`].
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::client::ClientConfig;
 use anyhow::{Context, Result, bail};
 use pollen_protocol::WireDType;
@@ -81,7 +81,7 @@ impl BackendArgs {
         max_concurrent: usize,
     ) -> Result<Backend> {
         let Prepared { model, load } = prepared;
-        let backend = if self.local {
+        if self.local {
             let pb = crate::progress::bar("loading", 0);
             let bar = pb.clone();
             let b = Backend::local(model.clone(), load, max_concurrent, move |done, total| {
@@ -90,7 +90,7 @@ impl BackendArgs {
             })
             .await;
             pb.finish_and_clear();
-            b
+            b.with_context(|| format!("loading {}", model.display()))
         } else {
             let cfg = ClientConfig {
                 model: model.clone(),
@@ -103,9 +103,20 @@ impl BackendArgs {
                 verify: crate::client::DEFAULT_VERIFY,
                 compute: self.compute.clone(),
             };
-            Backend::swarm(cfg, max_concurrent).await
-        };
-        backend.with_context(|| format!("loading {}", model.display()))
+            // Not reaching the swarm is no fault of the model file: said as such, with
+            // the private-mesh hint `generate` gives.
+            Backend::swarm(cfg, max_concurrent)
+                .await
+                .map_err(|e| match e {
+                    BackendError::NoBlocks(text) => {
+                        let mesh = crate::net::private::process_mesh();
+                        anyhow::anyhow!("{text}\n{}", crate::net::private::unreachable_hint(&mesh))
+                    }
+                    other => {
+                        anyhow::Error::new(other).context(format!("loading {}", model.display()))
+                    }
+                })
+        }
     }
 }
 

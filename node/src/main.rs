@@ -539,6 +539,12 @@ async fn status(args: StatusArgs) -> Result<()> {
     let _ = net_task.await;
     let mut status = pollen_node::status::to_json(&book, pollen_node::clock::unix_ms());
     pollen_node::status::with_reach(&mut status, &reach);
+    if status["models"].as_array().is_some_and(Vec::is_empty)
+        && let Some(hint) =
+            pollen_node::net::private::empty_mesh_hint(&pollen_node::net::private::process_mesh())
+    {
+        eprintln!("{hint}");
+    }
     if args.json {
         println!("{status}");
     } else {
@@ -639,8 +645,16 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", pollen_node::error_line(&e));
-            if let Some(pollen_node::client::ClientError::NoEntry(_)) = e.downcast_ref() {
-                eprintln!("{}", pollen_node::net::private::unreachable_hint(&mesh));
+            match e.downcast_ref() {
+                Some(pollen_node::client::ClientError::NoEntry(_)) => {
+                    eprintln!("{}", pollen_node::net::private::unreachable_hint(&mesh));
+                }
+                Some(pollen_node::client::ClientError::NoRoute { servers: 0, .. }) => {
+                    if let Some(hint) = pollen_node::net::private::empty_mesh_hint(&mesh) {
+                        eprintln!("{hint}");
+                    }
+                }
+                _ => {}
             }
             std::process::ExitCode::FAILURE
         }

@@ -76,11 +76,14 @@ pub fn assert_sees_nothing(who: &str, out: &Output) {
         "{who} saw the mesh: {}",
         stdout(out)
     );
+    // And is told why it may see nothing.
+    assert!(stderr(out).contains("allowlist"), "{who}: {}", stderr(out));
 }
 
 /// `pollen generate` run by a peer off the allowlist (`who`) failed.
 pub fn assert_generates_nothing(who: &str, out: &Output) {
     assert!(!out.status.success(), "{who} generated: {}", stdout(out));
+    assert!(stderr(out).contains("allowlist"), "{who}: {}", stderr(out));
 }
 
 /// How many lines of a member's log say it refused `peer` for not being on the

@@ -317,6 +317,17 @@ pub fn unreachable_hint(mesh: &MeshConfig) -> &'static str {
     }
 }
 
+/// What to say when a private mesh shows no server at all: a bootstrap that keeps an
+/// allowlist closes a connection from a peer not on it, which then sees an empty mesh.
+pub fn empty_mesh_hint(mesh: &MeshConfig) -> Option<&'static str> {
+    mesh.is_private().then_some(
+        "hint: a private mesh that keeps an allowlist shows nothing to a peer not on it: \
+         give this client a fixed identity (--client-identity FILE) and have its peer id \
+         added (`pollen mesh add-peer --identity FILE --allow-peers LIST` on the mesh's \
+         nodes)",
+    )
+}
+
 /// Whether `addr` is a QUIC address.
 pub fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
