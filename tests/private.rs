@@ -169,6 +169,32 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
         // Not reaching the mesh is not blamed on the model file.
         assert!(!stderr(out).contains("loading"), "{what}: {}", stderr(out));
     }
+    // A private bootstrap asked for its page on an open address without a token does
+    // not start, and prints no address first (a script reads that as started).
+    let out = pollen_cmd()
+        .args(["bootstrap", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args([
+            "--http",
+            "0.0.0.0:0",
+            "--swarm-key",
+            k.as_str(),
+            "--identity",
+        ])
+        .arg(dir.join("exposed.key"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr(&out).contains("refusing to show a private mesh's page"),
+        "{}",
+        stderr(&out)
+    );
     // Not one outsider's connection was accepted: the bootstrap still holds the three servers only.
     assert_eq!(health(&http)["connected_peers"], 3);
     // A page of another site re-pointed at the page's address (DNS rebinding) sends its

@@ -378,10 +378,13 @@ impl Backend {
     /// `max_concurrent` prompts' work at a time.
     pub fn reserve(&self) -> Result<Slot, BackendError> {
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            BackendError::Busy(format!(
-                "{} generations are running, the most this endpoint allows; try again shortly",
-                self.max_concurrent
-            ))
+            BackendError::Busy(match self.max_concurrent {
+                1 => "1 generation is running, the most this endpoint allows; try again shortly"
+                    .to_string(),
+                n => format!(
+                    "{n} generations are running, the most this endpoint allows; try again shortly"
+                ),
+            })
         })?;
         Ok(Slot(permit))
     }

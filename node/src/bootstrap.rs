@@ -166,6 +166,13 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     if !book::set_process_limits(cfg.limits) {
         tracing::debug!("the announcement book's caps were set already");
     }
+    // A page that may not start is refused before the address is printed (a script
+    // reads the first line as the sign that the bootstrap is up).
+    if let Some(http) = cfg.http {
+        let mesh = crate::net::private::process_mesh();
+        crate::net::private::check_page(http, &mesh, cfg.http_token.as_deref())
+            .context("pollen bootstrap --http")?;
+    }
     // Held until the bootstrap ends: a second node with this key file is refused.
     let (keypair, _held) = net::identity::load_and_hold(&cfg.identity)?;
     let me = keypair.public().to_peer_id();
@@ -202,8 +209,6 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
     }
     let mut http_task = None;
     if let Some(http) = cfg.http {
-        let mesh = crate::net::private::process_mesh();
-        crate::net::private::check_page(http, &mesh, cfg.http_token.as_deref())?;
         let listener = tokio::net::TcpListener::bind(http)
             .await
             .with_context(|| format!("cannot listen for HTTP on {http}"))?;
@@ -218,7 +223,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
         let mut app = crate::net::private::with_token(app, cfg.http_token.clone());
         // A private mesh's page is for its members: a page of another site re-pointed
         // at this address (DNS rebinding) is refused as by the API.
-        if mesh.is_private() {
+        if crate::net::private::process_mesh().is_private() {
             let hosts = crate::api::Hosts::new(local, &[], token);
             app = crate::api::with_host_check(app, hosts);
         }

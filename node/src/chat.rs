@@ -368,7 +368,10 @@ pub async fn run(backend: &Backend, opts: ChatOptions) -> anyhow::Result<()> {
                 }
             };
         if dropped > 0 {
-            eprintln!("(the {dropped} oldest turns were dropped to fit {budget} tokens)");
+            match dropped {
+                1 => eprintln!("(the oldest turn was dropped to fit {budget} tokens)"),
+                n => eprintln!("(the {n} oldest turns were dropped to fit {budget} tokens)"),
+            }
         }
         let params = opts.params(turn, max_tokens);
         turn += 1;

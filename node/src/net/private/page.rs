@@ -25,7 +25,7 @@ pub fn check_page(
 pub enum PageError {
     /// A private mesh's page on a non-loopback address without a token.
     #[error(
-        "refusing to show a private mesh's page on {addr}: bind --http to a loopback address (127.0.0.1:PORT), or require a token with --http-token (or POLLEN_HTTP_TOKEN)"
+        "refusing to show a private mesh's page on {addr}: bind it to a loopback address (127.0.0.1:PORT), or require a token with --http-token (or POLLEN_HTTP_TOKEN)"
     )]
     Exposed {
         /// The address asked for.
