@@ -372,6 +372,28 @@ impl Backend {
         }
     }
 
+    /// How many tokens an answer whose length the caller left open may have after
+    /// `prompt_len` tokens of prompt: all the room in the model's context, and through a
+    /// swarm no more than a server holds per session by default
+    /// ([`crate::serve::DEFAULT_MAX_SESSION_TOKENS`]; servers announce no other), so
+    /// that a request that asks for no length is not refused for one it did not ask.
+    pub fn open_answer_room(&self, prompt_len: usize) -> usize {
+        let room = self.max_seq_len.saturating_sub(prompt_len);
+        match self.engine {
+            Engine::Swarm(_) => {
+                let session = crate::serve::DEFAULT_MAX_SESSION_TOKENS.saturating_sub(prompt_len);
+                // A prompt past the servers' default leaves the context's room: the
+                // servers may hold more, and say so if they do not.
+                if session == 0 {
+                    room
+                } else {
+                    room.min(session)
+                }
+            }
+            _ => room,
+        }
+    }
+
     /// Takes one of the `max_concurrent` generation slots; fails at once (with `Busy`)
     /// when every one is taken. A request takes its slot before any costly work on its
     /// prompt (rendering, tokenizing), so a flood of requests costs at most

@@ -107,7 +107,7 @@ struct ServeArgs {
     max_sessions: usize,
     /// Most tokens (prompt and answer) per session; a session asking for more is
     /// refused (`over_budget: session cap: ...`), and its client routes around.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = pollen_node::serve::DEFAULT_MAX_SESSION_TOKENS)]
     max_session_tokens: usize,
     /// Megabytes of KV cache all sessions together may hold; a session takes, when it
     /// opens, the most its token limit needs. When one does not fit, sessions idle for

@@ -303,7 +303,9 @@ fn params(
     let room = state.backend.answer_budget(prompt_len, None)?;
     let max_tokens = match asked {
         Some(n) => state.backend.answer_budget(prompt_len, Some(n))?,
-        None => default_tokens.min(room),
+        None => default_tokens
+            .min(room)
+            .min(state.backend.open_answer_room(prompt_len)),
     };
     Ok(GenerateParams {
         max_tokens,

@@ -11,6 +11,11 @@
 //! `JoinSet`s and is awaited before `run` returns.
 
 pub mod announce;
+
+/// The most tokens (prompt and answer) a server holds per session unless told otherwise
+/// (`pollen serve --max-session-tokens`).
+pub const DEFAULT_MAX_SESSION_TOKENS: usize = 2048;
+
 pub mod batch;
 pub mod placing;
 pub mod sent_log;
