@@ -248,6 +248,30 @@ fn openai_clients_and_curl_on_a_real_swarm() {
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("context_length_exceeded"), "{body}");
+    // Features Pollen does not have are refused, not silently left out.
+    for (field, value) in [
+        ("logprobs", json!(true)),
+        ("echo", json!(true)),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+    ] {
+        let mut req = json!({"model": name, "prompt": "hi", "max_tokens": 2});
+        req[field] = value;
+        let (code, body) = post(&base, "/v1/completions", &req.to_string());
+        assert_eq!(code, 400, "{field}: {body}");
+        assert!(body.contains(&format!("\"param\":\"{field}\"")), "{body}");
+    }
+    // Asking for none of them is fine.
+    let (code, body) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": name, "prompt": "hi", "max_tokens": 2, "logprobs": null,
+            "echo": false, "tools": []})
+        .to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
     // A long prompt and no max_tokens: the open answer fits what the servers hold per
     // session (it was 512 more, refused by every server as over its session cap).
     let long = " a".repeat(1990);
@@ -402,6 +426,11 @@ fn private_mesh_api_needs_loopback_or_token_and_refuses_cross_site_requests() {
             &format!("{base}{path}"),
         ]);
         assert_eq!(code, 401, "{path}: {body}");
+        // The API's paths in OpenAI's error shape, which its clients read.
+        if path.starts_with("/v1/") {
+            let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{body}");
+        }
     }
     // The page opened with the token in its query: its answer sets the token as a
     // cookie, which the browser's next requests (style, script, data) carry; a query

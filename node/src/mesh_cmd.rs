@@ -76,6 +76,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => None,
     }
     .ok_or_else(|| format!("{s:?}: expected a number with s, m, h or d"))?;
+    // Longer would keep a retired key for good.
+    const MAX: u64 = 365 * 86_400;
+    if secs > MAX {
+        return Err(format!("{s:?}: at most 365d"));
+    }
     Ok(Duration::from_secs(secs))
 }
 
@@ -200,5 +205,11 @@ mod tests {
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+        assert_eq!(
+            parse_duration("365d").unwrap(),
+            Duration::from_secs(365 * 86_400)
+        );
+        assert!(parse_duration("366d").unwrap_err().contains("at most 365d"));
+        assert!(parse_duration("200000000000000d").is_err());
     }
 }

@@ -38,8 +38,8 @@ pub struct ApiArgs {
     #[arg(long, default_value_t = 10)]
     pub route_wait: u64,
     /// Most generations at once; more are refused with 429.
-    #[arg(long, default_value_t = 32)]
-    pub max_concurrent: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent: u16,
 }
 
 /// An `--allow-host` name: letters, digits, `-` and `.`, no port; a final `.` dropped,
@@ -79,7 +79,7 @@ pub async fn run(args: ApiArgs) -> Result<()> {
         .open(
             prepared,
             Duration::from_secs(args.route_wait),
-            args.max_concurrent,
+            usize::from(args.max_concurrent),
         )
         .await?;
     let addr = listener.local_addr()?;

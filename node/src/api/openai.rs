@@ -140,7 +140,8 @@ struct StreamOptions {
 }
 
 /// What chat and completion requests share. Fields OpenAI has and Pollen does not use
-/// (penalties, `user`, ...) are accepted and ignored.
+/// (penalties, `user`, ...) are accepted and ignored; features it does not have
+/// (`logprobs`, `top_logprobs`, `echo`, `tools`, `functions`) are refused when asked for.
 #[derive(Debug, Deserialize)]
 struct Common {
     model: String,
@@ -162,6 +163,52 @@ struct Common {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Features Pollen does not have, refused when asked for (an answer without them
+    /// would pass for one with them).
+    #[serde(flatten)]
+    unsupported: Unsupported,
+}
+
+/// Request fields of features Pollen does not have.
+#[derive(Debug, Default, Deserialize)]
+struct Unsupported {
+    /// `true` (chat) or a count (completions).
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    top_logprobs: Option<u64>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    functions: Option<Vec<serde_json::Value>>,
+}
+
+impl Unsupported {
+    /// The first feature asked for, if any (`false`, `0`, `null` and empty lists ask
+    /// for none).
+    fn asked(&self) -> Option<&'static str> {
+        let on = |v: &serde_json::Value| match v {
+            serde_json::Value::Bool(b) => *b,
+            serde_json::Value::Number(n) => n.as_f64().is_some_and(|n| n != 0.0),
+            serde_json::Value::Null => false,
+            _ => true,
+        };
+        if self.logprobs.as_ref().is_some_and(on) {
+            Some("logprobs")
+        } else if self.top_logprobs.is_some_and(|n| n > 0) {
+            Some("top_logprobs")
+        } else if self.echo == Some(true) {
+            Some("echo")
+        } else if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            Some("tools")
+        } else if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+            Some("functions")
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +313,12 @@ fn params(
 ) -> Result<GenerateParams, ApiError> {
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
+    }
+    if let Some(field) = c.unsupported.asked() {
+        return Err(ApiError::bad_request(
+            format!("`{field}` is not supported by this server"),
+            Some(field),
+        ));
     }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {

@@ -63,6 +63,22 @@ pub fn with_token(router: axum::Router, token: Option<String>) -> axum::Router {
                         }
                         res
                     }
+                    // The API's paths answer in OpenAI's error shape, which its
+                    // clients read; the page's in plain text.
+                    None if req.uri().path().starts_with("/v1/") => {
+                        axum::response::IntoResponse::into_response((
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                            axum::Json(serde_json::json!({"error": {
+                                "message": "this API needs its token: send \
+                                    `Authorization: Bearer TOKEN` (an OpenAI client's \
+                                    api_key)",
+                                "type": "invalid_request_error",
+                                "param": null,
+                                "code": "invalid_api_key",
+                            }})),
+                        ))
+                    }
                     None => axum::response::IntoResponse::into_response((
                         axum::http::StatusCode::UNAUTHORIZED,
                         [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
