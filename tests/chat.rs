@@ -300,3 +300,47 @@ fn swarm_chat_answers_like_local_and_ctrl_c_frees_the_route() {
     t.keys("Enter");
     assert_eq!(t.exit_status(Duration::from_secs(10)), 0);
 }
+
+/// In a pipe, a conversation whose answers failed ends with an error (a script sees
+/// it), and a `--max-tokens` that leaves no room for any question is refused at start
+/// (every question used to fail, and chat still exited 0).
+#[test]
+fn a_piped_chat_whose_answers_failed_exits_with_an_error() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let run = |extra: &[&str], input: &str| {
+        let mut child = Command::new(pollen())
+            .args(["chat", "--threads", "1", "--temperature", "0", "--local"])
+            .arg("--model")
+            .arg(model())
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, err) = run(&["--max-tokens", "3000"], "hi\n");
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("--max-tokens 3000 leaves no room"), "{err}");
+    let long = "word ".repeat(80);
+    let (status, err) = run(
+        &["--context-tokens", "64", "--max-tokens", "4"],
+        &format!("hi\n{long}\n"),
+    );
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("1 of 2 questions got no answer"), "{err}");
+    let (status, err) = run(&["--max-tokens", "4"], "hi\n");
+    assert!(status.success(), "{err}");
+}

@@ -18,6 +18,9 @@ use std::io::Write;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Most tokens in one answer unless `--max-tokens` says otherwise.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
 /// `pollen chat [--bootstrap MULTIADDR]... [--local] [--max-tokens N] ...`.
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
@@ -46,12 +49,12 @@ pub async fn run_cli(args: ChatArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatOptions {
     /// Most tokens in one answer.
-    #[arg(long, default_value_t = 256, value_parser = crate::serve::sessions::cli::max_tokens)]
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS, value_parser = crate::serve::sessions::cli::max_tokens)]
     pub max_tokens: usize,
     /// Tokens the whole conversation (prompt and answer) may take; the oldest turns are
     /// dropped to stay within it. Capped at the model's context; the swarm's servers
     /// hold 2048 tokens per session unless they allow more.
-    #[arg(long, default_value_t = 2048, value_parser = crate::serve::sessions::cli::context_tokens)]
+    #[arg(long, default_value_t = crate::serve::DEFAULT_MAX_SESSION_TOKENS, value_parser = crate::serve::sessions::cli::context_tokens)]
     pub context_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.2)]
@@ -302,7 +305,14 @@ async fn read_line(
 /// Runs the conversation until the user leaves.
 pub async fn run(backend: &Backend, opts: ChatOptions) -> anyhow::Result<()> {
     let budget = opts.context_tokens.min(backend.max_seq_len()).max(1);
-    let max_tokens = opts.max_tokens.max(1).min(budget.saturating_sub(1).max(1));
+    if opts.max_tokens >= budget {
+        anyhow::bail!(
+            "--max-tokens {} leaves no room for a question in {budget} tokens of context: \
+             give less (the default is {DEFAULT_MAX_TOKENS})",
+            opts.max_tokens
+        );
+    }
+    let max_tokens = opts.max_tokens.max(1);
     let mut editor = rustyline::DefaultEditor::new()?;
     editor.bind_sequence(
         rustyline::KeyEvent::ctrl('C'),
@@ -320,6 +330,9 @@ pub async fn run(backend: &Backend, opts: ChatOptions) -> anyhow::Result<()> {
     );
     let mut turn = 0u64;
     let mut interrupted = false;
+    // Questions asked and answers that failed: a conversation read from a pipe or a
+    // file whose answers failed ends with an error (a script sees it).
+    let (mut asked, mut failed) = (0usize, 0usize);
     loop {
         let (ed, line) = read_line(editor, "> ").await?;
         editor = ed;
@@ -359,19 +372,20 @@ pub async fn run(backend: &Backend, opts: ChatOptions) -> anyhow::Result<()> {
             Input::Ask(q) => q,
         };
         let _ = editor.add_history_entry(question.as_str());
+        asked += 1;
         let (prompt, dropped) =
             match conv.fit(&question, max_tokens, budget, |m| backend.chat_prompt(m)) {
                 Ok(x) => x,
                 Err(e) => {
                     eprintln!("error: {e}");
+                    failed += 1;
                     continue;
                 }
             };
-        if dropped > 0 {
-            match dropped {
-                1 => eprintln!("(the oldest turn was dropped to fit {budget} tokens)"),
-                n => eprintln!("(the {n} oldest turns were dropped to fit {budget} tokens)"),
-            }
+        match dropped {
+            0 => {}
+            1 => eprintln!("(the oldest turn was dropped to fit {budget} tokens)"),
+            n => eprintln!("(the {n} oldest turns were dropped to fit {budget} tokens)"),
         }
         let params = opts.params(turn, max_tokens);
         turn += 1;
@@ -391,9 +405,17 @@ pub async fn run(backend: &Backend, opts: ChatOptions) -> anyhow::Result<()> {
                     println!();
                 }
                 eprintln!("error: {e}");
+                failed += 1;
             }
-            Err(e) => eprintln!("error: {e}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
         }
+    }
+    use std::io::IsTerminal;
+    if failed > 0 && !std::io::stdin().is_terminal() {
+        anyhow::bail!("{failed} of {asked} questions got no answer");
     }
     Ok(())
 }
