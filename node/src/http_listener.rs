@@ -124,7 +124,7 @@ impl axum::serve::Listener for GuardedListener {
                     continue;
                 }
             };
-            let Some(share) = self.admit(addr.ip()) else {
+            let Some(share) = self.admit(crate::net::book::share_of(addr.ip())) else {
                 match self.refusals.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tokio::spawn(refuse(tcp, permit));

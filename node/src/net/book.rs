@@ -241,13 +241,30 @@ struct Entry {
     ip: Option<IpAddr>,
 }
 
-/// The IP address of a multiaddr, if it has one.
+/// What a multiaddr's caps per address count against, if it has an IP address: see
+/// [`share_of`].
 pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        Protocol::Ip4(ip) => Some(share_of(IpAddr::V4(ip))),
+        Protocol::Ip6(ip) => Some(share_of(IpAddr::V6(ip))),
         _ => None,
     })
+}
+
+/// What caps per address count `ip` against: an IPv4 address itself (an IPv4-mapped
+/// IPv6 one as IPv4), an IPv6 address's /64, which one host usually holds whole (so
+/// that its 2^64 addresses are one share, not 2^64).
+pub fn share_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
 }
 
 fn bump<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: K, up: bool) {
@@ -686,6 +703,20 @@ mod tests {
 
     /// Sybil announcements: fresh keys for one span, over one connection and then over
     /// many from one IP address.
+    #[test]
+    fn an_ipv6_slash_64_is_one_share() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(share_of(a), share_of(b));
+        assert_ne!(share_of(a), share_of(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(share_of(v4), v4);
+        assert_eq!(share_of("::ffff:192.0.2.7".parse().unwrap()), v4);
+        let addr: Multiaddr = "/ip6/2001:db8:1:2::9/tcp/1".parse().unwrap();
+        assert_eq!(ip_of(&addr), Some(share_of(a)));
+    }
+
     #[test]
     fn sybils_from_one_sender_or_one_ip_cannot_crowd_out_real_servers() {
         let limits = BookLimits {
