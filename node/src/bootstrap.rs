@@ -5,7 +5,8 @@
 use crate::net::{self, NetConfig, NetHandle, Role, book};
 use anyhow::{Context, Result};
 use axum::extract::State;
-use axum::response::{Html, IntoResponse};
+use axum::http::{HeaderValue, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use clap::builder::TypedValueParser as _;
 use libp2p::Multiaddr;
@@ -218,7 +219,7 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
             .route("/health", get(health))
             .route("/", get(page))
             .layer(axum::middleware::map_response(safe_headers))
-            .with_state(handle.clone());
+            .with_state(PageState::new(handle.clone()));
         let token = cfg.http_token.is_some();
         let mut app = crate::net::private::with_token(app, cfg.http_token.clone());
         // A private mesh's page is for its members: a page of another site re-pointed
@@ -255,7 +256,6 @@ pub async fn run(cfg: BootstrapConfig, stop: CancellationToken) -> Result<()> {
 /// content security policy that allows nothing but the page's own inline style (the page
 /// runs no script).
 async fn safe_headers(mut res: axum::response::Response) -> axum::response::Response {
-    use axum::http::{HeaderValue, header};
     let h = res.headers_mut();
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -276,6 +276,52 @@ async fn safe_headers(mut res: axum::response::Response) -> axum::response::Resp
     res
 }
 
+/// How long one snapshot of the swarm serves the page and `/health`.
+const SNAPSHOT_FOR: Duration = Duration::from_secs(1);
+
+/// The page's state: the node, and its last snapshot of the swarm as JSON and as the
+/// page. Each snapshot copies the whole book in the swarm task and renders it, so
+/// requests share one a second at most (a request that comes while one is made waits
+/// for it), and what they send is the snapshot's bytes, not a copy each.
+#[derive(Clone)]
+struct PageState {
+    handle: NetHandle,
+    last: std::sync::Arc<tokio::sync::Mutex<Option<Snapshot>>>,
+}
+
+#[derive(Clone)]
+struct Snapshot {
+    at: tokio::time::Instant,
+    json: axum::body::Bytes,
+    html: axum::body::Bytes,
+}
+
+impl PageState {
+    fn new(handle: NetHandle) -> Self {
+        Self {
+            handle,
+            last: Default::default(),
+        }
+    }
+
+    async fn snapshot(&self) -> Snapshot {
+        let mut last = self.last.lock().await;
+        if let Some(s) = last.as_ref()
+            && s.at.elapsed() < SNAPSHOT_FOR
+        {
+            return s.clone();
+        }
+        let v = swarm_json(&self.handle).await;
+        let s = Snapshot {
+            at: tokio::time::Instant::now(),
+            json: axum::body::Bytes::from(v.to_string()),
+            html: axum::body::Bytes::from(page_html(&v)),
+        };
+        *last = Some(s.clone());
+        s
+    }
+}
+
 async fn swarm_json(handle: &NetHandle) -> serde_json::Value {
     let book = handle.book(None).await.unwrap_or_default();
     let peers = handle.peers().await.map(|p| p.len()).unwrap_or(0);
@@ -294,8 +340,14 @@ async fn swarm_json(handle: &NetHandle) -> serde_json::Value {
     v
 }
 
-async fn health(State(handle): State<NetHandle>) -> impl IntoResponse {
-    axum::Json(swarm_json(&handle).await)
+async fn health(State(state): State<PageState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        state.snapshot().await.json,
+    )
 }
 
 fn escape(s: &str) -> String {
@@ -327,8 +379,17 @@ fn mode_coverage_html(model: &serde_json::Value) -> String {
     out
 }
 
-async fn page(State(handle): State<NetHandle>) -> Html<String> {
-    let v = swarm_json(&handle).await;
+async fn page(State(state): State<PageState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        state.snapshot().await.html,
+    )
+}
+
+fn page_html(v: &serde_json::Value) -> String {
     let mut body = String::new();
     body.push_str(&format!(
         "<h1>Pollen swarm</h1><p>bootstrap <code>{}</code>, {} connected peers</p>",
@@ -384,14 +445,14 @@ async fn page(State(handle): State<NetHandle>) -> Html<String> {
         }
         body.push_str("</table>");
     }
-    Html(format!(
+    format!(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>\
 <title>Pollen swarm</title><style>body{{font-family:sans-serif;margin:2em}}\
 .bar{{display:flex;gap:1px;margin:.5em 0}}.bar span{{flex:1;height:1.2em}}.ok{{background:#3a3}}\
 .gap{{background:#d33}}.gaptext{{color:#d33}}table{{border-collapse:collapse}}\
 td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}}</style></head>\
 <body>{body}</body></html>"
-    ))
+    )
 }
 
 #[cfg(test)]
