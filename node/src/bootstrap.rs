@@ -281,17 +281,19 @@ const SNAPSHOT_FOR: Duration = Duration::from_secs(1);
 
 /// The page's state: the node, and its last snapshot of the swarm as JSON and as the
 /// page. Each snapshot copies the whole book in the swarm task and renders it, so
-/// requests share one a second at most (a request that comes while one is made waits
-/// for it), and what they send is the snapshot's bytes, not a copy each.
+/// requests share one a second at most: it is made in a task of its own, which
+/// requests in that second wait for (one that hangs up stops nothing), and what they
+/// send is the snapshot's bytes, not a copy each.
 #[derive(Clone)]
 struct PageState {
     handle: NetHandle,
-    last: std::sync::Arc<tokio::sync::Mutex<Option<Snapshot>>>,
+    last: std::sync::Arc<std::sync::Mutex<Option<(tokio::time::Instant, SharedSnapshot)>>>,
 }
+
+type SharedSnapshot = futures::future::Shared<futures::future::BoxFuture<'static, Snapshot>>;
 
 #[derive(Clone)]
 struct Snapshot {
-    at: tokio::time::Instant,
     json: axum::body::Bytes,
     html: axum::body::Bytes,
 }
@@ -305,20 +307,42 @@ impl PageState {
     }
 
     async fn snapshot(&self) -> Snapshot {
-        let mut last = self.last.lock().await;
-        if let Some(s) = last.as_ref()
-            && s.at.elapsed() < SNAPSHOT_FOR
-        {
-            return s.clone();
-        }
-        let v = swarm_json(&self.handle).await;
-        let s = Snapshot {
-            at: tokio::time::Instant::now(),
-            json: axum::body::Bytes::from(v.to_string()),
-            html: axum::body::Bytes::from(page_html(&v)),
+        use futures::FutureExt;
+        let shot = {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match last.as_ref() {
+                Some((at, shot)) if at.elapsed() < SNAPSHOT_FOR => shot.clone(),
+                _ => {
+                    let handle = self.handle.clone();
+                    let task = tokio::spawn(async move {
+                        let v = swarm_json(&handle).await;
+                        Snapshot {
+                            json: axum::body::Bytes::from(v.to_string()),
+                            html: axum::body::Bytes::from(page_html(&v)),
+                        }
+                    });
+                    let shot = async move {
+                        task.await.unwrap_or_else(|e| Snapshot {
+                            json: axum::body::Bytes::from(
+                                serde_json::json!({"status": "error", "error": e.to_string()})
+                                    .to_string(),
+                            ),
+                            html: axum::body::Bytes::from_static(
+                                b"<!doctype html><p>the swarm's snapshot failed</p>",
+                            ),
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    *last = Some((tokio::time::Instant::now(), shot.clone()));
+                    shot
+                }
+            }
         };
-        *last = Some(s.clone());
-        s
+        shot.await
     }
 }
 

@@ -252,18 +252,26 @@ pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 }
 
 /// What caps per address count `ip` against: an IPv4 address itself (an IPv4-mapped
-/// IPv6 one as IPv4), an IPv6 address's /64, which one host usually holds whole (so
-/// that its 2^64 addresses are one share, not 2^64).
+/// IPv6 one as IPv4); a global IPv6 address's /64, which one site is usually given
+/// whole (so that its 2^64 addresses are one share, not 2^64: hosts that share a /64
+/// share its caps); a link-local, unique-local or loopback IPv6 address itself (all of
+/// a network's link-local addresses are in one /64).
 pub fn share_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
             }
-        },
+            let local = v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00;
+            if local {
+                return ip;
+            }
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
     }
 }
 
@@ -713,6 +721,11 @@ mod tests {
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(share_of(v4), v4);
         assert_eq!(share_of("::ffff:192.0.2.7".parse().unwrap()), v4);
+        // Local networks' addresses are their own shares.
+        for local in ["fe80::1", "fe80::2", "fd00::1", "::1"] {
+            let ip: IpAddr = local.parse().unwrap();
+            assert_eq!(share_of(ip), ip, "{local}");
+        }
         let addr: Multiaddr = "/ip6/2001:db8:1:2::9/tcp/1".parse().unwrap();
         assert_eq!(ip_of(&addr), Some(share_of(a)));
     }

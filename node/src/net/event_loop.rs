@@ -465,6 +465,16 @@ impl EventLoop {
             Command::Reachability { reply } => {
                 let _ = reply.send(self.reach.status);
             }
+            Command::MakeEntry { peer, reply } => {
+                let connected = self.connected.contains_key(&peer);
+                if connected
+                    && self.publisher.add_target(peer)
+                    && let Some(id) = self.publish_to(peer)
+                {
+                    self.publisher.track(vec![id], None);
+                }
+                let _ = reply.send(connected);
+            }
         }
     }
 

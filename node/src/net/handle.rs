@@ -25,6 +25,9 @@ const MAX_LIST_PAGES: usize = 16;
 /// How long one peer may take for all its pages in a gather: a peer answering each page
 /// just within [`GATHER_TIMEOUT`] holds a gather up this long, not 16 times that.
 const LIST_TIMEOUT: Duration = Duration::from_secs(4);
+/// Times a list page refused as busy is asked again (after 250 ms, then 500 ms, then
+/// 1 s), within [`LIST_TIMEOUT`].
+const LIST_BUSY_RETRIES: u32 = 3;
 /// How long a whole gather may take: every provider has its own bounds (connecting,
 /// [`LIST_TIMEOUT`]), but a few hundred slow ones asked [`PEERS_ASKED_AT_ONCE`] at a time
 /// would add theirs up. What was gathered by then is in the book.
@@ -156,6 +159,10 @@ pub(super) enum Command {
     },
     Reachability {
         reply: oneshot::Sender<Reachability>,
+    },
+    MakeEntry {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
     },
 }
 
@@ -560,6 +567,18 @@ impl NetHandle {
         .await
     }
 
+    /// Makes connected `peer` an entry point (one this node publishes its announcement
+    /// to, at once, and gathers from) without dialing it: a bootstrap that dialed us
+    /// first. Whether `peer` is connected.
+    pub async fn make_entry(&self, peer: PeerId) -> NetResult<bool> {
+        self.call(
+            "making an entry point",
+            |reply| Command::MakeEntry { peer, reply },
+            COMMAND_TIMEOUT,
+        )
+        .await
+    }
+
     /// Waits until the node listens on at least `count` addresses (or `timeout` passes).
     pub async fn wait_listening(
         &self,
@@ -737,7 +756,11 @@ where
     let mut all = Vec::new();
     let mut after = None;
     let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
-    for page in 0..MAX_LIST_PAGES {
+    // A page refused as busy (the peer's list answers in flight are at their cap) is
+    // asked again after a pause, within the deadline.
+    let mut busy = 0u32;
+    let mut page = 0;
+    while page < MAX_LIST_PAGES {
         if all.len() >= share {
             break;
         }
@@ -747,7 +770,7 @@ where
         if wait.is_zero() && page > 0 {
             break;
         }
-        let ask = ask(after.take());
+        let ask = ask(after.clone());
         let answer = match tokio::time::timeout(wait, ask).await {
             Ok(Ok(answer)) => answer,
             // A failed page after some: what was read counts.
@@ -762,6 +785,19 @@ where
                 });
             }
         };
+        if let AnnounceResponse::Refused(e) = &answer
+            && e.code == pollen_protocol::ErrorCode::Busy
+            && busy < LIST_BUSY_RETRIES
+        {
+            let pause = Duration::from_millis(250 << busy);
+            busy += 1;
+            if tokio::time::Instant::now() + pause < deadline {
+                tracing::debug!("{peer} is busy answering lists; asking again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        }
+        page += 1;
         match answer {
             AnnounceResponse::Page { list, next } => {
                 if list.is_empty() {
@@ -895,6 +931,54 @@ mod tests {
         // A first page that never comes is a timeout.
         let never = read_pages(peer, 1_000, |_| std::future::pending()).await;
         assert!(matches!(never, Err(NetError::Timeout { .. })), "{never:?}");
+    }
+
+    /// A page refused as busy is asked again, for the same cursor, after a pause, and
+    /// the list reads on; a peer busy for good ends the list within its time.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_lister_is_asked_again() {
+        let peer = PeerId::random();
+        let busy = || {
+            AnnounceResponse::Refused(pollen_protocol::ProtocolError::new(
+                pollen_protocol::ErrorCode::Busy,
+                "busy",
+            ))
+        };
+        let mut asked = Vec::new();
+        let list = read_pages(peer, 1_000, |after| {
+            asked.push(after.clone());
+            let n = asked.len();
+            let answer = match n {
+                1 => AnnounceResponse::Page {
+                    list: vec![signed(1)],
+                    next: Some(cursor()),
+                },
+                2 | 3 => busy(),
+                _ => AnnounceResponse::Page {
+                    list: vec![signed(2)],
+                    next: None,
+                },
+            };
+            async move { Ok(answer) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(list.len(), 2, "both pages read");
+        assert_eq!(asked.len(), 4);
+        assert!(asked[1..].iter().all(|c| c.as_ref() == Some(&cursor())));
+
+        let start = tokio::time::Instant::now();
+        let mut tries = 0;
+        let list = read_pages(peer, 1_000, |_| {
+            tries += 1;
+            let answer = busy();
+            async move { Ok(answer) }
+        })
+        .await
+        .unwrap();
+        assert!(list.is_empty());
+        assert_eq!(tries, 1 + LIST_BUSY_RETRIES as usize);
+        assert!(start.elapsed() <= LIST_TIMEOUT, "{:?}", start.elapsed());
     }
 
     /// A gather stops waiting for providers after its total time, keeping what those

@@ -1,7 +1,8 @@
 //! A cap on the incoming connections from one IP address: peer ids cost nothing to
 //! make, so the caps per peer and in total (libp2p's connection limits) let one host
 //! take every connection a node keeps. Counted from a connection's handshake to its
-//! close; a relayed connection (the relay's address) is not counted.
+//! close, against [`super::book::share_of`] the address; a relayed connection (whose
+//! remote address holds no IP) is not counted.
 
 use super::book::ip_of;
 use libp2p::PeerId;

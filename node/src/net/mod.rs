@@ -113,7 +113,8 @@ pub struct ConnectionCaps {
     pub max_connections_per_peer: u32,
     /// Most incoming connections from one IP address (in their handshake or
     /// established; relayed ones are not counted).
-    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections_per_ip)]
+    #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_connections_per_ip,
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: u32,
     /// Most incoming connections still in their handshake at once.
     #[arg(long, default_value_t = ConnectionCaps::DEFAULT.max_pending_incoming)]

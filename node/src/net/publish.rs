@@ -20,8 +20,10 @@ const MAX_WAITERS: usize = 16;
 /// never reads holds each answer until its request times out, so the rate of list
 /// requests alone (per peer id, which costs nothing to make) does not bound the memory
 /// they hold.
-pub const LIST_BYTES_IN_FLIGHT: usize = 128 << 20;
-/// Most bytes of list answers being sent at once to one IP address: two full pages.
+pub const LIST_BYTES_IN_FLIGHT: usize = 256 << 20;
+/// Most bytes of list answers being sent at once to one IP address (see
+/// [`super::book::share_of`]), or to all peers without one (relayed) together: two full
+/// pages.
 pub const LIST_BYTES_PER_IP: usize = 2 * pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES;
 
 /// List answers being sent (by request id `K`): each one's size and address, and the
@@ -48,7 +50,7 @@ impl<K> Default for ListsInFlight<K> {
 
 impl<K: std::hash::Hash + Eq> ListsInFlight<K> {
     fn used(&self, ip: Option<IpAddr>) -> (usize, usize) {
-        let at_ip = ip.and_then(|i| self.per_ip.get(&i)).copied().unwrap_or(0);
+        let at_ip = self.per_ip.get(&share(ip)).copied().unwrap_or(0);
         (self.total, at_ip)
     }
 
@@ -60,9 +62,7 @@ impl<K: std::hash::Hash + Eq> ListsInFlight<K> {
 
     fn add(&mut self, id: K, ip: Option<IpAddr>, bytes: usize) {
         self.total += bytes;
-        if let Some(i) = ip {
-            *self.per_ip.entry(i).or_default() += bytes;
-        }
+        *self.per_ip.entry(share(ip)).or_default() += bytes;
         self.each.insert(id, (ip, bytes));
     }
 
@@ -71,15 +71,20 @@ impl<K: std::hash::Hash + Eq> ListsInFlight<K> {
             return;
         };
         self.total = self.total.saturating_sub(bytes);
-        if let Some(i) = ip
-            && let Some(n) = self.per_ip.get_mut(&i)
-        {
+        let key = share(ip);
+        if let Some(n) = self.per_ip.get_mut(&key) {
             *n = n.saturating_sub(bytes);
             if *n == 0 {
-                self.per_ip.remove(&i);
+                self.per_ip.remove(&key);
             }
         }
     }
+}
+
+/// The share an answer to `ip` counts against: peers without an IP address (relayed,
+/// or on the in-process transport) share one.
+fn share(ip: Option<IpAddr>) -> IpAddr {
+    ip.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 /// The announcement side of a node.
@@ -358,9 +363,13 @@ mod tests {
         assert!(lists.fits(b, 4), "b has its own share");
         lists.add(2, b, 4);
         lists.add(3, None, 3);
-        assert!(!lists.fits(None, 1), "10 in all");
+        assert!(
+            !lists.fits(None, 2),
+            "peers without an address share one share"
+        );
+        assert!(!lists.fits("203.0.113.9".parse().ok(), 1), "10 in all");
         lists.done(1);
-        assert!(lists.fits(a, 3) && lists.fits(None, 3));
+        assert!(lists.fits(a, 3) && lists.fits(None, 1));
         lists.done(1); // twice: no effect
         assert_eq!(lists.total, 7);
         lists.done(2);

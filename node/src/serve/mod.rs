@@ -177,22 +177,24 @@ fn bootstrap_peers(addrs: &[Multiaddr]) -> Vec<(Option<PeerId>, Multiaddr)> {
         .collect()
 }
 
-/// Dials the bootstraps that are not our entry points (again, after a bootstrap
-/// restarts). A bootstrap that dialed us first (its mDNS found us on the local network)
-/// is connected but no entry point: we publish only to peers we dialed or found, so it
-/// is dialed all the same (else it never holds our announcement).
+/// Makes every bootstrap of `bootstraps` an entry point (a peer we publish to): dials
+/// those we are not connected to (again, after a bootstrap restarts), and takes one
+/// that dialed us first (its mDNS found us on the local network) as it is, without a
+/// dial its configured address may not even allow (a public address seen from inside
+/// its own network).
 async fn dial_missing(
     net: &NetHandle,
     bootstraps: &[(Option<PeerId>, Multiaddr)],
     tasks: &mut JoinSet<()>,
 ) {
-    let entries: Vec<PeerId> = net
-        .peers()
-        .await
-        .map(|p| p.into_iter().filter(|p| p.entry).map(|p| p.peer).collect())
-        .unwrap_or_default();
+    let peers = net.peers().await.unwrap_or_default();
     for (id, addr) in bootstraps {
-        if id.is_some_and(|id| entries.contains(&id)) {
+        if let Some(id) = id
+            && let Some(p) = peers.iter().find(|p| p.peer == *id)
+        {
+            if !p.entry && !net.make_entry(*id).await.unwrap_or(false) {
+                tracing::debug!("bootstrap {id} went away before it became an entry point");
+            }
             continue;
         }
         let (net, addr) = (net.clone(), addr.clone());
