@@ -475,7 +475,7 @@ impl AnnouncementBook {
         // Pruning scans the book: only for an announcement that passed its check.
         if old.is_none() && self.entries.len() >= l.max_entries {
             self.prune();
-            if self.entries.len() >= l.max_entries {
+            if self.entries.len() >= l.max_entries && !self.evict_for(ip) {
                 self.log.warn("full", || {
                     format!("announcement book is full ({} entries)", l.max_entries)
                 });
@@ -500,6 +500,42 @@ impl AnnouncementBook {
             },
         );
         Ok(())
+    }
+
+    /// Makes room in a full book for a new entry from address `ip`: drops the entry
+    /// nearest its expiry of the address holding the most, where that holds at least
+    /// two more than `ip` does. Addresses that flood the book fill it, but an entry from
+    /// another address still gets in, and floods only displace each other (an address
+    /// at the top can never push out one below it, nor two at the top each other).
+    /// Entries with no address (this node's own, gathered ones) make no room. Whether
+    /// an entry was dropped.
+    fn evict_for(&mut self, ip: Option<IpAddr>) -> bool {
+        let Some(ip) = ip else {
+            return false;
+        };
+        let mine = self.per_ip.get(&ip).copied().unwrap_or(0);
+        let Some((&top, &most)) = self.per_ip.iter().max_by_key(|(_, n)| **n) else {
+            return false;
+        };
+        if most < mine.saturating_add(2) {
+            return false;
+        }
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.ip == Some(top))
+            .min_by_key(|(_, e)| e.ann.expires_at_ms)
+            .map(|(k, _)| k.clone());
+        let Some(victim) = victim else {
+            return false;
+        };
+        self.remove_key(&victim);
+        self.log.warn("evict", || {
+            format!(
+                "announcement book is full: dropped one of {most} entries from {top} for one from {ip}"
+            )
+        });
+        true
     }
 
     fn forget_counts(&mut self, key: &(PeerIdBytes, ModelId), e: &Entry) {
@@ -711,6 +747,66 @@ mod tests {
 
     /// Sybil announcements: fresh keys for one span, over one connection and then over
     /// many from one IP address.
+    /// A book filled by a few addresses still takes servers from other addresses: each
+    /// displaces an entry of the address holding the most, and the flooding addresses
+    /// cannot displace those servers, nor each other.
+    #[test]
+    fn a_full_book_makes_room_for_other_addresses_not_for_its_floods() {
+        let limits = BookLimits {
+            max_entries: 64,
+            per_ip: 32,
+            per_sender: 64,
+            publish_burst: 100_000,
+            ip_publish_burst: 100_000,
+            ..BookLimits::default()
+        };
+        let mut book = AnnouncementBook::with_limits(limits);
+        let (a, b) = (
+            connect(&mut book, "192.0.2.1"),
+            connect(&mut book, "192.0.2.2"),
+        );
+        for from in [&a, &b] {
+            for _ in 0..32 {
+                let key = Keypair::generate_ed25519();
+                book.insert_from(from, signed(&key, 1, (0, 10), 1)).unwrap();
+            }
+        }
+        assert_eq!(book.len(), 64);
+        // Real servers from their own addresses get in, one entry of a flood out each.
+        let mut real = Vec::new();
+        for i in 0..8 {
+            let conn = connect(&mut book, &format!("198.51.100.{i}"));
+            let key = Keypair::generate_ed25519();
+            book.insert_from(&conn, signed(&key, 1, (10, 20), 1))
+                .unwrap();
+            real.push(key);
+        }
+        assert_eq!(book.len(), 64);
+        // A flooding address with room under its own cap cannot take a place back:
+        // the other flood holds at most one more.
+        for from in [&a, &b] {
+            let key = Keypair::generate_ed25519();
+            assert!(matches!(
+                book.insert_from(from, signed(&key, 1, (0, 10), 1)),
+                Err(BookError::Full(64))
+            ));
+        }
+        let listed = book.list(Some(&ModelId::from_bytes([1; 32])));
+        for key in &real {
+            let peer = PeerIdBytes(key.public().to_peer_id().to_bytes());
+            assert!(
+                listed.iter().any(|v| v.peer == peer),
+                "a real server was pushed out"
+            );
+        }
+        // Entries with no address (gathered) make no room.
+        let key = Keypair::generate_ed25519();
+        assert!(matches!(
+            book.insert(signed(&key, 1, (0, 10), 1)),
+            Err(BookError::Full(64))
+        ));
+    }
+
     #[test]
     fn an_ipv6_slash_64_is_one_share() {
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
