@@ -248,6 +248,11 @@ fn openai_clients_and_curl_on_a_real_swarm() {
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("context_length_exceeded"), "{body}");
+    // A wrong method on an endpoint answers in OpenAI's shape too.
+    let (code, body) = curl_code(&[&format!("{base}/v1/chat/completions")]);
+    assert_eq!(code, 405, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "method_not_allowed", "{body}");
     // Features Pollen does not have are refused, not silently left out.
     for (field, value) in [
         ("logprobs", json!(true)),

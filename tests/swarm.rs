@@ -28,6 +28,10 @@ fn bootstrap_and_three_servers_cover_expire_and_return() {
     });
     let took = took.expect("full coverage within 10 s of the last server being ready");
     eprintln!("full coverage seen {took:?} after the last server was ready");
+    // Servers on 127.0.0.1 announce loopback addresses only: reached as `local`.
+    let st = status(Some(&addr));
+    let servers = st["models"][0]["servers"].as_array().unwrap();
+    assert!(servers.iter().all(|s| s["reach"] == "local"), "{st}");
     // `--model` takes the model's file as well as its id, and shows that model only.
     let by_file = std::process::Command::new(pollen())
         .args(["status", "--json", "--no-reach", "--no-mdns", "--wait", "0"])

@@ -185,8 +185,9 @@ struct StatusArgs {
     /// Seconds to wait for peers (mDNS discovery needs a moment).
     #[arg(long, default_value_t = 3)]
     wait: u64,
-    /// Do not connect to each server to show how it is reached (`public`, `direct`
-    /// after hole punching through its NAT, `relayed`, or `unreachable`).
+    /// Do not connect to each server to show how it is reached (`public`, `local` for a
+    /// server announcing loopback addresses only, `direct` after hole punching through
+    /// its NAT, `relayed`, or `unreachable`).
     #[arg(long)]
     no_reach: bool,
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 const MAX_REACH_PROBES: usize = 256;
 
 /// How this node reaches each server of `book`, by peer id: `public` (a direct
-/// connection, and the server announces no relayed address), `direct` (it is behind NAT
-/// and hole punching gave a direct connection), `relayed` (only through a relay), or
+/// connection, and the server announces no relayed address), `local` (the same, and it
+/// announces loopback addresses only: a server on this machine), `direct` (it is behind
+/// NAT and hole punching gave a direct connection), `relayed` (only through a relay), or
 /// `unreachable`. Connects to each server (at most [`MAX_REACH_PROBES`]) and gives hole
 /// punching up to `patience`.
 pub async fn reach(
@@ -19,48 +20,62 @@ pub async fn reach(
     book: &[VerifiedAnnouncement],
     patience: Duration,
 ) -> HashMap<String, &'static str> {
-    let servers: Vec<(libp2p::PeerId, Vec<libp2p::Multiaddr>, bool)> = book
+    let servers: Vec<(libp2p::PeerId, Vec<libp2p::Multiaddr>, bool, bool)> = book
         .iter()
         .filter_map(|a| {
             let peer = libp2p::PeerId::from_bytes(&a.peer.0).ok()?;
             let addrs: Vec<libp2p::Multiaddr> =
                 a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
             let behind_nat = a.addrs.iter().any(|s| s.contains("/p2p-circuit"));
-            Some((peer, addrs, behind_nat))
+            let loopback = !addrs.is_empty() && addrs.iter().all(is_loopback);
+            Some((peer, addrs, behind_nat, loopback))
         })
         .take(MAX_REACH_PROBES)
         .collect();
-    let probes = servers.iter().map(|(peer, addrs, behind_nat)| async move {
-        let _ = net.add_addresses(*peer, addrs.clone(), false).await;
-        let connected = tokio::time::timeout(patience, net.connect(*peer)).await;
-        let deadline = tokio::time::Instant::now() + patience;
-        let mut path = match connected {
-            Ok(Ok(p)) => Some(p),
-            _ => None,
-        };
-        while path == Some(Path::Relayed) && tokio::time::Instant::now() < deadline {
-            match net.path(*peer).await {
-                Ok((p, true)) => path = p,
-                Ok((p, false)) => {
-                    path = p;
-                    break;
+    let probes = servers
+        .iter()
+        .map(|(peer, addrs, behind_nat, loopback)| async move {
+            let _ = net.add_addresses(*peer, addrs.clone(), false).await;
+            let connected = tokio::time::timeout(patience, net.connect(*peer)).await;
+            let deadline = tokio::time::Instant::now() + patience;
+            let mut path = match connected {
+                Ok(Ok(p)) => Some(p),
+                _ => None,
+            };
+            while path == Some(Path::Relayed) && tokio::time::Instant::now() < deadline {
+                match net.path(*peer).await {
+                    Ok((p, true)) => path = p,
+                    Ok((p, false)) => {
+                        path = p;
+                        break;
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let label = match (path, behind_nat) {
-            (Some(Path::Direct), false) => "public",
-            (Some(Path::Direct), true) => "direct",
-            (Some(Path::Relayed), _) => "relayed",
-            (None, _) => "unreachable",
-        };
-        (peer.to_string(), label)
-    });
+            let label = match (path, behind_nat) {
+                (Some(Path::Direct), false) if *loopback => "local",
+                (Some(Path::Direct), false) => "public",
+                (Some(Path::Direct), true) => "direct",
+                (Some(Path::Relayed), _) => "relayed",
+                (None, _) => "unreachable",
+            };
+            (peer.to_string(), label)
+        });
     futures::future::join_all(probes)
         .await
         .into_iter()
         .collect()
+}
+
+/// Whether `addr` is on a loopback address.
+fn is_loopback(addr: &libp2p::Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// Adds each server's `reach` (from [`reach`]) to a status from [`to_json`].

@@ -255,6 +255,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .method_not_allowed_fallback(wrong_method)
         .fallback(not_found)
 }
 
@@ -265,6 +266,19 @@ async fn not_found() -> ApiError {
         code: Some("not_found"),
         param: None,
         message: "no such endpoint; Pollen serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions".into(),
+    }
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: "invalid_request_error",
+        code: Some("method_not_allowed"),
+        param: None,
+        message: format!(
+            "{method} {}: Pollen serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions",
+            uri.path()
+        ),
     }
 }
 

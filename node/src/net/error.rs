@@ -40,12 +40,12 @@ pub enum NetError {
         answered: PeerId,
     },
     /// Dialing kept failing for longer than the caller's patience.
-    #[error("gave up on {addr} after {patience:?}: {last}")]
+    #[error("gave up on {addr} after {tried:?}: {last}")]
     GaveUp {
         /// The address.
         addr: Multiaddr,
         /// How long it was tried.
-        patience: Duration,
+        tried: Duration,
         /// The last failure.
         #[source]
         last: Box<NetError>,

@@ -270,7 +270,8 @@ impl NetHandle {
 
     /// Dials `addr`, retrying with exponential backoff for up to `patience`.
     pub async fn dial_with_retry(&self, addr: &Multiaddr, patience: Duration) -> NetResult<PeerId> {
-        let deadline = tokio::time::Instant::now() + patience;
+        let started = tokio::time::Instant::now();
+        let deadline = started + patience;
         let mut delay = Duration::from_millis(200);
         loop {
             let e = match self.dial(addr.clone()).await {
@@ -287,9 +288,12 @@ impl NetHandle {
                 });
             }
             if tokio::time::Instant::now() + delay >= deadline {
+                // How long it was tried (the next wait would have passed the patience),
+                // in tenths of a second.
+                let tried = Duration::from_millis(started.elapsed().as_millis() as u64 / 100 * 100);
                 return Err(NetError::GaveUp {
                     addr: addr.clone(),
-                    patience,
+                    tried,
                     last: Box::new(e),
                 });
             }
