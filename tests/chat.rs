@@ -306,26 +306,15 @@ fn swarm_chat_answers_like_local_and_ctrl_c_frees_the_route() {
 /// (every question used to fail, and chat still exited 0).
 #[test]
 fn a_piped_chat_whose_answers_failed_exits_with_an_error() {
-    use std::io::Write;
-    use std::process::Stdio;
     let run = |extra: &[&str], input: &str| {
-        let mut child = Command::new(pollen())
-            .args(["chat", "--threads", "1", "--temperature", "0", "--local"])
-            .arg("--model")
-            .arg(model())
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_input(
+            Command::new(pollen())
+                .args(["chat", "--threads", "1", "--temperature", "0", "--local"])
+                .arg("--model")
+                .arg(model())
+                .args(extra),
+            input,
+        );
         (
             out.status,
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -148,7 +148,6 @@ fn prometheus_client_python() -> std::path::PathBuf {
 /// Parses `text` with `prometheus_client`'s strict OpenMetrics parser; the sample
 /// names and values it read, one per line.
 fn parse_with_reference(pythonpath: &Path, text: &str) -> String {
-    use std::io::Write;
     let script = r#"
 import sys
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -156,21 +155,12 @@ for family in text_string_to_metric_families(sys.stdin.read()):
     for s in family.samples:
         print(s.name, s.value)
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .env("PYTHONPATH", pythonpath)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_input(
+        Command::new("python3")
+            .args(["-c", script])
+            .env("PYTHONPATH", pythonpath),
+        text,
+    );
     assert!(
         out.status.success(),
         "prometheus_client rejected the text: {}\n{text}",

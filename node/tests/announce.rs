@@ -21,19 +21,25 @@ async fn node_of_version(
     cancel: &CancellationToken,
     version: u32,
 ) -> (NetHandle, Keypair) {
+    node_with(role, cancel, |cfg| cfg.protocol_version = version)
+}
+
+/// A node of `role` on 127.0.0.1, its configuration changed by `tune` first.
+fn node_with(
+    role: Role,
+    cancel: &CancellationToken,
+    tune: impl FnOnce(&mut NetConfig),
+) -> (NetHandle, Keypair) {
     let key = Keypair::generate_ed25519();
-    let (handle, _task) = net::start(
-        NetConfig {
-            keypair: key.clone(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            mdns: false,
-            role,
-            protocol_version: version,
-            ..NetConfig::new(role)
-        },
-        cancel.clone(),
-    )
-    .unwrap();
+    let mut cfg = NetConfig {
+        keypair: key.clone(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        mdns: false,
+        role,
+        ..NetConfig::new(role)
+    };
+    tune(&mut cfg);
+    let (handle, _task) = net::start(cfg, cancel.clone()).unwrap();
     (handle, key)
 }
 
@@ -244,21 +250,9 @@ async fn list_answers_in_flight_are_counted_until_sent() {
 #[tokio::test]
 async fn incoming_connections_from_one_address_are_capped() {
     let cancel = CancellationToken::new();
-    let key = Keypair::generate_ed25519();
-    let (boot, _task) = net::start(
-        NetConfig {
-            keypair: key,
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            mdns: false,
-            caps: net::ConnectionCaps {
-                max_connections_per_ip: 2,
-                ..net::ConnectionCaps::DEFAULT
-            },
-            ..NetConfig::new(Role::Bootstrap)
-        },
-        cancel.clone(),
-    )
-    .unwrap();
+    let (boot, _) = node_with(Role::Bootstrap, &cancel, |cfg| {
+        cfg.caps.max_connections_per_ip = 2;
+    });
     let addr = boot
         .wait_listening(1, Duration::from_secs(5))
         .await

@@ -54,6 +54,25 @@ pub fn server(bootstrap: Option<&str>, blocks: &str, key: &Path, extra: &[&str])
     pollen_node::mesh::server(&pollen(), &model(), bootstrap, blocks, key, extra).unwrap()
 }
 
+/// Runs `cmd` with `input` on its stdin (closed after), its stdout and stderr captured.
+pub fn output_with_input(cmd: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `pollen status --json` through `bootstrap` (or mDNS when `None`).
 pub fn status(bootstrap: Option<&str>) -> serde_json::Value {
     let mut cmd = Command::new(pollen());

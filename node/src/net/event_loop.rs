@@ -260,6 +260,19 @@ impl EventLoop {
         }
     }
 
+    /// Makes `peer` a publish target; a new one that is connected gets our announcement
+    /// at once. Whether it is connected.
+    fn make_entry(&mut self, peer: PeerId) -> bool {
+        let connected = self.connected.contains_key(&peer);
+        if self.publisher.add_target(peer)
+            && connected
+            && let Some(id) = self.publish_to(peer)
+        {
+            self.publisher.track(vec![id], None);
+        }
+        connected
+    }
+
     fn count_lists(&self) {
         let bytes = self.publisher.list_bytes_in_flight() as u64;
         self.stats
@@ -466,13 +479,8 @@ impl EventLoop {
                 let _ = reply.send(self.reach.status);
             }
             Command::MakeEntry { peer, reply } => {
-                let connected = self.connected.contains_key(&peer);
-                if connected
-                    && self.publisher.add_target(peer)
-                    && let Some(id) = self.publish_to(peer)
-                {
-                    self.publisher.track(vec![id], None);
-                }
+                // Only a connected peer: one that is gone stays no target.
+                let connected = self.connected.contains_key(&peer) && self.make_entry(peer);
                 let _ = reply.send(connected);
             }
         }
@@ -852,12 +860,7 @@ impl EventLoop {
                         continue;
                     }
                     self.swarm.add_peer_address(peer, addr.clone());
-                    let new_target = self.publisher.add_target(peer);
-                    if self.connected.contains_key(&peer) {
-                        if new_target && let Some(id) = self.publish_to(peer) {
-                            self.publisher.track(vec![id], None);
-                        }
-                    } else {
+                    if !self.make_entry(peer) {
                         let _ = self
                             .swarm
                             .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());

@@ -205,8 +205,8 @@ impl Publisher {
                 }
             },
             // This node's own list requests are not rate-limited.
-            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after),
-            AnnounceRequest::List { model_id } => self.first_page(model_id),
+            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after).0,
+            AnnounceRequest::List { model_id } => self.first_page(model_id).0,
             other => self.answer(me, other),
         }
     }
@@ -250,13 +250,7 @@ impl Publisher {
         if !self.lists.fits(ip, 1) {
             return Self::lists_busy(peer);
         }
-        let answer = self.answer(peer, request);
-        let bytes = match &answer {
-            AnnounceResponse::List(list) | AnnounceResponse::Page { list, .. } => {
-                list.iter().map(pollen_protocol::encoded_len).sum::<usize>()
-            }
-            _ => 0,
-        };
+        let (answer, bytes) = self.answer_sized(peer, request);
         if !self.lists.fits(ip, bytes) {
             return Self::lists_busy(peer);
         }
@@ -284,7 +278,30 @@ impl Publisher {
 
     /// The answer to an announcement request from `peer`.
     pub fn answer(&mut self, peer: &PeerId, request: AnnounceRequest) -> AnnounceResponse {
-        match request {
+        self.answer_sized(peer, request).0
+    }
+
+    /// [`Self::answer`], and the encoded bytes of the announcements it lists.
+    fn answer_sized(
+        &mut self,
+        peer: &PeerId,
+        request: AnnounceRequest,
+    ) -> (AnnounceResponse, usize) {
+        let answer = match request {
+            AnnounceRequest::ListPage { .. } | AnnounceRequest::List { .. }
+                if !self.book.take_list(peer) =>
+            {
+                tracing::debug!("refused a list request from {peer}: too many a second");
+                AnnounceResponse::Refused(ProtocolError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "busy: at most {} list requests a second from one peer; try again later",
+                        super::book::LIST_PER_S
+                    ),
+                ))
+            }
+            AnnounceRequest::ListPage { model_id, after } => return self.page(model_id, after),
+            AnnounceRequest::List { model_id } => return self.first_page(model_id),
             AnnounceRequest::Get { model_id } => match &self.own {
                 Some(own) if own.announcement.model_id == model_id => {
                     AnnounceResponse::Announcement(Box::new(own.clone()))
@@ -302,44 +319,47 @@ impl Publisher {
                     AnnounceResponse::Refused(ProtocolError::new(e.code(), e.to_string()))
                 }
             },
-            AnnounceRequest::ListPage { .. } | AnnounceRequest::List { .. }
-                if !self.book.take_list(peer) =>
-            {
-                tracing::debug!("refused a list request from {peer}: too many a second");
-                AnnounceResponse::Refused(ProtocolError::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "busy: at most {} list requests a second from one peer; try again later",
-                        super::book::LIST_PER_S
-                    ),
-                ))
-            }
-            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after),
-            AnnounceRequest::List { model_id } => self.first_page(model_id),
-        }
+        };
+        (answer, 0)
     }
 
-    /// The answer to a `ListPage` request.
-    fn page(&self, model_id: Option<ModelId>, after: Option<ListCursor>) -> AnnounceResponse {
+    /// The answer to a `ListPage` request, and its announcements' bytes.
+    fn page(
+        &self,
+        model_id: Option<ModelId>,
+        after: Option<ListCursor>,
+    ) -> (AnnounceResponse, usize) {
         let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 128;
-        let mut used = 0;
-        let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
-            used += pollen_protocol::encoded_len(a);
-            used <= budget
-        });
-        AnnounceResponse::Page { list, next }
+        let (list, next, used) = self.within(model_id, after, budget);
+        (AnnounceResponse::Page { list, next }, used)
     }
 
-    /// The answer to a `List` request.
-    fn first_page(&self, model_id: Option<ModelId>) -> AnnounceResponse {
+    /// The answer to a `List` request, and its announcements' bytes.
+    fn first_page(&self, model_id: Option<ModelId>) -> (AnnounceResponse, usize) {
         // The first page: stop before the answer would outgrow its frame limit.
         let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
+        let (list, _, used) = self.within(model_id, None, budget);
+        (AnnounceResponse::List(list), used)
+    }
+
+    /// The page of the book after `after` whose announcements take at most `budget`
+    /// bytes encoded, where the next page starts, and those bytes.
+    fn within(
+        &self,
+        model_id: Option<ModelId>,
+        after: Option<ListCursor>,
+        budget: usize,
+    ) -> (Vec<SignedAnnouncement>, Option<ListCursor>, usize) {
         let mut used = 0;
-        let (list, _) = self.book.page(model_id.as_ref(), None, |a| {
-            used += pollen_protocol::encoded_len(a);
-            used <= budget
+        let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
+            let with = used + pollen_protocol::encoded_len(a);
+            let fits = with <= budget;
+            if fits {
+                used = with;
+            }
+            fits
         });
-        AnnounceResponse::List(list)
+        (list, next, used)
     }
 }
 
