@@ -35,10 +35,10 @@ impl Vnni {
     }
 }
 
-/// Rows of activations processed against one loaded weight block.
-const ROWS: usize = 4;
-
-/// Computes tile `t` (16 output columns) for every activation row.
+/// Computes tile `t` (16 output columns) for every activation row: eight
+/// rows against each loaded weight block where there are eight (a batch of
+/// decode steps: the weights' unpacking is shared by more rows), then four,
+/// two, one. Each row's arithmetic is the same whatever its group.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VNNI and F16C.
@@ -46,15 +46,24 @@ const ROWS: usize = 4;
 unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; TILE]]) {
     let m = out.len();
     let mut row = 0;
-    while row + ROWS <= m {
-        // SAFETY: rows `row..row+ROWS` exist; CPU features as required above.
-        unsafe { rows::<ROWS>(w, t, act, row, &mut out[row..row + ROWS]) };
-        row += ROWS;
+    while row + 8 <= m {
+        // SAFETY: rows `row..row+8` exist; CPU features as required above.
+        unsafe { rows::<8>(w, t, act, row, &mut out[row..row + 8]) };
+        row += 8;
     }
-    while row < m {
+    if row + 4 <= m {
+        // SAFETY: as above, four rows.
+        unsafe { rows::<4>(w, t, act, row, &mut out[row..row + 4]) };
+        row += 4;
+    }
+    if row + 2 <= m {
+        // SAFETY: as above, two rows.
+        unsafe { rows::<2>(w, t, act, row, &mut out[row..row + 2]) };
+        row += 2;
+    }
+    if row < m {
         // SAFETY: as above, one row.
         unsafe { rows::<1>(w, t, act, row, &mut out[row..row + 1]) };
-        row += 1;
     }
 }
 
