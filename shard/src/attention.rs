@@ -155,11 +155,7 @@ fn head_block(
             let qr = &q[r * d..(r + 1) * d];
             let s = &mut scores[..end - t0];
             dots(qr, &k[t0 * d..end * d], s);
-            let mut tile_max = f32::NEG_INFINITY;
-            for s in s.iter_mut() {
-                *s *= scale;
-                tile_max = tile_max.max(*s);
-            }
+            let tile_max = crate::kernels::scale_max(s, scale);
             let st = &mut state[r];
             let o = &mut out[r * d..(r + 1) * d];
             if tile_max > st.max {
@@ -168,10 +164,9 @@ fn head_block(
                 o.iter_mut().for_each(|x| *x *= corr);
                 st.max = tile_max;
             }
-            // Scores become weights (a loop the compiler vectorises); they
-            // are summed, and the values added, in key order.
-            let max = st.max;
-            s.iter_mut().for_each(|s| *s = exp(*s - max));
+            // Scores become weights; they are summed, and the values added,
+            // in key order.
+            crate::kernels::exp_below(s, st.max);
             st.sum = s.iter().fold(st.sum, |acc, &p| acc + p);
             crate::kernels::weighted_sum(s, &v[t0 * d..end * d], o);
         }

@@ -91,6 +91,32 @@ impl Avx2 {
         // SAFETY: features as detected for `self`; lengths checked above.
         unsafe { weighted_sum(p, x, y) }
     }
+
+    /// [`super::scale_max`]'s plain loop, compiled for AVX2's eight lanes.
+    pub(super) fn scale_max(self, s: &mut [f32], scale: f32) -> f32 {
+        // SAFETY: features as detected for `self`; safe code inside.
+        unsafe { scale_max(s, scale) }
+    }
+
+    /// [`super::exp_below`]'s plain loop, compiled for AVX2's eight lanes.
+    pub(super) fn exp_below(self, s: &mut [f32], max: f32) {
+        // SAFETY: features as detected for `self`; safe code inside.
+        unsafe { exp_below(s, max) }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+    super::scale_max_plain(s, scale)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn exp_below(s: &mut [f32], max: f32) {
+    super::exp_below_plain(s, max)
 }
 
 /// Eight f16 values from `p`, widened.

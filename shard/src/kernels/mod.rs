@@ -157,6 +157,16 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
+        pub(super) fn scale_max(self, _: &mut [f32], _: f32) -> f32 {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn exp_below(self, _: &mut [f32], _: f32) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
         pub(super) fn quantize_row(self, _: &[f32], _: &mut [i8], _: &mut [f32], _: &mut [i32]) {
             match self {}
         }
@@ -292,6 +302,54 @@ fn weighted_sum_scalar(p: &[f32], x: &[f16], y: &mut [f32]) {
             *y += pj * widen(x);
         }
     }
+}
+
+/// Multiplies every score of `s` by `scale`, in place, and returns the
+/// largest (NaNs left out; -inf where there is none). Each product is one
+/// IEEE multiply and a maximum is exact, so the lanes a CPU takes them in
+/// change no bit.
+pub(crate) fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+    match float_simd() {
+        Some(k) => k.scale_max(s, scale),
+        None => scale_max_plain(s, scale),
+    }
+}
+
+/// [`scale_max`] in plain code that a compiler vectorises: eight running
+/// maxima, each a compare and a select (`maxps`' own semantics, where a NaN
+/// score keeps the running value).
+#[inline(always)]
+fn scale_max_plain(s: &mut [f32], scale: f32) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = s.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (x, m) in c.iter_mut().zip(&mut m) {
+            *x *= scale;
+            *m = if *x > *m { *x } else { *m };
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        m[0] = if *x > m[0] { *x } else { m[0] };
+    }
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `s[i] = e^(s[i] - max)` for every score, with attention's own
+/// exponential (plain IEEE operations: the same bits in any lanes).
+pub(crate) fn exp_below(s: &mut [f32], max: f32) {
+    match float_simd() {
+        Some(k) => k.exp_below(s, max),
+        None => exp_below_plain(s, max),
+    }
+}
+
+/// [`exp_below`] in plain code that a compiler vectorises.
+#[inline(always)]
+fn exp_below_plain(s: &mut [f32], max: f32) {
+    s.iter_mut()
+        .for_each(|x| *x = crate::attention::exp(*x - max));
 }
 
 /// Output rows per tile.

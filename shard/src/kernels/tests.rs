@@ -379,6 +379,39 @@ fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
 }
 
 #[test]
+fn softmax_loops_give_the_one_at_a_time_bits_in_every_lane_count() {
+    let mut seed = 17;
+    for n in [1, 5, 8, 13, 64] {
+        let mut s: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * 30.0).collect();
+        // A NaN score is left out of the maximum, as `f32::max` leaves it.
+        if n > 4 {
+            s[3] = f32::NAN;
+            s[4] = -0.0;
+        }
+        let scale = 0.125;
+        let want_scaled: Vec<f32> = s.iter().map(|x| x * scale).collect();
+        let want_max = want_scaled.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut plain = s.clone();
+        let got_max = scale_max_plain(&mut plain, scale);
+        assert_bits(&plain, &want_scaled, &format!("scaled, n {n}"));
+        assert_eq!(got_max, want_max, "maximum, n {n}");
+        let mut dispatched = s.clone();
+        assert_eq!(scale_max(&mut dispatched, scale), want_max);
+        assert_bits(&dispatched, &want_scaled, &format!("dispatched, n {n}"));
+        let want_exp: Vec<f32> = want_scaled
+            .iter()
+            .map(|&x| crate::attention::exp(x - want_max))
+            .collect();
+        exp_below(&mut dispatched, want_max);
+        assert_bits(&dispatched, &want_exp, &format!("exp, n {n}"));
+        exp_below_plain(&mut plain, want_max);
+        assert_bits(&plain, &want_exp, &format!("plain exp, n {n}"));
+    }
+    let mut none = [f32::NAN; 3];
+    assert_eq!(scale_max(&mut none, 1.0), f32::NEG_INFINITY);
+}
+
+#[test]
 fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
     let Some(k) = super::float_simd() else {
         return;
