@@ -92,6 +92,18 @@ impl Avx2 {
         unsafe { weighted_sum(p, x, y) }
     }
 
+    /// [`super::zip_map`]'s plain loop, compiled for AVX2's eight lanes.
+    pub(super) fn zip_map(
+        self,
+        a: &[f32],
+        b: &[f32],
+        dst: &mut [f32],
+        f: impl Fn(f32, f32) -> f32,
+    ) {
+        // SAFETY: features as detected for `self`; safe code inside.
+        unsafe { zip_map(a, b, dst, f) }
+    }
+
     /// [`super::scale_max`]'s plain loop, compiled for AVX2's eight lanes.
     pub(super) fn scale_max(self, s: &mut [f32], scale: f32) -> f32 {
         // SAFETY: features as detected for `self`; safe code inside.
@@ -103,6 +115,13 @@ impl Avx2 {
         // SAFETY: features as detected for `self`; safe code inside.
         unsafe { exp_below(s, max) }
     }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn zip_map(a: &[f32], b: &[f32], dst: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    super::zip_map_plain(a, b, dst, f)
 }
 
 /// # Safety

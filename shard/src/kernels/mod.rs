@@ -157,6 +157,17 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
+        pub(super) fn zip_map(
+            self,
+            _: &[f32],
+            _: &[f32],
+            _: &mut [f32],
+            _: impl Fn(f32, f32) -> f32,
+        ) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
         pub(super) fn scale_max(self, _: &mut [f32], _: f32) -> f32 {
             match self {}
         }
@@ -350,6 +361,25 @@ pub(crate) fn exp_below(s: &mut [f32], max: f32) {
 fn exp_below_plain(s: &mut [f32], max: f32) {
     s.iter_mut()
         .for_each(|x| *x = crate::attention::exp(*x - max));
+}
+
+/// `dst[i] = f(a[i], b[i])` for every value: a norm's or a gate's
+/// elementwise step, in AVX2's lanes where the CPU has them. `f` must be
+/// plain IEEE arithmetic without calls, so that every lane count gives the
+/// same bits and the loop vectorises.
+pub(crate) fn zip_map(a: &[f32], b: &[f32], dst: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    match float_simd() {
+        Some(k) => k.zip_map(a, b, dst, f),
+        None => zip_map_plain(a, b, dst, f),
+    }
+}
+
+/// [`zip_map`] in plain code that a compiler vectorises.
+#[inline(always)]
+fn zip_map_plain(a: &[f32], b: &[f32], dst: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+        *d = f(x, y);
+    }
 }
 
 /// Output rows per tile.

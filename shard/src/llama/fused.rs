@@ -45,6 +45,7 @@ pub(super) struct Scratch {
     q: Vec<f32>,
     attn: Vec<f32>,
     head_major: Vec<f32>,
+    norms: Vec<f32>,
     gate_up: Vec<f32>,
 }
 
@@ -124,21 +125,65 @@ pub(super) fn cpu_data<'a, T: candle_core::WithDType>(
     Ok(&c.as_slice::<T>()?[a..b])
 }
 
-/// candle's RMS norm of one row: `x / sqrt(mean(x²) + eps) * w`.
-#[inline]
-fn rms_row(x: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
-    let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
-    let m = (sum2 / x.len() as f32 + eps).sqrt();
-    for ((d, &s), &a) in dst.iter_mut().zip(x).zip(w) {
-        *d = s / m * a;
+/// candle's RMS norm of rows `x` (each `w.len()` wide),
+/// `x / sqrt(mean(x²) + eps) * w`: the divisors of every row into
+/// `divisors`, and a function that writes row `i`'s norm. The rows' sums of squares, each added in
+/// order as candle adds them, run side by side, up to eight rows at a time,
+/// so that their additions overlap; the elementwise step runs in AVX2's
+/// lanes where the CPU has them. The same bits as one row at a time.
+fn rms_rows<'a>(
+    x: &'a [f32],
+    w: &'a [f32],
+    eps: f32,
+    divisors: &'a mut Vec<f32>,
+) -> impl Fn(usize, &mut [f32]) + 'a {
+    let h = w.len();
+    let m = x.len() / h;
+    divisors.clear();
+    divisors.resize(m, 0.0);
+    let mut at = 0;
+    while at + 8 <= m {
+        sums_of_squares::<8>(&x[at * h..], h, &mut divisors[at..at + 8]);
+        at += 8;
     }
+    if at + 4 <= m {
+        sums_of_squares::<4>(&x[at * h..], h, &mut divisors[at..at + 4]);
+        at += 4;
+    }
+    while at < m {
+        sums_of_squares::<1>(&x[at * h..], h, &mut divisors[at..at + 1]);
+        at += 1;
+    }
+    for d in divisors.iter_mut() {
+        *d = (*d / h as f32 + eps).sqrt();
+    }
+    let divisors = &*divisors;
+    move |i, dst| {
+        let m = divisors[i];
+        crate::kernels::zip_map(&x[i * h..(i + 1) * h], w, dst, |s, a| s / m * a);
+    }
+}
+
+/// `out[r]` = the sum of squares of row `r` of `rows` (`h` wide), added in
+/// order, for `R` rows side by side.
+#[inline]
+fn sums_of_squares<const R: usize>(rows: &[f32], h: usize, out: &mut [f32]) {
+    let rs: [&[f32]; R] = std::array::from_fn(|r| &rows[r * h..(r + 1) * h]);
+    let mut acc = [0f32; R];
+    for j in 0..h {
+        for (a, row) in acc.iter_mut().zip(&rs) {
+            let v = row[j];
+            *a += v * v;
+        }
+    }
+    out.copy_from_slice(&acc);
 }
 
 /// SiLU, `v / (1 + e^-v)`, with Pollen's exponential
 /// ([`crate::attention::exp`]: the same bits on every platform, where the C
 /// library's `expf`, which candle's SiLU takes, is not). The non-exact modes'
 /// SiLU, fused or op by op.
-#[inline]
+#[inline(always)]
 pub(super) fn silu(v: f32) -> f32 {
     v / (1.0 + crate::attention::exp(-v))
 }
@@ -214,9 +259,8 @@ pub(super) fn block_forward(
     }
 
     // Attention: norm into the q/k/v product's input.
-    s.act.quantize_rows_with(m, h, |i, row| {
-        rms_row(&x[i * h..(i + 1) * h], w.attn_norm, eps, row)
-    });
+    let norm = rms_rows(x, w.attn_norm, eps, &mut s.norms);
+    s.act.quantize_rows_with(m, h, norm);
     s.qkv.resize(m * qn, 0.0);
     w.qkv
         .matmul_quantized(&s.act, &mut s.qkv, &mut s.tiles, false);
@@ -279,18 +323,15 @@ pub(super) fn block_forward(
     w.wo.matmul_quantized(&s.act, x, &mut s.tiles, true);
 
     // MLP: norm into gate/up, SiLU(gate)·up into down.
-    s.act.quantize_rows_with(m, h, |i, row| {
-        rms_row(&x[i * h..(i + 1) * h], w.ffn_norm, eps, row)
-    });
+    let norm = rms_rows(x, w.ffn_norm, eps, &mut s.norms);
+    s.act.quantize_rows_with(m, h, norm);
     s.gate_up.resize(m * 2 * ff, 0.0);
     w.gate_up
         .matmul_quantized(&s.act, &mut s.gate_up, &mut s.tiles, false);
     let gu = &s.gate_up;
     s.act.quantize_rows_with(m, ff, |i, row| {
         let (g, u) = gu[i * 2 * ff..(i + 1) * 2 * ff].split_at(ff);
-        for ((r, &g), &u) in row.iter_mut().zip(g).zip(u) {
-            *r = silu(g) * u;
-        }
+        crate::kernels::zip_map(g, u, row, |g, u| silu(g) * u);
     });
     w.w_down.matmul_quantized(&s.act, x, &mut s.tiles, true);
     Ok(())
@@ -299,4 +340,42 @@ pub(super) fn block_forward(
 /// Reads a step's hidden states `(1, m, hidden)` into a buffer.
 pub(super) fn to_rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// candle's RMS norm of one row, as its CPU op computes it.
+    fn one_row(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / x.len() as f32 + eps).sqrt();
+        x.iter().zip(w).map(|(&s, &a)| s / m * a).collect()
+    }
+
+    #[test]
+    fn norms_of_rows_side_by_side_give_each_rows_own_bits() {
+        let h = 40;
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 7.0
+        };
+        let w: Vec<f32> = (0..h).map(|_| next()).collect();
+        for m in [1, 3, 4, 5, 8, 9, 13, 16] {
+            let x: Vec<f32> = (0..m * h).map(|_| next()).collect();
+            let mut divisors = Vec::new();
+            let norm = rms_rows(&x, &w, 1e-5, &mut divisors);
+            for i in 0..m {
+                let mut got = vec![0f32; h];
+                norm(i, &mut got);
+                let want = one_row(&x[i * h..(i + 1) * h], &w, 1e-5);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "row {i} of {m}");
+            }
+        }
+    }
 }
