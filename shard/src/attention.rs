@@ -25,6 +25,7 @@
 //! position of the row in its step: a prompt chunked differently, or run on
 //! another machine, gives the same bits. A decode step is the one-row case.
 
+use crate::kernels;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use half::f16;
 use std::sync::{Mutex, PoisonError};
@@ -46,37 +47,111 @@ pub(crate) struct TiledAttention {
 impl TiledAttention {
     /// Bytes this op allocates for a step of `seq` queries over `heads`
     /// heads of width `head_dim`: its output and a head-major copy of it,
-    /// plus per-thread tiles (bounded, counted once per thread).
+    /// plus per-thread scratch (bounded, counted once per thread, for the
+    /// most query heads a KV group can have).
     pub(crate) fn bytes(seq: usize, heads: usize, head_dim: usize, threads: usize) -> usize {
         let rows = seq.saturating_mul(heads).saturating_mul(head_dim);
-        let per_thread = QUERY_BLOCK * (KEY_TILE + head_dim + 2) * 4;
+        let per_thread = heads
+            .saturating_mul(QUERY_BLOCK)
+            .saturating_mul(KEY_TILE + 2)
+            .saturating_mul(4);
         rows.saturating_mul(8)
             .saturating_add(threads.saturating_mul(per_thread))
     }
 }
 
-/// Dot products of `a` with `out.len()` consecutive vectors of `keys` (each
-/// `a.len()` long), each in eight lanes: lane `l` adds `a[8c + l] · key[8c +
-/// l]` in order of `c`, the lanes are added in order, then the products of
-/// the values past the last multiple of 8 (the tests' `dot`, bit for bit,
-/// on every CPU).
-fn dots(a: &[f32], keys: &[f16], out: &mut [f32]) {
-    let d = a.len();
+/// Buffers an attention step reuses: its results by KV group, and one
+/// thread's scores and running softmax states.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    by_group: Vec<f32>,
+    scores: Vec<f32>,
+    states: Vec<Row>,
+}
+
+/// Heads side by side, up to three at a time: `each::<H>(first)` for
+/// `first = 0, H, ..` until `n` heads are done.
+fn by_threes(n: usize, mut each: impl FnMut(usize, usize)) {
+    let mut first = 0;
+    while first < n {
+        let h = (n - first).min(3);
+        each(first, h);
+        first += h;
+    }
+}
+
+/// `H` slices of `len` values from consecutive `KEY_TILE`-wide rows of
+/// `buf`, from row `first`.
+fn rows_of<const H: usize>(buf: &mut [f32], first: usize, len: usize) -> [&mut [f32]; H] {
+    let mut it = buf[first * KEY_TILE..]
+        .chunks_exact_mut(KEY_TILE)
+        .map(|r| &mut r[..len]);
+    std::array::from_fn(|_| it.next().unwrap_or_default())
+}
+
+/// Dot products of the `n_rep` queries `qs` (query `r` at `qs[r * q_stride..]`,
+/// `d` long) with `len` consecutive keys of `keys` (each `d` long), query
+/// `r`'s into row `r` of `scores` (rows `KEY_TILE` apart): each in eight
+/// lanes, lane `l` adding `q[8c + l] · key[8c + l]` in order of `c`, the
+/// lanes added in order, then the products of the values past the last
+/// multiple of 8 (the tests' `dot`, bit for bit, on every CPU). Up to three
+/// queries read each key at once.
+fn dots(qs: &[f32], q_stride: usize, d: usize, keys: &[f16], len: usize, scores: &mut [f32]) {
+    let n_rep = scores.len() / KEY_TILE;
+    let q = |r: usize| &qs[r * q_stride..r * q_stride + d];
+    by_threes(n_rep, |first, h| match h {
+        3 => kernels::lane_sums_heads(
+            [q(first), q(first + 1), q(first + 2)],
+            keys,
+            d,
+            &mut rows_of::<3>(scores, first, len),
+        ),
+        2 => kernels::lane_sums_heads(
+            [q(first), q(first + 1)],
+            keys,
+            d,
+            &mut rows_of::<2>(scores, first, len),
+        ),
+        _ => kernels::lane_sums_heads([q(first)], keys, d, &mut rows_of::<1>(scores, first, len)),
+    });
     let full = d / 8 * 8;
-    crate::kernels::lane_sums(a, keys, d, out);
     if full == d {
         return;
     }
-    let rest = &a[full..];
-    for (j, o) in out.iter_mut().enumerate() {
-        let key = &keys[j * d..(j + 1) * d];
-        let tail: f32 = rest
-            .iter()
-            .zip(&key[full..])
-            .map(|(x, &y)| x * crate::kernels::widen(y))
-            .sum();
-        *o += tail;
+    for r in 0..n_rep {
+        let rest = &q(r)[full..];
+        for (j, o) in scores[r * KEY_TILE..][..len].iter_mut().enumerate() {
+            let key = &keys[j * d..(j + 1) * d];
+            let tail: f32 = rest
+                .iter()
+                .zip(&key[full..])
+                .map(|(x, &y)| x * kernels::widen(y))
+                .sum();
+            *o += tail;
+        }
     }
+}
+
+/// Adds the values `vals` (`len` of them, each `d` long), weighted by row
+/// `r` of `scores`, to output `r` of `out` (`d` apart), for every row:
+/// [`kernels::weighted_sum`]'s steps, up to three heads reading each value
+/// at once.
+fn weigh(scores: &[f32], vals: &[f16], len: usize, d: usize, out: &mut [f32]) {
+    let n_rep = out.len() / d;
+    let mut outs = out.chunks_exact_mut(d);
+    let p = |r: usize| &scores[r * KEY_TILE..][..len];
+    by_threes(n_rep, |first, h| {
+        let mut y = |_| outs.next().unwrap_or_default();
+        match h {
+            3 => kernels::weighted_sum_heads(
+                [p(first), p(first + 1), p(first + 2)],
+                vals,
+                &mut [y(0), y(1), y(2)],
+            ),
+            2 => kernels::weighted_sum_heads([p(first), p(first + 1)], vals, &mut [y(0), y(1)]),
+            _ => kernels::weighted_sum_heads([p(first)], vals, &mut [y(0)]),
+        }
+    });
 }
 
 /// `e^x` to within one ulp, in plain IEEE operations (no calls, no branches,
@@ -118,13 +193,18 @@ struct Row {
     sum: f32,
 }
 
-/// Rows `rows` of one head: queries `q` (`rows.len() * d`), keys and values
-/// of the head's KV group (`cap * d` each), into `out` (`rows.len() * d`).
-/// Row `i` (step-relative) sees key positions `0..=pos + i`. At most
-/// [`QUERY_BLOCK`] rows.
+/// Rows `rows` of the `n_rep` query heads of one KV group: queries `q`
+/// (head `r`'s rows at `q[r * seq * d..]`, `seq` rows a head), keys and
+/// values of the group (`cap * d` each), into `out` (row by row, the
+/// group's heads side by side: `(rows.len(), n_rep, d)`). Row `i`
+/// (step-relative) sees key positions `0..=pos + i`. At most
+/// [`QUERY_BLOCK`] rows. The heads of a row see the same keys and values,
+/// which they read together; each head's row takes the steps it takes
+/// alone.
 #[allow(clippy::too_many_arguments)]
-fn head_block(
+fn group_block(
     q: &[f32],
+    seq: usize,
     k: &[f16],
     v: &[f16],
     d: usize,
@@ -132,49 +212,61 @@ fn head_block(
     rows: std::ops::Range<usize>,
     scale: f32,
     out: &mut [f32],
+    scratch: &mut Scratch,
 ) {
-    let mut scores = [0f32; KEY_TILE];
+    let n = rows.len();
+    let n_rep = out.len() / (n * d);
     out.fill(0.0);
     let start = Row {
         max: f32::NEG_INFINITY,
         sum: 0.0,
     };
-    let mut state = [start; QUERY_BLOCK];
-    let state = &mut state[..rows.len()];
+    scratch.states.clear();
+    scratch.states.resize(n * n_rep, start);
+    scratch.scores.resize(n * n_rep * KEY_TILE, 0.0);
     // Keys seen by the block's last row; tiles from 0, in order.
     let visible = pos + rows.end;
     let mut t0 = 0;
     while t0 < visible {
         let t1 = (t0 + KEY_TILE).min(visible);
-        for (r, i) in rows.clone().enumerate() {
+        let each = out
+            .chunks_exact_mut(n_rep * d)
+            .zip(scratch.scores.chunks_exact_mut(n_rep * KEY_TILE))
+            .zip(scratch.states.chunks_exact_mut(n_rep));
+        for (r, ((o, s), states)) in each.enumerate() {
+            let i = rows.start + r;
             // This row sees keys `..end` of the tile.
             let end = t1.min(pos + i + 1);
             if end <= t0 {
                 continue;
             }
-            let qr = &q[r * d..(r + 1) * d];
-            let s = &mut scores[..end - t0];
-            dots(qr, &k[t0 * d..end * d], s);
-            let tile_max = crate::kernels::scale_max(s, scale);
-            let st = &mut state[r];
-            let o = &mut out[r * d..(r + 1) * d];
-            if tile_max > st.max {
-                let corr = exp(st.max - tile_max);
-                st.sum *= corr;
-                o.iter_mut().for_each(|x| *x *= corr);
-                st.max = tile_max;
+            let len = end - t0;
+            dots(&q[i * d..], seq * d, d, &k[t0 * d..end * d], len, s);
+            for ((s, st), o) in s
+                .chunks_exact_mut(KEY_TILE)
+                .zip(states)
+                .zip(o.chunks_exact_mut(d))
+            {
+                let s = &mut s[..len];
+                let tile_max = kernels::scale_max(s, scale);
+                if tile_max > st.max {
+                    let corr = exp(st.max - tile_max);
+                    st.sum *= corr;
+                    o.iter_mut().for_each(|x| *x *= corr);
+                    st.max = tile_max;
+                }
+                // Scores become weights; they are summed, and the values
+                // added, in key order.
+                kernels::exp_below(s, st.max);
+                st.sum = s.iter().fold(st.sum, |acc, &p| acc + p);
             }
-            // Scores become weights; they are summed, and the values added,
-            // in key order.
-            crate::kernels::exp_below(s, st.max);
-            st.sum = s.iter().fold(st.sum, |acc, &p| acc + p);
-            crate::kernels::weighted_sum(s, &v[t0 * d..end * d], o);
+            weigh(s, &v[t0 * d..end * d], len, d, o);
         }
         t0 = t1;
     }
-    for (r, st) in state.iter().enumerate() {
+    for (st, o) in scratch.states.iter().zip(out.chunks_exact_mut(d)) {
         let inv = 1.0 / st.sum;
-        out[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+        o.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -193,7 +285,7 @@ pub(crate) struct Dims {
 
 /// Attention of `seq` queries at positions `pos..` over KV buffers
 /// `(kv_heads, cap, d)`: `q` is head-major `(heads, seq, d)`, `out` is
-/// `(seq, heads * d)`. `head_major` is scratch, reused between calls.
+/// `(seq, heads * d)`. `scratch` is reused between calls.
 /// The caller checks that `pos + seq <= cap` and the slices' lengths.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
@@ -203,7 +295,7 @@ pub(crate) fn attend(
     dims: Dims,
     pos: usize,
     scale: f32,
-    head_major: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let Dims {
@@ -215,46 +307,49 @@ pub(crate) fn attend(
     let seq = q.len() / (heads * d);
     let n_rep = heads / kv_heads;
     let blocks = seq.div_ceil(QUERY_BLOCK);
-    // Head-major results: head `h`, rows `b * QUERY_BLOCK..` at one
-    // slot per (head, block), so workers write disjoint slots.
-    head_major.clear();
-    head_major.resize(heads * seq * d, 0.0);
+    // Results by (group, block): the block's rows, each with the group's
+    // heads side by side, one slot per (group, block), so that workers
+    // write disjoint slots.
+    let mut by_group = std::mem::take(&mut scratch.by_group);
+    by_group.clear();
+    by_group.resize(heads * seq * d, 0.0);
     {
-        let work = |item: usize, out: &mut [f32]| {
-            let (h, b) = (item / blocks, item % blocks);
+        let work = |item: usize, out: &mut [f32], scratch: &mut Scratch| {
+            let (g, b) = (item / blocks, item % blocks);
             let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(seq);
-            let g = h / n_rep;
-            let qh = &q[(h * seq + rows.start) * d..(h * seq + rows.end) * d];
+            let qg = &q[g * n_rep * seq * d..(g + 1) * n_rep * seq * d];
             let kg = &k[g * cap * d..(g + 1) * cap * d];
             let vg = &v[g * cap * d..(g + 1) * cap * d];
-            head_block(qh, kg, vg, d, pos, rows, scale, out);
+            group_block(qg, seq, kg, vg, d, pos, rows, scale, out, scratch);
         };
-        let items = heads * blocks;
+        let items = kv_heads * blocks;
         // Key visits of the step: small steps stay on this thread.
         let visits = heads * seq * (pos + seq);
-        let chunks = head_major
-            .chunks_mut(seq * d)
-            .flat_map(|h| h.chunks_mut(QUERY_BLOCK * d));
+        let chunks = by_group
+            .chunks_mut(n_rep * seq * d)
+            .flat_map(|g| g.chunks_mut(n_rep * QUERY_BLOCK * d));
         if visits < 1 << 15 {
             for (item, out) in chunks.enumerate() {
-                work(item, out);
+                work(item, out, scratch);
             }
         } else {
             let slots: Vec<Mutex<&mut [f32]>> = chunks.map(Mutex::new).collect();
             candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+                let mut mine = Scratch::default();
                 for item in range {
                     // Each slot is handed to one worker: the lock is never contended.
                     let mut out = slots[item].lock().unwrap_or_else(PoisonError::into_inner);
-                    work(item, &mut out);
+                    work(item, &mut out, &mut mine);
                 }
             });
         }
     }
-    for (h, rows) in head_major.chunks_exact(seq * d).enumerate() {
-        for (i, row) in rows.chunks_exact(d).enumerate() {
-            out[(i * heads + h) * d..][..d].copy_from_slice(row);
+    for (g, group) in by_group.chunks_exact(n_rep * seq * d).enumerate() {
+        for (i, row) in group.chunks_exact(n_rep * d).enumerate() {
+            out[(i * heads + g * n_rep) * d..][..n_rep * d].copy_from_slice(row);
         }
     }
+    scratch.by_group = by_group;
 }
 
 impl CustomOp3 for TiledAttention {
@@ -304,7 +399,7 @@ impl CustomOp3 for TiledAttention {
             dims,
             self.pos,
             self.scale,
-            &mut Vec::new(),
+            &mut Scratch::default(),
             &mut out,
         );
         Ok((CpuStorage::F32(out), Shape::from((1, seq, heads * d))))
@@ -425,16 +520,46 @@ mod tests {
     }
 
     #[test]
-    fn many_dots_at_once_equal_one_at_a_time_bit_for_bit() {
+    fn many_dots_and_heads_at_once_equal_one_at_a_time_bit_for_bit() {
         for d in [64, 19, 8, 3] {
             for n in [1, 3, 4, 7, 64] {
-                let a = rand(d, 7);
-                let keys = halves(&rand(n * d, 20 + n as u64));
-                let mut got = vec![0f32; n];
-                dots(&a, &keys, &mut got);
-                for (j, g) in got.iter().enumerate() {
-                    let want = dot(&a, &keys[j * d..(j + 1) * d]);
-                    assert_eq!(g.to_bits(), want.to_bits(), "width {d}, key {j} of {n}");
+                // 1 to 5 heads: groups of three, two and one.
+                for n_rep in 1..=5 {
+                    let qs = rand(n_rep * d, 7 + n_rep as u64);
+                    let keys = halves(&rand(n * d, 20 + n as u64));
+                    let mut got = vec![0f32; n_rep * KEY_TILE];
+                    dots(&qs, d, d, &keys, n, &mut got);
+                    for r in 0..n_rep {
+                        for j in 0..n {
+                            let want = dot(&qs[r * d..(r + 1) * d], &keys[j * d..(j + 1) * d]);
+                            let g = got[r * KEY_TILE + j];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "width {d}, head {r}, key {j} of {n}"
+                            );
+                        }
+                    }
+                    // Weights of each head over the same values, added to
+                    // outputs that already hold something.
+                    let vals = halves(&rand(n * d, 40 + n as u64));
+                    let out0 = rand(n_rep * d, 50);
+                    let mut out = out0.clone();
+                    weigh(&got, &vals, n, d, &mut out);
+                    for r in 0..n_rep {
+                        for c in 0..d {
+                            let mut want = out0[r * d + c];
+                            for j in 0..n {
+                                want += got[r * KEY_TILE + j] * vals[j * d + c].to_f32();
+                            }
+                            let g = out[r * d + c];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "width {d}, head {r}, value {c}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -51,20 +51,6 @@ impl Avx2 {
 }
 
 impl Avx2 {
-    /// Dot products of `a` with several vectors in eight lanes: lane `l`
-    /// adds `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order (a
-    /// multiply, then an add: the scalar loop's bits), and `out[j]` is
-    /// `lane 0 + lane 1 + .. + lane 7`, added in that order; `b_j` is
-    /// `b[j * stride..]` for `a.len()` values, a multiple of 8, each
-    /// widened to f32 (exactly).
-    pub(super) fn lane_sums(self, a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
-        let n = out.len();
-        assert!(a.len().is_multiple_of(8) && a.len() <= stride);
-        assert!(n == 0 || (n - 1) * stride + a.len() <= b.len());
-        // SAFETY: features as detected for `self`; lengths checked above.
-        unsafe { lane_sums(a, b, stride, out) }
-    }
-
     /// Quantizes one row to int8 per block of 32, as
     /// [`super::quantize_row_scalar`] does, bit for bit: per block its
     /// unrounded scale (`amax / 127`) into `scales` and the sum of its quants
@@ -83,15 +69,6 @@ impl Avx2 {
         unsafe { quantize_row(xs, qs, scales, sums) }
     }
 
-    /// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element (a
-    /// multiply, then an add), where `x_j` is `x[j * y.len()..]`, widened to
-    /// f32 (exactly).
-    pub(super) fn weighted_sum(self, p: &[f32], x: &[f16], y: &mut [f32]) {
-        assert!(x.len() == p.len() * y.len());
-        // SAFETY: features as detected for `self`; lengths checked above.
-        unsafe { weighted_sum(p, x, y) }
-    }
-
     /// [`super::zip_map`]'s plain loop, compiled for AVX2's eight lanes.
     pub(super) fn zip_map(
         self,
@@ -102,6 +79,36 @@ impl Avx2 {
     ) {
         // SAFETY: features as detected for `self`; safe code inside.
         unsafe { zip_map(a, b, dst, f) }
+    }
+
+    /// [`super::lane_sums_heads`] for `H` (1 to 3) heads.
+    pub(super) fn lane_sums_heads<const H: usize>(
+        self,
+        a: [&[f32]; H],
+        b: &[f16],
+        stride: usize,
+        out: &mut [&mut [f32]; H],
+    ) {
+        let (len, n) = (a[0].len(), out[0].len());
+        assert!((1..=3).contains(&H) && len.is_multiple_of(8) && len <= stride);
+        assert!(a.iter().all(|a| a.len() == len) && out.iter().all(|o| o.len() == n));
+        assert!(n == 0 || (n - 1) * stride + len <= b.len());
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { lane_sums_heads(a, b, stride, out) }
+    }
+
+    /// [`super::weighted_sum_heads`] for `H` (1 to 3) heads.
+    pub(super) fn weighted_sum_heads<const H: usize>(
+        self,
+        p: [&[f32]; H],
+        x: &[f16],
+        y: &mut [&mut [f32]; H],
+    ) {
+        let (n, d) = (p[0].len(), y[0].len());
+        assert!((1..=3).contains(&H) && x.len() == n * d);
+        assert!(p.iter().all(|p| p.len() == n) && y.iter().all(|y| y.len() == d));
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { weighted_sum_heads(p, x, y) }
     }
 
     /// [`super::scale_max`]'s plain loop, compiled for AVX2's eight lanes.
@@ -149,6 +156,161 @@ unsafe fn load8(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
 }
 
+/// Lane `i` of the result is `v[i]`'s lanes added in order, `lane 0 + lane
+/// 1 + .. + lane 7`: an 8×8 transpose, then one vector add a lane.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lane_totals(v: [__m256; 8]) -> __m256 {
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = v;
+    let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+    let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+    let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+    let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+    // u0: lanes 0 | 4 of vectors 0..4; u1: 1 | 5; u2: 2 | 6; u3: 3 | 7;
+    // u4..u7 the same of vectors 4..8.
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let lane = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    let mut sum = lane[0];
+    for l in &lane[1..] {
+        sum = _mm256_add_ps(sum, *l);
+    }
+    sum
+}
+
+/// [`lane_sums`] of `H` (1 to 3) query vectors over the same keys, four
+/// keys at a time: each key's eight values are widened once for every
+/// head. Each head's lanes take the steps they take alone.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C; every `a[h]` is `a[0].len()` long,
+/// a multiple of 8 and at most `stride`; every `out[h]` is `out[0].len()`
+/// long; `b` holds `(out[0].len() - 1) * stride + a[0].len()` values.
+// Keys, heads and lanes index several arrays of different shapes at once.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn lane_sums_heads<const H: usize>(
+    a: [&[f32]; H],
+    b: &[f16],
+    stride: usize,
+    out: &mut [&mut [f32]; H],
+) {
+    let len = a[0].len();
+    let n = out[0].len();
+    let pb = b.as_ptr();
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 4]; H];
+        for c in (0..len).step_by(8) {
+            // SAFETY: `c + 8 <= len`; key `j + i` is in `b` (the caller's
+            // promise).
+            unsafe {
+                for i in 0..4 {
+                    let y = load8(pb.add((j + i) * stride + c));
+                    for h in 0..H {
+                        let x = _mm256_loadu_ps(a[h].as_ptr().add(c));
+                        acc[h][i] = _mm256_add_ps(acc[h][i], _mm256_mul_ps(x, y));
+                    }
+                }
+            }
+        }
+        // Two heads' four keys to a transpose.
+        let mut h = 0;
+        while h < H {
+            let second = if h + 1 < H {
+                acc[h + 1]
+            } else {
+                [_mm256_setzero_ps(); 4]
+            };
+            let [a0, a1, a2, a3] = acc[h];
+            let [b0, b1, b2, b3] = second;
+            let sum = lane_totals([a0, a1, a2, a3, b0, b1, b2, b3]);
+            let mut l = [0f32; 8];
+            // SAFETY: `l` holds exactly 8 f32s.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), sum) };
+            out[h][j..j + 4].copy_from_slice(&l[..4]);
+            if h + 1 < H {
+                out[h + 1][j..j + 4].copy_from_slice(&l[4..]);
+            }
+            h += 2;
+        }
+        j += 4;
+    }
+    for (h, out) in out.iter_mut().enumerate() {
+        if j < n {
+            // SAFETY: as promised, the remaining keys for one head.
+            unsafe { lane_sums(a[h], &b[j * stride..], stride, &mut out[j..]) };
+        }
+    }
+}
+
+/// [`weighted_sum`] for `H` (1 to 3) heads' weights over the same values:
+/// each value's eight f16s are widened once for every head; each head's
+/// elements take the steps they take alone.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C; every `p[h]` is `p[0].len()` long,
+/// every `y[h]` `y[0].len()` long, and `x` holds `p[0].len() * y[0].len()`.
+// Values, heads and lanes index several arrays of different shapes at once.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn weighted_sum_heads<const H: usize>(p: [&[f32]; H], x: &[f16], y: &mut [&mut [f32]; H]) {
+    const CHUNK: usize = 32;
+    let d = y[0].len();
+    let full = d / 8 * 8;
+    let px = x.as_ptr();
+    let mut c0 = 0;
+    while c0 < full {
+        let w = (full - c0).min(CHUNK) / 8;
+        let mut acc = [[_mm256_setzero_ps(); CHUNK / 8]; H];
+        for h in 0..H {
+            for (i, a) in acc[h].iter_mut().enumerate().take(w) {
+                // SAFETY: `c0 + 8 i + 8 <= full <= d`.
+                *a = unsafe { _mm256_loadu_ps(y[h].as_ptr().add(c0 + 8 * i)) };
+            }
+        }
+        for j in 0..p[0].len() {
+            let pv: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(p[h][j]));
+            for i in 0..w {
+                // SAFETY: `j * d + c0 + 8 i + 8 <= (j + 1) * d <= x.len()`.
+                let xv = unsafe { load8(px.add(j * d + c0 + 8 * i)) };
+                for h in 0..H {
+                    acc[h][i] = _mm256_add_ps(acc[h][i], _mm256_mul_ps(pv[h], xv));
+                }
+            }
+        }
+        for h in 0..H {
+            for (i, a) in acc[h].iter().enumerate().take(w) {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(y[h].as_mut_ptr().add(c0 + 8 * i), *a) };
+            }
+        }
+        c0 += CHUNK;
+    }
+    for (h, y) in y.iter_mut().enumerate() {
+        for (c, y) in y.iter_mut().enumerate().skip(full) {
+            for (j, &pj) in p[h].iter().enumerate() {
+                *y += pj * super::widen(x[j * d + c]);
+            }
+        }
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX2 and F16C; `a.len() % 8 == 0`, `a.len() <=
 /// stride`, and `b` holds `(out.len() - 1) * stride + a.len()` values.
@@ -170,35 +332,7 @@ unsafe fn lane_sums(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
                 }
             }
         }
-        let [r0, r1, r2, r3, r4, r5, r6, r7] = acc;
-        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-        // u0: lanes 0 | 4 of vectors 0..4; u1: 1 | 5; u2: 2 | 6; u3: 3 | 7;
-        // u4..u7 the same of vectors 4..8.
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let lane = [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        let mut sum = lane[0];
-        for l in &lane[1..] {
-            sum = _mm256_add_ps(sum, *l);
-        }
+        let sum = lane_totals(acc);
         // SAFETY: `j + 8 <= out.len()`.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), sum) };
         j += 8;
@@ -269,44 +403,6 @@ unsafe fn quantize_row(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut
         unsafe { _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, total) };
         *scale = d;
         *sum = t.iter().sum();
-    }
-}
-
-/// # Safety
-/// The CPU must support AVX2 and F16C; `x.len() == p.len() * y.len()`.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn weighted_sum(p: &[f32], x: &[f16], y: &mut [f32]) {
-    const CHUNK: usize = 64;
-    let d = y.len();
-    let full = d / 8 * 8;
-    let px = x.as_ptr();
-    // Up to 64 values of `y` stay in registers across every `x_j`.
-    let mut c0 = 0;
-    while c0 < full {
-        let w = (full - c0).min(CHUNK) / 8;
-        let mut acc = [_mm256_setzero_ps(); CHUNK / 8];
-        for (i, a) in acc.iter_mut().enumerate().take(w) {
-            // SAFETY: `c0 + 8 i + 8 <= full <= d`.
-            *a = unsafe { _mm256_loadu_ps(y.as_ptr().add(c0 + 8 * i)) };
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            let pv = _mm256_set1_ps(pj);
-            for (i, a) in acc.iter_mut().enumerate().take(w) {
-                // SAFETY: `j * d + c0 + 8 i + 8 <= (j + 1) * d <= x.len()`.
-                let xv = unsafe { load8(px.add(j * d + c0 + 8 * i)) };
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, xv));
-            }
-        }
-        for (i, a) in acc.iter().enumerate().take(w) {
-            // SAFETY: as for the loads.
-            unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(c0 + 8 * i), *a) };
-        }
-        c0 += CHUNK;
-    }
-    for (c, y) in y.iter_mut().enumerate().skip(full) {
-        for (j, &pj) in p.iter().enumerate() {
-            *y += pj * super::widen(x[j * d + c]);
-        }
     }
 }
 

@@ -147,22 +147,33 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
-        pub(super) fn lane_sums(self, _: &[f32], _: &[half::f16], _: usize, _: &mut [f32]) {
-            match self {}
-        }
-
-        /// Unreachable: no `Avx2` exists.
-        pub(super) fn weighted_sum(self, _: &[f32], _: &[half::f16], _: &mut [f32]) {
-            match self {}
-        }
-
-        /// Unreachable: no `Avx2` exists.
         pub(super) fn zip_map(
             self,
             _: &[f32],
             _: &[f32],
             _: &mut [f32],
             _: impl Fn(f32, f32) -> f32,
+        ) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn lane_sums_heads<const H: usize>(
+            self,
+            _: [&[f32]; H],
+            _: &[half::f16],
+            _: usize,
+            _: &mut [&mut [f32]; H],
+        ) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn weighted_sum_heads<const H: usize>(
+            self,
+            _: [&[f32]; H],
+            _: &[half::f16],
+            _: &mut [&mut [f32]; H],
         ) {
             match self {}
         }
@@ -269,19 +280,9 @@ pub(crate) fn widen(h: f16) -> f32 {
 /// adds `a[8c + l] · b_j[8c + l]` for `c = 0, 1, ..` in order, from 0 (the
 /// f16 value widened to f32, exactly; a multiply, then an add), and
 /// `out[j]` is `lane 0 + lane 1 + .. + lane 7` in that order, where `b_j` is
-/// `b[j * stride..]` (values past the last multiple of 8 of `a.len()` are
-/// left out). `b` must hold `out.len()` such vectors. The same bits on every
-/// CPU.
-pub(crate) fn lane_sums(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
-    let a = &a[..a.len() / 8 * 8];
-    match float_simd() {
-        Some(k) => k.lane_sums(a, b, stride, out),
-        None => lane_sums_scalar(a, b, stride, out),
-    }
-}
-
-/// [`lane_sums`] in plain code, for `a.len()` a multiple of 8: the SIMD
-/// path's reference.
+/// `b[j * stride..]`, for `a.len()` a multiple of 8 (values past the last
+/// multiple of 8 are the caller's). `b` must hold `out.len()` such vectors.
+/// The reference of [`lane_sums_heads`], whose every path gives these bits.
 fn lane_sums_scalar(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         let mut acc = [0f32; 8];
@@ -297,20 +298,52 @@ fn lane_sums_scalar(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
 
 /// `y += p[j] · x_j` for `j = 0, 1, ..` in order, element by element (the
 /// f16 value widened to f32, exactly; a multiply, then an add), where
-/// `x_j` is `x[j * y.len()..]` (`x` holds `p.len()` of them).
-pub(crate) fn weighted_sum(p: &[f32], x: &[f16], y: &mut [f32]) {
-    match float_simd() {
-        Some(k) => k.weighted_sum(p, x, y),
-        None => weighted_sum_scalar(p, x, y),
-    }
-}
-
-/// [`weighted_sum`] in plain code: the SIMD path's reference.
+/// `x_j` is `x[j * y.len()..]` (`x` holds `p.len()` of them). The reference
+/// of [`weighted_sum_heads`], whose every path gives these bits.
 fn weighted_sum_scalar(p: &[f32], x: &[f16], y: &mut [f32]) {
     let d = y.len();
     for (j, &pj) in p.iter().enumerate() {
         for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
             *y += pj * widen(x);
+        }
+    }
+}
+
+/// [`lane_sums_scalar`] of `H` (1 to 3) query vectors of one length over
+/// the same vectors `b` (`out[h]` gets `a[h]`'s; values past the last
+/// multiple of 8 of the length are left out): the same bits as one at a time,
+/// with each of `b`'s values widened once for all of them.
+pub(crate) fn lane_sums_heads<const H: usize>(
+    a: [&[f32]; H],
+    b: &[f16],
+    stride: usize,
+    out: &mut [&mut [f32]; H],
+) {
+    let a = a.map(|a| &a[..a.len() / 8 * 8]);
+    match float_simd() {
+        Some(k) => k.lane_sums_heads(a, b, stride, out),
+        None => {
+            for (a, out) in a.iter().zip(out.iter_mut()) {
+                lane_sums_scalar(a, b, stride, out);
+            }
+        }
+    }
+}
+
+/// [`weighted_sum_scalar`] of `H` (1 to 3) heads' weights `p` over the same
+/// vectors `x` (`y[h]` gets `p[h]`'s): the same bits as one at a time, with
+/// each of `x`'s values widened once for all of them.
+pub(crate) fn weighted_sum_heads<const H: usize>(
+    p: [&[f32]; H],
+    x: &[f16],
+    y: &mut [&mut [f32]; H],
+) {
+    match float_simd() {
+        Some(k) => k.weighted_sum_heads(p, x, y),
+        None => {
+            for (p, y) in p.iter().zip(y.iter_mut()) {
+                weighted_sum_scalar(p, x, y);
+            }
         }
     }
 }

@@ -360,20 +360,74 @@ fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
     let mut seed = 11;
     for d in [64, 24, 19, 8, 16, 150] {
         for n in [1, 3, 4, 5, 8, 13, 64] {
-            let a: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+            let a: Vec<f32> = (0..3 * d).map(|_| lcg(&mut seed)).collect();
             let b: Vec<f16> = (0..n * d).map(|_| f16::from_f32(lcg(&mut seed))).collect();
             let full = d / 8 * 8;
-            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
-            k.lane_sums(&a[..full], &b, d, &mut got);
-            lane_sums_scalar(&a[..full], &b, d, &mut want);
-            assert_bits(&got, &want, &format!("lane sums d {d} n {n}"));
-            let p: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-            let y0: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+            let q = |h: usize| &a[h * d..h * d + full];
+            let mut want = vec![vec![0f32; n]; 3];
+            for (h, w) in want.iter_mut().enumerate() {
+                lane_sums_scalar(q(h), &b, d, w);
+            }
+            let mut got = vec![vec![0f32; n]; 3];
+            let [g0, g1, g2] = &mut got[..] else {
+                unreachable!()
+            };
+            k.lane_sums_heads(
+                [q(0), q(1), q(2)],
+                &b,
+                d,
+                &mut [&mut g0[..], &mut g1[..], &mut g2[..]],
+            );
+            for h in 0..3 {
+                assert_bits(
+                    &got[h],
+                    &want[h],
+                    &format!("lane sums d {d} n {n} head {h} of 3"),
+                );
+            }
+            let mut two = [vec![0f32; n], vec![0f32; n]];
+            let [t0, t1] = &mut two;
+            k.lane_sums_heads([q(0), q(1)], &b, d, &mut [&mut t0[..], &mut t1[..]]);
+            let mut one = vec![0f32; n];
+            k.lane_sums_heads([q(2)], &b, d, &mut [&mut one[..]]);
+            assert_bits(
+                &two[0],
+                &want[0],
+                &format!("lane sums d {d} n {n} head 0 of 2"),
+            );
+            assert_bits(
+                &two[1],
+                &want[1],
+                &format!("lane sums d {d} n {n} head 1 of 2"),
+            );
+            assert_bits(
+                &one,
+                &want[2],
+                &format!("lane sums d {d} n {n} head 0 of 1"),
+            );
+
+            let p: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
+            let p = |h: usize| &p[h * n..(h + 1) * n];
+            let y0: Vec<f32> = (0..3 * d).map(|_| lcg(&mut seed)).collect();
+            let mut want = y0.clone();
+            for (h, w) in want.chunks_exact_mut(d).enumerate() {
+                weighted_sum_scalar(p(h), &b, w);
+            }
             let mut got = y0.clone();
-            k.weighted_sum(&p, &b, &mut got);
-            let mut want = y0;
-            weighted_sum_scalar(&p, &b, &mut want);
-            assert_bits(&got, &want, &format!("weighted sum d {d} n {n}"));
+            let mut ys = got.chunks_exact_mut(d);
+            let mut y = || ys.next().unwrap();
+            k.weighted_sum_heads([p(0), p(1), p(2)], &b, &mut [y(), y(), y()]);
+            assert_bits(&got, &want, &format!("weighted sums d {d} n {n}, 3 heads"));
+            let mut got = y0.clone();
+            let (first, rest) = got.split_at_mut(2 * d);
+            let (g0, g1) = first.split_at_mut(d);
+            k.weighted_sum_heads([p(0), p(1)], &b, &mut [g0, g1]);
+            k.weighted_sum_heads([p(2)], &b, &mut [rest]);
+            assert_bits(
+                &got,
+                &want,
+                &format!("weighted sums d {d} n {n}, 2 + 1 heads"),
+            );
         }
     }
 }

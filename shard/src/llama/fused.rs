@@ -44,7 +44,7 @@ pub(super) struct Scratch {
     qkv: Vec<f32>,
     q: Vec<f32>,
     attn: Vec<f32>,
-    head_major: Vec<f32>,
+    attention: attention::Scratch,
     norms: Vec<f32>,
     gate_up: Vec<f32>,
 }
@@ -311,7 +311,7 @@ pub(super) fn block_forward(
             dims,
             seg.pos,
             scale,
-            &mut s.head_major,
+            &mut s.attention,
             &mut s.attn[row0 * h..(row0 + seg.rows) * h],
         );
         row0 += seg.rows;
