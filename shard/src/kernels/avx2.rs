@@ -362,48 +362,108 @@ unsafe fn quantize_row(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let zero = _mm256_setzero_ps();
     // Packing works within 128-bit halves; this puts the bytes back in order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (b, (scale, sum)) in scales.iter_mut().zip(sums.iter_mut()).enumerate() {
-        let mut v = [_mm256_setzero_ps(); 4];
-        // Largest |x|, NaNs left out (`max` returns its second operand for a
-        // NaN, as `f32::max` keeps the non-NaN one); max is exact in any order.
-        let mut amax = _mm256_setzero_ps();
-        for (i, v) in v.iter_mut().enumerate() {
-            // SAFETY: `32 b + 8 i + 8 <= xs.len()`.
-            *v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(BLOCK * b + 8 * i)) };
-            amax = _mm256_max_ps(_mm256_andnot_ps(sign, *v), amax);
+    // SAFETY (every load and store below): block `b` is values `32 b..32 b
+    // + 32` of `xs` and `qs`, and `b < scales.len()` (the caller's promise).
+    let load = |b: usize, i: usize| unsafe { _mm256_loadu_ps(xs.as_ptr().add(BLOCK * b + 8 * i)) };
+    // Eight blocks at a time: their largest |x| side by side, then their
+    // scales and inverses in one vector division each.
+    for first in (0..scales.len()).step_by(8) {
+        let n = (scales.len() - first).min(8);
+        let mut amax = [zero; 8];
+        for (j, m) in amax.iter_mut().enumerate().take(n) {
+            // NaNs left out (`max` returns its second operand for a NaN, as
+            // `f32::max` keeps the non-NaN one); max is exact in any order.
+            for i in 0..4 {
+                *m = _mm256_max_ps(_mm256_andnot_ps(sign, load(first + j, i)), *m);
+            }
         }
-        let mut m = [0f32; 8];
-        // SAFETY: `m` holds exactly 8 f32s.
-        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), amax) };
-        let amax = m.iter().fold(0f32, |a, &x| a.max(x));
-        let d = amax / 127.0;
-        let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let mut q = [_mm256_setzero_si256(); 4];
-        let mut total = _mm256_setzero_si256();
-        for (q, v) in q.iter_mut().zip(v) {
-            // x + copysign(0.5, x), clamped to ±127, NaN to 0, truncated.
-            let x = _mm256_mul_ps(v, inv);
-            let y = _mm256_add_ps(x, _mm256_or_ps(_mm256_and_ps(x, sign), half));
-            let c = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-            let c = _mm256_and_ps(c, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
-            *q = _mm256_cvttps_epi32(c);
-            total = _mm256_add_epi32(total, *q);
-        }
-        let bytes = _mm256_packs_epi16(
-            _mm256_packs_epi32(q[0], q[1]),
-            _mm256_packs_epi32(q[2], q[3]),
+        let amax = across(amax, |a, b| _mm256_max_ps(a, b));
+        let d = _mm256_div_ps(amax, hi);
+        let inv = _mm256_and_ps(
+            _mm256_div_ps(_mm256_set1_ps(1.0), d),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero),
         );
-        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
-        // SAFETY: `32 b + 32 <= qs.len()`.
-        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().add(BLOCK * b) as *mut __m256i, bytes) };
+        let (mut dv, mut iv) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: both hold exactly 8 f32s.
+        unsafe {
+            _mm256_storeu_ps(dv.as_mut_ptr(), d);
+            _mm256_storeu_ps(iv.as_mut_ptr(), inv);
+        }
+        let mut totals = [_mm256_setzero_si256(); 8];
+        for (j, total) in totals.iter_mut().enumerate().take(n) {
+            let b = first + j;
+            let inv = _mm256_set1_ps(iv[j]);
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (i, q) in q.iter_mut().enumerate() {
+                // x + copysign(0.5, x), clamped to ±127, NaN to 0, truncated.
+                let x = _mm256_mul_ps(load(b, i), inv);
+                let y = _mm256_add_ps(x, _mm256_or_ps(_mm256_and_ps(x, sign), half));
+                let c = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+                let c = _mm256_and_ps(c, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+                *q = _mm256_cvttps_epi32(c);
+                *total = _mm256_add_epi32(*total, *q);
+            }
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            // SAFETY: as for the loads.
+            unsafe { _mm256_storeu_si256(qs.as_mut_ptr().add(BLOCK * b) as *mut __m256i, bytes) };
+        }
+        let totals = across(totals.map(|t| _mm256_castsi256_ps(t)), |a, b| {
+            _mm256_castsi256_ps(_mm256_add_epi32(
+                _mm256_castps_si256(a),
+                _mm256_castps_si256(b),
+            ))
+        });
         let mut t = [0i32; 8];
         // SAFETY: `t` holds exactly 8 i32s.
-        unsafe { _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, total) };
-        *scale = d;
-        *sum = t.iter().sum();
+        unsafe { _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, _mm256_castps_si256(totals)) };
+        scales[first..first + n].copy_from_slice(&dv[..n]);
+        sums[first..first + n].copy_from_slice(&t[..n]);
     }
+}
+
+/// Lane `i` of the result is `v[i]`'s eight lanes combined by `op` (an
+/// exact operation: a maximum, an integer sum): an 8×8 transpose, then
+/// `op` across the transposed vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn across(v: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = v;
+    let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+    let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+    let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+    let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let l0 = op(
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+    );
+    let l1 = op(
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+    );
+    let l2 = op(
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+    );
+    let l3 = op(
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    );
+    op(op(l0, l1), op(l2, l3))
 }
 
 /// Rows of activations processed against one loaded weight group.

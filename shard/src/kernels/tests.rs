@@ -488,13 +488,16 @@ fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
     xs[224] = f32::MAX;
     xs[225] = f32::MIN;
     xs[256..288].fill(f32::NAN);
-    let kb = xs.len() / BLOCK;
-    let (mut q1, mut q2) = (vec![0i8; xs.len()], vec![0i8; xs.len()]);
-    let (mut d1, mut d2) = (vec![0f32; kb], vec![0f32; kb]);
-    let (mut s1, mut s2) = (vec![0i32; kb], vec![0i32; kb]);
-    k.quantize_row(&xs, &mut q1, &mut d1, &mut s1);
-    quantize_row_scalar(&xs, &mut q2, &mut d2, &mut s2);
-    assert_eq!(q1, q2);
-    assert_eq!(s1, s2);
-    assert_bits(&d1, &d2, "scales");
+    // Whole groups of eight blocks, and groups cut short.
+    for kb in [40, 37, 5, 1] {
+        let xs = &xs[..kb * BLOCK];
+        let (mut q1, mut q2) = (vec![0i8; xs.len()], vec![0i8; xs.len()]);
+        let (mut d1, mut d2) = (vec![0f32; kb], vec![0f32; kb]);
+        let (mut s1, mut s2) = (vec![0i32; kb], vec![0i32; kb]);
+        k.quantize_row(xs, &mut q1, &mut d1, &mut s1);
+        quantize_row_scalar(xs, &mut q2, &mut d2, &mut s2);
+        assert_eq!(q1, q2, "{kb} blocks");
+        assert_eq!(s1, s2, "{kb} blocks");
+        assert_bits(&d1, &d2, &format!("scales of {kb} blocks"));
+    }
 }
