@@ -739,6 +739,21 @@ impl PackedMatrix {
         if m == 0 || n_tiles == 0 {
             return;
         }
+        let pool = candle_core::utils::barrier_pool();
+        if n_tiles * m < 64 || pool.n_workers() == 0 {
+            // On this thread: each tile's rows into a buffer that stays in
+            // L1, then straight to their places in `dst`.
+            tiles.clear();
+            tiles.resize(m, [0f32; TILE]);
+            for t in 0..n_tiles {
+                match kernel {
+                    Some(k) => k.tile(self, t, act, tiles),
+                    None => self.tile_scalar(t, act, tiles),
+                }
+                self.put(t, tiles, dst, accumulate);
+            }
+            return;
+        }
         // Tile-major results: tile `t`'s 16 columns of every row at `t * m..`,
         // one slot per tile, so workers write disjoint slots without sharing.
         tiles.clear();
@@ -754,28 +769,24 @@ impl PackedMatrix {
                     }
                 }
             };
-            let pool = candle_core::utils::barrier_pool();
-            if n_tiles * m < 64 || pool.n_workers() == 0 {
-                for (t, out) in tiles.chunks_exact_mut(m).enumerate() {
-                    match kernel {
-                        Some(k) => k.tile(self, t, act, out),
-                        None => self.tile_scalar(t, act, out),
-                    }
-                }
-            } else {
-                let slots: Vec<Mutex<&mut [[f32; TILE]]>> =
-                    tiles.chunks_exact_mut(m).map(Mutex::new).collect();
-                pool.execute_chunked(n_tiles, |r| work(&slots, r));
-            }
+            let slots: Vec<Mutex<&mut [[f32; TILE]]>> =
+                tiles.chunks_exact_mut(m).map(Mutex::new).collect();
+            pool.execute_chunked(n_tiles, |r| work(&slots, r));
         }
         for (t, out) in tiles.chunks_exact(m).enumerate() {
-            for (row, o) in out.iter().enumerate() {
-                let d = &mut dst[row * self.n + t * TILE..][..TILE];
-                if accumulate {
-                    d.iter_mut().zip(o).for_each(|(d, o)| *d += o);
-                } else {
-                    d.copy_from_slice(o);
-                }
+            self.put(t, out, dst, accumulate);
+        }
+    }
+
+    /// Tile `t`'s rows `out` into their columns of `dst` (rows `n` wide),
+    /// added to what is there where `accumulate`.
+    fn put(&self, t: usize, out: &[[f32; TILE]], dst: &mut [f32], accumulate: bool) {
+        for (row, o) in out.iter().enumerate() {
+            let d = &mut dst[row * self.n + t * TILE..][..TILE];
+            if accumulate {
+                d.iter_mut().zip(o).for_each(|(d, o)| *d += o);
+            } else {
+                d.copy_from_slice(o);
             }
         }
     }
