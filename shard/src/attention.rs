@@ -46,12 +46,19 @@ pub(crate) struct TiledAttention {
 
 impl TiledAttention {
     /// Bytes this op allocates for a step of `seq` queries over `heads`
-    /// heads of width `head_dim`: its output and a head-major copy of it,
-    /// plus per-thread scratch (bounded, counted once per thread, for the
-    /// most query heads a KV group can have).
-    pub(crate) fn bytes(seq: usize, heads: usize, head_dim: usize, threads: usize) -> usize {
+    /// heads of width `head_dim`, `n_rep` query heads to a KV group: its
+    /// output and its results by group, plus per-thread scratch (a group's
+    /// scores and softmax states for a block of rows; bounded, counted once
+    /// per thread).
+    pub(crate) fn bytes(
+        seq: usize,
+        heads: usize,
+        n_rep: usize,
+        head_dim: usize,
+        threads: usize,
+    ) -> usize {
         let rows = seq.saturating_mul(heads).saturating_mul(head_dim);
-        let per_thread = heads
+        let per_thread = n_rep
             .saturating_mul(QUERY_BLOCK)
             .saturating_mul(KEY_TILE + 2)
             .saturating_mul(4);
@@ -134,8 +141,8 @@ fn dots(qs: &[f32], q_stride: usize, d: usize, keys: &[f16], len: usize, scores:
 
 /// Adds the values `vals` (`len` of them, each `d` long), weighted by row
 /// `r` of `scores`, to output `r` of `out` (`d` apart), for every row:
-/// [`kernels::weighted_sum`]'s steps, up to three heads reading each value
-/// at once.
+/// [`kernels::weighted_sum_heads`], each head's steps as alone, up to three
+/// heads reading each value at once.
 fn weigh(scores: &[f32], vals: &[f16], len: usize, d: usize, out: &mut [f32]) {
     let n_rep = out.len() / d;
     let mut outs = out.chunks_exact_mut(d);

@@ -259,9 +259,9 @@ unsafe fn lane_sums_heads<const H: usize>(
     }
 }
 
-/// [`weighted_sum`] for `H` (1 to 3) heads' weights over the same values:
-/// each value's eight f16s are widened once for every head; each head's
-/// elements take the steps they take alone.
+/// `super::weighted_sum_scalar`'s steps for `H` (1 to 3) heads' weights
+/// over the same values: each value's eight f16s are widened once for every
+/// head; each head's elements take the steps they take alone.
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C; every `p[h]` is `p[0].len()` long,

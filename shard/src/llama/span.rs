@@ -249,6 +249,7 @@ impl BlockSpan {
             crate::attention::TiledAttention::bytes(
                 n,
                 heads,
+                heads / cfg.num_kv_heads.max(1),
                 d,
                 candle_core::utils::get_num_threads(),
             )
