@@ -156,11 +156,12 @@ unsafe fn load8(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
 }
 
-/// Lane `i` of the result is `v[i]`'s lanes added in order, `lane 0 + lane
-/// 1 + .. + lane 7`: an 8×8 transpose, then one vector add a lane.
+/// Lane `i` of the result is `v[i]`'s lanes combined by `op` in order,
+/// `op(..op(op(lane 0, lane 1), lane 2).., lane 7)`: an 8×8 transpose,
+/// then one vector `op` a lane. With a float add, the lane sums' bits.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn lane_totals(v: [__m256; 8]) -> __m256 {
+fn across(v: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
     let [r0, r1, r2, r3, r4, r5, r6, r7] = v;
     let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
     let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
@@ -186,11 +187,7 @@ fn lane_totals(v: [__m256; 8]) -> __m256 {
         _mm256_permute2f128_ps::<0x31>(u2, u6),
         _mm256_permute2f128_ps::<0x31>(u3, u7),
     ];
-    let mut sum = lane[0];
-    for l in &lane[1..] {
-        sum = _mm256_add_ps(sum, *l);
-    }
-    sum
+    lane[1..].iter().fold(lane[0], |acc, &l| op(acc, l))
 }
 
 /// [`lane_sums`] of `H` (1 to 3) query vectors over the same keys, four
@@ -239,7 +236,7 @@ unsafe fn lane_sums_heads<const H: usize>(
             };
             let [a0, a1, a2, a3] = acc[h];
             let [b0, b1, b2, b3] = second;
-            let sum = lane_totals([a0, a1, a2, a3, b0, b1, b2, b3]);
+            let sum = across([a0, a1, a2, a3, b0, b1, b2, b3], |a, b| _mm256_add_ps(a, b));
             let mut l = [0f32; 8];
             // SAFETY: `l` holds exactly 8 f32s.
             unsafe { _mm256_storeu_ps(l.as_mut_ptr(), sum) };
@@ -332,7 +329,7 @@ unsafe fn lane_sums(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
                 }
             }
         }
-        let sum = lane_totals(acc);
+        let sum = across(acc, |a, b| _mm256_add_ps(a, b));
         // SAFETY: `j + 8 <= out.len()`.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), sum) };
         j += 8;
@@ -426,44 +423,6 @@ unsafe fn quantize_row(xs: &[f32], qs: &mut [i8], scales: &mut [f32], sums: &mut
         scales[first..first + n].copy_from_slice(&dv[..n]);
         sums[first..first + n].copy_from_slice(&t[..n]);
     }
-}
-
-/// Lane `i` of the result is `v[i]`'s eight lanes combined by `op` (an
-/// exact operation: a maximum, an integer sum): an 8×8 transpose, then
-/// `op` across the transposed vectors.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn across(v: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
-    let [r0, r1, r2, r3, r4, r5, r6, r7] = v;
-    let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-    let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-    let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-    let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let l0 = op(
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-    );
-    let l1 = op(
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-    );
-    let l2 = op(
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-    );
-    let l3 = op(
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    );
-    op(op(l0, l1), op(l2, l3))
 }
 
 /// Rows of activations processed against one loaded weight group.
