@@ -697,6 +697,39 @@ impl PackedMatrix {
         Self { n, k, bits, lines }
     }
 
+    /// Row `r`'s blocks in order, as packed: `f(d, m, quants)` with the
+    /// block's scale and offset and its 32 quants (4-bit ones as 0..=15,
+    /// 8-bit ones as 0..=255), exactly what the row was packed from.
+    pub(crate) fn row_blocks(&self, r: usize, mut f: impl FnMut(f16, f16, &[u8; BLOCK])) {
+        assert!(r < self.n, "row {r} of a matrix of {} rows", self.n);
+        let kb = self.k / BLOCK;
+        let per = 1 + self.bits.q_lines();
+        let (t, lane) = (r / TILE, r % TILE);
+        for b in 0..kb {
+            let base = (t * kb + b) * per;
+            let scales = &self.lines[base].0;
+            let mut u = [0u8; BLOCK];
+            for j in 0..4 {
+                let at = 4 * lane + j;
+                match self.bits {
+                    Bits::Four => {
+                        for i in 0..4 {
+                            let byte = self.lines[base + 1 + i].0[at];
+                            u[4 * i + j] = byte & 0x0F;
+                            u[16 + 4 * i + j] = byte >> 4;
+                        }
+                    }
+                    Bits::Eight => {
+                        for g in 0..8 {
+                            u[4 * g + j] = self.lines[base + 1 + g].0[at];
+                        }
+                    }
+                }
+            }
+            f(f16_at(scales, 2 * lane), f16_at(scales, 32 + 2 * lane), &u);
+        }
+    }
+
     /// `dst (m, n) = x (m, k) · selfᵀ`, on candle's CPU thread pool.
     pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
         self.matmul_on(Kernel::active(), x, m, dst);

@@ -41,6 +41,22 @@ impl Linear {
         }
     }
 
+    /// The packed matrix itself, to share (a tied head's with the embeddings).
+    pub(super) fn packed_shared(&self) -> Option<&Arc<PackedMatrix>> {
+        match &self.inner {
+            LinearInner::Packed(p) => Some(p),
+            LinearInner::Candle(_) => None,
+        }
+    }
+
+    /// Candle's quantized matrix, to share (a tied head's with the embeddings).
+    pub(super) fn quantized_shared(&self) -> Option<&Arc<QTensor>> {
+        match &self.inner {
+            LinearInner::Candle(QMatMul::QTensor(q)) => Some(q),
+            _ => None,
+        }
+    }
+
     /// How many rows one product of this matrix on `device` may take while each row
     /// gets the bits of a product of that row alone ([`rows_keep_bits`]).
     pub(super) fn batch_rows(&self, device: &Device) -> usize {
