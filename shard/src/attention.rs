@@ -382,7 +382,13 @@ impl CustomOp3 for TiledAttention {
         };
         let (_, heads, seq, d) = ql.shape().dims4()?;
         let (_, kv_heads, cap, kd) = kl.shape().dims4()?;
-        if kd != d || vl.shape() != kl.shape() || kv_heads == 0 || heads % kv_heads != 0 {
+        if kd != d
+            || d == 0
+            || heads == 0
+            || vl.shape() != kl.shape()
+            || kv_heads == 0
+            || heads % kv_heads != 0
+        {
             candle_core::bail!("attention: shapes {:?} {:?}", ql.shape(), kl.shape())
         }
         let len = self.pos.checked_add(seq).filter(|&n| seq > 0 && n <= cap);
@@ -621,6 +627,39 @@ mod tests {
         assert!(exp(-87.0) > 0.0 && exp(-87.0) < 2e-38);
         assert!(exp(88.0).is_finite());
         assert!(exp(f32::NAN).is_nan() && exp(-f32::NAN).is_nan());
+    }
+
+    /// Head widths and groupings no default model has (not multiples of 8,
+    /// one or five query heads a KV head) against the materialised softmax.
+    #[test]
+    fn odd_head_widths_and_groups_match_the_materialised_softmax() {
+        for (heads, kv, d) in [
+            (6, 2, 60),
+            (5, 1, 60),
+            (10, 2, 6),
+            (4, 4, 1),
+            (3, 1, 2),
+            (2, 1, 100),
+        ] {
+            let cap = 160;
+            let k = halves(&rand(kv * cap * d, 1));
+            let v = halves(&rand(kv * cap * d, 2));
+            for (pos, seq) in [(0, 1), (0, 70), (63, 2), (100, 33)] {
+                let q = rand(heads * seq * d, 3 + pos as u64);
+                let dims = [heads, kv, seq, cap, d];
+                let got = run(&q, &k, &v, dims, pos);
+                let want = reference(&q, &k, &v, dims, pos);
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "d {d} heads {heads}/{kv} pos {pos} seq {seq}: {worst}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -92,7 +92,11 @@ impl Avx2 {
         let (len, n) = (a[0].len(), out[0].len());
         assert!((1..=3).contains(&H) && len.is_multiple_of(8) && len <= stride);
         assert!(a.iter().all(|a| a.len() == len) && out.iter().all(|o| o.len() == n));
-        assert!(n == 0 || (n - 1) * stride + len <= b.len());
+        // Checked: a wrapped end would pass with a short `b`.
+        let end = (n.max(1) - 1)
+            .checked_mul(stride)
+            .and_then(|e| e.checked_add(len));
+        assert!(n == 0 || end.is_some_and(|e| e <= b.len()));
         // SAFETY: features as detected for `self`; lengths checked above.
         unsafe { lane_sums_heads(a, b, stride, out) }
     }
@@ -105,7 +109,7 @@ impl Avx2 {
         y: &mut [&mut [f32]; H],
     ) {
         let (n, d) = (p[0].len(), y[0].len());
-        assert!((1..=3).contains(&H) && x.len() == n * d);
+        assert!((1..=3).contains(&H) && n.checked_mul(d) == Some(x.len()));
         assert!(p.iter().all(|p| p.len() == n) && y.iter().all(|y| y.len() == d));
         // SAFETY: features as detected for `self`; lengths checked above.
         unsafe { weighted_sum_heads(p, x, y) }

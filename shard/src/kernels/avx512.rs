@@ -85,6 +85,7 @@ unsafe fn rows<const R: usize>(
     // Bounds: every line read below is in `first..first + kb * per`.
     assert!(first + kb * per <= w.lines.len());
     assert!((row + R) * k <= act.q.len() && (row + R) * kb <= act.d.len());
+    assert!(act.s.len() == act.d.len() && act.sum.len() == act.d.len());
     assert!(out.len() >= R);
     let lines = w.lines[first..].as_ptr() as *const u8;
     let nib = _mm512_set1_epi8(0x0F);

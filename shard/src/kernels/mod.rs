@@ -499,7 +499,10 @@ impl PackedMatrix {
     /// then serves several projections of the same input).
     pub fn concat(parts: &[&Self]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.k != first.k || p.bits != first.bits) {
+        if parts
+            .iter()
+            .any(|p| p.k != first.k || p.bits != first.bits || !p.n.is_multiple_of(TILE))
+        {
             return None;
         }
         let mut lines = Vec::with_capacity(parts.iter().map(|p| p.lines.len()).sum());
@@ -647,7 +650,20 @@ impl PackedMatrix {
     }
 
     /// Packs a dense row-major `(n, k)` matrix as 8-bit asymmetric quants.
+    ///
+    /// # Panics
+    /// Where `n` is not a multiple of 16, `k` not a positive multiple of 32,
+    /// or `w` not `n · k` values long: the shapes the packed layout has.
     pub fn from_dense(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(
+            n.is_multiple_of(TILE) && k > 0 && k.is_multiple_of(BLOCK),
+            "a packed matrix has rows in multiples of {TILE} and columns of {BLOCK}: ({n}, {k})"
+        );
+        assert_eq!(
+            n.checked_mul(k),
+            Some(w.len()),
+            "values of a ({n}, {k}) matrix"
+        );
         Self::build(n, k, Bits::Eight, |r, b| {
             let xs = &w[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
             let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
@@ -942,6 +958,11 @@ impl Activations {
         k: usize,
         mut fill: impl FnMut(usize, &mut [f32]),
     ) {
+        // Every path quantizes whole blocks: the same refusal on every CPU.
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "rows of {k} values are not whole blocks"
+        );
         let kb = k / BLOCK;
         self.rows = m;
         self.k = k;

@@ -501,3 +501,38 @@ fn simd_activation_quantization_equals_the_scalar_one_bit_for_bit() {
         assert_bits(&d1, &d2, &format!("scales of {kb} blocks"));
     }
 }
+
+/// A stride whose end offset wraps past `usize::MAX` (here to 0) is refused
+/// by the SIMD path as by the scalar one, not read from before `b`.
+#[test]
+#[should_panic]
+fn lane_sums_refuse_a_stride_whose_end_wraps() {
+    let keys: Vec<f16> = vec![f16::ONE; 16];
+    let a = [1f32; 8];
+    let mut out = [0f32; 2];
+    super::lane_sums_heads::<1>([&a[..]], &keys[8..], usize::MAX - 7, &mut [&mut out[..]]);
+}
+
+/// A dense matrix packs only in the packed layout's shapes: rows in
+/// multiples of 16, columns of 32 (else outputs past the last whole tile
+/// would be left unwritten, and the quantizers would differ by CPU).
+#[test]
+fn dense_matrices_of_other_shapes_are_refused() {
+    for (n, k) in [(24, 64), (16, 40), (16, 0), (0, 32)] {
+        let w = vec![0.5f32; n * k];
+        let r = std::panic::catch_unwind(|| PackedMatrix::from_dense(&w, n, k));
+        assert_eq!(r.is_ok(), n == 0, "({n}, {k})");
+    }
+    let short = std::panic::catch_unwind(|| PackedMatrix::from_dense(&[0.5; 16 * 31], 16, 32));
+    assert!(short.is_err(), "fewer values than the shape");
+    let whole = PackedMatrix::from_dense(&vec![0.5f32; 16 * 32], 16, 32);
+    assert!(PackedMatrix::concat(&[&whole, &whole]).is_some());
+}
+
+/// Activations are quantized in whole blocks on every path.
+#[test]
+#[should_panic]
+fn activations_of_a_partial_block_are_refused() {
+    let mut act = Activations::default();
+    act.quantize_rows_with(1, 40, |_, row| row.fill(1.0));
+}
