@@ -630,6 +630,95 @@ fn fused_block_path_equals_op_by_op_bit_for_bit() -> Result<()> {
     Ok(())
 }
 
+/// Models of shapes no default model has run, or are refused at load with
+/// an error naming the shape: head widths not a multiple of 8 (60, 6, 4, 2),
+/// five query heads a KV head (taken as three and two), a width not a
+/// multiple of 32 (float weights, op by op), keys and values whose rows are
+/// not whole tiles (the fused path off). Each gives the same bits on the
+/// fused and op-by-op paths and finite outputs, for a prompt past the first
+/// key tile and two decode steps.
+#[test]
+fn models_of_odd_shapes_run_alike_on_both_paths_or_are_refused() -> Result<()> {
+    let dir = tmp_dir("odd");
+    let shape = |hidden, ff, heads, kv_heads| Shape {
+        hidden,
+        ff,
+        heads,
+        kv_heads,
+        blocks: 1,
+        vocab: 64,
+    };
+    let run = |path: &Path, hidden: usize, fused: bool| -> Result<(bool, Vec<f32>)> {
+        let file = ModelFile::open(path)?;
+        let mut span = load_span(&file, 0, 1, &fast())?;
+        let on = span.set_fused(fused);
+        let mut cache = span.new_cache(CacheLimits::default());
+        let mut out = Vec::new();
+        for (seed, n) in [(7u64, 70usize), (8, 1), (9, 1)] {
+            let x = rand_tensor(&[1, n, hidden], seed, 1.0)?;
+            let y = span.forward(&x, cache.len(), &mut cache)?;
+            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((on, out))
+    };
+    // (what, shape, type, whether the fused path takes it where a kernel runs)
+    let cases = [
+        (
+            "head width 60, two query heads a KV head",
+            shape(480, 96, 8, 4),
+            GgmlDType::Q8_0,
+            true,
+        ),
+        (
+            "head width 60, four a KV head, KV rows of 120",
+            shape(480, 96, 8, 2),
+            GgmlDType::Q4_0,
+            false,
+        ),
+        ("head width 6", shape(96, 64, 16, 8), GgmlDType::Q8_0, true),
+        (
+            "head width 4, five a KV head",
+            shape(160, 64, 40, 8),
+            GgmlDType::Q8_0,
+            true,
+        ),
+        ("head width 2", shape(64, 32, 32, 32), GgmlDType::Q8_0, true),
+        (
+            "width 100, float weights",
+            shape(100, 40, 10, 5),
+            GgmlDType::F32,
+            false,
+        ),
+        (
+            "KV rows of 60, not whole tiles",
+            shape(480, 96, 8, 1),
+            GgmlDType::Q8_0,
+            false,
+        ),
+    ];
+    let kernel = pollen_shard::kernels::simd_available();
+    for (i, (what, sh, dtype, fuses)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("odd{i}.gguf"));
+        write_gguf(&path, &sh, dtype, 1.0)?;
+        let (on, fused) = run(&path, sh.hidden, true)?;
+        assert_eq!(on, fuses && kernel, "{what}: fused path");
+        let (_, plain) = run(&path, sh.hidden, false)?;
+        assert!(fused.iter().all(|v| v.is_finite()), "{what}: finite");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused), bits(&plain), "{what}: fused = op by op");
+    }
+    // A head width of 15 has no rotary pairs: refused at load, by name.
+    let path = dir.join("odd15.gguf");
+    write_gguf(&path, &shape(45, 32, 3, 1), GgmlDType::F32, 1.0)?;
+    let err = ModelFile::open(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|f| load_span(&f, 0, 1, &fast()).map(|_| ()));
+    let msg = format!("{:?}", err.err());
+    assert!(msg.contains("head size"), "head width 15: {msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// A hop before this server can send any finite hidden states. Keys and
 /// values come from the RMS-normalised input, so their size is bounded by the
 /// weights whatever the input's: in every CPU mode (the fast modes keep them
