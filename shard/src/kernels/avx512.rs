@@ -8,6 +8,7 @@
 #![allow(unsafe_code)]
 
 use super::{Activations, BLOCK, Bits, PackedMatrix, TILE};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// Proof that this CPU has AVX-512 F, BW, VNNI and F16C.
@@ -138,5 +139,90 @@ unsafe fn rows<const R: usize>(
     for (o, a) in out.iter_mut().zip(acc) {
         // SAFETY: `o` holds exactly 16 f32s.
         unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+}
+
+/// Proof that this CPU has AVX-512 F and F16C: attention's float loops in
+/// sixteen lanes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Float16(());
+
+impl Float16 {
+    /// The proof, where the CPU has AVX-512 F, AVX2 and F16C.
+    pub(super) fn detect() -> Option<Self> {
+        let c = super::path::cpu();
+        (c.vnni && c.avx2).then_some(Self(()))
+    }
+
+    /// [`super::weighted_sum_heads`] for `H` (1 to 3) heads.
+    pub(super) fn weighted_sum_heads<const H: usize>(
+        self,
+        p: [&[f32]; H],
+        x: &[f16],
+        y: &mut [&mut [f32]; H],
+    ) {
+        let (n, d) = (p[0].len(), y[0].len());
+        assert!((1..=3).contains(&H) && n.checked_mul(d) == Some(x.len()));
+        assert!(p.iter().all(|p| p.len() == n) && y.iter().all(|y| y.len() == d));
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { weighted_sum_heads(p, x, y) }
+    }
+}
+
+/// `super::weighted_sum_scalar`'s steps for `H` (1 to 3) heads' weights
+/// over the same values, sixteen elements a vector: each element of `y`
+/// takes the multiply and the add it takes alone, in the same order of
+/// values, so the width of the vectors changes no bit.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and F16C; every `p[h]` is
+/// `p[0].len()` long, every `y[h]` `y[0].len()` long, and `x` holds
+/// `p[0].len() * y[0].len()` values.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn weighted_sum_heads<const H: usize>(p: [&[f32]; H], x: &[f16], y: &mut [&mut [f32]; H]) {
+    const CHUNK: usize = 64;
+    let d = y[0].len();
+    let wide = d / 16 * 16;
+    let px = x.as_ptr();
+    let mut c0 = 0;
+    while c0 < wide {
+        let w = (wide - c0).min(CHUNK) / 16;
+        let mut acc = [[_mm512_setzero_ps(); CHUNK / 16]; H];
+        for h in 0..H {
+            for (i, a) in acc[h].iter_mut().enumerate().take(w) {
+                // SAFETY: `c0 + 16 i + 16 <= wide <= d`.
+                *a = unsafe { _mm512_loadu_ps(y[h].as_ptr().add(c0 + 16 * i)) };
+            }
+        }
+        for j in 0..p[0].len() {
+            let pv: [__m512; H] = std::array::from_fn(|h| _mm512_set1_ps(p[h][j]));
+            for i in 0..w {
+                // SAFETY: `j * d + c0 + 16 i + 16 <= (j + 1) * d <= x.len()`.
+                let xv = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(
+                        px.add(j * d + c0 + 16 * i) as *const __m256i
+                    ))
+                };
+                for h in 0..H {
+                    acc[h][i] = _mm512_add_ps(acc[h][i], _mm512_mul_ps(pv[h], xv));
+                }
+            }
+        }
+        for h in 0..H {
+            for (i, a) in acc[h].iter().enumerate().take(w) {
+                // SAFETY: as for the loads.
+                unsafe { _mm512_storeu_ps(y[h].as_mut_ptr().add(c0 + 16 * i), *a) };
+            }
+        }
+        c0 += CHUNK;
+    }
+    // The rest of the elements (fewer than 16): one at a time, the same steps.
+    for (h, y) in y.iter_mut().enumerate() {
+        for (c, y) in y.iter_mut().enumerate().skip(wide) {
+            for (j, &pj) in p[h].iter().enumerate() {
+                *y += pj * super::widen(x[j * d + c]);
+            }
+        }
     }
 }

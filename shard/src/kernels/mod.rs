@@ -257,6 +257,20 @@ fn float_simd() -> Option<avx2::Avx2> {
     *F.get_or_init(avx2::Avx2::detect)
 }
 
+/// AVX-512 for attention's weighted sums, where the packed kernel path is
+/// an AVX-512 one (AMX or AVX-512 VNNI: `POLLEN_KERNEL=avx2` or `avx-vnni`
+/// keeps every loop in AVX2, so those paths are tested whole on any CPU).
+/// Each element takes the scalar loop's steps whatever the lanes: the same
+/// bits as the AVX2 and scalar loops.
+#[cfg(target_arch = "x86_64")]
+fn float512() -> Option<avx512::Float16> {
+    static F: OnceLock<Option<avx512::Float16>> = OnceLock::new();
+    *F.get_or_init(|| match kernel_path() {
+        KernelPath::Amx | KernelPath::Avx512Vnni => avx512::Float16::detect(),
+        _ => None,
+    })
+}
+
 /// `h` as f32, exactly (the same value as `f16::to_f32` and the CPUs'
 /// conversion instructions, NaN to NaN), in branch-free integer and float
 /// steps that a compiler can vectorize: where no SIMD code reads the f16
@@ -338,6 +352,10 @@ pub(crate) fn weighted_sum_heads<const H: usize>(
     x: &[f16],
     y: &mut [&mut [f32]; H],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = float512() {
+        return k.weighted_sum_heads(p, x, y);
+    }
     match float_simd() {
         Some(k) => k.weighted_sum_heads(p, x, y),
         None => {

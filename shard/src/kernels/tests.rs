@@ -536,3 +536,38 @@ fn activations_of_a_partial_block_are_refused() {
     let mut act = Activations::default();
     act.quantize_rows_with(1, 40, |_, row| row.fill(1.0));
 }
+
+/// The AVX-512 weighted sums give the scalar loop's bits for every width
+/// (sixteen-lane vectors, then single elements) and head count.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn sixteen_lane_weighted_sums_equal_the_scalar_loop_bit_for_bit() {
+    let Some(k) = super::avx512::Float16::detect() else {
+        eprintln!("no AVX-512 on this CPU: its weighted sums do not run here");
+        return;
+    };
+    let mut seed = 23;
+    for d in [64, 128, 16, 24, 8, 7, 1, 100, 150] {
+        for n in [0, 1, 3, 13, 64, 70] {
+            let b: Vec<f16> = (0..n * d).map(|_| f16::from_f32(lcg(&mut seed))).collect();
+            let p: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
+            let p = |h: usize| &p[h * n..(h + 1) * n];
+            let y0: Vec<f32> = (0..3 * d).map(|_| lcg(&mut seed)).collect();
+            let mut want = y0.clone();
+            for (h, w) in want.chunks_exact_mut(d).enumerate() {
+                weighted_sum_scalar(p(h), &b, w);
+            }
+            let mut got = y0.clone();
+            let mut ys = got.chunks_exact_mut(d);
+            let mut y = || ys.next().unwrap();
+            k.weighted_sum_heads([p(0), p(1), p(2)], &b, &mut [y(), y(), y()]);
+            assert_bits(&got, &want, &format!("d {d} n {n}, 3 heads"));
+            let mut got = y0.clone();
+            let (first, rest) = got.split_at_mut(2 * d);
+            let (g0, g1) = first.split_at_mut(d);
+            k.weighted_sum_heads([p(0), p(1)], &b, &mut [g0, g1]);
+            k.weighted_sum_heads([p(2)], &b, &mut [rest]);
+            assert_bits(&got, &want, &format!("d {d} n {n}, 2 + 1 heads"));
+        }
+    }
+}
