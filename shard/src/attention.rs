@@ -487,6 +487,22 @@ mod tests {
         y.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// The largest difference between `got` and [`reference`].
+    fn worst_against_reference(
+        got: &[f32],
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        dims: [usize; 5],
+        pos: usize,
+    ) -> f32 {
+        let want = reference(q, k, v, dims, pos);
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn matches_materialised_softmax_and_is_chunk_invariant() {
         // 6 query heads over 2 KV heads; steps crossing several key tiles.
@@ -497,12 +513,7 @@ mod tests {
             let q = rand(heads * seq * d, 3 + pos as u64);
             let dims = [heads, kv, seq, cap, d];
             let got = run(&q, &k, &v, dims, pos);
-            let want = reference(&q, &k, &v, dims, pos);
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = worst_against_reference(&got, &q, &k, &v, dims, pos);
             assert!(worst < 1e-4, "pos {pos} seq {seq}: {worst}");
             // Row by row, as decode steps: the same bits.
             for i in [0, seq / 2, seq - 1] {
@@ -648,12 +659,7 @@ mod tests {
                 let q = rand(heads * seq * d, 3 + pos as u64);
                 let dims = [heads, kv, seq, cap, d];
                 let got = run(&q, &k, &v, dims, pos);
-                let want = reference(&q, &k, &v, dims, pos);
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = worst_against_reference(&got, &q, &k, &v, dims, pos);
                 assert!(
                     worst < 1e-4,
                     "d {d} heads {heads}/{kv} pos {pos} seq {seq}: {worst}"

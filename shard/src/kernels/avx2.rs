@@ -303,12 +303,8 @@ unsafe fn weighted_sum_heads<const H: usize>(p: [&[f32]; H], x: &[f16], y: &mut 
         }
         c0 += CHUNK;
     }
-    for (h, y) in y.iter_mut().enumerate() {
-        for (c, y) in y.iter_mut().enumerate().skip(full) {
-            for (j, &pj) in p[h].iter().enumerate() {
-                *y += pj * super::widen(x[j * d + c]);
-            }
-        }
+    for (p, y) in p.iter().zip(y.iter_mut()) {
+        super::weighted_sum_from(p, x, y, full);
     }
 }
 

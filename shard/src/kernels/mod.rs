@@ -315,9 +315,15 @@ fn lane_sums_scalar(a: &[f32], b: &[f16], stride: usize, out: &mut [f32]) {
 /// `x_j` is `x[j * y.len()..]` (`x` holds `p.len()` of them). The reference
 /// of [`weighted_sum_heads`], whose every path gives these bits.
 fn weighted_sum_scalar(p: &[f32], x: &[f16], y: &mut [f32]) {
+    weighted_sum_from(p, x, y, 0);
+}
+
+/// [`weighted_sum_scalar`] of elements `from..` of `y` only: the SIMD
+/// loops' last elements, past their whole vectors.
+fn weighted_sum_from(p: &[f32], x: &[f16], y: &mut [f32], from: usize) {
     let d = y.len();
     for (j, &pj) in p.iter().enumerate() {
-        for (y, &x) in y.iter_mut().zip(&x[j * d..(j + 1) * d]) {
+        for (y, &x) in y[from..].iter_mut().zip(&x[j * d + from..(j + 1) * d]) {
             *y += pj * widen(x);
         }
     }

@@ -352,6 +352,55 @@ fn widening_f16_is_exact_for_every_value() {
     }
 }
 
+/// A SIMD path's weighted sums, for [`check_weighted_sums`].
+trait WeightedSums {
+    fn sums<const H: usize>(&self, p: [&[f32]; H], x: &[f16], y: &mut [&mut [f32]; H]);
+}
+
+impl WeightedSums for super::avx2::Avx2 {
+    fn sums<const H: usize>(&self, p: [&[f32]; H], x: &[f16], y: &mut [&mut [f32]; H]) {
+        self.weighted_sum_heads(p, x, y);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WeightedSums for super::avx512::Float16 {
+    fn sums<const H: usize>(&self, p: [&[f32]; H], x: &[f16], y: &mut [&mut [f32]; H]) {
+        self.weighted_sum_heads(p, x, y);
+    }
+}
+
+/// `k`'s weighted sums over the `n` values of width `d` in `b`, for three
+/// heads at once and for two and one, equal the scalar loop's bit for bit
+/// (random weights and starting outputs from `seed`).
+fn check_weighted_sums(
+    k: &impl WeightedSums,
+    b: &[f16],
+    d: usize,
+    n: usize,
+    seed: &mut u64,
+    what: &str,
+) {
+    let p: Vec<f32> = (0..3 * n).map(|_| lcg(seed)).collect();
+    let p = |h: usize| &p[h * n..(h + 1) * n];
+    let y0: Vec<f32> = (0..3 * d).map(|_| lcg(seed)).collect();
+    let mut want = y0.clone();
+    for (h, w) in want.chunks_exact_mut(d).enumerate() {
+        weighted_sum_scalar(p(h), b, w);
+    }
+    let mut got = y0.clone();
+    let mut ys = got.chunks_exact_mut(d);
+    let mut y = || ys.next().unwrap();
+    k.sums([p(0), p(1), p(2)], b, &mut [y(), y(), y()]);
+    assert_bits(&got, &want, &format!("{what} d {d} n {n}, 3 heads"));
+    let mut got = y0.clone();
+    let (first, rest) = got.split_at_mut(2 * d);
+    let (g0, g1) = first.split_at_mut(d);
+    k.sums([p(0), p(1)], b, &mut [g0, g1]);
+    k.sums([p(2)], b, &mut [rest]);
+    assert_bits(&got, &want, &format!("{what} d {d} n {n}, 2 + 1 heads"));
+}
+
 #[test]
 fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
     let Some(k) = super::float_simd() else {
@@ -406,28 +455,7 @@ fn attentions_float_loops_equal_the_scalar_loops_bit_for_bit() {
                 &format!("lane sums d {d} n {n} head 0 of 1"),
             );
 
-            let p: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
-            let p = |h: usize| &p[h * n..(h + 1) * n];
-            let y0: Vec<f32> = (0..3 * d).map(|_| lcg(&mut seed)).collect();
-            let mut want = y0.clone();
-            for (h, w) in want.chunks_exact_mut(d).enumerate() {
-                weighted_sum_scalar(p(h), &b, w);
-            }
-            let mut got = y0.clone();
-            let mut ys = got.chunks_exact_mut(d);
-            let mut y = || ys.next().unwrap();
-            k.weighted_sum_heads([p(0), p(1), p(2)], &b, &mut [y(), y(), y()]);
-            assert_bits(&got, &want, &format!("weighted sums d {d} n {n}, 3 heads"));
-            let mut got = y0.clone();
-            let (first, rest) = got.split_at_mut(2 * d);
-            let (g0, g1) = first.split_at_mut(d);
-            k.weighted_sum_heads([p(0), p(1)], &b, &mut [g0, g1]);
-            k.weighted_sum_heads([p(2)], &b, &mut [rest]);
-            assert_bits(
-                &got,
-                &want,
-                &format!("weighted sums d {d} n {n}, 2 + 1 heads"),
-            );
+            check_weighted_sums(&k, &b, d, n, &mut seed, "weighted sums");
         }
     }
 }
@@ -550,24 +578,7 @@ fn sixteen_lane_weighted_sums_equal_the_scalar_loop_bit_for_bit() {
     for d in [64, 128, 16, 24, 8, 7, 1, 100, 150] {
         for n in [0, 1, 3, 13, 64, 70] {
             let b: Vec<f16> = (0..n * d).map(|_| f16::from_f32(lcg(&mut seed))).collect();
-            let p: Vec<f32> = (0..3 * n).map(|_| lcg(&mut seed)).collect();
-            let p = |h: usize| &p[h * n..(h + 1) * n];
-            let y0: Vec<f32> = (0..3 * d).map(|_| lcg(&mut seed)).collect();
-            let mut want = y0.clone();
-            for (h, w) in want.chunks_exact_mut(d).enumerate() {
-                weighted_sum_scalar(p(h), &b, w);
-            }
-            let mut got = y0.clone();
-            let mut ys = got.chunks_exact_mut(d);
-            let mut y = || ys.next().unwrap();
-            k.weighted_sum_heads([p(0), p(1), p(2)], &b, &mut [y(), y(), y()]);
-            assert_bits(&got, &want, &format!("d {d} n {n}, 3 heads"));
-            let mut got = y0.clone();
-            let (first, rest) = got.split_at_mut(2 * d);
-            let (g0, g1) = first.split_at_mut(d);
-            k.weighted_sum_heads([p(0), p(1)], &b, &mut [g0, g1]);
-            k.weighted_sum_heads([p(2)], &b, &mut [rest]);
-            assert_bits(&got, &want, &format!("d {d} n {n}, 2 + 1 heads"));
+            check_weighted_sums(&k, &b, d, n, &mut seed, "sixteen-lane weighted sums");
         }
     }
 }
