@@ -292,7 +292,9 @@ pub(crate) struct Dims {
 
 /// Attention of `seq` queries at positions `pos..` over KV buffers
 /// `(kv_heads, cap, d)`: `q` is head-major `(heads, seq, d)`, `out` is
-/// `(seq, heads * d)`. `scratch` is reused between calls.
+/// `(seq, heads * d)`. `scratch` is reused between calls. With `split`, a
+/// step of many key visits is shared out on candle's thread pool; without,
+/// it stays on this thread (a caller already on the pool's threads).
 /// The caller checks that `pos + seq <= cap` and the slices' lengths.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
@@ -304,6 +306,7 @@ pub(crate) fn attend(
     scale: f32,
     scratch: &mut Scratch,
     out: &mut [f32],
+    split: bool,
 ) {
     let Dims {
         heads,
@@ -335,7 +338,7 @@ pub(crate) fn attend(
         let chunks = by_group
             .chunks_mut(n_rep * seq * d)
             .flat_map(|g| g.chunks_mut(n_rep * QUERY_BLOCK * d));
-        if visits < 1 << 15 {
+        if visits < 1 << 15 || !split {
             for (item, out) in chunks.enumerate() {
                 work(item, out, scratch);
             }
@@ -414,6 +417,7 @@ impl CustomOp3 for TiledAttention {
             self.scale,
             &mut Scratch::default(),
             &mut out,
+            true,
         );
         Ok((CpuStorage::F32(out), Shape::from((1, seq, heads * d))))
     }

@@ -525,6 +525,27 @@ fn a_batch_of_decode_steps_equals_single_steps() -> Result<()> {
     Ok(())
 }
 
+/// The same on candle's pool of three threads, where a batch's sessions take their
+/// attention side by side, one a thread: the test above again in a child process (the
+/// pool's size is fixed once a process), which must pass.
+#[test]
+fn a_batch_on_three_threads_equals_single_steps() -> Result<()> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "a_batch_of_decode_steps_equals_single_steps"])
+        .args(["--test-threads", "1"])
+        .env("CANDLE_NUM_THREADS", "3")
+        .env("RAYON_NUM_THREADS", "3")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "the child on three threads: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 fn batch_equals_single_steps(span: &BlockSpan) -> Result<()> {
     // Three sessions with different histories (one past the first buffer).
     let mut caches: Vec<SpanCache> = Vec::new();

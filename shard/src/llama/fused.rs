@@ -25,6 +25,7 @@ use crate::attention::{self, Dims};
 use crate::kernels::{Activations, PackedMatrix, TILE};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 use half::f16;
+use std::sync::{Mutex, PoisonError};
 
 /// One block's weights, where every product is packed.
 pub(super) struct FusedWeights<'a> {
@@ -45,6 +46,8 @@ pub(super) struct Scratch {
     q: Vec<f32>,
     attn: Vec<f32>,
     attention: attention::Scratch,
+    /// One a session, for a batch's attention side by side on the pool.
+    attentions: Vec<Mutex<attention::Scratch>>,
     norms: Vec<f32>,
     gate_up: Vec<f32>,
 }
@@ -266,6 +269,10 @@ pub(super) fn block_forward(
         .matmul_quantized(&s.act, &mut s.qkv, &mut s.tiles, false);
     s.attn.resize(m * h, 0.0);
     let scale = 1.0 / (d as f32).sqrt();
+    // Keys and values into each session's cache, and its queries, rotated,
+    // head-major for attention (a session's at `row0 * n_head * d`).
+    s.q.resize(n_head * m * d, 0.0);
+    let mut caches = Vec::with_capacity(segments.len());
     let mut row0 = 0;
     for seg in segments.iter_mut() {
         let rows = &s.qkv[row0 * qn..(row0 + seg.rows) * qn];
@@ -287,35 +294,59 @@ pub(super) fn block_forward(
         };
         kb.inplace_op1(&write(h, Some(rope)))?;
         vb.inplace_op1(&write(h + kvw, None))?;
-        // Queries, rotated, head-major for attention.
-        s.q.resize(n_head * seg.rows * d, 0.0);
+        let q = &mut s.q[row0 * n_head * d..(row0 + seg.rows) * n_head * d];
         for hd in 0..n_head {
             for (i, row) in rows.chunks_exact(qn).enumerate() {
-                let dst = &mut s.q[(hd * seg.rows + i) * d..][..d];
+                let dst = &mut q[(hd * seg.rows + i) * d..][..d];
                 rope.apply(&row[hd * d..(hd + 1) * d], dst, seg.pos + i);
             }
         }
-        let cap = kb.dim(2)?;
-        let (ks, kl) = kb.storage_and_layout();
-        let (vs, vl) = vb.storage_and_layout();
+        caches.push((kb, vb));
+        row0 += seg.rows;
+    }
+    // Each session's attention over its own cache.
+    let guards: Vec<_> = caches
+        .iter()
+        .map(|(kb, vb)| (kb.storage_and_layout(), vb.storage_and_layout()))
+        .collect();
+    let mut jobs = Vec::with_capacity(segments.len());
+    let (mut q, mut out) = (&s.q[..], &mut s.attn[..]);
+    for (seg, ((ks, kl), (vs, vl))) in segments.iter().zip(&guards) {
+        let (sq, rest) = q.split_at(n_head * seg.rows * d);
+        let (so, others) = std::mem::take(&mut out).split_at_mut(seg.rows * h);
+        (q, out) = (rest, others);
+        let (_, _, cap, _) = kl.shape().dims4()?;
         let dims = Dims {
             heads: n_head,
             kv_heads: n_kv,
             cap,
             d,
         };
-        attention::attend(
-            &s.q,
-            cpu_data(&ks, kl)?,
-            cpu_data(&vs, vl)?,
-            dims,
-            seg.pos,
-            scale,
-            &mut s.attention,
-            &mut s.attn[row0 * h..(row0 + seg.rows) * h],
-        );
-        row0 += seg.rows;
+        let (k, v) = (cpu_data::<f16>(ks, kl)?, cpu_data::<f16>(vs, vl)?);
+        jobs.push((sq, k, v, dims, seg.pos, Mutex::new(so)));
     }
+    let pool = candle_core::utils::barrier_pool();
+    if jobs.len() > 1 && pool.n_workers() > 0 {
+        // A batch's sessions side by side on the pool, each on one thread
+        // with its own scratch: the same arithmetic as one after another.
+        s.attentions.resize_with(jobs.len(), Default::default);
+        let scratches = &s.attentions;
+        pool.execute_chunked(jobs.len(), |range| {
+            for i in range {
+                let (q, k, v, dims, pos, out) = &jobs[i];
+                // Each job and scratch is handed to one worker: the locks are never contended.
+                let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut scratch = scratches[i].lock().unwrap_or_else(PoisonError::into_inner);
+                attention::attend(q, k, v, *dims, *pos, scale, &mut scratch, &mut out, false);
+            }
+        });
+    } else {
+        for (q, k, v, dims, pos, out) in jobs {
+            let out = out.into_inner().unwrap_or_else(PoisonError::into_inner);
+            attention::attend(q, k, v, dims, pos, scale, &mut s.attention, out, true);
+        }
+    }
+    drop(guards);
     let attn = &s.attn;
     s.act.quantize_rows_with(m, h, |i, row| {
         row.copy_from_slice(&attn[i * h..(i + 1) * h])
