@@ -142,13 +142,15 @@ unsafe fn rows<const R: usize>(
     }
 }
 
-/// Proof that this CPU has AVX-512 F and F16C: attention's float loops in
-/// sixteen lanes.
+/// Proof that this CPU has AVX-512 F and F16C (detected with the VNNI
+/// kernel's features and AVX2's, which include them): attention's float
+/// loops in sixteen lanes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Float16(());
 
 impl Float16 {
-    /// The proof, where the CPU has AVX-512 F, AVX2 and F16C.
+    /// The proof, where the CPU has the VNNI kernel's features (AVX-512 F,
+    /// BW, VNNI, F16C) and AVX2's (AVX2, FMA, F16C).
     pub(super) fn detect() -> Option<Self> {
         let c = super::path::cpu();
         (c.vnni && c.avx2).then_some(Self(()))

@@ -575,8 +575,8 @@ fn sixteen_lane_weighted_sums_equal_the_scalar_loop_bit_for_bit() {
         return;
     };
     let mut seed = 23;
-    for d in [64, 128, 16, 24, 8, 7, 1, 100, 150] {
-        for n in [0, 1, 3, 13, 64, 70] {
+    for d in 1..=150 {
+        for n in [0, 1, 3, 17, 70] {
             let b: Vec<f16> = (0..n * d).map(|_| f16::from_f32(lcg(&mut seed))).collect();
             check_weighted_sums(&k, &b, d, n, &mut seed, "sixteen-lane weighted sums");
         }
