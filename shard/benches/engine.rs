@@ -977,30 +977,34 @@ fn kernel_table() {
     }
 }
 
-/// Batched decode against one session at a time, fast mode, 1 thread.
+/// Batched decode against one session at a time, fast mode, at 1 and 2 threads.
 fn batch_table(path: &Path) {
-    println!("Batched decode (BlockSpan::forward_batch), all 30 blocks, fast mode, 1 thread:");
+    println!("Batched decode (BlockSpan::forward_batch), all 30 blocks, fast mode:");
     println!();
-    println!("| sessions | kernel | one at a time, tok/s | one batch per step, tok/s | ratio |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| sessions | kernel | threads | one at a time, tok/s | one batch per step, tok/s | ratio |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
     for kernel in simd_paths() {
-        for sessions in [1usize, 8] {
-            let (r, ran) = run_child(
-                &[
-                    "--child-batch".into(),
-                    path.display().to_string(),
-                    sessions.to_string(),
-                    "32".into(),
-                ],
-                1,
-                Some(kernel),
-            );
-            println!(
-                "| {sessions} | {ran} | {:.1} | {:.1} | {:.2}x |",
-                r[0],
-                r[1],
-                r[1] / r[0]
-            );
+        for threads in [1usize, 2] {
+            for sessions in [1usize, 8] {
+                let (r, ran) = run_child(
+                    &[
+                        "--child-batch".into(),
+                        path.display().to_string(),
+                        sessions.to_string(),
+                        "32".into(),
+                    ],
+                    threads,
+                    Some(kernel),
+                );
+                println!(
+                    "| {sessions} | {ran} | {threads} | {:.1} | {:.1} | {:.2}x |",
+                    r[0],
+                    r[1],
+                    r[1] / r[0]
+                );
+            }
         }
     }
 }
