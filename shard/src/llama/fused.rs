@@ -45,8 +45,8 @@ pub(super) struct Scratch {
     qkv: Vec<f32>,
     q: Vec<f32>,
     attn: Vec<f32>,
-    attention: attention::Scratch,
-    /// One a session, for a batch's attention side by side on the pool.
+    /// Attention's scratch: the first for sessions one after another, one a
+    /// session for a batch's attention side by side on the pool.
     attentions: Vec<Mutex<attention::Scratch>>,
     norms: Vec<f32>,
     gate_up: Vec<f32>,
@@ -341,9 +341,13 @@ pub(super) fn block_forward(
             }
         });
     } else {
+        s.attentions.resize_with(1, Default::default);
+        let scratch = s.attentions[0]
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for (q, k, v, dims, pos, out) in jobs {
             let out = out.into_inner().unwrap_or_else(PoisonError::into_inner);
-            attention::attend(q, k, v, dims, pos, scale, &mut s.attention, out, true);
+            attention::attend(q, k, v, dims, pos, scale, scratch, out, true);
         }
     }
     drop(guards);
