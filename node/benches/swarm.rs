@@ -10,7 +10,9 @@
 //! f16 and bf16 hidden states then run once each, fed the f32 tokens.
 //! Each server's `/metrics` gives its own time per decode step (a step's
 //! arrival to its output sent on), so the step splits into the servers' time,
-//! the client's ends and what is left: the transfers between processes.
+//! the client's ends and what is left: the transfers between processes. The CPU time
+//! of every process a decode step (Linux's `/proc/<pid>/task/*/schedstat`) against this
+//! process's alone tells more work from more waiting.
 //! Last, `pollen generate --stats` through the same servers and with `--local`
 //! alternate for `--rounds` rounds: the ratio as a user would time it.
 //!
@@ -21,7 +23,7 @@
 mod bench_args;
 #[path = "../../tests/common/mod.rs"]
 mod common;
-use bench_args::{arg, median};
+use bench_args::{arg, cpu_seconds, median};
 use candle_core::Tensor;
 use pollen_node::client::{ClientConfig, SwarmClient};
 use pollen_node::mesh::{LocalMesh, THREE_SPANS};
@@ -100,6 +102,7 @@ fn main() {
         let mut steps = Vec::new();
         let mut tokens = vec![next];
         let mut span_times = vec![Vec::new(); spans.len()];
+        let cpu_before = cpu_seconds(std::process::id());
         for i in 0..decode_n {
             let t = Instant::now();
             let mut h = ends.embed(&[next]).unwrap();
@@ -112,6 +115,9 @@ fn main() {
             tokens.push(next);
             steps.push(t.elapsed().as_secs_f64());
         }
+        let cpu = cpu_seconds(std::process::id())
+            .zip(cpu_before)
+            .map(|(a, b)| (a - b) / decode_n as f64);
         let total: f64 = steps.iter().sum();
         let span_med: f64 = span_times.iter_mut().map(|v| median(v)).sum();
         let span_means: Vec<f64> = span_times
@@ -125,6 +131,7 @@ fn main() {
             span_med,
             tokens,
             span_means,
+            cpu,
         )
     };
 
@@ -140,6 +147,10 @@ fn main() {
         .iter()
         .map(|(p, _)| p.metrics_url().unwrap())
         .collect();
+    // The servers' processes, then this one (the client's): CPU seconds so far of each.
+    let mut pids: Vec<u32> = mesh.servers.iter().map(|(p, _)| p.child.id()).collect();
+    pids.push(std::process::id());
+    let cpu_now = || -> Option<Vec<f64>> { pids.iter().map(|&p| cpu_seconds(p)).collect() };
     // Each server's step time so far (sum, count), from its `/metrics`; server `i` is
     // hop `i` of the route.
     let server_steps = || -> Vec<(f64, f64)> {
@@ -201,6 +212,7 @@ fn main() {
             let mut logits = vec![l.to_vec1::<f32>().unwrap()];
             let mut steps = Vec::new();
             let before = server_steps();
+            let cpu_before = cpu_now();
             for i in 0..decode_n {
                 if let Some(f) = forced {
                     next = f[i];
@@ -214,6 +226,13 @@ fn main() {
                 tokens.push(next);
                 logits.push(l.to_vec1::<f32>().unwrap());
             }
+            // CPU seconds a decode step, each server's process and then the client's.
+            let cpu: Option<Vec<f64>> = cpu_now().zip(cpu_before).map(|(a, b)| {
+                a.iter()
+                    .zip(&b)
+                    .map(|(a, b)| (a - b) / decode_n as f64)
+                    .collect()
+            });
             // Each server's mean time per decode step, Forward arrived to output sent on.
             let server_means: Vec<f64> = server_steps()
                 .iter()
@@ -231,6 +250,7 @@ fn main() {
                 logits,
                 bytes,
                 server_means,
+                cpu,
             )
         })
     };
@@ -377,6 +397,38 @@ fn main() {
         hops + 1,
         between * 1e3 / (hops + 1) as f64
     );
+    // More work or more waiting: the CPU time of every process a decode step against
+    // this process's alone when it computes every span (`/proc/<pid>/task/*/schedstat`).
+    let cpu_rounds: Option<Vec<(&Vec<f64>, f64)>> = local_runs
+        .iter()
+        .zip(&swarm_runs)
+        .map(|(l, w)| Some((w.7.as_ref()?, l.6?)))
+        .collect();
+    if let Some(c) = cpu_rounds {
+        let each: Vec<f64> = (0..=hops)
+            .map(|i| med(c.iter().map(|(w, _)| w[i]).collect()))
+            .collect();
+        let swarm_cpu = med(c.iter().map(|(w, _)| w.iter().sum()).collect());
+        let local_cpu = med(c.iter().map(|(_, l)| *l).collect());
+        let extra_wall = med(local_runs
+            .iter()
+            .zip(&swarm_runs)
+            .map(|(l, w)| (w.1 - l.1) / decode_n as f64)
+            .collect());
+        println!(
+            "f32 CPU a decode step (medians of rounds): {:.3} ms in all the swarm's processes \
+             (servers {} ms, client {:.3} ms) against {:.3} ms in this process alone ({:.2}x); \
+             a swarm step takes {:.3} ms more wall time and {:.3} ms more CPU than a local one \
+             (a step's work in several processes runs partly side by side on the cores)",
+            swarm_cpu * 1e3,
+            ms(&each[..hops]),
+            each[hops] * 1e3,
+            local_cpu * 1e3,
+            swarm_cpu / local_cpu,
+            extra_wall * 1e3,
+            (swarm_cpu - local_cpu) * 1e3,
+        );
+    }
     println!();
     println!(
         "f32 hidden states: greedy tokens through the swarm equal local ({} tokens)",

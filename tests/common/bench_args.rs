@@ -53,3 +53,16 @@ pub fn cpu_line() -> String {
         .collect();
     format!("{}; flags: {}", field("model name"), have.join(" "))
 }
+
+/// Seconds of CPU that process `pid` has run so far, all its live threads together
+/// (the first field of each `/proc/<pid>/task/*/schedstat`, in nanoseconds); `None`
+/// where the kernel does not say.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
