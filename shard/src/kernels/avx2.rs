@@ -149,6 +149,27 @@ unsafe fn exp_below(s: &mut [f32], max: f32) {
     super::exp_below_plain(s, max)
 }
 
+/// How far past the weight block being computed the x86 kernels ask for
+/// the lines of a block to come, in bytes: four KiB (about thirteen 4-bit
+/// blocks). A whole model's weights are read once a step, from the L3 cache
+/// or from memory, and the CPU's own prefetchers stay too close behind to
+/// keep the kernels fed: this is the distance that fed them on the 2-core
+/// Xeon VM of the engine bench (4 and 8 KiB alike; the README has figures).
+pub(super) const PREFETCH_AHEAD: usize = 4096;
+
+/// Asks for the `per` lines [`PREFETCH_AHEAD`] bytes past `base` to be
+/// brought into the L1 cache: the lines of a block to come, or past the
+/// matrix's end, which costs a wasted request and nothing else.
+#[inline(always)]
+pub(super) fn prefetch_ahead(base: *const u8, per: usize) {
+    let ahead = base.wrapping_add(PREFETCH_AHEAD);
+    for l in 0..per {
+        // SAFETY: a prefetch is a hint: it changes nothing the program can
+        // see and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8) };
+    }
+}
+
 /// Eight f16 values from `p`, widened.
 ///
 /// # Safety
@@ -485,6 +506,10 @@ unsafe fn rows<const R: usize>(
             // need no alignment.
             unsafe {
                 let base = lines.add(b * per * 64);
+                // The second half reads the lines the first brought in.
+                if half == 0 {
+                    prefetch_ahead(base, per);
+                }
                 let dv = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16 * half) as *const __m128i));
                 let mv =
                     _mm256_cvtph_ps(_mm_loadu_si128(base.add(32 + 16 * half) as *const __m128i));

@@ -96,6 +96,7 @@ unsafe fn rows<const R: usize>(
         // (asserted above); unaligned loads need no alignment.
         unsafe {
             let base = lines.add(b * per * 64);
+            super::avx2::prefetch_ahead(base, per);
             let sc = _mm512_loadu_si512(base as *const __m512i);
             let dv = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
             let mv = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(sc));

@@ -112,6 +112,10 @@ unsafe fn rows<const R: usize>(
             // need no alignment.
             unsafe {
                 let base = lines.add(b * per * 64);
+                // The second half reads the lines the first brought in.
+                if half == 0 {
+                    super::avx2::prefetch_ahead(base, per);
+                }
                 let dv = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16 * half) as *const __m128i));
                 let mv =
                     _mm256_cvtph_ps(_mm_loadu_si128(base.add(32 + 16 * half) as *const __m128i));
