@@ -906,10 +906,12 @@ fn child_batch(path: &Path, sessions: usize, steps: usize) {
 const KERNEL_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
 
 /// The packed product alone: `count` random 3072×576 Q4_1 matrices (the shape
-/// of a block's gate/up product, 1.1 MB packed each: thirty, 33 MB, are more
-/// than the L3 cache of most CPUs, as a whole model is; one stays in the
-/// cache), times `rows` rows of activations, one thread. Prints `RESULT` and
-/// billions of multiply-adds a second per row count of [`KERNEL_ROWS`].
+/// of a block's gate/up product, 1.1 MB packed each: 240, 264 MB, are more
+/// than any CPU's L3 cache; thirty, 33 MB, half the default model's blocks,
+/// more than most; one stays in the L2 cache), times `rows` rows of
+/// activations, one thread, 1,200 matrices' products a row count. Prints
+/// `RESULT` and billions of multiply-adds a second per row count of
+/// [`KERNEL_ROWS`].
 fn child_kernel(count: usize) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use pollen_shard::kernels::PackedMatrix;
@@ -937,7 +939,7 @@ fn child_kernel(count: usize) {
         let mut dst = vec![0f32; rows * n];
         let pass = |dst: &mut [f32]| mats.iter().for_each(|m| m.matmul(&x, rows, dst));
         pass(&mut dst);
-        let reps = 40;
+        let reps = (1200 / count).max(1);
         let t0 = Instant::now();
         for _ in 0..reps {
             pass(&mut dst);
@@ -950,12 +952,13 @@ fn child_kernel(count: usize) {
 }
 
 /// The packed product's throughput by rows, per kernel path, 1 thread: from
-/// memory (thirty matrices) and from the cache (one). Where a row count's two
-/// rates are equal, the kernel's arithmetic bounds it; where the first is
-/// lower, reading the weights does.
+/// memory (240 matrices), from half a model's worth (thirty: memory or the L3
+/// cache, by the CPU) and from the cache (one). Where a row count's rates are
+/// equal, the kernel's arithmetic bounds it; where the first are lower,
+/// reading the weights does.
 fn kernel_table() {
     println!(
-        "Packed product alone (3072x576 Q4_1 matrices: thirty, 33 MB, from memory; one, 1.1 MB, from the cache), 1 thread, billions of multiply-adds a second:"
+        "Packed product alone (3072x576 Q4_1 matrices: 240, 264 MB, from memory; thirty, 33 MB, from memory or L3; one, 1.1 MB, from L2), 1 thread, billions of multiply-adds a second:"
     );
     println!();
     let head: Vec<String> = KERNEL_ROWS
@@ -965,7 +968,7 @@ fn kernel_table() {
     println!("| kernel | weights | {} |", head.join(" | "));
     println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 2));
     for kernel in simd_paths() {
-        for (count, weights) in [(30, "33 MB"), (1, "1.1 MB")] {
+        for (count, weights) in [(240, "264 MB"), (30, "33 MB"), (1, "1.1 MB")] {
             let (r, ran) = run_child(
                 &["--child-kernel".into(), count.to_string()],
                 1,
