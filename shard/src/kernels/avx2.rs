@@ -151,10 +151,12 @@ unsafe fn exp_below(s: &mut [f32], max: f32) {
 
 /// How far past the weight block being computed the x86 kernels ask for
 /// the lines of a block to come, in bytes: four KiB (about thirteen 4-bit
-/// blocks). A whole model's weights are read once a step, from the L3 cache
-/// or from memory, and the CPU's own prefetchers stay too close behind to
-/// keep the kernels fed: this is the distance that fed them on the 2-core
-/// Xeon VM of the engine bench (4 and 8 KiB alike; the README has figures).
+/// blocks); attention's loops ask as far ahead in a KV group's keys and
+/// values. A whole model's weights are read once a step, and a batch's
+/// caches too, from the L3 cache or from memory, and the CPU's own
+/// prefetchers stay too close behind to keep the loops fed: this is the
+/// distance that fed them on the 2-core Xeon VM of the engine bench (4 and
+/// 8 KiB alike; the README has figures).
 pub(super) const PREFETCH_AHEAD: usize = 4096;
 
 /// Asks for the `per` lines [`PREFETCH_AHEAD`] bytes past `base` to be
@@ -237,6 +239,11 @@ unsafe fn lane_sums_heads<const H: usize>(
     let pb = b.as_ptr();
     let mut j = 0;
     while j + 4 <= n {
+        // The four keys' lines 4 KiB on.
+        prefetch_ahead(
+            pb.wrapping_add(j * stride) as *const u8,
+            (8 * stride).div_ceil(64),
+        );
         let mut acc = [[_mm256_setzero_ps(); 4]; H];
         for c in (0..len).step_by(8) {
             // SAFETY: `c + 8 <= len`; key `j + i` is in `b` (the caller's
@@ -307,6 +314,10 @@ unsafe fn weighted_sum_heads<const H: usize>(p: [&[f32]; H], x: &[f16], y: &mut 
             }
         }
         for j in 0..p[0].len() {
+            if c0 == 0 {
+                // Value `j`'s lines 4 KiB on, once for all chunks.
+                prefetch_ahead(px.wrapping_add(j * d) as *const u8, (2 * d).div_ceil(64));
+            }
             let pv: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(p[h][j]));
             for i in 0..w {
                 // SAFETY: `j * d + c0 + 8 i + 8 <= (j + 1) * d <= x.len()`.

@@ -199,6 +199,13 @@ unsafe fn weighted_sum_heads<const H: usize>(p: [&[f32]; H], x: &[f16], y: &mut 
             }
         }
         for j in 0..p[0].len() {
+            if c0 == 0 {
+                // Value `j`'s lines 4 KiB on, once for all chunks.
+                super::avx2::prefetch_ahead(
+                    px.wrapping_add(j * d) as *const u8,
+                    (2 * d).div_ceil(64),
+                );
+            }
             let pv: [__m512; H] = std::array::from_fn(|h| _mm512_set1_ps(p[h][j]));
             for i in 0..w {
                 // SAFETY: `j * d + c0 + 16 i + 16 <= (j + 1) * d <= x.len()`.
