@@ -159,13 +159,14 @@ unsafe fn exp_below(s: &mut [f32], max: f32) {
 /// 8 KiB alike; the README has figures).
 pub(super) const PREFETCH_AHEAD: usize = 4096;
 
-/// Asks for the `per` lines [`PREFETCH_AHEAD`] bytes past `base` to be
-/// brought into the L1 cache: the lines of a block to come, or past the
-/// matrix's end, which costs a wasted request and nothing else.
+/// Asks for `lines` 64-byte lines from [`PREFETCH_AHEAD`] bytes past `base`
+/// to be brought into the L1 cache: a weight block, keys or a value to come,
+/// or memory past the data's end, which costs a wasted request and nothing
+/// else.
 #[inline(always)]
-pub(super) fn prefetch_ahead(base: *const u8, per: usize) {
+pub(super) fn prefetch_ahead(base: *const u8, lines: usize) {
     let ahead = base.wrapping_add(PREFETCH_AHEAD);
-    for l in 0..per {
+    for l in 0..lines {
         // SAFETY: a prefetch is a hint: it changes nothing the program can
         // see and never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8) };
