@@ -947,6 +947,10 @@ fn child_kernel(count: usize) {
         let macs = (reps * count * rows * n * k) as f64;
         figures.push(format!("{:.1}", macs / t0.elapsed().as_secs_f64() / 1e9));
     }
+    // The kernel's multiply instruction alone (NaN where the path has no
+    // such loop): the ceiling the many-row figures approach.
+    let peak = pollen_shard::kernels::dot_peak().unwrap_or(f64::NAN);
+    figures.push(format!("{peak:.1}"));
     println!("KERNEL {}", kernel_of("fast"));
     println!("RESULT {}", figures.join(" "));
 }
@@ -955,7 +959,9 @@ fn child_kernel(count: usize) {
 /// memory (240 matrices), from half a model's worth (thirty: memory or the L3
 /// cache, by the CPU) and from the cache (one). Where a row count's rates are
 /// equal, the kernel's arithmetic bounds it; where the first are lower,
-/// reading the weights does.
+/// reading the weights does. The last column is the path's multiply
+/// instruction alone ([`pollen_shard::kernels::dot_peak`]): how far the
+/// many-row figures are from it is what the kernel's other operations cost.
 fn kernel_table() {
     println!(
         "Packed product alone (3072x576 Q4_1 matrices: 240, 264 MB, from memory; thirty, 33 MB, from memory or L3; one, 1.1 MB, from L2), 1 thread, billions of multiply-adds a second:"
@@ -965,8 +971,11 @@ fn kernel_table() {
         .iter()
         .map(|&r| format!("{r} row{}", if r == 1 { "" } else { "s" }))
         .collect();
-    println!("| kernel | weights | {} |", head.join(" | "));
-    println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 2));
+    println!(
+        "| kernel | weights | {} | multiply instruction alone |",
+        head.join(" | ")
+    );
+    println!("|{}", " --- |".repeat(KERNEL_ROWS.len() + 3));
     for kernel in simd_paths() {
         for (count, weights) in [(240, "264 MB"), (30, "33 MB"), (1, "1.1 MB")] {
             let (r, ran) = run_child(
@@ -974,7 +983,16 @@ fn kernel_table() {
                 1,
                 Some(kernel),
             );
-            let cells: Vec<String> = r.iter().map(|g| format!("{g:.1}")).collect();
+            let cells: Vec<String> = r
+                .iter()
+                .map(|g| {
+                    if g.is_nan() {
+                        "—".to_string()
+                    } else {
+                        format!("{g:.1}")
+                    }
+                })
+                .collect();
             println!("| {ran} | {weights} | {} |", cells.join(" | "));
         }
     }

@@ -34,6 +34,28 @@ impl Vnni {
         // kernel enables; the kernel checks its own bounds.
         unsafe { tile(w, t, act, out) }
     }
+
+    /// [`super::dot_peak`]: `vpdpbusd` on 512-bit registers.
+    pub(super) fn dot_peak(self) -> f64 {
+        // SAFETY: a `Vnni` is only made where the CPU has AVX-512 VNNI.
+        super::peak_of(16 * 64, |rounds| unsafe { dot_loop(rounds) })
+    }
+}
+
+/// `rounds` rounds of sixteen independent `vpdpbusd` (64 multiply-adds each).
+///
+/// # Safety
+/// The CPU must support AVX-512 F and VNNI.
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dot_loop(rounds: usize) {
+    let (w, x) = std::hint::black_box((_mm512_set1_epi8(3), _mm512_set1_epi8(-5)));
+    let mut s = [_mm512_setzero_si512(); 16];
+    for _ in 0..rounds {
+        for s in s.iter_mut() {
+            *s = _mm512_dpbusd_epi32(*s, w, x);
+        }
+    }
+    std::hint::black_box(s);
 }
 
 /// Computes tile `t` (16 output columns) for every activation row: eight

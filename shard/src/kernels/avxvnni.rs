@@ -50,6 +50,29 @@ impl AvxVnni {
         // the kernel enables; the kernel checks its own bounds.
         unsafe { tile(w, t, act, out) }
     }
+
+    /// [`super::dot_peak`]: `vpdpbusd` on 256-bit registers.
+    pub(super) fn dot_peak(self) -> f64 {
+        // SAFETY: an `AvxVnni` is only made where the CPU has AVX-VNNI.
+        super::peak_of(12 * 32, |rounds| unsafe { dot_loop(rounds) })
+    }
+}
+
+/// `rounds` rounds of twelve independent `vpdpbusd` (32 multiply-adds each).
+///
+/// # Safety
+/// The CPU must support AVX-VNNI.
+#[target_feature(enable = "avxvnni")]
+unsafe fn dot_loop(rounds: usize) {
+    let (w, x) = std::hint::black_box((_mm256_set1_epi8(3), _mm256_set1_epi8(-5)));
+    // Twelve: with the two inputs, within AVX2's sixteen registers.
+    let mut s = [_mm256_setzero_si256(); 12];
+    for _ in 0..rounds {
+        for s in s.iter_mut() {
+            *s = _mm256_dpbusd_avx_epi32(*s, w, x);
+        }
+    }
+    std::hint::black_box(s);
 }
 
 /// Rows of activations processed against one loaded weight group, as AVX2

@@ -76,6 +76,12 @@ macro_rules! absent_kernel {
                 }
 
                 /// Unreachable: no proof exists.
+                #[allow(dead_code, reason = "NEON without `sdot` has no peak to time")]
+                pub(super) fn dot_peak(self) -> f64 {
+                    match self {}
+                }
+
+                /// Unreachable: no proof exists.
                 pub(super) fn tile(
                     self,
                     _: &PackedMatrix,
@@ -144,6 +150,11 @@ mod avx2 {
         /// Never found off x86-64.
         pub(super) fn detect() -> Option<Self> {
             None
+        }
+
+        /// Unreachable: no `Avx2` exists.
+        pub(super) fn dot_peak(self) -> f64 {
+            match self {}
         }
 
         /// Unreachable: no `Avx2` exists.
@@ -247,6 +258,48 @@ impl Kernel {
             Self::Neon(k) => k.tile(w, t, act, out),
         }
     }
+}
+
+impl Kernel {
+    /// [`dot_peak`] for this kernel; `None` for AMX and NEON without `sdot`.
+    fn dot_peak(self) -> Option<f64> {
+        match self {
+            Self::Vnni(k) => Some(k.dot_peak()),
+            Self::AvxVnni(k) => Some(k.dot_peak()),
+            Self::Avx2(k) => Some(k.dot_peak()),
+            Self::NeonDot(k) => Some(k.dot_peak()),
+            Self::Amx(_) | Self::Neon(_) => None,
+        }
+    }
+}
+
+/// Rounds of [`dot_peak`]'s loops: 12 or 16 instructions each, a few
+/// milliseconds in all.
+const PEAK_ROUNDS: usize = 1 << 20;
+
+/// Billions of multiply-adds a second of `run` (which does `per_round`
+/// of them a round, [`PEAK_ROUNDS`] rounds): the best of three runs.
+fn peak_of(per_round: usize, run: impl Fn(usize)) -> f64 {
+    (0..3)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            run(PEAK_ROUNDS);
+            (per_round * PEAK_ROUNDS) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// What the multiply instruction of this process's kernel path does by
+/// itself on one thread, in billions of multiply-adds a second: sixteen
+/// independent sums in registers (twelve in AVX2's sixteen), no loads,
+/// nothing else (`vpdpbusd` on
+/// 512- or 256-bit registers for AVX-512 VNNI and AVX-VNNI, `vpmaddubsw`
+/// into 16-bit sums for AVX2, `sdot` for NEON). The packed product's other
+/// operations (unpacking, scales, sums) share the same vector units, so this
+/// is a ceiling its many-row figures approach, not one they reach. `None`
+/// for AMX, NEON without `sdot` and where no kernel runs.
+pub fn dot_peak() -> Option<f64> {
+    Kernel::active()?.dot_peak()
 }
 
 /// AVX2 for attention's float loops, where the CPU has it (whatever the

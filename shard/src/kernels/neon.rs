@@ -81,6 +81,30 @@ impl NeonDot {
         // dot-product extension; the kernel checks its own bounds.
         unsafe { tile_sdot(w, t, act, out) }
     }
+
+    /// [`super::dot_peak`]: `sdot`.
+    pub(super) fn dot_peak(self) -> f64 {
+        // SAFETY: a `NeonDot` is only made where the CPU has the
+        // dot-product extension.
+        super::peak_of(16 * 16, |rounds| unsafe { dot_loop(rounds) })
+    }
+}
+
+/// `rounds` rounds of sixteen independent `sdot` (16 multiply-adds each).
+///
+/// # Safety
+/// The CPU must support NEON and the dot-product extension.
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dot_loop(rounds: usize) {
+    let (w, x) = std::hint::black_box((vdupq_n_s8(3), vdupq_n_s8(-5)));
+    let mut s = [vdupq_n_s32(0); 16];
+    for _ in 0..rounds {
+        for s in s.iter_mut() {
+            // SAFETY: the caller's CPU has the dot-product extension.
+            *s = unsafe { sdot::<0>(*s, w, x) };
+        }
+    }
+    std::hint::black_box(s);
 }
 
 /// The 4-byte dot products of 4 output rows with one activation group.

@@ -582,3 +582,16 @@ fn sixteen_lane_weighted_sums_equal_the_scalar_loop_bit_for_bit() {
         }
     }
 }
+
+/// The bench's multiply-instruction ceiling: a positive rate for every path
+/// with such a loop on this CPU, none for AMX and NEON without `sdot`.
+#[test]
+fn every_multiply_loop_times_to_a_positive_rate() {
+    for (p, k) in kernels() {
+        match (p, k.dot_peak()) {
+            (KernelPath::Amx | KernelPath::Neon, peak) => assert_eq!(peak, None, "{p}"),
+            (_, Some(g)) => assert!(g.is_finite() && g > 0.1, "{p}: {g}"),
+            (_, None) => panic!("{p}: no multiply loop timed"),
+        }
+    }
+}
