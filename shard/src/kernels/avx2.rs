@@ -153,6 +153,34 @@ impl Avx2 {
         // SAFETY: features as detected for `self`; safe code inside.
         unsafe { exp_below(s, max) }
     }
+
+    /// [`super::to_f16_row`], eight values a conversion.
+    pub(super) fn to_f16_row(self, src: &[f32], dst: &mut [f16]) {
+        assert!(src.len() == dst.len());
+        // SAFETY: features as detected for `self`; lengths checked above.
+        unsafe { to_f16_row(src, dst) }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and F16C; `dst` is as long as `src`.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn to_f16_row(src: &[f32], dst: &mut [f16]) {
+    let hi = _mm256_set1_ps(crate::llama::cache::F16_MAX);
+    let lo = _mm256_set1_ps(-crate::llama::cache::F16_MAX);
+    let whole = src.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: values `i..i + 8` of both, `i + 8 <= whole`.
+        unsafe {
+            let x = _mm256_loadu_ps(src.as_ptr().add(i));
+            // `f32::clamp`'s steps: `min` and `max` return their second
+            // operand where either is NaN, so a NaN stays NaN.
+            let c = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(c);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+        }
+    }
+    super::to_f16_plain(&src[whole..], &mut dst[whole..]);
 }
 
 /// # Safety

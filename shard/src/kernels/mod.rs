@@ -200,6 +200,11 @@ mod avx2 {
         }
 
         /// Unreachable: no `Avx2` exists.
+        pub(super) fn to_f16_row(self, _: &[f32], _: &mut [half::f16]) {
+            match self {}
+        }
+
+        /// Unreachable: no `Avx2` exists.
         pub(super) fn quantize_row(self, _: &[f32], _: &mut [i8], _: &mut [f32], _: &mut [i32]) {
             match self {}
         }
@@ -471,6 +476,26 @@ pub(crate) fn exp_below(s: &mut [f32], max: f32) {
 fn exp_below_plain(s: &mut [f32], max: f32) {
     s.iter_mut()
         .for_each(|x| *x = crate::attention::exp(*x - max));
+}
+
+/// `dst[i]` = [`to_f16`](crate::llama::cache::to_f16)`(src[i])`, as the
+/// f16 KV cache keeps a value (saturated at ±65504, rounded to nearest even,
+/// NaN kept), eight at a time where the CPU has AVX2 and F16C (the
+/// conversion instruction `half` itself uses there: the same bits as one at
+/// a time).
+pub(crate) fn to_f16_row(src: &[f32], dst: &mut [f16]) {
+    assert_eq!(src.len(), dst.len(), "f16 row length");
+    match float_simd() {
+        Some(k) => k.to_f16_row(src, dst),
+        None => to_f16_plain(src, dst),
+    }
+}
+
+/// [`to_f16_row`] one value at a time.
+fn to_f16_plain(src: &[f32], dst: &mut [f16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = crate::llama::cache::to_f16(s);
+    }
 }
 
 /// `dst[i] = f(a[i], b[i])` for every value: a norm's or a gate's

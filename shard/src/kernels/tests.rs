@@ -595,3 +595,47 @@ fn every_multiply_loop_times_to_a_positive_rate() {
         }
     }
 }
+
+/// Keys and values rounded to f16 a row at a time take the bits of one at a
+/// time: saturation at ±65504 (and around the rounding edge above it), NaN,
+/// infinities, signed zeros, f16 subnormals and what underflows them, and
+/// random values, at every length's remainder.
+#[test]
+fn f16_rows_round_as_one_value_at_a_time() {
+    let mut seed = 5u64;
+    let mut vals = vec![
+        0.0,
+        -0.0,
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        65504.0,
+        -65504.0,
+        65519.0,
+        65520.0,
+        -65520.0,
+        1e9,
+        -1e9,
+        6e-8,
+        -6e-8,
+        2.9e-8,
+        3.0e-8,
+        1e-30,
+        f32::MIN_POSITIVE,
+        1.0 + f32::EPSILON,
+    ];
+    for _ in 0..1000 {
+        let v = lcg(&mut seed);
+        vals.push(v * 10f32.powi((lcg(&mut seed) * 6.0) as i32));
+    }
+    for len in (0..=20).chain([vals.len()]) {
+        let src = &vals[..len];
+        let mut got = vec![f16::ZERO; len];
+        to_f16_row(src, &mut got);
+        for (g, &s) in got.iter().zip(src) {
+            let want = crate::llama::cache::to_f16(s);
+            assert_eq!(g.to_bits(), want.to_bits(), "{s:e}: {g} against {want}");
+        }
+    }
+}

@@ -191,6 +191,10 @@ pub(super) fn silu(v: f32) -> f32 {
     v / (1.0 + crate::attention::exp(-v))
 }
 
+/// The widest head whose rotated row [`WriteKv`] rounds to f16 in one go
+/// (wider ones, which no model at hand has, value by value: the same bits).
+const ROTATED_MAX: usize = 512;
+
 /// Writes keys or values of a segment into an f16 KV buffer `(1, kv_heads,
 /// cap, d)` at positions `pos..`, rotating them on the way where `rope` is
 /// set (in f32, then rounded: the op-by-op path's bits).
@@ -223,16 +227,19 @@ impl InplaceOp1 for WriteKv<'_> {
             candle_core::bail!("kv write: buffer not f16")
         };
         let buf = &mut buf[a..b];
+        // A rotated head row in f32, then rounded to f16 a row at a time.
+        let mut rotated = [0f32; ROTATED_MAX];
         for (i, row) in self.rows.chunks_exact(self.stride).enumerate() {
             for g in 0..n_kv {
                 let src = &row[self.col + g * d..self.col + (g + 1) * d];
                 let dst = &mut buf[(g * cap + self.pos + i) * d..][..d];
                 match &self.rope {
+                    Some(r) if d <= ROTATED_MAX => {
+                        r.apply(src, &mut rotated[..d], self.pos + i);
+                        crate::kernels::to_f16_row(&rotated[..d], dst);
+                    }
                     Some(r) => r.apply(src, dst, self.pos + i),
-                    None => dst
-                        .iter_mut()
-                        .zip(src)
-                        .for_each(|(d, &s)| *d = f16::store(s)),
+                    None => crate::kernels::to_f16_row(src, dst),
                 }
             }
         }

@@ -21,7 +21,7 @@
 //! ([`ClientEnds`], embeddings and head).
 
 mod block;
-mod cache;
+pub(crate) mod cache;
 mod compute;
 mod ends;
 mod fused;
