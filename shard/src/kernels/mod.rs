@@ -263,9 +263,7 @@ impl Kernel {
             Self::Neon(k) => k.tile(w, t, act, out),
         }
     }
-}
 
-impl Kernel {
     /// [`dot_peak`] for this kernel; `None` for AMX and NEON without `sdot`.
     fn dot_peak(self) -> Option<f64> {
         match self {
@@ -297,12 +295,12 @@ fn peak_of(per_round: usize, run: impl Fn(usize)) -> f64 {
 /// What the multiply instruction of this process's kernel path does by
 /// itself on one thread, in billions of multiply-adds a second: sixteen
 /// independent sums in registers (twelve in AVX2's sixteen), no loads,
-/// nothing else (`vpdpbusd` on
-/// 512- or 256-bit registers for AVX-512 VNNI and AVX-VNNI, `vpmaddubsw`
-/// into 16-bit sums for AVX2, `sdot` for NEON). The packed product's other
-/// operations (unpacking, scales, sums) share the same vector units, so this
-/// is a ceiling its many-row figures approach, not one they reach. `None`
-/// for AMX, NEON without `sdot` and where no kernel runs.
+/// nothing else (`vpdpbusd` on 512- or 256-bit registers for AVX-512 VNNI
+/// and AVX-VNNI, `vpmaddubsw` into 16-bit sums for AVX2, `sdot` for NEON).
+/// The packed product's other operations (unpacking, scales, sums) share
+/// the same vector units, so this is a ceiling its many-row figures
+/// approach, not one they reach. `None` for AMX, NEON without `sdot` and
+/// where no kernel runs.
 pub fn dot_peak() -> Option<f64> {
     Kernel::active()?.dot_peak()
 }
