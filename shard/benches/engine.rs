@@ -903,7 +903,7 @@ fn child_batch(path: &Path, sessions: usize, steps: usize) {
 }
 
 /// Rows of activations the kernel table measures.
-const KERNEL_ROWS: [usize; 5] = [1, 2, 4, 8, 16];
+const KERNEL_ROWS: [usize; 6] = [1, 2, 4, 7, 8, 16];
 
 /// The packed product alone: `count` random 3072×576 Q4_1 matrices (the shape
 /// of a block's gate/up product, 1.1 MB packed each: 240, 264 MB, are more

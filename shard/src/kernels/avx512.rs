@@ -60,8 +60,9 @@ unsafe fn dot_loop(rounds: usize) {
 
 /// Computes tile `t` (16 output columns) for every activation row: eight
 /// rows against each loaded weight block where there are eight (a batch of
-/// decode steps: the weights' unpacking is shared by more rows), then four,
-/// two, one. Each row's arithmetic is the same whatever its group.
+/// decode steps: the weights' unpacking is shared by more rows), then the
+/// rest, up to seven, in one more pass over the weights. Each row's
+/// arithmetic is the same whatever its group.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VNNI and F16C.
@@ -74,19 +75,20 @@ unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; T
         unsafe { rows::<8>(w, t, act, row, &mut out[row..row + 8]) };
         row += 8;
     }
-    if row + 4 <= m {
-        // SAFETY: as above, four rows.
-        unsafe { rows::<4>(w, t, act, row, &mut out[row..row + 4]) };
-        row += 4;
-    }
-    if row + 2 <= m {
-        // SAFETY: as above, two rows.
-        unsafe { rows::<2>(w, t, act, row, &mut out[row..row + 2]) };
-        row += 2;
-    }
-    if row < m {
-        // SAFETY: as above, one row.
-        unsafe { rows::<1>(w, t, act, row, &mut out[row..row + 1]) };
+    let rest = &mut out[row..];
+    // SAFETY (every arm): rows `row..m` exist, `rest` holds them; CPU
+    // features as required above.
+    unsafe {
+        match rest.len() {
+            1 => rows::<1>(w, t, act, row, rest),
+            2 => rows::<2>(w, t, act, row, rest),
+            3 => rows::<3>(w, t, act, row, rest),
+            4 => rows::<4>(w, t, act, row, rest),
+            5 => rows::<5>(w, t, act, row, rest),
+            6 => rows::<6>(w, t, act, row, rest),
+            7 => rows::<7>(w, t, act, row, rest),
+            _ => {}
+        }
     }
 }
 

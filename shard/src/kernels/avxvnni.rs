@@ -93,10 +93,17 @@ unsafe fn tile(w: &PackedMatrix, t: usize, act: &Activations, out: &mut [[f32; T
         unsafe { rows::<ROWS>(w, t, act, row, &mut out[row..row + ROWS]) };
         row += ROWS;
     }
-    while row < m {
-        // SAFETY: as above, one row.
-        unsafe { rows::<1>(w, t, act, row, &mut out[row..row + 1]) };
-        row += 1;
+    // The rest, up to three rows, in one more pass over the weights.
+    let rest = &mut out[row..];
+    // SAFETY (every arm): rows `row..m` exist, `rest` holds them; CPU
+    // features as required above.
+    unsafe {
+        match rest.len() {
+            1 => rows::<1>(w, t, act, row, rest),
+            2 => rows::<2>(w, t, act, row, rest),
+            3 => rows::<3>(w, t, act, row, rest),
+            _ => {}
+        }
     }
 }
 

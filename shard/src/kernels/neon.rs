@@ -245,10 +245,17 @@ unsafe fn all_rows<D: Dot>(w: &PackedMatrix, t: usize, act: &Activations, out: &
         unsafe { rows::<ROWS, D>(w, t, act, row, &mut out[row..row + ROWS]) };
         row += ROWS;
     }
-    while row < m {
-        // SAFETY: as above, one row.
-        unsafe { rows::<1, D>(w, t, act, row, &mut out[row..row + 1]) };
-        row += 1;
+    // The rest, up to three rows, in one more pass over the weights.
+    let rest = &mut out[row..];
+    // SAFETY (every arm): rows `row..m` exist, `rest` holds them; CPU
+    // features as the caller's.
+    unsafe {
+        match rest.len() {
+            1 => rows::<1, D>(w, t, act, row, rest),
+            2 => rows::<2, D>(w, t, act, row, rest),
+            3 => rows::<3, D>(w, t, act, row, rest),
+            _ => {}
+        }
     }
 }
 

@@ -105,8 +105,10 @@ const TYPES: [Option<GgmlDType>; 4] = [
 fn every_kernel_path_matches_the_scalar_path_on_small_shapes() {
     for dtype in TYPES {
         // 2 to 8 rows: AMX takes two blocks a product (3 blocks: the last
-        // pair has one). 15 rows: the AVX-512 kernel's groups of 8, 4, 2, 1.
-        for m in [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33] {
+        // pair has one). Every count of rows past the kernels' groups (1 to
+        // 7 past eight, 1 to 3 past four), each in one more pass: 14 and 15
+        // rows are a group of eight, then six or seven.
+        for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 16, 17, 33] {
             check(dtype, m, 48, 96);
         }
         // One block: the AMX kernel's pipeline has one chunk, partly full.
