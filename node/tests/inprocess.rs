@@ -758,6 +758,8 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
         }
         // Session squatting: a session that never steps fills the last slot, and is
         // freed within its first-step timeout (1 s a hop here), so others get in again.
+        // (The client's session steps first: a session idle 5 s would make room.)
+        session.step(&xs[0], 42).await.unwrap();
         let squat = SwarmSession::open(
             &stranger.net,
             model_id,
@@ -1014,4 +1016,117 @@ async fn steps_take_memory_only_to_compute_and_a_wrong_position_takes_none() {
     tokio::time::timeout(SPAN_BOUND, test)
         .await
         .expect("the position test hung past its bound");
+}
+
+/// Peers that hold a server's slots without using them: two peers open as many
+/// session streams as they may and never send a frame (each a slot of the server's
+/// stream cap until its first-frame timeout, where new streams past the cap are
+/// dropped), and a third opens both of the server's sessions and never steps. A
+/// real client still opens a session and steps through it at once: the silent
+/// streams that waited longest give way to its stream, and the idle sessions to its
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_streams_and_idle_sessions_do_not_lock_a_client_out() {
+    use candle_core::{Device, Tensor};
+    use pollen_node::client::{SwarmSession, route};
+    use pollen_node::serve::{self, ServeConfig};
+    use pollen_protocol::WireDType;
+    use pollen_shard::{LoadOptions, ModelFile};
+    use std::collections::HashMap;
+
+    let test = async {
+        let model =
+            pollen_node::fetch::ensure_default_model(&mut |line| eprintln!("{line}")).unwrap();
+        let file = ModelFile::open(&model).unwrap();
+        let config = file.config().unwrap();
+        let (n, hidden) = (config.num_blocks, config.hidden_size);
+        let model_id = pollen_node::model::model_id(&model, &mut |_, _| {}).unwrap();
+        let load = LoadOptions::default();
+        let compute = pollen_shard::compute_mode(&file, &load).unwrap();
+        let cancel = CancellationToken::new();
+        let boot = Node::current(Role::Bootstrap, &cancel).await;
+        let keys = keys_dir("pollen-inprocess-silent");
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+        // Two sessions (so 12 session streams at once), 8 streams a peer.
+        let cfg = ServeConfig {
+            idle_timeout: Duration::from_secs(600),
+            ..server_config(
+                &model,
+                &format!("0:{n}"),
+                &load,
+                &boot,
+                keys.join("server.key"),
+            )
+        };
+        let server = tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()));
+        let client = Node::current(Role::Client, &cancel).await;
+        client.net.dial(boot.addr.clone()).await.unwrap();
+        let book = loop {
+            let book = client.net.gather(Some(model_id)).await.unwrap();
+            if !book.is_empty() {
+                break book;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
+        let server_peer = hops[0].peer;
+        macro_rules! open {
+            ($net:expr) => {
+                SwarmSession::open($net, model_id, &compute, &hops, 32, hidden, WireDType::F32)
+            };
+        }
+        let x = Tensor::arange(0f32, hidden as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, -2.0)
+            .unwrap()
+            .reshape((1, 1, hidden))
+            .unwrap();
+
+        // Both sessions, each a step in and then idle (a client holds one here).
+        let mut nodes = Vec::new();
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            let node = Node::current(Role::Client, &cancel).await;
+            let mut s = open!(&node.net).await.unwrap();
+            s.step(&x, 0).await.unwrap();
+            idle.push(s);
+            nodes.push(node);
+        }
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        // As many silent streams as two peers may open.
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            let node = Node::current(Role::Client, &cancel).await;
+            for _ in 0..8 {
+                let stream = node
+                    .net
+                    .open_session_stream(server_peer, hops[0].addrs.clone(), BOUND)
+                    .await
+                    .unwrap();
+                silent.push(stream);
+            }
+            nodes.push(node);
+        }
+        // The real client, at once: its session opens and computes.
+        let started = Instant::now();
+        let mut session = open!(&client.net)
+            .await
+            .expect("a real client opens a session past silent streams and idle sessions");
+        let out = session.step(&x, 0).await.unwrap();
+        assert_eq!(out.dims(), &[1, 1, hidden]);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        session.close().await;
+        drop((silent, idle, nodes));
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        cancel.cancel();
+        let _ = std::fs::remove_dir_all(&keys);
+    };
+    tokio::time::timeout(SPAN_BOUND, test)
+        .await
+        .expect("the silent-stream test hung past its bound");
 }

@@ -469,10 +469,11 @@ pub async fn run(
         &compute,
     )?;
     dial_missing(&handle, &bootstraps, &mut background).await;
-    // Session streams: one task each, at most this many at once (sessions, plus attach
-    // and refused streams in flight); beyond it a new stream is dropped at once.
+    // Session streams: one task each, at most this many at once (sessions, attach and
+    // refused streams in flight, and those waiting for their first frame, of which the
+    // oldest give way to new ones); beyond it a new stream is dropped at once.
     let mut sessions = JoinSet::new();
-    let max_streams = cfg.max_sessions.max(1) * 2 + 8;
+    let max_streams = cfg.max_sessions.max(1) * 2 + sessions::WAITING_STREAMS;
     let sessions_cancel = kill.child_token();
     let addrs = handle
         .wait_listening(cfg.listen.len().max(1), Duration::from_secs(2))

@@ -245,7 +245,23 @@ pub(super) async fn serve_stream(
         up_tx.close().await;
         return;
     };
-    let first = match up_rx.recv_within::<InferRequest>(FIRST_FRAME_TIMEOUT).await {
+    // Waiting for the first frame, among at most `WAITING_STREAMS` streams: a silent
+    // one is dropped once that many newer ones wait.
+    let waiting = server.table.wait_first();
+    let first = tokio::select! {
+        first = up_rx.recv_within::<InferRequest>(FIRST_FRAME_TIMEOUT) => first,
+        () = waiting.displaced() => {
+            server.table.warn("silent-streams", || {
+                format!(
+                    "dropping a session stream from {peer}: no first frame yet, and {} newer streams wait for theirs",
+                    super::sessions::WAITING_STREAMS
+                )
+            });
+            return;
+        }
+    };
+    drop(waiting);
+    let first = match first {
         Ok(m) => m,
         Err(e) => {
             tracing::debug!("session stream from {peer}: {e}");
@@ -655,7 +671,29 @@ async fn run_session(
             }
         }
     };
-    let mut reservation = match server.table.open(session, client, from, next.is_none()) {
+    // Making room (a slot below, memory further on) comes out of this hop's share of
+    // the time to answer too (a hop with a next one keeps what opening it needs).
+    let evict_by = if next.is_some() {
+        answer_by
+            .checked_sub(ANSWER_MARGIN + LEAST_OPEN_WITHIN)
+            .unwrap_or(answer_by)
+    } else {
+        answer_by
+    };
+    let mut opened = server.table.open(session, client, from, next.is_none());
+    // Every slot taken: the session idle longest (at least `EVICT_AFTER_IDLE`) makes
+    // room, as for memory, so that sessions kept open without stepping cannot hold the
+    // server; one eviction an open, its slot free once its task has ended.
+    if matches!(opened, Err(super::sessions::TableError::Full { .. }))
+        && Instant::now() < evict_by
+        && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some()
+    {
+        while server.table.free() == 0 && Instant::now() < evict_by {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        opened = server.table.open(session, client, from, next.is_none());
+    }
+    let mut reservation = match opened {
         Ok(r) => r,
         Err(e) => {
             // Full is this server's own state: a signed report. The other refusals are
@@ -689,15 +727,6 @@ async fn run_session(
     let need = limits.max_tokens.saturating_mul(server.kv_per_token);
     let mut kv = server.kv_budget.try_take(need);
     // Full: make room by evicting idle sessions, the idlest first.
-    // Making room comes out of this hop's share too (a hop with a next one keeps what
-    // opening it needs).
-    let evict_by = if next.is_some() {
-        answer_by
-            .checked_sub(ANSWER_MARGIN + LEAST_OPEN_WITHIN)
-            .unwrap_or(answer_by)
-    } else {
-        answer_by
-    };
     while kv.is_none()
         && Instant::now() < evict_by
         && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some()
@@ -922,6 +951,8 @@ async fn run_session(
                         let tokens = hidden.shape().get(1).copied().unwrap_or(1) as usize;
                         let (c, result) = compute(&server, c, &hidden, position, &mut pace, &upstream_gone).await;
                         cache = c;
+                        // Busy until now: a long prompt is no idle session to evict.
+                        reservation.touch();
                         let out = match result {
                             Ok(out) => out,
                             // Nobody is left to tell (a prompt in parts stops so).

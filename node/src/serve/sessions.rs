@@ -6,7 +6,7 @@
 
 use libp2p::PeerId;
 use pollen_protocol::SessionId;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -110,6 +110,13 @@ impl Default for PeerLimits {
     }
 }
 
+/// Most session streams that wait for their first frame at once: past it the one that
+/// has waited longest is dropped. Silent streams cost their opener nothing, so a cap on
+/// them alone would let a few peers hold every stream slot; dropping the oldest
+/// instead leaves a stream whose first frame comes at once (every honest one: the
+/// frame follows the stream's opening) room to arrive.
+pub const WAITING_STREAMS: usize = 8;
+
 /// Open sessions, at most `max`; `A` is what an attach hands to the session (a stream's
 /// writer in the server).
 pub struct SessionTable<A> {
@@ -117,7 +124,36 @@ pub struct SessionTable<A> {
     max: usize,
     limits: PeerLimits,
     streams: Mutex<HashMap<PeerId, usize>>,
+    /// Streams waiting for their first frame, oldest first: a number each, and what
+    /// drops it.
+    waiting: Mutex<(u64, VecDeque<(u64, CancellationToken)>)>,
     log: Mutex<crate::net::book::RateLimitedLog>,
+}
+
+/// A stream's place among those waiting for their first frame
+/// ([`SessionTable::wait_first`]), given back on drop.
+pub struct Waiting<A> {
+    id: u64,
+    dropped: CancellationToken,
+    table: Arc<SessionTable<A>>,
+}
+
+impl<A> Waiting<A> {
+    /// Fires when [`WAITING_STREAMS`] newer streams wait: this one is to be dropped.
+    pub async fn displaced(&self) {
+        self.dropped.cancelled().await
+    }
+}
+
+impl<A> Drop for Waiting<A> {
+    fn drop(&mut self) {
+        let mut w = self
+            .table
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        w.1.retain(|(id, _)| *id != self.id);
+    }
 }
 
 /// A session stream's place in its peer's count, given back on drop.
@@ -192,6 +228,7 @@ impl<A> SessionTable<A> {
             max,
             limits,
             streams: Mutex::new(HashMap::new()),
+            waiting: Mutex::new((0, VecDeque::new())),
             log: Mutex::new(Default::default()),
         })
     }
@@ -223,6 +260,26 @@ impl<A> SessionTable<A> {
             peer,
             table: self.clone(),
         })
+    }
+
+    /// Counts a new stream among those waiting for their first frame; past
+    /// [`WAITING_STREAMS`] the one that has waited longest is displaced.
+    pub fn wait_first(self: &Arc<Self>) -> Waiting<A> {
+        let mut w = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        w.0 += 1;
+        let id = w.0;
+        while w.1.len() >= WAITING_STREAMS {
+            if let Some((_, dropped)) = w.1.pop_front() {
+                dropped.cancel();
+            }
+        }
+        let dropped = CancellationToken::new();
+        w.1.push_back((id, dropped.clone()));
+        Waiting {
+            id,
+            dropped,
+            table: self.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Entry<A>>> {
@@ -468,6 +525,29 @@ mod tests {
             .unwrap();
         drop(squat);
         let _own = t.open(SessionId(14), victim, victim, true).unwrap();
+    }
+
+    /// Streams waiting for their first frame: past [`WAITING_STREAMS`] the one that has
+    /// waited longest is displaced, and one that got its frame leaves the queue.
+    #[tokio::test]
+    async fn the_stream_that_waited_longest_gives_way() {
+        let t = SessionTable::<u8>::new(4);
+        let mut silent: Vec<_> = (0..WAITING_STREAMS).map(|_| t.wait_first()).collect();
+        // One got its first frame: no other is displaced by the next.
+        drop(silent.remove(3));
+        let newer = t.wait_first();
+        assert!(silent.iter().all(|w| !w.dropped.is_cancelled()));
+        // The queue is full again: the next displaces the oldest, then the one after it.
+        let honest = t.wait_first();
+        assert!(silent[0].dropped.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(1), silent[0].displaced())
+            .await
+            .unwrap();
+        assert!(!silent[1].dropped.is_cancelled());
+        let _another = t.wait_first();
+        assert!(silent[1].dropped.is_cancelled());
+        assert!(!newer.dropped.is_cancelled() && !honest.dropped.is_cancelled());
+        assert!(t.waiting.lock().unwrap().1.len() <= WAITING_STREAMS);
     }
 
     #[tokio::test(start_paused = true)]
