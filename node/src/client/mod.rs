@@ -190,15 +190,23 @@ impl Bans {
             self.ban_liar(f.peer);
         } else {
             self.ban(f.peer, busy_only(f.code), f.code == ErrorCode::Unreachable);
-            // The hop before's word: it is not chained before this one again soon where
+            // The hop before's word, whatever it says (a refusal for room and a broken
+            // connection too): it is not chained before this one again soon where
             // another route exists, so that it cannot report the same server over and
-            // over. (A broken connection is forgiven by the server's next announcement
-            // instead, and a server without room sits out only briefly.)
-            if let Some(reporter) = f.blamed_by
-                && f.code != ErrorCode::Unreachable
-                && !busy_only(f.code)
-            {
+            // over. One that reports a second server after it while still kept apart
+            // from another it reported sits out itself (briefly where both reports were
+            // of servers without room): a hostile hop cannot blame each server after it
+            // in turn, staying on every route while they are left out.
+            if let Some(reporter) = f.blamed_by {
+                let now = Instant::now();
+                let blamed_before = self
+                    .apart
+                    .iter()
+                    .any(|(&(a, b), apart)| a == reporter && b != f.peer && apart.soft > now);
                 self.keep_apart(reporter, f.peer, false);
+                if blamed_before {
+                    self.ban(reporter, busy_only(f.code), false);
+                }
             }
         }
     }
@@ -1052,8 +1060,7 @@ mod tests {
 
     /// A hop's report that the hop after it failed bans that hop and keeps the two
     /// apart on preferred routes, for longer than the ban (the reporter cannot report it
-    /// again and again), except for a broken connection, which the next announcement
-    /// forgives, and a refusal for room, which is brief.
+    /// again and again), a broken connection and a refusal for room too.
     #[test]
     fn a_report_about_the_next_hop_keeps_the_pair_apart() {
         let mut b = Bans::default();
@@ -1072,19 +1079,33 @@ mod tests {
             PeerId::random(),
             PeerId::random(),
         );
-        let full = PeerId::random();
+        let (full, before_crashed, before_full) =
+            (PeerId::random(), PeerId::random(), PeerId::random());
         b.judge(&failure(hung, ErrorCode::Timeout, Some(before)));
-        b.judge(&failure(crashed, ErrorCode::Unreachable, Some(before)));
-        b.judge(&failure(full, ErrorCode::OverBudget, Some(before)));
+        b.judge(&failure(
+            crashed,
+            ErrorCode::Unreachable,
+            Some(before_crashed),
+        ));
+        b.judge(&failure(full, ErrorCode::OverBudget, Some(before_full)));
         b.judge(&failure(own, ErrorCode::Internal, None));
         for p in [&hung, &crashed, &own, &full] {
             assert!(b.is_banned(p, None));
             assert!(!b.is_liar(p));
         }
-        assert!(!b.is_banned(&before, None), "the reporter is not banned");
+        for r in [&before, &before_crashed, &before_full] {
+            assert!(
+                !b.is_banned(r, None),
+                "a reporter is not banned for a report"
+            );
+        }
         assert_eq!(
             b.kept_apart(false),
-            std::collections::HashSet::from([(before, hung)])
+            std::collections::HashSet::from([
+                (before, hung),
+                (before_crashed, crashed),
+                (before_full, full)
+            ])
         );
         // Not on a last-resort route: a hung server comes back there as before.
         assert!(b.kept_apart(true).is_empty());
@@ -1105,6 +1126,43 @@ mod tests {
         assert!(a.hard <= Instant::now() + grown_ban(a.times));
         assert!(a.hard < soft);
         assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
+    }
+
+    /// A hop that reports one server after it and then another while kept apart from
+    /// the first sits out itself: briefly where both were refusals for room (servers
+    /// of the hop's own choosing could be full), with a strike otherwise. The same
+    /// server reported again costs the reporter nothing more.
+    #[test]
+    fn a_hop_reporting_server_after_server_sits_out_itself() {
+        let mut b = Bans::default();
+        let failure = |peer, code, blamed_by| HopFailure {
+            hop: 1,
+            peer,
+            blocks: crate::blocks::BlockRange { start: 10, end: 20 },
+            code,
+            message: "x".into(),
+            reported_by: None,
+            blamed_by: Some(blamed_by),
+        };
+        let (hostile, honest) = (PeerId::random(), PeerId::random());
+        let victims: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        b.judge(&failure(victims[0], ErrorCode::Busy, hostile));
+        assert!(!b.is_banned(&hostile, None));
+        assert!(b.kept_apart(false).contains(&(hostile, victims[0])));
+        b.judge(&failure(victims[1], ErrorCode::Busy, hostile));
+        assert!(b.is_banned(&hostile, None));
+        let (until, strikes, ..) = b.until[&hostile];
+        assert_eq!(strikes, 0);
+        assert!(until <= Instant::now() + BUSY_BAN);
+        assert!(b.kept_apart(false).contains(&(hostile, victims[1])));
+        b.judge(&failure(victims[2], ErrorCode::Unreachable, hostile));
+        let (until, strikes, ..) = b.until[&hostile];
+        assert_eq!(strikes, 1);
+        assert!(until >= Instant::now() + FIRST_BAN - Duration::from_secs(1));
+        // One server reported twice by the same hop: a pair kept apart, no more.
+        b.judge(&failure(victims[0], ErrorCode::Timeout, honest));
+        b.judge(&failure(victims[0], ErrorCode::Timeout, honest));
+        assert!(!b.is_banned(&honest, None));
     }
 
     #[test]
