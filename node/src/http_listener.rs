@@ -8,10 +8,13 @@
 //! head a byte at a time. So: at most [`Limits::connections`] connections at once
 //! (past it, accepting waits), at most [`Limits::per_ip`] from one address (past it, a
 //! new one is answered 429 and closed: see [`refuse`]), a request head must arrive whole within
-//! [`Limits::head`] of its first byte (or of the connection's start), and a connection
-//! idle between requests is closed after [`Limits::idle`]. Once a head has arrived,
-//! nothing is timed here: a long answer computed before its first byte is written, or
-//! streamed, is the handlers' business.
+//! [`Limits::head`] of its first byte (or of the connection's start), a connection
+//! idle between requests is closed after [`Limits::idle`], and so is one whose client
+//! reads nothing of what is written to it for as long (a client that sends requests and
+//! never reads the answers would otherwise hold its connection for ever: hyper stops
+//! reading while an answer waits to be written). Once a head has arrived, reading is
+//! not timed here: a body is the handlers' business (the API's: `openai::BODY_TIME`), and
+//! so is a long answer computed before its first byte is written.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,7 +44,7 @@ pub struct Limits {
     /// connection's first head: from the connection's start).
     pub head: Duration,
     /// How long a connection may wait, after an answer, for the next request's first
-    /// byte.
+    /// byte; and how long a write may wait for the client to read.
     pub idle: Duration,
 }
 
@@ -269,6 +272,9 @@ pub struct Guarded<T> {
     deadline: Pin<Box<Sleep>>,
     /// Where the head being read is, to find its end across reads.
     scan: HeadScan,
+    /// Since the first write that could not go on (the client reads nothing): the
+    /// connection fails past [`Limits::idle`] of it; reset by any write that goes on.
+    write_stall: Option<Pin<Box<Sleep>>>,
     _held: Option<(OwnedSemaphorePermit, IpShare)>,
 }
 
@@ -281,6 +287,7 @@ impl<T> Guarded<T> {
             phase: Phase::Head,
             deadline: Box::pin(tokio::time::sleep(limits.head)),
             scan: HeadScan::default(),
+            write_stall: None,
             _held: held,
         }
     }
@@ -328,6 +335,27 @@ impl<T> Guarded<T> {
     fn late(&mut self, cx: &mut Context<'_>) -> bool {
         self.phase != Phase::Served && self.deadline.as_mut().poll(cx).is_ready()
     }
+
+    /// What a write (or flush) that `r` answered comes to: one that cannot go on fails
+    /// with `TimedOut` once writes have not gone on for [`Limits::idle`] (registering
+    /// `cx` for it until then); one that went on resets that time.
+    fn written<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.write_stall = None;
+            return r;
+        }
+        let idle = self.limits.idle;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if stall.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of its answer in time",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
@@ -367,7 +395,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.wrote(buf);
         }
-        r
+        this.written(cx, r)
     }
 
     fn poll_write_vectored(
@@ -384,7 +412,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
                 .map_or(&[][..], |b| &b[..]);
             this.wrote(first);
         }
-        r
+        this.written(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -392,7 +420,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.written(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -494,6 +524,40 @@ mod tests {
         let e = read_some(&mut server).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(t.elapsed(), limits().idle);
+    }
+
+    /// A client that reads nothing of its answers: writes that cannot go on fail after
+    /// `idle` (the reading side is not polled then: hyper waits for the write), and
+    /// a client that reads, however slowly, resets that time with each read.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_is_cut_off() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut server = Guarded::new(server, limits(), None);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_some(&mut server).await.unwrap() > 0);
+        // Reading 16 bytes every 50 s: slow, never stalled for `idle`.
+        let answer = vec![b'x'; 1024];
+        let slow = async {
+            let mut buf = [0u8; 16];
+            let mut got = 0;
+            while got < answer.len() {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                got += client.read(&mut buf).await.unwrap();
+            }
+            client
+        };
+        let (written, mut client) = tokio::join!(server.write_all(&answer), slow);
+        written.unwrap();
+        // Then nothing is read: the next answer's write fails `idle` after it stops.
+        let t = Instant::now();
+        let e = server.write_all(&answer).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), limits().idle);
+        let mut buf = [0u8; 64];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 64);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,17 +9,19 @@ use super::ApiState;
 use crate::backend::{BackendError, GenEvent, GenStream, Slot};
 use crate::chat_template::ChatMessage;
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use pollen_shard::SamplingParams;
 use pollen_shard::generate::{GenerateParams, Generation, StopReason};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Most stop strings a request may give (OpenAI's limit).
 const MAX_STOPS: usize = 4;
@@ -295,6 +297,56 @@ async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_json(&state)]}))
 }
 
+/// The most a request body may hold (axum's default limit for a body read whole).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// How long a request body may take to arrive whole, from its head: the connection's
+/// listener times heads and idle connections, not bodies, and a client that sends a
+/// head and then part of its body, or none, would otherwise hold its connection and
+/// the part for ever.
+pub const BODY_TIME: Duration = Duration::from_secs(30);
+
+/// The request's body, whole: at most [`BODY_LIMIT`] bytes (413 past it), within
+/// [`BODY_TIME`] (408 past it).
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let error = |status, code, message: String| ApiError {
+        status,
+        kind: "invalid_request_error",
+        code: Some(code),
+        param: None,
+        message,
+    };
+    let whole = async {
+        let mut chunks = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("the request body could not be read: {e}"), None)
+            })?;
+            if bytes.len() + chunk.len() > BODY_LIMIT {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!("the request body is longer than {BODY_LIMIT} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(bytes))
+    };
+    match tokio::time::timeout(BODY_TIME, whole).await {
+        Ok(read) => read,
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIME.as_secs()
+            ),
+        )),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}"), None))
@@ -489,10 +541,10 @@ async fn off_runtime<T: Send + 'static>(
 async fn chat(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     check_json(&headers)?;
-    let req: ChatRequest = parse(&body)?;
+    let req: ChatRequest = parse(&read_body(body).await?)?;
     check_model(&state, &req.common.model)?;
     let msgs = messages(req.messages)?;
     // The slot first: rendering and tokenizing a long conversation is the costly part.
@@ -507,10 +559,10 @@ async fn chat(
 async fn completions(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     check_json(&headers)?;
-    let req: CompletionRequest = parse(&body)?;
+    let req: CompletionRequest = parse(&read_body(body).await?)?;
     check_model(&state, &req.common.model)?;
     let text = match req.prompt {
         Prompt::One(t) => t,
@@ -731,7 +783,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::backend::Backend;
-    use std::time::Duration;
+
+    /// A body that never ends is answered 408 after [`BODY_TIME`]; one past the limit
+    /// 413, read no further than the limit; one in pieces, whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_must_arrive_whole_in_time_and_within_the_limit() {
+        let started = tokio::time::Instant::now();
+        let first: Result<Bytes, std::io::Error> = Ok(Bytes::from_static(b"{\"model\""));
+        let never = futures::stream::iter([first]).chain(futures::stream::pending());
+        let e = read_body(Body::from_stream(never)).await.unwrap_err();
+        assert_eq!(e.status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), BODY_TIME);
+        let pieces =
+            (0..=BODY_LIMIT / 4096).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 4096])));
+        let e = read_body(Body::from_stream(futures::stream::iter(pieces)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let pieces =
+            [b"{\"a\":".as_slice(), b" 1}"].map(|p| Ok::<_, std::io::Error>(Bytes::from(p)));
+        let whole = read_body(Body::from_stream(futures::stream::iter(pieces)))
+            .await
+            .unwrap();
+        assert_eq!(&whole[..], b"{\"a\": 1}");
+    }
 
     /// A client that hangs up while its prompt is tokenized does not free its slot before
     /// that work ends: hanging up in a loop cannot start more prompts' work than there
