@@ -194,7 +194,14 @@ pub struct Backend {
     num_blocks: usize,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
+    /// Bytes of prompt text being tokenized at once ([`TOKENIZING_BYTES`]).
+    tokenizing: Arc<Semaphore>,
 }
+
+/// The most bytes of prompt text tokenized at once by one [`Backend`]: tokenizing takes
+/// a few hundred bytes of memory a byte of text, so many long prompts at once could
+/// take gigabytes (a prompt alone longer than this is tokenized alone).
+pub const TOKENIZING_BYTES: usize = 256 * 1024;
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -257,6 +264,7 @@ impl Backend {
             model_id: None,
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
             max_concurrent: max_concurrent.max(1),
+            tokenizing: Arc::new(Semaphore::new(TOKENIZING_BYTES)),
         })
     }
 
@@ -279,6 +287,7 @@ impl Backend {
             name,
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
             max_concurrent: max_concurrent.max(1),
+            tokenizing: Arc::new(Semaphore::new(TOKENIZING_BYTES)),
         })
     }
 
@@ -337,12 +346,36 @@ impl Backend {
             })
             .collect();
         let text = self.template.render(&escaped, true)?;
+        self.check_length(text.len())?;
         Ok(self.tokenizer.encode_escaped(&text)?)
     }
 
     /// Token ids of plain text.
     pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, BackendError> {
+        self.check_length(text.len())?;
         Ok(self.tokenizer.encode(text)?)
+    }
+
+    /// Refuses a prompt of `bytes` bytes that holds more tokens than the context,
+    /// whatever its text, before it is tokenized: each token stands for at most
+    /// [`PollenTokenizer::most_bytes_per_token`] bytes.
+    fn check_length(&self, bytes: usize) -> Result<(), BackendError> {
+        let most = self.tokenizer.most_bytes_per_token();
+        if bytes > self.max_seq_len.saturating_mul(most) {
+            return Err(BackendError::PromptTooLong(format!(
+                "the prompt is {bytes} bytes, more than this model's context of {} tokens holds (a token is {most} bytes at most)",
+                self.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Room to tokenize a prompt of about `bytes` bytes, within [`TOKENIZING_BYTES`]
+    /// at once, held until dropped (waits for it; a longer prompt waits to run alone).
+    /// `None` only were the room closed, which it never is.
+    pub async fn tokenizing_room(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(bytes.clamp(1, TOKENIZING_BYTES)).unwrap_or(u32::MAX);
+        self.tokenizing.clone().acquire_many_owned(n).await.ok()
     }
 
     /// Checks that `prompt` leaves room in the model's context; returns how many tokens
@@ -550,6 +583,55 @@ async fn swarm_generation(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A prompt longer than any text of the context's length is refused before it is
+    /// tokenized (tokenizing two million digits took 2.6 s and 780 MB); one within
+    /// that length is tokenized and judged by its tokens; tokenizing takes its room
+    /// among the prompts being tokenized, a long one all of it.
+    #[tokio::test]
+    async fn a_prompt_too_long_for_any_context_is_refused_untokenized() {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let load = pollen_shard::LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: pollen_shard::WeightMode::Fast,
+        };
+        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let most = backend.tokenizer().most_bytes_per_token();
+        let over = backend.max_seq_len() * most + 1;
+        let started = std::time::Instant::now();
+        match backend.text_prompt(&"1".repeat(over)) {
+            Err(BackendError::PromptTooLong(m)) => {
+                assert!(m.contains(&format!("the prompt is {over} bytes")), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let chat = [ChatMessage {
+            role: "user".into(),
+            content: "1".repeat(over),
+        }];
+        assert!(matches!(
+            backend.chat_prompt(&chat),
+            Err(BackendError::PromptTooLong(_))
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        // Within the length: tokenized, then refused by its tokens.
+        let ids = backend.text_prompt(&"1".repeat(5000)).unwrap();
+        assert_eq!(ids.len(), 5000);
+        assert!(matches!(
+            backend.answer_budget(ids.len(), None),
+            Err(BackendError::PromptTooLong(_))
+        ));
+        let long = backend.tokenizing_room(10 * TOKENIZING_BYTES).await;
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            backend.tokenizing_room(1),
+        );
+        assert!(waiting.await.is_err(), "a long prompt is tokenized alone");
+        drop(long);
+        let a = backend.tokenizing_room(TOKENIZING_BYTES / 2).await;
+        let b = backend.tokenizing_room(TOKENIZING_BYTES / 2).await;
+        assert!(a.is_some() && b.is_some());
+    }
 
     /// A reader that stops taking events ends a generation after the stall limit (and
     /// at once when cancelled); one that takes them, however late within it, does not.

@@ -30,6 +30,8 @@ pub struct PollenTokenizer {
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
     controls: Controls,
+    /// The most bytes of text one token stands for, at most ([`Self::most_bytes_per_token`]).
+    most_bytes: usize,
 }
 
 /// Starts a mark left in a message's text by [`PollenTokenizer::escape_controls`]
@@ -259,8 +261,26 @@ impl PollenTokenizer {
             .filter_map(|t| inner.token_to_id(t))
             .collect();
         let controls = Controls::new(&mut inner, controls)?;
+        // A token's text in the vocabulary is at least as long in bytes as the text it
+        // stands for (byte-level tokens spell each byte with one character of one or
+        // two bytes); a normalizer may shorten text first (NFKC makes a fullwidth
+        // letter's three bytes one), by at most four bytes to one. (A control token
+        // a message wrote stands for its mark: two characters, eight bytes at most.)
+        let longest = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(8);
+        let most_bytes = if inner.get_normalizer().is_some() {
+            longest.saturating_mul(4)
+        } else {
+            longest
+        };
         Ok(Self {
             inner,
+            most_bytes,
             stop_ids,
             chat_template,
             controls,
@@ -276,6 +296,14 @@ impl PollenTokenizer {
             .map_err(tok_err)?
             .get_ids()
             .to_vec())
+    }
+
+    /// The most bytes of text one token of this tokenizer stands for: a text of `n`
+    /// bytes has at least `n / most_bytes_per_token()` tokens, so one too long for a
+    /// context can be refused before it is tokenized (tokenizing takes a few hundred
+    /// bytes of memory a byte of text).
+    pub fn most_bytes_per_token(&self) -> usize {
+        self.most_bytes
     }
 
     /// `text` (a message of a conversation) with the control tokens' texts it holds

@@ -360,6 +360,27 @@ fn smollm2_tokenizer_keeps_chatml_and_splits_digits() -> Result<()> {
         "{rendered:?}"
     );
     assert!(tok.stop_ids().contains(&2));
+    // A text of n bytes has at least n / most_bytes_per_token() tokens, whatever it
+    // holds: runs of spaces and of one letter (the longest merges), every token of the
+    // vocabulary's text one after another, control tokens' texts.
+    let most = tok.most_bytes_per_token();
+    let vocab = (0..tok.vocab_size() as u32)
+        .map(|id| tok.decode(&[id]))
+        .collect::<std::result::Result<String, _>>()?;
+    let texts = [
+        text.to_string(),
+        " ".repeat(5000),
+        "\n".repeat(300),
+        "=".repeat(400),
+        "a".repeat(3000),
+        "<|im_start|><|im_end|>".repeat(10),
+        vocab,
+    ];
+    for t in &texts {
+        let n = tok.encode(t)?.len();
+        assert!(n * most >= t.len(), "{n} tokens of {} bytes", t.len());
+    }
+    eprintln!("at most {most} bytes a token");
     Ok(())
 }
 

@@ -527,14 +527,25 @@ fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// Runs `f` (rendering or tokenizing a prompt of up to the body limit) off the async
 /// runtime, in `slot`: the task holds the slot until it ends, so a client that hangs up
 /// while its prompt is tokenized frees the slot only when that work is done, and a flood
-/// of such requests costs at most one prompt's work per slot.
+/// of such requests costs at most one prompt's work per slot; prompts of `bytes` are
+/// tokenized at most [`crate::backend::TOKENIZING_BYTES`] at once (a prompt too long
+/// for the context is refused before: `Backend::text_prompt`).
 async fn off_runtime<T: Send + 'static>(
+    backend: &crate::backend::Backend,
     slot: Slot,
+    bytes: usize,
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
 ) -> Result<(Slot, T), ApiError> {
-    let (slot, out) = tokio::task::spawn_blocking(move || (slot, f()))
-        .await
-        .map_err(|e| ApiError::from(BackendError::Other(format!("a prompt task failed: {e}"))))?;
+    // Room for a prompt of `bytes` among those tokenized at once, held until its
+    // work ends.
+    let room = backend.tokenizing_room(bytes).await;
+    let (slot, out) = tokio::task::spawn_blocking(move || {
+        let out = f();
+        drop(room);
+        (slot, out)
+    })
+    .await
+    .map_err(|e| ApiError::from(BackendError::Other(format!("a prompt task failed: {e}"))))?;
     Ok((slot, out?))
 }
 
@@ -550,7 +561,11 @@ async fn chat(
     // The slot first: rendering and tokenizing a long conversation is the costly part.
     let slot = state.backend.reserve()?;
     let st = state.clone();
-    let (slot, prompt) = off_runtime(slot, move || st.backend.chat_prompt(&msgs)).await?;
+    let bytes = msgs.iter().map(|m| m.role.len() + m.content.len()).sum();
+    let (slot, prompt) = off_runtime(&state.backend, slot, bytes, move || {
+        st.backend.chat_prompt(&msgs)
+    })
+    .await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_CHAT_TOKENS)?;
     let meta = meta(&state, Kind::Chat, &req.common);
     run(&state, slot, meta, prompt, p, req.common.stream).await
@@ -576,7 +591,11 @@ async fn completions(
     };
     let slot = state.backend.reserve()?;
     let st = state.clone();
-    let (slot, prompt) = off_runtime(slot, move || st.backend.text_prompt(&text)).await?;
+    let bytes = text.len();
+    let (slot, prompt) = off_runtime(&state.backend, slot, bytes, move || {
+        st.backend.text_prompt(&text)
+    })
+    .await?;
     let p = params(&state, &req.common, prompt.len(), DEFAULT_COMPLETION_TOKENS)?;
     let meta = meta(&state, Kind::Completion, &req.common);
     run(&state, slot, meta, prompt, p, req.common.stream).await
@@ -818,12 +837,16 @@ mod tests {
             device: candle_core::Device::Cpu,
             mode: pollen_shard::WeightMode::Fast,
         };
-        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let backend = Arc::new(Backend::local(model, load, 1, |_, _| {}).await.unwrap());
         let (go, wait) = std::sync::mpsc::sync_channel::<()>(1);
-        let work = off_runtime(backend.reserve().unwrap(), move || {
-            wait.recv().ok();
-            Ok(())
-        });
+        let b = backend.clone();
+        let work = async move {
+            off_runtime(&b, b.reserve().unwrap(), 1, move || {
+                wait.recv().ok();
+                Ok(())
+            })
+            .await
+        };
         let request = tokio::spawn(work);
         tokio::time::sleep(Duration::from_millis(50)).await;
         request.abort();
