@@ -45,6 +45,44 @@ impl Stall {
     }
 }
 
+/// A generation's text on its way to the reader, without ever waiting for it: text the
+/// buffer has no room for waits here (at most the answer's length) and goes first
+/// next time, so a slow reader never slows the generation (which ends, and frees its
+/// slot, at its own speed); a reader that takes nothing for [`READER_STALL`] ends it.
+#[derive(Debug, Default)]
+struct Outbox {
+    pending: String,
+    stall: Stall,
+    gave_up: bool,
+}
+
+impl Outbox {
+    /// Offers `text`; `false` (the generation is to stop) once the reader is gone or
+    /// has taken nothing for [`READER_STALL`], or `cancel` fired.
+    fn offer(
+        &mut self,
+        tx: &mpsc::Sender<GenEvent>,
+        text: &str,
+        cancel: &CancellationToken,
+    ) -> bool {
+        if tx.is_closed() || cancel.is_cancelled() {
+            self.gave_up = true;
+            return false;
+        }
+        self.pending.push_str(text);
+        let go_on = match tx.try_send(GenEvent::Text(std::mem::take(&mut self.pending))) {
+            Ok(()) => self.stall.bearable(false, READER_STALL),
+            Err(mpsc::error::TrySendError::Full(GenEvent::Text(t))) => {
+                self.pending = t;
+                self.stall.bearable(true, READER_STALL)
+            }
+            Err(_) => false,
+        };
+        self.gave_up |= !go_on;
+        go_on
+    }
+}
+
 /// Sends `ev` from a blocking thread, waiting while the buffer is full, but not past
 /// `within` of a reader taking nothing, nor once `cancel` fires; `false` when it was not
 /// sent.
@@ -476,24 +514,27 @@ impl Backend {
             Engine::Local(model) => {
                 let model = model.clone();
                 tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    let _open = crate::metrics::global().session(crate::metrics::Side::Client);
+                    let open = crate::metrics::global().session(crate::metrics::Side::Client);
                     // A reader that takes nothing for `READER_STALL` ends the generation,
-                    // and gets no end as if the answer were whole.
-                    let mut gave_up = false;
-                    let mut sink = |text: &str| {
-                        let sent = !cancel.is_cancelled()
-                            && blocking_send_within(
-                                &tx,
-                                GenEvent::Text(text.into()),
-                                READER_STALL,
-                                &cancel,
-                            );
-                        gave_up |= !sent;
-                        sent
-                    };
-                    let result = model.generate(&prompt, &params, &mut sink);
-                    if gave_up {
+                    // and gets no end as if the answer were whole; a slow one waits for
+                    // the rest only once the generation has ended.
+                    let mut out = Outbox::default();
+                    let result =
+                        model.generate(&prompt, &params, &mut |text| out.offer(&tx, text, &cancel));
+                    // The slot is free once the generation is: what is left to send
+                    // waits for its reader without it.
+                    drop((permit, open));
+                    if out.gave_up {
+                        return;
+                    }
+                    if !out.pending.is_empty()
+                        && !blocking_send_within(
+                            &tx,
+                            GenEvent::Text(out.pending),
+                            READER_STALL,
+                            &cancel,
+                        )
+                    {
                         return;
                     }
                     let ev = match result {
@@ -509,8 +550,7 @@ impl Backend {
             Engine::Swarm(client) => {
                 let client = client.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    swarm_generation(&client, &prompt, &params, &tx, &cancel).await;
+                    swarm_generation(&client, &prompt, &params, &tx, &cancel, permit).await;
                 });
             }
         }
@@ -527,46 +567,31 @@ async fn swarm_generation(
     params: &GenerateParams,
     tx: &mpsc::Sender<GenEvent>,
     cancel: &CancellationToken,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    // The sink is called from async code: it must not wait. Text the channel has no room
-    // for waits here (at most the answer's length) and goes first next time; a reader
-    // that takes nothing for `READER_STALL` ends the generation.
-    let mut pending = String::new();
-    let mut stall = Stall::default();
-    let mut gave_up = false;
-    let mut sink = |text: &str| -> bool {
-        if tx.is_closed() || cancel.is_cancelled() {
-            return false;
-        }
-        pending.push_str(text);
-        let go_on = match tx.try_send(GenEvent::Text(std::mem::take(&mut pending))) {
-            Ok(()) => stall.bearable(false, READER_STALL),
-            Err(mpsc::error::TrySendError::Full(GenEvent::Text(t))) => {
-                pending = t;
-                stall.bearable(true, READER_STALL)
-            }
-            Err(_) => false,
-        };
-        gave_up |= !go_on;
-        go_on
-    };
+    // The sink is called from async code: it must not wait (nor need it: `Outbox`).
+    let mut out = Outbox::default();
+    let mut sink = |text: &str| out.offer(tx, text, cancel);
     let result = tokio::select! {
         r = client.generate(prompt, params, &mut sink) => Some(r),
         () = tx.closed() => None,
         () = cancel.cancelled() => None,
     };
+    // The slot is free once the generation is: what is left to send waits for its
+    // reader without it.
+    drop(slot);
     let Some(result) = result else {
         tracing::debug!("generation cancelled; its session is closed");
         return;
     };
-    if gave_up {
+    if out.gave_up {
         // Its reader stalled: no end as if the answer were whole.
         tracing::debug!("generation given up: its reader took nothing for {READER_STALL:?}");
         return;
     }
-    if !pending.is_empty()
+    if !out.pending.is_empty()
         && tx
-            .send_timeout(GenEvent::Text(pending), READER_STALL)
+            .send_timeout(GenEvent::Text(out.pending), READER_STALL)
             .await
             .is_err()
     {
@@ -631,6 +656,57 @@ mod tests {
         let a = backend.tokenizing_room(TOKENIZING_BYTES / 2).await;
         let b = backend.tokenizing_room(TOKENIZING_BYTES / 2).await;
         assert!(a.is_some() && b.is_some());
+    }
+
+    /// A reader that reads nothing until the end does not hold its slot: the local
+    /// generation runs at its own speed past the event buffer (64 events, here 100
+    /// tokens), its slot frees when it ends, and the reader then gets every piece of
+    /// the answer and its end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_reads_late_does_not_hold_the_slot() {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let load = pollen_shard::LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: pollen_shard::WeightMode::Fast,
+        };
+        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let prompt = backend.text_prompt("Once upon a time").unwrap();
+        let params = GenerateParams {
+            max_tokens: 100,
+            stop_strings: Vec::new(),
+            ..GenerateParams::default()
+        };
+        let mut stream = backend
+            .start(prompt, params, CancellationToken::new())
+            .unwrap();
+        let freed = async {
+            while backend.reserve().is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), freed)
+            .await
+            .expect("the slot is free once the generation ends, read or not");
+        let mut text = String::new();
+        let mut pieces = 0;
+        let done = loop {
+            match stream.recv().await {
+                Some(GenEvent::Text(t)) => {
+                    text.push_str(&t);
+                    pieces += 1;
+                }
+                Some(GenEvent::Done(g)) => break g,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(done.text, text);
+        assert!(
+            done.tokens.len() > EVENT_BUFFER,
+            "{} tokens",
+            done.tokens.len()
+        );
+        // The buffer's events, then the rest at once.
+        assert_eq!(pieces, EVENT_BUFFER + 1);
     }
 
     /// A reader that stops taking events ends a generation after the stall limit (and
