@@ -95,7 +95,15 @@ impl Shadow {
     }
 }
 
-/// A route like `route` with `hop` served by `by` instead.
+/// How many times slower than the server it stands in for a second server of a span
+/// is given time to be: its own claim is believed up to that ([`swap`]).
+const SWAP_SLOWDOWN: u32 = 4;
+
+/// A route like `route` with `hop` served by `by` instead, paced as `by` announces
+/// itself but never more than [`SWAP_SLOWDOWN`] times slower than the server it
+/// replaces: the pace sets how long the client waits for the hop, and a second server
+/// that announces itself as slow as it likes (no throughput at all) would otherwise
+/// hold a check, and the answer waiting on it, for hours on a long prompt.
 fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>> {
     let peer = PeerId::from_bytes(&by.peer.0).ok()?;
     let mut r = route.to_vec();
@@ -103,11 +111,12 @@ fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>
     h.peer = peer;
     h.addrs = by.addrs.iter().filter_map(|s| s.parse().ok()).collect();
     let tps = f64::from(by.throughput);
-    h.step_us = if tps.is_finite() && tps > 0.0 {
+    let claimed = if tps.is_finite() && tps > 0.0 {
         (1e6 / tps).min(f64::from(u32::MAX)) as u32
     } else {
         u32::MAX
     };
+    h.step_us = claimed.min(h.step_us.max(1).saturating_mul(SWAP_SLOWDOWN));
     Some(r)
 }
 
@@ -509,6 +518,7 @@ impl SwarmClient {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// A spot check's second server of a span never sits next to a server it is in a
@@ -546,6 +556,66 @@ mod tests {
             !next_to_a_dispute(&route, 1, &x, &reversed),
             "the order counts"
         );
+    }
+
+    /// A second server is paced as it announces itself, but never more than
+    /// `SWAP_SLOWDOWN` times slower than the one it stands in for: one announcing no
+    /// throughput at all cannot stretch the wait for a check of a long prompt.
+    #[test]
+    fn a_second_server_is_given_at_most_four_times_the_first_ones_pace() {
+        let route: Vec<Hop> = (0..2)
+            .map(|i| Hop {
+                peer: PeerId::random(),
+                blocks: crate::blocks::BlockRange {
+                    start: i * 15,
+                    end: i * 15 + 15,
+                },
+                addrs: vec![],
+                step_us: 1_000,
+            })
+            .collect();
+        let now = crate::clock::unix_ms();
+        let key = [9u8; 32];
+        let public = ed25519_dalek::SigningKey::from_bytes(&key)
+            .verifying_key()
+            .to_bytes();
+        let announcing = |throughput: f32| {
+            let a = pollen_protocol::Announcement {
+                peer: pollen_protocol::peer_id_bytes_for_ed25519(&public),
+                model_id: pollen_protocol::ModelId::from_bytes([1; 32]),
+                model_name: "m".into(),
+                num_blocks: 30,
+                blocks: pollen_protocol::BlockRange::new(15, 30).unwrap(),
+                throughput,
+                free_sessions: 1,
+                free_cache_tokens: 1024,
+                addrs: vec![],
+                compute: "fast/cpu".into(),
+                next_rtts: vec![],
+                issued_at_ms: now,
+                expires_at_ms: now + 30_000,
+                seq: 1,
+            };
+            pollen_protocol::SignedAnnouncement::sign(a, &key)
+                .unwrap()
+                .verify(now, &pollen_protocol::FreshnessPolicy::default())
+                .unwrap()
+        };
+        for (throughput, want) in [(0.0, 4_000), (10.0, 4_000), (2_000.0, 500)] {
+            let r = swap(&route, 1, &announcing(throughput)).unwrap();
+            assert_eq!(r[1].step_us, want, "throughput {throughput}");
+            assert_eq!(r[0].step_us, 1_000);
+        }
+        let slowest = replay_timeout_of(&swap(&route, 1, &announcing(0.0)).unwrap());
+        assert!(slowest < std::time::Duration::from_secs(60), "{slowest:?}");
+    }
+
+    /// What a replay of a 1,000-token prompt may wait on `route`.
+    fn replay_timeout_of(route: &[Hop]) -> std::time::Duration {
+        route
+            .iter()
+            .map(|h| crate::serve::session::ack_timeout(1000, h.step_us))
+            .sum()
     }
 
     #[test]
