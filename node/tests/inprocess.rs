@@ -1024,7 +1024,7 @@ async fn steps_take_memory_only_to_compute_and_a_wrong_position_takes_none() {
 /// dropped), and a third opens both of the server's sessions and never steps. A
 /// real client still opens a session and steps through it at once: the silent
 /// streams that waited longest give way to its stream, and the idle sessions to its
-/// session.
+/// session. A first frame longer than an `Open` can be is refused unread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_streams_and_idle_sessions_do_not_lock_a_client_out() {
     use candle_core::{Device, Tensor};
@@ -1120,6 +1120,25 @@ async fn silent_streams_and_idle_sessions_do_not_lock_a_client_out() {
             started.elapsed()
         );
         session.close().await;
+        // A first frame that claims more than an `Open` can hold is refused before
+        // its body is read: the stream ends at once, not after the body's time.
+        {
+            use futures::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = nodes[2]
+                .net
+                .open_session_stream(server_peer, hops[0].addrs.clone(), BOUND)
+                .await
+                .unwrap();
+            let claimed = 2u32 * 1024 * 1024;
+            stream.write_all(&claimed.to_le_bytes()).await.unwrap();
+            stream.write_all(&[0u8; 1024]).await.unwrap();
+            stream.flush().await.unwrap();
+            let mut rest = Vec::new();
+            let ended = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest))
+                .await
+                .expect("a first frame claiming 2 MiB is refused at once");
+            assert!(ended.is_ok_and(|n| n == 0) || rest.is_empty(), "{rest:?}");
+        }
         drop((silent, idle, nodes));
         stop.cancel();
         server.await.unwrap().unwrap();

@@ -97,6 +97,18 @@ impl FrameReader {
             .await
             .map_err(|_| timed_out(M::NAME, timeout))?
     }
+
+    /// The next frame within `timeout`, refused before its body is read when it is
+    /// longer than `max`.
+    pub async fn recv_max_within<M: WireMessage>(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> io::Result<M> {
+        tokio::time::timeout(timeout, self.recv_max(max))
+            .await
+            .map_err(|_| timed_out(M::NAME, timeout))?
+    }
 }
 
 impl FrameWriter {
@@ -158,8 +170,12 @@ pub enum OpenError {
     NoTime,
 }
 
-/// Opens a session stream to `peer`, sends `first` and reads the first answer, within
-/// `timeout` for the answer. The inbound queue of libp2p-stream holds one stream: a
+/// The longest answer to a stream's first frame: `Opened`, `Attached` or a refusal,
+/// never hidden states (a longer one is refused before its body is read).
+pub const REPLY_MAX: usize = 64 * 1024;
+
+/// Opens a session stream to `peer`, sends `first` and reads the first answer (at most
+/// [`REPLY_MAX`] bytes), within `timeout` for the answer. The inbound queue of libp2p-stream holds one stream: a
 /// peer that gets several at the same instant drops the rest unanswered, so a stream
 /// that ends before any answer is opened again (up to 4 times, with a short backoff).
 pub async fn open_with_reply<Req, Resp>(
@@ -212,7 +228,7 @@ where
         };
         let sent = tokio::time::Instant::now();
         let answer = match tx.send(&first, timeout).await {
-            Ok(()) => rx.recv_within::<Resp>(timeout).await,
+            Ok(()) => rx.recv_max_within::<Resp>(REPLY_MAX, timeout).await,
             Err(e) => Err(e),
         };
         match answer {

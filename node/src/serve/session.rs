@@ -249,7 +249,11 @@ pub(super) async fn serve_stream(
     // one is dropped once that many newer ones wait.
     let waiting = server.table.wait_first();
     let first = tokio::select! {
-        first = up_rx.recv_within::<InferRequest>(FIRST_FRAME_TIMEOUT) => first,
+        // An `Open` or an `Attach`, never hidden states: within the frame's overhead.
+        first = up_rx.recv_max_within::<InferRequest>(
+            pollen_protocol::limits::INFER_OVERHEAD_BYTES,
+            FIRST_FRAME_TIMEOUT,
+        ) => first,
         () = waiting.displaced() => {
             server.table.warn("silent-streams", || {
                 format!(
