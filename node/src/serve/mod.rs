@@ -3,7 +3,7 @@
 //!
 //! Rooms: this file is the lifecycle (load, start, serve, drain, stop); [`sessions`] is
 //! the session table; [`session`] the data path of one session and `steps` its steps;
-//! [`sent_log`] what a hop keeps for replay; [`announce`] what the server announces.
+//! [`announce`] what the server announces.
 //!
 //! Shutdown is a tree: `stop` (first Ctrl-C) drains — the announcement is withdrawn, new
 //! sessions are refused, running ones get `grace` to finish; `kill` (second Ctrl-C)
@@ -18,7 +18,6 @@ pub const DEFAULT_MAX_SESSION_TOKENS: usize = 2048;
 
 pub mod batch;
 pub mod placing;
-pub mod sent_log;
 pub mod session;
 pub mod sessions;
 mod steps;

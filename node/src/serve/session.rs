@@ -11,11 +11,10 @@
 //! permit is held while waiting on another peer: the compute permit covers the span's
 //! arithmetic only.
 //!
-//! What a hop sent to the next is kept, bounded, in a [`SentLog`], so that a
-//! replacement's cache can be rebuilt by replaying it. The steps themselves (compute,
-//! send on, read back) are in [`super::steps`].
+//! The steps themselves (compute, send on, read back) are in [`super::steps`]. A hop
+//! keeps nothing of what it sent on: a route that breaks is healed by its client, which
+//! replays its inputs into a new one.
 
-use super::sent_log::SentLog;
 use super::steps::{Failure, compute, downstream_event, queued_report, send_down, send_output};
 use super::{Server, batch};
 use crate::net::stream::{self, FrameReader, FrameWriter};
@@ -66,8 +65,6 @@ pub(crate) const FRAME_OVERHEAD: usize = 64 * 1024;
 pub(crate) const DOWN_FRAME_MAX: usize = 16 * 1024;
 /// Most frames from the next hop read ahead of the session.
 pub(crate) const DOWN_DEPTH: usize = 4;
-/// Most bytes of hidden states a hop keeps for replay, per session.
-pub const SENT_LOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 /// How long a hop whose announced time per token is `step_us` may take to acknowledge a
 /// step of `tokens` tokens: [`ACK_BASE`] plus [`ACK_SLOWDOWN`] times its announced pace.
@@ -591,7 +588,6 @@ pub(super) struct Downstream {
     pub(super) rx: mpsc::Receiver<std::io::Result<InferResponse>>,
     /// Steps sent and not yet acknowledged, with their deadlines.
     pub(super) waiting: VecDeque<(u64, Instant)>,
-    pub(super) log: SentLog,
 }
 
 /// How a session ended, for the log.
@@ -781,7 +777,6 @@ async fn run_session(
                     tx,
                     hop,
                     waiting: VecDeque::new(),
-                    log: SentLog::new(SENT_LOG_MAX_BYTES),
                 });
             }
             Err(fail) => {

@@ -312,9 +312,6 @@ pub(super) async fn send_down(
         .map_err(|e| Failure::Next(ErrorCode::Unreachable, format!("sending step {step}: {e}")))?;
     d.waiting
         .push_back((step, Instant::now() + ack_timeout(tokens, d.hop.step_us)));
-    if let InferRequest::Forward { hidden, .. } = msg {
-        d.log.push(position, hidden);
-    }
     Ok(())
 }
 
