@@ -65,6 +65,12 @@ pub(crate) const FRAME_OVERHEAD: usize = 64 * 1024;
 pub(crate) const DOWN_FRAME_MAX: usize = 16 * 1024;
 /// Most frames from the next hop read ahead of the session.
 pub(crate) const DOWN_DEPTH: usize = 4;
+/// Most frames from the hop before read ahead of the session: one waits while another
+/// computes. A frame may hold a whole prompt (up to the session's token cap of hidden
+/// states, megabytes) and is not counted in the server's memory budget until its step
+/// takes its share, so few are read ahead; a session's decode steps come one at a time
+/// anyway (each waits for the output before it).
+const UP_DEPTH: usize = 1;
 
 /// How long a hop whose announced time per token is `step_us` may take to acknowledge a
 /// step of `tokens` tokens: [`ACK_BASE`] plus [`ACK_SLOWDOWN`] times its announced pace.
@@ -809,7 +815,13 @@ async fn run_session(
         .min(open.budget.max_message_bytes as usize);
     // Cancelled when the stream from the hop before ends (it left, or broke it).
     let upstream_gone = CancellationToken::new();
-    let mut up = pump::<InferRequest>(&mut tasks, up_rx, 4, frame_cap, Some(upstream_gone.clone()));
+    let mut up = pump::<InferRequest>(
+        &mut tasks,
+        up_rx,
+        UP_DEPTH,
+        frame_cap,
+        Some(upstream_gone.clone()),
+    );
     let mut cache = Some(server.span.new_cache(limits));
     let mut pace = batch::Pace::new(&server.batch);
     let mut attach: Option<FrameWriter> = None;
