@@ -2,7 +2,8 @@
 //!
 //! This is the only place in the node where bytes from a peer are read. Every
 //! read is a 4-byte length, checked against the message type's limit before a
-//! buffer is allocated, then exactly that many bytes through `take`.
+//! buffer is allocated, then exactly that many bytes, into a buffer of that length
+//! once the first 64 KiB have come.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -47,8 +48,7 @@ pub(crate) async fn read_message_max<M: WireMessage, T: AsyncRead + Unpin + Send
     io.read_exact(&mut len).await?;
     let len = check_frame_len(u32::from_le_bytes(len), max.min(M::MAX_BYTES))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
-    io.take(len as u64).read_to_end(&mut body).await?;
+    let body = read_body(io, len).await?;
     if body.len() != len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -62,6 +62,37 @@ pub(crate) async fn read_message_max<M: WireMessage, T: AsyncRead + Unpin + Send
     let msg = decode_body::<M>(&body)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     Ok((msg, len))
+}
+
+/// What a frame's body is read in before room for all of it is taken.
+const FIRST_PART: usize = 64 * 1024;
+
+/// A frame body of `len` bytes (fewer where the stream ends first), in a buffer of its
+/// length: its first [`FIRST_PART`] bytes, then room for the rest at once (a peer that
+/// claims a long frame and sends nothing costs that part; one that sends it, its
+/// length, not the twice of a buffer grown by doubling).
+async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; len.min(FIRST_PART)];
+    let mut got = fill(io, &mut body).await?;
+    if got == body.len() && len > body.len() {
+        body.reserve_exact(len - body.len());
+        body.resize(len, 0);
+        got += fill(io, &mut body[got..]).await?;
+    }
+    body.truncate(got);
+    Ok(body)
+}
+
+/// Reads into all of `buf`, or until the stream ends; how many bytes came.
+async fn fill<T: AsyncRead + Unpin + Send>(io: &mut T, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match io.read(&mut buf[got..]).await? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
 }
 
 fn encode<M: WireMessage>(msg: &M) -> io::Result<Vec<u8>> {
@@ -117,5 +148,64 @@ where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, encode(&res)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use futures::io::Cursor;
+
+    /// A body is read into a buffer of its own length, however long, not into one grown
+    /// by doubling; a stream that ends early gives what came.
+    #[tokio::test]
+    async fn a_body_takes_its_length_and_no_more() {
+        for len in [0, 1, FIRST_PART - 1, FIRST_PART, FIRST_PART + 1, 3 << 20] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut io = Cursor::new(bytes.clone());
+            let body = read_body(&mut io, len).await.unwrap();
+            assert_eq!(body, bytes);
+            assert_eq!(body.capacity(), len);
+            // Cut short: what came, in no bigger a buffer.
+            let cut = len / 2;
+            let mut io = Cursor::new(bytes[..cut].to_vec());
+            let body = read_body(&mut io, len).await.unwrap();
+            assert_eq!(body, bytes[..cut]);
+            assert!(body.capacity() <= len);
+        }
+    }
+
+    /// A frame claiming more than its cap is refused before its body is read; one cut
+    /// short is an error that says so; a whole one decodes.
+    #[tokio::test]
+    async fn frames_are_capped_checked_and_whole() {
+        let msg = pollen_protocol::InferResponse::Ack {
+            session: pollen_protocol::SessionId(3),
+            step: 7,
+        };
+        let frame = encode_frame(&msg).unwrap();
+        let mut io = Cursor::new(frame.clone());
+        let (got, len) = read_message::<pollen_protocol::InferResponse, _>(&mut io)
+            .await
+            .unwrap();
+        assert!(matches!(
+            got,
+            pollen_protocol::InferResponse::Ack { step: 7, .. }
+        ));
+        assert_eq!(len + 4, frame.len());
+        let mut io = Cursor::new(frame[..frame.len() - 1].to_vec());
+        let e = read_message::<pollen_protocol::InferResponse, _>(&mut io)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let mut claim = (2u32 << 20).to_le_bytes().to_vec();
+        claim.extend_from_slice(&[0; 16]);
+        let mut io = Cursor::new(claim);
+        let e = read_message_max::<pollen_protocol::InferResponse, _>(&mut io, 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(io.position(), 4, "nothing past the length was read");
     }
 }
