@@ -15,6 +15,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+/// How often a stream checks that its key is still in force.
+const KEY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn key_retired() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "this connection's swarm key was retired (a rotation's overlap ended)",
+    )
+}
+
 fn key_refused() -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
@@ -38,6 +48,8 @@ where
     Ok(PnetStream {
         inner: socket,
         keys: keys.active(),
+        ring: keys,
+        checked: std::time::Instant::now(),
         local_nonce,
         remote_nonce,
         read: ReadState::Detecting {
@@ -65,10 +77,17 @@ enum ReadState {
     },
 }
 
-/// A socket under libp2p's pnet encryption (XSalsa20, one nonce per direction).
+/// A socket under libp2p's pnet encryption (XSalsa20, one nonce per direction). It
+/// fails once the key it runs on is no longer in force (checked at most every
+/// [`KEY_CHECK_EVERY`] as it is used): a connection made with a rotated-out key during
+/// the overlap does not outlive it, so a member rotated out cannot stay in by keeping
+/// its connections busy.
 pub struct PnetStream<S> {
     inner: S,
     keys: Vec<SwarmKey>,
+    /// The node's keys as they change, and when the stream's key was last found in force.
+    ring: Arc<KeyRing>,
+    checked: std::time::Instant,
     local_nonce: [u8; NONCE_LEN],
     remote_nonce: [u8; NONCE_LEN],
     read: ReadState,
@@ -85,6 +104,19 @@ impl<S> PnetStream<S> {
         match self.read {
             ReadState::Ready { key, .. } => Some(key),
             ReadState::Detecting { .. } => None,
+        }
+    }
+
+    /// Fails once the key this stream runs on has left the keys in force.
+    fn still_keyed(&mut self) -> io::Result<()> {
+        if self.checked.elapsed() < KEY_CHECK_EVERY {
+            return Ok(());
+        }
+        self.checked = std::time::Instant::now();
+        let used = self.write.as_ref().map(|(k, _)| *k).or(self.read_key());
+        match used.and_then(|i| self.keys.get(i)) {
+            Some(key) if !self.ring.active().contains(key) => Err(key_retired()),
+            _ => Ok(()),
         }
     }
 }
@@ -148,6 +180,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PnetStream<S> {
                         at: 0,
                     };
                 }
+                ReadState::Ready { .. } if this.checked.elapsed() >= KEY_CHECK_EVERY => {
+                    this.still_keyed()?;
+                }
                 ReadState::Ready {
                     cipher, plain, at, ..
                 } => {
@@ -176,6 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PnetStream<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.still_keyed()?;
         match this.poll_pending(cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),

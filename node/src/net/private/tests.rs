@@ -227,3 +227,50 @@ async fn pnet_speaks_libp2p_pnet_and_tells_keys_apart() {
     );
     assert!(exchange(vec![k3], vec![k1], Some(true)).await.is_err());
 }
+
+/// A connection made with a rotation's old key during the overlap fails once the
+/// overlap ends (at its next read or write a second or more after the last check):
+/// a member rotated out cannot stay in by keeping its connections busy. One made with
+/// the current key goes on.
+#[tokio::test]
+async fn a_connection_on_a_retired_key_ends_with_the_overlap() {
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    let (old, new) = (SwarmKey::generate(), SwarmKey::generate());
+    let until = unix_now() + 2;
+    let member = || {
+        Arc::new(KeyRing::fixed(SwarmKeys {
+            current: new,
+            previous: Some((old, until)),
+        }))
+    };
+    let rotated_out = Arc::new(KeyRing::fixed(SwarmKeys::single(old)));
+    let msg: Vec<u8> = [MULTISTREAM_HEADER.as_slice(), b"ping"].concat();
+    for (dialer_keys, stays) in [(rotated_out, false), (member(), true)] {
+        let (a, b) = tokio::io::duplex(4096);
+        let (a, b) = (a.compat(), b.compat());
+        let (d, l) = tokio::join!(handshake(a, dialer_keys), handshake(b, member()));
+        let (mut d, mut l) = (d.unwrap(), l.unwrap());
+        let mut got = vec![0u8; msg.len()];
+        d.write_all(&msg).await.unwrap();
+        d.flush().await.unwrap();
+        l.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+        // Past the overlap's end and a check's interval.
+        while unix_now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        d.write_all(b"more").await.unwrap();
+        d.flush().await.unwrap();
+        let mut more = [0u8; 4];
+        let read = l.read_exact(&mut more).await;
+        if stays {
+            read.unwrap();
+            assert_eq!(&more, b"more");
+        } else {
+            let e = read.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            assert!(e.to_string().contains("retired"), "{e}");
+        }
+    }
+}
