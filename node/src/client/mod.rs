@@ -392,16 +392,6 @@ impl std::fmt::Debug for SwarmClient {
 /// Whether a server's failure with `code` means only that it has no room now (busy, or
 /// out of memory or session room): a short ban and no strike, and the client tries
 /// another server.
-/// What failure `f` adds to its server's measured pace: a step that failed proves
-/// nothing better than [`speed::FAILED_STEP`] a token, so a server that fails is routed
-/// around after its ban as a slow one is. Only a failure the client saw itself or the
-/// server reported of itself counts: not a refusal for room, not a neighbour's word
-/// (a hostile hop could slow an honest server's figure so), not a dispute.
-fn failed_step(f: &HopFailure) -> Option<(PeerId, f64)> {
-    (f.reported_by.is_none() && f.blamed_by.is_none() && !busy_only(f.code))
-        .then_some((f.peer, speed::FAILED_STEP.as_secs_f64()))
-}
-
 fn busy_only(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::Busy | ErrorCode::OverBudget)
 }
@@ -743,9 +733,6 @@ impl SwarmClient {
         };
         if let Ok(mut b) = self.bans.lock() {
             b.judge(f);
-        }
-        if let (Some((peer, secs)), Ok(mut s)) = (failed_step(f), self.speeds.lock()) {
-            s.sample(peer, secs);
         }
         true
     }
@@ -1139,45 +1126,6 @@ mod tests {
         assert!(a.hard <= Instant::now() + grown_ban(a.times));
         assert!(a.hard < soft);
         assert!(!b.is_banned(&crashed, Some(crate::clock::unix_ms() + 1_000)));
-    }
-
-    /// A failure the client saw, or the server reported of itself, counts as a step of
-    /// [`speed::FAILED_STEP`] in the server's measured pace; a refusal for room, a
-    /// neighbour's report and a dispute do not.
-    #[test]
-    fn a_failure_counts_as_a_slow_step_of_the_server_that_failed() {
-        let (server, other) = (PeerId::random(), PeerId::random());
-        let failure = |code, reported_by, blamed_by| HopFailure {
-            hop: 1,
-            peer: server,
-            blocks: crate::blocks::BlockRange { start: 10, end: 20 },
-            code,
-            message: "x".into(),
-            reported_by,
-            blamed_by,
-        };
-        let slow = Some((server, speed::FAILED_STEP.as_secs_f64()));
-        assert_eq!(failed_step(&failure(ErrorCode::Timeout, None, None)), slow);
-        assert_eq!(failed_step(&failure(ErrorCode::Internal, None, None)), slow);
-        assert_eq!(failed_step(&failure(ErrorCode::Busy, None, None)), None);
-        assert_eq!(
-            failed_step(&failure(ErrorCode::OverBudget, None, None)),
-            None
-        );
-        assert_eq!(
-            failed_step(&failure(ErrorCode::Timeout, None, Some(other))),
-            None
-        );
-        assert_eq!(
-            failed_step(&failure(ErrorCode::BadRequest, Some(other), None)),
-            None
-        );
-        let mut speeds = speed::Speeds::default();
-        speeds.sample(server, 0.001);
-        if let Some((peer, secs)) = failed_step(&failure(ErrorCode::Timeout, None, None)) {
-            speeds.sample(peer, secs);
-        }
-        assert!(speeds.all()[&server] > 0.3, "{:?}", speeds.all());
     }
 
     /// A hop that reports one server after it and then another while kept apart from
