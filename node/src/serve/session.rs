@@ -66,7 +66,7 @@ pub(crate) const DOWN_FRAME_MAX: usize = 16 * 1024;
 /// Most frames from the next hop read ahead of the session.
 pub(crate) const DOWN_DEPTH: usize = 4;
 /// Most frames from the hop before read ahead of the session: one waits while another
-/// computes. A frame may hold a whole prompt (up to the session's token cap of hidden
+/// computes (the next is read only once that one is taken). A frame may hold a whole prompt (up to the session's token cap of hidden
 /// states, megabytes) and is not counted in the server's memory budget until its step
 /// takes its share, so few are read ahead; a session's decode steps come one at a time
 /// anyway (each waits for the output before it).
@@ -559,8 +559,9 @@ async fn open_next(
     }
 }
 
-/// Reads frames from `rx` into a bounded queue until the stream ends (the error is the
-/// last item) or the queue's receiver is dropped.
+/// Reads frames from `rx` into a queue of `depth` until the stream ends (the error is the
+/// last item) or the queue's receiver is dropped; a frame is read only once the queue
+/// has room for it, so at most `depth` are held.
 fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
     tasks: &mut JoinSet<()>,
     mut rx: FrameReader,
@@ -571,6 +572,9 @@ fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
     let (tx, out) = mpsc::channel(depth);
     tasks.spawn(async move {
         loop {
+            let Ok(room) = tx.reserve().await else {
+                break;
+            };
             let item = rx.recv_max::<M>(max_bytes).await;
             let end = item.is_err();
             if end && let Some(ended) = &ended {
@@ -578,7 +582,8 @@ fn pump<M: pollen_protocol::WireMessage + Send + 'static>(
                 // may stop early.
                 ended.cancel();
             }
-            if tx.send(item).await.is_err() || end {
+            room.send(item);
+            if end {
                 break;
             }
         }
@@ -694,6 +699,8 @@ async fn run_session(
         && Instant::now() < evict_by
         && server.table.evict_idlest(EVICT_AFTER_IDLE).is_some()
     {
+        // Until the evicted session has told its client and ended (within the time
+        // this hop has to answer).
         while server.table.free() == 0 && Instant::now() < evict_by {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -834,6 +841,8 @@ async fn run_session(
     // step to compute before this one gets it.
     let first_step_wait = first_step_wait(server.table.limits().first_step_timeout, hop);
     let first_step_by = Instant::now() + first_step_wait;
+    // Waiting for its first step (the hops before compute the prompt) is no idleness.
+    reservation.touch_until(first_step_by);
     let mut stepped = false;
     // A client numbers its steps 1, 2, 3…, and a step refused anywhere ends the session
     // on every hop: any other number came from a hop that changed it (the client would
@@ -865,7 +874,7 @@ async fn run_session(
                 let e = ProtocolError::new(
                     ErrorCode::OverBudget,
                     format!(
-                        "session {session} was evicted after being idle: this server needed its memory for a new session"
+                        "session {session} was evicted after being idle: this server needed its room for a new session"
                     ),
                 );
                 let _ = up_tx.send(&reports.fail(0, hop, &me, e.code, e.message), SEND_TIMEOUT).await;
@@ -1006,6 +1015,10 @@ async fn run_session(
                         }
                         if up_tx.send(&InferResponse::Ack { session, step }, SEND_TIMEOUT).await.is_err() {
                             break End::UpstreamGone("cannot acknowledge".into());
+                        }
+                        // Waiting on the next hop is no idleness: not before its answer is due.
+                        if let Some(&(_, due)) = down.as_ref().and_then(|d| d.waiting.back()) {
+                            reservation.touch_until(due);
                         }
                     }
                     InferRequest::Close { session: s } if s == session => break End::Closed,

@@ -198,7 +198,15 @@ impl<A> Reservation<A> {
     /// Marks the session active now (it is evicted last among idle ones).
     pub fn touch(&self) {
         if let Some(e) = self.table.lock().get_mut(&self.id) {
-            e.active = Instant::now();
+            e.active = e.active.max(Instant::now());
+        }
+    }
+
+    /// Marks the session busy until `until` (waiting on another peer as part of its
+    /// work: its first step, a next hop's answer): it is not idle before then.
+    pub fn touch_until(&self, until: Instant) {
+        if let Some(e) = self.table.lock().get_mut(&self.id) {
+            e.active = e.active.max(until);
         }
     }
 }
@@ -322,9 +330,6 @@ impl<A> SessionTable<A> {
         if entries.contains_key(&id) {
             return Err(TableError::Duplicate(id));
         }
-        if entries.len() >= self.max {
-            return Err(TableError::Full { max: self.max });
-        }
         let held = entries.values().filter(|e| e.client == client).count();
         if held >= self.limits.sessions_per_client {
             return Err(TableError::ClientFull {
@@ -338,6 +343,11 @@ impl<A> SessionTable<A> {
             if opened >= max {
                 return Err(TableError::OpenerFull { opener, max });
             }
+        }
+        // Last: `Full` means the session would be taken but for room (a full table
+        // makes room for it by evicting; one refused for its peer's share must not).
+        if entries.len() >= self.max {
+            return Err(TableError::Full { max: self.max });
         }
         let (tx, rx) = mpsc::channel(1);
         let evicted = CancellationToken::new();
@@ -568,6 +578,21 @@ mod tests {
         assert!(b.evicted.is_cancelled() && !a.evicted.is_cancelled());
         // b is being evicted already; a is not idle long enough.
         assert_eq!(t.evict_idlest(Duration::from_secs(5)), None);
+        // A session busy waiting on another peer is not idle until that wait is due.
+        let c = t.open(SessionId(3), client, client, true).unwrap();
+        c.touch_until(Instant::now() + Duration::from_secs(20));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            t.evict_idlest(Duration::from_secs(5)),
+            Some(Duration::from_secs(10))
+        );
+        assert!(a.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(
+            t.evict_idlest(Duration::from_secs(5)),
+            Some(Duration::from_secs(5))
+        );
+        assert!(c.evicted.is_cancelled());
     }
 }
 
