@@ -194,9 +194,10 @@ impl Bans {
             // connection too): it is not chained before this one again soon where
             // another route exists, so that it cannot report the same server over and
             // over. One that reports a second server after it while still kept apart
-            // from another it reported sits out itself (briefly where both reports were
-            // of servers without room): a hostile hop cannot blame each server after it
-            // in turn, staying on every route while they are left out.
+            // from another it reported sits out itself, briefly and with no strike (an
+            // honest hop may meet two failing neighbours): a hostile hop cannot blame
+            // each server after it in turn, staying on every route while they are left
+            // out.
             if let Some(reporter) = f.blamed_by {
                 let now = Instant::now();
                 let blamed_before = self
@@ -205,7 +206,7 @@ impl Bans {
                     .any(|(&(a, b), apart)| a == reporter && b != f.peer && apart.soft > now);
                 self.keep_apart(reporter, f.peer, false);
                 if blamed_before {
-                    self.ban(reporter, busy_only(f.code), false);
+                    self.ban(reporter, true, false);
                 }
             }
         }
@@ -1129,9 +1130,8 @@ mod tests {
     }
 
     /// A hop that reports one server after it and then another while kept apart from
-    /// the first sits out itself: briefly where both were refusals for room (servers
-    /// of the hop's own choosing could be full), with a strike otherwise. The same
-    /// server reported again costs the reporter nothing more.
+    /// the first sits out itself, briefly and with no strike, whatever the reports
+    /// said. The same server reported again costs the reporter nothing more.
     #[test]
     fn a_hop_reporting_server_after_server_sits_out_itself() {
         let mut b = Bans::default();
@@ -1157,8 +1157,9 @@ mod tests {
         assert!(b.kept_apart(false).contains(&(hostile, victims[1])));
         b.judge(&failure(victims[2], ErrorCode::Unreachable, hostile));
         let (until, strikes, ..) = b.until[&hostile];
-        assert_eq!(strikes, 1);
-        assert!(until >= Instant::now() + FIRST_BAN - Duration::from_secs(1));
+        assert_eq!(strikes, 0);
+        assert!(until <= Instant::now() + BUSY_BAN);
+        assert!(b.kept_apart(false).contains(&(hostile, victims[2])));
         // One server reported twice by the same hop: a pair kept apart, no more.
         b.judge(&failure(victims[0], ErrorCode::Timeout, honest));
         b.judge(&failure(victims[0], ErrorCode::Timeout, honest));

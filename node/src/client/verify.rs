@@ -96,14 +96,20 @@ impl Shadow {
 }
 
 /// How many times slower than the server it stands in for a second server of a span
-/// is given time to be: its own claim is believed up to that ([`swap`]).
+/// is given time to be: its own claim is believed up to that, or up to
+/// [`SWAP_SLOWEST_US`] a token ([`swap`]).
 const SWAP_SLOWDOWN: u32 = 4;
+/// The slowest pace believed of a second server whatever the first one claims, in µs a
+/// token over its span: 50 tokens a second (a slow CPU checking a fast GPU, or a
+/// first server claiming any speed, still leaves an honest second one its time).
+const SWAP_SLOWEST_US: u32 = 20_000;
 
 /// A route like `route` with `hop` served by `by` instead, paced as `by` announces
-/// itself but never more than [`SWAP_SLOWDOWN`] times slower than the server it
-/// replaces: the pace sets how long the client waits for the hop, and a second server
-/// that announces itself as slow as it likes (no throughput at all) would otherwise
-/// hold a check, and the answer waiting on it, for hours on a long prompt.
+/// itself but never slower than [`SWAP_SLOWDOWN`] times the server it replaces or
+/// [`SWAP_SLOWEST_US`], whichever is slower: the pace sets how long the client waits
+/// for the hop, and a second server that announces itself as slow as it likes (no
+/// throughput at all) would otherwise hold a check, and the answer waiting on it, for
+/// hours on a long prompt.
 fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>> {
     let peer = PeerId::from_bytes(&by.peer.0).ok()?;
     let mut r = route.to_vec();
@@ -116,7 +122,7 @@ fn swap(route: &[Hop], hop: usize, by: &VerifiedAnnouncement) -> Option<Vec<Hop>
     } else {
         u32::MAX
     };
-    h.step_us = claimed.min(h.step_us.max(1).saturating_mul(SWAP_SLOWDOWN));
+    h.step_us = claimed.min(h.step_us.saturating_mul(SWAP_SLOWDOWN).max(SWAP_SLOWEST_US));
     Some(r)
 }
 
@@ -558,9 +564,10 @@ mod tests {
         );
     }
 
-    /// A second server is paced as it announces itself, but never more than
-    /// `SWAP_SLOWDOWN` times slower than the one it stands in for: one announcing no
-    /// throughput at all cannot stretch the wait for a check of a long prompt.
+    /// A second server is paced as it announces itself, but never slower than
+    /// `SWAP_SLOWDOWN` times the one it stands in for or `SWAP_SLOWEST_US`: one
+    /// announcing no throughput at all cannot stretch the wait for a check of a long
+    /// prompt, and a first server claiming any speed leaves an honest second one time.
     #[test]
     fn a_second_server_is_given_at_most_four_times_the_first_ones_pace() {
         let route: Vec<Hop> = (0..2)
@@ -571,7 +578,7 @@ mod tests {
                     end: i * 15 + 15,
                 },
                 addrs: vec![],
-                step_us: 1_000,
+                step_us: 10_000,
             })
             .collect();
         let now = crate::clock::unix_ms();
@@ -601,13 +608,18 @@ mod tests {
                 .verify(now, &pollen_protocol::FreshnessPolicy::default())
                 .unwrap()
         };
-        for (throughput, want) in [(0.0, 4_000), (10.0, 4_000), (2_000.0, 500)] {
+        for (throughput, want) in [(0.0, 40_000), (10.0, 40_000), (2_000.0, 500)] {
             let r = swap(&route, 1, &announcing(throughput)).unwrap();
             assert_eq!(r[1].step_us, want, "throughput {throughput}");
-            assert_eq!(r[0].step_us, 1_000);
+            assert_eq!(r[0].step_us, 10_000);
         }
         let slowest = replay_timeout_of(&swap(&route, 1, &announcing(0.0)).unwrap());
-        assert!(slowest < std::time::Duration::from_secs(60), "{slowest:?}");
+        assert!(slowest < std::time::Duration::from_secs(240), "{slowest:?}");
+        // A first server claiming any speed: the second still gets 50 tokens a second.
+        let mut fast = route.clone();
+        fast[1].step_us = 0;
+        let r = swap(&fast, 1, &announcing(40.0)).unwrap();
+        assert_eq!(r[1].step_us, SWAP_SLOWEST_US);
     }
 
     /// What a replay of a 1,000-token prompt may wait on `route`.
