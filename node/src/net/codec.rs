@@ -2,8 +2,8 @@
 //!
 //! This is the only place in the node where bytes from a peer are read. Every
 //! read is a 4-byte length, checked against the message type's limit before a
-//! buffer is allocated, then exactly that many bytes, into a buffer of that length
-//! once the first 64 KiB have come.
+//! buffer is allocated, then exactly that many bytes, into a buffer that grows with
+//! what came and ends at that length.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -67,16 +67,18 @@ pub(crate) async fn read_message_max<M: WireMessage, T: AsyncRead + Unpin + Send
 /// What a frame's body is read in before room for all of it is taken.
 const FIRST_PART: usize = 64 * 1024;
 
-/// A frame body of `len` bytes (fewer where the stream ends first), in a buffer of its
-/// length: its first [`FIRST_PART`] bytes, then room for the rest at once (a peer that
-/// claims a long frame and sends nothing costs that part; one that sends it, its
-/// length, not the twice of a buffer grown by doubling).
+/// A frame body of `len` bytes (fewer where the stream ends first): its first
+/// [`FIRST_PART`] bytes, then room doubled each time what came fills it, up to `len`
+/// exactly. A peer that claims a long frame and stalls holds at most twice what it
+/// sent; a whole frame ends in a buffer of its own length, not the twice of one grown
+/// past it.
 async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
     let mut body = vec![0u8; len.min(FIRST_PART)];
     let mut got = fill(io, &mut body).await?;
-    if got == body.len() && len > body.len() {
-        body.reserve_exact(len - body.len());
-        body.resize(len, 0);
+    while got == body.len() && body.len() < len {
+        let next = body.len().saturating_mul(2).min(len);
+        body.reserve_exact(next - body.len());
+        body.resize(next, 0);
         got += fill(io, &mut body[got..]).await?;
     }
     body.truncate(got);
@@ -157,8 +159,8 @@ mod tests {
     use super::*;
     use futures::io::Cursor;
 
-    /// A body is read into a buffer of its own length, however long, not into one grown
-    /// by doubling; a stream that ends early gives what came.
+    /// A body is read into a buffer of its own length, however long; a stream that
+    /// ends early gives what came, in a buffer at most twice that (and the first part).
     #[tokio::test]
     async fn a_body_takes_its_length_and_no_more() {
         for len in [0, 1, FIRST_PART - 1, FIRST_PART, FIRST_PART + 1, 3 << 20] {
@@ -172,7 +174,7 @@ mod tests {
             let mut io = Cursor::new(bytes[..cut].to_vec());
             let body = read_body(&mut io, len).await.unwrap();
             assert_eq!(body, bytes[..cut]);
-            assert!(body.capacity() <= len);
+            assert!(body.capacity() <= len && body.capacity() <= (2 * cut).max(FIRST_PART));
         }
     }
 
