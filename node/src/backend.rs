@@ -19,7 +19,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Pieces of text a generation may have waiting for a slow reader before it pauses.
+/// Pieces of text a generation's reader may have waiting; past them the text waits,
+/// joined, in the generation's `Outbox` (the generation never pauses for its reader).
 const EVENT_BUFFER: usize = 64;
 
 /// How long a generation waits for a reader that takes nothing while its buffer is full
@@ -80,31 +81,6 @@ impl Outbox {
         };
         self.gave_up |= !go_on;
         go_on
-    }
-}
-
-/// Sends `ev` from a blocking thread, waiting while the buffer is full, but not past
-/// `within` of a reader taking nothing, nor once `cancel` fires; `false` when it was not
-/// sent.
-fn blocking_send_within(
-    tx: &mpsc::Sender<GenEvent>,
-    mut ev: GenEvent,
-    within: Duration,
-    cancel: &CancellationToken,
-) -> bool {
-    let mut stall = Stall::default();
-    loop {
-        match tx.try_send(ev) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(back)) => {
-                if cancel.is_cancelled() || !stall.bearable(true, within) {
-                    return false;
-                }
-                ev = back;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
     }
 }
 
@@ -513,38 +489,30 @@ impl Backend {
         match &self.engine {
             Engine::Local(model) => {
                 let model = model.clone();
-                tokio::task::spawn_blocking(move || {
-                    let open = crate::metrics::global().session(crate::metrics::Side::Client);
-                    // A reader that takes nothing for `READER_STALL` ends the generation,
-                    // and gets no end as if the answer were whole; a slow one waits for
-                    // the rest only once the generation has ended.
-                    let mut out = Outbox::default();
-                    let result =
-                        model.generate(&prompt, &params, &mut |text| out.offer(&tx, text, &cancel));
-                    // The slot is free once the generation is: what is left to send
-                    // waits for its reader without it.
-                    drop((permit, open));
+                tokio::spawn(async move {
+                    let (sink, stop) = (tx.clone(), cancel.clone());
+                    let work = tokio::task::spawn_blocking(move || {
+                        let open = crate::metrics::global().session(crate::metrics::Side::Client);
+                        // A reader that takes nothing for `READER_STALL` ends the
+                        // generation, and gets no end as if the answer were whole.
+                        let mut out = Outbox::default();
+                        let result = model
+                            .generate(&prompt, &params, &mut |text| out.offer(&sink, text, &stop));
+                        drop((permit, open));
+                        (out, result)
+                    });
+                    // The slot and the thread are free once the generation is: what is
+                    // left waits for its reader on this task.
+                    let Ok((out, result)) = work.await else {
+                        return;
+                    };
                     if out.gave_up {
                         return;
                     }
-                    if !out.pending.is_empty()
-                        && !blocking_send_within(
-                            &tx,
-                            GenEvent::Text(out.pending),
-                            READER_STALL,
-                            &cancel,
-                        )
-                    {
-                        return;
-                    }
-                    let ev = match result {
-                        Ok(g) => GenEvent::Done(g),
-                        Err(e) => GenEvent::Error(e.into()),
-                    };
-                    if let GenEvent::Done(g) = &ev {
+                    if let Ok(g) = &result {
                         crate::metrics::global().tokens_generated(g.tokens.len());
                     }
-                    blocking_send_within(&tx, ev, READER_STALL, &cancel);
+                    send_rest(&tx, out.pending, result.map_err(BackendError::from)).await;
                 });
             }
             Engine::Swarm(client) => {
@@ -589,9 +557,19 @@ async fn swarm_generation(
         tracing::debug!("generation given up: its reader took nothing for {READER_STALL:?}");
         return;
     }
-    if !out.pending.is_empty()
+    send_rest(tx, out.pending, result.map_err(BackendError::from)).await;
+}
+
+/// Sends what a generation that ended has left for its reader: the text its buffer had
+/// no room for, then its end, each within [`READER_STALL`].
+async fn send_rest(
+    tx: &mpsc::Sender<GenEvent>,
+    pending: String,
+    result: Result<Generation, BackendError>,
+) {
+    if !pending.is_empty()
         && tx
-            .send_timeout(GenEvent::Text(out.pending), READER_STALL)
+            .send_timeout(GenEvent::Text(pending), READER_STALL)
             .await
             .is_err()
     {
@@ -599,7 +577,7 @@ async fn swarm_generation(
     }
     let ev = match result {
         Ok(g) => GenEvent::Done(g),
-        Err(e) => GenEvent::Error(e.into()),
+        Err(e) => GenEvent::Error(e),
     };
     let _ = tx.send_timeout(ev, READER_STALL).await;
 }
@@ -709,8 +687,8 @@ mod tests {
         assert_eq!(pieces, EVENT_BUFFER + 1);
     }
 
-    /// A reader that stops taking events ends a generation after the stall limit (and
-    /// at once when cancelled); one that takes them, however late within it, does not.
+    /// A reader that stops taking events ends a generation after the stall limit; one
+    /// that takes them, however late within it, does not.
     #[test]
     fn a_reader_that_takes_nothing_is_given_up_on() {
         let within = Duration::from_millis(60);
@@ -727,39 +705,6 @@ mod tests {
             "a send that goes through starts afresh"
         );
         assert!(stall.bearable(true, within));
-
-        let text = || GenEvent::Text("x".into());
-        let (tx, mut rx) = mpsc::channel(1);
-        let cancel = CancellationToken::new();
-        assert!(blocking_send_within(&tx, text(), within, &cancel));
-        // Full, and nobody reads: given up after the limit, not before.
-        let t = std::time::Instant::now();
-        assert!(!blocking_send_within(&tx, text(), within, &cancel));
-        assert!(t.elapsed() >= within);
-        // A reader that takes one in time gets the next.
-        let reader = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            let first = rx.blocking_recv();
-            (first.is_some(), rx)
-        });
-        assert!(blocking_send_within(
-            &tx,
-            text(),
-            Duration::from_secs(10),
-            &cancel
-        ));
-        let (took, _rx) = reader.join().unwrap();
-        assert!(took);
-        // Cancelled: not sent, without waiting out the limit.
-        cancel.cancel();
-        let t = std::time::Instant::now();
-        assert!(!blocking_send_within(
-            &tx,
-            text(),
-            Duration::from_secs(10),
-            &cancel
-        ));
-        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -171,7 +171,10 @@ impl PollenTokenizer {
             .filter(|t| t.special)
             .map(|t| t.content)
             .collect();
-        Self::with_inner(inner, template, controls)
+        // No bound on the text a token stands for: a tokenizer.json's added tokens may
+        // strip whitespace around them, its normalizer delete text, its unknown token
+        // stand for a run of anything.
+        Self::with_inner(inner, template, controls, false)
     }
 
     /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
@@ -239,7 +242,7 @@ impl PollenTokenizer {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        let mut tok = Self::with_inner(inner, template, controls)?;
+        let mut tok = Self::with_inner(inner, template, controls, true)?;
         if let Some(eos) = ct
             .metadata
             .get("tokenizer.ggml.eos_token_id")
@@ -251,21 +254,23 @@ impl PollenTokenizer {
         Ok(tok)
     }
 
+    /// `bounded`: the byte-level BPE built here from GGUF metadata, whose tokens stand
+    /// for at most their own text ([`Self::most_bytes_per_token`]).
     fn with_inner(
         mut inner: Tokenizer,
         chat_template: Option<String>,
         controls: Vec<String>,
+        bounded: bool,
     ) -> Result<Self> {
         let stop_ids = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"]
             .iter()
             .filter_map(|t| inner.token_to_id(t))
             .collect();
         let controls = Controls::new(&mut inner, controls)?;
-        // A token's text in the vocabulary is at least as long in bytes as the text it
-        // stands for (byte-level tokens spell each byte with one character of one or
-        // two bytes); a normalizer may shorten text first (NFKC makes a fullwidth
-        // letter's three bytes one), by at most four bytes to one. (A control token
-        // a message wrote stands for its mark: two characters, eight bytes at most.)
+        // A byte-level token's text in the vocabulary is at least as long in bytes as
+        // the text it stands for (each byte spelt with one character of one or two
+        // bytes); an added token is its own text. (A control token a message wrote
+        // stands for its mark: two characters, eight bytes at most.)
         let longest = inner
             .get_vocab(true)
             .keys()
@@ -273,10 +278,10 @@ impl PollenTokenizer {
             .max()
             .unwrap_or(1)
             .max(8);
-        let most_bytes = if inner.get_normalizer().is_some() {
-            longest.saturating_mul(4)
-        } else {
+        let most_bytes = if bounded && inner.get_normalizer().is_none() {
             longest
+        } else {
+            usize::MAX
         };
         Ok(Self {
             inner,
@@ -301,7 +306,8 @@ impl PollenTokenizer {
     /// The most bytes of text one token of this tokenizer stands for: a text of `n`
     /// bytes has at least `n / most_bytes_per_token()` tokens, so one too long for a
     /// context can be refused before it is tokenized (tokenizing takes a few hundred
-    /// bytes of memory a byte of text).
+    /// bytes of memory a byte of text). `usize::MAX` where no bound is known (a model's
+    /// own tokenizer.json).
     pub fn most_bytes_per_token(&self) -> usize {
         self.most_bytes
     }
