@@ -270,16 +270,17 @@ pub fn describe_budget(budget: u64, source: memory::BudgetSource) -> String {
 pub const CLAIM_CAP_FACTOR: f64 = 4.0;
 
 /// A peer's claimed throughput (tokens/s through its span, counted for each block of it)
-/// as placement counts it: sane, and at most [`CLAIM_CAP_FACTOR`] times `own_block_tps`,
-/// this server's own measured throughput through one block. An honest server's span
-/// throughput is at most its one-block throughput, so this bounds how far a server that
+/// as placement counts it: sane, and at most [`CLAIM_CAP_FACTOR`] times `own_tps`, this
+/// server's own measured throughput through a span as long as the peer's (its one-block
+/// throughput over the span's length: [`holdings`]). This bounds how far a server that
 /// lies about its speed can make a span look covered and steer honest servers away from
-/// it, at the cost of undercounting a peer more than that much faster than this machine.
-/// Without a usable measure of its own, only [`placement::sane_throughput`] applies.
-pub fn capped_claim(claimed: f64, own_block_tps: f64) -> f64 {
+/// it (to as much as four servers as fast as this one), at the cost of undercounting a
+/// peer more than that much faster than this machine. Without a usable measure of its
+/// own, only [`placement::sane_throughput`] applies.
+pub fn capped_claim(claimed: f64, own_tps: f64) -> f64 {
     let claimed = placement::sane_throughput(claimed);
-    if own_block_tps.is_finite() && own_block_tps > 0.0 {
-        claimed.min(placement::sane_throughput(own_block_tps * CLAIM_CAP_FACTOR))
+    if own_tps.is_finite() && own_tps > 0.0 {
+        claimed.min(placement::sane_throughput(own_tps * CLAIM_CAP_FACTOR))
     } else {
         claimed
     }
@@ -287,8 +288,9 @@ pub fn capped_claim(claimed: f64, own_block_tps: f64) -> f64 {
 
 /// The swarm's holdings of `model_id` in compute mode `compute` (the spans a route may
 /// chain with this server's), this server's own left out, goodbyes counted as gone, each
-/// claimed throughput capped by [`capped_claim`] against `own_block_tps`, this server's
-/// measured one-block decode throughput.
+/// claimed throughput capped by [`capped_claim`] against what this server would do through
+/// the claimed span (`own_block_tps`, its measured one-block decode throughput, over the
+/// span's length: a claim on a long span counts for no more than one on a block).
 pub fn holdings(
     book: &[VerifiedAnnouncement],
     model_id: &ModelId,
@@ -302,10 +304,14 @@ pub fn holdings(
         .filter(|a| a.model_id == *model_id && a.compute == compute)
         .filter(|a| a.num_blocks as usize == num_blocks && a.peer.0 != me)
         .filter(|a| a.expires_at_ms.saturating_sub(a.issued_at_ms) > GOODBYE_LIFETIME_MS)
-        .map(|a| Holding {
-            who: a.peer.0.clone(),
-            span: a.blocks.start() as usize..(a.blocks.end() as usize).min(num_blocks),
-            throughput: capped_claim(f64::from(a.throughput), own_block_tps),
+        .map(|a| {
+            let span = a.blocks.start() as usize..(a.blocks.end() as usize).min(num_blocks);
+            let len = span.len().max(1) as f64;
+            Holding {
+                who: a.peer.0.clone(),
+                throughput: capped_claim(f64::from(a.throughput), own_block_tps / len),
+                span,
+            }
         })
         .collect()
 }
@@ -738,20 +744,35 @@ mod tests {
     fn a_sybil_claiming_a_span_does_not_steer_a_joining_server_away() {
         let id = ModelId::from_bytes([7; 32]);
         // Blocks 0:10: only a sybil, claiming 100 000 tokens/s. Blocks 10:20: two honest
-        // servers of 300 each. This server does 100 through one block, 10 through ten.
+        // servers of 30 each (three times this one). This server does 100 through one
+        // block, 10 through ten.
         let book = [
             announced(1, id, (0, 10), 1e5),
-            announced(2, id, (10, 20), 300.0),
-            announced(3, id, (10, 20), 300.0),
+            announced(2, id, (10, 20), 30.0),
+            announced(3, id, (10, 20), 30.0),
         ];
         let me = PeerId::random();
         let swarm = holdings(&book, &id, "exact/cpu", 20, &me, 100.0);
         let totals = placement::totals(20, &swarm);
-        assert_eq!(totals[0], 400.0, "the claim counts for 4 × 100");
         assert_eq!(
-            totals[10], 600.0,
+            totals[0], 40.0,
+            "the claim counts for 4 × 10, four servers as fast as this one through ten blocks"
+        );
+        assert_eq!(
+            totals[10], 60.0,
             "honest claims under the cap count in full"
         );
+        // A one-block sybil counts for 4 × 100 on its block, no more than the long one
+        // on each of its.
+        let one = holdings(
+            &[announced(4, id, (0, 1), 1e5)],
+            &id,
+            "exact/cpu",
+            20,
+            &me,
+            100.0,
+        );
+        assert_eq!(one[0].throughput, 400.0);
         let span = placement::choose_span(20, &swarm, &me.to_bytes(), 10, 10.0);
         assert_eq!(
             span,
