@@ -195,6 +195,29 @@ fn private_mesh_keeps_outsiders_out_answers_like_local_and_rotates_under_load() 
         "{}",
         stderr(&out)
     );
+    // Nor does a server asked for its metrics (which take no token) on an open
+    // address, before it loads anything.
+    let out = pollen_cmd()
+        .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--blocks", "0:10", "--metrics", "0.0.0.0:0"])
+        .args([
+            "--swarm-key",
+            k.as_str(),
+            "--bootstrap",
+            addr.as_str(),
+            "--identity",
+        ])
+        .arg(dir.join("metrics.key"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to serve a private mesh's metrics on 0.0.0.0"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("loading"), "{}", stderr(&out));
     // Not one outsider's connection was accepted: the bootstrap still holds the three servers only.
     assert_eq!(health(&http)["connected_peers"], 3);
     // A page of another site re-pointed at the page's address (DNS rebinding) sends its

@@ -167,7 +167,8 @@ struct ServeArgs {
     )]
     max_batch: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks
-    /// one, printed as `metrics http://...`). No authentication: keep it on a private address.
+    /// one, printed as `metrics http://...`). No authentication: keep it on a private address
+    /// (in a private mesh, a loopback one).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 }
@@ -486,6 +487,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let metrics = match args.metrics {
         Some(addr) => {
+            // A private mesh's metrics name the servers of its routes, and they take no
+            // token: only on a loopback address there.
+            if pollen_node::net::private::process_mesh().is_private() && !addr.ip().is_loopback() {
+                bail!(
+                    "refusing to serve a private mesh's metrics on {addr}: they take no token, so bind --metrics to a loopback address (127.0.0.1:PORT)"
+                );
+            }
             let (bound, task) = pollen_node::metrics::listen(addr)
                 .await
                 .with_context(|| format!("--metrics {addr}"))?;
