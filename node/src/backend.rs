@@ -583,6 +583,30 @@ async fn send_rest(
 }
 
 #[cfg(test)]
+impl Backend {
+    /// The default model in this process, fast mode, one generation at a time (tests).
+    #[allow(clippy::unwrap_used)]
+    pub(crate) async fn test_local() -> Self {
+        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
+        let load = pollen_shard::LoadOptions {
+            device: candle_core::Device::Cpu,
+            mode: pollen_shard::WeightMode::Fast,
+        };
+        Self::local(model, load, 1, |_, _| {}).await.unwrap()
+    }
+
+    /// Waits until a slot is free, at most `within`; whether one was.
+    pub(crate) async fn slot_freed(&self, within: Duration) -> bool {
+        let freed = async {
+            while self.reserve().is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(within, freed).await.is_ok()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
@@ -593,12 +617,7 @@ mod tests {
     /// among the prompts being tokenized, a long one all of it.
     #[tokio::test]
     async fn a_prompt_too_long_for_any_context_is_refused_untokenized() {
-        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
-        let load = pollen_shard::LoadOptions {
-            device: candle_core::Device::Cpu,
-            mode: pollen_shard::WeightMode::Fast,
-        };
-        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let backend = Backend::test_local().await;
         let most = backend.tokenizer().most_bytes_per_token();
         let over = backend.max_seq_len() * most + 1;
         let started = std::time::Instant::now();
@@ -642,12 +661,7 @@ mod tests {
     /// the answer and its end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_that_reads_late_does_not_hold_the_slot() {
-        let model = crate::fetch::ensure_default_model(&mut |_| {}).unwrap();
-        let load = pollen_shard::LoadOptions {
-            device: candle_core::Device::Cpu,
-            mode: pollen_shard::WeightMode::Fast,
-        };
-        let backend = Backend::local(model, load, 1, |_, _| {}).await.unwrap();
+        let backend = Backend::test_local().await;
         let prompt = backend.text_prompt("Once upon a time").unwrap();
         let params = GenerateParams {
             max_tokens: 100,
@@ -657,14 +671,10 @@ mod tests {
         let mut stream = backend
             .start(prompt, params, CancellationToken::new())
             .unwrap();
-        let freed = async {
-            while backend.reserve().is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), freed)
-            .await
-            .expect("the slot is free once the generation ends, read or not");
+        assert!(
+            backend.slot_freed(Duration::from_secs(20)).await,
+            "the slot is free once the generation ends, read or not"
+        );
         let mut text = String::new();
         let mut pieces = 0;
         let done = loop {

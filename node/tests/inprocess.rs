@@ -446,6 +446,18 @@ fn server_config(
     }
 }
 
+/// What `net` gathers of `model` once it holds `servers` announcements (asked every
+/// 50 ms).
+async fn book_of(net: &NetHandle, model: ModelId, servers: usize) -> Vec<VerifiedAnnouncement> {
+    loop {
+        let book = net.gather(Some(model)).await.unwrap();
+        if book.len() == servers {
+            return book;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A new session from `open` once a refused step has ended the client's last one: the
 /// servers answer `busy` until that session's end has reached them (5 s at most here).
 async fn reopen<F, Fut>(open: F) -> pollen_node::client::SwarmSession
@@ -527,13 +539,7 @@ async fn a_session_over_two_servers_matches_the_whole_model_and_a_full_server_is
 
         let client = Node::current(Role::Client, &cancel).await;
         client.net.dial(boot.addr.clone()).await.unwrap();
-        let book = loop {
-            let book = client.net.gather(Some(model_id)).await.unwrap();
-            if book.len() == 2 {
-                break book;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let book = book_of(&client.net, model_id, 2).await;
         for a in &book {
             assert_eq!(a.model_id, model_id);
             assert_eq!(a.num_blocks as usize, n);
@@ -950,13 +956,7 @@ async fn steps_take_memory_only_to_compute_and_a_wrong_position_takes_none() {
         let client = Node::current(Role::Client, &cancel).await;
         let other = Node::current(Role::Client, &cancel).await;
         client.net.dial(boot.addr.clone()).await.unwrap();
-        let book = loop {
-            let book = client.net.gather(Some(model_id)).await.unwrap();
-            if !book.is_empty() {
-                break book;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let book = book_of(&client.net, model_id, 1).await;
         let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
         let open = || {
             SwarmSession::open(
@@ -1061,13 +1061,7 @@ async fn silent_streams_and_idle_sessions_do_not_lock_a_client_out() {
         let server = tokio::spawn(serve::run(cfg, stop.clone(), kill.clone()));
         let client = Node::current(Role::Client, &cancel).await;
         client.net.dial(boot.addr.clone()).await.unwrap();
-        let book = loop {
-            let book = client.net.gather(Some(model_id)).await.unwrap();
-            if !book.is_empty() {
-                break book;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let book = book_of(&client.net, model_id, 1).await;
         let hops = route(&book, model_id, n, &compute, &HashMap::new()).unwrap();
         let server_peer = hops[0].peer;
         macro_rules! open {

@@ -1059,13 +1059,14 @@ mod tests {
         assert!(b.is_gone(&gone, 0));
     }
 
-    /// A hop's report that the hop after it failed bans that hop and keeps the two
-    /// apart on preferred routes, for longer than the ban (the reporter cannot report it
-    /// again and again), a broken connection and a refusal for room too.
-    #[test]
-    fn a_report_about_the_next_hop_keeps_the_pair_apart() {
-        let mut b = Bans::default();
-        let failure = |peer, code, blamed_by| HopFailure {
+    /// A failure of `peer`, the hop with blocks 10:20, with `code`, reported by the hop
+    /// before where `blamed_by` is some.
+    fn report_about_blocks_10_20(
+        peer: PeerId,
+        code: ErrorCode,
+        blamed_by: Option<PeerId>,
+    ) -> HopFailure {
+        HopFailure {
             hop: 1,
             peer,
             blocks: crate::blocks::BlockRange { start: 10, end: 20 },
@@ -1073,7 +1074,16 @@ mod tests {
             message: "x".into(),
             reported_by: None,
             blamed_by,
-        };
+        }
+    }
+
+    /// A hop's report that the hop after it failed bans that hop and keeps the two
+    /// apart on preferred routes, for longer than the ban (the reporter cannot report it
+    /// again and again), a broken connection and a refusal for room too.
+    #[test]
+    fn a_report_about_the_next_hop_keeps_the_pair_apart() {
+        let mut b = Bans::default();
+        let failure = report_about_blocks_10_20;
         let (before, hung, crashed, own) = (
             PeerId::random(),
             PeerId::random(),
@@ -1135,15 +1145,7 @@ mod tests {
     #[test]
     fn a_hop_reporting_server_after_server_sits_out_itself() {
         let mut b = Bans::default();
-        let failure = |peer, code, blamed_by| HopFailure {
-            hop: 1,
-            peer,
-            blocks: crate::blocks::BlockRange { start: 10, end: 20 },
-            code,
-            message: "x".into(),
-            reported_by: None,
-            blamed_by: Some(blamed_by),
-        };
+        let failure = |peer, code, by| report_about_blocks_10_20(peer, code, Some(by));
         let (hostile, honest) = (PeerId::random(), PeerId::random());
         let victims: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
         b.judge(&failure(victims[0], ErrorCode::Busy, hostile));

@@ -146,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PnetStream<S> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.still_keyed()?;
         loop {
             match &mut this.read {
                 ReadState::Detecting { buf: head, filled } => {
@@ -179,9 +180,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PnetStream<S> {
                         plain,
                         at: 0,
                     };
-                }
-                ReadState::Ready { .. } if this.checked.elapsed() >= KEY_CHECK_EVERY => {
-                    this.still_keyed()?;
                 }
                 ReadState::Ready {
                     cipher, plain, at, ..
