@@ -64,7 +64,7 @@ pub use validate::printable;
 ///
 /// Two peers talk only if their versions are equal; [`negotiate`] checks it during the
 /// [`Hello`] exchange. Bump it whenever any message layout or meaning changes.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The libp2p protocol name of the version handshake.
 ///
@@ -78,13 +78,13 @@ pub const HELLO_PROTOCOL: &str = "/pollen/hello/1";
 /// [`InferResponse`]s up, one stream per session and hop (see [`InferRequest`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const INFER_PROTOCOL: &str = "/pollen/infer/8";
+pub const INFER_PROTOCOL: &str = "/pollen/infer/9";
 
 /// The libp2p protocol name for asking a peer directly for its current signed announcement
 /// ([`AnnounceRequest`] / [`AnnounceResponse`]).
 ///
 /// Its version is [`PROTOCOL_VERSION`].
-pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/8";
+pub const ANNOUNCE_PROTOCOL: &str = "/pollen/announce/9";
 
 #[cfg(test)]
 mod tests {

@@ -429,38 +429,36 @@ pub enum AnnounceRequest {
         /// Only this model, or every model when `None`.
         model_id: Option<ModelId>,
     },
-    /// One page of the announcements the receiver holds, in its list order (model id,
-    /// first block, peer id), starting after `after`; answered with
+    /// One page of the announcements the receiver holds, in the list order that `order`
+    /// keys (see [`ListCursor`]), starting after `after`; answered with
     /// [`AnnounceResponse::Page`].
     ListPage {
         /// Only this model, or every model when `None`.
         model_id: Option<ModelId>,
+        /// The asker's own random key of the order, the same for every page of one
+        /// reading: no announcer can know where its entries will come in the list.
+        order: [u8; 16],
         /// Where the previous page ended (`None` for the first page).
         after: Option<ListCursor>,
     },
 }
 
-/// A place in a book's list order: the (model id, first block, peer id) of the last
-/// announcement of a page.
+/// A place in a book's list order: the (model id, rank, place, peer id) of the last
+/// announcement of a page. A book lists each model's announcements by rank first: an
+/// announcement's rank is how many announcements that reached the book from the same
+/// address (or, with none, the same sender) come before it in place order, so that one
+/// address's many entries cannot come before other addresses' first ones; then by
+/// place, a hash of the peer id keyed by the asker's `order`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ListCursor {
     /// The model.
     pub model_id: ModelId,
-    /// The first block of the span.
-    pub start: u32,
+    /// The announcement's rank among its address's.
+    pub rank: u32,
+    /// Its place in the asker's order.
+    pub place: u64,
     /// The announcing peer.
     pub peer: PeerIdBytes,
-}
-
-impl ListCursor {
-    /// The cursor just at `a`: a page after it starts with the announcement after `a`.
-    pub fn at(a: &crate::Announcement) -> Self {
-        Self {
-            model_id: a.model_id,
-            start: a.blocks.start(),
-            peer: a.peer.clone(),
-        }
-    }
 }
 
 impl AnnounceRequest {

@@ -280,6 +280,7 @@ fn cases() -> Vec<Case> {
             "announce-request/list-page-first",
             AnnounceRequest::ListPage {
                 model_id: Some(model()),
+                order: std::array::from_fn(|i| 0xa0 + i as u8),
                 after: None,
             },
         ),
@@ -287,14 +288,25 @@ fn cases() -> Vec<Case> {
             "announce-request/list-page-after",
             AnnounceRequest::ListPage {
                 model_id: None,
-                after: Some(ListCursor::at(&announcement(6))),
+                order: [0x5a; 16],
+                after: Some(ListCursor {
+                    model_id: model(),
+                    rank: 300,
+                    place: 0x0123_4567_89ab_cdef,
+                    peer: peer(6),
+                }),
             },
         ),
         case(
             "announce-response/page",
             AnnounceResponse::Page {
                 list: vec![signed(7)],
-                next: Some(ListCursor::at(&announcement(7))),
+                next: Some(ListCursor {
+                    model_id: model(),
+                    rank: 0,
+                    place: 7,
+                    peer: peer(7),
+                }),
             },
         ),
         case(
@@ -440,15 +452,15 @@ const GOLDEN: &[(&str, &str)] = &[
     ("announce-response/list-empty", "020000000400"),
     (
         "announce-request/list-page-first",
-        "230000000301000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f00",
+        "330000000301000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fa0a1a2a3a4a5a6a7a8a9aaabacadaeaf00",
     ),
     (
         "announce-request/list-page-after",
-        "4b000000030001000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0a26002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c",
+        "6600000003005a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1ffb2c01fdefcdab896745230126060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b",
     ),
     (
         "announce-response/page",
-        "98010000050126002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f15536d6f6c4c4d322d3133354d2d496e7374727563741e0a1e00002a4208fb004001172f6970342f3132372e302e302e312f7463702f3430303105657861637402260405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829fbb0042605060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292afafd0068e5cf8b010000fdc03ce7cf8b01000007ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c76be35c1648bac7fc97fe1d6234596cf9021f6caa3ce79008f7b48b43003e0884eb3da6fc342380a4fec240d80a9a2c017135dc4ce8250b2ceef2af0d776c60d01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0a26002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c",
+        "99010000050126002408011220ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f15536d6f6c4c4d322d3133354d2d496e7374727563741e0a1e00002a4208fb004001172f6970342f3132372e302e302e312f7463702f3430303105657861637402260405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829fbb0042605060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292afafd0068e5cf8b010000fdc03ce7cf8b01000007ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c76be35c1648bac7fc97fe1d6234596cf9021f6caa3ce79008f7b48b43003e0884eb3da6fc342380a4fec240d80a9a2c017135dc4ce8250b2ceef2af0d776c60d01000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f0007260708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c",
     ),
     ("announce-response/page-last", "03000000050000"),
 ];

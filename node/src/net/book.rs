@@ -237,8 +237,31 @@ impl RateLimitedLog {
 #[derive(Debug, Clone)]
 struct Entry {
     ann: VerifiedAnnouncement,
+    /// A hash of the model id and the peer id: what a list's order keys
+    /// ([`AnnouncementBook::page`]).
+    digest: [u8; 32],
+    /// A hash of the model id and where the entry came from (its IP address's share, or
+    /// its sender, or with neither the announcing peer): entries of the same group rank
+    /// among each other in a list.
+    group: u64,
     sender: Option<PeerId>,
     ip: Option<IpAddr>,
+}
+
+/// [`Entry::group`]: the model and the IP address's share an announcement came from, else
+/// its sender, else the announcing peer.
+fn group_of(a: &VerifiedAnnouncement, sender: Option<&PeerId>, ip: Option<IpAddr>) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(a.model_id.as_bytes());
+    match (ip, sender) {
+        (Some(IpAddr::V4(ip)), _) => h.update(&[4]).update(&ip.octets()),
+        (Some(IpAddr::V6(ip)), _) => h.update(&[6]).update(&ip.octets()),
+        (None, Some(s)) => h.update(&[1]).update(&s.to_bytes()),
+        (None, None) => h.update(&[0]).update(&a.peer.0),
+    };
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(g)
 }
 
 /// What a multiaddr's caps per address count against, if it has an IP address: see
@@ -494,6 +517,11 @@ impl AnnouncementBook {
         self.entries.insert(
             key,
             Entry {
+                digest: blake3::hash(
+                    &[verified.model_id.as_bytes(), &verified.peer.0[..]].concat(),
+                )
+                .into(),
+                group: group_of(&verified, sender.as_ref(), ip),
                 ann: verified,
                 sender,
                 ip,
@@ -608,50 +636,80 @@ impl AnnouncementBook {
         out
     }
 
-    /// One page of [`Self::list`]: the announcements after `after` in list order, as many
-    /// as fit `fits` (called with each in turn; at most
-    /// [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`]), and the cursor of the next
-    /// page when more remain.
+    /// One page of the book's list in the order `order` keys ([`ListCursor`]: by model,
+    /// then by rank among the announcements that came from the same address, or the same
+    /// sender where there is none, then by place, a hash of the peer id keyed by
+    /// `order`): the announcements after `after`, as many as fit `fits` (called with
+    /// each in turn; at most [`pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS`]), and
+    /// the cursor of the next page when more remain. However many announcements one
+    /// address brings, every other address's first comes before its second, and none
+    /// can choose its keys to come early: the asker's key is its own.
     pub fn page(
         &self,
         model: Option<&ModelId>,
+        order: &[u8; 16],
         after: Option<&ListCursor>,
         mut fits: impl FnMut(&SignedAnnouncement) -> bool,
     ) -> (Vec<SignedAnnouncement>, Option<ListCursor>) {
         let now = now_ms();
-        fn order(a: &VerifiedAnnouncement) -> ([u8; 32], u32, &[u8]) {
-            (*a.model_id.as_bytes(), a.blocks.start(), &a.peer.0)
-        }
-        let after = after.map(|c| (*c.model_id.as_bytes(), c.start, c.peer.0.as_slice()));
-        // References only: the page is cloned, never the book. The smallest
-        // `MAX_LIST_ANNOUNCEMENTS + 1` past the cursor are picked in linear time, then
-        // sorted.
-        let mut rest: Vec<&VerifiedAnnouncement> = self
+        let key = blake3::derive_key("pollen book list order 2026-12-05", order);
+        // References only: the page is cloned, never the book.
+        let mut all: Vec<(u64, u64, &VerifiedAnnouncement)> = self
             .entries
             .values()
-            .map(|e| &e.ann)
-            .filter(|a| a.expires_at_ms > now)
-            .filter(|a| model.is_none_or(|m| a.model_id == *m))
-            .filter(|a| after.is_none_or(|k| order(a) > k))
+            .filter(|e| e.ann.expires_at_ms > now)
+            .filter(|e| model.is_none_or(|m| e.ann.model_id == *m))
+            .map(|e| {
+                let mut place = [0u8; 8];
+                place.copy_from_slice(&blake3::keyed_hash(&key, &e.digest).as_bytes()[..8]);
+                (e.group, u64::from_le_bytes(place), &e.ann)
+            })
             .collect();
-        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
-        if rest.len() > max + 1 {
-            rest.select_nth_unstable_by(max, |a, b| order(a).cmp(&order(b)));
-            rest.truncate(max + 1);
+        // Ranks in place order within each group; an announcement's place in the list
+        // is (model, rank, place, peer).
+        all.sort_unstable_by(|a, b| (a.0, a.1, &a.2.peer.0).cmp(&(b.0, b.1, &b.2.peer.0)));
+        type Key<'a> = (&'a [u8; 32], u32, u64, &'a [u8]);
+        let after: Option<Key<'_>> =
+            after.map(|c| (c.model_id.as_bytes(), c.rank, c.place, c.peer.0.as_slice()));
+        let mut ranked: Vec<(Key<'_>, &VerifiedAnnouncement)> = Vec::with_capacity(all.len());
+        let mut rank = 0u32;
+        for (i, (group, place, a)) in all.iter().enumerate() {
+            rank = match i.checked_sub(1).map(|j| all[j].0) {
+                Some(g) if g == *group => rank.saturating_add(1),
+                _ => 0,
+            };
+            let at = (a.model_id.as_bytes(), rank, *place, a.peer.0.as_slice());
+            if after.is_none_or(|k| at > k) {
+                ranked.push((at, a));
+            }
         }
-        rest.sort_by(|a, b| order(a).cmp(&order(b)));
-        let mut rest = rest.into_iter().peekable();
+        // The smallest `MAX_LIST_ANNOUNCEMENTS + 1` past the cursor are picked in linear
+        // time, then sorted.
+        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
+        if ranked.len() > max + 1 {
+            ranked.select_nth_unstable_by(max, |a, b| a.0.cmp(&b.0));
+            ranked.truncate(max + 1);
+        }
+        ranked.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut rest = ranked.into_iter().peekable();
         let mut page = Vec::new();
-        while let Some(a) = rest.peek() {
+        let mut last = None;
+        while let Some((_, a)) = rest.peek() {
             if page.len() >= max || !fits(a.signed()) {
                 break;
             }
-            if let Some(a) = rest.next() {
+            if let Some(((_, rank, place, _), a)) = rest.next() {
                 page.push(a.clone().into_signed());
+                last = Some(ListCursor {
+                    model_id: a.model_id,
+                    rank,
+                    place,
+                    peer: a.peer.clone(),
+                });
             }
         }
-        let next = match (rest.peek(), page.last()) {
-            (Some(_), Some(last)) => Some(ListCursor::at(&last.announcement)),
+        let next = match (rest.peek(), last) {
+            (Some(_), Some(last)) => Some(last),
             _ => None,
         };
         (page, next)
@@ -975,23 +1033,89 @@ mod tests {
             book.insert(signed(&key, 1, (0, 10), 1)).unwrap();
         }
         let model = ModelId::from_bytes([1; 32]);
-        let (first, next) = book.page(Some(&model), None, |_| true);
+        let order = [3; 16];
+        let (first, next) = book.page(Some(&model), &order, None, |_| true);
         assert_eq!(first.len(), pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS);
         let next = next.unwrap();
-        let (second, end) = book.page(Some(&model), Some(&next), |_| true);
+        let (second, end) = book.page(Some(&model), &order, Some(&next), |_| true);
         assert_eq!((second.len(), end), (300, None));
-        let mut all: Vec<_> = first.into_iter().chain(second).collect();
-        all.dedup();
-        assert_eq!(all.len(), n);
+        let all: Vec<_> = first.into_iter().chain(second).collect();
+        let peers: std::collections::HashSet<_> =
+            all.iter().map(|a| a.announcement.peer.clone()).collect();
+        assert_eq!(peers.len(), n);
         // A size limit ends a page early; the next one picks up where it stopped.
         let mut left = 10;
-        let (small, next) = book.page(Some(&model), None, |_| {
+        let (small, next) = book.page(Some(&model), &order, None, |_| {
             left -= 1;
             left >= 0
         });
         assert_eq!(small.len(), 10);
-        let (after, _) = book.page(Some(&model), next.as_ref(), |_| true);
+        let (after, _) = book.page(Some(&model), &order, next.as_ref(), |_| true);
         assert_eq!(after[0], all[10]);
+    }
+
+    /// Two list pages (all a gather reads from a bootstrap) of fakes, sent from eight
+    /// addresses at their cap, and announced at the first block, hide no server that
+    /// published from an address of its own: each address's first announcement comes
+    /// before any address's second. And the asker's key orders the rest: two keys, two
+    /// orders.
+    #[test]
+    fn one_address_s_many_announcements_cannot_push_others_out_of_a_list() {
+        let mut book = AnnouncementBook::with_limits(BookLimits {
+            publish_burst: 100_000,
+            ip_publish_burst: 100_000,
+            ..BookLimits::default()
+        });
+        let per_ip = book.limits().per_ip;
+        let mut fakes = 0;
+        for a in 0..8u8 {
+            for _ in 0..per_ip {
+                let key = Keypair::generate_ed25519();
+                let sender = key.public().to_peer_id();
+                book.connected(
+                    sender,
+                    &format!("/ip4/198.51.100.{a}/tcp/1").parse().unwrap(),
+                );
+                book.insert_from(&sender, signed(&key, 1, (0, 30), 1))
+                    .unwrap();
+                fakes += 1;
+            }
+        }
+        let mut honest = std::collections::HashSet::new();
+        for h in 0..3u8 {
+            let key = Keypair::generate_ed25519();
+            let sender = key.public().to_peer_id();
+            book.connected(
+                sender,
+                &format!("/ip4/203.0.113.{h}/tcp/1").parse().unwrap(),
+            );
+            let blocks = (10 * u32::from(h), 10 * u32::from(h) + 10);
+            book.insert_from(&sender, signed(&key, 1, blocks, 1))
+                .unwrap();
+            honest.insert(PeerIdBytes(sender.to_bytes()));
+        }
+        let model = ModelId::from_bytes([1; 32]);
+        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
+        assert!(fakes >= 2 * max, "the fakes alone fill two pages");
+        let read = |order: &[u8; 16]| {
+            let (first, next) = book.page(Some(&model), order, None, |_| true);
+            let (second, _) = book.page(Some(&model), order, next.as_ref(), |_| true);
+            first
+                .into_iter()
+                .chain(second)
+                .map(|a| a.announcement.peer)
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (read(&[1; 16]), read(&[2; 16]));
+        assert_eq!(a.len(), 2 * max);
+        for peers in [&a, &b] {
+            let first: std::collections::HashSet<_> = peers[..11].iter().cloned().collect();
+            assert!(
+                honest.is_subset(&first),
+                "every address's first entry leads"
+            );
+        }
+        assert_ne!(a, b, "another key, another order");
     }
 
     #[test]

@@ -711,11 +711,15 @@ impl NetHandle {
         model: Option<ModelId>,
         share: usize,
     ) -> NetResult<Vec<SignedAnnouncement>> {
+        // One key of the list's order for all its pages, drawn here: no announcer knows
+        // where its entries come.
+        let order: [u8; 16] = rand::random();
         read_pages(peer, share, |after| {
             self.announce(
                 peer,
                 AnnounceRequest::ListPage {
                     model_id: model,
+                    order,
                     after,
                 },
             )
@@ -883,7 +887,8 @@ mod tests {
     fn cursor() -> ListCursor {
         ListCursor {
             model_id: ModelId::from_bytes([7; 32]),
-            start: 0,
+            rank: 0,
+            place: 0,
             peer: PeerIdBytes(vec![1; 38]),
         }
     }

@@ -205,7 +205,11 @@ impl Publisher {
                 }
             },
             // This node's own list requests are not rate-limited.
-            AnnounceRequest::ListPage { model_id, after } => self.page(model_id, after).0,
+            AnnounceRequest::ListPage {
+                model_id,
+                order,
+                after,
+            } => self.page(model_id, &order, after).0,
             AnnounceRequest::List { model_id } => self.first_page(model_id).0,
             other => self.answer(me, other),
         }
@@ -300,7 +304,11 @@ impl Publisher {
                     ),
                 ))
             }
-            AnnounceRequest::ListPage { model_id, after } => return self.page(model_id, after),
+            AnnounceRequest::ListPage {
+                model_id,
+                order,
+                after,
+            } => return self.page(model_id, &order, after),
             AnnounceRequest::List { model_id } => return self.first_page(model_id),
             AnnounceRequest::Get { model_id } => match &self.own {
                 Some(own) if own.announcement.model_id == model_id => {
@@ -327,18 +335,20 @@ impl Publisher {
     fn page(
         &self,
         model_id: Option<ModelId>,
+        order: &[u8; 16],
         after: Option<ListCursor>,
     ) -> (AnnounceResponse, usize) {
         let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 128;
-        let (list, next, used) = self.within(model_id, after, budget);
+        let (list, next, used) = self.within(model_id, order, after, budget);
         (AnnounceResponse::Page { list, next }, used)
     }
 
     /// The answer to a `List` request, and its announcements' bytes.
     fn first_page(&self, model_id: Option<ModelId>) -> (AnnounceResponse, usize) {
-        // The first page: stop before the answer would outgrow its frame limit.
+        // The first page: stop before the answer would outgrow its frame limit. The asker
+        // gives no key of the order: this node draws one.
         let budget = pollen_protocol::limits::MAX_ANNOUNCE_RESPONSE_BYTES - 64;
-        let (list, _, used) = self.within(model_id, None, budget);
+        let (list, _, used) = self.within(model_id, &rand::random(), None, budget);
         (AnnounceResponse::List(list), used)
     }
 
@@ -347,18 +357,21 @@ impl Publisher {
     fn within(
         &self,
         model_id: Option<ModelId>,
+        order: &[u8; 16],
         after: Option<ListCursor>,
         budget: usize,
     ) -> (Vec<SignedAnnouncement>, Option<ListCursor>, usize) {
         let mut used = 0;
-        let (list, next) = self.book.page(model_id.as_ref(), after.as_ref(), |a| {
-            let with = used + pollen_protocol::encoded_len(a);
-            let fits = with <= budget;
-            if fits {
-                used = with;
-            }
-            fits
-        });
+        let (list, next) = self
+            .book
+            .page(model_id.as_ref(), order, after.as_ref(), |a| {
+                let with = used + pollen_protocol::encoded_len(a);
+                let fits = with <= budget;
+                if fits {
+                    used = with;
+                }
+                fits
+            });
         (list, next, used)
     }
 }

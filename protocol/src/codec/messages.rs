@@ -474,9 +474,14 @@ impl Wire for AnnounceRequest {
                 put_tag(e, 2)?;
                 put_model_filter(e, model_id)
             }
-            AnnounceRequest::ListPage { model_id, after } => {
+            AnnounceRequest::ListPage {
+                model_id,
+                order,
+                after,
+            } => {
                 put_tag(e, 3)?;
                 put_model_filter(e, model_id)?;
+                e.writer().write(order)?;
                 put_cursor(e, after)
             }
         }
@@ -501,8 +506,13 @@ impl Wire for AnnounceRequest {
                     1 => Some(ModelId::get(d)?),
                     t => return Err(unknown_tag("model filter", t)),
                 };
+                let order = get_array::<_, 16>(d)?;
                 let after = get_cursor(d)?;
-                Ok(AnnounceRequest::ListPage { model_id, after })
+                Ok(AnnounceRequest::ListPage {
+                    model_id,
+                    order,
+                    after,
+                })
             }
             t => Err(unknown_tag("announce request", t)),
         }
@@ -564,14 +574,16 @@ fn put_model_filter<E: Encoder>(e: &mut E, model_id: &Option<ModelId>) -> Result
     }
 }
 
-/// A list cursor: a tag (0: none, 1: some), then model id, first block (u32), peer id.
+/// A list cursor: a tag (0: none, 1: some), then model id, rank (u32), place (u64), peer
+/// id.
 fn put_cursor<E: Encoder>(e: &mut E, c: &Option<ListCursor>) -> Result<(), EncodeError> {
     match c {
         None => put_tag(e, 0),
         Some(c) => {
             put_tag(e, 1)?;
             c.model_id.put(e)?;
-            c.start.encode(e)?;
+            c.rank.encode(e)?;
+            c.place.encode(e)?;
             c.peer.put(e)
         }
     }
@@ -582,7 +594,8 @@ fn get_cursor<D: Decoder>(d: &mut D) -> Result<Option<ListCursor>, DecodeError> 
         0 => Ok(None),
         1 => Ok(Some(ListCursor {
             model_id: ModelId::get(d)?,
-            start: u32::decode(d)?,
+            rank: u32::decode(d)?,
+            place: u64::decode(d)?,
             peer: PeerIdBytes::get(d)?,
         })),
         t => Err(unknown_tag("list cursor", t)),
