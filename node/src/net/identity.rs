@@ -1,5 +1,6 @@
 //! The node's persistent ed25519 identity: one key file, created on first run
-//! with mode 0600, giving the same peer id after every restart.
+//! with mode 0600, giving the same peer id after every restart; a key file that
+//! other users may read or write is refused.
 
 use libp2p::identity::Keypair;
 use std::io::Write;
@@ -27,6 +28,20 @@ pub enum IdentityError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The file can be read by other users (or written by them): whoever reads it can act
+    /// as this node.
+    #[error(
+        "{} is open to other users (mode {mode:o}): whoever reads it can sign as this node; \
+         make it private with `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Another running node holds the file.
     #[error(
@@ -81,6 +96,22 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
         reason,
     };
     if path.exists() {
+        let meta = std::fs::metadata(path).map_err(|e| io("reading", e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(IdentityError::Exposed {
+                    path: path.to_path_buf(),
+                    mode,
+                });
+            }
+        }
+        // An ed25519 key's encoding is 68 bytes.
+        if meta.len() > 4096 {
+            return Err(not_a_key(format!("{} bytes is too long", meta.len())));
+        }
         let bytes = std::fs::read(path).map_err(|e| io("reading", e))?;
         let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| not_a_key(e.to_string()))?;
         if key.clone().try_into_ed25519().is_err() {
@@ -155,6 +186,17 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
+            // Open to other users (as a copy under a 022 umask is): refused, saying how
+            // to mend it; private again, the same key.
+            for open in [0o644, 0o640, 0o606] {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(open)).unwrap();
+                let err = load_or_create(&path).err().unwrap();
+                assert!(matches!(err, IdentityError::Exposed { mode, .. } if mode == open));
+                assert!(err.to_string().contains("chmod 600"), "{err}");
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+            assert_eq!(load_or_create(&path).unwrap().public(), a.public());
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         std::fs::write(&path, b"garbage").unwrap();
         let err = load_or_create(&path).err().unwrap().to_string();
