@@ -544,9 +544,29 @@ pub async fn watch_swarm(
             span,
             throughput,
         });
-        let Some(m) = placement::plan_move_among(w.num_blocks, &swarm, placement::MARGIN, |k| {
-            pins.movable(k)
-        }) else {
+        // Off the runtime's workers: the plan tries every holder at every place, so its
+        // time grows with holders × blocks² (16,384 holders of an 80-block model, a full
+        // book: about 0.6 s).
+        let num_blocks = w.num_blocks;
+        let planned = tokio::task::spawn_blocking(move || {
+            let m = placement::plan_move_among(num_blocks, &swarm, placement::MARGIN, |k| {
+                pins.movable(k)
+            });
+            (m, pins)
+        })
+        .await;
+        let m = match planned {
+            Ok((m, back)) => {
+                pins = back;
+                m
+            }
+            Err(e) => {
+                tracing::error!("placement: planning failed: {e}");
+                pins = Pins::default();
+                None
+            }
+        };
+        let Some(m) = m else {
             named = None;
             continue;
         };
