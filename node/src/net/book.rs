@@ -29,6 +29,12 @@ const MAX_BUCKETS: usize = 8192;
 pub const LIST_BURST: u32 = 32;
 /// List requests a second one peer may send, sustained.
 pub const LIST_PER_S: f64 = 2.0;
+/// List requests the peers of one IP address's share (relayed peers: one share in all)
+/// may send at once: a page of a full book costs a bootstrap's event loop a few
+/// milliseconds, and peer ids cost nothing.
+pub const LIST_IP_BURST: u32 = 64;
+/// List requests a second the peers of one address's share may send, sustained.
+pub const LIST_IP_PER_S: f64 = 8.0;
 
 /// How often a refusal of the same kind is logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -248,16 +254,31 @@ struct Entry {
     ip: Option<IpAddr>,
 }
 
-/// [`Entry::group`]: the model and the IP address's share an announcement came from, else
-/// its sender, else the announcing peer.
-fn group_of(a: &VerifiedAnnouncement, sender: Option<&PeerId>, ip: Option<IpAddr>) -> u64 {
+/// Where an announcement came from, for its rank in lists ([`Entry::group`]).
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// Published over a connection: its sender and the connection's address share
+    /// (`None`: a relayed connection).
+    Published(PeerId, Option<IpAddr>),
+    /// Gathered from this peer's list.
+    Gathered(PeerId),
+    /// Put in by this node itself.
+    Own,
+}
+
+/// [`Entry::group`]: the model and where the announcement came from: an IPv4 address,
+/// an IPv6 address's /48 (a site's usual allocation: its 65,536 /64s, each a share of
+/// the caps, are one group), every relayed sender together, the peer a list was
+/// gathered from, or (put in by this node) the announcing peer.
+fn group_of(a: &VerifiedAnnouncement, origin: Origin) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(a.model_id.as_bytes());
-    match (ip, sender) {
-        (Some(IpAddr::V4(ip)), _) => h.update(&[4]).update(&ip.octets()),
-        (Some(IpAddr::V6(ip)), _) => h.update(&[6]).update(&ip.octets()),
-        (None, Some(s)) => h.update(&[1]).update(&s.to_bytes()),
-        (None, None) => h.update(&[0]).update(&a.peer.0),
+    match origin {
+        Origin::Published(_, Some(IpAddr::V4(ip))) => h.update(&[4]).update(&ip.octets()),
+        Origin::Published(_, Some(IpAddr::V6(ip))) => h.update(&[6]).update(&ip.octets()[..6]),
+        Origin::Published(_, None) => h.update(&[2]),
+        Origin::Gathered(s) => h.update(&[1]).update(&s.to_bytes()),
+        Origin::Own => h.update(&[0]).update(&a.peer.0),
     };
     let mut g = [0u8; 8];
     g.copy_from_slice(&h.finalize().as_bytes()[..8]);
@@ -324,6 +345,8 @@ pub struct AnnouncementBook {
     peer_rate: HashMap<PeerId, Bucket>,
     ip_rate: HashMap<IpAddr, Bucket>,
     list_rate: HashMap<PeerId, Bucket>,
+    /// List requests by address share (`None`: every relayed peer).
+    list_ip_rate: HashMap<Option<IpAddr>, Bucket>,
     log: RateLimitedLog,
 }
 
@@ -348,6 +371,7 @@ impl AnnouncementBook {
             peer_rate: HashMap::new(),
             ip_rate: HashMap::new(),
             list_rate: HashMap::new(),
+            list_ip_rate: HashMap::new(),
             log: RateLimitedLog::default(),
         }
     }
@@ -381,7 +405,7 @@ impl AnnouncementBook {
     /// Verifies `signed` and keeps it, as this node's own (its own announcement, or one
     /// it gathered itself from a list): no cap per sender applies.
     pub fn insert(&mut self, signed: SignedAnnouncement) -> Result<(), BookError> {
-        self.insert_entry(signed, None, None)
+        self.insert_entry(signed, Origin::Own)
     }
 
     /// Verifies `signed`, published by the connected peer `from`, and keeps it within the
@@ -418,7 +442,7 @@ impl AnnouncementBook {
             });
             return Err(BookError::Capped { cap, limit });
         }
-        self.insert_entry(signed, Some(*from), ip)
+        self.insert_entry(signed, Origin::Published(*from, ip))
     }
 
     /// Verifies `signed`, which this node gathered itself from `source`'s list, and keeps
@@ -431,13 +455,17 @@ impl AnnouncementBook {
         signed: SignedAnnouncement,
         share: usize,
     ) -> Result<(), BookError> {
-        self.insert_capped(signed, Some(*source), None, share)
+        self.insert_capped(signed, Origin::Gathered(*source), share)
     }
 
     /// Takes a token from `peer`'s bucket of list requests ([`LIST_BURST`], then
-    /// [`LIST_PER_S`] a second); whether one was left.
+    /// [`LIST_PER_S`] a second) and from its address share's ([`LIST_IP_BURST`], then
+    /// [`LIST_IP_PER_S`]; relayed peers share one, as do peers of no known connection);
+    /// whether both had one.
     pub fn take_list(&mut self, peer: &PeerId) -> bool {
+        let ip = self.conns.get(peer).copied().flatten();
         take(&mut self.list_rate, *peer, LIST_BURST, LIST_PER_S)
+            && take(&mut self.list_ip_rate, ip, LIST_IP_BURST, LIST_IP_PER_S)
     }
 
     fn capped(&mut self, cap: Cap, limit: usize, who: String) -> BookError {
@@ -453,20 +481,23 @@ impl AnnouncementBook {
     fn insert_entry(
         &mut self,
         signed: SignedAnnouncement,
-        sender: Option<PeerId>,
-        ip: Option<IpAddr>,
+        origin: Origin,
     ) -> Result<(), BookError> {
         let per_sender = self.limits.per_sender;
-        self.insert_capped(signed, sender, ip, per_sender)
+        self.insert_capped(signed, origin, per_sender)
     }
 
     fn insert_capped(
         &mut self,
         signed: SignedAnnouncement,
-        sender: Option<PeerId>,
-        ip: Option<IpAddr>,
+        origin: Origin,
         per_sender: usize,
     ) -> Result<(), BookError> {
+        let (sender, ip) = match origin {
+            Origin::Published(s, ip) => (Some(s), ip),
+            Origin::Gathered(s) => (Some(s), None),
+            Origin::Own => (None, None),
+        };
         let now = now_ms();
         // The caps first, on the key the announcement claims: a refusal costs no
         // signature check (a hostile page of entries past its sender's share is cheap to
@@ -521,7 +552,7 @@ impl AnnouncementBook {
                     &[verified.model_id.as_bytes(), &verified.peer.0[..]].concat(),
                 )
                 .into(),
-                group: group_of(&verified, sender.as_ref(), ip),
+                group: group_of(&verified, origin),
                 ann: verified,
                 sender,
                 ip,
@@ -607,6 +638,8 @@ impl AnnouncementBook {
             .retain(|_, b| !b.is_full(at, l.ip_publish_burst, l.ip_publish_per_s));
         self.list_rate
             .retain(|_, b| !b.is_full(at, LIST_BURST, LIST_PER_S));
+        self.list_ip_rate
+            .retain(|_, b| !b.is_full(at, LIST_IP_BURST, LIST_IP_PER_S));
     }
 
     /// Drops every announcement of `peer` (it said goodbye).
@@ -659,6 +692,9 @@ impl AnnouncementBook {
             .values()
             .filter(|e| e.ann.expires_at_ms > now)
             .filter(|e| model.is_none_or(|m| e.ann.model_id == *m))
+            // A model before the cursor's has no entry left to list (and its ranks are
+            // its own).
+            .filter(|e| after.is_none_or(|c| e.ann.model_id.as_bytes() >= c.model_id.as_bytes()))
             .map(|e| {
                 let mut place = [0u8; 8];
                 place.copy_from_slice(&blake3::keyed_hash(&key, &e.digest).as_bytes()[..8]);
@@ -1055,67 +1091,120 @@ mod tests {
     }
 
     /// Two list pages (all a gather reads from a bootstrap) of fakes, sent from eight
-    /// addresses at their cap, and announced at the first block, hide no server that
-    /// published from an address of its own: each address's first announcement comes
-    /// before any address's second. And the asker's key orders the rest: two keys, two
-    /// orders.
+    /// addresses at their cap, and again from 2,048 IPv6 /64s of one /48, all announced
+    /// at the first block, hide no server that published from an address of its own:
+    /// each group's first announcement comes before any group's second. And the asker's
+    /// key orders the rest: two keys, two orders.
     #[test]
     fn one_address_s_many_announcements_cannot_push_others_out_of_a_list() {
+        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
+        let per_ip = BookLimits::default().per_ip;
+        let v4 = (0..8 * per_ip)
+            .map(|i| format!("/ip4/198.51.100.{}/tcp/1", i / per_ip))
+            .collect::<Vec<_>>();
+        let v6 = (0..2 * max)
+            .map(|i| format!("/ip6/2001:db8:7:{i:x}::1/tcp/1"))
+            .collect::<Vec<_>>();
+        for fakes in [v4, v6] {
+            let mut book = AnnouncementBook::with_limits(BookLimits {
+                publish_burst: 100_000,
+                ip_publish_burst: 100_000,
+                ..BookLimits::default()
+            });
+            for addr in &fakes {
+                let key = Keypair::generate_ed25519();
+                let sender = key.public().to_peer_id();
+                book.connected(sender, &addr.parse().unwrap());
+                book.insert_from(&sender, signed(&key, 1, (0, 30), 1))
+                    .unwrap();
+            }
+            let mut honest = std::collections::HashSet::new();
+            for h in 0..3u8 {
+                let key = Keypair::generate_ed25519();
+                let sender = key.public().to_peer_id();
+                book.connected(
+                    sender,
+                    &format!("/ip4/203.0.113.{h}/tcp/1").parse().unwrap(),
+                );
+                let blocks = (10 * u32::from(h), 10 * u32::from(h) + 10);
+                book.insert_from(&sender, signed(&key, 1, blocks, 1))
+                    .unwrap();
+                honest.insert(PeerIdBytes(sender.to_bytes()));
+            }
+            let model = ModelId::from_bytes([1; 32]);
+            assert!(fakes.len() >= 2 * max, "the fakes alone fill two pages");
+            let read = |order: &[u8; 16]| {
+                let (first, next) = book.page(Some(&model), order, None, |_| true);
+                let (second, _) = book.page(Some(&model), order, next.as_ref(), |_| true);
+                first
+                    .into_iter()
+                    .chain(second)
+                    .map(|a| a.announcement.peer)
+                    .collect::<Vec<_>>()
+            };
+            let (a, b) = (read(&[1; 16]), read(&[2; 16]));
+            assert_eq!(a.len(), 2 * max);
+            for peers in [&a, &b] {
+                let first: std::collections::HashSet<_> = peers[..11].iter().cloned().collect();
+                assert!(honest.is_subset(&first), "every group's first entry leads");
+            }
+            assert_ne!(a, b, "another key, another order");
+        }
+    }
+
+    /// Pages through groups of many ranks and two models list every announcement once,
+    /// in order; a cursor past the end lists none.
+    #[test]
+    fn pages_across_ranks_and_models_list_each_announcement_once() {
         let mut book = AnnouncementBook::with_limits(BookLimits {
             publish_burst: 100_000,
             ip_publish_burst: 100_000,
             ..BookLimits::default()
         });
-        let per_ip = book.limits().per_ip;
-        let mut fakes = 0;
-        for a in 0..8u8 {
-            for _ in 0..per_ip {
-                let key = Keypair::generate_ed25519();
-                let sender = key.public().to_peer_id();
-                book.connected(
-                    sender,
-                    &format!("/ip4/198.51.100.{a}/tcp/1").parse().unwrap(),
-                );
-                book.insert_from(&sender, signed(&key, 1, (0, 30), 1))
-                    .unwrap();
-                fakes += 1;
-            }
-        }
-        let mut honest = std::collections::HashSet::new();
-        for h in 0..3u8 {
+        let mut all = std::collections::HashSet::new();
+        for i in 0..1_500u32 {
             let key = Keypair::generate_ed25519();
             let sender = key.public().to_peer_id();
-            book.connected(
-                sender,
-                &format!("/ip4/203.0.113.{h}/tcp/1").parse().unwrap(),
-            );
-            let blocks = (10 * u32::from(h), 10 * u32::from(h) + 10);
-            book.insert_from(&sender, signed(&key, 1, blocks, 1))
+            let addr = format!("/ip4/198.51.100.{}/tcp/1", i % 7);
+            book.connected(sender, &addr.parse().unwrap());
+            let model = 1 + (i % 2) as u8;
+            book.insert_from(&sender, signed(&key, model, (0, 30), 1))
                 .unwrap();
-            honest.insert(PeerIdBytes(sender.to_bytes()));
+            all.insert((PeerIdBytes(sender.to_bytes()), model));
         }
-        let model = ModelId::from_bytes([1; 32]);
-        let max = pollen_protocol::limits::MAX_LIST_ANNOUNCEMENTS;
-        assert!(fakes >= 2 * max, "the fakes alone fill two pages");
-        let read = |order: &[u8; 16]| {
-            let (first, next) = book.page(Some(&model), order, None, |_| true);
-            let (second, _) = book.page(Some(&model), order, next.as_ref(), |_| true);
-            first
-                .into_iter()
-                .chain(second)
-                .map(|a| a.announcement.peer)
-                .collect::<Vec<_>>()
+        let order = [9; 16];
+        let mut seen = std::collections::HashSet::new();
+        let mut after = None;
+        let mut last = None;
+        loop {
+            let (page, next) = book.page(None, &order, after.as_ref(), |_| true);
+            for a in &page {
+                let m = a.announcement.model_id.as_bytes()[0];
+                assert!(
+                    seen.insert((a.announcement.peer.clone(), m)),
+                    "listed twice"
+                );
+            }
+            if let (Some(prev), Some(n)) = (&last, &next) {
+                assert!(n > prev, "cursors only move on");
+            }
+            last = next.clone();
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all);
+        let end = ListCursor {
+            model_id: ModelId::from_bytes([0xff; 32]),
+            rank: u32::MAX,
+            place: u64::MAX,
+            peer: PeerIdBytes(vec![0xff; 38]),
         };
-        let (a, b) = (read(&[1; 16]), read(&[2; 16]));
-        assert_eq!(a.len(), 2 * max);
-        for peers in [&a, &b] {
-            let first: std::collections::HashSet<_> = peers[..11].iter().cloned().collect();
-            assert!(
-                honest.is_subset(&first),
-                "every address's first entry leads"
-            );
-        }
-        assert_ne!(a, b, "another key, another order");
+        assert_eq!(
+            book.page(None, &order, Some(&end), |_| true),
+            (vec![], None)
+        );
     }
 
     #[test]
@@ -1169,12 +1258,25 @@ mod tests {
     }
 
     #[test]
-    fn list_requests_are_rate_limited_per_peer() {
+    fn list_requests_are_rate_limited_per_peer_and_per_address() {
         let mut book = AnnouncementBook::default();
         let greedy = PeerId::random();
         let granted = (0..100).filter(|_| book.take_list(&greedy)).count();
         assert_eq!(granted, LIST_BURST as usize);
         // Another peer is not held up by the first one's empty bucket.
         assert!(book.take_list(&PeerId::random()));
+        // Fresh peer ids of one address share its bucket...
+        let addr: Multiaddr = "/ip4/198.51.100.9/tcp/1".parse().unwrap();
+        let mut granted = 0;
+        for _ in 0..20 {
+            let sybil = PeerId::random();
+            book.connected(sybil, &addr);
+            granted += (0..LIST_BURST).filter(|_| book.take_list(&sybil)).count();
+        }
+        assert_eq!(granted, LIST_IP_BURST as usize);
+        // ...and another address has its own.
+        let other = PeerId::random();
+        book.connected(other, &"/ip4/203.0.113.9/tcp/1".parse().unwrap());
+        assert!(book.take_list(&other));
     }
 }
