@@ -525,7 +525,23 @@ impl AnnouncementBook {
         }
         let verified = signed.verify(now, &self.policy)?;
         // Recorded by the replay guard only once accepted, below.
-        self.replay.admit(&verified)?;
+        if let Err(e) = self.replay.admit(&verified) {
+            // The server's own copy of what another peer forwarded first: the entry
+            // moves to the server's sender and address (its rank in lists among its
+            // own group's, not the forwarder's).
+            if let Origin::Published(s, ip) = origin
+                && s.to_bytes() == verified.peer.0
+                && old.is_some_and(|o| o != (sender, ip))
+                && self
+                    .entries
+                    .get(&key)
+                    .is_some_and(|e| e.ann.seq == verified.seq)
+            {
+                self.rehome(&key, origin);
+                return Ok(());
+            }
+            return Err(e.into());
+        }
         // Pruning scans the book: only for an announcement that passed its check.
         if old.is_none() && self.entries.len() >= l.max_entries {
             self.prune();
@@ -559,6 +575,28 @@ impl AnnouncementBook {
             },
         );
         Ok(())
+    }
+
+    /// Moves the entry of `key` to `origin`'s sender and address, its counts with it.
+    fn rehome(&mut self, key: &(PeerIdBytes, ModelId), origin: Origin) {
+        let Origin::Published(s, ip) = origin else {
+            return;
+        };
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
+        let (old_sender, old_ip) = (e.sender.replace(s), std::mem::replace(&mut e.ip, ip));
+        e.group = group_of(&e.ann, origin);
+        if let Some(o) = old_sender {
+            bump(&mut self.per_sender, o, false);
+        }
+        if let Some(o) = old_ip {
+            bump(&mut self.per_ip, o, false);
+        }
+        bump(&mut self.per_sender, s, true);
+        if let Some(i) = ip {
+            bump(&mut self.per_ip, i, true);
+        }
     }
 
     /// Makes room in a full book for a new entry from address `ip`: drops the entry
@@ -1051,6 +1089,33 @@ mod tests {
         // for a replay.
         let own = connect(&mut book, "198.51.100.1");
         book.insert_from(&own, a).unwrap();
+    }
+
+    /// A server's own copy of an announcement another peer delivered first moves the
+    /// entry to the server's sender and address (and so its rank group); another
+    /// copy from anyone else is still a replay.
+    #[test]
+    fn a_server_s_own_copy_takes_back_what_a_forwarder_delivered_first() {
+        let mut book = AnnouncementBook::default();
+        let fwd = connect(&mut book, "192.0.2.7");
+        let key = Keypair::generate_ed25519();
+        let a = signed(&key, 1, (0, 10), 1);
+        book.insert_from(&fwd, a.clone()).unwrap();
+        assert_eq!(book.per_sender.get(&fwd), Some(&1));
+        let own = key.public().to_peer_id();
+        book.connected(own, &"/ip4/198.51.100.7/tcp/1".parse().unwrap());
+        book.insert_from(&own, a.clone()).unwrap();
+        assert_eq!(book.len(), 1);
+        assert_eq!(book.per_sender.get(&fwd), None);
+        assert_eq!(book.per_sender.get(&own), Some(&1));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(book.per_ip.get(&ip("192.0.2.7")), None);
+        assert_eq!(book.per_ip.get(&ip("198.51.100.7")), Some(&1));
+        assert!(book.insert_from(&fwd, a.clone()).is_err());
+        assert!(
+            book.insert_from(&own, a).is_err(),
+            "a second own copy is a replay"
+        );
     }
 
     #[test]

@@ -762,6 +762,7 @@ where
     Fut: std::future::Future<Output = NetResult<AnnounceResponse>>,
 {
     let mut all = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut after = None;
     let deadline = tokio::time::Instant::now() + LIST_TIMEOUT;
     // A page refused as busy (the peer's list answers in flight are at their cap) is
@@ -811,7 +812,11 @@ where
                 if list.is_empty() {
                     break;
                 }
-                all.extend(list);
+                // An announcement listed again (its rank moved between pages) takes no
+                // second place in the share.
+                all.extend(list.into_iter().filter(|a| {
+                    seen.insert((a.announcement.peer.clone(), a.announcement.model_id))
+                }));
                 match next {
                     Some(n) => after = Some(n),
                     None => break,
@@ -940,6 +945,33 @@ mod tests {
         // A first page that never comes is a timeout.
         let never = read_pages(peer, 1_000, |_| std::future::pending()).await;
         assert!(matches!(never, Err(NetError::Timeout { .. })), "{never:?}");
+    }
+
+    /// An announcement listed on two pages (its rank moved between them) fills one
+    /// place of the share.
+    #[tokio::test(start_paused = true)]
+    async fn an_announcement_listed_twice_counts_once() {
+        let mut asked = 0;
+        let list = read_pages(PeerId::random(), 3, |_| {
+            asked += 1;
+            let answer = if asked == 1 {
+                AnnounceResponse::Page {
+                    list: vec![signed(1), signed(2)],
+                    next: Some(cursor()),
+                }
+            } else {
+                AnnounceResponse::Page {
+                    list: vec![signed(2), signed(3)],
+                    next: None,
+                }
+            };
+            async move { Ok(answer) }
+        })
+        .await
+        .unwrap();
+        let peers: std::collections::HashSet<_> =
+            list.iter().map(|a| a.announcement.peer.clone()).collect();
+        assert_eq!((list.len(), peers.len()), (3, 3));
     }
 
     /// A page refused as busy is asked again, for the same cursor, after a pause, and
