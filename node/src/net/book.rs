@@ -266,16 +266,17 @@ enum Origin {
     Own,
 }
 
-/// [`Entry::group`]: the model and where the announcement came from: an IPv4 address,
-/// an IPv6 address's /48 (a site's usual allocation: its 65,536 /64s, each a share of
-/// the caps, are one group), every relayed sender together, the peer a list was
-/// gathered from, or (put in by this node) the announcing peer.
+/// [`Entry::group`]: the model and where the announcement came from: its address's site
+/// ([`site_of`]), every relayed sender together, the peer a list was gathered from, or
+/// (put in by this node) the announcing peer.
 fn group_of(a: &VerifiedAnnouncement, origin: Origin) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(a.model_id.as_bytes());
     match origin {
-        Origin::Published(_, Some(IpAddr::V4(ip))) => h.update(&[4]).update(&ip.octets()),
-        Origin::Published(_, Some(IpAddr::V6(ip))) => h.update(&[6]).update(&ip.octets()[..6]),
+        Origin::Published(_, Some(ip)) => match site_of(ip) {
+            IpAddr::V4(ip) => h.update(&[4]).update(&ip.octets()),
+            IpAddr::V6(ip) => h.update(&[6]).update(&ip.octets()),
+        },
         Origin::Published(_, None) => h.update(&[2]),
         Origin::Gathered(s) => h.update(&[1]).update(&s.to_bytes()),
         Origin::Own => h.update(&[0]).update(&a.peer.0),
@@ -283,6 +284,22 @@ fn group_of(a: &VerifiedAnnouncement, origin: Origin) -> u64 {
     let mut g = [0u8; 8];
     g.copy_from_slice(&h.finalize().as_bytes()[..8]);
     u64::from_le_bytes(g)
+}
+
+/// What ranks in lists and list requests count against ([`Entry::group`],
+/// [`AnnouncementBook::take_list`]): an IPv4 address itself, an IPv6 address's /48 (a
+/// site's usual allocation: its 65,536 /64s, each a share of the book's caps, are one
+/// site here).
+fn site_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 80) - 1),
+            )),
+        },
+    }
 }
 
 /// What a multiaddr's caps per address count against, if it has an IP address: see
@@ -459,11 +476,11 @@ impl AnnouncementBook {
     }
 
     /// Takes a token from `peer`'s bucket of list requests ([`LIST_BURST`], then
-    /// [`LIST_PER_S`] a second) and from its address share's ([`LIST_IP_BURST`], then
-    /// [`LIST_IP_PER_S`]; relayed peers share one, as do peers of no known connection);
-    /// whether both had one.
+    /// [`LIST_PER_S`] a second) and from its address's ([`LIST_IP_BURST`], then
+    /// [`LIST_IP_PER_S`]; an IPv6 /48's peers share one, as do relayed peers and peers
+    /// of no known connection: [`site_of`]); whether both had one.
     pub fn take_list(&mut self, peer: &PeerId) -> bool {
-        let ip = self.conns.get(peer).copied().flatten();
+        let ip = self.conns.get(peer).copied().flatten().map(site_of);
         take(&mut self.list_rate, *peer, LIST_BURST, LIST_PER_S)
             && take(&mut self.list_ip_rate, ip, LIST_IP_BURST, LIST_IP_PER_S)
     }
@@ -1336,6 +1353,17 @@ mod tests {
         for _ in 0..20 {
             let sybil = PeerId::random();
             book.connected(sybil, &addr);
+            granted += (0..LIST_BURST).filter(|_| book.take_list(&sybil)).count();
+        }
+        assert_eq!(granted, LIST_IP_BURST as usize);
+        // So do peers of one IPv6 /48, each from a /64 of its own.
+        let mut granted = 0;
+        for i in 0..20 {
+            let sybil = PeerId::random();
+            book.connected(
+                sybil,
+                &format!("/ip6/2001:db8:5:{i:x}::1/tcp/1").parse().unwrap(),
+            );
             granted += (0..LIST_BURST).filter(|_| book.take_list(&sybil)).count();
         }
         assert_eq!(granted, LIST_IP_BURST as usize);
