@@ -763,12 +763,14 @@ impl AnnouncementBook {
         let after: Option<Key<'_>> =
             after.map(|c| (c.model_id.as_bytes(), c.rank, c.place, c.peer.0.as_slice()));
         let mut ranked: Vec<(Key<'_>, &VerifiedAnnouncement)> = Vec::with_capacity(all.len());
-        let mut rank = 0u32;
-        for (i, (group, place, a)) in all.iter().enumerate() {
-            rank = match i.checked_sub(1).map(|j| all[j].0) {
-                Some(g) if g == *group => rank.saturating_add(1),
-                _ => 0,
+        let (mut rank, mut last) = (0u32, None);
+        for (group, place, a) in &all {
+            rank = if last == Some(*group) {
+                rank.saturating_add(1)
+            } else {
+                0
             };
+            last = Some(*group);
             let at = (a.model_id.as_bytes(), rank, *place, a.peer.0.as_slice());
             if after.is_none_or(|k| at > k) {
                 ranked.push((at, a));

@@ -84,6 +84,25 @@ pub fn load_and_hold(path: &Path) -> Result<(Keypair, Held), IdentityError> {
     }
 }
 
+/// The most bytes a key file (an identity, a swarm key) may hold.
+pub(crate) const KEY_FILE_MAX: u64 = 4096;
+
+/// A key file's permission bits where its group or other users may read, write or run
+/// it (`None` where only its owner may, and off Unix).
+pub(crate) fn open_to_others(meta: &std::fs::Metadata) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Some(mode);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    None
+}
+
 /// Loads the key in `path`, or creates it (and its folder) if absent.
 pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
     let io = |what, source| IdentityError::Io {
@@ -97,19 +116,14 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
     };
     if path.exists() {
         let meta = std::fs::metadata(path).map_err(|e| io("reading", e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(IdentityError::Exposed {
-                    path: path.to_path_buf(),
-                    mode,
-                });
-            }
+        if let Some(mode) = open_to_others(&meta) {
+            return Err(IdentityError::Exposed {
+                path: path.to_path_buf(),
+                mode,
+            });
         }
         // An ed25519 key's encoding is 68 bytes.
-        if meta.len() > 4096 {
+        if meta.len() > KEY_FILE_MAX {
             return Err(not_a_key(format!("{} bytes is too long", meta.len())));
         }
         let bytes = std::fs::read(path).map_err(|e| io("reading", e))?;

@@ -88,18 +88,13 @@ impl SwarmKey {
 /// Reads a file that must be private to its owner.
 fn read_private(path: &Path) -> Result<String, PrivateError> {
     let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(PrivateError::KeyExposed {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    if let Some(mode) = crate::net::identity::open_to_others(&meta) {
+        return Err(PrivateError::KeyExposed {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
-    if meta.len() > 4096 {
+    if meta.len() > crate::net::identity::KEY_FILE_MAX {
         return Err(PrivateError::MalformedKey {
             path: path.to_path_buf(),
             reason: format!("{} bytes is too long for a key file", meta.len()),
